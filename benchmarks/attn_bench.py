@@ -1,0 +1,553 @@
+#!/usr/bin/env python
+"""Routed attention against everything a user could run instead, and against the hardware.
+
+    python benchmarks/attn_bench.py                      # S, A, B presets, fwd and fwd+bwd
+    python benchmarks/attn_bench.py --shapes A --pass fwd --mix 5,4,3
+    python benchmarks/attn_bench.py --grid 9,45,80 --routing routing.json --layer 3
+
+Every row is timed the same way in one process: ``triton.testing.do_bench`` median after
+warm-up, rotating among input sets larger than L2 together. Ceilings (device-to-device copy
+bandwidth, a large bf16 matmul) are measured in the same run. FLOPs count only unmasked
+query-key pairs (4*D per pair forward, 2.5x that backward). Each row's floor is the larger of
+its FLOPs over the matmul ceiling and its bytes (q, k, v read and o written once; backward:
+q, k, v, o, dO read and dq, dk, dv written once) over the copy bandwidth.
+
+Rows of this package are checked against the chunked reference before they are timed; a
+failing row is reported and not timed. Without CUDA, a small CPU shape is checked and the
+script exits 0 (GPU figures need CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import oasis_kernels as ok  # noqa: E402
+from oasis_kernels.masks import mask_for  # noqa: E402
+
+SHAPES = {"S": (5, 20, 40), "A": (9, 45, 80), "B": (27, 45, 80)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+L2_ROTATION_BYTES = 256 << 20  # rotate inputs until the sets together exceed any L2 by far
+
+
+# --------------------------------------------------------------------------------------
+# rows
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    name: str
+    group: str                       # routed | global | intra | window | floor
+    make: object                     # make(q, k, v) -> callable returning out ([B, N, h, D] or [B, h, N, D])
+    heads: list[int]                 # which heads of the inputs the row computes
+    plan: ok.RoutingPlan             # what the row computes, for FLOPs, bytes and checking
+    ours: bool = False
+    setup_s: float = 0.0             # mask build time etc., reported apart from the timing
+    results: dict = field(default_factory=dict)
+
+
+def _sdpa_row(name, group, backend, heads, plan, frame_batched=False):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+          "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+    t = plan.grid[0]
+
+    def make(q, k, v):
+        sel = [x[:, :, heads[0]:heads[-1] + 1] for x in (q, k, v)]
+        if frame_batched:
+            sel = [x.reshape(x.shape[0] * t, x.shape[1] // t, *x.shape[2:]) for x in sel]
+        qh, kh, vh = (x.transpose(1, 2) for x in sel)
+
+        def run():
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(qh, kh, vh)
+        return run
+
+    return Row(name, group, make, heads, plan)
+
+
+def _ours_row(name, group, plan, heads, backend):
+    sub = ok.RoutingPlan(plan.grid, [plan.modes[h] for h in heads], plan.window)
+    contiguous = heads == list(range(heads[0], heads[-1] + 1))
+
+    def make(q, k, v):
+        sel = [x[:, :, heads[0]:heads[-1] + 1] if contiguous else x[:, :, heads] for x in (q, k, v)]
+        return lambda: ok.routed_attention(*sel, sub, backend=backend)
+
+    return Row(name, group, make, heads, sub, ours=True)
+
+
+def _flex_mask_mod(plan: ok.RoutingPlan, heads, device):
+    t_, h_, w_ = plan.grid
+    hw = h_ * w_
+    rt, rh, rw = plan.radii
+    modes = torch.tensor([int(plan.modes[h]) for h in heads], device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qt, kt = q_idx // hw, kv_idx // hw
+        qh, kh = (q_idx // w_) % h_, (kv_idx // w_) % h_
+        qw, kw = q_idx % w_, kv_idx % w_
+        m = modes[h]
+        window = ((qt - kt).abs() <= rt) & ((qh - kh).abs() <= rh) & ((qw - kw).abs() <= rw)
+        return (m == 0) | ((m == 1) & (qt == kt)) | ((m == 2) & window)
+
+    return mask_mod
+
+
+def _flex_row(name, group, plan, heads, device, dense=False):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    sub = ok.RoutingPlan(plan.grid, [plan.modes[h] for h in heads], plan.window)
+    setup = 0.0
+    block_mask = None
+    if not dense:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        block_mask = create_block_mask(_flex_mask_mod(plan, heads, device), B=None, H=len(heads),
+                                       Q_LEN=plan.num_tokens, KV_LEN=plan.num_tokens, device=device, _compile=True)
+        torch.cuda.synchronize()
+        setup = time.perf_counter() - t0
+
+    def make(q, k, v):
+        qh, kh, vh = (x[:, :, heads[0]:heads[-1] + 1].transpose(1, 2) for x in (q, k, v))
+        return lambda: flex(qh, kh, vh, block_mask=block_mask)
+
+    row = Row(name, group, make, heads, sub, setup_s=setup)
+    return row
+
+
+def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
+    """All rows for one shape. ``plan`` is the routed layer (heads grouped by mode)."""
+    n_heads = plan.heads
+    all_heads = list(range(n_heads))
+    g_heads = list(plan.heads_of("global"))
+    rows: list[Row] = []
+    want = set(args.backends)
+
+    def on(name):
+        return "all" in want or name in want
+
+    cuda = device.type == "cuda"
+    # routed layer
+    if on("ours"):
+        rows.append(_ours_row("routed, oasis auto", "routed", plan, all_heads, "auto"))
+        if cuda:
+            rows.append(_ours_row("routed, oasis triton (all local heads)", "routed", plan, all_heads, "triton"))
+        if not cuda or plan.num_tokens <= 8192:
+            rows.append(_ours_row("routed, oasis reference", "routed", plan, all_heads, "reference"))
+    if cuda and on("flex"):
+        rows.append(_flex_row("routed, FlexAttention per-head block mask", "routed", plan, all_heads, device))
+    if g_heads and cuda and on("sdpa"):
+        sub = ok.RoutingPlan(plan.grid, ["global"] * len(g_heads), plan.window)
+        rows.append(_sdpa_row(f"{len(g_heads)} global heads alone, SDPA cuDNN (floor for routed)", "floor",
+                              "cudnn", g_heads, sub))
+    # all heads global
+    gplan = ok.RoutingPlan(plan.grid, ["global"] * n_heads, plan.window)
+    if cuda and on("sdpa"):
+        for be in ("cudnn", "flash", "efficient"):
+            rows.append(_sdpa_row(f"{n_heads} global heads, SDPA {be}", "global", be, all_heads, gplan))
+    if cuda and on("flex"):
+        rows.append(_flex_row(f"{n_heads} global heads, FlexAttention", "global", gplan, all_heads, device, dense=True))
+    if on("ours"):
+        rows.append(_ours_row(f"{n_heads} global heads, oasis auto", "global", gplan, all_heads, "auto"))
+    # single patterns
+    iplan = ok.RoutingPlan(plan.grid, ["intra"] * n_heads, plan.window)
+    wplan = ok.RoutingPlan(plan.grid, ["window"] * n_heads, plan.window)
+    if cuda and on("sdpa"):
+        rows.append(_sdpa_row(f"{n_heads} intra heads, SDPA cuDNN on (B*T, H*W)", "intra", "cudnn", all_heads,
+                              iplan, frame_batched=True))
+    if on("ours"):
+        rows.append(_ours_row(f"{n_heads} intra heads, oasis auto", "intra", iplan, all_heads, "auto"))
+        if cuda:
+            rows.append(_ours_row(f"{n_heads} intra heads, oasis triton", "intra", iplan, all_heads, "triton"))
+            rows.append(_ours_row(f"{n_heads} window heads, oasis triton", "window", wplan, all_heads, "triton"))
+        else:
+            rows.append(_ours_row(f"{n_heads} window heads, oasis auto", "window", wplan, all_heads, "auto"))
+    if cuda and on("flex"):
+        rows.append(_flex_row(f"{n_heads} intra heads, FlexAttention block mask", "intra", iplan, all_heads, device))
+        rows.append(_flex_row(f"{n_heads} window heads, FlexAttention block mask", "window", wplan, all_heads, device))
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------
+
+def measure_ceilings(device) -> dict:
+    import triton.testing
+
+    n = 1 << 30  # 1 GiB
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t_copy = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    t_mm = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": 2 * n / t_copy / 1e6, "matmul_TFLOPs": 2 * 8192**3 / t_mm / 1e9,
+            "copy_ms": t_copy, "matmul_ms": t_mm}
+
+
+def visible_pairs(plan: ok.RoutingPlan) -> int:
+    return sum(mask_for(m, plan.grid, plan.window).visible_pairs() for m in plan.modes)
+
+
+def row_costs(row: Row, batch: int, head_dim: int, elt: int, pass_: str) -> tuple[float, float]:
+    """(FLOPs, floor bytes) of one call of the row."""
+    fwd_flops = 4.0 * visible_pairs(row.plan) * head_dim * batch
+    tensor = batch * row.plan.num_tokens * len(row.heads) * head_dim * elt
+    if pass_ == "fwd":
+        return fwd_flops, 4.0 * tensor
+    return 3.5 * fwd_flops, 12.0 * tensor
+
+
+def _callable(row: Row, sets, pass_):
+    """A no-argument function that runs the row once on the next input set."""
+    runners = [(row.make(q, k, v), (q, k, v), do) for q, k, v, do in sets]
+    cycle = itertools.cycle(runners)
+    if pass_ == "fwd":
+        def fwd():
+            run, _, _ = next(cycle)
+            with torch.no_grad():
+                return run()
+        return fwd
+
+    def fwdbwd():
+        run, inputs, do = next(cycle)
+        out = run()
+        if out.shape != do.shape:  # [B, h, N, D] outputs of SDPA / Flex
+            do = do.transpose(1, 2)
+        torch.autograd.grad(out, inputs, do)
+    return fwdbwd
+
+
+def check_row(row: Row, q, k, v, reference) -> tuple[bool, float]:
+    with torch.no_grad():
+        out = row.make(q, k, v)()
+    ref = reference[:, :, row.heads]
+    err = (out.float() - ref.float()).abs().max().item()
+    tol = 1e-3 if q.dtype == torch.float32 else 3e-2
+    return bool(math.isfinite(err) and err <= tol * max(1.0, ref.abs().max().item())), err
+
+
+def bench_shape(name, plan, args, device, dtype, ceilings):
+    import triton.testing
+
+    b, d, n = args.batch, args.head_dim, plan.num_tokens
+    elt = torch.finfo(dtype).bits // 8
+    per_set = 4 * b * n * plan.heads * d * elt
+    n_sets = max(2, min(8, math.ceil(L2_ROTATION_BYTES / per_set)))
+    sets = []
+    for _ in range(n_sets):
+        q, k, v, do = (torch.randn(b, n, plan.heads, d, dtype=dtype, device=device) for _ in range(4))
+        sets.append((q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do))
+    q0, k0, v0, _ = sets[0]
+    with torch.no_grad():
+        reference = ok.routed_attention(q0.detach().float(), k0.detach().float(), v0.detach().float(),
+                                        plan, backend="reference")
+    ref_by_plan = {}
+    rows = build_rows(plan, args, device)
+    passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
+    for row in rows:
+        status = "ok"
+        if row.ours:
+            ref = reference
+            if row.plan.modes != tuple(plan.modes[h] for h in row.heads):
+                key = row.plan
+                if key not in ref_by_plan:
+                    with torch.no_grad():
+                        ref_by_plan[key] = ok.routed_attention(
+                            q0.detach().float(), k0.detach().float(), v0.detach().float(),
+                            ok.RoutingPlan(plan.grid, [row.plan.modes[0]] * plan.heads, plan.window),
+                            backend="reference")
+                ref = ref_by_plan[key]
+            good, err = check_row(row, q0.detach(), k0.detach(), v0.detach(), ref)
+            row.results["max_abs_err"] = err
+            if not good:
+                status = f"FAILED check (max abs err {err:.3e})"
+        row.results["status"] = status
+        for p in passes:
+            flops, bytes_ = row_costs(row, b, d, elt, p)
+            entry = {"flops": flops, "floor_bytes": bytes_}
+            if status == "ok":
+                fn = _callable(row, sets, p)
+                try:
+                    ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+                except Exception as exc:  # a baseline that cannot run here (e.g. a backend missing)
+                    entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    row.results[p] = entry
+                    continue
+                t_compute = flops / (ceilings["matmul_TFLOPs"] * 1e9)
+                t_memory = bytes_ / (ceilings["copy_GBps"] * 1e6)
+                entry.update(
+                    ms=ms, tflops=flops / ms / 1e9, pct_matmul=100 * t_compute / ms,
+                    floor_ms=max(t_compute, t_memory), bound="compute" if t_compute >= t_memory else "memory",
+                    pct_floor=100 * max(t_compute, t_memory) / ms,
+                )
+            row.results[p] = entry
+        print(f"  [{name}] {row.name}: " + ", ".join(
+            f"{p} {row.results[p].get('ms', float('nan')):.3f} ms" for p in passes) + f" ({status})", flush=True)
+    # speedups against FlexAttention's routed row and the global-heads floor
+    for p in passes:
+        ref_rows = {r.group: r for r in rows if "Flex" in r.name}
+        floor = next((r for r in rows if r.group == "floor"), None)
+        for r in rows:
+            e = r.results.get(p, {})
+            if "ms" not in e:
+                continue
+            flex = ref_rows.get(r.group)
+            if flex is not None and "ms" in flex.results.get(p, {}):
+                e["vs_flex"] = flex.results[p]["ms"] / e["ms"]
+            if r.group == "routed" and floor is not None and "ms" in floor.results.get(p, {}):
+                e["vs_global_floor"] = e["ms"] / floor.results[p]["ms"]
+    del sets
+    torch.cuda.empty_cache()
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------
+
+def environment(device) -> dict:
+    import triton
+
+    env = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "commit": os.environ.get("OASIS_COMMIT") or _git("rev-parse", "HEAD"),
+        "dirty": os.environ.get("OASIS_DIRTY") or (_git("status", "--porcelain") != ""),
+        "oasis_kernels": ok.__version__,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, sms=props.multi_processor_count, gpu_mem_GiB=round(props.total_memory / 2**30, 1),
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=_driver())
+    return env
+
+
+def _git(*args) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+        return out.strip().splitlines()[0]
+    except Exception:
+        return "unknown"
+
+
+def table(results, passes) -> list[str]:
+    head = ["shape", "row"]
+    for p in passes:
+        head += [f"{p} ms", f"{p} TFLOP/s", f"{p} %floor", f"{p} vs flex"]
+    head += ["err", "setup s"]
+    lines = [head]
+    for shape, rows in results.items():
+        for r in rows:
+            cells = [shape, r.name]
+            for p in passes:
+                e = r.results.get(p, {})
+                cells += [_f(e.get("ms"), 3), _f(e.get("tflops"), 1), _f(e.get("pct_floor"), 1),
+                          _f(e.get("vs_flex"), 2, "x")]
+            cells += [_f(r.results.get("max_abs_err"), 1, fmt="e"), _f(r.setup_s or None, 1)]
+            lines.append(cells)
+    return lines
+
+
+def _f(x, nd, suffix="", fmt="f"):
+    if x is None:
+        return "-"
+    return f"{x:.{nd}{fmt}}{suffix}"
+
+
+def render_text(lines) -> str:
+    widths = [max(len(str(r[i])) for r in lines) for i in range(len(lines[0]))]
+    out = []
+    for j, r in enumerate(lines):
+        out.append("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def render_markdown(lines, env, ceilings, args) -> str:
+    md = [f"# attn_bench: {env.get('gpu', 'cpu')}, {args.dtype}, heads={args.heads}, D={args.head_dim}, "
+          f"batch={args.batch}, mix={args.mix_text}, window={tuple(args.window)}", ""]
+    md.append(f"torch {env['torch']}, triton {env['triton']}, cuDNN {env.get('cudnn')}, CUDA {env.get('cuda')}, "
+              f"driver {env.get('driver')}, commit `{env['commit'][:12]}`{' (dirty)' if env['dirty'] else ''}, "
+              f"{env['date']}.")
+    if ceilings:
+        md.append(f"Ceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write), "
+                  f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s.")
+    md.append("Times are medians in ms; %floor = the row's floor (max of FLOPs/matmul ceiling, "
+              "bytes/copy bandwidth) over its time; vs flex = FlexAttention's time for the same rows over this one.")
+    md.append("")
+    md.append("| " + " | ".join(lines[0]) + " |")
+    md.append("|" + "---|" * len(lines[0]))
+    for r in lines[1:]:
+        md.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(md) + "\n"
+
+
+def plot(results, passes, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(passes), len(results), figsize=(6 * len(results), 0.45 * 22 * len(passes) + 1),
+                             squeeze=False)
+    for i, p in enumerate(passes):
+        for j, (shape, rows) in enumerate(results.items()):
+            ax = axes[i][j]
+            rs = [r for r in rows if "ms" in r.results.get(p, {})]
+            names = [r.name for r in rs]
+            ms = [r.results[p]["ms"] for r in rs]
+            colors = ["tab:blue" if r.ours else ("tab:gray" if r.group == "floor" else "tab:orange") for r in rs]
+            ax.barh(range(len(rs)), ms, color=colors)
+            ax.set_yticks(range(len(rs)), names, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xscale("log")
+            ax.set_xlabel("ms (log)")
+            ax.set_title(f"{shape} {p}")
+    fig.suptitle(title + "   (blue: oasis-kernels, orange: alternatives, gray: floor)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="S,A,B", help="presets from ANCHORS.md: S (5,20,40), A (9,45,80), B (27,45,80)")
+    p.add_argument("--grid", default=None, help="T,H,W instead of --shapes")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--mix", default="5,4,3", help="global,intra,window head counts (grouped in that order)")
+    p.add_argument("--routing", default=None, help="routing JSON from oasis-route; takes --layer's modes")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--window", default="3,5,5")
+    p.add_argument("--pass", dest="pass_", default="both", choices=["fwd", "fwdbwd", "both"])
+    p.add_argument("--backends", default="all", help="comma list of: ours, sdpa, flex (default all)")
+    p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default benchmarks/results/<date>)")
+    p.add_argument("--warmup-ms", type=float, default=25)
+    p.add_argument("--rep-ms", type=float, default=200)
+    args = p.parse_args(argv)
+    args.window = tuple(int(x) for x in args.window.split(","))
+    args.backends = args.backends.split(",")
+    return args
+
+
+def make_plan(grid, args) -> ok.RoutingPlan:
+    if args.routing:
+        from oasis_kernels.routing import load_routing
+
+        routing = load_routing(args.routing)
+        plan = routing.plan(args.layer, grid)
+        args.heads = plan.heads
+        args.mix_text = f"{args.routing}[layer {args.layer}]"
+        # group heads by mode so each dense baseline reads one contiguous slice
+        return plan.permuted()
+    g, i, w = (int(x) for x in args.mix.split(","))
+    if g + i + w != args.heads:
+        raise SystemExit(f"--mix {args.mix} routes {g + i + w} heads but --heads is {args.heads}")
+    args.mix_text = f"{g}g/{i}i/{w}w"
+    return ok.RoutingPlan.from_counts(grid, g, i, w, args.window)
+
+
+def cpu_smoke(args) -> int:
+    """No CUDA: check the package on a small CPU shape and say what needs a GPU."""
+    grid = (2, 6, 8)
+    plan = ok.RoutingPlan.from_counts(grid, 2, 2, 2, args.window)
+    q, k, v = (torch.randn(1, plan.num_tokens, plan.heads, 64) for _ in range(3))
+    ref, _ = ok.dense_reference(q, k, v, plan)
+    worst = 0.0
+    for backend in ("auto", "reference"):
+        t0 = time.perf_counter()
+        out = ok.routed_attention(q, k, v, plan, backend=backend)
+        ms = 1e3 * (time.perf_counter() - t0)
+        err = (out.double() - ref).abs().max().item()
+        worst = max(worst, err)
+        print(f"cpu {grid} {plan}: backend={backend}: max abs err {err:.2e} vs float64 dense reference, {ms:.1f} ms")
+    print(ok.explain(q, plan))
+    print("GPU figures need CUDA: no CUDA device here, so nothing was timed against the anchors.")
+    return 0 if worst < 1e-4 else 1
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        return cpu_smoke(args)
+    device = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    shapes = {"custom": tuple(int(x) for x in args.grid.split(","))} if args.grid else \
+        {s: SHAPES[s] for s in args.shapes.split(",")}
+    passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
+    env = environment(device)
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}", flush=True)
+    ceilings = measure_ceilings(device)
+    print(f"ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s",
+          flush=True)
+    results = {}
+    for name, grid in shapes.items():
+        plan = make_plan(grid, args)
+        print(f"{name} {grid} N={plan.num_tokens} {plan}", flush=True)
+        print(ok.explain(torch.empty(args.batch, plan.num_tokens, plan.heads, args.head_dim, dtype=dtype,
+                                     device=device), plan), flush=True)
+        results[name] = bench_shape(name, plan, args, device, dtype, ceilings)
+
+    lines = table(results, passes)
+    print()
+    print(render_text(lines))
+    out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / dt.date.today().isoformat()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"attn_bench_{env['gpu'].replace(' ', '_')}_{args.dtype}"
+    payload = {
+        "env": env, "ceilings": ceilings,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "shapes": {name: {"grid": list(g), "rows": [
+            {"name": r.name, "group": r.group, "ours": r.ours, "heads": r.heads, "plan": repr(r.plan),
+             "setup_s": r.setup_s, **r.results} for r in results[name]]} for name, g in shapes.items()},
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / f"{stem}.md").write_text(render_markdown(lines, env, ceilings, args))
+    plot(results, passes, out_dir / f"{stem}.png", f"{env['gpu']} {args.dtype} {args.mix_text}")
+    print(f"\nwrote {out_dir}/{stem}.{{json,md,png}}")
+    failed = [r.name for rows in results.values() for r in rows if r.results.get("status") != "ok"]
+    if failed:
+        print(f"rows that failed their correctness check: {failed}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

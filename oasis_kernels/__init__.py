@@ -1,0 +1,37 @@
+"""oasis-kernels: attention whose heads are routed to global, intra-frame or 3D-window patterns.
+
+>>> import oasis_kernels as ok
+>>> plan = ok.RoutingPlan(grid=(T, H, W), modes=["global", "intra", "window", ...], window=(3, 5, 5))
+>>> out = ok.routed_attention(q, k, v, plan)   # q, k, v, out: [B, N, heads, D], N = T*H*W
+"""
+
+from .api import global_attention, intra_frame_attention, routed_attention, window_attention
+from .dispatch import BackendError, Dispatch, GroupDecision, decide, explain
+from .masks import BoxMask, GlobalMask, IntraFrameMask, WindowMask, mask_for
+from .plan import Mode, RoutingPlan, head_runs, normalize_grid, normalize_window
+from .reference import dense_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "routed_attention",
+    "global_attention",
+    "intra_frame_attention",
+    "window_attention",
+    "RoutingPlan",
+    "Mode",
+    "decide",
+    "explain",
+    "Dispatch",
+    "GroupDecision",
+    "BackendError",
+    "BoxMask",
+    "GlobalMask",
+    "IntraFrameMask",
+    "WindowMask",
+    "mask_for",
+    "dense_reference",
+    "head_runs",
+    "normalize_grid",
+    "normalize_window",
+]

@@ -1,0 +1,138 @@
+"""Public entry points.
+
+Every function takes ``q, k, v`` of shape ``[B, N, heads, D]`` (FlashAttention's and
+Wan2.1's layout) with the ``N = T*H*W`` tokens flattened t-major, then h, then w, and
+returns ``out`` of the same shape (plus ``lse [B, heads, N]`` with ``return_lse=True``).
+All of them go through the ``oasis_kernels::routed_attention_fwd`` custom op.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from .dispatch import normalize_backend
+from .ops import routed_attention_fwd
+from .plan import Mode, RoutingPlan
+
+__all__ = ["routed_attention", "global_attention", "intra_frame_attention", "window_attention", "check_inputs"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(q, k, v, plan: RoutingPlan) -> None:
+    """Raise TypeError/ValueError naming the offending value; return None when all is well."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}: {plan!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, tokens, heads, head_dim], got {q.shape=}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must have the same shape, got {q.shape=}, {k.shape=}, {v.shape=}")
+    if q.dtype not in _FLOATS:
+        raise TypeError(f"q, k, v must be float16, bfloat16, float32 or float64, got {q.dtype=}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device=}, {k.device=}, {v.device=}")
+    b, n, heads, d = q.shape
+    if n != plan.num_tokens:
+        raise ValueError(
+            f"{q.shape=} has N={n} tokens but {plan.grid=} holds T*H*W={plan.num_tokens}"
+        )
+    if heads != plan.heads:
+        raise ValueError(f"{q.shape=} has {heads} heads but the plan routes len(plan.modes)={plan.heads}")
+    if b == 0 or d == 0:
+        raise ValueError(f"empty batch or head dim: {q.shape=}")
+
+
+def _resolve_scale(scale, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}: {scale!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale=}")
+    return float(scale)
+
+
+def routed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: RoutingPlan,
+    *,
+    scale: float | None = None,
+    backend: "str | Mapping" = "auto",
+    return_lse: bool = False,
+    deterministic: bool = True,
+):
+    """Attention whose heads each follow their own pattern (OASIS, eqs. 5-7).
+
+    Args:
+        q, k, v: ``[B, N, heads, D]``, ``N = T*H*W`` tokens in t-major order; fp16, bf16,
+            fp32 or fp64, any strides.
+        plan: :class:`RoutingPlan` with ``plan.grid == (T, H, W)`` and one mode per head.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"auto"``; a backend name (``"triton"``, ``"reference"``, ``"sdpa_cudnn"`` ...)
+            or alias (``"sdpa"``, ``"flash"``, ``"dense"``) used for every mode it serves (the
+            others go to ``auto``); or a mapping from mode to name. ``oasis_kernels.explain``
+            shows the choice and every declined backend's reasons.
+        return_lse: also return the natural-log log-sum-exp of each query's scores.
+        deterministic: backward without atomics (the default; the kernels have no faster
+            non-deterministic path today).
+
+    Returns:
+        ``out [B, N, heads, D]`` in q's dtype, and with ``return_lse`` also
+        ``lse [B, heads, N]`` float32 (float64 for float64 inputs), not differentiable.
+
+    Visibility for a query at ``(t, h, w)``, one frame of a (T=2, H=4, W=5) grid, q = query::
+
+        global         intra           window (1,3,3)      window (3,3,3) adds the
+        x x x x x      x x x x x       . . . . .           same 3x3 patch in the
+        x x q x x      x x q x x       . x q x .           neighbouring frames
+        x x x x x      x x x x x       . x x x .
+        x x x x x      x x x x x       . . . . .
+        (+ frame 2)    (frame 1 only)  (clipped at borders, never shifted)
+    """
+    check_inputs(q, k, v, plan)
+    scale = _resolve_scale(scale, q.shape[-1])
+    request = normalize_backend(backend)
+    grid, modes, window = plan.as_op_args()
+    out, lse = routed_attention_fwd(q, k, v, grid, modes, window, scale, request, bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+def _heads(q) -> int:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, tokens, heads, head_dim], got {q.shape=}")
+    return q.shape[2]
+
+
+def global_attention(q, k, v, *, scale=None, backend="auto", return_lse=False, deterministic=True):
+    """Full attention over all ``N`` tokens, every head (no grid needed)."""
+    heads = _heads(q)
+    plan = RoutingPlan.uniform((1, 1, q.shape[1]), heads, Mode.GLOBAL)
+    return routed_attention(q, k, v, plan, scale=scale, backend=backend, return_lse=return_lse,
+                            deterministic=deterministic)
+
+
+def intra_frame_attention(q, k, v, grid, *, scale=None, backend="auto", return_lse=False, deterministic=True):
+    """Each query attends to the keys of its own frame (paper eq. 5)."""
+    plan = RoutingPlan.uniform(grid, _heads(q), Mode.INTRA)
+    return routed_attention(q, k, v, plan, scale=scale, backend=backend, return_lse=return_lse,
+                            deterministic=deterministic)
+
+
+def window_attention(q, k, v, grid, window=(3, 5, 5), *, scale=None, backend="auto", return_lse=False,
+                     deterministic=True):
+    """Each query attends to the clipped ``window`` box centred on it (paper eqs. 6-7)."""
+    plan = RoutingPlan.uniform(grid, _heads(q), Mode.WINDOW, window)
+    return routed_attention(q, k, v, plan, scale=scale, backend=backend, return_lse=return_lse,
+                            deterministic=deterministic)

@@ -1,0 +1,91 @@
+"""The Triton backend: every intra-frame and window head of a layer in one launch."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..plan import Mode
+from .base import Backend
+
+__all__ = ["TritonLocalBackend"]
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """Import the kernels on first use: ``import oasis_kernels`` must not need Triton."""
+    try:
+        from ..kernels import local_attention
+    except Exception as exc:  # ImportError, or a Triton that fails to initialise
+        return None, f"cannot import triton kernels: {type(exc).__name__}: {exc}"
+    return local_attention, ""
+
+
+_TABLES: dict = {}
+
+
+def _head_table(groups, device) -> tuple[torch.Tensor, int]:
+    """int32 ``[n_local]`` head indices, window heads first, and the number of window heads.
+
+    Cached per head set and device so a steady-state call makes no host-to-device copy (and
+    CUDA-graph capture sees none).
+    """
+    key = (tuple((int(m), tuple(h)) for m, h in groups), str(device))
+    hit = _TABLES.get(key)
+    if hit is None:
+        window = [h for m, heads in groups if m == Mode.WINDOW for h in heads]
+        intra = [h for m, heads in groups if m == Mode.INTRA for h in heads]
+        table = torch.tensor(window + intra, dtype=torch.int32, device=device)
+        hit = _TABLES[key] = (table, len(window))
+    return hit
+
+
+class TritonLocalBackend(Backend):
+    name = "triton"
+    modes = frozenset({Mode.INTRA, Mode.WINDOW})
+
+    def why_not(self, mode, q, plan) -> list[str]:
+        reasons = self._modes_reason(mode)
+        kernels, err = _kernels()
+        if kernels is None:
+            return reasons + [err]
+        if q.device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(q.device)
+            if major < 8:
+                reasons.append(f"needs compute capability 8.0+, got {major}.{minor}")
+        elif not (q.device.type == "cpu" and kernels.INTERPRET):
+            reasons.append(f"needs a CUDA tensor (or TRITON_INTERPRET=1 at import for CPU tests), got device {q.device}")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            reasons.append(f"supports float16, bfloat16 and float32, got {q.dtype=}")
+        d = q.shape[-1]
+        if d % 16 or not 16 <= d <= 256:
+            reasons.append(f"head dim must be a multiple of 16 in [16, 256], got {d}")
+        if q.stride(-1) != 1:
+            reasons.append(f"needs unit stride on the head dim, got {q.stride()=}")
+        if q.shape[1] * q.stride(1) >= 2**31:
+            reasons.append(f"per-batch offsets overflow int32 for {q.shape=}, {q.stride()=}")
+        return reasons
+
+    def why_not_auto(self, mode, q, plan) -> list[str]:
+        reasons = self.why_not(mode, q, plan)
+        if not reasons and q.device.type == "cpu":
+            reasons.append("the Triton interpreter is a test tool; ask for backend='triton' explicitly")
+        return reasons
+
+    def forward(self, q, k, v, out, lse, plan, groups, scale):
+        kernels, _ = _kernels()
+        table, n_window = _head_table(groups, q.device)
+        kernels.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan), scale)
+
+    def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic):
+        kernels, _ = _kernels()
+        table, n_window = _head_table(groups, q.device)
+        kernels.local_attention_backward(
+            dout, q, k, v, out, lse, dq, dk, dv, table, n_window, plan.grid, _radii(plan), scale
+        )
+
+
+def _radii(plan):
+    # clip to the grid: a radius beyond it changes nothing and keeps the halo arithmetic small
+    return tuple(min(r, s - 1) for r, s in zip(plan.radii, plan.grid))

@@ -1,0 +1,202 @@
+"""Dispatch: which backend serves each head group of a plan, and running them.
+
+``decide`` is pure (same inputs, same answer) and cached; ``explain`` prints it. The
+forward/backward runners allocate the outputs once and let each backend write its heads'
+slices, so routed attention costs no gather or concatenation of head groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .backends import BACKENDS, PRIORITY, expand_backend_name
+from .plan import Mode, RoutingPlan
+
+__all__ = [
+    "BackendError",
+    "GroupDecision",
+    "Dispatch",
+    "normalize_backend",
+    "decide",
+    "explain",
+    "run_forward",
+    "run_backward",
+]
+
+log = logging.getLogger("oasis_kernels")
+
+
+class BackendError(NotImplementedError, ValueError):
+    """No backend can run a head group, or a forced backend cannot; the message lists every reason."""
+
+
+@dataclass(frozen=True)
+class GroupDecision:
+    """The heads of one mode, the backend that serves them and why the others did not."""
+
+    mode: Mode
+    heads: tuple[int, ...]
+    backend: str
+    declined: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    note: str = ""
+
+    def __str__(self) -> str:
+        lines = [f"{self.mode.name.lower():>6} heads {list(self.heads)} -> {self.backend}"]
+        if self.note:
+            lines.append(f"         ({self.note})")
+        for name, reasons in self.declined:
+            lines.append(f"         {name} declined: {'; '.join(reasons)}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """All decisions for one call."""
+
+    decisions: tuple[GroupDecision, ...]
+
+    def backend_for(self, mode) -> str:
+        m = Mode.parse(mode)
+        for d in self.decisions:
+            if d.mode == m:
+                return d.backend
+        raise KeyError(f"no {m.name.lower()} heads in this plan")
+
+    def calls(self) -> list[tuple[str, list[tuple[Mode, tuple[int, ...]]]]]:
+        """Backends in order of first use, each with all the groups it serves (one call each)."""
+        order: dict[str, list[tuple[Mode, tuple[int, ...]]]] = {}
+        for d in self.decisions:
+            order.setdefault(d.backend, []).append((d.mode, d.heads))
+        return list(order.items())
+
+    def __str__(self) -> str:
+        return "\n".join(str(d) for d in self.decisions)
+
+
+def normalize_backend(backend: "str | Mapping") -> str:
+    """Canonical string form of a backend request (it travels through the custom op as a str).
+
+    ``"auto"``, a backend name or alias (``"triton"``, ``"sdpa"``, ``"sdpa_cudnn"`` ...), or a
+    mapping from mode to name, e.g. ``{"intra": "triton", "window": "triton"}`` (modes not
+    named use ``auto``).
+    """
+    if isinstance(backend, str):
+        if "=" in backend:  # already canonical: "intra=triton,window=reference"
+            return normalize_backend(dict(part.split("=", 1) for part in backend.split(",")))
+        if backend != "auto":
+            expand_backend_name(backend)
+        return backend
+    if isinstance(backend, Mapping):
+        parts = []
+        for mode, name in backend.items():
+            m = Mode.parse(mode)
+            if not isinstance(name, str):
+                raise TypeError(f"backend for {m.name.lower()} heads must be a str, got {name!r}")
+            if name != "auto":
+                expand_backend_name(name)
+            parts.append(f"{m.name.lower()}={name}")
+        return ",".join(sorted(parts))
+    raise TypeError(f"backend must be a str or a mapping of mode to str, got {type(backend).__name__}: {backend!r}")
+
+
+def _request_for(request: str, mode: Mode) -> str:
+    if "=" not in request:
+        return request
+    for part in request.split(","):
+        key, name = part.split("=")
+        if Mode.parse(key) == mode:
+            return name
+    return "auto"
+
+
+def _choose_auto(mode, q, plan, preamble=()) -> GroupDecision:
+    declined = list(preamble)
+    for name in PRIORITY[mode]:
+        reasons = BACKENDS[name].why_not_auto(mode, q, plan)
+        if not reasons:
+            return GroupDecision(mode, plan.heads_of(mode), name, tuple(declined))
+        declined.append((name, tuple(reasons)))
+    detail = "; ".join(f"{n}: {' / '.join(r)}" for n, r in declined)
+    raise BackendError(f"no backend can run the {mode.name.lower()} heads of {plan} for {q.shape=}, {q.dtype=}, "
+                       f"{q.device=}: {detail}")
+
+
+def _decide_mode(mode: Mode, q, plan: RoutingPlan, request: str) -> GroupDecision:
+    if request == "auto":
+        return _choose_auto(mode, q, plan)
+    names = expand_backend_name(request)
+    serving = [n for n in names if mode in BACKENDS[n].modes]
+    if not serving:
+        d = _choose_auto(mode, q, plan)
+        return GroupDecision(d.mode, d.heads, d.backend, d.declined,
+                             note=f"{request!r} does not serve {mode.name.lower()} heads; auto chose")
+    declined = []
+    for name in serving:
+        reasons = BACKENDS[name].why_not(mode, q, plan)
+        if not reasons:
+            return GroupDecision(mode, plan.heads_of(mode), name, tuple(declined))
+        declined.append((name, tuple(reasons)))
+    detail = "; ".join(f"{n}: {' / '.join(r)}" for n, r in declined)
+    raise BackendError(f"backend={request!r} cannot run the {mode.name.lower()} heads of {plan} for "
+                       f"{q.shape=}, {q.dtype=}, {q.device=}: {detail}")
+
+
+def decide(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto") -> Dispatch:
+    """Which backend serves each head group of ``plan`` for inputs like ``q``, and why."""
+    request = normalize_backend(backend)
+    modes = [m for m in Mode if m in plan.modes]
+    return Dispatch(tuple(_decide_mode(m, q, plan, _request_for(request, m)) for m in modes))
+
+
+_CACHE: dict = {}
+
+
+def _global_switches() -> tuple:
+    # PyTorch's global SDPA switches change what the SDPA backends accept, so they key the cache
+    cuda = torch.backends.cuda
+    return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+
+
+def _decide_cached(q, plan: RoutingPlan, request: str) -> Dispatch:
+    """:func:`decide` memoized on everything the capability predicates read."""
+    key = (plan, request, tuple(q.shape), q.stride(), q.dtype, q.device, _global_switches())
+    hit = _CACHE.get(key)
+    if hit is None:
+        if len(_CACHE) > 1024:
+            _CACHE.clear()
+        hit = _CACHE[key] = decide(q, plan, request)
+    return hit
+
+
+def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto") -> str:
+    """Human-readable :func:`decide`: one line per head group plus each declined backend's reasons."""
+    return str(decide(q, plan, backend))
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
+    """``(out [B, N, heads, D], lse [B, heads, N])`` with each head group on its backend."""
+    dispatch = _decide_cached(q, plan, request)
+    b, n, nh, d = q.shape
+    out = torch.empty(b, n, nh, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, nh, n, dtype=_lse_dtype(q.dtype), device=q.device)
+    for name, groups in dispatch.calls():
+        log.debug("forward %s -> %s", groups, name)
+        BACKENDS[name].forward(q, k, v, out, lse, plan, groups, scale)
+    return out, lse
+
+
+def run_backward(dout, q, k, v, out, lse, plan: RoutingPlan, scale: float, request: str, deterministic: bool):
+    dispatch = _decide_cached(q, plan, request)
+    dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+    for name, groups in dispatch.calls():
+        log.debug("backward %s -> %s", groups, name)
+        BACKENDS[name].backward(dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic)
+    return dq, dk, dv

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton). Imported lazily by the backends that use them."""

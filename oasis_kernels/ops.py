@@ -1,0 +1,74 @@
+"""``torch.library`` custom ops behind every entry point.
+
+Two ops, ``oasis_kernels::routed_attention_fwd`` and ``oasis_kernels::routed_attention_bwd``,
+take the plan as plain lists of ints so ``torch.compile`` sees an opaque call with a fake
+(meta) implementation: no graph break, and for a fixed plan no recompilation. Autograd is
+registered on the forward op and calls the backward op, which is itself a custom op, so the
+backward graph is compiled the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dispatch import run_backward, run_forward
+from .plan import RoutingPlan
+
+__all__ = ["routed_attention_fwd", "routed_attention_bwd"]
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("oasis_kernels::routed_attention_fwd", mutates_args=())
+def routed_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, grid: list[int], modes: list[int], window: list[int],
+    scale: float, backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(out [B, N, heads, D], lse [B, heads, N])``; inputs already validated by the API."""
+    plan = RoutingPlan.from_op_args(grid, modes, window)
+    return run_forward(q, k, v, plan, scale, backend)
+
+
+@routed_attention_fwd.register_fake
+def _(q, k, v, grid, modes, window, scale, backend, deterministic):
+    b, n, nh, d = q.shape
+    return q.new_empty(b, n, nh, d), q.new_empty(b, nh, n, dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("oasis_kernels::routed_attention_bwd", mutates_args=())
+def routed_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    grid: list[int], modes: list[int], window: list[int], scale: float, backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    plan = RoutingPlan.from_op_args(grid, modes, window)
+    return run_backward(dout, q, k, v, out, lse, plan, scale, backend, deterministic)
+
+
+@routed_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, grid, modes, window, scale, backend, deterministic):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, grid, modes, window, scale, backend, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (grid, modes, window, scale, backend, deterministic)
+    # the log-sum-exp is an output for calibration and debugging, not a differentiable one:
+    # a loss that reaches it must fail loudly rather than get a silently wrong gradient
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    # autograd may hand an expanded or otherwise strided gradient; the kernels want rows
+    dq, dk, dv = routed_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("oasis_kernels::routed_attention_fwd", _backward, setup_context=_setup_context)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install the package with the benchmark's extras into .venv and run the main job:
+# benchmarks/attn_bench.py (S, A, B presets, fwd and fwd+bwd). Without CUDA it checks a
+# small CPU shape and says that GPU figures need CUDA. Extra arguments go to the benchmark.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    python3 -m venv .venv
+    . .venv/bin/activate
+fi
+python -m pip install -q --upgrade pip
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[bench]"
+python benchmarks/attn_bench.py "$@"

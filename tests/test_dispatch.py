@@ -1,0 +1,80 @@
+"""Backend selection: capability predicates select and explain."""
+
+import pytest
+import torch
+
+import oasis_kernels as ok
+from conftest import DEVICE
+from oasis_kernels.backends import BACKENDS, PRIORITY
+
+PLAN = ok.RoutingPlan((2, 3, 5), ["g", "w", "i", "g"], (3, 3, 3))
+
+
+def test_every_mode_gets_a_backend_and_reasons_are_reported():
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    d = ok.decide(q, PLAN)
+    assert [g.mode for g in d.decisions] == [ok.Mode.GLOBAL, ok.Mode.INTRA, ok.Mode.WINDOW]
+    assert d.decisions[0].heads == (0, 3)
+    for g in d.decisions:
+        assert g.backend in BACKENDS
+        chosen_at = PRIORITY[g.mode].index(g.backend)
+        # every backend ahead of the chosen one declined, each with at least one reason
+        assert [n for n, _ in g.declined] == list(PRIORITY[g.mode][:chosen_at])
+        assert all(reasons for _, reasons in g.declined)
+    text = ok.explain(q, PLAN)
+    assert "global heads [0, 3] ->" in text and "declined:" in text
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU dispatch")
+def test_cpu_auto_choices():
+    q = torch.randn(1, 30, 4, 64)
+    d = ok.decide(q, PLAN)
+    assert d.backend_for("global") == "sdpa_cpu"
+    assert d.backend_for("intra") == "sdpa_cpu"
+    # the interpreter is never picked by auto, even when it is switched on
+    assert d.backend_for("window") == "reference"
+    reasons = dict(d.decisions[2].declined)["triton"]
+    assert any("interpreter" in r or "CUDA" in r for r in reasons)
+    fp64 = ok.decide(q.double(), PLAN)
+    assert fp64.backend_for("window") == "reference"
+
+
+def test_forced_backend_serves_only_its_modes():
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    d = ok.decide(q, PLAN, "reference")
+    assert {g.backend for g in d.decisions} == {"reference"}
+    d = ok.decide(q, PLAN, {"window": "reference"})
+    assert d.backend_for("window") == "reference"
+    assert d.backend_for("global") != "reference"
+
+
+def test_forced_local_backend_leaves_global_heads_to_auto():
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    try:
+        d = ok.decide(q, PLAN, "triton")
+    except ok.BackendError as exc:
+        pytest.skip(f"triton cannot run here: {exc}")
+    assert d.backend_for("window") == "triton" and d.backend_for("intra") == "triton"
+    g = d.decisions[0]
+    assert g.backend != "triton" and "does not serve global" in g.note
+
+
+def test_triton_takes_both_local_modes_in_one_call():
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    try:
+        d = ok.decide(q, PLAN, {"intra": "triton", "window": "triton"})
+    except ok.BackendError as exc:
+        pytest.skip(f"triton cannot run here: {exc}")
+    calls = dict(d.calls())
+    assert calls["triton"] == [(ok.Mode.INTRA, (2,)), (ok.Mode.WINDOW, (1,))]
+
+
+def test_sdpa_switches_are_honoured():
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    prev = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        reasons = BACKENDS["sdpa_cudnn"].why_not(ok.Mode.GLOBAL, q, PLAN)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(prev)
+    assert reasons and (DEVICE == "cpu" or any("disabled" in r for r in reasons))

@@ -1,0 +1,96 @@
+"""Parity of every dispatch path against the float64 dense reference (CPU in CI, GPU on the device)."""
+
+import pytest
+import torch
+
+import oasis_kernels as ok
+from conftest import DEVICE
+from parity import check_backend, make_qkv
+
+GRIDS = [(1, 1, 1), (2, 3, 5), (3, 7, 11), (4, 6, 9)]
+WINDOWS = [(1, 1, 1), (3, 5, 5), (5, 7, 7), (9, 15, 23)]  # the last covers every grid above
+INTERLEAVED = ["g", "w", "i", "g", "i", "w"]
+CONTIGUOUS = ["g", "g", "i", "i", "w", "w"]
+
+# backends worth forcing on this machine (the Triton kernels have their own test module)
+DENSE = ["sdpa_cpu"] if DEVICE == "cpu" else ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"]
+
+
+def _runnable(backend, q, plan):
+    try:
+        ok.decide(q, plan, backend)
+    except ok.BackendError as exc:
+        pytest.skip(f"{backend} cannot run here: {exc}")
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_grids_and_windows(grid, window, backend, device):
+    plan = ok.RoutingPlan(grid, INTERLEAVED, window)
+    q, k, v = make_qkv((2, plan.num_tokens, plan.heads, 32), torch.float32, device)
+    check_backend(q, k, v, plan, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("modes", [INTERLEAVED, CONTIGUOUS], ids=["interleaved", "contiguous"])
+@pytest.mark.parametrize("backend", ["auto", "reference"] + DENSE)
+def test_dtypes_head_dims_layouts(dtype, head_dim, modes, backend, device):
+    plan = ok.RoutingPlan((3, 7, 11), modes, (3, 5, 5))
+    q, k, v = make_qkv((2, plan.num_tokens, plan.heads, head_dim), dtype, device)
+    _runnable(backend, q, plan)
+    check_backend(q, k, v, plan, backend)
+
+
+@pytest.mark.parametrize("grid", [(2, 3, 5), (3, 7, 11)])
+def test_window_covering_grid_equals_global(grid, device):
+    q, k, v = make_qkv((1, grid[0] * grid[1] * grid[2], 3, 32), torch.float64, device)
+    big = tuple(2 * s + 1 for s in grid)
+    win = ok.window_attention(q, k, v, grid, big, backend="reference")
+    glob = ok.global_attention(q, k, v, backend="reference")
+    torch.testing.assert_close(win, glob, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_single_frame_intra_equals_global(backend, device):
+    grid = (1, 6, 9)
+    q, k, v = make_qkv((2, 54, 4, 64), torch.float32, device)
+    intra = ok.intra_frame_attention(q, k, v, grid, backend=backend)
+    glob = ok.global_attention(q, k, v, backend=backend)
+    torch.testing.assert_close(intra, glob, rtol=1e-5, atol=1e-6)
+
+
+def test_single_pattern_entry_points_match_routed(device):
+    grid = (2, 3, 5)
+    q, k, v = make_qkv((1, 30, 2, 32), torch.float64, device)
+    for fn, mode, args in ((ok.intra_frame_attention, "intra", (grid,)),
+                           (ok.window_attention, "window", (grid, (1, 3, 3)))):
+        plan = ok.RoutingPlan(grid, [mode] * 2, (1, 3, 3))
+        torch.testing.assert_close(fn(q, k, v, *args), ok.routed_attention(q, k, v, plan), rtol=0, atol=0)
+    torch.testing.assert_close(ok.global_attention(q, k, v),
+                               ok.routed_attention(q, k, v, ok.RoutingPlan(grid, ["g", "g"])), rtol=0, atol=0)
+
+
+def test_strided_inputs(device):
+    """Non-contiguous q/k/v (a fused qkv projection viewed per tensor) give the same answer."""
+    plan = ok.RoutingPlan((2, 3, 5), INTERLEAVED, (3, 3, 3))
+    qkv = torch.randn(2, 30, 3, 6, 32, dtype=torch.float32, device=device)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    check_backend(q, k, v, plan, "auto")
+
+
+def test_custom_scale(device):
+    plan = ok.RoutingPlan((2, 3, 5), INTERLEAVED, (3, 3, 3))
+    q, k, v = make_qkv((1, 30, 6, 32), torch.float32, device)
+    check_backend(q, k, v, plan, "auto", scale=0.37)
+
+
+def test_return_lse_is_not_differentiable(device):
+    plan = ok.RoutingPlan((2, 3, 5), ["g", "w"], (3, 3, 3))
+    q, k, v = make_qkv((1, 30, 2, 16), torch.float32, device, requires_grad=True)
+    out, lse = ok.routed_attention(q, k, v, plan, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 30) and not lse.requires_grad
+    with pytest.raises(RuntimeError):
+        lse.sum().backward()
