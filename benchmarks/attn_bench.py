@@ -153,7 +153,7 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
             rows.append(_ours_row("routed, oasis triton (all local heads)", "routed", plan, all_heads, "triton"))
         if not cuda or plan.num_tokens <= 8192:
             rows.append(_ours_row("routed, oasis reference", "routed", plan, all_heads, "reference"))
-    if cuda and on("flex"):
+    if cuda and (on("flex") or on("flex-routed")):
         rows.append(_flex_row("routed, FlexAttention per-head block mask", "routed", plan, all_heads, device))
     if g_heads and cuda and on("sdpa"):
         sub = ok.RoutingPlan(plan.grid, ["global"] * len(g_heads), plan.window)
@@ -345,6 +345,14 @@ def environment(device) -> dict:
     return env
 
 
+def _triton_configs() -> dict:
+    try:
+        from oasis_kernels.kernels.local_attention import chosen_configs
+        return chosen_configs()
+    except Exception as exc:
+        return {"error": str(exc)}
+
+
 def _git(*args) -> str:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -458,7 +466,8 @@ def parse_args(argv=None):
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--window", default="3,5,5")
     p.add_argument("--pass", dest="pass_", default="both", choices=["fwd", "fwdbwd", "both"])
-    p.add_argument("--backends", default="all", help="comma list of: ours, sdpa, flex (default all)")
+    p.add_argument("--backends", default="all",
+                   help="comma list of: ours, sdpa, flex, flex-routed (only Flex's routed row) (default all)")
     p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default benchmarks/results/<date>)")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=200)
@@ -535,6 +544,7 @@ def main(argv=None) -> int:
     payload = {
         "env": env, "ceilings": ceilings,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "triton_configs": _triton_configs(),
         "shapes": {name: {"grid": list(g), "rows": [
             {"name": r.name, "group": r.group, "ours": r.ours, "heads": r.heads, "plan": repr(r.plan),
              "setup_s": r.setup_s, **r.results} for r in results[name]]} for name, g in shapes.items()},

@@ -214,6 +214,9 @@ class SdpaEfficientBackend(_SdpaCudaBackend):
         padded = torch.zeros(b, h, -(-n // 32) * 32, dtype=lse.dtype, device=lse.device)
         padded[..., :n] = lse
         seed = _scalar_like(q, torch.int64)
+        # the kernel makes dO contiguous and then reads O with dO's strides: hand it both in one
+        # layout, else a head slice of a wider output gives wrong gradients (seen on H200)
+        do, o = do.contiguous(), o.contiguous()
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
             do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, o.transpose(1, 2),
             padded, seed, seed, 0.0, [True, True, True, False], False, scale=scale,
