@@ -222,21 +222,25 @@ def row_costs(row: Row, batch: int, head_dim: int, elt: int, pass_: str) -> tupl
 
 def _callable(row: Row, sets, pass_):
     """A no-argument function that runs the row once on the next input set."""
-    runners = [(row.make(q, k, v), (q, k, v), do) for q, k, v, do in sets]
-    cycle = itertools.cycle(runners)
+    runners = [(row.make(q, k, v), (q, k, v)) for q, k, v, _ in sets]
     if pass_ == "fwd":
+        cycle = itertools.cycle(runners)
+
         def fwd():
-            run, _, _ = next(cycle)
+            run, _ = next(cycle)
             with torch.no_grad():
                 return run()
         return fwd
 
+    # a random output gradient per set, shaped like the row's output (rows return [B, N, h, D],
+    # [B, h, N, D] or frame-batched views)
+    with torch.no_grad():
+        grads = [torch.randn_like(run()) for run, _ in runners]
+    cycle = itertools.cycle([(run, inputs, g) for (run, inputs), g in zip(runners, grads)])
+
     def fwdbwd():
         run, inputs, do = next(cycle)
-        out = run()
-        if out.shape != do.shape:  # [B, h, N, D] outputs of SDPA / Flex
-            do = do.transpose(1, 2)
-        torch.autograd.grad(out, inputs, do)
+        torch.autograd.grad(run(), inputs, do)
     return fwdbwd
 
 
@@ -254,12 +258,12 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
 
     b, d, n = args.batch, args.head_dim, plan.num_tokens
     elt = torch.finfo(dtype).bits // 8
-    per_set = 4 * b * n * plan.heads * d * elt
+    per_set = 3 * b * n * plan.heads * d * elt
     n_sets = max(2, min(8, math.ceil(L2_ROTATION_BYTES / per_set)))
     sets = []
     for _ in range(n_sets):
-        q, k, v, do = (torch.randn(b, n, plan.heads, d, dtype=dtype, device=device) for _ in range(4))
-        sets.append((q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), do))
+        q, k, v = (torch.randn(b, n, plan.heads, d, dtype=dtype, device=device) for _ in range(3))
+        sets.append((q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None))
     q0, k0, v0, _ = sets[0]
     with torch.no_grad():
         reference = ok.routed_attention(q0.detach().float(), k0.detach().float(), v0.detach().float(),

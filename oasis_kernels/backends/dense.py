@@ -121,8 +121,21 @@ def _common_cuda_reasons(q) -> list[str]:
     return reasons
 
 
+_ZEROS: dict = {}
+
+
+def _zeros(q, shape, dtype) -> torch.Tensor:
+    """Cached zero tensors for the unused dropout RNG state arguments (no allocation and fill
+    kernel per call)."""
+    key = (q.device, shape, dtype)
+    t = _ZEROS.get(key)
+    if t is None:
+        t = _ZEROS[key] = torch.zeros(shape, dtype=dtype, device=q.device)
+    return t
+
+
 def _scalar_like(q, dtype):
-    return torch.zeros((), dtype=dtype, device=q.device)
+    return _zeros(q, (), dtype)
 
 
 class _SdpaCudaBackend(DenseBackend):
@@ -186,8 +199,8 @@ class SdpaFlashBackend(_SdpaCudaBackend):
         return res[0].transpose(1, 2), res[1]
 
     def _bwd(self, do, q, k, v, o, lse, scale, deterministic):
-        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        seed = _zeros(q, (2,), torch.uint64)
+        offset = _zeros(q, (), torch.uint64)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2),
             lse, None, None, q.shape[1], k.shape[1], 0.0, False, seed, offset, scale=scale,
