@@ -17,9 +17,22 @@ from .dispatch import normalize_backend
 from .ops import routed_attention_fwd
 from .plan import Mode, RoutingPlan
 
-__all__ = ["routed_attention", "global_attention", "intra_frame_attention", "window_attention", "check_inputs"]
+__all__ = ["routed_attention", "global_attention", "intra_frame_attention", "window_attention", "check_inputs",
+           "add_observer", "remove_observer"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# callables(q, k, plan, scale) that see every routed_attention call (routing calibration)
+_OBSERVERS: list = []
+
+
+def add_observer(fn) -> None:
+    """Call ``fn(q, k, plan, scale)`` on every :func:`routed_attention` call (eager only)."""
+    _OBSERVERS.append(fn)
+
+
+def remove_observer(fn) -> None:
+    _OBSERVERS.remove(fn)
 
 
 def check_inputs(q, k, v, plan: RoutingPlan) -> None:
@@ -101,6 +114,8 @@ def routed_attention(
     """
     check_inputs(q, k, v, plan)
     scale = _resolve_scale(scale, q.shape[-1])
+    for observe in _OBSERVERS:
+        observe(q, k, plan, scale)
     request = normalize_backend(backend)
     grid, modes, window = plan.as_op_args()
     out, lse = routed_attention_fwd(q, k, v, grid, modes, window, scale, request, bool(deterministic))

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Routing statistics cost vs one global-attention forward, per head (issue: <= 2x).
+
+    python benchmarks/routing_bench.py --grid 9,45,80 --out DIR
+
+One head, D=128, bf16: ``head_statistics`` (Triton, every query, then every 4th) against
+cuDNN's global attention forward for that head, in one run; the statistics of a subsample of
+queries are checked against the torch reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from attn_bench import environment  # noqa: E402
+from oasis_kernels.routing import head_statistics, head_statistics_reference  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", default="9,45,80")
+    p.add_argument("--window", default="3,5,5")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("routing_bench needs CUDA; nothing timed.")
+        return 0
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    grid = tuple(int(x) for x in args.grid.split(","))
+    window = tuple(int(x) for x in args.window.split(","))
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, n, 1, args.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    # correctness on a subsample of queries
+    got = head_statistics(q, k, grid, window, query_stride=16, backend="triton")
+    want = head_statistics_reference(q, k, grid, window, query_stride=16)
+    errs = {f: (getattr(got, f) - getattr(want, f)).abs().max().item() for f in ("kl_intra", "kl_window", "lse_global")}
+    print("max abs err vs reference (every 16th query):", errs)
+
+    def attn():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    t_attn = triton.testing.do_bench(attn, warmup=25, rep=200, return_mode="median")
+    res = {"grid": grid, "window": window, "N": n, "head_dim": args.head_dim, "errors": errs,
+           "global_attention_fwd_ms (SDPA cuDNN, one head)": t_attn}
+    for stride in (1, 4):
+        t = triton.testing.do_bench(lambda: head_statistics(q, k, grid, window, query_stride=stride, backend="triton"),
+                                    warmup=25, rep=200, return_mode="median")
+        res[f"statistics_ms (query_stride={stride})"] = t
+        res[f"ratio_to_attention (query_stride={stride})"] = t / t_attn
+    env = environment(torch.device("cuda"))
+    res["env"] = env
+    for key, val in res.items():
+        if key != "env":
+            print(f"{key}: {val}")
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"routing_bench_{env['gpu'].replace(' ', '_')}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    lines = [f"# routing statistics vs global attention: {env['gpu']}, N={n}, D={args.head_dim}, bf16, one head", "",
+             f"torch {env['torch']}, triton {env['triton']}, commit `{env['commit'][:12]}`, {env['date']}", "",
+             "| what | ms | vs attention fwd |", "|---|---|---|",
+             f"| global attention fwd, SDPA cuDNN | {t_attn:.3f} | 1.00x |"]
+    for stride in (1, 4):
+        lines.append(f"| head_statistics, query_stride={stride} | {res[f'statistics_ms (query_stride={stride})']:.3f} "
+                     f"| {res[f'ratio_to_attention (query_stride={stride})']:.2f}x |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Calibration: accumulate routing statistics over many videos, write and read routing files.
+
+Typical use, with the unrouted model (every head global, attention called through
+``oasis_kernels.routed_attention`` with a plan that carries the grid)::
+
+    cal = RoutingCalibrator(window=(3, 5, 5), eps=1e-6, query_stride=4)
+    for latent in tqdm(latents):
+        with cal.record(model, layer_filter=lambda name, m: name.endswith("self_attn")):
+            model(latent)
+    routing = cal.assign(rho=0.4)          # Algorithm 1 over all layers and heads
+    routing.save("routing.json")
+    plans = load_routing("routing.json").plans(grid)   # one RoutingPlan per layer
+
+Routing file (JSON, ``"format": "oasis-routing/1"``)::
+
+    {"format", "rho", "window", "eps", "query_stride", "videos", "num_global",
+     "layers": [{"name", "modes": ["global" | "intra" | "window", ...],
+                 "stats": {"kl_intra": [...], "kl_window": [...], "mass_intra": [...], ...}}]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import api
+from ..plan import Mode, RoutingPlan, normalize_window
+from .assign import assign_heads
+from .stats import FIELDS, head_statistics
+
+__all__ = ["RoutingCalibrator", "RoutingFile", "LayerRouting", "load_routing", "routing_agreement"]
+
+FORMAT = "oasis-routing/1"
+
+
+@dataclass
+class LayerRouting:
+    name: str
+    modes: list[Mode]
+    stats: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class RoutingFile:
+    """Per-layer head modes plus the statistics and settings they came from."""
+
+    layers: list[LayerRouting]
+    rho: float
+    window: tuple[int, int, int]
+    eps: float
+    query_stride: int
+    videos: int
+    num_global: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def plan(self, layer: "int | str", grid) -> RoutingPlan:
+        """The :class:`RoutingPlan` of one layer (by index or name) for a token grid."""
+        if isinstance(layer, str):
+            names = [l.name for l in self.layers]
+            if layer not in names:
+                raise ValueError(f"no layer {layer!r} in this routing file (layers: {names[:4]}...)")
+            layer = names.index(layer)
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer index {layer} out of range for a routing file of {len(self.layers)} layers")
+        return RoutingPlan(grid, self.layers[layer].modes, self.window)
+
+    def plans(self, grid) -> list[RoutingPlan]:
+        return [self.plan(i, grid) for i in range(len(self.layers))]
+
+    def check_model(self, num_layers: int, heads: int) -> None:
+        """Raise ValueError unless the file routes ``num_layers`` layers of ``heads`` heads each."""
+        if num_layers != len(self.layers):
+            raise ValueError(f"routing file has {len(self.layers)} layers but the model has {num_layers}")
+        for l in self.layers:
+            if len(l.modes) != heads:
+                raise ValueError(f"routing file layer {l.name!r} routes {len(l.modes)} heads but the model has {heads}")
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "rho": self.rho, "window": list(self.window), "eps": self.eps,
+            "query_stride": self.query_stride, "videos": self.videos, "num_global": self.num_global,
+            "layers": [{"name": l.name, "modes": [m.name.lower() for m in l.modes], "stats": l.stats}
+                       for l in self.layers],
+        }
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    def reassign(self, rho: float) -> "RoutingFile":
+        """Algorithm 1 again from the stored statistics, for another rho (no recomputation)."""
+        scores = [[[a, b] for a, b in zip(l.stats["kl_intra"], l.stats["kl_window"])] for l in self.layers]
+        result = assign_heads(scores, rho)
+        layers = [LayerRouting(l.name, list(m), l.stats) for l, m in zip(self.layers, result.modes)]
+        return RoutingFile(layers, float(rho), self.window, self.eps, self.query_stride, self.videos, result.num_global)
+
+
+def load_routing(path) -> RoutingFile:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an oasis routing file (format={data.get('format')!r}, expected {FORMAT!r})")
+    layers = [LayerRouting(l["name"], [Mode.parse(m) for m in l["modes"]], l.get("stats", {})) for l in data["layers"]]
+    return RoutingFile(layers, data["rho"], normalize_window(data["window"]), data["eps"], data["query_stride"],
+                       data["videos"], data["num_global"])
+
+
+def routing_agreement(a: RoutingFile, b: RoutingFile) -> float:
+    """Fraction of identical (layer, head) assignments: the paper's stability measure."""
+    if a.num_layers != b.num_layers or any(len(x.modes) != len(y.modes) for x, y in zip(a.layers, b.layers)):
+        raise ValueError("routing files route different models (layer or head counts differ)")
+    pairs = [(x, y) for la, lb in zip(a.layers, b.layers) for x, y in zip(la.modes, lb.modes)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+class RoutingCalibrator:
+    """Streaming means of per-head statistics over many videos and layers."""
+
+    def __init__(self, window=(3, 5, 5), *, eps: float = 1e-6, query_stride: int = 1, backend: str = "auto"):
+        self.window = normalize_window(window)
+        self.eps, self.query_stride, self.backend = eps, query_stride, backend
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._weights: dict[str, int] = {}
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._sums)
+
+    @property
+    def videos(self) -> int:
+        return max(self._weights.values(), default=0)
+
+    def observe(self, layer: str, q: torch.Tensor, k: torch.Tensor, grid, scale: float | None = None) -> None:
+        """Add one layer's q, k (``[B, N, heads, D]``, B videos) to the running means."""
+        stats = head_statistics(q.detach(), k.detach(), grid, self.window, eps=self.eps,
+                                query_stride=self.query_stride, scale=scale, backend=self.backend)
+        means = stats.mean()
+        b = q.shape[0]
+        sums = self._sums.setdefault(layer, {f: torch.zeros_like(means[f], device="cpu") for f in FIELDS})
+        if sums["kl_intra"].shape != means["kl_intra"].shape:
+            raise ValueError(f"layer {layer!r} had {sums['kl_intra'].shape[0]} heads, now {q.shape[2]}")
+        for f in FIELDS:
+            sums[f] += means[f].cpu() * b
+        self._weights[layer] = self._weights.get(layer, 0) + b
+
+    def means(self) -> dict[str, dict[str, list[float]]]:
+        return {name: {f: (s / self._weights[name]).tolist() for f, s in sums.items()} for name, sums in self._sums.items()}
+
+    @contextlib.contextmanager
+    def record(self, model: torch.nn.Module, layer_filter=None):
+        """Observe every routed-attention call made inside matching submodules of ``model``.
+
+        ``layer_filter(name, module) -> bool`` picks the attention layers (default: every
+        module that calls attention directly). Calls must carry the grid: use
+        ``routed_attention`` with a plan (an all-global plan for the unrouted model).
+        """
+        stack: list[str] = []
+        handles = []
+
+        def enter(name):
+            def hook(module, args):
+                stack.append(name)  # returns None: the module's inputs stay as they are
+            return hook
+
+        def leave(module, args, output):
+            stack.pop()  # returns None: the module's output stays as it is
+
+        for name, module in model.named_modules():
+            if layer_filter is not None and not layer_filter(name, module):
+                continue
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave))
+
+        def observer(q, k, plan, scale):
+            if stack:
+                self.observe(stack[-1], q, k, plan.grid, scale)
+
+        api.add_observer(observer)
+        try:
+            yield self
+        finally:
+            api.remove_observer(observer)
+            for h in handles:
+                h.remove()
+
+    def assign(self, rho: float) -> RoutingFile:
+        """Algorithm 1 over every layer and head seen so far."""
+        if not self._sums:
+            raise ValueError("no statistics recorded yet")
+        means = self.means()
+        names = self.layers
+        scores = [[[a, b] for a, b in zip(means[n]["kl_intra"], means[n]["kl_window"])] for n in names]
+        result = assign_heads(scores, rho)
+        layers = [LayerRouting(n, list(m), means[n]) for n, m in zip(names, result.modes)]
+        return RoutingFile(layers, float(rho), self.window, self.eps, self.query_stride, self.videos, result.num_global)
