@@ -56,11 +56,21 @@ def main(argv=None) -> int:
     t_attn = triton.testing.do_bench(attn, warmup=25, rep=200, return_mode="median")
     res = {"grid": grid, "window": window, "N": n, "head_dim": args.head_dim, "errors": errs,
            "global_attention_fwd_ms (SDPA cuDNN, one head)": t_attn}
-    for stride in (1, 4):
-        t = triton.testing.do_bench(lambda: head_statistics(q, k, grid, window, query_stride=stride, backend="triton"),
-                                    warmup=25, rep=200, return_mode="median")
-        res[f"statistics_ms (query_stride={stride})"] = t
-        res[f"ratio_to_attention (query_stride={stride})"] = t / t_attn
+    from oasis_kernels.kernels import routing_stats
+
+    default = dict(routing_stats.CONFIG)
+    for cfg in (default, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)):
+        routing_stats.CONFIG.clear()
+        routing_stats.CONFIG.update(cfg)
+        tag = "BM{BLOCK_M}_BN{BLOCK_N}_w{num_warps}".format(**cfg)
+        for stride in (1, 4):
+            t = triton.testing.do_bench(
+                lambda: head_statistics(q, k, grid, window, query_stride=stride, backend="triton"),
+                warmup=25, rep=200, return_mode="median")
+            res[f"statistics_ms {tag} (query_stride={stride})"] = t
+            res[f"ratio_to_attention {tag} (query_stride={stride})"] = t / t_attn
+    routing_stats.CONFIG.clear()
+    routing_stats.CONFIG.update(default)
     env = environment(torch.device("cuda"))
     res["env"] = env
     for key, val in res.items():
@@ -74,9 +84,10 @@ def main(argv=None) -> int:
              f"torch {env['torch']}, triton {env['triton']}, commit `{env['commit'][:12]}`, {env['date']}", "",
              "| what | ms | vs attention fwd |", "|---|---|---|",
              f"| global attention fwd, SDPA cuDNN | {t_attn:.3f} | 1.00x |"]
-    for stride in (1, 4):
-        lines.append(f"| head_statistics, query_stride={stride} | {res[f'statistics_ms (query_stride={stride})']:.3f} "
-                     f"| {res[f'ratio_to_attention (query_stride={stride})']:.2f}x |")
+    for key, val in res.items():
+        if key.startswith("statistics_ms"):
+            ratio = res[key.replace("statistics_ms", "ratio_to_attention")]
+            lines.append(f"| head_statistics {key[len('statistics_ms '):]} | {val:.3f} | {ratio:.2f}x |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0
 

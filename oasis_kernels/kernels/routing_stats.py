@@ -70,6 +70,38 @@ def _online(m, l, s):
     return m_new, l, p, shift
 
 
+@triton.jit
+def _lse_block(q, k_base, skn, d, dmask, blk, blk_lo, blk_hi, qt, qh, qw, m_g, l_g, e_g, m_i, l_i, m_w, l_w,
+               N, H, W, RT, RH, RW, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+               UPCAST: tl.constexpr, TAIL: tl.constexpr):
+    """One key block of the LSE pass: global sums always, local ones inside the local frames."""
+    j, kt, kh, kw, kvalid = _key_block(blk * BLOCK_N, N, H, W, BLOCK_N)
+    if TAIL:
+        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+    else:
+        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=dmask[None, :], other=0.0)
+    s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+    if TAIL:
+        s = tl.where(kvalid[None, :], s, float("-inf"))
+    m_new, l_g, p, shift = _online(m_g, l_g, s)
+    if TAIL:
+        ps = tl.sum(p * tl.where(kvalid[None, :], s, 0.0), 1)
+    else:
+        ps = tl.sum(p * s, 1)
+    e_g = e_g * tl.math.exp2(m_g - shift) + ps
+    m_g = m_new
+    if (blk >= blk_lo) & (blk < blk_hi):
+        dt = qt[:, None] - kt[None, :]
+        dh = qh[:, None] - kh[None, :]
+        dw = qw[:, None] - kw[None, :]
+        s_i = tl.where(dt == 0, s, float("-inf"))
+        in_w = (dt <= RT) & (dt >= -RT) & (dh <= RH) & (dh >= -RH) & (dw <= RW) & (dw >= -RW)
+        s_w = tl.where(in_w, s, float("-inf"))
+        m_i, l_i, _, _ = _online(m_i, l_i, s_i)
+        m_w, l_w, _, _ = _online(m_w, l_w, s_w)
+    return m_g, l_g, e_g, m_i, l_i, m_w, l_w
+
+
 @triton.jit(do_not_specialize=["T", "H", "W", "RT", "RH", "RW", "N", "M", "q_stride", "D", "n_heads"])
 def _stats_lse_kernel(
     Q, K, OUT, sqb, sqn, sqh, skb, skn, skh, so0, sob, soh,
@@ -95,24 +127,16 @@ def _stats_lse_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_w = tl.zeros([BLOCK_M], tl.float32)
-    n_blk = tl.cdiv(N, BLOCK_N)
-    for blk in range(0, n_blk):
-        j, kt, kh, kw, kvalid = _key_block(blk * BLOCK_N, N, H, W, BLOCK_N)
-        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
-        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        s = tl.where(kvalid[None, :], s, float("-inf"))
-        m_new, l_g, p, shift = _online(m_g, l_g, s)
-        e_g = e_g * tl.math.exp2(m_g - shift) + tl.sum(p * tl.where(kvalid[None, :], s, 0.0), 1)
-        m_g = m_new
-        if (blk >= blk_lo) & (blk < blk_hi):
-            dt = qt[:, None] - kt[None, :]
-            dh = qh[:, None] - kh[None, :]
-            dw = qw[:, None] - kw[None, :]
-            s_i = tl.where(dt == 0, s, float("-inf"))
-            in_w = (dt <= RT) & (dt >= -RT) & (dh <= RH) & (dh >= -RH) & (dw <= RW) & (dw >= -RW)
-            s_w = tl.where(in_w, s, float("-inf"))
-            m_i, l_i, _, _ = _online(m_i, l_i, s_i)
-            m_w, l_w, _, _ = _online(m_w, l_w, s_w)
+    # whole blocks first (no bounds mask on the hot path), then the ragged tail
+    n_full = N // BLOCK_N
+    for blk in range(0, n_full):
+        m_g, l_g, e_g, m_i, l_i, m_w, l_w = _lse_block(
+            q, k_base, skn, d, dmask, blk, blk_lo, blk_hi, qt, qh, qw, m_g, l_g, e_g, m_i, l_i, m_w, l_w,
+            N, H, W, RT, RH, RW, qk_scale, BLOCK_N, DOT_PREC, UPCAST, False)
+    if n_full * BLOCK_N < N:
+        m_g, l_g, e_g, m_i, l_i, m_w, l_w = _lse_block(
+            q, k_base, skn, d, dmask, n_full, blk_lo, blk_hi, qt, qh, qw, m_g, l_g, e_g, m_i, l_i, m_w, l_w,
+            N, H, W, RT, RH, RW, qk_scale, BLOCK_N, DOT_PREC, UPCAST, True)
 
     # padding rows (not stored) have l = 0; keep their log finite
     l_g = tl.where(qvalid, l_g, 1.0)
@@ -176,9 +200,13 @@ def _stats_kl_kernel(
     tl.store(obase + so0, acc_w, mask=qvalid)
 
 
+#: tile config of both passes; benchmarks/routing_bench.py compares alternatives through it
+CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)
+
+
 def _cfg():
     # the interpreter runs each program in numpy: small tiles keep CPU tests fast
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=1) if INTERPRET else dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=1) if INTERPRET else dict(CONFIG)
 
 
 def _common(q, grid, radii):
