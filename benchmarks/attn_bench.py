@@ -350,7 +350,7 @@ def environment(device) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
         "commit": os.environ.get("OASIS_COMMIT") or _git("rev-parse", "HEAD"),
-        "dirty": os.environ.get("OASIS_DIRTY") or (_git("status", "--porcelain") != ""),
+        "dirty": os.environ.get("OASIS_DIRTY") or _dirty(),
         "oasis_kernels": ok.__version__,
     }
     if device.type == "cuda":
@@ -366,6 +366,12 @@ def _triton_configs() -> dict:
         return chosen_configs()
     except Exception as exc:
         return {"error": str(exc)}
+
+
+def _dirty():
+    """True/False from git; "unknown" where there is no repository (the device machine's copy)."""
+    status = _git("status", "--porcelain")
+    return "unknown" if status == "unknown" else status != ""
 
 
 def _git(*args) -> str:
@@ -422,7 +428,7 @@ def render_markdown(lines, env, ceilings, args) -> str:
     md = [f"# attn_bench: {env.get('gpu', 'cpu')}, {args.dtype}, heads={args.heads}, D={args.head_dim}, "
           f"batch={args.batch}, mix={args.mix_text}, window={tuple(args.window)}", ""]
     md.append(f"torch {env['torch']}, triton {env['triton']}, cuDNN {env.get('cudnn')}, CUDA {env.get('cuda')}, "
-              f"driver {env.get('driver')}, commit `{env['commit'][:12]}`{' (dirty)' if env['dirty'] else ''}, "
+              f"driver {env.get('driver')}, commit `{env['commit'][:12]}`{' (dirty)' if env['dirty'] is True else ''}, "
               f"{env['date']}.")
     if ceilings:
         md.append(f"Ceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write), "
