@@ -53,6 +53,22 @@ def _query_tile(pid_m, M, q_stride, T, H, W, RT, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
+def _program_setup(Q, K, sqb, sqn, sqh, skb, skh, n_heads, M, q_stride, T, H, W, RT, D,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Batch, head, the query tile (loaded) and the key base pointer of this program."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    head = pid_bh % n_heads
+    tok, qt, qh, qw, qvalid, blk_lo, blk_hi = _query_tile(pid_m, M, q_stride, T, H, W, RT, BLOCK_M, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(Q + b * sqb + head * sqh + tok[:, None] * sqn + d[None, :], mask=qvalid[:, None] & dmask[None, :],
+                other=0.0)
+    return b, head, tok, qt, qh, qw, qvalid, blk_lo, blk_hi, d, dmask, q, K + b * skb + head * skh
+
+
+@triton.jit
 def _key_block(start, N, H, W, BLOCK_N: tl.constexpr):
     j = start + tl.arange(0, BLOCK_N)
     kvalid = j < N
@@ -109,16 +125,8 @@ def _stats_lse_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    head = pid_bh % n_heads
-    tok, qt, qh, qw, qvalid, blk_lo, blk_hi = _query_tile(pid_m, M, q_stride, T, H, W, RT, BLOCK_M, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    q = tl.load(Q + b * sqb + head * sqh + tok[:, None] * sqn + d[None, :], mask=qvalid[:, None] & dmask[None, :],
-                other=0.0)
-    k_base = K + b * skb + head * skh
+    b, head, tok, qt, qh, qw, qvalid, blk_lo, blk_hi, d, dmask, q, k_base = _program_setup(
+        Q, K, sqb, sqn, sqh, skb, skh, n_heads, M, q_stride, T, H, W, RT, D, BLOCK_M, BLOCK_N, BLOCK_D)
 
     m_g = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_g = tl.zeros([BLOCK_M], tl.float32)
@@ -156,16 +164,8 @@ def _stats_kl_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    head = pid_bh % n_heads
-    tok, qt, qh, qw, qvalid, blk_lo, blk_hi = _query_tile(pid_m, M, q_stride, T, H, W, RT, BLOCK_M, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    q = tl.load(Q + b * sqb + head * sqh + tok[:, None] * sqn + d[None, :], mask=qvalid[:, None] & dmask[None, :],
-                other=0.0)
-    k_base = K + b * skb + head * skh
+    b, head, tok, qt, qh, qw, qvalid, blk_lo, blk_hi, d, dmask, q, k_base = _program_setup(
+        Q, K, sqb, sqn, sqh, skb, skh, n_heads, M, q_stride, T, H, W, RT, D, BLOCK_M, BLOCK_N, BLOCK_D)
     idx = tl.where(qvalid, tok // q_stride, 0)
     lbase = LSE + b * slb + head * slh + idx
     # log2-unit LSEs: scores below are in log2 units too
