@@ -88,7 +88,7 @@ def routed_attention(
 
     Args:
         q, k, v: ``[B, N, heads, D]``, ``N = T*H*W`` tokens in t-major order; fp16, bf16,
-            fp32 or fp64, any strides.
+            fp32 or fp64; any strides (a tensor whose head dim is not contiguous is copied once).
         plan: :class:`RoutingPlan` with ``plan.grid == (T, H, W)`` and one mode per head.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"``; a backend name (``"triton"``, ``"reference"``, ``"sdpa_cudnn"`` ...)
@@ -96,12 +96,14 @@ def routed_attention(
             others go to ``auto``); or a mapping from mode to name. ``oasis_kernels.explain``
             shows the choice and every declined backend's reasons.
         return_lse: also return the natural-log log-sum-exp of each query's scores.
-        deterministic: backward without atomics (the default; the kernels have no faster
-            non-deterministic path today).
+        deterministic: passed to the backends' backward. The Triton kernels' backward is
+            always deterministic (no atomics); the dense backends follow PyTorch's
+            ``torch.use_deterministic_algorithms`` setting, as ``F.scaled_dot_product_attention`` does.
 
     Returns:
         ``out [B, N, heads, D]`` in q's dtype, and with ``return_lse`` also
-        ``lse [B, heads, N]`` float32 (float64 for float64 inputs), not differentiable.
+        ``lse [B, heads, N]`` float32 (float64 for float64 inputs). ``lse`` is returned as a
+        constant (``requires_grad=False``): no gradient flows through it.
 
     Visibility for a query at ``(t, h, w)``, one frame of a (T=2, H=4, W=5) grid, q = query::
 
@@ -114,6 +116,8 @@ def routed_attention(
     """
     check_inputs(q, k, v, plan)
     scale = _resolve_scale(scale, q.shape[-1])
+    # every kernel reads the head dim as contiguous rows; other strides are free
+    q, k, v = (x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x for x in (q, k, v))
     for observe in _OBSERVERS:
         observe(q, k, plan, scale)
     request = normalize_backend(backend)

@@ -85,21 +85,28 @@ def normalize_backend(backend: "str | Mapping") -> str:
     named use ``auto``).
     """
     if isinstance(backend, str):
-        if "=" in backend:  # already canonical: "intra=triton,window=reference"
-            return normalize_backend(dict(part.split("=", 1) for part in backend.split(",")))
+        if "=" in backend:  # canonical mapping form: "intra=triton,window=reference"
+            pairs = [part.split("=", 1) for part in backend.split(",")]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError(f"backend {backend!r}: expected 'mode=name' pairs separated by commas")
+            return normalize_backend(dict(pairs))
         if backend != "auto":
             expand_backend_name(backend)
         return backend
     if isinstance(backend, Mapping):
-        parts = []
+        parts = {}
         for mode, name in backend.items():
             m = Mode.parse(mode)
             if not isinstance(name, str):
                 raise TypeError(f"backend for {m.name.lower()} heads must be a str, got {name!r}")
+            if m in parts:
+                raise ValueError(f"backend mapping {dict(backend)!r} names {m.name.lower()} heads twice")
             if name != "auto":
-                expand_backend_name(name)
-            parts.append(f"{m.name.lower()}={name}")
-        return ",".join(sorted(parts))
+                names = expand_backend_name(name)
+                if not any(m in BACKENDS[n].modes for n in names):
+                    raise ValueError(f"backend {name!r} does not serve {m.name.lower()} heads")
+            parts[m] = f"{m.name.lower()}={name}"
+        return ",".join(sorted(parts.values()))
     raise TypeError(f"backend must be a str or a mapping of mode to str, got {type(backend).__name__}: {backend!r}")
 
 
@@ -113,8 +120,8 @@ def _request_for(request: str, mode: Mode) -> str:
     return "auto"
 
 
-def _choose_auto(mode, q, plan, preamble=()) -> GroupDecision:
-    declined = list(preamble)
+def _choose_auto(mode, q, plan) -> GroupDecision:
+    declined = []
     for name in PRIORITY[mode]:
         reasons = BACKENDS[name].why_not_auto(mode, q, plan)
         if not reasons:
@@ -156,14 +163,18 @@ _CACHE: dict = {}
 
 
 def _global_switches() -> tuple:
-    # PyTorch's global SDPA switches change what the SDPA backends accept, so they key the cache
+    # PyTorch's global switches change what its SDPA checks accept (the deterministic mode
+    # rules out cuDNN), so they key the cache
     cuda = torch.backends.cuda
-    return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
 
 
-def _decide_cached(q, plan: RoutingPlan, request: str) -> Dispatch:
-    """:func:`decide` memoized on everything the capability predicates read."""
-    key = (plan, request, tuple(q.shape), q.stride(), q.dtype, q.device, _global_switches())
+def _decide_cached(q, plan: RoutingPlan, request: str, k=None, v=None) -> Dispatch:
+    """:func:`decide` memoized on everything the capability predicates read (PyTorch's flash
+    check reads ``requires_grad``)."""
+    key = (plan, request, tuple(q.shape), q.stride(), q.dtype, q.device, q.requires_grad,
+           None if k is None else k.stride(), None if v is None else v.stride(), _global_switches())
     hit = _CACHE.get(key)
     if hit is None:
         if len(_CACHE) > 1024:
@@ -177,16 +188,17 @@ def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto
     return str(decide(q, plan, backend))
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is float32, float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
     """``(out [B, N, heads, D], lse [B, heads, N])`` with each head group on its backend."""
-    dispatch = _decide_cached(q, plan, request)
+    dispatch = _decide_cached(q, plan, request, k, v)
     b, n, nh, d = q.shape
     out = torch.empty(b, n, nh, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, nh, n, dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty(b, nh, n, dtype=lse_dtype(q.dtype), device=q.device)
     for name, groups in dispatch.calls():
         log.debug("forward %s -> %s", groups, name)
         BACKENDS[name].forward(q, k, v, out, lse, plan, groups, scale)
@@ -194,7 +206,7 @@ def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
 
 
 def run_backward(dout, q, k, v, out, lse, plan: RoutingPlan, scale: float, request: str, deterministic: bool):
-    dispatch = _decide_cached(q, plan, request)
+    dispatch = _decide_cached(q, plan, request, k, v)
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
     for name, groups in dispatch.calls():
         log.debug("backward %s -> %s", groups, name)

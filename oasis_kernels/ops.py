@@ -14,14 +14,10 @@ import functools
 import torch
 from torch import Tensor
 
-from .dispatch import run_backward, run_forward
+from .dispatch import lse_dtype, run_backward, run_forward
 from .plan import RoutingPlan
 
 __all__ = ["routed_attention_fwd", "routed_attention_bwd"]
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=1024)
@@ -42,7 +38,7 @@ def routed_attention_fwd(
 @routed_attention_fwd.register_fake
 def _(q, k, v, grid, modes, window, scale, backend, deterministic):
     b, n, nh, d = q.shape
-    return q.new_empty(b, n, nh, d), q.new_empty(b, nh, n, dtype=_lse_dtype(q.dtype))
+    return q.new_empty(b, n, nh, d), q.new_empty(b, nh, n, dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("oasis_kernels::routed_attention_bwd", mutates_args=())
@@ -66,8 +62,8 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = (grid, modes, window, scale, backend, deterministic)
-    # the log-sum-exp is an output for calibration and debugging, not a differentiable one:
-    # a loss that reaches it must fail loudly rather than get a silently wrong gradient
+    # the log-sum-exp is an output for calibration and debugging: returned as a constant
+    # (requires_grad=False), so no gradient is expected through it
     ctx.mark_non_differentiable(lse)
 
 

@@ -157,13 +157,20 @@ class RoutingPlan:
     # -- construction helpers -------------------------------------------------
     @classmethod
     def uniform(cls, grid, heads: int, mode, window=(3, 5, 5)) -> "RoutingPlan":
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
-            raise ValueError(f"heads must be a positive int, got {heads=}")
+        if isinstance(heads, bool) or not isinstance(heads, int):
+            raise TypeError(f"heads must be an int, got {heads=}")
+        if heads <= 0:
+            raise ValueError(f"heads must be positive, got {heads=}")
         return cls(grid, [Mode.parse(mode)] * heads, window)
 
     @classmethod
     def from_counts(cls, grid, n_global: int, n_intra: int, n_window: int, window=(3, 5, 5)) -> "RoutingPlan":
         """Contiguous plan: ``n_global`` global heads, then intra, then window heads."""
+        for name, n in (("n_global", n_global), ("n_intra", n_intra), ("n_window", n_window)):
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"{name} must be an int, got {n!r}")
+            if n < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}={n}")
         modes = [Mode.GLOBAL] * n_global + [Mode.INTRA] * n_intra + [Mode.WINDOW] * n_window
         return cls(grid, modes, window)
 

@@ -6,6 +6,7 @@ import torch
 import oasis_kernels as ok
 from conftest import DEVICE
 from oasis_kernels.backends import BACKENDS, PRIORITY
+from oasis_kernels.dispatch import _decide_cached
 
 PLAN = ok.RoutingPlan((2, 3, 5), ["g", "w", "i", "g"], (3, 3, 3))
 
@@ -69,12 +70,36 @@ def test_triton_takes_both_local_modes_in_one_call():
     assert calls["triton"] == [(ok.Mode.INTRA, (2,)), (ok.Mode.WINDOW, (1,))]
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the SDPA backends decline CPU tensors before reading the switch")
 def test_sdpa_switches_are_honoured():
-    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    q = torch.randn(1, 30, 4, 64, device=DEVICE, dtype=torch.bfloat16)
     prev = torch.backends.cuda.cudnn_sdp_enabled()
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         reasons = BACKENDS["sdpa_cudnn"].why_not(ok.Mode.GLOBAL, q, PLAN)
+        cached = _decide_cached(q, PLAN, "auto")
     finally:
         torch.backends.cuda.enable_cudnn_sdp(prev)
-    assert reasons and (DEVICE == "cpu" or any("disabled" in r for r in reasons))
+    assert any("disabled" in r for r in reasons)
+    assert cached.backend_for("global") != "sdpa_cudnn"
+
+
+def test_decision_cache_keys_on_global_switches():
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    a = _decide_cached(q, PLAN, "auto")
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(not prev)
+    try:
+        b = _decide_cached(q, PLAN, "auto")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert a is not b and a is _decide_cached(q, PLAN, "auto")
+
+
+def test_bad_backend_requests():
+    with pytest.raises(ValueError, match="'mode=name' pairs"):
+        ok.decide(torch.randn(1, 30, 4, 64), PLAN, "intra=triton,bogus")
+    with pytest.raises(ValueError, match="does not serve global heads"):
+        ok.decide(torch.randn(1, 30, 4, 64), PLAN, {"global": "triton"})
+    with pytest.raises(ValueError, match="names global heads twice"):
+        ok.decide(torch.randn(1, 30, 4, 64), PLAN, {"global": "sdpa", "g": "reference"})

@@ -68,6 +68,17 @@ def test_plan_basics():
     assert "gwiwg" in repr(plan)
 
 
+def test_plan_constructors_validate():
+    with pytest.raises(ValueError, match="n_global must be >= 0"):
+        ok.RoutingPlan.from_counts((2, 3, 5), -1, 2, 2)
+    with pytest.raises(TypeError, match="n_intra must be an int"):
+        ok.RoutingPlan.from_counts((2, 3, 5), 1, 2.0, 2)
+    with pytest.raises(TypeError, match="heads must be an int"):
+        ok.RoutingPlan.uniform((2, 3, 5), 2.5, "g")
+    with pytest.raises(ValueError, match="heads must be positive"):
+        ok.RoutingPlan.uniform((2, 3, 5), 0, "g")
+
+
 def test_head_permutation_reorders_a_layer():
     """Permuting heads of q/k/v and routing with the permuted plan gives the permuted output."""
     plan = ok.RoutingPlan((2, 3, 4), ["w", "g", "i", "g", "w"], (1, 3, 3))

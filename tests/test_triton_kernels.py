@@ -53,6 +53,12 @@ def test_batch_and_strided_heads(device):
     check_backend(q, k, v, plan, "triton")
 
 
+def test_non_contiguous_head_dim(device):
+    plan = ok.RoutingPlan((2, 3, 5), ["w", "i"], (3, 3, 3))
+    q, k, v = (torch.randn(1, 30, 2, 128, device=device, dtype=torch.float16)[..., ::2] for _ in range(3))
+    check_backend(q, k, v, plan, LOCAL_TRITON)
+
+
 def test_every_output_element_is_written(device):
     """Poison outputs with NaN, call the launchers directly, and find no NaN left in local heads."""
     from oasis_kernels.kernels.local_attention import local_attention_backward, local_attention_forward

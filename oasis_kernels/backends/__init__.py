@@ -9,7 +9,7 @@ from .flash import Flash2Backend, Flash3Backend
 from .reference import ReferenceBackend
 from .triton_local import TritonLocalBackend
 
-__all__ = ["Backend", "BACKENDS", "ALIASES", "PRIORITY", "get_backend", "expand_backend_name"]
+__all__ = ["Backend", "BACKENDS", "ALIASES", "PRIORITY", "expand_backend_name"]
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
@@ -51,6 +51,3 @@ def expand_backend_name(name: str) -> tuple[str, ...]:
     known = sorted(set(BACKENDS) | set(ALIASES) | {"auto"})
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(known)}")
 
-
-def get_backend(name: str) -> Backend:
-    return BACKENDS[name]

@@ -40,7 +40,8 @@ class Backend:
     def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float) -> None:
         """Compute the heads of ``groups`` and write ``out[:, :, h]`` and ``lse[:, h]`` for each.
 
-        ``q, k, v, out``: ``[B, N, heads, D]``; ``lse``: ``[B, heads, N]`` float32.
+        ``q, k, v, out``: ``[B, N, heads, D]`` with unit stride on D; ``lse``: ``[B, heads, N]``
+        float32 (float64 for float64 inputs).
         ``groups``: ``(mode, heads)`` pairs, each naming heads of one mode this backend serves.
         """
         raise NotImplementedError

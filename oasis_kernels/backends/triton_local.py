@@ -63,8 +63,8 @@ class TritonLocalBackend(Backend):
             reasons.append(f"head dim must be a multiple of 16 in [16, 256], got {d}")
         if q.stride(-1) != 1:
             reasons.append(f"needs unit stride on the head dim, got {q.stride()=}")
-        if q.shape[1] * q.stride(1) >= 2**31:
-            reasons.append(f"per-batch offsets overflow int32 for {q.shape=}, {q.stride()=}")
+        if _extent(q) >= 2**31:
+            reasons.append(f"offsets within one batch item overflow int32 for {q.shape=}, {q.stride()=}")
         return reasons
 
     def why_not_auto(self, mode, q, plan) -> list[str]:
@@ -74,6 +74,7 @@ class TritonLocalBackend(Backend):
         return reasons
 
     def forward(self, q, k, v, out, lse, plan, groups, scale):
+        _check_extents(k, v)
         kernels, _ = _kernels()
         table, n_window = _head_table(groups, q.device)
         kernels.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan), scale)
@@ -84,6 +85,18 @@ class TritonLocalBackend(Backend):
         kernels.local_attention_backward(
             dout, q, k, v, out, lse, dq, dk, dv, table, n_window, plan.grid, _radii(plan), scale
         )
+
+
+def _extent(x) -> int:
+    """Largest element offset within one batch item (the kernels add the batch offset in int64)."""
+    return sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
+
+
+def _check_extents(*tensors):
+    for x in tensors:
+        if _extent(x) >= 2**31:
+            raise ValueError(f"triton backend: offsets within one batch item overflow int32 for {x.shape=}, "
+                             f"{x.stride()=}; make the tensor contiguous or use another backend")
 
 
 def _radii(plan):

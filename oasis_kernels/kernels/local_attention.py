@@ -47,8 +47,6 @@ AUTOTUNE = os.environ.get("OASIS_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 # would recompile for every shape without making the code faster
 _NO_SPECIALIZE = ["T", "H", "W", "RT", "RH", "RW", "n_local", "n_window", "D"]
 
-MODE_INTRA = 1  # == plan.Mode.INTRA
-MODE_WINDOW = 2  # == plan.Mode.WINDOW
 
 
 # ---------------------------------------------------------------------------------------
@@ -380,8 +378,6 @@ if INTERPRET:
     _FWD_CONFIGS = [_cfg(1, 4, 8, 64, 1, 1)]
     _BWD_CONFIGS = [_cfg(1, 4, 8, 64, 1, 1)]
 else:
-    # first entry = the default when autotuning is off. 64-query tiles keep the halo small
-    # (a (2,4,8) tile of a (3,5,5) window reads 4*8*12 = 384 keys per query, vs 576 for (2,8,8))
     # first entry = the default when autotuning is off. 64-query tiles keep the halo small
     # (a (2,4,8) tile of a (3,5,5) window reads 4*8*12 = 384 keys per query, vs 576 for (2,8,8));
     # 128-query tiles suit intra-frame heads. Few configs: each costs a compile on first use.

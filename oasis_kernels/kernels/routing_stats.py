@@ -29,7 +29,6 @@ from .local_attention import INTERPRET, _mm
 __all__ = ["routing_stats_lse", "routing_stats_kl"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit

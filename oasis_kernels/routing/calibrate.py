@@ -95,6 +95,10 @@ class RoutingFile:
 
     def reassign(self, rho: float) -> "RoutingFile":
         """Algorithm 1 again from the stored statistics, for another rho (no recomputation)."""
+        missing = [l.name for l in self.layers if not {"kl_intra", "kl_window"} <= set(l.stats)]
+        if missing:
+            raise ValueError(f"routing file has no kl_intra/kl_window statistics for layers {missing[:3]}; "
+                             f"re-assignment needs them (calibrate again)")
         scores = [[[a, b] for a, b in zip(l.stats["kl_intra"], l.stats["kl_window"])] for l in self.layers]
         result = assign_heads(scores, rho)
         layers = [LayerRouting(l.name, list(m), l.stats) for l, m in zip(self.layers, result.modes)]

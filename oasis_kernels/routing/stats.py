@@ -107,15 +107,17 @@ def head_statistics(q, k, grid, window=(3, 5, 5), *, eps: float = 1e-6, query_st
     if not 0.0 < eps < 1.0:
         raise ValueError(f"eps must be in (0, 1), got {eps=}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # the kernels read the head dim as contiguous rows
+    q, k = (x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x for x in (q, k))
     if backend == "auto":
         backend = "triton" if q.is_cuda and q.dtype != torch.float64 else "reference"
     if backend == "reference":
         return head_statistics_reference(q, k, grid, window, eps=eps, query_stride=query_stride, scale=scale)
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r} for head_statistics; use 'auto', 'triton' or 'reference'")
-    if q.dtype == torch.float64 or q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise NotImplementedError(f"the Triton statistics kernels take fp16/bf16/fp32 with unit head-dim stride, "
-                                  f"got {q.dtype=}, {q.stride()=}, {k.stride()=}")
+    if q.dtype == torch.float64:
+        raise NotImplementedError(f"the Triton statistics kernels take fp16/bf16/fp32, got {q.dtype=}; "
+                                  f"use backend='reference'")
     from ..kernels.routing_stats import routing_stats_kl, routing_stats_lse
 
     radii = _radii(grid, window)
