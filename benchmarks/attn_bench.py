@@ -225,14 +225,17 @@ def row_costs(row: Row, batch: int, head_dim: int, elt: int, pass_: str) -> tupl
     return 3.5 * fwd_flops, 12.0 * tensor
 
 
+def _runner(row: Row, q, k, v):
+    """``(run, inputs to differentiate)``: make() returns run, or (run, leaves) when the row
+    differentiates its own copies of q, k, v."""
+    made = row.make(q, k, v)
+    run, leaves = made if isinstance(made, tuple) else (made, None)
+    return run, tuple(leaves) if leaves else (q, k, v)
+
+
 def _callable(row: Row, sets, pass_):
     """A no-argument function that runs the row once on the next input set."""
-    runners = []
-    for q, k, v, _ in sets:
-        made = row.make(q, k, v)
-        # make() returns run, or (run, leaves) when the row differentiates its own copies
-        run, leaves = made if isinstance(made, tuple) else (made, None)
-        runners.append((run, tuple(leaves) if leaves else (q, k, v)))
+    runners = [_runner(row, q, k, v) for q, k, v, _ in sets]
     if pass_ == "fwd":
         cycle = itertools.cycle(runners)
 
@@ -255,9 +258,9 @@ def _callable(row: Row, sets, pass_):
 
 
 def check_row(row: Row, q, k, v, reference) -> tuple[bool, float]:
-    made = row.make(q, k, v)
+    run, _ = _runner(row, q, k, v)
     with torch.no_grad():
-        out = (made[0] if isinstance(made, tuple) else made)()
+        out = run()
     ref = reference[:, :, row.heads]
     err = (out.float() - ref.float()).abs().max().item()
     tol = 1e-3 if q.dtype == torch.float32 else 3e-2

@@ -15,6 +15,7 @@ import torch
 
 from .backends import BACKENDS, PRIORITY, expand_backend_name
 from .plan import Mode, RoutingPlan
+from .reference import accumulate_dtype
 
 __all__ = [
     "BackendError",
@@ -188,17 +189,12 @@ def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto
     return str(decide(q, plan, backend))
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The log-sum-exp is float32, float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
     """``(out [B, N, heads, D], lse [B, heads, N])`` with each head group on its backend."""
     dispatch = _decide_cached(q, plan, request, k, v)
     b, n, nh, d = q.shape
     out = torch.empty(b, n, nh, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, nh, n, dtype=lse_dtype(q.dtype), device=q.device)
+    lse = torch.empty(b, nh, n, dtype=accumulate_dtype(q.dtype), device=q.device)
     for name, groups in dispatch.calls():
         log.debug("forward %s -> %s", groups, name)
         BACKENDS[name].forward(q, k, v, out, lse, plan, groups, scale)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 
 from .masks import BoxMask, grid_coords, plan_masks
 from .plan import RoutingPlan
@@ -39,17 +40,18 @@ def dense_reference(q, k, v, plan: RoutingPlan, scale: float | None = None, *, u
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     dtype = torch.float64 if upcast else q.dtype
-    qh, kh, vh = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, heads, N, D]
+    qh, kh, vh = (rearrange(x.to(dtype), "b n h d -> b h n d") for x in (q, k, v))
     masks = torch.stack([m.materialize(q.device) for m in plan_masks(plan)])  # [heads, N, N]
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~masks, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs.to(vh.dtype), vh).transpose(1, 2)
+    out = rearrange(torch.matmul(probs.to(vh.dtype), vh), "b h n d -> b n h d")
     return out.to(q.dtype) if not upcast else out, lse
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for every input dtype but float64 (math, log-sum-exp and accumulators)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -88,9 +90,9 @@ def box_attention_forward(q, k, v, mask: BoxMask, scale: float, budget_bytes: in
     Returns ``(out [B, N, h, D] in q.dtype, lse [B, h, N] float32 or float64)``.
     """
     b, n, h, d = q.shape
-    cdt = compute_dtype or _compute_dtype(q.dtype)
+    cdt = compute_dtype or accumulate_dtype(q.dtype)
     out = torch.empty(b, n, h, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, n, dtype=_compute_dtype(q.dtype), device=q.device)
+    lse = torch.empty(b, h, n, dtype=accumulate_dtype(q.dtype), device=q.device)
     elt = max(4, cdt.itemsize)
     for q0, q1, k0, k1, needs_mask in _query_chunks(mask, b * h, budget_bytes, elt):
         qc = q[:, q0:q1].to(cdt)
@@ -110,9 +112,9 @@ def box_attention_backward(dout, q, k, v, out, lse, mask: BoxMask, scale: float,
                            compute_dtype: torch.dtype | None = None):
     """Chunked backward of :func:`box_attention_forward`: returns ``(dq, dk, dv)`` in q.dtype."""
     b, n, h, d = q.shape
-    cdt = compute_dtype or _compute_dtype(q.dtype)
+    cdt = compute_dtype or accumulate_dtype(q.dtype)
     # accumulate across chunks in at least float32, as one dense matmul would
-    acc = _compute_dtype(cdt)
+    acc = accumulate_dtype(cdt)
     dq = torch.empty(b, n, h, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
