@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attn_bench import environment  # noqa: E402
+import oasis_kernels as ok  # noqa: E402
 from oasis_kernels.routing import head_statistics, head_statistics_reference  # noqa: E402
 
 
@@ -58,15 +59,30 @@ def main(argv=None) -> int:
            "global_attention_fwd_ms (SDPA cuDNN, one head)": t_attn}
     from oasis_kernels.kernels import routing_stats
 
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")  # noqa: E731
+    # the stages of head_statistics, each alone (same calls as routing/stats.py)
+    plans = {m: ok.RoutingPlan.uniform(grid, 1, m, window) for m in (ok.Mode.INTRA, ok.Mode.WINDOW)}
+    lse_local = torch.stack([ok.attention_lse(q, k, plans[m]) for m in plans])
+    lse_g = routing_stats.routing_stats_global(q, k, args.head_dim ** -0.5, 1)[0]
+    radii = tuple(min(p_ // 2, s_ - 1) for p_, s_ in zip(window, grid))
+    stages = {
+        "stage global pass (lse_g, E_g[s])": lambda: routing_stats.routing_stats_global(q, k, args.head_dim ** -0.5, 1),
+        "stage intra LSE (attention op)": lambda: ok.attention_lse(q, k, plans[ok.Mode.INTRA]),
+        "stage window LSE (attention op)": lambda: ok.attention_lse(q, k, plans[ok.Mode.WINDOW]),
+        "stage local KL pass": lambda: routing_stats.routing_stats_local(
+            q, k, lse_g, lse_local, grid, radii, args.head_dim ** -0.5, 1e-6),
+    }
+    for name, fn in stages.items():
+        res[f"{name} ms"] = bench(fn)
     default = dict(routing_stats.CONFIG)
-    for cfg in (default, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)):
+    for cfg in (default, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4,
+                                                                                num_stages=3)):
         routing_stats.CONFIG.clear()
         routing_stats.CONFIG.update(cfg)
-        tag = "BM{BLOCK_M}_BN{BLOCK_N}_w{num_warps}".format(**cfg)
+        tag = "BM{BLOCK_M}_BN{BLOCK_N}_w{num_warps}_s{num_stages}".format(**cfg)
         for stride in (1, 4):
-            t = triton.testing.do_bench(
-                lambda: head_statistics(q, k, grid, window, query_stride=stride, backend="triton"),
-                warmup=25, rep=200, return_mode="median")
+            t = bench(lambda: head_statistics(q, k, grid, window, query_stride=stride, backend="triton"))
             res[f"statistics_ms {tag} (query_stride={stride})"] = t
             res[f"ratio_to_attention {tag} (query_stride={stride})"] = t / t_attn
     routing_stats.CONFIG.clear()
@@ -88,6 +104,8 @@ def main(argv=None) -> int:
         if key.startswith("statistics_ms"):
             ratio = res[key.replace("statistics_ms", "ratio_to_attention")]
             lines.append(f"| head_statistics {key[len('statistics_ms '):]} | {val:.3f} | {ratio:.2f}x |")
+        elif key.startswith("stage "):
+            lines.append(f"| {key[len('stage '):-3]} | {val:.3f} | {val / t_attn:.2f}x |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0
 

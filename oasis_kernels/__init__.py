@@ -5,7 +5,7 @@
 >>> out = ok.routed_attention(q, k, v, plan)   # q, k, v, out: [B, N, heads, D], N = T*H*W
 """
 
-from .api import global_attention, intra_frame_attention, routed_attention, window_attention
+from .api import attention_lse, global_attention, intra_frame_attention, routed_attention, window_attention
 from .dispatch import BackendError, Dispatch, GroupDecision, decide, explain
 from .masks import BoxMask, GlobalMask, IntraFrameMask, WindowMask, mask_for
 from .plan import Mode, RoutingPlan, head_runs, normalize_grid, normalize_window
@@ -18,6 +18,7 @@ __all__ = [
     "global_attention",
     "intra_frame_attention",
     "window_attention",
+    "attention_lse",
     "RoutingPlan",
     "Mode",
     "decide",

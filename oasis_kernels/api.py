@@ -18,7 +18,7 @@ from .ops import routed_attention_fwd
 from .plan import Mode, RoutingPlan
 
 __all__ = ["routed_attention", "global_attention", "intra_frame_attention", "window_attention", "check_inputs",
-           "add_observer", "remove_observer"]
+           "add_observer", "remove_observer", "attention_lse"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -124,6 +124,21 @@ def routed_attention(
     grid, modes, window = plan.as_op_args()
     out, lse = routed_attention_fwd(q, k, v, grid, modes, window, scale, request, bool(deterministic))
     return (out, lse) if return_lse else out
+
+
+def attention_lse(q, k, plan: RoutingPlan, *, scale: float | None = None, backend="auto") -> torch.Tensor:
+    """Each head's log-sum-exp ``[B, heads, N]`` under ``plan``, for routing statistics.
+
+    Runs the routed forward with ``v = k`` (its output is dropped) without autograd and without
+    notifying observers, so a calibration observer may call it.
+    """
+    check_inputs(q, k, k, plan)
+    scale = _resolve_scale(scale, q.shape[-1])
+    q, k = (x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x for x in (q, k))
+    grid, modes, window = plan.as_op_args()
+    with torch.no_grad():
+        _, lse = routed_attention_fwd(q, k, k, grid, modes, window, scale, normalize_backend(backend), True)
+    return lse
 
 
 def _heads(q) -> int:

@@ -65,6 +65,9 @@ class TritonLocalBackend(Backend):
             reasons.append(f"needs unit stride on the head dim, got {q.stride()=}")
         if _extent(q) >= 2**31:
             reasons.append(f"offsets within one batch item overflow int32 for {q.shape=}, {q.stride()=}")
+        if mode == Mode.WINDOW and max(_radii(plan)) > kernels.MAX_RADIUS:
+            reasons.append(f"window radii up to {kernels.MAX_RADIUS} per axis (clipped to the grid), got "
+                           f"{_radii(plan)} for window {plan.window} on grid {plan.grid}")
         return reasons
 
     def why_not_auto(self, mode, q, plan) -> list[str]:
@@ -77,13 +80,13 @@ class TritonLocalBackend(Backend):
         _check_extents(k, v)
         kernels, _ = _kernels()
         table, n_window = _head_table(groups, q.device)
-        kernels.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan), scale)
+        kernels.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan, n_window), scale)
 
     def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic):
         kernels, _ = _kernels()
         table, n_window = _head_table(groups, q.device)
         kernels.local_attention_backward(
-            dout, q, k, v, out, lse, dq, dk, dv, table, n_window, plan.grid, _radii(plan), scale
+            dout, q, k, v, out, lse, dq, dk, dv, table, n_window, plan.grid, _radii(plan, n_window), scale
         )
 
 
@@ -99,6 +102,10 @@ def _check_extents(*tensors):
                              f"{x.stride()=}; make the tensor contiguous or use another backend")
 
 
-def _radii(plan):
-    # clip to the grid: a radius beyond it changes nothing and keeps the halo arithmetic small
+def _radii(plan, n_window=1):
+    """Window radii for the kernels, which compile one variant per radii: clipped to the grid (a
+    radius beyond it changes nothing and keeps the halo small), and zeros when no head of the
+    launch is a window head (intra heads ignore them)."""
+    if not n_window:
+        return (0, 0, 0)
     return tuple(min(r, s - 1) for r, s in zip(plan.radii, plan.grid))

@@ -2,21 +2,25 @@
 
 Geometry
 --------
-Both patterns are boxes on the ``(T, H, W)`` grid (see :mod:`oasis_kernels.masks`): a key is
-visible iff every coordinate offset is within the head's radii ``(rt, rh, rw)``; intra-frame
-heads use ``(0, H, W)``. One launch serves every local head of a layer: program axis 1 runs
-over ``(batch, local head)`` and reads the head's index and mode from a small int32 table,
-axis 0 over the head's *primary tiles*:
+Both patterns are boxes on the ``(T, H, W)`` grid (see :mod:`oasis_kernels.masks`). One launch
+serves every local head of a layer: program axis 1 runs over ``(batch, local head)`` and reads
+the head's index from a small int32 table (window heads first, so the position gives the mode),
+axis 0 over the head's *primary tiles*. Each mode has its own key walk, chosen per program:
 
-* window heads tile the grid in 3D boxes of ``BT x BH x BW`` tokens, so the keys a tile needs
-  (its box grown by the radii and clipped to the grid, the *halo*) are loaded once per tile;
-* intra-frame heads tile each frame in runs of ``BT*BH*BW`` consecutive tokens, whose halo
-  is the whole frame (a contiguous range of tokens).
+* window heads tile the grid in 3D boxes of ``BT x BH x BW`` tokens. The keys a tile needs are
+  its box grown by the window radii ``(RT, RH, RW)``: the *halo*, of the compile-time shape
+  ``(BT + 2RT, BH + 2RH, BW + 2RW)``, walked in blocks of ``BLOCK_N`` in t-major order, so every
+  key of it is loaded once per tile. Halo positions outside the grid are masked as missing keys,
+  which is exactly the clipping of eqs. 6-7. Since the halo shape is a compile-time constant,
+  a halo position ``j`` and a tile position ``i`` see each other iff ``0 <= j_x - i_x <= 2 R_x``
+  on each axis, whatever the tile; the kernels test that with packed integer codes (two
+  subtractions, one three-way AND and one compare per score, see ``_box_visible``) instead of
+  unpacking coordinates per score.
+* intra-frame heads tile each frame in runs of ``BT*BH*BW`` consecutive tokens; their keys are
+  the whole frame, a contiguous token range, so only the frame end needs a mask.
 
-The halo is walked in blocks of ``BLOCK_N`` tokens in t-major order. The mask is evaluated only
-on blocks that need it: a block whose coordinate extents lie within the radii of every token
-of the tile (always the case for intra-frame heads) skips it, as does every block but the
-ragged last one.
+Window radii are compile-time constants (one compile per window shape; the launcher clips
+them to the grid first), grid sizes are not.
 
 Kernels
 -------
@@ -37,16 +41,23 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["local_attention_forward", "local_attention_backward", "chosen_configs", "INTERPRET"]
+__all__ = ["local_attention_forward", "local_attention_backward", "chosen_configs", "INTERPRET", "MAX_RADIUS"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: OASIS_TRITON_AUTOTUNE=0 uses the first config of each list (fast start for tests and sweeps)
 AUTOTUNE = os.environ.get("OASIS_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+#: largest window radius per axis: the visibility codes keep each axis in a 10-bit field
+MAX_RADIUS = 120
 
-# grid sizes, radii and head counts vary per layer and video; specializing on them (==1, %16)
-# would recompile for every shape without making the code faster
-_NO_SPECIALIZE = ["T", "H", "W", "RT", "RH", "RW", "n_local", "n_window", "D"]
+# grid sizes and head counts vary per layer and video; specializing on them (==1, %16) would
+# recompile for every shape without making the code faster
+_NO_SPECIALIZE = ["T", "H", "W", "n_local", "n_window", "D"]
 
+# visibility codes: one 10-bit field per axis (t at bit 20, h at bit 10, w at bit 0); BIAS puts
+# 512 in each field so differences of local coordinates stay non-negative, TOP is each field's
+# bit 9, set iff the field's difference is >= 0 after removing the bias
+_CODE_BIAS = tl.constexpr((512 << 20) | (512 << 10) | 512)
+_CODE_TOP = tl.constexpr((1 << 29) | (1 << 19) | (1 << 9))
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,84 +65,127 @@ _NO_SPECIALIZE = ["T", "H", "W", "RT", "RH", "RW", "n_local", "n_window", "D"]
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _primary_tile(p, is_window, T, H, W, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """Tokens of primary tile ``p``: coordinates, validity and the extents of the valid ones."""
+def _box_coords(i, B1: tl.constexpr, B2: tl.constexpr):
+    """Local coordinates of position ``i`` of a t-major box whose last two sides are B1, B2."""
+    return i // (B1 * B2), (i // B2) % B1, i % B2
+
+
+@triton.jit
+def _box_code(a, b, c):
+    return (a << 20) + (b << 10) + c
+
+
+@triton.jit
+def _head_setup(HEADS, pid_bh, n_local, n_window):
+    # the table lists window heads first, so a head's mode follows from its position; only the
+    # head index is loaded (loop bounds then stay plain scalars, also in the interpreter)
+    b = (pid_bh // n_local).to(tl.int64)
+    j = pid_bh % n_local
+    head = tl.load(HEADS + j)
+    return b, j, head, j < n_window
+
+
+@triton.jit
+def _tile_count(is_window, T, H, W, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    n_window = tl.cdiv(T, BT) * tl.cdiv(H, BH) * tl.cdiv(W, BW)
+    n_intra = T * tl.cdiv(H * W, BT * BH * BW)
+    return tl.where(is_window, n_window, n_intra)
+
+
+@triton.jit
+def _primary_tile(p, is_window, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                  BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Tokens of primary tile ``p`` and their validity; for window heads also the tile origin
+    and the tile side of the visibility codes (``lo``, ``hi``), for intra heads the frame start.
+
+    ``lo_i = code(i)`` and ``hi_i = code(i + 2R) + BIAS``: with ``x_j = code(j) + BIAS`` of a halo
+    position, ``x_j - lo_i`` has each field's top bit set iff ``j - i >= 0`` on that axis, and
+    ``hi_i - code(j)`` iff ``j - i <= 2R``.
+    """
     BLOCK: tl.constexpr = BT * BH * BW
-    HW = H * W
     i = tl.arange(0, BLOCK)
+    HW = H * W
     # window: a BT x BH x BW box
     nbh = tl.cdiv(H, BH)
     nbw = tl.cdiv(W, BW)
-    bt = p // (nbh * nbw)
-    bh = (p // nbw) % nbh
-    bw = p % nbw
-    wt0 = bt * BT
-    wh0 = bh * BH
-    ww0 = bw * BW
+    t0 = (p // (nbh * nbw)) * BT
+    h0 = ((p // nbw) % nbh) * BH
+    w0 = (p % nbw) * BW
+    ia, ib, ic = _box_coords(i, BH, BW)
+    w_valid = (t0 + ia < T) & (h0 + ib < H) & (w0 + ic < W)
+    w_tok = ((t0 + ia) * H + h0 + ib) * W + w0 + ic
     # intra-frame: BLOCK consecutive tokens of one frame
     tpf = tl.cdiv(HW, BLOCK)
-    ft = p // tpf
-    f0 = (p % tpf) * BLOCK
-    f = f0 + i
-    f1 = tl.minimum(f0 + BLOCK, HW) - 1  # last valid in-frame index
-    one_row = (f0 // W) == (f1 // W)
-
-    t = tl.where(is_window, wt0 + i // (BH * BW), ft)
-    h = tl.where(is_window, wh0 + (i // BW) % BH, f // W)
-    w = tl.where(is_window, ww0 + i % BW, f % W)
-    valid = (t < T) & (h < H) & (w < W)
-
-    t_lo = tl.where(is_window, wt0, ft)
-    t_hi = tl.where(is_window, tl.minimum(wt0 + BT, T) - 1, ft)
-    h_lo = tl.where(is_window, wh0, f0 // W)
-    h_hi = tl.where(is_window, tl.minimum(wh0 + BH, H) - 1, f1 // W)
-    w_lo = tl.where(is_window, ww0, tl.where(one_row, f0 % W, 0))
-    w_hi = tl.where(is_window, tl.minimum(ww0 + BW, W) - 1, tl.where(one_row, f1 % W, W - 1))
-    return t, h, w, valid, t_lo, t_hi, h_lo, h_hi, w_lo, w_hi
+    f_base = (p // tpf) * HW
+    f = (p % tpf) * BLOCK + i
+    valid = tl.where(is_window, w_valid, f < HW)
+    tok = tl.where(valid, tl.where(is_window, w_tok, f_base + f), 0)
+    # intra heads get lo = 0, hi = BIAS and (from ``_block``) code 0: then ``_box_visible`` is
+    # just the key's validity
+    lo = tl.where(is_window, _box_code(ia, ib, ic), 0)
+    hi = tl.where(is_window, _box_code(ia + 2 * RT, ib + 2 * RH, ic + 2 * RW) + _CODE_BIAS, _CODE_BIAS)
+    return tok, valid, t0, h0, w0, lo, hi, f_base
 
 
 @triton.jit
-def _halo(t_lo, t_hi, h_lo, h_hi, w_lo, w_hi, rt, rh, rw, T, H, W):
-    """The tile's extents grown by the radii and clipped to the grid: ``(lo, size)`` per axis."""
-    a_lo = tl.maximum(t_lo - rt, 0)
-    b_lo = tl.maximum(h_lo - rh, 0)
-    c_lo = tl.maximum(w_lo - rw, 0)
-    na = tl.minimum(t_hi + rt, T - 1) - a_lo + 1
-    nb = tl.minimum(h_hi + rh, H - 1) - b_lo + 1
-    nc = tl.minimum(w_hi + rw, W - 1) - c_lo + 1
-    return a_lo, b_lo, c_lo, na, nb, nc
-
-
-@triton.jit
-def _halo_block(start, a_lo, b_lo, c_lo, nb, nc, L, p_t_lo, p_t_hi, p_h_lo, p_h_hi, p_w_lo, p_w_hi,
-                rt, rh, rw, BLOCK_N: tl.constexpr):
-    """Tokens ``start .. start+BLOCK_N`` of the halo (t-major): coordinates, validity, and ``full``:
-    True when the block is whole and each of its tokens is within the radii of every token of the
-    primary tile whose extents are ``p_*`` (then no mask is needed)."""
+def _frame_block(start, f_base, HW, BLOCK_N: tl.constexpr):
+    """Tokens ``start .. start+BLOCK_N`` of the frame starting at token ``f_base``."""
     j = start + tl.arange(0, BLOCK_N)
-    plane = nb * nc
-    t = a_lo + j // plane
-    h = b_lo + (j // nc) % nb
-    w = c_lo + j % nc
-    valid = j < L
-    # conservative extents of the block's valid tokens, from its first and last index
-    last = tl.minimum(start + BLOCK_N, L) - 1
-    r0 = start % plane
-    r1 = last % plane
-    same_t = (start // plane) == (last // plane)
-    same_row = same_t & ((r0 // nc) == (r1 // nc))
-    t_lo = a_lo + start // plane
-    t_hi = a_lo + last // plane
-    h_lo = b_lo + tl.where(same_t, r0 // nc, 0)
-    h_hi = b_lo + tl.where(same_t, r1 // nc, nb - 1)
-    w_lo = c_lo + tl.where(same_row, r0 % nc, 0)
-    w_hi = c_lo + tl.where(same_row, r1 % nc, nc - 1)
-    full = ((tl.maximum(p_t_hi - t_lo, t_hi - p_t_lo) <= rt)
-            & (tl.maximum(p_h_hi - h_lo, h_hi - p_h_lo) <= rh)
-            & (tl.maximum(p_w_hi - w_lo, w_hi - p_w_lo) <= rw)
-            & (start + BLOCK_N <= L))
-    return t, h, w, valid, full
+    valid = j < HW
+    return tl.where(valid, f_base + j, 0), valid
 
+
+@triton.jit
+def _halo_block(start, t0, h0, w0, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Halo positions ``start .. start+BLOCK_N`` of a window tile with origin ``(t0, h0, w0)``:
+    token index, whether the token exists (inside the halo and the grid), and its code."""
+    HB: tl.constexpr = BH + 2 * RH
+    HC: tl.constexpr = BW + 2 * RW
+    L: tl.constexpr = (BT + 2 * RT) * HB * HC
+    j = start + tl.arange(0, BLOCK_N)
+    ja, jb, jc = _box_coords(j, HB, HC)
+    t = t0 - RT + ja
+    h = h0 - RH + jb
+    w = w0 - RW + jc
+    valid = (j < L) & (t >= 0) & (t < T) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    tok = (t * H + h) * W + w
+    return tl.where(valid, tok, 0), valid, _box_code(ja, jb, jc)
+
+
+@triton.jit
+def _box_visible(lo, hi, code, valid):
+    """[M, N] visibility between tile positions (rows: their ``lo``/``hi`` codes) and halo
+    positions (columns: ``code`` and whether the token exists)."""
+    keep = tl.where(valid, _CODE_TOP, 0)
+    y = ((code + _CODE_BIAS)[None, :] - lo[:, None]) & (hi[:, None] - code[None, :]) & keep[None, :]
+    return y == _CODE_TOP
+
+
+@triton.jit
+def _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+           BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Block ``blk`` of the tokens a tile attends to: the halo for window heads, the frame for
+    intra heads (whose code is 0, see ``_primary_tile``). One loop without branches serves both
+    modes, so the kernel keeps one set of pipeline buffers (Triton's pipeliner also rejects a
+    branch inside the loop)."""
+    h_tok, h_valid, h_code = _halo_block(blk * BLOCK_N, t0, h0, w0, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+    f_tok, f_valid = _frame_block(blk * BLOCK_N, f_base, H * W, BLOCK_N)
+    return (tl.where(is_window, h_tok, f_tok), tl.where(is_window, h_valid, f_valid),
+            tl.where(is_window, h_code, 0))
+
+
+@triton.jit
+def _num_blocks(is_window, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr):
+    L: tl.constexpr = (BT + 2 * RT) * (BH + 2 * RH) * (BW + 2 * RW)
+    return tl.where(is_window, tl.cdiv(L, BLOCK_N), tl.cdiv(H * W, BLOCK_N))
+
+
+@triton.jit
+def _apply_mask(x, fill, lo, hi, code, valid):
+    """``x`` where the tile position (row) and block position (column) see each other, else ``fill``."""
+    return tl.where(_box_visible(lo, hi, code, valid), x, fill)
 
 @triton.jit
 def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -145,64 +199,59 @@ def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _visible(qt, qh, qw, kt, kh, kw, kvalid, rt, rh, rw):
-    """[M, N] visibility of keys (columns) from queries (rows); symmetric in the two sides."""
-    dt = qt[:, None] - kt[None, :]
-    dh = qh[:, None] - kh[None, :]
-    dw = qw[:, None] - kw[None, :]
-    return ((dt <= rt) & (dt >= -rt) & (dh <= rh) & (dh >= -rh) & (dw <= rw) & (dw >= -rw)
-            & kvalid[None, :])
+def _load_rows(base, tok, stride, valid, d, dmask, EVEN_D: tl.constexpr):
+    """Rows ``tok`` of a ``[tokens, D]`` view (stride ``stride`` between tokens); zero where invalid."""
+    ptrs = base + tok[:, None] * stride + d[None, :]
+    if EVEN_D:
+        return tl.load(ptrs, mask=valid[:, None], other=0.0)
+    else:
+        return tl.load(ptrs, mask=valid[:, None] & dmask[None, :], other=0.0)
 
 
 @triton.jit
-def _head_setup(HEADS, pid_bh, n_local, n_window, T, H, W, RT, RH, RW):
-    # the table lists window heads first, so a head's mode follows from its position; only the
-    # head index is loaded (loop bounds then stay plain scalars, also in the interpreter)
-    b = (pid_bh // n_local).to(tl.int64)
-    j = pid_bh % n_local
-    head = tl.load(HEADS + j)
-    is_window = j < n_window
-    rt = tl.where(is_window, RT, 0)
-    rh = tl.where(is_window, RH, H)
-    rw = tl.where(is_window, RW, W)
-    return b, j, head, is_window, rt, rh, rw
-
-
-@triton.jit
-def _tile_count(is_window, T, H, W, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    n_window = tl.cdiv(T, BT) * tl.cdiv(H, BH) * tl.cdiv(W, BW)
-    n_intra = T * tl.cdiv(H * W, BT * BH * BW)
-    return tl.where(is_window, n_window, n_intra)
+def _store_rows(base, tok, stride, valid, d, dmask, x, EVEN_D: tl.constexpr):
+    ptrs = base + tok[:, None] * stride + d[None, :]
+    if EVEN_D:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=valid[:, None])
+    else:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
 
 
 # ---------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------
 
+@triton.jit
+def _fwd_step(s, v, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of the online softmax on masked raw scores ``s`` (base 2; ``qk_scale``
+    carries log2(e))."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    pr = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + _mm(pr.to(v.dtype), v, DOT_PREC, UPCAST)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, O, LSE, HEADS,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, slb, slh,
-    T, H, W, RT, RH, RW, n_local, n_window, D, qk_scale,
+    T, H, W, n_local, n_window, D, qk_scale,
+    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     p = tl.program_id(0)
-    b, j, head, is_window, rt, rh, rw = _head_setup(HEADS, tl.program_id(1), n_local, n_window, T, H, W, RT, RH, RW)
+    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qt, qh, qw, qvalid, qt_lo, qt_hi, qh_lo, qh_hi, qw_lo, qw_hi = _primary_tile(p, is_window, T, H, W, BT, BH, BW)
-    a_lo, b_lo, c_lo, na, nb, nc = _halo(qt_lo, qt_hi, qh_lo, qh_hi, qw_lo, qw_hi, rt, rh, rw, T, H, W)
-    L = na * nb * nc
-
+    qtok, qvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    qtok = (qt * H + qh) * W + qw
-    q_ptrs = Q + b * sqb + head * sqh + qtok[:, None] * sqn + d[None, :]
-    if EVEN_D:
-        q = tl.load(q_ptrs, mask=qvalid[:, None], other=0.0)
-    else:
-        q = tl.load(q_ptrs, mask=qvalid[:, None] & dmask[None, :], other=0.0)
+    q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
     k_base = K + b * skb + head * skh
     v_base = V + b * svb + head * svh
 
@@ -210,37 +259,16 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    for start in range(0, L, BLOCK_N):
-        kt, kh, kw, kvalid, full = _halo_block(start, a_lo, b_lo, c_lo, nb, nc, L,
-                                               qt_lo, qt_hi, qh_lo, qh_hi, qw_lo, qw_hi, rt, rh, rw, BLOCK_N)
-        ktok = (kt * H + kh) * W + kw
-        if EVEN_D:
-            kmask = kvalid[:, None]
-        else:
-            kmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + ktok[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + ktok[:, None] * svn + d[None, :], mask=kmask, other=0.0)
-        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        if not full:
-            s = tl.where(_visible(qt, qh, qw, kt, kh, kw, kvalid, rt, rh, rw), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + _mm(pr.to(v.dtype), v, DOT_PREC, UPCAST)
-        m_i = m_new
+    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
+        ktok, kvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+        k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
+        v = _load_rows(v_base, ktok, svn, kvalid, d, dmask, EVEN_D)
+        s = _apply_mask(_mm(q, tl.trans(k), DOT_PREC, UPCAST), float("-inf"), lo, hi, code, kvalid)
+        m_i, l_i, acc = _fwd_step(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, UPCAST)
 
     # every valid query sees at least itself, so l_i > 0 there; padding rows are not stored
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    o_ptrs = O + b * sob + head * soh + qtok[:, None] * son + d[None, :]
-    if EVEN_D:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=qvalid[:, None])
-    else:
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=qvalid[:, None] & dmask[None, :])
+    _store_rows(O + b * sob + head * soh, qtok, son, qvalid, d, dmask, acc / l_safe[:, None], EVEN_D)
     # natural-log LSE: m and l are in base 2 (qk_scale carries log2(e))
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
     tl.store(LSE + b * slb + head * slh + qtok, lse, mask=qvalid)
@@ -250,33 +278,34 @@ def _fwd_kernel(
 # backward
 # ---------------------------------------------------------------------------------------
 
+@triton.jit
+def _dq_step(pr, do, k, v, delta, dq, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``dq += dS @ K`` for one key block, given the masked probabilities ``pr``."""
+    dp = _mm(do, tl.trans(v), DOT_PREC, UPCAST)
+    ds = pr * (dp - delta[:, None])
+    return dq + _mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, HEADS,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
     sdob, sdon, sdoh, sdqb, sdqn, sdqh, slb, slh, sdlb, sdlh,
-    T, H, W, RT, RH, RW, n_local, n_window, D, qk_scale, sm_scale,
+    T, H, W, n_local, n_window, D, qk_scale, sm_scale,
+    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     p = tl.program_id(0)
-    b, j, head, is_window, rt, rh, rw = _head_setup(HEADS, tl.program_id(1), n_local, n_window, T, H, W, RT, RH, RW)
+    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qt, qh, qw, qvalid, qt_lo, qt_hi, qh_lo, qh_hi, qw_lo, qw_hi = _primary_tile(p, is_window, T, H, W, BT, BH, BW)
-    a_lo, b_lo, c_lo, na, nb, nc = _halo(qt_lo, qt_hi, qh_lo, qh_hi, qw_lo, qw_hi, rt, rh, rw, T, H, W)
-    L = na * nb * nc
-
+    qtok, qvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    qtok = (qt * H + qh) * W + qw
-    if EVEN_D:
-        rmask = qvalid[:, None]
-    else:
-        rmask = qvalid[:, None] & dmask[None, :]
-    q = tl.load(Q + b * sqb + head * sqh + qtok[:, None] * sqn + d[None, :], mask=rmask, other=0.0)
-    do = tl.load(DO + b * sdob + head * sdoh + qtok[:, None] * sdon + d[None, :], mask=rmask, other=0.0)
-    o = tl.load(O + b * sob + head * soh + qtok[:, None] * son + d[None, :], mask=rmask, other=0.0)
+    q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
+    do = _load_rows(DO + b * sdob + head * sdoh, qtok, sdon, qvalid, d, dmask, EVEN_D)
+    o = _load_rows(O + b * sob + head * soh, qtok, son, qvalid, d, dmask, EVEN_D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + b * sdlb + j * sdlh + qtok, delta, mask=qvalid)
     lse2 = tl.load(LSE + b * slb + head * slh + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
@@ -285,26 +314,24 @@ def _bwd_dq_kernel(
 
     BLOCK_M: tl.constexpr = BT * BH * BW
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, L, BLOCK_N):
-        kt, kh, kw, kvalid, full = _halo_block(start, a_lo, b_lo, c_lo, nb, nc, L,
-                                               qt_lo, qt_hi, qh_lo, qh_hi, qw_lo, qw_hi, rt, rh, rw, BLOCK_N)
-        ktok = (kt * H + kh) * W + kw
-        if EVEN_D:
-            kmask = kvalid[:, None]
-        else:
-            kmask = kvalid[:, None] & dmask[None, :]
-        k = tl.load(k_base + ktok[:, None] * skn + d[None, :], mask=kmask, other=0.0)
-        v = tl.load(v_base + ktok[:, None] * svn + d[None, :], mask=kmask, other=0.0)
-        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        pr = tl.math.exp2(s - lse2[:, None])
-        if not full:
-            pr = tl.where(_visible(qt, qh, qw, kt, kh, kw, kvalid, rt, rh, rw), pr, 0.0)
-        dp = _mm(do, tl.trans(v), DOT_PREC, UPCAST)
-        ds = pr * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
-    dq = dq * sm_scale
-    dq_ptrs = DQ + b * sdqb + head * sdqh + qtok[:, None] * sdqn + d[None, :]
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=rmask)
+    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
+        ktok, kvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+        k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
+        v = _load_rows(v_base, ktok, svn, kvalid, d, dmask, EVEN_D)
+        pr = tl.math.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])
+        pr = _apply_mask(pr, 0.0, lo, hi, code, kvalid)
+        dq = _dq_step(pr, do, k, v, delta, dq, DOT_PREC, UPCAST)
+    _store_rows(DQ + b * sdqb + head * sdqh, qtok, sdqn, qvalid, d, dmask, dq * sm_scale, EVEN_D)
+
+
+@triton.jit
+def _dkdv_step(p_t, v, q, do, delta, dk, dv, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One query block for a key tile, transposed (rows are keys), given the masked ``P^T``."""
+    dv += _mm(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
+    dp_t = _mm(v, tl.trans(do), DOT_PREC, UPCAST)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _mm(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -312,57 +339,40 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, HEADS,
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
     sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
-    T, H, W, RT, RH, RW, n_local, n_window, D, qk_scale, sm_scale,
+    T, H, W, n_local, n_window, D, qk_scale, sm_scale,
+    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     p = tl.program_id(0)
-    b, j, head, is_window, rt, rh, rw = _head_setup(HEADS, tl.program_id(1), n_local, n_window, T, H, W, RT, RH, RW)
+    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
     # primary tile = keys; the queries that see them are its halo (visibility is symmetric)
-    kt, kh, kw, kvalid, kt_lo, kt_hi, kh_lo, kh_hi, kw_lo, kw_hi = _primary_tile(p, is_window, T, H, W, BT, BH, BW)
-    a_lo, b_lo, c_lo, na, nb, nc = _halo(kt_lo, kt_hi, kh_lo, kh_hi, kw_lo, kw_hi, rt, rh, rw, T, H, W)
-    L = na * nb * nc
-
+    ktok, kvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    ktok = (kt * H + kh) * W + kw
-    if EVEN_D:
-        rmask = kvalid[:, None]
-    else:
-        rmask = kvalid[:, None] & dmask[None, :]
-    k = tl.load(K + b * skb + head * skh + ktok[:, None] * skn + d[None, :], mask=rmask, other=0.0)
-    v = tl.load(V + b * svb + head * svh + ktok[:, None] * svn + d[None, :], mask=rmask, other=0.0)
+    k = _load_rows(K + b * skb + head * skh, ktok, skn, kvalid, d, dmask, EVEN_D)
+    v = _load_rows(V + b * svb + head * svh, ktok, svn, kvalid, d, dmask, EVEN_D)
     q_base = Q + b * sqb + head * sqh
     do_base = DO + b * sdob + head * sdoh
+    lse_base = LSE + b * slb + head * slh
+    delta_base = DELTA + b * sdlb + j * sdlh
 
     BLOCK_M: tl.constexpr = BT * BH * BW
     dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start in range(0, L, BLOCK_N):
-        qt, qh, qw, qvalid, full = _halo_block(start, a_lo, b_lo, c_lo, nb, nc, L,
-                                               kt_lo, kt_hi, kh_lo, kh_hi, kw_lo, kw_hi, rt, rh, rw, BLOCK_N)
-        qtok = (qt * H + qh) * W + qw
-        if EVEN_D:
-            qmask = qvalid[:, None]
-        else:
-            qmask = qvalid[:, None] & dmask[None, :]
-        q = tl.load(q_base + qtok[:, None] * sqn + d[None, :], mask=qmask, other=0.0)
-        do = tl.load(do_base + qtok[:, None] * sdon + d[None, :], mask=qmask, other=0.0)
-        lse2 = tl.load(LSE + b * slb + head * slh + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + b * sdlb + j * sdlh + qtok, mask=qvalid, other=0.0)
-        s_t = _mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale  # [keys, queries]
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if not full:
-            p_t = tl.where(_visible(kt, kh, kw, qt, qh, qw, qvalid, rt, rh, rw), p_t, 0.0)
-        dv += _mm(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
-        dp_t = _mm(v, tl.trans(do), DOT_PREC, UPCAST)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _mm(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
-    dk = dk * sm_scale
-    tl.store(DK + b * sdkb + head * sdkh + ktok[:, None] * sdkn + d[None, :], dk.to(DK.dtype.element_ty), mask=rmask)
-    tl.store(DV + b * sdvb + head * sdvh + ktok[:, None] * sdvn + d[None, :], dv.to(DV.dtype.element_ty), mask=rmask)
+    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
+        qtok, qvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+        q = _load_rows(q_base, qtok, sqn, qvalid, d, dmask, EVEN_D)
+        do = _load_rows(do_base, qtok, sdon, qvalid, d, dmask, EVEN_D)
+        lse2 = tl.load(lse_base + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + qtok, mask=qvalid, other=0.0)
+        p_t = tl.math.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])
+        p_t = _apply_mask(p_t, 0.0, lo, hi, code, qvalid)
+        dk, dv = _dkdv_step(p_t, v, q, do, delta, dk, dv, DOT_PREC, UPCAST)
+    _store_rows(DK + b * sdkb + head * sdkh, ktok, sdkn, kvalid, d, dmask, dk * sm_scale, EVEN_D)
+    _store_rows(DV + b * sdvb + head * sdvh, ktok, sdvn, kvalid, d, dmask, dv, EVEN_D)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,19 +1,17 @@
-"""Triton kernels for Attention Specialization Routing statistics (O(N) memory).
+"""Triton kernels for Attention Specialization Routing statistics (O(N) memory, exact).
 
-For every (sampled) query and head, two streaming passes over keys, never an ``N x N`` map:
+The statistics (see :mod:`oasis_kernels.routing.stats`) need, per query and head: the global
+log-sum-exp ``lse_g`` and the global expectation of the score ``E_g[s]`` (a pass over all keys),
+the log-sum-exps of the two local supports (the routed attention kernels give those), and for
+each local support ``S`` the sum ``sum_{k in S} p_g(k) * log M_eps(k)`` (a pass over ``S`` only).
+Two kernels here:
 
-* ``_stats_lse_kernel``: one pass over all keys. Online log-sum-exp of the global row, and of
-  its restrictions to the intra-frame and the window support, plus the global expectation of
-  the score ``E_g[s]``. Key blocks outside the frames a query tile can see locally update the
-  global sums only (one exp per score instead of three).
-* ``_stats_kl_kernel``: one pass over the local frames only, accumulating
-  ``sum_{k in S} p_g(k) * log M_eps(k)`` for both local supports ``S``, where
-  ``M_eps = (1 - eps) * M_local + eps / N``.
-
-The KL divergence and the masses follow in closed form (see :mod:`oasis_kernels.routing.stats`).
-Query tiles are ``BLOCK_M`` consecutive sampled queries (every ``q_stride``-th token); keys are
-walked in contiguous blocks of ``BLOCK_N`` tokens (t-major order makes the local frames one
-contiguous token range).
+* ``_stats_global_kernel``: one streaming pass over all keys for ``lse_g`` and ``E_g[s]``, with
+  the probabilities and ``p * s`` in float32 (an FA-style ``P @ K`` in bf16 would round ``p``
+  to 8 bits). No masks on the hot path: whole key blocks first, the ragged tail apart.
+* ``_stats_local_kernel``: the local-support sums, on the geometry of the local attention
+  kernels (:mod:`.local_attention`): window "heads" walk their tile's halo, intra ones their frame,
+  all in one launch. Per score: two exp2, one log2, one FMA.
 """
 
 from __future__ import annotations
@@ -24,225 +22,181 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_attention import INTERPRET, _mm
+from .local_attention import (INTERPRET, _block, _box_visible, _head_setup, _load_rows, _mm, _num_blocks,
+                              _primary_tile, _tile_count)
 
-__all__ = ["routing_stats_lse", "routing_stats_kl"]
+__all__ = ["routing_stats_global", "routing_stats_local", "CONFIG"]
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _query_tile(pid_m, M, q_stride, T, H, W, RT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sampled queries of tile ``pid_m`` and the key-block range of the frames they see locally."""
-    HW = H * W
-    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    qvalid = i < M
-    tok = tl.where(qvalid, i * q_stride, 0)
-    qt = tok // HW
-    qh = (tok // W) % H
-    qw = tok % W
-    last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1
-    t_first = (pid_m * BLOCK_M * q_stride) // HW
-    t_last = (last * q_stride) // HW
-    f0 = tl.maximum(t_first - RT, 0)
-    f1 = tl.minimum(t_last + RT, T - 1)
-    blk_lo = (f0 * HW) // BLOCK_N
-    blk_hi = tl.cdiv((f1 + 1) * HW, BLOCK_N)
-    return tok, qt, qh, qw, qvalid, blk_lo, blk_hi
+def _global_block(q, k_base, skn, start, N, d, dmask, m, l, e, qk_scale, BLOCK_N: tl.constexpr,
+                  EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr):
+    """Keys ``start .. start+BLOCK_N``: online log-sum-exp (base 2) and the running sum of ``p * s``."""
+    j = start + tl.arange(0, BLOCK_N)
+    kvalid = j < N
+    if TAIL:
+        k = _load_rows(k_base, tl.where(kvalid, j, 0), skn, kvalid, d, dmask, EVEN_D)
+        s = tl.where(kvalid[None, :], _mm(q, tl.trans(k), DOT_PREC, UPCAST), float("-inf"))
+    else:
+        if EVEN_D:
+            k = tl.load(k_base + j[:, None] * skn + d[None, :])
+        else:
+            k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=dmask[None, :], other=0.0)
+        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST)
+    # every row has a finite score in every whole block, and the tail block is never the first
+    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    if TAIL:
+        s = tl.where(kvalid[None, :], s, 0.0)
+    e = e * alpha + tl.sum(p * s, 1)
+    return m_new, l, e
 
 
-@triton.jit
-def _program_setup(Q, K, sqb, sqn, sqh, skb, skh, n_heads, M, q_stride, T, H, W, RT, D,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Batch, head, the query tile (loaded) and the key base pointer of this program."""
+@triton.jit(do_not_specialize=["N", "M", "q_stride", "D", "n_heads"])
+def _stats_global_kernel(
+    Q, K, OUT, sqb, sqn, sqh, skb, skn, skh, so0, sob, soh,
+    N, M, q_stride, D, n_heads, qk_scale, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_heads).to(tl.int64)
     head = pid_bh % n_heads
-    tok, qt, qh, qw, qvalid, blk_lo, blk_hi = _query_tile(pid_m, M, q_stride, T, H, W, RT, BLOCK_M, BLOCK_N)
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qvalid = i < M
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(Q + b * sqb + head * sqh + tok[:, None] * sqn + d[None, :], mask=qvalid[:, None] & dmask[None, :],
-                other=0.0)
-    return b, head, tok, qt, qh, qw, qvalid, blk_lo, blk_hi, d, dmask, q, K + b * skb + head * skh
+    q = _load_rows(Q + b * sqb + head * sqh, tl.where(qvalid, i * q_stride, 0), sqn, qvalid, d, dmask, EVEN_D)
+    k_base = K + b * skb + head * skh
 
-
-@triton.jit
-def _key_block(start, N, H, W, BLOCK_N: tl.constexpr):
-    j = start + tl.arange(0, BLOCK_N)
-    kvalid = j < N
-    HW = H * W
-    return j, j // HW, (j // W) % H, j % W, kvalid
-
-
-@triton.jit
-def _online(m, l, s):
-    """One block of an online log-sum-exp (base 2); rows with nothing visible yet stay at -inf."""
-    m_new = tl.maximum(m, tl.max(s, 1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - shift[:, None])
-    l = l * tl.math.exp2(m - shift) + tl.sum(p, 1)
-    return m_new, l, p, shift
-
-
-@triton.jit
-def _lse_block(q, k_base, skn, d, dmask, blk, blk_lo, blk_hi, qt, qh, qw, m_g, l_g, e_g, m_i, l_i, m_w, l_w,
-               N, H, W, RT, RH, RW, qk_scale, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-               UPCAST: tl.constexpr, TAIL: tl.constexpr):
-    """One key block of the LSE pass: global sums always, local ones inside the local frames."""
-    j, kt, kh, kw, kvalid = _key_block(blk * BLOCK_N, N, H, W, BLOCK_N)
-    if TAIL:
-        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
-    else:
-        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=dmask[None, :], other=0.0)
-    s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-    if TAIL:
-        s = tl.where(kvalid[None, :], s, float("-inf"))
-    m_new, l_g, p, shift = _online(m_g, l_g, s)
-    if TAIL:
-        ps = tl.sum(p * tl.where(kvalid[None, :], s, 0.0), 1)
-    else:
-        ps = tl.sum(p * s, 1)
-    e_g = e_g * tl.math.exp2(m_g - shift) + ps
-    m_g = m_new
-    if (blk >= blk_lo) & (blk < blk_hi):
-        dt = qt[:, None] - kt[None, :]
-        dh = qh[:, None] - kh[None, :]
-        dw = qw[:, None] - kw[None, :]
-        s_i = tl.where(dt == 0, s, float("-inf"))
-        in_w = (dt <= RT) & (dt >= -RT) & (dh <= RH) & (dh >= -RH) & (dw <= RW) & (dw >= -RW)
-        s_w = tl.where(in_w, s, float("-inf"))
-        m_i, l_i, _, _ = _online(m_i, l_i, s_i)
-        m_w, l_w, _, _ = _online(m_w, l_w, s_w)
-    return m_g, l_g, e_g, m_i, l_i, m_w, l_w
-
-
-@triton.jit(do_not_specialize=["T", "H", "W", "RT", "RH", "RW", "N", "M", "q_stride", "D", "n_heads"])
-def _stats_lse_kernel(
-    Q, K, OUT, sqb, sqn, sqh, skb, skn, skh, so0, sob, soh,
-    T, H, W, RT, RH, RW, N, M, q_stride, D, n_heads, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    b, head, tok, qt, qh, qw, qvalid, blk_lo, blk_hi, d, dmask, q, k_base = _program_setup(
-        Q, K, sqb, sqn, sqh, skb, skh, n_heads, M, q_stride, T, H, W, RT, D, BLOCK_M, BLOCK_N, BLOCK_D)
-
-    m_g = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_g = tl.zeros([BLOCK_M], tl.float32)
-    e_g = tl.zeros([BLOCK_M], tl.float32)  # sum of exp2(s - m_g) * s: gives E_g[s]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_w = tl.zeros([BLOCK_M], tl.float32)
-    # whole blocks first (no bounds mask on the hot path), then the ragged tail
+    m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: the first block's alpha is then 0, not NaN
+    l = tl.zeros([BLOCK_M], tl.float32)
+    e = tl.zeros([BLOCK_M], tl.float32)  # sum of exp2(s * qk_scale - m) * s, raw scores s
     n_full = N // BLOCK_N
     for blk in range(0, n_full):
-        m_g, l_g, e_g, m_i, l_i, m_w, l_w = _lse_block(
-            q, k_base, skn, d, dmask, blk, blk_lo, blk_hi, qt, qh, qw, m_g, l_g, e_g, m_i, l_i, m_w, l_w,
-            N, H, W, RT, RH, RW, qk_scale, BLOCK_N, DOT_PREC, UPCAST, False)
+        m, l, e = _global_block(q, k_base, skn, blk * BLOCK_N, N, d, dmask, m, l, e, qk_scale, BLOCK_N, EVEN_D,
+                                DOT_PREC, UPCAST, False)
     if n_full * BLOCK_N < N:
-        m_g, l_g, e_g, m_i, l_i, m_w, l_w = _lse_block(
-            q, k_base, skn, d, dmask, n_full, blk_lo, blk_hi, qt, qh, qw, m_g, l_g, e_g, m_i, l_i, m_w, l_w,
-            N, H, W, RT, RH, RW, qk_scale, BLOCK_N, DOT_PREC, UPCAST, True)
-
-    # padding rows (not stored) have l = 0; keep their log finite
-    l_g = tl.where(qvalid, l_g, 1.0)
-    l_i = tl.where(qvalid, l_i, 1.0)
-    l_w = tl.where(qvalid, l_w, 1.0)
-    base = OUT + b * sob + head * soh + tl.where(qvalid, tok // q_stride, 0)
-    tl.store(base, (m_g + tl.math.log2(l_g)) * 0.6931471805599453, mask=qvalid)
-    tl.store(base + so0, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=qvalid)
-    tl.store(base + 2 * so0, (m_w + tl.math.log2(l_w)) * 0.6931471805599453, mask=qvalid)
-    tl.store(base + 3 * so0, e_g / l_g * 0.6931471805599453, mask=qvalid)
+        m, l, e = _global_block(q, k_base, skn, n_full * BLOCK_N, N, d, dmask, m, l, e, qk_scale, BLOCK_N, EVEN_D,
+                                DOT_PREC, UPCAST, True)
+    base = OUT + b * sob + head * soh + tl.where(qvalid, i, 0)
+    tl.store(base, (m + tl.math.log2(l)) * 0.6931471805599453, mask=qvalid)
+    tl.store(base + so0, e / l * sm_scale, mask=qvalid)
 
 
-@triton.jit(do_not_specialize=["T", "H", "W", "RT", "RH", "RW", "N", "M", "q_stride", "D", "n_heads"])
-def _stats_kl_kernel(
-    Q, K, LSE, OUT, sqb, sqn, sqh, skb, skn, skh, sl0, slb, slh, so0, sob, soh,
-    T, H, W, RT, RH, RW, N, M, q_stride, D, n_heads, qk_scale, log1m_eps, log_eps_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2 on the special-function unit (``lg2.approx``, relative error ~2^-22) instead of
+    libdevice's polynomial (~15 FMAs per score here); the interpreter takes the math one."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.math.log2(x)
+
+
+@triton.jit(do_not_specialize=["T", "H", "W", "n_local", "n_window", "D"])
+def _stats_local_kernel(
+    Q, K, LSE_G, LSE_L, OUT, HEADS,
+    sqb, sqn, sqh, skb, skn, skh, sgb, sgh, sl0, slb, slh, so0, sob, soh,
+    T, H, W, n_local, n_window, D, qk_scale, one_m_eps, eps_n,
+    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    FAST_LOG: tl.constexpr,
 ):
-    b, head, tok, qt, qh, qw, qvalid, blk_lo, blk_hi, d, dmask, q, k_base = _program_setup(
-        Q, K, sqb, sqn, sqh, skb, skh, n_heads, M, q_stride, T, H, W, RT, D, BLOCK_M, BLOCK_N, BLOCK_D)
-    idx = tl.where(qvalid, tok // q_stride, 0)
-    lbase = LSE + b * slb + head * slh + idx
-    # log2-unit LSEs: scores below are in log2 units too
-    lse_g = tl.load(lbase, mask=qvalid, other=0.0) * 1.4426950408889634
-    lse_i = tl.load(lbase + sl0, mask=qvalid, other=0.0) * 1.4426950408889634
-    lse_w = tl.load(lbase + 2 * sl0, mask=qvalid, other=0.0) * 1.4426950408889634
+    p = tl.program_id(0)
+    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
+    if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
+        return
+    qtok, qvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
+    k_base = K + b * skb + head * skh
+    # base-2 LSEs; rows without a global LSE (unsampled queries) get +inf, so p_g = 0 there
+    lse_g = tl.load(LSE_G + b * sgb + head * sgh + qtok, mask=qvalid, other=float("inf")) * 1.4426950408889634
+    mode = tl.where(is_window, 1, 0)
+    lse_l = tl.load(LSE_L + mode * sl0 + b * slb + head * slh + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
 
-    acc_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_w = tl.zeros([BLOCK_M], tl.float32)
-    for blk in range(blk_lo, blk_hi):
-        j, kt, kh, kw, kvalid = _key_block(blk * BLOCK_N, N, H, W, BLOCK_N)
-        k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=kvalid[:, None] & dmask[None, :], other=0.0)
+    BLOCK_M: tl.constexpr = BT * BH * BW
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
+        ktok, kvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+        k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
         s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         p_g = tl.math.exp2(s - lse_g[:, None])
-        dt = qt[:, None] - kt[None, :]
-        dh = qh[:, None] - kh[None, :]
-        dw = qw[:, None] - kw[None, :]
-        in_i = (dt == 0) & kvalid[None, :]
-        in_w = (dt <= RT) & (dt >= -RT) & (dh <= RH) & (dh >= -RH) & (dw <= RW) & (dw >= -RW) & kvalid[None, :]
-        # log M_eps = logaddexp(log(1-eps) + log M_local, log(eps/N)), natural log
-        a_i = log1m_eps + (s - lse_i[:, None]) * 0.6931471805599453
-        a_w = log1m_eps + (s - lse_w[:, None]) * 0.6931471805599453
-        hi_i = tl.maximum(a_i, log_eps_n)
-        hi_w = tl.maximum(a_w, log_eps_n)
-        lm_i = hi_i + tl.log(1.0 + tl.exp(-tl.abs(a_i - log_eps_n)))
-        lm_w = hi_w + tl.log(1.0 + tl.exp(-tl.abs(a_w - log_eps_n)))
-        acc_i += tl.sum(tl.where(in_i, p_g * lm_i, 0.0), 1)
-        acc_w += tl.sum(tl.where(in_w, p_g * lm_w, 0.0), 1)
-
-    obase = OUT + b * sob + head * soh + idx
-    tl.store(obase, acc_i, mask=qvalid)
-    tl.store(obase + so0, acc_w, mask=qvalid)
+        # log2 M_eps = log2((1 - eps) * M_local + eps / N); M_local <= 1 inside the support
+        log_m = _log2(one_m_eps * tl.math.exp2(s - lse_l[:, None]) + eps_n, FAST_LOG)
+        acc += tl.sum(tl.where(_box_visible(lo, hi, code, kvalid), p_g * log_m, 0.0), 1)
+    tl.store(OUT + mode * so0 + b * sob + head * soh + qtok, acc * 0.6931471805599453, mask=qvalid)
 
 
-#: tile config of both passes; benchmarks/routing_bench.py compares alternatives through it
-CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8)
+#: tile config of the global pass; benchmarks/routing_bench.py compares alternatives through it
+CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+#: tile config of the local pass (a local-attention tile shape)
+LOCAL_CONFIG = dict(BT=2, BH=4, BW=8, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
-def _cfg():
+def _interp(cfg, **small):
     # the interpreter runs each program in numpy: small tiles keep CPU tests fast
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=1) if INTERPRET else dict(CONFIG)
+    return {**cfg, **small, "num_warps": 1, "num_stages": 1} if INTERPRET else dict(cfg)
 
 
-def _common(q, grid, radii):
-    d = q.shape[-1]
-    return dict(
-        T=grid[0], H=grid[1], W=grid[2], RT=radii[0], RH=radii[1], RW=radii[2], N=q.shape[1], D=d,
-        n_heads=q.shape[2], BLOCK_D=max(16, triton.next_power_of_2(d)),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-    )
+def _precision(q):
+    return dict(DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16)
 
 
-def routing_stats_lse(q, k, grid, radii, scale, q_stride):
-    """``[4, B, heads, M]`` float32: lse_global, lse_intra, lse_window, E_global[score] (natural log units)."""
-    b, n, nh, _ = q.shape
+def _block_d(d):
+    block_d = max(16, triton.next_power_of_2(d))
+    return dict(D=d, BLOCK_D=block_d, EVEN_D=block_d == d)
+
+
+def routing_stats_global(q, k, scale, q_stride):
+    """``[2, B, heads, M]`` float32 for every ``q_stride``-th query: the global log-sum-exp and
+    ``E_global[score]`` (natural-log units, scores scaled)."""
+    b, n, nh, d = q.shape
     m = triton.cdiv(n, q_stride)
-    out = torch.empty(4, b, nh, m, dtype=torch.float32, device=q.device)
-    cfg = _cfg()
+    out = torch.empty(2, b, nh, m, dtype=torch.float32, device=q.device)
+    cfg = _interp(CONFIG, BLOCK_M=32)
     launch = (triton.cdiv(m, cfg["BLOCK_M"]), b * nh)
-    _stats_lse_kernel[launch](
+    _stats_global_kernel[launch](
         q, k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), M=m, q_stride=q_stride, qk_scale=scale * LOG2E,
-        **_common(q, grid, radii), **cfg,
+        out.stride(0), out.stride(1), out.stride(2), N=n, M=m, q_stride=q_stride, n_heads=nh,
+        qk_scale=scale * LOG2E, sm_scale=scale, **_block_d(d), **_precision(q), **cfg,
     )
     return out
 
 
-def routing_stats_kl(q, k, lse, grid, radii, scale, q_stride, eps):
-    """``[2, B, heads, M]`` float32: sum over each local support of ``p_global * log M_eps``."""
-    b, n, nh, _ = q.shape
-    m = lse.shape[-1]
-    out = torch.empty(2, b, nh, m, dtype=torch.float32, device=q.device)
-    cfg = _cfg()
-    launch = (triton.cdiv(m, cfg["BLOCK_M"]), b * nh)
-    _stats_kl_kernel[launch](
-        q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        M=m, q_stride=q_stride, qk_scale=scale * LOG2E, log1m_eps=math.log1p(-eps), log_eps_n=math.log(eps / n),
-        **_common(q, grid, radii), **cfg,
+_HEAD_TABLES: dict = {}
+
+
+def routing_stats_local(q, k, lse_g, lse_local, grid, radii, scale, eps):
+    """``[2, B, heads, N]`` float32: ``sum_{k in S} p_global(k) * log M_eps(k)`` for the intra (0) and
+    window (1) supports. ``lse_g``: ``[B, heads, N]`` (+inf where not needed); ``lse_local``:
+    ``[2, B, heads, N]``, the intra and window log-sum-exps."""
+    b, n, nh, d = q.shape
+    key = (nh, str(q.device))
+    table = _HEAD_TABLES.get(key)
+    if table is None:  # every head twice: as a window head, then as an intra head
+        table = _HEAD_TABLES[key] = torch.arange(nh, dtype=torch.int32, device=q.device).repeat(2)
+    out = torch.empty(2, b, nh, n, dtype=torch.float32, device=q.device)
+    cfg = _interp(LOCAL_CONFIG, BT=1)
+    t, h, w = grid
+    n_tiles = max(triton.cdiv(t, cfg["BT"]) * triton.cdiv(h, cfg["BH"]) * triton.cdiv(w, cfg["BW"]),
+                  t * triton.cdiv(h * w, cfg["BT"] * cfg["BH"] * cfg["BW"]))
+    _stats_local_kernel[(n_tiles, b * 2 * nh)](
+        q, k, lse_g, lse_local, out, table,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        lse_g.stride(0), lse_g.stride(1), *lse_local.stride()[:3],
+        out.stride(0), out.stride(1), out.stride(2),
+        T=t, H=h, W=w, n_local=2 * nh, n_window=nh, qk_scale=scale * LOG2E, one_m_eps=1.0 - eps, eps_n=eps / n,
+        RT=radii[0], RH=radii[1], RW=radii[2], FAST_LOG=not INTERPRET, **_block_d(d), **_precision(q), **cfg,
     )
     return out

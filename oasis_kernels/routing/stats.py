@@ -21,7 +21,8 @@ then by how well the local pattern reproduces the distribution inside its suppor
 local map that covers the whole grid gives KL_eps = -log(1 - eps) ~ eps.
 
 Two implementations: :func:`head_statistics` on the Triton kernels (``backend="triton"``,
-CUDA, or CPU under ``TRITON_INTERPRET=1``) and the chunked torch reference
+CUDA, or CPU under ``TRITON_INTERPRET=1``; the local log-sum-exps come from the routed
+attention op, on its ``auto`` backends) and the chunked torch reference
 (``backend="reference"``), which computes the formula above directly from log-softmax rows.
 """
 
@@ -32,8 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..api import attention_lse
 from ..masks import WindowMask, grid_coords
-from ..plan import normalize_grid, normalize_window
+from ..plan import Mode, RoutingPlan, normalize_grid, normalize_window
 
 __all__ = ["HeadStatistics", "head_statistics", "head_statistics_reference"]
 
@@ -118,12 +120,24 @@ def head_statistics(q, k, grid, window=(3, 5, 5), *, eps: float = 1e-6, query_st
     if q.dtype == torch.float64:
         raise NotImplementedError(f"the Triton statistics kernels take fp16/bf16/fp32, got {q.dtype=}; "
                                   f"use backend='reference'")
-    from ..kernels.routing_stats import routing_stats_kl, routing_stats_lse
+    from ..kernels.routing_stats import routing_stats_global, routing_stats_local
 
     radii = _radii(grid, window)
-    lse = routing_stats_lse(q, k, grid, radii, scale, query_stride)
-    local = routing_stats_kl(q, k, lse, grid, radii, scale, query_stride, eps)
-    return _assemble(lse[0], lse[1], lse[2], lse[3], local[0], local[1], q.shape[1], eps)
+    heads, n = q.shape[2], q.shape[1]
+    lse_g, es_g = routing_stats_global(q, k, scale, query_stride)
+    # the local log-sum-exps come from the routed attention kernels themselves (v = k)
+    lse_local = torch.stack([
+        attention_lse(q, k, RoutingPlan.uniform(grid, heads, Mode.INTRA), scale=scale),
+        attention_lse(q, k, RoutingPlan.uniform(grid, heads, Mode.WINDOW, window), scale=scale),
+    ]).float()
+    if query_stride == 1:
+        lse_g_all = lse_g
+    else:  # +inf: the local pass then gives 0 for the queries that are not sampled
+        lse_g_all = torch.full_like(lse_local[0], float("inf"))
+        lse_g_all[..., ::query_stride] = lse_g
+    local = routing_stats_local(q, k, lse_g_all, lse_local, grid, radii, scale, eps)[..., ::query_stride]
+    lse_local = lse_local[..., ::query_stride]
+    return _assemble(lse_g, lse_local[0], lse_local[1], es_g, local[0], local[1], n, eps)
 
 
 def head_statistics_reference(q, k, grid, window=(3, 5, 5), *, eps: float = 1e-6, query_stride: int = 1,

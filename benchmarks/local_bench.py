@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Tile sweep of the local-head Triton kernels: each config of the fwd, dQ and dK/dV kernels timed
+alone, beside the public op (autotuned) and its HBM floor, in one run.
+
+    python benchmarks/local_bench.py --shapes B --mode window --out DIR
+
+The public-op rows (``api fwd``, ``api fwd+bwd``) use only ``oasis_kernels``' public API, so
+running this file with another checkout first on ``PYTHONPATH`` times that version's op in the
+same session (``--api-only``), which is how docs/PERF.md compares a change with its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from attn_bench import SHAPES, environment, measure_ceilings  # noqa: E402
+
+import oasis_kernels as ok  # noqa: E402
+
+#: (BT, BH, BW, BLOCK_N, num_warps, num_stages) candidates, timed one by one
+SWEEP = [
+    (2, 4, 8, 64, 4, 2), (2, 4, 8, 64, 4, 3), (2, 4, 8, 128, 8, 2), (2, 4, 8, 32, 4, 3),
+    (4, 4, 4, 64, 4, 2), (2, 8, 4, 64, 4, 2), (1, 8, 8, 64, 4, 2), (2, 4, 4, 64, 4, 2), (2, 8, 8, 64, 8, 2),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="B")
+    p.add_argument("--mode", choices=["window", "intra"], default="window")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--window", default="3,5,5")
+    p.add_argument("--api-only", action="store_true", help="time only the public op (for a baseline checkout)")
+    p.add_argument("--tag", default="", help="label of this run's rows")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("local_bench needs CUDA; nothing timed.")
+        return 0
+    import triton
+    import triton.testing
+
+    window = tuple(int(x) for x in args.window.split(","))
+    dev = torch.device("cuda")
+    env = environment(dev)
+    ceil = measure_ceilings(dev)
+    rows = []
+    for shape in args.shapes.split(","):
+        grid = SHAPES[shape]
+        n = grid[0] * grid[1] * grid[2]
+        modes = ["w" if args.mode == "window" else "i"] * args.heads
+        plan = ok.RoutingPlan(grid, modes, window)
+        q, k, v = (torch.randn(1, n, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        dout = torch.randn_like(q)
+        floor = 4 * q.numel() * q.element_size() / (ceil["copy_GBps"] * 1e6)
+
+        def bench(fn):
+            return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+        def api_fwd():
+            return ok.routed_attention(q, k, v, plan, backend="triton")
+
+        def api_fwdbwd():
+            out = ok.routed_attention(q, k, v, plan, backend="triton")
+            torch.autograd.grad(out, (q, k, v), dout)
+
+        t_fwd = bench(api_fwd)
+        t_fb = bench(api_fwdbwd)
+        rows.append(dict(shape=shape, kernel="api fwd", config="autotuned", ms=t_fwd, x_floor=t_fwd / floor))
+        # backward floor: q, k, v, o, dO read and dQ, dK, dV written once = twice the forward's
+        rows.append(dict(shape=shape, kernel="api fwd+bwd", config="autotuned", ms=t_fb,
+                         x_floor=t_fb / (3 * floor)))
+        if not args.api_only:
+            rows += sweep(q.detach(), k.detach(), v.detach(), dout, plan, floor, bench, shape)
+        print(f"{shape} {grid} floor {floor:.3f} ms")
+    tag = args.tag or env.get("commit", "")
+    print(f"\n{'shape':5} {'kernel':12} {'config':28} {'ms':>8} {'x floor':>8}   [{tag}]")
+    for r in rows:
+        print(f"{r['shape']:5} {r['kernel']:12} {r['config']:28} {r['ms']:8.3f} {r['x_floor']:8.2f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = f"local_bench_{args.mode}{'_' + args.tag if args.tag else ''}.json"
+        (out / name).write_text(json.dumps({"env": env, "ceilings": ceil, "rows": rows}, indent=1))
+    return 0
+
+
+def sweep(q, k, v, dout, plan, floor, bench, shape):
+    """Each kernel of the Triton backend launched with each SWEEP config (no autotuner)."""
+    from oasis_kernels.backends.triton_local import _radii
+    from oasis_kernels.kernels import local_attention as la
+
+    rows = []
+    b, n, h, d = q.shape
+    table = torch.arange(h, dtype=torch.int32, device=q.device)
+    n_window = h if plan.modes[0] == ok.Mode.WINDOW else 0
+    radii = _radii(plan) if n_window else (0, 0, 0)
+    args = la._common(q, plan.grid, radii, table, n_window)
+    scale = d ** -0.5
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
+    count = la._tiles_fn(plan.grid, n_window > 0, n_window < h)
+    for bt, bh, bw, bn, warps, stages in SWEEP:
+        cfg = dict(BT=bt, BH=bh, BW=bw, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        grid = (count(bt, bh, bw), b * h)
+        label = f"({bt},{bh},{bw}) N{bn} w{warps} s{stages}"
+
+        def fwd():
+            la._fwd_kernel[grid](
+                q, k, v, out, lse, table, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+                *lse.stride()[:2], qk_scale=scale * la.LOG2E, **args, **cfg)
+
+        def dq_kernel():
+            la._bwd_dq_kernel[grid](
+                q, k, v, out, dout, dq, lse, delta, table, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], *lse.stride()[:2], *delta.stride()[:2],
+                qk_scale=scale * la.LOG2E, sm_scale=scale, **args, **cfg)
+
+        def dkdv_kernel():
+            la._bwd_dkdv_kernel[grid](
+                q, k, v, dout, dk, dv, lse, delta, table, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *delta.stride()[:2],
+                qk_scale=scale * la.LOG2E, sm_scale=scale, **args, **cfg)
+
+        # each backward kernel against the whole backward's floor: their two ratios add up
+        for name, fn, fl in (("fwd", fwd, floor), ("bwd dq", dq_kernel, 2 * floor), ("bwd dkdv", dkdv_kernel, 2 * floor)):
+            try:
+                fn()
+                t = bench(fn)
+            except Exception as exc:  # a config that does not compile or fit is reported, not fatal
+                print(f"{label} {name}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            rows.append(dict(shape=shape, kernel=name, config=label, ms=t, x_floor=t / fl))
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
