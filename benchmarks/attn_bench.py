@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 
 import oasis_kernels as ok  # noqa: E402
 from oasis_kernels.masks import mask_for  # noqa: E402

@@ -25,10 +25,11 @@ from attn_bench import SHAPES, environment, measure_ceilings  # noqa: E402
 
 import oasis_kernels as ok  # noqa: E402
 
-#: (BT, BH, BW, BLOCK_N, num_warps, num_stages) candidates, timed one by one
+#: (BT, BH, BW, BLOCK_N, num_warps, num_stages, sliced walk) candidates, timed one by one
 SWEEP = [
-    (2, 4, 8, 64, 4, 2), (2, 4, 8, 64, 4, 3), (2, 4, 8, 128, 8, 2), (2, 4, 8, 32, 4, 3),
-    (4, 4, 4, 64, 4, 2), (2, 8, 4, 64, 4, 2), (1, 8, 8, 64, 4, 2), (2, 4, 4, 64, 4, 2), (2, 8, 8, 64, 8, 2),
+    (4, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 3, True), (4, 4, 4, 32, 4, 2, True), (4, 4, 4, 32, 4, 3, True),
+    (8, 4, 4, 64, 8, 2, True), (2, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 2, False), (2, 4, 8, 64, 4, 2, False),
+    (2, 4, 8, 32, 4, 3, False),
 ]
 
 
@@ -112,10 +113,12 @@ def sweep(q, k, v, dout, plan, floor, bench, shape):
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     count = la._tiles_fn(plan.grid, n_window > 0, n_window < h)
-    for bt, bh, bw, bn, warps, stages in SWEEP:
-        cfg = dict(BT=bt, BH=bh, BW=bw, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    for bt, bh, bw, bn, warps, stages, sliced in SWEEP:
+        if sliced and (bh + 2 * radii[1]) * (bw + 2 * radii[2]) > bn:
+            continue
+        cfg = dict(BT=bt, BH=bh, BW=bw, BLOCK_N=bn, SLICED=sliced, num_warps=warps, num_stages=stages)
         grid = (count(bt, bh, bw), b * h)
-        label = f"({bt},{bh},{bw}) N{bn} w{warps} s{stages}"
+        label = f"({bt},{bh},{bw}) N{bn} w{warps} s{stages} {'sliced' if sliced else 'general'}"
 
         def fwd():
             la._fwd_kernel[grid](

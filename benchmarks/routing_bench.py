@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from attn_bench import environment  # noqa: E402

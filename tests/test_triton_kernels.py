@@ -45,6 +45,24 @@ def test_kernels_match_reference(case, device):
     check_backend(q, k, v, plan, LOCAL_TRITON)
 
 
+@pytest.mark.parametrize("sliced", [True, False], ids=["sliced-walk", "general-walk"])
+@pytest.mark.parametrize("grid,window", [((3, 7, 11), (3, 5, 5)), ((1, 6, 9), (1, 3, 3)), ((5, 9, 6), (3, 3, 5))])
+def test_both_walks(grid, window, sliced, device, monkeypatch):
+    """Each window walk of the kernels (sliced: one block per halo frame; general: packed codes),
+    forced by restricting the configs, forward and all gradients."""
+    from oasis_kernels.kernels import local_attention as la
+
+    for tuned in (la._fwd_tuned, la._dq_tuned, la._dkdv_tuned):
+        monkeypatch.setattr(tuned, "tuned", None)  # launch the first fitting config, no autotuner
+        monkeypatch.setattr(tuned, "manual", {})
+        monkeypatch.setattr(tuned, "configs", [c for c in tuned.configs if c.kwargs["SLICED"] == sliced])
+    plan = ok.RoutingPlan(grid, ["w", "i", "w"], window)
+    q, k, v = make_qkv((2, plan.num_tokens, plan.heads, 64), torch.bfloat16, device)
+    check_backend(q, k, v, plan, LOCAL_TRITON)
+    chosen = [c for kernel in la.chosen_configs().values() for c in kernel.values()]
+    assert chosen and all(f"SLICED: {sliced}" in c for c in chosen), chosen
+
+
 def test_batch_and_strided_heads(device):
     """Batch 2, q/k/v as strided views of one fused projection; heads routed out of order."""
     plan = ok.RoutingPlan((3, 5, 6), ["w", "g", "i", "w", "i"], (3, 3, 5))

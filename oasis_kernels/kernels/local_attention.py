@@ -182,10 +182,86 @@ def _num_blocks(is_window, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.cons
     return tl.where(is_window, tl.cdiv(L, BLOCK_N), tl.cdiv(H * W, BLOCK_N))
 
 
+
+
+# ---------------------------------------------------------------------------------------
+# the walk of a tile over the tokens it attends to (keys; for dK/dV, the queries)
+# ---------------------------------------------------------------------------------------
+#
+# Two walks, chosen at compile time by ``SLICED``:
+#
+# * general: the halo (or the frame) in blocks of BLOCK_N tokens, visibility from packed codes
+#   (``_box_visible``) per score;
+# * sliced (window tiles whose halo slice ``(BH + 2RH) x (BW + 2RW)`` fits one block, e.g. a
+#   (4,4,4) tile of a (3,5,5) window: 8 x 8 = 64): one block per frame of the halo. The h/w part
+#   of the mask, the token offsets and the validity of every column are then the same for all
+#   blocks of the tile and are computed once before the loop; per block only the frame changes,
+#   which is one scalar and a per-row test. Frames outside the grid are not walked at all.
+#
+# Intra-frame heads walk their frame in blocks in either case (their mask is the frame end).
+# Both modes share one loop without branches, so the kernel keeps one set of pipeline buffers
+# (Triton's pipeliner also rejects a branch inside the loop).
+
 @triton.jit
-def _apply_mask(x, fill, lo, hi, code, valid):
-    """``x`` where the tile position (row) and block position (column) see each other, else ``fill``."""
-    return tl.where(_box_visible(lo, hi, code, valid), x, fill)
+def _walk_setup(p, is_window, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+                SLICED: tl.constexpr):
+    """Tile ``p``'s own tokens (``tok``, ``valid``), its loop range and the loop invariants
+    ``a .. f`` that ``_walk_block`` takes (their meaning depends on ``SLICED``)."""
+    tok, valid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+    if SLICED:
+        HB: tl.constexpr = BH + 2 * RH
+        HC: tl.constexpr = BW + 2 * RW
+        BLOCK: tl.constexpr = BT * BH * BW
+        i = tl.arange(0, BLOCK)
+        ia, ib, ic = _box_coords(i, BH, BW)
+        jj = tl.arange(0, BLOCK_N)
+        jb = jj // HC
+        jc = jj % HC
+        h = h0 - RH + jb
+        w = w0 - RW + jc
+        col_valid = (jj < HB * HC) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        db = jb[None, :] - ib[:, None]
+        dc = jc[None, :] - ic[:, None]
+        hw_mask = (db >= 0) & (db <= 2 * RH) & (dc >= 0) & (dc <= 2 * RW) & col_valid[None, :]
+        a = hw_mask | (is_window == 0)
+        b = tl.where(is_window, tl.where(col_valid, h * W + w, 0), jj)
+        c = col_valid | (is_window == 0)
+        d = ia
+        e = t0 - RT
+        f = f_base
+        it_lo = tl.where(is_window, tl.maximum(RT - t0, 0), 0)
+        it_hi = tl.where(is_window, tl.minimum(BT + 2 * RT, T - t0 + RT), tl.cdiv(H * W, BLOCK_N))
+    else:
+        a = lo
+        b = hi
+        c = t0
+        d = h0
+        e = w0
+        f = f_base
+        it_lo = 0
+        it_hi = _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+    return tok, valid, it_lo, it_hi, a, b, c, d, e, f
+
+
+@triton.jit
+def _walk_block(it, is_window, a, b, c, d, e, f, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr):
+    """Block ``it`` of the walk: its tokens (columns), their validity and the [M, N] mask."""
+    if SLICED:
+        jj = tl.arange(0, BLOCK_N)
+        base = tl.where(is_window, (e + it) * (H * W), f + it * BLOCK_N)
+        limit = tl.where(is_window, BLOCK_N, H * W - it * BLOCK_N)  # intra: the frame's end
+        valid = c & (jj < limit)
+        tok = tl.where(valid, base + b, 0)
+        dt = it - d
+        row_ok = ((dt >= 0) & (dt <= 2 * RT)) | (is_window == 0)
+        mask = a & row_ok[:, None] & valid[None, :]
+    else:
+        tok, valid, code = _block(it, is_window, c, d, e, f, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+        mask = _box_visible(a, b, code, valid)
+    return tok, valid, mask
+
 
 @triton.jit
 def _mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
@@ -241,14 +317,15 @@ def _fwd_kernel(
     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, slb, slh,
     T, H, W, n_local, n_window, D, qk_scale,
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     p = tl.program_id(0)
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qtok, qvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+    qtok, qvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
+                                                                     BLOCK_N, SLICED)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
@@ -259,11 +336,12 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
-        ktok, kvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+    for it in range(it_lo, it_hi):
+        ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
+                                         BLOCK_N, SLICED)
         k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
         v = _load_rows(v_base, ktok, svn, kvalid, d, dmask, EVEN_D)
-        s = _apply_mask(_mm(q, tl.trans(k), DOT_PREC, UPCAST), float("-inf"), lo, hi, code, kvalid)
+        s = tl.where(mask, _mm(q, tl.trans(k), DOT_PREC, UPCAST), float("-inf"))
         m_i, l_i, acc = _fwd_step(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, UPCAST)
 
     # every valid query sees at least itself, so l_i > 0 there; padding rows are not stored
@@ -293,14 +371,15 @@ def _bwd_dq_kernel(
     sdob, sdon, sdoh, sdqb, sdqn, sdqh, slb, slh, sdlb, sdlh,
     T, H, W, n_local, n_window, D, qk_scale, sm_scale,
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     p = tl.program_id(0)
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qtok, qvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+    qtok, qvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
+                                                                     BLOCK_N, SLICED)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
@@ -314,12 +393,13 @@ def _bwd_dq_kernel(
 
     BLOCK_M: tl.constexpr = BT * BH * BW
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
-        ktok, kvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+    for it in range(it_lo, it_hi):
+        ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
+                                         BLOCK_N, SLICED)
         k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
         v = _load_rows(v_base, ktok, svn, kvalid, d, dmask, EVEN_D)
         pr = tl.math.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])
-        pr = _apply_mask(pr, 0.0, lo, hi, code, kvalid)
+        pr = tl.where(mask, pr, 0.0)
         dq = _dq_step(pr, do, k, v, delta, dq, DOT_PREC, UPCAST)
     _store_rows(DQ + b * sdqb + head * sdqh, qtok, sdqn, qvalid, d, dmask, dq * sm_scale, EVEN_D)
 
@@ -341,7 +421,7 @@ def _bwd_dkdv_kernel(
     sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
     T, H, W, n_local, n_window, D, qk_scale, sm_scale,
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     p = tl.program_id(0)
@@ -349,7 +429,8 @@ def _bwd_dkdv_kernel(
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
     # primary tile = keys; the queries that see them are its halo (visibility is symmetric)
-    ktok, kvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+    ktok, kvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
+                                                                     BLOCK_N, SLICED)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     k = _load_rows(K + b * skb + head * skh, ktok, skn, kvalid, d, dmask, EVEN_D)
@@ -362,14 +443,15 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr = BT * BH * BW
     dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
-        qtok, qvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+    for it in range(it_lo, it_hi):
+        qtok, qvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
+                                         BLOCK_N, SLICED)
         q = _load_rows(q_base, qtok, sqn, qvalid, d, dmask, EVEN_D)
         do = _load_rows(do_base, qtok, sdon, qvalid, d, dmask, EVEN_D)
         lse2 = tl.load(lse_base + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + qtok, mask=qvalid, other=0.0)
         p_t = tl.math.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])
-        p_t = _apply_mask(p_t, 0.0, lo, hi, code, qvalid)
+        p_t = tl.where(mask, p_t, 0.0)
         dk, dv = _dkdv_step(p_t, v, q, do, delta, dk, dv, DOT_PREC, UPCAST)
     _store_rows(DK + b * sdkb + head * sdkh, ktok, sdkn, kvalid, d, dmask, dk * sm_scale, EVEN_D)
     _store_rows(DV + b * sdvb + head * sdvh, ktok, sdvn, kvalid, d, dmask, dv, EVEN_D)
@@ -379,62 +461,102 @@ def _bwd_dkdv_kernel(
 # configs and launchers
 # ---------------------------------------------------------------------------------------
 
-def _cfg(bt, bh, bw, bn, warps, stages):
-    return triton.Config({"BT": bt, "BH": bh, "BW": bw, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+def _cfg(bt, bh, bw, bn, warps, stages, sliced):
+    return triton.Config({"BT": bt, "BH": bh, "BW": bw, "BLOCK_N": bn, "SLICED": sliced}, num_warps=warps,
+                         num_stages=stages)
 
 
 if INTERPRET:
-    # the interpreter runs each program in numpy: smallest legal tiles keep CPU tests fast
-    _FWD_CONFIGS = [_cfg(1, 4, 8, 64, 1, 1)]
-    _BWD_CONFIGS = [_cfg(1, 4, 8, 64, 1, 1)]
+    # the interpreter runs each program in numpy: small tiles keep CPU tests fast. The first
+    # config that fits is used: sliced where the window allows it ((3,5,5), (1,3,3)), else the
+    # general walk ((5,7,7)), so CPU tests cover both
+    _FWD_CONFIGS = [_cfg(1, 4, 4, 64, 1, 1, True), _cfg(1, 4, 8, 64, 1, 1, False)]
+    _BWD_CONFIGS = list(_FWD_CONFIGS)
 else:
-    # first entry = the default when autotuning is off. 64-query tiles keep the halo small
-    # (a (2,4,8) tile of a (3,5,5) window reads 4*8*12 = 384 keys per query, vs 576 for (2,8,8));
-    # 128-query tiles suit intra-frame heads. Few configs: each costs a compile on first use.
+    # first fitting entry = the choice when autotuning is off. Sliced (4,4,4) tiles suit the
+    # paper's (3,5,5) window: their 6 x 8 x 8 halo is 6 blocks of 64 with no padding and 384 keys
+    # per query, like the (2,4,8) general tile whose 4 x 8 x 12 halo needs per-score coordinate
+    # arithmetic; 128-query tiles suit intra-frame heads. Few configs: each costs a compile on
+    # first use. benchmarks/local_bench.py times candidates one by one.
     _FWD_CONFIGS = [
-        _cfg(2, 4, 8, 64, 4, 2),
-        _cfg(2, 4, 8, 64, 4, 3),
-        _cfg(1, 8, 8, 64, 4, 2),
-        _cfg(2, 8, 8, 64, 8, 2),
+        _cfg(4, 4, 4, 64, 4, 2, True),
+        _cfg(4, 4, 4, 64, 4, 3, True),
+        _cfg(8, 4, 4, 64, 8, 2, True),
+        _cfg(2, 4, 8, 64, 4, 2, False),
+        _cfg(2, 8, 8, 64, 8, 2, False),
     ]
     _BWD_CONFIGS = [
-        _cfg(2, 4, 8, 64, 4, 2),
-        _cfg(1, 8, 8, 32, 4, 2),
-        _cfg(2, 8, 8, 64, 8, 2),
+        _cfg(4, 4, 4, 64, 4, 2, True),
+        _cfg(2, 4, 4, 64, 4, 2, True),
+        _cfg(2, 4, 8, 32, 4, 3, False),
+        _cfg(2, 4, 8, 64, 4, 2, False),
     ]
-    if not AUTOTUNE:
-        _FWD_CONFIGS, _BWD_CONFIGS = _FWD_CONFIGS[:1], _BWD_CONFIGS[:1]
+
+
+def _fits(c, args) -> bool:
+    """Whether config ``c`` can run this launch: a sliced walk needs the halo's h x w slice to fit
+    one block; tiles much larger than the grid gain nothing (a T=1 grid and BT=4); big tiles
+    spill at head dims over 128."""
+    bt, bh, bw = c.kwargs["BT"], c.kwargs["BH"], c.kwargs["BW"]
+    if c.kwargs["SLICED"] and (bh + 2 * args["RH"]) * (bw + 2 * args["RW"]) > c.kwargs["BLOCK_N"]:
+        return False
+    t, h, w = args["T"], args["H"], args["W"]
+    if bt > triton.next_power_of_2(t) or bh > 2 * triton.next_power_of_2(h) or bw > 2 * triton.next_power_of_2(w):
+        return False
+    return not (args["BLOCK_D"] > 128 and bt * bh * bw > 64)
+
+
+def _fitting(configs, args):
+    """The configs that fit (see ``_fits``). A general-walk config always remains: the last one
+    of each list has small tiles, and only the sliced-walk condition can exclude all others."""
+    kept = [c for c in configs if _fits(c, args)]
+    return kept or [c for c in configs if not c.kwargs["SLICED"]][-1:]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles much larger than the grid (a T=1 grid gains nothing from BT=2), and big
-    tiles for head dims where their accumulators would spill."""
-    args = {**named_args, **kwargs}
-    t, h, w, block_d = args["T"], args["H"], args["W"], args["BLOCK_D"]
-    kept = []
-    for c in configs:
-        bt, bh, bw = c.kwargs["BT"], c.kwargs["BH"], c.kwargs["BW"]
-        if bt > triton.next_power_of_2(t) or bh > 2 * triton.next_power_of_2(h) or bw > 2 * triton.next_power_of_2(w):
-            continue
-        if block_d > 128 and bt * bh * bw > 64:
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+    return _fitting(configs, {**named_args, **kwargs})
 
 
 _KEY = ["T", "H", "W", "RT", "RH", "RW", "n_local", "n_window", "BLOCK_D"]
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
-_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_bwd_dkdv_kernel)
+
+class _Tuned:
+    """A kernel launched with Triton's autotuner over ``configs``, or, without autotuning (tests,
+    the interpreter), with the first config that fits; ``chosen`` records either choice."""
+
+    def __init__(self, kernel, configs):
+        self.kernel = kernel
+        self.configs = configs
+        self.manual: dict = {}
+        self.tuned = (triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+                      if AUTOTUNE else None)
+
+    def __getitem__(self, grid):
+        if self.tuned is not None:
+            return self.tuned[grid]
+
+        def run(*args, **kwargs):
+            cfg = _fitting(self.configs, kwargs)[0]
+            self.manual[tuple(kwargs[k] for k in _KEY)] = cfg
+            launch = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
+            return self.kernel[launch](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                       num_stages=cfg.num_stages)
+
+        return run
+
+    def chosen(self) -> dict:
+        cache = self.tuned.cache if self.tuned is not None else self.manual
+        return {str(k): str(v) for k, v in cache.items()}
+
+
+_fwd_tuned = _Tuned(_fwd_kernel, _FWD_CONFIGS)
+_dq_tuned = _Tuned(_bwd_dq_kernel, _BWD_CONFIGS)
+_dkdv_tuned = _Tuned(_bwd_dkdv_kernel, _BWD_CONFIGS)
 
 
 def chosen_configs() -> dict[str, dict]:
-    """The autotuner's choice per kernel and key, for debugging (``{kernel: {key: config}}``)."""
-    out = {}
-    for name, fn in (("fwd", _fwd_tuned), ("bwd_dq", _dq_tuned), ("bwd_dkdv", _dkdv_tuned)):
-        out[name] = {str(k): str(v) for k, v in fn.cache.items()}
-    return out
+    """The config chosen per kernel and key, for debugging (``{kernel: {key: config}}``)."""
+    return {name: fn.chosen() for name, fn in (("fwd", _fwd_tuned), ("bwd_dq", _dq_tuned), ("bwd_dkdv", _dkdv_tuned))}
 
 
 def _launch_grid(n_tiles_fn, batch, n_local):

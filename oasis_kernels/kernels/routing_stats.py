@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_attention import (INTERPRET, _block, _box_visible, _head_setup, _load_rows, _mm, _num_blocks,
-                              _primary_tile, _tile_count)
+from .local_attention import INTERPRET, _head_setup, _load_rows, _mm, _tile_count, _walk_block, _walk_setup
 
 __all__ = ["routing_stats_global", "routing_stats_local", "CONFIG"]
 
@@ -106,7 +105,7 @@ def _stats_local_kernel(
     sqb, sqn, sqh, skb, skn, skh, sgb, sgh, sl0, slb, slh, so0, sob, soh,
     T, H, W, n_local, n_window, D, qk_scale, one_m_eps, eps_n,
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     FAST_LOG: tl.constexpr,
 ):
@@ -114,7 +113,8 @@ def _stats_local_kernel(
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qtok, qvalid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+    qtok, qvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
+                                                                     BLOCK_N, SLICED)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
@@ -126,21 +126,23 @@ def _stats_local_kernel(
 
     BLOCK_M: tl.constexpr = BT * BH * BW
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for blk in range(0, _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)):
-        ktok, kvalid, code = _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+    for it in range(it_lo, it_hi):
+        ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
+                                         BLOCK_N, SLICED)
         k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
         s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
         p_g = tl.math.exp2(s - lse_g[:, None])
         # log2 M_eps = log2((1 - eps) * M_local + eps / N); M_local <= 1 inside the support
         log_m = _log2(one_m_eps * tl.math.exp2(s - lse_l[:, None]) + eps_n, FAST_LOG)
-        acc += tl.sum(tl.where(_box_visible(lo, hi, code, kvalid), p_g * log_m, 0.0), 1)
+        acc += tl.sum(tl.where(mask, p_g * log_m, 0.0), 1)
     tl.store(OUT + mode * so0 + b * sob + head * soh + qtok, acc * 0.6931471805599453, mask=qvalid)
 
 
 #: tile config of the global pass; benchmarks/routing_bench.py compares alternatives through it
 CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-#: tile config of the local pass (a local-attention tile shape)
-LOCAL_CONFIG = dict(BT=2, BH=4, BW=8, BLOCK_N=64, num_warps=4, num_stages=2)
+#: tile config of the local pass (a local-attention tile and walk, see local_attention); the sliced
+#: walk is used where the window's halo slice fits a block, else the general one
+LOCAL_CONFIG = dict(BT=4, BH=4, BW=4, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
 def _interp(cfg, **small):
@@ -188,6 +190,7 @@ def routing_stats_local(q, k, lse_g, lse_local, grid, radii, scale, eps):
         table = _HEAD_TABLES[key] = torch.arange(nh, dtype=torch.int32, device=q.device).repeat(2)
     out = torch.empty(2, b, nh, n, dtype=torch.float32, device=q.device)
     cfg = _interp(LOCAL_CONFIG, BT=1)
+    cfg["SLICED"] = (cfg["BH"] + 2 * radii[1]) * (cfg["BW"] + 2 * radii[2]) <= cfg["BLOCK_N"]
     t, h, w = grid
     n_tiles = max(triton.cdiv(t, cfg["BT"]) * triton.cdiv(h, cfg["BH"]) * triton.cdiv(w, cfg["BW"]),
                   t * triton.cdiv(h * w, cfg["BT"] * cfg["BH"] * cfg["BW"]))
