@@ -257,6 +257,23 @@ def _callable(row: Row, sets, pass_):
     return fwdbwd
 
 
+def _graphed(fn, n_calls: int):
+    """``fn`` called ``n_calls`` times (once per input set), captured in one CUDA graph after a
+    warm-up on a side stream: its replay time over ``n_calls`` is the GPU time of one call
+    without the host's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2 * n_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(n_calls):
+            fn()
+    return graph
+
+
 def check_row(row: Row, q, k, v, reference) -> tuple[bool, float]:
     run, _ = _runner(row, q, k, v)
     with torch.no_grad():
@@ -285,6 +302,8 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
     ref_by_plan = {}
     rows = build_rows(plan, args, device)
     passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
+    if name in args.graphs:
+        passes += [f"{p} graph" for p in passes]
     for row in rows:
         status = "ok"
         if row.ours:
@@ -304,12 +323,18 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
                 status = f"FAILED check (max abs err {err:.3e})"
         row.results["status"] = status
         for p in passes:
-            flops, bytes_ = row_costs(row, b, d, elt, p)
+            base_pass, graph = p.split(" ")[0], p.endswith(" graph")
+            flops, bytes_ = row_costs(row, b, d, elt, base_pass)
             entry = {"flops": flops, "floor_bytes": bytes_}
             if status == "ok":
-                fn = _callable(row, sets, p)
+                fn = _callable(row, sets, base_pass)
                 try:
-                    ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+                    if graph:
+                        replay = _graphed(fn, len(sets)).replay
+                        ms = triton.testing.do_bench(replay, warmup=args.warmup_ms, rep=args.rep_ms,
+                                                     return_mode="median") / len(sets)
+                    else:
+                        ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
                 except Exception as exc:  # a baseline that cannot run here (e.g. a backend missing)
                     entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     row.results[p] = entry
@@ -493,11 +518,14 @@ def parse_args(argv=None):
     p.add_argument("--backends", default="all",
                    help="comma list of: ours, sdpa, flex, flex-routed (only Flex's routed row) (default all)")
     p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default benchmarks/results/<date>)")
+    p.add_argument("--graphs", default="", help="shapes (e.g. S) whose rows are also timed as CUDA-graph replays: "
+                   "GPU time without host launch overhead, for every row alike")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=200)
     args = p.parse_args(argv)
     args.window = tuple(int(x) for x in args.window.split(","))
     args.backends = args.backends.split(",")
+    args.graphs = [x for x in args.graphs.split(",") if x]
     return args
 
 
@@ -559,6 +587,8 @@ def main(argv=None) -> int:
                                      device=device), plan), flush=True)
         results[name] = bench_shape(name, plan, args, device, dtype, ceilings)
 
+    if any(name in args.graphs for name in shapes):
+        passes += [f"{p} graph" for p in passes]
     lines = table(results, passes)
     print()
     print(render_text(lines))

@@ -15,3 +15,12 @@ for dtype, d in ((torch.bfloat16, 64), (torch.float16, 96), (torch.float32, 128)
     out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     print(dtype, d, "ok", float(out.detach().float().abs().mean()))
+
+# the routing-statistics kernels (global pass, local pass) on the same small grid
+from oasis_kernels.routing import head_statistics  # noqa: E402
+
+for dtype in (torch.bfloat16, torch.float32):
+    q, k = (torch.randn(1, plan.num_tokens, 2, 64, dtype=dtype, device="cuda") for _ in range(2))
+    stats = head_statistics(q, k, plan.grid, plan.window, query_stride=2, backend="triton")
+    torch.cuda.synchronize()
+    print("head_statistics", dtype, "ok", float(stats.kl_window.mean()))
