@@ -12,6 +12,9 @@ query-key pairs (4*D per pair forward, 2.5x that backward). Each row's floor is 
 its FLOPs over the matmul ceiling and its bytes (q, k, v read and o written once; backward:
 q, k, v, o, dO read and dq, dk, dv written once) over the copy bandwidth.
 
+``--graphs S`` also times every row of the named shapes as CUDA-graph replays (the row run
+once per input set, captured once): GPU time without host launch overhead, for all rows alike.
+
 Rows of this package are checked against the chunked reference before they are timed; a
 failing row is reported and not timed. Without CUDA, a small CPU shape is checked and the
 script exits 0 (GPU figures need CUDA).
@@ -330,6 +333,7 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
                 fn = _callable(row, sets, base_pass)
                 try:
                     if graph:
+                        torch.cuda.synchronize()
                         replay = _graphed(fn, len(sets)).replay
                         ms = triton.testing.do_bench(replay, warmup=args.warmup_ms, rep=args.rep_ms,
                                                      return_mode="median") / len(sets)
