@@ -306,7 +306,7 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
     rows = build_rows(plan, args, device)
     passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
     if name in args.graphs:
-        passes += [f"{p} graph" for p in passes]
+        passes += [f"{p} graph" for p in passes if p == "fwd" or args.graph_bwd]
     for row in rows:
         status = "ok"
         if row.ours:
@@ -524,6 +524,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default benchmarks/results/<date>)")
     p.add_argument("--graphs", default="", help="shapes (e.g. S) whose rows are also timed as CUDA-graph replays: "
                    "GPU time without host launch overhead, for every row alike")
+    p.add_argument("--graph-bwd", action="store_true",
+                   help="with --graphs, also capture fwd+bwd (on the H200 at 785e696 capturing our op's backward "
+                        "failed and left the CUDA RNG unusable for the rest of the process)")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=200)
     args = p.parse_args(argv)
@@ -569,6 +572,32 @@ def cpu_smoke(args) -> int:
     return 0 if worst < 1e-4 else 1
 
 
+def _all_passes(results, passes, args) -> list[str]:
+    graphs = any(name in args.graphs for name in results)
+    return passes + [f"{p} graph" for p in passes if p == "fwd" or args.graph_bwd] if graphs else passes
+
+
+def write_results(results, shapes, passes, env, ceilings, args):
+    """JSON, markdown and PNG of the shapes measured so far; returns ``(dir, file stem)``."""
+    passes = _all_passes(results, passes, args)
+    lines = table(results, passes)
+    out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / dt.date.today().isoformat()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"attn_bench_{env['gpu'].replace(' ', '_')}_{args.dtype}"
+    payload = {
+        "env": env, "ceilings": ceilings,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "triton_configs": _triton_configs(),
+        "shapes": {name: {"grid": list(shapes[name]), "rows": [
+            {"name": r.name, "group": r.group, "ours": r.ours, "heads": r.heads, "plan": repr(r.plan),
+             "setup_s": r.setup_s, **r.results} for r in rows]} for name, rows in results.items()},
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out_dir / f"{stem}.md").write_text(render_markdown(lines, env, ceilings, args))
+    plot(results, passes, out_dir / f"{stem}.png", f"{env['gpu']} {args.dtype} {args.mix_text}")
+    return out_dir, stem
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -590,26 +619,10 @@ def main(argv=None) -> int:
         print(ok.explain(torch.empty(args.batch, plan.num_tokens, plan.heads, args.head_dim, dtype=dtype,
                                      device=device), plan), flush=True)
         results[name] = bench_shape(name, plan, args, device, dtype, ceilings)
-
-    if any(name in args.graphs for name in shapes):
-        passes += [f"{p} graph" for p in passes]
-    lines = table(results, passes)
+        # write after every shape: a later shape that crashes the process loses only itself
+        out_dir, stem = write_results(results, shapes, passes, env, ceilings, args)
     print()
-    print(render_text(lines))
-    out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / dt.date.today().isoformat()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"attn_bench_{env['gpu'].replace(' ', '_')}_{args.dtype}"
-    payload = {
-        "env": env, "ceilings": ceilings,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "triton_configs": _triton_configs(),
-        "shapes": {name: {"grid": list(g), "rows": [
-            {"name": r.name, "group": r.group, "ours": r.ours, "heads": r.heads, "plan": repr(r.plan),
-             "setup_s": r.setup_s, **r.results} for r in results[name]]} for name, g in shapes.items()},
-    }
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
-    (out_dir / f"{stem}.md").write_text(render_markdown(lines, env, ceilings, args))
-    plot(results, passes, out_dir / f"{stem}.png", f"{env['gpu']} {args.dtype} {args.mix_text}")
+    print(render_text(table(results, _all_passes(results, passes, args))))
     print(f"\nwrote {out_dir}/{stem}.{{json,md,png}}")
     failed = [r.name for rows in results.values() for r in rows if r.results.get("status") != "ok"]
     if failed:
