@@ -123,7 +123,7 @@ def sweep(q, k, v, dout, plan, floor, bench, shape):
         def fwd():
             la._fwd_kernel[grid](
                 q, k, v, out, lse, table, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                *lse.stride()[:2], qk_scale=scale * la.LOG2E, **args, **cfg)
+                *lse.stride()[:2], qk_scale=scale * la.LOG2E, POS_SCALE=True, **args, **cfg)
 
         def dq_kernel():
             la._bwd_dq_kernel[grid](

@@ -62,6 +62,32 @@ def test_statistics_bf16_inputs(device):
     _compare(stats, dense_statistics(q, k, grid, window, 1e-6), 2e-5)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.3])
+def test_statistics_any_scale(scale, device):
+    grid, window = (2, 3, 5), (3, 3, 3)
+    q, k = (torch.randn(1, 30, 2, 16, device=device) for _ in range(2))
+    stats = head_statistics(q, k, grid, window, scale=scale, backend="triton")
+    want = head_statistics_reference(q, k, grid, window, scale=scale)
+    for f in FIELDS:
+        got, ref = getattr(stats, f).double(), getattr(want, f).double()
+        assert torch.isfinite(got).all(), f
+        assert (got - ref).abs().max() <= 2e-5 * max(1.0, ref.abs().max().item()), f
+
+
+def test_statistics_window_beyond_kernel_limits(device):
+    """A window radius over the kernels' limit: auto takes the reference, triton says why not."""
+    from oasis_kernels.kernels.local_attention import MAX_RADIUS
+
+    n = 2 * MAX_RADIUS + 3
+    q, k = (torch.randn(1, n, 1, 16, device=device) for _ in range(2))
+    window = (1, 1, 2 * n - 1)
+    stats = head_statistics(q, k, (1, 1, n), window)
+    want = head_statistics_reference(q, k, (1, 1, n), window)
+    torch.testing.assert_close(stats.kl_window, want.kl_window)
+    with pytest.raises(NotImplementedError, match="window radii up to"):
+        head_statistics(q, k, (1, 1, n), window, backend="triton")
+
+
 def test_degenerate_supports_give_zero_kl(device):
     # T = 1: intra-frame is global; a window covering the grid is global: KL = -log(1 - eps) ~ eps
     q, k = (torch.randn(1, 54, 2, 32, device=device) for _ in range(2))

@@ -298,13 +298,25 @@ def _store_rows(base, tok, stride, valid, d, dmask, x, EVEN_D: tl.constexpr):
 # ---------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_step(s, v, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One key block of the online softmax on masked raw scores ``s`` (base 2; ``qk_scale``
-    carries log2(e))."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+def _masked_scores(qk, mask, qk_scale, POS_SCALE: tl.constexpr):
+    """``(s, c)``: masked scores and the factor still to apply, ``s * c`` being the scaled score
+    (base 2: the scale carries log2(e)), -inf where masked. With a positive scale the factor is
+    fused into the softmax's FMA; otherwise (0 or negative, where ``-inf * c`` would be NaN or
+    +inf) the scores are scaled before masking."""
+    if POS_SCALE:
+        return tl.where(mask, qk, float("-inf")), qk_scale
+    else:
+        return tl.where(mask, qk * qk_scale, float("-inf")), 1.0
+
+
+@triton.jit
+def _fwd_step(s, c, v, m_i, l_i, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of the online softmax on masked scores ``s`` whose scaled value is ``s * c``
+    (see ``_masked_scores``)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * c)
     # a row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    pr = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    pr = tl.math.exp2(s * c - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(pr, 1)
     acc = acc * alpha[:, None] + _mm(pr.to(v.dtype), v, DOT_PREC, UPCAST)
@@ -319,6 +331,7 @@ def _fwd_kernel(
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    POS_SCALE: tl.constexpr,
 ):
     p = tl.program_id(0)
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
@@ -341,8 +354,8 @@ def _fwd_kernel(
                                          BLOCK_N, SLICED)
         k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
         v = _load_rows(v_base, ktok, svn, kvalid, d, dmask, EVEN_D)
-        s = tl.where(mask, _mm(q, tl.trans(k), DOT_PREC, UPCAST), float("-inf"))
-        m_i, l_i, acc = _fwd_step(s, v, m_i, l_i, acc, qk_scale, DOT_PREC, UPCAST)
+        s, c = _masked_scores(_mm(q, tl.trans(k), DOT_PREC, UPCAST), mask, qk_scale, POS_SCALE)
+        m_i, l_i, acc = _fwd_step(s, c, v, m_i, l_i, acc, DOT_PREC, UPCAST)
 
     # every valid query sees at least itself, so l_i > 0 there; padding rows are not stored
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -484,33 +497,42 @@ else:
         _cfg(8, 4, 4, 64, 8, 2, True),
         _cfg(2, 4, 8, 64, 4, 2, False),
         _cfg(2, 8, 8, 64, 8, 2, False),
+        _cfg(1, 8, 8, 64, 4, 2, False),  # single-frame grids (images); also the fallback
     ]
     _BWD_CONFIGS = [
         _cfg(4, 4, 4, 64, 4, 2, True),
         _cfg(2, 4, 4, 64, 4, 2, True),
         _cfg(2, 4, 8, 32, 4, 3, False),
         _cfg(2, 4, 8, 64, 4, 2, False),
+        _cfg(1, 8, 8, 64, 4, 2, False),  # single-frame grids (images); also the fallback
     ]
 
 
 def _fits(c, args) -> bool:
-    """Whether config ``c`` can run this launch: a sliced walk needs the halo's h x w slice to fit
-    one block; tiles much larger than the grid gain nothing (a T=1 grid and BT=4); big tiles
-    spill at head dims over 128."""
+    """Whether config ``c`` suits this launch: a sliced walk needs the halo's h x w slice to fit
+    one block; tiles much larger than the grid gain nothing (BT=4 on a T=1 grid), and BT=1
+    tiles are kept for single-frame grids; big tiles spill at head dims over 128."""
     bt, bh, bw = c.kwargs["BT"], c.kwargs["BH"], c.kwargs["BW"]
     if c.kwargs["SLICED"] and (bh + 2 * args["RH"]) * (bw + 2 * args["RW"]) > c.kwargs["BLOCK_N"]:
         return False
     t, h, w = args["T"], args["H"], args["W"]
     if bt > triton.next_power_of_2(t) or bh > 2 * triton.next_power_of_2(h) or bw > 2 * triton.next_power_of_2(w):
         return False
+    if bt == 1 and t > 1 and not INTERPRET:
+        return False
     return not (args["BLOCK_D"] > 128 and bt * bh * bw > 64)
 
 
 def _fitting(configs, args):
-    """The configs that fit (see ``_fits``). A general-walk config always remains: the last one
-    of each list has small tiles, and only the sliced-walk condition can exclude all others."""
+    """The configs that suit the launch (see ``_fits``), or else the last general-walk config of
+    the list (a 64-query single-frame tile, correct for any launch, if slow on odd grids)."""
     kept = [c for c in configs if _fits(c, args)]
-    return kept or [c for c in configs if not c.kwargs["SLICED"]][-1:]
+    if not kept:
+        kept = [c for c in configs if not c.kwargs["SLICED"]][-1:]
+    if not kept:
+        raise ValueError(f"no Triton config of {configs} can run T, H, W = {args['T']}, {args['H']}, {args['W']} "
+                         f"with radii {args['RT']}, {args['RH']}, {args['RW']}")
+    return kept
 
 
 def _prune(configs, named_args, **kwargs):
@@ -604,7 +626,7 @@ def local_attention_forward(q, k, v, out, lse, table, n_window, grid, radii, sca
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        qk_scale=scale * LOG2E, **args,
+        qk_scale=scale * LOG2E, POS_SCALE=scale > 0, **args,
     )
 
 

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_attention import INTERPRET, _head_setup, _load_rows, _mm, _tile_count, _walk_block, _walk_setup
+from .local_attention import (INTERPRET, _head_setup, _load_rows, _masked_scores, _mm, _tile_count, _walk_block,
+                              _walk_setup)
 
 __all__ = ["routing_stats_global", "routing_stats_local", "CONFIG"]
 
@@ -31,26 +32,33 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _global_block(q, k_base, skn, start, N, d, dmask, m, l, e, qk_scale, BLOCK_N: tl.constexpr,
-                  EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr):
+                  EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, TAIL: tl.constexpr,
+                  POS_SCALE: tl.constexpr):
     """Keys ``start .. start+BLOCK_N``: online log-sum-exp (base 2) and the running sum of ``p * s``."""
     j = start + tl.arange(0, BLOCK_N)
     kvalid = j < N
     if TAIL:
         k = _load_rows(k_base, tl.where(kvalid, j, 0), skn, kvalid, d, dmask, EVEN_D)
-        s = tl.where(kvalid[None, :], _mm(q, tl.trans(k), DOT_PREC, UPCAST), float("-inf"))
+        s, c = _masked_scores(_mm(q, tl.trans(k), DOT_PREC, UPCAST), kvalid[None, :], qk_scale, POS_SCALE)
     else:
         if EVEN_D:
             k = tl.load(k_base + j[:, None] * skn + d[None, :])
         else:
             k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=dmask[None, :], other=0.0)
-        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST)
-    # every row has a finite score in every whole block, and the tail block is never the first
-    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST)  # a whole block: nothing to mask
+        if POS_SCALE:
+            c = qk_scale
+        else:
+            s = s * qk_scale
+            c = 1.0
+    # every whole block has a finite score per row, and m starts finite: no row shifts by -inf
+    m_new = tl.maximum(m, tl.max(s, 1) * c)
+    p = tl.math.exp2(s * c - m_new[:, None])
     alpha = tl.math.exp2(m - m_new)
     l = l * alpha + tl.sum(p, 1)
     if TAIL:
         s = tl.where(kvalid[None, :], s, 0.0)
+    # e sums p * s: raw scores with a positive scale, scaled (log2 units) otherwise
     e = e * alpha + tl.sum(p * s, 1)
     return m_new, l, e
 
@@ -58,9 +66,9 @@ def _global_block(q, k_base, skn, start, N, d, dmask, m, l, e, qk_scale, BLOCK_N
 @triton.jit(do_not_specialize=["N", "M", "q_stride", "D", "n_heads"])
 def _stats_global_kernel(
     Q, K, OUT, sqb, sqn, sqh, skb, skn, skh, so0, sob, soh,
-    N, M, q_stride, D, n_heads, qk_scale, sm_scale,
+    N, M, q_stride, D, n_heads, qk_scale, e_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -75,17 +83,17 @@ def _stats_global_kernel(
 
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: the first block's alpha is then 0, not NaN
     l = tl.zeros([BLOCK_M], tl.float32)
-    e = tl.zeros([BLOCK_M], tl.float32)  # sum of exp2(s * qk_scale - m) * s, raw scores s
+    e = tl.zeros([BLOCK_M], tl.float32)  # sum of exp2(scaled score - m) * s, see _global_block
     n_full = N // BLOCK_N
     for blk in range(0, n_full):
         m, l, e = _global_block(q, k_base, skn, blk * BLOCK_N, N, d, dmask, m, l, e, qk_scale, BLOCK_N, EVEN_D,
-                                DOT_PREC, UPCAST, False)
+                                DOT_PREC, UPCAST, False, POS_SCALE)
     if n_full * BLOCK_N < N:
         m, l, e = _global_block(q, k_base, skn, n_full * BLOCK_N, N, d, dmask, m, l, e, qk_scale, BLOCK_N, EVEN_D,
-                                DOT_PREC, UPCAST, True)
+                                DOT_PREC, UPCAST, True, POS_SCALE)
     base = OUT + b * sob + head * soh + tl.where(qvalid, i, 0)
     tl.store(base, (m + tl.math.log2(l)) * 0.6931471805599453, mask=qvalid)
-    tl.store(base + so0, e / l * sm_scale, mask=qvalid)
+    tl.store(base + so0, e / l * e_scale, mask=qvalid)
 
 
 @triton.jit
@@ -171,7 +179,8 @@ def routing_stats_global(q, k, scale, q_stride):
     _stats_global_kernel[launch](
         q, k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), N=n, M=m, q_stride=q_stride, n_heads=nh,
-        qk_scale=scale * LOG2E, sm_scale=scale, **_block_d(d), **_precision(q), **cfg,
+        qk_scale=scale * LOG2E, POS_SCALE=scale > 0, e_scale=scale if scale > 0 else 1.0 / LOG2E,
+        **_block_d(d), **_precision(q), **cfg,
     )
     return out
 
@@ -189,9 +198,10 @@ def routing_stats_local(q, k, lse_g, lse_local, grid, radii, scale, eps):
     if table is None:  # every head twice: as a window head, then as an intra head
         table = _HEAD_TABLES[key] = torch.arange(nh, dtype=torch.int32, device=q.device).repeat(2)
     out = torch.empty(2, b, nh, n, dtype=torch.float32, device=q.device)
-    cfg = _interp(LOCAL_CONFIG, BT=1)
-    cfg["SLICED"] = (cfg["BH"] + 2 * radii[1]) * (cfg["BW"] + 2 * radii[2]) <= cfg["BLOCK_N"]
     t, h, w = grid
+    # single-frame grids: 64-query tiles within the frame instead of 3/4 padding rows
+    cfg = _interp(LOCAL_CONFIG if t > 1 else {**LOCAL_CONFIG, "BT": 1, "BH": 8, "BW": 8}, BT=1)
+    cfg["SLICED"] = (cfg["BH"] + 2 * radii[1]) * (cfg["BW"] + 2 * radii[2]) <= cfg["BLOCK_N"]
     n_tiles = max(triton.cdiv(t, cfg["BT"]) * triton.cdiv(h, cfg["BH"]) * triton.cdiv(w, cfg["BW"]),
                   t * triton.cdiv(h * w, cfg["BT"] * cfg["BH"] * cfg["BW"]))
     _stats_local_kernel[(n_tiles, b * 2 * nh)](
