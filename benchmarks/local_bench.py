@@ -27,9 +27,8 @@ import oasis_kernels as ok  # noqa: E402
 
 #: (BT, BH, BW, BLOCK_N, num_warps, num_stages, sliced walk) candidates, timed one by one
 SWEEP = [
-    (4, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 3, True), (4, 4, 4, 32, 4, 2, True), (4, 4, 4, 32, 4, 3, True),
-    (8, 4, 4, 64, 8, 2, True), (2, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 2, False), (2, 4, 8, 64, 4, 2, False),
-    (2, 4, 8, 32, 4, 3, False),
+    (4, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 3, True), (4, 4, 4, 64, 8, 2, True), (8, 4, 4, 64, 8, 2, True),
+    (2, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 2, False), (2, 4, 8, 64, 4, 2, False), (2, 4, 8, 32, 4, 3, False),
 ]
 
 
