@@ -306,7 +306,7 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
     rows = build_rows(plan, args, device)
     passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
     if name in args.graphs:
-        passes += [f"{p} graph" for p in passes if p == "fwd" or args.graph_bwd]
+        passes += _graph_passes(passes, args)
     for row in rows:
         status = "ok"
         if row.ours:
@@ -572,9 +572,14 @@ def cpu_smoke(args) -> int:
     return 0 if worst < 1e-4 else 1
 
 
+def _graph_passes(passes, args) -> list[str]:
+    """The CUDA-graph variants of ``passes`` that ``--graphs``/``--graph-bwd`` ask for."""
+    return [f"{p} graph" for p in passes if p == "fwd" or args.graph_bwd]
+
+
 def _all_passes(results, passes, args) -> list[str]:
     graphs = any(name in args.graphs for name in results)
-    return passes + [f"{p} graph" for p in passes if p == "fwd" or args.graph_bwd] if graphs else passes
+    return passes + _graph_passes(passes, args) if graphs else passes
 
 
 def write_results(results, shapes, passes, env, ceilings, args):

@@ -97,6 +97,8 @@ def main(argv=None) -> int:
 
 def sweep(q, k, v, dout, plan, floor, bench, shape):
     """Each kernel of the Triton backend launched with each SWEEP config (no autotuner)."""
+    import triton
+
     from oasis_kernels.backends.triton_local import _radii
     from oasis_kernels.kernels import local_attention as la
 
@@ -104,40 +106,27 @@ def sweep(q, k, v, dout, plan, floor, bench, shape):
     b, n, h, d = q.shape
     table = torch.arange(h, dtype=torch.int32, device=q.device)
     n_window = h if plan.modes[0] == ok.Mode.WINDOW else 0
-    radii = _radii(plan) if n_window else (0, 0, 0)
-    args = la._common(q, plan.grid, radii, table, n_window)
-    scale = d ** -0.5
+    radii = _radii(plan, n_window)
+    launch = (table, n_window, plan.grid, radii, d ** -0.5)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-    delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    count = la._tiles_fn(plan.grid, n_window > 0, n_window < h)
+    delta = la.local_attention_backward_dq(dout, q, k, v, out, lse, dq, *launch)
     for bt, bh, bw, bn, warps, stages, sliced in SWEEP:
         if sliced and (bh + 2 * radii[1]) * (bw + 2 * radii[2]) > bn:
             continue
-        cfg = dict(BT=bt, BH=bh, BW=bw, BLOCK_N=bn, SLICED=sliced, num_warps=warps, num_stages=stages)
-        grid = (count(bt, bh, bw), b * h)
+        cfg = triton.Config({"BT": bt, "BH": bh, "BW": bw, "BLOCK_N": bn, "SLICED": sliced}, num_warps=warps,
+                            num_stages=stages)
         label = f"({bt},{bh},{bw}) N{bn} w{warps} s{stages} {'sliced' if sliced else 'general'}"
-
-        def fwd():
-            la._fwd_kernel[grid](
-                q, k, v, out, lse, table, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                *lse.stride()[:2], qk_scale=scale * la.LOG2E, POS_SCALE=True, **args, **cfg)
-
-        def dq_kernel():
-            la._bwd_dq_kernel[grid](
-                q, k, v, out, dout, dq, lse, delta, table, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                *out.stride()[:3], *dout.stride()[:3], *dq.stride()[:3], *lse.stride()[:2], *delta.stride()[:2],
-                qk_scale=scale * la.LOG2E, sm_scale=scale, **args, **cfg)
-
-        def dkdv_kernel():
-            la._bwd_dkdv_kernel[grid](
-                q, k, v, dout, dk, dv, lse, delta, table, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                *dout.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *lse.stride()[:2], *delta.stride()[:2],
-                qk_scale=scale * la.LOG2E, sm_scale=scale, **args, **cfg)
-
-        # each backward kernel against the whole backward's floor: their two ratios add up
-        for name, fn, fl in (("fwd", fwd, floor), ("bwd dq", dq_kernel, 2 * floor), ("bwd dkdv", dkdv_kernel, 2 * floor)):
+        kernels = (
+            ("fwd", lambda: la.local_attention_forward(q, k, v, out, lse, *launch, config=cfg), floor),
+            # each backward kernel against the whole backward's floor: their two ratios add up
+            ("bwd dq", lambda: la.local_attention_backward_dq(dout, q, k, v, out, lse, dq, *launch, config=cfg),
+             2 * floor),
+            ("bwd dkdv", lambda: la.local_attention_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, *launch,
+                                                                  config=cfg), 2 * floor),
+        )
+        for name, fn, fl in kernels:
             try:
                 fn()
                 t = bench(fn)

@@ -73,6 +73,19 @@ def _resolve_scale(scale, d: int) -> float:
     return float(scale)
 
 
+def _prepare(q, k, v, plan, scale):
+    """Validated inputs and the resolved scale. Every kernel reads the head dim as contiguous
+    rows (other strides are free), so a tensor strided there is copied once (``v is k`` stays so)."""
+    check_inputs(q, k, v, plan)
+    v_is_k = v is k
+    q, k = _unit_stride(q), _unit_stride(k)
+    return q, k, k if v_is_k else _unit_stride(v), _resolve_scale(scale, q.shape[-1])
+
+
+def _unit_stride(x):
+    return x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x
+
+
 def routed_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,10 +127,7 @@ def routed_attention(
         x x x x x      x x x x x       . . . . .
         (+ frame 2)    (frame 1 only)  (clipped at borders, never shifted)
     """
-    check_inputs(q, k, v, plan)
-    scale = _resolve_scale(scale, q.shape[-1])
-    # every kernel reads the head dim as contiguous rows; other strides are free
-    q, k, v = (x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x for x in (q, k, v))
+    q, k, v, scale = _prepare(q, k, v, plan, scale)
     for observe in _OBSERVERS:
         observe(q, k, plan, scale)
     request = normalize_backend(backend)
@@ -132,12 +142,10 @@ def attention_lse(q, k, plan: RoutingPlan, *, scale: float | None = None, backen
     Runs the routed forward with ``v = k`` (its output is dropped) without autograd and without
     notifying observers, so a calibration observer may call it.
     """
-    check_inputs(q, k, k, plan)
-    scale = _resolve_scale(scale, q.shape[-1])
-    q, k = (x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x for x in (q, k))
+    q, k, v, scale = _prepare(q, k, k, plan, scale)
     grid, modes, window = plan.as_op_args()
     with torch.no_grad():
-        _, lse = routed_attention_fwd(q, k, k, grid, modes, window, scale, normalize_backend(backend), True)
+        _, lse = routed_attention_fwd(q, k, v, grid, modes, window, scale, normalize_backend(backend), True)
     return lse
 
 

@@ -9,7 +9,7 @@ import torch
 from ..plan import Mode
 from .base import Backend
 
-__all__ = ["TritonLocalBackend"]
+__all__ = ["TritonLocalBackend", "input_limits"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -63,12 +63,7 @@ class TritonLocalBackend(Backend):
             reasons.append(f"head dim must be a multiple of 16 in [16, 256], got {d}")
         if q.stride(-1) != 1:
             reasons.append(f"needs unit stride on the head dim, got {q.stride()=}")
-        if _extent(q) >= 2**31:
-            reasons.append(f"offsets within one batch item overflow int32 for {q.shape=}, {q.stride()=}")
-        if mode == Mode.WINDOW and max(_radii(plan)) > kernels.MAX_RADIUS:
-            reasons.append(f"window radii up to {kernels.MAX_RADIUS} per axis (clipped to the grid), got "
-                           f"{_radii(plan)} for window {plan.window} on grid {plan.grid}")
-        return reasons
+        return reasons + input_limits(_radii(plan) if mode == Mode.WINDOW else (0, 0, 0), q=q)
 
     def why_not_auto(self, mode, q, plan) -> list[str]:
         reasons = self.why_not(mode, q, plan)
@@ -77,7 +72,7 @@ class TritonLocalBackend(Backend):
         return reasons
 
     def forward(self, q, k, v, out, lse, plan, groups, scale):
-        _check_extents(k, v)
+        _check_extents(k=k, v=v)
         kernels, _ = _kernels()
         table, n_window = _head_table(groups, q.device)
         kernels.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan, n_window), scale)
@@ -95,11 +90,26 @@ def _extent(x) -> int:
     return sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
 
 
-def _check_extents(*tensors):
-    for x in tensors:
+def input_limits(radii, **tensors) -> list[str]:
+    """Why the Triton kernels (attention and routing statistics) cannot take these window radii
+    (already clipped to the grid) or tensors: the 10-bit visibility codes and int32 offsets."""
+    kernels, err = _kernels()
+    if kernels is None:
+        return [err]
+    reasons = []
+    if max(radii) > kernels.MAX_RADIUS:
+        reasons.append(f"window radii up to {kernels.MAX_RADIUS} per axis (clipped to the grid), got {radii}")
+    for name, x in tensors.items():
         if _extent(x) >= 2**31:
-            raise ValueError(f"triton backend: offsets within one batch item overflow int32 for {x.shape=}, "
-                             f"{x.stride()=}; make the tensor contiguous or use another backend")
+            reasons.append(f"offsets within one batch item overflow int32 for {name}.shape={tuple(x.shape)}, "
+                           f"{name}.stride()={x.stride()}")
+    return reasons
+
+
+def _check_extents(**tensors):
+    reasons = input_limits((0, 0, 0), **tensors)
+    if reasons:
+        raise ValueError(f"triton backend: {'; '.join(reasons)}; make the tensor contiguous or use another backend")
 
 
 def _radii(plan, n_window=1):

@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["local_attention_forward", "local_attention_backward", "chosen_configs", "INTERPRET", "MAX_RADIUS"]
+__all__ = ["local_attention_forward", "local_attention_backward", "local_attention_backward_dq",
+           "local_attention_backward_dkdv", "chosen_configs", "INTERPRET", "MAX_RADIUS"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: OASIS_TRITON_AUTOTUNE=0 uses the first config of each list (fast start for tests and sweeps)
@@ -554,13 +555,16 @@ class _Tuned:
         self.tuned = (triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
                       if AUTOTUNE else None)
 
-    def __getitem__(self, grid):
-        if self.tuned is not None:
+    def launcher(self, grid, config=None):
+        """What ``kernel[grid]`` would be: autotuned, or with ``config`` (a ``triton.Config``) or,
+        without autotuning, the first config that fits."""
+        if config is None and self.tuned is not None:
             return self.tuned[grid]
 
         def run(*args, **kwargs):
-            cfg = _fitting(self.configs, kwargs)[0]
-            self.manual[tuple(kwargs[k] for k in _KEY)] = cfg
+            cfg = config or _fitting(self.configs, kwargs)[0]
+            if config is None:
+                self.manual[tuple(kwargs[k] for k in _KEY)] = cfg
             launch = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
             return self.kernel[launch](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                        num_stages=cfg.num_stages)
@@ -614,43 +618,54 @@ def _common(q, grid, radii, table, n_window):
 LOG2E = 1.4426950408889634
 
 
-def local_attention_forward(q, k, v, out, lse, table, n_window, grid, radii, scale):
+def _launch(tuned, q, table, n_window, grid, config):
+    count = _tiles_fn(grid, n_window > 0, n_window < table.shape[0])
+    return tuned.launcher(_launch_grid(count, q.shape[0], table.shape[0]), config)
+
+
+def local_attention_forward(q, k, v, out, lse, table, n_window, grid, radii, scale, config=None):
     """Launch the forward for the heads in ``table`` (int32 ``[n_local]``: window heads, then intra).
 
     ``q, k, v, out``: ``[B, N, heads, D]`` with unit stride on D; ``lse``: ``[B, heads, N]``.
+    ``config``: a ``triton.Config`` instead of the autotuner's choice (benchmarks/local_bench.py).
     """
-    b = q.shape[0]
-    args = _common(q, grid, radii, table, n_window)
-    launch = _launch_grid(_tiles_fn(grid, n_window > 0, n_window < table.shape[0]), b, table.shape[0])
-    _fwd_tuned[launch](
+    _launch(_fwd_tuned, q, table, n_window, grid, config)(
         q, k, v, out, lse, table,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
-        qk_scale=scale * LOG2E, POS_SCALE=scale > 0, **args,
+        qk_scale=scale * LOG2E, POS_SCALE=scale > 0, **_common(q, grid, radii, table, n_window),
     )
 
 
-def local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale):
-    """dQ (and ``delta``) first, then dK/dV, which reads ``delta``."""
-    b = q.shape[0]
-    n = q.shape[1]
-    args = _common(q, grid, radii, table, n_window)
-    delta = torch.empty(b, table.shape[0], n, dtype=torch.float32, device=q.device)
-    launch = _launch_grid(_tiles_fn(grid, n_window > 0, n_window < table.shape[0]), b, table.shape[0])
-    _dq_tuned[launch](
+def local_attention_backward_dq(dout, q, k, v, out, lse, dq, table, n_window, grid, radii, scale, config=None):
+    """dQ, and ``delta = rowsum(dO * O)`` (returned, ``[B, n_local, N]`` float32) for dK/dV."""
+    delta = torch.empty(q.shape[0], table.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    _launch(_dq_tuned, q, table, n_window, grid, config)(
         q, k, v, out, dout, dq, lse, delta, table,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
-        qk_scale=scale * LOG2E, sm_scale=scale, **args,
+        qk_scale=scale * LOG2E, sm_scale=scale, **_common(q, grid, radii, table, n_window),
     )
-    _dkdv_tuned[launch](
+    return delta
+
+
+def local_attention_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, table, n_window, grid, radii, scale,
+                                  config=None):
+    """dK and dV, from the ``delta`` of :func:`local_attention_backward_dq`."""
+    _launch(_dkdv_tuned, q, table, n_window, grid, config)(
         q, k, v, dout, dk, dv, lse, delta, table,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
-        qk_scale=scale * LOG2E, sm_scale=scale, **args,
+        qk_scale=scale * LOG2E, sm_scale=scale, **_common(q, grid, radii, table, n_window),
     )
+
+
+def local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale):
+    """dQ (and ``delta``) first, then dK/dV, which reads ``delta``."""
+    delta = local_attention_backward_dq(dout, q, k, v, out, lse, dq, table, n_window, grid, radii, scale)
+    local_attention_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, table, n_window, grid, radii, scale)

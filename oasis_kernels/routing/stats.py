@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import attention_lse
+from ..api import _unit_stride, attention_lse
+from ..backends.triton_local import input_limits
 from ..masks import WindowMask, grid_coords
 from ..plan import Mode, RoutingPlan, normalize_grid, normalize_window
 
@@ -83,24 +84,6 @@ def _check(q, k, grid, query_stride):
         raise ValueError(f"query_stride must be a positive int, got {query_stride=}")
 
 
-def _triton_limits(q, k, grid, window) -> list[str]:
-    """Why the Triton kernels cannot run these inputs (empty when they can)."""
-    try:
-        from ..kernels.local_attention import MAX_RADIUS
-    except Exception as exc:  # ImportError, or a Triton that fails to initialise
-        return [f"cannot import the Triton kernels: {type(exc).__name__}: {exc}"]
-    reasons = []
-    radii = _radii(grid, window)
-    if max(radii) > MAX_RADIUS:
-        reasons.append(f"window radii up to {MAX_RADIUS} per axis (clipped to the grid), got {radii} for {window=}")
-    for name, x in (("q", q), ("k", k)):
-        extent = sum((size - 1) * stride for size, stride in zip(x.shape[1:], x.stride()[1:]))
-        if extent >= 2**31:
-            reasons.append(f"offsets within one batch item overflow int32 for {name}.shape={tuple(x.shape)}, "
-                           f"{name}.stride()={x.stride()}")
-    return reasons
-
-
 def _assemble(lse_g, lse_i, lse_w, es_g, t_i, t_w, n, eps) -> HeadStatistics:
     mass_i = torch.exp(lse_i - lse_g)
     mass_w = torch.exp(lse_w - lse_g)
@@ -128,8 +111,8 @@ def head_statistics(q, k, grid, window=(3, 5, 5), *, eps: float = 1e-6, query_st
         raise ValueError(f"eps must be in (0, 1), got {eps=}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # the kernels read the head dim as contiguous rows
-    q, k = (x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x for x in (q, k))
-    unsupported = _triton_limits(q, k, grid, window)
+    q, k = _unit_stride(q), _unit_stride(k)
+    unsupported = input_limits(_radii(grid, window), q=q, k=k) if backend != "reference" else []
     if backend == "auto":
         backend = "triton" if q.is_cuda and q.dtype != torch.float64 and not unsupported else "reference"
     if backend == "triton" and unsupported:
