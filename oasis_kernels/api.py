@@ -3,7 +3,9 @@
 Every function takes ``q, k, v`` of shape ``[B, N, heads, D]`` (FlashAttention's and
 Wan2.1's layout) with the ``N = T*H*W`` tokens flattened t-major, then h, then w, and
 returns ``out`` of the same shape (plus ``lse [B, heads, N]`` with ``return_lse=True``).
-All of them go through the ``oasis_kernels::routed_attention_fwd`` custom op.
+All of them go through the ``oasis_kernels::routed_attention_fwd`` custom op when traced by
+``torch.compile``, and through the same dispatch without the op's wrappers in eager mode
+(:func:`oasis_kernels.ops.routed_attention_call`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Mapping
 import torch
 
 from .dispatch import normalize_backend
-from .ops import routed_attention_fwd
+from .ops import routed_attention_call
 from .plan import Mode, RoutingPlan
 
 __all__ = ["routed_attention", "global_attention", "intra_frame_attention", "window_attention", "check_inputs",
@@ -132,7 +134,7 @@ def routed_attention(
         observe(q, k, plan, scale)
     request = normalize_backend(backend)
     grid, modes, window = plan.as_op_args()
-    out, lse = routed_attention_fwd(q, k, v, grid, modes, window, scale, request, bool(deterministic))
+    out, lse = routed_attention_call(q, k, v, grid, modes, window, scale, request, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -145,7 +147,7 @@ def attention_lse(q, k, plan: RoutingPlan, *, scale: float | None = None, backen
     q, k, v, scale = _prepare(q, k, k, plan, scale)
     grid, modes, window = plan.as_op_args()
     with torch.no_grad():
-        _, lse = routed_attention_fwd(q, k, v, grid, modes, window, scale, normalize_backend(backend), True)
+        _, lse = routed_attention_call(q, k, v, grid, modes, window, scale, normalize_backend(backend), True)
     return lse
 
 

@@ -1,10 +1,16 @@
-"""``torch.library`` custom ops behind every entry point.
+"""``torch.library`` custom ops behind every entry point, and the eager fast path beside them.
 
 Two ops, ``oasis_kernels::routed_attention_fwd`` and ``oasis_kernels::routed_attention_bwd``,
 take the plan as plain lists of ints so ``torch.compile`` sees an opaque call with a fake
 (meta) implementation: no graph break, and for a fixed plan no recompilation. Autograd is
 registered on the forward op and calls the backward op, which is itself a custom op, so the
 backward graph is compiled the same way.
+
+Eager calls on plain tensors skip the custom-op machinery: :func:`routed_attention_call` runs
+the same dispatch under a ``torch.autograd.Function``. On the H200 the op's wrappers cost
+~0.2 ms of host time per forward and ~1.5 ms per forward+backward (``scripts/host_parts.py``,
+docs/PERF.md), several times the GPU time of a small layer. Under ``torch.compile``, for
+fake or other tensor subclasses, and for meta tensors the op is used, so tracing sees it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from .dispatch import run_backward, run_forward
 from .plan import RoutingPlan
 from .reference import accumulate_dtype
 
-__all__ = ["routed_attention_fwd", "routed_attention_bwd"]
+__all__ = ["routed_attention_fwd", "routed_attention_bwd", "routed_attention_call"]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -76,3 +82,38 @@ def _backward(ctx, dout, dlse):
 
 
 torch.library.register_autograd("oasis_kernels::routed_attention_fwd", _backward, setup_context=_setup_context)
+
+
+class _RoutedAttention(torch.autograd.Function):
+    """The eager twin of the op with its registered autograd: same dispatch, same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, grid, modes, window, scale, backend, deterministic):
+        out, lse = run_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend)
+        _setup_context(ctx, (q, k, v, grid, modes, window, scale, backend, deterministic), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grid, modes, window, scale, backend, deterministic = ctx.args
+        plan = _plan(tuple(grid), tuple(modes), tuple(window))
+        dq, dk, dv = run_backward(dout.contiguous(), q, k, v, out, lse, plan, scale, backend, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def _eager(x: Tensor) -> bool:
+    # plain tensors on a real device, outside any tracing: FakeTensor, functional and other
+    # subclasses, and meta tensors go through the op so its fake implementation serves them
+    return type(x) is Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+
+
+def routed_attention_call(q: Tensor, k: Tensor, v: Tensor, grid: list[int], modes: list[int], window: list[int],
+                          scale: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
+    """``routed_attention_fwd`` with autograd, through the op when traced and directly in eager mode."""
+    if not (_eager(q) and _eager(k) and _eager(v)):
+        return routed_attention_fwd(q, k, v, grid, modes, window, scale, backend, deterministic)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _RoutedAttention.apply(q, k, v, grid, modes, window, scale, backend, deterministic)
+    out, lse = run_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend)
+    return out, lse
