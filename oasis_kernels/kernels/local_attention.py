@@ -35,11 +35,14 @@ Kernels
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
 
 __all__ = ["local_attention_forward", "local_attention_backward", "local_attention_backward_dq",
            "local_attention_backward_dkdv", "chosen_configs", "INTERPRET", "MAX_RADIUS"]
@@ -47,6 +50,8 @@ __all__ = ["local_attention_forward", "local_attention_backward", "local_attenti
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: OASIS_TRITON_AUTOTUNE=0 uses the first config of each list (fast start for tests and sweeps)
 AUTOTUNE = os.environ.get("OASIS_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
+#: OASIS_TRITON_DIRECT_LAUNCH=0 sends every launch through Triton's launch path (see ``_Tuned``)
+DIRECT_LAUNCH = os.environ.get("OASIS_TRITON_DIRECT_LAUNCH", "1") != "0" and not INTERPRET
 #: largest window radius per axis: the visibility codes keep each axis in a 10-bit field
 MAX_RADIUS = 120
 
@@ -544,9 +549,39 @@ def _prune(configs, named_args, **kwargs):
 _KEY = ["T", "H", "W", "RT", "RH", "RW", "n_local", "n_window", "BLOCK_D"]
 
 
+def _no_launch_hooks() -> bool:
+    """No launch hook (e.g. Triton's profiler) is registered: the direct path calls none."""
+    hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    return all(h is None or not getattr(h, "calls", True) for h in hooks)
+
+
+def _spec_key(args, kwargs) -> tuple:
+    """Everything Triton specializes a launch on, and more: each tensor's dtype and 16-byte
+    alignment, every int and constexpr by value (floats are plain runtime arguments)."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append(a.dtype)
+            key.append(a.data_ptr() % 16 == 0)
+        else:
+            key.append(a)
+    key.extend(v for v in kwargs.values() if not isinstance(v, float))
+    return tuple(key)
+
+
 class _Tuned:
     """A kernel launched with Triton's autotuner over ``configs``, or, without autotuning (tests,
-    the interpreter), with the first config that fits; ``chosen`` records either choice."""
+    the interpreter), with the first config that fits; ``chosen`` records either choice.
+
+    Direct launches: Triton's launch path (autotuner lookup, argument binding and
+    specialization, cache key) costs 40-130 us of host time per launch here, more than the GPU
+    time of the kernels at small shapes (docs/PERF.md). The first launch of each
+    :func:`_spec_key` goes through it; the compiled kernel it returns, the config and the grid
+    are kept, and later launches with the same key call the compiled kernel's launcher
+    directly with the arguments in signature order, as ``JITFunction.run`` does (with no launch
+    metadata or hooks: the direct path is off while a launch hook is registered). The key holds
+    every value Triton specializes on, so a hit launches exactly the kernel Triton would pick.
+    """
 
     def __init__(self, kernel, configs):
         self.kernel = kernel
@@ -554,22 +589,57 @@ class _Tuned:
         self.manual: dict = {}
         self.tuned = (triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
                       if AUTOTUNE else None)
+        self.direct: dict = {}
 
-    def launcher(self, grid, config=None):
+    def launcher(self, grid, config=None, grid_key=()):
         """What ``kernel[grid]`` would be: autotuned, or with ``config`` (a ``triton.Config``) or,
-        without autotuning, the first config that fits."""
-        if config is None and self.tuned is not None:
-            return self.tuned[grid]
+        without autotuning, the first config that fits. ``grid_key``: the values ``grid`` reads
+        beyond the kernel's arguments (a direct launch reuses the grid of its first launch)."""
 
         def run(*args, **kwargs):
-            cfg = config or _fitting(self.configs, kwargs)[0]
-            if config is None:
-                self.manual[tuple(kwargs[k] for k in _KEY)] = cfg
-            launch = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
-            return self.kernel[launch](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
-                                       num_stages=cfg.num_stages)
+            key = None
+            if DIRECT_LAUNCH and _no_launch_hooks():
+                # the config lists and the autotuner are part of the key: tests swap them
+                key = (id(config), id(self.configs), self.tuned is None, grid_key, _spec_key(args, kwargs))
+                hit = self.direct.get(key)
+                if hit is not None:
+                    return self._direct_launch(hit, args, kwargs)
+            if config is None and self.tuned is not None:
+                compiled = self.tuned[grid](*args, **kwargs)
+                cfg = self.tuned.best_config
+            else:
+                cfg = config or _fitting(self.configs, kwargs)[0]
+                if config is None:
+                    self.manual[tuple(kwargs[k] for k in _KEY)] = cfg
+                launch = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
+                compiled = self.kernel[launch](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
+                                               num_stages=cfg.num_stages)
+            if key is not None and compiled is not None:
+                self._remember(key, compiled, cfg, grid, args, kwargs)
+            return compiled
 
         return run
+
+    def _remember(self, key, compiled, cfg, grid, args, kwargs):
+        names = self.kernel.arg_names[len(args):]
+        fixed = {**kwargs, **cfg.kwargs}
+        if not all(n in fixed for n in names):  # an argument left to its default: keep Triton's path
+            return
+        launch = grid(fixed) if callable(grid) else grid
+        launch = tuple(launch) + (1,) * (3 - len(launch))
+        if len(self.direct) > 256:
+            self.direct.clear()
+        self.direct[key] = (compiled, launch, names, cfg.kwargs)
+
+    @staticmethod
+    def _direct_launch(hit, args, kwargs):
+        compiled, (g0, g1, g2), names, cfg_kwargs = hit
+        tail = [kwargs[n] if n in kwargs else cfg_kwargs[n] for n in names]
+        device = driver.active.get_current_device()
+        stream = driver.active.get_current_stream(device)
+        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *tail)
+        return compiled
 
     def chosen(self) -> dict:
         cache = self.tuned.cache if self.tuned is not None else self.manual
@@ -605,13 +675,18 @@ def _tiles_fn(grid, has_window, has_intra):
 
 
 def _common(q, grid, radii, table, n_window):
-    d = q.shape[-1]
+    return _common_args(q.dtype, q.shape[-1], tuple(grid), tuple(radii), table.shape[0], n_window)
+
+
+@functools.lru_cache(maxsize=256)
+def _common_args(dtype, d, grid, radii, n_local, n_window):
+    # per layer shape, not per call: the launch path is host-bound at small shapes
     block_d = max(16, triton.next_power_of_2(d))
     return dict(
         T=grid[0], H=grid[1], W=grid[2], RT=radii[0], RH=radii[1], RW=radii[2],
-        n_local=table.shape[0], n_window=n_window, D=d, BLOCK_D=block_d, EVEN_D=(block_d == d),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        n_local=n_local, n_window=n_window, D=d, BLOCK_D=block_d, EVEN_D=(block_d == d),
+        DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+        UPCAST=INTERPRET and dtype == torch.bfloat16,
     )
 
 
@@ -620,7 +695,7 @@ LOG2E = 1.4426950408889634
 
 def _launch(tuned, q, table, n_window, grid, config):
     count = _tiles_fn(grid, n_window > 0, n_window < table.shape[0])
-    return tuned.launcher(_launch_grid(count, q.shape[0], table.shape[0]), config)
+    return tuned.launcher(_launch_grid(count, q.shape[0], table.shape[0]), config, grid_key=q.shape[0])
 
 
 def local_attention_forward(q, k, v, out, lse, table, n_window, grid, radii, scale, config=None):
