@@ -23,6 +23,7 @@ script exits 0 (GPU figures need CUDA).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -61,6 +62,7 @@ class Row:
     heads: list[int]                 # which heads of the inputs the row computes
     plan: ok.RoutingPlan             # what the row computes, for FLOPs, bytes and checking
     ours: bool = False
+    context: object = contextlib.nullcontext  # entered around every timed call (fwd, or fwd+bwd)
     setup_s: float = 0.0             # mask build time etc., reported apart from the timing
     results: dict = field(default_factory=dict)
 
@@ -91,7 +93,7 @@ def _sdpa_row(name, group, backend, heads, plan, frame_batched=False):
     return Row(name, group, make, heads, plan)
 
 
-def _ours_row(name, group, plan, heads, backend):
+def _ours_row(name, group, plan, heads, backend, context=contextlib.nullcontext):
     sub = ok.RoutingPlan(plan.grid, [plan.modes[h] for h in heads], plan.window)
     contiguous = heads == list(range(heads[0], heads[-1] + 1))
 
@@ -99,7 +101,7 @@ def _ours_row(name, group, plan, heads, backend):
         sel = [x[:, :, heads[0]:heads[-1] + 1] if contiguous else x[:, :, heads] for x in (q, k, v)]
         return lambda: ok.routed_attention(*sel, sub, backend=backend)
 
-    return Row(name, group, make, heads, sub, ours=True)
+    return Row(name, group, make, heads, sub, ours=True, context=context)
 
 
 def _flex_mask_mod(plan: ok.RoutingPlan, heads, device):
@@ -158,6 +160,8 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
     if on("ours"):
         rows.append(_ours_row("routed, oasis auto", "routed", plan, all_heads, "auto"))
         if cuda:
+            rows.append(_ours_row("routed, oasis auto, one stream (no overlap)", "routed", plan, all_heads, "auto",
+                                  context=ok.single_stream))
             rows.append(_ours_row("routed, oasis triton (all local heads)", "routed", plan, all_heads, "triton"))
         if not cuda or plan.num_tokens <= 8192:
             rows.append(_ours_row("routed, oasis reference", "routed", plan, all_heads, "reference"))
@@ -244,7 +248,7 @@ def _callable(row: Row, sets, pass_):
 
         def fwd():
             run, _ = next(cycle)
-            with torch.no_grad():
+            with torch.no_grad(), row.context():
                 return run()
         return fwd
 
@@ -256,7 +260,8 @@ def _callable(row: Row, sets, pass_):
 
     def fwdbwd():
         run, inputs, do = next(cycle)
-        torch.autograd.grad(run(), inputs, do)
+        with row.context():
+            torch.autograd.grad(run(), inputs, do)
     return fwdbwd
 
 
@@ -279,7 +284,7 @@ def _graphed(fn, n_calls: int):
 
 def check_row(row: Row, q, k, v, reference) -> tuple[bool, float]:
     run, _ = _runner(row, q, k, v)
-    with torch.no_grad():
+    with torch.no_grad(), row.context():
         out = run()
     ref = reference[:, :, row.heads]
     err = (out.float() - ref.float()).abs().max().item()

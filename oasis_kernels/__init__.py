@@ -6,7 +6,7 @@
 """
 
 from .api import attention_lse, global_attention, intra_frame_attention, routed_attention, window_attention
-from .dispatch import BackendError, Dispatch, GroupDecision, decide, explain
+from .dispatch import BackendError, Dispatch, GroupDecision, decide, explain, single_stream
 from .masks import BoxMask, GlobalMask, IntraFrameMask, WindowMask, mask_for
 from .plan import Mode, RoutingPlan, head_runs, normalize_grid, normalize_window
 from .reference import dense_reference
@@ -23,6 +23,7 @@ __all__ = [
     "Mode",
     "decide",
     "explain",
+    "single_stream",
     "Dispatch",
     "GroupDecision",
     "BackendError",

@@ -3,17 +3,24 @@
 ``decide`` is pure (same inputs, same answer) and cached; ``explain`` prints it. The
 forward/backward runners allocate the outputs once and let each backend write its heads'
 slices, so routed attention costs no gather or concatenation of head groups.
+
+On CUDA the global heads run on the caller's stream and the local (intra-frame, window) heads
+on a side stream forked from it and joined back before returning, so the local kernels fill
+the SMs the global kernels leave idle (their last wave; most of the GPU at small shapes).
+``OASIS_OVERLAP=0``, or the :func:`single_stream` context, runs everything on the caller's stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
-from .backends import BACKENDS, PRIORITY, expand_backend_name
+from .backends import BACKENDS, expand_backend_name, priority
 from .plan import Mode, RoutingPlan
 from .reference import accumulate_dtype
 
@@ -26,6 +33,7 @@ __all__ = [
     "explain",
     "run_forward",
     "run_backward",
+    "single_stream",
 ]
 
 log = logging.getLogger("oasis_kernels")
@@ -123,10 +131,11 @@ def _request_for(request: str, mode: Mode) -> str:
 
 def _choose_auto(mode, q, plan) -> GroupDecision:
     declined = []
-    for name in PRIORITY[mode]:
+    order, note = priority(mode, q, plan)
+    for name in order:
         reasons = BACKENDS[name].why_not_auto(mode, q, plan)
         if not reasons:
-            return GroupDecision(mode, plan.heads_of(mode), name, tuple(declined))
+            return GroupDecision(mode, plan.heads_of(mode), name, tuple(declined), note=note)
         declined.append((name, tuple(reasons)))
     detail = "; ".join(f"{n}: {' / '.join(r)}" for n, r in declined)
     raise BackendError(f"no backend can run the {mode.name.lower()} heads of {plan} for {q.shape=}, {q.dtype=}, "
@@ -189,22 +198,82 @@ def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto
     return str(decide(q, plan, backend))
 
 
+#: OASIS_OVERLAP=0 keeps every head group on the caller's stream
+OVERLAP = os.environ.get("OASIS_OVERLAP", "1") != "0"
+_SIDE_STREAMS: dict = {}
+
+
+@contextlib.contextmanager
+def single_stream():
+    """Inside this block every head group runs on the caller's stream (no side stream), for
+    debugging and for measuring what the overlap gains. Covers calls made in the block,
+    forward and backward; not thread-local."""
+    global OVERLAP
+    previous, OVERLAP = OVERLAP, False
+    try:
+        yield
+    finally:
+        OVERLAP = previous
+
+
+def _side_stream(device) -> "torch.cuda.Stream":
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def _run_groups(dispatch: Dispatch, device, work) -> None:
+    """``work(backend, groups)`` for every backend call: global heads first on the caller's
+    stream (their blocks are queued first, so they keep the critical path), the other heads
+    after them on the side stream, which the caller's stream then waits for.
+
+    Outputs are allocated on the caller's stream before and used on it after the join, so the
+    caching allocator needs no ``record_stream``; temporaries of the side work are allocated,
+    used and freed on the side stream. CUDA-graph capture follows the fork and the join.
+    """
+    main = [(d.backend, [(d.mode, d.heads)]) for d in dispatch.decisions if d.mode == Mode.GLOBAL]
+    side: dict[str, list] = {}
+    for d in dispatch.decisions:
+        if d.mode != Mode.GLOBAL:
+            side.setdefault(d.backend, []).append((d.mode, d.heads))
+    if not (OVERLAP and main and side and device.type == "cuda"):
+        for name, groups in dispatch.calls():
+            work(name, groups)
+        return
+    caller = torch.cuda.current_stream(device)
+    stream = _side_stream(device)
+    stream.wait_stream(caller)
+    for name, groups in main:
+        work(name, groups)
+    with torch.cuda.stream(stream):
+        for name, groups in side.items():
+            work(name, groups)
+    caller.wait_stream(stream)
+
+
 def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
     """``(out [B, N, heads, D], lse [B, heads, N])`` with each head group on its backend."""
     dispatch = _decide_cached(q, plan, request, k, v)
     b, n, nh, d = q.shape
     out = torch.empty(b, n, nh, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, nh, n, dtype=accumulate_dtype(q.dtype), device=q.device)
-    for name, groups in dispatch.calls():
+
+    def work(name, groups):
         log.debug("forward %s -> %s", groups, name)
         BACKENDS[name].forward(q, k, v, out, lse, plan, groups, scale)
+
+    _run_groups(dispatch, q.device, work)
     return out, lse
 
 
 def run_backward(dout, q, k, v, out, lse, plan: RoutingPlan, scale: float, request: str, deterministic: bool):
     dispatch = _decide_cached(q, plan, request, k, v)
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
-    for name, groups in dispatch.calls():
+
+    def work(name, groups):
         log.debug("backward %s -> %s", groups, name)
         BACKENDS[name].backward(dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic)
+
+    _run_groups(dispatch, q.device, work)
     return dq, dk, dv

@@ -5,7 +5,7 @@ import torch
 
 import oasis_kernels as ok
 from conftest import DEVICE
-from oasis_kernels.backends import BACKENDS, PRIORITY
+from oasis_kernels.backends import BACKENDS, PRIORITY, SMALL_INTRA_FLOPS, priority
 from oasis_kernels.dispatch import _decide_cached
 
 PLAN = ok.RoutingPlan((2, 3, 5), ["g", "w", "i", "g"], (3, 3, 3))
@@ -18,12 +18,30 @@ def test_every_mode_gets_a_backend_and_reasons_are_reported():
     assert d.decisions[0].heads == (0, 3)
     for g in d.decisions:
         assert g.backend in BACKENDS
-        chosen_at = PRIORITY[g.mode].index(g.backend)
+        order, _ = priority(g.mode, q, PLAN)
+        chosen_at = order.index(g.backend)
         # every backend ahead of the chosen one declined, each with at least one reason
-        assert [n for n, _ in g.declined] == list(PRIORITY[g.mode][:chosen_at])
+        assert [n for n, _ in g.declined] == list(order[:chosen_at])
         assert all(reasons for _, reasons in g.declined)
     text = ok.explain(q, PLAN)
     assert "global heads [0, 3] ->" in text and "declined:" in text
+
+
+def test_small_intra_layers_try_triton_first_on_cuda():
+    # a tiny layer: 4 * 30 tokens * 5 per frame * 64 * 1 intra head, far below the threshold
+    assert 4 * 30 * 5 * 64 < SMALL_INTRA_FLOPS
+    cpu_order, cpu_note = priority(ok.Mode.INTRA, torch.empty(1, 30, 4, 64), PLAN)
+    assert (cpu_order, cpu_note) == (PRIORITY[ok.Mode.INTRA], "")
+    # the rule reads shapes and the device type only, so a CUDA-typed meta stand-in is enough
+    cuda_like = type("Q", (), {"shape": (1, 30, 4, 64), "device": torch.device("cuda")})()
+    order, note = priority(ok.Mode.INTRA, cuda_like, PLAN)
+    assert order[0] == "triton" and order[1:] == PRIORITY[ok.Mode.INTRA] and "small intra layer" in note
+    # the paper's A shape with 4 intra heads keeps cuDNN first
+    grid_a = (9, 45, 80)
+    plan_a = ok.RoutingPlan.from_counts(grid_a, 5, 4, 3)
+    big = type("Q", (), {"shape": (1, 9 * 45 * 80, 12, 128), "device": torch.device("cuda")})()
+    assert priority(ok.Mode.INTRA, big, plan_a) == (PRIORITY[ok.Mode.INTRA], "")
+    assert priority(ok.Mode.GLOBAL, cuda_like, PLAN) == (PRIORITY[ok.Mode.GLOBAL], "")
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU dispatch")

@@ -9,7 +9,7 @@ from .flash import Flash2Backend, Flash3Backend
 from .reference import ReferenceBackend
 from .triton_local import TritonLocalBackend
 
-__all__ = ["Backend", "BACKENDS", "ALIASES", "PRIORITY", "expand_backend_name"]
+__all__ = ["Backend", "BACKENDS", "ALIASES", "PRIORITY", "SMALL_INTRA_FLOPS", "expand_backend_name", "priority"]
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
@@ -41,6 +41,28 @@ PRIORITY: dict[Mode, tuple[str, ...]] = {
     Mode.INTRA: _DENSE + ("triton", "reference"),
     Mode.WINDOW: ("triton", "reference"),
 }
+
+
+#: Intra-frame layers below this many forward FLOPs (``4 * B * N * H*W * D`` per head) go to
+#: the Triton launch first: there the host time of a dense call (~70 us forward, ~110 us
+#: backward on the H200, plus its copies) outweighs the GPU time the Triton kernel loses to
+#: cuDNN (~1.5x slower per FLOP). Break-even: FLOPs * 3.5 * (1/250 - 1/400) TFLOP/s ~ 0.15 ms
+#: at ~3e10 FLOPs. At the paper's shapes: S (5,20,40) with 4 intra heads 6.6e9 (Triton), A (9,45,80)
+#: 2.7e11 (cuDNN). docs/PERF.md has the measurement.
+SMALL_INTRA_FLOPS = 3e10
+
+
+def priority(mode: Mode, q, plan) -> tuple[tuple[str, ...], str]:
+    """The order ``auto`` tries for ``mode``'s heads of ``plan`` on inputs like ``q``, and a note
+    when it is not :data:`PRIORITY`'s."""
+    if mode == Mode.INTRA and q.device.type == "cuda":
+        b, n, _, d = q.shape
+        t, h, w = plan.grid
+        flops = 4 * b * n * h * w * d * len(plan.heads_of(mode))
+        if flops < SMALL_INTRA_FLOPS:
+            return (("triton",) + PRIORITY[mode], f"small intra layer ({flops:.2g} < {SMALL_INTRA_FLOPS:.0e} FLOPs): "
+                    "one Triton launch costs less host time than a dense call")
+    return PRIORITY[mode], ""
 
 
 def expand_backend_name(name: str) -> tuple[str, ...]:
