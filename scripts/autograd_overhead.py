@@ -1,0 +1,46 @@
+"""Host cost of the autograd engine around a Python backward on CUDA (device diagnostic)."""
+import time, torch, threading
+import oasis_kernels as ok
+from oasis_kernels import ops
+
+def host_us(fn, n=200):
+    for _ in range(5): fn()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(n): fn()
+    e = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return e
+
+class Ident(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+x = torch.randn(1000, device="cuda", requires_grad=True)
+g = torch.randn(1000, device="cuda")
+print(f"trivial Function fwd+grad           {host_us(lambda: torch.autograd.grad(Ident.apply(x), x, g)):8.1f} us")
+print(f"x.clone()*2 fwd+grad (C++ nodes)    {host_us(lambda: torch.autograd.grad(x * 2, x, g)):8.1f} us")
+
+plan = ok.RoutingPlan.from_counts((5, 20, 40), 5, 4, 3, (3, 5, 5))
+q, k, v = (torch.randn(1, 4000, 12, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+do = torch.randn_like(q)
+inner = []
+orig = ops._RoutedAttention.backward
+def timed_backward(ctx, dout, dlse):
+    t = time.perf_counter()
+    r = orig(ctx, dout, dlse)
+    inner.append((time.perf_counter() - t, threading.current_thread().name))
+    return r
+ops._RoutedAttention.backward = staticmethod(timed_backward)
+for backend in ("auto", "triton"):
+    o = ok.routed_attention(q, k, v, plan, backend=backend)
+    inner.clear()
+    total = host_us(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+    body = sum(t for t, _ in inner[5:]) / len(inner[5:]) * 1e6
+    print(f"{backend}: autograd.grad {total:8.1f} us, backward body {body:8.1f} us on thread {inner[-1][1]}")
+    # the body alone, called on the main thread
+    ctx = o.grad_fn
+    print(f"{backend}: body on main thread  {host_us(lambda: orig(ctx, do, None)):8.1f} us")
