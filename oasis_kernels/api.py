@@ -77,15 +77,21 @@ def _resolve_scale(scale, d: int) -> float:
 
 def _prepare(q, k, v, plan, scale):
     """Validated inputs and the resolved scale. Every kernel reads the head dim as contiguous
-    rows (other strides are free), so a tensor strided there is copied once (``v is k`` stays so)."""
+    rows (other strides are free) from 16-byte aligned addresses (cuDNN silently computes wrong
+    values from an unaligned base pointer: seen on the H200, cuDNN 9.19), so a tensor strided
+    there, or unaligned, is copied once (``v is k`` stays so)."""
     check_inputs(q, k, v, plan)
     v_is_k = v is k
-    q, k = _unit_stride(q), _unit_stride(k)
-    return q, k, k if v_is_k else _unit_stride(v), _resolve_scale(scale, q.shape[-1])
+    q, k = _kernel_layout(q), _kernel_layout(k)
+    return q, k, k if v_is_k else _kernel_layout(v), _resolve_scale(scale, q.shape[-1])
 
 
-def _unit_stride(x):
-    return x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x
+def _kernel_layout(x):
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if x.data_ptr() % 16:  # a view at an odd offset: contiguous() alone would keep the offset
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x
 
 
 def routed_attention(
@@ -103,7 +109,8 @@ def routed_attention(
 
     Args:
         q, k, v: ``[B, N, heads, D]``, ``N = T*H*W`` tokens in t-major order; fp16, bf16,
-            fp32 or fp64; any strides (a tensor whose head dim is not contiguous is copied once).
+            fp32 or fp64; any strides (a tensor whose head dim is not contiguous, or whose data
+            pointer is not 16-byte aligned, is copied once).
         plan: :class:`RoutingPlan` with ``plan.grid == (T, H, W)`` and one mode per head.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"``; a backend name (``"triton"``, ``"reference"``, ``"sdpa_cudnn"`` ...)

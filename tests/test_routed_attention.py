@@ -108,3 +108,23 @@ def test_return_lse_is_not_differentiable(device):
     g_out = torch.autograd.grad((out * dout).sum(), q, retain_graph=True)[0]
     g_both = torch.autograd.grad((out * dout).sum() + lse.sum(), q)[0]
     torch.testing.assert_close(g_both, g_out, rtol=0, atol=0)
+
+
+def test_unaligned_views_are_copied_once(device):
+    # a view at an odd element offset reaches no kernel: cuDNN computed wrong global heads from
+    # such a pointer on the H200 (cuDNN 9.19); the API copies it to an aligned tensor first
+    from oasis_kernels.api import _kernel_layout
+
+    plan = ok.RoutingPlan((2, 3, 5), ["g", "i", "w"], (3, 3, 3))
+    n = plan.num_tokens * plan.heads * 64
+    base = torch.randn(n + 8, device=device)
+    odd = base[1:1 + n].view(1, plan.num_tokens, plan.heads, 64)
+    assert odd.data_ptr() % 16 and odd.is_contiguous()
+    fixed = _kernel_layout(odd)
+    assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, odd)
+    aligned = base[4:4 + n].view(1, plan.num_tokens, plan.heads, 64)
+    assert _kernel_layout(aligned) is aligned  # no copy when nothing is wrong
+    backend = "auto" if device == "cuda" else "sdpa_cpu"
+    out = ok.routed_attention(odd, odd, odd, plan, backend={"global": backend, "intra": backend})
+    ref = ok.routed_attention(fixed, fixed, fixed, plan, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
