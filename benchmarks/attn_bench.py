@@ -492,6 +492,9 @@ def plot(results, passes, path: Path, title: str):
         for j, (shape, rows) in enumerate(results.items()):
             ax = axes[i][j]
             rs = [r for r in rows if "ms" in r.results.get(p, {})]
+            if not rs:  # e.g. a graph pass that only one shape ran: log axes need data
+                ax.set_axis_off()
+                continue
             names = [r.name for r in rs]
             ms = [r.results[p]["ms"] for r in rs]
             colors = ["tab:blue" if r.ours else ("tab:gray" if r.group == "floor" else "tab:orange") for r in rs]

@@ -77,21 +77,17 @@ def _resolve_scale(scale, d: int) -> float:
 
 def _prepare(q, k, v, plan, scale):
     """Validated inputs and the resolved scale. Every kernel reads the head dim as contiguous
-    rows (other strides are free) from 16-byte aligned addresses (cuDNN silently computes wrong
-    values from an unaligned base pointer: seen on the H200, cuDNN 9.19), so a tensor strided
-    there, or unaligned, is copied once (``v is k`` stays so)."""
+    rows (other strides are free), so a tensor strided there is copied once (``v is k`` stays
+    so). Unaligned data pointers are fixed inside the op (:func:`oasis_kernels.dispatch.aligned`),
+    where tensors are real under ``torch.compile`` too."""
     check_inputs(q, k, v, plan)
     v_is_k = v is k
-    q, k = _kernel_layout(q), _kernel_layout(k)
-    return q, k, k if v_is_k else _kernel_layout(v), _resolve_scale(scale, q.shape[-1])
+    q, k = _unit_stride(q), _unit_stride(k)
+    return q, k, k if v_is_k else _unit_stride(v), _resolve_scale(scale, q.shape[-1])
 
 
-def _kernel_layout(x):
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        x = x.contiguous()
-    if x.data_ptr() % 16:  # a view at an odd offset: contiguous() alone would keep the offset
-        x = x.clone(memory_format=torch.contiguous_format)
-    return x
+def _unit_stride(x):
+    return x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x
 
 
 def routed_attention(

@@ -6,7 +6,8 @@ slices, so routed attention costs no gather or concatenation of head groups.
 
 On CUDA the global heads run on the caller's stream and the local (intra-frame, window) heads
 on a side stream forked from it and joined back before returning, so the local kernels fill
-the SMs the global kernels leave idle (their last wave; most of the GPU at small shapes).
+the SMs the global kernels leave idle (their last wave). Small layers skip it (see
+:data:`OVERLAP_MIN_FLOPS`).
 ``OASIS_OVERLAP=0``, or the :func:`single_stream` context, runs everything on the caller's stream.
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "run_forward",
     "run_backward",
     "single_stream",
+    "aligned",
 ]
 
 log = logging.getLogger("oasis_kernels")
@@ -200,6 +202,12 @@ def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto
 
 #: OASIS_OVERLAP=0 keeps every head group on the caller's stream
 OVERLAP = os.environ.get("OASIS_OVERLAP", "1") != "0"
+#: Below this many forward FLOPs of global heads (``4 * B * N^2 * D`` each) the layer stays on
+#: one stream: such calls are host-bound and the fork and join cost host time (~25 us on the
+#: H200's host) the overlap cannot win back. Measured on the H200 (96b2d55): at S (5,20,40),
+#: 4.1e10, the overlap made the routed forward 0.219 ms vs 0.164 ms on one stream; at A
+#: (9,45,80), 3.4e12, it gained 2% (5.264 vs 5.367 ms), at B 0.7% fwd / 1.7% fwd+bwd.
+OVERLAP_MIN_FLOPS = 1e11
 _SIDE_STREAMS: dict = {}
 
 
@@ -223,7 +231,7 @@ def _side_stream(device) -> "torch.cuda.Stream":
     return stream
 
 
-def _run_groups(dispatch: Dispatch, device, work) -> None:
+def _run_groups(dispatch: Dispatch, q, work) -> None:
     """``work(backend, groups)`` for every backend call: global heads first on the caller's
     stream (their blocks are queued first, so they keep the critical path), the other heads
     after them on the side stream, which the caller's stream then waits for.
@@ -237,7 +245,8 @@ def _run_groups(dispatch: Dispatch, device, work) -> None:
     for d in dispatch.decisions:
         if d.mode != Mode.GLOBAL:
             side.setdefault(d.backend, []).append((d.mode, d.heads))
-    if not (OVERLAP and main and side and device.type == "cuda"):
+    device = q.device
+    if not (OVERLAP and main and side and device.type == "cuda" and _global_flops(q, main) >= OVERLAP_MIN_FLOPS):
         for name, groups in dispatch.calls():
             work(name, groups)
         return
@@ -252,8 +261,23 @@ def _run_groups(dispatch: Dispatch, device, work) -> None:
     caller.wait_stream(stream)
 
 
+def _global_flops(q, main) -> float:
+    b, n, _, d = q.shape
+    return 4.0 * b * n * n * d * sum(len(heads) for _, groups in main for _, heads in groups)
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a contiguous copy when its data pointer is not 16-byte aligned (a view at an odd
+    element offset). Backends may assume aligned rows: cuDNN computed wrong global heads from
+    such a view, without an error, on the H200 (cuDNN 9.19)."""
+    return x.clone(memory_format=torch.contiguous_format) if x.data_ptr() % 16 else x
+
+
 def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
     """``(out [B, N, heads, D], lse [B, heads, N])`` with each head group on its backend."""
+    v_is_k = v is k
+    q, k = aligned(q), aligned(k)
+    v = k if v_is_k else aligned(v)
     dispatch = _decide_cached(q, plan, request, k, v)
     b, n, nh, d = q.shape
     out = torch.empty(b, n, nh, d, dtype=q.dtype, device=q.device)
@@ -263,11 +287,12 @@ def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
         log.debug("forward %s -> %s", groups, name)
         BACKENDS[name].forward(q, k, v, out, lse, plan, groups, scale)
 
-    _run_groups(dispatch, q.device, work)
+    _run_groups(dispatch, q, work)
     return out, lse
 
 
 def run_backward(dout, q, k, v, out, lse, plan: RoutingPlan, scale: float, request: str, deterministic: bool):
+    dout, q, k, v = aligned(dout), aligned(q), aligned(k), aligned(v)
     dispatch = _decide_cached(q, plan, request, k, v)
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
@@ -275,5 +300,5 @@ def run_backward(dout, q, k, v, out, lse, plan: RoutingPlan, scale: float, reque
         log.debug("backward %s -> %s", groups, name)
         BACKENDS[name].backward(dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic)
 
-    _run_groups(dispatch, q.device, work)
+    _run_groups(dispatch, q, work)
     return dq, dk, dv

@@ -121,3 +121,19 @@ def test_bad_backend_requests():
         ok.decide(torch.randn(1, 30, 4, 64), PLAN, {"global": "triton"})
     with pytest.raises(ValueError, match="names global heads twice"):
         ok.decide(torch.randn(1, 30, 4, 64), PLAN, {"global": "sdpa", "g": "reference"})
+
+
+def test_overlap_only_for_layers_with_enough_global_work(monkeypatch):
+    # the side stream is for GPU-bound layers; small ones stay on the caller's stream. The
+    # decision reads shapes only; CPU tensors never fork, so check the size rule directly
+    from oasis_kernels import dispatch
+
+    main = [("sdpa_cudnn", [(ok.Mode.GLOBAL, (0, 1, 2, 3, 4))])]
+    s_shape = torch.empty(1, 5 * 20 * 40, 12, 128, device="meta")
+    a_shape = torch.empty(1, 9 * 45 * 80, 12, 128, device="meta")
+    assert dispatch._global_flops(s_shape, main) == 4.0 * 4000**2 * 128 * 5
+    assert dispatch._global_flops(s_shape, main) < dispatch.OVERLAP_MIN_FLOPS <= dispatch._global_flops(a_shape, main)
+    monkeypatch.setattr(dispatch, "OVERLAP", True)
+    with ok.single_stream():
+        assert dispatch.OVERLAP is False
+    assert dispatch.OVERLAP is True  # restored

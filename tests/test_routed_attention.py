@@ -112,19 +112,27 @@ def test_return_lse_is_not_differentiable(device):
 
 def test_unaligned_views_are_copied_once(device):
     # a view at an odd element offset reaches no kernel: cuDNN computed wrong global heads from
-    # such a pointer on the H200 (cuDNN 9.19); the API copies it to an aligned tensor first
-    from oasis_kernels.api import _kernel_layout
+    # such a pointer on the H200 (cuDNN 9.19); the dispatch copies it to an aligned tensor first
+    from oasis_kernels.dispatch import aligned
 
     plan = ok.RoutingPlan((2, 3, 5), ["g", "i", "w"], (3, 3, 3))
     n = plan.num_tokens * plan.heads * 64
     base = torch.randn(n + 8, device=device)
     odd = base[1:1 + n].view(1, plan.num_tokens, plan.heads, 64)
     assert odd.data_ptr() % 16 and odd.is_contiguous()
-    fixed = _kernel_layout(odd)
+    fixed = aligned(odd)
     assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, odd)
-    aligned = base[4:4 + n].view(1, plan.num_tokens, plan.heads, 64)
-    assert _kernel_layout(aligned) is aligned  # no copy when nothing is wrong
+    ok_view = base[4:4 + n].view(1, plan.num_tokens, plan.heads, 64)
+    assert aligned(ok_view) is ok_view  # no copy when nothing is wrong
     backend = "auto" if device == "cuda" else "sdpa_cpu"
-    out = ok.routed_attention(odd, odd, odd, plan, backend={"global": backend, "intra": backend})
-    ref = ok.routed_attention(fixed, fixed, fixed, plan, backend="reference")
-    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    qo, ko, vo = (odd.clone().requires_grad_() for _ in range(3))
+    # odd offsets for q, k, v and for the output gradient, through forward and backward
+    views = [base2[1:1 + n].view_as(odd).copy_(x.detach()).requires_grad_() for base2, x in
+             zip((torch.empty_like(base) for _ in range(3)), (qo, ko, vo))]
+    dout = torch.empty_like(base)[1:1 + n].view_as(odd).normal_()
+    out = ok.routed_attention(*views, plan, backend={"global": backend, "intra": backend})
+    grads = torch.autograd.grad(out, views, dout)
+    ref = ok.routed_attention(qo, ko, vo, plan, backend="reference")
+    ref_grads = torch.autograd.grad(ref, (qo, ko, vo), dout)
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)

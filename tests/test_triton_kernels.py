@@ -180,10 +180,16 @@ def test_side_stream_overlap_gives_identical_results(monkeypatch):
         # detached: a live autograd graph would tie the leaves' AccumulateGrad to old streams
         return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
+    monkeypatch.setattr(dispatch, "OVERLAP_MIN_FLOPS", 0)  # a small layer would stay on one stream
+    calls = []
+    real_side = dispatch._side_stream
+    monkeypatch.setattr(dispatch, "_side_stream", lambda device: calls.append(device) or real_side(device))
     monkeypatch.setattr(dispatch, "OVERLAP", False)
     serial = run(q, k, v)
+    assert not calls
     monkeypatch.setattr(dispatch, "OVERLAP", True)
     overlapped = run(q, k, v)
+    assert len(calls) == 2  # forward and backward forked
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
