@@ -599,8 +599,10 @@ class _Tuned:
         def run(*args, **kwargs):
             key = None
             if DIRECT_LAUNCH and _no_launch_hooks():
-                # the config lists and the autotuner are part of the key: tests swap them
-                key = (id(config), id(self.configs), self.tuned is None, grid_key, _spec_key(args, kwargs))
+                # with the device (a compiled kernel's function handle belongs to one) and the
+                # config list and autotuner in use (tests swap them)
+                key = (driver.active.get_current_device(), id(config), id(self.configs), self.tuned is None,
+                       grid_key, _spec_key(args, kwargs))
                 hit = self.direct.get(key)
                 if hit is not None:
                     return self._direct_launch(hit, args, kwargs)
@@ -635,8 +637,7 @@ class _Tuned:
     def _direct_launch(hit, args, kwargs):
         compiled, (g0, g1, g2), names, cfg_kwargs = hit
         tail = [kwargs[n] if n in kwargs else cfg_kwargs[n] for n in names]
-        device = driver.active.get_current_device()
-        stream = driver.active.get_current_stream(device)
+        stream = driver.active.get_current_stream(driver.active.get_current_device())
         compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *tail)
         return compiled
