@@ -255,10 +255,13 @@ def _run_groups(dispatch: Dispatch, q, work) -> None:
     stream.wait_stream(caller)
     for name, groups in main:
         work(name, groups)
-    with torch.cuda.stream(stream):
-        for name, groups in side.items():
-            work(name, groups)
-    caller.wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream):
+            for name, groups in side.items():
+                work(name, groups)
+    finally:
+        # also after an error: side kernels already launched write tensors the caller frees
+        caller.wait_stream(stream)
 
 
 def _global_flops(q, main) -> float:
@@ -267,17 +270,26 @@ def _global_flops(q, main) -> float:
 
 
 def aligned(x: torch.Tensor) -> torch.Tensor:
-    """``x``, or a contiguous copy when its data pointer is not 16-byte aligned (a view at an odd
-    element offset). Backends may assume aligned rows: cuDNN computed wrong global heads from
-    such a view, without an error, on the H200 (cuDNN 9.19)."""
-    return x.clone(memory_format=torch.contiguous_format) if x.data_ptr() % 16 else x
+    """``x``, or a contiguous copy when its data pointer, or the byte stride of a dimension other
+    than the last, is not a multiple of 16 (a view at an odd element offset, a slice of wider
+    rows) and the copy's would be. Backends may assume aligned rows: cuDNN computed wrong global
+    heads from an unaligned view, without an error, on the H200 (cuDNN 9.19)."""
+    elt = x.element_size()
+    if (x.shape[-1] * elt) % 16:  # a contiguous copy would not be aligned either: leave it to the backends
+        return x
+    if x.data_ptr() % 16 or any((st * elt) % 16 for st, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1):
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _aligned_qkv(q, k, v):
+    q, k_new = aligned(q), aligned(k)
+    return q, k_new, k_new if v is k else aligned(v)  # v is k (attention_lse): one copy at most
 
 
 def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
     """``(out [B, N, heads, D], lse [B, heads, N])`` with each head group on its backend."""
-    v_is_k = v is k
-    q, k = aligned(q), aligned(k)
-    v = k if v_is_k else aligned(v)
+    q, k, v = _aligned_qkv(q, k, v)
     dispatch = _decide_cached(q, plan, request, k, v)
     b, n, nh, d = q.shape
     out = torch.empty(b, n, nh, d, dtype=q.dtype, device=q.device)
@@ -292,7 +304,7 @@ def run_forward(q, k, v, plan: RoutingPlan, scale: float, request: str):
 
 
 def run_backward(dout, q, k, v, out, lse, plan: RoutingPlan, scale: float, request: str, deterministic: bool):
-    dout, q, k, v = aligned(dout), aligned(q), aligned(k), aligned(v)
+    dout, (q, k, v) = aligned(dout), _aligned_qkv(q, k, v)
     dispatch = _decide_cached(q, plan, request, k, v)
     dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 

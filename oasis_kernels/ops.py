@@ -19,6 +19,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .dispatch import run_backward, run_forward
 from .plan import RoutingPlan
@@ -94,6 +95,7 @@ class _RoutedAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op: no double backward, an error not a wrong answer
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         grid, modes, window, scale, backend, deterministic = ctx.args
@@ -104,8 +106,10 @@ class _RoutedAttention(torch.autograd.Function):
 
 def _eager(x: Tensor) -> bool:
     # plain tensors on a real device, outside any tracing: FakeTensor, functional and other
-    # subclasses, and meta tensors go through the op so its fake implementation serves them
-    return type(x) is Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+    # subclasses, meta tensors, and calls under a dispatch mode (make_fx, FlopCounterMode ...) or
+    # torch.jit.trace go through the op, so tracers record it and its fake implementation serves them
+    return (type(x) is Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None)
 
 
 def routed_attention_call(q: Tensor, k: Tensor, v: Tensor, grid: list[int], modes: list[int], window: list[int],

@@ -87,3 +87,25 @@ def test_eager_route_matches_the_custom_op(backend, monkeypatch):
     with torch.no_grad():
         ops.routed_attention_call(torch.nn.Parameter(q.detach()), k.detach(), v.detach(), *args)
     assert op_calls == [1]
+
+
+def test_tracers_and_double_backward_see_the_op_semantics():
+    # make_fx with real tensors runs under a dispatch mode: the op must appear in its graph
+    # (the eager Function would dissolve into the backends' aten calls, and Triton launches
+    # would leave no trace); double backward raises on both routes instead of being wrong
+    from torch.fx.experimental.proxy_tensor import make_fx
+    import oasis_kernels.ops as ops
+
+    q, k, v = (torch.randn(1, 30, 4, 16, device=DEVICE) for _ in range(3))
+    graph = make_fx(lambda q, k, v: ok.routed_attention(q, k, v, PLAN, backend="reference"),
+                    tracing_mode="real")(q, k, v)
+    targets = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+    assert any("routed_attention_fwd" in t for t in targets), targets
+
+    grid, modes, window = PLAN.as_op_args()
+    for route in (ops.routed_attention_call, ops.routed_attention_fwd):
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        out, _ = route(qs, ks, vs, grid, modes, window, 0.25, "reference", True)
+        (dq,) = torch.autograd.grad(out, qs, torch.randn_like(out), create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(dq.sum(), qs)

@@ -123,17 +123,78 @@ def test_bad_backend_requests():
         ok.decide(torch.randn(1, 30, 4, 64), PLAN, {"global": "sdpa", "g": "reference"})
 
 
-def test_overlap_only_for_layers_with_enough_global_work(monkeypatch):
-    # the side stream is for GPU-bound layers; small ones stay on the caller's stream. The
-    # decision reads shapes only; CPU tensors never fork, so check the size rule directly
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+def _schedule(monkeypatch, shape, fail_in=None):
+    """What dispatch._run_groups does for a 5g/4i/3w layer of ``shape``, on fake CUDA streams."""
+    import contextlib
+
     from oasis_kernels import dispatch
 
-    main = [("sdpa_cudnn", [(ok.Mode.GLOBAL, (0, 1, 2, 3, 4))])]
-    s_shape = torch.empty(1, 5 * 20 * 40, 12, 128, device="meta")
-    a_shape = torch.empty(1, 9 * 45 * 80, 12, 128, device="meta")
-    assert dispatch._global_flops(s_shape, main) == 4.0 * 4000**2 * 128 * 5
-    assert dispatch._global_flops(s_shape, main) < dispatch.OVERLAP_MIN_FLOPS <= dispatch._global_flops(a_shape, main)
+    log, current = [], ["caller"]
+    caller, side = _FakeStream("caller", log), _FakeStream("side", log)
+
+    @contextlib.contextmanager
+    def on(stream):
+        previous, current[0] = current[0], stream.name
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(dispatch, "_side_stream", lambda device: side)
+    plan = ok.RoutingPlan.from_counts((5, 20, 40), 5, 4, 3)
+    decisions = ok.Dispatch((ok.GroupDecision(ok.Mode.GLOBAL, plan.heads_of("global"), "sdpa_cudnn"),
+                             ok.GroupDecision(ok.Mode.INTRA, plan.heads_of("intra"), "triton"),
+                             ok.GroupDecision(ok.Mode.WINDOW, plan.heads_of("window"), "triton")))
+    q = type("Q", (), {"shape": shape, "device": torch.device("cuda")})()
+
+    def work(name, groups):
+        log.append(f"{name} {[m.name for m, _ in groups]} on {current[0]}")
+        if name == fail_in:
+            raise RuntimeError("backend failed")
+
+    dispatch._run_groups(decisions, q, work)
+    return log
+
+
+def test_side_stream_schedule(monkeypatch):
+    # GPU-bound layer (A): global heads first on the caller's stream, local heads in one call on
+    # the side stream forked after the caller's pending work, and the caller joins it
+    big = (1, 9 * 45 * 80, 12, 128)
+    assert _schedule(monkeypatch, big) == [
+        "side waits caller", "sdpa_cudnn ['GLOBAL'] on caller", "triton ['INTRA', 'WINDOW'] on side",
+        "caller waits side"]
+    # host-bound layer (S): one stream, one call per backend
+    small = (1, 5 * 20 * 40, 12, 128)
+    assert _schedule(monkeypatch, small) == ["sdpa_cudnn ['GLOBAL'] on caller", "triton ['INTRA', 'WINDOW'] on caller"]
+    from oasis_kernels import dispatch
+
     monkeypatch.setattr(dispatch, "OVERLAP", True)
     with ok.single_stream():
-        assert dispatch.OVERLAP is False
-    assert dispatch.OVERLAP is True  # restored
+        assert "side waits caller" not in _schedule(monkeypatch, big)
+    assert dispatch.OVERLAP is True  # restored on exit
+
+
+def test_side_stream_joins_after_a_failure(monkeypatch):
+    # a failing side backend: the caller still joins the side stream (kernels launched there
+    # write the caller's tensors) before the error propagates
+    import oasis_kernels.dispatch as dispatch
+
+    seen = []
+    real = _FakeStream.wait_stream
+    monkeypatch.setattr(_FakeStream, "wait_stream", lambda self, other: seen.append((self.name, other.name))
+                        or real(self, other))
+    with pytest.raises(RuntimeError, match="backend failed"):
+        _schedule(monkeypatch, (1, 9 * 45 * 80, 12, 128), fail_in="triton")
+    assert seen == [("side", "caller"), ("caller", "side")]
+    assert dispatch._global_flops(type("Q", (), {"shape": (1, 4000, 12, 128)})(),
+                                  [("x", [(ok.Mode.GLOBAL, (0, 1, 2, 3, 4))])]) == 4.0 * 4000**2 * 128 * 5

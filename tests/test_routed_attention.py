@@ -110,29 +110,48 @@ def test_return_lse_is_not_differentiable(device):
     torch.testing.assert_close(g_both, g_out, rtol=0, atol=0)
 
 
-def test_unaligned_views_are_copied_once(device):
-    # a view at an odd element offset reaches no kernel: cuDNN computed wrong global heads from
-    # such a pointer on the H200 (cuDNN 9.19); the dispatch copies it to an aligned tensor first
+def test_unaligned_views_are_copied_once(device, monkeypatch):
+    # a view at an odd element offset, or with row strides that are not a multiple of 16 bytes,
+    # reaches no backend: cuDNN computed wrong global heads from such a pointer on the H200
+    # (cuDNN 9.19); the dispatch copies it to an aligned tensor first, forward and backward
+    from oasis_kernels.backends import BACKENDS
     from oasis_kernels.dispatch import aligned
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     plan = ok.RoutingPlan((2, 3, 5), ["g", "i", "w"], (3, 3, 3))
+    shape = (1, plan.num_tokens, plan.heads, 64)
     n = plan.num_tokens * plan.heads * 64
-    base = torch.randn(n + 8, device=device)
-    odd = base[1:1 + n].view(1, plan.num_tokens, plan.heads, 64)
+    base = torch.randn(n + 8, device=device, dtype=dtype)
+    odd = base[1:1 + n].view(shape)
     assert odd.data_ptr() % 16 and odd.is_contiguous()
     fixed = aligned(odd)
     assert fixed.data_ptr() % 16 == 0 and torch.equal(fixed, odd)
-    ok_view = base[4:4 + n].view(1, plan.num_tokens, plan.heads, 64)
+    ok_view = base[8:8 + n].view(shape)
     assert aligned(ok_view) is ok_view  # no copy when nothing is wrong
-    backend = "auto" if device == "cuda" else "sdpa_cpu"
-    qo, ko, vo = (odd.clone().requires_grad_() for _ in range(3))
-    # odd offsets for q, k, v and for the output gradient, through forward and backward
-    views = [base2[1:1 + n].view_as(odd).copy_(x.detach()).requires_grad_() for base2, x in
-             zip((torch.empty_like(base) for _ in range(3)), (qo, ko, vo))]
-    dout = torch.empty_like(base)[1:1 + n].view_as(odd).normal_()
-    out = ok.routed_attention(*views, plan, backend={"global": backend, "intra": backend})
+    wide = torch.randn(*shape[:-1], 66, device=device, dtype=dtype)[..., :64]  # 132- or 264-byte rows
+    assert aligned(wide).is_contiguous() and torch.equal(aligned(wide), wide)
+    d20 = torch.randn(1, 4, 2, 20, device=device, dtype=dtype)  # 40-byte rows: a copy would not help
+    assert aligned(d20) is d20
+
+    dense = "sdpa_cudnn" if device == "cuda" else "sdpa_cpu"
+    seen = []
+    for name in {dense, "triton" if device == "cuda" else "reference"}:
+        for method in ("forward", "backward"):
+            real = getattr(BACKENDS[name], method)
+
+            def spy(*args, real=real):
+                seen.extend(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
+                return real(*args)
+            monkeypatch.setattr(BACKENDS[name], method, spy)
+    views = [torch.empty_like(base)[1:1 + n].view(shape).copy_(torch.randn(shape, dtype=dtype))
+             .requires_grad_() for _ in range(3)]
+    dout = torch.empty_like(base)[1:1 + n].view(shape).normal_()
+    out = ok.routed_attention(*views, plan, backend={"global": dense, "intra": dense})
     grads = torch.autograd.grad(out, views, dout)
-    ref = ok.routed_attention(qo, ko, vo, plan, backend="reference")
-    ref_grads = torch.autograd.grad(ref, (qo, ko, vo), dout)
+    assert seen and not any(seen), "a backend received an unaligned tensor"
+    leaves = [x.detach().clone().requires_grad_() for x in views]
+    ref = ok.routed_attention(*(x.double() for x in leaves), plan, backend="reference")
+    ref_grads = torch.autograd.grad(ref, leaves, dout.double())
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
     for got, want in zip((out, *grads), (ref, *ref_grads)):
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(got.double(), want.double(), **tol)

@@ -142,26 +142,41 @@ def test_backward_is_deterministic(device):
 
 
 @gpu_only
-def test_direct_launches_follow_strides_and_alignment():
+def test_direct_launches_follow_strides_and_alignment(monkeypatch):
     """After the first launch of a key, launches skip Triton's launch path (``_Tuned.direct``);
-    a new layout or a misaligned base pointer must get the kernel Triton would choose for it."""
+    a new layout or a misaligned base pointer must get the kernel Triton would choose for it.
+    The launcher is called directly: the API would copy an unaligned view first."""
+    from oasis_kernels.backends.triton_local import _head_table, _radii
     from oasis_kernels.kernels import local_attention as la
 
     plan = ok.RoutingPlan((3, 7, 11), ["w", "i", "g"], (3, 5, 5))
-    base = [torch.randn(plan.num_tokens * plan.heads * 64 + 8, dtype=torch.bfloat16, device=DEVICE)
-            for _ in range(3)]
+    n = plan.num_tokens * plan.heads * 64
+    shape = (1, plan.num_tokens, plan.heads, 64)
+    base = [torch.randn(n + 8, dtype=torch.bfloat16, device=DEVICE) for _ in range(3)]
     layouts = {
-        "contiguous": lambda x: x[: plan.num_tokens * plan.heads * 64].view(1, plan.num_tokens, plan.heads, 64),
-        "offset by one element": lambda x: x[1: 1 + plan.num_tokens * plan.heads * 64].view(
-            1, plan.num_tokens, plan.heads, 64),
-        "heads-major": lambda x: x[: plan.num_tokens * plan.heads * 64].view(1, plan.heads, plan.num_tokens, 64)
-        .transpose(1, 2),
+        "contiguous": lambda x: x[:n].view(shape),
+        "offset by one element": lambda x: x[1:1 + n].view(shape),
+        "heads-major": lambda x: x[:n].view(1, plan.heads, plan.num_tokens, 64).transpose(1, 2),
     }
-    for _ in range(2):  # the second round hits the direct path for every layout
+    direct = []
+    la._fwd_tuned.direct.clear()  # first launches of this test's keys go through Triton
+    real = la._Tuned._direct_launch
+    monkeypatch.setattr(la._Tuned, "_direct_launch", staticmethod(lambda *a: direct.append(1) or real(*a)))
+    table, n_window = _head_table([(ok.Mode.WINDOW, (0,)), (ok.Mode.INTRA, (1,))], DEVICE)
+    scale = 64 ** -0.5
+    for round_ in range(2):  # the second round hits the direct path for every layout
         for name, make in layouts.items():
             q, k, v = (make(x) for x in base)
-            check_backend(q, k, v, plan, LOCAL_TRITON)
-    assert la.DIRECT_LAUNCH and la._fwd_tuned.direct and la._dq_tuned.direct and la._dkdv_tuned.direct
+            out = torch.zeros(shape, dtype=q.dtype, device=DEVICE)
+            lse = torch.zeros(1, plan.heads, plan.num_tokens, device=DEVICE)
+            before = len(direct)
+            la.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan, n_window), scale)
+            assert (len(direct) > before) == (round_ == 1), f"{name}: round {round_} launched directly: {len(direct) > before}"
+            want = ok.routed_attention(*(x.contiguous() for x in (q, k, v)), plan, scale=scale, backend=LOCAL_TRITON)
+            torch.testing.assert_close(out[:, :, :2], want[:, :, :2], rtol=0, atol=2e-2, msg=lambda m: f"{name}: {m}")
+    # and through the API, with gradients
+    for name, make in layouts.items():
+        check_backend(*(make(x) for x in base), plan, LOCAL_TRITON)
 
 
 @gpu_only

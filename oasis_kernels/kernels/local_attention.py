@@ -599,12 +599,13 @@ class _Tuned:
         def run(*args, **kwargs):
             key = None
             if DIRECT_LAUNCH and _no_launch_hooks():
-                # with the device (a compiled kernel's function handle belongs to one) and the
-                # config list and autotuner in use (tests swap them)
-                key = (driver.active.get_current_device(), id(config), id(self.configs), self.tuned is None,
-                       grid_key, _spec_key(args, kwargs))
+                # with the device (a compiled kernel's function handle belongs to one), Triton's
+                # debug switches, and the config list and autotuner in use (tests swap them; the
+                # entry holds them, so their ids cannot be reused while it exists)
+                key = (driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+                       id(config), id(self.configs), self.tuned is None, grid_key, _spec_key(args, kwargs))
                 hit = self.direct.get(key)
-                if hit is not None:
+                if hit is not None and hit[4] is config and hit[5] is self.configs:
                     return self._direct_launch(hit, args, kwargs)
             if config is None and self.tuned is not None:
                 compiled = self.tuned[grid](*args, **kwargs)
@@ -617,12 +618,12 @@ class _Tuned:
                 compiled = self.kernel[launch](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                                num_stages=cfg.num_stages)
             if key is not None and compiled is not None:
-                self._remember(key, compiled, cfg, grid, args, kwargs)
+                self._remember(key, compiled, cfg, grid, args, kwargs, config)
             return compiled
 
         return run
 
-    def _remember(self, key, compiled, cfg, grid, args, kwargs):
+    def _remember(self, key, compiled, cfg, grid, args, kwargs, config):
         names = self.kernel.arg_names[len(args):]
         fixed = {**kwargs, **cfg.kwargs}
         if not all(n in fixed for n in names):  # an argument left to its default: keep Triton's path
@@ -631,11 +632,11 @@ class _Tuned:
         launch = tuple(launch) + (1,) * (3 - len(launch))
         if len(self.direct) > 256:
             self.direct.clear()
-        self.direct[key] = (compiled, launch, names, cfg.kwargs)
+        self.direct[key] = (compiled, launch, names, cfg.kwargs, config, self.configs)
 
     @staticmethod
     def _direct_launch(hit, args, kwargs):
-        compiled, (g0, g1, g2), names, cfg_kwargs = hit
+        compiled, (g0, g1, g2), names, cfg_kwargs = hit[:4]
         tail = [kwargs[n] if n in kwargs else cfg_kwargs[n] for n in names]
         stream = driver.active.get_current_stream(driver.active.get_current_device())
         compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
