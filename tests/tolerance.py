@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
-#: floor per input dtype, relative to the reference's largest magnitude: for fp16 and bf16 one
-#: unit in the last place at that magnitude (2^-10, 2^-8). Rounding a correct result to the
-#: dtype alone costs up to half of it, and on small cases (e.g. 54 tokens) the PyTorch
-#: baseline's largest error can fall below that, which failed a correct bf16 dV in ~3% of
-#: seeds with a floor of 1e-3 (OASIS_TEST_SEED=56, test_kernels_match_reference[1x6x9-...]).
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-8}
+#: floor per input dtype, relative to the reference's largest magnitude. bf16: one unit in the
+#: last place at that magnitude (2^-8). Rounding a correct result to bf16 alone costs up to half
+#: of it, and on small cases (e.g. 54 tokens) the PyTorch baseline's largest error can fall
+#: below that: with a floor of 1e-3, the Triton dV (P rounded to bf16 before the MMA, as in
+#: FlashAttention) failed in 10 of 400 seeds by <= 1.3 units (OASIS_TEST_SEED=56,
+#: test_kernels_match_reference[1x6x9-w355-iw-d64-bfloat16]). test_tolerance.py checks that
+#: the rule still rejects an error of a few units.
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 2.0**-8}
 FACTOR = {"fwd": 2.0, "grad": 3.0}
 
 
