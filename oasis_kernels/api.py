@@ -106,7 +106,7 @@ def routed_attention(
     Args:
         q, k, v: ``[B, N, heads, D]``, ``N = T*H*W`` tokens in t-major order; fp16, bf16,
             fp32 or fp64; any strides (a tensor whose head dim is not contiguous, or whose data
-            pointer is not 16-byte aligned, is copied once).
+            pointer or row strides are not 16-byte aligned, is copied once).
         plan: :class:`RoutingPlan` with ``plan.grid == (T, H, W)`` and one mode per head.
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"auto"``; a backend name (``"triton"``, ``"reference"``, ``"sdpa_cudnn"`` ...)
