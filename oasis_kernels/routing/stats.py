@@ -130,10 +130,15 @@ def head_statistics(q, k, grid, window=(3, 5, 5), *, eps: float = 1e-6, query_st
     radii = _radii(grid, window)
     heads, n = q.shape[2], q.shape[1]
     lse_g, es_g = routing_stats_global(q, k, scale, query_stride)
-    # the local log-sum-exps come from the routed attention kernels themselves (v = k)
+    # the local log-sum-exps come from the routed attention kernels themselves (v = k). On CUDA
+    # the intra heads take auto's choice (cuDNN on large frames, docs/PERF.md entry 7); without
+    # CUDA "triton" means the interpreter for every part: auto would pick PyTorch's CPU flash
+    # kernel, whose LSE from bf16 inputs is ~10x less accurate (4-6e-6 relative vs 5e-7)
+    local_backend = "auto" if q.is_cuda else "triton"
     lse_local = torch.stack([
-        attention_lse(q, k, RoutingPlan.uniform(grid, heads, Mode.INTRA), scale=scale),
-        attention_lse(q, k, RoutingPlan.uniform(grid, heads, Mode.WINDOW, window), scale=scale),
+        attention_lse(q, k, RoutingPlan.uniform(grid, heads, Mode.INTRA), scale=scale, backend=local_backend),
+        attention_lse(q, k, RoutingPlan.uniform(grid, heads, Mode.WINDOW, window), scale=scale,
+                      backend=local_backend),
     ]).float()
     if query_stride == 1:
         lse_g_all = lse_g
