@@ -34,7 +34,11 @@ from attn_bench import SHAPES  # noqa: E402
 import oasis_kernels as ok  # noqa: E402
 
 
-def _timed(fn, n):
+def host_time(fn, n, warmup=0):
+    """``(enqueue, wall)`` ms per call of ``n`` back-to-back calls of ``fn`` after ``warmup`` more:
+    the host time to issue them, and the time until the GPU has finished them."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
@@ -149,7 +153,7 @@ def main(argv=None) -> int:
         for name, fn in fns.items():
             for _ in range(10):
                 fn()
-            enqueue, wall = _timed(fn, args.calls)
+            enqueue, wall = host_time(fn, args.calls)
             syncs = _syncs(fn)
             say(f"{name:<44} {enqueue:10.3f} {wall:8.3f}  {len(syncs)} {'; '.join(syncs)}")
         if args.cprofile:

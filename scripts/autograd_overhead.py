@@ -1,15 +1,15 @@
 """Host cost of the autograd engine around a Python backward on CUDA (device diagnostic)."""
-import time, torch, threading
+import sys
+import threading
+import time
+import torch
+sys.path.insert(0, "benchmarks")
+from host_profile import host_time  # noqa: E402
 import oasis_kernels as ok
 from oasis_kernels import ops
 
 def host_us(fn, n=200):
-    for _ in range(5): fn()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(n): fn()
-    e = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return e
+    return host_time(fn, n, warmup=5)[0] * 1e3
 
 class Ident(torch.autograd.Function):
     @staticmethod

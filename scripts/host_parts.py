@@ -3,8 +3,10 @@
 Each piece runs 200 times back to back with no synchronisation inside the loop; the GPU work of
 every piece here is shorter than its host time, so the loop time is the host cost.
 """
-import sys, time, torch, os
+import sys
+import torch
 sys.path.insert(0, "benchmarks")
+from host_profile import host_time  # noqa: E402
 import oasis_kernels as ok
 from oasis_kernels import dispatch, ops
 from oasis_kernels.kernels import local_attention as la
@@ -12,12 +14,8 @@ from oasis_kernels.backends.triton_local import _head_table, _radii
 from oasis_kernels.plan import Mode
 
 def host_us(fn, n=200):
-    for _ in range(5): fn()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(n): fn()
-    e = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize(); w = (time.perf_counter() - t) / n * 1e6
-    return e, w
+    enqueue, wall = host_time(fn, n, warmup=5)
+    return enqueue * 1e3, wall * 1e3
 
 grid = (5, 20, 40)
 plan = ok.RoutingPlan.from_counts(grid, 5, 4, 3, (3, 5, 5))
@@ -28,7 +26,6 @@ qd, kd, vd = q.detach(), k.detach(), v.detach()
 scale = 128 ** -0.5
 out = torch.empty_like(qd); lse = torch.empty(1, 12, N, device="cuda")
 g5 = [x[:, :, 0:5] for x in (qd, kd, vd)]
-cud = ok.backends.BACKENDS["sdpa_cudnn"] if hasattr(ok, "backends") else None
 from oasis_kernels.backends import BACKENDS
 cud = BACKENDS["sdpa_cudnn"]
 o5, l5 = cud._fwd(*g5, scale)

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_attention import (INTERPRET, _head_setup, _load_rows, _masked_scores, _mm, _tile_count, _walk_block,
-                              _walk_setup)
+from .local_attention import (_NO_SPECIALIZE, INTERPRET, _head_setup, _load_rows, _masked_scores, _mm, _tile_count,
+                              _walk_block, _walk_setup)
 
 __all__ = ["routing_stats_global", "routing_stats_local", "CONFIG"]
 
@@ -107,7 +107,7 @@ def _log2(x, FAST: tl.constexpr):
         return tl.math.log2(x)
 
 
-@triton.jit(do_not_specialize=["T", "H", "W", "n_local", "n_window", "D"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _stats_local_kernel(
     Q, K, LSE_G, LSE_L, OUT, HEADS,
     sqb, sqn, sqh, skb, skn, skh, sgb, sgh, sl0, slb, slh, so0, sob, soh,
