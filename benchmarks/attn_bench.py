@@ -252,10 +252,15 @@ def _callable(row: Row, sets, pass_):
                 return run()
         return fwd
 
-    # a random output gradient per set, shaped like the row's output (rows return [B, N, h, D],
-    # [B, h, N, D] or frame-batched views)
+    # a random output gradient per set, shaped and strided like the row's output (rows return
+    # [B, N, h, D], [B, h, N, D] or frame-batched views); drawn on the CPU, since a failed graph
+    # capture leaves the CUDA generator unusable for the rest of the process
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        grads = [torch.randn_like(run()) for run, _ in runners]
+        grads = []
+        for run, _ in runners:
+            out = run()
+            grads.append(torch.empty_like(out).copy_(torch.randn(out.shape, dtype=out.dtype, generator=gen)))
     cycle = itertools.cycle([(run, inputs, g) for (run, inputs), g in zip(runners, grads)])
 
     def fwdbwd():
@@ -265,21 +270,27 @@ def _callable(row: Row, sets, pass_):
     return fwdbwd
 
 
-def _graphed(fn, n_calls: int):
-    """``fn`` called ``n_calls`` times (once per input set), captured in one CUDA graph after a
-    warm-up on a side stream: its replay time over ``n_calls`` is the GPU time of one call
-    without the host's launch overhead."""
+def _graph_ms(row: Row, sets, pass_, args) -> float:
+    """GPU time of one call of the row without the host: the row run once per input set,
+    captured in one CUDA graph and replayed. PyTorch's recipe for capturing autograd: the
+    leaves are made, warmed up and captured on one side stream (leaves used on another stream
+    before tie their AccumulateGrad nodes to it, and the capture fails)."""
+    import triton.testing
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2 * n_calls):
+        own = [tuple(x.detach().clone().requires_grad_() for x in s[:3]) + (None,) for s in sets]
+        fn = _callable(row, own, pass_)
+        for _ in range(2 * len(own)):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n_calls):
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(len(own)):
             fn()
-    return graph
+    return triton.testing.do_bench(graph.replay, warmup=args.warmup_ms, rep=args.rep_ms,
+                                   return_mode="median") / len(own)
 
 
 def check_row(row: Row, q, k, v, reference) -> tuple[bool, float]:
@@ -335,17 +346,16 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
             flops, bytes_ = row_costs(row, b, d, elt, base_pass)
             entry = {"flops": flops, "floor_bytes": bytes_}
             if status == "ok":
-                fn = _callable(row, sets, base_pass)
                 try:
                     if graph:
                         torch.cuda.synchronize()
-                        replay = _graphed(fn, len(sets)).replay
-                        ms = triton.testing.do_bench(replay, warmup=args.warmup_ms, rep=args.rep_ms,
-                                                     return_mode="median") / len(sets)
+                        ms = _graph_ms(row, sets, base_pass, args)
                     else:
+                        fn = _callable(row, sets, base_pass)
                         ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
                 except Exception as exc:  # a baseline that cannot run here (e.g. a backend missing)
                     entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    print(f"  [{name}] {row.name}: {p}: {entry['error']}", flush=True)
                     row.results[p] = entry
                     continue
                 t_compute = flops / (ceilings["matmul_TFLOPs"] * 1e9)
@@ -532,9 +542,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default benchmarks/results/<date>)")
     p.add_argument("--graphs", default="", help="shapes (e.g. S) whose rows are also timed as CUDA-graph replays: "
                    "GPU time without host launch overhead, for every row alike")
-    p.add_argument("--graph-bwd", action="store_true",
-                   help="with --graphs, also capture fwd+bwd (on the H200 at 785e696 capturing our op's backward "
-                        "failed and left the CUDA RNG unusable for the rest of the process)")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--rep-ms", type=float, default=200)
     args = p.parse_args(argv)
@@ -581,8 +588,8 @@ def cpu_smoke(args) -> int:
 
 
 def _graph_passes(passes, args) -> list[str]:
-    """The CUDA-graph variants of ``passes`` that ``--graphs``/``--graph-bwd`` ask for."""
-    return [f"{p} graph" for p in passes if p == "fwd" or args.graph_bwd]
+    """The CUDA-graph variants of ``passes`` (``--graphs``)."""
+    return [f"{p} graph" for p in passes]
 
 
 def _all_passes(results, passes, args) -> list[str]:

@@ -4,10 +4,11 @@
 forward/backward runners allocate the outputs once and let each backend write its heads'
 slices, so routed attention costs no gather or concatenation of head groups.
 
-On CUDA the global heads run on the caller's stream and the local (intra-frame, window) heads
-on a side stream forked from it and joined back before returning, so the local kernels fill
-the SMs the global kernels leave idle (their last wave). Small layers skip it (see
-:data:`OVERLAP_MIN_FLOPS`).
+On CUDA the global heads run on a high-priority side stream forked from the caller's stream
+and joined back before returning, the local (intra-frame, window) heads on the caller's
+stream, so the local kernels fill the SMs the global kernels leave idle (their last wave)
+without delaying them. Small layers skip it (see
+:data:`OVERLAP_MIN_FLOPS`) unless a CUDA graph is being captured.
 ``OASIS_OVERLAP=0``, or the :func:`single_stream` context, runs everything on the caller's stream.
 """
 
@@ -203,8 +204,8 @@ def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto
 #: OASIS_OVERLAP=0 keeps every head group on the caller's stream
 OVERLAP = os.environ.get("OASIS_OVERLAP", "1") != "0"
 #: Below this many forward FLOPs of global heads (``4 * B * N^2 * D`` each) the layer stays on
-#: one stream: such calls are host-bound and the fork and join cost host time (~25 us on the
-#: H200's host) the overlap cannot win back. Measured on the H200 (96b2d55): at S (5,20,40),
+#: one stream, except inside CUDA-graph capture: such calls are host-bound and the fork and
+#: join cost host time (~25 us on the H200's host) the overlap cannot win back. Measured on the H200 (96b2d55): at S (5,20,40),
 #: 4.1e10, the overlap made the routed forward 0.219 ms vs 0.164 ms on one stream; at A
 #: (9,45,80), 3.4e12, it gained 2% (5.264 vs 5.367 ms), at B 0.7% fwd / 1.7% fwd+bwd.
 OVERLAP_MIN_FLOPS = 1e11
@@ -227,14 +228,18 @@ def single_stream():
 def _side_stream(device) -> "torch.cuda.Stream":
     stream = _SIDE_STREAMS.get(device)
     if stream is None:
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+        # the highest priority the device has (PyTorch maps a large negative number to it): the
+        # block scheduler then issues the global heads' blocks before the local heads' whenever
+        # both wait, so the local kernels take only the SMs the global kernels leave idle.
+        # CUDA graphs keep the priority (PyTorch instantiates them with per-node priorities)
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1000)
     return stream
 
 
 def _run_groups(dispatch: Dispatch, q, work) -> None:
-    """``work(backend, groups)`` for every backend call: global heads first on the caller's
-    stream (their blocks are queued first, so they keep the critical path), the other heads
-    after them on the side stream, which the caller's stream then waits for.
+    """``work(backend, groups)`` for every backend call: global heads on a high-priority side
+    stream forked from the caller's, the other heads on the caller's stream, which then waits
+    for the side stream.
 
     Outputs are allocated on the caller's stream before and used on it after the join, so the
     caching allocator needs no ``record_stream``; temporaries of the side work are allocated,
@@ -246,22 +251,28 @@ def _run_groups(dispatch: Dispatch, q, work) -> None:
         if d.mode != Mode.GLOBAL:
             side.setdefault(d.backend, []).append((d.mode, d.heads))
     device = q.device
-    if not (OVERLAP and main and side and device.type == "cuda" and _global_flops(q, main) >= OVERLAP_MIN_FLOPS):
+    if not (OVERLAP and main and side and device.type == "cuda" and _worth_a_side_stream(q, main)):
         for name, groups in dispatch.calls():
             work(name, groups)
         return
     caller = torch.cuda.current_stream(device)
     stream = _side_stream(device)
     stream.wait_stream(caller)
-    for name, groups in main:
-        work(name, groups)
     try:
         with torch.cuda.stream(stream):
-            for name, groups in side.items():
+            for name, groups in main:
                 work(name, groups)
+        for name, groups in side.items():
+            work(name, groups)
     finally:
-        # also after an error: side kernels already launched write tensors the caller frees
+        # also after an error: kernels already launched on the side stream write tensors the caller frees
         caller.wait_stream(stream)
+
+
+def _worth_a_side_stream(q, main) -> bool:
+    # the threshold weighs host time against GPU time; a CUDA graph replays without the host,
+    # so a captured call always forks (at S: 0.150 vs 0.159 ms per graph replay, H200)
+    return _global_flops(q, main) >= OVERLAP_MIN_FLOPS or torch.cuda.is_current_stream_capturing()
 
 
 def _global_flops(q, main) -> float:

@@ -92,11 +92,15 @@ class _RoutedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, grid, modes, window, scale, backend, deterministic):
         out, lse = run_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend)
         _setup_context(ctx, (q, k, v, grid, modes, window, scale, backend, deterministic), (out, lse))
+        # the LSE's gradient is never used: no zero tensor (an allocation and a fill kernel) for it
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the op: no double backward, an error not a wrong answer
     def backward(ctx, dout, dlse):
+        if dout is None:  # only the LSE was used: a constant, so no gradient flows
+            return (None,) * 9
         q, k, v, out, lse = ctx.saved_tensors
         grid, modes, window, scale, backend, deterministic = ctx.args
         plan = _plan(tuple(grid), tuple(modes), tuple(window))

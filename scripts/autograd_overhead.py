@@ -44,3 +44,32 @@ for backend in ("auto", "triton"):
     # the body alone, called on the main thread
     ctx = o.grad_fn
     print(f"{backend}: body on main thread  {host_us(lambda: orig(ctx, do, None)):8.1f} us")
+
+# where the host time of the backward body and the forward goes: cProfile runs in the thread
+# that enables it, so the backward's profile is enabled inside the backward (autograd's worker
+# thread on CUDA); sorted by own time
+import cProfile  # noqa: E402
+import io  # noqa: E402
+import pstats  # noqa: E402
+
+prof_bwd, prof_fwd = cProfile.Profile(), cProfile.Profile()
+def profiled_backward(ctx, dout, dlse):
+    prof_bwd.enable()
+    try:
+        return orig(ctx, dout, dlse)
+    finally:
+        prof_bwd.disable()
+ops._RoutedAttention.backward = staticmethod(profiled_backward)
+for i in range(205):
+    if i >= 5:
+        prof_fwd.enable()
+    o = ok.routed_attention(q, k, v, plan)
+    if i >= 5:
+        prof_fwd.disable()
+    torch.autograd.grad(o, (q, k, v), do)
+torch.cuda.synchronize()
+for label, prof in (("backward body (worker thread)", prof_bwd), ("forward with grad (main thread)", prof_fwd)):
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(22)
+    print(f"== cProfile of 200 (+5 warm-up in the backward's) calls: {label}")
+    print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])

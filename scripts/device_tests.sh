@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=. OASIS_TRITON_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
 groups=("tests/test_triton_kernels.py" "tests/test_routing.py tests/test_compile.py"
-        "tests/test_routed_attention.py" "tests/test_dispatch.py tests/test_errors.py tests/test_flash_adapters.py tests/test_plan_masks.py tests/test_reference.py")
+        "tests/test_routed_attention.py" "tests/test_dispatch.py tests/test_errors.py tests/test_flash_adapters.py tests/test_plan_masks.py tests/test_reference.py tests/test_tolerance.py tests/test_sm90_compile.py")
 pids=()
 for i in "${!groups[@]}"; do
     timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider ${groups[$i]} --durations=5 > "$OUT/tests_$i.log" 2>&1 &

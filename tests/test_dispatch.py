@@ -131,8 +131,9 @@ class _FakeStream:
         self.log.append(f"{self.name} waits {other.name}")
 
 
-def _schedule(monkeypatch, shape, fail_in=None):
-    """What dispatch._run_groups does for a 5g/4i/3w layer of ``shape``, on fake CUDA streams."""
+def _schedule(monkeypatch, shape, fail_in=None, capturing=False):
+    """What dispatch._run_groups does for a 5g/4i/3w layer of ``shape``, on fake CUDA streams
+    (``capturing``: as inside CUDA-graph capture)."""
     import contextlib
 
     from oasis_kernels import dispatch
@@ -150,6 +151,7 @@ def _schedule(monkeypatch, shape, fail_in=None):
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
     monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     monkeypatch.setattr(dispatch, "_side_stream", lambda device: side)
     plan = ok.RoutingPlan.from_counts((5, 20, 40), 5, 4, 3)
     decisions = ok.Dispatch((ok.GroupDecision(ok.Mode.GLOBAL, plan.heads_of("global"), "sdpa_cudnn"),
@@ -167,15 +169,17 @@ def _schedule(monkeypatch, shape, fail_in=None):
 
 
 def test_side_stream_schedule(monkeypatch):
-    # GPU-bound layer (A): global heads first on the caller's stream, local heads in one call on
-    # the side stream forked after the caller's pending work, and the caller joins it
+    # GPU-bound layer (A): global heads first, on the (high-priority) side stream forked after
+    # the caller's pending work, local heads in one call on the caller's stream, which joins it
     big = (1, 9 * 45 * 80, 12, 128)
     assert _schedule(monkeypatch, big) == [
-        "side waits caller", "sdpa_cudnn ['GLOBAL'] on caller", "triton ['INTRA', 'WINDOW'] on side",
+        "side waits caller", "sdpa_cudnn ['GLOBAL'] on side", "triton ['INTRA', 'WINDOW'] on caller",
         "caller waits side"]
     # host-bound layer (S): one stream, one call per backend
     small = (1, 5 * 20 * 40, 12, 128)
     assert _schedule(monkeypatch, small) == ["sdpa_cudnn ['GLOBAL'] on caller", "triton ['INTRA', 'WINDOW'] on caller"]
+    # ... unless captured in a CUDA graph, whose replays cost no host time
+    assert _schedule(monkeypatch, small, capturing=True) == _schedule(monkeypatch, big)
     from oasis_kernels import dispatch
 
     monkeypatch.setattr(dispatch, "OVERLAP", True)
@@ -185,16 +189,18 @@ def test_side_stream_schedule(monkeypatch):
 
 
 def test_side_stream_joins_after_a_failure(monkeypatch):
-    # a failing side backend: the caller still joins the side stream (kernels launched there
-    # write the caller's tensors) before the error propagates
+    # a failing backend: the caller still joins the side stream (kernels launched there write
+    # the caller's tensors) before the error propagates
     import oasis_kernels.dispatch as dispatch
 
     seen = []
     real = _FakeStream.wait_stream
     monkeypatch.setattr(_FakeStream, "wait_stream", lambda self, other: seen.append((self.name, other.name))
                         or real(self, other))
-    with pytest.raises(RuntimeError, match="backend failed"):
-        _schedule(monkeypatch, (1, 9 * 45 * 80, 12, 128), fail_in="triton")
-    assert seen == [("side", "caller"), ("caller", "side")]
+    for failing in ("sdpa_cudnn", "triton"):  # the side stream's backend, the caller's
+        seen.clear()
+        with pytest.raises(RuntimeError, match="backend failed"):
+            _schedule(monkeypatch, (1, 9 * 45 * 80, 12, 128), fail_in=failing)
+        assert seen == [("side", "caller"), ("caller", "side")], failing
     assert dispatch._global_flops(type("Q", (), {"shape": (1, 4000, 12, 128)})(),
                                   [("x", [(ok.Mode.GLOBAL, (0, 1, 2, 3, 4))])]) == 4.0 * 4000**2 * 128 * 5

@@ -558,14 +558,9 @@ def _no_launch_hooks() -> bool:
 def _spec_key(args, kwargs) -> tuple:
     """Everything Triton specializes a launch on, and more: each tensor's dtype and 16-byte
     alignment, every int and constexpr by value (floats are plain runtime arguments)."""
-    key = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            key.append(a.dtype)
-            key.append(a.data_ptr() % 16 == 0)
-        else:
-            key.append(a)
-    key.extend(v for v in kwargs.values() if not isinstance(v, float))
+    key = [a if type(a) is int else (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
+           for a in args]
+    key.extend(v for v in kwargs.values() if type(v) is not float)
     return tuple(key)
 
 
