@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import math
@@ -64,6 +65,7 @@ class Row:
     ours: bool = False
     context: object = contextlib.nullcontext  # entered around every timed call (fwd, or fwd+bwd)
     setup_s: float = 0.0             # mask build time etc., reported apart from the timing
+    graphable: bool = True           # False: the row makes its own CUDA graphs (no --graphs capture of it)
     results: dict = field(default_factory=dict)
 
 
@@ -93,15 +95,21 @@ def _sdpa_row(name, group, backend, heads, plan, frame_batched=False):
     return Row(name, group, make, heads, plan)
 
 
-def _ours_row(name, group, plan, heads, backend, context=contextlib.nullcontext):
+def _ours_row(name, group, plan, heads, backend, context=contextlib.nullcontext, compile_mode=None):
+    """Our routed attention on ``heads``; with ``compile_mode``, under ``torch.compile`` with that
+    mode ("reduce-overhead": CUDA graphs made and replayed by torch.compile, what a user does
+    when a layer is host-bound)."""
     sub = ok.RoutingPlan(plan.grid, [plan.modes[h] for h in heads], plan.window)
     contiguous = heads == list(range(heads[0], heads[-1] + 1))
+    call = functools.partial(ok.routed_attention, plan=sub, backend=backend)
+    if compile_mode:
+        call = torch.compile(call, mode=compile_mode, fullgraph=True, dynamic=False)
 
     def make(q, k, v):
         sel = [x[:, :, heads[0]:heads[-1] + 1] if contiguous else x[:, :, heads] for x in (q, k, v)]
-        return lambda: ok.routed_attention(*sel, sub, backend=backend)
+        return lambda: call(*sel)
 
-    return Row(name, group, make, heads, sub, ours=True, context=context)
+    return Row(name, group, make, heads, sub, ours=True, context=context, graphable=compile_mode is None)
 
 
 def _flex_mask_mod(plan: ok.RoutingPlan, heads, device):
@@ -163,6 +171,9 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
             rows.append(_ours_row("routed, oasis auto, one stream (no overlap)", "routed", plan, all_heads, "auto",
                                   context=ok.single_stream))
             rows.append(_ours_row("routed, oasis triton (all local heads)", "routed", plan, all_heads, "triton"))
+            if plan.num_tokens <= 8192:  # host-bound sizes, where CUDA graphs pay
+                rows.append(_ours_row("routed, oasis auto, torch.compile reduce-overhead", "routed", plan, all_heads,
+                                      "auto", compile_mode="reduce-overhead"))
         if not cuda or plan.num_tokens <= 8192:
             rows.append(_ours_row("routed, oasis reference", "routed", plan, all_heads, "reference"))
     if cuda and (on("flex") or on("flex-routed")):
@@ -347,11 +358,15 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
             entry = {"flops": flops, "floor_bytes": bytes_}
             if status == "ok":
                 try:
+                    if graph and not row.graphable:
+                        raise NotImplementedError("the row makes its own CUDA graphs")
                     if graph:
                         torch.cuda.synchronize()
                         ms = _graph_ms(row, sets, base_pass, args)
                     else:
                         fn = _callable(row, sets, base_pass)
+                        for _ in range(3 * len(sets)):  # compiles and CUDA-graph recordings, before timing
+                            fn()
                         ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
                 except Exception as exc:  # a baseline that cannot run here (e.g. a backend missing)
                     entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

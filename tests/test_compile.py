@@ -109,3 +109,25 @@ def test_tracers_and_double_backward_see_the_op_semantics():
         (dq,) = torch.autograd.grad(out, qs, torch.randn_like(out), create_graph=True)
         with pytest.raises(RuntimeError):
             torch.autograd.grad(dq.sum(), qs)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
+def test_reduce_overhead_cuda_graphs_match_eager():
+    # torch.compile's CUDA graphs (mode="reduce-overhead") record our op's forward and backward,
+    # with the global heads on the high-priority side stream (capture always forks); the replays
+    # must give the eager numbers on fresh inputs
+    torch._dynamo.reset()
+    plan = ok.RoutingPlan((3, 7, 11), ["g", "i", "w", "g", "w"], (3, 5, 5))
+    compiled = torch.compile(lambda q, k, v: ok.routed_attention(q, k, v, plan), mode="reduce-overhead",
+                             fullgraph=True)
+    for step in range(4):  # warm-up, recording, replays
+        q, k, v = (torch.randn(1, plan.num_tokens, plan.heads, 64, device=DEVICE, dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        dout = torch.randn_like(q)
+        out = compiled(q, k, v)
+        got = (out.detach().clone(), *torch.autograd.grad(out, (q, k, v), dout))  # a replay reuses out's memory
+        out = ok.routed_attention(q, k, v, plan)
+        want = (out, *torch.autograd.grad(out, (q, k, v), dout))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert not a.isnan().any(), (step, name)
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2, msg=lambda m: f"step {step}, {name}: {m}")
