@@ -121,21 +121,12 @@ def _common_cuda_reasons(q) -> list[str]:
     return reasons
 
 
-_ZEROS: dict = {}
-
-
-def _zeros(q, shape, dtype) -> torch.Tensor:
-    """Cached zero tensors for the unused dropout RNG state arguments (no allocation and fill
-    kernel per call)."""
-    key = (q.device, shape, dtype)
-    t = _ZEROS.get(key)
-    if t is None:
-        t = _ZEROS[key] = torch.zeros(shape, dtype=dtype, device=q.device)
-    return t
-
-
-def _scalar_like(q, dtype):
-    return _zeros(q, (), dtype)
+def _unused(q, shape, dtype) -> torch.Tensor:
+    """An uninitialised tensor for the dropout RNG state arguments, which the kernels do not
+    read at dropout 0. Made per call, not cached: a device tensor kept across calls would, when
+    first made inside ``torch.compile(mode="reduce-overhead")``'s warm-up, live in its
+    CUDA-graph pool, which refuses allocations that outlive a call."""
+    return torch.empty(shape, dtype=dtype, device=q.device)
 
 
 class _SdpaCudaBackend(DenseBackend):
@@ -177,7 +168,7 @@ class SdpaCudnnBackend(_SdpaCudaBackend):
 
     def _bwd(self, do, q, k, v, o, lse, scale, deterministic):
         ql = q.shape[1]
-        seed = _scalar_like(q, torch.int64)
+        seed = _unused(q, (), torch.int64)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2),
             lse.unsqueeze(-1), seed, seed, None, None, None, ql, k.shape[1], 0.0, False, scale=scale,
@@ -199,8 +190,8 @@ class SdpaFlashBackend(_SdpaCudaBackend):
         return res[0].transpose(1, 2), res[1]
 
     def _bwd(self, do, q, k, v, o, lse, scale, deterministic):
-        seed = _zeros(q, (2,), torch.uint64)
-        offset = _zeros(q, (), torch.uint64)
+        seed = _unused(q, (2,), torch.uint64)
+        offset = _unused(q, (), torch.uint64)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             do.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), o.transpose(1, 2),
             lse, None, None, q.shape[1], k.shape[1], 0.0, False, seed, offset, scale=scale,
@@ -226,7 +217,7 @@ class SdpaEfficientBackend(_SdpaCudaBackend):
         # the kernel expects the log-sum-exp padded to a multiple of 32 queries, as its forward returned it
         padded = torch.zeros(b, h, -(-n // 32) * 32, dtype=lse.dtype, device=lse.device)
         padded[..., :n] = lse
-        seed = _scalar_like(q, torch.int64)
+        seed = _unused(q, (), torch.int64)
         # the kernel makes dO contiguous and then reads O with dO's strides: hand it both in one
         # layout, else a head slice of a wider output gives wrong gradients (seen on H200)
         do, o = do.contiguous(), o.contiguous()

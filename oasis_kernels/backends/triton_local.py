@@ -26,19 +26,23 @@ _TABLES: dict = {}
 
 
 def _head_table(groups, device) -> tuple[torch.Tensor, int]:
-    """int32 ``[n_local]`` head indices, window heads first, and the number of window heads.
+    """int32 ``[n_local]`` head indices on ``device``, window heads first, and the number of
+    window heads.
 
-    Cached per head set and device so a steady-state call makes no host-to-device copy (and
-    CUDA-graph capture sees none).
+    The indices are kept per head set in pinned host memory and copied to the device on each
+    call, an asynchronous copy that CUDA graphs capture. A device tensor kept across calls
+    would, when first made inside ``torch.compile(mode="reduce-overhead")``'s warm-up, live in
+    its CUDA-graph pool, which refuses allocations that outlive a call.
     """
-    key = (tuple((int(m), tuple(h)) for m, h in groups), str(device))
+    key = (tuple((int(m), tuple(h)) for m, h in groups), device.type)
     hit = _TABLES.get(key)
     if hit is None:
         window = [h for m, heads in groups if m == Mode.WINDOW for h in heads]
         intra = [h for m, heads in groups if m == Mode.INTRA for h in heads]
-        table = torch.tensor(window + intra, dtype=torch.int32, device=device)
-        hit = _TABLES[key] = (table, len(window))
-    return hit
+        host = torch.tensor(window + intra, dtype=torch.int32)
+        hit = _TABLES[key] = (host.pin_memory() if device.type == "cuda" else host, len(window))
+    host, n_window = hit
+    return host.to(device, non_blocking=True), n_window
 
 
 class TritonLocalBackend(Backend):
