@@ -34,6 +34,7 @@ def _head_table(groups, device) -> tuple[torch.Tensor, int]:
     would, when first made inside ``torch.compile(mode="reduce-overhead")``'s warm-up, live in
     its CUDA-graph pool, which refuses allocations that outlive a call.
     """
+    device = torch.device(device)
     key = (tuple((int(m), tuple(h)) for m, h in groups), device.type)
     hit = _TABLES.get(key)
     if hit is None:
