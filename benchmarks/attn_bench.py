@@ -333,7 +333,7 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
     rows = build_rows(plan, args, device)
     passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
     if name in args.graphs:
-        passes += _graph_passes(passes, args)
+        passes += _graph_passes(passes)
     for row in rows:
         status = "ok"
         if row.ours:
@@ -602,14 +602,14 @@ def cpu_smoke(args) -> int:
     return 0 if worst < 1e-4 else 1
 
 
-def _graph_passes(passes, args) -> list[str]:
+def _graph_passes(passes) -> list[str]:
     """The CUDA-graph variants of ``passes`` (``--graphs``)."""
     return [f"{p} graph" for p in passes]
 
 
 def _all_passes(results, passes, args) -> list[str]:
     graphs = any(name in args.graphs for name in results)
-    return passes + _graph_passes(passes, args) if graphs else passes
+    return passes + _graph_passes(passes) if graphs else passes
 
 
 def write_results(results, shapes, passes, env, ceilings, args):

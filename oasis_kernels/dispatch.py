@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -205,11 +206,15 @@ def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto
 OVERLAP = os.environ.get("OASIS_OVERLAP", "1") != "0"
 #: Below this many forward FLOPs of global heads (``4 * B * N^2 * D`` each) the layer stays on
 #: one stream, except inside CUDA-graph capture: such calls are host-bound and the fork and
-#: join cost host time (~25 us on the H200's host) the overlap cannot win back. Measured on the H200 (96b2d55): at S (5,20,40),
-#: 4.1e10, the overlap made the routed forward 0.219 ms vs 0.164 ms on one stream; at A
-#: (9,45,80), 3.4e12, it gained 2% (5.264 vs 5.367 ms), at B 0.7% fwd / 1.7% fwd+bwd.
+#: join cost host time (~25 us on the H200's host) the overlap cannot win back. Measured on
+#: the H200 at 96b2d55, before the global heads moved to the high-priority stream (not
+#: re-measured since): at S (5,20,40), 4.1e10, the overlap made the eager routed forward
+#: 0.219 ms vs 0.164 ms on one stream; at A (9,45,80), 3.4e12, it gained 2%, at B 0.7% fwd /
+#: 1.7% fwd+bwd.
 OVERLAP_MIN_FLOPS = 1e11
-_SIDE_STREAMS: dict = {}
+#: one side stream per thread and device: a thread capturing a CUDA graph must not share its
+#: side stream with another thread's eager work (that work would join the capture or break it)
+_SIDE_STREAMS = threading.local()
 
 
 @contextlib.contextmanager
@@ -226,13 +231,14 @@ def single_stream():
 
 
 def _side_stream(device) -> "torch.cuda.Stream":
-    stream = _SIDE_STREAMS.get(device)
+    streams = _SIDE_STREAMS.__dict__.setdefault("by_device", {})
+    stream = streams.get(device)
     if stream is None:
         # the highest priority the device has (PyTorch maps a large negative number to it): the
         # block scheduler then issues the global heads' blocks before the local heads' whenever
         # both wait, so the local kernels take only the SMs the global kernels leave idle.
         # CUDA graphs keep the priority (PyTorch instantiates them with per-node priorities)
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device, priority=-1000)
+        stream = streams[device] = torch.cuda.Stream(device, priority=-1000)
     return stream
 
 
@@ -272,7 +278,16 @@ def _run_groups(dispatch: Dispatch, q, work) -> None:
 def _worth_a_side_stream(q, main) -> bool:
     # the threshold weighs host time against GPU time; a CUDA graph replays without the host,
     # so a captured call always forks (at S: 0.150 vs 0.159 ms per graph replay, H200)
-    return _global_flops(q, main) >= OVERLAP_MIN_FLOPS or torch.cuda.is_current_stream_capturing()
+    return _global_flops(q, main) >= OVERLAP_MIN_FLOPS or _capturing(q.device)
+
+
+def _capturing(device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (PyTorch's check reads
+    the current device's)."""
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_current_stream_capturing()
 
 
 def _global_flops(q, main) -> float:

@@ -99,7 +99,7 @@ class _RoutedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the op: no double backward, an error not a wrong answer
     def backward(ctx, dout, dlse):
-        if dout is None:  # only the LSE was used: a constant, so no gradient flows
+        if dout is None:  # out's gradient is undefined (zero, not materialized): no gradient flows
             return (None,) * 9
         q, k, v, out, lse = ctx.saved_tensors
         grid, modes, window, scale, backend, deterministic = ctx.args

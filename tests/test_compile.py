@@ -112,14 +112,36 @@ def test_tracers_and_double_backward_see_the_op_semantics():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need CUDA")
-def test_reduce_overhead_cuda_graphs_match_eager():
+def test_reduce_overhead_cuda_graphs_match_eager(monkeypatch):
     # torch.compile's CUDA graphs (mode="reduce-overhead") record our op's forward and backward,
     # with the global heads on the high-priority side stream (capture always forks); the replays
     # must give the eager numbers on fresh inputs
+    from torch._dynamo.utils import counters
+
+    from oasis_kernels import dispatch
+
     torch._dynamo.reset()
+    counters.clear()
+    forks = []
+    real_side = dispatch._side_stream
+
+    def side_stream(device):
+        forks.append(torch.cuda.is_current_stream_capturing())
+        return real_side(device)
+
+    monkeypatch.setattr(dispatch, "_side_stream", side_stream)
     plan = ok.RoutingPlan((3, 7, 11), ["g", "i", "w", "g", "w"], (3, 5, 5))
     compiled = torch.compile(lambda q, k, v: ok.routed_attention(q, k, v, plan), mode="reduce-overhead",
                              fullgraph=True)
+    try:
+        _compare_reduce_overhead(compiled, plan)
+    finally:
+        torch._dynamo.reset()  # the CUDA-graph trees die with the compiled function
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert any(forks), "the captured calls ran on one stream"  # small layer: forks only in capture
+
+
+def _compare_reduce_overhead(compiled, plan):
     for step in range(4):  # warm-up, recording, replays
         q, k, v = (torch.randn(1, plan.num_tokens, plan.heads, 64, device=DEVICE, dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))

@@ -204,3 +204,24 @@ def test_side_stream_joins_after_a_failure(monkeypatch):
         assert seen == [("side", "caller"), ("caller", "side")], failing
     assert dispatch._global_flops(type("Q", (), {"shape": (1, 4000, 12, 128)})(),
                                   [("x", [(ok.Mode.GLOBAL, (0, 1, 2, 3, 4))])]) == 4.0 * 4000**2 * 128 * 5
+
+
+def test_side_streams_are_per_thread_and_high_priority(monkeypatch):
+    # a thread capturing a CUDA graph forks onto its own side stream, never one that another
+    # thread's eager calls use; the side stream has the highest priority
+    import threading
+
+    from oasis_kernels import dispatch
+
+    made = []
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority=0: made.append((device, priority)) or object())
+    monkeypatch.setattr(dispatch, "_SIDE_STREAMS", threading.local())
+    device = torch.device("cuda", 0)
+    mine = dispatch._side_stream(device)
+    assert dispatch._side_stream(device) is mine  # cached
+    other = []
+    thread = threading.Thread(target=lambda: other.append(dispatch._side_stream(device)))
+    thread.start()
+    thread.join()
+    assert other[0] is not mine
+    assert made == [(device, -1000), (device, -1000)]

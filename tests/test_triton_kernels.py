@@ -181,7 +181,7 @@ def test_direct_launches_follow_strides_and_alignment(monkeypatch):
 
 @gpu_only
 def test_side_stream_overlap_gives_identical_results(monkeypatch):
-    """Global heads on the caller's stream, local heads on a side stream (dispatch._run_groups):
+    """Global heads on a high-priority side stream, local heads on the caller's (dispatch._run_groups):
     the same numbers as running everything in order, forward and gradients, also on a
     non-default caller stream and inside a CUDA graph."""
     from oasis_kernels import dispatch
