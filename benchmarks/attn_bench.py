@@ -365,8 +365,9 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
                         ms = _graph_ms(row, sets, base_pass, args)
                     else:
                         fn = _callable(row, sets, base_pass)
-                        for _ in range(3 * len(sets)):  # compiles and CUDA-graph recordings, before timing
-                            fn()
+                        if not row.graphable:  # torch.compile's CUDA graphs: compile and record before timing
+                            for _ in range(3 * len(sets)):
+                                fn()
                         ms = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
                 except Exception as exc:  # a baseline that cannot run here (e.g. a backend missing)
                     entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
