@@ -7,7 +7,8 @@ registered on the forward op and calls the backward op, which is itself a custom
 backward graph is compiled the same way.
 
 Eager calls on plain tensors skip the custom-op machinery: :func:`routed_attention_call` runs
-the same dispatch under a ``torch.autograd.Function``. On the H200 the op's wrappers cost
+the same dispatch under a ``torch.autograd.Function``, through the C++ replay of
+:mod:`.fastpath` where it serves the call. On the H200 the op's wrappers cost
 ~0.2 ms of host time per forward and ~1.5 ms per forward+backward (``scripts/host_parts.py``,
 docs/PERF.md), several times the GPU time of a small layer. Under ``torch.compile``, for
 fake or other tensor subclasses, and for meta tensors the op is used, so tracing sees it.
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import fastpath
 from .dispatch import run_backward, run_forward
 from .plan import RoutingPlan
 from .reference import accumulate_dtype
@@ -90,7 +92,8 @@ class _RoutedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, grid, modes, window, scale, backend, deterministic):
-        out, lse = run_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend)
+        out, lse = _eager_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend,
+                                  deterministic)
         _setup_context(ctx, (q, k, v, grid, modes, window, scale, backend, deterministic), (out, lse))
         # the LSE's gradient is never used: no zero tensor (an allocation and a fill kernel) for it
         ctx.set_materialize_grads(False)
@@ -104,8 +107,16 @@ class _RoutedAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         grid, modes, window, scale, backend, deterministic = ctx.args
         plan = _plan(tuple(grid), tuple(modes), tuple(window))
-        dq, dk, dv = run_backward(dout.contiguous(), q, k, v, out, lse, plan, scale, backend, deterministic)
+        dout = dout.contiguous()
+        grads = fastpath.backward(dout, q, k, v, out, lse, plan, scale, backend, deterministic)
+        dq, dk, dv = grads if grads is not None else run_backward(dout, q, k, v, out, lse, plan, scale, backend,
+                                                                   deterministic)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _eager_forward(q, k, v, plan, scale, backend, deterministic):
+    res = fastpath.forward(q, k, v, plan, scale, backend, deterministic)
+    return res if res is not None else run_forward(q, k, v, plan, scale, backend)
 
 
 def _eager(x: Tensor) -> bool:
@@ -121,7 +132,11 @@ def routed_attention_call(q: Tensor, k: Tensor, v: Tensor, grid: list[int], mode
     """``routed_attention_fwd`` with autograd, through the op when traced and directly in eager mode."""
     if not (_eager(q) and _eager(k) and _eager(v)):
         return routed_attention_fwd(q, k, v, grid, modes, window, scale, backend, deterministic)
+    plan = _plan(tuple(grid), tuple(modes), tuple(window))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # replayed with a C++ autograd node where the signature is prepared (fastpath)
+        res = fastpath.forward(q, k, v, plan, scale, backend, deterministic, autograd=True)
+        if res is not None:
+            return res
         return _RoutedAttention.apply(q, k, v, grid, modes, window, scale, backend, deterministic)
-    out, lse = run_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend)
-    return out, lse
+    return _eager_forward(q, k, v, plan, scale, backend, deterministic)

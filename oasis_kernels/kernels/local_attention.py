@@ -35,8 +35,11 @@ Kernels
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -601,6 +604,7 @@ class _Tuned:
                        id(config), id(self.configs), self.tuned is None, grid_key, _spec_key(args, kwargs))
                 hit = self.direct.get(key)
                 if hit is not None and hit[4] is config and hit[5] is self.configs:
+                    _record(self.kernel, hit, args, kwargs)
                     return self._direct_launch(hit, args, kwargs)
             if config is None and self.tuned is not None:
                 compiled = self.tuned[grid](*args, **kwargs)
@@ -614,6 +618,7 @@ class _Tuned:
                                                num_stages=cfg.num_stages)
             if key is not None and compiled is not None:
                 self._remember(key, compiled, cfg, grid, args, kwargs, config)
+            _record(self.kernel, None if key is None else self.direct.get(key), args, kwargs)
             return compiled
 
         return run
@@ -641,6 +646,51 @@ class _Tuned:
     def chosen(self) -> dict:
         cache = self.tuned.cache if self.tuned is not None else self.manual
         return {str(k): str(v) for k, v in cache.items()}
+
+
+_RECORDING = threading.local()
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect every launch of this thread made in the block, for :mod:`oasis_kernels.fastpath`:
+    a list of :class:`Launch`, or ``None`` for a launch that went through Triton's own path
+    (no direct-launch entry: launch hooks, ``OASIS_TRITON_DIRECT_LAUNCH=0``)."""
+    launches: list = []
+    previous = getattr(_RECORDING, "launches", None)
+    _RECORDING.launches = launches
+    try:
+        yield launches
+    finally:
+        _RECORDING.launches = previous
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch as Triton's launcher made it: the compiled kernel, the grid, and every
+    argument by name in the kernel's order (constexprs included)."""
+
+    compiled: object
+    grid: tuple
+    arguments: tuple
+
+    def parameters(self):
+        """``[(name, Triton type, value)]`` of the kernel's parameters, constexprs left out, in
+        the order the compiled kernel takes them (Triton appends two scratch pointers)."""
+        signature = self.compiled.src.signature
+        return [(name, signature[name], value) for name, value in self.arguments if signature[name] != "constexpr"]
+
+
+def _record(kernel, hit, args, kwargs) -> None:
+    launches = getattr(_RECORDING, "launches", None)
+    if launches is None:
+        return
+    if hit is None:
+        launches.append(None)
+        return
+    compiled, launch, names, cfg_kwargs = hit[:4]
+    tail = [kwargs[n] if n in kwargs else cfg_kwargs[n] for n in names]
+    launches.append(Launch(compiled, launch, tuple(zip(kernel.arg_names, (*args, *tail)))))
 
 
 _fwd_tuned = _Tuned(_fwd_kernel, _FWD_CONFIGS)

@@ -1,0 +1,508 @@
+// The eager host path of routed attention, in C++.
+//
+// At small layers (S = (5, 20, 40) on the H200) the eager routed call is host-bound: the Python
+// dispatch (views, copies, Triton launches, stream fork and join) costs several times the GPU
+// time. `oasis_kernels/fastpath.py` records, per call signature, what the Python path did (the
+// global head runs that cuDNN serves, and each Triton launch with its compiled kernel, grid and
+// arguments) and hands it to the objects below, which replay it with no Python in between:
+//
+//   RoutedForward.run(q, k, v, side_stream)                     -> [out, lse] or [] (declined)
+//   RoutedForward.run_autograd(q, k, v, side_stream)            -> the same, with a C++ autograd node
+//   RoutedBackward.run(dout, q, k, v, out, lse, side_stream)    -> [dq, dk, dv] or []
+//
+// The autograd node replays the backward prepared for the same signature once
+// `RoutedForward.set_backward` gave it one; before that (the first backward of a signature), and
+// for calls the replay declines, it calls back into Python (fastpath._backward_fallback).
+//
+// A call is declined (an empty list; the caller takes the Python path) when the current stream
+// is capturing a CUDA graph or a pointer is not 16-byte aligned: the recorded Triton kernels
+// were specialized on aligned pointers. Everything else that the recorded launches depend on
+// (shapes, strides, dtype, device, plan, scale) is the caller's cache key.
+//
+// The global heads run on `side_stream` (a high-priority stream, 0 for none) forked from the
+// caller's stream, the Triton launches on the caller's stream, which waits for the side stream
+// before returning: the same schedule as `dispatch._run_groups`.
+
+#include <torch/extension.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+
+#include <array>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// Tensors a Triton kernel argument can name (fastpath.py maps the kernels' argument names here).
+enum Role : int { Q = 0, K, V, OUT, LSE, HEADS, DOUT, DQ, DK, DV, DELTA, N_ROLES };
+// Kinds of kernel parameters, as Triton's launcher passes them (pointers, then scalars by type).
+enum Kind : int { PTR = 0, I32 = 1, I64 = 2, F32 = 3, I8 = 4 };
+
+using LaunchEx = CUresult (*)(const CUlaunchConfig*, CUfunction, void**, void**);
+
+LaunchEx launch_ex() {
+  // the driver API from libcuda itself, as Triton's launcher does: no link to libcuda needed
+  static LaunchEx fn = [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (lib == nullptr) throw std::runtime_error("oasis_kernels._C: cannot dlopen libcuda.so.1");
+    auto f = reinterpret_cast<LaunchEx>(dlsym(lib, "cuLaunchKernelEx"));
+    if (f == nullptr) throw std::runtime_error("oasis_kernels._C: libcuda.so.1 has no cuLaunchKernelEx");
+    return f;
+  }();
+  return fn;
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("oasis_kernels._C: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+// heads start, start + step, ... < stop of a [B, N, heads, D] tensor (plan.head_runs)
+using Run = std::tuple<int64_t, int64_t, int64_t>;
+
+struct Param {
+  int kind;
+  int64_t ivalue;
+  double fvalue;
+};
+
+// One Triton kernel launch: the compiled kernel, its launch geometry and its parameters in
+// signature order (constexprs left out, as Triton's launcher does).
+struct TritonLaunch {
+  uint64_t function = 0;
+  std::array<unsigned, 3> grid{1, 1, 1};
+  unsigned threads = 0, smem = 0, num_ctas = 1;
+  bool cooperative = false, pdl = false;
+  std::vector<Param> params;
+
+  static TritonLaunch from_tuple(const py::tuple& t) {
+    if (t.size() != 8) throw std::invalid_argument("launch spec: expected 8 fields");
+    TritonLaunch l;
+    l.function = t[0].cast<uint64_t>();
+    auto g = t[1].cast<std::vector<unsigned>>();
+    if (g.size() != 3) throw std::invalid_argument("launch spec: grid needs 3 sizes");
+    std::copy(g.begin(), g.end(), l.grid.begin());
+    l.threads = t[2].cast<unsigned>();
+    l.smem = t[3].cast<unsigned>();
+    l.num_ctas = t[4].cast<unsigned>();
+    l.cooperative = t[5].cast<bool>();
+    l.pdl = t[6].cast<bool>();
+    for (const auto& p : t[7].cast<py::list>()) {
+      auto pt = p.cast<py::tuple>();
+      Param q{pt[0].cast<int>(), pt[1].cast<int64_t>(), pt[2].cast<double>()};
+      if (q.kind < PTR || q.kind > I8) throw std::invalid_argument("launch spec: unknown parameter kind");
+      if (q.kind == PTR && (q.ivalue < 0 || q.ivalue >= N_ROLES)) throw std::invalid_argument("launch spec: bad role");
+      l.params.push_back(q);
+    }
+    return l;
+  }
+
+  void launch(const std::array<void*, N_ROLES>& ptrs, cudaStream_t stream) const {
+    // one 8-byte slot per parameter (each holds its value at offset 0), then the global and
+    // profile scratch pointers Triton appends (null: the recorded kernels need none)
+    std::vector<uint64_t> slots(params.size() + 2, 0);
+    std::vector<void*> argv(params.size() + 2);
+    for (size_t i = 0; i < params.size(); ++i) {
+      const Param& p = params[i];
+      void* slot = &slots[i];
+      switch (p.kind) {
+        case PTR: {
+          auto v = reinterpret_cast<uint64_t>(ptrs[p.ivalue]);
+          std::memcpy(slot, &v, sizeof v);
+          break;
+        }
+        case I32: {
+          auto v = static_cast<int32_t>(p.ivalue);
+          std::memcpy(slot, &v, sizeof v);
+          break;
+        }
+        case I64: {
+          int64_t v = p.ivalue;
+          std::memcpy(slot, &v, sizeof v);
+          break;
+        }
+        case F32: {
+          auto v = static_cast<float>(p.fvalue);
+          std::memcpy(slot, &v, sizeof v);
+          break;
+        }
+        case I8: {
+          auto v = static_cast<int8_t>(p.ivalue);
+          std::memcpy(slot, &v, sizeof v);
+          break;
+        }
+      }
+      argv[i] = slot;
+    }
+    argv[params.size()] = &slots[params.size()];
+    argv[params.size() + 1] = &slots[params.size() + 1];
+
+    CUlaunchAttribute attrs[3];
+    unsigned n_attrs = 0;
+    if (pdl) {
+      attrs[n_attrs].id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attrs[n_attrs].value.programmaticStreamSerializationAllowed = 1;
+      ++n_attrs;
+    }
+    if (cooperative) {
+      attrs[n_attrs].id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+      attrs[n_attrs].value.cooperative = 1;
+      ++n_attrs;
+    }
+    if (num_ctas != 1) {
+      attrs[n_attrs].id = CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+      attrs[n_attrs].value.clusterDim.x = num_ctas;
+      attrs[n_attrs].value.clusterDim.y = 1;
+      attrs[n_attrs].value.clusterDim.z = 1;
+      ++n_attrs;
+    }
+    CUlaunchConfig config{};
+    config.gridDimX = grid[0] * num_ctas;
+    config.gridDimY = grid[1];
+    config.gridDimZ = grid[2];
+    config.blockDimX = threads;
+    config.blockDimY = 1;
+    config.blockDimZ = 1;
+    config.sharedMemBytes = smem;
+    config.hStream = reinterpret_cast<CUstream>(stream);
+    config.attrs = attrs;
+    config.numAttrs = n_attrs;
+    if (grid[0] * grid[1] * grid[2] == 0) return;
+    CUresult res = launch_ex()(&config, reinterpret_cast<CUfunction>(function), argv.data(), nullptr);
+    if (res != CUDA_SUCCESS) {
+      throw std::runtime_error("oasis_kernels._C: cuLaunchKernelEx failed with CUresult " + std::to_string(res));
+    }
+  }
+};
+
+std::vector<Run> parse_runs(const std::vector<Run>& runs) {
+  for (const auto& [start, stop, step] : runs) {
+    if (start < 0 || stop <= start || step < 1) throw std::invalid_argument("global head runs are (start, stop, step)");
+  }
+  return runs;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// A fork and a join between the caller's stream and a side stream, with this thread's events.
+class Fork {
+ public:
+  Fork(cudaStream_t caller, cudaStream_t side, int device) : caller_(caller), side_(side) {
+    if (side_ == nullptr) return;
+    events_ = &events_for(device);
+    check_cuda(cudaEventRecord(events_->first, caller_), "cudaEventRecord");
+    check_cuda(cudaStreamWaitEvent(side_, events_->first, 0), "cudaStreamWaitEvent");
+  }
+  // also on an exception: kernels already launched on the side stream write tensors the caller frees
+  ~Fork() {
+    if (side_ == nullptr) return;
+    cudaEventRecord(events_->second, side_);
+    cudaStreamWaitEvent(caller_, events_->second, 0);
+  }
+  Fork(const Fork&) = delete;
+  Fork& operator=(const Fork&) = delete;
+
+ private:
+  using Events = std::pair<cudaEvent_t, cudaEvent_t>;
+  static Events& events_for(int device) {
+    thread_local std::unordered_map<int, Events> by_device;
+    auto it = by_device.find(device);
+    if (it == by_device.end()) {
+      Events e;
+      check_cuda(cudaEventCreateWithFlags(&e.first, cudaEventDisableTiming), "cudaEventCreate");
+      check_cuda(cudaEventCreateWithFlags(&e.second, cudaEventDisableTiming), "cudaEventCreate");
+      it = by_device.emplace(device, e).first;
+    }
+    return it->second;
+  }
+  cudaStream_t caller_, side_;
+  Events* events_ = nullptr;
+};
+
+// [B, N, heads, D] -> the heads of `r` as [B, h, N, D] (a view), as PyTorch's SDPA ops take them
+at::Tensor heads_bhnd(const at::Tensor& x, const Run& r) {
+  return x.slice(2, std::get<0>(r), std::get<1>(r), std::get<2>(r)).transpose(1, 2);
+}
+at::Tensor heads_of(const at::Tensor& x, int64_t dim, const Run& r) {
+  return x.slice(dim, std::get<0>(r), std::get<1>(r), std::get<2>(r));
+}
+
+class RoutedBackward {
+ public:
+  RoutedBackward(std::vector<Run> global_runs, double scale, at::Tensor heads,
+                 std::optional<py::tuple> dq_launch, std::optional<py::tuple> dkdv_launch)
+      : runs_(parse_runs(global_runs)), scale_(scale), heads_(std::move(heads)) {
+    if (dq_launch.has_value() != dkdv_launch.has_value()) {
+      throw std::invalid_argument("RoutedBackward: the dQ and dK/dV launches come together");
+    }
+    if (dq_launch) {
+      dq_ = TritonLaunch::from_tuple(*dq_launch);
+      dkdv_ = TritonLaunch::from_tuple(*dkdv_launch);
+      has_local_ = true;
+    }
+  }
+
+  std::vector<at::Tensor> run(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& lse, uint64_t side) const {
+    c10::cuda::CUDAGuard guard(q.device());
+    cudaStream_t caller = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+    for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) {
+      if (!aligned16(*t)) return {};
+    }
+    if (capturing(caller)) return {};
+    at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+    at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+    at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+    bool fork = side != 0 && has_local_ && !runs_.empty();
+    {
+      Fork f(caller, fork ? reinterpret_cast<cudaStream_t>(side) : nullptr, q.device().index());
+      if (!runs_.empty()) {
+        c10::cuda::CUDAStream global = fork ? c10::cuda::getStreamFromExternal(reinterpret_cast<cudaStream_t>(side),
+                                                                                q.device().index())
+                                            : c10::cuda::getCurrentCUDAStream(q.device().index());
+        c10::cuda::CUDAStreamGuard sg(global);
+        for (const Run& r : runs_) {
+          // the RNG arguments are not read at dropout 0
+          at::Tensor seed = at::empty({}, q.options().dtype(at::kLong));
+          auto grads = at::_scaled_dot_product_cudnn_attention_backward(
+              heads_bhnd(dout, r), heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r),
+              heads_bhnd(out, r), heads_of(lse, 1, r).contiguous().unsqueeze(-1), seed, seed, at::Tensor(),
+              at::Tensor(), at::Tensor(), q.size(1), k.size(1), 0.0, false, scale_);
+          heads_of(dq, 2, r).copy_(std::get<0>(grads).transpose(1, 2));
+          heads_of(dk, 2, r).copy_(std::get<1>(grads).transpose(1, 2));
+          heads_of(dv, 2, r).copy_(std::get<2>(grads).transpose(1, 2));
+        }
+      }
+      if (has_local_) {
+        // rowsum(dO * O) per local head and query, written by the dQ kernel for the dK/dV kernel
+        at::Tensor delta = at::empty({q.size(0), heads_.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+        std::array<void*, N_ROLES> ptrs{};
+        ptrs[Q] = q.data_ptr();
+        ptrs[K] = k.data_ptr();
+        ptrs[V] = v.data_ptr();
+        ptrs[OUT] = out.data_ptr();
+        ptrs[LSE] = lse.data_ptr();
+        ptrs[HEADS] = heads_.data_ptr();
+        ptrs[DOUT] = dout.data_ptr();
+        ptrs[DQ] = dq.data_ptr();
+        ptrs[DK] = dk.data_ptr();
+        ptrs[DV] = dv.data_ptr();
+        ptrs[DELTA] = delta.data_ptr();
+        dq_.launch(ptrs, caller);
+        dkdv_.launch(ptrs, caller);
+      }
+    }
+    return {dq, dk, dv};
+  }
+
+ private:
+  std::vector<Run> runs_;
+  double scale_;
+  at::Tensor heads_;
+  TritonLaunch dq_, dkdv_;
+  bool has_local_ = false;
+};
+
+class RoutedForward {
+ public:
+  RoutedForward(std::vector<Run> global_runs, double scale, at::Tensor heads,
+                std::optional<py::tuple> local)
+      : runs_(parse_runs(global_runs)), scale_(scale), heads_(std::move(heads)) {
+    if (local) local_ = TritonLaunch::from_tuple(*local), has_local_ = true;
+  }
+
+  // whether this call can be replayed (else the caller takes the Python path)
+  static bool serves(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    c10::cuda::CUDAGuard guard(q.device());
+    return aligned16(q) && aligned16(k) && aligned16(v) &&
+           !capturing(c10::cuda::getCurrentCUDAStream(q.device().index()).stream());
+  }
+
+  std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, uint64_t side) const {
+    if (!serves(q, k, v)) return {};
+    return forward(q, k, v, side);
+  }
+
+  std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, uint64_t side) const {
+    c10::cuda::CUDAGuard guard(q.device());
+    cudaStream_t caller = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
+    const int64_t b = q.size(0), n = q.size(1), nh = q.size(2), d = q.size(3);
+    at::Tensor out = at::empty({b, n, nh, d}, q.options());
+    at::Tensor lse = at::empty({b, nh, n}, q.options().dtype(at::kFloat));
+    bool fork = side != 0 && has_local_ && !runs_.empty();
+    {
+      Fork f(caller, fork ? reinterpret_cast<cudaStream_t>(side) : nullptr, q.device().index());
+      if (!runs_.empty()) {
+        c10::cuda::CUDAStream global = fork ? c10::cuda::getStreamFromExternal(reinterpret_cast<cudaStream_t>(side),
+                                                                                q.device().index())
+                                            : c10::cuda::getCurrentCUDAStream(q.device().index());
+        c10::cuda::CUDAStreamGuard sg(global);
+        for (const Run& r : runs_) {
+          auto res = at::_scaled_dot_product_cudnn_attention(heads_bhnd(q, r), heads_bhnd(k, r),
+                                                             heads_bhnd(v, r), std::nullopt, true, 0.0, false,
+                                                             false, scale_);
+          heads_of(out, 2, r).copy_(std::get<0>(res).transpose(1, 2));
+          const at::Tensor& l = std::get<1>(res);
+          heads_of(lse, 1, r).copy_(l.reshape({l.size(0), l.size(1), l.size(2)}));
+        }
+      }
+      if (has_local_) {
+        std::array<void*, N_ROLES> ptrs{};
+        ptrs[Q] = q.data_ptr();
+        ptrs[K] = k.data_ptr();
+        ptrs[V] = v.data_ptr();
+        ptrs[OUT] = out.data_ptr();
+        ptrs[LSE] = lse.data_ptr();
+        ptrs[HEADS] = heads_.data_ptr();
+        local_.launch(ptrs, caller);
+      }
+    }
+    return {out, lse};
+  }
+
+  // with autograd: the backward replays `backward` once set, else calls the Python `fallback`
+  // (fastpath._backward_fallback: the Python path, which prepares and sets `backward`)
+  std::vector<at::Tensor> run_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, uint64_t side);
+
+  void set_backward(std::shared_ptr<RoutedBackward> backward) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    backward_ = std::move(backward);
+  }
+  std::shared_ptr<RoutedBackward> backward() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return backward_;
+  }
+  void set_fallback(py::object fallback) { fallback_ = std::move(fallback); }
+  const py::object& fallback() const { return fallback_; }
+
+ private:
+  mutable std::mutex mutex_;
+  std::shared_ptr<RoutedBackward> backward_;
+  py::object fallback_;
+  std::vector<Run> runs_;
+  double scale_;
+  at::Tensor heads_;
+  TritonLaunch local_;
+  bool has_local_ = false;
+
+ public:
+  int64_t id_ = -1;  // index in registry(), set by make_forward
+};
+
+
+// Prepared forwards that autograd nodes refer to (by index in ctx->saved_data, which holds
+// IValues). They live as long as the process, as the Python cache's entries did: one per call
+// signature.
+std::vector<std::shared_ptr<RoutedForward>>& registry() {
+  // never destroyed: the entries hold Python objects, which must not be released after the
+  // interpreter has gone at exit
+  static auto* forwards = new std::vector<std::shared_ptr<RoutedForward>>();
+  return *forwards;
+}
+std::mutex registry_mutex;
+
+int64_t register_forward(const std::shared_ptr<RoutedForward>& f) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  registry().push_back(f);
+  return static_cast<int64_t>(registry().size()) - 1;
+}
+
+std::shared_ptr<RoutedForward> registered(int64_t id) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  return registry().at(id);
+}
+
+// The autograd node in C++: no Python in the backward when it replays (the engine runs it on
+// its device thread without the GIL).
+struct RoutedFunction : public torch::autograd::Function<RoutedFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v, int64_t id,
+                                                int64_t side) {
+    auto outs = registered(id)->forward(q, k, v, static_cast<uint64_t>(side));
+    ctx->save_for_backward({q, k, v, outs[0], outs[1]});
+    ctx->saved_data["id"] = id;
+    ctx->saved_data["side"] = side;
+    // the log-sum-exp is returned as a constant, as the Python op does; its gradient is never used
+    ctx->mark_non_differentiable({outs[1]});
+    ctx->set_materialize_grads(false);
+    return outs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    at::Tensor none;
+    if (!grads[0].defined()) return {none, none, none, none, none};
+    if (torch::autograd::GradMode::is_enabled()) {
+      // the replayed kernels record no graph: fail loudly, as the Python path's once_differentiable does
+      throw std::runtime_error("routed_attention: double backward (create_graph=True) is not supported");
+    }
+    auto saved = ctx->get_saved_variables();
+    auto self = registered(ctx->saved_data["id"].toInt());
+    at::Tensor dout = grads[0].contiguous();
+    auto side = static_cast<uint64_t>(ctx->saved_data["side"].toInt());
+    std::vector<at::Tensor> res;
+    if (auto backward = self->backward()) {
+      res = backward->run(dout, saved[0], saved[1], saved[2], saved[3], saved[4], side);
+    }
+    if (res.empty()) {
+      py::gil_scoped_acquire gil;
+      auto r = self->fallback()(dout, saved[0], saved[1], saved[2], saved[3], saved[4]).cast<py::tuple>();
+      res = {r[0].cast<at::Tensor>(), r[1].cast<at::Tensor>(), r[2].cast<at::Tensor>()};
+    }
+    return {res[0], res[1], res[2], none, none};
+  }
+};
+
+std::vector<at::Tensor> RoutedForward::run_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    uint64_t side) {
+  if (!serves(q, k, v)) return {};
+  if (id_ < 0) throw std::logic_error("RoutedForward.run_autograd: not registered (use make_forward)");
+  return RoutedFunction::apply(q, k, v, id_, static_cast<int64_t>(side));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "oasis_kernels' C++ extension: the eager host path of routed attention (see fastpath.py)";
+  m.attr("ROLES") = py::make_tuple("Q", "K", "V", "OUT", "LSE", "HEADS", "DOUT", "DQ", "DK", "DV", "DELTA");
+  py::class_<RoutedForward, std::shared_ptr<RoutedForward>>(m, "RoutedForward")
+      .def("run", &RoutedForward::run, py::call_guard<py::gil_scoped_release>(), py::arg("q"), py::arg("k"),
+           py::arg("v"), py::arg("side_stream"))
+      .def("run_autograd", &RoutedForward::run_autograd, py::call_guard<py::gil_scoped_release>(), py::arg("q"),
+           py::arg("k"), py::arg("v"), py::arg("side_stream"))
+      .def("set_backward", &RoutedForward::set_backward, py::arg("backward"))
+      .def("has_backward", [](const RoutedForward& f) { return static_cast<bool>(f.backward()); });
+  m.def(
+      "make_forward",
+      [](std::vector<Run> global_runs, double scale, at::Tensor heads, std::optional<py::tuple> local,
+         py::object fallback) {
+        auto f = std::make_shared<RoutedForward>(std::move(global_runs), scale, std::move(heads), std::move(local));
+        f->set_fallback(std::move(fallback));
+        f->id_ = register_forward(f);
+        return f;
+      },
+      py::arg("global_runs"), py::arg("scale"), py::arg("heads"), py::arg("local"), py::arg("backward_fallback"));
+  py::class_<RoutedBackward, std::shared_ptr<RoutedBackward>>(m, "RoutedBackward")
+      .def(py::init<std::vector<Run>, double, at::Tensor, std::optional<py::tuple>,
+                    std::optional<py::tuple>>(),
+           py::arg("global_runs"), py::arg("scale"), py::arg("heads"), py::arg("dq"), py::arg("dkdv"))
+      .def("run", &RoutedBackward::run, py::call_guard<py::gil_scoped_release>(), py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+           py::arg("lse"), py::arg("side_stream"));
+}

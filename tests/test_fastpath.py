@@ -1,0 +1,166 @@
+"""The eager C++ replay (oasis_kernels.fastpath, csrc/eager_routed.cpp) against the Python path.
+
+On CPU: the C++ source compiles with the machine's nvcc against the installed torch's headers,
+and without the extension every call takes the Python path. On the device: replays give the
+Python path's results (the same kernels in the same order: forward bitwise, gradients to
+cuDNN's non-determinism) and pass the fp64 parity rule; calls it cannot replay (CUDA-graph
+capture, unaligned pointers, other backends) fall back.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import oasis_kernels as ok
+from oasis_kernels import fastpath
+from parity import check_backend, make_qkv
+
+ROOT = Path(__file__).resolve().parents[1]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+built = pytest.mark.skipif(fastpath._C is None, reason=f"needs the C++ extension: {fastpath.UNAVAILABLE}")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_csrc_compiles_with_nvcc(tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    # CPU wheels of torch ship the CUDA headers but not this generated one (CUDA builds do)
+    shim = tmp_path / "c10" / "cuda" / "impl"
+    shim.mkdir(parents=True)
+    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    for source in sorted((ROOT / "csrc").glob("*.cpp")):
+        cmd = ["nvcc", "-std=c++20", "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")),
+               f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
+               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C", "-Xcompiler", "-fPIC,-w"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+        assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
+
+
+def test_without_the_extension_calls_take_the_python_path(monkeypatch, device):
+    monkeypatch.setattr(fastpath, "_C", None)
+    plan = ok.RoutingPlan.from_counts((2, 3, 5), 1, 1, 1, (1, 3, 3))
+    q, k, v = make_qkv((1, plan.num_tokens, 3, 16), torch.float32, device)
+    assert fastpath.forward(q, k, v, plan, 0.25, "auto", True) is None
+    out = ok.routed_attention(q, k, v, plan, backend="reference")
+    assert torch.isfinite(out).all()
+
+
+def _replays(plan, shape, dtype, backend="auto", offset=0):
+    """Outputs and gradients of the Python path and of the third call (a replay), same inputs."""
+    base = [torch.randn(shape[0] * shape[1] * shape[2] * shape[3] + offset, device="cuda", dtype=dtype)
+            for _ in range(3)]
+    q, k, v = (b[offset:].view(shape).requires_grad_() for b in base)
+    do = torch.randn(shape, device="cuda", dtype=dtype)
+
+    def step():
+        o = ok.routed_attention(q, k, v, plan, backend=backend)
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+    enabled = fastpath.ENABLED
+    fastpath.ENABLED = False
+    try:
+        python = step()
+    finally:
+        fastpath.ENABLED = enabled
+    step(), step()
+    return python, step()
+
+
+def _prepared(table):
+    return [p for p in table.values() if p is not False]
+
+
+@gpu
+@built
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid,counts,d", [((5, 20, 40), (5, 4, 3), 128), ((3, 7, 11), (2, 1, 1), 64),
+                                           ((1, 9, 13), (1, 2, 1), 128)])
+def test_replay_matches_the_python_path(grid, counts, d, dtype):
+    fastpath._FORWARD.clear()
+    fastpath._BACKWARD.clear()
+    plan = ok.RoutingPlan.from_counts(grid, *counts, (3, 5, 5))
+    python, replay = _replays(plan, (2, plan.num_tokens, sum(counts), d), dtype)
+    assert len(_prepared(fastpath._FORWARD)) == 1 and len(_prepared(fastpath._BACKWARD)) == 1
+    assert _prepared(fastpath._FORWARD)[0].has_backward()  # the third call ran the C++ node's own replay
+    torch.testing.assert_close(replay[0], python[0], rtol=0, atol=0)  # same kernels, same order
+    for name, r, p in zip(("dq", "dk", "dv"), replay[1:], python[1:]):
+        torch.testing.assert_close(r, p, msg=lambda m, name=name: f"{name}: {m}")  # cuDNN's dQ accumulates atomically
+
+
+@gpu
+@built
+def test_replay_serves_strided_global_heads_and_local_only_plans():
+    fastpath._FORWARD.clear()
+    fastpath._BACKWARD.clear()
+    for modes in ("gigwgi", "iiww"):
+        plan = ok.RoutingPlan((3, 8, 8), list(modes), (3, 5, 5))
+        python, replay = _replays(plan, (1, plan.num_tokens, len(modes), 64), torch.bfloat16)
+        for r, p in zip(replay, python):
+            torch.testing.assert_close(r, p)
+    assert len(_prepared(fastpath._FORWARD)) == 2
+
+
+@gpu
+@built
+def test_double_backward_through_the_cpp_node_is_an_error():
+    plan = ok.RoutingPlan.from_counts((3, 7, 11), 2, 1, 1, (3, 5, 5))
+    q, k, v = make_qkv((1, plan.num_tokens, 4, 64), torch.bfloat16, "cuda", requires_grad=True)
+    for _ in range(2):
+        o = ok.routed_attention(q, k, v, plan)
+        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    o = ok.routed_attention(q, k, v, plan)
+    assert o.grad_fn.name() == "RoutedFunction"
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(o, (q, k, v), torch.ones_like(o), create_graph=True)
+
+
+@gpu
+@built
+def test_unaligned_inputs_fall_back_and_stay_correct():
+    plan = ok.RoutingPlan.from_counts((3, 7, 11), 2, 1, 1, (3, 5, 5))
+    q, k, v = make_qkv((1, plan.num_tokens, 4, 64), torch.bfloat16, "cuda")
+    ok.routed_attention(q, k, v, plan)  # prepares the aligned signature
+    ok.routed_attention(q, k, v, plan)
+    python, replay = _replays(plan, (1, plan.num_tokens, 4, 64), torch.bfloat16, offset=4)  # 8-byte offset
+    for r, p in zip(replay, python):
+        torch.testing.assert_close(r, p)
+
+
+@gpu
+@built
+@pytest.mark.parametrize("grid,counts", [((5, 20, 40), (5, 4, 3)), ((3, 7, 11), (1, 2, 1))])
+def test_replays_pass_the_parity_rule(grid, counts):
+    plan = ok.RoutingPlan.from_counts(grid, *counts, (3, 5, 5))
+    q, k, v = make_qkv((1, plan.num_tokens, sum(counts), 128), torch.bfloat16, "cuda")
+    for attempt in range(3):  # the first prepares, the later ones replay
+        check_backend(q, k, v, plan, "auto", what=f"call {attempt}")
+
+
+@gpu
+@built
+def test_capture_declines_and_the_graph_replays_correctly():
+    plan = ok.RoutingPlan.from_counts((3, 7, 11), 2, 1, 1, (3, 5, 5))
+    q, k, v = make_qkv((1, plan.num_tokens, 4, 64), torch.bfloat16, "cuda")
+    want = ok.routed_attention(q, k, v, plan)
+    ok.routed_attention(q, k, v, plan)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        out = ok.routed_attention(q, k, v, plan)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
