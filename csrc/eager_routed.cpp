@@ -257,10 +257,21 @@ class RoutedBackward {
       dkdv_ = TritonLaunch::from_tuple(*dkdv_launch);
       has_local_ = true;
     }
+    // cuDNN's RNG arguments, which it does not read at dropout 0: one tensor for every call
+    // (made when the signature is prepared, outside CUDA-graph capture, as this path runs)
+    seed_ = at::empty({}, heads_.options().dtype(at::kLong));
   }
 
   std::vector<at::Tensor> run(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& out, const at::Tensor& lse, uint64_t side) const {
+    return run_with(dout, q, k, v, out, lse, side, {});
+  }
+
+  // `run_lse`: cuDNN's own log-sum-exp of each global head run, as the replayed forward kept it
+  // ([B, h, N, 1]); without it each run's slice of `lse` is copied into that layout
+  std::vector<at::Tensor> run_with(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, uint64_t side,
+                                   const std::vector<at::Tensor>& run_lse) const {
     c10::cuda::CUDAGuard guard(q.device());
     cudaStream_t caller = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
     for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) {
@@ -278,12 +289,12 @@ class RoutedBackward {
                                                                                 q.device().index())
                                             : c10::cuda::getCurrentCUDAStream(q.device().index());
         c10::cuda::CUDAStreamGuard sg(global);
-        for (const Run& r : runs_) {
-          // the RNG arguments are not read at dropout 0
-          at::Tensor seed = at::empty({}, q.options().dtype(at::kLong));
+        for (size_t i = 0; i < runs_.size(); ++i) {
+          const Run& r = runs_[i];
+          at::Tensor l = i < run_lse.size() ? run_lse[i] : heads_of(lse, 1, r).contiguous().unsqueeze(-1);
           auto grads = at::_scaled_dot_product_cudnn_attention_backward(
               heads_bhnd(dout, r), heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r),
-              heads_bhnd(out, r), heads_of(lse, 1, r).contiguous().unsqueeze(-1), seed, seed, at::Tensor(),
+              heads_bhnd(out, r), l, seed_, seed_, at::Tensor(),
               at::Tensor(), at::Tensor(), q.size(1), k.size(1), 0.0, false, scale_);
           heads_of(dq, 2, r).copy_(std::get<0>(grads).transpose(1, 2));
           heads_of(dk, 2, r).copy_(std::get<1>(grads).transpose(1, 2));
@@ -316,6 +327,7 @@ class RoutedBackward {
   std::vector<Run> runs_;
   double scale_;
   at::Tensor heads_;
+  at::Tensor seed_;
   TritonLaunch dq_, dkdv_;
   bool has_local_ = false;
 };
@@ -337,9 +349,11 @@ class RoutedForward {
 
   std::vector<at::Tensor> run(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, uint64_t side) const {
     if (!serves(q, k, v)) return {};
-    return forward(q, k, v, side);
+    auto outs = forward(q, k, v, side);
+    return {outs[0], outs[1]};
   }
 
+  // [out, lse, then cuDNN's log-sum-exp of each global head run (kept for the backward)]
   std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, uint64_t side) const {
     c10::cuda::CUDAGuard guard(q.device());
     cudaStream_t caller = c10::cuda::getCurrentCUDAStream(q.device().index()).stream();
@@ -347,6 +361,7 @@ class RoutedForward {
     at::Tensor out = at::empty({b, n, nh, d}, q.options());
     at::Tensor lse = at::empty({b, nh, n}, q.options().dtype(at::kFloat));
     bool fork = side != 0 && has_local_ && !runs_.empty();
+    std::vector<at::Tensor> run_lse;
     {
       Fork f(caller, fork ? reinterpret_cast<cudaStream_t>(side) : nullptr, q.device().index());
       if (!runs_.empty()) {
@@ -361,6 +376,7 @@ class RoutedForward {
           heads_of(out, 2, r).copy_(std::get<0>(res).transpose(1, 2));
           const at::Tensor& l = std::get<1>(res);
           heads_of(lse, 1, r).copy_(l.reshape({l.size(0), l.size(1), l.size(2)}));
+          run_lse.push_back(l);
         }
       }
       if (has_local_) {
@@ -374,7 +390,9 @@ class RoutedForward {
         local_.launch(ptrs, caller);
       }
     }
-    return {out, lse};
+    std::vector<at::Tensor> outs{out, lse};
+    outs.insert(outs.end(), run_lse.begin(), run_lse.end());
+    return outs;
   }
 
   // with autograd: the backward replays `backward` once set, else calls the Python `fallback`
@@ -436,7 +454,10 @@ struct RoutedFunction : public torch::autograd::Function<RoutedFunction> {
                                                 const at::Tensor& k, const at::Tensor& v, int64_t id,
                                                 int64_t side) {
     auto outs = registered(id)->forward(q, k, v, static_cast<uint64_t>(side));
-    ctx->save_for_backward({q, k, v, outs[0], outs[1]});
+    std::vector<at::Tensor> saved{q, k, v};
+    saved.insert(saved.end(), outs.begin(), outs.end());  // out, lse, cuDNN's per-run lse
+    ctx->save_for_backward(saved);
+    outs.resize(2);
     ctx->saved_data["id"] = id;
     ctx->saved_data["side"] = side;
     // the log-sum-exp is returned as a constant, as the Python op does; its gradient is never used
@@ -459,7 +480,8 @@ struct RoutedFunction : public torch::autograd::Function<RoutedFunction> {
     auto side = static_cast<uint64_t>(ctx->saved_data["side"].toInt());
     std::vector<at::Tensor> res;
     if (auto backward = self->backward()) {
-      res = backward->run(dout, saved[0], saved[1], saved[2], saved[3], saved[4], side);
+      std::vector<at::Tensor> run_lse(saved.begin() + 5, saved.end());
+      res = backward->run_with(dout, saved[0], saved[1], saved[2], saved[3], saved[4], side, run_lse);
     }
     if (res.empty()) {
       py::gil_scoped_acquire gil;

@@ -10,5 +10,8 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
 fi
 python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[bench]"
+# without build isolation, so setup.py sees this torch and builds the C++ extension (csrc/)
+# where torch has CUDA and nvcc is found
+python -m pip install -q setuptools wheel
+python -m pip install -q --no-build-isolation -e ".[bench]"
 python benchmarks/attn_bench.py "$@"
