@@ -8,7 +8,10 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=. OASIS_TRITON_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
-groups=("tests/test_triton_kernels.py" "tests/test_routing.py tests/test_compile.py"
+# the C++ extension (csrc/), so the eager replay runs in the tests below
+python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || tail -20 "$OUT/build_ext.log"
+python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath._C is not None, fastpath.UNAVAILABLE)"
+groups=("tests/test_triton_kernels.py tests/test_fastpath.py" "tests/test_routing.py tests/test_compile.py"
         "tests/test_routed_attention.py" "tests/test_dispatch.py tests/test_errors.py tests/test_flash_adapters.py tests/test_plan_masks.py tests/test_reference.py tests/test_tolerance.py tests/test_sm90_compile.py")
 pids=()
 for i in "${!groups[@]}"; do

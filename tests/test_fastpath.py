@@ -118,7 +118,7 @@ def test_double_backward_through_the_cpp_node_is_an_error():
         o = ok.routed_attention(q, k, v, plan)
         torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
     o = ok.routed_attention(q, k, v, plan)
-    assert o.grad_fn.name() == "RoutedFunction"
+    assert "RoutedFunction" in o.grad_fn.name()  # the C++ node
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(o, (q, k, v), torch.ones_like(o), create_graph=True)
 
