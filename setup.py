@@ -36,7 +36,11 @@ def _cuda_extension():
     ext = CUDAExtension(
         "oasis_kernels._C",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a"]},
+        # the Triton kernels run on sm80+; the copy kernel (csrc/copy_rows.cu) is built for
+        # Ampere and Hopper, with PTX for newer cards
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
+                                                     "-gencode=arch=compute_90,code=sm_90",
+                                                     "-gencode=arch=compute_90,code=compute_90"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

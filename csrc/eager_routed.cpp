@@ -32,6 +32,8 @@
 #include <cuda_runtime_api.h>
 #include <dlfcn.h>
 
+#include "copy_rows.h"
+
 #include <array>
 #include <cstring>
 #include <mutex>
@@ -236,6 +238,37 @@ class Fork {
   Events* events_ = nullptr;
 };
 
+// Copies src into dst (4-D views of equal sizes whose last dimension is contiguous or of
+// size 1) with one launch for all pairs (copy_rows.cu); pairs it cannot describe go to copy_.
+void copy_pairs(const std::vector<std::pair<at::Tensor, at::Tensor>>& pairs, cudaStream_t stream) {
+  oasis::RowCopies copies{};
+  for (const auto& [src, dst] : pairs) {
+    bool ok = src.dim() == 4 && src.sizes() == dst.sizes() && src.scalar_type() == dst.scalar_type() &&
+              copies.count < oasis::kMaxRowCopies && (src.size(3) == 1 || (src.stride(3) == 1 && dst.stride(3) == 1));
+    if (ok) {
+      oasis::RowCopy& c = copies.copy[copies.count];
+      const int64_t elt = src.element_size();
+      c.src = static_cast<const char*>(src.data_ptr());
+      c.dst = static_cast<char*>(dst.data_ptr());
+      c.row_bytes = src.size(3) * elt;
+      uint64_t bits = reinterpret_cast<uintptr_t>(c.src) | reinterpret_cast<uintptr_t>(c.dst) |
+                      static_cast<uint64_t>(c.row_bytes);
+      for (int d = 0; d < 3; ++d) {
+        c.sizes[d] = src.size(d);
+        c.src_strides[d] = src.stride(d) * elt;
+        c.dst_strides[d] = dst.stride(d) * elt;
+        bits |= static_cast<uint64_t>(c.src_strides[d]) | static_cast<uint64_t>(c.dst_strides[d]);
+      }
+      c.vector_bytes = 16;
+      while (c.vector_bytes > 1 && (bits % c.vector_bytes)) c.vector_bytes /= 2;
+      ++copies.count;
+    } else {
+      dst.copy_(src);
+    }
+  }
+  check_cuda(oasis::copy_rows(copies, stream), "copy_rows");
+}
+
 // [B, N, heads, D] -> the heads of `r` as [B, h, N, D] (a view), as PyTorch's SDPA ops take them
 at::Tensor heads_bhnd(const at::Tensor& x, const Run& r) {
   return x.slice(2, std::get<0>(r), std::get<1>(r), std::get<2>(r)).transpose(1, 2);
@@ -296,9 +329,9 @@ class RoutedBackward {
               heads_bhnd(dout, r), heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r),
               heads_bhnd(out, r), l, seed_, seed_, at::Tensor(),
               at::Tensor(), at::Tensor(), q.size(1), k.size(1), 0.0, false, scale_);
-          heads_of(dq, 2, r).copy_(std::get<0>(grads).transpose(1, 2));
-          heads_of(dk, 2, r).copy_(std::get<1>(grads).transpose(1, 2));
-          heads_of(dv, 2, r).copy_(std::get<2>(grads).transpose(1, 2));
+          copy_pairs({{std::get<0>(grads), heads_bhnd(dq, r)}, {std::get<1>(grads), heads_bhnd(dk, r)},
+                      {std::get<2>(grads), heads_bhnd(dv, r)}},
+                     global.stream());
         }
       }
       if (has_local_) {
@@ -373,9 +406,9 @@ class RoutedForward {
           auto res = at::_scaled_dot_product_cudnn_attention(heads_bhnd(q, r), heads_bhnd(k, r),
                                                              heads_bhnd(v, r), std::nullopt, true, 0.0, false,
                                                              false, scale_);
-          heads_of(out, 2, r).copy_(std::get<0>(res).transpose(1, 2));
-          const at::Tensor& l = std::get<1>(res);
-          heads_of(lse, 1, r).copy_(l.reshape({l.size(0), l.size(1), l.size(2)}));
+          const at::Tensor& l = std::get<1>(res);  // [B, h, N, 1]
+          copy_pairs({{std::get<0>(res), heads_bhnd(out, r)}, {l, heads_of(lse, 1, r).unsqueeze(-1)}},
+                     global.stream());
           run_lse.push_back(l);
         }
       }

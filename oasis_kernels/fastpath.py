@@ -67,9 +67,11 @@ def _kernels():
 
 def _key(q, k, v, plan, scale, request, extra=()) -> tuple:
     la = _kernels()
+    # the kernels' tuning state too: a config list or autotuner swapped (tests, local_bench.py)
+    # must not replay a launch recorded under another
     return (plan, request, tuple(q.shape), q.stride(), k.stride(), v.stride(), q.dtype, q.device, q.requires_grad,
             scale, dispatch._global_switches(), la.knobs.runtime.debug, la.knobs.compilation.instrumentation_mode,
-            *extra)
+            la.tuning_state(), *extra)
 
 
 def _side_stream(device) -> int:

@@ -29,6 +29,7 @@ built = pytest.mark.skipif(fastpath._C is None, reason=f"needs the C++ extension
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_csrc_compiles_with_nvcc(tmp_path):
+    assert sorted((ROOT / "csrc").glob("*.c*")), "csrc/ holds no sources"
     from torch.utils.cpp_extension import include_paths
 
     # CPU wheels of torch ship the CUDA headers but not this generated one (CUDA builds do)
@@ -43,6 +44,12 @@ def test_csrc_compiles_with_nvcc(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
         assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
+    for source in sorted((ROOT / "csrc").glob("*.cu")):  # plain CUDA: the device code too
+        obj = tmp_path / (source.stem + "_cu.o")
+        cmd = ["nvcc", "-std=c++17", "-c", str(source), "-o", str(obj), "-gencode=arch=compute_90,code=sm_90"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+        assert obj.stat().st_size > 0
 
 
 def test_without_the_extension_calls_take_the_python_path(monkeypatch, device):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import threading
 from dataclasses import dataclass
@@ -567,6 +568,9 @@ def _spec_key(args, kwargs) -> tuple:
     return tuple(key)
 
 
+_GENERATIONS = itertools.count()
+
+
 class _Tuned:
     """A kernel launched with Triton's autotuner over ``configs``, or, without autotuning (tests,
     the interpreter), with the first config that fits; ``chosen`` records either choice.
@@ -588,6 +592,26 @@ class _Tuned:
         self.tuned = (triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
                       if AUTOTUNE else None)
         self.direct: dict = {}
+
+    # setting the config list or the autotuner (tests and benchmarks swap them) starts a new
+    # tuning generation, which keys the launches that fastpath.py replays
+    @property
+    def configs(self):
+        return self._configs
+
+    @configs.setter
+    def configs(self, value):
+        self._configs = value
+        self.generation = next(_GENERATIONS)
+
+    @property
+    def tuned(self):
+        return self._tuned
+
+    @tuned.setter
+    def tuned(self, value):
+        self._tuned = value
+        self.generation = next(_GENERATIONS)
 
     def launcher(self, grid, config=None, grid_key=()):
         """What ``kernel[grid]`` would be: autotuned, or with ``config`` (a ``triton.Config``) or,
@@ -696,6 +720,12 @@ def _record(kernel, hit, args, kwargs) -> None:
 _fwd_tuned = _Tuned(_fwd_kernel, _FWD_CONFIGS)
 _dq_tuned = _Tuned(_bwd_dq_kernel, _BWD_CONFIGS)
 _dkdv_tuned = _Tuned(_bwd_dkdv_kernel, _BWD_CONFIGS)
+
+
+def tuning_state() -> tuple:
+    """What a launch's choice of config depends on besides its arguments: each kernel's tuning
+    generation (a new one whenever its config list or autotuner is set)."""
+    return (_fwd_tuned.generation, _dq_tuned.generation, _dkdv_tuned.generation)
 
 
 def chosen_configs() -> dict[str, dict]:
