@@ -29,6 +29,8 @@ import oasis_kernels as ok  # noqa: E402
 SWEEP = [
     (4, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 3, True), (4, 4, 4, 64, 8, 2, True), (8, 4, 4, 64, 8, 2, True),
     (2, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 2, False), (2, 4, 8, 64, 4, 2, False), (2, 4, 8, 32, 4, 3, False),
+    # 128-query tiles and 8 warps, for intra-frame heads (whole-frame key runs)
+    (2, 8, 8, 64, 8, 2, False), (2, 8, 8, 32, 8, 2, False), (2, 4, 8, 64, 8, 2, False), (1, 8, 8, 64, 4, 2, False),
 ]
 
 
