@@ -211,6 +211,7 @@ OVERLAP = os.environ.get("OASIS_OVERLAP", "1") != "0"
 #: re-measured since): at S (5,20,40), 4.1e10, the overlap made the eager routed forward
 #: 0.219 ms vs 0.164 ms on one stream; at A (9,45,80), 3.4e12, it gained 2%, at B 0.7% fwd /
 #: 1.7% fwd+bwd.
+#: The eager C++ replay (fastpath.py) always forks: its fork costs two event records and waits.
 OVERLAP_MIN_FLOPS = 1e11
 #: one side stream per thread and device: a thread capturing a CUDA graph must not share its
 #: side stream with another thread's eager work (that work would join the capture or break it)
