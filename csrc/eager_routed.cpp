@@ -12,7 +12,7 @@
 //
 // The autograd node replays the backward prepared for the same signature once
 // `RoutedForward.set_backward` gave it one; before that (the first backward of a signature), and
-// for calls the replay declines, it calls back into Python (fastpath._backward_fallback).
+// for calls the replay declines, it calls back into Python (fastpath._make_forward's fallback).
 //
 // A call is declined (an empty list; the caller takes the Python path) when the current stream
 // is capturing a CUDA graph or a pointer is not 16-byte aligned: the recorded Triton kernels
@@ -79,6 +79,12 @@ struct Param {
   double fvalue;
 };
 
+// a parameter's value at the start of its 8-byte slot
+template <typename T>
+void put(void* slot, T value) {
+  std::memcpy(slot, &value, sizeof value);
+}
+
 // One Triton kernel launch: the compiled kernel, its launch geometry and its parameters in
 // signature order (constexprs left out, as Triton's launcher does).
 struct TritonLaunch {
@@ -119,31 +125,11 @@ struct TritonLaunch {
       const Param& p = params[i];
       void* slot = &slots[i];
       switch (p.kind) {
-        case PTR: {
-          auto v = reinterpret_cast<uint64_t>(ptrs[p.ivalue]);
-          std::memcpy(slot, &v, sizeof v);
-          break;
-        }
-        case I32: {
-          auto v = static_cast<int32_t>(p.ivalue);
-          std::memcpy(slot, &v, sizeof v);
-          break;
-        }
-        case I64: {
-          int64_t v = p.ivalue;
-          std::memcpy(slot, &v, sizeof v);
-          break;
-        }
-        case F32: {
-          auto v = static_cast<float>(p.fvalue);
-          std::memcpy(slot, &v, sizeof v);
-          break;
-        }
-        case I8: {
-          auto v = static_cast<int8_t>(p.ivalue);
-          std::memcpy(slot, &v, sizeof v);
-          break;
-        }
+        case PTR: put(slot, reinterpret_cast<uint64_t>(ptrs[p.ivalue])); break;
+        case I32: put(slot, static_cast<int32_t>(p.ivalue)); break;
+        case I64: put(slot, static_cast<int64_t>(p.ivalue)); break;
+        case F32: put(slot, static_cast<float>(p.fvalue)); break;
+        case I8: put(slot, static_cast<int8_t>(p.ivalue)); break;
       }
       argv[i] = slot;
     }
@@ -277,6 +263,25 @@ at::Tensor heads_of(const at::Tensor& x, int64_t dim, const Run& r) {
   return x.slice(dim, std::get<0>(r), std::get<1>(r), std::get<2>(r));
 }
 
+// The tensors of the forward's roles, by role, for the recorded Triton launches.
+std::array<void*, N_ROLES> forward_roles(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& out, const at::Tensor& lse, const at::Tensor& heads) {
+  std::array<void*, N_ROLES> ptrs{};
+  ptrs[Q] = q.data_ptr();
+  ptrs[K] = k.data_ptr();
+  ptrs[V] = v.data_ptr();
+  ptrs[OUT] = out.data_ptr();
+  ptrs[LSE] = lse.data_ptr();
+  ptrs[HEADS] = heads.data_ptr();
+  return ptrs;
+}
+
+// The stream of the global heads: the side stream when the call forks, else the caller's.
+c10::cuda::CUDAStream global_stream(bool fork, uint64_t side, c10::DeviceIndex device) {
+  return fork ? c10::cuda::getStreamFromExternal(reinterpret_cast<cudaStream_t>(side), device)
+              : c10::cuda::getCurrentCUDAStream(device);
+}
+
 class RoutedBackward {
  public:
   RoutedBackward(std::vector<Run> global_runs, double scale, at::Tensor heads,
@@ -318,9 +323,7 @@ class RoutedBackward {
     {
       Fork f(caller, fork ? reinterpret_cast<cudaStream_t>(side) : nullptr, q.device().index());
       if (!runs_.empty()) {
-        c10::cuda::CUDAStream global = fork ? c10::cuda::getStreamFromExternal(reinterpret_cast<cudaStream_t>(side),
-                                                                                q.device().index())
-                                            : c10::cuda::getCurrentCUDAStream(q.device().index());
+        c10::cuda::CUDAStream global = global_stream(fork, side, q.device().index());
         c10::cuda::CUDAStreamGuard sg(global);
         for (size_t i = 0; i < runs_.size(); ++i) {
           const Run& r = runs_[i];
@@ -337,13 +340,7 @@ class RoutedBackward {
       if (has_local_) {
         // rowsum(dO * O) per local head and query, written by the dQ kernel for the dK/dV kernel
         at::Tensor delta = at::empty({q.size(0), heads_.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-        std::array<void*, N_ROLES> ptrs{};
-        ptrs[Q] = q.data_ptr();
-        ptrs[K] = k.data_ptr();
-        ptrs[V] = v.data_ptr();
-        ptrs[OUT] = out.data_ptr();
-        ptrs[LSE] = lse.data_ptr();
-        ptrs[HEADS] = heads_.data_ptr();
+        auto ptrs = forward_roles(q, k, v, out, lse, heads_);
         ptrs[DOUT] = dout.data_ptr();
         ptrs[DQ] = dq.data_ptr();
         ptrs[DK] = dk.data_ptr();
@@ -398,9 +395,7 @@ class RoutedForward {
     {
       Fork f(caller, fork ? reinterpret_cast<cudaStream_t>(side) : nullptr, q.device().index());
       if (!runs_.empty()) {
-        c10::cuda::CUDAStream global = fork ? c10::cuda::getStreamFromExternal(reinterpret_cast<cudaStream_t>(side),
-                                                                                q.device().index())
-                                            : c10::cuda::getCurrentCUDAStream(q.device().index());
+        c10::cuda::CUDAStream global = global_stream(fork, side, q.device().index());
         c10::cuda::CUDAStreamGuard sg(global);
         for (const Run& r : runs_) {
           auto res = at::_scaled_dot_product_cudnn_attention(heads_bhnd(q, r), heads_bhnd(k, r),
@@ -413,14 +408,7 @@ class RoutedForward {
         }
       }
       if (has_local_) {
-        std::array<void*, N_ROLES> ptrs{};
-        ptrs[Q] = q.data_ptr();
-        ptrs[K] = k.data_ptr();
-        ptrs[V] = v.data_ptr();
-        ptrs[OUT] = out.data_ptr();
-        ptrs[LSE] = lse.data_ptr();
-        ptrs[HEADS] = heads_.data_ptr();
-        local_.launch(ptrs, caller);
+        local_.launch(forward_roles(q, k, v, out, lse, heads_), caller);
       }
     }
     std::vector<at::Tensor> outs{out, lse};
@@ -429,7 +417,8 @@ class RoutedForward {
   }
 
   // with autograd: the backward replays `backward` once set, else calls the Python `fallback`
-  // (fastpath._backward_fallback: the Python path, which prepares and sets `backward`)
+  // (the `backward_fallback` of fastpath._make_forward: the Python path, which prepares the
+  // backward and sets it here)
   std::vector<at::Tensor> run_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, uint64_t side);
 
   void set_backward(std::shared_ptr<RoutedBackward> backward) {
