@@ -25,6 +25,7 @@
 
 #include <torch/extension.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -315,7 +316,9 @@ class RoutedBackward {
     for (const at::Tensor* t : {&dout, &q, &k, &v, &out}) {
       if (!aligned16(*t)) return {};
     }
-    if (capturing(caller)) return {};
+    // the side stream is the forward thread's (the autograd node's backward runs on autograd's
+    // worker thread): if that thread has since joined it to a CUDA-graph capture, do not add to it
+    if (capturing(caller) || (side != 0 && capturing(reinterpret_cast<cudaStream_t>(side)))) return {};
     at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
     at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
     at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
@@ -492,10 +495,11 @@ struct RoutedFunction : public torch::autograd::Function<RoutedFunction> {
                                                  torch::autograd::variable_list grads) {
     at::Tensor none;
     if (!grads[0].defined()) return {none, none, none, none, none};
-    if (torch::autograd::GradMode::is_enabled()) {
-      // the replayed kernels record no graph: fail loudly, as the Python path's once_differentiable does
-      throw std::runtime_error("routed_attention: double backward (create_graph=True) is not supported");
-    }
+    // as the Python path's once_differentiable: the gradients are computed without a graph, and
+    // under create_graph=True with a dout that requires grad they come out tied to an error
+    // node, so differentiating through them fails loudly instead of giving a wrong answer
+    const bool graph_wanted = torch::autograd::GradMode::is_enabled() && grads[0].requires_grad();
+    at::AutoGradMode no_graph(false);
     auto saved = ctx->get_saved_variables();
     auto self = registered(ctx->saved_data["id"].toInt());
     at::Tensor dout = grads[0].contiguous();
@@ -509,6 +513,13 @@ struct RoutedFunction : public torch::autograd::Function<RoutedFunction> {
       py::gil_scoped_acquire gil;
       auto r = self->fallback()(dout, saved[0], saved[1], saved[2], saved[3], saved[4]).cast<py::tuple>();
       res = {r[0].cast<at::Tensor>(), r[1].cast<at::Tensor>(), r[2].cast<at::Tensor>()};
+    }
+    if (graph_wanted) {
+      at::AutoGradMode graph(true);
+      auto error = std::make_shared<torch::autograd::DelayedError>(
+          "routed_attention: double backward is not supported (its backward is once differentiable)", 3);
+      res = (*error)({res[0].detach().requires_grad_(), res[1].detach().requires_grad_(),
+                      res[2].detach().requires_grad_()});
     }
     return {res[0], res[1], res[2], none, none};
   }

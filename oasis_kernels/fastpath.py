@@ -57,19 +57,22 @@ _LOCAL_ATTENTION = None
 
 
 def _kernels():
-    # imported on first use: ``import oasis_kernels`` must not need Triton
+    """The Triton kernels' module, or None where Triton cannot be imported (then nothing is
+    replayed: the Python path reports why). Imported on first use: ``import oasis_kernels``
+    must not need Triton."""
     global _LOCAL_ATTENTION
     if _LOCAL_ATTENTION is None:
-        from .kernels import local_attention
-        _LOCAL_ATTENTION = local_attention
-    return _LOCAL_ATTENTION
+        from .backends.triton_local import _kernels as import_kernels
+        _LOCAL_ATTENTION = import_kernels()[0] or False
+    return _LOCAL_ATTENTION or None
 
 
 def _key(q, k, v, plan, scale, request, extra=()) -> tuple:
     la = _kernels()
     # the kernels' tuning state too: a config list or autotuner swapped (tests, local_bench.py)
     # must not replay a launch recorded under another
-    return (plan, request, tuple(q.shape), q.stride(), k.stride(), v.stride(), q.dtype, q.device, q.requires_grad,
+    return (plan, request, tuple(q.shape), tuple(k.shape), q.stride(), k.stride(), v.stride(), q.dtype, k.dtype,
+            v.dtype, q.device, q.requires_grad,
             scale, dispatch._global_switches(), la.knobs.runtime.debug, la.knobs.compilation.instrumentation_mode,
             la.tuning_state(), *extra)
 
@@ -83,8 +86,6 @@ def _why_not(q, k, v, plan, request) -> str:
     la = _kernels()
     if not la.DIRECT_LAUNCH:
         return "direct Triton launches are off"
-    if q.device.index != torch.cuda.current_device():
-        return f"{q.device=} is not the current device"
     elt = q.element_size()
     for x in (q, k, v):
         # the strides are in the key; the data pointer's alignment is checked per call
@@ -100,8 +101,9 @@ def _why_not(q, k, v, plan, request) -> str:
 def _transient(q, *tensors) -> bool:
     """Conditions of this call only: record nothing now, try again on the next call."""
     la = _kernels()
-    return (torch.cuda.is_current_stream_capturing() or not la._no_launch_hooks()
-            or any(x.data_ptr() % 16 for x in (q, *tensors)))
+    # the compiled kernels' function handles belong to the current device's context
+    return (q.device.index != torch.cuda.current_device() or torch.cuda.is_current_stream_capturing()
+            or not la._no_launch_hooks() or any(x.data_ptr() % 16 for x in (q, *tensors)))
 
 
 def _launch_spec(launch, checks) -> tuple | None:
@@ -127,6 +129,8 @@ def _launch_spec(launch, checks) -> tuple | None:
         else:
             return None
     meta = compiled.metadata
+    if getattr(meta, "num_ctas", 1) != 1:
+        return None  # clusters: Triton's launcher sets scheduling attributes this replay does not
     return (compiled.function, tuple(launch.grid), 32 * meta.num_warps, meta.shared, getattr(meta, "num_ctas", 1),
             bool(getattr(meta, "launch_cooperative_grid", False)), bool(getattr(meta, "launch_pdl", False)), params)
 
@@ -139,6 +143,8 @@ def _local_heads(q, k, v, plan, request):
     if local:
         from .backends.triton_local import _head_table
         table = _head_table(local, q.device)[0].clone()  # its own copy, kept with the prepared object
+        # replays read it on any stream: it must be written before this returns
+        torch.cuda.current_stream(q.device).synchronize()
     else:
         table = torch.empty(0, dtype=torch.int32, device=q.device)
     return runs, table, bool(local)
@@ -150,7 +156,7 @@ def forward(q, k, v, plan, scale: float, request: str, deterministic: bool, auto
     ``autograd``: return outputs with a C++ autograd node (its backward replays the prepared
     backward); such calls only replay: the first call of a signature returns None, and the
     caller's ``torch.autograd.Function`` prepares the signature with a plain call."""
-    if _C is None or not ENABLED or q.device.type != "cuda":
+    if _C is None or not ENABLED or q.device.type != "cuda" or _kernels() is None:
         return None
     key = _key(q, k, v, plan, scale, request, (deterministic,))
     prepared = _FORWARD.get(key)
@@ -165,7 +171,7 @@ def forward(q, k, v, plan, scale: float, request: str, deterministic: bool, auto
 
 def backward(dout, q, k, v, out, lse, plan, scale: float, request: str, deterministic: bool):
     """``(dq, dk, dv)`` from the prepared path, or None. ``dout`` is contiguous."""
-    if _C is None or not ENABLED or q.device.type != "cuda":
+    if _C is None or not ENABLED or q.device.type != "cuda" or _kernels() is None:
         return None
     key = _key(q, k, v, plan, scale, request, (deterministic,))
     prepared = _BACKWARD.get(key)
@@ -177,13 +183,20 @@ def backward(dout, q, k, v, out, lse, plan, scale: float, request: str, determin
     return (res[0], res[1], res[2]) if res else None
 
 
+#: prepared signatures per pass; later new signatures take the Python path. Prepared objects
+#: are never freed (kernels in flight on any stream may read their tensors, and autograd nodes
+#: refer to them), so this bounds their memory
+MAX_PREPARED = 1024
+
+
 def _remember(table: dict, key, value) -> None:
-    if len(table) > 1024:
-        table.clear()
-    table[key] = value
+    if len(table) < MAX_PREPARED:
+        table[key] = value
 
 
 def _prepare_forward(key, q, k, v, plan, scale, request, deterministic):
+    if len(_FORWARD) >= MAX_PREPARED:
+        return None
     if _why_not(q, k, v, plan, request):
         _remember(_FORWARD, key, False)
         return None
@@ -220,6 +233,8 @@ def _make_forward(runs, table, spec, plan, scale, request, deterministic):
 
 
 def _prepare_backward(key, dout, q, k, v, out, lse, plan, scale, request, deterministic):
+    if len(_BACKWARD) >= MAX_PREPARED:
+        return None
     if _why_not(q, k, v, plan, request):
         _remember(_BACKWARD, key, False)
         return None

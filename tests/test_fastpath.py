@@ -119,15 +119,22 @@ def test_replay_serves_strided_global_heads_and_local_only_plans():
 @gpu
 @built
 def test_double_backward_through_the_cpp_node_is_an_error():
+    """As the Python path's once_differentiable: create_graph=True gives first-order gradients
+    (equal to the Python path's); differentiating through them raises instead of being wrong."""
     plan = ok.RoutingPlan.from_counts((3, 7, 11), 2, 1, 1, (3, 5, 5))
     q, k, v = make_qkv((1, plan.num_tokens, 4, 64), torch.bfloat16, "cuda", requires_grad=True)
+    do = torch.randn_like(q)
     for _ in range(2):
         o = ok.routed_attention(q, k, v, plan)
-        torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+        want = torch.autograd.grad(o, (q, k, v), do)
     o = ok.routed_attention(q, k, v, plan)
     assert "RoutedFunction" in o.grad_fn.name()  # the C++ node
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(o, (q, k, v), torch.ones_like(o), create_graph=True)
+    dout = do.clone().requires_grad_()
+    got = torch.autograd.grad(o, (q, k, v), dout, create_graph=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(got[0].float().sum(), dout)
 
 
 @gpu

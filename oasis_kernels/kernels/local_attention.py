@@ -624,7 +624,8 @@ class _Tuned:
                 # with the device (a compiled kernel's function handle belongs to one), Triton's
                 # debug switches, and the config list and autotuner in use (tests swap them; the
                 # entry holds them, so their ids cannot be reused while it exists)
-                key = (driver.active.get_current_device(), knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+                key = (driver.active.get_current_device(), self.generation, knobs.runtime.debug,
+                       knobs.compilation.instrumentation_mode,
                        id(config), id(self.configs), self.tuned is None, grid_key, _spec_key(args, kwargs))
                 hit = self.direct.get(key)
                 if hit is not None and hit[4] is config and hit[5] is self.configs:
