@@ -6,11 +6,11 @@ take the plan as plain lists of ints so ``torch.compile`` sees an opaque call wi
 registered on the forward op and calls the backward op, which is itself a custom op, so the
 backward graph is compiled the same way.
 
-Eager calls on plain tensors skip the custom-op machinery: :func:`routed_attention_call` runs
-the same dispatch under a ``torch.autograd.Function``, through the C++ replay of
-:mod:`.fastpath` where it serves the call. On the H200 the op's wrappers cost
-~0.2 ms of host time per forward and ~1.5 ms per forward+backward (``scripts/host_parts.py``,
-docs/PERF.md), several times the GPU time of a small layer. Under ``torch.compile``, for
+Eager calls on plain tensors skip the custom-op machinery (on the H200 its wrappers cost
+~0.2 ms of host time per forward and ~1.5 ms per forward+backward, several times the GPU time
+of a small layer; ``scripts/host_parts.py``, docs/PERF.md): :func:`routed_attention_call` runs
+the same dispatch under a ``torch.autograd.Function``, and once a call signature is prepared,
+the C++ replay of :mod:`.fastpath` with its own C++ autograd node. Under ``torch.compile``, for
 fake or other tensor subclasses, and for meta tensors the op is used, so tracing sees it.
 """
 
