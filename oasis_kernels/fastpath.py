@@ -45,7 +45,14 @@ ENABLED = os.environ.get("OASIS_CPP_EAGER", "1") != "0"
 #: signature -> a prepared object, or False where the signature is not served (decided once)
 _FORWARD: dict = {}
 _BACKWARD: dict = {}
-_ROLES = {"Q": 0, "K": 1, "V": 2, "O": 3, "LSE": 4, "HEADS": 5, "DO": 6, "DQ": 7, "DK": 8, "DV": 9, "DELTA": 10}
+#: the extension's roles (``Role`` in csrc/eager_routed.cpp, exported as ``_C.ROLES``), and the
+#: role of each tensor argument name of the Triton kernels
+ROLE_NAMES = ("Q", "K", "V", "OUT", "LSE", "HEADS", "DOUT", "DQ", "DK", "DV", "DELTA")
+_ROLES = {arg: ROLE_NAMES.index({"O": "OUT", "DO": "DOUT"}.get(arg, arg))
+          for arg in ("Q", "K", "V", "O", "LSE", "HEADS", "DO", "DQ", "DK", "DV", "DELTA")}
+if _C is not None and tuple(_C.ROLES) != ROLE_NAMES:  # an extension built from other sources
+    UNAVAILABLE = f"oasis_kernels._C has roles {tuple(_C.ROLES)}, this package expects {ROLE_NAMES}; rebuild it"
+    _C = None
 _SCALAR_KINDS = {"i32": 1, "i64": 2, "fp32": 3, "f32": 3, "i1": 4, "i8": 4}
 
 

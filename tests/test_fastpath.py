@@ -9,11 +9,13 @@ capture, unaligned pointers, other backends) fall back.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,6 +61,74 @@ def test_without_the_extension_calls_take_the_python_path(monkeypatch, device):
     assert fastpath.forward(q, k, v, plan, 0.25, "auto", True) is None
     out = ok.routed_attention(q, k, v, plan, backend="reference")
     assert torch.isfinite(out).all()
+
+
+class _FakeCompiled:
+    """What fastpath reads of a Triton CompiledKernel."""
+
+    def __init__(self, signature, num_ctas=1, scratch=0):
+        self.src = SimpleNamespace(signature=signature)
+        self.run = SimpleNamespace(global_scratch_size=scratch, profile_scratch_size=0)
+        self.metadata = SimpleNamespace(num_warps=4, shared=1024, num_ctas=num_ctas, launch_cooperative_grid=False,
+                                        launch_pdl=False)
+        self.function = 1234
+
+
+def _launch(arguments, signature, **kw):
+    from oasis_kernels.kernels.local_attention import Launch
+    return Launch(_FakeCompiled(signature, **kw), (7, 3, 1), tuple(arguments))
+
+
+def test_launch_spec_packs_parameters_in_signature_order_without_constexprs():
+    q, o = torch.zeros(4), torch.zeros(4)
+    arguments = [("Q", q), ("O", o), ("sqb", 96), ("T", 1), ("qk_scale", 0.25), ("D", 64), ("BLOCK_D", 64)]
+    signature = {"Q": "*bf16", "O": "*bf16", "sqb": "i32", "T": "i32", "qk_scale": "fp32", "D": "constexpr",
+                 "BLOCK_D": "constexpr"}
+    spec = fastpath._launch_spec(_launch(arguments, signature), {"Q": q, "O": o})
+    assert spec[:7] == (1234, (7, 3, 1), 128, 1024, 1, False, False)
+    assert spec[7] == [(0, fastpath.ROLE_NAMES.index("Q"), 0.0), (0, fastpath.ROLE_NAMES.index("OUT"), 0.0),
+                       (1, 96, 0.0), (1, 1, 0.0), (3, 0, 0.25)]
+
+
+@pytest.mark.parametrize("case", ["copy passed", "unknown tensor", "unknown type", "scratch", "cluster"])
+def test_launch_spec_declines_what_it_cannot_replay(case):
+    q = torch.zeros(4)
+    arguments, signature, kw, checks = [("Q", q), ("n", 3)], {"Q": "*fp16", "n": "i32"}, {}, {"Q": q}
+    if case == "copy passed":
+        checks = {"Q": torch.zeros(4)}
+    elif case == "unknown tensor":
+        arguments, signature = [("X", q)], {"X": "*fp16"}
+    elif case == "unknown type":
+        signature = {"Q": "*fp16", "n": "u1"}
+    elif case == "scratch":
+        kw = {"scratch": 64}
+    else:
+        kw = {"num_ctas": 2}
+    assert fastpath._launch_spec(_launch(arguments, signature, **kw), checks) is None
+    assert fastpath._launch_spec(None, {}) is None
+
+
+def test_recording_collects_launches_of_its_thread_only():
+    from oasis_kernels.kernels import local_attention as la
+
+    kernel = SimpleNamespace(arg_names=["Q", "n", "BLOCK"])
+    hit = (_FakeCompiled({"Q": "*fp16", "n": "i32", "BLOCK": "constexpr"}), (2, 1, 1), ["BLOCK"], {"BLOCK": 64})
+    la._record(kernel, hit, (torch.zeros(1), 5), {})  # outside a recording: ignored
+    with la.recording() as launches:
+        la._record(kernel, hit, (torch.zeros(1), 5), {})
+        la._record(kernel, None, (), {})  # a launch through Triton's own path
+    assert len(launches) == 2 and launches[1] is None
+    assert [(n, t, v) for n, t, v in launches[0].parameters() if n != "Q"] == [("n", "i32", 5)]
+    assert launches[0].grid == (2, 1, 1)
+
+
+@pytest.mark.skipif(os.environ.get("OASIS_EXPECT_EXTENSION") != "1",
+                    reason="set OASIS_EXPECT_EXTENSION=1 where the extension must be there (scripts/device_tests.sh)")
+def test_the_extension_is_built_and_matches():
+    # an extension missing, failing to load, or built from other sources (its roles differ) is
+    # otherwise only a silent fallback to the Python path
+    assert fastpath._C is not None, fastpath.UNAVAILABLE
+    assert tuple(fastpath._C.ROLES) == fastpath.ROLE_NAMES
 
 
 def _replays(plan, shape, dtype, backend="auto", offset=0):
