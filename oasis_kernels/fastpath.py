@@ -30,7 +30,7 @@ import torch
 from . import dispatch
 from .plan import Mode, head_runs
 
-__all__ = ["available", "forward", "backward", "UNAVAILABLE", "ENABLED"]
+__all__ = ["forward", "backward", "UNAVAILABLE", "ENABLED"]
 
 try:
     from . import _C
@@ -54,10 +54,6 @@ if _C is not None and tuple(_C.ROLES) != ROLE_NAMES:  # an extension built from 
     UNAVAILABLE = f"oasis_kernels._C has roles {tuple(_C.ROLES)}, this package expects {ROLE_NAMES}; rebuild it"
     _C = None
 _SCALAR_KINDS = {"i32": 1, "i64": 2, "fp32": 3, "f32": 3, "i1": 4, "i8": 4}
-
-
-def available() -> bool:
-    return _C is not None and ENABLED
 
 
 _LOCAL_ATTENTION = None

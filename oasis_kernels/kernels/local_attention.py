@@ -622,13 +622,13 @@ class _Tuned:
             key = None
             if DIRECT_LAUNCH and _no_launch_hooks():
                 # with the device (a compiled kernel's function handle belongs to one), Triton's
-                # debug switches, and the config list and autotuner in use (tests swap them; the
-                # entry holds them, so their ids cannot be reused while it exists)
+                # debug switches, the tuning generation (the config list and autotuner in use:
+                # tests swap them) and the forced config (the entry holds it, so its id cannot
+                # be reused while the entry exists)
                 key = (driver.active.get_current_device(), self.generation, knobs.runtime.debug,
-                       knobs.compilation.instrumentation_mode,
-                       id(config), id(self.configs), self.tuned is None, grid_key, _spec_key(args, kwargs))
+                       knobs.compilation.instrumentation_mode, id(config), grid_key, _spec_key(args, kwargs))
                 hit = self.direct.get(key)
-                if hit is not None and hit[4] is config and hit[5] is self.configs:
+                if hit is not None and hit[4] is config:
                     _record(self.kernel, hit, args, kwargs)
                     return self._direct_launch(hit, args, kwargs)
             if config is None and self.tuned is not None:
@@ -657,7 +657,7 @@ class _Tuned:
         launch = tuple(launch) + (1,) * (3 - len(launch))
         if len(self.direct) > 256:
             self.direct.clear()
-        self.direct[key] = (compiled, launch, names, cfg.kwargs, config, self.configs)
+        self.direct[key] = (compiled, launch, names, cfg.kwargs, config)
 
     @staticmethod
     def _direct_launch(hit, args, kwargs):
