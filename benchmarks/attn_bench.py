@@ -163,6 +163,9 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
     def on(name):
         return "all" in want or name in want
 
+    def group(name):  # FlexAttention rows compile and build masks when made: skip unwanted ones first
+        return "all" in args.groups or name in args.groups
+
     cuda = device.type == "cuda"
     # routed layer
     if on("ours"):
@@ -176,7 +179,7 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
                                       "auto", compile_mode="reduce-overhead"))
         if not cuda or plan.num_tokens <= 8192:
             rows.append(_ours_row("routed, oasis reference", "routed", plan, all_heads, "reference"))
-    if cuda and (on("flex") or on("flex-routed")):
+    if cuda and (on("flex") or on("flex-routed")) and group("routed"):
         rows.append(_flex_row("routed, FlexAttention per-head block mask", "routed", plan, all_heads, device))
     if g_heads and cuda and on("sdpa"):
         sub = ok.RoutingPlan(plan.grid, ["global"] * len(g_heads), plan.window)
@@ -187,7 +190,7 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
     if cuda and on("sdpa"):
         for be in ("cudnn", "flash", "efficient"):
             rows.append(_sdpa_row(f"{n_heads} global heads, SDPA {be}", "global", be, all_heads, gplan))
-    if cuda and on("flex"):
+    if cuda and on("flex") and group("global"):
         rows.append(_flex_row(f"{n_heads} global heads, FlexAttention", "global", gplan, all_heads, device, dense=True))
     if on("ours"):
         rows.append(_ours_row(f"{n_heads} global heads, oasis auto", "global", gplan, all_heads, "auto"))
@@ -204,10 +207,11 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
             rows.append(_ours_row(f"{n_heads} window heads, oasis triton", "window", wplan, all_heads, "triton"))
         else:
             rows.append(_ours_row(f"{n_heads} window heads, oasis auto", "window", wplan, all_heads, "auto"))
-    if cuda and on("flex"):
+    if cuda and on("flex") and group("intra"):
         rows.append(_flex_row(f"{n_heads} intra heads, FlexAttention block mask", "intra", iplan, all_heads, device))
+    if cuda and on("flex") and group("window"):
         rows.append(_flex_row(f"{n_heads} window heads, FlexAttention block mask", "window", wplan, all_heads, device))
-    return rows
+    return [r for r in rows if group(r.group)]
 
 
 # --------------------------------------------------------------------------------------
@@ -555,6 +559,8 @@ def parse_args(argv=None):
     p.add_argument("--pass", dest="pass_", default="both", choices=["fwd", "fwdbwd", "both"])
     p.add_argument("--backends", default="all",
                    help="comma list of: ours, sdpa, flex, flex-routed (only Flex's routed row) (default all)")
+    p.add_argument("--groups", default="all",
+                   help="comma list of row groups to time: routed, floor, global, intra, window (default all)")
     p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default benchmarks/results/<date>)")
     p.add_argument("--graphs", default="", help="shapes (e.g. S) whose rows are also timed as CUDA-graph replays: "
                    "GPU time without host launch overhead, for every row alike")
@@ -563,6 +569,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.window = tuple(int(x) for x in args.window.split(","))
     args.backends = args.backends.split(",")
+    args.groups = args.groups.split(",")
     args.graphs = [x for x in args.graphs.split(",") if x]
     return args
 

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", default="3,5,5")
     p.add_argument("--api-only", action="store_true", help="time only the public op (for a baseline checkout)")
     p.add_argument("--tag", default="", help="label of this run's rows")
+    p.add_argument("--configs", default="", help="comma list of SWEEP indices to time (default all)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
         rows.append(dict(shape=shape, kernel="api fwd+bwd", config="autotuned", ms=t_fb,
                          x_floor=t_fb / (3 * floor)))
         if not args.api_only:
-            rows += sweep(q.detach(), k.detach(), v.detach(), dout, plan, floor, bench, shape)
+            picked = [SWEEP[int(i)] for i in args.configs.split(",")] if args.configs else SWEEP
+            rows += sweep(q.detach(), k.detach(), v.detach(), dout, plan, floor, bench, shape, picked)
         print(f"{shape} {grid} floor {floor:.3f} ms")
     tag = args.tag or env.get("commit", "")
     print(f"\n{'shape':5} {'kernel':12} {'config':28} {'ms':>8} {'x floor':>8}   [{tag}]")
@@ -97,8 +99,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def sweep(q, k, v, dout, plan, floor, bench, shape):
-    """Each kernel of the Triton backend launched with each SWEEP config (no autotuner)."""
+def sweep(q, k, v, dout, plan, floor, bench, shape, configs=SWEEP):
+    """Each kernel of the Triton backend launched with each of ``configs`` (no autotuner)."""
     import triton
 
     from oasis_kernels.backends.triton_local import _radii
@@ -114,7 +116,7 @@ def sweep(q, k, v, dout, plan, floor, bench, shape):
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     delta = la.local_attention_backward_dq(dout, q, k, v, out, lse, dq, *launch)
-    for bt, bh, bw, bn, warps, stages, sliced in SWEEP:
+    for bt, bh, bw, bn, warps, stages, sliced in configs:
         if sliced and (bh + 2 * radii[1]) * (bw + 2 * radii[2]) > bn:
             continue
         cfg = triton.Config({"BT": bt, "BH": bh, "BW": bw, "BLOCK_N": bn, "SLICED": sliced}, num_warps=warps,

@@ -42,7 +42,8 @@ def compiled():
 
 def test_every_variant_compiles_for_sm90(compiled):
     names = {r["name"] for r in compiled}
-    assert names == {"fwd", "bwd_dq", "bwd_dkdv", "stats_global", "stats_local"}, names
+    assert names == {"fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "stats_global",
+                     "stats_local"}, names
     for r in compiled:
         assert r["loop"] > 0 and r["mma"] > 0, f"{r['name']} {r['config']}: no loop with matrix instructions"
 
@@ -50,5 +51,5 @@ def test_every_variant_compiles_for_sm90(compiled):
 def test_forward_and_statistics_do_not_spill(compiled):
     # dK/dV holds two 64 x 128 float32 accumulators and spills a little at 4 warps (docs/PERF.md)
     for r in compiled:
-        if r["name"] != "bwd_dkdv":
+        if not r["name"].startswith("bwd_dkdv"):
             assert r["stack"] == 0, f"{r['name']} {r['config']}: {r['stack']} B of stack (register spills)"

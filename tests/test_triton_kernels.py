@@ -29,6 +29,10 @@ CASES = [
     ((2, 3, 5), (9, 9, 11), "w", 64, torch.float32),       # window covers the grid
     ((2, 3, 5), (3, 3, 3), "wi", 96, torch.float16),       # head dim not a power of two
     ((2, 9, 13), (1, 1, 1), "wi", 32, torch.bfloat16),     # window of one token
+    # intra heads only (INTRA_ONLY: whole key blocks unmasked, the frame end masked)
+    ((3, 7, 11), (3, 5, 5), "ii", 64, torch.bfloat16),     # 77-token frames: one full block and a tail
+    ((2, 4, 16), (3, 5, 5), "ii", 64, torch.float32),      # 64-token frames: full blocks only
+    ((2, 3, 5), (3, 5, 5), "i", 96, torch.float16),        # a frame shorter than one block, D padded
 ]
 
 
@@ -112,6 +116,20 @@ def test_paper_grids(grid, dtype, device):
     plan = ok.RoutingPlan(grid, ["w", "i", "w", "i"], (3, 5, 5))
     q, k, v = make_qkv((1, plan.num_tokens, plan.heads, 128), dtype, device)
     check_backend(q, k, v, plan, LOCAL_TRITON)
+
+
+@gpu_only
+@pytest.mark.parametrize("seed", range(8))
+def test_intra_only_launches(seed, device):
+    """Launches of intra heads only (the unmasked full-block walk): frames that are and are not
+    multiples of the tiles, single-frame grids, every head dim and dtype."""
+    rng = random.Random(1000 + seed)
+    grid = (rng.randint(1, 6), rng.choice([1, 4, 8, 20, 33]), rng.choice([1, 8, 16, 40, 57]))
+    d = rng.choice([64, 96, 128, 256])
+    dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+    plan = ok.RoutingPlan(grid, ["i"] * rng.randint(1, 3), (3, 5, 5))
+    q, k, v = make_qkv((rng.randint(1, 2), plan.num_tokens, plan.heads, d), dtype, device)
+    check_backend(q, k, v, plan, LOCAL_TRITON, what=f"seed={seed}")
 
 
 @gpu_only

@@ -100,11 +100,23 @@ def _kernels():
     from . import routing_stats as rs
 
     common = dict(BLOCK_D=128, EVEN_D=True, DOT_PREC="tf32", UPCAST=False)
+    # mixed launches (window radii of (3,5,5)), and launches of intra heads only
     window = dict(RT=1, RH=2, RW=2)
+    mixed = dict(**window, INTRA_ONLY=False)
+    intra = dict(RT=0, RH=0, RW=0, INTRA_ONLY=True)
+    # the configs an intra-only launch at S = (5, 20, 40) may pick
+    s_intra = dict(T=5, H=20, W=40, RT=0, RH=0, RW=0, n_window=0, BLOCK_D=128)
+
+    def intra_configs(configs):
+        return [c for c in configs if la._fits(c, s_intra)]
+
     return {
-        "fwd": (la._fwd_kernel, {**common, **window, "POS_SCALE": True}, la._FWD_CONFIGS),
-        "bwd_dq": (la._bwd_dq_kernel, {**common, **window}, la._BWD_CONFIGS),
-        "bwd_dkdv": (la._bwd_dkdv_kernel, {**common, **window}, la._BWD_CONFIGS),
+        "fwd": (la._fwd_kernel, {**common, **mixed, "POS_SCALE": True}, la._FWD_CONFIGS),
+        "bwd_dq": (la._bwd_dq_kernel, {**common, **mixed}, la._BWD_CONFIGS),
+        "bwd_dkdv": (la._bwd_dkdv_kernel, {**common, **mixed}, la._BWD_CONFIGS),
+        "fwd_intra": (la._fwd_kernel, {**common, **intra, "POS_SCALE": True}, intra_configs(la._FWD_CONFIGS)),
+        "bwd_dq_intra": (la._bwd_dq_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
+        "bwd_dkdv_intra": (la._bwd_dkdv_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
         "stats_global": (rs._stats_global_kernel, {**common, "POS_SCALE": True},
                          [triton.Config({k: v for k, v in rs.CONFIG.items() if k.isupper()},
                                         num_warps=rs.CONFIG["num_warps"], num_stages=rs.CONFIG["num_stages"])]),
@@ -115,7 +127,7 @@ def _kernels():
     }
 
 
-KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "stats_global", "stats_local")
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "stats_global", "stats_local")
 
 
 def variants(names=KERNELS):

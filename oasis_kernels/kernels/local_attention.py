@@ -30,7 +30,13 @@ Kernels
   and ``dQ``, recomputing ``P`` from the LSE.
 * ``_bwd_dkdv_kernel``: per key tile, walks the queries that see it. Visibility is symmetric
   (``|t - t'| <= rt`` either way), so the queries that see a key tile are its halo, and the same
-  geometry code serves. Two kernels and no atomics: the backward is deterministic.
+  geometry code serves. Two kernels and no atomics: the backward is deterministic. (A one-pass
+  backward adding dQ atomically, as FlashAttention-2 does, measured slower on the H200 at every
+  shape tried: docs/PERF.md, entry 12.)
+
+A launch of intra heads only (``INTRA_ONLY``, a compile-time flag) walks each frame in full
+blocks with no mask and masks only the frame's last, partial block: none of the per-score
+selection between modes that a mixed launch pays.
 """
 
 from __future__ import annotations
@@ -295,6 +301,33 @@ def _load_rows(base, tok, stride, valid, d, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _load_block(base, tok, stride, valid, d, dmask, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """``_load_rows``, or with ``MASKED`` false a load of rows all known to exist (no row mask)."""
+    if MASKED:
+        return _load_rows(base, tok, stride, valid, d, dmask, EVEN_D)
+    ptrs = base + tok[:, None] * stride + d[None, :]
+    if EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=dmask[None, :], other=0.0)
+
+
+@triton.jit
+def _frame_walk(H, W, BLOCK_N: tl.constexpr):
+    """The walk of a launch of intra heads only (``INTRA_ONLY``): the frame's full blocks, which
+    need no mask at all, then at most one partial block (``_frame_block``) with the frame end
+    masked. Returns the number of full blocks and the partial block's start (``H*W`` if none)."""
+    n_full = (H * W) // BLOCK_N
+    return n_full, n_full * BLOCK_N
+
+
+@triton.jit
+def _full_block(f_base, it, BLOCK_N: tl.constexpr):
+    """Tokens of full block ``it`` of the frame starting at token ``f_base``."""
+    return f_base + it * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _store_rows(base, tok, stride, valid, d, dmask, x, EVEN_D: tl.constexpr):
     ptrs = base + tok[:, None] * stride + d[None, :]
     if EVEN_D:
@@ -333,6 +366,23 @@ def _fwd_step(s, c, v, m_i, l_i, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constex
     return m_new, l_i, acc
 
 
+@triton.jit
+def _fwd_block(q, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, m_i, l_i, acc, qk_scale,
+               MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+               POS_SCALE: tl.constexpr):
+    """One key block of the forward; ``MASKED`` false: every key of it is visible to every row."""
+    k = _load_block(k_base, ktok, skn, kvalid, d, dmask, MASKED, EVEN_D)
+    v = _load_block(v_base, ktok, svn, kvalid, d, dmask, MASKED, EVEN_D)
+    qk = _mm(q, tl.trans(k), DOT_PREC, UPCAST)
+    if MASKED:
+        s, c = _masked_scores(qk, mask, qk_scale, POS_SCALE)
+    elif POS_SCALE:
+        s, c = qk, qk_scale
+    else:
+        s, c = qk * qk_scale, 1.0
+    return _fwd_step(s, c, v, m_i, l_i, acc, DOT_PREC, UPCAST)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, O, LSE, HEADS,
@@ -341,7 +391,7 @@ def _fwd_kernel(
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    POS_SCALE: tl.constexpr,
+    INTRA_ONLY: tl.constexpr, POS_SCALE: tl.constexpr,
 ):
     p = tl.program_id(0)
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
@@ -359,13 +409,22 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(it_lo, it_hi):
-        ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
-                                         BLOCK_N, SLICED)
-        k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
-        v = _load_rows(v_base, ktok, svn, kvalid, d, dmask, EVEN_D)
-        s, c = _masked_scores(_mm(q, tl.trans(k), DOT_PREC, UPCAST), mask, qk_scale, POS_SCALE)
-        m_i, l_i, acc = _fwd_step(s, c, v, m_i, l_i, acc, DOT_PREC, UPCAST)
+    if INTRA_ONLY:
+        n_full, tail = _frame_walk(H, W, BLOCK_N)
+        for it in range(0, n_full):
+            ktok = _full_block(wf, it, BLOCK_N)
+            m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, ktok, ktok, skn, svn, d, dmask, m_i, l_i, acc,
+                                       qk_scale, False, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+        if tail < H * W:
+            ktok, kvalid = _frame_block(tail, wf, H * W, BLOCK_N)
+            m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, kvalid, kvalid[None, :], skn, svn, d, dmask, m_i,
+                                       l_i, acc, qk_scale, True, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+    else:
+        for it in range(it_lo, it_hi):
+            ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
+                                             BLOCK_N, SLICED)
+            m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, m_i, l_i, acc,
+                                       qk_scale, True, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
 
     # every valid query sees at least itself, so l_i > 0 there; padding rows are not stored
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -387,6 +446,18 @@ def _dq_step(pr, do, k, v, delta, dq, DOT_PREC: tl.constexpr, UPCAST: tl.constex
     return dq + _mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
 
 
+@triton.jit
+def _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, dq, qk_scale,
+              MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One key block of dQ; ``MASKED`` false: every key of it is visible to every row."""
+    k = _load_block(k_base, ktok, skn, kvalid, d, dmask, MASKED, EVEN_D)
+    v = _load_block(v_base, ktok, svn, kvalid, d, dmask, MASKED, EVEN_D)
+    pr = tl.math.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])
+    if MASKED:
+        pr = tl.where(mask, pr, 0.0)
+    return _dq_step(pr, do, k, v, delta, dq, DOT_PREC, UPCAST)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, HEADS,
@@ -396,6 +467,7 @@ def _bwd_dq_kernel(
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    INTRA_ONLY: tl.constexpr,
 ):
     p = tl.program_id(0)
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
@@ -416,20 +488,41 @@ def _bwd_dq_kernel(
 
     BLOCK_M: tl.constexpr = BT * BH * BW
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(it_lo, it_hi):
-        ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
-                                         BLOCK_N, SLICED)
-        k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
-        v = _load_rows(v_base, ktok, svn, kvalid, d, dmask, EVEN_D)
-        pr = tl.math.exp2(_mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale - lse2[:, None])
-        pr = tl.where(mask, pr, 0.0)
-        dq = _dq_step(pr, do, k, v, delta, dq, DOT_PREC, UPCAST)
+    if INTRA_ONLY:
+        n_full, tail = _frame_walk(H, W, BLOCK_N)
+        for it in range(0, n_full):
+            ktok = _full_block(wf, it, BLOCK_N)
+            dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, ktok, ktok, skn, svn, d, dmask, dq, qk_scale,
+                           False, EVEN_D, DOT_PREC, UPCAST)
+        if tail < H * W:
+            ktok, kvalid = _frame_block(tail, wf, H * W, BLOCK_N)
+            dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, kvalid[None, :], skn, svn, d, dmask, dq,
+                           qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+    else:
+        for it in range(it_lo, it_hi):
+            ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
+                                             BLOCK_N, SLICED)
+            dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, dq, qk_scale,
+                           True, EVEN_D, DOT_PREC, UPCAST)
     _store_rows(DQ + b * sdqb + head * sdqh, qtok, sdqn, qvalid, d, dmask, dq * sm_scale, EVEN_D)
 
 
 @triton.jit
-def _dkdv_step(p_t, v, q, do, delta, dk, dv, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """One query block for a key tile, transposed (rows are keys), given the masked ``P^T``."""
+def _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, mask, sqn, sdon, d, dmask, dk, dv,
+                qk_scale, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One query block for a key tile, transposed (rows are keys); ``MASKED`` false: every query
+    of the block sees every key of the tile."""
+    q = _load_block(q_base, qtok, sqn, qvalid, d, dmask, MASKED, EVEN_D)
+    do = _load_block(do_base, qtok, sdon, qvalid, d, dmask, MASKED, EVEN_D)
+    if MASKED:
+        lse2 = tl.load(lse_base + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + qtok, mask=qvalid, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + qtok) * 1.4426950408889634
+        delta = tl.load(delta_base + qtok)
+    p_t = tl.math.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(mask, p_t, 0.0)
     dv += _mm(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
     dp_t = _mm(v, tl.trans(do), DOT_PREC, UPCAST)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -446,6 +539,7 @@ def _bwd_dkdv_kernel(
     RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
     BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    INTRA_ONLY: tl.constexpr,
 ):
     p = tl.program_id(0)
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
@@ -466,16 +560,22 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr = BT * BH * BW
     dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(it_lo, it_hi):
-        qtok, qvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
-                                         BLOCK_N, SLICED)
-        q = _load_rows(q_base, qtok, sqn, qvalid, d, dmask, EVEN_D)
-        do = _load_rows(do_base, qtok, sdon, qvalid, d, dmask, EVEN_D)
-        lse2 = tl.load(lse_base + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_base + qtok, mask=qvalid, other=0.0)
-        p_t = tl.math.exp2(_mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])
-        p_t = tl.where(mask, p_t, 0.0)
-        dk, dv = _dkdv_step(p_t, v, q, do, delta, dk, dv, DOT_PREC, UPCAST)
+    if INTRA_ONLY:
+        n_full, tail = _frame_walk(H, W, BLOCK_N)
+        for it in range(0, n_full):
+            qtok = _full_block(wf, it, BLOCK_N)
+            dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qtok, qtok, sqn, sdon, d, dmask,
+                                 dk, dv, qk_scale, False, EVEN_D, DOT_PREC, UPCAST)
+        if tail < H * W:
+            qtok, qvalid = _frame_block(tail, wf, H * W, BLOCK_N)
+            dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, qvalid[None, :], sqn,
+                                 sdon, d, dmask, dk, dv, qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+    else:
+        for it in range(it_lo, it_hi):
+            qtok, qvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
+                                             BLOCK_N, SLICED)
+            dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, mask, sqn, sdon, d, dmask,
+                                 dk, dv, qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
     _store_rows(DK + b * sdkb + head * sdkh, ktok, sdkn, kvalid, d, dmask, dk * sm_scale, EVEN_D)
     _store_rows(DV + b * sdvb + head * sdvh, ktok, sdvn, kvalid, d, dmask, dv, EVEN_D)
 
@@ -522,7 +622,9 @@ else:
 def _fits(c, args) -> bool:
     """Whether config ``c`` suits this launch: a sliced walk needs the halo's h x w slice to fit
     one block; tiles much larger than the grid gain nothing (BT=4 on a T=1 grid), and BT=1
-    tiles are kept for single-frame grids; big tiles spill at head dims over 128."""
+    tiles are kept for single-frame grids; big tiles spill at head dims over 128. Launches of
+    intra heads only use tiles of 64+ tokens where frames are that long: smaller ones compile
+    to Ampere-style MMAs instead of Hopper's wgmma at 4 warps, and dQ spills with them."""
     bt, bh, bw = c.kwargs["BT"], c.kwargs["BH"], c.kwargs["BW"]
     if c.kwargs["SLICED"] and (bh + 2 * args["RH"]) * (bw + 2 * args["RW"]) > c.kwargs["BLOCK_N"]:
         return False
@@ -530,6 +632,8 @@ def _fits(c, args) -> bool:
     if bt > triton.next_power_of_2(t) or bh > 2 * triton.next_power_of_2(h) or bw > 2 * triton.next_power_of_2(w):
         return False
     if bt == 1 and t > 1 and not INTERPRET:
+        return False
+    if args["n_window"] == 0 and bt * bh * bw < 64 <= h * w and not INTERPRET:
         return False
     return not (args["BLOCK_D"] > 128 and bt * bh * bw > 64)
 
@@ -763,6 +867,8 @@ def _common_args(dtype, d, grid, radii, n_local, n_window):
     return dict(
         T=grid[0], H=grid[1], W=grid[2], RT=radii[0], RH=radii[1], RW=radii[2],
         n_local=n_local, n_window=n_window, D=d, BLOCK_D=block_d, EVEN_D=(block_d == d),
+        # a launch of intra heads only walks whole frames: no mask but at each frame's end
+        INTRA_ONLY=n_window == 0,
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
         UPCAST=INTERPRET and dtype == torch.bfloat16,
     )
