@@ -31,6 +31,8 @@ SWEEP = [
     (2, 4, 4, 64, 4, 2, True), (4, 4, 4, 64, 4, 2, False), (2, 4, 8, 64, 4, 2, False), (2, 4, 8, 32, 4, 3, False),
     # 128-query tiles and 8 warps, for intra-frame heads (whole-frame key runs)
     (2, 8, 8, 64, 8, 2, False), (2, 8, 8, 32, 8, 2, False), (2, 4, 8, 64, 8, 2, False), (1, 8, 8, 64, 4, 2, False),
+    # narrow key blocks, deeper pipelines (intra-only launches walk unmasked full blocks)
+    (2, 4, 8, 32, 4, 4, False), (2, 8, 8, 32, 8, 3, False), (2, 4, 8, 16, 4, 4, False), (2, 4, 8, 32, 8, 3, False),
 ]
 
 

@@ -607,6 +607,7 @@ else:
         _cfg(8, 4, 4, 64, 8, 2, True),
         _cfg(2, 4, 8, 64, 4, 2, False),
         _cfg(2, 8, 8, 64, 8, 2, False),
+        _cfg(2, 4, 8, 32, 4, 3, False),  # intra-only launches at S: 0.059 vs 0.071+ ms (PERF.md, entry 12)
         _cfg(1, 8, 8, 64, 4, 2, False),  # single-frame grids (images); also the fallback
     ]
     _BWD_CONFIGS = [
@@ -614,6 +615,7 @@ else:
         _cfg(4, 4, 4, 64, 8, 2, True),  # no dK/dV spills (4 warps spill 136 B); not in a recorded run yet
         _cfg(2, 4, 4, 64, 4, 2, True),
         _cfg(2, 4, 8, 32, 4, 3, False),
+        _cfg(2, 4, 8, 32, 4, 4, False),  # intra-only dK/dV at S: 0.104 vs 0.108 ms (PERF.md, entry 12)
         _cfg(2, 4, 8, 64, 4, 2, False),
         _cfg(1, 8, 8, 64, 4, 2, False),  # single-frame grids (images); also the fallback
     ]
