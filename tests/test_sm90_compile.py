@@ -20,10 +20,11 @@ import json
 from oasis_kernels.kernels import aot
 rows = []
 for name, kernel, constexprs, cfg in aot.variants():
-    compiled = aot.compile_for(kernel, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled = aot.compile_for(kernel, constexprs, dtype=aot.dtype_of(name), num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
     res = aot.resources(compiled)
     loops = aot.loop_mix(compiled, top=1)
-    rows.append(dict(name=name, config=str(cfg), stack=res.get("STACK", 0), regs=res.get("REG"),
+    rows.append(dict(name=name, config=str(cfg), stack=res.get("STACK", 0), regs=res.get("REG"), shared=res["dynamic_shared"],
                      loop=loops[0][0] if loops else 0, mma=sum(loops[0][1][o] for o in ("HGMMA", "HMMA")) if loops else 0))
 print(json.dumps(rows))
 """
@@ -42,14 +43,18 @@ def compiled():
 
 def test_every_variant_compiles_for_sm90(compiled):
     names = {r["name"] for r in compiled}
-    assert names == {"fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "stats_global",
-                     "stats_local"}, names
+    assert names == {"fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "fwd_wide",
+                     "bwd_dq_wide", "bwd_dkdv_wide", "stats_global", "stats_local"}, names
     for r in compiled:
+        assert r["shared"] <= 232448, f"{r['name']} {r['config']}: {r['shared']} B of shared memory (sm_90 has 227 KB)"
+        if r["name"].endswith("_wide"):
+            continue  # fp32 with "ieee" dots: FMA units, no matrix instructions (correctness path)
         assert r["loop"] > 0 and r["mma"] > 0, f"{r['name']} {r['config']}: no loop with matrix instructions"
 
 
 def test_forward_and_statistics_do_not_spill(compiled):
-    # dK/dV holds two 64 x 128 float32 accumulators and spills a little at 4 warps (docs/PERF.md)
+    # dK/dV holds two 64 x 128 float32 accumulators and spills a little at 4 warps (docs/PERF.md);
+    # the fp32 D=256 variants ("ieee" dots on FMA units) spill by design: a correctness path
     for r in compiled:
-        if not r["name"].startswith("bwd_dkdv"):
+        if not r["name"].startswith("bwd_dkdv") and not r["name"].endswith("_wide"):
             assert r["stack"] == 0, f"{r['name']} {r['config']}: {r['stack']} B of stack (register spills)"

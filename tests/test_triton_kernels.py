@@ -119,6 +119,16 @@ def test_paper_grids(grid, dtype, device):
 
 
 @gpu_only
+@pytest.mark.parametrize("modes", ["wi", "ii"])
+def test_fp32_rows_over_128_elements(modes, device):
+    """fp32 at D=256 needs the one config whose blocks fit in shared memory (64-token tiles
+    need up to 279 KB on sm_90; found by the intra-only sweep with autotuning off)."""
+    plan = ok.RoutingPlan((3, 7, 11), list(modes), (3, 5, 5))
+    q, k, v = make_qkv((1, plan.num_tokens, plan.heads, 256), torch.float32, device)
+    check_backend(q, k, v, plan, LOCAL_TRITON)
+
+
+@gpu_only
 @pytest.mark.parametrize("seed", range(8))
 def test_intra_only_launches(seed, device):
     """Launches of intra heads only (the unmasked full-block walk): frames that are and are not

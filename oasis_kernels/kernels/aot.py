@@ -105,15 +105,23 @@ def _kernels():
     mixed = dict(**window, INTRA_ONLY=False)
     intra = dict(RT=0, RH=0, RW=0, INTRA_ONLY=True)
     # the configs an intra-only launch at S = (5, 20, 40) may pick
-    s_intra = dict(T=5, H=20, W=40, RT=0, RH=0, RW=0, n_window=0, BLOCK_D=128)
+    s_intra = dict(T=5, H=20, W=40, RT=0, RH=0, RW=0, n_window=0, BLOCK_D=128, DOT_PREC="tf32")
 
     def intra_configs(configs):
         return [c for c in configs if la._fits(c, s_intra)]
 
+    def bf16_configs(configs):  # _WIDE_ROWS serves fp32 rows over 128 elements only ("*_wide")
+        return [c for c in configs if c != la._WIDE_ROWS]
+
+    wide = dict(BLOCK_D=256, EVEN_D=True, DOT_PREC="ieee", UPCAST=False, **mixed)
+
     return {
-        "fwd": (la._fwd_kernel, {**common, **mixed, "POS_SCALE": True}, la._FWD_CONFIGS),
-        "bwd_dq": (la._bwd_dq_kernel, {**common, **mixed}, la._BWD_CONFIGS),
-        "bwd_dkdv": (la._bwd_dkdv_kernel, {**common, **mixed}, la._BWD_CONFIGS),
+        "fwd": (la._fwd_kernel, {**common, **mixed, "POS_SCALE": True}, bf16_configs(la._FWD_CONFIGS)),
+        "bwd_dq": (la._bwd_dq_kernel, {**common, **mixed}, bf16_configs(la._BWD_CONFIGS)),
+        "bwd_dkdv": (la._bwd_dkdv_kernel, {**common, **mixed}, bf16_configs(la._BWD_CONFIGS)),
+        "fwd_wide": (la._fwd_kernel, {**wide, "POS_SCALE": True}, [la._WIDE_ROWS]),
+        "bwd_dq_wide": (la._bwd_dq_kernel, wide, [la._WIDE_ROWS]),
+        "bwd_dkdv_wide": (la._bwd_dkdv_kernel, wide, [la._WIDE_ROWS]),
         "fwd_intra": (la._fwd_kernel, {**common, **intra, "POS_SCALE": True}, intra_configs(la._FWD_CONFIGS)),
         "bwd_dq_intra": (la._bwd_dq_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
         "bwd_dkdv_intra": (la._bwd_dkdv_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
@@ -127,7 +135,13 @@ def _kernels():
     }
 
 
-KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "stats_global", "stats_local")
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "fwd_wide", "bwd_dq_wide",
+           "bwd_dkdv_wide", "stats_global", "stats_local")
+
+
+def dtype_of(name: str) -> str:
+    """The input dtype a variant is compiled for: fp32 for ``*_wide`` (fp32 rows of 256)."""
+    return "fp32" if name.endswith("_wide") else "bf16"
 
 
 def variants(names=KERNELS):
@@ -146,7 +160,8 @@ def variants(names=KERNELS):
 def main(argv=None) -> int:
     names = (argv if argv is not None else sys.argv[1:]) or KERNELS
     for name, kernel, constexprs, cfg in variants(names):
-        compiled = compile_for(kernel, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        compiled = compile_for(kernel, constexprs, dtype=dtype_of(name), num_warps=cfg.num_warps,
+                               num_stages=cfg.num_stages)
         res = resources(compiled)
         label = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{cfg.num_warps} s{cfg.num_stages}"
         print(f"{name} [{label}]: {res.get('REG')} registers, {res.get('STACK')} B stack, "

@@ -589,6 +589,10 @@ def _cfg(bt, bh, bw, bn, warps, stages, sliced):
                          num_stages=stages)
 
 
+# fp32 rows of more than 128 elements: the only tiles whose blocks fit in shared memory in all
+# three kernels (sm_90, D = 256: 103 / 164 / 164 KB; 64-token tiles need up to 279 KB)
+_WIDE_ROWS = _cfg(2, 4, 4, 32, 4, 2, False)
+
 if INTERPRET:
     # the interpreter runs each program in numpy: small tiles keep CPU tests fast. The first
     # config that fits is used: sliced where the window allows it ((3,5,5), (1,3,3)), else the
@@ -608,6 +612,7 @@ else:
         _cfg(2, 4, 8, 64, 4, 2, False),
         _cfg(2, 8, 8, 64, 8, 2, False),
         _cfg(2, 4, 8, 32, 4, 3, False),  # intra-only launches at S: 0.059 vs 0.071+ ms (PERF.md, entry 12)
+        _WIDE_ROWS,
         _cfg(1, 8, 8, 64, 4, 2, False),  # single-frame grids (images); also the fallback
     ]
     _BWD_CONFIGS = [
@@ -617,6 +622,7 @@ else:
         _cfg(2, 4, 8, 32, 4, 3, False),
         _cfg(2, 4, 8, 32, 4, 4, False),  # intra-only dK/dV at S: 0.104 vs 0.108 ms (PERF.md, entry 12)
         _cfg(2, 4, 8, 64, 4, 2, False),
+        _WIDE_ROWS,
         _cfg(1, 8, 8, 64, 4, 2, False),  # single-frame grids (images); also the fallback
     ]
 
@@ -624,12 +630,17 @@ else:
 def _fits(c, args) -> bool:
     """Whether config ``c`` suits this launch: a sliced walk needs the halo's h x w slice to fit
     one block; tiles much larger than the grid gain nothing (BT=4 on a T=1 grid), and BT=1
-    tiles are kept for single-frame grids; big tiles spill at head dims over 128. Launches of
+    tiles are kept for single-frame grids; big tiles spill at head dims over 128, and fp32 rows
+    over 128 elements take ``_WIDE_ROWS`` only (shared memory). Launches of
     intra heads only use tiles of 64+ tokens where frames are that long: smaller ones compile
     to Ampere-style MMAs instead of Hopper's wgmma at 4 warps, and dQ spills with them."""
     bt, bh, bw = c.kwargs["BT"], c.kwargs["BH"], c.kwargs["BW"]
     if c.kwargs["SLICED"] and (bh + 2 * args["RH"]) * (bw + 2 * args["RW"]) > c.kwargs["BLOCK_N"]:
         return False
+    # fp32 inputs (the only ones computed with "ieee" dots) in rows over 512 bytes: one config
+    wide = args["DOT_PREC"] == "ieee" and args["BLOCK_D"] > 128 and not INTERPRET
+    if wide or c == _WIDE_ROWS:
+        return wide and c == _WIDE_ROWS
     t, h, w = args["T"], args["H"], args["W"]
     if bt > triton.next_power_of_2(t) or bh > 2 * triton.next_power_of_2(h) or bw > 2 * triton.next_power_of_2(w):
         return False
