@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine: the whole test suite in four parallel pytest processes (Triton compiles
+# On the GPU machine: the whole test suite in five parallel pytest processes (Triton compiles
 # are CPU-bound; the GPU has room), compute-sanitizer memcheck on a small case, then a
 # host-vs-GPU profile of a routed step. Logs go to $OUT.
 set -uo pipefail
@@ -12,7 +12,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || tail -20 "$OUT/build_ext.log"
 python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath._C is not None, fastpath.UNAVAILABLE)"
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
-groups=("tests/test_triton_kernels.py" "tests/test_routing.py tests/test_compile.py tests/test_fastpath.py"
+# the kernels' seeded sweeps compile many variants: a group of their own
+sweeps="tests/test_triton_kernels.py::test_random_sweep tests/test_triton_kernels.py::test_intra_only_launches"
+groups=("tests/test_triton_kernels.py $(printf -- '--deselect %s ' $sweeps)" "$sweeps"
+        "tests/test_routing.py tests/test_compile.py tests/test_fastpath.py"
         "tests/test_routed_attention.py" "tests/test_dispatch.py tests/test_errors.py tests/test_flash_adapters.py tests/test_plan_masks.py tests/test_reference.py tests/test_tolerance.py tests/test_sm90_compile.py")
 pids=()
 for i in "${!groups[@]}"; do

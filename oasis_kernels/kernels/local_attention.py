@@ -590,7 +590,7 @@ def _cfg(bt, bh, bw, bn, warps, stages, sliced):
 
 
 # fp32 rows of more than 128 elements: the only tiles whose blocks fit in shared memory in all
-# three kernels (sm_90, D = 256: 103 / 164 / 164 KB; 64-token tiles need up to 279 KB)
+# three kernels (sm_90, D = 256: 103 / 135 / 135 KB; 64-token tiles need up to 279 KB)
 _WIDE_ROWS = _cfg(2, 4, 4, 32, 4, 2, False)
 
 if INTERPRET:
