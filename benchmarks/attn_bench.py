@@ -570,6 +570,9 @@ def parse_args(argv=None):
     args.window = tuple(int(x) for x in args.window.split(","))
     args.backends = args.backends.split(",")
     args.groups = args.groups.split(",")
+    unknown = set(args.groups) - {"all", "routed", "floor", "global", "intra", "window"}
+    if unknown:
+        p.error(f"--groups: unknown group(s) {sorted(unknown)}; choose from routed, floor, global, intra, window")
     args.graphs = [x for x in args.graphs.split(",") if x]
     return args
 

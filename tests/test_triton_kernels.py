@@ -67,10 +67,12 @@ def test_both_walks(grid, window, sliced, device, monkeypatch):
     assert chosen and all(f"SLICED: {sliced}" in c for c in chosen), chosen
 
 
+@pytest.mark.parametrize("modes", ["wiw", "ii"], ids=["mixed", "intra-only"])
 @pytest.mark.parametrize("scale", [0.0, -0.2, 0.6], ids=["scale0", "negative", "large"])
-def test_any_softmax_scale(scale, device):
-    """Scale 0 (uniform attention) and negative scales: masked scores must stay at -inf."""
-    plan = ok.RoutingPlan((2, 3, 5), ["w", "i", "w"], (3, 3, 3))
+def test_any_softmax_scale(scale, modes, device):
+    """Scale 0 (uniform attention) and negative scales: masked scores must stay at -inf (and
+    the unmasked blocks of intra-only launches scale before the softmax)."""
+    plan = ok.RoutingPlan((2, 3, 5), list(modes), (3, 3, 3))
     q, k, v = make_qkv((1, plan.num_tokens, plan.heads, 32), torch.float32, device)
     check_backend(q, k, v, plan, LOCAL_TRITON, scale=scale)
 

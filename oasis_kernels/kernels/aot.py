@@ -145,9 +145,11 @@ def dtype_of(name: str) -> str:
 
 
 def variants(names=KERNELS):
-    """``(name, kernel, constexprs, config)`` for every config of each kernel, at the paper's
-    (3,5,5) window, bf16, D = 128. Needs TRITON_INTERPRET unset (the interpreter replaces the
-    kernels with Python functions that cannot be compiled)."""
+    """``(name, kernel, constexprs, config)`` for every config of each kernel: bf16, D = 128 at the
+    paper's (3,5,5) window (mixed launches) or with no window (``*_intra``, intra heads only);
+    ``*_wide``: fp32, D = 256, mixed (compile with ``dtype=dtype_of(name)``). Needs
+    TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions that
+    cannot be compiled)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("aot compiles kernels: run it with TRITON_INTERPRET unset")
     table = _kernels()

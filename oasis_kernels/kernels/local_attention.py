@@ -214,9 +214,10 @@ def _num_blocks(is_window, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.cons
 #   blocks of the tile and are computed once before the loop; per block only the frame changes,
 #   which is one scalar and a per-row test. Frames outside the grid are not walked at all.
 #
-# Intra-frame heads walk their frame in blocks in either case (their mask is the frame end).
-# Both modes share one loop without branches, so the kernel keeps one set of pipeline buffers
-# (Triton's pipeliner also rejects a branch inside the loop).
+# In a mixed launch, intra-frame heads walk their frame in blocks in either case (their mask is
+# the frame end), and both modes share one loop without branches, so the kernel keeps one set
+# of pipeline buffers (Triton's pipeliner also rejects a branch inside the loop). A launch of
+# intra heads only (INTRA_ONLY) has its own loop instead: full blocks unmasked, then the tail.
 
 @triton.jit
 def _walk_setup(p, is_window, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
@@ -655,6 +656,8 @@ def _fitting(configs, args):
     """The configs that suit the launch (see ``_fits``), or else the last general-walk config of
     the list (a 64-query single-frame tile, correct for any launch, if slow on odd grids)."""
     kept = [c for c in configs if _fits(c, args)]
+    if not kept and _fits(_WIDE_ROWS, args):  # fp32 rows over 128 elements, a list without it
+        kept = [_WIDE_ROWS]
     if not kept:
         kept = [c for c in configs if not c.kwargs["SLICED"]][-1:]
     if not kept:
@@ -754,7 +757,7 @@ class _Tuned:
             else:
                 cfg = config or _fitting(self.configs, kwargs)[0]
                 if config is None:
-                    self.manual[tuple(kwargs[k] for k in _KEY)] = cfg
+                    self.manual[(*(kwargs[k] for k in _KEY), kwargs["DOT_PREC"])] = cfg
                 launch = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
                 compiled = self.kernel[launch](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                                num_stages=cfg.num_stages)
