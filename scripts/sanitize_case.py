@@ -9,7 +9,8 @@ import oasis_kernels as ok
 
 plan = ok.RoutingPlan((3, 7, 11), ["w", "g", "i", "w"], (3, 5, 5))
 # intra heads only: the unmasked full-block walk, with a tail (77-token frames) and without (64)
-intra_plans = [ok.RoutingPlan((3, 7, 11), ["i", "g", "i"], (3, 5, 5)), ok.RoutingPlan((2, 4, 16), ["i", "i"], (3, 5, 5))]
+intra_plans = [ok.RoutingPlan((3, 7, 11), ["i", "g", "i"], (3, 5, 5)),
+               ok.RoutingPlan((2, 4, 16), ["i", "i"], (3, 5, 5))]
 for p in [plan, *intra_plans]:
     for dtype, d in ((torch.bfloat16, 64), (torch.float16, 96), (torch.float32, 128)):
         q, k, v = (torch.randn(2, p.num_tokens, p.heads, d, dtype=dtype, device="cuda", requires_grad=True)

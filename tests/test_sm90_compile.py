@@ -24,7 +24,8 @@ for name, kernel, constexprs, cfg in aot.variants():
                                num_stages=cfg.num_stages)
     res = aot.resources(compiled)
     loops = aot.loop_mix(compiled, top=1)
-    rows.append(dict(name=name, config=str(cfg), stack=res.get("STACK", 0), regs=res.get("REG"), shared=res["dynamic_shared"],
+    rows.append(dict(name=name, config=str(cfg), stack=res.get("STACK", 0), regs=res.get("REG"),
+                     shared=res["dynamic_shared"],
                      loop=loops[0][0] if loops else 0, mma=sum(loops[0][1][o] for o in ("HGMMA", "HMMA")) if loops else 0))
 print(json.dumps(rows))
 """

@@ -632,9 +632,9 @@ def _fits(c, args) -> bool:
     """Whether config ``c`` suits this launch: a sliced walk needs the halo's h x w slice to fit
     one block; tiles much larger than the grid gain nothing (BT=4 on a T=1 grid), and BT=1
     tiles are kept for single-frame grids; big tiles spill at head dims over 128, and fp32 rows
-    over 128 elements take ``_WIDE_ROWS`` only (shared memory). Launches of
-    intra heads only use tiles of 64+ tokens where frames are that long: smaller ones compile
-    to Ampere-style MMAs instead of Hopper's wgmma at 4 warps, and dQ spills with them."""
+    over 128 elements take ``_WIDE_ROWS`` only (shared memory). Launches of intra heads only use
+    tiles of 64+ tokens where frames are that long: smaller ones compile to Ampere-style MMAs
+    instead of Hopper's wgmma at 4 warps, and dQ spills with them."""
     bt, bh, bw = c.kwargs["BT"], c.kwargs["BH"], c.kwargs["BW"]
     if c.kwargs["SLICED"] and (bh + 2 * args["RH"]) * (bw + 2 * args["RW"]) > c.kwargs["BLOCK_N"]:
         return False
