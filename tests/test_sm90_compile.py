@@ -53,9 +53,14 @@ def test_every_variant_compiles_for_sm90(compiled):
         assert r["loop"] > 0 and r["mma"] > 0, f"{r['name']} {r['config']}: no loop with matrix instructions"
 
 
-def test_forward_and_statistics_do_not_spill(compiled):
+def test_forward_dq_and_statistics_do_not_spill(compiled):
     # dK/dV holds two 64 x 128 float32 accumulators and spills a little at 4 warps (docs/PERF.md);
-    # the fp32 D=256 variants ("ieee" dots on FMA units) spill by design: a correctness path
+    # the fp32 D=256 variants ("ieee" dots on FMA units) spill by design: a correctness path.
+    # dQ of a mixed launch with 32-query tiles (Ampere-style MMA, both walks in one kernel)
+    # spills 8 B (docs/PERF.md, entry 13): allowed up to 16 B, nothing else may spill
     for r in compiled:
-        if not r["name"].startswith("bwd_dkdv") and not r["name"].endswith("_wide"):
-            assert r["stack"] == 0, f"{r['name']} {r['config']}: {r['stack']} B of stack (register spills)"
+        if r["name"].startswith("bwd_dkdv") or r["name"].endswith("_wide"):
+            continue
+        small_dq = r["name"] == "bwd_dq" and r["config"].startswith("BT: 2, BH: 4, BW: 4,")
+        limit = 16 if small_dq else 0
+        assert r["stack"] <= limit, f"{r['name']} {r['config']}: {r['stack']} B of stack (register spills)"

@@ -34,9 +34,10 @@ Kernels
   backward adding dQ atomically, as FlashAttention-2 does, measured slower on the H200 at every
   shape tried: docs/PERF.md, entry 12.)
 
-A launch of intra heads only (``INTRA_ONLY``, a compile-time flag) walks each frame in full
-blocks with no mask and masks only the frame's last, partial block: none of the per-score
-selection between modes that a mixed launch pays.
+Each program branches once on its head's mode into that mode's loop: intra-frame tiles walk
+their frame in full blocks with no mask and mask only the frame's last, partial block; window
+tiles walk their halo. Nothing selects between modes per score. A launch of intra heads only
+(``INTRA_ONLY``, a compile-time flag) compiles the frame loop alone.
 """
 
 from __future__ import annotations
@@ -136,10 +137,8 @@ def _primary_tile(p, is_window, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW:
     f = (p % tpf) * BLOCK + i
     valid = tl.where(is_window, w_valid, f < HW)
     tok = tl.where(valid, tl.where(is_window, w_tok, f_base + f), 0)
-    # intra heads get lo = 0, hi = BIAS and (from ``_block``) code 0: then ``_box_visible`` is
-    # just the key's validity
-    lo = tl.where(is_window, _box_code(ia, ib, ic), 0)
-    hi = tl.where(is_window, _box_code(ia + 2 * RT, ib + 2 * RH, ic + 2 * RW) + _CODE_BIAS, _CODE_BIAS)
+    lo = _box_code(ia, ib, ic)
+    hi = _box_code(ia + 2 * RT, ib + 2 * RH, ic + 2 * RW) + _CODE_BIAS
     return tok, valid, t0, h0, w0, lo, hi, f_base
 
 
@@ -178,54 +177,34 @@ def _box_visible(lo, hi, code, valid):
     return y == _CODE_TOP
 
 
-@triton.jit
-def _block(blk, is_window, t0, h0, w0, f_base, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-           BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Block ``blk`` of the tokens a tile attends to: the halo for window heads, the frame for
-    intra heads (whose code is 0, see ``_primary_tile``). One loop without branches serves both
-    modes, so the kernel keeps one set of pipeline buffers (Triton's pipeliner also rejects a
-    branch inside the loop)."""
-    h_tok, h_valid, h_code = _halo_block(blk * BLOCK_N, t0, h0, w0, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
-    f_tok, f_valid = _frame_block(blk * BLOCK_N, f_base, H * W, BLOCK_N)
-    return (tl.where(is_window, h_tok, f_tok), tl.where(is_window, h_valid, f_valid),
-            tl.where(is_window, h_code, 0))
-
-
-@triton.jit
-def _num_blocks(is_window, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr):
-    L: tl.constexpr = (BT + 2 * RT) * (BH + 2 * RH) * (BW + 2 * RW)
-    return tl.where(is_window, tl.cdiv(L, BLOCK_N), tl.cdiv(H * W, BLOCK_N))
-
-
-
-
 # ---------------------------------------------------------------------------------------
-# the walk of a tile over the tokens it attends to (keys; for dK/dV, the queries)
+# the walks of a tile over the tokens it attends to (keys; for dK/dV, the queries)
 # ---------------------------------------------------------------------------------------
 #
-# Two walks, chosen at compile time by ``SLICED``:
+# Each program branches once on its head's mode (a scalar, uniform over the program) into one
+# of two loops, each pipelined on its own; the loops live in different branches, so their
+# shared-memory buffers can overlap. A launch of intra heads only (INTRA_ONLY) compiles just
+# the frame loop.
 #
-# * general: the halo (or the frame) in blocks of BLOCK_N tokens, visibility from packed codes
-#   (``_box_visible``) per score;
-# * sliced (window tiles whose halo slice ``(BH + 2RH) x (BW + 2RW)`` fits one block, e.g. a
-#   (4,4,4) tile of a (3,5,5) window: 8 x 8 = 64): one block per frame of the halo. The h/w part
-#   of the mask, the token offsets and the validity of every column are then the same for all
-#   blocks of the tile and are computed once before the loop; per block only the frame changes,
-#   which is one scalar and a per-row test. Frames outside the grid are not walked at all.
-#
-# In a mixed launch, intra-frame heads walk their frame in blocks in either case (their mask is
-# the frame end), and both modes share one loop without branches, so the kernel keeps one set
-# of pipeline buffers (Triton's pipeliner also rejects a branch inside the loop). A launch of
-# intra heads only (INTRA_ONLY) has its own loop instead: full blocks unmasked, then the tail.
+# * intra-frame tiles (``_frame_walk``): the frame's full blocks with no mask at all, then at
+#   most one partial block with the frame end masked;
+# * window tiles (``_window_setup``, ``_window_block``), chosen at compile time by ``SLICED``:
+#   - general: the halo in blocks of BLOCK_N tokens, visibility from packed codes
+#     (``_box_visible``) per score;
+#   - sliced (tiles whose halo slice ``(BH + 2RH) x (BW + 2RW)`` fits one block, e.g. a (4,4,4)
+#     tile of a (3,5,5) window: 8 x 8 = 64): one block per frame of the halo. The h/w part of
+#     the mask, the token offsets and the validity of every column are then the same for all
+#     blocks of the tile and are computed once before the loop; per block only the frame
+#     changes, which is one scalar and a per-row test. Frames outside the grid are not walked.
 
 @triton.jit
-def _walk_setup(p, is_window, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
-                SLICED: tl.constexpr):
-    """Tile ``p``'s own tokens (``tok``, ``valid``), its loop range and the loop invariants
-    ``a .. f`` that ``_walk_block`` takes (their meaning depends on ``SLICED``)."""
-    tok, valid, t0, h0, w0, lo, hi, f_base = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+def _window_setup(t0, h0, w0, lo, hi, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                  BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr,
+                  SLICED: tl.constexpr):
+    """The halo walk of the window tile with origin ``(t0, h0, w0)`` and codes ``lo``, ``hi``
+    (``_primary_tile``): its loop range and the loop invariants ``a .. e`` that
+    ``_window_block`` takes (their meaning depends on ``SLICED``). Called inside the window
+    branch, so nothing of it is live in the frame walk."""
     if SLICED:
         HB: tl.constexpr = BH + 2 * RH
         HC: tl.constexpr = BW + 2 * RW
@@ -240,42 +219,38 @@ def _walk_setup(p, is_window, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: t
         col_valid = (jj < HB * HC) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         db = jb[None, :] - ib[:, None]
         dc = jc[None, :] - ic[:, None]
-        hw_mask = (db >= 0) & (db <= 2 * RH) & (dc >= 0) & (dc <= 2 * RW) & col_valid[None, :]
-        a = hw_mask | (is_window == 0)
-        b = tl.where(is_window, tl.where(col_valid, h * W + w, 0), jj)
-        c = col_valid | (is_window == 0)
+        a = (db >= 0) & (db <= 2 * RH) & (dc >= 0) & (dc <= 2 * RW) & col_valid[None, :]
+        b = tl.where(col_valid, h * W + w, 0)
+        c = col_valid
         d = ia
         e = t0 - RT
-        f = f_base
-        it_lo = tl.where(is_window, tl.maximum(RT - t0, 0), 0)
-        it_hi = tl.where(is_window, tl.minimum(BT + 2 * RT, T - t0 + RT), tl.cdiv(H * W, BLOCK_N))
+        it_lo = tl.maximum(RT - t0, 0)
+        it_hi = tl.minimum(BT + 2 * RT, T - t0 + RT)
     else:
+        L: tl.constexpr = (BT + 2 * RT) * (BH + 2 * RH) * (BW + 2 * RW)
         a = lo
         b = hi
         c = t0
         d = h0
         e = w0
-        f = f_base
         it_lo = 0
-        it_hi = _num_blocks(is_window, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
-    return tok, valid, it_lo, it_hi, a, b, c, d, e, f
+        it_hi = tl.cdiv(L, BLOCK_N)
+    return it_lo, it_hi, a, b, c, d, e
 
 
 @triton.jit
-def _walk_block(it, is_window, a, b, c, d, e, f, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-                BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr):
-    """Block ``it`` of the walk: its tokens (columns), their validity and the [M, N] mask."""
+def _window_block(it, a, b, c, d, e, T, H, W, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+                  BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr):
+    """Block ``it`` of a window tile's halo walk: its tokens (columns), their validity and the
+    [M, N] mask."""
     if SLICED:
-        jj = tl.arange(0, BLOCK_N)
-        base = tl.where(is_window, (e + it) * (H * W), f + it * BLOCK_N)
-        limit = tl.where(is_window, BLOCK_N, H * W - it * BLOCK_N)  # intra: the frame's end
-        valid = c & (jj < limit)
-        tok = tl.where(valid, base + b, 0)
+        valid = c
+        tok = tl.where(valid, (e + it) * (H * W) + b, 0)
         dt = it - d
-        row_ok = ((dt >= 0) & (dt <= 2 * RT)) | (is_window == 0)
-        mask = a & row_ok[:, None] & valid[None, :]
+        row_ok = (dt >= 0) & (dt <= 2 * RT)
+        mask = a & row_ok[:, None]
     else:
-        tok, valid, code = _block(it, is_window, c, d, e, f, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
+        tok, valid, code = _halo_block(it * BLOCK_N, c, d, e, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N)
         mask = _box_visible(a, b, code, valid)
     return tok, valid, mask
 
@@ -315,9 +290,9 @@ def _load_block(base, tok, stride, valid, d, dmask, MASKED: tl.constexpr, EVEN_D
 
 @triton.jit
 def _frame_walk(H, W, BLOCK_N: tl.constexpr):
-    """The walk of a launch of intra heads only (``INTRA_ONLY``): the frame's full blocks, which
-    need no mask at all, then at most one partial block (``_frame_block``) with the frame end
-    masked. Returns the number of full blocks and the partial block's start (``H*W`` if none)."""
+    """The walk of an intra-frame tile: the frame's full blocks, which need no mask at all, then
+    at most one partial block (``_frame_block``) with the frame end masked. Returns the number
+    of full blocks and the partial block's start (``H*W`` if none)."""
     n_full = (H * W) // BLOCK_N
     return n_full, n_full * BLOCK_N
 
@@ -384,6 +359,39 @@ def _fwd_block(q, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, m_i, l
     return _fwd_step(s, c, v, m_i, l_i, acc, DOT_PREC, UPCAST)
 
 
+@triton.jit
+def _fwd_frame(q, k_base, v_base, f_base, H, W, skn, svn, d, dmask, m_i, l_i, acc, qk_scale, BLOCK_N: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr):
+    """The forward's walk of an intra-frame tile: the frame's full key blocks unmasked, then its tail."""
+    n_full, tail = _frame_walk(H, W, BLOCK_N)
+    for it in range(0, n_full):
+        ktok = _full_block(f_base, it, BLOCK_N)
+        m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, ktok, ktok, skn, svn, d, dmask, m_i, l_i, acc, qk_scale,
+                                   False, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+    if tail < H * W:
+        ktok, kvalid = _frame_block(tail, f_base, H * W, BLOCK_N)
+        m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, kvalid, kvalid[None, :], skn, svn, d, dmask, m_i, l_i,
+                                   acc, qk_scale, True, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _fwd_halo(q, k_base, v_base, t0, h0, w0, lo, hi, T, H, W, skn, svn, d, dmask, m_i, l_i, acc,
+              qk_scale, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+              BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr, EVEN_D: tl.constexpr,
+              DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, POS_SCALE: tl.constexpr):
+    """The forward's walk of a window tile over its halo (the mode is a compile-time constant
+    here, so nothing selects between modes per score)."""
+    it_lo, it_hi, wa, wb, wc, wd, we = _window_setup(t0, h0, w0, lo, hi, T, H, W, RT, RH, RW, BT, BH, BW,
+                                                     BLOCK_N, SLICED)
+    for it in range(it_lo, it_hi):
+        ktok, kvalid, mask = _window_block(it, wa, wb, wc, wd, we, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
+                                           SLICED)
+        m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, m_i, l_i, acc, qk_scale,
+                                   True, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, O, LSE, HEADS,
@@ -398,8 +406,7 @@ def _fwd_kernel(
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qtok, qvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
-                                                                     BLOCK_N, SLICED)
+    qtok, qvalid, t0, h0, w0, lo, hi, wf = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
@@ -411,21 +418,15 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if INTRA_ONLY:
-        n_full, tail = _frame_walk(H, W, BLOCK_N)
-        for it in range(0, n_full):
-            ktok = _full_block(wf, it, BLOCK_N)
-            m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, ktok, ktok, skn, svn, d, dmask, m_i, l_i, acc,
-                                       qk_scale, False, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
-        if tail < H * W:
-            ktok, kvalid = _frame_block(tail, wf, H * W, BLOCK_N)
-            m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, kvalid, kvalid[None, :], skn, svn, d, dmask, m_i,
-                                       l_i, acc, qk_scale, True, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+        m_i, l_i, acc = _fwd_frame(q, k_base, v_base, wf, H, W, skn, svn, d, dmask, m_i, l_i, acc, qk_scale,
+                                   BLOCK_N, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+    elif is_window:
+        m_i, l_i, acc = _fwd_halo(q, k_base, v_base, t0, h0, w0, lo, hi, T, H, W, skn, svn, d,
+                                  dmask, m_i, l_i, acc, qk_scale, RT, RH, RW, BT, BH, BW, BLOCK_N, SLICED, EVEN_D,
+                                  DOT_PREC, UPCAST, POS_SCALE)
     else:
-        for it in range(it_lo, it_hi):
-            ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
-                                             BLOCK_N, SLICED)
-            m_i, l_i, acc = _fwd_block(q, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, m_i, l_i, acc,
-                                       qk_scale, True, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
+        m_i, l_i, acc = _fwd_frame(q, k_base, v_base, wf, H, W, skn, svn, d, dmask, m_i, l_i, acc, qk_scale,
+                                   BLOCK_N, EVEN_D, DOT_PREC, UPCAST, POS_SCALE)
 
     # every valid query sees at least itself, so l_i > 0 there; padding rows are not stored
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -459,6 +460,38 @@ def _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, mask, skn, svn, 
     return _dq_step(pr, do, k, v, delta, dq, DOT_PREC, UPCAST)
 
 
+@triton.jit
+def _dq_frame(q, do, lse2, delta, k_base, v_base, f_base, H, W, skn, svn, d, dmask, dq, qk_scale,
+              BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ's walk of an intra-frame tile (see ``_fwd_frame``)."""
+    n_full, tail = _frame_walk(H, W, BLOCK_N)
+    for it in range(0, n_full):
+        ktok = _full_block(f_base, it, BLOCK_N)
+        dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, ktok, ktok, skn, svn, d, dmask, dq, qk_scale,
+                       False, EVEN_D, DOT_PREC, UPCAST)
+    if tail < H * W:
+        ktok, kvalid = _frame_block(tail, f_base, H * W, BLOCK_N)
+        dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, kvalid[None, :], skn, svn, d, dmask, dq,
+                       qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+    return dq
+
+
+@triton.jit
+def _dq_halo(q, do, lse2, delta, k_base, v_base, t0, h0, w0, lo, hi, T, H, W, skn, svn, d, dmask,
+             dq, qk_scale, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+             BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr, EVEN_D: tl.constexpr,
+             DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dQ's walk of a window tile (see ``_fwd_halo``)."""
+    it_lo, it_hi, wa, wb, wc, wd, we = _window_setup(t0, h0, w0, lo, hi, T, H, W, RT, RH, RW, BT, BH, BW,
+                                                     BLOCK_N, SLICED)
+    for it in range(it_lo, it_hi):
+        ktok, kvalid, mask = _window_block(it, wa, wb, wc, wd, we, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
+                                           SLICED)
+        dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, dq, qk_scale,
+                       True, EVEN_D, DOT_PREC, UPCAST)
+    return dq
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, HEADS,
@@ -474,8 +507,7 @@ def _bwd_dq_kernel(
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qtok, qvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
-                                                                     BLOCK_N, SLICED)
+    qtok, qvalid, t0, h0, w0, lo, hi, wf = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
@@ -490,21 +522,14 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr = BT * BH * BW
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if INTRA_ONLY:
-        n_full, tail = _frame_walk(H, W, BLOCK_N)
-        for it in range(0, n_full):
-            ktok = _full_block(wf, it, BLOCK_N)
-            dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, ktok, ktok, skn, svn, d, dmask, dq, qk_scale,
-                           False, EVEN_D, DOT_PREC, UPCAST)
-        if tail < H * W:
-            ktok, kvalid = _frame_block(tail, wf, H * W, BLOCK_N)
-            dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, kvalid[None, :], skn, svn, d, dmask, dq,
-                           qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+        dq = _dq_frame(q, do, lse2, delta, k_base, v_base, wf, H, W, skn, svn, d, dmask, dq, qk_scale, BLOCK_N,
+                       EVEN_D, DOT_PREC, UPCAST)
+    elif is_window:
+        dq = _dq_halo(q, do, lse2, delta, k_base, v_base, t0, h0, w0, lo, hi, T, H, W, skn, svn, d,
+                      dmask, dq, qk_scale, RT, RH, RW, BT, BH, BW, BLOCK_N, SLICED, EVEN_D, DOT_PREC, UPCAST)
     else:
-        for it in range(it_lo, it_hi):
-            ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
-                                             BLOCK_N, SLICED)
-            dq = _dq_block(q, do, lse2, delta, k_base, v_base, ktok, kvalid, mask, skn, svn, d, dmask, dq, qk_scale,
-                           True, EVEN_D, DOT_PREC, UPCAST)
+        dq = _dq_frame(q, do, lse2, delta, k_base, v_base, wf, H, W, skn, svn, d, dmask, dq, qk_scale, BLOCK_N,
+                       EVEN_D, DOT_PREC, UPCAST)
     _store_rows(DQ + b * sdqb + head * sdqh, qtok, sdqn, qvalid, d, dmask, dq * sm_scale, EVEN_D)
 
 
@@ -531,6 +556,38 @@ def _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, mask,
     return dk, dv
 
 
+@triton.jit
+def _dkdv_frame(k, v, q_base, do_base, lse_base, delta_base, f_base, H, W, sqn, sdon, d, dmask, dk, dv, qk_scale,
+                BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dK/dV's walk of an intra-frame key tile over the frame's queries (see ``_fwd_frame``)."""
+    n_full, tail = _frame_walk(H, W, BLOCK_N)
+    for it in range(0, n_full):
+        qtok = _full_block(f_base, it, BLOCK_N)
+        dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qtok, qtok, sqn, sdon, d, dmask, dk,
+                             dv, qk_scale, False, EVEN_D, DOT_PREC, UPCAST)
+    if tail < H * W:
+        qtok, qvalid = _frame_block(tail, f_base, H * W, BLOCK_N)
+        dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, qvalid[None, :], sqn, sdon,
+                             d, dmask, dk, dv, qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_halo(k, v, q_base, do_base, lse_base, delta_base, t0, h0, w0, lo, hi, T, H, W, sqn, sdon,
+               d, dmask, dk, dv, qk_scale, RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr, BT: tl.constexpr,
+               BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr, EVEN_D: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """dK/dV's walk of a window key tile over the queries of its halo (see ``_fwd_halo``)."""
+    it_lo, it_hi, wa, wb, wc, wd, we = _window_setup(t0, h0, w0, lo, hi, T, H, W, RT, RH, RW, BT, BH, BW,
+                                                     BLOCK_N, SLICED)
+    for it in range(it_lo, it_hi):
+        qtok, qvalid, mask = _window_block(it, wa, wb, wc, wd, we, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
+                                           SLICED)
+        dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, mask, sqn, sdon, d, dmask, dk,
+                             dv, qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, HEADS,
@@ -547,8 +604,7 @@ def _bwd_dkdv_kernel(
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
     # primary tile = keys; the queries that see them are its halo (visibility is symmetric)
-    ktok, kvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
-                                                                     BLOCK_N, SLICED)
+    ktok, kvalid, t0, h0, w0, lo, hi, wf = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     k = _load_rows(K + b * skb + head * skh, ktok, skn, kvalid, d, dmask, EVEN_D)
@@ -562,21 +618,15 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if INTRA_ONLY:
-        n_full, tail = _frame_walk(H, W, BLOCK_N)
-        for it in range(0, n_full):
-            qtok = _full_block(wf, it, BLOCK_N)
-            dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qtok, qtok, sqn, sdon, d, dmask,
-                                 dk, dv, qk_scale, False, EVEN_D, DOT_PREC, UPCAST)
-        if tail < H * W:
-            qtok, qvalid = _frame_block(tail, wf, H * W, BLOCK_N)
-            dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, qvalid[None, :], sqn,
-                                 sdon, d, dmask, dk, dv, qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+        dk, dv = _dkdv_frame(k, v, q_base, do_base, lse_base, delta_base, wf, H, W, sqn, sdon, d, dmask, dk, dv,
+                             qk_scale, BLOCK_N, EVEN_D, DOT_PREC, UPCAST)
+    elif is_window:
+        dk, dv = _dkdv_halo(k, v, q_base, do_base, lse_base, delta_base, t0, h0, w0, lo, hi, T, H, W,
+                            sqn, sdon, d, dmask, dk, dv, qk_scale, RT, RH, RW, BT, BH, BW, BLOCK_N, SLICED, EVEN_D,
+                            DOT_PREC, UPCAST)
     else:
-        for it in range(it_lo, it_hi):
-            qtok, qvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
-                                             BLOCK_N, SLICED)
-            dk, dv = _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, mask, sqn, sdon, d, dmask,
-                                 dk, dv, qk_scale, True, EVEN_D, DOT_PREC, UPCAST)
+        dk, dv = _dkdv_frame(k, v, q_base, do_base, lse_base, delta_base, wf, H, W, sqn, sdon, d, dmask, dk, dv,
+                             qk_scale, BLOCK_N, EVEN_D, DOT_PREC, UPCAST)
     _store_rows(DK + b * sdkb + head * sdkh, ktok, sdkn, kvalid, d, dmask, dk * sm_scale, EVEN_D)
     _store_rows(DV + b * sdvb + head * sdvh, ktok, sdvn, kvalid, d, dmask, dv, EVEN_D)
 

@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_attention import (_NO_SPECIALIZE, INTERPRET, _head_setup, _load_rows, _masked_scores, _mm, _tile_count,
-                              _walk_block, _walk_setup)
+from .local_attention import (_NO_SPECIALIZE, INTERPRET, _frame_block, _frame_walk, _full_block, _head_setup,
+                              _load_block, _load_rows, _masked_scores, _mm, _primary_tile, _tile_count, _window_block,
+                              _window_setup)
 
 __all__ = ["routing_stats_global", "routing_stats_local", "CONFIG"]
 
@@ -107,6 +108,21 @@ def _log2(x, FAST: tl.constexpr):
         return tl.math.log2(x)
 
 
+@triton.jit
+def _local_block(q, k_base, ktok, kvalid, mask, skn, d, dmask, lse_g, lse_l, acc, qk_scale, one_m_eps, eps_n,
+                 MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 FAST_LOG: tl.constexpr):
+    """One key block of the local-support sums; ``MASKED`` false: every key visible to every row."""
+    k = _load_block(k_base, ktok, skn, kvalid, d, dmask, MASKED, EVEN_D)
+    s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+    p_g = tl.math.exp2(s - lse_g[:, None])
+    # log2 M_eps = log2((1 - eps) * M_local + eps / N); M_local <= 1 inside the support
+    log_m = _log2(one_m_eps * tl.math.exp2(s - lse_l[:, None]) + eps_n, FAST_LOG)
+    if MASKED:
+        return acc + tl.sum(tl.where(mask, p_g * log_m, 0.0), 1)
+    return acc + tl.sum(p_g * log_m, 1)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _stats_local_kernel(
     Q, K, LSE_G, LSE_L, OUT, HEADS,
@@ -121,8 +137,7 @@ def _stats_local_kernel(
     b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
     if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qtok, qvalid, it_lo, it_hi, wa, wb, wc, wd, we, wf = _walk_setup(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW,
-                                                                     BLOCK_N, SLICED)
+    qtok, qvalid, t0, h0, w0, lo, hi, wf = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
@@ -134,15 +149,25 @@ def _stats_local_kernel(
 
     BLOCK_M: tl.constexpr = BT * BH * BW
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for it in range(it_lo, it_hi):
-        ktok, kvalid, mask = _walk_block(it, is_window, wa, wb, wc, wd, we, wf, T, H, W, RT, RH, RW, BT, BH, BW,
-                                         BLOCK_N, SLICED)
-        k = _load_rows(k_base, ktok, skn, kvalid, d, dmask, EVEN_D)
-        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
-        p_g = tl.math.exp2(s - lse_g[:, None])
-        # log2 M_eps = log2((1 - eps) * M_local + eps / N); M_local <= 1 inside the support
-        log_m = _log2(one_m_eps * tl.math.exp2(s - lse_l[:, None]) + eps_n, FAST_LOG)
-        acc += tl.sum(tl.where(mask, p_g * log_m, 0.0), 1)
+    # one branch per program into its mode's walk (as in the attention kernels)
+    if is_window:
+        it_lo, it_hi, wa, wb, wc, wd, we = _window_setup(t0, h0, w0, lo, hi, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
+                                                         SLICED)
+        for it in range(it_lo, it_hi):
+            ktok, kvalid, mask = _window_block(it, wa, wb, wc, wd, we, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
+                                               SLICED)
+            acc = _local_block(q, k_base, ktok, kvalid, mask, skn, d, dmask, lse_g, lse_l, acc, qk_scale, one_m_eps,
+                               eps_n, True, EVEN_D, DOT_PREC, UPCAST, FAST_LOG)
+    else:
+        n_full, tail = _frame_walk(H, W, BLOCK_N)
+        for it in range(0, n_full):
+            ktok = _full_block(wf, it, BLOCK_N)
+            acc = _local_block(q, k_base, ktok, ktok, ktok, skn, d, dmask, lse_g, lse_l, acc, qk_scale, one_m_eps,
+                               eps_n, False, EVEN_D, DOT_PREC, UPCAST, FAST_LOG)
+        if tail < H * W:
+            ktok, kvalid = _frame_block(tail, wf, H * W, BLOCK_N)
+            acc = _local_block(q, k_base, ktok, kvalid, kvalid[None, :], skn, d, dmask, lse_g, lse_l, acc, qk_scale,
+                               one_m_eps, eps_n, True, EVEN_D, DOT_PREC, UPCAST, FAST_LOG)
     tl.store(OUT + mode * so0 + b * sob + head * soh + qtok, acc * 0.6931471805599453, mask=qvalid)
 
 
