@@ -9,6 +9,7 @@
 //   RoutedForward.run(q, k, v, side_stream)                     -> [out, lse] or [] (declined)
 //   RoutedForward.run_autograd(q, k, v, side_stream)            -> the same, with a C++ autograd node
 //   RoutedBackward.run(dout, q, k, v, out, lse, side_stream)    -> [dq, dk, dv] or []
+//   copy_pairs([(src, dst), ...])                               -> the same strided copies, for Python
 //
 // The autograd node replays the backward prepared for the same signature once
 // `RoutedForward.set_backward` gave it one; before that (the first backward of a signature), and
@@ -554,6 +555,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return f;
       },
       py::arg("global_runs"), py::arg("scale"), py::arg("heads"), py::arg("local"), py::arg("backward_fallback"));
+  // the Python path's stores of cuDNN outputs into the routed tensors (backends/dense.py): one
+  // launch on the current stream for up to four pairs, as the replay does
+  m.def(
+      "copy_pairs",
+      [](const std::vector<std::pair<at::Tensor, at::Tensor>>& pairs) {
+        if (pairs.empty()) return;
+        const at::Device device = pairs.front().second.device();
+        for (const auto& [src, dst] : pairs) {
+          TORCH_CHECK(src.device() == device && dst.device() == device && device.is_cuda(),
+                      "copy_pairs: every tensor must be on one CUDA device, got ", src.device(), " and ", dst.device());
+        }
+        const c10::cuda::CUDAGuard guard(device);
+        copy_pairs(pairs, at::cuda::getCurrentCUDAStream(device.index()).stream());
+      },
+      py::arg("pairs"));
   py::class_<RoutedBackward, std::shared_ptr<RoutedBackward>>(m, "RoutedBackward")
       .def(py::init<std::vector<Run>, double, at::Tensor, std::optional<py::tuple>,
                     std::optional<py::tuple>>(),

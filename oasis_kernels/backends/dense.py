@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 import torch
 
+from ..kernels.row_copies import copy_pairs
 from ..plan import Mode, RoutingPlan, head_runs
 from .base import Backend, Groups, frame_batched
 
@@ -49,23 +50,24 @@ class DenseBackend(Backend):
 
     @staticmethod
     def _store(dst, run, mode, grid, src):
-        """Copy ``src`` ([B', L, h, D]) into ``dst[:, :, run]`` ([B, N, h, D], dst owned by us)."""
+        """``(src, view)``: the copy of ``src`` ([B', L, h, D]) into ``dst[:, :, run]`` ([B, N, h, D],
+        dst owned by us), for :func:`copy_pairs`."""
         view = dst[:, :, run]
         if mode == Mode.INTRA:
             t, hh, ww = grid
             view = view.view(view.shape[0] * t, hh * ww, *view.shape[2:])
-        view.copy_(src)
+        return src, view
 
     @staticmethod
     def _lse_store(lse, run, mode, grid, src):
-        """``src`` [B', h, L] -> ``lse[:, run]`` [B, h, N]."""
+        """``(src, view)``: the copy of ``src`` [B', h, L] into ``lse[:, run]`` [B, h, N], both as
+        4-D views whose last dimension is contiguous or of size 1 (for :func:`copy_pairs`)."""
         view = lse[:, run]
         if mode == Mode.INTRA:
             t = grid[0]
             b, h, n = view.shape
-            view.view(b, h, t, n // t).copy_(src.view(b, t, h, n // t).transpose(1, 2))
-        else:
-            view.copy_(src)
+            return src.view(b, t, h, n // t).transpose(1, 2), view.view(b, h, t, n // t)
+        return src.unsqueeze(-1), view.unsqueeze(-1)
 
     @staticmethod
     def _lse_load(lse, run, mode, grid):
@@ -77,13 +79,15 @@ class DenseBackend(Backend):
         return view.contiguous()
 
     # -- Backend --------------------------------------------------------------------
+    # the results of each run are stored with one fused copy (kernels/row_copies.py) instead of
+    # a copy_ per tensor: on the global heads' stream these copies are on the routed layer's
+    # critical path (docs/PERF.md, entry 13)
     def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float) -> None:
         for mode, heads in groups:
             for run in head_runs(heads):
                 g = [self._group(x, run, mode, plan.grid) for x in (q, k, v)]
                 o, l = self._fwd(*g, scale)
-                self._store(out, run, mode, plan.grid, o)
-                self._lse_store(lse, run, mode, plan.grid, l)
+                copy_pairs([self._store(out, run, mode, plan.grid, o), self._lse_store(lse, run, mode, plan.grid, l)])
 
     def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic) -> None:
         for mode, heads in groups:
@@ -91,8 +95,7 @@ class DenseBackend(Backend):
                 g = [self._group(x, run, mode, plan.grid) for x in (dout, q, k, v, out)]
                 l = self._lse_load(lse, run, mode, plan.grid)
                 grads = self._bwd(*g, l, scale, deterministic)
-                for dst, src in zip((dq, dk, dv), grads):
-                    self._store(dst, run, mode, plan.grid, src)
+                copy_pairs([self._store(dst, run, mode, plan.grid, src) for dst, src in zip((dq, dk, dv), grads)])
 
 
 # ----------------------------------------------------------------------------------------
