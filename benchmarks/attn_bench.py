@@ -285,6 +285,23 @@ def _callable(row: Row, sets, pass_):
     return fwdbwd
 
 
+def capture_graph(fn, calls=1, warmup=3, side=None) -> "torch.cuda.CUDAGraph":
+    """``calls`` calls of ``fn`` captured in one CUDA graph, after ``warmup`` calls on the side
+    stream ``side`` (a new one if None) that the capture then uses: PyTorch's recipe, which the
+    first uses of autograd leaves need (see ``_graph_ms``)."""
+    side = side or torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def _graph_ms(row: Row, sets, pass_, args) -> float:
     """GPU time of one call of the row without the host: the row run once per input set,
     captured in one CUDA graph and replayed. PyTorch's recipe for capturing autograd: the
@@ -297,13 +314,7 @@ def _graph_ms(row: Row, sets, pass_, args) -> float:
     with torch.cuda.stream(side):
         own = [tuple(x.detach().clone().requires_grad_() for x in s[:3]) + (None,) for s in sets]
         fn = _callable(row, own, pass_)
-        for _ in range(2 * len(own)):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):
-        for _ in range(len(own)):
-            fn()
+    graph = capture_graph(fn, calls=len(own), warmup=2 * len(own), side=side)
     return triton.testing.do_bench(graph.replay, warmup=args.warmup_ms, rep=args.rep_ms,
                                    return_mode="median") / len(own)
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from attn_bench import SHAPES  # noqa: E402
+from attn_bench import SHAPES, capture_graph  # noqa: E402
 
 import oasis_kernels as ok  # noqa: E402
 
@@ -51,16 +51,7 @@ def host_time(fn, n, warmup=0):
 def _graph_ms(fn, n):
     """GPU time per call from a CUDA graph of ``n`` calls; None (and the reason) where capture fails."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(n):
-                fn()
+        g = capture_graph(fn, calls=n)
         g.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

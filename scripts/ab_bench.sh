@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# On the GPU machine: attn_bench for .baseline/ (an older checkout's oasis_kernels, carried;
+# make it with `git archive REV oasis_kernels | tar -x -C .baseline`) and for this tree, one
+# after the other on the same machine, so the two can be compared (docs/PERF.md's method).
+# Builds the C++ extension once and gives the baseline a copy (csrc/ must be the same in both).
+#   SHAPES=S BENCH_GROUPS=routed,floor BACKENDS=ours,sdpa bash scripts/ab_bench.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+MAX_JOBS=16 python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
+args=(--shapes "${SHAPES:-S}" --groups "${BENCH_GROUPS:-routed,floor}" --backends "${BACKENDS:-ours,sdpa}" --graphs "${GRAPHS:-S}")
+if [ -d .baseline/oasis_kernels ]; then
+    cp oasis_kernels/_C*.so .baseline/oasis_kernels/
+    PYTHONPATH=.baseline OASIS_COMMIT=${BASE_COMMIT:-baseline} python3 benchmarks/attn_bench.py "${args[@]}" \
+        --out "$OUT/base" 2>&1 | grep -v "^$" | tail -25
+fi
+PYTHONPATH=. python3 benchmarks/attn_bench.py "${args[@]}" --out "$OUT/new" 2>&1 | grep -v "^$" | tail -25
+if [ -n "${NEW_ENV:-}" ]; then  # the tree again with extra settings, e.g. NEW_ENV=OASIS_FUSED_COPY=0
+    env $NEW_ENV PYTHONPATH=. python3 benchmarks/attn_bench.py "${args[@]}" --out "$OUT/new_env" 2>&1 | grep -v "^$" | tail -25
+fi
