@@ -246,9 +246,6 @@ def test_capture_declines_and_the_graph_replays_correctly():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
-
 
 def _copy_cases(device):
     """(src, dst) pairs of the shapes the dense backends store, plus ones the fused kernel hands
@@ -266,11 +263,40 @@ def _copy_cases(device):
     return pairs
 
 
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=gpu)])
-def test_copy_pairs_copies_every_pair(dev):
-    from oasis_kernels.kernels.row_copies import copy_pairs
+def _narrow_cases(device):
+    """Pairs whose rows the fused kernel moves in 8-, 4- and 2-byte vectors (rows of 36 bf16,
+    18 bf16, and odd element offsets)."""
+    wide = torch.zeros(1, 40, 6, 36, device=device, dtype=torch.bfloat16)
+    odd = torch.zeros(1, 40, 7, 19, device=device, dtype=torch.bfloat16)
+    return [(torch.randn(1, 40, 2, 36, device=device, dtype=torch.bfloat16), wide[:, :, 1:3]),
+            (torch.randn(1, 40, 2, 18, device=device, dtype=torch.bfloat16), wide[:, :, 4:6, 2:20]),
+            (torch.randn(1, 40, 3, 19, device=device, dtype=torch.bfloat16), odd[:, :, 3:6])]
 
-    pairs = _copy_cases(dev)
-    copy_pairs(pairs)
+
+def _check_copies(pairs):
     for i, (src, dst) in enumerate(pairs):
         assert torch.equal(dst, src), f"pair {i}: max diff {(dst.float() - src.float()).abs().max().item():.3e}"
+
+
+def test_copy_pairs_copies_every_pair_without_the_extension():
+    from oasis_kernels.kernels.row_copies import copy_pairs
+
+    pairs = _copy_cases("cpu") + _narrow_cases("cpu")
+    copy_pairs(pairs)
+    _check_copies(pairs)
+
+
+@gpu
+@built
+def test_copy_pairs_fused_copies_every_pair():
+    from oasis_kernels.kernels import row_copies
+
+    assert row_copies.FUSED, "the extension is built but copy_pairs is not used (OASIS_FUSED_COPY=0?)"
+    for pairs in (_copy_cases("cuda"), _narrow_cases("cuda")):
+        fastpath._C.copy_pairs(pairs)
+        torch.cuda.synchronize()
+        _check_copies(pairs)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))

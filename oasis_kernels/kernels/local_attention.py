@@ -668,7 +668,7 @@ else:
     ]
     _BWD_CONFIGS = [
         _cfg(4, 4, 4, 64, 4, 2, True),
-        _cfg(4, 4, 4, 64, 8, 2, True),  # no dK/dV spills (4 warps spill 136 B); not in a recorded run yet
+        _cfg(4, 4, 4, 64, 8, 2, True),  # no dK/dV spills (4 warps spill 160 B); not in a recorded run yet
         _cfg(2, 4, 4, 64, 4, 2, True),
         _cfg(2, 4, 8, 32, 4, 3, False),
         _cfg(2, 4, 8, 32, 4, 4, False),  # intra-only dK/dV at S: 0.104 vs 0.108 ms (PERF.md, entry 12)

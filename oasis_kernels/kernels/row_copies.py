@@ -27,8 +27,10 @@ FUSED = _C is not None and hasattr(_C, "copy_pairs") and os.environ.get("OASIS_F
 
 def copy_pairs(pairs) -> None:
     """``dst.copy_(src)`` for every ``(src, dst)`` of ``pairs`` (4-D tensors of equal sizes and
-    dtype; the extension copies those whose last dimension is contiguous or of size 1 and hands
-    the others to ``copy_``), on the current stream."""
+    dtype), on the current stream. The extension copies up to four pairs whose last dimension is
+    contiguous or of size 1 in one launch and hands the others to ``copy_``, which runs first:
+    destinations must not overlap. Every CUDA tensor of a call must be on one device.
+    ``OASIS_FUSED_COPY`` is read once, at import."""
     if not pairs:
         return
     if FUSED and all(s.is_cuda and d.is_cuda for s, d in pairs):
