@@ -98,9 +98,11 @@ def main():
     def routed():
         torch.autograd.grad(ok.routed_attention(q, k, v, plan), (q, k, v), do)
 
+    local_plan = ok.RoutingPlan(grid, ["intra"] * 4 + ["window"] * 3, (3, 5, 5))
+
     def local_only():
-        lp = ok.RoutingPlan(grid, ["intra"] * 4 + ["window"] * 3, (3, 5, 5))
-        torch.autograd.grad(ok.routed_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], lp), (q, k, v), do[:, :, 5:])
+        out = ok.routed_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], local_plan)
+        torch.autograd.grad(out, (q, k, v), do[:, :, 5:])
 
     def global_alone():
         from torch.nn.attention import SDPBackend, sdpa_kernel

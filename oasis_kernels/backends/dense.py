@@ -49,7 +49,7 @@ class DenseBackend(Backend):
         return frame_batched(v, grid) if mode == Mode.INTRA else v
 
     @staticmethod
-    def _store(dst, run, mode, grid, src):
+    def _store_pair(dst, run, mode, grid, src):
         """``(src, view)``: the copy of ``src`` ([B', L, h, D]) into ``dst[:, :, run]`` ([B, N, h, D],
         dst owned by us), for :func:`copy_pairs`."""
         view = dst[:, :, run]
@@ -59,7 +59,7 @@ class DenseBackend(Backend):
         return src, view
 
     @staticmethod
-    def _lse_store(lse, run, mode, grid, src):
+    def _lse_store_pair(lse, run, mode, grid, src):
         """``(src, view)``: the copy of ``src`` [B', h, L] into ``lse[:, run]`` [B, h, N], both as
         4-D views whose last dimension is contiguous or of size 1 (for :func:`copy_pairs`)."""
         view = lse[:, run]
@@ -87,7 +87,8 @@ class DenseBackend(Backend):
             for run in head_runs(heads):
                 g = [self._group(x, run, mode, plan.grid) for x in (q, k, v)]
                 o, l = self._fwd(*g, scale)
-                copy_pairs([self._store(out, run, mode, plan.grid, o), self._lse_store(lse, run, mode, plan.grid, l)])
+                copy_pairs([self._store_pair(out, run, mode, plan.grid, o),
+                            self._lse_store_pair(lse, run, mode, plan.grid, l)])
 
     def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic) -> None:
         for mode, heads in groups:
@@ -95,7 +96,7 @@ class DenseBackend(Backend):
                 g = [self._group(x, run, mode, plan.grid) for x in (dout, q, k, v, out)]
                 l = self._lse_load(lse, run, mode, plan.grid)
                 grads = self._bwd(*g, l, scale, deterministic)
-                copy_pairs([self._store(dst, run, mode, plan.grid, src) for dst, src in zip((dq, dk, dv), grads)])
+                copy_pairs([self._store_pair(dst, run, mode, plan.grid, src) for dst, src in zip((dq, dk, dv), grads)])
 
 
 # ----------------------------------------------------------------------------------------
