@@ -14,6 +14,33 @@ import shutil
 from setuptools import setup
 
 
+def _cudnn_frontend_includes():
+    """Include dirs for the optional direct cuDNN path (csrc/cudnn_sdpa.cpp), or [] where a header
+    is missing: the cuDNN frontend's (the ``nvidia-cudnn-frontend`` wheel, or
+    ``CUDNN_FRONTEND_INCLUDE``), cuDNN's (``nvidia-cudnn``, which CUDA builds of torch pull in)
+    and NVRTC's (the toolkit's or ``nvidia-cuda-nvrtc``). ``OASIS_CUDNN_FRONTEND=0`` skips it."""
+    if os.environ.get("OASIS_CUDNN_FRONTEND") == "0":
+        return []
+    import sys
+    import sysconfig
+
+    roots = [p for p in [*sys.path, sysconfig.get_paths()["purelib"]] if p and os.path.isdir(p)]
+    candidates = {
+        "cudnn_frontend.h": [os.environ.get("CUDNN_FRONTEND_INCLUDE", "")] + [os.path.join(r, "include") for r in roots],
+        "cudnn.h": [os.path.join(r, "nvidia", "cudnn", "include") for r in roots] + ["/usr/include"],
+        "nvrtc.h": [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")]
+        + [os.path.join(r, "nvidia", sub, "include") for r in roots for sub in ("cu13", "cuda_nvrtc")],
+    }
+    found = []
+    for header, dirs in candidates.items():
+        hit = next((d for d in dirs if d and os.path.isfile(os.path.join(d, header))), None)
+        if hit is None:
+            print(f"oasis-kernels: building without the direct cuDNN path ({header} not found)")
+            return []
+        found.append(hit)
+    return found
+
+
 def _cuda_extension():
     sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
     force = os.environ.get("OASIS_BUILD_CUDA")
@@ -33,14 +60,19 @@ def _cuda_extension():
     if force != "1" and (torch.version.cuda is None or not have_nvcc):
         print("oasis-kernels: skipping csrc/ (needs a CUDA build of torch and nvcc; OASIS_BUILD_CUDA=1 forces)")
         return [], {}
+    frontend = _cudnn_frontend_includes()
+    # the frontend loads cuDNN and NVRTC at run time (those torch loaded already): no link flags
+    defines = ["-DOASIS_WITH_CUDNN_FRONTEND", "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING"] if frontend else []
     ext = CUDAExtension(
         "oasis_kernels._C",
         sources,
+        include_dirs=frontend,
         # the Triton kernels run on sm80+; the copy kernel (csrc/copy_rows.cu) is built for
         # Ampere and Hopper, with PTX for newer cards
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
-                                                     "-gencode=arch=compute_90,code=sm_90",
-                                                     "-gencode=arch=compute_90,code=compute_90"]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", *defines],
+                            "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
+                                     "-gencode=arch=compute_90,code=sm_90",
+                                     "-gencode=arch=compute_90,code=compute_90"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

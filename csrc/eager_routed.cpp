@@ -35,6 +35,7 @@
 #include <dlfcn.h>
 
 #include "copy_rows.h"
+#include "cudnn_sdpa.h"
 
 #include <array>
 #include <cstring>
@@ -570,6 +571,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         copy_pairs(pairs, at::cuda::getCurrentCUDAStream(device.index()).stream());
       },
       py::arg("pairs"));
+  // cuDNN attention into strided outputs (cudnn_sdpa.h): True if it ran, False if declined
+  m.attr("CUDNN_SDPA") = oasis::cudnn_sdpa_built();
+  m.def("cudnn_sdpa_forward", &oasis::cudnn_sdpa_forward, py::call_guard<py::gil_scoped_release>(), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("scale"));
+  m.def("cudnn_sdpa_backward", &oasis::cudnn_sdpa_backward, py::call_guard<py::gil_scoped_release>(),
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("scale"));
   py::class_<RoutedBackward, std::shared_ptr<RoutedBackward>>(m, "RoutedBackward")
       .def(py::init<std::vector<Run>, double, at::Tensor, std::optional<py::tuple>,
                     std::optional<py::tuple>>(),

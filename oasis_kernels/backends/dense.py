@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 import torch
 
+from ..kernels import cudnn_direct
 from ..kernels.row_copies import copy_pairs
 from ..plan import Mode, RoutingPlan, head_runs
 from .base import Backend, Groups, frame_batched
@@ -41,6 +42,15 @@ class DenseBackend(Backend):
     def _bwd(self, do, q, k, v, o, lse, scale: float, deterministic: bool):
         """Return ``(dq, dk, dv)``, each ``[B', L, h, D]``; ``lse`` is ``[B', h, L]`` contiguous."""
         raise NotImplementedError
+
+    def _forward_into(self, q, k, v, out, lse, run, scale: float) -> bool:
+        """A global head run computed straight into ``out`` and ``lse``; False (the default) where
+        the subclass has no such path or declines, and ``_fwd`` plus stores serve the run."""
+        return False
+
+    def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale: float) -> bool:
+        """The gradients of a global head run straight into ``dq, dk, dv`` (see ``_forward_into``)."""
+        return False
 
     # -- views ----------------------------------------------------------------------
     @staticmethod
@@ -85,6 +95,8 @@ class DenseBackend(Backend):
     def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float) -> None:
         for mode, heads in groups:
             for run in head_runs(heads):
+                if mode == Mode.GLOBAL and self._forward_into(q, k, v, out, lse, run, scale):
+                    continue
                 g = [self._group(x, run, mode, plan.grid) for x in (q, k, v)]
                 o, l = self._fwd(*g, scale)
                 copy_pairs([self._store_pair(out, run, mode, plan.grid, o),
@@ -93,6 +105,8 @@ class DenseBackend(Backend):
     def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic) -> None:
         for mode, heads in groups:
             for run in head_runs(heads):
+                if mode == Mode.GLOBAL and self._backward_into(dout, q, k, v, out, lse, dq, dk, dv, run, scale):
+                    continue
                 g = [self._group(x, run, mode, plan.grid) for x in (dout, q, k, v, out)]
                 l = self._lse_load(lse, run, mode, plan.grid)
                 grads = self._bwd(*g, l, scale, deterministic)
@@ -162,6 +176,19 @@ class SdpaCudnnBackend(_SdpaCudaBackend):
             if major < 9:
                 reasons.append(f"auto prefers cuDNN attention on sm90+ only (this is sm{major}{minor})")
         return reasons
+
+    # global runs go to cuDNN directly (kernels/cudnn_direct.py) where the extension has that path:
+    # cuDNN then writes the routed tensors' head slices, and no stores follow
+    @staticmethod
+    def _heads(x, run):
+        return x[:, :, run].transpose(1, 2)
+
+    def _forward_into(self, q, k, v, out, lse, run, scale):
+        return cudnn_direct.forward_into(*(self._heads(x, run) for x in (q, k, v, out)), lse[:, run], scale)
+
+    def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale):
+        views = [self._heads(x, run) for x in (dout, q, k, v, out)]
+        return cudnn_direct.backward_into(*views, lse[:, run], *(self._heads(x, run) for x in (dq, dk, dv)), scale)
 
     def _fwd(self, q, k, v, scale):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(

@@ -1,0 +1,195 @@
+// See cudnn_sdpa.h. One cuDNN frontend graph per call layout (every size and stride of every
+// tensor, dtype, device), built on first use and kept per thread (cuDNN's execution plans are
+// not guaranteed thread-safe); the scale is passed by value at execution, so it is not part of
+// the key. PyTorch's own cuDNN attention keys its graphs on q/k/v only and allocates its
+// outputs, which is why this path builds its own.
+#include "cudnn_sdpa.h"
+
+#ifdef OASIS_WITH_CUDNN_FRONTEND
+
+#include <ATen/cudnn/Handle.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cudnn_frontend.h>
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+namespace fe = cudnn_frontend;
+
+namespace oasis {
+namespace {
+
+enum Uid : int64_t { Q = 1, K, V, O, STATS, DO, DQ, DK, DV, SCALE };
+
+using Key = std::vector<int64_t>;
+
+struct KeyHash {
+  size_t operator()(const Key& key) const {
+    size_t h = 1469598103934665603ull;
+    for (int64_t x : key) h = (h ^ static_cast<uint64_t>(x)) * 1099511628211ull;
+    return h;
+  }
+};
+
+// null: the layout was tried and declined
+thread_local std::unordered_map<Key, std::shared_ptr<fe::graph::Graph>, KeyHash> graphs;
+
+Key key_of(int64_t kind, std::initializer_list<const at::Tensor*> tensors) {
+  const at::Tensor& first = **tensors.begin();
+  Key key{kind, first.device().index(), static_cast<int64_t>(first.scalar_type())};
+  for (const at::Tensor* t : tensors) {
+    key.insert(key.end(), t->sizes().begin(), t->sizes().end());
+    key.insert(key.end(), t->strides().begin(), t->strides().end());
+  }
+  return key;
+}
+
+bool supported(std::initializer_list<const at::Tensor*> tensors, const at::Tensor& lse) {
+  const at::Tensor& first = **tensors.begin();
+  if (!first.is_cuda() || (first.scalar_type() != at::kHalf && first.scalar_type() != at::kBFloat16)) return false;
+  for (const at::Tensor* t : tensors) {
+    if (t->dim() != 4 || t->scalar_type() != first.scalar_type() || t->device() != first.device() || t->stride(3) != 1 ||
+        reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) {
+      return false;
+    }
+  }
+  return lse.dim() == 4 && lse.scalar_type() == at::kFloat && lse.device() == first.device() && lse.size(3) == 1;
+}
+
+fe::graph::Tensor_attributes described(Uid uid, const char* name, const at::Tensor& t) {
+  return fe::graph::Tensor_attributes().set_uid(uid).set_name(name).set_dim(t.sizes().vec()).set_stride(
+      t.strides().vec());
+}
+
+std::shared_ptr<fe::graph::Graph> new_graph(const at::Tensor& q) {
+  auto graph = std::make_shared<fe::graph::Graph>();
+  graph->set_io_data_type(q.scalar_type() == at::kBFloat16 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF)
+      .set_intermediate_data_type(fe::DataType_t::FLOAT)
+      .set_compute_data_type(fe::DataType_t::FLOAT);
+  return graph;
+}
+
+std::shared_ptr<fe::graph::Tensor_attributes> scale_input(fe::graph::Graph& graph) {
+  return graph.tensor(fe::graph::Tensor_attributes()
+                          .set_uid(SCALE)
+                          .set_name("scale")
+                          .set_dim({1, 1, 1, 1})
+                          .set_stride({1, 1, 1, 1})
+                          .set_is_pass_by_value(true)
+                          .set_data_type(fe::DataType_t::FLOAT));
+}
+
+// validate, lower and plan; false where cuDNN has no engine for the graph
+bool built(fe::graph::Graph& graph, cudnnHandle_t handle) {
+  return graph.validate().is_good() && graph.build_operation_graph(handle).is_good() &&
+         graph.create_execution_plans({fe::HeurMode_t::A}).is_good() && graph.check_support(handle).is_good() &&
+         graph.build_plans(handle).is_good();
+}
+
+cudnnHandle_t handle_on(const at::Tensor& t) {
+  cudnnHandle_t handle = at::native::getCudnnHandle();
+  const cudnnStatus_t status =
+      fe::detail::set_stream(handle, c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+  TORCH_CHECK(status == CUDNN_STATUS_SUCCESS, "oasis_kernels cuDNN SDPA: cudnnSetStream failed (", status, ")");
+  return handle;
+}
+
+void execute(fe::graph::Graph& graph, std::unordered_map<int64_t, void*>& pack, cudnnHandle_t handle) {
+  int64_t bytes = 0;
+  auto status = graph.get_workspace_size(bytes);
+  TORCH_CHECK(status.is_good(), "oasis_kernels cuDNN SDPA: get_workspace_size: ", status.get_message());
+  // from PyTorch's caching allocator on the current stream: freed when this returns, reused by
+  // later work on the same stream only after the kernels enqueued here
+  auto workspace = c10::cuda::CUDACachingAllocator::get()->allocate(static_cast<size_t>(bytes));
+  status = graph.execute(handle, pack, workspace.get());
+  TORCH_CHECK(status.is_good(), "oasis_kernels cuDNN SDPA: execute: ", status.get_message());
+}
+
+}  // namespace
+
+bool cudnn_sdpa_built() { return true; }
+
+bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                        const at::Tensor& lse, double scale) {
+  if (!supported({&q, &k, &v, &o}, lse)) return false;
+  const c10::cuda::CUDAGuard guard(q.device());
+  cudnnHandle_t handle = handle_on(q);
+  const Key key = key_of(0, {&q, &k, &v, &o, &lse});
+  auto found = graphs.find(key);
+  if (found == graphs.end()) {
+    auto graph = new_graph(q);
+    auto options = fe::graph::SDPA_attributes().set_name("oasis_sdpa").set_generate_stats(true).set_attn_scale(
+        scale_input(*graph));
+    auto [out, stats] = graph->sdpa(graph->tensor(described(Q, "Q", q)), graph->tensor(described(K, "K", k)),
+                                    graph->tensor(described(V, "V", v)), options);
+    out->set_output(true).set_uid(O).set_dim(o.sizes().vec()).set_stride(o.strides().vec());
+    stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT).set_dim(lse.sizes().vec()).set_stride(
+        lse.strides().vec());
+    found = graphs.emplace(key, built(*graph, handle) ? graph : nullptr).first;
+  }
+  if (!found->second) return false;
+  float scale_value = static_cast<float>(scale);
+  std::unordered_map<int64_t, void*> pack{{Q, q.data_ptr()},   {K, k.data_ptr()},       {V, v.data_ptr()},
+                                          {O, o.data_ptr()},   {STATS, lse.data_ptr()}, {SCALE, &scale_value}};
+  execute(*found->second, pack, handle);
+  return true;
+}
+
+bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
+                         const at::Tensor& dv, double scale) {
+  if (!supported({&q, &k, &v, &o, &dout, &dq, &dk, &dv}, lse) || dout.strides() != o.strides()) return false;
+  const c10::cuda::CUDAGuard guard(q.device());
+  cudnnHandle_t handle = handle_on(q);
+  const Key key = key_of(1, {&q, &k, &v, &o, &dout, &lse, &dq, &dk, &dv});
+  auto found = graphs.find(key);
+  if (found == graphs.end()) {
+    auto graph = new_graph(q);
+    auto options = fe::graph::SDPA_backward_attributes().set_name("oasis_sdpa_backward").set_attn_scale(
+        scale_input(*graph));
+    auto stats = graph->tensor(described(STATS, "Stats", lse).set_data_type(fe::DataType_t::FLOAT));
+    auto [grad_q, grad_k, grad_v] =
+        graph->sdpa_backward(graph->tensor(described(Q, "Q", q)), graph->tensor(described(K, "K", k)),
+                             graph->tensor(described(V, "V", v)), graph->tensor(described(O, "O", o)),
+                             graph->tensor(described(DO, "dO", dout)), stats, options);
+    grad_q->set_output(true).set_uid(DQ).set_dim(dq.sizes().vec()).set_stride(dq.strides().vec());
+    grad_k->set_output(true).set_uid(DK).set_dim(dk.sizes().vec()).set_stride(dk.strides().vec());
+    grad_v->set_output(true).set_uid(DV).set_dim(dv.sizes().vec()).set_stride(dv.strides().vec());
+    found = graphs.emplace(key, built(*graph, handle) ? graph : nullptr).first;
+  }
+  if (!found->second) return false;
+  float scale_value = static_cast<float>(scale);
+  std::unordered_map<int64_t, void*> pack{
+      {Q, q.data_ptr()},       {K, k.data_ptr()},   {V, v.data_ptr()},   {O, o.data_ptr()},
+      {DO, dout.data_ptr()},   {STATS, lse.data_ptr()}, {DQ, dq.data_ptr()}, {DK, dk.data_ptr()},
+      {DV, dv.data_ptr()},     {SCALE, &scale_value}};
+  execute(*found->second, pack, handle);
+  return true;
+}
+
+}  // namespace oasis
+
+#else  // built without the cuDNN frontend headers
+
+namespace oasis {
+
+bool cudnn_sdpa_built() { return false; }
+
+bool cudnn_sdpa_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        double) {
+  return false;
+}
+
+bool cudnn_sdpa_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, double) {
+  return false;
+}
+
+}  // namespace oasis
+
+#endif

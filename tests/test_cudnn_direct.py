@@ -1,0 +1,58 @@
+"""The direct cuDNN path (csrc/cudnn_sdpa.cpp via oasis_kernels.kernels.cudnn_direct): cuDNN's
+attention written straight into head slices of wider tensors, against PyTorch's cuDNN operator
+on the same heads (own tensors), and nothing written outside the slice. GPU only, and only where
+the extension was built with the cuDNN frontend headers."""
+
+import pytest
+import torch
+
+from oasis_kernels.kernels import cudnn_direct
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.skipif(not cudnn_direct.AVAILABLE, reason="extension built without the cuDNN frontend")]
+
+
+def _heads(x, run):
+    return x[:, :, run].transpose(1, 2)
+
+
+def _close(got, want, what):
+    err = (got.float() - want.float()).abs().max().item()
+    tol = 2e-2 * max(1.0, want.float().abs().max().item())
+    assert err <= tol, f"{what}: max abs diff {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d):
+    b, n, h, run = 2, 333, 6, slice(1, 4)
+    scale = d ** -0.5
+    q, k, v, dout = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(4))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((b, h, n), float("nan"), device="cuda")
+    assert cudnn_direct.forward_into(*(_heads(x, run) for x in (q, k, v, out)), lse[:, run], scale)
+
+    own = [_heads(x, run).contiguous().requires_grad_() for x in (q, k, v)]
+    ref_o, ref_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*own, None, True, 0.0, False, False,
+                                                                        scale=scale)[:2]
+    _close(_heads(out, run), ref_o, "out")
+    _close(lse[:, run], ref_lse.reshape(b, 3, n), "lse")
+    outside = [i for i in range(h) if not run.start <= i < run.stop]
+    assert out[:, :, outside].isnan().all() and lse[:, outside].isnan().all(), "wrote outside the head slice"
+
+    grads = [torch.full_like(q, float("nan")) for _ in range(3)]
+    assert cudnn_direct.backward_into(*(_heads(x, run) for x in (dout, q, k, v, out)), lse[:, run],
+                                      *(_heads(g, run) for g in grads), scale)
+    seed = torch.empty((), dtype=torch.int64, device="cuda")
+    ref = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _heads(dout, run).contiguous(), *own, ref_o, ref_lse, seed, seed, None, None, None, n, n, 0.0, False,
+        scale=scale)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref):
+        _close(_heads(g, run), r, name)
+        assert g[:, :, outside].isnan().all(), f"{name}: wrote outside the head slice"
+
+
+def test_declines_what_it_cannot_serve():
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.float32)  # fp32: cuDNN SDPA takes fp16/bf16
+    lse = torch.empty(1, 2, 64, device="cuda")
+    assert not cudnn_direct.forward_into(*(x.transpose(1, 2) for x in (q, q, q, q)), lse, 0.125)
