@@ -13,12 +13,21 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cudnn_frontend.h>
 
+#include <dlfcn.h>
+
 #include <cstdint>
 #include <memory>
 #include <unordered_map>
 #include <vector>
 
 namespace fe = cudnn_frontend;
+
+// The frontend, built with NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING, finds cuDNN's functions through
+// this handle, which its user defines and sets (its Python package does so on import). Ours is
+// the cuDNN that PyTorch already loaded, so both share one library and one version.
+namespace cudnn_frontend {
+void* cudnn_dlhandle = nullptr;
+}
 
 namespace oasis {
 namespace {
@@ -90,6 +99,16 @@ bool built(fe::graph::Graph& graph, cudnnHandle_t handle) {
          graph.build_plans(handle).is_good();
 }
 
+// PyTorch's cuDNN, loaded by now (getCudnnHandle made a handle with it); false if it is not
+// libcudnn.so.9, and the calls decline
+bool cudnn_library_found() {
+  static const bool found = [] {
+    if (fe::cudnn_dlhandle == nullptr) fe::cudnn_dlhandle = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_NOLOAD);
+    return fe::cudnn_dlhandle != nullptr;
+  }();
+  return found;
+}
+
 cudnnHandle_t handle_on(const at::Tensor& t) {
   cudnnHandle_t handle = at::native::getCudnnHandle();
   const cudnnStatus_t status =
@@ -118,6 +137,7 @@ bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (!supported({&q, &k, &v, &o}, lse)) return false;
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
+  if (!cudnn_library_found()) return false;
   const Key key = key_of(0, {&q, &k, &v, &o, &lse});
   auto found = graphs.find(key);
   if (found == graphs.end()) {
@@ -145,6 +165,7 @@ bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::
   if (!supported({&q, &k, &v, &o, &dout, &dq, &dk, &dv}, lse) || dout.strides() != o.strides()) return false;
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
+  if (!cudnn_library_found()) return false;
   const Key key = key_of(1, {&q, &k, &v, &o, &dout, &lse, &dq, &dk, &dv});
   auto found = graphs.find(key);
   if (found == graphs.end()) {
