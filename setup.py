@@ -69,7 +69,10 @@ def _cuda_extension():
         include_dirs=frontend,
         # the Triton kernels run on sm80+; the copy kernel (csrc/copy_rows.cu) is built for
         # Ampere and Hopper, with PTX for newer cards
-        extra_compile_args={"cxx": ["-O3", "-std=c++20", *defines],
+        # hidden visibility: PyTorch's libtorch_cuda exports its own (older) cuDNN frontend's
+        # inline functions and classes; ours must bind to our copies, not be interposed by those
+        extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+                                    *defines],
                             "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
                                      "-gencode=arch=compute_90,code=sm_90",
                                      "-gencode=arch=compute_90,code=compute_90"]},
