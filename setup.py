@@ -61,8 +61,11 @@ def _cuda_extension():
         print("oasis-kernels: skipping csrc/ (needs a CUDA build of torch and nvcc; OASIS_BUILD_CUDA=1 forces)")
         return [], {}
     frontend = _cudnn_frontend_includes()
-    # the frontend loads cuDNN and NVRTC at run time (those torch loaded already): no link flags
-    defines = ["-DOASIS_WITH_CUDNN_FRONTEND", "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING"] if frontend else []
+    # the frontend loads cuDNN and NVRTC at run time (those torch loaded already): no link flags.
+    # Its logging writes to std::cout/cerr, which crashed on the device's toolchain (a g++ that
+    # links libstdc++ into the extension, where those streams were never initialised): off.
+    defines = ["-DOASIS_WITH_CUDNN_FRONTEND", "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
+               "-DNV_CUDNN_FRONTEND_DISABLE_LOGGING"] if frontend else []
     ext = CUDAExtension(
         "oasis_kernels._C",
         sources,
