@@ -70,6 +70,10 @@ def _cuda_extension():
         "oasis_kernels._C",
         sources,
         include_dirs=frontend,
+        # keep the symbols of any static library linked in (a toolchain that links libstdc++
+        # statically, as on our GPU machines) private to the extension: exported, they mixed with
+        # the process's shared libstdc++ and number formatting in the cuDNN frontend segfaulted
+        extra_link_args=["-Wl,--exclude-libs,ALL"],
         # the Triton kernels run on sm80+; the copy kernel (csrc/copy_rows.cu) is built for
         # Ampere and Hopper, with PTX for newer cards
         # hidden visibility: PyTorch's libtorch_cuda exports its own (older) cuDNN frontend's

@@ -16,7 +16,9 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -44,8 +46,12 @@ struct KeyHash {
   }
 };
 
-// null: the layout was tried and declined
-thread_local std::unordered_map<Key, std::shared_ptr<fe::graph::Graph>, KeyHash> graphs;
+// a built graph, or null and why cuDNN declined the layout
+struct Cached {
+  std::shared_ptr<fe::graph::Graph> graph;
+  std::string why;
+};
+thread_local std::unordered_map<Key, Cached, KeyHash> graphs;
 
 Key key_of(int64_t kind, std::initializer_list<const at::Tensor*> tensors) {
   const at::Tensor& first = **tensors.begin();
@@ -57,16 +63,24 @@ Key key_of(int64_t kind, std::initializer_list<const at::Tensor*> tensors) {
   return key;
 }
 
-bool supported(std::initializer_list<const at::Tensor*> tensors, const at::Tensor& lse) {
+// "" where the tensors suit cuDNN's graphs, else why not
+std::string unsupported(std::initializer_list<const at::Tensor*> tensors, const at::Tensor& lse) {
   const at::Tensor& first = **tensors.begin();
-  if (!first.is_cuda() || (first.scalar_type() != at::kHalf && first.scalar_type() != at::kBFloat16)) return false;
-  for (const at::Tensor* t : tensors) {
-    if (t->dim() != 4 || t->scalar_type() != first.scalar_type() || t->device() != first.device() || t->stride(3) != 1 ||
-        reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) {
-      return false;
-    }
+  if (!first.is_cuda()) return "not a CUDA tensor";
+  if (first.scalar_type() != at::kHalf && first.scalar_type() != at::kBFloat16) {
+    return std::string("dtype ") + c10::toString(first.scalar_type()) + " (cuDNN attention takes fp16/bf16)";
   }
-  return lse.dim() == 4 && lse.scalar_type() == at::kFloat && lse.device() == first.device() && lse.size(3) == 1;
+  for (const at::Tensor* t : tensors) {
+    if (t->dim() != 4 || t->scalar_type() != first.scalar_type() || t->device() != first.device()) {
+      return "tensors differ in rank, dtype or device";
+    }
+    if (t->stride(3) != 1) return "a head dim with a non-unit stride";
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return "a pointer not 16-byte aligned";
+  }
+  if (lse.dim() != 4 || lse.scalar_type() != at::kFloat || lse.device() != first.device() || lse.size(3) != 1) {
+    return "lse is not a float32 [B, h, N, 1] view on the same device";
+  }
+  return "";
 }
 
 fe::graph::Tensor_attributes described(Uid uid, const char* name, const at::Tensor& t) {
@@ -92,11 +106,28 @@ std::shared_ptr<fe::graph::Tensor_attributes> scale_input(fe::graph::Graph& grap
                           .set_data_type(fe::DataType_t::FLOAT));
 }
 
-// validate, lower and plan; false where cuDNN has no engine for the graph
-bool built(fe::graph::Graph& graph, cudnnHandle_t handle) {
-  return graph.validate().is_good() && graph.build_operation_graph(handle).is_good() &&
-         graph.create_execution_plans({fe::HeurMode_t::A}).is_good() && graph.check_support(handle).is_good() &&
-         graph.build_plans(handle).is_good();
+// validate, lower and plan; "" where it built, else the step that failed and cuDNN's message
+std::string build_failure(fe::graph::Graph& graph, cudnnHandle_t handle) {
+  const std::pair<const char*, std::function<fe::error_t()>> steps[] = {
+      {"validate", [&] { return graph.validate(); }},
+      {"build_operation_graph", [&] { return graph.build_operation_graph(handle); }},
+      {"create_execution_plans", [&] { return graph.create_execution_plans({fe::HeurMode_t::A}); }},
+      {"check_support", [&] { return graph.check_support(handle); }},
+      {"build_plans", [&] { return graph.build_plans(handle); }},
+  };
+  for (const auto& [name, step] : steps) {
+    fe::error_t status = step();
+    if (!status.is_good()) return std::string(name) + ": " + status.get_message();
+  }
+  return "";
+}
+
+// why this thread's last call declined ("" after a call that ran)
+thread_local std::string last_decline;
+
+bool declined(std::string why) {
+  last_decline = std::move(why);
+  return false;
 }
 
 // PyTorch's cuDNN, loaded by now (getCudnnHandle made a handle with it); false if it is not
@@ -132,12 +163,14 @@ void execute(fe::graph::Graph& graph, std::unordered_map<int64_t, void*>& pack, 
 
 bool cudnn_sdpa_built() { return true; }
 
+std::string cudnn_sdpa_last_decline() { return last_decline; }
+
 bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
                         const at::Tensor& lse, double scale) {
-  if (!supported({&q, &k, &v, &o}, lse)) return false;
+  if (auto why = unsupported({&q, &k, &v, &o}, lse); !why.empty()) return declined(why);
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
-  if (!cudnn_library_found()) return false;
+  if (!cudnn_library_found()) return declined("libcudnn.so.9 is not loaded in this process");
   const Key key = key_of(0, {&q, &k, &v, &o, &lse});
   auto found = graphs.find(key);
   if (found == graphs.end()) {
@@ -149,46 +182,55 @@ bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
     out->set_output(true).set_uid(O).set_dim(o.sizes().vec()).set_stride(o.strides().vec());
     stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT).set_dim(lse.sizes().vec()).set_stride(
         lse.strides().vec());
-    found = graphs.emplace(key, built(*graph, handle) ? graph : nullptr).first;
+    std::string why = build_failure(*graph, handle);
+    found = graphs.emplace(key, why.empty() ? Cached{graph, ""} : Cached{nullptr, "cuDNN: " + why}).first;
   }
-  if (!found->second) return false;
+  if (!found->second.graph) return declined(found->second.why);
+  last_decline.clear();
   float scale_value = static_cast<float>(scale);
   std::unordered_map<int64_t, void*> pack{{Q, q.data_ptr()},   {K, k.data_ptr()},       {V, v.data_ptr()},
                                           {O, o.data_ptr()},   {STATS, lse.data_ptr()}, {SCALE, &scale_value}};
-  execute(*found->second, pack, handle);
+  execute(*found->second.graph, pack, handle);
   return true;
 }
 
 bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                          const at::Tensor& dv, double scale) {
-  if (!supported({&q, &k, &v, &o, &dout, &dq, &dk, &dv}, lse) || dout.strides() != o.strides()) return false;
+  if (auto why = unsupported({&q, &k, &v, &o, &dout, &dq, &dk, &dv}, lse); !why.empty()) return declined(why);
+  if (dout.strides() != o.strides()) return declined("dout's strides differ from out's");
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
-  if (!cudnn_library_found()) return false;
-  const Key key = key_of(1, {&q, &k, &v, &o, &dout, &lse, &dq, &dk, &dv});
+  if (!cudnn_library_found()) return declined("libcudnn.so.9 is not loaded in this process");
+  // cuDNN before 9.26 takes the backward's Stats only as a packed [B, h, N, 1] tensor: a head
+  // slice of the routed LSE is one where B == 1 (the same elements, restrided), else a copy
+  at::Tensor stats = lse.contiguous();
+  stats = stats.as_strided(stats.sizes(), {stats.size(1) * stats.size(2), stats.size(2), 1, 1});
+  const Key key = key_of(1, {&q, &k, &v, &o, &dout, &stats, &dq, &dk, &dv});
   auto found = graphs.find(key);
   if (found == graphs.end()) {
     auto graph = new_graph(q);
     auto options = fe::graph::SDPA_backward_attributes().set_name("oasis_sdpa_backward").set_attn_scale(
         scale_input(*graph));
-    auto stats = graph->tensor(described(STATS, "Stats", lse).set_data_type(fe::DataType_t::FLOAT));
+    auto stats_input = graph->tensor(described(STATS, "Stats", stats).set_data_type(fe::DataType_t::FLOAT));
     auto [grad_q, grad_k, grad_v] =
         graph->sdpa_backward(graph->tensor(described(Q, "Q", q)), graph->tensor(described(K, "K", k)),
                              graph->tensor(described(V, "V", v)), graph->tensor(described(O, "O", o)),
-                             graph->tensor(described(DO, "dO", dout)), stats, options);
+                             graph->tensor(described(DO, "dO", dout)), stats_input, options);
     grad_q->set_output(true).set_uid(DQ).set_dim(dq.sizes().vec()).set_stride(dq.strides().vec());
     grad_k->set_output(true).set_uid(DK).set_dim(dk.sizes().vec()).set_stride(dk.strides().vec());
     grad_v->set_output(true).set_uid(DV).set_dim(dv.sizes().vec()).set_stride(dv.strides().vec());
-    found = graphs.emplace(key, built(*graph, handle) ? graph : nullptr).first;
+    std::string why = build_failure(*graph, handle);
+    found = graphs.emplace(key, why.empty() ? Cached{graph, ""} : Cached{nullptr, "cuDNN: " + why}).first;
   }
-  if (!found->second) return false;
+  if (!found->second.graph) return declined(found->second.why);
+  last_decline.clear();
   float scale_value = static_cast<float>(scale);
   std::unordered_map<int64_t, void*> pack{
       {Q, q.data_ptr()},       {K, k.data_ptr()},   {V, v.data_ptr()},   {O, o.data_ptr()},
-      {DO, dout.data_ptr()},   {STATS, lse.data_ptr()}, {DQ, dq.data_ptr()}, {DK, dk.data_ptr()},
+      {DO, dout.data_ptr()},   {STATS, stats.data_ptr()}, {DQ, dq.data_ptr()}, {DK, dk.data_ptr()},
       {DV, dv.data_ptr()},     {SCALE, &scale_value}};
-  execute(*found->second, pack, handle);
+  execute(*found->second.graph, pack, handle);
   return true;
 }
 
@@ -199,6 +241,8 @@ bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::
 namespace oasis {
 
 bool cudnn_sdpa_built() { return false; }
+
+std::string cudnn_sdpa_last_decline() { return "built without the cuDNN frontend headers"; }
 
 bool cudnn_sdpa_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         double) {

@@ -8,10 +8,15 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 namespace oasis {
 
 // Whether this build has the cuDNN frontend path.
 bool cudnn_sdpa_built();
+
+// Why this thread's last call declined ("" after a call that ran).
+std::string cudnn_sdpa_last_decline();
 
 // q, k, v, o: [B, h, N, D] views (fp16 or bf16, any strides with a unit stride on D, 16-byte
 // aligned); lse: [B, h, N, 1] float32 view, the natural-log log-sum-exp. Returns false (and

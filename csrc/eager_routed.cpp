@@ -573,6 +573,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("pairs"));
   // cuDNN attention into strided outputs (cudnn_sdpa.h): True if it ran, False if declined
   m.attr("CUDNN_SDPA") = oasis::cudnn_sdpa_built();
+  m.def("cudnn_sdpa_last_decline", &oasis::cudnn_sdpa_last_decline);
   m.def("cudnn_sdpa_forward", &oasis::cudnn_sdpa_forward, py::call_guard<py::gil_scoped_release>(), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("scale"));
   m.def("cudnn_sdpa_backward", &oasis::cudnn_sdpa_backward, py::call_guard<py::gil_scoped_release>(),
