@@ -14,31 +14,20 @@ import shutil
 from setuptools import setup
 
 
-def _cudnn_frontend_includes():
-    """Include dirs for the optional direct cuDNN path (csrc/cudnn_sdpa.cpp), or [] where a header
-    is missing: the cuDNN frontend's (the ``nvidia-cudnn-frontend`` wheel, or
-    ``CUDNN_FRONTEND_INCLUDE``), cuDNN's (``nvidia-cudnn``, which CUDA builds of torch pull in)
-    and NVRTC's (the toolkit's or ``nvidia-cuda-nvrtc``). ``OASIS_CUDNN_FRONTEND=0`` skips it."""
-    if os.environ.get("OASIS_CUDNN_FRONTEND") == "0":
-        return []
-    import sys
-    import sysconfig
+def _cudnn_frontend_flags():
+    """Include dirs and defines for the optional direct cuDNN path, or ([], []) where its headers
+    are missing (csrc/cudnn_frontend_paths.py says where it looks)."""
+    import importlib.util
 
-    roots = [p for p in [*sys.path, sysconfig.get_paths()["purelib"]] if p and os.path.isdir(p)]
-    candidates = {
-        "cudnn_frontend.h": [os.environ.get("CUDNN_FRONTEND_INCLUDE", "")] + [os.path.join(r, "include") for r in roots],
-        "cudnn.h": [os.path.join(r, "nvidia", "cudnn", "include") for r in roots] + ["/usr/include"],
-        "nvrtc.h": [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")]
-        + [os.path.join(r, "nvidia", sub, "include") for r in roots for sub in ("cu13", "cuda_nvrtc")],
-    }
-    found = []
-    for header, dirs in candidates.items():
-        hit = next((d for d in dirs if d and os.path.isfile(os.path.join(d, header))), None)
-        if hit is None:
-            print(f"oasis-kernels: building without the direct cuDNN path ({header} not found)")
-            return []
-        found.append(hit)
-    return found
+    path = os.path.join("csrc", "cudnn_frontend_paths.py")
+    spec = importlib.util.spec_from_file_location("cudnn_frontend_paths", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found, missing = module.include_dirs()
+    if missing:
+        print(f"oasis-kernels: building without the direct cuDNN path ({missing})")
+        return [], []
+    return found, module.DEFINES
 
 
 def _cuda_extension():
@@ -60,12 +49,7 @@ def _cuda_extension():
     if force != "1" and (torch.version.cuda is None or not have_nvcc):
         print("oasis-kernels: skipping csrc/ (needs a CUDA build of torch and nvcc; OASIS_BUILD_CUDA=1 forces)")
         return [], {}
-    frontend = _cudnn_frontend_includes()
-    # the frontend loads cuDNN and NVRTC at run time (those torch loaded already): no link flags.
-    # Its logging writes to std::cout/cerr, which crashed on the device's toolchain (a g++ that
-    # links libstdc++ into the extension, where those streams were never initialised): off.
-    defines = ["-DOASIS_WITH_CUDNN_FRONTEND", "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
-               "-DNV_CUDNN_FRONTEND_DISABLE_LOGGING"] if frontend else []
+    frontend, defines = _cudnn_frontend_flags()
     ext = CUDAExtension(
         "oasis_kernels._C",
         sources,

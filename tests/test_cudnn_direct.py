@@ -56,3 +56,4 @@ def test_declines_what_it_cannot_serve():
     q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.float32)  # fp32: cuDNN SDPA takes fp16/bf16
     lse = torch.empty(1, 2, 64, device="cuda")
     assert not cudnn_direct.forward_into(*(x.transpose(1, 2) for x in (q, q, q, q)), lse, 0.125)
+    assert "fp16/bf16" in cudnn_direct.last_decline(), cudnn_direct.last_decline()

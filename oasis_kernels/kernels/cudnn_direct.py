@@ -17,7 +17,7 @@ try:
 except ImportError:  # no extension
     _C = None
 
-__all__ = ["AVAILABLE", "forward_into", "backward_into"]
+__all__ = ["AVAILABLE", "forward_into", "backward_into", "last_decline"]
 
 AVAILABLE = bool(getattr(_C, "CUDNN_SDPA", False)) and os.environ.get("OASIS_CUDNN_DIRECT", "1") != "0"
 
@@ -31,3 +31,12 @@ def forward_into(q, k, v, out, lse, scale: float) -> bool:
 def backward_into(dout, q, k, v, out, lse, dq, dk, dv, scale: float) -> bool:
     """Gradients into ``dq, dk, dv`` (``[B, h, N, D]`` views); ``dout`` needs ``out``'s strides."""
     return AVAILABLE and _C.cudnn_sdpa_backward(dout, q, k, v, out, lse.unsqueeze(-1), dq, dk, dv, scale)
+
+
+def last_decline() -> str:
+    """Why this thread's last call declined ("" after one that ran), for debugging which path
+    the global heads took."""
+    if not AVAILABLE:
+        return ("OASIS_CUDNN_DIRECT=0" if _C is not None and getattr(_C, "CUDNN_SDPA", False)
+                else "the extension was built without the cuDNN frontend headers (or is not built)")
+    return _C.cudnn_sdpa_last_decline()
