@@ -131,7 +131,7 @@ bool declined(std::string why) {
 }
 
 // PyTorch's cuDNN, loaded by now (getCudnnHandle made a handle with it); false if it is not
-// libcudnn.so.9, and the calls decline
+// libcudnn.so.9
 bool cudnn_library_found() {
   static const bool found = [] {
     if (fe::cudnn_dlhandle == nullptr) fe::cudnn_dlhandle = dlopen("libcudnn.so.9", RTLD_NOW | RTLD_NOLOAD);
@@ -140,8 +140,12 @@ bool cudnn_library_found() {
   return found;
 }
 
+// PyTorch's cuDNN handle for this thread and device, set to the current stream; null where
+// libcudnn.so.9 is not loaded (the frontend resolves its calls, cudnnSetStream first, through
+// the handle that cudnn_library_found sets, so that check comes before any of them)
 cudnnHandle_t handle_on(const at::Tensor& t) {
   cudnnHandle_t handle = at::native::getCudnnHandle();
+  if (!cudnn_library_found()) return nullptr;
   const cudnnStatus_t status =
       fe::detail::set_stream(handle, c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
   TORCH_CHECK(status == CUDNN_STATUS_SUCCESS, "oasis_kernels cuDNN SDPA: cudnnSetStream failed (", status, ")");
@@ -170,7 +174,7 @@ bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (auto why = unsupported({&q, &k, &v, &o}, lse); !why.empty()) return declined(why);
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
-  if (!cudnn_library_found()) return declined("libcudnn.so.9 is not loaded in this process");
+  if (handle == nullptr) return declined("libcudnn.so.9 is not loaded in this process");
   const Key key = key_of(0, {&q, &k, &v, &o, &lse});
   auto found = graphs.find(key);
   if (found == graphs.end()) {
@@ -201,7 +205,7 @@ bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::
   if (dout.strides() != o.strides()) return declined("dout's strides differ from out's");
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
-  if (!cudnn_library_found()) return declined("libcudnn.so.9 is not loaded in this process");
+  if (handle == nullptr) return declined("libcudnn.so.9 is not loaded in this process");
   // cuDNN before 9.26 takes the backward's Stats only as a packed [B, h, N, 1] tensor: a head
   // slice of the routed LSE is one where B == 1 (the same elements, restrided), else a copy
   at::Tensor stats = lse.contiguous();
