@@ -83,6 +83,16 @@ std::string unsupported(std::initializer_list<const at::Tensor*> tensors, const 
   return "";
 }
 
+// "" where the sizes agree: q and o [B, h, Nq, D], k and v [B, h, Nk, D], lse [B, h, Nq, 1]
+// (cuDNN does not check the Stats' sizes; a smaller lse would be written out of bounds)
+std::string mismatched(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
+                       const at::Tensor& lse) {
+  const bool agree = k.sizes() == v.sizes() && o.sizes() == q.sizes() && k.size(0) == q.size(0) &&
+                     k.size(1) == q.size(1) && k.size(3) == q.size(3) && lse.size(0) == q.size(0) &&
+                     lse.size(1) == q.size(1) && lse.size(2) == q.size(2);
+  return agree ? "" : "sizes of q, k, v, out and lse do not agree";
+}
+
 fe::graph::Tensor_attributes described(Uid uid, const char* name, const at::Tensor& t) {
   return fe::graph::Tensor_attributes().set_uid(uid).set_name(name).set_dim(t.sizes().vec()).set_stride(
       t.strides().vec());
@@ -106,8 +116,8 @@ std::shared_ptr<fe::graph::Tensor_attributes> scale_input(fe::graph::Graph& grap
                           .set_data_type(fe::DataType_t::FLOAT));
 }
 
-// validate, lower and plan; "" where it built, else the step that failed and cuDNN's message
-std::string build_failure(fe::graph::Graph& graph, cudnnHandle_t handle) {
+// validate, lower and plan: {"", ""} where it built, else the step that failed and cuDNN's message
+std::pair<std::string, std::string> build_failure(fe::graph::Graph& graph, cudnnHandle_t handle) {
   const std::pair<const char*, std::function<fe::error_t()>> steps[] = {
       {"validate", [&] { return graph.validate(); }},
       {"build_operation_graph", [&] { return graph.build_operation_graph(handle); }},
@@ -117,9 +127,34 @@ std::string build_failure(fe::graph::Graph& graph, cudnnHandle_t handle) {
   };
   for (const auto& [name, step] : steps) {
     fe::error_t status = step();
-    if (!status.is_good()) return std::string(name) + ": " + status.get_message();
+    if (!status.is_good()) return {name, status.get_message()};
   }
-  return "";
+  return {"", ""};
+}
+
+// The graph cached for `key`, described by `describe` and built on first use; null with the
+// reason where cuDNN declines. The frontend throws for some layouts (e.g. "No suitable
+// implementation" from graph.sdpa): a decline too. Failures of build_plans (resources, not the
+// layout) are not cached, so a later call tries again.
+Cached graph_for(const Key& key, cudnnHandle_t handle,
+                 const std::function<std::shared_ptr<fe::graph::Graph>()>& describe) {
+  if (auto found = graphs.find(key); found != graphs.end()) return found->second;
+  Cached made;
+  bool lasting = true;
+  try {
+    auto graph = describe();
+    auto [step, message] = build_failure(*graph, handle);
+    if (step.empty()) {
+      made.graph = std::move(graph);
+    } else {
+      made.why = "cuDNN " + step + ": " + message;
+      lasting = step != "build_plans";
+    }
+  } catch (const std::exception& e) {
+    made.why = std::string("cuDNN frontend: ") + e.what();
+  }
+  if (lasting) graphs.emplace(key, made);
+  return made;
 }
 
 // why this thread's last call declined ("" after a call that ran)
@@ -172,12 +207,13 @@ std::string cudnn_sdpa_last_decline() { return last_decline; }
 bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
                         const at::Tensor& lse, double scale) {
   if (auto why = unsupported({&q, &k, &v, &o}, lse); !why.empty()) return declined(why);
+  if (auto why = mismatched(q, k, v, o, lse); !why.empty()) return declined(why);
+  // the graph declares every tensor 16-byte aligned, the Stats output too
+  if (reinterpret_cast<uintptr_t>(lse.data_ptr()) % 16 != 0) return declined("lse not 16-byte aligned");
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
   if (handle == nullptr) return declined("libcudnn.so.9 is not loaded in this process");
-  const Key key = key_of(0, {&q, &k, &v, &o, &lse});
-  auto found = graphs.find(key);
-  if (found == graphs.end()) {
+  const Cached cached = graph_for(key_of(0, {&q, &k, &v, &o, &lse}), handle, [&] {
     auto graph = new_graph(q);
     auto options = fe::graph::SDPA_attributes().set_name("oasis_sdpa").set_generate_stats(true).set_attn_scale(
         scale_input(*graph));
@@ -186,15 +222,14 @@ bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
     out->set_output(true).set_uid(O).set_dim(o.sizes().vec()).set_stride(o.strides().vec());
     stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT).set_dim(lse.sizes().vec()).set_stride(
         lse.strides().vec());
-    std::string why = build_failure(*graph, handle);
-    found = graphs.emplace(key, why.empty() ? Cached{graph, ""} : Cached{nullptr, "cuDNN: " + why}).first;
-  }
-  if (!found->second.graph) return declined(found->second.why);
+    return graph;
+  });
+  if (!cached.graph) return declined(cached.why);
   last_decline.clear();
   float scale_value = static_cast<float>(scale);
   std::unordered_map<int64_t, void*> pack{{Q, q.data_ptr()},   {K, k.data_ptr()},       {V, v.data_ptr()},
                                           {O, o.data_ptr()},   {STATS, lse.data_ptr()}, {SCALE, &scale_value}};
-  execute(*found->second.graph, pack, handle);
+  execute(*cached.graph, pack, handle);
   return true;
 }
 
@@ -202,17 +237,21 @@ bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::
                          const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                          const at::Tensor& dv, double scale) {
   if (auto why = unsupported({&q, &k, &v, &o, &dout, &dq, &dk, &dv}, lse); !why.empty()) return declined(why);
-  if (dout.strides() != o.strides()) return declined("dout's strides differ from out's");
+  if (auto why = mismatched(q, k, v, o, lse); !why.empty()) return declined(why);
+  if (dout.sizes() != o.sizes() || dq.sizes() != q.sizes() || dk.sizes() != k.sizes() || dv.sizes() != v.sizes()) {
+    return declined("sizes of dout, dq, dk, dv do not agree with out, q, k, v");
+  }
+  if (dout.strides() != o.strides()) return declined("dout's strides differ from out's");  // ours, not cuDNN's
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
   if (handle == nullptr) return declined("libcudnn.so.9 is not loaded in this process");
-  // cuDNN before 9.26 takes the backward's Stats only as a packed [B, h, N, 1] tensor: a head
-  // slice of the routed LSE is one where B == 1 (the same elements, restrided), else a copy
+  // cuDNN before 9.26 takes the backward's Stats only as a packed [B, h, N, 1] tensor, declared
+  // 16-byte aligned: a head slice of the routed LSE that PyTorch calls contiguous (B == 1, a run
+  // of adjacent heads) is restrided in place where its pointer is aligned, anything else copied
   at::Tensor stats = lse.contiguous();
+  if (reinterpret_cast<uintptr_t>(stats.data_ptr()) % 16 != 0) stats = stats.clone(at::MemoryFormat::Contiguous);
   stats = stats.as_strided(stats.sizes(), {stats.size(1) * stats.size(2), stats.size(2), 1, 1});
-  const Key key = key_of(1, {&q, &k, &v, &o, &dout, &stats, &dq, &dk, &dv});
-  auto found = graphs.find(key);
-  if (found == graphs.end()) {
+  const Cached cached = graph_for(key_of(1, {&q, &k, &v, &o, &dout, &stats, &dq, &dk, &dv}), handle, [&] {
     auto graph = new_graph(q);
     auto options = fe::graph::SDPA_backward_attributes().set_name("oasis_sdpa_backward").set_attn_scale(
         scale_input(*graph));
@@ -224,17 +263,16 @@ bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::
     grad_q->set_output(true).set_uid(DQ).set_dim(dq.sizes().vec()).set_stride(dq.strides().vec());
     grad_k->set_output(true).set_uid(DK).set_dim(dk.sizes().vec()).set_stride(dk.strides().vec());
     grad_v->set_output(true).set_uid(DV).set_dim(dv.sizes().vec()).set_stride(dv.strides().vec());
-    std::string why = build_failure(*graph, handle);
-    found = graphs.emplace(key, why.empty() ? Cached{graph, ""} : Cached{nullptr, "cuDNN: " + why}).first;
-  }
-  if (!found->second.graph) return declined(found->second.why);
+    return graph;
+  });
+  if (!cached.graph) return declined(cached.why);
   last_decline.clear();
   float scale_value = static_cast<float>(scale);
   std::unordered_map<int64_t, void*> pack{
       {Q, q.data_ptr()},       {K, k.data_ptr()},   {V, v.data_ptr()},   {O, o.data_ptr()},
       {DO, dout.data_ptr()},   {STATS, stats.data_ptr()}, {DQ, dq.data_ptr()}, {DK, dk.data_ptr()},
       {DV, dv.data_ptr()},     {SCALE, &scale_value}};
-  execute(*found->second.graph, pack, handle);
+  execute(*cached.graph, pack, handle);
   return true;
 }
 

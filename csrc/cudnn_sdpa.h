@@ -19,13 +19,16 @@ bool cudnn_sdpa_built();
 std::string cudnn_sdpa_last_decline();
 
 // q, k, v, o: [B, h, N, D] views (fp16 or bf16, any strides with a unit stride on D, 16-byte
-// aligned); lse: [B, h, N, 1] float32 view, the natural-log log-sum-exp. Returns false (and
-// does nothing) where the call is declined (a layout or size cuDNN's graphs do not support,
-// remembered per layout); raises on CUDA or cuDNN errors during execution.
+// aligned); lse: [B, h, N, 1] float32 view (16-byte aligned), the natural-log log-sum-exp.
+// Returns false (and does nothing) where the call is declined: sizes that do not agree, a layout
+// or alignment cuDNN's graphs do not take, an exception the frontend throws while building
+// (remembered per layout, except failures of the last build step); cudnn_sdpa_last_decline()
+// says why. Raises on CUDA or cuDNN errors during execution.
 bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
                         const at::Tensor& lse, double scale);
 
-// The gradients of the above into dq, dk, dv ([B, h, N, D] views); dout must have o's strides.
+// The gradients of the above into dq, dk, dv ([B, h, N, D] views); dout must have o's strides
+// (this path's restriction). lse may be any [B, h, N, 1] view: it is made packed and aligned.
 bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                          const at::Tensor& dv, double scale);

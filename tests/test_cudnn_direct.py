@@ -6,6 +6,7 @@ the extension was built with the cuDNN frontend headers."""
 import pytest
 import torch
 
+import oasis_kernels as ok
 from oasis_kernels.kernels import cudnn_direct
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
@@ -36,6 +37,7 @@ def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d, b):
     own = [_heads(x, run).contiguous().requires_grad_() for x in (q, k, v)]
     ref_o, ref_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*own, None, True, 0.0, False, False,
                                                                         scale=scale)[:2]
+    assert cudnn_direct.last_decline() == "", cudnn_direct.last_decline()
     _close(_heads(out, run), ref_o, "out")
     _close(lse[:, run], ref_lse.reshape(b, 3, n), "lse")
     outside = [i for i in range(h) if not run.start <= i < run.stop]
@@ -53,8 +55,37 @@ def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d, b):
         assert g[:, :, outside].isnan().all(), f"{name}: wrote outside the head slice"
 
 
+def test_scale_is_an_argument_not_part_of_the_cached_graph():
+    q, k, v = (torch.randn(1, 128, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    views = [x.transpose(1, 2) for x in (q, k, v)]
+    for scale in (0.125, 0.03):  # the same layout twice: the second call reuses the graph
+        out, lse = torch.empty_like(q), torch.empty(1, 2, 128, device="cuda")
+        assert cudnn_direct.forward_into(*views, out.transpose(1, 2), lse, scale), cudnn_direct.last_decline()
+        ref = torch.ops.aten._scaled_dot_product_cudnn_attention(*(x.contiguous() for x in views), None, True, 0.0,
+                                                                 False, False, scale=scale)
+        _close(out.transpose(1, 2), ref[0], f"out at scale {scale}")
+        _close(lse, ref[1].reshape(1, 2, 128), f"lse at scale {scale}")
+
+
+def test_routed_global_heads_take_the_direct_path():
+    plan = ok.RoutingPlan((2, 4, 8), ["global", "intra", "global", "global"], (1, 3, 3))
+    q, k, v = (torch.randn(1, plan.num_tokens, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ok.routed_attention(q, k, v, plan, backend="sdpa_cudnn")
+    assert cudnn_direct.last_decline() == "", cudnn_direct.last_decline()
+
+
 def test_declines_what_it_cannot_serve():
     q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.float32)  # fp32: cuDNN SDPA takes fp16/bf16
     lse = torch.empty(1, 2, 64, device="cuda")
     assert not cudnn_direct.forward_into(*(x.transpose(1, 2) for x in (q, q, q, q)), lse, 0.125)
     assert "fp16/bf16" in cudnn_direct.last_decline(), cudnn_direct.last_decline()
+    # a head dim cuDNN's attention does not take (not a multiple of 8): declined inside cuDNN's
+    # frontend, which throws for it, and nothing written
+    q = torch.randn(1, 64, 2, 12, device="cuda", dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    assert not cudnn_direct.forward_into(*(x.transpose(1, 2) for x in (q, q, q, out)), lse, 0.25)
+    assert "cuDNN" in cudnn_direct.last_decline() and out.isnan().all(), cudnn_direct.last_decline()
+    # sizes that do not agree (lse too short)
+    q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert not cudnn_direct.forward_into(*(x.transpose(1, 2) for x in (q, q, q, q)), lse[:, :, :32], 0.125)
+    assert "do not agree" in cudnn_direct.last_decline()

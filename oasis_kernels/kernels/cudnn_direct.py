@@ -29,7 +29,8 @@ def forward_into(q, k, v, out, lse, scale: float) -> bool:
 
 
 def backward_into(dout, q, k, v, out, lse, dq, dk, dv, scale: float) -> bool:
-    """Gradients into ``dq, dk, dv`` (``[B, h, N, D]`` views); ``dout`` needs ``out``'s strides."""
+    """Gradients into ``dq, dk, dv`` (``[B, h, N, D]`` views); declines where ``dout``'s strides
+    differ from ``out``'s (a restriction of this path, not cuDNN's)."""
     return AVAILABLE and _C.cudnn_sdpa_backward(dout, q, k, v, out, lse.unsqueeze(-1), dq, dk, dv, scale)
 
 
