@@ -435,7 +435,25 @@ def environment(device) -> dict:
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, sms=props.multi_processor_count, gpu_mem_GiB=round(props.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=_driver())
+        env["global_stores"] = _global_stores()
     return env
+
+
+def _global_stores() -> str:
+    """How the cuDNN global heads' results reach the routed tensors in this build (an older
+    checkout run by scripts/ab_bench.sh may lack the modules)."""
+    try:
+        from oasis_kernels.kernels import cudnn_direct
+        if cudnn_direct.AVAILABLE:
+            return "written in place by cuDNN (direct path; the eager C++ replay stores)"
+        direct = f"no direct path ({cudnn_direct.last_decline()}); "
+    except ImportError:
+        direct = ""
+    try:
+        from oasis_kernels.kernels import row_copies
+        return direct + ("fused copy kernel" if row_copies.FUSED else "copy_ per tensor")
+    except (ImportError, AttributeError):
+        return direct + "unknown"
 
 
 def _triton_configs() -> dict:
@@ -508,6 +526,8 @@ def render_markdown(lines, env, ceilings, args) -> str:
     md.append(f"torch {env['torch']}, triton {env['triton']}, cuDNN {env.get('cudnn')}, CUDA {env.get('cuda')}, "
               f"driver {env.get('driver')}, commit `{env['commit'][:12]}`{' (dirty)' if env['dirty'] is True else ''}, "
               f"{env['date']}.")
+    if env.get("global_stores"):
+        md.append(f"Global heads' results: {env['global_stores']}.")
     if ceilings:
         md.append(f"Ceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write), "
                   f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s.")
