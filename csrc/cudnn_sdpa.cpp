@@ -7,6 +7,7 @@
 
 #ifdef OASIS_WITH_CUDNN_FRONTEND
 
+#include <ATen/Context.h>
 #include <ATen/cudnn/Handle.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -251,10 +252,16 @@ bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::
   at::Tensor stats = lse.contiguous();
   if (reinterpret_cast<uintptr_t>(stats.data_ptr()) % 16 != 0) stats = stats.clone(at::MemoryFormat::Contiguous);
   stats = stats.as_strided(stats.sizes(), {stats.size(1) * stats.size(2), stats.size(2), 1, 1});
-  const Cached cached = graph_for(key_of(1, {&q, &k, &v, &o, &dout, &stats, &dq, &dk, &dv}), handle, [&] {
+  // as the API documents for the dense backends: torch.use_deterministic_algorithms decides
+  // (cuDNN's default backward accumulates dQ with atomics)
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const int64_t kind = deterministic ? 2 : 1;
+  const Cached cached = graph_for(key_of(kind, {&q, &k, &v, &o, &dout, &stats, &dq, &dk, &dv}), handle, [&] {
     auto graph = new_graph(q);
-    auto options = fe::graph::SDPA_backward_attributes().set_name("oasis_sdpa_backward").set_attn_scale(
-        scale_input(*graph));
+    auto options = fe::graph::SDPA_backward_attributes()
+                       .set_name("oasis_sdpa_backward")
+                       .set_attn_scale(scale_input(*graph))
+                       .set_deterministic_algorithm(deterministic);
     auto stats_input = graph->tensor(described(STATS, "Stats", stats).set_data_type(fe::DataType_t::FLOAT));
     auto [grad_q, grad_k, grad_v] =
         graph->sdpa_backward(graph->tensor(described(Q, "Q", q)), graph->tensor(described(K, "K", k)),

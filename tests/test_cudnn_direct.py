@@ -67,6 +67,28 @@ def test_scale_is_an_argument_not_part_of_the_cached_graph():
         _close(lse, ref[1].reshape(1, 2, 128), f"lse at scale {scale}")
 
 
+def test_backward_is_deterministic_under_use_deterministic_algorithms():
+    """The API documents that the dense backends follow torch.use_deterministic_algorithms; the
+    direct path then builds cuDNN's deterministic backward (a graph of its own)."""
+    q, k, v, dout = (torch.randn(1, 1024, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    views = [x.transpose(1, 2) for x in (dout, q, k, v)]
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 1024, device="cuda")
+    assert cudnn_direct.forward_into(*views[1:], out.transpose(1, 2), lse, 0.125), cudnn_direct.last_decline()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(3):
+            grads = [torch.empty_like(q) for _ in range(3)]
+            assert cudnn_direct.backward_into(*views, out.transpose(1, 2), lse, *(g.transpose(1, 2) for g in grads),
+                                              0.125), cudnn_direct.last_decline()
+            runs.append(grads)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for name, *gs in zip(("dq", "dk", "dv"), *runs):
+        assert all(torch.equal(gs[0], g) for g in gs[1:]), f"{name} differs between identical backward calls"
+
+
 def test_routed_global_heads_take_the_direct_path():
     plan = ok.RoutingPlan((2, 4, 8), ["global", "intra", "global", "global"], (1, 3, 3))
     q, k, v = (torch.randn(1, plan.num_tokens, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
