@@ -30,20 +30,25 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 built = pytest.mark.skipif(fastpath._C is None, reason=f"needs the C++ extension: {fastpath.UNAVAILABLE}")
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_csrc_compiles_with_nvcc(tmp_path):
-    assert sorted((ROOT / "csrc").glob("*.c*")), "csrc/ holds no sources"
+def _torch_flags(tmp_path) -> list[str]:
+    """Include dirs and ABI define for compiling against the installed torch's headers."""
     from torch.utils.cpp_extension import include_paths
 
     # CPU wheels of torch ship the CUDA headers but not this generated one (CUDA builds do)
     shim = tmp_path / "c10" / "cuda" / "impl"
-    shim.mkdir(parents=True)
+    shim.mkdir(parents=True, exist_ok=True)
     (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_csrc_compiles_with_nvcc(tmp_path):
+    assert sorted((ROOT / "csrc").glob("*.c*")), "csrc/ holds no sources"
     for source in sorted((ROOT / "csrc").glob("*.cpp")):
         cmd = ["nvcc", "-std=c++20", "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")),
-               f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
-               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-DTORCH_EXTENSION_NAME=_C", "-Xcompiler", "-fPIC,-w"]
+               *_torch_flags(tmp_path), f"-I{sysconfig.get_paths()['include']}", "-DTORCH_EXTENSION_NAME=_C",
+               "-Xcompiler", "-fPIC,-w"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
         assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
@@ -71,15 +76,9 @@ def test_direct_cudnn_path_compiles_where_its_headers_are(tmp_path):
     dirs, missing = paths.include_dirs()
     if missing:
         pytest.skip(f"direct cuDNN path not buildable here: {missing}")
-    from torch.utils.cpp_extension import include_paths
-
-    shim = tmp_path / "c10" / "cuda" / "impl"
-    shim.mkdir(parents=True)
-    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     obj = tmp_path / "cudnn_sdpa.o"
-    cmd = ["nvcc", "-std=c++20", "-c", str(ROOT / "csrc" / "cudnn_sdpa.cpp"), "-o", str(obj), f"-I{tmp_path}",
-           *(f"-I{d}" for d in dirs), *(f"-I{p}" for p in include_paths()), *paths.DEFINES,
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    cmd = ["nvcc", "-std=c++20", "-c", str(ROOT / "csrc" / "cudnn_sdpa.cpp"), "-o", str(obj),
+           *(f"-I{d}" for d in dirs), *_torch_flags(tmp_path), *paths.DEFINES,
            "-Xcompiler", "-fPIC,-w,-fvisibility=hidden"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"

@@ -183,10 +183,15 @@ class SdpaCudnnBackend(_SdpaCudaBackend):
     def _heads(x, run):
         return x[:, :, run].transpose(1, 2)
 
+    # (the views are made only where the path exists: this runs per head run on every call)
     def _forward_into(self, q, k, v, out, lse, run, scale):
+        if not cudnn_direct.AVAILABLE:
+            return False
         return cudnn_direct.forward_into(*(self._heads(x, run) for x in (q, k, v, out)), lse[:, run], scale)
 
     def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale):
+        if not cudnn_direct.AVAILABLE:
+            return False
         views = [self._heads(x, run) for x in (dout, q, k, v, out)]
         return cudnn_direct.backward_into(*views, lse[:, run], *(self._heads(x, run) for x in (dq, dk, dv)), scale)
 
