@@ -332,7 +332,14 @@ class RoutedBackward {
         c10::cuda::CUDAStreamGuard sg(global);
         for (size_t i = 0; i < runs_.size(); ++i) {
           const Run& r = runs_[i];
-          at::Tensor l = i < run_lse.size() ? run_lse[i] : heads_of(lse, 1, r).contiguous().unsqueeze(-1);
+          if (oasis::cudnn_sdpa_backward(heads_bhnd(dout, r), heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r),
+                                         heads_bhnd(out, r), heads_of(lse, 1, r).unsqueeze(-1), heads_bhnd(dq, r),
+                                         heads_bhnd(dk, r), heads_bhnd(dv, r), scale_)) {
+            continue;
+          }
+          // undefined where the forward ran the direct path
+          at::Tensor l = i < run_lse.size() && run_lse[i].defined() ? run_lse[i]
+                                                                    : heads_of(lse, 1, r).contiguous().unsqueeze(-1);
           auto grads = at::_scaled_dot_product_cudnn_attention_backward(
               heads_bhnd(dout, r), heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r),
               heads_bhnd(out, r), l, seed_, seed_, at::Tensor(),
@@ -403,6 +410,13 @@ class RoutedForward {
         c10::cuda::CUDAStream global = global_stream(fork, side, q.device().index());
         c10::cuda::CUDAStreamGuard sg(global);
         for (const Run& r : runs_) {
+          // cuDNN straight into the head slices where the extension has that path (no stores);
+          // the backward then reads this run's slice of `lse`
+          if (oasis::cudnn_sdpa_forward(heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r), heads_bhnd(out, r),
+                                        heads_of(lse, 1, r).unsqueeze(-1), scale_)) {
+            run_lse.emplace_back();
+            continue;
+          }
           auto res = at::_scaled_dot_product_cudnn_attention(heads_bhnd(q, r), heads_bhnd(k, r),
                                                              heads_bhnd(v, r), std::nullopt, true, 0.0, false,
                                                              false, scale_);
