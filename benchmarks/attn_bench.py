@@ -445,7 +445,7 @@ def _global_stores() -> str:
     try:
         from oasis_kernels.kernels import cudnn_direct
         if cudnn_direct.AVAILABLE:
-            return "written in place by cuDNN (direct path; the eager C++ replay stores)"
+            return "written in place by cuDNN (direct path, in the eager C++ replay too)"
         direct = f"no direct path ({cudnn_direct.last_decline()}); "
     except ImportError:
         direct = ""
