@@ -221,28 +221,32 @@ bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (!enabled()) return declined("OASIS_CUDNN_DIRECT=0");
   if (auto why = unsupported({&q, &k, &v, &o}, lse); !why.empty()) return declined(why);
   if (auto why = mismatched(q, k, v, o, lse); !why.empty()) return declined(why);
-  // the graph declares every tensor 16-byte aligned, the Stats output too
-  if (reinterpret_cast<uintptr_t>(lse.data_ptr()) % 16 != 0) return declined("lse not 16-byte aligned");
   const c10::cuda::CUDAGuard guard(q.device());
   cudnnHandle_t handle = handle_on(q);
   if (handle == nullptr) return declined("libcudnn.so.9 is not loaded in this process");
-  const Cached cached = graph_for(key_of(0, {&q, &k, &v, &o, &lse}), handle, [&] {
+  // the graph declares every tensor 16-byte aligned, the Stats output too: a head slice of an
+  // LSE whose N is not a multiple of 4 is not, so cuDNN writes a packed one, copied into it after
+  const bool staged = reinterpret_cast<uintptr_t>(lse.data_ptr()) % 16 != 0;
+  const at::Tensor stats_buffer = staged ? lse.new_empty(lse.sizes()) : lse;
+  const Cached cached = graph_for(key_of(0, {&q, &k, &v, &o, &stats_buffer}), handle, [&] {
     auto graph = new_graph(q);
     auto options = fe::graph::SDPA_attributes().set_name("oasis_sdpa").set_generate_stats(true).set_attn_scale(
         scale_input(*graph));
     auto [out, stats] = graph->sdpa(graph->tensor(described(Q, "Q", q)), graph->tensor(described(K, "K", k)),
                                     graph->tensor(described(V, "V", v)), options);
     out->set_output(true).set_uid(O).set_dim(o.sizes().vec()).set_stride(o.strides().vec());
-    stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT).set_dim(lse.sizes().vec()).set_stride(
-        lse.strides().vec());
+    stats->set_output(true).set_uid(STATS).set_data_type(fe::DataType_t::FLOAT);
+    stats->set_dim(stats_buffer.sizes().vec()).set_stride(stats_buffer.strides().vec());
     return graph;
   });
   if (!cached.graph) return declined(cached.why);
   last_decline.clear();
   float scale_value = static_cast<float>(scale);
-  std::unordered_map<int64_t, void*> pack{{Q, q.data_ptr()},   {K, k.data_ptr()},       {V, v.data_ptr()},
-                                          {O, o.data_ptr()},   {STATS, lse.data_ptr()}, {SCALE, &scale_value}};
+  std::unordered_map<int64_t, void*> pack{{Q, q.data_ptr()}, {K, k.data_ptr()},
+                                          {V, v.data_ptr()}, {O, o.data_ptr()},
+                                          {STATS, stats_buffer.data_ptr()}, {SCALE, &scale_value}};
   execute(*cached.graph, pack, handle);
+  if (staged) lse.copy_(stats_buffer);
   return true;
 }
 

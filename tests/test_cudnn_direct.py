@@ -25,14 +25,17 @@ def _close(got, want, what):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("b", [1, 2])  # the backward's Stats: restrided (B == 1) or copied
-def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d, b):
-    n, h, run = 333, 6, slice(1, 4)
+# (B, N): the LSE's head slice 16-byte aligned (N % 4 == 0) and restrided for the backward's
+# Stats (B == 1), or not aligned: the forward stages Stats and the backward copies them
+@pytest.mark.parametrize(("b", "n"), [(1, 336), (2, 333)])
+def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d, b, n):
+    h, run = 6, slice(1, 4)
     scale = d ** -0.5
     q, k, v, dout = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(4))
     out = torch.full_like(q, float("nan"))
     lse = torch.full((b, h, n), float("nan"), device="cuda")
-    assert cudnn_direct.forward_into(*(_heads(x, run) for x in (q, k, v, out)), lse[:, run], scale)
+    assert cudnn_direct.forward_into(*(_heads(x, run) for x in (q, k, v, out)), lse[:, run], scale), \
+        cudnn_direct.last_decline()
 
     own = [_heads(x, run).contiguous().requires_grad_() for x in (q, k, v)]
     ref_o, ref_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(*own, None, True, 0.0, False, False,
@@ -45,7 +48,7 @@ def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d, b):
 
     grads = [torch.full_like(q, float("nan")) for _ in range(3)]
     assert cudnn_direct.backward_into(*(_heads(x, run) for x in (dout, q, k, v, out)), lse[:, run],
-                                      *(_heads(g, run) for g in grads), scale)
+                                      *(_heads(g, run) for g in grads), scale), cudnn_direct.last_decline()
     seed = torch.empty((), dtype=torch.int64, device="cuda")
     ref = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         _heads(dout, run).contiguous(), *own, ref_o, ref_lse, seed, seed, None, None, None, n, n, 0.0, False,
