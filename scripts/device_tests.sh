@@ -1,29 +1,49 @@
 #!/usr/bin/env bash
-# On the GPU machine: the whole test suite in five parallel pytest processes (Triton compiles
-# are CPU-bound; the GPU has room), compute-sanitizer memcheck on a small case, then a
-# host-vs-GPU profile of a routed step. Logs go to $OUT.
+# On the GPU machine: the whole test suite, its tests dealt round-robin to SHARDS parallel pytest
+# processes (Triton compiles are CPU-bound and the slow tests sit together in a few files, so
+# whole files per process left one process running long after the others), then
+# compute-sanitizer memcheck on a small case and a host-vs-GPU profile of a routed step.
+# Logs go to $OUT. Where the checkout carries the cuDNN frontend wheel in .whl/, the extension
+# is built with the direct cuDNN path.
+#   SHARDS=10 TEST_TIMEOUT=420 RUN_SANITIZER=1 RUN_PROFILE=1 TESTS=tests bash scripts/device_tests.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=. OASIS_TRITON_AUTOTUNE=0
+export PYTHONUNBUFFERED=1 OASIS_TRITON_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
 # the C++ extension (csrc/), so the eager replay runs in the tests below
-python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || tail -20 "$OUT/build_ext.log"
+build_path=.
+if ls .whl/nvidia_cudnn_frontend-*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/nvidia_cudnn_frontend-*.whl \
+        && build_path=/tmp/site
+fi
+PYTHONPATH=$build_path MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || tail -20 "$OUT/build_ext.log"
+export PYTHONPATH=.
 python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath._C is not None, fastpath.UNAVAILABLE)"
+python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN path:', cudnn_direct.AVAILABLE)"
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
-# the kernels' seeded sweeps compile many variants: a group of their own
-sweeps="tests/test_triton_kernels.py::test_random_sweep tests/test_triton_kernels.py::test_intra_only_launches"
-groups=("tests/test_triton_kernels.py $(printf -- '--deselect %s ' $sweeps)" "$sweeps"
-        "tests/test_routing.py tests/test_compile.py tests/test_fastpath.py"
-        "tests/test_routed_attention.py" "tests/test_dispatch.py tests/test_errors.py tests/test_flash_adapters.py tests/test_plan_masks.py tests/test_reference.py tests/test_tolerance.py tests/test_sm90_compile.py")
+shards=${SHARDS:-10}
+python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS:-tests} 2>/dev/null | grep "::" > "$OUT/test_ids.txt"
+echo "collected $(wc -l < "$OUT/test_ids.txt") tests, $shards shards"
 pids=()
-for i in "${!groups[@]}"; do
-    timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -p no:cacheprovider ${groups[$i]} --durations=5 > "$OUT/tests_$i.log" 2>&1 &
+for ((i = 0; i < shards; i++)); do
+    # one id per line: parametrize ids may hold spaces
+    awk -v n="$shards" -v i="$i" '(NR - 1) % n == i' "$OUT/test_ids.txt" > "$OUT/shard_$i.txt"
+    mapfile -t ids < "$OUT/shard_$i.txt"
+    [ "${#ids[@]}" -gt 0 ] || continue
+    # SIGINT, so a shard cut by the timeout still prints pytest's summary of what failed
+    timeout -s INT "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs -p no:cacheprovider --durations=3 "${ids[@]}" \
+        > "$OUT/tests_$i.log" 2>&1 &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-for i in "${!groups[@]}"; do echo "== ${groups[$i]}"; grep -E "passed|failed|error|FAILED|Timeout" "$OUT/tests_$i.log" | tail -4; done
+for ((i = 0; i < shards; i++)); do
+    [ -f "$OUT/tests_$i.log" ] || continue
+    echo "== shard $i: $(tail -1 "$OUT/tests_$i.log")"
+    grep -E "^(FAILED|ERROR)|KeyboardInterrupt" "$OUT/tests_$i.log" | head -5
+done
+rm -f "$OUT"/shard_*.txt
 if [ "${RUN_SANITIZER:-1}" = 1 ]; then
     timeout 150 compute-sanitizer --tool memcheck python3 scripts/sanitize_case.py 2>&1 | tee "$OUT/sanitizer.log" | tail -8
 fi
