@@ -114,3 +114,34 @@ def test_declines_what_it_cannot_serve():
     q = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert not cudnn_direct.forward_into(*(x.transpose(1, 2) for x in (q, q, q, q)), lse[:, :, :32], 0.125)
     assert "do not agree" in cudnn_direct.last_decline()
+
+
+# the global heads are heads 1 and 2, so their LSE slice starts N floats in: 16-byte aligned at
+# N = 192, not at N = 231 (the forward stages cuDNN's Stats)
+@pytest.mark.parametrize("grid", [(3, 8, 8), (3, 7, 11)])
+def test_eager_replay_writes_the_global_heads_in_place(grid):
+    """The eager C++ replay (csrc/eager_routed.cpp) calls the direct path for its global heads:
+    a replayed forward clears a decline reason left on this thread, and its output and
+    gradients agree with the Python path's."""
+    from oasis_kernels import fastpath
+
+    if fastpath._C is None:
+        pytest.skip(f"the C++ extension is not built: {fastpath.UNAVAILABLE}")
+    fastpath._FORWARD.clear()  # so the first call below takes the Python path
+    fastpath._BACKWARD.clear()
+    plan = ok.RoutingPlan(grid, ["intra", "global", "global", "window"], (3, 5, 5))
+    q, k, v = (torch.randn(1, plan.num_tokens, 4, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn_like(q)
+    want = ok.routed_attention(q, k, v, plan)  # the Python path, recorded
+    want_grads = torch.autograd.grad(want, (q, k, v), dout)
+    torch.autograd.grad(ok.routed_attention(q, k, v, plan), (q, k, v), dout)  # replayed; prepares the backward
+    fp32 = torch.randn(1, 64, 2, 64, device="cuda").transpose(1, 2)
+    assert not cudnn_direct.forward_into(fp32, fp32, fp32, fp32, torch.empty(1, 2, 64, device="cuda"), 0.125)
+    assert cudnn_direct.last_decline() != ""
+    got = ok.routed_attention(q, k, v, plan)
+    assert "RoutedFunction" in got.grad_fn.name(), got.grad_fn.name()  # the C++ replay ran
+    assert cudnn_direct.last_decline() == "", cudnn_direct.last_decline()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same cuDNN graph, the same kernels
+    for name, g, w in zip(("dq", "dk", "dv"), torch.autograd.grad(got, (q, k, v), dout), want_grads):
+        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")  # dQ accumulates atomically
