@@ -3,7 +3,7 @@
 # make it with `git archive REV oasis_kernels | tar -x -C .baseline`) and for this tree, one
 # after the other on the same machine, so the two can be compared (docs/PERF.md's method).
 # Builds the C++ extension once and gives the baseline a copy (csrc/ must be the same in both).
-#   SHAPES=S BENCH_GROUPS=routed,floor BACKENDS=ours,sdpa bash scripts/ab_bench.sh
+#   SHAPES=S BENCH_GROUPS=routed,floor BACKENDS=ours,sdpa REPEAT=1 bash scripts/ab_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -17,6 +17,10 @@ if [ -d .baseline/oasis_kernels ]; then
         --out "$OUT/base" 2>&1 | grep -v "^$" | tail -25
 fi
 PYTHONPATH=. python3 benchmarks/attn_bench.py "${args[@]}" --out "$OUT/new" 2>&1 | grep -v "^$" | tail -25
+# REPEAT=n: n-1 more runs of this tree (new_2, new_3, ...), to see the spread between runs
+for ((r = 2; r <= ${REPEAT:-1}; r++)); do
+    PYTHONPATH=. python3 benchmarks/attn_bench.py "${args[@]}" --out "$OUT/new_$r" 2>&1 | grep -v "^$" | tail -8
+done
 if [ -n "${NEW_ENV:-}" ]; then  # the tree again with extra settings, e.g. NEW_ENV=OASIS_FUSED_COPY=0
     env $NEW_ENV PYTHONPATH=. python3 benchmarks/attn_bench.py "${args[@]}" --out "$OUT/new_env" 2>&1 | grep -v "^$" | tail -25
 fi
