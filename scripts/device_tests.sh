@@ -24,20 +24,29 @@ python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath
 python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN path:', cudnn_direct.AVAILABLE)"
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
 shards=${SHARDS:-10}
-python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS:-tests} 2>/dev/null | grep "::" > "$OUT/test_ids.txt"
+python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS:-tests} > "$OUT/collect.log" 2>&1
+collect_rc=$?
+# test ids only (a traceback line with "::" in it would stop a whole shard)
+grep -E '^[^[:space:]]+\.py::' "$OUT/collect.log" > "$OUT/test_ids.txt"
 echo "collected $(wc -l < "$OUT/test_ids.txt") tests, $shards shards"
+if [ "$collect_rc" != 0 ]; then  # a file that fails to import would otherwise just be missing
+    echo "collection failed (rc=$collect_rc):"; grep -E "^(ERROR|E )" "$OUT/collect.log" | head -10
+fi
+rm -f "$OUT"/tests_*.log
 pids=()
 for ((i = 0; i < shards; i++)); do
     # one id per line: parametrize ids may hold spaces
     awk -v n="$shards" -v i="$i" '(NR - 1) % n == i' "$OUT/test_ids.txt" > "$OUT/shard_$i.txt"
     mapfile -t ids < "$OUT/shard_$i.txt"
     [ "${#ids[@]}" -gt 0 ] || continue
-    # SIGINT, so a shard cut by the timeout still prints pytest's summary of what failed
-    timeout -s INT "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs -p no:cacheprovider --durations=3 "${ids[@]}" \
+    # SIGINT, so a shard cut by the timeout still prints pytest's summary of what failed; KILL
+    # 30 s later for one stuck where SIGINT is not handled (native code)
+    timeout -s INT -k 30 "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs -p no:cacheprovider --durations=3 "${ids[@]}" \
         > "$OUT/tests_$i.log" 2>&1 &
     pids+=($!)
 done
-for pid in "${pids[@]}"; do wait "$pid"; done
+status=$collect_rc
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 for ((i = 0; i < shards; i++)); do
     [ -f "$OUT/tests_$i.log" ] || continue
     echo "== shard $i: $(tail -1 "$OUT/tests_$i.log")"
@@ -50,3 +59,4 @@ fi
 if [ "${RUN_PROFILE:-1}" = 1 ]; then
     OASIS_TRITON_AUTOTUNE=1 python3 benchmarks/host_profile.py --shapes S --out "$OUT" 2>&1 | head -40
 fi
+exit "$status"

@@ -8,6 +8,7 @@ import torch
 
 import oasis_kernels as ok
 from oasis_kernels.kernels import cudnn_direct
+from parity import check_backend, make_qkv
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.skipif(not cudnn_direct.AVAILABLE, reason="extension built without the cuDNN frontend")]
@@ -25,11 +26,12 @@ def _close(got, want, what):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-# (B, N): the LSE's head slice 16-byte aligned (N % 4 == 0) and restrided for the backward's
-# Stats (B == 1), or not aligned: the forward stages Stats and the backward copies them
-@pytest.mark.parametrize(("b", "n"), [(1, 336), (2, 333)])
-def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d, b, n):
-    h, run = 6, slice(1, 4)
+# (B, N, first head): the LSE's head slice 16-byte aligned (N % 4 == 0) and restrided for the
+# backward's Stats (B == 1); not aligned: the forward stages Stats and the backward copies them;
+# aligned base but strides of N = 333 floats: written in place, copied for the backward
+@pytest.mark.parametrize(("b", "n", "first"), [(1, 336, 1), (2, 333, 1), (2, 333, 0)])
+def test_direct_cudnn_matches_pytorch_cudnn_in_place(dtype, d, b, n, first):
+    h, run = 6, slice(first, first + 3)
     scale = d ** -0.5
     q, k, v, dout = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(4))
     out = torch.full_like(q, float("nan"))
@@ -121,27 +123,21 @@ def test_declines_what_it_cannot_serve():
 @pytest.mark.parametrize("grid", [(3, 8, 8), (3, 7, 11)])
 def test_eager_replay_writes_the_global_heads_in_place(grid):
     """The eager C++ replay (csrc/eager_routed.cpp) calls the direct path for its global heads:
-    a replayed forward clears a decline reason left on this thread, and its output and
-    gradients agree with the Python path's."""
+    each call clears a decline reason left on this thread (the first call by the Python path's
+    dense backend, the next ones by the replay), and every call passes the tolerance rule
+    against the fp64 reference (out, lse, gradients). The backward runs on autograd's device
+    thread, whose decline reason this thread cannot see: its path is not asserted."""
     from oasis_kernels import fastpath
 
-    if fastpath._C is None:
-        pytest.skip(f"the C++ extension is not built: {fastpath.UNAVAILABLE}")
-    fastpath._FORWARD.clear()  # so the first call below takes the Python path
+    if fastpath._C is None or not fastpath.ENABLED:
+        pytest.skip(f"the eager C++ replay is off or not built: {fastpath.UNAVAILABLE}")
+    fastpath._FORWARD.clear()  # so the first call takes the Python path and records it
     fastpath._BACKWARD.clear()
     plan = ok.RoutingPlan(grid, ["intra", "global", "global", "window"], (3, 5, 5))
-    q, k, v = (torch.randn(1, plan.num_tokens, 4, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
-               for _ in range(3))
-    dout = torch.randn_like(q)
-    want = ok.routed_attention(q, k, v, plan)  # the Python path, recorded
-    want_grads = torch.autograd.grad(want, (q, k, v), dout)
-    torch.autograd.grad(ok.routed_attention(q, k, v, plan), (q, k, v), dout)  # replayed; prepares the backward
+    q, k, v = make_qkv((1, plan.num_tokens, 4, 64), torch.bfloat16, "cuda")
     fp32 = torch.randn(1, 64, 2, 64, device="cuda").transpose(1, 2)
-    assert not cudnn_direct.forward_into(fp32, fp32, fp32, fp32, torch.empty(1, 2, 64, device="cuda"), 0.125)
-    assert cudnn_direct.last_decline() != ""
-    got = ok.routed_attention(q, k, v, plan)
-    assert "RoutedFunction" in got.grad_fn.name(), got.grad_fn.name()  # the C++ replay ran
-    assert cudnn_direct.last_decline() == "", cudnn_direct.last_decline()
-    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same cuDNN graph, the same kernels
-    for name, g, w in zip(("dq", "dk", "dv"), torch.autograd.grad(got, (q, k, v), dout), want_grads):
-        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")  # dQ accumulates atomically
+    for call in range(3):  # recorded; replayed (preparing the backward); replayed with the C++ backward
+        assert not cudnn_direct.forward_into(fp32, fp32, fp32, fp32, torch.empty(1, 2, 64, device="cuda"), 0.125)
+        out, _ = check_backend(q, k, v, plan, "auto", what=f"call {call}")
+        assert cudnn_direct.last_decline() == "", f"call {call}: {cudnn_direct.last_decline()}"
+    assert "RoutedFunction" in out.grad_fn.name(), out.grad_fn.name()  # the last call was the C++ replay
