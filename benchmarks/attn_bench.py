@@ -436,7 +436,16 @@ def environment(device) -> dict:
         env.update(gpu=props.name, sms=props.multi_processor_count, gpu_mem_GiB=round(props.total_memory / 2**30, 1),
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=_driver())
         env["global_stores"] = _global_stores()
+        env["local_backward"] = _local_backward()
     return env
+
+
+def _local_backward() -> str:
+    """Which local-heads backward this build runs (``OASIS_CONCURRENT_BWD``)."""
+    from oasis_kernels.kernels import local_attention as la
+    if getattr(la, "CONCURRENT_BWD", False):
+        return "delta kernel, then dQ and dK/dV in one launch (OASIS_CONCURRENT_BWD=1)"
+    return "dQ (writes delta), then dK/dV"
 
 
 def _global_stores() -> str:
@@ -528,6 +537,8 @@ def render_markdown(lines, env, ceilings, args) -> str:
               f"{env['date']}.")
     if env.get("global_stores"):
         md.append(f"Global heads' results: {env['global_stores']}.")
+    if env.get("local_backward"):
+        md.append(f"Local heads' backward: {env['local_backward']}.")
     if ceilings:
         md.append(f"Ceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write), "
                   f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s.")

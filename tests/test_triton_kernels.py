@@ -93,9 +93,14 @@ def test_non_contiguous_head_dim(device):
     check_backend(q, k, v, plan, LOCAL_TRITON)
 
 
-def test_every_output_element_is_written(device):
-    """Poison outputs with NaN, call the launchers directly, and find no NaN left in local heads."""
+@pytest.mark.parametrize("concurrent", [False, True], ids=["dq-then-dkdv", "concurrent-bwd"])
+def test_every_output_element_is_written(concurrent, device, monkeypatch):
+    """Poison outputs with NaN, call the launchers directly, and find no NaN left in local heads
+    (both backwards: dQ then dK/dV, and the delta kernel plus one launch of both)."""
+    from oasis_kernels.kernels import local_attention as la
     from oasis_kernels.kernels.local_attention import local_attention_backward, local_attention_forward
+
+    monkeypatch.setattr(la, "CONCURRENT_BWD", concurrent)
 
     grid, radii = (3, 7, 11), (1, 2, 2)
     n, heads = 231, 4
@@ -111,6 +116,25 @@ def test_every_output_element_is_written(device):
     local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, table, 2, grid, radii, 0.125)
     for g in (dq, dk, dv):
         assert not g[:, :, local].isnan().any() and g[:, :, 1].isnan().all()
+
+
+# mixed launches (window and intra heads) and intra-only ones; 77-token frames: a full block and a tail
+@pytest.mark.parametrize("grid,window,modes,d,dtype", [((3, 7, 11), (3, 5, 5), "wiw", 64, torch.bfloat16),
+                                                      ((2, 7, 11), (3, 3, 3), "ii", 128, torch.float16)],
+                         ids=["mixed-d64-bf16", "intra-only-d128-fp16"])
+def test_concurrent_backward(grid, window, modes, d, dtype, device, monkeypatch):
+    """The backward as ``_bwd_delta_kernel`` and one launch of dQ and dK/dV programs
+    (``OASIS_CONCURRENT_BWD=1``, an experiment): forward and all gradients, batch 2."""
+    from oasis_kernels.kernels import local_attention as la
+
+    monkeypatch.setattr(la, "CONCURRENT_BWD", True)
+    for tuned in (la._dq_tuned, la._bwd_tuned):
+        monkeypatch.setattr(tuned, "manual", {})
+    plan = ok.RoutingPlan(grid, list(modes), window)
+    q, k, v = make_qkv((2, plan.num_tokens, plan.heads, d), dtype, device)
+    check_backend(q, k, v, plan, LOCAL_TRITON)
+    if la._bwd_tuned.tuned is None:  # without the autotuner, the configs record which kernels ran
+        assert la._bwd_tuned.manual and not la._dq_tuned.manual, "the concurrent backward did not run"
 
 
 @gpu_only

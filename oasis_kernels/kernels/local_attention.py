@@ -33,6 +33,10 @@ Kernels
   geometry code serves. Two kernels and no atomics: the backward is deterministic. (A one-pass
   backward adding dQ atomically, as FlashAttention-2 does, measured slower on the H200 at every
   shape tried: docs/PERF.md, entry 12.)
+* ``_bwd_delta_kernel`` and ``_bwd_kernel`` (``OASIS_CONCURRENT_BWD=1``, an experiment): delta
+  by its own small kernel, then one launch whose programs are dQ's query tiles and dK/dV's key
+  tiles side by side (the same tile code), so dK/dV does not wait for dQ's last wave. Shared
+  memory is the larger of the two (the branches reuse it), registers and spills dK/dV's.
 
 Each program branches once on its head's mode into that mode's loop: intra-frame tiles walk
 their frame in full blocks with no mask and mask only the frame's last, partial block; window
@@ -56,13 +60,18 @@ from triton import knobs
 from triton.runtime import driver
 
 __all__ = ["local_attention_forward", "local_attention_backward", "local_attention_backward_dq",
-           "local_attention_backward_dkdv", "chosen_configs", "INTERPRET", "MAX_RADIUS"]
+           "local_attention_backward_dkdv", "local_attention_backward_delta", "local_attention_backward_concurrent",
+           "chosen_configs", "INTERPRET", "MAX_RADIUS"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: OASIS_TRITON_AUTOTUNE=0 uses the first config of each list (fast start for tests and sweeps)
 AUTOTUNE = os.environ.get("OASIS_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 #: OASIS_TRITON_DIRECT_LAUNCH=0 sends every launch through Triton's launch path (see ``_Tuned``)
 DIRECT_LAUNCH = os.environ.get("OASIS_TRITON_DIRECT_LAUNCH", "1") != "0" and not INTERPRET
+# the backward as a delta kernel and one launch of dQ and dK/dV programs side by side, instead
+# of dQ (which writes delta) and then dK/dV: an experiment (docs/PERF.md, entry 15), off until
+# measured
+CONCURRENT_BWD = os.environ.get("OASIS_CONCURRENT_BWD", "0") == "1"
 #: largest window radius per axis: the visibility codes keep each axis in a 10-bit field
 MAX_RADIUS = 120
 
@@ -492,29 +501,28 @@ def _dq_halo(q, do, lse2, delta, k_base, v_base, t0, h0, w0, lo, hi, T, H, W, sk
     return dq
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, HEADS,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
-    sdob, sdon, sdoh, sdqb, sdqn, sdqh, slb, slh, sdlb, sdlh,
-    T, H, W, n_local, n_window, D, qk_scale, sm_scale,
-    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    INTRA_ONLY: tl.constexpr,
-):
-    p = tl.program_id(0)
-    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
-    if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
-        return
+@triton.jit
+def _dq_tile(p, b, j, head, is_window, Q, K, V, O, DO, DQ, LSE, DELTA,
+             sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
+             sdob, sdon, sdoh, sdqb, sdqn, sdqh, slb, slh, sdlb, sdlh,
+             T, H, W, D, qk_scale, sm_scale,
+             RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+             BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
+             BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+             INTRA_ONLY: tl.constexpr, DELTA_READY: tl.constexpr):
+    """dQ of query tile ``p``. ``delta = rowsum(dO * O)``: computed here and stored for dK/dV,
+    or (``DELTA_READY``) read from ``DELTA``, written by ``_bwd_delta_kernel``."""
     qtok, qvalid, t0, h0, w0, lo, hi, wf = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
     do = _load_rows(DO + b * sdob + head * sdoh, qtok, sdon, qvalid, d, dmask, EVEN_D)
-    o = _load_rows(O + b * sob + head * soh, qtok, son, qvalid, d, dmask, EVEN_D)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + b * sdlb + j * sdlh + qtok, delta, mask=qvalid)
+    if DELTA_READY:
+        delta = tl.load(DELTA + b * sdlb + j * sdlh + qtok, mask=qvalid, other=0.0)
+    else:
+        o = _load_rows(O + b * sob + head * soh, qtok, son, qvalid, d, dmask, EVEN_D)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(DELTA + b * sdlb + j * sdlh + qtok, delta, mask=qvalid)
     lse2 = tl.load(LSE + b * slb + head * slh + qtok, mask=qvalid, other=0.0) * 1.4426950408889634
     k_base = K + b * skb + head * skh
     v_base = V + b * svb + head * svh
@@ -531,6 +539,28 @@ def _bwd_dq_kernel(
         dq = _dq_frame(q, do, lse2, delta, k_base, v_base, wf, H, W, skn, svn, d, dmask, dq, qk_scale, BLOCK_N,
                        EVEN_D, DOT_PREC, UPCAST)
     _store_rows(DQ + b * sdqb + head * sdqh, qtok, sdqn, qvalid, d, dmask, dq * sm_scale, EVEN_D)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA, HEADS,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
+    sdob, sdon, sdoh, sdqb, sdqn, sdqh, slb, slh, sdlb, sdlh,
+    T, H, W, n_local, n_window, D, qk_scale, sm_scale,
+    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    INTRA_ONLY: tl.constexpr,
+):
+    p = tl.program_id(0)
+    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
+    if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
+        return
+    _dq_tile(p, b, j, head, is_window, Q, K, V, O, DO, DQ, LSE, DELTA,
+             sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
+             sdob, sdon, sdoh, sdqb, sdqn, sdqh, slb, slh, sdlb, sdlh,
+             T, H, W, D, qk_scale, sm_scale, RT, RH, RW, BT, BH, BW, BLOCK_N, SLICED, BLOCK_D, EVEN_D, DOT_PREC,
+             UPCAST, INTRA_ONLY, False)
 
 
 @triton.jit
@@ -588,21 +618,16 @@ def _dkdv_halo(k, v, q_base, do_base, lse_base, delta_base, t0, h0, w0, lo, hi, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, HEADS,
-    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
-    sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
-    T, H, W, n_local, n_window, D, qk_scale, sm_scale,
-    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
-    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    INTRA_ONLY: tl.constexpr,
-):
-    p = tl.program_id(0)
-    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
-    if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
-        return
+@triton.jit
+def _dkdv_tile(p, b, j, head, is_window, Q, K, V, DO, DK, DV, LSE, DELTA,
+               sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
+               sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
+               T, H, W, D, qk_scale, sm_scale,
+               RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+               BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
+               BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+               INTRA_ONLY: tl.constexpr):
+    """dK and dV of key tile ``p``."""
     # primary tile = keys; the queries that see them are its halo (visibility is symmetric)
     ktok, kvalid, t0, h0, w0, lo, hi, wf = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
@@ -629,6 +654,75 @@ def _bwd_dkdv_kernel(
                              qk_scale, BLOCK_N, EVEN_D, DOT_PREC, UPCAST)
     _store_rows(DK + b * sdkb + head * sdkh, ktok, sdkn, kvalid, d, dmask, dk * sm_scale, EVEN_D)
     _store_rows(DV + b * sdvb + head * sdvh, ktok, sdvn, kvalid, d, dmask, dv, EVEN_D)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, HEADS,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
+    sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
+    T, H, W, n_local, n_window, D, qk_scale, sm_scale,
+    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    INTRA_ONLY: tl.constexpr,
+):
+    p = tl.program_id(0)
+    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
+    if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
+        return
+    _dkdv_tile(p, b, j, head, is_window, Q, K, V, DO, DK, DV, LSE, DELTA,
+               sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
+               sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
+               T, H, W, D, qk_scale, sm_scale, RT, RH, RW, BT, BH, BW, BLOCK_N, SLICED, BLOCK_D, EVEN_D, DOT_PREC,
+               UPCAST, INTRA_ONLY)
+
+
+@triton.jit(do_not_specialize=["N", "n_local", "D"])
+def _bwd_delta_kernel(O, DO, DELTA, HEADS, sob, son, soh, sdob, sdon, sdoh, sdlb, sdlh, N, n_local, D,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """``delta = rowsum(dO * O)`` of ``BLOCK_M`` rows of one local head, for ``_bwd_kernel``."""
+    b, j, head, _ = _head_setup(HEADS, tl.program_id(1), n_local, 0)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = rows < N
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    o = _load_rows(O + b * sob + head * soh, rows, son, valid, d, dmask, EVEN_D)
+    do = _load_rows(DO + b * sdob + head * sdoh, rows, sdon, valid, d, dmask, EVEN_D)
+    tl.store(DELTA + b * sdlb + j * sdlh + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=valid)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _bwd_kernel(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, HEADS,
+    sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh, sdob, sdon, sdoh,
+    sdqb, sdqn, sdqh, sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
+    T, H, W, n_local, n_window, D, qk_scale, sm_scale,
+    RT: tl.constexpr, RH: tl.constexpr, RW: tl.constexpr,
+    BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_N: tl.constexpr, SLICED: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    INTRA_ONLY: tl.constexpr,
+):
+    """dQ and dK/dV in one launch, from ``DELTA`` (``_bwd_delta_kernel``): the first half of the
+    programs along axis 0 are dQ's query tiles, the second half dK/dV's key tiles, so the two
+    share the SMs instead of dK/dV waiting for dQ's last wave."""
+    half = tl.num_programs(0) // 2
+    p = tl.program_id(0)
+    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
+    n_tiles = _tile_count(is_window, T, H, W, BT, BH, BW)
+    if p < half:
+        if p < n_tiles:
+            _dq_tile(p, b, j, head, is_window, Q, K, V, O, DO, DQ, LSE, DELTA,
+                     sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sob, son, soh,
+                     sdob, sdon, sdoh, sdqb, sdqn, sdqh, slb, slh, sdlb, sdlh,
+                     T, H, W, D, qk_scale, sm_scale, RT, RH, RW, BT, BH, BW, BLOCK_N, SLICED, BLOCK_D, EVEN_D,
+                     DOT_PREC, UPCAST, INTRA_ONLY, True)
+    elif p - half < n_tiles:
+        _dkdv_tile(p - half, b, j, head, is_window, Q, K, V, DO, DK, DV, LSE, DELTA,
+                   sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdob, sdon, sdoh,
+                   sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, slb, slh, sdlb, sdlh,
+                   T, H, W, D, qk_scale, sm_scale, RT, RH, RW, BT, BH, BW, BLOCK_N, SLICED, BLOCK_D, EVEN_D,
+                   DOT_PREC, UPCAST, INTRA_ONLY)
 
 
 # ---------------------------------------------------------------------------------------
@@ -755,12 +849,14 @@ class _Tuned:
     every value Triton specializes on, so a hit launches exactly the kernel Triton would pick.
     """
 
-    def __init__(self, kernel, configs):
+    def __init__(self, kernel, configs, key=_KEY, fitting=None):
         self.kernel = kernel
         self.configs = configs
+        self.key = key
+        self.fitting = fitting or _fitting  # configs, launch kwargs -> the configs that suit it
         self.manual: dict = {}
-        self.tuned = (triton.autotune(configs, key=_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
-                      if AUTOTUNE else None)
+        self.tuned = (triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
+                      if AUTOTUNE and fitting is None else None)
         self.direct: dict = {}
 
     # setting the config list or the autotuner (tests and benchmarks swap them) starts a new
@@ -805,9 +901,9 @@ class _Tuned:
                 compiled = self.tuned[grid](*args, **kwargs)
                 cfg = self.tuned.best_config
             else:
-                cfg = config or _fitting(self.configs, kwargs)[0]
+                cfg = config or self.fitting(self.configs, kwargs)[0]
                 if config is None:
-                    self.manual[(*(kwargs[k] for k in _KEY), kwargs["DOT_PREC"])] = cfg
+                    self.manual[(*(kwargs[k] for k in self.key), kwargs.get("DOT_PREC"))] = cfg
                 launch = grid({**kwargs, **cfg.kwargs}) if callable(grid) else grid
                 compiled = self.kernel[launch](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps,
                                                num_stages=cfg.num_stages)
@@ -891,17 +987,24 @@ def _record(kernel, hit, args, kwargs) -> None:
 _fwd_tuned = _Tuned(_fwd_kernel, _FWD_CONFIGS)
 _dq_tuned = _Tuned(_bwd_dq_kernel, _BWD_CONFIGS)
 _dkdv_tuned = _Tuned(_bwd_dkdv_kernel, _BWD_CONFIGS)
+_bwd_tuned = _Tuned(_bwd_kernel, _BWD_CONFIGS)
+# a row reduction: one config, nothing to tune
+_delta_tuned = _Tuned(_bwd_delta_kernel, [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)],
+                      key=["BLOCK_D"], fitting=lambda configs, kwargs: configs)
 
 
 def tuning_state() -> tuple:
-    """What a launch's choice of config depends on besides its arguments: each kernel's tuning
-    generation (a new one whenever its config list or autotuner is set)."""
-    return (_fwd_tuned.generation, _dq_tuned.generation, _dkdv_tuned.generation)
+    """What a launch's choice of config and kernels depends on besides its arguments: each
+    kernel's tuning generation (a new one whenever its config list or autotuner is set), and
+    which backward runs (``CONCURRENT_BWD``)."""
+    return (_fwd_tuned.generation, _dq_tuned.generation, _dkdv_tuned.generation, _bwd_tuned.generation,
+            _delta_tuned.generation, CONCURRENT_BWD)
 
 
 def chosen_configs() -> dict[str, dict]:
     """The config chosen per kernel and key, for debugging (``{kernel: {key: config}}``)."""
-    return {name: fn.chosen() for name, fn in (("fwd", _fwd_tuned), ("bwd_dq", _dq_tuned), ("bwd_dkdv", _dkdv_tuned))}
+    return {name: fn.chosen() for name, fn in (("fwd", _fwd_tuned), ("bwd_dq", _dq_tuned), ("bwd_dkdv", _dkdv_tuned),
+                                               ("bwd", _bwd_tuned), ("bwd_delta", _delta_tuned))}
 
 
 def _launch_grid(n_tiles_fn, batch, n_local):
@@ -943,9 +1046,11 @@ def _common_args(dtype, d, grid, radii, n_local, n_window):
 LOG2E = 1.4426950408889634
 
 
-def _launch(tuned, q, table, n_window, grid, config):
+def _launch(tuned, q, table, n_window, grid, config, kinds=1):
+    """``kinds``: programs per tile (``_bwd_kernel``: a dQ and a dK/dV program)."""
     count = _tiles_fn(grid, n_window > 0, n_window < table.shape[0])
-    return tuned.launcher(_launch_grid(count, q.shape[0], table.shape[0]), config, grid_key=q.shape[0])
+    programs = count if kinds == 1 else lambda bt, bh, bw: kinds * count(bt, bh, bw)
+    return tuned.launcher(_launch_grid(programs, q.shape[0], table.shape[0]), config, grid_key=q.shape[0])
 
 
 def local_attention_forward(q, k, v, out, lse, table, n_window, grid, radii, scale, config=None):
@@ -990,7 +1095,39 @@ def local_attention_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, table, n_wi
     )
 
 
+def local_attention_backward_delta(dout, out, table):
+    """``delta = rowsum(dO * O)`` of the heads in ``table`` (``[B, n_local, N]`` float32)."""
+    b, n = out.shape[:2]
+    delta = torch.empty(b, table.shape[0], n, dtype=torch.float32, device=out.device)
+    d = out.shape[-1]
+    block_d = max(16, triton.next_power_of_2(d))
+    _delta_tuned.launcher(lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * table.shape[0]), grid_key=(b, n))(
+        out, dout, delta, table, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
+        dout.stride(2), delta.stride(0), delta.stride(1), n, table.shape[0], d, BLOCK_D=block_d,
+        EVEN_D=block_d == d)
+    return delta
+
+
+def local_attention_backward_concurrent(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale,
+                                        config=None):
+    """``delta`` by its own small kernel, then dQ and dK/dV in one launch (``_bwd_kernel``)."""
+    delta = local_attention_backward_delta(dout, out, table)
+    _launch(_bwd_tuned, q, table, n_window, grid, config, kinds=2)(
+        q, k, v, out, dout, dq, dk, dv, lse, delta, table,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        lse.stride(0), lse.stride(1), delta.stride(0), delta.stride(1),
+        qk_scale=scale * LOG2E, sm_scale=scale, **_common(q, grid, radii, table, n_window),
+    )
+
+
 def local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale):
-    """dQ (and ``delta``) first, then dK/dV, which reads ``delta``."""
+    """dQ (and ``delta``) first, then dK/dV, which reads ``delta``; with ``CONCURRENT_BWD``
+    (``OASIS_CONCURRENT_BWD=1``), :func:`local_attention_backward_concurrent`."""
+    if CONCURRENT_BWD:
+        local_attention_backward_concurrent(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale)
+        return
     delta = local_attention_backward_dq(dout, q, k, v, out, lse, dq, table, n_window, grid, radii, scale)
     local_attention_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, table, n_window, grid, radii, scale)
