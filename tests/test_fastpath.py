@@ -210,6 +210,24 @@ def test_replay_matches_the_python_path(grid, counts, d, dtype):
 
 @gpu
 @built
+def test_replay_runs_the_concurrent_backward(monkeypatch):
+    """With ``OASIS_CONCURRENT_BWD`` (part of the signature through ``tuning_state``) the
+    replay records and replays the delta kernel and the one dQ + dK/dV launch."""
+    from oasis_kernels.kernels import local_attention as la
+
+    monkeypatch.setattr(la, "CONCURRENT_BWD", True)
+    fastpath._FORWARD.clear()
+    fastpath._BACKWARD.clear()
+    plan = ok.RoutingPlan.from_counts((3, 7, 11), 2, 1, 1, (3, 5, 5))
+    python, replay = _replays(plan, (2, plan.num_tokens, 4, 64), torch.bfloat16)
+    assert _prepared(fastpath._FORWARD)[0].has_backward()  # the third call ran the C++ node's own replay
+    torch.testing.assert_close(replay[0], python[0], rtol=0, atol=0)
+    for name, r, p in zip(("dq", "dk", "dv"), replay[1:], python[1:]):
+        torch.testing.assert_close(r, p, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@gpu
+@built
 def test_replay_serves_strided_global_heads_and_local_only_plans():
     fastpath._FORWARD.clear()
     fastpath._BACKWARD.clear()
