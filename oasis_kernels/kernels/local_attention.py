@@ -855,6 +855,8 @@ class _Tuned:
         self.key = key
         self.fitting = fitting or _fitting  # configs, launch kwargs -> the configs that suit it
         self.manual: dict = {}
+        # the tile kernels are autotuned; a kernel with its own ``fitting`` (the delta kernel's one
+        # config) is not
         self.tuned = (triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune})(kernel)
                       if AUTOTUNE and fitting is None else None)
         self.direct: dict = {}
@@ -1029,13 +1031,18 @@ def _common(q, grid, radii, table, n_window):
     return _common_args(q.dtype, q.shape[-1], tuple(grid), tuple(radii), table.shape[0], n_window)
 
 
+def _block_d(d):
+    """The head dim ``D`` and the power-of-two row width the kernels load it in."""
+    block_d = max(16, triton.next_power_of_2(d))
+    return dict(D=d, BLOCK_D=block_d, EVEN_D=block_d == d)
+
+
 @functools.lru_cache(maxsize=256)
 def _common_args(dtype, d, grid, radii, n_local, n_window):
     # per layer shape, not per call: the launch path is host-bound at small shapes
-    block_d = max(16, triton.next_power_of_2(d))
     return dict(
         T=grid[0], H=grid[1], W=grid[2], RT=radii[0], RH=radii[1], RW=radii[2],
-        n_local=n_local, n_window=n_window, D=d, BLOCK_D=block_d, EVEN_D=(block_d == d),
+        n_local=n_local, n_window=n_window, **_block_d(d),
         # a launch of intra heads only walks whole frames: no mask but at each frame's end
         INTRA_ONLY=n_window == 0,
         DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
@@ -1099,12 +1106,9 @@ def local_attention_backward_delta(dout, out, table):
     """``delta = rowsum(dO * O)`` of the heads in ``table`` (``[B, n_local, N]`` float32)."""
     b, n = out.shape[:2]
     delta = torch.empty(b, table.shape[0], n, dtype=torch.float32, device=out.device)
-    d = out.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))
     _delta_tuned.launcher(lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * table.shape[0]), grid_key=(b, n))(
         out, dout, delta, table, out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1),
-        dout.stride(2), delta.stride(0), delta.stride(1), n, table.shape[0], d, BLOCK_D=block_d,
-        EVEN_D=block_d == d)
+        dout.stride(2), delta.stride(0), delta.stride(1), n, table.shape[0], **_block_d(out.shape[-1]))
     return delta
 
 

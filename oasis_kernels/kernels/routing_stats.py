@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .local_attention import (_NO_SPECIALIZE, INTERPRET, _frame_block, _frame_walk, _full_block, _head_setup,
-                              _load_block, _load_rows, _masked_scores, _mm, _primary_tile, _tile_count, _window_block,
-                              _window_setup)
+from .local_attention import (_NO_SPECIALIZE, INTERPRET, _block_d, _frame_block, _frame_walk, _full_block,
+                              _head_setup, _load_block, _load_rows, _masked_scores, _mm, _primary_tile, _tile_count,
+                              _window_block, _window_setup)
 
 __all__ = ["routing_stats_global", "routing_stats_local", "CONFIG"]
 
@@ -186,11 +186,6 @@ def _interp(cfg, **small):
 def _precision(q):
     return dict(DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 UPCAST=INTERPRET and q.dtype == torch.bfloat16)
-
-
-def _block_d(d):
-    block_d = max(16, triton.next_power_of_2(d))
-    return dict(D=d, BLOCK_D=block_d, EVEN_D=block_d == d)
 
 
 def routing_stats_global(q, k, scale, q_stride):
