@@ -210,12 +210,14 @@ def test_replay_matches_the_python_path(grid, counts, d, dtype):
 
 @gpu
 @built
-def test_replay_runs_the_concurrent_backward(monkeypatch):
-    """With ``OASIS_CONCURRENT_BWD`` (part of the signature through ``tuning_state``) the
-    replay records and replays the delta kernel and the one dQ + dK/dV launch."""
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent-bwd", "dq-then-dkdv"])
+def test_replay_runs_either_backward(concurrent, monkeypatch):
+    """Either local backward (``OASIS_CONCURRENT_BWD``, part of the signature through
+    ``tuning_state``): the replay records and replays the delta kernel and the one dQ + dK/dV
+    launch (the default), or dQ then dK/dV."""
     from oasis_kernels.kernels import local_attention as la
 
-    monkeypatch.setattr(la, "CONCURRENT_BWD", True)
+    monkeypatch.setattr(la, "CONCURRENT_BWD", concurrent)
     fastpath._FORWARD.clear()
     fastpath._BACKWARD.clear()
     plan = ok.RoutingPlan.from_counts((3, 7, 11), 2, 1, 1, (3, 5, 5))

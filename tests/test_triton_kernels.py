@@ -56,14 +56,15 @@ def test_both_walks(grid, window, sliced, device, monkeypatch):
     forced by restricting the configs, forward and all gradients."""
     from oasis_kernels.kernels import local_attention as la
 
-    for tuned in (la._fwd_tuned, la._dq_tuned, la._dkdv_tuned):
+    for tuned in (la._fwd_tuned, la._dq_tuned, la._dkdv_tuned, la._bwd_tuned):
         monkeypatch.setattr(tuned, "tuned", None)  # launch the first fitting config, no autotuner
         monkeypatch.setattr(tuned, "manual", {})
         monkeypatch.setattr(tuned, "configs", [c for c in tuned.configs if c.kwargs["SLICED"] == sliced])
     plan = ok.RoutingPlan(grid, ["w", "i", "w"], window)
     q, k, v = make_qkv((2, plan.num_tokens, plan.heads, 64), torch.bfloat16, device)
     check_backend(q, k, v, plan, LOCAL_TRITON)
-    chosen = [c for kernel in la.chosen_configs().values() for c in kernel.values()]
+    # every tile kernel that ran (the delta kernel has no walk)
+    chosen = [c for name, kernel in la.chosen_configs().items() if name != "bwd_delta" for c in kernel.values()]
     assert chosen and all(f"SLICED: {sliced}" in c for c in chosen), chosen
 
 
@@ -119,22 +120,24 @@ def test_every_output_element_is_written(concurrent, device, monkeypatch):
 
 
 # mixed launches (window and intra heads) and intra-only ones; 77-token frames: a full block and a tail
+@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent-bwd", "dq-then-dkdv"])
 @pytest.mark.parametrize("grid,window,modes,d,dtype", [((3, 7, 11), (3, 5, 5), "wiw", 64, torch.bfloat16),
                                                       ((2, 7, 11), (3, 3, 3), "ii", 128, torch.float16)],
                          ids=["mixed-d64-bf16", "intra-only-d128-fp16"])
-def test_concurrent_backward(grid, window, modes, d, dtype, device, monkeypatch):
-    """The backward as ``_bwd_delta_kernel`` and one launch of dQ and dK/dV programs
-    (``OASIS_CONCURRENT_BWD=1``, an experiment): forward and all gradients, batch 2."""
+def test_both_backwards(grid, window, modes, d, dtype, concurrent, device, monkeypatch):
+    """Each backward: ``_bwd_delta_kernel`` and one launch of dQ and dK/dV programs (the
+    default), and dQ then dK/dV (``OASIS_CONCURRENT_BWD=0``): forward and all gradients, batch 2."""
     from oasis_kernels.kernels import local_attention as la
 
-    monkeypatch.setattr(la, "CONCURRENT_BWD", True)
+    monkeypatch.setattr(la, "CONCURRENT_BWD", concurrent)
     for tuned in (la._dq_tuned, la._bwd_tuned):
         monkeypatch.setattr(tuned, "manual", {})
     plan = ok.RoutingPlan(grid, list(modes), window)
     q, k, v = make_qkv((2, plan.num_tokens, plan.heads, d), dtype, device)
     check_backend(q, k, v, plan, LOCAL_TRITON)
     if la._bwd_tuned.tuned is None:  # without the autotuner, the configs record which kernels ran
-        assert la._bwd_tuned.manual and not la._dq_tuned.manual, "the concurrent backward did not run"
+        ran, skipped = (la._bwd_tuned, la._dq_tuned) if concurrent else (la._dq_tuned, la._bwd_tuned)
+        assert ran.manual and not skipped.manual, f"{concurrent=}: the other backward ran"
 
 
 @gpu_only
