@@ -444,8 +444,8 @@ def _local_backward() -> str:
     """Which local-heads backward this build runs (``OASIS_CONCURRENT_BWD``)."""
     from oasis_kernels.kernels import local_attention as la
     if getattr(la, "CONCURRENT_BWD", False):
-        return "delta kernel, then dQ and dK/dV in one launch (OASIS_CONCURRENT_BWD=1)"
-    return "dQ (writes delta), then dK/dV"
+        return "delta kernel, then dQ and dK/dV in one launch"
+    return "dQ (writes delta), then dK/dV (OASIS_CONCURRENT_BWD=0)"
 
 
 def _global_stores() -> str:

@@ -125,9 +125,11 @@ def _kernels():
         "fwd_intra": (la._fwd_kernel, {**common, **intra, "POS_SCALE": True}, intra_configs(la._FWD_CONFIGS)),
         "bwd_dq_intra": (la._bwd_dq_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
         "bwd_dkdv_intra": (la._bwd_dkdv_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
-        # the concurrent backward (OASIS_CONCURRENT_BWD=1): dQ and dK/dV programs in one kernel
+        # the default backward: dQ and dK/dV programs in one kernel (the two above and their
+        # "_wide" variants run with OASIS_CONCURRENT_BWD=0)
         "bwd": (la._bwd_kernel, {**common, **mixed}, bf16_configs(la._BWD_CONFIGS)),
         "bwd_intra": (la._bwd_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
+        "bwd_wide": (la._bwd_kernel, wide, [la._WIDE_ROWS]),
         "bwd_delta": (la._bwd_delta_kernel, {"BLOCK_D": 128, "EVEN_D": True}, la._delta_tuned.configs),
         "stats_global": (rs._stats_global_kernel, {**common, "POS_SCALE": True},
                          [triton.Config({k: v for k, v in rs.CONFIG.items() if k.isupper()},
@@ -140,7 +142,7 @@ def _kernels():
 
 
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "fwd_wide", "bwd_dq_wide",
-           "bwd_dkdv_wide", "bwd", "bwd_intra", "bwd_delta", "stats_global", "stats_local")
+           "bwd_dkdv_wide", "bwd", "bwd_intra", "bwd_wide", "bwd_delta", "stats_global", "stats_local")
 
 
 def dtype_of(name: str) -> str:

@@ -26,17 +26,17 @@ Kernels
 -------
 * ``_fwd_kernel``: online softmax (FlashAttention-2), writes ``out`` in place into the routed
   output and the natural-log LSE.
-* ``_bwd_dq_kernel``: per query tile, ``delta = rowsum(dO * O)`` (written for the next kernel)
-  and ``dQ``, recomputing ``P`` from the LSE.
-* ``_bwd_dkdv_kernel``: per key tile, walks the queries that see it. Visibility is symmetric
-  (``|t - t'| <= rt`` either way), so the queries that see a key tile are its halo, and the same
-  geometry code serves. Two kernels and no atomics: the backward is deterministic. (A one-pass
-  backward adding dQ atomically, as FlashAttention-2 does, measured slower on the H200 at every
-  shape tried: docs/PERF.md, entry 12.)
-* ``_bwd_delta_kernel`` and ``_bwd_kernel`` (``OASIS_CONCURRENT_BWD=1``, an experiment): delta
-  by its own small kernel, then one launch whose programs are dQ's query tiles and dK/dV's key
-  tiles side by side (the same tile code), so dK/dV does not wait for dQ's last wave. Shared
-  memory is the larger of the two (the branches reuse it), registers and spills dK/dV's.
+* ``_bwd_delta_kernel``: ``delta = rowsum(dO * O)`` per query row, a small kernel of its own.
+* ``_bwd_kernel``: one launch whose programs are dQ's query tiles and dK/dV's key tiles side by
+  side, so dK/dV does not wait for dQ's last wave. A dK/dV tile walks the queries that see it.
+  Visibility is symmetric (``|t - t'| <= rt`` either way), so the queries that see a key tile
+  are its halo, and the same geometry code serves. Shared memory is the larger of the two tiles'
+  (the branches reuse it), registers and spills dK/dV's. No atomics: the backward is
+  deterministic. (A one-pass backward adding dQ atomically, as FlashAttention-2 does, measured
+  slower on the H200 at every shape tried: docs/PERF.md, entry 12.) The default since
+  docs/PERF.md entry 16: 13-20 us faster fwd+bwd at S on an H100, A and B unchanged.
+* ``_bwd_dq_kernel`` then ``_bwd_dkdv_kernel`` (``OASIS_CONCURRENT_BWD=0``): the same tile code
+  as two launches, dQ first (it writes ``delta``), then dK/dV, which reads it.
 
 Each program branches once on its head's mode into that mode's loop: intra-frame tiles walk
 their frame in full blocks with no mask and mask only the frame's last, partial block; window
@@ -68,10 +68,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("OASIS_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
 #: OASIS_TRITON_DIRECT_LAUNCH=0 sends every launch through Triton's launch path (see ``_Tuned``)
 DIRECT_LAUNCH = os.environ.get("OASIS_TRITON_DIRECT_LAUNCH", "1") != "0" and not INTERPRET
-# the backward as a delta kernel and one launch of dQ and dK/dV programs side by side, instead
-# of dQ (which writes delta) and then dK/dV: an experiment (docs/PERF.md, entry 15), off until
-# measured
-CONCURRENT_BWD = os.environ.get("OASIS_CONCURRENT_BWD", "0") == "1"
+#: the backward as a delta kernel and one launch of dQ and dK/dV programs side by side (default),
+#: or with OASIS_CONCURRENT_BWD=0 dQ (which writes delta) and then dK/dV (docs/PERF.md, entries 15-16)
+CONCURRENT_BWD = os.environ.get("OASIS_CONCURRENT_BWD", "1") != "0"
 #: largest window radius per axis: the visibility codes keep each axis in a 10-bit field
 MAX_RADIUS = 120
 
@@ -1128,8 +1127,8 @@ def local_attention_backward_concurrent(dout, q, k, v, out, lse, dq, dk, dv, tab
 
 
 def local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale):
-    """dQ (and ``delta``) first, then dK/dV, which reads ``delta``; with ``CONCURRENT_BWD``
-    (``OASIS_CONCURRENT_BWD=1``), :func:`local_attention_backward_concurrent`."""
+    """:func:`local_attention_backward_concurrent` (the default), or with ``OASIS_CONCURRENT_BWD=0``
+    dQ (and ``delta``) first, then dK/dV, which reads ``delta``."""
     if CONCURRENT_BWD:
         local_attention_backward_concurrent(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale)
         return
