@@ -34,7 +34,7 @@ Kernels
   (the branches reuse it), registers and spills dK/dV's. No atomics: the backward is
   deterministic. (A one-pass backward adding dQ atomically, as FlashAttention-2 does, measured
   slower on the H200 at every shape tried: docs/PERF.md, entry 12.) The default since
-  docs/PERF.md entry 16: 13-20 us faster fwd+bwd at S on an H100, A and B unchanged.
+  docs/PERF.md entry 16: ~12 us (5-20) faster fwd+bwd at S on an H100, A and B unchanged.
 * ``_bwd_dq_kernel`` then ``_bwd_dkdv_kernel`` (``OASIS_CONCURRENT_BWD=0``): the same tile code
   as two launches, dQ first (it writes ``delta``), then dK/dV, which reads it.
 
