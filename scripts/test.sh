@@ -10,5 +10,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch 2.13.0: the CPU wheel on CI machines (a CUDA build elsewhere); triton pinned to the GPU machine's
 python -m pip install -q "torch==2.13.0" "triton==3.6.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,vsr]"
 python -m pytest -q "$@"

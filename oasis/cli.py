@@ -1,0 +1,194 @@
+"""``oasis-vsr``: super-resolve a video file x4 with an OASIS checkpoint.
+
+Every argument, the input video, the checkpoint folder and the memory plan are checked before
+any model work starts; a bad one ends the program with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  oasis-vsr clip.mp4 -o clip_x4.mp4 --checkpoint ckpt/
+  oasis-vsr long.mp4 -o long_x4.mp4 --checkpoint ckpt/ --chunk-frames 33 --memory-budget 40
+  oasis-vsr --demo -o demo.mp4        # tiny random-weight model on a synthetic clip (CPU, untrained)
+
+A checkpoint folder holds oasis.json + oasis.safetensors (projector, context), transformer/ (the
+Wan2.1 DiT in diffusers' or Wan2.1's layout), vae/ or Wan2.1_VAE.pth, and optionally routing.json.
+Nothing is downloaded.
+"""
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "fp32": "float32", "float32": "float32"}
+
+
+def _chunk_frames(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer 4k+1 (5, 9, 17, 33, ...), got {text!r}") from None
+    if n < 1 or (n - 1) % 4:
+        raise argparse.ArgumentTypeError(f"must be 4k+1 (5, 9, 17, 33, ...), got {n}")
+    return n
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0 or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="oasis-vsr", description="One-step x4 video super-resolution (OASIS on Wan2.1, routed attention).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", nargs="?", help="the low-quality video (any format PyAV/FFmpeg reads)")
+    p.add_argument("-o", "--output", required=True, help="where to write the x4 video (its folder must exist)")
+    p.add_argument("--checkpoint", help="OASIS checkpoint folder (see below)")
+    p.add_argument("--routing", help="routing file (oasis-route output) overriding the checkpoint's routing.json; "
+                                     "'none' runs every head global")
+    p.add_argument("--chunk-frames", type=_chunk_frames,
+                   help="frames restored together (4k+1); longer videos run in overlapping chunks "
+                        "(default: the most that fits the memory budget, at most 81)")
+    p.add_argument("--tile", type=_positive(int),
+                   help="restore frames in overlapping square tiles of this many input pixels (multiple of 4; "
+                        "default: tiles only when a whole frame does not fit the memory budget)")
+    p.add_argument("--memory-budget", type=_positive(float), metavar="GiB",
+                   help="device memory to plan for, weights included (default: 90%% of the free GPU memory)")
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--crf", type=float, default=18, help="encoder quality (libx264 CRF; lower is better, default 18)")
+    p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--demo", action="store_true",
+                   help="run a tiny random-weight model on a synthetic clip: shows the pipeline, restores nothing")
+    return p
+
+
+class _Exit(Exception):
+    """A clean one-line failure (exit code 2)."""
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _Exit(f"--device {name!r} is not a torch device (cuda, cuda:0, cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _Exit(f"--device {name}: CUDA is not available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise _Exit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise _Exit(f"--device {name}: only cuda and cpu are supported")
+    return device
+
+
+def _check_args(args) -> None:
+    """Everything that can be checked without loading a model."""
+    from .video import probe_video
+
+    out = Path(args.output)
+    if not out.parent.exists() and str(out.parent) not in ("", "."):
+        raise _Exit(f"output folder {str(out.parent)!r} does not exist")
+    if out.exists() and out.is_dir():
+        raise _Exit(f"output {str(out)!r} is a folder; give a file name such as out.mp4")
+    if args.demo:
+        if args.input or args.checkpoint:
+            raise _Exit("--demo takes no input video or checkpoint (it makes both up)")
+        return
+    if not args.input:
+        raise _Exit("no input video (give IN.mp4, or --demo)")
+    if not args.checkpoint:
+        raise _Exit("no --checkpoint folder (or use --demo for an untrained tiny model)")
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise _Exit(f"checkpoint folder {str(ckpt)!r} does not exist")
+    if not (ckpt / "oasis.json").is_file():
+        raise _Exit(f"{ckpt}: not an OASIS checkpoint (no oasis.json with the projector's settings)")
+    if args.routing and args.routing.lower() != "none" and not Path(args.routing).is_file():
+        raise _Exit(f"routing file {args.routing!r} does not exist")
+    probe_video(args.input)  # raises VideoError for a missing or unreadable file
+
+
+def run(args) -> int:
+    import torch
+
+    from .video import VideoWriter, read_video, synthetic_clip
+
+    _check_args(args)
+    device = _device(args.device)
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.demo:
+        from .demo import tiny_pipeline
+
+        print("oasis-vsr --demo: a tiny RANDOM-WEIGHT model (untrained) on a synthetic clip; the output shows the "
+              "pipeline working, not super-resolution quality", file=sys.stderr)
+        pipe = tiny_pipeline(device=device)
+        video = synthetic_clip(args.max_frames or 17, 48, 80)
+        fps, color_range, colorspace = 24, None, None
+    else:
+        from .pipeline import OasisVSR
+
+        routing = "checkpoint"
+        if args.routing:
+            routing = None if args.routing.lower() == "none" else args.routing
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = OasisVSR.from_pretrained(args.checkpoint, routing=routing, dtype=dtype, device=device)
+        video, info = read_video(args.input, max_frames=args.max_frames)
+        fps, color_range, colorspace = info.fps, info.color_range, info.colorspace
+        print(f"oasis-vsr: loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {video.shape[0]} frames "
+              f"{video.shape[2]}x{video.shape[1]} at {float(fps):.3f} fps", file=sys.stderr)
+    frames, height, width, _ = video.shape
+    plan = pipe.plan(frames, height, width, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames,
+                     tile=args.tile)
+    s = pipe.scale
+    t0 = time.perf_counter()
+    with VideoWriter(args.output, width * s, height * s, fps, crf=args.crf, color_range=color_range,
+                     colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None) as out:
+        for block in pipe.stream(video, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames,
+                                 tile=args.tile, progress=not args.no_progress):
+            out.write(block)
+    took = time.perf_counter() - t0
+    tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
+    print(f"oasis-vsr: wrote {args.output}: {frames} frames {width * s}x{height * s} in {took:.1f} s "
+          f"(chunks of {plan.chunk_frames} frames{tiles}){' [untrained demo]' if args.demo else ''}",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (_Exit, ValueError, MemoryError, ImportError) as exc:
+        print(f"oasis-vsr: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("oasis-vsr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,464 @@
+"""Wan2.1's text-to-video DiT with routed self-attention heads (OASIS, sec. 3.3).
+
+The module names follow Wan2.1's own checkpoints (``blocks.0.self_attn.q``, ...), so its state
+dict is Wan2.1's layout; :mod:`oasis.checkpoint` maps diffusers' names onto it.
+
+Numerics follow Wan2.1 / diffusers: the time embedding, the modulation and every LayerNorm run in
+float32 (:meth:`WanDiT.cast` keeps those parameters in float32), the matmuls in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import oasis_kernels as ok
+from oasis_kernels.routing import RoutingFile, load_routing
+
+from .config import WanConfig
+
+__all__ = ["WanDiT", "WanBlock", "WanSelfAttention", "WanCrossAttention", "Routing", "rope_tables",
+           "timestep_embedding"]
+
+# (per layer: one mode per head, window)
+Routing = "str | Path | RoutingFile | Sequence[Sequence[str | ok.Mode]] | None"
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 if it is float64: the precision norms and modulation run in."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding ``[B, dim]`` float64 (cos half first, base 10000), as Wan2.1 computes it."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _axis_angles(length: int, channels: int, theta: float, device) -> torch.Tensor:
+    """Rotation angles ``[length, channels // 2]`` of one RoPE axis (float64)."""
+    inv = 1.0 / torch.pow(theta, torch.arange(0, channels, 2, dtype=torch.float64, device=device) / channels)
+    return torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv[None]
+
+
+def rope_tables(grid, config: WanConfig, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin`` of the 3D rotary embedding, each ``[N, head_dim // 2]`` in ``dtype``, tokens t-major.
+
+    Channel pair ``(2i, 2i+1)`` of every head rotates by one angle; the first pairs follow the
+    frame index, then the row, then the column (Wan2.1's 44/42/42 split for head_dim 128).
+    """
+    t, h, w = grid
+    ct, ch, cw = config.rope_split
+    at = _axis_angles(t, ct, config.rope_theta, device)[:, None, None, :].expand(t, h, w, -1)
+    ah = _axis_angles(h, ch, config.rope_theta, device)[None, :, None, :].expand(t, h, w, -1)
+    aw = _axis_angles(w, cw, config.rope_theta, device)[None, None, :, :].expand(t, h, w, -1)
+    angles = torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, -1)
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of ``x [B, N, heads, D]`` by ``cos, sin [N, D/2]``; float32 inside."""
+    pairs = _wide(x).unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim, computed in float32, weight applied in the input dtype (Wan2.1)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = _wide(x)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed and returned in float32 (float64 for float64 inputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _wide(x)
+        w = None if self.weight is None else self.weight.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+def _permute_heads(t: torch.Tensor, order: Sequence[int], heads: int, dim: int) -> torch.Tensor:
+    """Head block ``i`` of the result is head block ``order[i]`` of ``t`` along ``dim`` (q/k/v rows, o columns)."""
+    shape = list(t.shape)
+    split = shape[:dim] + [heads, shape[dim] // heads] + shape[dim + 1:]
+    index = torch.tensor(list(order), dtype=torch.long, device=t.device)
+    return t.reshape(split).index_select(dim, index).reshape(shape)
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention over the video tokens; each head follows its routed pattern.
+
+    ``set_modes`` permutes the q/k/v rows, the q/k RMSNorm weights and the o columns once so the
+    heads of each mode are contiguous (one slice per head group for the kernels). The state dict
+    is always in the checkpoint's head order: saving un-permutes, loading permutes.
+    """
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim = config.dim
+        self.heads, self.head_dim = config.num_heads, config.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+        self.modes: tuple[ok.Mode, ...] = (ok.Mode.GLOBAL,) * self.heads  # checkpoint head order
+        self.window: tuple[int, int, int] = (3, 5, 5)
+        self.order: tuple[int, ...] = tuple(range(self.heads))  # kernel head i is checkpoint head order[i]
+        self._plans: dict = {}
+        self.register_state_dict_post_hook(_unpermute_state)
+        self.register_load_state_dict_pre_hook(self._permute_loaded)
+
+    # -- the permuted tensors --------------------------------------------------
+    def _head_tensors(self):
+        """(tensor, dim) pairs whose head blocks follow ``perm``."""
+        out = [(self.q.weight, 0), (self.q.bias, 0), (self.k.weight, 0), (self.k.bias, 0),
+               (self.v.weight, 0), (self.v.bias, 0), (self.o.weight, 1)]
+        if isinstance(self.norm_q, RMSNorm):
+            out += [(self.norm_q.weight, 0), (self.norm_k.weight, 0)]
+        return out
+
+    _HEAD_KEYS = {"q.weight": 0, "q.bias": 0, "k.weight": 0, "k.bias": 0, "v.weight": 0, "v.bias": 0,
+                  "o.weight": 1, "norm_q.weight": 0, "norm_k.weight": 0}
+
+    def _permute_loaded(self, module, state_dict, prefix, *args):
+        _permute_state(state_dict, prefix, self.order, self.heads)
+
+    @torch.no_grad()
+    def set_modes(self, modes: Sequence, window=(3, 5, 5)) -> None:
+        """Route head ``i`` (checkpoint order) with ``modes[i]``; permute the weights to match."""
+        modes = tuple(ok.Mode.parse(m) for m in modes)
+        if len(modes) != self.heads:
+            raise ValueError(f"routing names {len(modes)} heads but the layer has {self.heads}")
+        window = ok.normalize_window(window)
+        order = ok.RoutingPlan((1, 1, 1), modes, window).head_permutation()
+        # from the current kernel order back to checkpoint order, then on to the new kernel order
+        back = _inverse(self.order)
+        step = tuple(back[i] for i in order)
+        if step != tuple(range(self.heads)):
+            for t, dim in self._head_tensors():
+                t.copy_(_permute_heads(t, step, self.heads, dim))
+        self.order = order
+        self.modes, self.window = modes, window
+        self._plans.clear()
+
+    def plan(self, grid) -> ok.RoutingPlan:
+        """The layer's plan for a token grid, in kernel head order (cached per grid)."""
+        plan = self._plans.get(grid)
+        if plan is None:
+            plan = self._plans[grid] = ok.RoutingPlan(grid, [self.modes[i] for i in self.order], self.window)
+        return plan
+
+    def forward(self, x: torch.Tensor, grid, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim)
+        k = self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim)
+        v = self.v(x).view(b, n, self.heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = ok.routed_attention(q, k, v, self.plan(grid))
+        return self.o(y.flatten(2))
+
+
+def _inverse(order: Sequence[int]) -> tuple[int, ...]:
+    out = [0] * len(order)
+    for i, j in enumerate(order):
+        out[j] = i
+    return tuple(out)
+
+
+def _permute_state(state_dict, prefix: str, order: Sequence[int], heads: int) -> None:
+    if tuple(order) == tuple(range(heads)):
+        return
+    for key, dim in WanSelfAttention._HEAD_KEYS.items():
+        if prefix + key in state_dict:
+            state_dict[prefix + key] = _permute_heads(state_dict[prefix + key], order, heads, dim)
+
+
+def _unpermute_state(module: WanSelfAttention, state_dict, prefix, local_metadata):
+    _permute_state(state_dict, prefix, _inverse(module.order), module.heads)
+
+
+class WanCrossAttention(nn.Module):
+    """Cross-attention from the video tokens to the (text) context tokens."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim = config.dim
+        self.heads, self.head_dim = config.num_heads, config.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of embedded context tokens ``[Bc, L, dim]``, each ``[Bc, heads, L, head_dim]``."""
+        b, l, _ = context.shape
+        k = self.norm_k(self.k(context)).view(b, l, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(b, l, self.heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        b, n, _ = x.shape
+        k, v = kv
+        q = self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        if k.shape[0] != b:  # one constant context for every video of the batch
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
+        return self.o(y.transpose(1, 2).flatten(2))
+
+
+class WanBlock(nn.Module):
+    """One DiT block: modulated self-attention, cross-attention, modulated FFN (six-way modulation)."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        dim = config.dim
+        self.norm1 = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(config)
+        self.norm3 = FP32LayerNorm(dim, config.eps, elementwise_affine=True) if config.cross_attn_norm else None
+        self.cross_attn = WanCrossAttention(config)
+        self.norm2 = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(config.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+
+    def forward(self, x, e, grid, rope, kv):
+        """``x [B, N, dim]``, ``e [B, 6, dim]`` float32 time projection, ``kv`` the context's K/V."""
+        dtype = x.dtype
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.to(e.dtype) + e).chunk(6, dim=1)
+        y = self.self_attn((self.norm1(x) * (1 + scale) + shift).to(dtype), grid, rope)
+        x = (_wide(x) + y * gate).to(dtype)
+        xc = x if self.norm3 is None else self.norm3(x).to(dtype)
+        x = x + self.cross_attn(xc, kv)
+        y = self.ffn((self.norm2(x) * (1 + c_scale) + c_shift).to(dtype))
+        return (_wide(x) + y * c_gate).to(dtype)
+
+
+class WanHead(nn.Module):
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(config.dim, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, config.out_channels * math.prod(config.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim ** 0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.to(e.dtype) + e[:, None]).chunk(2, dim=1)
+        return self.head((self.norm(x) * (1 + scale) + shift).to(x.dtype))
+
+
+# parameters kept in float32 by WanDiT.cast (Wan2.1 and diffusers keep them so): small, and
+# their rounding would move every token's modulation
+_FP32_PARAMS = ("time_embedding.", "time_projection.", "modulation", "norm1.", "norm2.", "norm3.", "head.norm.")
+
+
+class WanDiT(nn.Module):
+    """Wan2.1's text-to-video DiT (``model(latents, timestep, context) -> [B, C_out, T, H, W]``).
+
+    Same call and numbers as diffusers' ``WanTransformer3DModel(hidden_states, timestep,
+    encoder_hidden_states).sample`` when every head is global. Self-attention runs
+    ``oasis_kernels.routed_attention`` with each layer's plan (see :meth:`set_routing`).
+
+    The cross-attention context is usually constant (OASIS drops the prompt extractor):
+    :meth:`set_context` embeds it once and keeps each layer's K/V, and ``context=None`` in the
+    call uses them. They are recomputed when a weight they depend on changed (in-place updates
+    bump the tensors' version counters) and, while training, on every call so gradients flow.
+    """
+
+    def __init__(self, config: WanConfig | None = None):
+        super().__init__()
+        self.config = config = config or WanConfig()
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_channels, dim, config.patch_size, config.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = WanHead(config)
+        self.context: torch.Tensor | None = None
+        self._kv_cache: tuple | None = None
+        self._rope: dict = {}
+
+    # -- construction ------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, routing: Routing = None, window=(3, 5, 5), dtype=torch.float32,
+                        device="cpu") -> "WanDiT":
+        """Load a local checkpoint folder in diffusers' or Wan2.1's layout (see :mod:`oasis.checkpoint`)."""
+        from .checkpoint import load_dit
+
+        return load_dit(path, routing=routing, window=window, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, *, layout: str = "diffusers", max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` + safetensors in ``layout`` ``"diffusers"`` or ``"wan"``."""
+        from .checkpoint import save_dit
+
+        save_dit(self, path, layout=layout, max_shard_bytes=max_shard_bytes)
+
+    def cast(self, dtype: torch.dtype) -> "WanDiT":
+        """Move the matmul weights to ``dtype``; the time embedding, modulations and norms stay float32."""
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+        for name, p in self.named_parameters():
+            keep = dtype != torch.float64 and any(k in name for k in _FP32_PARAMS)
+            p.data = p.data.to(torch.float32 if keep else dtype)
+        self._kv_cache = None
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    # -- routing --------------------------------------------------------------------
+    def set_routing(self, routing: Routing, window=(3, 5, 5)) -> None:
+        """Route every layer's heads.
+
+        Args:
+            routing: a routing file path or :class:`~oasis_kernels.routing.RoutingFile` (its window
+                wins), or one list of modes per layer (``[["global", "intra", ...], ...]``), or
+                ``None`` for all global.
+            window: the window of window heads, when ``routing`` is a list.
+        """
+        per_layer = self._routing_modes(routing, window)
+        if isinstance(routing, (str, Path, RoutingFile)):
+            window = (load_routing(routing) if isinstance(routing, (str, Path)) else routing).window
+        for block, modes in zip(self.blocks, per_layer):
+            block.self_attn.set_modes(modes, window)
+
+    def _routing_modes(self, routing, window) -> list:
+        cfg = self.config
+        if routing is None:
+            return [["global"] * cfg.num_heads] * cfg.num_layers
+        if isinstance(routing, (str, Path)):
+            path = Path(routing)
+            if not path.is_file():
+                raise ValueError(f"routing file {str(path)!r} does not exist")
+            routing = load_routing(path)
+        if isinstance(routing, RoutingFile):
+            routing.check_model(cfg.num_layers, cfg.num_heads)
+            return [layer.modes for layer in routing.layers]
+        if isinstance(routing, (str, bytes)) or not isinstance(routing, Sequence):
+            raise TypeError(f"routing must be a path, a RoutingFile, a list of modes per layer or None, "
+                            f"got {type(routing).__name__}")
+        routing = list(routing)
+        if len(routing) != cfg.num_layers:
+            raise ValueError(f"routing lists {len(routing)} layers but the model has {cfg.num_layers}")
+        for i, modes in enumerate(routing):
+            if isinstance(modes, (str, bytes)) or len(modes) != cfg.num_heads:
+                raise ValueError(f"routing layer {i} must list {cfg.num_heads} modes, got {modes!r}")
+        return routing
+
+    @property
+    def routing(self) -> list[tuple[ok.Mode, ...]]:
+        """Each layer's modes in checkpoint head order."""
+        return [b.self_attn.modes for b in self.blocks]
+
+    # -- the constant context ----------------------------------------------------------
+    def set_context(self, context: torch.Tensor | None) -> None:
+        """Keep ``context [L, text_dim]`` or ``[1, L, text_dim]`` for calls with ``context=None``."""
+        if context is not None:
+            if not isinstance(context, torch.Tensor):
+                raise TypeError(f"context must be a tensor, got {type(context).__name__}")
+            if context.dim() == 2:
+                context = context[None]
+            if context.dim() != 3 or context.shape[-1] != self.config.text_dim:
+                raise ValueError(f"context must be [L, {self.config.text_dim}] or [B, L, {self.config.text_dim}], "
+                                 f"got {tuple(context.shape)}")
+            context = context.detach()
+        self.context, self._kv_cache = context, None
+
+    def _kv_inputs(self):
+        out = list(self.text_embedding.parameters())
+        for b in self.blocks:
+            out += [b.cross_attn.k.weight, b.cross_attn.k.bias, b.cross_attn.v.weight, b.cross_attn.v.bias]
+            if isinstance(b.cross_attn.norm_k, RMSNorm):
+                out.append(b.cross_attn.norm_k.weight)
+        return out
+
+    def _context_kv(self, context: torch.Tensor | None) -> list:
+        if context is not None:
+            return self._embed_context(context)
+        if self.context is None:
+            raise ValueError("no context: pass context=[B, L, text_dim] or call set_context() first")
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._kv_inputs()):
+            return self._embed_context(self.context)  # training: gradients flow into the K/V weights
+        if torch.compiler.is_compiling():
+            if self._kv_cache is not None:
+                return self._kv_cache[1]
+            return self._embed_context(self.context)
+        key = tuple((id(p), p._version, p.dtype, p.device) for p in self._kv_inputs())
+        if self._kv_cache is None or self._kv_cache[0] != key:
+            with torch.no_grad():
+                self._kv_cache = (key, self._embed_context(self.context))
+        return self._kv_cache[1]
+
+    def _embed_context(self, context: torch.Tensor) -> list:
+        ctx = context.to(self.device, self.text_embedding[0].weight.dtype)
+        ctx = self.text_embedding(ctx)
+        return [b.cross_attn.context_kv(ctx) for b in self.blocks]
+
+    # -- forward ----------------------------------------------------------------------------
+    def rope(self, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        key = (grid, self.device, dtype)
+        tables = self._rope.get(key)
+        if tables is None:
+            tables = self._rope[key] = rope_tables(grid, self.config, self.device, dtype)
+        return tables
+
+    def forward(self, latents: torch.Tensor, timestep, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the flow-matching velocity.
+
+        Args:
+            latents: ``[B, C_in, T, H, W]`` (``H, W`` multiples of the patch size).
+            timestep: ``[B]`` (or a number) on Wan's 0..1000 scale.
+            context: ``[B, L, text_dim]`` text embeddings, or ``None`` for the one kept by
+                :meth:`set_context`.
+
+        Returns:
+            ``[B, C_out, T, H, W]`` in the model's dtype.
+        """
+        cfg = self.config
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            raise ValueError(f"latents must be [B, {cfg.in_channels}, T, H, W], got "
+                             f"{getattr(latents, 'shape', type(latents).__name__)}")
+        b, c, t, h, w = latents.shape
+        pt, ph, pw = cfg.patch_size
+        if c != cfg.in_channels or t % pt or h % ph or w % pw or b == 0:
+            raise ValueError(f"latents {tuple(latents.shape)} must be [B>0, {cfg.in_channels}, T, H, W] with "
+                             f"(T, H, W) multiples of the patch {cfg.patch_size}")
+        timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1)
+        if timestep.numel() == 1:
+            timestep = timestep.expand(b)
+        if timestep.numel() != b:
+            raise ValueError(f"timestep has {timestep.numel()} entries for a batch of {b}")
+        grid = (t // pt, h // ph, w // pw)
+        x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)
+        # float32 (the parameters WanDiT.cast keeps), float64 in a float64 model
+        e = self.time_embedding(timestep_embedding(timestep, cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
+        e6 = self.time_projection(e).unflatten(1, (6, cfg.dim))
+        kv = self._context_kv(context)
+        rope = self.rope(grid)
+        for block, layer_kv in zip(self.blocks, kv):
+            x = block(x, e6, grid, rope, layer_kv)
+        x = self.head(x, e)
+        x = x.view(b, *grid, pt, ph, pw, cfg.out_channels)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, t, h, w)

@@ -1,0 +1,299 @@
+"""One-step video super-resolution (OASIS sec. 3.2): projector -> routed DiT -> Wan VAE decoder.
+
+    z_L = W_proj UnShuffle(V_L) + b_proj                      (eq. 3)
+    z_H = z_L - sigma * DiT(z_L, T_L),  T_L = 799, sigma = 0.799  (eq. 4)
+    V_H = Decoder(z_H * std + mean)
+
+The DiT predicts Wan2.1's flow-matching velocity ``v = noise - z_0`` at ``z_t = (1 - s) z_0 + s noise``
+for ``s = t / 1000``. Wan's samplers shift the schedule (``s' = k s / (1 + (k - 1) s)``) but always
+feed the model ``t = 1000 s'`` with the shifted ``s'`` itself, so a fixed one-step timestep pairs
+with ``sigma = T_L / 1000`` and no shift enters: ``z_0 = z_t - sigma v``.
+
+A checkpoint folder (:meth:`OasisVSR.save_pretrained` writes one)::
+
+    oasis.json            {"format": "oasis-vsr/1", "timestep": 799, "projector": {...}, "routing": ...}
+    oasis.safetensors     projector.proj.weight / .bias, context [L, text_dim]
+    transformer/          the DiT, diffusers' or Wan2.1's layout
+    vae/ | Wan2.1_VAE.pth the VAE, diffusers' layout or Wan2.1's file
+    routing.json          optional: the routing the DiT was trained with
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, read_safetensors_file, write_safetensors
+from .dit import WanDiT
+from .projector import LatentProjector, ProjectorConfig
+from .tiling import TilePlan, estimate_bytes, plan_tiles, span_weights, spans
+from .vae import WanDecoder, find_vae, load_vae
+
+__all__ = ["OasisVSR", "FORMAT"]
+
+FORMAT = "oasis-vsr/1"
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency; stay silent rather than fail without it
+        return None
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="tile", leave=False)
+
+
+class OasisVSR:
+    """The OASIS x4 video super-resolution pipeline.
+
+    ``pipe(video)`` takes ``uint8 [F, h, w, 3]`` RGB frames (any ``F >= 1``, any ``h, w``) and returns
+    ``uint8 [F, 4h, 4w, 3]``. Long or large videos are restored in overlapping chunks of frames and,
+    when a frame does not fit the memory budget, in overlapping spatial tiles, cross-faded
+    (:mod:`oasis.tiling`).
+    """
+
+    def __init__(self, dit: WanDiT, projector: LatentProjector, decoder: WanDecoder, *, timestep: float = 799.0,
+                 context: torch.Tensor | None = None):
+        if projector.config.latent_channels != dit.config.in_channels:
+            raise ValueError(f"the projector makes {projector.config.latent_channels} latent channels but the DiT "
+                             f"takes {dit.config.in_channels}")
+        if decoder.z_dim != dit.config.out_channels:
+            raise ValueError(f"the DiT makes {dit.config.out_channels} channels but the VAE takes {decoder.z_dim}")
+        if projector.config.frames_per_latent != decoder.temporal:
+            raise ValueError(f"the projector groups {projector.config.frames_per_latent} frames per latent frame but "
+                             f"the VAE decodes {decoder.temporal}")
+        if decoder.spatial % projector.config.pixels_per_latent:
+            raise ValueError(f"the VAE's spatial factor {decoder.spatial} is not a multiple of the projector's "
+                             f"{projector.config.pixels_per_latent}")
+        if not 0 < timestep <= 1000:
+            raise ValueError(f"timestep must be in (0, 1000], got {timestep}")
+        self.dit, self.projector, self.decoder = dit, projector, decoder
+        self.timestep = float(timestep)
+        if context is None:
+            warnings.warn("no cross-attention context in the checkpoint: using zeros (an untrained choice)",
+                          stacklevel=2)
+            context = torch.zeros(dit.config.text_len, dit.config.text_dim)
+        self.context = context
+        dit.set_context(context)
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def sigma(self) -> float:
+        return self.timestep / 1000.0
+
+    @property
+    def scale(self) -> int:
+        """Output pixels per input pixel along each side (4 for the paper's setting)."""
+        return self.decoder.spatial // self.projector.config.pixels_per_latent
+
+    @property
+    def align(self) -> int:
+        """Input sides are padded to multiples of this (projector x DiT patch)."""
+        return self.projector.config.pixels_per_latent * self.dit.config.patch_size[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.device
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, routing="checkpoint", window=(3, 5, 5), dtype=torch.bfloat16,
+                        device="cuda") -> "OasisVSR":
+        """Load a checkpoint folder (layout in the module docstring); nothing is downloaded.
+
+        ``routing="checkpoint"`` uses the checkpoint's ``routing.json`` when it has one (else all heads
+        global); a path, a RoutingFile, a list of modes per layer or ``None`` (all global) override it.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no such checkpoint folder")
+        meta_path = path / "oasis.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{path}: no oasis.json; an OASIS checkpoint holds the projector beside the DiT "
+                                  f"(see OasisVSR.save_pretrained)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        tensors_path = path / "oasis.safetensors"
+        extra = read_safetensors_file(tensors_path) if tensors_path.is_file() else {}
+        if "projector.proj.weight" not in extra or "projector.proj.bias" not in extra:
+            raise CheckpointError(f"{path}: the checkpoint has no projector (oasis.safetensors lacks "
+                                  f"projector.proj.weight / projector.proj.bias)")
+        projector = LatentProjector(ProjectorConfig(**meta.get("projector", {})))
+        try:
+            projector.load_state_dict({"proj.weight": extra["projector.proj.weight"],
+                                       "proj.bias": extra["projector.proj.bias"]})
+        except RuntimeError as exc:
+            raise CheckpointError(f"{tensors_path}: the projector does not fit oasis.json's projector config "
+                                  f"({str(exc).splitlines()[-1].strip()})") from None
+        if routing == "checkpoint":
+            name = meta.get("routing")
+            routing = path / name if name else None
+        device = torch.device(device)
+        dit = WanDiT.from_pretrained(path, routing=routing, window=window, dtype=dtype, device=device)
+        decoder = WanDecoder(load_vae(find_vae(path), dtype=dtype, device=device))
+        projector.to(device=device, dtype=torch.float32)
+        return cls(dit, projector, decoder, timestep=float(meta.get("timestep", 799)), context=extra.get("context"))
+
+    def save_pretrained(self, path, *, layout: str = "diffusers") -> None:
+        """Write the checkpoint folder; the DiT in ``layout`` (``"diffusers"`` or ``"wan"``)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        routing = None
+        if any(m != 0 for modes in self.dit.routing for m in modes):
+            routing = "routing.json"
+            routing_json = {"format": "oasis-routing/1", "rho": None, "eps": None, "query_stride": None,
+                            "videos": 0, "window": list(self.dit.blocks[0].self_attn.window),
+                            "num_global": sum(int(m == 0) for modes in self.dit.routing for m in modes),
+                            "layers": [{"name": f"blocks.{i}.self_attn", "modes": [m.name.lower() for m in modes],
+                                        "stats": {}} for i, modes in enumerate(self.dit.routing)]}
+            (path / routing).write_text(json.dumps(routing_json, indent=1))
+        meta = {"format": FORMAT, "timestep": self.timestep, "projector": vars(self.projector.config).copy(),
+                "routing": routing}
+        (path / "oasis.json").write_text(json.dumps(meta, indent=1))
+        write_safetensors({"projector.proj.weight": self.projector.proj.weight,
+                           "projector.proj.bias": self.projector.proj.bias,
+                           "context": self.context}, path, "oasis")
+        self.dit.save_pretrained(path / "transformer", layout=layout)
+        self.decoder.vae.save_pretrained(str(path / "vae"))
+
+    # -- the three stages -------------------------------------------------------------------------------
+    def project(self, video: torch.Tensor) -> torch.Tensor:
+        """Eq. 3: ``[B, 3, F, h, w]`` in [-1, 1] -> ``z_L [B, 16, T, h/2, w/2]`` float32."""
+        return self.projector(video.to(self.device, torch.float32)).float()
+
+    def restore(self, z_low: torch.Tensor) -> torch.Tensor:
+        """Eq. 4: one DiT step from the projected latents."""
+        v = self.dit(z_low.to(self.dit.dtype), torch.full((z_low.shape[0],), self.timestep, device=z_low.device))
+        return z_low - self.sigma * v.float()
+
+    def decode(self, z_high: torch.Tensor) -> torch.Tensor:
+        """``[B, 16, T, H, W]`` -> ``[B, 3, 1 + 4(T-1), 8H, 8W]`` in [-1, 1]."""
+        return self.decoder(z_high)
+
+    @torch.no_grad()
+    def restore_clip(self, video: torch.Tensor) -> torch.Tensor:
+        """The three stages on one clip that fits: ``[B, 3, 4k+1, h, w]`` -> ``[B, 3, 4k+1, 4h, 4w]``."""
+        return self.decode(self.restore(self.project(video))).float()
+
+    # -- whole videos ---------------------------------------------------------------------------------------
+    def plan(self, frames: int, height: int, width: int, *, memory_budget: float | None = None,
+             chunk_frames: int | None = None, tile: int | None = None) -> TilePlan:
+        """How a video of this size will be cut (validates everything before any work)."""
+        for name, value in (("frames", frames), ("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        a = self.align
+        height, width = a * math.ceil(height / a), a * math.ceil(width / a)
+        budget = self._budget(memory_budget)
+        cfg = self.dit.config
+        elem = torch.finfo(self.dit.dtype).bits // 8
+
+        def estimate(f, h, w):
+            return estimate_bytes(f, h, w, dim=cfg.dim, ffn_dim=cfg.ffn_dim, elem=elem, scale=self.scale,
+                                  decoder_width=self.decoder.width, frame_area=height * width,
+                                  frames_per_latent=self.projector.config.frames_per_latent, pixels_per_token=a)
+
+        return plan_tiles(frames, height, width, budget=budget, estimate=estimate, chunk_frames=chunk_frames,
+                          tile=tile, frames_per_latent=self.projector.config.frames_per_latent, align=a)
+
+    def _budget(self, memory_budget) -> int | None:
+        """Bytes left for activations: the budget (GiB) or the free device memory, less nothing resident."""
+        if memory_budget is not None:
+            if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
+                raise ValueError(f"memory_budget must be a positive number of GiB, got {memory_budget!r}")
+            return int(memory_budget * 2**30) - self._weight_bytes()
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(0.9 * free)
+        return None
+
+    def _weight_bytes(self) -> int:
+        mods = (self.dit, self.projector, self.decoder.vae)
+        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+
+    def __call__(self, video: torch.Tensor, *, memory_budget: float | None = None, chunk_frames: int | None = None,
+                 tile: int | None = None, progress: bool = True) -> torch.Tensor:
+        """Super-resolve ``uint8 [F, h, w, 3]`` -> ``uint8 [F, 4h, 4w, 3]`` (on the CPU)."""
+        return torch.cat(list(self.stream(video, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile,
+                                          progress=progress)))
+
+    @torch.no_grad()
+    def stream(self, video: torch.Tensor, *, memory_budget: float | None = None, chunk_frames: int | None = None,
+               tile: int | None = None, progress: bool = True):
+        """Like ``__call__``, yielding finished output frames chunk by chunk (``uint8 [f, 4h, 4w, 3]``)."""
+        if not isinstance(video, torch.Tensor):
+            raise TypeError(f"video must be a uint8 tensor [F, h, w, 3], got {type(video).__name__}")
+        if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3 or min(video.shape) == 0:
+            raise ValueError(f"video must be uint8 [F, h, w, 3] RGB, got {video.dtype} {tuple(video.shape)}")
+        frames, height, width, _ = video.shape
+        plan = self.plan(frames, height, width, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile)
+        yield from self._run(video, plan, progress)
+
+    def _run(self, video: torch.Tensor, plan: TilePlan, progress: bool):
+        frames, height, width, _ = video.shape
+        a, s, ft = self.align, self.scale, self.projector.config.frames_per_latent
+        ph, pw = a * math.ceil(height / a), a * math.ceil(width / a)
+        x = video.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)  # [1, 3, F, h, w] in [-1, 1]
+        if (ph, pw) != (height, width):  # replicate the borders up to the grid; cropped again at the end
+            x = F.pad(x[0], (0, pw - width, 0, ph - height), mode="replicate")[None]
+        padded = 1 + ft * math.ceil((frames - 1) / ft)
+        chunk = min(plan.chunk_frames, padded)
+        if frames < chunk:  # a short clip: repeat its last frame up to 4k+1 frames
+            x = torch.cat([x, x[:, :, -1:].expand(-1, -1, chunk - frames, -1, -1)], dim=2)
+        total = max(frames, chunk)
+        t_spans = spans(total, chunk, plan.overlap_frames)
+        t_weights = span_weights(t_spans)
+        th, tw = plan.tile if plan.tiled else (ph, pw)
+        h_spans, w_spans = spans(ph, th, plan.tile_overlap), spans(pw, tw, plan.tile_overlap)
+        h_weights, w_weights = span_weights(h_spans), span_weights(w_spans)
+        bar = _progress(len(t_spans) * len(h_spans) * len(w_spans), progress, "oasis-vsr")
+        carry = None  # (start, weighted sum, weight sum) of frames a later chunk still adds to
+        emitted = 0
+        try:
+            for i, ((t0, t1), tw_) in enumerate(zip(t_spans, t_weights)):
+                acc = torch.zeros(3, t1 - t0, ph * s, pw * s, device=self.device)
+                for (h0, h1), hw_ in zip(h_spans, h_weights):
+                    for (w0, w1), ww_ in zip(w_spans, w_weights):
+                        clip = x[:, :, t0:t1, h0:h1, w0:w1]
+                        out = self.restore_clip(clip)[0]
+                        weight = (hw_.repeat_interleave(s)[:, None] * ww_.repeat_interleave(s)[None]).to(out.device)
+                        acc[:, :, h0 * s:h1 * s, w0 * s:w1 * s] += out * weight
+                        if bar is not None:
+                            bar.update(1)
+                weights = tw_.to(acc.device)
+                acc *= weights[None, :, None, None]
+                wsum = weights.clone()
+                if carry is not None:
+                    c0, c_acc, c_w = carry
+                    k = c_acc.shape[1]
+                    acc[:, c0 - t0:c0 - t0 + k] += c_acc
+                    wsum[c0 - t0:c0 - t0 + k] += c_w
+                next_start = t_spans[i + 1][0] if i + 1 < len(t_spans) else t1
+                done = next_start - t0
+                carry = (next_start, acc[:, done:], wsum[done:]) if done < t1 - t0 else None
+                final = acc[:, :done] / wsum[None, :done, None, None]
+                keep = min(done, frames - emitted)
+                if keep > 0:
+                    frames_out = final[:, :keep, :height * s, :width * s]
+                    yield _to_uint8(frames_out).cpu()
+                    emitted += keep
+        except torch.OutOfMemoryError:
+            raise MemoryError(f"out of device memory restoring a chunk of {plan.chunk_frames} frames"
+                              f"{'' if not plan.tiled else f' in tiles of {plan.tile}'}; lower the memory budget, "
+                              f"chunk frames or tile size") from None
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``[3, F, H, W]`` in [-1, 1] -> ``uint8 [F, H, W, 3]``."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)

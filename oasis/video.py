@@ -1,0 +1,667 @@
+"""Video file input/output for the video super-resolution CLI (``oasis-vsr IN.mp4 -o OUT.mp4``).
+
+Frames travel as uint8 RGB tensors ``[F, H, W, 3]`` (frames, height, width, channels).
+
+* :func:`probe_video` reads metadata only, to validate an input before long work starts.
+* :func:`read_video` decodes a whole clip (or its first frames) into one tensor.
+* :class:`VideoWriter` encodes chunk by chunk, so an upscaled clip never has to sit in memory
+  at once; :func:`write_video` is the one-shot form.
+* :func:`synthetic_clip` makes a deterministic moving test clip (no file needed).
+
+Every bad input raises :class:`VideoError` (a ``ValueError``) with a one-line message that
+names the path and the problem; a wrong frame dtype or type raises ``TypeError``.
+
+PyAV (``pip install av``) is imported on first use, so ``synthetic_clip`` works without it.
+
+Colour handling
+---------------
+* Reading: ``frame.to_ndarray(format="rgb24")`` honours each frame's matrix and range tags;
+  untagged YUV is taken as BT.601 limited ("tv") range, FFmpeg's convention.
+* Writing: for encoders whose bitstream signals colour (:data:`COLOUR_SIGNALLING_CODECS`:
+  libx264, libx265, libvpx-vp9, libsvtav1, libaom-av1) the writer converts RGB with the
+  requested matrix (default BT.709) and range (default "tv") and tags the stream, so
+  ``probe_video`` and any player see the same range (``color_range="pc"`` round-trips).
+  Other encoders, among them the ``mpeg4`` fallback, cannot carry the range (FFmpeg's
+  mpeg4 and mpeg2video encoders drop it), so the writer stores BT.601 "tv" untagged, which
+  is what decoders assume, and warns if "pc" was asked for: the pixels stay right, only
+  the range differs from the input.
+
+Rotation metadata (display matrix, e.g. from phones) is not handled at all: frames are
+returned as stored and written without rotation, so a portrait phone clip reads as
+landscape.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, replace
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+__all__ = [
+    "COLOUR_SIGNALLING_CODECS",
+    "VideoError",
+    "VideoInfo",
+    "VideoWriter",
+    "probe_video",
+    "read_video",
+    "synthetic_clip",
+    "write_video",
+]
+
+#: encoders verified to carry colour range and matrix in their bitstream through FFmpeg
+COLOUR_SIGNALLING_CODECS = frozenset({"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"})
+
+# AVColorRange -> name used by ffmpeg's -color_range
+_RANGE_NAMES = {1: "tv", 2: "pc"}
+_RANGE_CODES = {"tv": 1, "pc": 2}
+
+# AVColorSpace -> av_color_space_name(); 2 (unspecified) and 3 (reserved) read as None
+_COLORSPACE_NAMES = {
+    0: "gbr",
+    1: "bt709",
+    4: "fcc",
+    5: "bt470bg",
+    6: "smpte170m",
+    7: "smpte240m",
+    8: "ycgco",
+    9: "bt2020nc",
+    10: "bt2020c",
+    11: "smpte2085",
+    12: "chroma-derived-nc",
+    13: "chroma-derived-c",
+    14: "ictcp",
+}
+
+# matrices the writer can encode with: name -> (swscale Colorspace member, AVColorSpace tag)
+_WRITE_MATRICES = {
+    "bt709": ("ITU709", 1),
+    "bt470bg": ("ITU601", 5),
+    "smpte170m": ("SMPTE170M", 6),
+    "smpte240m": ("SMPTE240M", 7),
+    "fcc": ("FCC", 4),
+    "bt2020nc": ("BT2020", 9),
+}
+_BT601 = ("bt470bg", "smpte170m")
+
+# 1001 keeps NTSC rates (30000/1001) exact; 1000 keeps decimal rates (23.976 = 2997/125)
+_FPS_MAX_DENOMINATOR = 1001 * 1000
+
+
+class VideoError(ValueError):
+    """A video file or frame array that cannot be used; the message names the path and why."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Metadata of one video stream.
+
+    ``num_frames`` is what the container declares (``None`` when it does not say, e.g.
+    Matroska/WebM) for :func:`probe_video`, and the decoded count for :func:`read_video`.
+    ``color_range`` is ``"tv"`` (limited), ``"pc"`` (full) or ``None`` (untagged, which
+    players treat as "tv"); ``colorspace`` is FFmpeg's matrix name (``"bt709"``,
+    ``"smpte170m"``, ...) or ``None`` when untagged.
+    """
+
+    path: str
+    width: int
+    height: int
+    fps: Fraction
+    num_frames: int | None
+    codec: str
+    pix_fmt: str
+    color_range: str | None
+    colorspace: str | None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _import_av():
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - exercised only without PyAV
+        raise ImportError("oasis.video needs PyAV for video files: pip install av") from e
+    return av
+
+
+def _reason(err: BaseException) -> str:
+    # FFmpeg errors repeat the path in str(); strerror alone keeps the message to one line
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return " ".join(str(text).split())
+
+
+def _input_path(path) -> str:
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise VideoError(f"{p}: no such file")
+    if os.path.isdir(p):
+        raise VideoError(f"{p}: is a directory, not a video file")
+    return p
+
+
+def _open_input(p: str):
+    av = _import_av()
+    try:
+        return av.open(p, mode="r")
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"{p}: not a readable video file ({_reason(e)})") from e
+
+
+def _video_stream(container, p: str):
+    av = _import_av()
+    # cover art in audio files shows up as a one-picture "video" stream
+    attached = av.stream.Disposition.attached_pic
+    streams = [s for s in container.streams.video if not (s.disposition & attached)]
+    if not streams:
+        kinds = sorted({s.type for s in container.streams}) or ["none"]
+        raise VideoError(f"{p}: no video stream (streams found: {', '.join(kinds)})")
+    return streams[0]
+
+
+def _range_name(code, pix_fmt: str | None) -> str | None:
+    name = _RANGE_NAMES.get(int(code or 0))
+    # yuvj* formats are full range by definition, tagged or not
+    if name is None and pix_fmt and pix_fmt.startswith("yuvj"):
+        name = "pc"
+    return name
+
+
+def _stream_info(p: str, stream) -> VideoInfo:
+    cc = stream.codec_context
+    # guessed_rate is av_guess_frame_rate(), what ffmpeg itself uses for the output rate;
+    # average_rate can be off for containers with millisecond timestamps (Matroska)
+    fps = stream.guessed_rate or stream.average_rate or stream.base_rate
+    if not fps or fps <= 0:
+        raise VideoError(f"{p}: the video stream declares no frame rate")
+    width, height = int(cc.width or 0), int(cc.height or 0)
+    if width <= 0 or height <= 0:
+        raise VideoError(f"{p}: the video stream declares no frame size")
+    pix_fmt = cc.pix_fmt or (cc.format.name if cc.format is not None else "unknown")
+    return VideoInfo(
+        path=p,
+        width=width,
+        height=height,
+        fps=Fraction(fps),
+        num_frames=int(stream.frames) or None,
+        codec=cc.name,
+        pix_fmt=pix_fmt,
+        color_range=_range_name(cc.color_range, pix_fmt),
+        colorspace=_COLORSPACE_NAMES.get(int(cc.colorspace or 2)),
+    )
+
+
+def _as_fps(fps, p: str) -> Fraction:
+    if isinstance(fps, bool):
+        raise VideoError(f"{p}: fps must be a positive number, got {fps!r}")
+    try:
+        rate = Fraction(fps)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise VideoError(f"{p}: fps must be a positive number, got {fps!r}") from e
+    if rate <= 0 or not math.isfinite(float(rate)):
+        raise VideoError(f"{p}: fps must be a positive number, got {fps!r}")
+    # a float 29.97002997 becomes 30000/1001 again; encoders reject huge time-base terms
+    return rate.limit_denominator(_FPS_MAX_DENOMINATOR)
+
+
+def _positive_int(value, name: str, exc=ValueError, where: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise exc(f"{where}{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _frames_array(frames, where: str) -> np.ndarray:
+    """Check dtype/rank of ``frames`` (uint8 ``[F, H, W, 3]``) and return them as numpy on CPU."""
+    if isinstance(frames, torch.Tensor):
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"{where}: frames must be uint8 RGB in 0..255, got dtype {frames.dtype}")
+        shape = tuple(frames.shape)
+    elif isinstance(frames, np.ndarray):
+        if frames.dtype != np.uint8:
+            raise TypeError(f"{where}: frames must be uint8 RGB in 0..255, got dtype {frames.dtype}")
+        shape = frames.shape
+    else:
+        raise TypeError(
+            f"{where}: frames must be a torch.Tensor or numpy.ndarray, got {type(frames).__name__}"
+        )
+    if len(shape) != 4 or shape[3] != 3:
+        raise VideoError(f"{where}: frames must have shape [F, H, W, 3] (RGB), got {list(shape)}")
+    if isinstance(frames, torch.Tensor):
+        # one device-to-host copy per chunk; numpy() then shares that memory
+        return frames.detach().to("cpu").contiguous().numpy()
+    return np.ascontiguousarray(frames)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def probe_video(path) -> VideoInfo:
+    """Read the metadata of ``path``'s first video stream without decoding the clip.
+
+    Fast (FFmpeg looks at the headers and at most a few packets), so it suits validating
+    an input before long work starts. Raises :class:`VideoError` for a missing file, a
+    directory, a file that is not a video or has no video stream.
+    """
+    p = _input_path(path)
+    container = _open_input(p)
+    try:
+        return _stream_info(p, _video_stream(container, p))
+    finally:
+        container.close()
+
+
+def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, VideoInfo]:
+    """Decode ``path`` into RGB frames.
+
+    Returns ``(frames, info)``: ``frames`` is uint8 ``[F, H, W, 3]`` on CPU with F the
+    number of decoded frames (all, or the first ``max_frames``), and ``info.num_frames``
+    is F. Rotation metadata is ignored: frames come out as stored. Raises
+    :class:`VideoError` for an unusable file, a clip with zero decodable frames, a
+    decoding error or a frame size that changes mid-stream.
+    """
+    if max_frames is not None:
+        max_frames = _positive_int(max_frames, "max_frames", where="read_video: ")
+    p = _input_path(path)
+    av = _import_av()
+    container = _open_input(p)
+    frames: list[np.ndarray] = []
+    try:
+        stream = _video_stream(container, p)
+        info = _stream_info(p, stream)
+        # frame threading: throughput over latency, the whole clip is wanted anyway
+        stream.thread_type = "AUTO"
+        first = None
+        for frame in container.decode(stream):
+            if first is None:
+                first = frame
+            elif (frame.width, frame.height) != (first.width, first.height):
+                raise VideoError(
+                    f"{p}: frame size changes mid-stream at frame {len(frames)} "
+                    f"({first.width}x{first.height} -> {frame.width}x{frame.height})"
+                )
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+    except av.FFmpegError as e:
+        raise VideoError(f"{p}: decoding failed after {len(frames)} frames ({_reason(e)})") from e
+    finally:
+        container.close()
+    if not frames:
+        raise VideoError(f"{p}: no frames could be decoded")
+    # frames can carry tags the stream header lacked; they are what to_ndarray used
+    info = replace(
+        info,
+        width=first.width,
+        height=first.height,
+        num_frames=len(frames),
+        color_range=info.color_range or _range_name(first.color_range, first.format.name),
+        colorspace=info.colorspace or _COLORSPACE_NAMES.get(int(first.colorspace or 2)),
+    )
+    return torch.from_numpy(np.stack(frames)), info
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class VideoWriter:
+    """Streaming encoder: ``with VideoWriter(path, W, H, fps) as w: w.write(chunk)``.
+
+    ``write`` takes uint8 RGB ``[F, H, W, 3]`` (torch tensor on any device, or numpy) and
+    may be called any number of times; frames get consecutive timestamps at ``fps``.
+    ``close`` (also run by ``__exit__``) flushes the encoder and finishes the file.
+
+    ``fps`` is a ``Fraction``, int, float or string like ``"30000/1001"``; floats are
+    rounded to the nearest fraction with denominator <= 1001000, so ``30000/1001`` and
+    ``23.976`` survive. ``codec="libx264"`` falls back to ``"mpeg4"`` (with a warning)
+    when this PyAV build has no libx264; :attr:`codec` tells which one is used. ``crf``
+    is the constant-rate factor for encoders with a ``crf`` option (0 is lossless for
+    libx264); other encoders get a fixed quantiser ``1 + round(crf / 8)`` (1..31, mpeg4's
+    scale), a rough match. ``pix_fmt`` must be one the encoder supports; chroma-subsampled
+    formats (yuv420p) need even sizes. ``color_range`` ("tv", "pc" or None = "tv") and
+    ``colorspace`` (matrix: "bt709", "bt470bg", "smpte170m", "smpte240m", "fcc",
+    "bt2020nc" or None = "bt709") are applied and tagged only for encoders in
+    :data:`COLOUR_SIGNALLING_CODECS`; see the module notes for the others.
+
+    The output directory must exist. The file is created (or overwritten) when the first
+    encoded packet is written, so a writer closed without frames leaves no file (and an
+    existing one untouched); ``close`` then raises :class:`VideoError`.
+    """
+
+    def __init__(
+        self,
+        path,
+        width: int,
+        height: int,
+        fps,
+        *,
+        codec: str = "libx264",
+        crf: float = 18,
+        pix_fmt: str = "yuv420p",
+        color_range: str | None = None,
+        colorspace: str | None = None,
+    ):
+        av = _import_av()
+        p = os.fspath(path)
+        self.path = p
+        self.width = _positive_int(width, "width", VideoError, f"{p}: ")
+        self.height = _positive_int(height, "height", VideoError, f"{p}: ")
+        self.fps = _as_fps(fps, p)
+        if isinstance(crf, bool) or not isinstance(crf, numbers.Real) or not 0 <= crf <= 63:
+            raise VideoError(f"{p}: crf must be a number in 0..63, got {crf!r}")
+
+        parent = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(parent):
+            raise VideoError(f"{p}: output directory {parent} does not exist")
+        if os.path.isdir(p):
+            raise VideoError(f"{p}: is a directory, not a file name")
+
+        if codec == "libx264" and "libx264" not in av.codecs_available:
+            warnings.warn(
+                f"{p}: this PyAV build has no libx264; writing with the mpeg4 encoder",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            codec = "mpeg4"
+        try:
+            encoder = av.Codec(codec, "w")
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(f"{p}: no {codec!r} encoder in this PyAV build") from e
+        if encoder.type != "video":
+            raise VideoError(f"{p}: {codec!r} is not a video encoder")
+        self.codec = encoder.name  # aliases such as "h264" resolve to "libx264"
+
+        if color_range not in (None, "tv", "pc"):
+            raise VideoError(f"{p}: color_range must be 'tv', 'pc' or None, got {color_range!r}")
+        if colorspace is not None and colorspace not in _WRITE_MATRICES:
+            raise VideoError(
+                f"{p}: colorspace must be one of {sorted(_WRITE_MATRICES)} or None, got {colorspace!r}"
+            )
+        if not isinstance(pix_fmt, str):
+            raise VideoError(f"{p}: pix_fmt must be a string such as 'yuv420p', got {pix_fmt!r}")
+        if pix_fmt.startswith("yuvj"):
+            # deprecated full-range aliases: same layout, range carried by the tag instead
+            if color_range == "tv":
+                raise VideoError(f"{p}: pix_fmt {pix_fmt} is full range, but color_range='tv'")
+            pix_fmt, color_range = "yuv" + pix_fmt[4:], "pc"
+        supported = [f.name for f in (encoder.video_formats or ())]
+        if supported and pix_fmt not in supported:
+            raise VideoError(
+                f"{p}: {self.codec} cannot encode pix_fmt {pix_fmt!r} (supports {', '.join(supported)})"
+            )
+        try:
+            fmt = av.VideoFormat(pix_fmt, 2, 2)
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(f"{p}: unknown pix_fmt {pix_fmt!r}") from e
+        if fmt.chroma_width() < 2 and self.width % 2:
+            raise VideoError(
+                f"{p}: width {self.width} must be even for {pix_fmt} (chroma is subsampled 2:1)"
+            )
+        if fmt.chroma_height() < 2 and self.height % 2:
+            raise VideoError(
+                f"{p}: height {self.height} must be even for {pix_fmt} (chroma is subsampled 2:1)"
+            )
+        self.pix_fmt = pix_fmt
+
+        # colour: convert with the matrix/range the decoder will be told about, or, where
+        # the bitstream cannot tell it, with the BT.601 "tv" it will assume
+        self._tagged = self.codec in COLOUR_SIGNALLING_CODECS and not fmt.is_rgb
+        if self._tagged:
+            self.color_range = color_range or "tv"
+            self.colorspace = colorspace or "bt709"
+            self._sws_matrix, matrix_tag = _WRITE_MATRICES[self.colorspace]
+            self._sws_range = "JPEG" if self.color_range == "pc" else "MPEG"
+        else:
+            if not fmt.is_rgb and (color_range == "pc" or colorspace not in (None, *_BT601)):
+                warnings.warn(
+                    f"{p}: the {self.codec} encoder cannot signal colour range/matrix; "
+                    f"writing untagged BT.601 tv range (asked: color_range={color_range!r}, "
+                    f"colorspace={colorspace!r})",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.color_range = None
+            self.colorspace = None
+            self._sws_matrix = self._sws_range = None
+
+        private = {o.name for o in av.CodecContext.create(self.codec, "w").supported_options.private}
+        if "crf" in private:
+            options = {"crf": f"{crf:g}"}
+            if self.codec == "libvpx-vp9":
+                options["b"] = "0"  # vp9 is constant-quality only with no bitrate target
+            if self.codec == "libx265":
+                options["x265-params"] = "log-level=error"  # x265 prints a page per file
+        else:
+            # pinning the quantiser range is what sticks: FFmpeg's mpeg4 encoder takes a fixed
+            # qscale only from each frame's quality field, which PyAV does not expose
+            q = str(min(31, 1 + round(crf / 8)))
+            options = {"qmin": q, "qmax": q}
+
+        self._av = av
+        self._frames_written = 0
+        self._container = None
+        try:
+            # guesses the container from the extension; the file itself opens at first mux
+            self._container = av.open(p, mode="w")
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise VideoError(f"{p}: cannot write this file type ({_reason(e)})") from e
+        try:
+            stream = self._container.add_stream(self.codec, rate=self.fps)
+            stream.width, stream.height, stream.pix_fmt = self.width, self.height, self.pix_fmt
+            stream.time_base = 1 / self.fps
+            stream.options = options
+            if self._tagged:
+                stream.codec_context.color_range = _RANGE_CODES[self.color_range]
+                stream.codec_context.colorspace = matrix_tag
+            # open now so a bad option or size fails here, not after the first chunk's work
+            stream.codec_context.open()
+        except (av.FFmpegError, OSError, ValueError) as e:
+            self._abort()
+            raise VideoError(f"{p}: cannot start the {self.codec} encoder ({_reason(e)})") from e
+        self._stream = stream
+        self._reformatter = av.video.reformatter.VideoReformatter()
+
+    @property
+    def frames_written(self) -> int:
+        """Frames passed to :meth:`write` so far."""
+        return self._frames_written
+
+    @property
+    def closed(self) -> bool:
+        return self._container is None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (
+            f"VideoWriter({self.path!r}, {self.width}x{self.height} @ {self.fps} fps, "
+            f"{self.codec}/{self.pix_fmt}, {self._frames_written} frames, {state})"
+        )
+
+    def write(self, frames) -> None:
+        """Encode uint8 RGB ``frames`` ``[F, H, W, 3]`` (tensor on any device, or numpy).
+
+        Raises ``TypeError`` for another dtype or type and :class:`VideoError` for another
+        shape or frame size than the writer's, or an encoder failure.
+        """
+        if self._container is None:
+            raise VideoError(f"{self.path}: write() on a closed VideoWriter")
+        arr = _frames_array(frames, self.path)
+        if arr.shape[1:3] != (self.height, self.width):
+            raise VideoError(
+                f"{self.path}: frames are {arr.shape[2]}x{arr.shape[1]} (WxH), "
+                f"the writer was opened for {self.width}x{self.height}"
+            )
+        av = self._av
+        try:
+            for rgb in arr:
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                # explicit conversion: PyAV's implicit one would ignore the matrix and range
+                frame = self._reformatter.reformat(
+                    frame,
+                    format=self.pix_fmt,
+                    dst_colorspace=self._sws_matrix,
+                    dst_color_range=self._sws_range,
+                )
+                frame.pts = self._frames_written
+                frame.time_base = self._stream.codec_context.time_base
+                for packet in self._stream.encode(frame):
+                    self._container.mux(packet)
+                self._frames_written += 1
+        except av.FFmpegError as e:
+            raise VideoError(
+                f"{self.path}: encoding failed at frame {self._frames_written} ({_reason(e)})"
+            ) from e
+
+    def close(self) -> None:
+        """Flush the encoder and finish the file; closing twice is harmless."""
+        if self._container is None:
+            return
+        av = self._av
+        if self._frames_written == 0:
+            self._abort()
+            raise VideoError(f"{self.path}: no frames were written, so no file was created")
+        container, self._container = self._container, None
+        try:
+            for packet in self._stream.encode(None):
+                container.mux(packet)
+        except av.FFmpegError as e:
+            raise VideoError(f"{self.path}: flushing the encoder failed ({_reason(e)})") from e
+        finally:
+            container.close()
+
+    def _abort(self) -> None:
+        # nothing was muxed yet, so PyAV has not opened (or truncated) the file
+        container, self._container = self._container, None
+        if container is not None:
+            try:
+                container.close()
+            except Exception:  # noqa: BLE001 - already failing with a clearer error
+                pass
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # an error is already propagating: finish what was written, don't mask the error
+        try:
+            self.close()
+        except VideoError:
+            pass
+
+
+def write_video(path, frames, fps, **kwargs) -> None:
+    """Encode uint8 RGB ``frames`` ``[F, H, W, 3]`` to ``path`` in one go.
+
+    ``kwargs`` go to :class:`VideoWriter` (``codec``, ``crf``, ``pix_fmt``,
+    ``color_range``, ``colorspace``). Zero frames raise :class:`VideoError`.
+    """
+    p = os.fspath(path)
+    arr = _frames_array(frames, p)
+    if arr.shape[0] == 0:
+        raise VideoError(f"{p}: no frames to write")
+    with VideoWriter(p, arr.shape[2], arr.shape[1], fps, **kwargs) as writer:
+        writer.write(arr)
+
+
+# ----------------------------------------------------------------------------- test clip
+
+
+def _bounce(start: torch.Tensor, velocity: torch.Tensor, t: int, low: torch.Tensor, high: torch.Tensor):
+    # triangle wave: the position reflects off [low, high] instead of leaving the frame
+    span = (high - low).clamp_min(1e-6)
+    x = torch.remainder(start - low + velocity * t, 2 * span)
+    return low + torch.where(x > span, 2 * span - x, x)
+
+
+def synthetic_clip(num_frames: int, height: int, width: int, *, seed: int = 0) -> torch.Tensor:
+    """A deterministic test clip: uint8 RGB ``[num_frames, height, width, 3]`` on CPU.
+
+    A smooth, slowly drifting colour gradient with a fine two-grating texture (periods of
+    3-4 px, translating 1 px per frame), three bright anti-aliased discs and two rectangles
+    filled with a 2-px checkerboard, each moving 1-3 px per frame and bouncing off the
+    borders. Edges and texture are what a x4 super-resolution demo has to restore. The
+    same arguments give the same clip on every machine (own generator, not the global
+    RNG); another ``seed`` changes colours, positions and directions.
+    """
+    num_frames = _positive_int(num_frames, "num_frames", where="synthetic_clip: ")
+    height = _positive_int(height, "height", where="synthetic_clip: ")
+    width = _positive_int(width, "width", where="synthetic_clip: ")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"synthetic_clip: seed must be an int, got {seed!r}")
+    gen = torch.Generator().manual_seed(int(seed) % 2**63)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen, dtype=torch.float64).float()
+
+    two_pi = 2 * math.pi
+    ys = torch.arange(height, dtype=torch.float32)[:, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, :]
+    u, v = xs / max(width - 1, 1), ys / max(height - 1, 1)
+    size = float(min(height, width))
+
+    # background: one sinusoid per channel, random direction/frequency/phase
+    angle, freq, phase = rand(3) * two_pi, 0.4 + 0.8 * rand(3), rand(3) * two_pi
+    # fine texture: two gratings at different orientations, periods 3-4 px
+    tex_angle, tex_period = rand(2) * math.pi, 3.0 + rand(2)
+
+    # discs: radius, colour, start, velocity (1-3 px/frame)
+    n_disc, n_rect = 3, 2
+    radius = (size * (0.08 + 0.07 * rand(n_disc))).clamp_min(1.5)
+    disc_col = _bright_colours(rand(n_disc, 3))
+    # rectangles: half extents, colour
+    half = torch.stack([size * (0.08 + 0.1 * rand(n_rect)), size * (0.06 + 0.08 * rand(n_rect))], 1)
+    half = half.clamp_min(1.0)  # [n_rect, (x, y)]
+    rect_col = _bright_colours(rand(n_rect, 3))
+
+    ext = torch.tensor([width - 1.0, height - 1.0])
+    low = torch.cat([radius[:, None].expand(-1, 2), half])  # [n_disc + n_rect, 2]
+    high = torch.maximum(ext - low, low)
+    start = low + rand(n_disc + n_rect, 2) * (high - low)
+    heading, speed = rand(n_disc + n_rect) * two_pi, 1.0 + 2.0 * rand(n_disc + n_rect)
+    velocity = torch.stack([torch.cos(heading), torch.sin(heading)], 1) * speed[:, None]
+
+    out = torch.empty((num_frames, height, width, 3), dtype=torch.uint8)
+    for t in range(num_frames):
+        channels = []
+        for c in range(3):
+            w = torch.cos(angle[c]) * u + torch.sin(angle[c]) * v
+            channels.append(0.5 + 0.3 * torch.sin(two_pi * freq[c] * w + phase[c] + 0.08 * t))
+        img = torch.stack(channels, -1)  # [H, W, 3]
+
+        tex = torch.zeros(height, width)
+        for k in range(2):
+            proj = torch.cos(tex_angle[k]) * (xs - t) + torch.sin(tex_angle[k]) * ys
+            tex = tex + 0.05 * torch.sin(two_pi * proj / tex_period[k])
+        img = img + tex[..., None]
+
+        pos = _bounce(start, velocity, t, low, high)
+        for i in range(n_disc):
+            dist = torch.sqrt((xs - pos[i, 0]) ** 2 + (ys - pos[i, 1]) ** 2)
+            alpha = (radius[i] + 0.5 - dist).clamp(0, 1)[..., None]  # 1-px anti-aliased rim
+            img = img * (1 - alpha) + disc_col[i] * alpha
+        for j in range(n_rect):
+            cx, cy = pos[n_disc + j]
+            hx, hy = half[j]
+            cover_x = (hx + 0.5 - (xs - cx).abs()).clamp(0, 1)
+            cover_y = (hy + 0.5 - (ys - cy).abs()).clamp(0, 1)
+            alpha = (cover_x * cover_y)[..., None]
+            checker = (torch.floor((xs - cx) / 2) + torch.floor((ys - cy) / 2)).remainder(2)[..., None]
+            fill = rect_col[j] * (1 - 0.55 * checker)
+            img = img * (1 - alpha) + fill * alpha
+        out[t] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+    return out
+
+
+def _bright_colours(r: torch.Tensor) -> torch.Tensor:
+    # saturated and light: one channel near full, the weakest channel pushed down
+    col = 0.35 + 0.65 * r
+    col[torch.arange(len(col)), col.argmax(1)] = 1.0
+    col[torch.arange(len(col)), col.argmin(1)] *= 0.3
+    return col

@@ -1,0 +1,358 @@
+"""oasis.WanDiT against diffusers' WanTransformer3DModel (same random weights, tiny configs, CPU).
+
+Parity is checked in float64 so that any difference is a difference of the math, not of rounding.
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oasis_kernels as ok
+
+diffusers = pytest.importorskip("diffusers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from oasis import CheckpointError, WanConfig, WanDiT  # noqa: E402
+from oasis import dit as dit_module  # noqa: E402
+
+CFG = WanConfig(dim=48, ffn_dim=80, num_heads=4, num_layers=2, text_dim=24, text_len=7, freq_dim=32,
+                in_channels=4, out_channels=4)
+ROUTING = [["intra", "global", "window", "intra"], ["window", "window", "global", "intra"]]
+
+
+def diffusers_model(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in cfg.to_diffusers_dict().items() if not k.startswith("_")}
+    model = diffusers.WanTransformer3DModel(**kwargs).eval()
+    with torch.no_grad():  # Wan zero-initialises some tensors: make every one of them matter
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def inputs(b=2, t=3, h=6, w=10, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, CFG.in_channels, t, h, w, generator=g, dtype=dtype)
+    ts = torch.tensor([799.0, 250.0][:b], dtype=dtype)
+    ctx = torch.randn(b, CFG.text_len, CFG.text_dim, generator=g, dtype=dtype)
+    return x, ts, ctx
+
+
+# Wan2.1's own tensor names for diffusers' ones, written out independently of oasis.checkpoint
+def wan_name(key: str) -> str:
+    top = {
+        "condition_embedder.time_embedder.linear_1": "time_embedding.0",
+        "condition_embedder.time_embedder.linear_2": "time_embedding.2",
+        "condition_embedder.time_proj": "time_projection.1",
+        "condition_embedder.text_embedder.linear_1": "text_embedding.0",
+        "condition_embedder.text_embedder.linear_2": "text_embedding.2",
+        "proj_out": "head.head",
+    }
+    if key == "scale_shift_table":
+        return "head.modulation"
+    for a, b in top.items():
+        if key.startswith(a + "."):
+            return b + key[len(a):]
+    if not key.startswith("blocks."):
+        return key
+    _, i, rest = key.split(".", 2)
+    block = {
+        "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+        "attn1.to_out.0": "self_attn.o", "attn1.norm_q": "self_attn.norm_q", "attn1.norm_k": "self_attn.norm_k",
+        "attn2.to_q": "cross_attn.q", "attn2.to_k": "cross_attn.k", "attn2.to_v": "cross_attn.v",
+        "attn2.to_out.0": "cross_attn.o", "attn2.norm_q": "cross_attn.norm_q", "attn2.norm_k": "cross_attn.norm_k",
+        "norm2": "norm3", "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+    }
+    if rest == "scale_shift_table":
+        return f"blocks.{i}.modulation"
+    for a, b in block.items():
+        if rest.startswith(a + "."):
+            return f"blocks.{i}.{b}{rest[len(a):]}"
+    raise AssertionError(f"unmapped diffusers key {key}")
+
+
+def write_wan_checkpoint(ref, folder, cfg=CFG):
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v", "dim": cfg.dim,
+              "ffn_dim": cfg.ffn_dim, "freq_dim": cfg.freq_dim, "in_dim": cfg.in_channels, "out_dim": cfg.out_channels,
+              "num_heads": cfg.num_heads, "num_layers": cfg.num_layers, "text_len": cfg.text_len,
+              "text_dim": cfg.text_dim, "eps": cfg.eps}
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {wan_name(k): v.contiguous() for k, v in ref.state_dict().items()}
+    safetensors_torch.save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+
+
+def reference_output(ref, x, ts, ctx):
+    with torch.no_grad():
+        return ref.double()(x, ts, ctx).sample
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "diffusers-sharded", "wan"])
+def test_matches_diffusers_both_layouts(tmp_path, layout):
+    ref = diffusers_model()
+    folder = tmp_path / "ckpt"
+    if layout == "wan":
+        write_wan_checkpoint(ref, folder)
+    else:
+        ref.save_pretrained(str(folder), max_shard_size="20KB" if layout.endswith("sharded") else "10GB")
+        if layout.endswith("sharded"):
+            assert len(list(folder.glob("*.safetensors"))) > 1
+    model = WanDiT.from_pretrained(folder, dtype=torch.float64)
+    # diffusers' config has no text_len (the zero context's length): Wan's default stands there
+    assert dataclasses.replace(model.config, text_len=CFG.text_len) == CFG
+    x, ts, ctx = inputs()
+    want = reference_output(ref, x, ts, ctx)
+    with torch.no_grad():
+        got = model(x, ts, ctx)
+    assert got.shape == want.shape == x.shape
+    # diffusers computes the timestep embedding and its LayerNorms in float32 even in a float64
+    # model (sin/cos of t*freq at t = 799 alone carry ~5e-5 rad); our float64 path does not
+    err = (got - want).abs().max().item()
+    assert err <= 2e-5 * want.abs().max().item(), (err, want.abs().max().item())
+
+
+def test_matches_diffusers_float32_odd_grid():
+    """fp32, one video, a grid of odd sizes (5, 3, 7) and a scalar timestep."""
+    ref = diffusers_model().float()
+    model = WanDiT(CFG).eval()
+    model.load_state_dict(dit_module_state(ref))
+    x, _, ctx = inputs(b=1, t=5, h=6, w=14, dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(x, torch.tensor([500.0]), ctx).sample
+        got = model(x, 500.0, ctx)
+    err = (got - want).abs().max().item()
+    assert err <= 1e-4 * want.abs().max().item(), err
+
+
+def dit_module_state(ref):
+    from oasis.checkpoint import from_layout
+
+    return from_layout(ref.state_dict(), "diffusers")
+
+
+def masked_sdpa_model(modes_per_layer, window):
+    """Patch the model's attention call with dense masked attention over checkpoint head order."""
+
+    def attend(q, k, v, plan):
+        masks = torch.stack([ok.mask_for(m, plan.grid, window).materialize() for m in plan.modes])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=masks)
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def test_routed_layers_match_a_dense_masked_reference(monkeypatch):
+    """Routed + permuted model == unpermuted model whose attention is dense SDPA with each head's mask."""
+    ref = diffusers_model()
+    state = dit_module_state(ref)
+    routed = WanDiT(CFG).double().eval()
+    routed.load_state_dict(state)
+    routed.set_routing(ROUTING, window=(3, 3, 5))
+    assert routed.blocks[0].self_attn.plan((3, 3, 5)).is_contiguous
+    x, ts, ctx = inputs()
+    with torch.no_grad():
+        got = routed(x, ts, ctx)
+
+    dense = WanDiT(CFG).double().eval()
+    dense.load_state_dict(state)
+    for block, modes in zip(dense.blocks, ROUTING):  # modes in checkpoint order, no permutation
+        block.self_attn.modes = tuple(ok.Mode.parse(m) for m in modes)
+        block.self_attn.window = (3, 3, 5)
+    monkeypatch.setattr(dit_module.ok, "routed_attention", masked_sdpa_model(ROUTING, (3, 3, 5)))
+    with torch.no_grad():
+        want = dense(x, ts, ctx)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    # and routing changes the result (the test can fail)
+    with torch.no_grad():
+        assert (want - reference_output(ref, x, ts, ctx)).abs().max() > 1e-3
+
+
+def test_permutation_is_invisible_outside():
+    ref = diffusers_model()
+    state = dit_module_state(ref)
+    model = WanDiT(CFG).double().eval()
+    model.load_state_dict(state)
+    x, ts, ctx = inputs()
+    with torch.no_grad():
+        before = model(x, ts, ctx)
+    model.set_routing(ROUTING)
+    attn = model.blocks[0].self_attn
+    assert attn.order != tuple(range(CFG.num_heads))  # the weights really moved
+    saved = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(saved[k], v), k
+    # another routing, then back to all-global: the exact original numbers
+    model.set_routing(list(reversed(ROUTING)))
+    direct = WanDiT(CFG).double().eval()
+    direct.load_state_dict(state)
+    direct.set_routing(list(reversed(ROUTING)))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, ts, ctx), direct(x, ts, ctx), rtol=0, atol=0)
+    model.set_routing(None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, ts, ctx), before, rtol=0, atol=0)
+    # loading checkpoint-order weights into a routed model permutes them on the way in
+    direct.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(direct(x, ts, ctx), model.set_routing(list(reversed(ROUTING))) or model(x, ts, ctx))
+
+
+def test_routing_file_and_errors(tmp_path):
+    from oasis_kernels.routing import LayerRouting, RoutingFile
+
+    model = WanDiT(CFG)
+    rf = RoutingFile([LayerRouting(f"blocks.{i}.self_attn", [ok.Mode.parse(m) for m in modes])
+                      for i, modes in enumerate(ROUTING)], rho=0.25, window=(1, 3, 3), eps=1e-6, query_stride=1,
+                     videos=1, num_global=2)
+    rf.save(tmp_path / "r.json")
+    model.set_routing(tmp_path / "r.json")
+    assert [list(m) for m in model.routing] == [[ok.Mode.parse(m) for m in modes] for modes in ROUTING]
+    assert model.blocks[0].self_attn.window == (1, 3, 3)
+    with pytest.raises(ValueError, match="does not exist"):
+        model.set_routing(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="lists 1 layers"):
+        model.set_routing([["global"] * 4])
+    with pytest.raises(ValueError, match="must list 4 modes"):
+        model.set_routing([["global"] * 3, ["global"] * 4])
+    with pytest.raises(ValueError, match="unknown attention mode"):
+        model.set_routing([["global"] * 3 + ["diagonal"], ["global"] * 4])
+    with pytest.raises(TypeError):
+        model.set_routing(42)
+
+
+def test_from_pretrained_lists_every_bad_key(tmp_path):
+    ref = diffusers_model()
+    folder = tmp_path / "bad"
+    ref.save_pretrained(str(folder))
+    path = folder / "diffusion_pytorch_model.safetensors"
+    state = safetensors_torch.load_file(str(path))
+    del state["blocks.0.attn1.to_q.weight"]
+    state["blocks.1.attn1.extra.weight"] = torch.zeros(2)
+    state["proj_out.bias"] = torch.zeros(3)
+    safetensors_torch.save_file(state, str(path))
+    with pytest.raises(CheckpointError) as info:
+        WanDiT.from_pretrained(folder)
+    msg = str(info.value)
+    assert "blocks.0.self_attn.q.weight" in msg and "missing" in msg
+    assert "blocks.1.attn1.extra.weight" in msg and "unknown" in msg
+    assert "head.head.bias: (3,) in the file" in msg
+
+
+def test_from_pretrained_folder_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        WanDiT.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        WanDiT.from_pretrained(tmp_path / "empty")
+    folder = tmp_path / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CFG.to_diffusers_dict()))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        WanDiT.from_pretrained(folder)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read safetensors"):
+        WanDiT.from_pretrained(folder)
+    bad_cfg = tmp_path / "i2v"
+    bad_cfg.mkdir()
+    (bad_cfg / "config.json").write_text(json.dumps({**CFG.to_diffusers_dict(), "image_dim": 1280}))
+    with pytest.raises(ValueError, match="image-to-video"):
+        WanDiT.from_pretrained(bad_cfg)
+    with pytest.raises(TypeError, match="dtype"):
+        WanDiT.from_pretrained(bad_cfg, dtype="bf16")
+
+
+def test_save_and_reload_both_layouts(tmp_path):
+    model = WanDiT(CFG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    model.set_routing(ROUTING)
+    x, ts, ctx = inputs(dtype=torch.float32)
+    with torch.no_grad():
+        want = model(x, ts, ctx)
+    for layout in ("diffusers", "wan"):
+        model.save_pretrained(tmp_path / layout, layout=layout, max_shard_bytes=30_000)
+        assert (tmp_path / layout / "diffusion_pytorch_model.safetensors.index.json").is_file()
+        back = WanDiT.from_pretrained(tmp_path / layout, routing=ROUTING)
+        assert back.layout == layout
+        with torch.no_grad():
+            torch.testing.assert_close(back(x, ts, ctx), want, rtol=0, atol=0)
+
+
+def test_constant_context_is_embedded_once_and_refreshed():
+    model = WanDiT(CFG).double().eval()
+    x, ts, ctx = inputs(b=2)
+    model.set_context(ctx[:1, :5])
+    calls = []
+    original = model._embed_context
+    model._embed_context = lambda c: calls.append(1) or original(c)
+    with torch.no_grad():
+        a = model(x, ts)
+        b = model(x, ts)
+        want = model(x, ts, ctx[:1, :5].expand(2, -1, -1))
+    assert len(calls) == 2  # once for the cache, once for the explicit context
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, want)
+    with torch.no_grad():  # an in-place update of a weight the cache depends on
+        model.blocks[1].cross_attn.k.weight.mul_(2)
+        c = model(x, ts)
+        want2 = model(x, ts, ctx[:1, :5].expand(2, -1, -1))
+    assert len(calls) == 4
+    torch.testing.assert_close(c, want2)
+    assert (c - a).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="context must be"):
+        model.set_context(torch.zeros(5, 3))
+    model.set_context(None)
+    with pytest.raises(ValueError, match="no context"):
+        model(x, ts)
+
+
+def test_training_gradients_reach_the_context_weights():
+    model = WanDiT(CFG).train()
+    x, ts, ctx = inputs(b=1, dtype=torch.float32)
+    model.set_context(ctx[0])
+    model(x, ts).square().mean().backward()
+    for name in ("text_embedding.0.weight", "blocks.0.cross_attn.k.weight", "blocks.1.self_attn.q.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_bad_inputs_get_clear_errors():
+    model = WanDiT(CFG)
+    x, ts, ctx = inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="multiples of the patch"):
+        model(x[..., :9], ts, ctx)
+    with pytest.raises(ValueError, match="must be \\[B, 4, T, H, W\\]"):
+        model(x[0], ts, ctx)
+    with pytest.raises(ValueError, match="timestep has 3 entries"):
+        model(x, torch.ones(3), ctx)
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        WanConfig(dim=50, num_heads=4)
+
+
+def test_cast_keeps_the_modulation_in_float32():
+    model = WanDiT(CFG).cast(torch.bfloat16)
+    assert model.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].modulation.dtype == torch.float32
+    assert model.time_embedding[0].weight.dtype == torch.float32
+    assert model.blocks[0].norm3.weight.dtype == torch.float32
+    x, ts, ctx = inputs(b=1, dtype=torch.float32)
+    with torch.no_grad():
+        out = model(x, ts, ctx)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_compiles_without_graph_breaks():
+    model = WanDiT(CFG).eval()
+    model.set_routing(ROUTING)
+    x, ts, ctx = inputs(b=1, dtype=torch.float32)
+    model.set_context(ctx[0])
+    with torch.no_grad():
+        model(x, ts)  # fills the context cache and the plan/rope caches, as inference does
+        explanation = torch._dynamo.explain(model)(x, ts)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

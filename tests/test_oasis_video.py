@@ -1,0 +1,356 @@
+"""Video I/O for the super-resolution CLI: round trips through real encoders, errors, test clip."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+av = pytest.importorskip("av")
+
+from oasis.video import (  # noqa: E402
+    VideoError,
+    VideoInfo,
+    VideoWriter,
+    probe_video,
+    read_video,
+    synthetic_clip,
+    write_video,
+)
+
+NTSC = Fraction(30000, 1001)
+F, H, W = 9, 64, 96
+
+# Per-frame mean absolute error bound (0..255) after libx264 crf 0 + yuv420p. crf 0 is
+# lossless, so all the loss is the RGB -> YUV 4:2:0 conversion: halving chroma resolution
+# smears the clip's saturated 1-px disc rims and 2-px coloured checkerboards (measured
+# 4.3-5.0; the same clip in yuv444p gives 0.4). The bound still fails for the faults it
+# guards against: a 1-px shift costs 13-18, the next frame 14-15, decoding with the wrong
+# matrix (BT.601 for BT.709) ~8.5, the wrong range ~+10.
+MAE_420 = 6.0
+# yuv444p keeps full chroma: only 8-bit YUV rounding is left (measured 0.36)
+MAE_444 = 1.0
+# mpeg4 at its finest quantiser is not lossless (measured 4.9-5.9 per frame)
+MAE_MPEG4 = 7.0
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return synthetic_clip(F, H, W)
+
+
+def frame_mae(a, b):
+    """Per-frame mean |a - b| of two uint8 ``[F, H, W, 3]`` tensors."""
+    return (a.float() - b.float()).abs().mean(dim=(1, 2, 3))
+
+
+def check_order(decoded, source):
+    # each decoded frame must match its own source frame better than the neighbours
+    own = frame_mae(decoded, source)
+    assert (own[:-1] < frame_mae(decoded[:-1], source[1:])).all(), "frames shifted or shuffled"
+    assert (own[1:] < frame_mae(decoded[1:], source[:-1])).all(), "frames shifted or shuffled"
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_keeps_count_size_fps_and_order(tmp_path, clip):
+    path = tmp_path / "clip.mp4"
+    write_video(path, clip, NTSC, crf=0)
+    frames, info = read_video(path)
+    assert frames.dtype == torch.uint8 and tuple(frames.shape) == (F, H, W, 3)
+    assert (info.width, info.height, info.num_frames) == (W, H, F)
+    assert info.fps == NTSC  # exact Fraction, not 29.97
+    assert info.codec == "h264" and info.path == str(path)
+    mae = frame_mae(frames, clip)
+    assert mae.max() < MAE_420, mae
+    check_order(frames, clip)
+
+
+def test_yuv444_round_trip_is_nearly_exact(tmp_path, clip):
+    path = tmp_path / "clip444.mp4"
+    write_video(path, clip, 25, crf=0, pix_fmt="yuv444p")
+    frames, info = read_video(path)
+    assert info.pix_fmt == "yuv444p"
+    assert frame_mae(frames, clip).max() < MAE_444
+
+
+def test_read_max_frames(tmp_path, clip):
+    path = tmp_path / "clip.mp4"
+    write_video(path, clip, 24)
+    frames, info = read_video(path, max_frames=4)
+    assert frames.shape[0] == 4 and info.num_frames == 4
+    check_order(frames, clip[:4])
+
+
+def test_streaming_chunks_equal_one_shot(tmp_path, clip):
+    one, chunked = tmp_path / "one.mp4", tmp_path / "chunked.mp4"
+    write_video(one, clip, NTSC, crf=0)
+    with VideoWriter(chunked, W, H, NTSC, crf=0) as writer:
+        writer.write(clip[:4])
+        writer.write(clip[4:].numpy())  # numpy chunks too
+        assert writer.frames_written == F
+    assert writer.closed
+    a, info_a = read_video(one)
+    b, info_b = read_video(chunked)
+    assert info_a.num_frames == info_b.num_frames == F
+    assert info_b.fps == NTSC
+    # lossless encoding of the same frames: chunking must not change a single pixel
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "fps, expected",
+    [(29.97002997002997, NTSC), (23.976, Fraction(2997, 125)), ("24000/1001", Fraction(24000, 1001))],
+)
+def test_fps_forms_survive(tmp_path, clip, fps, expected):
+    path = tmp_path / "rate.mp4"
+    write_video(path, clip[:2], fps)
+    assert probe_video(path).fps == expected
+
+
+def test_mkv_has_no_frame_count(tmp_path, clip):
+    path = tmp_path / "clip.mkv"
+    write_video(path, clip[:3], NTSC)
+    info = probe_video(path)
+    assert info.num_frames is None  # Matroska does not declare it
+    assert info.fps == NTSC
+    assert read_video(path)[1].num_frames == 3
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def test_probe_fields(tmp_path, clip):
+    path = tmp_path / "clip.mp4"
+    write_video(path, clip, NTSC)
+    info = probe_video(path)
+    assert isinstance(info, VideoInfo)
+    assert (info.width, info.height, info.fps) == (W, H, NTSC)
+    assert info.num_frames in (F, None)  # mp4 declares it; the API allows None
+    assert info.codec == "h264" and info.pix_fmt == "yuv420p"
+    assert (info.color_range, info.colorspace) == ("tv", "bt709")  # writer defaults, tagged
+    with pytest.raises(AttributeError):
+        info.width = 1  # frozen
+
+
+# ----------------------------------------------------------------------------- colour
+
+
+@pytest.mark.parametrize("color_range", ["pc", "tv"])
+def test_color_range_round_trip(tmp_path, clip, color_range):
+    path = tmp_path / f"{color_range}.mp4"
+    write_video(path, clip, 25, crf=0, color_range=color_range)
+    assert probe_video(path).color_range == color_range
+    frames, info = read_video(path)
+    assert info.color_range == color_range
+    # pixels come back right too, so the decoder honoured the range it was told
+    assert frame_mae(frames, clip).max() < MAE_420
+
+
+def test_colorspace_tag_round_trip(tmp_path, clip):
+    path = tmp_path / "601.mp4"
+    write_video(path, clip, 25, crf=0, colorspace="smpte170m")
+    assert probe_video(path).colorspace == "smpte170m"
+    frames, _ = read_video(path)
+    assert frame_mae(frames, clip).max() < MAE_420
+
+
+def test_mpeg4_cannot_signal_range(tmp_path, clip):
+    # the libx264 fallback: FFmpeg's mpeg4 encoder drops range tags, so the writer stores
+    # untagged BT.601 "tv" (what decoders assume) and says so
+    path = tmp_path / "mpeg4.mp4"
+    with pytest.warns(RuntimeWarning, match="cannot signal"):
+        write_video(path, clip, NTSC, codec="mpeg4", crf=0, color_range="pc")
+    info = probe_video(path)
+    assert info.codec == "mpeg4" and info.color_range is None and info.fps == NTSC
+    frames, _ = read_video(path)
+    assert frame_mae(frames, clip).max() < MAE_MPEG4
+    check_order(frames, clip)
+
+
+def test_libx264_falls_back_to_mpeg4(tmp_path, clip, monkeypatch):
+    monkeypatch.setattr(av, "codecs_available", set(av.codecs_available) - {"libx264"})
+    path = tmp_path / "fallback.mp4"
+    with pytest.warns(RuntimeWarning, match="no libx264"):
+        writer = VideoWriter(path, W, H, 25)
+    with writer:
+        assert writer.codec == "mpeg4"
+        writer.write(clip[:2])
+    assert probe_video(path).codec == "mpeg4"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.mp4"
+    for fn in (probe_video, read_video):
+        with pytest.raises(VideoError, match="nope.mp4: no such file"):
+            fn(path)
+
+
+def test_directory(tmp_path):
+    with pytest.raises(VideoError, match="is a directory"):
+        probe_video(tmp_path)
+    with pytest.raises(VideoError, match="is a directory"):
+        VideoWriter(tmp_path, W, H, 25)
+
+
+def test_text_file_named_mp4(tmp_path):
+    path = tmp_path / "x.mp4"
+    path.write_text("not a video\n")
+    for fn in (probe_video, read_video):
+        with pytest.raises(VideoError, match=r"x\.mp4: not a readable video"):
+            fn(path)
+
+
+def test_audio_only_file(tmp_path):
+    path = tmp_path / "tone.wav"
+    container = av.open(str(path), "w")
+    stream = container.add_stream("pcm_s16le", rate=8000)
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+    frame.sample_rate, frame.pts = 8000, 0
+    for packet in [*stream.encode(frame), *stream.encode(None)]:
+        container.mux(packet)
+    container.close()
+    with pytest.raises(VideoError, match=r"tone\.wav: no video stream \(streams found: audio\)"):
+        probe_video(path)
+
+
+@pytest.mark.parametrize("width, height, what", [(95, 64, "width 95"), (96, 63, "height 63")])
+def test_odd_size_for_yuv420p(tmp_path, width, height, what):
+    with pytest.raises(VideoError, match=f"{what} must be even"):
+        VideoWriter(tmp_path / "odd.mp4", width, height, 25)
+    assert not (tmp_path / "odd.mp4").exists()  # nothing created before validation passed
+
+
+def test_odd_size_is_fine_without_subsampling(tmp_path):
+    frames = synthetic_clip(2, 63, 95)
+    path = tmp_path / "odd444.mp4"
+    write_video(path, frames, 25, crf=0, pix_fmt="yuv444p")
+    assert (probe_video(path).width, probe_video(path).height) == (95, 63)
+
+
+def test_missing_output_directory(tmp_path, clip):
+    with pytest.raises(VideoError, match="output directory .*nodir does not exist"):
+        write_video(tmp_path / "nodir" / "out.mp4", clip, 25)
+
+
+def test_bad_frames_for_writer(tmp_path):
+    with VideoWriter(tmp_path / "w.mp4", W, H, 25) as writer:
+        with pytest.raises(TypeError, match="torch.float32"):
+            writer.write(torch.zeros(1, H, W, 3))
+        with pytest.raises(TypeError, match="float64"):
+            writer.write(np.zeros((1, H, W, 3)))
+        with pytest.raises(TypeError, match="got list"):
+            writer.write([[0]])
+        with pytest.raises(VideoError, match=r"\[1, 64, 96, 4\]"):
+            writer.write(torch.zeros(1, H, W, 4, dtype=torch.uint8))
+        with pytest.raises(VideoError, match=r"\[64, 96, 3\]"):
+            writer.write(torch.zeros(H, W, 3, dtype=torch.uint8))  # a frame, not a clip
+        with pytest.raises(VideoError, match="frames are 96x32 .*opened for 96x64"):
+            writer.write(torch.zeros(1, 32, W, 3, dtype=torch.uint8))
+        writer.write(torch.zeros(0, H, W, 3, dtype=torch.uint8))  # empty chunk: nothing to do
+        writer.write(torch.zeros(1, H, W, 3, dtype=torch.uint8))
+    with pytest.raises(VideoError, match="closed"):
+        writer.write(torch.zeros(1, H, W, 3, dtype=torch.uint8))
+    assert probe_video(tmp_path / "w.mp4").num_frames == 1
+
+
+def test_write_video_rejects_float(tmp_path):
+    with pytest.raises(TypeError, match="float32"):
+        write_video(tmp_path / "f.mp4", torch.rand(2, H, W, 3), 25)
+
+
+def test_closing_without_frames_creates_no_file(tmp_path):
+    path = tmp_path / "empty.mp4"
+    writer = VideoWriter(path, W, H, 25)
+    with pytest.raises(VideoError, match="empty.mp4: no frames were written"):
+        writer.close()
+    assert not path.exists()
+    writer.close()  # second close is a no-op
+    # an existing file is left alone: PyAV opens the output only at the first packet
+    path.write_text("keep me")
+    with pytest.raises(VideoError, match="no frames were written"):
+        with VideoWriter(path, W, H, 25):
+            pass
+    assert path.read_text() == "keep me"
+
+
+def test_unknown_extension(tmp_path):
+    with pytest.raises(VideoError, match=r"out\.xyz: cannot write this file type"):
+        VideoWriter(tmp_path / "out.xyz", W, H, 25)
+
+
+def test_error_inside_with_block_is_not_masked(tmp_path):
+    with pytest.raises(RuntimeError, match="upscaler failed"):
+        with VideoWriter(tmp_path / "e.mp4", W, H, 25):
+            raise RuntimeError("upscaler failed")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"fps": 0}, "fps must be a positive number, got 0"),
+        ({"fps": "abc"}, "fps must be a positive number, got 'abc'"),
+        ({"fps": float("inf")}, "fps must be a positive number"),
+        ({"width": 0}, "width must be a positive int, got 0"),
+        ({"codec": "no-such-codec"}, "no 'no-such-codec' encoder"),
+        ({"codec": "aac"}, "not a video encoder"),
+        ({"pix_fmt": "rgb48le"}, "cannot encode pix_fmt 'rgb48le'"),
+        ({"color_range": "full"}, "color_range must be 'tv', 'pc' or None, got 'full'"),
+        ({"colorspace": "srgb"}, "colorspace must be one of"),
+        ({"crf": -1}, "crf must be a number in 0..63, got -1"),
+    ],
+)
+def test_bad_writer_arguments(tmp_path, kwargs, match):
+    args = {"width": W, "height": H, "fps": 25, **kwargs}
+    with pytest.raises(VideoError, match=match):
+        VideoWriter(tmp_path / "a.mp4", args.pop("width"), args.pop("height"), args.pop("fps"), **args)
+
+
+def test_bad_max_frames(tmp_path, clip):
+    path = tmp_path / "clip.mp4"
+    write_video(path, clip[:2], 25)
+    with pytest.raises(ValueError, match="max_frames must be a positive int, got 0"):
+        read_video(path, max_frames=0)
+
+
+# ----------------------------------------------------------------------------- test clip
+
+
+def test_synthetic_clip_shape_and_determinism():
+    a = synthetic_clip(5, 40, 56, seed=3)
+    assert a.dtype == torch.uint8 and tuple(a.shape) == (5, 40, 56, 3)
+    assert torch.equal(a, synthetic_clip(5, 40, 56, seed=3))
+    assert not torch.equal(a, synthetic_clip(5, 40, 56, seed=4))
+    # a prefix of a longer clip is the shorter clip: frames depend on t only
+    assert torch.equal(a[:3], synthetic_clip(3, 40, 56, seed=3))
+
+
+def test_synthetic_clip_moves_and_has_structure():
+    clip = synthetic_clip(6, 48, 64).float()
+    step = (clip[1:] - clip[:-1]).abs().mean(dim=(1, 2, 3))
+    assert (step > 2).all(), step  # every frame differs from the last
+    assert clip.std() > 30  # not flat
+    # fine detail: neighbouring pixels differ noticeably (texture, edges), which a x4 demo needs
+    assert (clip[:, :, 1:] - clip[:, :, :-1]).abs().mean() > 5
+    assert clip.min() < 60 and clip.max() > 200  # uses the range
+
+
+def test_synthetic_clip_ignores_global_rng():
+    torch.manual_seed(1)
+    a = synthetic_clip(2, 16, 16)
+    torch.manual_seed(2)
+    assert torch.equal(a, synthetic_clip(2, 16, 16))
+
+
+@pytest.mark.parametrize("args", [(0, 8, 8), (2, -1, 8), (2, 8, 2.5), (True, 8, 8)])
+def test_synthetic_clip_rejects_bad_sizes(args):
+    with pytest.raises(ValueError, match="must be a positive int"):
+        synthetic_clip(*args)
+
+
+def test_synthetic_clip_tiny_sizes():
+    assert tuple(synthetic_clip(2, 1, 1).shape) == (2, 1, 1, 3)
