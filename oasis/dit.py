@@ -309,6 +309,28 @@ class WanDiT(nn.Module):
 
         save_dit(self, path, layout=layout, max_shard_bytes=max_shard_bytes)
 
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> "WanDiT":
+        """Random weights in place (Wan2.1's scheme: Xavier-uniform matmuls, zero biases, unit norms),
+        except that the output head is random too rather than zero, so an untrained model's output
+        depends on its input. Works on any device, e.g. after ``to_empty`` from the meta device."""
+        def uniform_(t, bound):
+            t.copy_((torch.rand(t.shape, generator=generator, device=t.device if generator is None else "cpu",
+                                dtype=torch.float32) * 2 - 1).to(t) * bound)
+
+        for name, p in self.named_parameters():
+            if name.endswith("modulation"):
+                uniform_(p, 3 ** 0.5 / p.shape[-1] ** 0.5)  # the variance of Wan's randn / sqrt(dim)
+            elif p.dim() >= 2:
+                fan_out, fan_in = p.shape[0], p[0].numel()
+                uniform_(p, (6.0 / (fan_in + fan_out)) ** 0.5)
+            elif ".norm" in name or name.startswith("norm"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        self._kv_cache = None
+        return self
+
     def cast(self, dtype: torch.dtype) -> "WanDiT":
         """Move the matmul weights to ``dtype``; the time embedding, modulations and norms stay float32."""
         if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):

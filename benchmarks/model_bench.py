@@ -1,0 +1,240 @@
+"""The OASIS DiT and the whole super-resolution call on one GPU, random weights at Wan2.1-1.3B's size.
+
+    python benchmarks/model_bench.py --out benchmarks/results/<date>_<card>_<commit>
+
+Measures, in one run, bf16:
+* the 30-layer DiT forward, routed (5 global / 4 intra / 3 window (3,5,5) heads per layer) and
+  all-global (every head on the same cuDNN path), at grid A (9,45,80) = 33 frames 720x1280 and
+  B (27,45,80) = 105 frames, eager and under torch.compile;
+* the sum of its parts: one routed attention layer alone, plus the block's matmuls at the
+  card's measured matmul rate, times 30 (how much time is lost between kernels);
+* ``OasisVSR`` on 33 LQ frames of 180x320 -> 720x1280 with diffusers' Wan VAE decoder, by stage.
+
+Writes ``model_bench.json`` and ``model_bench.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attn_bench import environment, measure_ceilings  # noqa: E402
+
+import oasis_kernels as ok  # noqa: E402
+from oasis import WanConfig, WanDiT  # noqa: E402
+
+GRIDS = {"A": (9, 45, 80), "B": (27, 45, 80)}
+ROUTED = ["global"] * 5 + ["intra"] * 4 + ["window"] * 3
+
+
+def cuda_ms(fn, reps: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        out.append(start.elapsed_time(stop))
+    return out
+
+
+def summary(times: list[float]) -> dict:
+    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": len(times)}
+
+
+def build_dit(cfg: WanConfig, device) -> WanDiT:
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    model.to_empty(device=device)
+    model.init_weights().cast(torch.bfloat16).eval()
+    model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device=device) * 0.1)
+    return model
+
+
+def block_matmul_flops(cfg: WanConfig, tokens: int) -> float:
+    """Forward FLOPs of one block's matmuls (the constant context's K/V are cached, not counted)."""
+    d, f, L = cfg.dim, cfg.ffn_dim, cfg.text_len
+    per_token = 4 * d * d + 2 * d * d + 2 * d * f  # self q/k/v/o, cross q/o, FFN in and out
+    cross_attention = 2 * L * d  # scores and values against the context
+    return 2.0 * tokens * (per_token + cross_attention)
+
+
+def attention_layer_ms(grid, modes, reps: int, device) -> float:
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, n, 12, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+    plan = ok.RoutingPlan(grid, modes)
+    with torch.no_grad():
+        return statistics.median(cuda_ms(lambda: ok.routed_attention(q, k, v, plan), reps, warmup=3))
+
+
+def bench_dit(model: WanDiT, cfg, args, ceilings, device) -> dict:
+    out = {}
+    for name in args.grids:
+        grid = GRIDS[name]
+        t, h, w = grid
+        tokens = t * h * w
+        z = torch.randn(1, cfg.in_channels, t, 2 * h, 2 * w, device=device, dtype=torch.bfloat16)
+        row = {"grid": grid, "tokens": tokens}
+        reps = args.reps if name == "A" else max(2, args.reps // 2)
+        for label, routing in (("all_global", None), ("routed", [ROUTED] * cfg.num_layers)):
+            model.set_routing(routing)
+            torch.cuda.reset_peak_memory_stats()
+            with torch.no_grad():
+                row[label] = summary(cuda_ms(lambda: model(z, 799.0), reps))
+            row[label]["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            print(f"{name} {label}: {row[label]['ms']:.1f} ms", flush=True)
+        row["speedup"] = row["all_global"]["ms"] / row["routed"]["ms"]
+        attn = {label: attention_layer_ms(grid, modes, 10, device)
+                for label, modes in (("routed", ROUTED), ("all_global", ["global"] * 12))}
+        mm_ms = block_matmul_flops(cfg, tokens) / (ceilings["matmul_TFLOPs"] * 1e12) * 1e3
+        for label in ("routed", "all_global"):
+            ideal = cfg.num_layers * (attn[label] + mm_ms)
+            row[label].update(attention_layer_ms=attn[label], ideal_ms=ideal, vs_ideal=row[label]["ms"] / ideal)
+        row["block_matmul_ms_at_ceiling"] = mm_ms
+        print(f"{name}: speedup {row['speedup']:.2f}x, routed {row['routed']['vs_ideal']:.3f}x its parts", flush=True)
+        out[name] = row
+    return out
+
+
+def bench_compiled(model: WanDiT, cfg, args, device) -> dict:
+    out = {}
+    compiled = torch.compile(model)
+    for name in args.grids:
+        t, h, w = GRIDS[name]
+        z = torch.randn(1, cfg.in_channels, t, 2 * h, 2 * w, device=device, dtype=torch.bfloat16)
+        row = {}
+        for label, routing in (("routed", [ROUTED] * cfg.num_layers), ("all_global", None)):
+            model.set_routing(routing)
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled(z, 799.0)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
+            with torch.no_grad():
+                row[label] = summary(cuda_ms(lambda: compiled(z, 799.0), args.reps, warmup=1))
+            row[label]["first_call_s"] = first
+            print(f"compiled {name} {label}: {row[label]['ms']:.1f} ms (first call {first:.0f} s)", flush=True)
+        out[name] = row
+    return out
+
+
+def bench_vsr(model: WanDiT, cfg, args, device) -> dict:
+    from diffusers import AutoencoderKLWan
+
+    from oasis.pipeline import OasisVSR
+    from oasis.projector import LatentProjector
+    from oasis.vae import WanDecoder
+
+    vae = AutoencoderKLWan().to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
+    pipe = OasisVSR(model, LatentProjector().to(device), WanDecoder(vae), context=model.context)
+    model.set_routing([ROUTED] * cfg.num_layers)
+    video = torch.randint(0, 256, (33, 180, 320, 3), dtype=torch.uint8)
+    x = video.permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device)
+    stages = {}
+    with torch.no_grad():
+        for _ in range(2):  # the second round is timed
+            torch.cuda.synchronize()
+            for name, fn in (("project", lambda: pipe.project(x)), ("dit", lambda: pipe.restore(z_low)),
+                             ("decode", lambda: pipe.decode(z_high))):
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                result = fn()
+                torch.cuda.synchronize()
+                stages[name] = {"s": time.perf_counter() - start, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+                if name == "project":
+                    z_low = result
+                elif name == "dit":
+                    z_high = result
+    plan = pipe.plan(33, 180, 320)
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = pipe(video, progress=False)
+    torch.cuda.synchronize()
+    whole = time.perf_counter() - start
+    assert out.shape == (33, 720, 1280, 3)
+    res = {"stages": stages, "call_s": whole, "call_peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
+           "plan": {"chunk_frames": plan.chunk_frames, "tile": plan.tile,
+                    "estimated_GiB": plan.estimated_bytes / 2**30},
+           "weights_GiB": pipe._weight_bytes() / 2**30}
+    print(json.dumps(res, indent=1), flush=True)
+    return res
+
+
+def render(results: dict) -> str:
+    env = results["env"]
+    md = [f"# OASIS DiT and pipeline, {env.get('gpu', 'cpu')}, {env['date'][:10]}, commit {env['commit'][:7]}", "",
+          f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}; "
+          f"bf16, random weights at Wan2.1-1.3B's size (30 layers, dim 1536, 12 heads of 128); routed = 5 global / "
+          f"4 intra / 3 window (3,5,5) heads per layer. Matmul ceiling {results['ceilings']['matmul_TFLOPs']:.0f} "
+          f"TFLOP/s (8192^3 bf16).", "",
+          "| grid | all-global (ms) | routed (ms) | speedup | routed / its parts | all-global / its parts | peak GiB |",
+          "|---|---|---|---|---|---|---|"]
+    for name, r in results["dit"].items():
+        md.append(f"| {name} {tuple(r['grid'])} | {r['all_global']['ms']:.1f} | {r['routed']['ms']:.1f} | "
+                  f"{r['speedup']:.2f}x | {r['routed']['vs_ideal']:.3f}x | {r['all_global']['vs_ideal']:.3f}x | "
+                  f"{r['routed']['peak_GiB']:.1f} |")
+    md += ["", "Parts = 30 x (one attention layer alone + the block's matmul FLOPs at the ceiling)."]
+    if results.get("compiled"):
+        md += ["", "torch.compile (default mode):", "", "| grid | routed (ms) | all-global (ms) | first call (s) |",
+               "|---|---|---|---|"]
+        for name, r in results["compiled"].items():
+            md.append(f"| {name} | {r['routed']['ms']:.1f} | {r['all_global']['ms']:.1f} | "
+                      f"{r['routed']['first_call_s']:.0f} |")
+    if results.get("vsr"):
+        v = results["vsr"]
+        md += ["", "OasisVSR, 33 frames 180x320 -> 720x1280 (diffusers' decoder):", "",
+               "| stage | s | peak GiB |", "|---|---|---|"]
+        for name, s in v["stages"].items():
+            md.append(f"| {name} | {s['s']:.3f} | {s['peak_GiB']:.1f} |")
+        md.append(f"| whole call (uint8 in and out) | {v['call_s']:.3f} | {v['call_peak_GiB']:.1f} |")
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grids", nargs="+", default=["A", "B"], choices=sorted(GRIDS))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    p.add_argument("--vsr", action="store_true", help="also time OasisVSR end to end (needs diffusers)")
+    p.add_argument("--out", type=Path, help="folder for model_bench.json / .md")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("model_bench: needs CUDA (the DiT at these sizes is a GPU workload); nothing measured")
+        return 0
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = WanConfig()
+    results = {"env": environment(device), "ceilings": measure_ceilings(device)}
+
+    def save():  # after every section, so a run cut short keeps what it measured
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "model_bench.json").write_text(json.dumps(results, indent=1, default=str))
+            (args.out / "model_bench.md").write_text(render(results))
+
+    model = build_dit(cfg, device)
+    results["dit"] = bench_dit(model, cfg, args, results["ceilings"], device)
+    save()
+    if args.vsr:
+        results["vsr"] = bench_vsr(model, cfg, args, device)
+        save()
+    if args.compile:
+        results["compiled"] = bench_compiled(model, cfg, args, device)
+        save()
+    print(render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
