@@ -131,7 +131,7 @@ def _check_args(args) -> None:
 def run(args) -> int:
     import torch
 
-    from .video import VideoWriter, read_video, synthetic_clip
+    from .video import VideoWriter, probe_video, read_video, synthetic_clip
 
     _check_args(args)
     device = _device(args.device)
@@ -155,13 +155,18 @@ def run(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = OasisVSR.from_pretrained(args.checkpoint, routing=routing, dtype=dtype, device=device)
+        info = probe_video(args.input)
+        if info.num_frames:  # the memory plan is checked before decoding when the container knows its length
+            pipe.plan(min(info.num_frames, args.max_frames or info.num_frames), info.height, info.width,
+                      memory_budget=args.memory_budget, chunk_frames=args.chunk_frames, tile=args.tile)
         video, info = read_video(args.input, max_frames=args.max_frames)
         fps, color_range, colorspace = info.fps, info.color_range, info.colorspace
-        print(f"oasis-vsr: loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {video.shape[0]} frames "
-              f"{video.shape[2]}x{video.shape[1]} at {float(fps):.3f} fps", file=sys.stderr)
     frames, height, width, _ = video.shape
     plan = pipe.plan(frames, height, width, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames,
                      tile=args.tile)
+    if not args.demo:
+        print(f"oasis-vsr: loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {frames} frames "
+              f"{width}x{height} at {float(fps):.3f} fps", file=sys.stderr)
     s = pipe.scale
     t0 = time.perf_counter()
     with VideoWriter(args.output, width * s, height * s, fps, crf=args.crf, color_range=color_range,

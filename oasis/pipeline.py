@@ -209,7 +209,11 @@ class OasisVSR:
         if memory_budget is not None:
             if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
                 raise ValueError(f"memory_budget must be a positive number of GiB, got {memory_budget!r}")
-            return int(memory_budget * 2**30) - self._weight_bytes()
+            left = int(memory_budget * 2**30) - self._weight_bytes()
+            if left <= 0:
+                raise MemoryError(f"the memory budget of {memory_budget:g} GiB does not hold the model's weights "
+                                  f"({self._weight_bytes() / 2**30:.2f} GiB)")
+            return left
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(0.9 * free)

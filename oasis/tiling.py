@@ -129,5 +129,6 @@ def plan_tiles(frames: int, height: int, width: int, *, budget: int | None, esti
                 ov = min(overlap_frames, (c - 1) // 2) if frames > c else 0
                 tov = 0 if t is None else min(tile_overlap, align * (min(th, tw) // (2 * align)))
                 return TilePlan(c, ov, None if t is None else (th, tw), tov, need)
-    raise MemoryError(f"the memory budget of {budget / 2**30:.2f} GiB is below the smallest chunk's estimated "
-                      f"{smallest / 2**30:.2f} GiB; raise the budget, or lower chunk frames or the tile size")
+    raise MemoryError(f"the memory budget leaves {budget / 2**30:.2f} GiB beside the weights, below the smallest "
+                      f"chunk's estimated {smallest / 2**30:.2f} GiB; raise the budget, or lower chunk frames or "
+                      f"the tile size")

@@ -1,0 +1,120 @@
+"""oasis-vsr: the demo, a real checkpoint on a real video file, and one-line errors (exit code 2)."""
+
+import pytest
+import torch
+
+pytest.importorskip("av")
+pytest.importorskip("diffusers")
+
+from oasis.cli import main  # noqa: E402
+from oasis.demo import tiny_pipeline  # noqa: E402
+from oasis.video import probe_video, read_video, synthetic_clip, write_video  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    tiny_pipeline(seed=1).save_pretrained(folder, layout="wan")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("in") / "lq.mp4"
+    write_video(path, synthetic_clip(7, 20, 28), "30000/1001", crf=10, color_range="pc")
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_demo_writes_a_4x_video(tmp_path, capsys):
+    out = tmp_path / "demo.mp4"
+    code, err = run(capsys, "--demo", "-o", out, "--max-frames", 5, "--no-progress")
+    assert code == 0, err
+    assert "untrained" in err.lower()
+    info = probe_video(out)
+    assert (info.width, info.height) == (320, 192)
+    frames, _ = read_video(out)
+    assert frames.shape == (5, 192, 320, 3)
+
+
+def test_checkpoint_on_a_video_file(tmp_path, capsys, checkpoint, clip):
+    out = tmp_path / "hq.mp4"
+    code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--chunk-frames", 5,
+                    "--no-progress")
+    assert code == 0, err
+    src, dst = probe_video(clip), probe_video(out)
+    assert (dst.width, dst.height) == (4 * src.width, 4 * src.height)
+    assert dst.fps == src.fps and dst.color_range == "pc"
+    frames, _ = read_video(out)
+    assert frames.shape[0] == 7 and frames.float().std() > 1
+
+
+def test_routing_none_and_tiles(tmp_path, capsys, checkpoint, clip):
+    out = tmp_path / "hq.mp4"
+    code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--routing", "none",
+                    "--tile", 12, "--no-progress")
+    assert code == 0, err
+    assert "tiles 12x12" in err
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing", "no such file"),
+    ("text", "x.mp4"),
+    ("no_projector", "has no projector"),
+    ("no_checkpoint", "no --checkpoint"),
+    ("not_checkpoint", "not an OASIS checkpoint"),
+    ("cuda", "CUDA is not available"),
+    ("budget", "memory budget"),
+    ("routing", "does not exist"),
+    ("out_dir", "does not exist"),
+])
+def test_one_line_errors(tmp_path, capsys, checkpoint, clip, case, expect):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "out.mp4"
+    args = [clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
+    if case == "missing":
+        args[0] = tmp_path / "nothing.mp4"
+    elif case == "text":
+        args[0] = tmp_path / "x.mp4"
+        args[0].write_text("not a video")
+    elif case == "no_projector":
+        import shutil
+
+        import safetensors.torch as st
+
+        broken = tmp_path / "ckpt"
+        shutil.copytree(checkpoint, broken)
+        state = st.load_file(str(broken / "oasis.safetensors"))
+        st.save_file({"context": state["context"]}, str(broken / "oasis.safetensors"))
+        args[4] = broken
+    elif case == "no_checkpoint":
+        args = [clip, "-o", out]
+    elif case == "not_checkpoint":
+        args[4] = tmp_path
+    elif case == "cuda":
+        args[6] = "cuda"
+    elif case == "budget":
+        args += ["--memory-budget", "0.0001"]
+    elif case == "routing":
+        args += ["--routing", tmp_path / "r.json"]
+    elif case == "out_dir":
+        args[2] = tmp_path / "no" / "out.mp4"
+    code, err = run(capsys, *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("oasis-vsr: error:"), err
+    assert expect.lower() in lines[0].lower(), lines[0]
+    assert not out.exists()
+
+
+def test_bad_option_values_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--demo", "-o", "x.mp4", "--chunk-frames", "6"])
+    assert info.value.code == 2
+    assert "4k+1" in capsys.readouterr().err
