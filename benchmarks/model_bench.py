@@ -78,7 +78,9 @@ def attention_layer_ms(grid, modes, reps: int, device) -> float:
         return statistics.median(cuda_ms(lambda: ok.routed_attention(q, k, v, plan), reps, warmup=3))
 
 
-def bench_dit(model: WanDiT, cfg, args, ceilings, device) -> dict:
+def bench_dit(model: WanDiT, cfg, args, ceilings, device, mode: str) -> dict:
+    """``mode``: "eager" or "regions" (WanDiT.compile_regions)."""
+    model.compile_regions(mode == "regions")
     out = {}
     for name in args.grids:
         grid = GRIDS[name]
@@ -90,10 +92,16 @@ def bench_dit(model: WanDiT, cfg, args, ceilings, device) -> dict:
         for label, routing in (("all_global", None), ("routed", [ROUTED] * cfg.num_layers)):
             model.set_routing(routing)
             torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(z, 799.0)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - start
             with torch.no_grad():
                 row[label] = summary(cuda_ms(lambda: model(z, 799.0), reps))
             row[label]["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-            print(f"{name} {label}: {row[label]['ms']:.1f} ms", flush=True)
+            row[label]["first_call_s"] = first
+            print(f"{mode} {name} {label}: {row[label]['ms']:.1f} ms (first call {first:.1f} s)", flush=True)
         row["speedup"] = row["all_global"]["ms"] / row["routed"]["ms"]
         attn = {label: attention_layer_ms(grid, modes, 10, device)
                 for label, modes in (("routed", ROUTED), ("all_global", ["global"] * 12))}
@@ -102,13 +110,57 @@ def bench_dit(model: WanDiT, cfg, args, ceilings, device) -> dict:
             ideal = cfg.num_layers * (attn[label] + mm_ms)
             row[label].update(attention_layer_ms=attn[label], ideal_ms=ideal, vs_ideal=row[label]["ms"] / ideal)
         row["block_matmul_ms_at_ceiling"] = mm_ms
-        print(f"{name}: speedup {row['speedup']:.2f}x, routed {row['routed']['vs_ideal']:.3f}x its parts", flush=True)
+        print(f"{mode} {name}: speedup {row['speedup']:.2f}x, routed {row['routed']['vs_ideal']:.3f}x its parts",
+              flush=True)
         out[name] = row
     return out
 
 
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if "attn" in n or "fmha" in n or "flash" in n or "sdpa" in n or "_fwd_kernel" in n or "cudnn" in n:
+        return "attention"
+    if "gemm" in n or "nvjet" in n or "xmma" in n or "cutlass" in n or "sm90" in n:
+        return "matmul"
+    if n.startswith("triton_"):
+        return "fused elementwise (inductor)"
+    return "other: " + name[:60]
+
+
+def profile_forward(model: WanDiT, cfg, device) -> dict:
+    """GPU time of one routed forward at A (compiled regions) grouped by kernel kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t, h, w = GRIDS["A"]
+    z = torch.randn(1, cfg.in_channels, t, 2 * h, 2 * w, device=device, dtype=torch.bfloat16)
+    model.set_routing([ROUTED] * cfg.num_layers)
+    model.compile_regions()
+    with torch.no_grad():
+        model(z, 799.0)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(z, 799.0)
+            torch.cuda.synchronize()
+    kinds: dict = {}
+    for ev in prof.key_averages():
+        us = ev.device_time_total
+        if us <= 0:
+            continue
+        kind = kernel_kind(ev.key)
+        if kind.startswith("other"):
+            kinds.setdefault("other", {"ms": 0.0, "kernels": {}})
+            kinds["other"]["kernels"][ev.key[:80]] = us / 1e3
+            kinds["other"]["ms"] += us / 1e3
+        else:
+            kinds.setdefault(kind, {"ms": 0.0})
+            kinds[kind]["ms"] += us / 1e3
+    print(json.dumps(kinds, indent=1), flush=True)
+    return kinds
+
+
 def bench_compiled(model: WanDiT, cfg, args, device) -> dict:
     out = {}
+    model.compile_regions(False)
     compiled = torch.compile(model)
     for name in args.grids:
         t, h, w = GRIDS[name]
@@ -137,7 +189,7 @@ def bench_vsr(model: WanDiT, cfg, args, device) -> dict:
     from oasis.vae import WanDecoder
 
     vae = AutoencoderKLWan().to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
-    pipe = OasisVSR(model, LatentProjector().to(device), WanDecoder(vae), context=model.context)
+    pipe = OasisVSR(model, LatentProjector().to(device), WanDecoder(vae), context=model.context)  # compiles regions
     model.set_routing([ROUTED] * cfg.num_layers)
     video = torch.randint(0, 256, (33, 180, 320, 3), dtype=torch.uint8)
     x = video.permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device)
@@ -178,10 +230,12 @@ def render(results: dict) -> str:
           f"bf16, random weights at Wan2.1-1.3B's size (30 layers, dim 1536, 12 heads of 128); routed = 5 global / "
           f"4 intra / 3 window (3,5,5) heads per layer. Matmul ceiling {results['ceilings']['matmul_TFLOPs']:.0f} "
           f"TFLOP/s (8192^3 bf16).", "",
-          "| grid | all-global (ms) | routed (ms) | speedup | routed / its parts | all-global / its parts | peak GiB |",
-          "|---|---|---|---|---|---|---|"]
-    for name, r in results["dit"].items():
-        md.append(f"| {name} {tuple(r['grid'])} | {r['all_global']['ms']:.1f} | {r['routed']['ms']:.1f} | "
+          "| mode | grid | all-global (ms) | routed (ms) | speedup | routed / its parts | all-global / its parts | peak GiB |",
+          "|---|---|---|---|---|---|---|---|"]
+    rows = [("eager", n, r) for n, r in results["dit"].items()]
+    rows += [("compiled regions", n, r) for n, r in results.get("dit_regions", {}).items()]
+    for mode, name, r in rows:
+        md.append(f"| {mode} | {name} {tuple(r['grid'])} | {r['all_global']['ms']:.1f} | {r['routed']['ms']:.1f} | "
                   f"{r['speedup']:.2f}x | {r['routed']['vs_ideal']:.3f}x | {r['all_global']['vs_ideal']:.3f}x | "
                   f"{r['routed']['peak_GiB']:.1f} |")
     md += ["", "Parts = 30 x (one attention layer alone + the block's matmul FLOPs at the ceiling)."]
@@ -205,7 +259,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grids", nargs="+", default=["A", "B"], choices=sorted(GRIDS))
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (the whole model)")
+    p.add_argument("--profile", action="store_true", help="kernel time by kind for one routed forward at A")
     p.add_argument("--vsr", action="store_true", help="also time OasisVSR end to end (needs diffusers)")
     p.add_argument("--out", type=Path, help="folder for model_bench.json / .md")
     args = p.parse_args(argv)
@@ -224,8 +279,13 @@ def main(argv=None):
             (args.out / "model_bench.md").write_text(render(results))
 
     model = build_dit(cfg, device)
-    results["dit"] = bench_dit(model, cfg, args, results["ceilings"], device)
+    results["dit"] = bench_dit(model, cfg, args, results["ceilings"], device, "eager")
     save()
+    results["dit_regions"] = bench_dit(model, cfg, args, results["ceilings"], device, "regions")
+    save()
+    if args.profile:
+        results["profile"] = profile_forward(model, cfg, device)
+        save()
     if args.vsr:
         results["vsr"] = bench_vsr(model, cfg, args, device)
         save()

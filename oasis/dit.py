@@ -165,14 +165,20 @@ class WanSelfAttention(nn.Module):
             plan = self._plans[grid] = ok.RoutingPlan(grid, [self.modes[i] for i in self.order], self.window)
         return plan
 
-    def forward(self, x: torch.Tensor, grid, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """``x [B, N, dim]`` -> q, k, v ``[B, N, heads, head_dim]`` (q and k normed and rotated)."""
         b, n, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim)
         k = self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim)
         v = self.v(x).view(b, n, self.heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = ok.routed_attention(q, k, v, self.plan(grid))
-        return self.o(y.flatten(2))
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def attend(self, q, k, v, grid) -> torch.Tensor:
+        """Routed attention with this layer's plan: ``[B, N, heads, head_dim]`` (kernel head order)."""
+        return ok.routed_attention(q, k, v, self.plan(grid))
+
+    def forward(self, x: torch.Tensor, grid, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.o(self.attend(*self.project(x, rope), grid).flatten(2))
 
 
 def _inverse(order: Sequence[int]) -> tuple[int, ...]:
@@ -237,16 +243,30 @@ class WanBlock(nn.Module):
                                  nn.Linear(config.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
 
-    def forward(self, x, e, grid, rope, kv):
-        """``x [B, N, dim]``, ``e [B, 6, dim]`` float32 time projection, ``kv`` the context's K/V."""
+    # The block runs as two regions around the routed attention, so that torch.compile can fuse
+    # each region's float32 norms, modulation and RoPE once for all blocks (the same code whatever
+    # the layer), while each layer's routing plan stays outside the compiled code.
+    def attention_inputs(self, x, e, rope):
+        """Region 1: modulated norm, then q, k, v ``[B, N, heads, head_dim]``."""
+        shift, scale = (self.modulation[:, :2].to(e.dtype) + e[:, :2]).chunk(2, dim=1)
+        return self.self_attn.project((self.norm1(x) * (1 + scale) + shift).to(x.dtype), rope)
+
+    def after_attention(self, x, attn, e, kv):
+        """Region 2: output projection and gated residual, cross-attention, modulated FFN."""
         dtype = x.dtype
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.to(e.dtype) + e).chunk(6, dim=1)
-        y = self.self_attn((self.norm1(x) * (1 + scale) + shift).to(dtype), grid, rope)
-        x = (_wide(x) + y * gate).to(dtype)
+        gate, c_shift, c_scale, c_gate = (self.modulation[:, 2:].to(e.dtype) + e[:, 2:]).chunk(4, dim=1)
+        x = (_wide(x) + self.self_attn.o(attn.flatten(2)) * gate).to(dtype)
         xc = x if self.norm3 is None else self.norm3(x).to(dtype)
         x = x + self.cross_attn(xc, kv)
         y = self.ffn((self.norm2(x) * (1 + c_scale) + c_shift).to(dtype))
         return (_wide(x) + y * c_gate).to(dtype)
+
+    def forward(self, x, e, grid, rope, kv, regions=None):
+        """``x [B, N, dim]``, ``e [B, 6, dim]`` float32 time projection, ``kv`` the context's K/V;
+        ``regions``: compiled forms of (attention_inputs, after_attention), see WanDiT.compile_regions."""
+        before, after = regions or (WanBlock.attention_inputs, WanBlock.after_attention)
+        q, k, v = before(self, x, e, rope)
+        return after(self, x, self.self_attn.attend(q, k, v, grid), e, kv)
 
 
 class WanHead(nn.Module):
@@ -293,6 +313,7 @@ class WanDiT(nn.Module):
         self.context: torch.Tensor | None = None
         self._kv_cache: tuple | None = None
         self._rope: dict = {}
+        self._regions = None
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -348,6 +369,19 @@ class WanDiT(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
+
+    def compile_regions(self, enabled: bool = True, **options) -> "WanDiT":
+        """torch.compile each block's two regions around the routed attention (``WanBlock``).
+
+        One compilation serves all blocks (their code is the same; parameters are inputs), and no
+        routing plan enters compiled code, so a calibrated routing with a different plan per layer
+        does not recompile. ``options`` go to ``torch.compile``. ``enabled=False`` returns to eager.
+        """
+        self._regions = None
+        if enabled:
+            self._regions = (torch.compile(WanBlock.attention_inputs, **options),
+                             torch.compile(WanBlock.after_attention, **options))
+        return self
 
     # -- routing --------------------------------------------------------------------
     def set_routing(self, routing: Routing, window=(3, 5, 5)) -> None:
@@ -480,7 +514,7 @@ class WanDiT(nn.Module):
         kv = self._context_kv(context)
         rope = self.rope(grid)
         for block, layer_kv in zip(self.blocks, kv):
-            x = block(x, e6, grid, rope, layer_kv)
+            x = block(x, e6, grid, rope, layer_kv, self._regions)
         x = self.head(x, e)
         x = x.view(b, *grid, pt, ph, pw, cfg.out_channels)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, t, h, w)

@@ -57,7 +57,7 @@ class OasisVSR:
     """
 
     def __init__(self, dit: WanDiT, projector: LatentProjector, decoder: WanDecoder, *, timestep: float = 799.0,
-                 context: torch.Tensor | None = None):
+                 context: torch.Tensor | None = None, compile: bool | None = None):
         if projector.config.latent_channels != dit.config.in_channels:
             raise ValueError(f"the projector makes {projector.config.latent_channels} latent channels but the DiT "
                              f"takes {dit.config.in_channels}")
@@ -79,6 +79,13 @@ class OasisVSR:
             context = torch.zeros(dit.config.text_len, dit.config.text_dim)
         self.context = context
         dit.set_context(context)
+        # torch.compile of the DiT blocks' regions around the attention (WanDiT.compile_regions): on
+        # CUDA by default, where it fuses the float32 norms, modulation and RoPE (docs/OASIS.md has
+        # the measurement); the first call of each new clip size pays its compile time
+        if compile is None:
+            compile = dit.device.type == "cuda"
+        if compile:
+            dit.compile_regions()
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -102,7 +109,7 @@ class OasisVSR:
     # -- checkpoints ----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, *, routing="checkpoint", window=(3, 5, 5), dtype=torch.bfloat16,
-                        device="cuda") -> "OasisVSR":
+                        device="cuda", compile: bool | None = None) -> "OasisVSR":
         """Load a checkpoint folder (layout in the module docstring); nothing is downloaded.
 
         ``routing="checkpoint"`` uses the checkpoint's ``routing.json`` when it has one (else all heads
@@ -140,7 +147,8 @@ class OasisVSR:
         dit = WanDiT.from_pretrained(path, routing=routing, window=window, dtype=dtype, device=device)
         decoder = WanDecoder(load_vae(find_vae(path), dtype=dtype, device=device))
         projector.to(device=device, dtype=torch.float32)
-        return cls(dit, projector, decoder, timestep=float(meta.get("timestep", 799)), context=extra.get("context"))
+        return cls(dit, projector, decoder, timestep=float(meta.get("timestep", 799)), context=extra.get("context"),
+                   compile=compile)
 
     def save_pretrained(self, path, *, layout: str = "diffusers") -> None:
         """Write the checkpoint folder; the DiT in ``layout`` (``"diffusers"`` or ``"wan"``)."""

@@ -395,3 +395,22 @@ def test_routed_model_on_gpu_within_the_tolerance_rule(monkeypatch):
         plain = masked(model(torch.bfloat16, "cuda"))(x.cuda(), 799.0, ctx.cuda()).double().cpu()
     err, base_err = (got - exact).abs().max().item(), (plain - exact).abs().max().item()
     assert err <= 2 * base_err + 1e-3 * exact.abs().max().item(), (err, base_err)
+
+
+def test_compiled_regions_trace_once_for_all_blocks():
+    """Both regions trace without graph breaks (fullgraph), once for every block and plan."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = WanDiT(CFG).eval()
+    model.set_routing(ROUTING)  # a different plan in each layer
+    x, ts, ctx = inputs(b=1, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(x, ts, ctx)
+        model.compile_regions(backend="eager", fullgraph=True)
+        got = model(x, ts, ctx)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    model.compile_regions(False)
+    assert model._regions is None
