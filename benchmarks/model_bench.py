@@ -146,14 +146,12 @@ def profile_forward(model: WanDiT, cfg, device) -> dict:
         us = ev.device_time_total
         if us <= 0:
             continue
-        kind = kernel_kind(ev.key)
-        if kind.startswith("other"):
-            kinds.setdefault("other", {"ms": 0.0, "kernels": {}})
-            kinds["other"]["kernels"][ev.key[:80]] = us / 1e3
-            kinds["other"]["ms"] += us / 1e3
-        else:
-            kinds.setdefault(kind, {"ms": 0.0})
-            kinds[kind]["ms"] += us / 1e3
+        kind = kernel_kind(ev.key).split(":")[0]
+        entry = kinds.setdefault(kind, {"ms": 0.0, "kernels": {}})
+        entry["ms"] += us / 1e3
+        entry["kernels"][ev.key[:90]] = (round(us / 1e3, 3), ev.count)
+    for entry in kinds.values():  # the 12 costliest kernels of each kind: (ms, launches)
+        entry["kernels"] = dict(sorted(entry["kernels"].items(), key=lambda kv: -kv[1][0])[:12])
     print(json.dumps(kinds, indent=1), flush=True)
     return kinds
 
