@@ -230,7 +230,7 @@ def render(results: dict) -> str:
           f"TFLOP/s (8192^3 bf16).", "",
           "| mode | grid | all-global (ms) | routed (ms) | speedup | routed / its parts | all-global / its parts | peak GiB |",
           "|---|---|---|---|---|---|---|---|"]
-    rows = [("eager", n, r) for n, r in results["dit"].items()]
+    rows = [("eager", n, r) for n, r in results.get("dit", {}).items()]
     rows += [("compiled regions", n, r) for n, r in results.get("dit_regions", {}).items()]
     for mode, name, r in rows:
         md.append(f"| {mode} | {name} {tuple(r['grid'])} | {r['all_global']['ms']:.1f} | {r['routed']['ms']:.1f} | "
@@ -257,6 +257,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grids", nargs="+", default=["A", "B"], choices=sorted(GRIDS))
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--modes", nargs="+", default=["eager", "regions"], choices=["eager", "regions"],
+                   help="eager, and/or the blocks' regions compiled (WanDiT.compile_regions)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (the whole model)")
     p.add_argument("--profile", action="store_true", help="kernel time by kind for one routed forward at A")
     p.add_argument("--vsr", action="store_true", help="also time OasisVSR end to end (needs diffusers)")
@@ -277,10 +279,12 @@ def main(argv=None):
             (args.out / "model_bench.md").write_text(render(results))
 
     model = build_dit(cfg, device)
-    results["dit"] = bench_dit(model, cfg, args, results["ceilings"], device, "eager")
-    save()
-    results["dit_regions"] = bench_dit(model, cfg, args, results["ceilings"], device, "regions")
-    save()
+    if "eager" in args.modes:
+        results["dit"] = bench_dit(model, cfg, args, results["ceilings"], device, "eager")
+        save()
+    if "regions" in args.modes:
+        results["dit_regions"] = bench_dit(model, cfg, args, results["ceilings"], device, "regions")
+        save()
     if args.profile:
         results["profile"] = profile_forward(model, cfg, device)
         save()
