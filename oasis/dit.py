@@ -103,13 +103,8 @@ def _permute_heads(t: torch.Tensor, order: Sequence[int], heads: int, dim: int) 
     return t.reshape(split).index_select(dim, index).reshape(shape)
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention over the video tokens; each head follows its routed pattern.
-
-    ``set_modes`` permutes the q/k/v rows, the q/k RMSNorm weights and the o columns once so the
-    heads of each mode are contiguous (one slice per head group for the kernels). The state dict
-    is always in the checkpoint's head order: saving un-permutes, loading permutes.
-    """
+class _Attention(nn.Module):
+    """The projections Wan2.1's self- and cross-attention share: q, k, v, o and the q/k RMSNorms."""
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -118,6 +113,18 @@ class WanSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
+
+
+class WanSelfAttention(_Attention):
+    """Self-attention over the video tokens; each head follows its routed pattern.
+
+    ``set_modes`` permutes the q/k/v rows, the q/k RMSNorm weights and the o columns once so the
+    heads of each mode are contiguous (one slice per head group for the kernels). The state dict
+    is always in the checkpoint's head order: saving un-permutes, loading permutes.
+    """
+
+    def __init__(self, config: WanConfig):
+        super().__init__(config)
         self.modes: tuple[ok.Mode, ...] = (ok.Mode.GLOBAL,) * self.heads  # checkpoint head order
         self.window: tuple[int, int, int] = (3, 5, 5)
         self.order: tuple[int, ...] = tuple(range(self.heads))  # kernel head i is checkpoint head order[i]
@@ -200,16 +207,8 @@ def _unpermute_state(module: WanSelfAttention, state_dict, prefix, local_metadat
     _permute_state(state_dict, prefix, _inverse(module.order), module.heads)
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Attention):
     """Cross-attention from the video tokens to the (text) context tokens."""
-
-    def __init__(self, config: WanConfig):
-        super().__init__()
-        dim = config.dim
-        self.heads, self.head_dim = config.num_heads, config.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, config.eps) if config.qk_norm else nn.Identity()
 
     def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of embedded context tokens ``[Bc, L, dim]``, each ``[Bc, heads, L, head_dim]``."""
