@@ -588,7 +588,7 @@ def plot(results, passes, path: Path, title: str):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="S,A,B", help="presets from ANCHORS.md: S (5,20,40), A (9,45,80), B (27,45,80)")
+    p.add_argument("--shapes", default="S,A,B", help="presets from benchmarks/ANCHORS.md: S (5,20,40), A (9,45,80), B (27,45,80)")
     p.add_argument("--grid", default=None, help="T,H,W instead of --shapes")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)

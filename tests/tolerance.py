@@ -1,4 +1,4 @@
-"""FlashAttention's tolerance rule (DEVELOPERS.md) with Liger-style error reports.
+"""The tolerance rule of FlashAttention's own tests, with Liger-style error reports.
 
 A result passes when its max error against the float64 reference is at most ``factor``
 times the error of the same math done by plain PyTorch in the input dtype, plus a small

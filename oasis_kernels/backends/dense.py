@@ -163,7 +163,7 @@ class _SdpaCudaBackend(DenseBackend):
 
 
 class SdpaCudnnBackend(_SdpaCudaBackend):
-    """cuDNN's fused attention through PyTorch (fastest dense path on Hopper, see ANCHORS.md)."""
+    """cuDNN's fused attention through PyTorch (fastest dense path on Hopper, see benchmarks/ANCHORS.md)."""
 
     name = "sdpa_cudnn"
     predicate_name = "can_use_cudnn_attention"
