@@ -58,15 +58,21 @@ class Mode(enum.IntEnum):
         return "giw"[self.value]
 
 
-def _as_int_triple(value, name: str) -> tuple[int, int, int]:
+def _as_int_triple(value, name: str, cube: bool) -> tuple[int, int, int]:
+    """``value`` as three ints; with ``cube``, one int ``n`` means ``(n, n, n)``."""
+    wanted = "an int or a 3-tuple of ints" if cube else "a 3-tuple of ints (T, H, W)"
     if isinstance(value, (bool, str, bytes)):
-        raise TypeError(f"{name} must be an int or a 3-tuple of ints, got {value!r}")
+        raise TypeError(f"{name} must be {wanted}, got {value!r}")
     if isinstance(value, int):
+        if not cube:
+            # a grid is rarely a cube: RoutingPlan(180, ...) meaning (180, 180, 180) hid mistakes
+            raise TypeError(f"{name} must be {wanted}, got the single int {value!r}; "
+                            f"write all three sizes, e.g. ({value}, {value}, {value}) for a cube")
         return (value, value, value)
     try:
         items = tuple(value)
     except TypeError:
-        raise TypeError(f"{name} must be an int or a 3-tuple of ints, got {value!r}") from None
+        raise TypeError(f"{name} must be {wanted}, got {value!r}") from None
     if len(items) != 3:
         raise ValueError(f"{name} must have 3 entries (T, H, W), got {value!r}")
     out = []
@@ -82,8 +88,9 @@ def _as_int_triple(value, name: str) -> tuple[int, int, int]:
 
 
 def normalize_grid(grid) -> tuple[int, int, int]:
-    """``(T, H, W)`` as a tuple of positive ints."""
-    t = _as_int_triple(grid, "grid")
+    """``(T, H, W)`` as a tuple of positive ints; a single int is refused (TypeError), a grid
+    is not taken to be a cube."""
+    t = _as_int_triple(grid, "grid", cube=False)
     if min(t) <= 0:
         raise ValueError(f"grid sizes must be positive, got {grid=}")
     return t
@@ -91,7 +98,7 @@ def normalize_grid(grid) -> tuple[int, int, int]:
 
 def normalize_window(window) -> tuple[int, int, int]:
     """``(Pt, Ph, Pw)`` as a tuple of odd positive ints; an int means a cube."""
-    w = _as_int_triple(window, "window")
+    w = _as_int_triple(window, "window", cube=True)
     if min(w) <= 0 or any(x % 2 == 0 for x in w):
         raise ValueError(
             f"window sizes must be odd and positive (a window is centred on its query), got {window=}"
@@ -136,8 +143,9 @@ class RoutingPlan:
     """Per-head attention routing of one layer.
 
     Args:
-        grid: ``(T, H, W)`` latent token grid; tokens are flattened t-major, then h, then w,
-            so ``N = T * H * W`` and token ``n`` sits at ``(n // (H*W), (n // W) % H, n % W)``.
+        grid: ``(T, H, W)`` latent token grid, three ints (a single int is a TypeError); tokens
+            are flattened t-major, then h, then w, so ``N = T * H * W`` and token ``n`` sits at
+            ``(n // (H*W), (n // W) % H, n % W)``.
         modes: one entry per head: ``"global"``, ``"intra"``, ``"window"`` (or :class:`Mode`).
         window: odd window size ``(Pt, Ph, Pw)`` of window heads, or one int for a cube.
 

@@ -132,3 +132,19 @@ def test_bad_grid(bad, exc):
 def test_bad_modes(modes, exc, match):
     with pytest.raises(exc, match=match):
         ok.RoutingPlan((2, 3, 5), modes)
+
+
+def test_grid_needs_three_sizes_window_may_be_a_cube():
+    # one int is not a grid: RoutingPlan(180, ...) once became the grid (180, 180, 180)
+    for make in (lambda: ok.RoutingPlan(180, ["g"]), lambda: ok.normalize_grid(180),
+                 lambda: ok.WindowMask(180, 3), lambda: ok.IntraFrameMask(5)):
+        with pytest.raises(TypeError, match=r"grid must be a 3-tuple of ints \(T, H, W\), got the single int"):
+            make()
+    with pytest.raises(ValueError, match=r"grid must have 3 entries.*\[2, 3\]"):
+        ok.RoutingPlan([2, 3], ["g"])
+    with pytest.raises(TypeError, match="grid entries must be ints"):
+        ok.RoutingPlan((2.0, 3, 5), ["g"])
+    # a window is a cube when given one int (documented), and integral numpy/torch sizes pass
+    assert ok.RoutingPlan((2, 3, 5), ["w"], 3).window == (3, 3, 3)
+    assert ok.normalize_window(5) == (5, 5, 5)
+    assert ok.RoutingPlan(torch.tensor([2, 3, 5]), ["g"]).grid == (2, 3, 5)
