@@ -18,6 +18,7 @@ import torch
 from .dispatch import normalize_backend
 from .ops import routed_attention_call
 from .plan import Mode, RoutingPlan
+from .reference import accumulate_dtype
 
 __all__ = ["routed_attention", "global_attention", "intra_frame_attention", "window_attention", "check_inputs",
            "add_observer", "remove_observer", "attention_lse"]
@@ -61,8 +62,10 @@ def check_inputs(q, k, v, plan: RoutingPlan) -> None:
         )
     if heads != plan.heads:
         raise ValueError(f"{q.shape=} has {heads} heads but the plan routes len(plan.modes)={plan.heads}")
-    if b == 0 or d == 0:
-        raise ValueError(f"empty batch or head dim: {q.shape=}")
+    if d == 0:
+        # an empty batch is fine (empty outputs, as PyTorch's SDPA); a zero head dim has no
+        # softmax scale 1/sqrt(D) and no backend takes it
+        raise ValueError(f"head_dim must be positive, got {q.shape=} (an empty batch, B = 0, is allowed)")
 
 
 def _resolve_scale(scale, d: int) -> float:
@@ -121,7 +124,9 @@ def routed_attention(
     Returns:
         ``out [B, N, heads, D]`` in q's dtype, and with ``return_lse`` also
         ``lse [B, heads, N]`` float32 (float64 for float64 inputs). ``lse`` is returned as a
-        constant (``requires_grad=False``): no gradient flows through it.
+        constant (``requires_grad=False``): no gradient flows through it. An empty batch
+        (``B == 0``) gives empty outputs of these shapes (and empty gradients), as PyTorch's
+        SDPA does, without asking any backend; ``D == 0`` is a ValueError.
 
     Visibility for a query at ``(t, h, w)``, one frame of a (T=2, H=4, W=5) grid, q = query::
 
@@ -133,9 +138,12 @@ def routed_attention(
         (+ frame 2)    (frame 1 only)  (clipped at borders, never shifted)
     """
     q, k, v, scale = _prepare(q, k, v, plan, scale)
+    request = normalize_backend(backend)
+    if q.shape[0] == 0:  # nothing to compute or observe: no backend is asked
+        out, lse = _EmptyBatch.apply(q, k, v)
+        return (out, lse) if return_lse else out
     for observe in _OBSERVERS:
         observe(q, k, plan, scale)
-    request = normalize_backend(backend)
     grid, modes, window = plan.as_op_args()
     out, lse = routed_attention_call(q, k, v, grid, modes, window, scale, request, bool(deterministic))
     return (out, lse) if return_lse else out
@@ -148,10 +156,34 @@ def attention_lse(q, k, plan: RoutingPlan, *, scale: float | None = None, backen
     notifying observers, so a calibration observer may call it.
     """
     q, k, v, scale = _prepare(q, k, k, plan, scale)
+    request = normalize_backend(backend)
+    if q.shape[0] == 0:
+        return _empty_lse(q)
     grid, modes, window = plan.as_op_args()
     with torch.no_grad():
-        _, lse = routed_attention_call(q, k, v, grid, modes, window, scale, normalize_backend(backend), True)
+        _, lse = routed_attention_call(q, k, v, grid, modes, window, scale, request, True)
     return lse
+
+
+def _empty_lse(q):
+    b, n, heads, _ = q.shape
+    return q.new_empty(b, heads, n, dtype=accumulate_dtype(q.dtype))
+
+
+class _EmptyBatch(torch.autograd.Function):
+    """``(out, lse)`` of an empty batch: empty tensors of the right shapes and dtypes, with
+    empty gradients for q, k and v (through ``torch.compile`` too, where B is static)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        lse = _empty_lse(q)
+        ctx.mark_non_differentiable(lse)
+        return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        # q, k and v share dout's shape, dtype and device: three empty gradients
+        return torch.zeros_like(dout), torch.zeros_like(dout), torch.zeros_like(dout)
 
 
 def _heads(q) -> int:

@@ -166,8 +166,32 @@ def _decide_mode(mode: Mode, q, plan: RoutingPlan, request: str) -> GroupDecisio
                        f"{q.shape=}, {q.dtype=}, {q.device=}: {detail}")
 
 
+def _check_query(q, plan) -> None:
+    """The checks of ``api.check_inputs`` that concern ``q`` alone (``decide`` sees no k, v)."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}: {plan!r}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [batch, tokens, heads, head_dim], got {q.shape=}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype=}")
+    _, n, heads, d = q.shape
+    if n != plan.num_tokens:
+        raise ValueError(f"{q.shape=} has N={n} tokens but {plan.grid=} holds T*H*W={plan.num_tokens}")
+    if heads != plan.heads:
+        raise ValueError(f"{q.shape=} has {heads} heads but the plan routes len(plan.modes)={plan.heads}")
+    if d == 0:
+        raise ValueError(f"head_dim must be positive, got {q.shape=}")
+
+
 def decide(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto") -> Dispatch:
-    """Which backend serves each head group of ``plan`` for inputs like ``q``, and why."""
+    """Which backend serves each head group of ``plan`` for inputs like ``q``, and why.
+
+    ``q`` is checked as :func:`oasis_kernels.routed_attention` checks it (``[B, N, heads, D]``
+    with ``N`` and ``heads`` those of the plan, a float dtype): TypeError/ValueError otherwise.
+    """
+    _check_query(q, plan)
     request = normalize_backend(backend)
     modes = [m for m in Mode if m in plan.modes]
     return Dispatch(tuple(_decide_mode(m, q, plan, _request_for(request, m)) for m in modes))
@@ -198,7 +222,11 @@ def _decide_cached(q, plan: RoutingPlan, request: str, k=None, v=None) -> Dispat
 
 
 def explain(q: torch.Tensor, plan: RoutingPlan, backend: "str | Mapping" = "auto") -> str:
-    """Human-readable :func:`decide`: one line per head group plus each declined backend's reasons."""
+    """Human-readable :func:`decide`: one line per head group plus each declined backend's reasons.
+
+    ``q`` must be a ``[B, N, heads, D]`` float tensor matching ``plan`` (a rank-3 ``q`` or a
+    wrong token or head count is a ValueError, as in :func:`oasis_kernels.routed_attention`).
+    """
     return str(decide(q, plan, backend))
 
 

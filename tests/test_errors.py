@@ -97,3 +97,33 @@ def test_single_pattern_entry_points_validate():
         ok.intra_frame_attention(q, k, v, (2, 3, 4))
     with pytest.raises(ValueError, match="q must be"):
         ok.global_attention(q[0], k[0], v[0])
+
+
+def test_empty_head_dim_is_an_error_empty_batch_is_not():
+    q, k, v = qkv((1, 30, 3, 0))
+    with pytest.raises(ValueError, match=r"head_dim must be positive.*\[1, 30, 3, 0\]"):
+        ok.routed_attention(q, k, v, PLAN)
+    q, k, v = qkv((0, 30, 3, 16))
+    assert ok.routed_attention(q, k, v, PLAN).shape == (0, 30, 3, 16)
+    # the other checks still apply to an empty batch
+    with pytest.raises(ValueError, match=r"N=31"):
+        ok.routed_attention(*qkv((0, 31, 3, 16)), PLAN)
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        ok.routed_attention(q, k, v, PLAN, backend="cudnn")
+
+
+def test_explain_and_decide_check_q():
+    q = torch.randn(1, 30, 3, 16)
+    with pytest.raises(ValueError, match=r"q must be \[batch, tokens, heads, head_dim\].*\[30, 3, 16\]"):
+        ok.explain(q[0], PLAN)
+    with pytest.raises(ValueError, match=r"N=31 tokens"):
+        ok.explain(torch.randn(1, 31, 3, 16), PLAN)
+    with pytest.raises(ValueError, match=r"4 heads"):
+        ok.decide(torch.randn(1, 30, 4, 16), PLAN)
+    with pytest.raises(TypeError, match=r"q.dtype=torch.int32"):
+        ok.explain(q.int(), PLAN)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        ok.explain([1.0], PLAN)
+    with pytest.raises(TypeError, match="plan must be a RoutingPlan, got tuple"):
+        ok.explain(q, (2, 3, 5))
+    assert "window heads [1]" in ok.explain(q, PLAN)

@@ -155,3 +155,25 @@ def test_unaligned_views_are_copied_once(device, monkeypatch):
     tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
     for got, want in zip((out, *grads), (ref, *ref_grads)):
         torch.testing.assert_close(got.double(), want.double(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_empty_batch_gives_empty_outputs_and_gradients(dtype, device):
+    """B == 0 returns empty tensors, as PyTorch's SDPA does, with autograd (empty gradients)."""
+    plan = ok.RoutingPlan((2, 3, 5), INTERLEAVED, (3, 3, 3))
+    q, k, v = (torch.randn(0, 30, 6, 16, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    out, lse = ok.routed_attention(q, k, v, plan, return_lse=True)
+    want_lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.shape == (0, 30, 6, 16) and out.dtype == dtype and out.device == q.device and out.requires_grad
+    assert lse.shape == (0, 6, 30) and lse.dtype == want_lse_dtype and not lse.requires_grad
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert all(g.shape == q.shape and g.dtype == dtype for g in grads)
+    for fn in (lambda: ok.global_attention(q, k, v), lambda: ok.intra_frame_attention(q, k, v, (2, 3, 5)),
+               lambda: ok.window_attention(q, k, v, (2, 3, 5)), lambda: ok.routed_attention(q, k, v, plan,
+                                                                                            backend="reference")):
+        assert fn().shape == q.shape
+    lse_only = ok.attention_lse(q.detach(), k.detach(), plan)
+    assert lse_only.shape == (0, 6, 30) and lse_only.dtype == want_lse_dtype
+    # as PyTorch's own attention on the same empty batch
+    sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    assert sdpa.transpose(1, 2).shape == out.shape
