@@ -17,7 +17,7 @@ import torch
 from .config import WanConfig
 
 __all__ = ["CheckpointError", "load_dit", "save_dit", "read_safetensors", "read_safetensors_file", "write_safetensors", "to_layout",
-           "from_layout", "detect_layout", "find_dit_folder"]
+           "from_layout", "detect_layout", "find_dit_folder", "check_state"]
 
 
 class CheckpointError(ValueError):
@@ -182,7 +182,7 @@ def find_dit_folder(path) -> Path:
     return path
 
 
-def _check_state(state: dict, model, folder) -> None:
+def check_state(state: dict, model, folder) -> None:
     """One error listing every unknown, missing and mis-shaped tensor."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     unknown = sorted(set(state) - set(expected))
@@ -194,7 +194,7 @@ def _check_state(state: dict, model, folder) -> None:
         if items:
             problems.append(f"{len(items)} {what}: " + ", ".join(items))
     if problems:
-        raise CheckpointError(f"{folder}: the checkpoint does not fit the config's model; " + "; ".join(problems))
+        raise CheckpointError(f"{folder}: the tensors do not fit the config's model; " + "; ".join(problems))
 
 
 def load_dit(path, *, routing=None, window=(3, 5, 5), dtype=torch.float32, device="cpu"):
@@ -211,7 +211,7 @@ def load_dit(path, *, routing=None, window=(3, 5, 5), dtype=torch.float32, devic
     state = from_layout(state, layout)
     with torch.device("meta"):
         model = WanDiT(config)
-    _check_state(state, model, folder)
+    check_state(state, model, folder)
     model.load_state_dict(state, assign=True, strict=True)
     model.cast(dtype).to(device)
     model.layout = layout

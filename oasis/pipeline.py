@@ -32,7 +32,7 @@ from .checkpoint import CheckpointError, read_safetensors_file, write_safetensor
 from .dit import WanDiT
 from .projector import LatentProjector, ProjectorConfig
 from .tiling import TilePlan, estimate_bytes, plan_tiles, span_weights, spans
-from .vae import WanDecoder, find_vae, load_vae
+from .vae import WanDecoder, find_vae, load_vae, save_vae
 
 __all__ = ["OasisVSR", "FORMAT"]
 
@@ -109,11 +109,12 @@ class OasisVSR:
     # -- checkpoints ----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, *, routing="checkpoint", window=(3, 5, 5), dtype=torch.bfloat16,
-                        device="cuda", compile: bool | None = None) -> "OasisVSR":
+                        device="cuda", compile: bool | None = None, vae: str = "oasis") -> "OasisVSR":
         """Load a checkpoint folder (layout in the module docstring); nothing is downloaded.
 
         ``routing="checkpoint"`` uses the checkpoint's ``routing.json`` when it has one (else all heads
         global); a path, a RoutingFile, a list of modes per layer or ``None`` (all global) override it.
+        ``vae``: ``"oasis"`` (our decoder, :mod:`oasis.wan_vae`) or ``"diffusers"`` (AutoencoderKLWan).
         """
         path = Path(path)
         if not path.is_dir():
@@ -145,7 +146,7 @@ class OasisVSR:
             routing = path / name if name else None
         device = torch.device(device)
         dit = WanDiT.from_pretrained(path, routing=routing, window=window, dtype=dtype, device=device)
-        decoder = WanDecoder(load_vae(find_vae(path), dtype=dtype, device=device))
+        decoder = WanDecoder(load_vae(find_vae(path), dtype=dtype, device=device, backend=vae))
         projector.to(device=device, dtype=torch.float32)
         return cls(dit, projector, decoder, timestep=float(meta.get("timestep", 799)), context=extra.get("context"),
                    compile=compile)
@@ -170,7 +171,7 @@ class OasisVSR:
                            "projector.proj.bias": self.projector.proj.bias,
                            "context": self.context}, path, "oasis")
         self.dit.save_pretrained(path / "transformer", layout=layout)
-        self.decoder.vae.save_pretrained(str(path / "vae"))
+        save_vae(self.decoder.vae, path / "vae")
 
     # -- the three stages -------------------------------------------------------------------------------
     def project(self, video: torch.Tensor) -> torch.Tensor:
