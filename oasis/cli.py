@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=float, default=18, help="encoder quality (libx264 CRF; lower is better, default 18)")
     p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--vae", choices=["oasis", "diffusers"], default="oasis",
+                   help="decoder: ours (default) or diffusers' AutoencoderKLWan (the reference; same numbers)")
     p.add_argument("--no-compile", action="store_true",
                    help="run the DiT eagerly (default on CUDA: torch.compile of its blocks, ~1 min on the first "
                         "clip size, ~1.6x faster after)")
@@ -158,7 +160,7 @@ def run(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             pipe = OasisVSR.from_pretrained(args.checkpoint, routing=routing, dtype=dtype, device=device,
-                                            compile=False if args.no_compile else None)
+                                            compile=False if args.no_compile else None, vae=args.vae)
         info = probe_video(args.input)
         if info.num_frames:  # the memory plan is checked before decoding when the container knows its length
             pipe.plan(min(info.num_frames, args.max_frames or info.num_frames), info.height, info.width,

@@ -57,7 +57,7 @@ def test_checkpoint_on_a_video_file(tmp_path, capsys, checkpoint, clip):
 def test_routing_none_and_tiles(tmp_path, capsys, checkpoint, clip):
     out = tmp_path / "hq.mp4"
     code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--routing", "none",
-                    "--tile", 12, "--no-progress")
+                    "--tile", 12, "--no-progress", "--vae", "diffusers")
     assert code == 0, err
     assert "tiles 12x12" in err
 
