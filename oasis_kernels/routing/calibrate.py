@@ -106,18 +106,33 @@ class RoutingFile:
 
 
 def load_routing(path) -> RoutingFile:
-    data = json.loads(Path(path).read_text())
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an oasis routing file (format={data.get('format')!r}, expected {FORMAT!r})")
-    layers = [LayerRouting(l["name"], [Mode.parse(m) for m in l["modes"]], l.get("stats", {})) for l in data["layers"]]
-    return RoutingFile(layers, data["rho"], normalize_window(data["window"]), data["eps"], data["query_stride"],
-                       data["videos"], data["num_global"])
+    """Read a routing file; ValueError naming the file when it is not one (OSError when unreadable)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not an oasis routing file (not JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: not an oasis routing file (format={found!r}, expected {FORMAT!r})")
+    try:
+        layers = [LayerRouting(l["name"], [Mode.parse(m) for m in l["modes"]], l.get("stats", {}))
+                  for l in data["layers"]]
+        return RoutingFile(layers, data["rho"], normalize_window(data["window"]), data["eps"], data["query_stride"],
+                           data["videos"], data["num_global"])
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(f"{path}: damaged oasis routing file ({what})") from None
+
+
+def _shape(r: RoutingFile) -> str:
+    heads = sorted({len(l.modes) for l in r.layers})
+    return f"{r.num_layers} layers of {'/'.join(map(str, heads)) or 0} heads"
 
 
 def routing_agreement(a: RoutingFile, b: RoutingFile) -> float:
     """Fraction of identical (layer, head) assignments: the paper's stability measure."""
     if a.num_layers != b.num_layers or any(len(x.modes) != len(y.modes) for x, y in zip(a.layers, b.layers)):
-        raise ValueError("routing files route different models (layer or head counts differ)")
+        raise ValueError(f"routing files route different models ({_shape(a)} vs {_shape(b)})")
     pairs = [(x, y) for la, lb in zip(a.layers, b.layers) for x, y in zip(la.modes, lb.modes)]
     return sum(x == y for x, y in pairs) / len(pairs)
 
