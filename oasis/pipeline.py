@@ -214,7 +214,8 @@ class OasisVSR:
                           tile=tile, frames_per_latent=self.projector.config.frames_per_latent, align=a)
 
     def _budget(self, memory_budget) -> int | None:
-        """Bytes left for activations: the budget (GiB) or the free device memory, less nothing resident."""
+        """Bytes left for activations: the budget (GiB) less the weights, or 90% of the free GPU memory
+        (the weights already sit there); None on the CPU without a budget (no limit)."""
         if memory_budget is not None:
             if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
                 raise ValueError(f"memory_budget must be a positive number of GiB, got {memory_budget!r}")
