@@ -16,8 +16,11 @@ q, k, v, o, dO read and dq, dk, dv written once) over the copy bandwidth.
 once per input set, captured once): GPU time without host launch overhead, for all rows alike.
 
 Rows of this package are checked against the chunked reference before they are timed; a
-failing row is reported and not timed. Without CUDA, a small CPU shape is checked and the
-script exits 0 (GPU figures need CUDA).
+failing row is reported and not timed; the exit code is then 1.
+
+Without CUDA (or with ``--device cpu``) the rows the CPU can run are checked and timed on
+scaled-down presets, honouring the other flags; warm wall-clock medians, the first call shown
+apart (``CPU_NOTE`` below, also in ``--help``). CPU times are no GPU figures.
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ import oasis_kernels as ok  # noqa: E402
 from oasis_kernels.masks import mask_for  # noqa: E402
 
 SHAPES = {"S": (5, 20, 40), "A": (9, 45, 80), "B": (27, 45, 80)}
+#: the presets on the CPU: H and W divided by 5, T by 3 (S keeps 2 of its 5 frames), so that every
+#: row runs in well under a second on a laptop while frames, rows and windows keep their roles
+CPU_SHAPES = {"S": (2, 4, 8), "A": (3, 9, 16), "B": (9, 9, 16)}
+CPU_NOTE = """\
+without CUDA (or with --device cpu) the same rows that can run on the CPU are checked and timed
+(ours, and PyTorch's SDPA for the global and intra heads) on scaled-down presets:
+S (5,20,40) -> (2,4,8), A (9,45,80) -> (3,9,16), B (27,45,80) -> (9,9,16); --grid is used as given.
+Every other flag is honoured; --graphs and the FlexAttention rows need CUDA and are refused.
+Times are wall-clock medians of warm calls (the first call, with its dispatch decisions and
+allocations, is shown apart as "first ms"). Nothing is written without --out. CPU times say
+nothing about GPU performance: GPU figures need CUDA.
+"""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 L2_ROTATION_BYTES = 256 << 20  # rotate inputs until the sets together exceed any L2 by far
 
@@ -72,8 +87,9 @@ class Row:
 def _sdpa_row(name, group, backend, heads, plan, frame_batched=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    # "cpu": no forcing, PyTorch's own choice (its CPU flash kernel)
     be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-          "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+          "efficient": SDPBackend.EFFICIENT_ATTENTION, "cpu": None}[backend]
     t = plan.grid[0]
 
     def make(q, k, v):
@@ -88,7 +104,7 @@ def _sdpa_row(name, group, backend, heads, plan, frame_batched=False):
         qh, kh, vh = (x.transpose(1, 2) for x in sel)
 
         def run():
-            with sdpa_kernel([be]):
+            with sdpa_kernel([be]) if be is not None else contextlib.nullcontext():
                 return F.scaled_dot_product_attention(qh, kh, vh)
         return run, leaves
 
@@ -181,14 +197,15 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
             rows.append(_ours_row("routed, oasis reference", "routed", plan, all_heads, "reference"))
     if cuda and (on("flex") or on("flex-routed")) and group("routed"):
         rows.append(_flex_row("routed, FlexAttention per-head block mask", "routed", plan, all_heads, device))
-    if g_heads and cuda and on("sdpa"):
+    if g_heads and on("sdpa"):
         sub = ok.RoutingPlan(plan.grid, ["global"] * len(g_heads), plan.window)
-        rows.append(_sdpa_row(f"{len(g_heads)} global heads alone, SDPA cuDNN (floor for routed)", "floor",
-                              "cudnn", g_heads, sub))
+        kind = "cuDNN" if cuda else "CPU"
+        rows.append(_sdpa_row(f"{len(g_heads)} global heads alone, SDPA {kind} (floor for routed)", "floor",
+                              "cudnn" if cuda else "cpu", g_heads, sub))
     # all heads global
     gplan = ok.RoutingPlan(plan.grid, ["global"] * n_heads, plan.window)
-    if cuda and on("sdpa"):
-        for be in ("cudnn", "flash", "efficient"):
+    if on("sdpa"):
+        for be in ("cudnn", "flash", "efficient") if cuda else ("cpu",):
             rows.append(_sdpa_row(f"{n_heads} global heads, SDPA {be}", "global", be, all_heads, gplan))
     if cuda and on("flex") and group("global"):
         rows.append(_flex_row(f"{n_heads} global heads, FlexAttention", "global", gplan, all_heads, device, dense=True))
@@ -197,9 +214,9 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
     # single patterns
     iplan = ok.RoutingPlan(plan.grid, ["intra"] * n_heads, plan.window)
     wplan = ok.RoutingPlan(plan.grid, ["window"] * n_heads, plan.window)
-    if cuda and on("sdpa"):
-        rows.append(_sdpa_row(f"{n_heads} intra heads, SDPA cuDNN on (B*T, H*W)", "intra", "cudnn", all_heads,
-                              iplan, frame_batched=True))
+    if on("sdpa"):
+        rows.append(_sdpa_row(f"{n_heads} intra heads, SDPA {'cuDNN' if cuda else 'CPU'} on (B*T, H*W)", "intra",
+                              "cudnn" if cuda else "cpu", all_heads, iplan, frame_batched=True))
     if on("ours"):
         rows.append(_ours_row(f"{n_heads} intra heads, oasis auto", "intra", iplan, all_heads, "auto"))
         if cuda:
@@ -232,6 +249,30 @@ def measure_ceilings(device) -> dict:
     torch.cuda.empty_cache()
     return {"copy_GBps": 2 * n / t_copy / 1e6, "matmul_TFLOPs": 2 * 8192**3 / t_mm / 1e9,
             "copy_ms": t_copy, "matmul_ms": t_mm}
+
+
+def cpu_time_ms(fn, warmup_ms: float, rep_ms: float, min_reps: int = 3, max_reps: int = 1000) -> dict:
+    """Wall time of warm calls of ``fn`` on the CPU: the first call (dispatch decisions,
+    allocations, lazy imports) and warm-up calls for ``warmup_ms`` (at least one) are not
+    timed; then ``fn`` runs until ``rep_ms`` have passed and at least ``min_reps`` times.
+    ``{"ms": median, "first_ms": the first call, "reps": timed calls}``."""
+    t0 = time.perf_counter()
+    fn()
+    first = 1e3 * (time.perf_counter() - t0)
+    start = time.perf_counter()
+    fn()
+    while 1e3 * (time.perf_counter() - start) < warmup_ms:
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or 1e3 * (time.perf_counter() - start) < rep_ms):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    times.sort()
+    mid = len(times) // 2
+    median = times[mid] if len(times) % 2 else 0.5 * (times[mid - 1] + times[mid])
+    return {"ms": median, "first_ms": first, "reps": len(times)}
 
 
 def visible_pairs(plan: ok.RoutingPlan) -> int:
@@ -330,12 +371,18 @@ def check_row(row: Row, q, k, v, reference) -> tuple[bool, float]:
 
 
 def bench_shape(name, plan, args, device, dtype, ceilings):
-    import triton.testing
+    """Check and time every row for one shape. On CUDA: ``do_bench`` medians and the floor
+    against ``ceilings``; on the CPU (``ceilings`` None): warm wall-clock medians
+    (:func:`cpu_time_ms`), no floor."""
+    cuda = device.type == "cuda"
+    if cuda:
+        import triton.testing
 
     b, d, n = args.batch, args.head_dim, plan.num_tokens
     elt = torch.finfo(dtype).bits // 8
     per_set = 3 * b * n * plan.heads * d * elt
-    n_sets = max(2, min(8, math.ceil(L2_ROTATION_BYTES / per_set)))
+    # the CPU has no L2 to defeat at these sizes: two sets (rows still alternate between them)
+    n_sets = max(2, min(8, math.ceil(L2_ROTATION_BYTES / per_set))) if cuda else 2
     sets = []
     for _ in range(n_sets):
         q, k, v = (torch.randn(b, n, plan.heads, d, dtype=dtype, device=device) for _ in range(3))
@@ -378,6 +425,10 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
                     if graph:
                         torch.cuda.synchronize()
                         ms = _graph_ms(row, sets, base_pass, args)
+                    elif not cuda:
+                        timed = cpu_time_ms(_callable(row, sets, base_pass), args.warmup_ms, args.rep_ms)
+                        ms = timed.pop("ms")
+                        entry.update(timed)
                     else:
                         fn = _callable(row, sets, base_pass)
                         if not row.graphable:  # torch.compile's CUDA graphs: compile and record before timing
@@ -389,13 +440,15 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
                     print(f"  [{name}] {row.name}: {p}: {entry['error']}", flush=True)
                     row.results[p] = entry
                     continue
-                t_compute = flops / (ceilings["matmul_TFLOPs"] * 1e9)
-                t_memory = bytes_ / (ceilings["copy_GBps"] * 1e6)
-                entry.update(
-                    ms=ms, tflops=flops / ms / 1e9, pct_matmul=100 * t_compute / ms,
-                    floor_ms=max(t_compute, t_memory), bound="compute" if t_compute >= t_memory else "memory",
-                    pct_floor=100 * max(t_compute, t_memory) / ms,
-                )
+                entry.update(ms=ms, tflops=flops / ms / 1e9)
+                if ceilings:
+                    t_compute = flops / (ceilings["matmul_TFLOPs"] * 1e9)
+                    t_memory = bytes_ / (ceilings["copy_GBps"] * 1e6)
+                    entry.update(
+                        pct_matmul=100 * t_compute / ms, floor_ms=max(t_compute, t_memory),
+                        bound="compute" if t_compute >= t_memory else "memory",
+                        pct_floor=100 * max(t_compute, t_memory) / ms,
+                    )
             row.results[p] = entry
         print(f"  [{name}] {row.name}: " + ", ".join(
             f"{p} {row.results[p].get('ms', float('nan')):.3f} ms" for p in passes) + f" ({status})", flush=True)
@@ -413,7 +466,8 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
             if r.group == "routed" and floor is not None and "ms" in floor.results.get(p, {}):
                 e["vs_global_floor"] = e["ms"] / floor.results[p]["ms"]
     del sets
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -422,11 +476,15 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
 # --------------------------------------------------------------------------------------
 
 def environment(device) -> dict:
-    import triton
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # the CPU path runs without Triton
+        triton_version = "not installed"
 
     env = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
         "commit": os.environ.get("OASIS_COMMIT") or _git("rev-parse", "HEAD"),
         "dirty": os.environ.get("OASIS_DIRTY") or _dirty(),
         "oasis_kernels": ok.__version__,
@@ -437,6 +495,8 @@ def environment(device) -> dict:
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), driver=_driver())
         env["global_stores"] = _global_stores()
         env["local_backward"] = _local_backward()
+    else:
+        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return env
 
 
@@ -495,10 +555,12 @@ def _driver() -> str:
         return "unknown"
 
 
-def table(results, passes) -> list[str]:
+def table(results, passes, cpu=False) -> list[str]:
+    """Rows of the report; ``cpu``: warm and first-call times and GFLOP/s (no floor, no Flex)."""
     head = ["shape", "row"]
     for p in passes:
-        head += [f"{p} ms", f"{p} TFLOP/s", f"{p} %floor", f"{p} vs flex"]
+        head += [f"{p} ms", f"{p} first ms", f"{p} GFLOP/s"] if cpu else \
+            [f"{p} ms", f"{p} TFLOP/s", f"{p} %floor", f"{p} vs flex"]
     head += ["err", "setup s"]
     lines = [head]
     for shape, rows in results.items():
@@ -506,6 +568,10 @@ def table(results, passes) -> list[str]:
             cells = [shape, r.name]
             for p in passes:
                 e = r.results.get(p, {})
+                if cpu:
+                    gflops = e["tflops"] * 1e3 if "tflops" in e else None
+                    cells += [_f(e.get("ms"), 3), _f(e.get("first_ms"), 1), _f(gflops, 1)]
+                    continue
                 cells += [_f(e.get("ms"), 3), _f(e.get("tflops"), 1), _f(e.get("pct_floor"), 1),
                           _f(e.get("vs_flex"), 2, "x")]
             cells += [_f(r.results.get("max_abs_err"), 1, fmt="e"), _f(r.setup_s or None, 1)]
@@ -542,8 +608,13 @@ def render_markdown(lines, env, ceilings, args) -> str:
     if ceilings:
         md.append(f"Ceilings measured in this run: copy {ceilings['copy_GBps']:.0f} GB/s (read+write), "
                   f"bf16 matmul {ceilings['matmul_TFLOPs']:.0f} TFLOP/s.")
-    md.append("Times are medians in ms; %floor = the row's floor (max of FLOPs/matmul ceiling, "
-              "bytes/copy bandwidth) over its time; vs flex = FlexAttention's time for the same rows over this one.")
+    if "gpu" in env:
+        md.append("Times are medians in ms; %floor = the row's floor (max of FLOPs/matmul ceiling, "
+                  "bytes/copy bandwidth) over its time; vs flex = FlexAttention's time for the same rows over "
+                  "this one.")
+    else:
+        md.append(f"CPU ({env.get('cpu')}, {env.get('threads')} threads), scaled-down shapes: times are wall-clock "
+                  f"medians of warm calls in ms, the first call apart. Not GPU figures.")
     md.append("")
     md.append("| " + " | ".join(lines[0]) + " |")
     md.append("|" + "---|" * len(lines[0]))
@@ -586,40 +657,133 @@ def plot(results, passes, path: Path, title: str):
 # entry points
 # --------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line ends with one line on stderr and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _ints(text: str, what: str, count: int | None = None) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if count is not None and len(values) != count:
+        raise argparse.ArgumentTypeError(f"{what}: expected {count} comma-separated integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds >= 0, got {text!r}")
+    return value
+
+
+BACKENDS = ("all", "ours", "sdpa", "flex", "flex-routed")
+GROUPS = ("all", "routed", "floor", "global", "intra", "window")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="S,A,B", help="presets from benchmarks/ANCHORS.md: S (5,20,40), A (9,45,80), B (27,45,80)")
-    p.add_argument("--grid", default=None, help="T,H,W instead of --shapes")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=CPU_NOTE)
+    p.add_argument("--shapes", default="S,A,B",
+                   help="comma list of presets from benchmarks/ANCHORS.md: S (5,20,40), A (9,45,80), B (27,45,80); "
+                        "on the CPU each is scaled down (see below)")
+    p.add_argument("--grid", default=None, help="T,H,W instead of --shapes (used as given, on the CPU too)")
+    p.add_argument("--heads", type=_positive_int, default=12, help="attention heads (default 12; --routing sets it)")
+    p.add_argument("--head-dim", type=_positive_int, default=128, help="head dim D (default 128)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size (default 1)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="input dtype (default bf16)")
     p.add_argument("--mix", default="5,4,3", help="global,intra,window head counts (grouped in that order)")
     p.add_argument("--routing", default=None, help="routing JSON from oasis-route; takes --layer's modes")
-    p.add_argument("--layer", type=int, default=0)
-    p.add_argument("--window", default="3,5,5")
-    p.add_argument("--pass", dest="pass_", default="both", choices=["fwd", "fwdbwd", "both"])
+    p.add_argument("--layer", type=int, default=0, help="layer of --routing to bench (default 0)")
+    p.add_argument("--window", default="3,5,5", help="window heads' size Pt,Ph,Pw, odd (default 3,5,5)")
+    p.add_argument("--pass", dest="pass_", default="both", choices=["fwd", "fwdbwd", "both"],
+                   help="forward, forward+backward or both (default)")
     p.add_argument("--backends", default="all",
-                   help="comma list of: ours, sdpa, flex, flex-routed (only Flex's routed row) (default all)")
+                   help="comma list of: ours, sdpa, flex, flex-routed (only Flex's routed row) (default all; "
+                        "FlexAttention needs CUDA)")
     p.add_argument("--groups", default="all",
                    help="comma list of row groups to time: routed, floor, global, intra, window (default all)")
-    p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default benchmarks/results/<date>)")
+    p.add_argument("--out", default=None, help="directory for JSON, markdown and PNG (default on CUDA: "
+                                               "benchmarks/results/<date>; on the CPU nothing is written without it)")
     p.add_argument("--graphs", default="", help="shapes (e.g. S) whose rows are also timed as CUDA-graph replays: "
-                   "GPU time without host launch overhead, for every row alike")
-    p.add_argument("--warmup-ms", type=float, default=25)
-    p.add_argument("--rep-ms", type=float, default=200)
+                   "GPU time without host launch overhead, for every row alike (CUDA only)")
+    p.add_argument("--warmup-ms", type=_non_negative_ms, default=25,
+                   help="warm-up time per row and pass, ms (default 25; the CPU also drops the first call)")
+    p.add_argument("--rep-ms", type=_non_negative_ms, default=200,
+                   help="timed time per row and pass, ms (default 200; the CPU times at least 3 calls)")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                   help="where to run (default: cuda if present, else cpu)")
     args = p.parse_args(argv)
-    args.window = tuple(int(x) for x in args.window.split(","))
+    try:
+        args.mix_counts = _ints(args.mix, "--mix", 3)
+        args.window = _ints(args.window, "--window", 3)
+        args.grid = _ints(args.grid, "--grid", 3) if args.grid else None
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    try:
+        args.window = ok.normalize_window(args.window)
+        args.grid = ok.normalize_grid(args.grid) if args.grid else None
+    except (TypeError, ValueError) as exc:
+        p.error(f"--window/--grid: {exc}")
+    if min(args.mix_counts) < 0:
+        p.error(f"--mix {args.mix}: head counts must be >= 0")
+    args.shapes = [x for x in args.shapes.split(",") if x]
+    unknown = [x for x in args.shapes if x not in SHAPES]
+    if unknown or not args.shapes:
+        p.error(f"--shapes: unknown preset(s) {unknown}; choose from {', '.join(SHAPES)} (or give --grid)")
     args.backends = args.backends.split(",")
+    unknown = set(args.backends) - set(BACKENDS)
+    if unknown:
+        p.error(f"--backends: unknown name(s) {sorted(unknown)}; choose from {', '.join(BACKENDS[1:])}")
     args.groups = args.groups.split(",")
-    unknown = set(args.groups) - {"all", "routed", "floor", "global", "intra", "window"}
+    unknown = set(args.groups) - set(GROUPS)
     if unknown:
         p.error(f"--groups: unknown group(s) {sorted(unknown)}; choose from routed, floor, global, intra, window")
     args.graphs = [x for x in args.graphs.split(",") if x]
+    unknown = [x for x in args.graphs if x not in SHAPES and x != "custom"]
+    if unknown:
+        p.error(f"--graphs: unknown shape(s) {unknown}; choose from {', '.join(SHAPES)} or custom (--grid)")
+    if args.routing and not Path(args.routing).is_file():
+        p.error(f"--routing {args.routing}: no such file")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out}: is a file, not a directory")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    if args.device == "cpu":
+        # what the CPU cannot do is refused rather than ignored
+        if args.graphs:
+            p.error(f"--graphs {','.join(args.graphs)}: CUDA graphs need CUDA; the CPU times eager calls")
+        flex = sorted(set(args.backends) & {"flex", "flex-routed"})
+        if flex:
+            p.error(f"--backends {','.join(flex)}: the FlexAttention rows need CUDA; on the CPU: ours, sdpa")
+    try:
+        make_plan(args.grid or SHAPES[args.shapes[0]], args)  # --mix/--heads, --routing/--layer agree
+    except (ValueError, TypeError, OSError) as exc:
+        p.error(str(exc).splitlines()[0])
     return args
 
 
 def make_plan(grid, args) -> ok.RoutingPlan:
+    """The routed layer for ``grid``: --routing's --layer, else --mix (ValueError when they do not fit)."""
     if args.routing:
         from oasis_kernels.routing import load_routing
 
@@ -629,30 +793,41 @@ def make_plan(grid, args) -> ok.RoutingPlan:
         args.mix_text = f"{args.routing}[layer {args.layer}]"
         # group heads by mode so each dense baseline reads one contiguous slice
         return plan.permuted()
-    g, i, w = (int(x) for x in args.mix.split(","))
+    g, i, w = args.mix_counts
     if g + i + w != args.heads:
-        raise SystemExit(f"--mix {args.mix} routes {g + i + w} heads but --heads is {args.heads}")
+        raise ValueError(f"--mix {args.mix} routes {g + i + w} heads but --heads is {args.heads}")
     args.mix_text = f"{g}g/{i}i/{w}w"
     return ok.RoutingPlan.from_counts(grid, g, i, w, args.window)
 
 
-def cpu_smoke(args) -> int:
-    """No CUDA: check the package on a small CPU shape and say what needs a GPU."""
-    grid = (2, 6, 8)
-    plan = ok.RoutingPlan.from_counts(grid, 2, 2, 2, args.window)
-    q, k, v = (torch.randn(1, plan.num_tokens, plan.heads, 64) for _ in range(3))
-    ref, _ = ok.dense_reference(q, k, v, plan)
-    worst = 0.0
-    for backend in ("auto", "reference"):
-        t0 = time.perf_counter()
-        out = ok.routed_attention(q, k, v, plan, backend=backend)
-        ms = 1e3 * (time.perf_counter() - t0)
-        err = (out.double() - ref).abs().max().item()
-        worst = max(worst, err)
-        print(f"cpu {grid} {plan}: backend={backend}: max abs err {err:.2e} vs float64 dense reference, {ms:.1f} ms")
-    print(ok.explain(q, plan))
-    print("GPU figures need CUDA: no CUDA device here, so nothing was timed against the anchors.")
-    return 0 if worst < 1e-4 else 1
+def cpu_main(args) -> int:
+    """No CUDA (or --device cpu): check and time the rows the CPU can run, on the scaled-down
+    presets (:data:`CPU_SHAPES`) or --grid, honouring the other flags (see :data:`CPU_NOTE`)."""
+    device = torch.device("cpu")
+    dtype = DTYPES[args.dtype]
+    shapes = {"custom": args.grid} if args.grid else {s: CPU_SHAPES[s] for s in args.shapes}
+    passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
+    env = environment(device)
+    print(f"CPU ({env['cpu']}, {env['threads']} threads), torch {env['torch']}: no CUDA here, so GPU figures need a "
+          f"GPU; timing warm calls on {'--grid as given' if args.grid else 'scaled-down presets'}", flush=True)
+    results = {}
+    for name, grid in shapes.items():
+        plan = make_plan(grid, args)
+        scaled = f" (scaled down from {SHAPES[name]})" if name in SHAPES else ""
+        print(f"{name} {grid}{scaled} N={plan.num_tokens} {plan}, batch={args.batch}, D={args.head_dim}, "
+              f"{args.dtype}", flush=True)
+        print(ok.explain(torch.empty(args.batch, plan.num_tokens, plan.heads, args.head_dim, dtype=dtype), plan),
+              flush=True)
+        results[name] = bench_shape(name, plan, args, device, dtype, None)
+    print()
+    print(render_text(table(results, passes, cpu=True)))
+    if args.out:
+        out_dir, stem = write_results(results, shapes, passes, env, None, args)
+        print(f"\nwrote {out_dir}/{stem}.{{json,md,png}}")
+    failed = [r.name for rows in results.values() for r in rows if r.results.get("status") != "ok"]
+    if failed:
+        print(f"rows that failed their correctness check: {failed}")
+    return 1 if failed else 0
 
 
 def _graph_passes(passes) -> list[str]:
@@ -668,10 +843,11 @@ def _all_passes(results, passes, args) -> list[str]:
 def write_results(results, shapes, passes, env, ceilings, args):
     """JSON, markdown and PNG of the shapes measured so far; returns ``(dir, file stem)``."""
     passes = _all_passes(results, passes, args)
-    lines = table(results, passes)
+    lines = table(results, passes, cpu="gpu" not in env)
     out_dir = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / dt.date.today().isoformat()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"attn_bench_{env['gpu'].replace(' ', '_')}_{args.dtype}"
+    device_name = env.get("gpu", "cpu")
+    stem = f"attn_bench_{device_name.replace(' ', '_')}_{args.dtype}"
     payload = {
         "env": env, "ceilings": ceilings,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
@@ -682,18 +858,17 @@ def write_results(results, shapes, passes, env, ceilings, args):
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     (out_dir / f"{stem}.md").write_text(render_markdown(lines, env, ceilings, args))
-    plot(results, passes, out_dir / f"{stem}.png", f"{env['gpu']} {args.dtype} {args.mix_text}")
+    plot(results, passes, out_dir / f"{stem}.png", f"{device_name} {args.dtype} {args.mix_text}")
     return out_dir, stem
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        return cpu_smoke(args)
+    if args.device == "cpu":
+        return cpu_main(args)
     device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
-    shapes = {"custom": tuple(int(x) for x in args.grid.split(","))} if args.grid else \
-        {s: SHAPES[s] for s in args.shapes.split(",")}
+    shapes = {"custom": args.grid} if args.grid else {s: SHAPES[s] for s in args.shapes}
     passes = ["fwd", "fwdbwd"] if args.pass_ == "both" else [args.pass_]
     env = environment(device)
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, cuDNN {env['cudnn']}", flush=True)
