@@ -23,6 +23,7 @@ give the same results (``tests/test_fastpath.py``). ``OASIS_CPP_EAGER=0`` turns 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -32,12 +33,22 @@ from .plan import Mode, head_runs
 
 __all__ = ["forward", "backward", "UNAVAILABLE", "ENABLED"]
 
-try:
-    from . import _C
-    UNAVAILABLE = ""
-except ImportError as exc:  # a CPU-only install, or built without csrc/
-    _C = None
-    UNAVAILABLE = f"oasis_kernels._C is not built ({exc})"
+
+def _load_extension():
+    """``(the extension or None, why it is None)``. A missing extension is told apart from one
+    that fails to load: ``from . import _C`` alone reports a missing one as a circular import
+    (the package is still initializing when this module is imported)."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:  # a CPU-only install, or built without csrc/
+        return None, ("oasis_kernels._C is not built (setup.py builds it only where torch has CUDA and nvcc is "
+                      "found; OASIS_BUILD_CUDA=1 makes a failed build loud)")
+    try:
+        from . import _C
+    except ImportError as exc:  # built, but for another torch or missing a library
+        return None, f"oasis_kernels._C is built but does not load: {exc}"
+    return _C, ""
+
+
+_C, UNAVAILABLE = _load_extension()
 
 #: OASIS_CPP_EAGER=0 keeps every eager call on the Python path
 ENABLED = os.environ.get("OASIS_CPP_EAGER", "1") != "0"

@@ -127,3 +127,20 @@ def test_explain_and_decide_check_q():
     with pytest.raises(TypeError, match="plan must be a RoutingPlan, got tuple"):
         ok.explain(q, (2, 3, 5))
     assert "window heads [1]" in ok.explain(q, PLAN)
+
+
+def test_a_missing_extension_is_reported_as_not_built(monkeypatch):
+    """Not as Python's 'partially initialized module ... circular import' (a skip reason once)."""
+    import importlib.util
+
+    from oasis_kernels import fastpath
+
+    if fastpath._C is None:
+        assert fastpath.UNAVAILABLE.startswith("oasis_kernels._C is not built (setup.py builds it only where")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
+    module, why = fastpath._load_extension()
+    assert module is None and why.startswith("oasis_kernels._C is not built") and "circular" not in why
+    if fastpath._C is None:  # an extension that is found but fails to import says so
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: object())
+        module, why = fastpath._load_extension()
+        assert module is None and why.startswith("oasis_kernels._C is built but does not load: ")
