@@ -8,7 +8,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
     . .venv/bin/activate
 fi
 python -m pip install -q --upgrade pip
-# torch 2.13.0: the CPU wheel on CI machines (a CUDA build elsewhere); triton pinned to the GPU machine's
-python -m pip install -q "torch==2.13.0" "triton==3.6.0"
-python -m pip install -q -e ".[test,vsr]"
+# the same pins as scripts/bench.sh (scripts/constraints.txt), whichever runs first
+python -m pip install -q -c scripts/constraints.txt torch "triton; platform_system == 'Linux'" numpy setuptools wheel
+python -m pip install -q -c scripts/constraints.txt -e ".[test,vsr]"
 python -m pytest -q "$@"
