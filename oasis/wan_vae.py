@@ -229,6 +229,14 @@ class WanVAEDecoder(nn.Module):
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
         self.decoder = WanDecoder3d(cfg)
 
+    def channels_last(self, enabled: bool = True) -> "WanVAEDecoder":
+        """Store the 3D convolutions' weights channels-last (NDHWC), the layout cuDNN's fast kernels read."""
+        fmt = torch.channels_last_3d if enabled else torch.contiguous_format
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        return self
+
     def compile_norms(self, enabled: bool = True) -> "WanVAEDecoder":
         """torch.compile the RMSNorm + SiLU pairs (one compiled function for every block and shape)."""
         fused = torch.compile(norm_silu, dynamic=True) if enabled else None
