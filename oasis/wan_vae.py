@@ -76,8 +76,8 @@ class CausalConv3d(nn.Conv3d):
             if prev is None:
                 prev = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, *x.shape[3:])
             x = torch.cat([prev, x], dim=2)
-            if cache is not None:
-                cache[self] = x[:, :, -self.time_pad:]
+            if cache is not None:  # a copy: a view would keep the whole concatenated input alive
+                cache[self] = x[:, :, -self.time_pad:].clone()
         if any(self.space_pad):
             x = F.pad(x, self.space_pad)
         return super().forward(x)
