@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-    OASIS_TRITON_AUTOTUNE=0 PYTHONPATH=. python3 -m pytest -q -x ${TEST_FILES:-tests/test_triton_kernels.py tests/test_routing.py} 2>&1 | tee "$OUT/tests.log" | tail -4
+    OASIS_TRITON_AUTOTUNE=0 PYTHONPATH=. python3 -m pytest -q -x --runslow ${TEST_FILES:-tests/test_triton_kernels.py tests/test_routing.py} 2>&1 | tee "$OUT/tests.log" | tail -4
 fi
 for shape in ${SHAPES:-B}; do
     if [ -d .baseline ]; then

@@ -25,8 +25,9 @@ python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN 
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
 shards=${SHARDS:-10}
 # tests/test_sm90_compile.py needs no GPU and runs in CPU CI (26 s alone); beside the shards'
-# compiles on the device its fixture took ~290 s per shard that held one of its tests (session 10)
-python3 -m pytest --collect-only -q -p no:cacheprovider ${TESTS:-tests --ignore=tests/test_sm90_compile.py} > "$OUT/collect.log" 2>&1
+# compiles on the device its fixture took ~290 s per shard that held one of its tests (H100, 958762b).
+# --runslow: the tests marked slow (slow on a CPU) run here too
+python3 -m pytest --collect-only -q -p no:cacheprovider --runslow ${TESTS:-tests --ignore=tests/test_sm90_compile.py} > "$OUT/collect.log" 2>&1
 collect_rc=$?
 # test ids only (a traceback line with "::" in it would stop a whole shard)
 grep -E '^[^[:space:]]+\.py::' "$OUT/collect.log" > "$OUT/test_ids.txt"
@@ -43,7 +44,7 @@ for ((i = 0; i < shards; i++)); do
     [ "${#ids[@]}" -gt 0 ] || continue
     # SIGINT, so a shard cut by the timeout still prints pytest's summary of what failed; KILL
     # 30 s later for one stuck where SIGINT is not handled (native code)
-    timeout -s INT -k 30 "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs -p no:cacheprovider --durations=3 "${ids[@]}" \
+    timeout -s INT -k 30 "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs -p no:cacheprovider --runslow --durations=3 "${ids[@]}" \
         > "$OUT/tests_$i.log" 2>&1 &
     pids+=($!)
 done

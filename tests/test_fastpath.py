@@ -42,6 +42,7 @@ def _torch_flags(tmp_path) -> list[str]:
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
+@pytest.mark.slow  # ~50 s of nvcc on a 2-core CPU
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_csrc_compiles_with_nvcc(tmp_path):
     assert sorted((ROOT / "csrc").glob("*.c*")), "csrc/ holds no sources"

@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # the fixture compiles every variant: ~40 s warm, more with a cold Triton cache
+
 _SCRIPT = r"""
 import json
 from oasis_kernels.kernels import aot

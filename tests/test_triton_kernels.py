@@ -16,6 +16,8 @@ from parity import check_backend, make_qkv
 LOCAL_TRITON = {"intra": "triton", "window": "triton"}
 GPU = DEVICE == "cuda"
 gpu_only = pytest.mark.skipif(not GPU, reason="needs CUDA (the interpreter covers the small cases)")
+# seconds to tens of seconds each under the interpreter: left out of the default run, CI runs them
+slow = pytest.mark.slow
 
 # (grid, window, modes, head_dim, dtype): awkward shapes first
 CASES = [
@@ -41,7 +43,12 @@ def _ids(case):
     return f"{'x'.join(map(str, grid))}-w{''.join(map(str, window))}-{modes}-d{d}-{str(dtype)[6:]}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=_ids)
+def _params(cases):
+    # cases of 200 tokens or more take 3-14 s each under the interpreter
+    return [pytest.param(c, marks=slow) if c[0][0] * c[0][1] * c[0][2] >= 200 else c for c in cases]
+
+
+@pytest.mark.parametrize("case", _params(CASES), ids=_ids)
 def test_kernels_match_reference(case, device):
     grid, window, modes, d, dtype = case
     plan = ok.RoutingPlan(grid, list(modes), window)
@@ -49,6 +56,7 @@ def test_kernels_match_reference(case, device):
     check_backend(q, k, v, plan, LOCAL_TRITON)
 
 
+@slow
 @pytest.mark.parametrize("sliced", [True, False], ids=["sliced-walk", "general-walk"])
 @pytest.mark.parametrize("grid,window", [((3, 7, 11), (3, 5, 5)), ((3, 6, 9), (1, 3, 3)), ((5, 9, 6), (3, 3, 5))])
 def test_both_walks(grid, window, sliced, device, monkeypatch):
@@ -70,7 +78,8 @@ def test_both_walks(grid, window, sliced, device, monkeypatch):
 
 # 77-token frames, so the intra heads walk a full unmasked block (64 keys under the interpreter)
 # and a tail, in a mixed launch as in an intra-only one
-@pytest.mark.parametrize("grid,modes", [((2, 7, 11), "wiw"), ((2, 7, 11), "ii")], ids=["mixed", "intra-only"])
+@pytest.mark.parametrize("grid,modes", [pytest.param((2, 7, 11), "wiw", marks=slow), ((2, 7, 11), "ii")],
+                         ids=["mixed", "intra-only"])
 @pytest.mark.parametrize("scale", [0.0, -0.2, 0.6], ids=["scale0", "negative", "large"])
 def test_any_softmax_scale(scale, grid, modes, device):
     """Scale 0 (uniform attention) and negative scales: masked scores must stay at -inf (and
@@ -80,6 +89,7 @@ def test_any_softmax_scale(scale, grid, modes, device):
     check_backend(q, k, v, plan, LOCAL_TRITON, scale=scale)
 
 
+@slow
 def test_batch_and_strided_heads(device):
     """Batch 2, q/k/v as strided views of one fused projection; heads routed out of order."""
     plan = ok.RoutingPlan((3, 5, 6), ["w", "g", "i", "w", "i"], (3, 3, 5))
@@ -94,6 +104,7 @@ def test_non_contiguous_head_dim(device):
     check_backend(q, k, v, plan, LOCAL_TRITON)
 
 
+@slow
 @pytest.mark.parametrize("concurrent", [False, True], ids=["dq-then-dkdv", "concurrent-bwd"])
 def test_every_output_element_is_written(concurrent, device, monkeypatch):
     """Poison outputs with NaN, call the launchers directly, and find no NaN left in local heads
@@ -120,6 +131,7 @@ def test_every_output_element_is_written(concurrent, device, monkeypatch):
 
 
 # mixed launches (window and intra heads) and intra-only ones; 77-token frames: a full block and a tail
+@slow
 @pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent-bwd", "dq-then-dkdv"])
 @pytest.mark.parametrize("grid,window,modes,d,dtype", [((3, 7, 11), (3, 5, 5), "wiw", 64, torch.bfloat16),
                                                       ((2, 7, 11), (3, 3, 3), "ii", 128, torch.float16)],
