@@ -6,7 +6,7 @@ alone, beside the public op (autotuned) and its HBM floor, in one run.
 
 The public-op rows (``api fwd``, ``api fwd+bwd``) use only ``oasis_kernels``' public API, so
 running this file with another checkout first on ``PYTHONPATH`` times that version's op in the
-same session (``--api-only``), which is how docs/PERF.md compares a change with its baseline.
+same process (``--api-only``), which is how docs/PERF.md compares a change with its baseline.
 """
 
 from __future__ import annotations
