@@ -10,9 +10,8 @@ float32 (:meth:`WanDiT.cast` keeps those parameters in float32), the matmuls in 
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,8 @@ from .config import WanConfig
 __all__ = ["WanDiT", "WanBlock", "WanSelfAttention", "WanCrossAttention", "Routing", "rope_tables",
            "timestep_embedding"]
 
-# (per layer: one mode per head, window)
-Routing = "str | Path | RoutingFile | Sequence[Sequence[str | ok.Mode]] | None"
+# what set_routing takes: a routing file (path or object), one list of modes per layer, or None
+Routing = Union[str, Path, RoutingFile, Sequence[Sequence[Union[str, ok.Mode]]], None]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
