@@ -56,6 +56,9 @@ def main(argv=None):
     with torch.no_grad():
         want, rows["diffusers"] = timed(lambda: ref.decode(z).sample, args.reps)
         print("diffusers", rows["diffusers"], flush=True)
+        torch.backends.cudnn.benchmark = True
+        _, rows["diffusers, cudnn.benchmark"] = timed(lambda: ref.decode(z).sample, args.reps)
+        print("diffusers, cudnn.benchmark", rows["diffusers, cudnn.benchmark"], flush=True)
         variants = [("ours, chunk 1", 1, False, False), ("ours, chunk 1, compiled norms", 1, False, True),
                     ("ours, chunk 2, compiled norms", 2, False, True)]
         for name, chunk, cl, comp in variants:

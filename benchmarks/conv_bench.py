@@ -1,0 +1,148 @@
+"""The Wan VAE decoder's convolutions one by one: which layout and cuDNN setting runs them fastest,
+and how close each comes to the card's matmul rate.
+
+For every distinct convolution of the decoder (latents ``[1, 16, 9, 90, 160]`` -> 33 frames 720p) it
+times, on random bf16 data with the cache's two frames in front:
+
+- ``ncdhw``: ``F.conv3d`` on contiguous tensors (PyTorch's default), cuDNN's heuristic algorithm;
+- ``ncdhw_bench``: the same with ``torch.backends.cudnn.benchmark`` (cuDNN times its algorithms);
+- ``ndhwc_bench``: input and weight ``channels_last_3d``, benchmark on;
+- ``conv2d_sum``: the 3x3x3 convolution as three channels-last 3x3 ``conv2d`` over frame-shifted
+  inputs, summed (a check on whether cuDNN's 3D path lags its 2D one);
+
+and the matmul ceiling: ``torch.mm`` of 8192x8192x8192 and of the convolution's own implicit-GEMM
+shape (M = output positions, K = 27 * Cin, N = Cout; M capped so the operands fit).
+
+    python benchmarks/conv_bench.py --out benchmarks/results/<date>_<card>_<commit>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attn_bench import environment  # noqa: E402
+
+# (name, Cin, Cout, output frames for the whole clip, H, W, kernel): the decoder's 3D convolutions at
+# latents [9, 90, 160]; "2d" rows are the spatial upsamplers' per-frame 3x3 convolutions.
+SHAPES = [
+    ("up0 384->384 3x3x3", 384, 384, 9, 90, 160, 3),
+    ("up1 384->384 3x3x3", 384, 384, 17, 180, 320, 3),
+    ("up1 192->384 3x3x3", 192, 384, 17, 180, 320, 3),
+    ("up2 192->192 3x3x3", 192, 192, 33, 360, 640, 3),
+    ("up3 96->96 3x3x3", 96, 96, 33, 720, 1280, 3),
+    ("conv_out 96->3 3x3x3", 96, 3, 33, 720, 1280, 3),
+    ("up1 upsample 384->192 3x3 (2d)", 384, 192, 33, 360, 640, 2),
+    ("up2 upsample 192->96 3x3 (2d)", 192, 96, 33, 720, 1280, 2),
+]
+
+
+def cuda_time(fn, reps: int) -> float:
+    """Median seconds of ``fn`` by CUDA events, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def conv_variants(cin, cout, t, h, w, k, dev):
+    dt = torch.bfloat16
+    if k == 2:  # a per-frame 2D convolution
+        x = torch.randn(t, cin, h, w, device=dev, dtype=dt)
+        wt = torch.randn(cout, cin, 3, 3, device=dev, dtype=dt) * 0.02
+        xl, wl = x.contiguous(memory_format=torch.channels_last), wt.contiguous(memory_format=torch.channels_last)
+        return {
+            "ncdhw": (False, lambda: F.conv2d(x, wt, padding=1)),
+            "ncdhw_bench": (True, lambda: F.conv2d(x, wt, padding=1)),
+            "ndhwc_bench": (True, lambda: F.conv2d(xl, wl, padding=1)),
+        }
+    x = torch.randn(1, cin, t + 2, h, w, device=dev, dtype=dt)
+    wt = torch.randn(cout, cin, 3, 3, 3, device=dev, dtype=dt) * 0.02
+    xl, wl = x.contiguous(memory_format=torch.channels_last_3d), wt.contiguous(memory_format=torch.channels_last_3d)
+    w2 = [wt[:, :, i].contiguous(memory_format=torch.channels_last) for i in range(3)]
+
+    def frames(i):  # frames i .. i+t of the channels-last input as a batch of images (a view)
+        return xl[:, :, i:i + t].transpose(1, 2).reshape(t, cin, h, w)
+
+    def conv2d_sum():
+        out = F.conv2d(frames(0), w2[0], padding=1)
+        out += F.conv2d(frames(1), w2[1], padding=1)
+        out += F.conv2d(frames(2), w2[2], padding=1)
+        return out
+
+    return {
+        "ncdhw": (False, lambda: F.conv3d(x, wt, padding=(0, 1, 1))),
+        "ncdhw_bench": (True, lambda: F.conv3d(x, wt, padding=(0, 1, 1))),
+        "ndhwc_bench": (True, lambda: F.conv3d(xl, wl, padding=(0, 1, 1))),
+        "conv2d_sum": (True, conv2d_sum),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--chunk-frames", type=int, default=4,
+                   help="also time every convolution on this many output frames (one latent frame's worth)")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("conv_bench: needs CUDA; nothing measured")
+        return 0
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    square = 2 * 8192**3 / cuda_time(lambda: a @ a, 10) / 1e12
+    del a
+    rows = []
+    for name, cin, cout, t_all, h, w, k in SHAPES:
+        for t in sorted({t_all, min(args.chunk_frames, t_all)}):
+            flops = 2 * cin * cout * (27 if k == 3 else 9) * t * h * w
+            row = {"conv": name, "frames": t, "H": h, "W": w, "TFLOP": flops / 1e12, "ms": {}, "TFLOP/s": {}}
+            for variant, (bench, fn) in conv_variants(cin, cout, t, h, w, k, dev).items():
+                torch.backends.cudnn.benchmark = bench
+                s = cuda_time(fn, args.reps)
+                row["ms"][variant] = s * 1e3
+                row["TFLOP/s"][variant] = flops / s / 1e12
+            torch.backends.cudnn.benchmark = False
+            m = min(t * h * w, 1 << 20)
+            kk = cin * (27 if k == 3 else 9)
+            A = torch.randn(m, kk, device=dev, dtype=torch.bfloat16)
+            B = torch.randn(kk, cout, device=dev, dtype=torch.bfloat16)
+            row["TFLOP/s"]["gemm_same_shape"] = 2 * m * kk * cout / cuda_time(lambda: A @ B, args.reps) / 1e12
+            del A, B
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    res = {"env": environment(dev), "square_gemm_TFLOP/s": square, "rows": rows}
+    variants = ["ncdhw", "ncdhw_bench", "ndhwc_bench", "conv2d_sum"]
+    md = [f"# Wan VAE decoder convolutions, {res['env'].get('gpu')}, {res['env']['date'][:10]}, "
+          f"commit {res['env']['commit'][:7]}", "",
+          f"bf16, random data, median of {args.reps} by CUDA events; bf16 GEMM 8192^3: {square:.0f} TFLOP/s. "
+          "TFLOP/s per variant (ms in the JSON); `gemm` is torch.mm of the implicit-GEMM shape.", "",
+          "| conv | frames | TFLOP | " + " | ".join(variants) + " | gemm |", "|---|---|---|" + "---|" * (len(variants) + 1)]
+    for r in rows:
+        cells = [f"{r['TFLOP/s'][v]:.0f}" if v in r["TFLOP/s"] else "-" for v in variants]
+        md.append(f"| {r['conv']} | {r['frames']} | {r['TFLOP']:.2f} | " + " | ".join(cells)
+                  + f" | {r['TFLOP/s']['gemm_same_shape']:.0f} |")
+    print("\n".join(md))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "conv_bench.json").write_text(json.dumps(res, indent=1, default=str))
+        (args.out / "conv_bench.md").write_text("\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
