@@ -9,6 +9,7 @@ times, on random bf16 data with the cache's two frames in front:
 - ``ndhwc_bench``: input and weight ``channels_last_3d``, benchmark on;
 - ``conv2d_sum``: the 3x3x3 convolution as three channels-last 3x3 ``conv2d`` over frame-shifted
   inputs, summed (a check on whether cuDNN's 3D path lags its 2D one);
+- ``ndhwc_pad16`` (convolutions to fewer than 16 channels): the weight padded to 16 with zeros;
 
 and the matmul ceiling: ``torch.mm`` of 8192x8192x8192 and of the convolution's own implicit-GEMM
 shape (M = output positions, K = 27 * Cin, N = Cout; M capped so the operands fit).
@@ -57,6 +58,12 @@ def cuda_time(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def gemm_time(m: int, k: int, n: int, dev, reps: int) -> float:
+    a = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
+    return cuda_time(lambda: a @ b, reps)
+
+
 def conv_variants(cin, cout, t, h, w, k, dev):
     dt = torch.bfloat16
     if k == 2:  # a per-frame 2D convolution
@@ -82,12 +89,18 @@ def conv_variants(cin, cout, t, h, w, k, dev):
         out += F.conv2d(frames(2), w2[2], padding=1)
         return out
 
-    return {
+    variants = {
         "ncdhw": (False, lambda: F.conv3d(x, wt, padding=(0, 1, 1))),
         "ncdhw_bench": (True, lambda: F.conv3d(x, wt, padding=(0, 1, 1))),
         "ndhwc_bench": (True, lambda: F.conv3d(xl, wl, padding=(0, 1, 1))),
         "conv2d_sum": (True, conv2d_sum),
     }
+    if cout < 16:  # a few output channels: cuDNN may do better with the weight padded to 16 (zeros), sliced after
+        wp = torch.zeros(16, cin, 3, 3, 3, device=dev, dtype=dt)
+        wp[:cout] = wt
+        wp = wp.contiguous(memory_format=torch.channels_last_3d)
+        variants["ndhwc_pad16"] = (True, lambda: F.conv3d(xl, wp, padding=(0, 1, 1))[:, :cout])
+    return variants
 
 
 def main(argv=None):
@@ -102,9 +115,7 @@ def main(argv=None):
         return 0
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    square = 2 * 8192**3 / cuda_time(lambda: a @ a, 10) / 1e12
-    del a
+    square = 2 * 8192**3 / gemm_time(8192, 8192, 8192, dev, 10) / 1e12
     rows = []
     for name, cin, cout, t_all, h, w, k in SHAPES:
         for t in sorted({t_all, min(args.chunk_frames, t_all)}):
@@ -116,17 +127,13 @@ def main(argv=None):
                 row["ms"][variant] = s * 1e3
                 row["TFLOP/s"][variant] = flops / s / 1e12
             torch.backends.cudnn.benchmark = False
-            m = min(t * h * w, 1 << 20)
-            kk = cin * (27 if k == 3 else 9)
-            A = torch.randn(m, kk, device=dev, dtype=torch.bfloat16)
-            B = torch.randn(kk, cout, device=dev, dtype=torch.bfloat16)
-            row["TFLOP/s"]["gemm_same_shape"] = 2 * m * kk * cout / cuda_time(lambda: A @ B, args.reps) / 1e12
-            del A, B
+            m, kk = min(t * h * w, 1 << 20), cin * (27 if k == 3 else 9)
+            row["TFLOP/s"]["gemm_same_shape"] = 2 * m * kk * cout / gemm_time(m, kk, cout, dev, args.reps) / 1e12
             rows.append(row)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
     res = {"env": environment(dev), "square_gemm_TFLOP/s": square, "rows": rows}
-    variants = ["ncdhw", "ncdhw_bench", "ndhwc_bench", "conv2d_sum"]
+    variants = ["ncdhw", "ncdhw_bench", "ndhwc_bench", "conv2d_sum", "ndhwc_pad16"]
     md = [f"# Wan VAE decoder convolutions, {res['env'].get('gpu')}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"bf16, random data, median of {args.reps} by CUDA events; bf16 GEMM 8192^3: {square:.0f} TFLOP/s. "

@@ -8,7 +8,7 @@ Measures, in one run, bf16:
   B (27,45,80) = 105 frames, eager and under torch.compile;
 * the sum of its parts: one routed attention layer alone, plus the block's matmuls at the
   card's measured matmul rate, times 30 (how much time is lost between kernels);
-* ``OasisVSR`` on 33 LQ frames of 180x320 -> 720x1280 with diffusers' Wan VAE decoder, by stage.
+* ``OasisVSR`` on 33 LQ frames of 180x320 -> 720x1280, by stage, with our Wan VAE decoder (``--vae``).
 
 Writes ``model_bench.json`` and ``model_bench.md`` under ``--out``.
 """
@@ -180,13 +180,18 @@ def bench_compiled(model: WanDiT, cfg, args, device) -> dict:
 
 
 def bench_vsr(model: WanDiT, cfg, args, device) -> dict:
-    from diffusers import AutoencoderKLWan
-
     from oasis.pipeline import OasisVSR
     from oasis.projector import LatentProjector
     from oasis.vae import WanDecoder
+    from oasis.wan_vae import WanVAEDecoder
 
-    vae = AutoencoderKLWan().to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
+    if args.vae == "diffusers":
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan()
+    else:
+        vae = WanVAEDecoder()
+    vae = vae.to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
     pipe = OasisVSR(model, LatentProjector().to(device), WanDecoder(vae), context=model.context)  # compiles regions
     model.set_routing([ROUTED] * cfg.num_layers)
     video = torch.randint(0, 256, (33, 180, 320, 3), dtype=torch.uint8)
@@ -213,7 +218,7 @@ def bench_vsr(model: WanDiT, cfg, args, device) -> dict:
     torch.cuda.synchronize()
     whole = time.perf_counter() - start
     assert out.shape == (33, 720, 1280, 3)
-    res = {"stages": stages, "call_s": whole, "call_peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
+    res = {"vae": args.vae, "stages": stages, "call_s": whole, "call_peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
            "plan": {"chunk_frames": plan.chunk_frames, "tile": plan.tile,
                     "estimated_GiB": plan.estimated_bytes / 2**30},
            "weights_GiB": pipe._weight_bytes() / 2**30}
@@ -245,7 +250,8 @@ def render(results: dict) -> str:
                       f"{r['routed']['first_call_s']:.0f} |")
     if results.get("vsr"):
         v = results["vsr"]
-        md += ["", "OasisVSR, 33 frames 180x320 -> 720x1280 (diffusers' decoder):", "",
+        vae = "diffusers'" if v.get("vae", "diffusers") == "diffusers" else "our"
+        md += ["", f"OasisVSR, 33 frames 180x320 -> 720x1280 ({vae} VAE decoder):", "",
                "| stage | s | peak GiB |", "|---|---|---|"]
         for name, s in v["stages"].items():
             md.append(f"| {name} | {s['s']:.3f} | {s['peak_GiB']:.1f} |")
@@ -261,7 +267,8 @@ def main(argv=None):
                    help="eager, and/or the blocks' regions compiled (WanDiT.compile_regions)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (the whole model)")
     p.add_argument("--profile", action="store_true", help="kernel time by kind for one routed forward at A")
-    p.add_argument("--vsr", action="store_true", help="also time OasisVSR end to end (needs diffusers)")
+    p.add_argument("--vsr", action="store_true", help="also time OasisVSR end to end")
+    p.add_argument("--vae", choices=["oasis", "diffusers"], default="oasis", help="the decoder --vsr uses")
     p.add_argument("--out", type=Path, help="folder for model_bench.json / .md")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():

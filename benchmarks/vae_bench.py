@@ -1,5 +1,11 @@
-"""The Wan2.1 VAE decoder: diffusers' AutoencoderKLWan.decode against oasis.wan_vae.WanVAEDecoder
-(same random weights, bf16), 9 latent frames -> 33 frames 720x1280 by default.
+"""The Wan2.1 VAE: diffusers' AutoencoderKLWan against oasis.WanVAE (same random weights, bf16).
+
+Decode: latents ``[1, 16, 9, 90, 160]`` -> 33 frames 720x1280 (and ``--long`` latent frames, 105
+frames by default, ours only). Encode: the same clip back. For each variant: median seconds (wall
+clock, synchronised), peak GPU memory of the call, and the largest difference from diffusers' output.
+The convolutions' FLOPs are counted once (torch.utils.flop_counter) and their kernel time summed from
+one profiled decode, so the table gives the convolutions' achieved TFLOP/s against the bf16 GEMM rate
+measured in the same run.
 
     python benchmarks/vae_bench.py --out benchmarks/results/<date>_<card>_<commit>
 """
@@ -17,25 +23,54 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attn_bench import environment  # noqa: E402
+from conv_bench import gemm_time  # noqa: E402
 
 
 def timed(fn, reps):
     fn()
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         out = fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return out, {"s": statistics.median(times), "min_s": min(times), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+        del out
+    out = fn()
+    torch.cuda.synchronize()
+    return out, {"s": statistics.median(times), "min_s": min(times),
+                 "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
+                 "peak_above_inputs_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
+
+
+def conv_profile(fn) -> dict:
+    """FLOPs of the convolutions in one call, and their GPU kernel time in a second one (profiled)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    # cuDNN's kernels (and any layout transforms it runs) are timed under the op that launched them
+    conv_us = sum(e.device_time_total for e in events if e.key == "aten::cudnn_convolution")
+    other_us = sum(e.self_device_time_total for e in events) - conv_us
+    return {"conv_TFLOP": flops / 1e12, "conv_kernel_s": conv_us / 1e6, "other_kernel_s": other_us / 1e6,
+            "conv_TFLOP/s": flops / max(conv_us, 1e-9) / 1e6}
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latent", nargs=3, type=int, default=[9, 90, 160], metavar=("T", "H", "W"))
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--long", type=int, default=27, help="latent frames of the long decode (ours only; 0: skip)")
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -43,37 +78,76 @@ def main(argv=None):
         return 0
     from diffusers import AutoencoderKLWan
 
-    from oasis.wan_vae import WanVAEConfig, WanVAEDecoder
+    from oasis import WanVAE, WanVAEConfig
 
     torch.manual_seed(0)
     dev, dt = torch.device("cuda"), torch.bfloat16
     ref = AutoencoderKLWan().to(dev, dt).eval().requires_grad_(False)
-    ours = WanVAEDecoder(WanVAEConfig.from_dict(dict(ref.config))).to(dev).eval().requires_grad_(False)
-    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
+    ours = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).to(dev).eval().requires_grad_(False)
+    ours.load_state_dict(ref.state_dict())
     ours.to(dt)
-    z = torch.randn(1, 16, *args.latent, device=dev, dtype=dt)
-    rows = {}
+    t, h, w = args.latent
+    z = torch.randn(1, 16, t, h, w, device=dev, dtype=dt)
+    gemm = 2 * 8192**3 / gemm_time(8192, 8192, 8192, dev, 10) / 1e12
+    rows, enc_rows, prof = {}, {}, {}
+
+    def report(table, name, got, want, r):
+        if want is not None:
+            r["max_abs_diff_vs_diffusers"] = (got.float() - want.float()).abs().max().item()
+        table[name] = r
+        print(name, json.dumps(r), flush=True)
+
     with torch.no_grad():
-        want, rows["diffusers"] = timed(lambda: ref.decode(z).sample, args.reps)
-        print("diffusers", rows["diffusers"], flush=True)
-        torch.backends.cudnn.benchmark = True
-        _, rows["diffusers, cudnn.benchmark"] = timed(lambda: ref.decode(z).sample, args.reps)
-        print("diffusers, cudnn.benchmark", rows["diffusers, cudnn.benchmark"], flush=True)
-        variants = [("ours, chunk 1", 1, False, False), ("ours, chunk 1, compiled norms", 1, False, True),
-                    ("ours, chunk 2, compiled norms", 2, False, True)]
-        for name, chunk, cl, comp in variants:
-            fmt = torch.channels_last_3d if cl else torch.contiguous_format
-            ours.channels_last(cl).compile_norms(comp)
-            got, rows[name] = timed(lambda: ours(z.contiguous(memory_format=fmt), chunk=chunk), args.reps)
-            rows[name]["max_abs_diff_vs_diffusers"] = (got.float() - want.float()).abs().max().item()
-            print(name, rows[name], flush=True)
-    res = {"env": environment(dev), "latent": args.latent, "rows": rows}
-    md = [f"# Wan VAE decode, {res['env'].get('gpu')}, {res['env']['date'][:10]}, commit {res['env']['commit'][:7]}", "",
-          f"bf16, random weights, latents {args.latent} -> {4 * (args.latent[0] - 1) + 1} frames "
-          f"{8 * args.latent[1]}x{8 * args.latent[2]}; median of {args.reps} after a warm-up.", "",
-          "| decoder | s | peak GiB | max abs diff vs diffusers |", "|---|---|---|---|"]
-    for name, r in rows.items():
-        md.append(f"| {name} | {r['s']:.3f} | {r['peak_GiB']:.1f} | {r.get('max_abs_diff_vs_diffusers', 0):.3g} |")
+        want, r = timed(lambda: ref.decode(z).sample, args.reps)
+        report(rows, "diffusers", want, None, r)
+        prof["diffusers decode"] = conv_profile(lambda: ref.decode(z).sample)
+        video = want.clamp(-1, 1)
+        for name, cl, chunk in [("ours, channels-first, chunk 1", False, 1), ("ours, chunk 1", True, 1),
+                                ("ours, chunk 2", True, 2), ("ours, chunk 3", True, 3), ("ours, all frames", True, None)]:
+            ours.channels_last(cl)
+            got, r = timed(lambda: ours.decode(z, chunk=chunk), args.reps)
+            report(rows, name, got, want, r)
+            del got
+        ours.channels_last(True)
+        prof["ours decode, chunk 1"] = conv_profile(lambda: ours.decode(z, chunk=1))
+        if args.long:
+            zl = torch.randn(1, 16, args.long, h, w, device=dev, dtype=dt)
+            for chunk in (1, 2):
+                got, r = timed(lambda: ours.decode(zl, chunk=chunk), max(1, args.reps - 1))
+                report(rows, f"ours, {4 * args.long - 3} frames, chunk {chunk}", got, None, r)
+                del got
+            del zl
+        want_e, r = timed(lambda: ref.encode(video).latent_dist.mean, args.reps)
+        report(enc_rows, "diffusers", want_e, None, r)
+        for name, cl, chunk in [("ours, channels-first, chunk 1", False, 1), ("ours, chunk 1", True, 1),
+                                ("ours, chunk 2", True, 2), ("ours, all frames", True, None)]:
+            ours.channels_last(cl)
+            got, r = timed(lambda: ours.encode(video, chunk=chunk), args.reps)
+            report(enc_rows, name, got, want_e, r)
+        ours.channels_last(True)
+        prof["ours encode, chunk 1"] = conv_profile(lambda: ours.encode(video, chunk=1))
+    res = {"env": environment(dev), "latent": args.latent, "gemm_TFLOP/s": gemm, "decode": rows, "encode": enc_rows,
+           "convolutions": prof}
+    frames = 4 * (t - 1) + 1
+    md = [f"# Wan VAE, {res['env'].get('gpu')}, {res['env']['date'][:10]}, commit {res['env']['commit'][:7]}", "",
+          f"bf16, random weights, latents {args.latent} <-> {frames} frames {8 * h}x{8 * w}; median of "
+          f"{args.reps} after a warm-up. Peak: torch.cuda.max_memory_allocated during the call (the VAE's "
+          f"{sum(p.numel() for p in ours.parameters()) * 2 / 2**30:.2f} GiB of weights and the input included).",
+          ""]
+    for title, table in (("Decode", rows), ("Encode", enc_rows)):
+        base = table["diffusers"]["s"]
+        md += [f"{title}:", "", "| variant | s | x diffusers | peak GiB | max abs diff vs diffusers |",
+               "|---|---|---|---|---|"]
+        for name, r in table.items():
+            diff = r.get("max_abs_diff_vs_diffusers")
+            md.append(f"| {name} | {r['s']:.3f} | {base / r['s']:.2f} | {r['peak_GiB']:.2f} | "
+                      f"{'-' if diff is None else f'{diff:.3g}'} |")
+        md.append("")
+    md += [f"Convolutions (bf16 GEMM 8192^3 in this run: {gemm:.0f} TFLOP/s):", "",
+           "| call | conv TFLOP | conv kernel s | conv TFLOP/s | other kernels s |", "|---|---|---|---|---|"]
+    for name, c in prof.items():
+        md.append(f"| {name} | {c['conv_TFLOP']:.1f} | {c['conv_kernel_s']:.3f} | {c['conv_TFLOP/s']:.0f} | "
+                  f"{c['other_kernel_s']:.3f} |")
     print("\n".join(md))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -9,5 +9,6 @@
 from .checkpoint import CheckpointError
 from .config import WanConfig
 from .dit import WanDiT
+from .wan_vae import WanVAE, WanVAEConfig
 
-__all__ = ["WanConfig", "WanDiT", "CheckpointError"]
+__all__ = ["WanConfig", "WanDiT", "WanVAE", "WanVAEConfig", "CheckpointError"]

@@ -1,16 +1,23 @@
-"""The Wan2.1 VAE decoder, our own: the same numbers as diffusers' ``AutoencoderKLWan.decode``,
-computed over many frames per call instead of one latent frame at a time.
+"""The Wan2.1 VAE, our own: the same numbers as diffusers' ``AutoencoderKLWan``, computed over many
+frames per call instead of one latent frame at a time.
 
-diffusers decodes latent frame by latent frame, each causal 3D convolution carrying the last two
-frames of its input to the next call. Every temporal operation is causal, so the same result comes
-from running each convolution over a whole run of frames with that cache in front; only the
-temporal upsamplers treat the first latent frame apart (it is upsampled in space only, and their
-time convolution starts, zero-padded, at the second frame). :class:`WanDecoder3d` does exactly that,
-on chunks of any number of latent frames (``chunk``), with the cache handed from chunk to chunk:
-all frames at once is one call per layer, and a small chunk bounds the memory.
+diffusers runs the encoder on one chunk of 4 frames and the decoder on one latent frame at a time,
+each causal 3D convolution carrying the last two frames of its input to the next call. Every temporal
+operation is causal, so the same result comes from running each layer over a whole run of frames with
+that cache in front; only the temporal resamplers treat the sequence's first frame apart (the
+decoder's upsamplers upsample it in space only and start their time convolution, zero-padded, at the
+second frame; the encoder's downsamplers pass it through and start their stride-2 time convolution on
+it). :class:`WanEncoder3d` and :class:`WanDecoder3d` do exactly that on chunks of any number of latent
+frames (``chunk``), the cache handed from chunk to chunk: all frames at once is one call per layer,
+and a small chunk bounds the memory.
+
+On the GPU the pair ``SiLU(RMSNorm(x))`` in front of every convolution is one Triton pass
+(:mod:`oasis.vae_kernels`) that writes straight into the buffer the convolution reads, behind the
+cached frames; the convolutions pad in space themselves. :meth:`WanVAE.channels_last` keeps every
+activation channels-last (NDHWC), the layout cuDNN's implicit-GEMM convolutions read.
 
 Tensor names are diffusers' (``decoder.up_blocks.0.resnets.1.conv2.weight``, ...), so a diffusers
-VAE folder loads as it is.
+VAE folder loads as it is; :func:`oasis.vae.wan_to_diffusers_names` maps Wan2.1's ``.pth``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["WanVAEConfig", "WanDecoder3d", "WanVAEDecoder"]
+from .vae_kernels import norm_silu, norm_silu_reference
+
+__all__ = ["WanVAEConfig", "WanVAE", "WanVAEDecoder", "WanEncoder3d", "WanDecoder3d"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class WanVAEConfig:
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temperal_downsample: tuple[bool, ...] = (False, True, True)
+    in_channels: int = 3
     out_channels: int = 3
     latents_mean: tuple[float, ...] = field(default=(
         -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -47,40 +57,97 @@ class WanVAEConfig:
             raise ValueError("only Wan2.1's VAE is supported (is_residual/patch_size are Wan2.2's)")
         if d.get("attn_scales"):
             raise ValueError(f"attn_scales={d['attn_scales']!r}: attention outside the middle block is not supported")
-        keys = {"base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "out_channels",
-                "latents_mean", "latents_std"}
+        keys = {"base_dim", "z_dim", "dim_mult", "num_res_blocks", "temperal_downsample", "in_channels",
+                "out_channels", "latents_mean", "latents_std"}
         out = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in keys}
         if d.get("decoder_base_dim") not in (None, d.get("base_dim", 96)):
             raise ValueError("decoder_base_dim differing from base_dim is not supported")
         return cls(**out)
 
+    def to_dict(self) -> dict:
+        """diffusers' ``config.json`` keys."""
+        return {"_class_name": "AutoencoderKLWan", "base_dim": self.base_dim, "z_dim": self.z_dim,
+                "dim_mult": list(self.dim_mult), "num_res_blocks": self.num_res_blocks,
+                "temperal_downsample": list(self.temperal_downsample), "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "attn_scales": [], "latents_mean": list(self.latents_mean),
+                "latents_std": list(self.latents_std)}
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(bool(t) for t in self.temperal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    """The layout ``x`` is in: channels-last (its channels are the innermost dim) or channels-first."""
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return torch.contiguous_format
+
+
+def _frames_like(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """An uninitialised ``[B, C, frames, H, W]`` in ``x``'s dtype, device and layout."""
+    b, c, _, h, w = x.shape
+    return torch.empty((b, c, frames, h, w), dtype=x.dtype, device=x.device, memory_format=_format(x))
+
+
+def _per_frame(x: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` on each frame of ``[B, C, T, H, W]`` as a batch of images (views both ways in either layout)."""
+    b, c, t, h, w = x.shape
+    y = fn(x.transpose(1, 2).reshape(b * t, c, h, w))
+    y = y.view(b, t, *y.shape[1:]).transpose(1, 2)
+    return y if _format(y) == torch.channels_last_3d else y.contiguous()
+
 
 class CausalConv3d(nn.Conv3d):
     """A 3D convolution padded in front in time only, continuing a sequence across calls.
 
-    ``cache`` (a dict shared by the layers of one decode) holds each layer's last ``kt - 1`` input
-    frames; without an entry the sequence starts with zeros, as diffusers' first call does.
+    ``cache`` (a dict shared by the layers of one pass) holds each layer's last ``kt - 1`` input
+    frames; without an entry the sequence starts with zeros, as diffusers' first call does. The
+    spatial padding is the convolution's own (zeros, as diffusers' explicit pad; same numbers).
     """
 
-    def __init__(self, cin: int, cout: int, kernel, padding=0):
-        super().__init__(cin, cout, kernel, padding=0)
-        kt = self.kernel_size[0]
+    def __init__(self, cin: int, cout: int, kernel, padding=0, stride=1):
+        super().__init__(cin, cout, kernel, stride=stride, padding=0)
         p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
-        self.space_pad = (p[2], p[2], p[1], p[1])
+        self.space_pad = (p[1], p[2])
         self.time_pad = 2 * p[0]
-        assert self.time_pad == kt - 1 or kt == 1
+        assert self.time_pad in (0, self.kernel_size[0] - 1)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, self.weight, self.bias, self.stride, (0, *self.space_pad))
+
+    def _history(self, x: torch.Tensor, cache: dict | None) -> torch.Tensor:
+        """A buffer ``[B, C, time_pad + T, H, W]`` holding the cached frames (or zeros) in front."""
+        buf = _frames_like(x, self.time_pad + x.shape[2])
+        prev = None if cache is None else cache.get(self)
+        if prev is None:
+            buf[:, :, :self.time_pad].zero_()
+        else:
+            buf[:, :, :self.time_pad].copy_(prev)
+        return buf
+
+    def _remember(self, buf: torch.Tensor, cache: dict | None) -> None:
+        if cache is not None:  # a copy: a view would keep the whole buffer alive
+            cache[self] = buf[:, :, -self.time_pad:].clone()
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         if self.time_pad:
-            prev = None if cache is None else cache.get(self)
-            if prev is None:
-                prev = x.new_zeros(x.shape[0], x.shape[1], self.time_pad, *x.shape[3:])
-            x = torch.cat([prev, x], dim=2)
-            if cache is not None:  # a copy: a view would keep the whole concatenated input alive
-                cache[self] = x[:, :, -self.time_pad:].clone()
-        if any(self.space_pad):
-            x = F.pad(x, self.space_pad)
-        return super().forward(x)
+            buf = self._history(x, cache)
+            buf[:, :, self.time_pad:].copy_(x)
+            self._remember(buf, cache)
+            x = buf
+        return self._conv(x)
+
+    def forward_normed(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None) -> torch.Tensor:
+        """``conv(SiLU(norm(x)))``, the activation written once, straight behind the cached frames."""
+        buf = self._history(x, cache)
+        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:])
+        self._remember(buf, cache)
+        return self._conv(buf)
 
 
 class RMSNorm(nn.Module):
@@ -92,19 +159,10 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        return F.normalize(wide, dim=1).to(x.dtype) * self.scale * self.gamma
-
-
-def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
-    """SiLU(RMSNorm(x)): the pair every residual block and the output run (one pass when compiled)."""
-    wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return F.silu(F.normalize(wide, dim=1).to(x.dtype) * scale * gamma)
+        return norm_silu_reference(x, self.gamma, self.scale, silu=False)
 
 
 class ResidualBlock(nn.Module):
-    fused_norm_silu = None  # set by WanVAEDecoder.compile_norms: a compiled norm_silu
-
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.norm1 = RMSNorm(cin)
@@ -114,11 +172,10 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, cache):
-        act = self.fused_norm_silu or norm_silu
         h = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = self.conv1(act(x, self.norm1.gamma, self.norm1.scale), cache)
-        x = self.conv2(act(x, self.norm2.gamma, self.norm2.scale), cache)
-        return x + h
+        x = self.conv1.forward_normed(x, self.norm1, cache)
+        x = self.conv2.forward_normed(x, self.norm2, cache)
+        return x.add_(h)
 
 
 class AttentionBlock(nn.Module):
@@ -130,13 +187,17 @@ class AttentionBlock(nn.Module):
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, x):
-        b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        qkv = self.to_qkv(self.norm(frames)).reshape(b * t, 3 * c, h * w).transpose(1, 2)
+    def _frames(self, x):
+        n, c, h, w = x.shape
+        # [n, hw, 3c] contiguous, as diffusers lays it out (free when channels-last): SDPA's rounding
+        # depends on the strides
+        qkv = self.to_qkv(self.norm(x)).reshape(n, 3 * c, h * w).transpose(1, 2).contiguous()
         q, k, v = qkv[:, None].chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b * t, c, h, w)
-        return x + self.proj(y).view(b, t, c, h, w).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(n, c, h, w)
+        return self.proj(y)
+
+    def forward(self, x):
+        return x + _per_frame(x, self._frames)
 
 
 class MidBlock(nn.Module):
@@ -160,24 +221,55 @@ class Upsample(nn.Module):
                                       nn.Conv2d(dim, dim // 2, 3, padding=1))
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
-    def _space(self, x):
-        b, c, t, h, w = x.shape
-        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        up = self.resample[1](F.interpolate(frames.float(), scale_factor=2.0, mode="nearest-exact").to(x.dtype))
-        return up.view(b, t, *up.shape[1:]).transpose(1, 2)
+    def _space(self, frames):
+        # nearest-exact copies values, so it runs in the input dtype (diffusers upcasts to float32: same values)
+        return self.resample[1](F.interpolate(frames, scale_factor=2.0, mode="nearest-exact"))
 
     def forward(self, x, cache, starts: bool):
         """``starts``: ``x`` begins with the sequence's first frame, which is upsampled in space only."""
-        if self.time_conv is None:
-            return self._space(x)
-        head, x = (x[:, :, :1], x[:, :, 1:]) if starts else (None, x)
-        if x.shape[2]:
+        if self.time_conv is not None:
+            first = 1 if starts else 0
             b, c, t, h, w = x.shape
-            x = self.time_conv(x, cache).view(b, 2, c, t, h, w)
-            x = torch.stack([x[:, 0], x[:, 1]], dim=3).reshape(b, c, 2 * t, h, w)
-        if head is not None:
-            x = torch.cat([head, x], dim=2)
-        return self._space(x)
+            y = _frames_like(x, first + 2 * (t - first))
+            if first:
+                y[:, :, :1].copy_(x[:, :, :1])
+            if t > first:
+                z = self.time_conv(x[:, :, first:], cache)  # [B, 2C, t - first, H, W]: two frames per input frame
+                y[:, :, first::2].copy_(z[:, :c])
+                y[:, :, first + 1::2].copy_(z[:, c:])
+            x = y
+        return _per_frame(x, self._space)
+
+
+class Downsample(nn.Module):
+    """2x down in space (zero pad right and bottom, 3x3 conv, stride 2); with ``temporal``, then 2x in
+    time by a (3,1,1) conv of stride 2 whose windows start at the first frame, which passes through."""
+
+    def __init__(self, dim: int, temporal: bool):
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+        self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def _space(self, frames):
+        n, c, h, w = frames.shape
+        padded = torch.empty((n, c, h + 1, w + 1), dtype=frames.dtype, device=frames.device,
+                             memory_format=_format(frames))
+        padded[:, :, h:].zero_()
+        padded[:, :, :h, w:].zero_()
+        padded[:, :, :h, :w] = frames
+        return self.resample[1](padded)
+
+    def forward(self, x, cache, starts: bool):
+        x = _per_frame(x, self._space)
+        if self.time_conv is None:
+            return x
+        # windows (0,1,2), (2,3,4), ...: each chunk after the first starts from the last frame before it
+        seq = x if starts else torch.cat([cache[self], x], dim=2)
+        cache[self] = x[:, :, -1:].clone()
+        t = seq.shape[2]
+        head = [x[:, :, :1]] if starts else []
+        body = [self.time_conv(seq)] if t >= 3 else []
+        return torch.cat(head + body, dim=2) if len(head + body) > 1 else (head + body)[0]
 
 
 class UpBlock(nn.Module):
@@ -192,7 +284,36 @@ class UpBlock(nn.Module):
         return x if self.upsamplers is None else self.upsamplers[0](x, cache, starts)
 
 
+class WanEncoder3d(nn.Module):
+    """Video ``[B, in_channels, T, H, W]`` -> ``[B, 2 z_dim, T', H/8, W/8]`` (mean and log-variance)."""
+
+    def __init__(self, cfg: WanVAEConfig):
+        super().__init__()
+        dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+        self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        layers = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResidualBlock(cin, cout))
+                cin = cout
+            if i != len(cfg.dim_mult) - 1:
+                layers.append(Downsample(cout, bool(cfg.temperal_downsample[i])))
+        self.down_blocks = nn.ModuleList(layers)
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
+
+    def forward(self, x, cache: dict, starts: bool):
+        x = self.conv_in(x, cache)
+        for layer in self.down_blocks:
+            x = layer(x, cache, starts) if isinstance(layer, Downsample) else layer(x, cache)
+        x = self.mid_block(x, cache)
+        return self.conv_out.forward_normed(x, self.norm_out, cache)
+
+
 class WanDecoder3d(nn.Module):
+    """Latents ``[B, z_dim, T, H, W]`` -> video ``[B, out_channels, T', 8H, 8W]`` (unclamped)."""
+
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
         mult = list(cfg.dim_mult)
@@ -213,47 +334,118 @@ class WanDecoder3d(nn.Module):
         x = self.mid_block(self.conv_in(z, cache), cache)
         for block in self.up_blocks:
             x = block(x, cache, starts)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        return self.conv_out.forward_normed(x, self.norm_out, cache)
 
 
-class WanVAEDecoder(nn.Module):
-    """Raw latents ``[B, z_dim, T, H, W]`` -> video ``[B, 3, 1 + 4(T-1), 8H, 8W]`` clamped to [-1, 1].
+def _check_chunk(chunk) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+        raise ValueError(f"chunk must be a positive number of latent frames or None, got {chunk!r}")
 
-    ``chunk`` latent frames go through each layer per call (``None``: all of them); the causal cache
-    makes every choice give the same result.
+
+class WanVAE(nn.Module):
+    """Wan2.1's VAE: :meth:`encode` video -> raw latents, :meth:`decode` raw latents -> video.
+
+    ``encoder=False`` or ``decoder=False`` leaves that half out (a decoder-only VAE loads from a
+    folder without the encoder's tensors). Both halves take ``chunk``: latent frames per call
+    (``None``: all at once); the causal cache makes every choice give the same result.
     """
 
-    def __init__(self, cfg: WanVAEConfig | None = None):
+    def __init__(self, cfg: WanVAEConfig | None = None, *, encoder: bool = True, decoder: bool = True):
         super().__init__()
         self.config = cfg = cfg or WanVAEConfig()
-        self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = WanDecoder3d(cfg)
+        if encoder:
+            self.encoder = WanEncoder3d(cfg)
+            self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
+        if decoder:
+            self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
+            self.decoder = WanDecoder3d(cfg)
+        self.memory_format = torch.contiguous_format
 
-    def channels_last(self, enabled: bool = True) -> "WanVAEDecoder":
-        """Store the 3D convolutions' weights channels-last (NDHWC), the layout cuDNN's fast kernels read."""
-        fmt = torch.channels_last_3d if enabled else torch.contiguous_format
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=torch.float32, device="cpu", encoder: bool | None = None) -> "WanVAE":
+        """A VAE folder in diffusers' layout or Wan2.1's ``Wan2.1_VAE.pth`` (:func:`oasis.vae.load_vae`)."""
+        from .vae import load_vae
+
+        return load_vae(path, dtype=dtype, device=device, encoder=encoder)
+
+    def save_pretrained(self, path) -> None:
+        """A folder in diffusers' layout (:func:`oasis.vae.save_vae`)."""
+        from .vae import save_vae
+
+        save_vae(self, path)
+
+    @property
+    def has_encoder(self) -> bool:
+        return hasattr(self, "encoder")
+
+    @property
+    def has_decoder(self) -> bool:
+        return hasattr(self, "decoder")
+
+    def channels_last(self, enabled: bool = True) -> "WanVAE":
+        """Run channels-last (NDHWC activations and weights), the layout cuDNN's fast convolutions read."""
+        self.memory_format = torch.channels_last_3d if enabled else torch.contiguous_format
         for m in self.modules():
-            if isinstance(m, nn.Conv3d):
+            if isinstance(m, (nn.Conv3d, nn.Conv2d)):
+                fmt = (torch.channels_last_3d if isinstance(m, nn.Conv3d) else torch.channels_last) if enabled \
+                    else torch.contiguous_format
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         return self
 
-    def compile_norms(self, enabled: bool = True) -> "WanVAEDecoder":
-        """torch.compile the RMSNorm + SiLU pairs (one compiled function for every block and shape)."""
-        fused = torch.compile(norm_silu, dynamic=True) if enabled else None
-        for m in self.modules():
-            if isinstance(m, ResidualBlock):
-                m.fused_norm_silu = fused
-        return self
-
-    def forward(self, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Raw latents ``[B, z_dim, T, H, W]`` -> video ``[B, C, 1 + 4(T-1), 8H, 8W]`` clamped to [-1, 1]."""
+        if not self.has_decoder:
+            raise ValueError("this VAE was built without its decoder")
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be [B, {self.config.z_dim}, T, H, W], got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
-            raise ValueError(f"chunk must be a positive number of latent frames or None, got {chunk!r}")
-        x = self.post_quant_conv(z)
-        t = x.shape[2]
+        _check_chunk(chunk)
+        x = self.post_quant_conv(z.contiguous(memory_format=self.memory_format))
+        t, tf, sf = x.shape[2], self.config.temporal_factor, self.config.spatial_factor
         step = t if chunk is None else chunk
+        b, _, _, h, w = x.shape
+        out = torch.empty((b, self.config.out_channels, 1 + tf * (t - 1), sf * h, sf * w), dtype=x.dtype,
+                          device=x.device)
         cache: dict = {}
-        out = [self.decoder(x[:, :, s:s + step], cache, starts=s == 0) for s in range(0, t, step)]
-        return torch.cat(out, dim=2).clamp_(-1.0, 1.0)
+        for s in range(0, t, step):
+            y = self.decoder(x[:, :, s:s + step], cache, starts=s == 0)
+            f0 = 0 if s == 0 else 1 + tf * (s - 1)
+            out[:, :, f0:f0 + y.shape[2]].copy_(y.clamp_(-1.0, 1.0))
+        return out
+
+    def encode(self, video: torch.Tensor, chunk: int | None = None, *, moments: bool = False):
+        """Video ``[B, C, 1 + 4k, H, W]`` in [-1, 1] -> raw latents ``[B, z_dim, 1 + k, H/8, W/8]``: the
+        posterior's mean (what Wan2.1 uses), or with ``moments=True`` the pair (mean, log-variance)."""
+        if not self.has_encoder:
+            raise ValueError("this VAE was built without its encoder")
+        cfg = self.config
+        if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != cfg.in_channels:
+            raise ValueError(f"video must be [B, {cfg.in_channels}, F, H, W], got "
+                             f"{getattr(video, 'shape', type(video).__name__)}")
+        f, tf = video.shape[2], cfg.temporal_factor
+        if (f - 1) % tf:
+            raise ValueError(f"the encoder takes 1 + {tf}k frames, got {f} (diffusers would drop the last "
+                             f"{(f - 1) % tf}); pad or cut the clip")
+        _check_chunk(chunk)
+        latents = 1 + (f - 1) // tf
+        step = latents if chunk is None else chunk
+        x = video.contiguous(memory_format=self.memory_format)
+        cache: dict = {}
+        parts = []
+        for s in range(0, latents, step):  # latent frames s .. s+step come from these input frames
+            f0 = 0 if s == 0 else 1 + tf * (s - 1)
+            f1 = 1 + tf * (min(s + step, latents) - 1)
+            parts.append(self.encoder(x[:, :, f0:f1], cache, starts=s == 0))
+        h = self.quant_conv(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        mean, logvar = h[:, :cfg.z_dim], h[:, cfg.z_dim:]
+        return (mean, logvar) if moments else mean
+
+    def forward(self, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        return self.decode(z, chunk)
+
+
+class WanVAEDecoder(WanVAE):
+    """The decoder half alone (``post_quant_conv`` + ``decoder``); calling it decodes."""
+
+    def __init__(self, cfg: WanVAEConfig | None = None):
+        super().__init__(cfg, encoder=False)

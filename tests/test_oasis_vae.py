@@ -14,12 +14,20 @@ TINY = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, tempe
 
 @pytest.fixture(scope="module")
 def reference():
+    # diffusers' WanUpsample rounds its input to float32 for the nearest-exact resize and back (a no-op
+    # for 16-bit inputs, a rounding of float64 ones); ours keeps the dtype, so the float64 comparison
+    # runs the plain resize on both sides
+    from diffusers.models.autoencoders import autoencoder_kl_wan as wan
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(wan.WanUpsample, "forward", torch.nn.Upsample.forward)
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKLWan(**TINY).eval()
     with torch.no_grad():  # move every tensor off its initial value so each one matters
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    return ref
+    yield ref
+    patch.undo()
 
 
 def ours_from(ref):
@@ -29,7 +37,9 @@ def ours_from(ref):
 
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 5])
-def test_decoder_is_diffusers_bit_for_bit_in_float64(reference, frames):
+def test_decoder_matches_diffusers_in_float64(reference, frames):
+    """The same arithmetic: only the layouts of some intermediate tensors differ from diffusers' (which
+    changes the CPU convolutions' summation order), so float64 agrees to rounding, ~1e-14."""
     ref = reference.double()
     ours = ours_from(ref).double()
     z = torch.randn(2, 16, frames, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(frames))
@@ -38,7 +48,7 @@ def test_decoder_is_diffusers_bit_for_bit_in_float64(reference, frames):
         for chunk in (None, 1, 2):
             got = ours(z, chunk=chunk)
             assert got.shape == (2, 3, 1 + 4 * (frames - 1), 32, 48)
-            assert torch.equal(got, want), (chunk, (got - want).abs().max())
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=lambda m: f"chunk {chunk}: {m}")
     assert 0.1 < (want.abs() < 1).float().mean() < 0.99  # not all clamped: the comparison sees values
     reference.float()
 
@@ -88,3 +98,226 @@ def test_bad_vae_folders(tmp_path, reference):
         ours_from(reference)(torch.zeros(1, 4, 2, 4, 4))
     with pytest.raises(ValueError, match="Wan2.2"):
         WanVAEConfig.from_dict({"is_residual": True})
+
+
+# -- the encoder, channels-last, Wan2.1's names, the fused kernel -------------------------------------------
+
+def full_from(ref):
+    from oasis import WanVAE
+
+    vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
+    vae.load_state_dict(ref.state_dict())
+    return vae
+
+
+def down3(n):  # three zero-pad-right, 3x3, stride-2 convolutions
+    for _ in range(3):
+        n = (n - 2) // 2 + 1
+    return n
+
+
+@pytest.mark.parametrize("frames,size", [(1, (16, 24)), (5, (19, 29)), (9, (24, 16))])
+def test_encoder_matches_diffusers_in_float64(reference, frames, size):
+    ref = reference.double()
+    ours = full_from(ref).double()
+    x = torch.rand(2, 3, frames, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(frames)) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        for chunk in (None, 1, 2):
+            mean, logvar = ours.encode(x, chunk=chunk, moments=True)
+            assert mean.shape == dist.mean.shape == (2, 16, 1 + (frames - 1) // 4, *map(down3, size))
+            torch.testing.assert_close(mean, dist.mean, rtol=0, atol=1e-12, msg=lambda m: f"chunk {chunk}: {m}")
+            torch.testing.assert_close(logvar, dist.logvar, rtol=0, atol=1e-12)
+            torch.testing.assert_close(ours.encode(x, chunk=chunk), mean, rtol=0, atol=0)
+    assert dist.mean.std() > 0.1  # the comparison sees values
+    reference.float()
+
+
+@pytest.mark.parametrize("latent", [(1, 3, 5), (3, 5, 7)])
+def test_decoder_odd_latent_sizes(reference, latent):
+    ours = ours_from(reference).double()
+    ref = reference.double()
+    z = torch.randn(1, 16, *latent, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        for chunk in (None, 2):
+            torch.testing.assert_close(ours(z, chunk=chunk), want, rtol=0, atol=1e-12)
+    reference.float()
+
+
+def test_channels_last_same_numbers(reference):
+    vae = full_from(reference).double()
+    x = torch.rand(1, 3, 5, 16, 24, dtype=torch.float64) * 2 - 1
+    z = torch.randn(1, 16, 3, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        enc, dec = vae.encode(x, chunk=1), vae.decode(z, chunk=1)
+        vae.channels_last()
+        assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(vae.encode(x, chunk=1), enc, rtol=0, atol=1e-12)
+        got = vae.decode(z, chunk=1)
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, dec, rtol=0, atol=1e-12)
+        vae.channels_last(False)
+        assert vae.decoder.conv_in.weight.is_contiguous()
+
+
+def test_encode_checks(reference):
+    vae = full_from(reference)
+    with pytest.raises(ValueError, match="1 \\+ 4k frames, got 6"):
+        vae.encode(torch.zeros(1, 3, 6, 16, 16))
+    with pytest.raises(ValueError, match="video must be"):
+        vae.encode(torch.zeros(1, 4, 5, 16, 16))
+    with pytest.raises(ValueError, match="chunk must be"):
+        vae.encode(torch.zeros(1, 3, 5, 16, 16), chunk=0)
+    with pytest.raises(ValueError, match="without its encoder"):
+        ours_from(reference).encode(torch.zeros(1, 3, 5, 16, 16))
+
+
+def wan21_names(cfg: WanVAEConfig) -> list[str]:
+    """Every tensor name of Wan2.1's own VAE module (wan/modules/vae.py) for ``cfg``, written from its
+    structure: residual = [norm, SiLU, conv, norm, SiLU, dropout, conv], resample = [pad|upsample, conv]."""
+    res = ["residual.0.gamma", "residual.2.weight", "residual.2.bias", "residual.3.gamma", "residual.6.weight",
+           "residual.6.bias"]
+    conv = ["weight", "bias"]
+    names = [f"conv1.{c}" for c in conv] + [f"conv2.{c}" for c in conv]
+    dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
+    i = 0
+    for s, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(cfg.num_res_blocks):
+            names += [f"encoder.downsamples.{i}.{r}" for r in res]
+            if cin != cout:
+                names += [f"encoder.downsamples.{i}.shortcut.{c}" for c in conv]
+            cin, i = cout, i + 1
+        if s != len(cfg.dim_mult) - 1:
+            names += [f"encoder.downsamples.{i}.resample.1.{c}" for c in conv]
+            if cfg.temperal_downsample[s]:
+                names += [f"encoder.downsamples.{i}.time_conv.{c}" for c in conv]
+            i += 1
+    ddims = [cfg.base_dim * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
+    i = 0
+    for s, (cin, cout) in enumerate(zip(ddims[:-1], ddims[1:])):
+        cin = cin // 2 if s else cin
+        for _ in range(cfg.num_res_blocks + 1):
+            names += [f"decoder.upsamples.{i}.{r}" for r in res]
+            if cin != cout:
+                names += [f"decoder.upsamples.{i}.shortcut.{c}" for c in conv]
+            cin, i = cout, i + 1
+        if s != len(cfg.dim_mult) - 1:
+            names += [f"decoder.upsamples.{i}.resample.1.{c}" for c in conv]
+            if cfg.temperal_downsample[::-1][s]:
+                names += [f"decoder.upsamples.{i}.time_conv.{c}" for c in conv]
+            i += 1
+    for part in ("encoder", "decoder"):
+        names += [f"{part}.conv1.{c}" for c in conv] + [f"{part}.head.0.gamma"] + [f"{part}.head.2.{c}" for c in conv]
+        names += [f"{part}.middle.{m}.{r}" for m in (0, 2) for r in res]
+        names += [f"{part}.middle.1.{n}" for n in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight",
+                                                   "proj.bias")]
+    return names
+
+
+@pytest.mark.parametrize("config", [TINY, dict(TINY, num_res_blocks=2, dim_mult=[1, 2, 4, 4])])
+def test_wan21_names_map_like_diffusers(config):
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    from oasis.vae import wan_to_diffusers_names
+
+    cfg = WanVAEConfig.from_dict(config)
+    state = {n: torch.zeros(1) for n in wan21_names(cfg)}
+    ours = wan_to_diffusers_names(state, cfg)
+    if cfg.num_res_blocks == 2:  # diffusers' converter knows Wan2.1's layer numbers, not other depths
+        assert sorted(ours) == sorted(convert_wan_vae_to_diffusers(state))
+    from oasis import WanVAE
+
+    assert sorted(ours) == sorted(WanVAE(cfg).state_dict())  # every tensor of ours, none left over
+
+
+def wan21_state(ref) -> dict:
+    """``ref``'s tensors under Wan2.1's names (the inverse of the map, found by mapping every name)."""
+    from oasis.vae import wan_to_diffusers_names
+
+    cfg = WanVAEConfig.from_dict(dict(ref.config))
+    names = wan21_names(cfg)
+    to_diffusers = wan_to_diffusers_names({n: n for n in names}, cfg)
+    state = ref.state_dict()
+    return {wan: state[d] for d, wan in to_diffusers.items()}
+
+
+@pytest.mark.slow
+def test_wan21_pth_loads_in_both_backends(tmp_path):
+    """A random full-size VAE written as Wan2.1's ``Wan2.1_VAE.pth``: ours and diffusers' read the same."""
+    torch.manual_seed(1)
+    ref = diffusers.AutoencoderKLWan().eval()
+    torch.save(wan21_state(ref), tmp_path / "Wan2.1_VAE.pth")
+    assert find_vae(tmp_path) == tmp_path / "Wan2.1_VAE.pth"
+    ours = load_vae(tmp_path / "Wan2.1_VAE.pth")
+    theirs = load_vae(tmp_path / "Wan2.1_VAE.pth", backend="diffusers")
+    assert ours.has_encoder
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+
+
+def test_wan21_pth_tiny_and_errors(tmp_path, reference):
+    """The map on a tiny VAE's tensors, then a .pth with a bad name and a missing one: one error, both named."""
+    from oasis.vae import wan_to_diffusers_names
+
+    cfg = WanVAEConfig.from_dict(dict(reference.config))
+    mapped = wan_to_diffusers_names(wan21_state(reference), cfg)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(mapped[k], v), k
+    state = {n: torch.zeros(1) for n in wan21_names(WanVAEConfig())}
+    state.pop("decoder.head.0.gamma")
+    state["decoder.unknown.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "Wan2.1_VAE.pth")
+    with pytest.raises(CheckpointError) as info:
+        load_vae(tmp_path / "Wan2.1_VAE.pth")
+    msg = str(info.value)
+    assert "decoder.norm_out.gamma" in msg and "decoder.unknown.weight" in msg and "mis-shaped" in msg
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_vae(tmp_path / "bad.pth")
+
+
+def test_encoder_halves_load_and_save(tmp_path, reference):
+    reference.save_pretrained(str(tmp_path / "vae"))
+    full = load_vae(tmp_path / "vae")
+    assert full.has_encoder and full.has_decoder
+    assert not load_vae(tmp_path / "vae", encoder=False).has_encoder
+    full.save_pretrained(tmp_path / "again")
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_vae(tmp_path / "again").encode(x), reference.encode(x).latent_dist.mean)
+    save_vae(ours_from(reference), tmp_path / "dec")
+    with pytest.raises(CheckpointError, match="decoder-only"):
+        load_vae(tmp_path / "dec", encoder=True)
+    with pytest.raises(ValueError, match="encoder must be"):
+        load_vae(tmp_path / "dec", encoder="yes")
+
+
+@pytest.mark.parametrize("layout", ["first", "last", "time slice"])
+@pytest.mark.parametrize("channels", [3, 24])
+def test_norm_silu_kernel_matches_its_torch_expression(layout, channels):
+    pytest.importorskip("triton")
+    from oasis.vae_kernels import norm_silu_reference, norm_silu_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(channels)
+    gamma = (torch.randn(channels, 1, 1, 1, generator=gen) + 1).to(device, torch.bfloat16)
+    x = (torch.randn(2, channels, 5, 6, 7, generator=gen) * 3).to(device, torch.bfloat16)
+    x[0, :, 0, 0, 0] = 0  # a zero vector: eps keeps it zero, no NaN
+    if layout == "last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    out = torch.full((2, channels, 7, 6, 7), float("nan"), device=device, dtype=torch.bfloat16)
+    if layout == "last":
+        out = out.contiguous(memory_format=torch.channels_last_3d)
+    target = out[:, :, 2:] if layout != "first" else torch.empty_like(x)
+    got = norm_silu_triton(x, gamma, channels ** 0.5, out=target)
+    assert got.data_ptr() == target.data_ptr()
+    if layout != "first":
+        assert out[:, :, :2].isnan().all()  # the cache's frames untouched
+    assert not got.isnan().any() and got[0, :, 0, 0, 0].abs().max() == 0
+    plain = norm_silu_triton(x, gamma, channels ** 0.5, silu=False)
+    for out_, silu in ((got, True), (plain, False)):  # FlashAttention's rule: at most 2x torch's own error
+        exact = norm_silu_reference(x.double(), gamma.double(), channels ** 0.5, silu)
+        ref_err = (norm_silu_reference(x, gamma, channels ** 0.5, silu).double() - exact).abs().max()
+        err = (out_.double() - exact).abs().max()
+        assert err <= 2 * ref_err + 1e-3, (silu, err, ref_err)
