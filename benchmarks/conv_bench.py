@@ -6,7 +6,7 @@ times, on random bf16 data with the cache's two frames in front:
 
 - ``ncdhw``: ``F.conv3d`` on contiguous tensors (PyTorch's default), cuDNN's heuristic algorithm;
 - ``ncdhw_bench``: the same with ``torch.backends.cudnn.benchmark`` (cuDNN times its algorithms);
-- ``ndhwc_bench``: input and weight ``channels_last_3d``, benchmark on;
+- ``ndhwc``, ``ndhwc_bench``: input and weight ``channels_last_3d``, benchmark off and on;
 - ``conv2d_sum``: the 3x3x3 convolution as three channels-last 3x3 ``conv2d`` over frame-shifted
   inputs, summed (a check on whether cuDNN's 3D path lags its 2D one);
 - ``ndhwc_pad16`` (convolutions to fewer than 16 channels): the weight padded to 16 with zeros;
@@ -73,6 +73,7 @@ def conv_variants(cin, cout, t, h, w, k, dev):
         return {
             "ncdhw": (False, lambda: F.conv2d(x, wt, padding=1)),
             "ncdhw_bench": (True, lambda: F.conv2d(x, wt, padding=1)),
+            "ndhwc": (False, lambda: F.conv2d(xl, wl, padding=1)),
             "ndhwc_bench": (True, lambda: F.conv2d(xl, wl, padding=1)),
         }
     x = torch.randn(1, cin, t + 2, h, w, device=dev, dtype=dt)
@@ -92,6 +93,7 @@ def conv_variants(cin, cout, t, h, w, k, dev):
     variants = {
         "ncdhw": (False, lambda: F.conv3d(x, wt, padding=(0, 1, 1))),
         "ncdhw_bench": (True, lambda: F.conv3d(x, wt, padding=(0, 1, 1))),
+        "ndhwc": (False, lambda: F.conv3d(xl, wl, padding=(0, 1, 1))),
         "ndhwc_bench": (True, lambda: F.conv3d(xl, wl, padding=(0, 1, 1))),
         "conv2d_sum": (True, conv2d_sum),
     }
@@ -108,6 +110,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunk-frames", type=int, default=4,
                    help="also time every convolution on this many output frames (one latent frame's worth)")
+    p.add_argument("--only", help="time only the convolutions whose name contains this")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -118,6 +121,8 @@ def main(argv=None):
     square = 2 * 8192**3 / gemm_time(8192, 8192, 8192, dev, 10) / 1e12
     rows = []
     for name, cin, cout, t_all, h, w, k in SHAPES:
+        if args.only and args.only not in name:
+            continue
         for t in sorted({t_all, min(args.chunk_frames, t_all)}):
             flops = 2 * cin * cout * (27 if k == 3 else 9) * t * h * w
             row = {"conv": name, "frames": t, "H": h, "W": w, "TFLOP": flops / 1e12, "ms": {}, "TFLOP/s": {}}
@@ -133,7 +138,7 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
     res = {"env": environment(dev), "square_gemm_TFLOP/s": square, "rows": rows}
-    variants = ["ncdhw", "ncdhw_bench", "ndhwc_bench", "conv2d_sum", "ndhwc_pad16"]
+    variants = ["ncdhw", "ncdhw_bench", "ndhwc", "ndhwc_bench", "conv2d_sum", "ndhwc_pad16"]
     md = [f"# Wan VAE decoder convolutions, {res['env'].get('gpu')}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"bf16, random data, median of {args.reps} by CUDA events; bf16 GEMM 8192^3: {square:.0f} TFLOP/s. "

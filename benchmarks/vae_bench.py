@@ -26,6 +26,25 @@ from attn_bench import environment  # noqa: E402
 from conv_bench import gemm_time  # noqa: E402
 
 
+# name: (channels-last, chunk, piece_frames, cudnn autotune)
+DECODE = {
+    "ours, channels-first, chunk 1": (False, 1, None, False),
+    "ours, chunk 1": (True, 1, None, False),
+    "ours, chunk 1, autotune": (True, 1, None, True),
+    "ours, chunk 1, pieces 2, autotune": (True, 1, 2, True),
+    "ours, chunk 1, pieces 1, autotune": (True, 1, 1, True),
+    "ours, chunk 3, pieces 2, autotune": (True, 3, 2, True),
+    "ours, all frames, autotune": (True, None, None, True),
+}
+# name: (channels-last, chunk, cudnn autotune)
+ENCODE = {
+    "ours, channels-first, chunk 1": (False, 1, False),
+    "ours, chunk 1": (True, 1, False),
+    "ours, chunk 1, autotune": (True, 1, True),
+    "ours, chunk 2, autotune": (True, 2, True),
+}
+
+
 def timed(fn, reps):
     fn()
     torch.cuda.synchronize()
@@ -61,9 +80,11 @@ def conv_profile(fn) -> dict:
     events = prof.key_averages()
     # cuDNN's kernels (and any layout transforms it runs) are timed under the op that launched them
     conv_us = sum(e.device_time_total for e in events if e.key == "aten::cudnn_convolution")
-    other_us = sum(e.self_device_time_total for e in events) - conv_us
-    return {"conv_TFLOP": flops / 1e12, "conv_kernel_s": conv_us / 1e6, "other_kernel_s": other_us / 1e6,
-            "conv_TFLOP/s": flops / max(conv_us, 1e-9) / 1e6}
+    kernels = sorted((e for e in events if str(e.device_type).endswith("CUDA")), key=lambda e: -e.self_device_time_total)
+    all_us = sum(e.self_device_time_total for e in kernels)
+    top = [{"kernel": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count} for e in kernels[:12]]
+    return {"conv_TFLOP": flops / 1e12, "conv_kernel_s": conv_us / 1e6, "other_kernel_s": (all_us - conv_us) / 1e6,
+            "conv_TFLOP/s": flops / max(conv_us, 1e-9) / 1e6, "top_kernels": top}
 
 
 def accuracy_vs_float64(ref, ours, dev) -> dict:
@@ -88,6 +109,9 @@ def main(argv=None):
     p.add_argument("--latent", nargs=3, type=int, default=[9, 90, 160], metavar=("T", "H", "W"))
     p.add_argument("--long", type=int, default=27, help="latent frames of the long decode (ours only; 0: skip)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--profile", choices=sorted(DECODE), default="ours, chunk 1, pieces 2, autotune",
+                   help="the decode variant profiled and run on --long latent frames")
+    p.add_argument("--profile-encode", choices=sorted(ENCODE), default="ours, chunk 1, autotune")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -119,30 +143,28 @@ def main(argv=None):
         report(rows, "diffusers", want, None, r)
         prof["diffusers decode"] = conv_profile(lambda: ref.decode(z).sample)
         video = want.clamp(-1, 1)
-        for name, cl, chunk in [("ours, channels-first, chunk 1", False, 1), ("ours, chunk 1", True, 1),
-                                ("ours, chunk 2", True, 2), ("ours, chunk 3", True, 3), ("ours, all frames", True, None)]:
-            ours.channels_last(cl)
-            got, r = timed(lambda: ours.decode(z, chunk=chunk), args.reps)
+        for name, (cl, chunk, piece, tune) in DECODE.items():
+            ours.channels_last(cl).autotune = tune
+            got, r = timed(lambda: ours.decode(z, chunk=chunk, piece_frames=piece), args.reps)
             report(rows, name, got, want, r)
             del got
-        ours.channels_last(True)
-        prof["ours decode, chunk 1"] = conv_profile(lambda: ours.decode(z, chunk=1))
+        cl, chunk, piece, tune = DECODE[args.profile]
+        ours.channels_last(cl).autotune = tune
+        prof[f"{args.profile} (decode)"] = conv_profile(lambda: ours.decode(z, chunk=chunk, piece_frames=piece))
         if args.long:
             zl = torch.randn(1, 16, args.long, h, w, device=dev, dtype=dt)
-            for chunk in (1, 2):
-                got, r = timed(lambda: ours.decode(zl, chunk=chunk), max(1, args.reps - 1))
-                report(rows, f"ours, {4 * args.long - 3} frames, chunk {chunk}", got, None, r)
-                del got
-            del zl
+            got, r = timed(lambda: ours.decode(zl, chunk=chunk, piece_frames=piece), max(1, args.reps - 1))
+            report(rows, f"{args.profile}, {4 * args.long - 3} frames", got, None, r)
+            del got, zl
         want_e, r = timed(lambda: ref.encode(video).latent_dist.mean, args.reps)
         report(enc_rows, "diffusers", want_e, None, r)
-        for name, cl, chunk in [("ours, channels-first, chunk 1", False, 1), ("ours, chunk 1", True, 1),
-                                ("ours, chunk 2", True, 2), ("ours, all frames", True, None)]:
-            ours.channels_last(cl)
+        for name, (cl, chunk, tune) in ENCODE.items():
+            ours.channels_last(cl).autotune = tune
             got, r = timed(lambda: ours.encode(video, chunk=chunk), args.reps)
             report(enc_rows, name, got, want_e, r)
-        ours.channels_last(True)
-        prof["ours encode, chunk 1"] = conv_profile(lambda: ours.encode(video, chunk=1))
+        cl, chunk, tune = ENCODE[args.profile_encode]
+        ours.channels_last(cl).autotune = tune
+        prof[f"{args.profile_encode} (encode)"] = conv_profile(lambda: ours.encode(video, chunk=chunk))
         accuracy = accuracy_vs_float64(ref, ours, dev)
     res = {"env": environment(dev), "latent": args.latent, "gemm_TFLOP/s": gemm, "decode": rows, "encode": enc_rows,
            "convolutions": prof, "accuracy": accuracy}
@@ -166,6 +188,9 @@ def main(argv=None):
     for name, c in prof.items():
         md.append(f"| {name} | {c['conv_TFLOP']:.1f} | {c['conv_kernel_s']:.3f} | {c['conv_TFLOP/s']:.0f} | "
                   f"{c['other_kernel_s']:.3f} |")
+    for name, c in prof.items():
+        md += ["", f"Kernels of {name}, by GPU time:", "", "| kernel | s | calls |", "|---|---|---|"]
+        md += [f"| `{k['kernel'][:90]}` | {k['s']:.4f} | {k['calls']} |" for k in c["top_kernels"]]
     md += ["", "Error against float64 (our VAE in float64 on the GPU; latents [3, 30, 40], the clip 9 frames "
            "240x320): max abs error of each bf16 output.", "", "| | diffusers bf16 | ours bf16 |", "|---|---|---|"]
     for k, v in accuracy.items():

@@ -36,7 +36,7 @@ def spans(length: int, size: int, overlap: int) -> list[tuple[int, int]]:
     return out
 
 
-def span_weights(all_spans: list[tuple[int, int]], device=None) -> list[torch.Tensor]:
+def span_weights(all_spans: list[tuple[int, int]], device=None, dtype=torch.float32) -> list[torch.Tensor]:
     """One weight vector per span: a linear ramp across each overlap with a neighbour, normalised so
     the weights of all spans add up to exactly one at every position (also where three overlap)."""
     length = max(stop for _, stop in all_spans)
@@ -52,7 +52,7 @@ def span_weights(all_spans: list[tuple[int, int]], device=None) -> list[torch.Te
     total = torch.zeros(length, dtype=torch.float64)
     for (start, stop), w in zip(all_spans, raw):
         total[start:stop] += w
-    return [(w / total[start:stop]).to(device=device, dtype=torch.float32) for (start, stop), w in zip(all_spans, raw)]
+    return [(w / total[start:stop]).to(device=device, dtype=dtype) for (start, stop), w in zip(all_spans, raw)]
 
 
 @dataclass(frozen=True)

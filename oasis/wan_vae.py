@@ -22,6 +22,7 @@ VAE folder loads as it is; :func:`oasis.vae.wan_to_diffusers_names` maps Wan2.1'
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -278,6 +279,10 @@ class UpBlock(nn.Module):
         self.resnets = nn.ModuleList(ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_res_blocks + 1))
         self.upsamplers = None if upsample is None else nn.ModuleList([Upsample(cout, upsample == "3d")])
 
+    @property
+    def temporal(self) -> bool:
+        return self.upsamplers is not None and self.upsamplers[0].time_conv is not None
+
     def forward(self, x, cache, starts):
         for r in self.resnets:
             x = r(x, cache)
@@ -330,11 +335,25 @@ class WanDecoder3d(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
 
-    def forward(self, z, cache: dict, starts: bool):
-        x = self.mid_block(self.conv_in(z, cache), cache)
-        for block in self.up_blocks:
-            x = block(x, cache, starts)
-        return self.conv_out.forward_normed(x, self.norm_out, cache)
+    def forward(self, z, cache: dict, starts: bool, piece_frames: int | None = None):
+        """``piece_frames``: once no temporal upsampler is left (the two largest stages of Wan2.1's
+        decoder), run the rest on pieces of at most this many frames, one after the other: the causal
+        cache makes that exact, and the working set of those stages shrinks with the piece."""
+        return self._stages(0, self.mid_block(self.conv_in(z, cache), cache), cache, starts, piece_frames)
+
+    def _stages(self, i, x, cache, starts, piece):
+        if piece is not None and x.shape[2] > piece and not any(b.temporal for b in self.up_blocks[i:]):
+            t = x.shape[2]
+            return torch.cat([self._stages(i, x[:, :, s:s + piece], cache, starts and s == 0, None)
+                              for s in range(0, t, piece)], dim=2)
+        if i == len(self.up_blocks):
+            return self.conv_out.forward_normed(x, self.norm_out, cache)
+        return self._stages(i + 1, self.up_blocks[i](x, cache, starts), cache, starts, piece)
+
+
+def _check_positive(name, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
 
 def _check_chunk(chunk) -> None:
@@ -360,6 +379,8 @@ class WanVAE(nn.Module):
             self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
             self.decoder = WanDecoder3d(cfg)
         self.memory_format = torch.contiguous_format
+        #: run the convolutions under cuDNN's benchmark mode (see :meth:`_autotuned`)
+        self.autotune = False
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.float32, device="cpu", encoder: bool | None = None) -> "WanVAE":
@@ -392,14 +413,34 @@ class WanVAE(nn.Module):
                 m.weight.data = m.weight.data.contiguous(memory_format=fmt)
         return self
 
-    def decode(self, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """Raw latents ``[B, z_dim, T, H, W]`` -> video ``[B, C, 1 + 4(T-1), 8H, 8W]`` clamped to [-1, 1]."""
+    def decode(self, z: torch.Tensor, chunk: int | None = None, *, piece_frames: int | None = None,
+               tile: int | None = None, tile_overlap: int = 8) -> torch.Tensor:
+        """Raw latents ``[B, z_dim, T, H, W]`` -> video ``[B, C, 1 + 4(T-1), 8H, 8W]`` clamped to [-1, 1].
+
+        ``chunk``: latent frames per call (None: all); ``piece_frames``: output frames per call in the
+        stages after the last temporal upsampler (None: the chunk's); both exact. ``tile``: decode
+        square tiles of this many latent pixels, ``tile_overlap`` shared with each neighbour and
+        cross-faded (diffusers' tiling, with weights that add up to one): bounds the memory of large
+        frames, at the cost of seams smaller than the model's own error near the tile borders.
+        """
         if not self.has_decoder:
             raise ValueError("this VAE was built without its decoder")
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be [B, {self.config.z_dim}, T, H, W], got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
         _check_chunk(chunk)
+        _check_positive("piece_frames", piece_frames)
+        _check_positive("tile", tile)
+        if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0 or \
+                (tile is not None and tile_overlap >= tile):
+            raise ValueError(f"tile_overlap must be an int in [0, tile), got {tile_overlap!r}")
+        h, w = z.shape[-2:]
+        with self._autotuned():
+            if tile is None or (tile >= h and tile >= w):
+                return self._decode_frames(z, chunk, piece_frames)
+            return self._decode_tiles(z, chunk, piece_frames, tile, tile_overlap)
+
+    def _decode_frames(self, z, chunk, piece_frames):
         x = self.post_quant_conv(z.contiguous(memory_format=self.memory_format))
         t, tf, sf = x.shape[2], self.config.temporal_factor, self.config.spatial_factor
         step = t if chunk is None else chunk
@@ -408,10 +449,38 @@ class WanVAE(nn.Module):
                           device=x.device)
         cache: dict = {}
         for s in range(0, t, step):
-            y = self.decoder(x[:, :, s:s + step], cache, starts=s == 0)
+            y = self.decoder(x[:, :, s:s + step], cache, starts=s == 0, piece_frames=piece_frames)
             f0 = 0 if s == 0 else 1 + tf * (s - 1)
             out[:, :, f0:f0 + y.shape[2]].copy_(y.clamp_(-1.0, 1.0))
         return out
+
+    def _decode_tiles(self, z, chunk, piece_frames, tile, overlap):
+        from .tiling import span_weights, spans
+
+        sf = self.config.spatial_factor
+        b, _, t, h, w = z.shape
+        hs, ws = spans(h, min(tile, h), overlap), spans(w, min(tile, w), overlap)
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32  # the blend in at least float32
+        hw, ww = span_weights(hs, z.device, acc), span_weights(ws, z.device, acc)
+        out = torch.zeros((b, self.config.out_channels, 1 + self.config.temporal_factor * (t - 1), sf * h, sf * w),
+                          dtype=acc, device=z.device)
+        for (h0, h1), wh in zip(hs, hw):
+            for (w0, w1), wv in zip(ws, ww):
+                y = self._decode_frames(z[..., h0:h1, w0:w1], chunk, piece_frames)
+                weight = wh.repeat_interleave(sf)[:, None] * wv.repeat_interleave(sf)[None]
+                out[..., h0 * sf:h1 * sf, w0 * sf:w1 * sf] += y.to(acc) * weight
+        return out.to(self.post_quant_conv.weight.dtype)
+
+    @contextlib.contextmanager
+    def _autotuned(self):
+        """cuDNN's benchmark mode for this call when :attr:`autotune` is on (each new shape is timed once);
+        the global flag is restored after."""
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = before or self.autotune
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
 
     def encode(self, video: torch.Tensor, chunk: int | None = None, *, moments: bool = False):
         """Video ``[B, C, 1 + 4k, H, W]`` in [-1, 1] -> raw latents ``[B, z_dim, 1 + k, H/8, W/8]``: the
@@ -432,13 +501,15 @@ class WanVAE(nn.Module):
         x = video.contiguous(memory_format=self.memory_format)
         cache: dict = {}
         parts = []
-        for s in range(0, latents, step):  # latent frames s .. s+step come from these input frames
-            f0 = 0 if s == 0 else 1 + tf * (s - 1)
-            f1 = 1 + tf * (min(s + step, latents) - 1)
-            parts.append(self.encoder(x[:, :, f0:f1], cache, starts=s == 0))
+        with self._autotuned():
+            for s in range(0, latents, step):  # latent frames s .. s+step come from these input frames
+                f0 = 0 if s == 0 else 1 + tf * (s - 1)
+                f1 = 1 + tf * (min(s + step, latents) - 1)
+                parts.append(self.encoder(x[:, :, f0:f1], cache, starts=s == 0))
         h = self.quant_conv(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
         mean, logvar = h[:, :cfg.z_dim], h[:, cfg.z_dim:]
-        return (mean, logvar) if moments else mean
+        # clamped as diffusers' DiagonalGaussianDistribution does
+        return (mean, logvar.clamp(-30.0, 20.0)) if moments else mean
 
     def forward(self, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         return self.decode(z, chunk)

@@ -321,3 +321,38 @@ def test_norm_silu_kernel_matches_its_torch_expression(layout, channels):
         ref_err = (norm_silu_reference(x, gamma, channels ** 0.5, silu).double() - exact).abs().max()
         err = (out_.double() - exact).abs().max()
         assert err <= 2 * ref_err + 1e-3, (silu, err, ref_err)
+
+
+def test_decode_pieces_exact_and_tiles_close(reference):
+    ours = ours_from(reference).double()
+    z = torch.randn(1, 16, 3, 6, 10, dtype=torch.float64)
+    with torch.no_grad():
+        whole = ours(z)
+        for chunk, piece in ((None, 1), (1, 3), (2, 2)):  # pieces split the last two stages in time: exact
+            torch.testing.assert_close(ours.decode(z, chunk=chunk, piece_frames=piece), whole, rtol=0, atol=1e-12)
+        tiled = ours.decode(z, chunk=1, tile=4, tile_overlap=2)
+        assert tiled.shape == whole.shape and tiled.dtype == whole.dtype and tiled.isfinite().all()
+        assert torch.equal(ours.decode(z, tile=64), whole)  # a tile larger than the frame: no tiling
+        ours.autotune = True  # cuDNN's benchmark flag for the call, restored after
+        before = torch.backends.cudnn.benchmark
+        torch.testing.assert_close(ours.decode(z), whole, rtol=0, atol=0)
+        assert torch.backends.cudnn.benchmark == before
+    for bad in (dict(piece_frames=0), dict(tile=-1), dict(tile=4, tile_overlap=4), dict(tile_overlap=True)):
+        with pytest.raises(ValueError):
+            ours.decode(z, **bad)
+
+
+def test_tiles_blend_to_the_whole_for_a_local_decoder(reference, monkeypatch):
+    """With a decoder whose output pixel depends on its own latent pixel only, tiled = whole exactly:
+    the cross-fade weights add up to one everywhere and each tile lands where it belongs."""
+    ours = ours_from(reference).double()
+
+    def local(z, chunk, piece):  # 8x nearest upsampling of 3 channels, 4x in time
+        y = z[:, :3].repeat_interleave(8, -1).repeat_interleave(8, -2)
+        return torch.cat([y[:, :, :1], y[:, :, 1:].repeat_interleave(4, 2)], dim=2)
+
+    monkeypatch.setattr(ours, "_decode_frames", local)
+    z = torch.randn(2, 16, 3, 11, 13, dtype=torch.float64)
+    whole = local(z, None, None)
+    for tile, overlap in ((4, 2), (5, 0), (7, 3)):
+        torch.testing.assert_close(ours.decode(z, tile=tile, tile_overlap=overlap), whole, rtol=0, atol=1e-12)
