@@ -88,8 +88,10 @@ class OasisVSR:
         if compile:
             dit.compile_regions()
         if isinstance(decoder.vae, WanVAE) and decoder.device.type == "cuda":
-            # cuDNN's 3D convolutions run 1.3-1.8x faster on channels-last activations (docs/PERF.md entry 18)
+            # cuDNN's 3D convolutions run 1.3-1.8x faster on channels-last activations, and its benchmark
+            # mode picks the Hopper kernels for the 2-frame pieces (docs/PERF.md entry 18b)
             decoder.vae.channels_last()
+            decoder.vae.autotune = True
 
     # -- properties ----------------------------------------------------------------------------
     @property

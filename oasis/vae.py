@@ -186,12 +186,13 @@ def normalise_latents(z: torch.Tensor, config: WanVAEConfig) -> torch.Tensor:
 class WanDecoder:
     """Normalised latents ``[B, 16, T, H, W]`` -> video ``[B, 3, 1 + 4(T-1), 8H, 8W]`` in [-1, 1].
 
-    ``vae``: our :class:`~oasis.wan_vae.WanVAE` (decoding ``chunk`` latent frames per call) or
-    diffusers' ``AutoencoderKLWan``.
+    ``vae``: our :class:`~oasis.wan_vae.WanVAE` (decoding ``chunk`` latent frames per call, the two
+    largest stages ``piece_frames`` output frames per call: the fastest setting measured at 720p and
+    the smallest working set but one, docs/PERF.md entry 18b) or diffusers' ``AutoencoderKLWan``.
     """
 
-    def __init__(self, vae, *, chunk: int | None = 1):
-        self.vae, self.chunk = vae, chunk
+    def __init__(self, vae, *, chunk: int | None = 1, piece_frames: int | None = 2):
+        self.vae, self.chunk, self.piece_frames = vae, chunk, piece_frames
         cfg = vae.config
         self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
@@ -215,5 +216,5 @@ class WanDecoder:
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         raw = self.raw_latents(z).to(self.dtype)
         if isinstance(self.vae, WanVAE):
-            return self.vae.decode(raw, chunk=self.chunk)
+            return self.vae.decode(raw, chunk=self.chunk, piece_frames=self.piece_frames)
         return self.vae.decode(raw).sample

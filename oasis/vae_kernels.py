@@ -23,15 +23,23 @@ try:
 except ImportError:  # the CPU-only install: the torch expression is used
     triton = None
 
-__all__ = ["norm_silu", "norm_silu_reference", "norm_silu_triton"]
+__all__ = ["norm_silu", "norm_silu_reference", "norm_silu_triton", "add_bias_", "upsample2x_nearest"]
 
 EPS = 1e-12  # F.normalize's
 
 
-def norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = True) -> torch.Tensor:
-    """The torch expression (diffusers' ``WanRMS_norm`` then SiLU), rounding where it rounds."""
+def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (ndim - 2)))
+
+
+def norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool = True,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch expression (diffusers' ``WanRMS_norm`` then SiLU), rounding where it rounds; ``bias``
+    (per channel) is the producing convolution's, added first as the convolution would."""
+    if bias is not None:
+        x = x + _per_channel(bias, x.dim())
     wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    y = F.normalize(wide, dim=1, eps=EPS).to(x.dtype) * scale * gamma.view(-1, *([1] * (x.dim() - 2)))
+    y = F.normalize(wide, dim=1, eps=EPS).to(x.dtype) * scale * _per_channel(gamma, x.dim())
     return F.silu(y) if silu else y
 
 
@@ -58,15 +66,15 @@ def usable(x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
 
 
 def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-              silu: bool = True) -> torch.Tensor:
-    """``SiLU(x / max(||x||_C, eps) * scale * gamma)`` over dim 1 of ``x [B, C, ...]``, into ``out``
-    (any strides that flatten, e.g. a time slice of a larger buffer) or a new tensor like ``x``.
+              silu: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``SiLU(y / max(||y||_C, eps) * scale * gamma)`` with ``y = x + bias`` over dim 1 of ``x [B, C, ...]``,
+    into ``out`` (any strides that flatten, e.g. a time slice of a larger buffer) or a new tensor.
 
     One Triton pass on CUDA; elsewhere the torch expression (:func:`norm_silu_reference`).
     """
     if usable(x, out):
-        return norm_silu_triton(x, gamma, scale, out=out, silu=silu)
-    y = norm_silu_reference(x, gamma, scale, silu)
+        return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias)
+    y = norm_silu_reference(x, gamma, scale, silu, bias)
     if out is None:
         return y
     out.copy_(y)
@@ -75,14 +83,16 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.
 
 if triton is not None:
     @triton.jit
-    def _norm_silu_kernel(X, G, Y, S, C, sxb, sxc, sxs, syb, syc, sys, scale, eps,
-                          SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _norm_silu_kernel(X, G, Bias, Y, S, C, sxb, sxc, sxs, syb, syc, sys, scale, eps,
+                          SILU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         pid_s = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
         c = tl.arange(0, BLOCK_C).to(tl.int64)
         mask = (c[:, None] < C) & (s[None, :] < S)
         x = tl.load(X + b * sxb + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x = tl.where(mask, x + tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[:, None], 0.0)
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
         g = tl.load(G + c, mask=c < C, other=0.0).to(tl.float32) * scale
         y = x * inv[None, :] * g[:, None]
@@ -92,7 +102,7 @@ if triton is not None:
 
 
 def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-                     silu: bool = True) -> torch.Tensor:
+                     silu: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel itself (CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
     if triton is None:
         raise RuntimeError("norm_silu_triton needs Triton")
@@ -111,7 +121,92 @@ def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out:
     # ~8k values per program: wide enough along S to coalesce channels-first loads, few enough registers
     block_s = max(16, min(256, 8192 // block_c))
     grid = (triton.cdiv(s, block_s), b)
-    _norm_silu_kernel[grid](x, gamma.reshape(-1), out, s, c, x.stride(0), x.stride(1), sx,
-                            out.stride(0), out.stride(1), so, float(scale), EPS,
-                            SILU=silu, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=8 if block_c >= 256 else 4)
+    _norm_silu_kernel[grid](x, gamma.reshape(-1), x if bias is None else bias, out, s, c, x.stride(0), x.stride(1),
+                            sx, out.stride(0), out.stride(1), so, float(scale), EPS, SILU=silu,
+                            HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+                            num_warps=8 if block_c >= 256 else 4)
     return out
+
+
+def add_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x += bias[c] (+ residual)`` in place: a convolution's bias (computed without it) and a residual
+    branch in one pass. PyTorch adds a convolution's bias as a broadcast that does not vectorise over
+    channels-last outputs (0.1 s of a 0.85 s decode at 720p); this reads and writes ``x`` once."""
+    if bias is None and residual is None:
+        return x
+    if usable(x, residual) and (residual is None or residual.dtype == x.dtype):
+        b, c = x.shape[:2]
+        s = x[0, 0].numel()
+        if x.numel():
+            block_c = triton.next_power_of_2(c)
+            block_s = max(16, min(256, 8192 // block_c))
+            r = x if residual is None else residual
+            _add_bias_kernel[(triton.cdiv(s, block_s), b)](
+                x, x if bias is None else bias, r, s, c, x.stride(0), x.stride(1), _flat_stride(x),
+                r.stride(0), r.stride(1), _flat_stride(r), HAS_BIAS=bias is not None,
+                HAS_RES=residual is not None, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4)
+        return x
+    if bias is not None:
+        x.add_(_per_channel(bias, x.dim()))
+    if residual is not None:
+        x.add_(residual)
+    return x
+
+
+if triton is not None:
+    @triton.jit
+    def _add_bias_kernel(X, Bias, R, S, C, sxb, sxc, sxs, srb, src, srs,
+                         HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid_s = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+        c = tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = (c[:, None] < C) & (s[None, :] < S)
+        ptr = X + b * sxb + c[:, None] * sxc + s[None, :] * sxs
+        x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[:, None]
+        if HAS_RES:
+            x += tl.load(R + b * srb + c[:, None] * src + s[None, :] * srs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptr, x.to(X.dtype.element_ty), mask=mask)
+
+
+def upsample2x_nearest(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest-exact")`` for images ``[N, C, H, W]`` (at scale 2
+    nearest-exact reads pixel ``i // 2``). Channels-last on CUDA: one Triton pass that reads each pixel
+    once and writes its four copies (PyTorch's channels-last kernel ran at ~0.36 TB/s: 61 ms of a 0.85 s
+    decode at 720p); elsewhere PyTorch's."""
+    cl = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+    if not (cl and triton is not None and x.is_cuda):
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+    return upsample2x_triton(x)
+
+
+def upsample2x_triton(x: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel of :func:`upsample2x_nearest` (channels-last ``x``; CUDA or the interpreter)."""
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    pixels = n * h * w
+    if pixels == 0 or c == 0:
+        return out
+    block_c = triton.next_power_of_2(c)
+    block_p = max(1, min(64, 4096 // block_c))
+    _upsample2x_kernel[(triton.cdiv(pixels, block_p),)](x, out, pixels, h, w, c, BLOCK_P=block_p, BLOCK_C=block_c,
+                                                       num_warps=4)
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _upsample2x_kernel(X, Y, P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        c = tl.arange(0, BLOCK_C).to(tl.int64)
+        mask = (p[:, None] < P) & (c[None, :] < C)
+        v = tl.load(X + p[:, None] * C + c[None, :], mask=mask)
+        img = p // (H * W)
+        yy = (p // W) % H
+        xx = p % W
+        for a in tl.static_range(2):
+            for b in tl.static_range(2):
+                q = (img * 2 * H + 2 * yy + a) * (2 * W) + 2 * xx + b
+                tl.store(Y + q[:, None] * C + c[None, :], v, mask=mask)

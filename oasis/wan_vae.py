@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae_kernels import norm_silu, norm_silu_reference
+from .vae_kernels import add_bias_, norm_silu, norm_silu_reference, upsample2x_nearest
 
 __all__ = ["WanVAEConfig", "WanVAE", "WanVAEDecoder", "WanEncoder3d", "WanDecoder3d"]
 
@@ -95,6 +95,18 @@ def _frames_like(x: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.empty((b, c, frames, h, w), dtype=x.dtype, device=x.device, memory_format=_format(x))
 
 
+def _cat_frames(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, dim=2)`` into a buffer in the first part's layout."""
+    if len(parts) == 1:
+        return parts[0]
+    out = _frames_like(parts[0], sum(p.shape[2] for p in parts))
+    t = 0
+    for p in parts:
+        out[:, :, t:t + p.shape[2]].copy_(p)
+        t += p.shape[2]
+    return out
+
+
 def _per_frame(x: torch.Tensor, fn) -> torch.Tensor:
     """``fn`` on each frame of ``[B, C, T, H, W]`` as a batch of images (views both ways in either layout)."""
     b, c, t, h, w = x.shape
@@ -118,8 +130,11 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * p[0]
         assert self.time_pad in (0, self.kernel_size[0] - 1)
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(x, self.weight, self.bias, self.stride, (0, *self.space_pad))
+    def _conv(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The convolution, its bias added by :func:`add_bias_` (one vectorised pass), or left out
+        (``bias=False``) for the caller to fold into its next pass."""
+        y = F.conv3d(x, self.weight, None, self.stride, (0, *self.space_pad))
+        return add_bias_(y, self.bias) if bias else y
 
     def _history(self, x: torch.Tensor, cache: dict | None) -> torch.Tensor:
         """A buffer ``[B, C, time_pad + T, H, W]`` holding the cached frames (or zeros) in front."""
@@ -143,12 +158,14 @@ class CausalConv3d(nn.Conv3d):
             x = buf
         return self._conv(x)
 
-    def forward_normed(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None) -> torch.Tensor:
-        """``conv(SiLU(norm(x)))``, the activation written once, straight behind the cached frames."""
+    def forward_normed(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, *,
+                       x_bias: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """``conv(SiLU(norm(x + x_bias)))``, the activation written once, straight behind the cached
+        frames; ``x_bias``: the bias of the convolution that made ``x``, left out there."""
         buf = self._history(x, cache)
-        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:])
+        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:], bias=x_bias)
         self._remember(buf, cache)
-        return self._conv(buf)
+        return self._conv(buf, bias)
 
 
 class RMSNorm(nn.Module):
@@ -173,10 +190,17 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, cache):
-        h = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        x = self.conv1.forward_normed(x, self.norm1, cache)
-        x = self.conv2.forward_normed(x, self.norm2, cache)
-        return x.add_(h)
+        # the three convolutions' biases are added in the passes that follow them: conv1's in the
+        # norm, conv2's and the shortcut's with the residual
+        bias = self.conv2.bias
+        if self.conv_shortcut is None:
+            h = x
+        else:
+            h = self.conv_shortcut._conv(x, bias=False)
+            bias = bias + self.conv_shortcut.bias
+        y = self.conv1.forward_normed(x, self.norm1, cache, bias=False)
+        y = self.conv2.forward_normed(y, self.norm2, cache, x_bias=self.conv1.bias, bias=False)
+        return add_bias_(y, bias, h)
 
 
 class AttentionBlock(nn.Module):
@@ -224,7 +248,8 @@ class Upsample(nn.Module):
 
     def _space(self, frames):
         # nearest-exact copies values, so it runs in the input dtype (diffusers upcasts to float32: same values)
-        return self.resample[1](F.interpolate(frames, scale_factor=2.0, mode="nearest-exact"))
+        conv = self.resample[1]
+        return add_bias_(F.conv2d(upsample2x_nearest(frames), conv.weight, None, 1, conv.padding), conv.bias)
 
     def forward(self, x, cache, starts: bool):
         """``starts``: ``x`` begins with the sequence's first frame, which is upsampled in space only."""
@@ -258,19 +283,20 @@ class Downsample(nn.Module):
         padded[:, :, h:].zero_()
         padded[:, :, :h, w:].zero_()
         padded[:, :, :h, :w] = frames
-        return self.resample[1](padded)
+        conv = self.resample[1]
+        return add_bias_(F.conv2d(padded, conv.weight, None, conv.stride), conv.bias)
 
     def forward(self, x, cache, starts: bool):
         x = _per_frame(x, self._space)
         if self.time_conv is None:
             return x
         # windows (0,1,2), (2,3,4), ...: each chunk after the first starts from the last frame before it
-        seq = x if starts else torch.cat([cache[self], x], dim=2)
+        seq = x if starts else _cat_frames([cache[self], x])
         cache[self] = x[:, :, -1:].clone()
         t = seq.shape[2]
         head = [x[:, :, :1]] if starts else []
         body = [self.time_conv(seq)] if t >= 3 else []
-        return torch.cat(head + body, dim=2) if len(head + body) > 1 else (head + body)[0]
+        return _cat_frames(head + body)
 
 
 class UpBlock(nn.Module):
@@ -308,9 +334,24 @@ class WanEncoder3d(nn.Module):
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
-    def forward(self, x, cache: dict, starts: bool):
-        x = self.conv_in(x, cache)
-        for layer in self.down_blocks:
+    def forward(self, x, cache: dict, starts: bool, piece_frames: int | None = None):
+        """``piece_frames``: run the layers before the first temporal downsampler (the full-resolution
+        ones) on pieces of at most this many frames, one after the other (exact, as in the decoder)."""
+        first = next((i for i, m in enumerate(self.down_blocks) if isinstance(m, Downsample) and m.time_conv is not None),
+                     len(self.down_blocks))
+
+        def head(xp, st):
+            y = self.conv_in(xp, cache)
+            for layer in self.down_blocks[:first]:
+                y = layer(y, cache, st) if isinstance(layer, Downsample) else layer(y, cache)
+            return y
+
+        t = x.shape[2]
+        if piece_frames is not None and t > piece_frames:
+            x = _cat_frames([head(x[:, :, s:s + piece_frames], starts and s == 0) for s in range(0, t, piece_frames)])
+        else:
+            x = head(x, starts)
+        for layer in self.down_blocks[first:]:
             x = layer(x, cache, starts) if isinstance(layer, Downsample) else layer(x, cache)
         x = self.mid_block(x, cache)
         return self.conv_out.forward_normed(x, self.norm_out, cache)
@@ -344,8 +385,8 @@ class WanDecoder3d(nn.Module):
     def _stages(self, i, x, cache, starts, piece):
         if piece is not None and x.shape[2] > piece and not any(b.temporal for b in self.up_blocks[i:]):
             t = x.shape[2]
-            return torch.cat([self._stages(i, x[:, :, s:s + piece], cache, starts and s == 0, None)
-                              for s in range(0, t, piece)], dim=2)
+            return _cat_frames([self._stages(i, x[:, :, s:s + piece], cache, starts and s == 0, None)
+                                for s in range(0, t, piece)])
         if i == len(self.up_blocks):
             return self.conv_out.forward_normed(x, self.norm_out, cache)
         return self._stages(i + 1, self.up_blocks[i](x, cache, starts), cache, starts, piece)
@@ -482,9 +523,13 @@ class WanVAE(nn.Module):
         finally:
             torch.backends.cudnn.benchmark = before
 
-    def encode(self, video: torch.Tensor, chunk: int | None = None, *, moments: bool = False):
+    def encode(self, video: torch.Tensor, chunk: int | None = None, *, piece_frames: int | None = None,
+               moments: bool = False):
         """Video ``[B, C, 1 + 4k, H, W]`` in [-1, 1] -> raw latents ``[B, z_dim, 1 + k, H/8, W/8]``: the
-        posterior's mean (what Wan2.1 uses), or with ``moments=True`` the pair (mean, log-variance)."""
+        posterior's mean (what Wan2.1 uses), or with ``moments=True`` the pair (mean, log-variance).
+
+        ``chunk``: latent frames per call (None: all); ``piece_frames``: input frames per call in the
+        layers before the first temporal downsampler (None: the chunk's); both exact."""
         if not self.has_encoder:
             raise ValueError("this VAE was built without its encoder")
         cfg = self.config
@@ -496,6 +541,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"the encoder takes 1 + {tf}k frames, got {f} (diffusers would drop the last "
                              f"{(f - 1) % tf}); pad or cut the clip")
         _check_chunk(chunk)
+        _check_positive("piece_frames", piece_frames)
         latents = 1 + (f - 1) // tf
         step = latents if chunk is None else chunk
         x = video.contiguous(memory_format=self.memory_format)
@@ -505,8 +551,8 @@ class WanVAE(nn.Module):
             for s in range(0, latents, step):  # latent frames s .. s+step come from these input frames
                 f0 = 0 if s == 0 else 1 + tf * (s - 1)
                 f1 = 1 + tf * (min(s + step, latents) - 1)
-                parts.append(self.encoder(x[:, :, f0:f1], cache, starts=s == 0))
-        h = self.quant_conv(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+                parts.append(self.encoder(x[:, :, f0:f1], cache, starts=s == 0, piece_frames=piece_frames))
+        h = self.quant_conv(_cat_frames(parts))
         mean, logvar = h[:, :cfg.z_dim], h[:, cfg.z_dim:]
         # clamped as diffusers' DiagonalGaussianDistribution does
         return (mean, logvar.clamp(-30.0, 20.0)) if moments else mean

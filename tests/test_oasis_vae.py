@@ -129,6 +129,8 @@ def test_encoder_matches_diffusers_in_float64(reference, frames, size):
             torch.testing.assert_close(mean, dist.mean, rtol=0, atol=1e-12, msg=lambda m: f"chunk {chunk}: {m}")
             torch.testing.assert_close(logvar, dist.logvar, rtol=0, atol=1e-12)
             torch.testing.assert_close(ours.encode(x, chunk=chunk), mean, rtol=0, atol=0)
+            for piece in (1, 2, 3):  # the full-resolution layers in pieces of frames: exact
+                torch.testing.assert_close(ours.encode(x, chunk=chunk, piece_frames=piece), mean, rtol=0, atol=1e-12)
     assert dist.mean.std() > 0.1  # the comparison sees values
     reference.float()
 
@@ -356,3 +358,50 @@ def test_tiles_blend_to_the_whole_for_a_local_decoder(reference, monkeypatch):
     whole = local(z, None, None)
     for tile, overlap in ((4, 2), (5, 0), (7, 3)):
         torch.testing.assert_close(ours.decode(z, tile=tile, tile_overlap=overlap), whole, rtol=0, atol=1e-12)
+
+
+def test_add_bias_and_upsample_kernels_match_torch():
+    pytest.importorskip("triton")
+    from oasis.vae_kernels import add_bias_, upsample2x_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        x = torch.randn(2, 5, 3, 4, 6, generator=gen).to(device, torch.bfloat16).contiguous(memory_format=layout)
+        r = torch.randn(2, 5, 3, 4, 6, generator=gen).to(device, torch.bfloat16)
+        bias = torch.randn(5, generator=gen).to(device, torch.bfloat16)
+        want = (x.double() + bias.double().view(-1, 1, 1, 1) + r.double())
+        got = x.clone()
+        from oasis import vae_kernels
+
+        if device == "cpu":  # the dispatcher runs torch on the CPU; call the kernel the way CUDA would
+            vae_kernels._add_bias_kernel[(2, 2)](got, bias, r, 72, 5, got.stride(0), got.stride(1),
+                                                 vae_kernels._flat_stride(got), r.stride(0), r.stride(1),
+                                                 vae_kernels._flat_stride(r), HAS_BIAS=True, HAS_RES=True,
+                                                 BLOCK_C=8, BLOCK_S=64)
+        else:
+            add_bias_(got, bias, r)
+        assert (got.double() - want).abs().max() <= 2 * (want.abs().max() * 2**-8)
+    img = torch.randn(3, 7, 5, 6, generator=gen).to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    up = upsample2x_triton(img)
+    assert up.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(up, torch.nn.functional.interpolate(img.float(), scale_factor=2.0, mode="nearest-exact").to(
+        torch.bfloat16))
+
+
+def test_norm_silu_kernel_with_the_producers_bias():
+    pytest.importorskip("triton")
+    from oasis.vae_kernels import norm_silu_reference, norm_silu_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 24, 3, 5, 6, generator=gen).to(device, torch.bfloat16).contiguous(
+        memory_format=torch.channels_last_3d)
+    gamma = (torch.randn(24, 1, 1, 1, generator=gen) + 1).to(device, torch.bfloat16)
+    bias = torch.randn(24, generator=gen).to(device, torch.bfloat16)
+    exact = norm_silu_reference(x.double(), gamma.double(), 24 ** 0.5, bias=bias.double())
+    ref_err = (norm_silu_reference(x, gamma, 24 ** 0.5, bias=bias).double() - exact).abs().max()
+    err = (norm_silu_triton(x, gamma, 24 ** 0.5, bias=bias).double() - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-3, (err, ref_err)
+    no_bias = norm_silu_reference(x.double(), gamma.double(), 24 ** 0.5)
+    assert (no_bias - exact).abs().max() > 0.1  # the bias matters in this comparison
