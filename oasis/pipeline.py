@@ -213,7 +213,8 @@ class OasisVSR:
 
         def estimate(f, h, w):
             return estimate_bytes(f, h, w, dim=cfg.dim, ffn_dim=cfg.ffn_dim, elem=elem, scale=self.scale,
-                                  decoder_width=self.decoder.width, frame_area=height * width,
+                                  decoder_width=self.decoder.width, decoder_values=self.decoder.working_values,
+                                  frame_area=height * width,
                                   frames_per_latent=self.projector.config.frames_per_latent, pixels_per_token=a)
 
         return plan_tiles(frames, height, width, budget=budget, estimate=estimate, chunk_frames=chunk_frames,

@@ -72,7 +72,7 @@ class TilePlan:
 
 def estimate_bytes(frames: int, height: int, width: int, *, dim: int, ffn_dim: int, elem: int, scale: int,
                    decoder_width: int = 96, frame_area: int | None = None, frames_per_latent: int = 4,
-                   pixels_per_token: int = 4) -> int:
+                   pixels_per_token: int = 4, decoder_values: int = 5700) -> int:
     """Peak activation bytes of restoring one LQ chunk ``frames x height x width`` (weights excluded);
     ``frame_area`` is the whole LQ frame's when ``height x width`` is one tile of it.
 
@@ -87,7 +87,7 @@ def estimate_bytes(frames: int, height: int, width: int, *, dim: int, ffn_dim: i
     tokens = t * math.ceil(height / pixels_per_token) * math.ceil(width / pixels_per_token)
     dit = tokens * (elem * (8 * dim + 2 * ffn_dim) + 12 * dim)
     out_pixels = height * width * scale * scale
-    decoder = out_pixels * 5700 * decoder_width // 96 * elem
+    decoder = out_pixels * decoder_values * decoder_width // 96 * elem
     accumulators = 2 * frames * (frame_area or height * width) * scale * scale * 3 * 4
     return int(dit + decoder + accumulators)
 

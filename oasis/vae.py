@@ -202,6 +202,14 @@ class WanDecoder:
         self.width = int(cfg.base_dim)  # channels of its last, full-resolution stage
 
     @property
+    def working_values(self) -> int:
+        """Activation values per output pixel of one frame while decoding (bf16, Wan2.1's width), for the
+        memory plan: measured peaks at 720x1280 on an H200, rounded up (docs/PERF.md entry 18b)."""
+        if isinstance(self.vae, WanVAE) and self.chunk == 1 and self.piece_frames is not None and self.piece_frames <= 2:
+            return 3900  # ours, chunk 1 in pieces of <= 2 frames: 6.6 GiB above its inputs
+        return 5700  # diffusers' (9.9 GiB) and ours at chunk 1 without pieces (8.3 GiB)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
