@@ -1,0 +1,469 @@
+"""Synthetic real-world degradations of HQ training clips (OASIS sec. 3.4): Real-ESRGAN's second-order
+model with RealBasicVSR's video compression, in two modes for the progressive curriculum.
+
+``Degradation()(clip, seed)``: HQ ``[F, 3, H, W]`` float in [0, 1] -> LQ ``[F, 3, H/4, W/4]`` in [0, 1]
+on 8-bit steps. Each of the two orders is blur -> resize -> noise -> JPEG, with its own ranges
+(:class:`OrderConfig`); then the final resize to the LQ size and, in a random order around it, a
+last JPEG or a video codec over the whole clip (PyAV: libx264 or mpeg4 at a random bitrate).
+
+Modes (:attr:`Degradation.mode` or per call):
+
+- ``"consistent"`` (stage 1): one draw of every parameter per clip, the same on every frame;
+- ``"inconsistent"`` (stage 2): frame by frame; each step of each order keeps the previous frame's
+  parameters, its continuous severities jittered by up to ``jitter`` (relative), or with
+  probability ``change_prob`` is drawn anew (kind and severity).
+
+Parameters come from a numpy ``Generator`` seeded with ``seed`` and the noise from a torch
+``Generator`` seeded from it, so a (clip, seed, config, mode) gives the same LQ clip every time on
+the same device. Blur, resize and noise run on the clip's device, batched over frames where the
+frames share a size; JPEG and the video codec run on the CPU (PIL, PyAV).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["OrderConfig", "DegradeConfig", "Degradation", "blur_kernel", "KERNEL_KINDS", "FIRST_ORDER",
+           "SECOND_ORDER"]
+
+KERNEL_KINDS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+RESIZE_MODES = ("area", "bilinear", "bicubic")
+CODECS = ("libx264", "mpeg4")
+MIN_SIDE = 8  # no resize goes below this many pixels a side
+
+
+@dataclass(frozen=True)
+class OrderConfig:
+    """The ranges of one order of degradations (Real-ESRGAN's defaults for the first order)."""
+
+    blur_prob: float = 1.0
+    kernel_sizes: tuple[int, ...] = (7, 9, 11, 13, 15, 17, 19, 21)
+    kernel_kinds: tuple[str, ...] = KERNEL_KINDS
+    kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    generalized_beta: tuple[float, float] = (0.5, 4.0)
+    plateau_beta: tuple[float, float] = (1.0, 2.0)
+    resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
+    resize_range: tuple[float, float] = (0.15, 1.5)
+    gaussian_noise_prob: float = 0.5  # else Poisson
+    noise_sigma: tuple[float, float] = (1.0, 30.0)  # on the 0-255 scale
+    poisson_scale: tuple[float, float] = (0.05, 3.0)
+    gray_noise_prob: float = 0.4
+    jpeg_quality: tuple[int, int] = (30, 95)
+
+    def validate(self, name: str) -> None:
+        def unit(field_name, v):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name}.{field_name} must be a probability in [0, 1], got {v!r}")
+
+        def span(field_name, v, low=0.0):
+            if len(v) != 2 or not low <= v[0] <= v[1]:
+                raise ValueError(f"{name}.{field_name} must be (low, high) with {low} <= low <= high, got {v!r}")
+
+        for f in ("blur_prob", "gaussian_noise_prob", "gray_noise_prob"):
+            unit(f, getattr(self, f))
+        if not self.kernel_sizes or any(k < 3 or k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError(f"{name}.kernel_sizes must be odd sizes >= 3, got {self.kernel_sizes!r}")
+        unknown = set(self.kernel_kinds) - set(KERNEL_KINDS)
+        if unknown or len(self.kernel_kinds) != len(self.kernel_probs) or not self.kernel_kinds:
+            raise ValueError(f"{name}.kernel_kinds must be some of {KERNEL_KINDS} with one probability each, got "
+                             f"{self.kernel_kinds!r} / {self.kernel_probs!r}")
+        for probs, what in ((self.kernel_probs, "kernel_probs"), (self.resize_probs, "resize_probs")):
+            if any(p < 0 for p in probs) or not math.isclose(sum(probs), 1.0, abs_tol=1e-6):
+                raise ValueError(f"{name}.{what} must be non-negative and sum to 1, got {probs!r}")
+        if len(self.resize_probs) != 3:
+            raise ValueError(f"{name}.resize_probs must be (up, down, keep), got {self.resize_probs!r}")
+        span("blur_sigma", self.blur_sigma, 1e-3)
+        span("generalized_beta", self.generalized_beta, 1e-3)
+        span("plateau_beta", self.plateau_beta, 1e-3)
+        span("resize_range", self.resize_range, 1e-3)
+        if not self.resize_range[0] <= 1.0 <= self.resize_range[1]:
+            raise ValueError(f"{name}.resize_range must hold 1 (up above it, down below), got {self.resize_range!r}")
+        span("noise_sigma", self.noise_sigma)
+        span("poisson_scale", self.poisson_scale)
+        span("jpeg_quality", self.jpeg_quality, 1)
+        if self.jpeg_quality[1] > 100:
+            raise ValueError(f"{name}.jpeg_quality must lie in [1, 100], got {self.jpeg_quality!r}")
+
+
+FIRST_ORDER = OrderConfig()
+SECOND_ORDER = OrderConfig(blur_prob=0.8, blur_sigma=(0.2, 1.5), generalized_beta=(0.5, 4.0),
+                           resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2), noise_sigma=(1.0, 25.0),
+                           poisson_scale=(0.05, 2.5))
+
+
+@dataclass(frozen=True)
+class DegradeConfig:
+    """Both orders, the final resize and compression, and the inconsistent mode's dynamics."""
+
+    scale: int = 4
+    first: OrderConfig = FIRST_ORDER
+    second: OrderConfig = SECOND_ORDER
+    video_prob: float = 0.5  # the last compression: a video codec over the clip, else a JPEG per frame
+    codecs: tuple[str, ...] = CODECS
+    video_bits_per_pixel: tuple[float, float] = (0.1, 1.0)  # bitrate = bpp x LQ pixels x fps
+    fps: int = 25
+    change_prob: float = 0.2
+    jitter: float = 0.1
+    mode: str = "consistent"
+
+    def __post_init__(self):
+        if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
+            raise ValueError(f"scale must be a positive int, got {self.scale!r}")
+        self.first.validate("first")
+        self.second.validate("second")
+        for name in ("video_prob", "change_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {v!r}")
+        if not 0.0 <= self.jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter!r}")
+        if set(self.codecs) - set(CODECS) or not self.codecs:
+            raise ValueError(f"codecs must be some of {CODECS}, got {self.codecs!r}")
+        if not 0 < self.video_bits_per_pixel[0] <= self.video_bits_per_pixel[1]:
+            raise ValueError(f"video_bits_per_pixel must be (low, high) > 0, got {self.video_bits_per_pixel!r}")
+        if self.mode not in ("consistent", "inconsistent"):
+            raise ValueError(f"mode must be 'consistent' or 'inconsistent', got {self.mode!r}")
+
+
+# -- kernels --------------------------------------------------------------------------------------------
+
+def blur_kernel(kind: str, size: int, sigma_x: float, sigma_y: float = None, theta: float = 0.0,
+                beta: float = 1.0) -> torch.Tensor:
+    """A ``[size, size]`` float32 blur kernel summing to one (Real-ESRGAN's six families).
+
+    ``iso``/``aniso``: Gaussian ``exp(-0.5 d^T S^-1 d)``; ``generalized_*``: ``exp(-0.5 (d^T S^-1 d)^beta)``;
+    ``plateau_*``: ``1 / (1 + (d^T S^-1 d)^beta)``; S has standard deviations ``sigma_x``, ``sigma_y``
+    (equal for ``*iso``) along axes rotated by ``theta``.
+    """
+    if kind not in KERNEL_KINDS:
+        raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"size must be odd and positive, got {size}")
+    if sigma_y is None or not kind.endswith("aniso"):
+        sigma_y = sigma_x
+    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    cov = rot @ np.diag([sigma_x ** 2, sigma_y ** 2]) @ rot.T
+    inv = np.linalg.inv(cov)
+    r = np.arange(size, dtype=np.float64) - size // 2
+    xx, yy = np.meshgrid(r, r, indexing="xy")
+    d = np.stack([xx, yy], -1)
+    q = np.einsum("...i,ij,...j->...", d, inv, d)
+    if kind in ("iso", "aniso"):
+        k = np.exp(-0.5 * q)
+    elif kind.startswith("generalized"):
+        k = np.exp(-0.5 * q ** beta)
+    else:
+        k = 1.0 / (1.0 + q ** beta)
+    return torch.from_numpy(k / k.sum()).float()
+
+
+# -- parameters -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepParams:
+    """One order's draw for one frame; ``None`` fields are steps left out."""
+
+    blur: tuple | None  # (kind, size, sigma_x, sigma_y, theta, beta)
+    resize: tuple | None  # (mode, factor)
+    noise: tuple | None  # ("gaussian", sigma, gray) or ("poisson", scale, gray)
+    jpeg: int | None
+    redrawn: tuple[str, ...] = ()  # inconsistent mode: the steps drawn anew for this frame
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    """Every draw for one clip: per frame the two orders and the last resize; per clip the last compression."""
+
+    first: list[StepParams]
+    second: list[StepParams]
+    final_resize: list[str]
+    compress: tuple  # ("jpeg", [quality per frame], compress_first) or ("video", codec, bpp, compress_first)
+
+
+def _uniform(rng, span):
+    return float(rng.uniform(span[0], span[1]))
+
+
+def _draw_blur(rng, cfg: OrderConfig):
+    if rng.random() >= cfg.blur_prob:
+        return None
+    kind = str(rng.choice(cfg.kernel_kinds, p=cfg.kernel_probs))
+    size = int(rng.choice(cfg.kernel_sizes))
+    sx = _uniform(rng, cfg.blur_sigma)
+    sy = _uniform(rng, cfg.blur_sigma) if "aniso" in kind else sx
+    theta = float(rng.uniform(-math.pi, math.pi)) if "aniso" in kind else 0.0
+    if kind.startswith("generalized"):
+        beta = _uniform(rng, cfg.generalized_beta)
+    elif kind.startswith("plateau"):
+        beta = _uniform(rng, cfg.plateau_beta)
+    else:
+        beta = 1.0
+    return (kind, size, sx, sy, theta, beta)
+
+
+def _draw_resize(rng, cfg: OrderConfig):
+    which = int(rng.choice(3, p=cfg.resize_probs))
+    factor = (float(rng.uniform(1.0, cfg.resize_range[1])), float(rng.uniform(cfg.resize_range[0], 1.0)), 1.0)[which]
+    return (str(rng.choice(RESIZE_MODES)), factor)
+
+
+def _draw_noise(rng, cfg: OrderConfig):
+    gray = bool(rng.random() < cfg.gray_noise_prob)
+    if rng.random() < cfg.gaussian_noise_prob:
+        return ("gaussian", _uniform(rng, cfg.noise_sigma), gray)
+    return ("poisson", _uniform(rng, cfg.poisson_scale), gray)
+
+
+def _draw_jpeg(rng, cfg: OrderConfig):
+    return int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+
+
+_DRAW = {"blur": _draw_blur, "resize": _draw_resize, "noise": _draw_noise, "jpeg": _draw_jpeg}
+
+
+def _jittered(step: str, value, rng, jitter: float, cfg: OrderConfig):
+    """The previous frame's parameters with their severities moved by up to ``jitter`` (relative), kept in range."""
+    if value is None or jitter == 0:
+        return value
+
+    def move(v, span):
+        return float(min(max(v * (1.0 + rng.uniform(-jitter, jitter)), span[0]), span[1]))
+
+    if step == "blur":
+        kind, size, sx, sy, theta, beta = value
+        return (kind, size, move(sx, cfg.blur_sigma), move(sy, cfg.blur_sigma), theta, beta)
+    if step == "resize":
+        mode, factor = value
+        return (mode, factor if factor == 1.0 else move(factor, cfg.resize_range))
+    if step == "noise":
+        kind, level, gray = value
+        return (kind, move(level, cfg.noise_sigma if kind == "gaussian" else cfg.poisson_scale), gray)
+    q = int(round(move(value, cfg.jpeg_quality)))
+    return min(max(q, cfg.jpeg_quality[0]), cfg.jpeg_quality[1])
+
+
+def _draw_order(rng, cfg: OrderConfig, frames: int, mode: str, change_prob: float, jitter: float) -> list[StepParams]:
+    first = StepParams(**{s: d(rng, cfg) for s, d in _DRAW.items()})
+    out = [first]
+    for _ in range(1, frames):
+        prev = out[-1]
+        if mode == "consistent":
+            out.append(prev)
+            continue
+        values, redrawn = {}, []
+        for step, draw in _DRAW.items():
+            if rng.random() < change_prob:
+                values[step] = draw(rng, cfg)
+                redrawn.append(step)
+            else:
+                values[step] = _jittered(step, getattr(prev, step), rng, jitter, cfg)
+        out.append(StepParams(**values, redrawn=tuple(redrawn)))
+    return out
+
+
+# -- the operations -------------------------------------------------------------------------------------
+
+def _blur(frames: torch.Tensor, params: list) -> torch.Tensor:
+    """Each frame of ``[N, 3, H, W]`` with its own kernel (or none), in one grouped convolution."""
+    if all(p is None for p in params):
+        return frames
+    kernels = [blur_kernel(p[0], p[1], p[2], p[3], p[4], p[5]) if p is not None else torch.ones(1, 1) for p in params]
+    size = max(k.shape[0] for k in kernels)
+    weight = torch.zeros(len(kernels), size, size)
+    for i, k in enumerate(kernels):
+        o = (size - k.shape[0]) // 2
+        weight[i, o:o + k.shape[0], o:o + k.shape[0]] = k
+    n, c, h, w = frames.shape
+    weight = weight.to(frames.device, frames.dtype).repeat_interleave(c, 0)[:, None]
+    pad = size // 2
+    mode = "reflect" if pad < min(h, w) else "replicate"
+    x = F.pad(frames.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode=mode)
+    return F.conv2d(x, weight, groups=n * c).reshape(n, c, h, w)
+
+
+def _resize(frames: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    if tuple(frames.shape[-2:]) == size:
+        return frames
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(frames, size=size, mode=mode, **kw).clamp_(0.0, 1.0)
+
+
+def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Tensor:
+    out = frames.clone()
+    for i, p in enumerate(params):
+        if p is None:
+            continue
+        kind, level, gray = p
+        x = frames[i]
+        if kind == "gaussian":
+            shape = (1, *x.shape[1:]) if gray else x.shape
+            n = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype) * (level / 255.0)
+        else:  # Poisson on the image's own number of levels (Real-ESRGAN's), scaled
+            src = x.mean(0, keepdim=True) if gray else x
+            q = (src * 255.0).round().clamp(0, 255) / 255.0
+            levels = 2.0 ** math.ceil(math.log2(max(len(torch.unique(q)), 2)))
+            n = (torch.poisson(q * levels, generator=gen) / levels - q) * level
+        out[i] = x + n
+    return out.clamp_(0.0, 1.0)
+
+
+def _to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """``[N, 3, H, W]`` in [0, 1] -> ``uint8 [N, H, W, 3]`` on the CPU."""
+    return (frames.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _from_uint8(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).to(like.device, like.dtype) / 255.0
+
+
+def _jpeg(frames: torch.Tensor, qualities: list) -> torch.Tensor:
+    if all(q is None for q in qualities):
+        return frames
+    from PIL import Image
+
+    arr = _to_uint8(frames)
+    out = arr.copy()
+    for i, q in enumerate(qualities):
+        if q is None:
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(arr[i]).save(buf, format="JPEG", quality=int(q))
+        out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return _from_uint8(out, frames)
+
+
+def video_roundtrip(frames: np.ndarray, codec: str, bitrate: int, fps: int = 25) -> np.ndarray:
+    """``uint8 [N, H, W, 3]`` through a video codec (yuv420p) in memory and back; odd sizes are padded
+    by replication for the codec and cropped after."""
+    import av
+
+    n, h, w, _ = frames.shape
+    ph, pw = h + h % 2, w + w % 2
+    if (ph, pw) != (h, w):
+        frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4" if codec == "libx264" else "avi") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
+        stream.bit_rate = int(bitrate)
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    buf.seek(0)
+    with av.open(buf, mode="r") as src:
+        decoded = [fr.to_ndarray(format="rgb24") for fr in src.decode(video=0)]
+    if len(decoded) != n:
+        raise RuntimeError(f"the {codec} round trip gave {len(decoded)} frames for {n}")
+    return np.stack(decoded)[:, :h, :w]
+
+
+# -- the model ------------------------------------------------------------------------------------------
+
+class Degradation:
+    """HQ clip -> LQ clip by the second-order model; see the module docstring."""
+
+    def __init__(self, config: DegradeConfig | None = None, **overrides):
+        config = config or DegradeConfig()
+        self.config = replace(config, **overrides) if overrides else config
+
+    def sample(self, frames: int, seed: int, mode: str | None = None) -> ClipParams:
+        """Every parameter for a clip of ``frames`` frames (the same seed gives the same draw)."""
+        cfg = self.config if mode is None else replace(self.config, mode=mode)
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ValueError(f"frames must be a positive int, got {frames!r}")
+        rng = np.random.default_rng(_seed(seed))
+        first = _draw_order(rng, cfg.first, frames, cfg.mode, cfg.change_prob, cfg.jitter)
+        second = _draw_order(rng, cfg.second, frames, cfg.mode, cfg.change_prob, cfg.jitter)
+        final = [str(rng.choice(RESIZE_MODES))]
+        for _ in range(1, frames):
+            final.append(final[-1] if cfg.mode == "consistent" or rng.random() >= cfg.change_prob
+                         else str(rng.choice(RESIZE_MODES)))
+        compress_first = bool(rng.random() < 0.5)
+        if rng.random() < cfg.video_prob:
+            compress = ("video", str(rng.choice(cfg.codecs)), _uniform(rng, cfg.video_bits_per_pixel), compress_first)
+        else:
+            q = [_draw_jpeg(rng, cfg.second)]
+            for _ in range(1, frames):
+                q.append(q[-1] if cfg.mode == "consistent" else _jittered("jpeg", q[-1], rng, cfg.jitter, cfg.second)
+                         if rng.random() >= cfg.change_prob else _draw_jpeg(rng, cfg.second))
+            compress = ("jpeg", q, compress_first)
+        return ClipParams(first, second, final, compress)
+
+    def __call__(self, clip: torch.Tensor, seed: int, mode: str | None = None) -> torch.Tensor:
+        """``[F, 3, H, W]`` float in [0, 1] (H, W multiples of the scale) -> ``[F, 3, H/s, W/s]``."""
+        if not isinstance(clip, torch.Tensor) or clip.dim() != 4 or clip.shape[1] != 3 or not clip.is_floating_point():
+            raise ValueError(f"clip must be a float tensor [F, 3, H, W] in [0, 1], got "
+                             f"{getattr(clip, 'dtype', type(clip).__name__)} {tuple(getattr(clip, 'shape', ()))}")
+        s = self.config.scale
+        if clip.shape[-2] % s or clip.shape[-1] % s:
+            raise ValueError(f"clip height and width must be multiples of the scale {s}, got {tuple(clip.shape[-2:])}")
+        return self.apply(clip, self.sample(clip.shape[0], seed, mode), seed)
+
+    def apply(self, clip: torch.Tensor, params: ClipParams, seed: int) -> torch.Tensor:
+        """The degradations of ``params`` on ``clip`` (noise drawn from ``seed``)."""
+        cfg = self.config
+        gen = torch.Generator(clip.device).manual_seed(_seed(seed) ^ 0x5DEECE66D)
+        h, w = clip.shape[-2:]
+        target = (h // cfg.scale, w // cfg.scale)
+        frames = [clip.float().clamp(0, 1)[i:i + 1] for i in range(clip.shape[0])]
+        for order in (params.first, params.second):
+            frames = _run_order(frames, order, gen)
+        kind = params.compress[0]
+        compress_first = params.compress[-1]
+
+        def compress(x: torch.Tensor) -> torch.Tensor:
+            if kind == "jpeg":
+                return _jpeg(x, params.compress[1])
+            _, codec, bpp, _ = params.compress
+            bitrate = max(1000, int(bpp * x.shape[-2] * x.shape[-1] * cfg.fps))
+            return _from_uint8(video_roundtrip(_to_uint8(x), codec, bitrate, cfg.fps), x)
+
+        if compress_first:  # compression at the intermediate size needs one size: resize to the first frame's
+            size = tuple(frames[0].shape[-2:])
+            x = compress(torch.cat([_resize(f, size, "bilinear") for f in frames]))
+            x = torch.cat([_resize(x[i:i + 1], target, m) for i, m in enumerate(params.final_resize)])
+        else:
+            x = compress(torch.cat([_resize(f, target, m) for f, m in zip(frames, params.final_resize)]))
+        return (x.clamp(0, 1) * 255.0).round() / 255.0
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return int(seed) % (2**63)
+
+
+def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen) -> list[torch.Tensor]:
+    """One order over frames that may differ in size (inconsistent mode); frames of one size run together."""
+    if _same_size(frames):
+        frames = _split(_blur(torch.cat(frames), [p.blur for p in order]))
+    else:
+        frames = [_blur(f, [p.blur]) for f, p in zip(frames, order)]
+    out = []
+    for f, p in zip(frames, order):
+        mode, factor = p.resize if p.resize is not None else ("area", 1.0)
+        size = (max(MIN_SIDE, round(f.shape[-2] * factor)), max(MIN_SIDE, round(f.shape[-1] * factor)))
+        out.append(_resize(f, size, mode))
+    if _same_size(out):
+        x = _noise(torch.cat(out), [p.noise for p in order], gen)
+        x = _jpeg(x, [p.jpeg for p in order])
+        return _split(x)
+    return [_jpeg(_noise(f, [p.noise], gen), [p.jpeg]) for f, p in zip(out, order)]
+
+
+def _same_size(frames) -> bool:
+    return len({tuple(f.shape[-2:]) for f in frames}) == 1
+
+
+def _split(x: torch.Tensor) -> list[torch.Tensor]:
+    return [x[i:i + 1] for i in range(x.shape[0])]
+

@@ -1,0 +1,138 @@
+"""oasis.degrade: the second-order degradation model, its two modes, kernels, noise and codecs (CPU)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from oasis.degrade import (KERNEL_KINDS, DegradeConfig, Degradation, OrderConfig, _noise, blur_kernel,
+                           video_roundtrip)
+
+
+def smooth_clip(frames=5, h=64, w=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(frames, 3, h // 16, w // 16, generator=g)
+    return torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("mode", ["consistent", "inconsistent"])
+def test_shapes_range_and_seed_determinism(mode):
+    d = Degradation(mode=mode)
+    clip = smooth_clip()
+    outs = [d(clip, seed) for seed in (7, 7, 8)]
+    assert outs[0].shape == (5, 3, 16, 24) and outs[0].dtype == torch.float32
+    assert 0 <= outs[0].min() and outs[0].max() <= 1
+    assert torch.equal(outs[0] * 255, (outs[0] * 255).round())  # on 8-bit steps
+    assert torch.equal(outs[0], outs[1])  # the same (clip, seed) -> the same LQ clip
+    assert not torch.equal(outs[0], outs[2])
+    assert d.sample(5, 7) == d.sample(5, 7)
+
+
+def test_consistent_mode_draws_once_per_clip():
+    p = Degradation(mode="consistent").sample(9, seed=3)
+    for order in (p.first, p.second):
+        assert all(step == order[0] for step in order)
+    assert len(set(p.final_resize)) == 1
+    if p.compress[0] == "jpeg":
+        assert len(set(p.compress[1])) == 1
+
+
+@pytest.mark.parametrize("change_prob", [0.0, 0.3, 1.0])
+def test_inconsistent_mode_redraws_with_the_set_probability(change_prob):
+    d = Degradation(mode="inconsistent", change_prob=change_prob, jitter=0.0)
+    events = trials = 0
+    for seed in range(20):
+        p = d.sample(41, seed)
+        for order in (p.first, p.second):
+            for prev, step in zip(order, order[1:]):
+                trials += 4
+                events += len(step.redrawn)
+                for name in ("blur", "resize", "noise", "jpeg"):
+                    if name not in step.redrawn:  # no jitter: kept exactly
+                        assert getattr(step, name) == getattr(prev, name)
+    rate = events / trials
+    assert abs(rate - change_prob) < 0.03, rate  # 6400 Bernoulli trials: std 0.006 at 0.3
+
+
+def test_inconsistent_jitter_moves_severities_within_range():
+    cfg = DegradeConfig(mode="inconsistent", change_prob=0.0, jitter=0.2)
+    p = Degradation(cfg).sample(30, seed=1)
+    noise = [s.noise for s in p.first]
+    assert len({n[0] for n in noise}) == 1  # the kind stays
+    levels = [n[1] for n in noise]
+    assert len(set(levels)) > 1
+    span = cfg.first.noise_sigma if noise[0][0] == "gaussian" else cfg.first.poisson_scale
+    assert all(span[0] <= v <= span[1] for v in levels)
+    for a, b in zip(levels, levels[1:]):
+        assert b == pytest.approx(a, rel=0.2 + 1e-9) or b in span
+
+
+def test_blur_kernels():
+    k = blur_kernel("iso", 7, 1.3)
+    r = torch.arange(7, dtype=torch.float64) - 3
+    g = torch.exp(-0.5 * (r[None] ** 2 + r[:, None] ** 2) / 1.3 ** 2)
+    torch.testing.assert_close(k.double(), g / g.sum(), rtol=1e-6, atol=1e-7)
+    a = blur_kernel("aniso", 9, 2.0, 0.5, theta=0.0)
+    b = blur_kernel("aniso", 9, 0.5, 2.0, theta=math.pi / 2)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # a quarter turn swaps the axes
+    assert a[4].sum() > a[:, 4].sum()  # wide along x
+    for kind in KERNEL_KINDS:
+        kk = blur_kernel(kind, 11, 1.5, 0.8, 0.3, 2.0)
+        assert kk.shape == (11, 11) and abs(kk.sum().item() - 1) < 1e-5 and (kk >= 0).all()
+        assert kk[5, 5] == kk.max()
+    # plateau: flatter top than the Gaussian of the same sigma
+    assert blur_kernel("plateau_iso", 11, 1.5, beta=2.0)[5, 6] / blur_kernel("plateau_iso", 11, 1.5, beta=2.0)[5, 5] > \
+        blur_kernel("iso", 11, 1.5)[5, 6] / blur_kernel("iso", 11, 1.5)[5, 5]
+    with pytest.raises(ValueError):
+        blur_kernel("box", 7, 1.0)
+    with pytest.raises(ValueError):
+        blur_kernel("iso", 8, 1.0)
+
+
+def test_gaussian_and_poisson_noise_levels():
+    flat = torch.full((2, 3, 128, 128), 0.5)
+    gen = torch.Generator().manual_seed(0)
+    out = _noise(flat, [("gaussian", 10.0, False), ("gaussian", 10.0, True)], gen)
+    assert abs((out[0] - 0.5).std().item() - 10 / 255) < 0.002
+    gray = out[1] - 0.5
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # one noise for the three channels
+    ramp = torch.linspace(0, 1, 256).expand(1, 3, 64, 256).clone()
+    p = _noise(ramp, [("poisson", 1.0, False)], gen)
+    assert 0 < (p - ramp).abs().mean() < 0.05 and p.min() >= 0 and p.max() <= 1
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_video_roundtrip(codec):
+    pytest.importorskip("av")
+    clip = (smooth_clip(frames=6, h=30, w=45) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    hi = video_roundtrip(clip, codec, bitrate=2_000_000)
+    lo = video_roundtrip(clip, codec, bitrate=5_000)
+    assert hi.shape == clip.shape == lo.shape and hi.dtype == np.uint8
+    err_hi = np.abs(hi.astype(float) - clip).mean()
+    err_lo = np.abs(lo.astype(float) - clip).mean()
+    assert err_hi < 6 and err_lo > err_hi
+
+
+def test_bad_inputs_and_configs():
+    d = Degradation()
+    with pytest.raises(ValueError, match="multiples of the scale"):
+        d(torch.rand(2, 3, 30, 32), 0)
+    with pytest.raises(ValueError, match="float tensor"):
+        d(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 0)
+    with pytest.raises(ValueError, match="float tensor"):
+        d(torch.rand(3, 32, 32), 0)
+    with pytest.raises(TypeError, match="seed"):
+        d(torch.rand(1, 3, 32, 32), 0.5)
+    with pytest.raises(ValueError, match="mode"):
+        Degradation(mode="random")
+    with pytest.raises(ValueError, match="kernel_probs"):
+        DegradeConfig(first=OrderConfig(kernel_probs=(0.5, 0.5, 0.5, 0, 0, 0)))
+    with pytest.raises(ValueError, match="resize_range"):
+        DegradeConfig(second=OrderConfig(resize_range=(1.2, 1.5)))
+    with pytest.raises(ValueError, match="change_prob"):
+        DegradeConfig(change_prob=1.5)
+    with pytest.raises(ValueError, match="codecs"):
+        DegradeConfig(codecs=("vp9",))
+    with pytest.raises(ValueError, match="frames"):
+        d.sample(0, 1)
