@@ -110,7 +110,7 @@ def load_vae(path, *, dtype=torch.float32, device="cpu", backend: str = "oasis",
     :class:`~oasis.wan_vae.WanVAE`) or diffusers' ``AutoencoderKLWan``.
 
     ``encoder``: ``None`` loads the encoder when the file has it, ``True`` requires it, ``False``
-    leaves it out (ours only; diffusers' VAE always has both halves).
+    leaves it out (diffusers' VAE then has ``encoder = None``).
     """
     if backend not in ("oasis", "diffusers"):
         raise ValueError(f"backend must be 'oasis' or 'diffusers', got {backend!r}")
@@ -134,10 +134,16 @@ def load_vae(path, *, dtype=torch.float32, device="cpu", backend: str = "oasis",
 
             level = diffusers_logging.get_verbosity()
             diffusers_logging.set_verbosity_error()  # its notes about `accelerate` are not the user's business
+            # diffusers fills a missing encoder with random values: a decoder-only folder loads without one
+            decoder_only = not any(k.startswith(_ENCODER_PREFIXES) for k in read_safetensors(path))
+            if decoder_only and encoder:
+                raise CheckpointError(f"{path}: no encoder tensors (encoder.*, quant_conv.*): a decoder-only VAE")
             try:
                 vae = cls.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
             finally:
                 diffusers_logging.set_verbosity(level)
+            if decoder_only or encoder is False:
+                vae.encoder = vae.quant_conv = None  # no random encoder left to call by mistake
         return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if path.suffix == ".pth":
         config = WanVAEConfig()

@@ -59,10 +59,22 @@ def _flat_stride(x: torch.Tensor) -> int | None:
     return 1 if stride is None else stride
 
 
-def usable(x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
-    """Whether the Triton kernel runs this case (CUDA, 16/32-bit floats, flattenable strides)."""
-    return (triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and x.dim() >= 3 and _flat_stride(x) is not None and (out is None or _flat_stride(out) is not None))
+def on_triton_device(x: torch.Tensor) -> bool:
+    """Where the Triton passes run: CUDA tensors (tests also route CPU tensors here under the interpreter)."""
+    return triton is not None and x.is_cuda
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def usable(x: torch.Tensor, out: torch.Tensor | None = None, *others) -> bool:
+    """Whether the Triton kernels run this case: on their device, 16/32-bit floats, strides that
+    flatten, and no autograd needed (the kernels write raw memory; with gradients wanted, e.g.
+    through the frozen decoder to the latents, the torch expressions run)."""
+    return (on_triton_device(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and x.dim() >= 3 and _flat_stride(x) is not None and (out is None or _flat_stride(out) is not None)
+            and not _needs_grad(x, out, *others))
 
 
 def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
@@ -72,7 +84,7 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.
 
     One Triton pass on CUDA; elsewhere the torch expression (:func:`norm_silu_reference`).
     """
-    if usable(x, out):
+    if usable(x, out, gamma, bias):
         return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias)
     y = norm_silu_reference(x, gamma, scale, silu, bias)
     if out is None:
@@ -110,6 +122,10 @@ def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out:
         out = torch.empty_like(x)
     if out.shape != x.shape:
         raise ValueError(f"out has shape {tuple(out.shape)}, x {tuple(x.shape)}")
+    for name, v in (("gamma", gamma), ("bias", bias)):
+        if v is not None and (v.numel() != x.shape[1] or v.device != x.device):
+            raise ValueError(f"{name} must hold one value per channel ({x.shape[1]}) on {x.device}, got "
+                             f"{v.numel()} on {v.device}")
     sx, so = _flat_stride(x), _flat_stride(out)
     if sx is None or so is None:
         raise ValueError("x and out must flatten after the channel dim (channels-first or channels-last)")
@@ -134,7 +150,7 @@ def add_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
     channels-last outputs (0.1 s of a 0.85 s decode at 720p); this reads and writes ``x`` once."""
     if bias is None and residual is None:
         return x
-    if usable(x, residual) and (residual is None or residual.dtype == x.dtype):
+    if usable(x, residual, bias) and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape)):
         b, c = x.shape[:2]
         s = x[0, 0].numel()
         if x.numel():
@@ -176,14 +192,20 @@ def upsample2x_nearest(x: torch.Tensor) -> torch.Tensor:
     nearest-exact reads pixel ``i // 2``). Channels-last on CUDA: one Triton pass that reads each pixel
     once and writes its four copies (PyTorch's channels-last kernel ran at ~0.36 TB/s: 61 ms of a 0.85 s
     decode at 720p); elsewhere PyTorch's."""
-    cl = x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
-    if not (cl and triton is not None and x.is_cuda):
+    if not (_channels_last_image(x) and on_triton_device(x) and not _needs_grad(x)):
         return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
     return upsample2x_triton(x)
 
 
+def _channels_last_image(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def upsample2x_triton(x: torch.Tensor) -> torch.Tensor:
     """The Triton kernel of :func:`upsample2x_nearest` (channels-last ``x``; CUDA or the interpreter)."""
+    if not _channels_last_image(x):
+        raise ValueError(f"upsample2x_triton takes a channels-last image batch [N, C, H, W], got strides "
+                         f"{x.stride()} for shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pixels = n * h * w

@@ -1,7 +1,8 @@
 """The Wan2.1 VAE, our own: the same numbers as diffusers' ``AutoencoderKLWan``, computed over many
 frames per call instead of one latent frame at a time.
 
-diffusers runs the encoder on one chunk of 4 frames and the decoder on one latent frame at a time,
+diffusers runs the encoder on the first frame, then on chunks of 4, and the decoder on one latent
+frame at a time,
 each causal 3D convolution carrying the last two frames of its input to the next call. Every temporal
 operation is causal, so the same result comes from running each layer over a whole run of frames with
 that cache in front; only the temporal resamplers treat the sequence's first frame apart (the
@@ -64,6 +65,20 @@ class WanVAEConfig:
         if d.get("decoder_base_dim") not in (None, d.get("base_dim", 96)):
             raise ValueError("decoder_base_dim differing from base_dim is not supported")
         return cls(**out)
+
+    def __post_init__(self):
+        for name in ("base_dim", "z_dim", "num_res_blocks", "in_channels", "out_channels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "num_res_blocks" else 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not self.dim_mult or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.dim_mult):
+            raise ValueError(f"dim_mult must be positive ints, got {self.dim_mult!r}")
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(f"temperal_downsample needs one entry per resampling stage ({len(self.dim_mult) - 1} "
+                             f"for dim_mult {self.dim_mult}), got {self.temperal_downsample!r}")
+        if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
+            raise ValueError(f"latents_mean and latents_std need z_dim = {self.z_dim} values, got "
+                             f"{len(self.latents_mean)} and {len(self.latents_std)}")
 
     def to_dict(self) -> dict:
         """diffusers' ``config.json`` keys."""
@@ -197,7 +212,8 @@ class ResidualBlock(nn.Module):
             h = x
         else:
             h = self.conv_shortcut._conv(x, bias=False)
-            bias = bias + self.conv_shortcut.bias
+            wide = torch.promote_types(bias.dtype, torch.float32)  # summed once, in at least float32
+            bias = bias.to(wide) + self.conv_shortcut.bias.to(wide)
         y = self.conv1.forward_normed(x, self.norm1, cache, bias=False)
         y = self.conv2.forward_normed(y, self.norm2, cache, x_bias=self.conv1.bias, bias=False)
         return add_bias_(y, bias, h)
@@ -335,8 +351,9 @@ class WanEncoder3d(nn.Module):
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
 
     def forward(self, x, cache: dict, starts: bool, piece_frames: int | None = None):
-        """``piece_frames``: run the layers before the first temporal downsampler (the full-resolution
-        ones) on pieces of at most this many frames, one after the other (exact, as in the decoder)."""
+        """``piece_frames``: run the layers before the first temporal downsampler (those at the full
+        frame rate, the two largest) on pieces of at most this many frames, one after the other (the
+        same arithmetic as in one call, as in the decoder)."""
         first = next((i for i, m in enumerate(self.down_blocks) if isinstance(m, Downsample) and m.time_conv is not None),
                      len(self.down_blocks))
 
@@ -390,6 +407,15 @@ class WanDecoder3d(nn.Module):
         if i == len(self.up_blocks):
             return self.conv_out.forward_normed(x, self.norm_out, cache)
         return self._stages(i + 1, self.up_blocks[i](x, cache, starts), cache, starts, piece)
+
+
+def _check_input(x: torch.Tensor, what: str, weight: torch.Tensor, min_side: int = 1) -> None:
+    """Frames, height and width present, and the VAE's own dtype and device (a clear error, not a conv's)."""
+    if min(x.shape[2:]) < 1 or min(x.shape[3:]) < min_side:
+        raise ValueError(f"{what} must have at least 1 frame and {min_side}x{min_side} pixels, got {tuple(x.shape)}")
+    if x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(f"{what} is {x.dtype} on {x.device} but the VAE is {weight.dtype} on {weight.device}; "
+                         f"convert one of them")
 
 
 def _check_positive(name, value) -> None:
@@ -459,16 +485,19 @@ class WanVAE(nn.Module):
         """Raw latents ``[B, z_dim, T, H, W]`` -> video ``[B, C, 1 + 4(T-1), 8H, 8W]`` clamped to [-1, 1].
 
         ``chunk``: latent frames per call (None: all); ``piece_frames``: output frames per call in the
-        stages after the last temporal upsampler (None: the chunk's); both exact. ``tile``: decode
-        square tiles of this many latent pixels, ``tile_overlap`` shared with each neighbour and
-        cross-faded (diffusers' tiling, with weights that add up to one): bounds the memory of large
-        frames, at the cost of seams smaller than the model's own error near the tile borders.
+        stages after the last temporal upsampler (None: the chunk's); both the same arithmetic as one
+        call. ``tile``: decode square tiles of this many latent pixels, ``tile_overlap`` shared with
+        each neighbour and cross-faded per output pixel with weights that add up to one (diffusers'
+        tiling): bounds the memory of large frames, but is not exact: the middle block's attention
+        spans each whole frame, so a tile's result differs from the whole frame's everywhere, most
+        near its borders.
         """
         if not self.has_decoder:
             raise ValueError("this VAE was built without its decoder")
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != self.config.z_dim:
             raise ValueError(f"latents must be [B, {self.config.z_dim}, T, H, W], got "
                              f"{getattr(z, 'shape', type(z).__name__)}")
+        _check_input(z, "latents", self.post_quant_conv.weight)
         _check_chunk(chunk)
         _check_positive("piece_frames", piece_frames)
         _check_positive("tile", tile)
@@ -502,13 +531,15 @@ class WanVAE(nn.Module):
         b, _, t, h, w = z.shape
         hs, ws = spans(h, min(tile, h), overlap), spans(w, min(tile, w), overlap)
         acc = torch.float64 if z.dtype == torch.float64 else torch.float32  # the blend in at least float32
-        hw, ww = span_weights(hs, z.device, acc), span_weights(ws, z.device, acc)
+        # ramps over output pixels (not latent pixels repeated: that would fade in 8-pixel steps)
+        hw = span_weights([(a * sf, b * sf) for a, b in hs], z.device, acc)
+        ww = span_weights([(a * sf, b * sf) for a, b in ws], z.device, acc)
         out = torch.zeros((b, self.config.out_channels, 1 + self.config.temporal_factor * (t - 1), sf * h, sf * w),
                           dtype=acc, device=z.device)
         for (h0, h1), wh in zip(hs, hw):
             for (w0, w1), wv in zip(ws, ww):
                 y = self._decode_frames(z[..., h0:h1, w0:w1], chunk, piece_frames)
-                weight = wh.repeat_interleave(sf)[:, None] * wv.repeat_interleave(sf)[None]
+                weight = wh[:, None] * wv[None]
                 out[..., h0 * sf:h1 * sf, w0 * sf:w1 * sf] += y.to(acc) * weight
         return out.to(self.post_quant_conv.weight.dtype)
 
@@ -537,6 +568,7 @@ class WanVAE(nn.Module):
             raise ValueError(f"video must be [B, {cfg.in_channels}, F, H, W], got "
                              f"{getattr(video, 'shape', type(video).__name__)}")
         f, tf = video.shape[2], cfg.temporal_factor
+        _check_input(video, "video", self.quant_conv.weight, min_side=cfg.spatial_factor)
         if (f - 1) % tf:
             raise ValueError(f"the encoder takes 1 + {tf}k frames, got {f} (diffusers would drop the last "
                              f"{(f - 1) % tf}); pad or cut the clip")

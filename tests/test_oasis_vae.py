@@ -30,18 +30,26 @@ def reference():
     patch.undo()
 
 
+@pytest.fixture(scope="module")
+def reference64(reference):
+    """A float64 copy (the float32 fixture is never converted in place: one failure would leak)."""
+    import copy
+
+    return copy.deepcopy(reference).double()
+
+
 def ours_from(ref):
-    dec = WanVAEDecoder(WanVAEConfig.from_dict(dict(ref.config))).eval()
+    dec = WanVAEDecoder(WanVAEConfig.from_dict(dict(ref.config))).eval().to(ref.dtype)
     dec.load_state_dict({k: v for k, v in ref.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))})
     return dec
 
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 5])
-def test_decoder_matches_diffusers_in_float64(reference, frames):
+def test_decoder_matches_diffusers_in_float64(reference64, frames):
     """The same arithmetic: only the layouts of some intermediate tensors differ from diffusers' (which
     changes the CPU convolutions' summation order), so float64 agrees to rounding, ~1e-14."""
-    ref = reference.double()
-    ours = ours_from(ref).double()
+    ref = reference64
+    ours = ours_from(ref)
     z = torch.randn(2, 16, frames, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(frames))
     with torch.no_grad():
         want = ref.decode(z).sample
@@ -50,7 +58,6 @@ def test_decoder_matches_diffusers_in_float64(reference, frames):
             assert got.shape == (2, 3, 1 + 4 * (frames - 1), 32, 48)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-12, msg=lambda m: f"chunk {chunk}: {m}")
     assert 0.1 < (want.abs() < 1).float().mean() < 0.99  # not all clamped: the comparison sees values
-    reference.float()
 
 
 def test_decoder_float32_close(reference):
@@ -105,7 +112,7 @@ def test_bad_vae_folders(tmp_path, reference):
 def full_from(ref):
     from oasis import WanVAE
 
-    vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
+    vae = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval().to(ref.dtype)
     vae.load_state_dict(ref.state_dict())
     return vae
 
@@ -117,9 +124,9 @@ def down3(n):  # three zero-pad-right, 3x3, stride-2 convolutions
 
 
 @pytest.mark.parametrize("frames,size", [(1, (16, 24)), (5, (19, 29)), (9, (24, 16))])
-def test_encoder_matches_diffusers_in_float64(reference, frames, size):
-    ref = reference.double()
-    ours = full_from(ref).double()
+def test_encoder_matches_diffusers_in_float64(reference64, frames, size):
+    ref = reference64
+    ours = full_from(ref)
     x = torch.rand(2, 3, frames, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(frames)) * 2 - 1
     with torch.no_grad():
         dist = ref.encode(x).latent_dist
@@ -132,19 +139,17 @@ def test_encoder_matches_diffusers_in_float64(reference, frames, size):
             for piece in (1, 2, 3):  # the full-resolution layers in pieces of frames: exact
                 torch.testing.assert_close(ours.encode(x, chunk=chunk, piece_frames=piece), mean, rtol=0, atol=1e-12)
     assert dist.mean.std() > 0.1  # the comparison sees values
-    reference.float()
 
 
 @pytest.mark.parametrize("latent", [(1, 3, 5), (3, 5, 7)])
-def test_decoder_odd_latent_sizes(reference, latent):
-    ours = ours_from(reference).double()
-    ref = reference.double()
+def test_decoder_odd_latent_sizes(reference64, latent):
+    ref = reference64
+    ours = ours_from(ref)
     z = torch.randn(1, 16, *latent, dtype=torch.float64)
     with torch.no_grad():
         want = ref.decode(z).sample
         for chunk in (None, 2):
             torch.testing.assert_close(ours(z, chunk=chunk), want, rtol=0, atol=1e-12)
-    reference.float()
 
 
 def test_channels_last_same_numbers(reference):
@@ -405,3 +410,69 @@ def test_norm_silu_kernel_with_the_producers_bias():
     assert err <= 2 * ref_err + 1e-3, (err, ref_err)
     no_bias = norm_silu_reference(x.double(), gamma.double(), 24 ** 0.5)
     assert (no_bias - exact).abs().max() > 0.1  # the bias matters in this comparison
+
+
+def test_the_triton_passes_inside_the_model(reference, monkeypatch):
+    """The fused passes in place (under the interpreter on the CPU): the same numbers as the torch
+    expressions in both layouts, chunks and pieces; and with gradients wanted the torch path runs, so
+    the decoder passes gradients to its latents."""
+    pytest.importorskip("triton")
+    from oasis import vae_kernels
+
+    vae = full_from(reference)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.rand(1, 3, 5, 16, 24, generator=gen) * 2 - 1
+    z = torch.randn(1, 16, 2, 3, 4, generator=gen)
+    with torch.no_grad():
+        want_e, want_d = vae.encode(x, chunk=1, piece_frames=2), vae.decode(z, chunk=1, piece_frames=2)
+    calls = []
+    real = vae_kernels.norm_silu_triton
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    monkeypatch.setattr(vae_kernels, "norm_silu_triton", counted)
+    with torch.no_grad():
+        for cl in (False, True):
+            vae.channels_last(cl)
+            for chunk, piece in ((1, 2), (None, None)):
+                torch.testing.assert_close(vae.encode(x, chunk=chunk, piece_frames=piece), want_e, rtol=1e-4,
+                                           atol=1e-4)
+                torch.testing.assert_close(vae.decode(z, chunk=chunk, piece_frames=piece), want_d, rtol=1e-4,
+                                           atol=1e-4)
+    assert calls, "the Triton pass did not run"
+    vae.channels_last(False)
+    calls.clear()
+    zg = z.clone().requires_grad_()
+    vae.decode(zg, chunk=1).square().mean().backward()
+    assert not calls and zg.grad is not None and zg.grad.abs().sum() > 0 and zg.grad.isfinite().all()
+
+
+def test_vae_config_and_input_checks(reference):
+    with pytest.raises(ValueError, match="temperal_downsample"):
+        WanVAEConfig(temperal_downsample=(False, True))
+    with pytest.raises(ValueError, match="dim_mult"):
+        WanVAEConfig(dim_mult=())
+    with pytest.raises(ValueError, match="z_dim"):
+        WanVAEConfig(z_dim=8)  # 16 latent means and stds
+    vae = full_from(reference)
+    with pytest.raises(ValueError, match="at least 1 frame"):
+        vae.decode(torch.zeros(1, 16, 0, 4, 4))
+    with pytest.raises(ValueError, match="convert one of them"):
+        vae.decode(torch.zeros(1, 16, 2, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="8x8 pixels"):
+        vae.encode(torch.zeros(1, 3, 5, 4, 16))
+    from oasis.vae_kernels import upsample2x_triton
+
+    with pytest.raises(ValueError, match="channels-last"):
+        upsample2x_triton(torch.zeros(1, 4, 3, 3))
+
+
+def test_diffusers_backend_on_a_decoder_only_folder(tmp_path, reference):
+    save_vae(ours_from(reference), tmp_path / "dec")
+    theirs = load_vae(tmp_path / "dec", backend="diffusers")
+    assert theirs.encoder is None  # not a randomly initialised one
+    with pytest.raises(CheckpointError, match="decoder-only"):
+        load_vae(tmp_path / "dec", backend="diffusers", encoder=True)
