@@ -15,6 +15,7 @@ from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 import oasis_kernels as ok
@@ -321,6 +322,8 @@ class WanDiT(nn.Module):
         self._kv_cache: tuple | None = None
         self._rope: dict = {}
         self._regions = None
+        #: training: recompute each block's activations in the backward instead of keeping them
+        self.activation_checkpointing = False
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -521,7 +524,12 @@ class WanDiT(nn.Module):
         kv = self._context_kv(context)
         rope = self.rope(grid)
         for block, layer_kv in zip(self.blocks, kv):
-            x = block(x, e6, grid, rope, layer_kv, self._regions)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, e6, grid, rope, layer_kv, self._regions,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, e6, grid, rope, layer_kv, self._regions)
         x = self.head(x, e)
         x = x.view(b, *grid, pt, ph, pw, cfg.out_channels)
         return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, t, h, w)

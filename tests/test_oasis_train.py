@@ -1,0 +1,81 @@
+"""oasis-train on the CPU: the tiny demo's loss goes down, exact resume, configs, data (tiny sizes)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("av")
+
+from oasis.data import ClipSpec, PairDataset, SyntheticVideos, VideoFolder  # noqa: E402
+from oasis.degrade import Degradation  # noqa: E402
+from oasis.train import DEMO, Trainer, TrainConfig, main  # noqa: E402
+
+
+def demo_config(tmp_path, **kw):
+    return TrainConfig(**{**DEMO, "out": str(tmp_path / "run"), "progress": False, **kw})
+
+
+def test_demo_loss_goes_down_on_a_fixed_batch(tmp_path):
+    t = Trainer(demo_config(tmp_path))
+    before = t.evaluate(0)
+    history = t.run()
+    assert len(history) == 12 and [r["stage"] for r in history] == [1] * 6 + [2] * 6
+    assert all(r["total"] > 0 for r in history)
+    assert t.evaluate(0) < 0.95 * before
+    assert (tmp_path / "run" / "step_12" / "model" / "oasis.json").is_file()
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and {"latent", "mse", "total", "clips_per_s"} <= set(json.loads(lines[0]))
+
+
+def test_resume_gives_the_same_next_losses(tmp_path):
+    straight = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=2, out=str(tmp_path / "a")))
+    want = [r["total"] for r in straight.run()]
+    first = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=2, out=str(tmp_path / "b")))
+    first.run(steps=3)
+    path = first.save()
+    again = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=2, out=str(tmp_path / "b")), resume=path)
+    assert again.step == 3
+    got = [r["total"] for r in again.run()]
+    assert got[:3] == want[:3]  # the history travels with the checkpoint
+    assert got[3] == pytest.approx(want[3], rel=1e-6, abs=1e-7)
+
+
+def test_configs_and_cli_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="checkpoint is required"):
+        TrainConfig(videos="x")
+    with pytest.raises(ValueError, match="unknown settings \\['lerning_rate'\\]"):
+        TrainConfig.from_dict({"demo": True, "lerning_rate": 1})
+    with pytest.raises(ValueError, match="batch"):
+        TrainConfig(demo=True, batch=0)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('demo = true\ndevice = "cpu"\nframes = 5\nheight = 32\nwidth = 64\nstage1_steps = 1\n'
+                   'stage2_steps = 0\nprogress = false\n')
+    loaded = TrainConfig.from_file(cfg)
+    assert loaded.frames == 5 and loaded.stage(0) == 1 and loaded.steps == 1
+    (tmp_path / "bad.toml").write_text("demo = [")
+    assert main([str(tmp_path / "bad.toml")]) == 2
+    assert "cannot parse" in capsys.readouterr().err
+    assert main([]) == 2
+    assert main([str(tmp_path / "missing.toml")]) == 2
+    with pytest.raises(ValueError, match="frames must be 4k\\+1"):
+        ClipSpec(frames=6)
+
+
+def test_data_is_a_function_of_seed_and_index(tmp_path):
+    spec = ClipSpec(5, 32, 64)
+    ds = PairDataset(SyntheticVideos(spec, seed=1), Degradation(), seed=1)
+    (lq, hq), (lq2, hq2) = ds[5], ds[5]
+    assert torch.equal(lq, lq2) and torch.equal(hq, hq2)
+    assert lq.shape == (3, 5, 8, 16) and hq.shape == (3, 5, 32, 64)
+    assert not torch.equal(ds[6][1], hq)
+    from oasis.video import synthetic_clip, write_video
+
+    write_video(tmp_path / "a.mp4", synthetic_clip(12, 48, 96, seed=2), fps=25)
+    write_video(tmp_path / "small.mp4", synthetic_clip(12, 16, 16, seed=2), fps=25)
+    folder = VideoFolder(tmp_path, spec, seed=0)
+    assert len(folder) == 1 and len(folder.skipped) == 1
+    clip = folder.clip(3)
+    assert clip.shape == (3, 5, 32, 64) and torch.equal(clip, folder.clip(3))
+    with pytest.raises(ValueError, match="no videos"):
+        VideoFolder(tmp_path / "none" if (tmp_path / "none").mkdir() is None else None, spec)
