@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["warp", "latent_loss", "perceptual_loss", "warp_loss", "OasisLoss", "load_lpips", "lpips_backbone_names"]
+__all__ = ["warp", "latent_loss", "perceptual_loss", "warp_loss", "OasisLoss", "load_lpips", "lpips_backbone_names",
+           "load_raft", "clip_flows"]
 
 
 def warp(src: torch.Tensor, flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,3 +174,40 @@ def _same_shape(a, b, what):
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
         raise ValueError(f"the two {what} must be tensors of one shape, got "
                          f"{tuple(getattr(a, 'shape', ()))} and {tuple(getattr(b, 'shape', ()))}")
+
+
+def load_raft(weights_path, device="cpu"):
+    """torchvision's RAFT (large) with its weights read from a local file (no download): the ground
+    truth's optical flow for the warp loss (the paper's [64])."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"RAFT weights not found at {path}: give torchvision's raft_large checkpoint, or "
+                                f"train without the warp loss")
+    try:
+        from torchvision.models.optical_flow import raft_large
+    except ImportError:
+        raise ImportError("the warp loss's flows need torchvision (pip install torchvision)") from None
+    model = raft_large(weights=None, progress=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except (RuntimeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a raft_large checkpoint ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def clip_flows(flow_model, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(to_next, to_prev)`` of :func:`warp_loss` for ``video [B, 3, F, H, W]`` in [-1, 1] (RAFT's input
+    range; H and W multiples of 8). ``flow_model(a, b)`` returns the flow from ``a`` to ``b`` (a list of
+    refinements, the last one used, as RAFT does): ``a(x) ~ b(x + flow(x))``, so the flow from frame
+    t+1 to frame t is ``to_next``."""
+    b, c, f, h, w = video.shape
+    cur = video[:, :, :-1].transpose(1, 2).reshape(-1, c, h, w).float()
+    nxt = video[:, :, 1:].transpose(1, 2).reshape(-1, c, h, w).float()
+
+    def flow(a, z):
+        out = flow_model(a, z)
+        return (out[-1] if isinstance(out, (list, tuple)) else out).view(b, f - 1, 2, h, w)
+
+    return flow(nxt, cur), flow(cur, nxt)

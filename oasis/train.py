@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .losses import clip_flows
+
 __all__ = ["TrainConfig", "Trainer", "main"]
 
 
@@ -44,6 +46,10 @@ class TrainConfig:
     vae: str | None = None
     demo: bool = False  # a tiny random model and synthetic clips instead (tests, --demo)
     routing: str | None = None  # a routing file for the DiT (None: the checkpoint's)
+    # Algorithm 1 before training, from the starting DiT on this many training clips (0: skip; the
+    # paper: 50 at rho 0.4); the result is saved as out/routing.json and trained with
+    calibrate_videos: int = 0
+    calibrate_rho: float = 0.4
     # data
     videos: str | None = None  # a folder of HQ videos (searched recursively)
     frames: int = 17
@@ -65,7 +71,9 @@ class TrainConfig:
     # losses
     lpips: str | None = None  # local torchvision backbone checkpoint for LPIPS; None trains without LPIPS
     lpips_net: str = "vgg"
-    warp_weight: float = 0.1  # applied when flows are available
+    warp_weight: float = 0.1
+    raft: str | None = None  # local torchvision raft_large weights: the HQ clip's flows for the warp loss
+                             # (None: no warp loss)
     # execution
     device: str = "cuda"
     dtype: str = "bfloat16"  # autocast dtype on CUDA (weights stay float32)
@@ -83,7 +91,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("stage1_steps", "stage2_steps", "workers", "seed"):
+        for name in ("stage1_steps", "stage2_steps", "workers", "seed", "calibrate_videos"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -98,6 +106,10 @@ class TrainConfig:
             raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.lpips_net not in ("vgg", "alex"):
             raise ValueError(f"lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
+        if not 0 < self.calibrate_rho <= 1:
+            raise ValueError(f"calibrate_rho must be in (0, 1], got {self.calibrate_rho!r}")
+        if self.calibrate_videos and self.routing is not None:
+            raise ValueError("give routing or calibrate_videos, not both")
         if not 0 <= self.change_prob <= 1:
             raise ValueError(f"change_prob must be in [0, 1], got {self.change_prob!r}")
         if not self.demo and self.checkpoint is None:
@@ -167,7 +179,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume=None):
         from .data import ClipSpec, PairDataset, SyntheticVideos, VideoFolder
         from .degrade import Degradation
-        from .losses import OasisLoss, load_lpips
+        from .losses import OasisLoss, load_lpips, load_raft
 
         self.cfg = cfg
         self.rank, self.world, local = _distributed()
@@ -189,8 +201,12 @@ class Trainer:
         degradation = Degradation(change_prob=cfg.change_prob)
         self.data = {stage: PairDataset(source, degradation, mode, cfg.seed)
                      for stage, mode in ((1, "consistent"), (2, "inconsistent"))}
+        self.routing = None
+        if cfg.calibrate_videos and resume is None:
+            self.routing = self.calibrate_routing(cfg.calibrate_videos, cfg.calibrate_rho)
         self.loss = OasisLoss(lpips=load_lpips(cfg.lpips, cfg.lpips_net, device) if cfg.lpips else None,
                               warp_weight=cfg.warp_weight)
+        self.flow_model = load_raft(cfg.raft, device) if cfg.raft else None
         self.params = [p for m in (self.pipe.dit, self.pipe.projector) for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.model = self._wrap()
@@ -243,6 +259,38 @@ class Trainer:
             module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         return module
 
+    # -- routing ---------------------------------------------------------------------------------------
+    def calibrate_routing(self, videos: int, rho: float):
+        """Algorithm 1 (:mod:`oasis_kernels.routing`) from the current DiT, all heads global, on ``videos``
+        LQ training clips (sample numbers apart from training's); rank 0 computes and saves
+        ``out/routing.json``, every rank then routes its DiT with it."""
+        from oasis_kernels.routing import RoutingCalibrator, load_routing
+
+        from .dit import WanBlock
+
+        path = Path(self.cfg.out) / "routing.json"
+        if self.rank == 0:
+            dit = self.pipe.dit
+            dit.set_routing(None)
+            calibrator = RoutingCalibrator()
+            restorer = _Restorer(self.pipe)
+            # the blocks are the modules called around each routed attention (named after their attention)
+            with torch.no_grad(), calibrator.record(dit, lambda name, m: isinstance(m, WanBlock)):
+                for i in range(videos):
+                    lq, _ = self.data[1][CALIBRATION_SAMPLES + i]
+                    with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                        restorer(lq[None].to(self.device))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            routing = calibrator.assign(rho)
+            routing = dataclasses.replace(routing, layers=[dataclasses.replace(layer, name=f"{layer.name}.self_attn")
+                                                           for layer in routing.layers])
+            routing.save(path)
+        if self.world > 1:
+            torch.distributed.barrier()
+        routing = load_routing(path)
+        self.pipe.dit.set_routing(routing)
+        return routing
+
     # -- data ------------------------------------------------------------------------------------------
     def micro_batches(self, step: int):
         """The ``accumulate`` micro-batches of ``step`` on this rank: sample numbers fixed by the step."""
@@ -268,7 +316,8 @@ class Trainer:
                 z_hat = self.model(lq)
             raw = self.pipe.decoder.raw_latents(z_hat).to(self.vae.post_quant_conv.weight.dtype)
             video = self.vae.decode(raw, chunk=1, piece_frames=2)
-            parts = self.loss(z_hat.float(), z_hq, video.float(), hq.float())
+            flows = clip_flows(self.flow_model, hq) if self.flow_model is not None else (None, None)
+            parts = self.loss(z_hat.float(), z_hq, video.float(), hq.float(), *flows)
             (parts["total"] / cfg.accumulate).backward()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / cfg.accumulate
@@ -348,6 +397,8 @@ class Trainer:
             raise ValueError(f"{path}: no trainer.pt (not a checkpoint written by oasis-train)")
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         model = path / "model"
+        if (model / "routing.json").is_file():  # the run's routing (calibrated or given) goes on with it
+            self.pipe.dit.set_routing(model / "routing.json")
         self.pipe.dit.load_state_dict(WanDiT.from_pretrained(model, dtype=torch.float32, device=self.device).state_dict())
         extra = read_safetensors_file(model / "oasis.safetensors")
         self.pipe.projector.load_state_dict({"proj.weight": extra["projector.proj.weight"],
@@ -417,6 +468,8 @@ def _set_random_states(states: dict) -> None:
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
+
+CALIBRATION_SAMPLES = 2**30  # calibration reads sample numbers from here on, apart from training's
 
 DEMO = dict(demo=True, device="cpu", frames=5, height=32, width=64, stage1_steps=6, stage2_steps=6, batch=1,
             lr=3e-4, workers=0, save_every=1000, log_every=1, activation_checkpointing=False)

@@ -79,3 +79,31 @@ def test_data_is_a_function_of_seed_and_index(tmp_path):
     assert clip.shape == (3, 5, 32, 64) and torch.equal(clip, folder.clip(3))
     with pytest.raises(ValueError, match="no videos"):
         VideoFolder(tmp_path / "none" if (tmp_path / "none").mkdir() is None else None, spec)
+
+
+def test_routing_calibration_before_training(tmp_path):
+    t = Trainer(demo_config(tmp_path, calibrate_videos=2, calibrate_rho=0.34, stage1_steps=1, stage2_steps=1))
+    assert (tmp_path / "run" / "routing.json").is_file()
+    modes = [[m.name.lower() for m in layer] for layer in t.pipe.dit.routing]
+    assert sum(layer.count("global") for layer in modes) == 3  # Algorithm 1: ceil(0.34 x 6 heads) global in all
+    assert t.routing.videos == 2
+    t.run()
+    resumed = Trainer(demo_config(tmp_path, stage1_steps=1, stage2_steps=1), resume=tmp_path / "run" / "step_2")
+    assert [[m.name.lower() for m in layer] for layer in resumed.pipe.dit.routing] == modes
+    with pytest.raises(ValueError, match="not both"):
+        demo_config(tmp_path, calibrate_videos=2, routing="r.json")
+
+
+def test_the_warp_term_with_a_flow_model(tmp_path):
+    """With flows (here a stand-in returning zero motion in RAFT's list form) the warp loss joins the total."""
+    from oasis.losses import clip_flows, load_raft
+
+    t = Trainer(demo_config(tmp_path, stage1_steps=1, stage2_steps=0))
+    t.flow_model = lambda a, b: [torch.zeros(a.shape[0], 2, *a.shape[-2:])]
+    record = t.run()[-1]
+    assert record["warp"] > 0
+    video = torch.rand(2, 3, 4, 8, 8)
+    to_next, to_prev = clip_flows(lambda a, b: [torch.ones(a.shape[0], 2, 8, 8)], video)
+    assert to_next.shape == to_prev.shape == (2, 3, 2, 8, 8)
+    with pytest.raises(FileNotFoundError, match="without the warp loss"):
+        load_raft(tmp_path / "raft.pth")
