@@ -292,24 +292,42 @@ class Trainer:
         return routing
 
     # -- data ------------------------------------------------------------------------------------------
-    def micro_batches(self, step: int):
-        """The ``accumulate`` micro-batches of ``step`` on this rank: sample numbers fixed by the step."""
+    def samples(self, step: int) -> list[list[int]]:
+        """The sample numbers of ``step``'s ``accumulate`` micro-batches on this rank (fixed by the step:
+        ranks and micro-batches never share one)."""
         cfg = self.cfg
-        data = self.data[cfg.stage(step)]
         per_step = cfg.accumulate * cfg.batch * self.world
-        for j in range(cfg.accumulate):
-            first = step * per_step + (j * self.world + self.rank) * cfg.batch
-            pairs = [data[first + i] for i in range(cfg.batch)]
-            lq = torch.stack([p[0] for p in pairs]).to(self.device)
-            hq = torch.stack([p[1] for p in pairs]).to(self.device)
-            yield lq, hq
+        return [[step * per_step + (j * self.world + self.rank) * cfg.batch + i for i in range(cfg.batch)]
+                for j in range(cfg.accumulate)]
+
+    def micro_batches(self, step: int):
+        """``step``'s micro-batches ``(lq, hq)``, loaded here (no workers)."""
+        data = self.data[self.cfg.stage(step)]
+        for numbers in self.samples(step):
+            pairs = [data[n] for n in numbers]
+            yield (torch.stack([p[0] for p in pairs]).to(self.device),
+                   torch.stack([p[1] for p in pairs]).to(self.device))
+
+    def _loader(self, start: int, end: int):
+        """Micro-batches of steps ``start .. end-1`` in order, ``workers`` processes loading ahead;
+        one DataLoader per stage (each stage has its own degradation mode)."""
+        cfg = self.cfg
+        for stage_start, stage_end in ((start, min(end, cfg.stage1_steps)), (max(start, cfg.stage1_steps), end)):
+            if stage_start >= stage_end:
+                continue
+            order = [numbers for step in range(stage_start, stage_end) for numbers in self.samples(step)]
+            loader = torch.utils.data.DataLoader(self.data[cfg.stage(stage_start)], batch_sampler=order,
+                                                 num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
+            for lq, hq in loader:
+                yield lq.to(self.device, non_blocking=True), hq.to(self.device, non_blocking=True)
 
     # -- one step ----------------------------------------------------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self, batches=None) -> dict:
+        """One optimizer step over ``batches`` (``accumulate`` pairs ``(lq, hq)``; default: this step's)."""
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict = {}
-        for lq, hq in self.micro_batches(self.step):
+        for lq, hq in (self.micro_batches(self.step) if batches is None else batches):
             with torch.no_grad():
                 z_hq = _normalised(self.vae, self.vae.encode(hq.to(self.vae.post_quant_conv.weight.dtype), chunk=1))
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
@@ -353,9 +371,10 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="oasis-train", unit="step")
         start, clips = time.perf_counter(), 0
         try:
+            batches = self._loader(self.step, end)
             while self.step < end:
                 stage = cfg.stage(self.step)
-                parts = self.train_step()
+                parts = self.train_step([next(batches) for _ in range(cfg.accumulate)])
                 clips += cfg.batch * cfg.accumulate * self.world
                 record = {"step": self.step, "stage": stage, **parts,
                           "clips_per_s": clips / max(time.perf_counter() - start, 1e-9)}
