@@ -2,13 +2,16 @@
 degradation (:mod:`oasis.degrade`).
 
 Every sample is a pure function of ``(seed, index)``: which video, which frames, which crop and
-which degradation draw all come from a generator seeded with both. A trainer that asks for samples
-``index = step * batch + i`` therefore resumes exactly from its step alone, with any number of
-loader workers, and two runs with one seed see the same data.
+which degradation draw all come from a generator seeded with both. The trainer numbers its samples
+by step, micro-batch, rank and position (:meth:`oasis.train.Trainer.samples`), so it resumes exactly
+from its step alone and two runs with one seed see the same data (with the same number of loader
+workers: workers run torch single-threaded, and another summation order can move a degraded value
+across an 8-bit step).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,13 @@ class ClipSpec:
         return 1 + (self.frames - 1) * self.stride
 
 
+def _count_frames(path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(video=0) if packet.size)
+
+
 def _rng(seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) % 2**63, int(index)])
 
@@ -71,9 +81,11 @@ class VideoFolder:
             except VideoError as exc:
                 self.skipped.append((f, str(exc)))
                 continue
+            if info.num_frames is None:  # Matroska/WebM declare none: count the stream's packets (no decoding)
+                info = dataclasses.replace(info, num_frames=_count_frames(f))
             if info.height < spec.height or info.width < spec.width:
                 self.skipped.append((f, f"{info.width}x{info.height} is smaller than the crop"))
-            elif info.num_frames is not None and info.num_frames < spec.span:
+            elif info.num_frames < spec.span:
                 self.skipped.append((f, f"{info.num_frames} frames, fewer than the crop's {spec.span}"))
             else:
                 self.videos.append((f, info))
@@ -91,8 +103,7 @@ class VideoFolder:
         rng = _rng(self.seed, index)
         path, info = self.videos[int(rng.integers(len(self.videos)))]
         spec = self.spec
-        total = info.num_frames
-        start = int(rng.integers(0, total - spec.span + 1)) if total else 0
+        start = int(rng.integers(0, info.num_frames - spec.span + 1))
         top = int(rng.integers(0, info.height - spec.height + 1))
         left = int(rng.integers(0, info.width - spec.width + 1))
         wanted = set(range(start, start + spec.span, spec.stride))

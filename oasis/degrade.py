@@ -2,9 +2,11 @@
 model with RealBasicVSR's video compression, in two modes for the progressive curriculum.
 
 ``Degradation()(clip, seed)``: HQ ``[F, 3, H, W]`` float in [0, 1] -> LQ ``[F, 3, H/4, W/4]`` in [0, 1]
-on 8-bit steps. Each of the two orders is blur -> resize -> noise -> JPEG, with its own ranges
-(:class:`OrderConfig`); then the final resize to the LQ size and, in a random order around it, a
-last JPEG or a video codec over the whole clip (PyAV: libx264 or mpeg4 at a random bitrate).
+on 8-bit steps. The first order is blur -> resize (of the frame) -> noise -> JPEG; the second
+blur -> resize (to a factor of the LQ size, as Real-ESRGAN) -> noise, each with its own ranges
+(:class:`OrderConfig`); then the final resize to the LQ size and, before or after it, a JPEG per frame
+or a video codec over the whole clip (PyAV: libx264 or mpeg4 at a random bitrate, RealBasicVSR's
+addition). Real-ESRGAN's sinc filters are not included.
 
 Modes (:attr:`Degradation.mode` or per call):
 
@@ -15,7 +17,8 @@ Modes (:attr:`Degradation.mode` or per call):
 
 Parameters come from a numpy ``Generator`` seeded with ``seed`` and the noise from a torch
 ``Generator`` seeded from it, so a (clip, seed, config, mode) gives the same LQ clip every time on
-the same device. Blur, resize and noise run on the clip's device, batched over frames where the
+the same device and thread count (a different CPU summation order can move a value across an 8-bit
+step). Blur, resize and noise run on the clip's device, batched over frames where the
 frames share a size; JPEG and the video codec run on the CPU (PIL, PyAV).
 """
 
@@ -56,6 +59,10 @@ class OrderConfig:
     poisson_scale: tuple[float, float] = (0.05, 3.0)
     gray_noise_prob: float = 0.4
     jpeg_quality: tuple[int, int] = (30, 95)
+    jpeg_prob: float = 1.0  # Real-ESRGAN's second order has no JPEG of its own (its last step has one)
+    # the resize factor applies to the frame's current size ("current", the first order) or to the LQ
+    # size ("target", Real-ESRGAN's second order: the rest of the order then works near the LQ size)
+    resize_base: str = "current"
 
     def validate(self, name: str) -> None:
         def unit(field_name, v):
@@ -66,8 +73,10 @@ class OrderConfig:
             if len(v) != 2 or not low <= v[0] <= v[1]:
                 raise ValueError(f"{name}.{field_name} must be (low, high) with {low} <= low <= high, got {v!r}")
 
-        for f in ("blur_prob", "gaussian_noise_prob", "gray_noise_prob"):
+        for f in ("blur_prob", "gaussian_noise_prob", "gray_noise_prob", "jpeg_prob"):
             unit(f, getattr(self, f))
+        if self.resize_base not in ("current", "target"):
+            raise ValueError(f"{name}.resize_base must be 'current' or 'target', got {self.resize_base!r}")
         if not self.kernel_sizes or any(k < 3 or k % 2 == 0 for k in self.kernel_sizes):
             raise ValueError(f"{name}.kernel_sizes must be odd sizes >= 3, got {self.kernel_sizes!r}")
         unknown = set(self.kernel_kinds) - set(KERNEL_KINDS)
@@ -95,7 +104,7 @@ class OrderConfig:
 FIRST_ORDER = OrderConfig()
 SECOND_ORDER = OrderConfig(blur_prob=0.8, blur_sigma=(0.2, 1.5), generalized_beta=(0.5, 4.0),
                            resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2), noise_sigma=(1.0, 25.0),
-                           poisson_scale=(0.05, 2.5))
+                           poisson_scale=(0.05, 2.5), jpeg_prob=0.0, resize_base="target")
 
 
 @dataclass(frozen=True)
@@ -199,10 +208,11 @@ def _draw_blur(rng, cfg: OrderConfig):
     sx = _uniform(rng, cfg.blur_sigma)
     sy = _uniform(rng, cfg.blur_sigma) if "aniso" in kind else sx
     theta = float(rng.uniform(-math.pi, math.pi)) if "aniso" in kind else 0.0
-    if kind.startswith("generalized"):
-        beta = _uniform(rng, cfg.generalized_beta)
-    elif kind.startswith("plateau"):
-        beta = _uniform(rng, cfg.plateau_beta)
+    if kind.startswith(("generalized", "plateau")):
+        low, high = cfg.generalized_beta if kind.startswith("generalized") else cfg.plateau_beta
+        # as BasicSR: half the draws in [low, 1), half in [1, high] (shapes sharper and flatter than 1)
+        beta = float(rng.uniform(low, 1.0)) if rng.random() < 0.5 and low < 1.0 else float(rng.uniform(max(low, 1.0),
+                                                                                                        high))
     else:
         beta = 1.0
     return (kind, size, sx, sy, theta, beta)
@@ -225,7 +235,11 @@ def _draw_jpeg(rng, cfg: OrderConfig):
     return int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
 
 
-_DRAW = {"blur": _draw_blur, "resize": _draw_resize, "noise": _draw_noise, "jpeg": _draw_jpeg}
+def _draw_order_jpeg(rng, cfg: OrderConfig):
+    return _draw_jpeg(rng, cfg) if rng.random() < cfg.jpeg_prob else None
+
+
+_DRAW = {"blur": _draw_blur, "resize": _draw_resize, "noise": _draw_noise, "jpeg": _draw_order_jpeg}
 
 
 def _jittered(step: str, value, rng, jitter: float, cfg: OrderConfig):
@@ -411,12 +425,14 @@ class Degradation:
     def apply(self, clip: torch.Tensor, params: ClipParams, seed: int) -> torch.Tensor:
         """The degradations of ``params`` on ``clip`` (noise drawn from ``seed``)."""
         cfg = self.config
+        if not len(params.first) == len(params.second) == len(params.final_resize) == clip.shape[0]:
+            raise ValueError(f"params were drawn for {len(params.first)} frames, the clip has {clip.shape[0]}")
         gen = torch.Generator(clip.device).manual_seed(_seed(seed) ^ 0x5DEECE66D)
         h, w = clip.shape[-2:]
         target = (h // cfg.scale, w // cfg.scale)
         frames = [clip.float().clamp(0, 1)[i:i + 1] for i in range(clip.shape[0])]
-        for order in (params.first, params.second):
-            frames = _run_order(frames, order, gen)
+        for order, ocfg in ((params.first, cfg.first), (params.second, cfg.second)):
+            frames = _run_order(frames, order, gen, target, ocfg.resize_base)
         kind = params.compress[0]
         compress_first = params.compress[-1]
 
@@ -442,8 +458,10 @@ def _seed(seed) -> int:
     return int(seed) % (2**63)
 
 
-def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen) -> list[torch.Tensor]:
-    """One order over frames that may differ in size (inconsistent mode); frames of one size run together."""
+def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen, target: tuple[int, int],
+               resize_base: str) -> list[torch.Tensor]:
+    """One order over frames that may differ in size (inconsistent mode); frames of one size run together.
+    The resize factor scales the frame (``resize_base="current"``) or the LQ size ``target``."""
     if _same_size(frames):
         frames = _split(_blur(torch.cat(frames), [p.blur for p in order]))
     else:
@@ -451,7 +469,8 @@ def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen) -> list
     out = []
     for f, p in zip(frames, order):
         mode, factor = p.resize if p.resize is not None else ("area", 1.0)
-        size = (max(MIN_SIDE, round(f.shape[-2] * factor)), max(MIN_SIDE, round(f.shape[-1] * factor)))
+        base = f.shape[-2:] if resize_base == "current" else target
+        size = (max(MIN_SIDE, round(base[0] * factor)), max(MIN_SIDE, round(base[1] * factor)))
         out.append(_resize(f, size, mode))
     if _same_size(out):
         x = _noise(torch.cat(out), [p.noise for p in order], gen)

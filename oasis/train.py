@@ -18,6 +18,7 @@ the data being a function of the seed and the sample number (:mod:`oasis.data`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -97,13 +98,26 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if self.stage1_steps + self.stage2_steps == 0:
             raise ValueError("stage1_steps + stage2_steps must be at least 1")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if isinstance(self.lr, bool) or not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         self.betas = tuple(self.betas)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.dtype not in ("bfloat16", "float32"):  # float16 would need loss scaling
+            raise ValueError(f"dtype must be bfloat16 or float32, got {self.dtype!r}")
+        for name in ("warp_weight", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {v!r}")
+        if self.grad_clip is not None and (isinstance(self.grad_clip, bool) or
+                                           not isinstance(self.grad_clip, (int, float)) or self.grad_clip <= 0):
+            raise ValueError(f"grad_clip must be a positive number or None, got {self.grad_clip!r}")
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {self.device!r}") from None
+        if kind not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
         if self.lpips_net not in ("vgg", "alex"):
             raise ValueError(f"lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
         if not 0 < self.calibrate_rho <= 1:
@@ -225,6 +239,8 @@ class Trainer:
             from .demo import TINY_VAE, tiny_pipeline
 
             pipe = tiny_pipeline(cfg.seed, device=device)
+            if cfg.routing is not None:
+                pipe.dit.set_routing(cfg.routing)
             gen = torch.Generator().manual_seed(cfg.seed + 1)
             vae = WanVAE(TINY_VAE)  # the tiny pipeline's decoder, with an encoder beside it
             with torch.no_grad():
@@ -253,7 +269,7 @@ class Trainer:
 
     def _wrap(self):
         """The trainable part as one module (DDP over it when several ranks run)."""
-        module = _Restorer(self.pipe)
+        module = _Restorer(self.pipe, self.autocast)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
@@ -273,13 +289,12 @@ class Trainer:
             dit = self.pipe.dit
             dit.set_routing(None)
             calibrator = RoutingCalibrator()
-            restorer = _Restorer(self.pipe)
+            restorer = _Restorer(self.pipe, self.autocast)
             # the blocks are the modules called around each routed attention (named after their attention)
             with torch.no_grad(), calibrator.record(dit, lambda name, m: isinstance(m, WanBlock)):
                 for i in range(videos):
                     lq, _ = self.data[1][CALIBRATION_SAMPLES + i]
-                    with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                        restorer(lq[None].to(self.device))
+                    restorer(lq[None].to(self.device))
             path.parent.mkdir(parents=True, exist_ok=True)
             routing = calibrator.assign(rho)
             routing = dataclasses.replace(routing, layers=[dataclasses.replace(layer, name=f"{layer.name}.self_attn")
@@ -322,43 +337,45 @@ class Trainer:
                 yield lq.to(self.device, non_blocking=True), hq.to(self.device, non_blocking=True)
 
     # -- one step ----------------------------------------------------------------------------------------
+    def _losses(self, lq: torch.Tensor, hq: torch.Tensor) -> dict:
+        """Eq. 11's parts for one micro-batch: restore, encode the target, decode (unclamped, gradients
+        to the latents through the frozen VAE), the flows when a flow model is set."""
+        vae_dtype = self.vae.post_quant_conv.weight.dtype
+        with torch.no_grad():
+            z_hq = _normalised(self.vae, self.vae.encode(hq.to(vae_dtype), chunk=1))
+        z_hat = self.model(lq)
+        video = self.vae.decode(self.pipe.decoder.raw_latents(z_hat).to(vae_dtype), chunk=1, piece_frames=2,
+                                clamp=False)
+        flows = clip_flows(self.flow_model, hq) if self.flow_model is not None else (None, None)
+        return self.loss(z_hat.float(), z_hq, video.float(), hq.float(), *flows)
+
     def train_step(self, batches=None) -> dict:
         """One optimizer step over ``batches`` (``accumulate`` pairs ``(lq, hq)``; default: this step's)."""
         cfg = self.cfg
+        batches = list(self.micro_batches(self.step) if batches is None else batches)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict = {}
-        for lq, hq in (self.micro_batches(self.step) if batches is None else batches):
-            with torch.no_grad():
-                z_hq = _normalised(self.vae, self.vae.encode(hq.to(self.vae.post_quant_conv.weight.dtype), chunk=1))
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                z_hat = self.model(lq)
-            raw = self.pipe.decoder.raw_latents(z_hat).to(self.vae.post_quant_conv.weight.dtype)
-            video = self.vae.decode(raw, chunk=1, piece_frames=2)
-            flows = clip_flows(self.flow_model, hq) if self.flow_model is not None else (None, None)
-            parts = self.loss(z_hat.float(), z_hq, video.float(), hq.float(), *flows)
-            (parts["total"] / cfg.accumulate).backward()
+        for j, (lq, hq) in enumerate(batches):
+            # DDP: all-reduce the gradients once, with the last micro-batch's backward
+            quiet = self.world > 1 and j < len(batches) - 1
+            with self.model.no_sync() if quiet else contextlib.nullcontext():
+                parts = self._losses(lq, hq)
+                (parts["total"] / len(batches)).backward()
             for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v.item() / cfg.accumulate
+                totals[k] = totals.get(k, 0.0) + v.item() / len(batches)
         if cfg.grad_clip:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
-        self.optimizer.step()
-        if not all(math.isfinite(v) for v in totals.values()):
+        if not all(math.isfinite(v) for v in totals.values()):  # before the step: the weights stay finite
             raise FloatingPointError(f"step {self.step}: a non-finite loss or gradient {totals}")
+        self.optimizer.step()
         self.step += 1
         return totals
 
     @torch.no_grad()
     def evaluate(self, step: int = 0) -> float:
         """The loss on ``step``'s micro-batches, without training (a fixed batch to watch the loss on)."""
-        total = 0.0
-        for lq, hq in self.micro_batches(step):
-            z_hq = _normalised(self.vae, self.vae.encode(hq.to(self.vae.post_quant_conv.weight.dtype), chunk=1))
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                z_hat = self.model(lq)
-            raw = self.pipe.decoder.raw_latents(z_hat).to(self.vae.post_quant_conv.weight.dtype)
-            video = self.vae.decode(raw, chunk=1, piece_frames=2)
-            total += self.loss(z_hat.float(), z_hq, video.float(), hq.float())["total"].item() / self.cfg.accumulate
-        return total
+        batches = list(self.micro_batches(step))
+        return sum(self._losses(lq, hq)["total"].item() for lq, hq in batches) / len(batches)
 
     def run(self, steps: int | None = None) -> list[dict]:
         """Train to the end of the curriculum (or ``steps`` more steps); returns the logged records."""
@@ -398,7 +415,7 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             self.pipe.save_pretrained(path / "model")
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "random": _random_states(),
-                     "config": dataclasses.asdict(self.cfg), "history": self.history}
+                     "config": {**dataclasses.asdict(self.cfg), "world": self.world}, "history": self.history}
             torch.save(state, path / "trainer.pt")
         if self.world > 1:
             torch.distributed.barrier()
@@ -415,9 +432,17 @@ class Trainer:
         if not state_file.is_file():
             raise ValueError(f"{path}: no trainer.pt (not a checkpoint written by oasis-train)")
         state = torch.load(state_file, map_location="cpu", weights_only=False)
+        saved = state.get("config", {})
+        fixed = ("seed", "batch", "accumulate", "frames", "height", "width", "frame_stride", "stage1_steps",
+                 "change_prob", "videos")
+        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in fixed if saved.get(k) != getattr(self.cfg, k)]
+        if saved.get("world", 1) != self.world:
+            changed.append(f"world size: {saved.get('world', 1)} -> {self.world}")
+        if changed:
+            raise ValueError(f"{path}: resuming needs the run's data settings; changed: {'; '.join(changed)}")
         model = path / "model"
-        if (model / "routing.json").is_file():  # the run's routing (calibrated or given) goes on with it
-            self.pipe.dit.set_routing(model / "routing.json")
+        # the run's routing goes on with it: its routing.json, or all heads global when it wrote none
+        self.pipe.dit.set_routing(model / "routing.json" if (model / "routing.json").is_file() else None)
         self.pipe.dit.load_state_dict(WanDiT.from_pretrained(model, dtype=torch.float32, device=self.device).state_dict())
         extra = read_safetensors_file(model / "oasis.safetensors")
         self.pipe.projector.load_state_dict({"proj.weight": extra["projector.proj.weight"],
@@ -447,17 +472,20 @@ class Trainer:
 
 
 class _Restorer(torch.nn.Module):
-    """LQ ``[B, 3, F, h, w]`` in [-1, 1] -> restored latents (eqs. 3-4): the trainable projector and DiT."""
+    """LQ ``[B, 3, F, h, w]`` in [-1, 1] -> restored latents (eqs. 3-4): the trainable projector and DiT.
+    The projector and the residual run in float32 as at inference (``OasisVSR.project``/``restore``);
+    only the DiT under autocast (``autocast``: its dtype, or None)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, autocast=None):
         super().__init__()
         self.projector, self.dit = pipe.projector, pipe.dit
-        self.timestep = pipe.timestep
+        self.timestep, self.autocast = pipe.timestep, autocast
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        z_low = self.projector(lq.float())
+        z_low = self.projector(lq.float()).float()
         t = torch.full((z_low.shape[0],), self.timestep, device=z_low.device)
-        v = self.dit(z_low.to(self.dit.dtype), t)
+        with torch.autocast(z_low.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            v = self.dit(z_low.to(self.dit.dtype), t)
         return z_low - (self.timestep / 1000.0) * v.float()
 
 

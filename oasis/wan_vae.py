@@ -481,7 +481,7 @@ class WanVAE(nn.Module):
         return self
 
     def decode(self, z: torch.Tensor, chunk: int | None = None, *, piece_frames: int | None = None,
-               tile: int | None = None, tile_overlap: int = 8) -> torch.Tensor:
+               tile: int | None = None, tile_overlap: int = 8, clamp: bool = True) -> torch.Tensor:
         """Raw latents ``[B, z_dim, T, H, W]`` -> video ``[B, C, 1 + 4(T-1), 8H, 8W]`` clamped to [-1, 1].
 
         ``chunk``: latent frames per call (None: all); ``piece_frames``: output frames per call in the
@@ -490,7 +490,8 @@ class WanVAE(nn.Module):
         each neighbour and cross-faded per output pixel with weights that add up to one (diffusers'
         tiling): bounds the memory of large frames, but is not exact: the middle block's attention
         spans each whole frame, so a tile's result differs from the whole frame's everywhere, most
-        near its borders.
+        near its borders. ``clamp=False`` leaves the values outside [-1, 1] (training: a pixel loss
+        then still has a gradient there).
         """
         if not self.has_decoder:
             raise ValueError("this VAE was built without its decoder")
@@ -507,10 +508,10 @@ class WanVAE(nn.Module):
         h, w = z.shape[-2:]
         with self._autotuned():
             if tile is None or (tile >= h and tile >= w):
-                return self._decode_frames(z, chunk, piece_frames)
-            return self._decode_tiles(z, chunk, piece_frames, tile, tile_overlap)
+                return self._decode_frames(z, chunk, piece_frames, clamp)
+            return self._decode_tiles(z, chunk, piece_frames, tile, tile_overlap, clamp)
 
-    def _decode_frames(self, z, chunk, piece_frames):
+    def _decode_frames(self, z, chunk, piece_frames, clamp=True):
         x = self.post_quant_conv(z.contiguous(memory_format=self.memory_format))
         t, tf, sf = x.shape[2], self.config.temporal_factor, self.config.spatial_factor
         step = t if chunk is None else chunk
@@ -521,10 +522,10 @@ class WanVAE(nn.Module):
         for s in range(0, t, step):
             y = self.decoder(x[:, :, s:s + step], cache, starts=s == 0, piece_frames=piece_frames)
             f0 = 0 if s == 0 else 1 + tf * (s - 1)
-            out[:, :, f0:f0 + y.shape[2]].copy_(y.clamp_(-1.0, 1.0))
+            out[:, :, f0:f0 + y.shape[2]].copy_(y.clamp_(-1.0, 1.0) if clamp else y)
         return out
 
-    def _decode_tiles(self, z, chunk, piece_frames, tile, overlap):
+    def _decode_tiles(self, z, chunk, piece_frames, tile, overlap, clamp=True):
         from .tiling import span_weights, spans
 
         sf = self.config.spatial_factor
@@ -538,7 +539,7 @@ class WanVAE(nn.Module):
                           dtype=acc, device=z.device)
         for (h0, h1), wh in zip(hs, hw):
             for (w0, w1), wv in zip(ws, ww):
-                y = self._decode_frames(z[..., h0:h1, w0:w1], chunk, piece_frames)
+                y = self._decode_frames(z[..., h0:h1, w0:w1], chunk, piece_frames, clamp)
                 weight = wh[:, None] * wv[None]
                 out[..., h0 * sf:h1 * sf, w0 * sf:w1 * sf] += y.to(acc) * weight
         return out.to(self.post_quant_conv.weight.dtype)

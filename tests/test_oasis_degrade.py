@@ -29,13 +29,31 @@ def test_shapes_range_and_seed_determinism(mode):
     assert d.sample(5, 7) == d.sample(5, 7)
 
 
-def test_consistent_mode_draws_once_per_clip():
-    p = Degradation(mode="consistent").sample(9, seed=3)
+@pytest.mark.parametrize("video_prob", [0.0, 1.0])  # the last compression: JPEG per frame, a codec
+def test_consistent_mode_draws_once_per_clip(video_prob):
+    p = Degradation(mode="consistent", video_prob=video_prob).sample(9, seed=3)
     for order in (p.first, p.second):
         assert all(step == order[0] for step in order)
     assert len(set(p.final_resize)) == 1
-    if p.compress[0] == "jpeg":
-        assert len(set(p.compress[1])) == 1
+    assert p.compress[0] == ("jpeg" if video_prob == 0 else "video")
+    if video_prob == 0:
+        assert len(p.compress[1]) == 9 and len(set(p.compress[1])) == 1
+    assert all(step.jpeg is None for step in p.second)  # Real-ESRGAN: no JPEG inside the second order
+
+
+def test_second_order_works_near_the_lq_size():
+    """Second-order noise of sigma 25 reaches the LQ clip at about that strength (it is added at a
+    factor of the LQ size, not before a further 4x reduction)."""
+    quiet = OrderConfig(blur_prob=0.0, resize_probs=(0.0, 0.0, 1.0), gaussian_noise_prob=1.0, noise_sigma=(0.0, 0.0),
+                        gray_noise_prob=0.0, jpeg_prob=0.0)
+    loud = OrderConfig(blur_prob=0.0, resize_probs=(0.0, 0.0, 1.0), gaussian_noise_prob=1.0, gray_noise_prob=0.0,
+                       noise_sigma=(25.0, 25.0), jpeg_prob=0.0, resize_base="target")
+    d = Degradation(first=quiet, second=loud, video_prob=0.0)
+    clip = torch.full((1, 3, 128, 128), 0.5)
+    params = d.sample(1, 0)
+    params = type(params)(params.first, params.second, ["area"], ("jpeg", [None], False))
+    lq = d.apply(clip, params, 0)
+    assert lq.shape == (1, 3, 32, 32) and abs(lq.std().item() * 255 - 25) < 4
 
 
 @pytest.mark.parametrize("change_prob", [0.0, 0.3, 1.0])

@@ -73,8 +73,10 @@ def test_data_is_a_function_of_seed_and_index(tmp_path):
 
     write_video(tmp_path / "a.mp4", synthetic_clip(12, 48, 96, seed=2), fps=25)
     write_video(tmp_path / "small.mp4", synthetic_clip(12, 16, 16, seed=2), fps=25)
+    write_video(tmp_path / "b.mkv", synthetic_clip(30, 48, 96, seed=3), fps=25)  # Matroska declares no count
     folder = VideoFolder(tmp_path, spec, seed=0)
-    assert len(folder) == 1 and len(folder.skipped) == 1
+    assert len(folder) == 2 and len(folder.skipped) == 1
+    assert sorted(info.num_frames for _, info in folder.videos) == [12, 30]
     clip = folder.clip(3)
     assert clip.shape == (3, 5, 32, 64) and torch.equal(clip, folder.clip(3))
     with pytest.raises(ValueError, match="no videos"):
@@ -117,3 +119,18 @@ def test_worker_processes_load_the_same_batches(tmp_path):
     # value across an 8-bit step, so the losses agree closely rather than bit for bit
     assert [r["total"] for r in one.run()] == pytest.approx([r["total"] for r in two.run()], rel=1e-3)
     assert one.samples(1) == [[2], [3]]  # micro-batches of a step never share a sample
+
+
+def test_resume_refuses_changed_data_settings_and_keeps_an_all_global_run_global(tmp_path):
+    t = Trainer(demo_config(tmp_path, stage1_steps=1, stage2_steps=1, routing=None, calibrate_videos=1,
+                            calibrate_rho=1.0))
+    assert all(m.name == "GLOBAL" for layer in t.pipe.dit.routing for m in layer)
+    t.run()
+    path = tmp_path / "run" / "step_2"
+    again = Trainer(demo_config(tmp_path, stage1_steps=1, stage2_steps=1), resume=path)
+    assert all(m.name == "GLOBAL" for layer in again.pipe.dit.routing for m in layer)
+    with pytest.raises(ValueError, match="batch: 1 -> 2"):
+        Trainer(demo_config(tmp_path, stage1_steps=1, stage2_steps=1, batch=2), resume=path)
+    for bad in (dict(grad_clip=-1.0), dict(dtype="float16"), dict(device="gpu"), dict(warp_weight=-0.1)):
+        with pytest.raises(ValueError):
+            demo_config(tmp_path, **bad)
