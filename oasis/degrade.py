@@ -321,8 +321,10 @@ def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Te
             n = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype) * (level / 255.0)
         else:  # Poisson on the image's own number of levels (Real-ESRGAN's), scaled
             src = x.mean(0, keepdim=True) if gray else x
-            q = (src * 255.0).round().clamp(0, 255) / 255.0
-            levels = 2.0 ** math.ceil(math.log2(max(len(torch.unique(q)), 2)))
+            q8 = (src * 255.0).round().clamp_(0, 255)
+            q = q8 / 255.0
+            distinct = int(torch.count_nonzero(torch.bincount(q8.flatten().to(torch.int64), minlength=256)))
+            levels = 2.0 ** math.ceil(math.log2(max(distinct, 2)))
             n = (torch.poisson(q * levels, generator=gen) / levels - q) * level
         out[i] = x + n
     return out.clamp_(0.0, 1.0)
@@ -430,7 +432,7 @@ class Degradation:
         gen = torch.Generator(clip.device).manual_seed(_seed(seed) ^ 0x5DEECE66D)
         h, w = clip.shape[-2:]
         target = (h // cfg.scale, w // cfg.scale)
-        frames = [clip.float().clamp(0, 1)[i:i + 1] for i in range(clip.shape[0])]
+        frames = _split(clip.float().clamp(0, 1))
         for order, ocfg in ((params.first, cfg.first), (params.second, cfg.second)):
             frames = _run_order(frames, order, gen, target, ocfg.resize_base)
         kind = params.compress[0]
