@@ -134,3 +134,21 @@ def test_resume_refuses_changed_data_settings_and_keeps_an_all_global_run_global
     for bad in (dict(grad_clip=-1.0), dict(dtype="float16"), dict(device="gpu"), dict(warp_weight=-0.1)):
         with pytest.raises(ValueError):
             demo_config(tmp_path, **bad)
+
+
+def test_training_benchmarks_run(tmp_path):
+    """benchmarks/train_bench.py and degrade_bench.py on tiny sizes (the code runs; numbers on the GPU)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import degrade_bench
+    import train_bench
+
+    assert train_bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--batches", "1", "--out",
+                             str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "train_bench.json").read_text())
+    assert [r["mode"] for r in res["rows"]] == ["routed", "all-global"] and "routed_speedup_batch1" in res
+    assert degrade_bench.main(["--clips", "1", "--workers", "0", "--size", "5", "32", "64", "--out",
+                               str(tmp_path)]) == 0
+    assert len(json.loads((tmp_path / "degrade_bench.json").read_text())["rows"]) == 2
