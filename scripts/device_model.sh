@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On the GPU machine: the model-level benchmarks in one call (results to $OUT/r): the Wan VAE against
+# diffusers (needs diffusers: carry its wheel in the ignored .whl/ and `pip install --target /tmp/site`), the
+# DiT and the whole OasisVSR call, the DiT's training step, the training-data throughput.
+# BENCHES picks some of: vae model train degrade (default: all).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT/r"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+for bench in ${BENCHES:-vae model train degrade}; do
+    case $bench in
+        vae) python3 benchmarks/vae_bench.py --reps 2 --out "$OUT/r" 2>&1 | grep -A100 "^Decode:" | head -40 ;;
+        model) python3 benchmarks/model_bench.py --modes regions --grids A --vsr --reps 3 --out "$OUT/r" 2>&1 | tail -14 ;;
+        train) python3 benchmarks/train_bench.py --out "$OUT/r" 2>&1 | tail -16 ;;
+        degrade) python3 benchmarks/degrade_bench.py --workers 0 4 8 --out "$OUT/r" 2>&1 | tail -8 ;;
+        *) echo "unknown bench $bench"; exit 2 ;;
+    esac
+done
