@@ -1,0 +1,92 @@
+"""oasis_kernels.distributed on the CPU: 2 and 3 processes (gloo) against the single-process routed attention."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import oasis_kernels as ok
+from oasis_kernels.distributed import balance_heads, head_costs, routed_attention, token_slices
+
+MODES = ["global", "intra", "window", "window", "intra", "global"]  # interleaved, 6 heads
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _inputs(grid, seed):
+    n = grid[0] * grid[1] * grid[2]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, n, 6, 16, generator=g) for _ in range(4)]  # q, k, v, the output's gradient
+
+
+def _worker(rank, world, port, grid, modes, seed, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        plan = ok.RoutingPlan(grid, modes)
+        q, k, v, dout = _inputs(grid, seed)
+        start, stop = token_slices(grid, world)[rank]
+        mine = [x[:, start:stop].clone().requires_grad_() for x in (q, k, v)]
+        out = routed_attention(*mine, plan)
+        out.backward(dout[:, start:stop])
+        results[rank] = (out.detach(), *[x.grad for x in mine])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,grid", [(2, (3, 4, 5)), (3, (3, 4, 5)), (3, (2, 3, 5)), (2, (1, 3, 7))])
+def test_sequence_parallel_equals_one_process(world, grid):
+    """Uneven frame splits, fewer frames than ranks (token split), an odd token count; an interleaved plan."""
+    port = _free_port()
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, port, grid, MODES, 7, results), nprocs=world, join=True)
+    plan = ok.RoutingPlan(grid, MODES)
+    q, k, v, dout = _inputs(grid, 7)
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    want = ok.routed_attention(q, k, v, plan)
+    want.backward(dout)
+    got = [torch.cat([results[r][i] for r in range(world)], dim=1) for i in range(4)]
+    for a, b in zip(got, (want.detach(), q.grad, k.grad, v.grad)):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_token_slices():
+    assert token_slices((3, 4, 5), 2) == [(0, 40), (40, 60)]  # whole frames, the first rank one more
+    assert token_slices((2, 3, 5), 3) == [(0, 10), (10, 20), (20, 30)]  # fewer frames than ranks: tokens
+    assert token_slices((1, 3, 7), 2) == [(0, 11), (11, 21)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        token_slices((1, 1, 2), 3)
+
+
+def test_balance_heads_spreads_the_global_heads():
+    plan = ok.RoutingPlan((9, 45, 80), ["global"] * 5 + ["intra"] * 4 + ["window"] * 3)
+    costs = head_costs(plan)
+    assert costs[0] == 9 * costs[5] and costs[5] > 10 * costs[9]  # by FLOPs: global = T x intra at A
+    for world in (2, 3, 4, 6):
+        perm = balance_heads(plan, world)
+        assert sorted(perm) == list(range(12))
+        per = 12 // world
+        loads = [sum(costs[h] for h in perm[r * per:(r + 1) * per]) for r in range(world)]
+        assert max(loads) <= sum(costs) / world + max(costs)  # the stated bound
+        contiguous = [sum(costs[r * per:(r + 1) * per]) for r in range(world)]
+        assert max(loads) <= max(contiguous)
+    with pytest.raises(ValueError, match="use one of \\[1, 2, 3, 4, 6, 12\\]"):
+        balance_heads(plan, 5)
+
+
+def test_bad_calls_without_a_process_group():
+    plan = ok.RoutingPlan((2, 3, 5), MODES)
+    q = torch.zeros(1, 30, 6, 16)
+    with pytest.raises(RuntimeError, match="torch.distributed initialised"):
+        routed_attention(q, q, q, plan)
+    with pytest.raises(ValueError, match="strategy"):
+        routed_attention(q, q, q, plan, strategy="hybrid")
