@@ -15,7 +15,7 @@ into the model's q/k/v rows and o columns (``RoutingPlan`` of the permuted modes
 layer already does for its own head order.
 
 Not here yet: the frame-parallel hybrid (local heads without the all-to-all), and timings on
-several GPUs.
+several GPUs; docs/DISTRIBUTED.md models the communication of both.
 """
 
 from __future__ import annotations
