@@ -14,8 +14,11 @@ model: FLOPs, i.e. (query, key) pairs per head); fold it
 into the model's q/k/v rows and o columns (``RoutingPlan`` of the permuted modes), as the routed
 layer already does for its own head order.
 
-Not here yet: the frame-parallel hybrid (local heads without the all-to-all), and timings on
-several GPUs; docs/DISTRIBUTED.md models the communication of both.
+The frame-parallel hybrid (``strategy="hybrid"``, the default where it can run) keeps the local
+heads off the all-to-alls: with whole frames on each rank, intra heads exchange nothing and window
+heads only the k and v of the window's temporal radius from each neighbour (point to point); only
+the global heads take the all-to-alls. docs/DISTRIBUTED.md models both's traffic; timings on
+several GPUs are not measured yet.
 """
 
 from __future__ import annotations
@@ -139,6 +142,100 @@ class _HeadsToTokens(torch.autograd.Function):
         return _tokens_to_heads(grad, ctx.counts, ctx.group), None, None
 
 
+class _Halo(torch.autograd.Function):
+    """``[B, n, ...]`` (this rank's whole frames) -> the same with ``r`` frames of each neighbour's
+    tokens around it (none past the sequence's ends); the backward returns the halo's gradients to
+    their owners."""
+
+    @staticmethod
+    def forward(ctx, x, r_tokens, group):
+        world, rank = _group_info(group)
+        ctx.r, ctx.group = r_tokens, group
+        first, last = x[:, :r_tokens].contiguous(), x[:, -r_tokens:].contiguous()
+        prev = torch.empty_like(first) if rank > 0 else first[:, :0]
+        nxt = torch.empty_like(last) if rank < world - 1 else last[:, :0]
+        _p2p([(first, rank - 1, "send"), (last, rank + 1, "send"), (prev, rank - 1, "recv"),
+              (nxt, rank + 1, "recv")], world, group)
+        ctx.sizes = (prev.shape[1], x.shape[1], nxt.shape[1])
+        return torch.cat([prev, x, nxt], dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        world, rank = _group_info(ctx.group)
+        n_prev, n, n_next = ctx.sizes
+        r = ctx.r
+        g_prev, g_mid, g_next = g[:, :n_prev].contiguous(), g[:, n_prev:n_prev + n], g[:, n_prev + n:].contiguous()
+        from_prev = torch.empty_like(g_mid[:, :r]) if rank > 0 else None
+        from_next = torch.empty_like(g_mid[:, -r:]) if rank < world - 1 else None
+        _p2p([(g_prev, rank - 1, "send"), (g_next, rank + 1, "send"), (from_prev, rank - 1, "recv"),
+              (from_next, rank + 1, "recv")], world, ctx.group)
+        out = g_mid.clone()
+        if from_prev is not None:
+            out[:, :r] += from_prev
+        if from_next is not None:
+            out[:, -r:] += from_next
+        return out, None, None
+
+
+def _p2p(ops, world, group):
+    """Point-to-point sends and receives to neighbours that exist, posted together (no ordering deadlock)."""
+    reqs = []
+    for tensor, peer, kind in ops:
+        if tensor is None or not 0 <= peer < world or tensor.numel() == 0:
+            continue
+        peer = dist.get_global_rank(group, peer) if group is not None else peer
+        reqs.append(dist.P2POp(dist.isend if kind == "send" else dist.irecv, tensor, peer, group))
+    if reqs:
+        for req in dist.batch_isend_irecv(reqs):
+            req.wait()
+
+
+def _hybrid_problem(plan: RoutingPlan, world: int) -> str | None:
+    """Why the frame-parallel hybrid cannot run this plan on ``world`` ranks (None: it can)."""
+    t = plan.grid[0]
+    if t < world:
+        return f"{t} frames for {world} ranks (each rank needs whole frames)"
+    n_global = sum(m == Mode.GLOBAL for m in plan.modes)
+    if n_global % world:
+        return f"{n_global} global heads do not split across {world} ranks"
+    if any(m == Mode.WINDOW for m in plan.modes) and t // world < plan.window[0] // 2:
+        return f"a rank's {t // world} frames are fewer than the window's temporal radius {plan.window[0] // 2}"
+    return None
+
+
+def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tensor:
+    world, rank = _group_info(group)
+    _, h, w = plan.grid
+    frames = counts[rank] // (h * w)
+    by_mode = {m: [i for i, mm in enumerate(plan.modes) if mm == m] for m in (Mode.GLOBAL, Mode.INTRA, Mode.WINDOW)}
+    outs, order = [], []
+    for mode, heads in by_mode.items():
+        if not heads:
+            continue
+        idx = torch.tensor(heads, device=q.device)
+        qm, km, vm = (x.index_select(2, idx) for x in (q, k, v))
+        if mode == Mode.GLOBAL:  # Ulysses among the global heads
+            sub = RoutingPlan(plan.grid, [Mode.GLOBAL] * (len(heads) // world), plan.window)
+            parts = (_TokensToHeads.apply(x, counts, group) for x in (qm, km, vm))
+            out = _HeadsToTokens.apply(_routed_attention(*parts, sub), counts, group)
+        elif mode == Mode.INTRA:  # whole frames: nothing to exchange
+            out = _routed_attention(qm, km, vm, RoutingPlan((frames, h, w), [Mode.INTRA] * len(heads), plan.window))
+        else:  # k and v of the neighbours' nearest frames; queries padded with zeros there, outputs dropped
+            r = plan.window[0] // 2 * h * w
+            kx, vx = _Halo.apply(km, r, group), _Halo.apply(vm, r, group)
+            before = r if rank > 0 else 0
+            after = kx.shape[1] - km.shape[1] - before
+            qx = torch.cat([qm.new_zeros(qm.shape[0], before, *qm.shape[2:]), qm,
+                            qm.new_zeros(qm.shape[0], after, *qm.shape[2:])], dim=1)
+            grid = (kx.shape[1] // (h * w), h, w)
+            full = _routed_attention(qx, kx, vx, RoutingPlan(grid, [Mode.WINDOW] * len(heads), plan.window))
+            out = full[:, before:before + qm.shape[1]]
+        outs.append(out)
+        order += heads
+    inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=q.device)
+    return torch.cat(outs, dim=2).index_select(2, inverse)
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan, group=None,
                      strategy: str = "auto") -> torch.Tensor:
     """Routed attention of the whole sequence, each rank holding its token slice.
@@ -147,21 +244,28 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
         q, k, v: ``[B, stop - start, heads, D]``, this rank's tokens ``token_slices(plan.grid, P)[rank]``.
         plan: the whole layer's :class:`RoutingPlan` (its modes in the heads' order).
         group: the process group (default: the world).
-        strategy: ``"auto"`` or ``"ulysses"`` (the only one so far).
+        strategy: ``"ulysses"`` (every head through the all-to-alls; the head count must divide
+            by P), ``"hybrid"`` (frame-parallel: ranks hold whole frames, intra heads exchange
+            nothing, window heads a halo of the window's temporal radius from each neighbour, only
+            global heads take the all-to-alls; their count must divide by P), or ``"auto"``: the
+            hybrid where it can run (less traffic, docs/DISTRIBUTED.md), else Ulysses.
 
     Returns:
         ``[B, stop - start, heads, D]``: this rank's tokens of the attention output.
     """
-    if strategy not in ("auto", "ulysses"):
-        raise ValueError(f"strategy must be 'auto' or 'ulysses' (the frame-parallel hybrid is not built yet), "
-                         f"got {strategy!r}")
+    if strategy not in ("auto", "ulysses", "hybrid"):
+        raise ValueError(f"strategy must be 'auto', 'ulysses' or 'hybrid', got {strategy!r}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("oasis_kernels.distributed.routed_attention needs torch.distributed initialised")
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
     world, rank = _group_info(group)
     heads = len(plan.modes)
-    if heads % world:
+    problem = _hybrid_problem(plan, world)
+    if strategy == "hybrid" and problem:
+        raise ValueError(f"the hybrid strategy cannot run here: {problem}")
+    hybrid = world > 1 and not problem and strategy in ("auto", "hybrid")
+    if not hybrid and heads % world:
         allowed = [p for p in range(1, heads + 1) if heads % p == 0]
         raise ValueError(f"{heads} heads do not split across {world} ranks; use one of {allowed}")
     slices = token_slices(plan.grid, world)
@@ -172,6 +276,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
                              f"{plan.grid}), got {tuple(x.shape)}")
     if world == 1:
         return _routed_attention(q, k, v, plan)
+    if hybrid:
+        return _hybrid(q, k, v, plan, counts, group)
     hp = heads // world
     mine = RoutingPlan(plan.grid, plan.modes[rank * hp:(rank + 1) * hp], plan.window)
     qh, kh, vh = (_TokensToHeads.apply(x, counts, group) for x in (q, k, v))

@@ -12,6 +12,7 @@ import oasis_kernels as ok
 from oasis_kernels.distributed import balance_heads, head_costs, routed_attention, token_slices
 
 MODES = ["global", "intra", "window", "window", "intra", "global"]  # interleaved, 6 heads
+MODES3 = ["global", "intra", "window", "global", "window", "global"]  # three global heads
 
 
 def _free_port() -> int:
@@ -26,7 +27,7 @@ def _inputs(grid, seed):
     return [torch.randn(2, n, 6, 16, generator=g) for _ in range(4)]  # q, k, v, the output's gradient
 
 
-def _worker(rank, world, port, grid, modes, seed, results):
+def _worker(rank, world, port, grid, modes, seed, results, strategy="auto"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -35,20 +36,24 @@ def _worker(rank, world, port, grid, modes, seed, results):
         q, k, v, dout = _inputs(grid, seed)
         start, stop = token_slices(grid, world)[rank]
         mine = [x[:, start:stop].clone().requires_grad_() for x in (q, k, v)]
-        out = routed_attention(*mine, plan)
+        out = routed_attention(*mine, plan, strategy=strategy)
         out.backward(dout[:, start:stop])
         results[rank] = (out.detach(), *[x.grad for x in mine])
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,grid", [(2, (3, 4, 5)), (3, (3, 4, 5)), (3, (2, 3, 5)), (2, (1, 3, 7))])
-def test_sequence_parallel_equals_one_process(world, grid):
-    """Uneven frame splits, fewer frames than ranks (token split), an odd token count; an interleaved plan."""
+@pytest.mark.parametrize("world,grid,modes,strategy", [
+    (2, (3, 4, 5), MODES, "ulysses"), (3, (3, 4, 5), MODES, "ulysses"), (3, (2, 3, 5), MODES, "auto"),
+    (2, (1, 3, 7), MODES, "auto"), (2, (3, 4, 5), MODES, "hybrid"), (3, (3, 4, 5), MODES3, "hybrid"),
+    (3, (5, 4, 5), MODES3, "auto")])
+def test_sequence_parallel_equals_one_process(world, grid, modes, strategy):
+    """Ulysses: uneven frame splits, fewer frames than ranks (token split), an odd token count. The
+    hybrid: halos across uneven frame splits (5 frames over 3 ranks), interleaved plans."""
     port = _free_port()
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, port, grid, MODES, 7, results), nprocs=world, join=True)
-    plan = ok.RoutingPlan(grid, MODES)
+    mp.spawn(_worker, args=(world, port, grid, modes, 7, results, strategy), nprocs=world, join=True)
+    plan = ok.RoutingPlan(grid, modes)
     q, k, v, dout = _inputs(grid, 7)
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
     want = ok.routed_attention(q, k, v, plan)
@@ -89,4 +94,24 @@ def test_bad_calls_without_a_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         routed_attention(q, q, q, plan)
     with pytest.raises(ValueError, match="strategy"):
-        routed_attention(q, q, q, plan, strategy="hybrid")
+        routed_attention(q, q, q, plan, strategy="ring")
+
+
+def _hybrid_refused(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        plan = ok.RoutingPlan((2, 3, 5), MODES3)
+        q = torch.zeros(1, 10, 6, 16)
+        try:
+            routed_attention(q, q, q, plan, strategy="hybrid")
+        except ValueError as exc:
+            results[rank] = str(exc)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hybrid_says_why_it_cannot_run():
+    results = mp.Manager().dict()
+    mp.spawn(_hybrid_refused, args=(3, _free_port(), results), nprocs=3, join=True)
+    assert all("2 frames for 3 ranks" in results[r] for r in range(3))
