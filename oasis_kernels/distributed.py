@@ -99,47 +99,58 @@ def _exchange(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], g
     return out
 
 
+def _head_blocks(heads: int, world: int) -> list[int]:
+    """Heads per rank: as even as possible, earlier ranks one more."""
+    base, extra = divmod(heads, world)
+    return [base + (r < extra) for r in range(world)]
+
+
 def _tokens_to_heads(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """``[B, n_rank, H, D]`` (this rank's tokens, all heads) -> ``[B, N, H/P, D]`` (all tokens, this
-    rank's heads)."""
+    """``[B, n_rank, H, D]`` (this rank's tokens, all heads) -> ``[B, N, H_rank, D]`` (all tokens, this
+    rank's block of heads; blocks as :func:`_head_blocks`)."""
     world, rank = _group_info(group)
     b, n, h, d = x.shape
-    hp = h // world
-    send = x.view(b, n, world, hp, d).permute(2, 1, 0, 3, 4).reshape(world * n, b * hp * d)  # rank-major rows
-    recv = _exchange(send, [n] * world, counts, group)  # rows: rank 0's tokens, rank 1's, ...
-    return recv.view(sum(counts), b, hp, d).transpose(0, 1).contiguous()
+    blocks = _head_blocks(h, world)
+    send = x.permute(2, 1, 0, 3).reshape(h * n, b * d)  # rows (head, token): rank j's heads are one run
+    recv = _exchange(send, [hj * n for hj in blocks], [blocks[rank] * c for c in counts], group)
+    parts = torch.split(recv, [blocks[rank] * c for c in counts])  # from each rank: (my heads, its tokens)
+    y = torch.cat([p.view(blocks[rank], c, b, d) for p, c in zip(parts, counts)], dim=1)  # [H_rank, N, B, D]
+    return y.permute(2, 1, 0, 3).contiguous()
 
 
-def _heads_to_tokens(y: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """The inverse: ``[B, N, H/P, D]`` -> ``[B, n_rank, H, D]``."""
+def _heads_to_tokens(y: torch.Tensor, counts: list[int], group, heads: int) -> torch.Tensor:
+    """The inverse: ``[B, N, H_rank, D]`` -> ``[B, n_rank, H, D]``."""
     world, rank = _group_info(group)
-    b, n_all, hp, d = y.shape
-    send = y.transpose(0, 1).reshape(n_all, b * hp * d)  # rows in token order = rank 0's, rank 1's, ...
+    b, n_all, hr, d = y.shape
+    blocks = _head_blocks(heads, world)
     mine = counts[rank]
-    recv = _exchange(send, counts, [mine] * world, group)  # rows: (head block of rank j, my tokens)
-    return recv.view(world, mine, b, hp, d).permute(2, 1, 0, 3, 4).reshape(b, mine, world * hp, d)
+    send = torch.cat([p.permute(2, 1, 0, 3).reshape(hr * c, b * d)  # to rank i: (my heads, its tokens)
+                      for p, c in zip(torch.split(y, counts, dim=1), counts)])
+    recv = _exchange(send, [hr * c for c in counts], [hj * mine for hj in blocks], group)
+    x = recv.view(heads, mine, b, d)  # rows (head, my token), heads in order: rank 0's block first
+    return x.permute(2, 1, 0, 3).contiguous()
 
 
 class _TokensToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, group):
-        ctx.counts, ctx.group = counts, group
+        ctx.counts, ctx.group, ctx.heads = counts, group, x.shape[2]
         return _tokens_to_heads(x, counts, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_tokens(grad, ctx.counts, ctx.group), None, None
+        return _heads_to_tokens(grad, ctx.counts, ctx.group, ctx.heads), None, None
 
 
 class _HeadsToTokens(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, counts, group):
+    def forward(ctx, y, counts, group, heads):
         ctx.counts, ctx.group = counts, group
-        return _heads_to_tokens(y, counts, group)
+        return _heads_to_tokens(y, counts, group, heads)
 
     @staticmethod
     def backward(ctx, grad):
-        return _tokens_to_heads(grad, ctx.counts, ctx.group), None, None
+        return _tokens_to_heads(grad, ctx.counts, ctx.group), None, None, None
 
 
 class _Halo(torch.autograd.Function):
@@ -195,9 +206,6 @@ def _hybrid_problem(plan: RoutingPlan, world: int) -> str | None:
     t = plan.grid[0]
     if t < world:
         return f"{t} frames for {world} ranks (each rank needs whole frames)"
-    n_global = sum(m == Mode.GLOBAL for m in plan.modes)
-    if n_global % world:
-        return f"{n_global} global heads do not split across {world} ranks"
     if any(m == Mode.WINDOW for m in plan.modes) and t // world < plan.window[0] // 2:
         return f"a rank's {t // world} frames are fewer than the window's temporal radius {plan.window[0] // 2}"
     return None
@@ -215,9 +223,16 @@ def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tenso
         idx = torch.tensor(heads, device=q.device)
         qm, km, vm = (x.index_select(2, idx) for x in (q, k, v))
         if mode == Mode.GLOBAL:  # Ulysses among the global heads
-            sub = RoutingPlan(plan.grid, [Mode.GLOBAL] * (len(heads) // world), plan.window)
-            parts = (_TokensToHeads.apply(x, counts, group) for x in (qm, km, vm))
-            out = _HeadsToTokens.apply(_routed_attention(*parts, sub), counts, group)
+            # the global heads split as evenly as they go (5 over 2 ranks: 3 and 2)
+            mine = _head_blocks(len(heads), world)[rank]
+            parts = [_TokensToHeads.apply(x, counts, group) for x in (qm, km, vm)]
+            if mine:
+                sub = RoutingPlan(plan.grid, [Mode.GLOBAL] * mine, plan.window)
+                attended = _routed_attention(*parts, sub)
+            else:  # more ranks than global heads: none here (empty), but k and v stay in the graph so
+                # this rank runs the backward's collectives with the others
+                attended = parts[0] + (parts[1].sum() + parts[2].sum()) * 0
+            out = _HeadsToTokens.apply(attended, counts, group, len(heads))
         elif mode == Mode.INTRA:  # whole frames: nothing to exchange
             out = _routed_attention(qm, km, vm, RoutingPlan((frames, h, w), [Mode.INTRA] * len(heads), plan.window))
         else:  # k and v of the neighbours' nearest frames; queries padded with zeros there, outputs dropped
@@ -247,7 +262,7 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
         strategy: ``"ulysses"`` (every head through the all-to-alls; the head count must divide
             by P), ``"hybrid"`` (frame-parallel: ranks hold whole frames, intra heads exchange
             nothing, window heads a halo of the window's temporal radius from each neighbour, only
-            global heads take the all-to-alls; their count must divide by P), or ``"auto"``: the
+            global heads take the all-to-alls, split as evenly as they go), or ``"auto"``: the
             hybrid where it can run (less traffic, docs/DISTRIBUTED.md), else Ulysses.
 
     Returns:
@@ -282,5 +297,5 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
     mine = RoutingPlan(plan.grid, plan.modes[rank * hp:(rank + 1) * hp], plan.window)
     qh, kh, vh = (_TokensToHeads.apply(x, counts, group) for x in (q, k, v))
     out = _routed_attention(qh, kh, vh, mine)
-    return _HeadsToTokens.apply(out, counts, group)
+    return _HeadsToTokens.apply(out, counts, group, heads)
 

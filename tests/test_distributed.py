@@ -46,10 +46,11 @@ def _worker(rank, world, port, grid, modes, seed, results, strategy="auto"):
 @pytest.mark.parametrize("world,grid,modes,strategy", [
     (2, (3, 4, 5), MODES, "ulysses"), (3, (3, 4, 5), MODES, "ulysses"), (3, (2, 3, 5), MODES, "auto"),
     (2, (1, 3, 7), MODES, "auto"), (2, (3, 4, 5), MODES, "hybrid"), (3, (3, 4, 5), MODES3, "hybrid"),
-    (3, (5, 4, 5), MODES3, "auto")])
+    (3, (5, 4, 5), MODES3, "auto"), (3, (3, 4, 5), MODES, "hybrid"), (2, (4, 4, 5), MODES3, "hybrid")])
 def test_sequence_parallel_equals_one_process(world, grid, modes, strategy):
     """Ulysses: uneven frame splits, fewer frames than ranks (token split), an odd token count. The
-    hybrid: halos across uneven frame splits (5 frames over 3 ranks), interleaved plans."""
+    hybrid: halos across uneven frame splits (5 frames over 3 ranks), global heads split unevenly (3
+    over 2 ranks; 2 over 3, one rank with none), interleaved plans."""
     port = _free_port()
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(world, port, grid, modes, 7, results, strategy), nprocs=world, join=True)
