@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import oasis_kernels as ok
+import oasis_kernels.distributed as ok_distributed
 from oasis_kernels.routing import RoutingFile, load_routing
 
 from .config import WanConfig
@@ -129,6 +130,7 @@ class WanSelfAttention(_Attention):
         self.window: tuple[int, int, int] = (3, 5, 5)
         self.order: tuple[int, ...] = tuple(range(self.heads))  # kernel head i is checkpoint head order[i]
         self._plans: dict = {}
+        self.sequence_group = None  # WanDiT.set_sequence_parallel: the process group splitting the tokens
         self.register_state_dict_post_hook(_unpermute_state)
         self.register_load_state_dict_pre_hook(self._permute_loaded)
 
@@ -181,11 +183,34 @@ class WanSelfAttention(_Attention):
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def attend(self, q, k, v, grid) -> torch.Tensor:
-        """Routed attention with this layer's plan: ``[B, N, heads, head_dim]`` (kernel head order)."""
+        """Routed attention with this layer's plan: ``[B, N, heads, head_dim]`` (kernel head order);
+        under sequence parallelism ``q, k, v`` are this rank's tokens of ``grid``."""
+        if self.sequence_group is not None:
+            return ok_distributed.routed_attention(q, k, v, self.plan(grid), self.sequence_group)
         return ok.routed_attention(q, k, v, self.plan(grid))
 
     def forward(self, x: torch.Tensor, grid, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.o(self.attend(*self.project(x, rope), grid).flatten(2))
+
+
+class _GatherFrames(torch.autograd.Function):
+    """Every rank's frames ``[B, C, t_rank, H, W]`` -> the whole ``[B, C, T, H, W]`` on every rank; the
+    backward keeps this rank's frames of the gradient (each rank computes the same loss of the whole)."""
+
+    @staticmethod
+    def forward(ctx, out, sizes, group):
+        rank = torch.distributed.get_rank(group)
+        most = max(sizes)
+        padded = out.new_zeros((*out.shape[:2], most, *out.shape[3:]))
+        padded[:, :, :out.shape[2]] = out
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        ctx.start, ctx.size = sum(sizes[:rank]), sizes[rank]
+        return torch.cat([p[:, :, :n] for p, n in zip(parts, sizes)], dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, :, ctx.start:ctx.start + ctx.size], None, None
 
 
 def _inverse(order: Sequence[int]) -> tuple[int, ...]:
@@ -324,6 +349,7 @@ class WanDiT(nn.Module):
         self._regions = None
         #: training: recompute each block's activations in the backward instead of keeping them
         self.activation_checkpointing = False
+        self.sequence_group = None
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -437,6 +463,31 @@ class WanDiT(nn.Module):
         """Each layer's modes in checkpoint head order."""
         return [b.self_attn.modes for b in self.blocks]
 
+    # -- several processes ---------------------------------------------------------------
+    def set_sequence_parallel(self, group=None, enabled: bool = True) -> None:
+        """Split each call's tokens across the ranks of ``group`` (default: the world): every rank passes
+        the whole latents and gets the whole output, but computes only its frames
+        (``oasis_kernels.distributed.token_slices``; attention through
+        ``oasis_kernels.distributed.routed_attention``), so activations and attention divide by P.
+        ``enabled=False`` returns to one process. Needs ``torch.distributed`` initialised and at least
+        P latent frames per call."""
+        if enabled and not torch.distributed.is_initialized():
+            raise RuntimeError("set_sequence_parallel needs torch.distributed initialised (e.g. under torchrun)")
+        group = (group or torch.distributed.group.WORLD) if enabled else None
+        self.sequence_group = group
+        for b in self.blocks:
+            b.self_attn.sequence_group = group
+
+    def _frames_of_rank(self, grid) -> tuple[int, int]:
+        """This rank's ``[first, last)`` token frames of ``grid`` under sequence parallelism."""
+        world = torch.distributed.get_world_size(self.sequence_group)
+        rank = torch.distributed.get_rank(self.sequence_group)
+        if grid[0] < world:
+            raise ValueError(f"sequence parallelism over {world} ranks needs at least {world} latent frames per "
+                             f"call, got {grid[0]}")
+        start, stop = ok_distributed.token_slices(grid, world)[rank]
+        return start // (grid[1] * grid[2]), stop // (grid[1] * grid[2])
+
     # -- the constant context ----------------------------------------------------------
     def set_context(self, context: torch.Tensor | None) -> None:
         """Keep ``context [L, text_dim]`` or ``[1, L, text_dim]`` for calls with ``context=None``."""
@@ -517,12 +568,20 @@ class WanDiT(nn.Module):
         if timestep.numel() != b:
             raise ValueError(f"timestep has {timestep.numel()} entries for a batch of {b}")
         grid = (t // pt, h // ph, w // pw)
+        full = None
+        if self.sequence_group is not None:  # this rank's frames only; the output gathered at the end
+            f0, f1 = self._frames_of_rank(grid)
+            full, latents = latents, latents[:, :, f0 * pt:f1 * pt]
+            t = latents.shape[2]
         x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)
         # float32 (the parameters WanDiT.cast keeps), float64 in a float64 model
         e = self.time_embedding(timestep_embedding(timestep, cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
         e6 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         kv = self._context_kv(context)
         rope = self.rope(grid)
+        if full is not None:
+            n0, n1 = f0 * grid[1] * grid[2], f1 * grid[1] * grid[2]
+            rope = (rope[0][n0:n1], rope[1][n0:n1])
         for block, layer_kv in zip(self.blocks, kv):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # keep only each block's input; its activations are recomputed in the backward
@@ -531,5 +590,12 @@ class WanDiT(nn.Module):
             else:
                 x = block(x, e6, grid, rope, layer_kv, self._regions)
         x = self.head(x, e)
-        x = x.view(b, *grid, pt, ph, pw, cfg.out_channels)
-        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, t, h, w)
+        local = (t // pt, grid[1], grid[2])
+        x = x.view(b, *local, pt, ph, pw, cfg.out_channels)
+        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, t, h, w)
+        if full is None:
+            return out
+        world = torch.distributed.get_world_size(self.sequence_group)
+        hw = grid[1] * grid[2]
+        sizes = [(stop - start) // hw * pt for start, stop in ok_distributed.token_slices(grid, world)]
+        return _GatherFrames.apply(out, sizes, self.sequence_group)
