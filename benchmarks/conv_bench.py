@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attn_bench import environment  # noqa: E402
+from model_bench import cuda_ms  # noqa: E402
 
 # (name, Cin, Cout, output frames for the whole clip, H, W, kernel): the decoder's 3D convolutions at
 # latents [9, 90, 160]; "2d" rows are the spatial upsamplers' per-frame 3x3 convolutions.
@@ -46,16 +48,7 @@ SHAPES = [
 
 def cuda_time(fn, reps: int) -> float:
     """Median seconds of ``fn`` by CUDA events, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(cuda_ms(fn, reps)) / 1e3
 
 
 def gemm_time(m: int, k: int, n: int, dev, reps: int) -> float:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attn_bench import environment  # noqa: E402
+from conv_bench import gemm_time  # noqa: E402
 from model_bench import ROUTED, block_matmul_flops  # noqa: E402
 
 from oasis import WanConfig, WanDiT  # noqa: E402
@@ -78,18 +79,7 @@ def main(argv=None):
     latent = (5, 8, 16) if args.tiny else (5, 40, 80)
     grid = (latent[0], latent[1] // 2, latent[2] // 2)
     autocast = device.type == "cuda"
-    rate = None
-    if device.type == "cuda":
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ a
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
-        rate = 10 * 2 * 8192**3 / (time.perf_counter() - start)
-        del a
+    rate = 2 * 8192**3 / gemm_time(8192, 8192, 8192, device, 10) if device.type == "cuda" else None
     torch.manual_seed(0)
     model = WanDiT(cfg).init_weights().to(device).train()
     model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device=device) * 0.1)

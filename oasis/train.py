@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .losses import clip_flows
+from .vae import normalise_latents
 
 __all__ = ["TrainConfig", "Trainer", "main"]
 
@@ -242,11 +243,11 @@ class Trainer:
             if cfg.routing is not None:
                 pipe.dit.set_routing(cfg.routing)
             gen = torch.Generator().manual_seed(cfg.seed + 1)
-            vae = WanVAE(TINY_VAE)  # the tiny pipeline's decoder, with an encoder beside it
+            vae = WanVAE(TINY_VAE)  # the tiny pipeline's decoder, with a seeded random encoder beside it
+            decoder = pipe.decoder.vae.state_dict()
             with torch.no_grad():
                 for name, p in vae.named_parameters():
-                    src = dict(pipe.decoder.vae.named_parameters()).get(name)
-                    p.copy_(src if src is not None else torch.randn(p.shape, generator=gen) * 0.05 + (
+                    p.copy_(decoder[name] if name in decoder else torch.randn(p.shape, generator=gen) * 0.05 + (
                         1.0 if name.endswith("gamma") else 0.0))
             vae = vae.to(device).eval().requires_grad_(False)
             pipe.decoder = WanDecoder(vae)
@@ -342,7 +343,7 @@ class Trainer:
         to the latents through the frozen VAE), the flows when a flow model is set."""
         vae_dtype = self.vae.post_quant_conv.weight.dtype
         with torch.no_grad():
-            z_hq = _normalised(self.vae, self.vae.encode(hq.to(vae_dtype), chunk=1))
+            z_hq = normalise_latents(self.vae.encode(hq.to(vae_dtype), chunk=1), self.vae.config)
         z_hat = self.model(lq)
         video = self.vae.decode(self.pipe.decoder.raw_latents(z_hat).to(vae_dtype), chunk=1, piece_frames=2,
                                 clamp=False)
@@ -478,21 +479,13 @@ class _Restorer(torch.nn.Module):
 
     def __init__(self, pipe, autocast=None):
         super().__init__()
-        self.projector, self.dit = pipe.projector, pipe.dit
-        self.timestep, self.autocast = pipe.timestep, autocast
+        self.projector, self.dit = pipe.projector, pipe.dit  # registered: DDP sees their parameters
+        self.pipe, self.autocast = pipe, autocast
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        z_low = self.projector(lq.float()).float()
-        t = torch.full((z_low.shape[0],), self.timestep, device=z_low.device)
+        z_low = self.pipe.project(lq)
         with torch.autocast(z_low.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            v = self.dit(z_low.to(self.dit.dtype), t)
-        return z_low - (self.timestep / 1000.0) * v.float()
-
-
-def _normalised(vae, z):
-    from .vae import normalise_latents
-
-    return normalise_latents(z, vae.config)
+            return self.pipe.restore(z_low)  # the residual stays float32: autocast leaves elementwise ops
 
 
 def _seed_everything(seed: int) -> None:

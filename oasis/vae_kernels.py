@@ -1,4 +1,6 @@
-"""Fused elementwise passes of the Wan VAE, in Triton: ``SiLU(RMSNorm(x))`` in one read and one write.
+"""Fused elementwise passes of the Wan VAE, in Triton: ``SiLU(RMSNorm(x + bias))`` in one read and one
+write (:func:`norm_silu`), a convolution's bias plus a residual in place (:func:`add_bias_`), and the
+2x nearest resize of channels-last frames (:func:`upsample2x_nearest`).
 
 Every residual block of the VAE runs ``x -> RMSNorm over channels -> SiLU -> causal 3x3x3 conv`` twice.
 In PyTorch that pair is five or more passes over the activation, two of them in float32 (the norm is
@@ -133,15 +135,20 @@ def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out:
     s = x[0, 0].numel()
     if x.numel() == 0:
         return out
-    block_c = triton.next_power_of_2(c)
-    # ~8k values per program: wide enough along S to coalesce channels-first loads, few enough registers
-    block_s = max(16, min(256, 8192 // block_c))
+    block_c, block_s = _channel_tiles(c)
     grid = (triton.cdiv(s, block_s), b)
     _norm_silu_kernel[grid](x, gamma.reshape(-1), x if bias is None else bias, out, s, c, x.stride(0), x.stride(1),
                             sx, out.stride(0), out.stride(1), so, float(scale), EPS, SILU=silu,
                             HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
                             num_warps=8 if block_c >= 256 else 4)
     return out
+
+
+def _channel_tiles(c: int) -> tuple[int, int]:
+    """(channels, positions) of one program's ``[C, S]`` tile: all channels, and ~8k values in all: wide
+    enough along S to coalesce channels-first loads, few enough registers."""
+    block_c = triton.next_power_of_2(c)
+    return block_c, max(16, min(256, 8192 // block_c))
 
 
 def add_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,8 +161,7 @@ def add_bias_(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
         b, c = x.shape[:2]
         s = x[0, 0].numel()
         if x.numel():
-            block_c = triton.next_power_of_2(c)
-            block_s = max(16, min(256, 8192 // block_c))
+            block_c, block_s = _channel_tiles(c)
             r = x if residual is None else residual
             _add_bias_kernel[(triton.cdiv(s, block_s), b)](
                 x, x if bias is None else bias, r, s, c, x.stride(0), x.stride(1), _flat_stride(x),

@@ -23,6 +23,8 @@ several GPUs are not measured yet.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -211,6 +213,18 @@ def _hybrid_problem(plan: RoutingPlan, world: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, device=device)  # made once per plan: no host-to-device copy per call
+
+
+def _take_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """Heads ``heads`` of ``[B, N, H, D]``: a view for a run of consecutive heads, else a gather."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, :, heads[0]:heads[0] + len(heads)]
+    return x.index_select(2, _head_index(tuple(heads), x.device))
+
+
 def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tensor:
     world, rank = _group_info(group)
     _, h, w = plan.grid
@@ -220,8 +234,7 @@ def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tenso
     for mode, heads in by_mode.items():
         if not heads:
             continue
-        idx = torch.tensor(heads, device=q.device)
-        qm, km, vm = (x.index_select(2, idx) for x in (q, k, v))
+        qm, km, vm = (_take_heads(x, heads) for x in (q, k, v))
         if mode == Mode.GLOBAL:  # Ulysses among the global heads
             # the global heads split as evenly as they go (5 over 2 ranks: 3 and 2)
             mine = _head_blocks(len(heads), world)[rank]
@@ -247,8 +260,10 @@ def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tenso
             out = full[:, before:before + qm.shape[1]]
         outs.append(out)
         order += heads
-    inverse = torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=q.device)
-    return torch.cat(outs, dim=2).index_select(2, inverse)
+    out = torch.cat(outs, dim=2)
+    if order == list(range(len(order))):  # heads grouped by mode (a permuted plan, as the DiT's): in place
+        return out
+    return _take_heads(out, sorted(range(len(order)), key=order.__getitem__))
 
 
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan, group=None,
