@@ -25,7 +25,7 @@ from oasis_kernels.routing import RoutingFile, load_routing
 from .config import WanConfig
 
 __all__ = ["WanDiT", "WanBlock", "WanSelfAttention", "WanCrossAttention", "Routing", "rope_tables",
-           "timestep_embedding"]
+           "rotate_half_order", "timestep_embedding"]
 
 # what set_routing takes: a routing file (path or object), one list of modes per layer, or None
 Routing = Union[str, Path, RoutingFile, Sequence[Sequence[Union[str, ok.Mode]]], None]
@@ -53,8 +53,9 @@ def _axis_angles(length: int, channels: int, theta: float, device) -> torch.Tens
 def rope_tables(grid, config: WanConfig, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of the 3D rotary embedding, each ``[N, head_dim // 2]`` in ``dtype``, tokens t-major.
 
-    Channel pair ``(2i, 2i+1)`` of every head rotates by one angle; the first pairs follow the
-    frame index, then the row, then the column (Wan2.1's 44/42/42 split for head_dim 128).
+    Column ``i`` is the angle of the checkpoint's channel pair ``(2i, 2i+1)`` of every head; the first
+    pairs follow the frame index, then the row, then the column (Wan2.1's 44/42/42 split for head_dim
+    128). :func:`apply_rope` applies them to q/k in rotate-half order, where that pair is ``(i, i + D/2)``.
     """
     t, h, w = grid
     ct, ch, cw = config.rope_split
@@ -65,12 +66,21 @@ def rope_tables(grid, config: WanConfig, device=None, dtype=torch.float32) -> tu
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
+def rotate_half_order(head_dim: int) -> tuple[int, ...]:
+    """The channel order of q and k inside each head: channel ``j`` is the checkpoint's channel
+    ``rotate_half_order(D)[j]`` (the even channels, then the odd ones), so the checkpoint's interleaved
+    RoPE pair ``(2i, 2i+1)`` is the pair ``(i, i + D/2)``. q and k of a head share it, so q.k is unchanged."""
+    return tuple(range(0, head_dim, 2)) + tuple(range(1, head_dim, 2))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of ``x [B, N, heads, D]`` by ``cos, sin [N, D/2]``; float32 inside."""
-    pairs = _wide(x).unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
+    """Rotate ``x [B, N, heads, D]`` in rotate-half order (channel ``i`` pairs with ``i + D/2``, see
+    :func:`rotate_half_order`) by ``cos, sin [N, D/2]``; float32 inside. Contiguous halves, not
+    interleaved pairs, so that the compiled kernel reads and writes whole vectors."""
+    xf = _wide(x)
+    a, b = xf.chunk(2, dim=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat([a * c - b * s, a * s + b * c], dim=-1).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -96,12 +106,16 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
 
-def _permute_heads(t: torch.Tensor, order: Sequence[int], heads: int, dim: int) -> torch.Tensor:
-    """Head block ``i`` of the result is head block ``order[i]`` of ``t`` along ``dim`` (q/k/v rows, o columns)."""
+def _permute_heads(t: torch.Tensor, order: Sequence[int] | None, heads: int, dim: int,
+                   channels: Sequence[int] | None = None) -> torch.Tensor:
+    """Head block ``i`` of the result is head block ``order[i]`` of ``t`` along ``dim`` (q/k/v rows, o
+    columns), and inside every head, channel ``j`` is channel ``channels[j]``; ``None``: as they are."""
     shape = list(t.shape)
-    split = shape[:dim] + [heads, shape[dim] // heads] + shape[dim + 1:]
-    index = torch.tensor(list(order), dtype=torch.long, device=t.device)
-    return t.reshape(split).index_select(dim, index).reshape(shape)
+    out = t.reshape(shape[:dim] + [heads, shape[dim] // heads] + shape[dim + 1:])
+    for d, index in ((dim, order), (dim + 1, channels)):
+        if index is not None:
+            out = out.index_select(d, torch.tensor(list(index), dtype=torch.long, device=t.device))
+    return out.reshape(shape)
 
 
 class _Attention(nn.Module):
@@ -120,8 +134,10 @@ class WanSelfAttention(_Attention):
     """Self-attention over the video tokens; each head follows its routed pattern.
 
     ``set_modes`` permutes the q/k/v rows, the q/k RMSNorm weights and the o columns once so the
-    heads of each mode are contiguous (one slice per head group for the kernels). The state dict
-    is always in the checkpoint's head order: saving un-permutes, loading permutes.
+    heads of each mode are contiguous (one slice per head group for the kernels). Inside every head,
+    the q/k rows and RMSNorm weights are kept in rotate-half order (:func:`rotate_half_order`), so
+    RoPE works on contiguous halves. The state dict is always in the checkpoint's order, heads and
+    channels: saving un-permutes, loading permutes.
     """
 
     def __init__(self, config: WanConfig):
@@ -129,6 +145,8 @@ class WanSelfAttention(_Attention):
         self.modes: tuple[ok.Mode, ...] = (ok.Mode.GLOBAL,) * self.heads  # checkpoint head order
         self.window: tuple[int, int, int] = (3, 5, 5)
         self.order: tuple[int, ...] = tuple(range(self.heads))  # kernel head i is checkpoint head order[i]
+        # q/k channel j of every head is checkpoint channel channels[j] (fixed: RoPE on contiguous halves)
+        self.channels: tuple[int, ...] = rotate_half_order(self.head_dim)
         self._plans: dict = {}
         self.sequence_group = None  # WanDiT.set_sequence_parallel: the process group splitting the tokens
         self.register_state_dict_post_hook(_unpermute_state)
@@ -136,18 +154,20 @@ class WanSelfAttention(_Attention):
 
     # -- the permuted tensors --------------------------------------------------
     def _head_tensors(self):
-        """(tensor, dim) pairs whose head blocks follow ``perm``."""
+        """(tensor, dim) pairs whose head blocks follow ``order``."""
         out = [(self.q.weight, 0), (self.q.bias, 0), (self.k.weight, 0), (self.k.bias, 0),
                (self.v.weight, 0), (self.v.bias, 0), (self.o.weight, 1)]
         if isinstance(self.norm_q, RMSNorm):
             out += [(self.norm_q.weight, 0), (self.norm_k.weight, 0)]
         return out
 
+    # state-dict key -> the dim of its head blocks; the keys whose channels are in rotate-half order
     _HEAD_KEYS = {"q.weight": 0, "q.bias": 0, "k.weight": 0, "k.bias": 0, "v.weight": 0, "v.bias": 0,
                   "o.weight": 1, "norm_q.weight": 0, "norm_k.weight": 0}
+    _ROTATED_KEYS = frozenset({"q.weight", "q.bias", "k.weight", "k.bias", "norm_q.weight", "norm_k.weight"})
 
     def _permute_loaded(self, module, state_dict, prefix, *args):
-        _permute_state(state_dict, prefix, self.order, self.heads)
+        _permute_state(state_dict, prefix, self.order, self.channels, self.heads)
 
     @torch.no_grad()
     def set_modes(self, modes: Sequence, window=(3, 5, 5)) -> None:
@@ -175,7 +195,8 @@ class WanSelfAttention(_Attention):
         return plan
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """``x [B, N, dim]`` -> q, k, v ``[B, N, heads, head_dim]`` (q and k normed and rotated)."""
+        """``x [B, N, dim]`` -> q, k, v ``[B, N, heads, head_dim]`` (q and k normed and rotated, their
+        channels in rotate-half order: the same per head for both, so q.k is the checkpoint's)."""
         b, n, _ = x.shape
         q = self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim)
         k = self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim)
@@ -220,16 +241,19 @@ def _inverse(order: Sequence[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _permute_state(state_dict, prefix: str, order: Sequence[int], heads: int) -> None:
-    if tuple(order) == tuple(range(heads)):
-        return
+def _permute_state(state_dict, prefix: str, order: Sequence[int], channels: Sequence[int], heads: int) -> None:
+    """Checkpoint order -> the layer's: head blocks by ``order``, q/k channels inside each head by
+    ``channels`` (with the inverses, the layer's order -> the checkpoint's)."""
+    order = None if tuple(order) == tuple(range(heads)) else order
+    channels = None if tuple(channels) == tuple(range(len(channels))) else channels
     for key, dim in WanSelfAttention._HEAD_KEYS.items():
-        if prefix + key in state_dict:
-            state_dict[prefix + key] = _permute_heads(state_dict[prefix + key], order, heads, dim)
+        within = channels if key in WanSelfAttention._ROTATED_KEYS else None
+        if prefix + key in state_dict and (order is not None or within is not None):
+            state_dict[prefix + key] = _permute_heads(state_dict[prefix + key], order, heads, dim, within)
 
 
 def _unpermute_state(module: WanSelfAttention, state_dict, prefix, local_metadata):
-    _permute_state(state_dict, prefix, _inverse(module.order), module.heads)
+    _permute_state(state_dict, prefix, _inverse(module.order), _inverse(module.channels), module.heads)
 
 
 class WanCrossAttention(_Attention):

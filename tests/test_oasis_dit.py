@@ -202,6 +202,70 @@ def test_permutation_is_invisible_outside():
         torch.testing.assert_close(direct(x, ts, ctx), model(x, ts, ctx))
 
 
+def interleaved_rope(x, cos, sin):
+    """Wan2.1's RoPE: channel pairs (2i, 2i+1) of ``x [B, N, heads, D]`` rotated by ``cos, sin [N, D/2]``."""
+    a, b = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+
+def test_rotate_half_layout_is_invisible_outside():
+    """q/k rows and norm weights sit in rotate-half order inside each head; the state dict stays in
+    the checkpoint's order, and a layer equals Wan's interleaved RoPE on the checkpoint's weights."""
+    ref = diffusers_model()
+    state = {k: v.double() for k, v in dit_module_state(ref).items()}
+    model = WanDiT(CFG).double().eval()
+    model.load_state_dict(state)
+    heads, d = CFG.num_heads, CFG.head_dim
+    half = list(range(0, d, 2)) + list(range(1, d, 2))
+    assert dit_module.rotate_half_order(d) == tuple(half)
+    attn = model.blocks[0].self_attn
+    for name, param in (("q.weight", attn.q.weight), ("k.bias", attn.k.bias), ("norm_q.weight", attn.norm_q.weight)):
+        want = state[f"blocks.0.self_attn.{name}"]
+        assert torch.equal(param, want.unflatten(0, (heads, d))[:, half].flatten(0, 1)), name
+    assert torch.equal(attn.v.weight, state["blocks.0.self_attn.v.weight"])  # v and o stay as they are
+    assert torch.equal(attn.o.weight, state["blocks.0.self_attn.o.weight"])
+
+    # the state dict round-trips in the checkpoint's order, unrouted and routed
+    for routing in (None, ROUTING):
+        model.set_routing(routing)
+        saved = model.state_dict()
+        assert saved.keys() == state.keys()
+        for k, v in state.items():
+            assert torch.equal(saved[k], v), k
+        again = WanDiT(CFG).double().eval()
+        again.load_state_dict(saved)
+        again.set_routing(routing)
+        assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
+
+    # apply_rope on rotate-half channels == the interleaved RoPE, channels permuted alike
+    grid = (3, 3, 5)
+    cos, sin = dit_module.rope_tables(grid, CFG, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cos.shape[0], heads, d, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(dit_module.apply_rope(x[..., half], cos, sin), interleaved_rope(x, cos, sin)[..., half],
+                               rtol=0, atol=0)
+
+    # one self-attention layer (all heads global) == Wan's formula on the checkpoint's weights
+    model.set_routing(None)
+    h = torch.randn(2, cos.shape[0], CFG.dim, generator=g, dtype=torch.float64)
+
+    def proj(name, y):
+        return F.linear(y, state[f"blocks.0.self_attn.{name}.weight"], state[f"blocks.0.self_attn.{name}.bias"])
+
+    def rms(name, y):
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + CFG.eps) * state[f"blocks.0.self_attn.{name}.weight"]
+
+    q = interleaved_rope(rms("norm_q", proj("q", h)).unflatten(-1, (heads, d)), cos, sin)
+    k = interleaved_rope(rms("norm_k", proj("k", h)).unflatten(-1, (heads, d)), cos, sin)
+    v = proj("v", h).unflatten(-1, (heads, d))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    want = proj("o", y.flatten(2))
+    with torch.no_grad():
+        got = attn(h, grid, (cos, sin))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_routing_file_and_errors(tmp_path):
     from oasis_kernels.routing import LayerRouting, RoutingFile
 
