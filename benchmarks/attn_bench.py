@@ -501,11 +501,12 @@ def environment(device) -> dict:
 
 
 def _local_backward() -> str:
-    """Which local-heads backward this build runs (``OASIS_CONCURRENT_BWD``)."""
+    """Which local-heads backward this build runs (an older checkout run by scripts/ab_bench.sh
+    may have the dQ-then-dK/dV one, chosen by its CONCURRENT_BWD flag)."""
     from oasis_kernels.kernels import local_attention as la
-    if getattr(la, "CONCURRENT_BWD", False):
+    if getattr(la, "CONCURRENT_BWD", True):
         return "delta kernel, then dQ and dK/dV in one launch"
-    return "dQ (writes delta), then dK/dV (OASIS_CONCURRENT_BWD=0)"
+    return "dQ (writes delta), then dK/dV"
 
 
 def _global_stores() -> str:
@@ -513,7 +514,8 @@ def _global_stores() -> str:
     checkout run by scripts/ab_bench.sh may lack the modules)."""
     try:
         from oasis_kernels.kernels import cudnn_direct
-        if cudnn_direct.AVAILABLE:
+        available = cudnn_direct.available() if hasattr(cudnn_direct, "available") else cudnn_direct.AVAILABLE
+        if available:
             return "written in place by cuDNN (direct path, in the eager C++ replay too)"
         direct = f"no direct path ({cudnn_direct.last_decline()}); "
     except ImportError:

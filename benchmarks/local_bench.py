@@ -117,7 +117,6 @@ def sweep(q, k, v, dout, plan, floor, bench, shape, configs=SWEEP):
     out = torch.empty_like(q)
     lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-    delta = la.local_attention_backward_dq(dout, q, k, v, out, lse, dq, *launch)
     for bt, bh, bw, bn, warps, stages, sliced in configs:
         if sliced and (bh + 2 * radii[1]) * (bw + 2 * radii[2]) > bn:
             continue
@@ -126,11 +125,9 @@ def sweep(q, k, v, dout, plan, floor, bench, shape, configs=SWEEP):
         label = f"({bt},{bh},{bw}) N{bn} w{warps} s{stages} {'sliced' if sliced else 'general'}"
         kernels = (
             ("fwd", lambda: la.local_attention_forward(q, k, v, out, lse, *launch, config=cfg), floor),
-            # each backward kernel against the whole backward's floor: their two ratios add up
-            ("bwd dq", lambda: la.local_attention_backward_dq(dout, q, k, v, out, lse, dq, *launch, config=cfg),
+            # the backward (delta kernel, then dQ and dK/dV in one launch) against its floor, 2x the forward's
+            ("bwd", lambda: la.local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, *launch, config=cfg),
              2 * floor),
-            ("bwd dkdv", lambda: la.local_attention_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, *launch,
-                                                                  config=cfg), 2 * floor),
         )
         for name, fn, fl in kernels:
             try:

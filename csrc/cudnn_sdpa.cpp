@@ -159,16 +159,6 @@ Cached graph_for(const Key& key, cudnnHandle_t handle,
   return made;
 }
 
-// OASIS_CUDNN_DIRECT=0 turns the path off, for the eager replay too (read once, as
-// kernels/cudnn_direct.py reads it at import)
-bool enabled() {
-  static const bool on = [] {
-    const char* value = std::getenv("OASIS_CUDNN_DIRECT");
-    return value == nullptr || std::string(value) != "0";
-  }();
-  return on;
-}
-
 // why this thread's last call declined ("" after a call that ran)
 thread_local std::string last_decline;
 
@@ -218,7 +208,6 @@ std::string cudnn_sdpa_last_decline() { return last_decline; }
 
 bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o,
                         const at::Tensor& lse, double scale) {
-  if (!enabled()) return declined("OASIS_CUDNN_DIRECT=0");
   if (auto why = unsupported({&q, &k, &v, &o}, lse); !why.empty()) return declined(why);
   if (auto why = mismatched(q, k, v, o, lse); !why.empty()) return declined(why);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -253,7 +242,6 @@ bool cudnn_sdpa_forward(const at::Tensor& q, const at::Tensor& k, const at::Tens
 bool cudnn_sdpa_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
                          const at::Tensor& dv, double scale) {
-  if (!enabled()) return declined("OASIS_CUDNN_DIRECT=0");
   if (auto why = unsupported({&q, &k, &v, &o, &dout, &dq, &dk, &dv}, lse); !why.empty()) return declined(why);
   if (auto why = mismatched(q, k, v, o, lse); !why.empty()) return declined(why);
   if (dout.sizes() != o.sizes() || dq.sizes() != q.sizes() || dk.sizes() != k.sizes() || dv.sizes() != v.sizes()) {

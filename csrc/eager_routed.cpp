@@ -2,9 +2,10 @@
 //
 // At small layers (S = (5, 20, 40) on the H200) the eager routed call is host-bound: the Python
 // dispatch (views, copies, Triton launches, stream fork and join) costs several times the GPU
-// time. `oasis_kernels/fastpath.py` records, per call signature, what the Python path did (the
-// global head runs that cuDNN serves, and each Triton launch with its compiled kernel, grid and
-// arguments) and hands it to the objects below, which replay it with no Python in between:
+// time. `oasis_kernels/fastpath.py` records, per prepared call (oasis_kernels/call.py), what the
+// Python path did (the global head runs that cuDNN serves, and each Triton launch with its
+// compiled kernel, grid and arguments) and hands it to the objects below, which replay it with no
+// Python in between:
 //
 //   RoutedForward.run(q, k, v, side_stream)                     -> [out, lse] or [] (declined)
 //   RoutedForward.run_autograd(q, k, v, side_stream)            -> the same, with a C++ autograd node
@@ -22,7 +23,8 @@
 //
 // The global heads run on `side_stream` (a high-priority stream, 0 for none) forked from the
 // caller's stream, the Triton launches on the caller's stream, which waits for the side stream
-// before returning: the same schedule as `dispatch._run_groups`.
+// before returning: the schedule of `RoutedCall._run`. Whether to fork is the prepared call's
+// decision (`RoutedCall.forks`), passed as a zero or non-zero `side_stream`.
 
 #include <torch/extension.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -287,15 +289,18 @@ c10::cuda::CUDAStream global_stream(bool fork, uint64_t side, c10::DeviceIndex d
 
 class RoutedBackward {
  public:
+  // the local heads' two launches: the delta kernel, then the one of dQ and dK/dV programs;
+  // `cudnn_direct`: the global heads' gradients straight into the routed tensors where cuDNN takes
+  // the layout (the setting of the prepared call; this path reads no environment)
   RoutedBackward(std::vector<Run> global_runs, double scale, at::Tensor heads,
-                 std::optional<py::tuple> dq_launch, std::optional<py::tuple> dkdv_launch)
-      : runs_(parse_runs(global_runs)), scale_(scale), heads_(std::move(heads)) {
-    if (dq_launch.has_value() != dkdv_launch.has_value()) {
-      throw std::invalid_argument("RoutedBackward: the dQ and dK/dV launches come together");
+                 std::optional<py::tuple> delta_launch, std::optional<py::tuple> grads_launch, bool cudnn_direct)
+      : runs_(parse_runs(global_runs)), scale_(scale), heads_(std::move(heads)), cudnn_direct_(cudnn_direct) {
+    if (delta_launch.has_value() != grads_launch.has_value()) {
+      throw std::invalid_argument("RoutedBackward: the delta and the dQ + dK/dV launches come together");
     }
-    if (dq_launch) {
-      dq_ = TritonLaunch::from_tuple(*dq_launch);
-      dkdv_ = TritonLaunch::from_tuple(*dkdv_launch);
+    if (delta_launch) {
+      delta_ = TritonLaunch::from_tuple(*delta_launch);
+      grads_ = TritonLaunch::from_tuple(*grads_launch);
       has_local_ = true;
     }
     // cuDNN's RNG arguments, which it does not read at dropout 0: one tensor for every call
@@ -332,7 +337,7 @@ class RoutedBackward {
         c10::cuda::CUDAStreamGuard sg(global);
         for (size_t i = 0; i < runs_.size(); ++i) {
           const Run& r = runs_[i];
-          if (oasis::cudnn_sdpa_backward(heads_bhnd(dout, r), heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r),
+          if (cudnn_direct_ && oasis::cudnn_sdpa_backward(heads_bhnd(dout, r), heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r),
                                          heads_bhnd(out, r), heads_of(lse, 1, r).unsqueeze(-1), heads_bhnd(dq, r),
                                          heads_bhnd(dk, r), heads_bhnd(dv, r), scale_)) {
             continue;
@@ -350,7 +355,7 @@ class RoutedBackward {
         }
       }
       if (has_local_) {
-        // rowsum(dO * O) per local head and query, written by the dQ kernel for the dK/dV kernel
+        // rowsum(dO * O) per local head and query, written by the delta kernel for the other
         at::Tensor delta = at::empty({q.size(0), heads_.size(0), q.size(1)}, q.options().dtype(at::kFloat));
         auto ptrs = forward_roles(q, k, v, out, lse, heads_);
         ptrs[DOUT] = dout.data_ptr();
@@ -358,8 +363,8 @@ class RoutedBackward {
         ptrs[DK] = dk.data_ptr();
         ptrs[DV] = dv.data_ptr();
         ptrs[DELTA] = delta.data_ptr();
-        dq_.launch(ptrs, caller);
-        dkdv_.launch(ptrs, caller);
+        delta_.launch(ptrs, caller);
+        grads_.launch(ptrs, caller);
       }
     }
     return {dq, dk, dv};
@@ -370,15 +375,16 @@ class RoutedBackward {
   double scale_;
   at::Tensor heads_;
   at::Tensor seed_;
-  TritonLaunch dq_, dkdv_;
+  TritonLaunch delta_, grads_;
   bool has_local_ = false;
+  bool cudnn_direct_;
 };
 
 class RoutedForward {
  public:
   RoutedForward(std::vector<Run> global_runs, double scale, at::Tensor heads,
-                std::optional<py::tuple> local)
-      : runs_(parse_runs(global_runs)), scale_(scale), heads_(std::move(heads)) {
+                std::optional<py::tuple> local, bool cudnn_direct)
+      : runs_(parse_runs(global_runs)), scale_(scale), heads_(std::move(heads)), cudnn_direct_(cudnn_direct) {
     if (local) local_ = TritonLaunch::from_tuple(*local), has_local_ = true;
   }
 
@@ -412,7 +418,7 @@ class RoutedForward {
         for (const Run& r : runs_) {
           // cuDNN straight into the head slices where the extension has that path (no stores);
           // the backward then reads this run's slice of `lse`
-          if (oasis::cudnn_sdpa_forward(heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r), heads_bhnd(out, r),
+          if (cudnn_direct_ && oasis::cudnn_sdpa_forward(heads_bhnd(q, r), heads_bhnd(k, r), heads_bhnd(v, r), heads_bhnd(out, r),
                                         heads_of(lse, 1, r).unsqueeze(-1), scale_)) {
             run_lse.emplace_back();
             continue;
@@ -460,6 +466,7 @@ class RoutedForward {
   at::Tensor heads_;
   TritonLaunch local_;
   bool has_local_ = false;
+  bool cudnn_direct_;
 
  public:
   int64_t id_ = -1;  // index in registry(), set by make_forward
@@ -563,13 +570,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "make_forward",
       [](std::vector<Run> global_runs, double scale, at::Tensor heads, std::optional<py::tuple> local,
-         py::object fallback) {
-        auto f = std::make_shared<RoutedForward>(std::move(global_runs), scale, std::move(heads), std::move(local));
+         py::object fallback, bool cudnn_direct) {
+        auto f = std::make_shared<RoutedForward>(std::move(global_runs), scale, std::move(heads), std::move(local),
+                                                 cudnn_direct);
         f->set_fallback(std::move(fallback));
         f->id_ = register_forward(f);
         return f;
       },
-      py::arg("global_runs"), py::arg("scale"), py::arg("heads"), py::arg("local"), py::arg("backward_fallback"));
+      py::arg("global_runs"), py::arg("scale"), py::arg("heads"), py::arg("local"), py::arg("backward_fallback"),
+      py::arg("cudnn_direct"));
   // the Python path's stores of cuDNN outputs into the routed tensors (backends/dense.py): one
   // launch on the current stream for up to four pairs, as the replay does
   m.def(
@@ -594,9 +603,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("scale"));
   py::class_<RoutedBackward, std::shared_ptr<RoutedBackward>>(m, "RoutedBackward")
-      .def(py::init<std::vector<Run>, double, at::Tensor, std::optional<py::tuple>,
-                    std::optional<py::tuple>>(),
-           py::arg("global_runs"), py::arg("scale"), py::arg("heads"), py::arg("dq"), py::arg("dkdv"))
+      .def(py::init<std::vector<Run>, double, at::Tensor, std::optional<py::tuple>, std::optional<py::tuple>,
+                    bool>(),
+           py::arg("global_runs"), py::arg("scale"), py::arg("heads"), py::arg("delta"), py::arg("grads"),
+           py::arg("cudnn_direct"))
       .def("run", &RoutedBackward::run, py::call_guard<py::gil_scoped_release>(), py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
            py::arg("lse"), py::arg("side_stream"));
 }

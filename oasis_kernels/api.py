@@ -102,7 +102,7 @@ def routed_attention(
     scale: float | None = None,
     backend: "str | Mapping" = "auto",
     return_lse: bool = False,
-    deterministic: bool = True,
+    deterministic: bool = False,
 ):
     """Attention whose heads each follow their own pattern (OASIS, eqs. 5-7).
 
@@ -117,9 +117,13 @@ def routed_attention(
             others go to ``auto``); or a mapping from mode to name. ``oasis_kernels.explain``
             shows the choice and every declined backend's reasons.
         return_lse: also return the natural-log log-sum-exp of each query's scores.
-        deterministic: passed to the backends' backward. The Triton kernels' backward is
-            always deterministic (no atomics); the dense backends follow PyTorch's
-            ``torch.use_deterministic_algorithms`` setting, as ``F.scaled_dot_product_attention`` does.
+        deterministic: ``True`` asks for a backward that gives the same bits on every run, and
+            every backend honours it: the backends whose backward is not deterministic (cuDNN's,
+            PyTorch's memory-efficient one, PyTorch's FlashAttention outside its deterministic
+            mode) decline, the FlashAttention adapters run their deterministic backward, and the
+            Triton kernels, the reference and the CPU kernel always are. ``False`` (the default,
+            as FlashAttention's) lets the fastest serve; ``torch.use_deterministic_algorithms(True)``
+            still acts through PyTorch's own checks, as for ``F.scaled_dot_product_attention``.
 
     Returns:
         ``out [B, N, heads, D]`` in q's dtype, and with ``return_lse`` also
@@ -161,7 +165,7 @@ def attention_lse(q, k, plan: RoutingPlan, *, scale: float | None = None, backen
         return _empty_lse(q)
     grid, modes, window = plan.as_op_args()
     with torch.no_grad():
-        _, lse = routed_attention_call(q, k, v, grid, modes, window, scale, request, True)
+        _, lse = routed_attention_call(q, k, v, grid, modes, window, scale, request, False)
     return lse
 
 
@@ -194,7 +198,7 @@ def _heads(q) -> int:
     return q.shape[2]
 
 
-def global_attention(q, k, v, *, scale=None, backend="auto", return_lse=False, deterministic=True):
+def global_attention(q, k, v, *, scale=None, backend="auto", return_lse=False, deterministic=False):
     """Full attention over all ``N`` tokens, every head (no grid needed)."""
     heads = _heads(q)
     plan = RoutingPlan.uniform((1, 1, q.shape[1]), heads, Mode.GLOBAL)
@@ -202,7 +206,7 @@ def global_attention(q, k, v, *, scale=None, backend="auto", return_lse=False, d
                             deterministic=deterministic)
 
 
-def intra_frame_attention(q, k, v, grid, *, scale=None, backend="auto", return_lse=False, deterministic=True):
+def intra_frame_attention(q, k, v, grid, *, scale=None, backend="auto", return_lse=False, deterministic=False):
     """Each query attends to the keys of its own frame (paper eq. 5)."""
     plan = RoutingPlan.uniform(grid, _heads(q), Mode.INTRA)
     return routed_attention(q, k, v, plan, scale=scale, backend=backend, return_lse=return_lse,
@@ -210,7 +214,7 @@ def intra_frame_attention(q, k, v, grid, *, scale=None, backend="auto", return_l
 
 
 def window_attention(q, k, v, grid, window=(3, 5, 5), *, scale=None, backend="auto", return_lse=False,
-                     deterministic=True):
+                     deterministic=False):
     """Each query attends to the clipped ``window`` box centred on it (paper eqs. 6-7)."""
     plan = RoutingPlan.uniform(grid, _heads(q), Mode.WINDOW, window)
     return routed_attention(q, k, v, plan, scale=scale, backend=backend, return_lse=return_lse,

@@ -1,4 +1,4 @@
-"""``torch.library`` custom ops behind every entry point, and the eager fast path beside them.
+"""``torch.library`` custom ops behind every entry point, and the eager path beside them.
 
 Two ops, ``oasis_kernels::routed_attention_fwd`` and ``oasis_kernels::routed_attention_bwd``,
 take the plan as plain lists of ints so ``torch.compile`` sees an opaque call with a fake
@@ -9,31 +9,29 @@ backward graph is compiled the same way.
 Eager calls on plain tensors skip the custom-op machinery (on the H200 its wrappers cost
 ~0.2 ms of host time per forward and ~1.5 ms per forward+backward, several times the GPU time
 of a small layer; ``scripts/host_parts.py``, docs/PERF.md): :func:`routed_attention_call` runs
-the same dispatch under a ``torch.autograd.Function``, and once a call signature is prepared,
-the C++ replay of :mod:`.fastpath` with its own C++ autograd node. Under ``torch.compile``, for
-fake or other tensor subclasses, and for meta tensors the op is used, so tracing sees it.
+the same prepared call (:class:`oasis_kernels.call.RoutedCall`) under a ``torch.autograd.Function``,
+or its C++ replay with a C++ autograd node (:mod:`.fastpath`). Under ``torch.compile``, for
+fake or other tensor subclasses, and for meta tensors the op is used, so tracing sees it. Every
+path runs a prepared call: the ops look theirs up by signature (:func:`oasis_kernels.call.lookup`).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import fastpath
-from .dispatch import run_backward, run_forward
-from .plan import RoutingPlan
+from .call import aligned_call, lookup
 from .reference import accumulate_dtype
 
 __all__ = ["routed_attention_fwd", "routed_attention_bwd", "routed_attention_call"]
 
 
-@functools.lru_cache(maxsize=1024)
-def _plan(grid: tuple, modes: tuple, window: tuple) -> RoutingPlan:
-    # the op gets the plan as lists; rebuilding and re-validating it on every call is host time
-    return RoutingPlan.from_op_args(grid, modes, window)
+def _call_for(q, k, v, grid, modes, window, scale, backend, deterministic):
+    """The prepared call of these op arguments, for aligned copies of ``q, k, v`` where needed."""
+    call = lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, backend, deterministic)
+    return aligned_call(call, q, k, v)
 
 
 @torch.library.custom_op("oasis_kernels::routed_attention_fwd", mutates_args=())
@@ -42,7 +40,8 @@ def routed_attention_fwd(
     scale: float, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, N, heads, D], lse [B, heads, N])``; inputs already validated by the API."""
-    return run_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend)
+    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic)
+    return call.forward(q, k, v)
 
 
 @routed_attention_fwd.register_fake
@@ -56,8 +55,8 @@ def routed_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     grid: list[int], modes: list[int], window: list[int], scale: float, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    plan = _plan(tuple(grid), tuple(modes), tuple(window))
-    return run_backward(dout, q, k, v, out, lse, plan, scale, backend, deterministic)
+    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic)
+    return _backward_of(call, dout, q, k, v, out, lse)
 
 
 @routed_attention_bwd.register_fake
@@ -65,6 +64,13 @@ def _(dout, q, k, v, out, lse, grid, modes, window, scale, backend, deterministi
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _backward_of(call, dout, q, k, v, out, lse):
+    """The Python path of ``call``'s backward with ``dout`` aligned as the kernels want it."""
+    from .dispatch import aligned
+
+    return call.backward(aligned(dout), q, k, v, out, lse)
 
 
 def _setup_context(ctx, inputs, output):
@@ -88,13 +94,15 @@ torch.library.register_autograd("oasis_kernels::routed_attention_fwd", _backward
 
 
 class _RoutedAttention(torch.autograd.Function):
-    """The eager twin of the op with its registered autograd: same dispatch, same saved tensors."""
+    """The eager twin of the op with its registered autograd: the same prepared call, the same
+    saved tensors; the backward runs with the forward's call (and so its settings)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, grid, modes, window, scale, backend, deterministic):
-        out, lse = _eager_forward(q, k, v, _plan(tuple(grid), tuple(modes), tuple(window)), scale, backend,
-                                  deterministic)
-        _setup_context(ctx, (q, k, v, grid, modes, window, scale, backend, deterministic), (out, lse))
+    def forward(ctx, q, k, v, call):
+        out, lse = _eager_forward(call, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        ctx.mark_non_differentiable(lse)
         # the LSE's gradient is never used: no zero tensor (an allocation and a fill kernel) for it
         ctx.set_materialize_grads(False)
         return out, lse
@@ -103,20 +111,23 @@ class _RoutedAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # as the op: no double backward, an error not a wrong answer
     def backward(ctx, dout, dlse):
         if dout is None:  # out's gradient is undefined (zero, not materialized): no gradient flows
-            return (None,) * 9
+            return None, None, None, None
         q, k, v, out, lse = ctx.saved_tensors
-        grid, modes, window, scale, backend, deterministic = ctx.args
-        plan = _plan(tuple(grid), tuple(modes), tuple(window))
         dout = dout.contiguous()
-        grads = fastpath.backward(dout, q, k, v, out, lse, plan, scale, backend, deterministic)
-        dq, dk, dv = grads if grads is not None else run_backward(dout, q, k, v, out, lse, plan, scale, backend,
-                                                                   deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
+        grads = fastpath.backward(ctx.call, dout, q, k, v, out, lse)
+        if grads is None:
+            call, q, k, v = aligned_call(ctx.call, q, k, v)
+            grads = _backward_of(call, dout, q, k, v, out, lse)
+        dq, dk, dv = grads
+        return dq, dk, dv, None
 
 
-def _eager_forward(q, k, v, plan, scale, backend, deterministic):
-    res = fastpath.forward(q, k, v, plan, scale, backend, deterministic)
-    return res if res is not None else run_forward(q, k, v, plan, scale, backend)
+def _eager_forward(call, q, k, v):
+    res = fastpath.forward(call, q, k, v)
+    if res is not None:
+        return res
+    call, q, k, v = aligned_call(call, q, k, v)
+    return call.forward(q, k, v)
 
 
 def _eager(x: Tensor) -> bool:
@@ -128,15 +139,17 @@ def _eager(x: Tensor) -> bool:
 
 
 def routed_attention_call(q: Tensor, k: Tensor, v: Tensor, grid: list[int], modes: list[int], window: list[int],
-                          scale: float, backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
-    """``routed_attention_fwd`` with autograd, through the op when traced and directly in eager mode."""
+                          scale: float, backend: str, deterministic: bool, call=None) -> tuple[Tensor, Tensor]:
+    """``routed_attention_fwd`` with autograd, through the op when traced and directly in eager
+    mode; ``call``: the prepared call of this signature where the caller holds it."""
     if not (_eager(q) and _eager(k) and _eager(v)):
         return routed_attention_fwd(q, k, v, grid, modes, window, scale, backend, deterministic)
-    plan = _plan(tuple(grid), tuple(modes), tuple(window))
+    if call is None:
+        call = lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, backend, deterministic)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        # replayed with a C++ autograd node where the signature is prepared (fastpath)
-        res = fastpath.forward(q, k, v, plan, scale, backend, deterministic, autograd=True)
+        # replayed with a C++ autograd node once the call has a replay (fastpath)
+        res = fastpath.forward(call, q, k, v, autograd=True)
         if res is not None:
             return res
-        return _RoutedAttention.apply(q, k, v, grid, modes, window, scale, backend, deterministic)
-    return _eager_forward(q, k, v, plan, scale, backend, deterministic)
+        return _RoutedAttention.apply(q, k, v, call)
+    return _eager_forward(call, q, k, v)

@@ -21,7 +21,7 @@ fi
 PYTHONPATH=$build_path MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || tail -20 "$OUT/build_ext.log"
 export PYTHONPATH=.
 python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath._C is not None, fastpath.UNAVAILABLE)"
-python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN path:', cudnn_direct.AVAILABLE)"
+python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN path:', cudnn_direct.available())"
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
 shards=${SHARDS:-10}
 # tests/test_sm90_compile.py needs no GPU and runs in CPU CI (26 s alone); beside the shards'

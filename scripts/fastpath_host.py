@@ -14,6 +14,7 @@ from attn_bench import SHAPES  # noqa: E402
 from host_profile import host_time  # noqa: E402
 
 import oasis_kernels as ok  # noqa: E402
+from oasis_kernels import call as call_module  # noqa: E402
 from oasis_kernels import fastpath  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -36,11 +37,11 @@ for shape in args.shapes.split(","):
             torch.autograd.grad(ok.routed_attention(q, k, v, plan), (q, k, v), do)
 
         for on in (True, False):
-            fastpath.ENABLED = on
-            for name, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
-                host, wall = host_time(fn, 300, warmup=10)
-                print(f"{shape} {label:<16} {name:<8} C++ replay {'on ' if on else 'off'}  host {host * 1e3:8.1f} us"
-                      f"  wall {wall * 1e3:8.1f} us", flush=True)
-        fastpath.ENABLED = True
-print("prepared forward signatures:", sum(p is not False for p in fastpath._FORWARD.values()),
-      "backward:", sum(p is not False for p in fastpath._BACKWARD.values()))
+            with ok.use_settings(eager_replay=on):
+                for name, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
+                    host, wall = host_time(fn, 300, warmup=10)
+                    print(f"{shape} {label:<16} {name:<8} C++ replay {'on ' if on else 'off'}  "
+                          f"host {host * 1e3:8.1f} us  wall {wall * 1e3:8.1f} us", flush=True)
+calls = list(call_module._CALLS.values())
+print("prepared calls:", len(calls), "with a replayed forward:", sum(bool(c.replay_forward) for c in calls),
+      "backward:", sum(bool(c.replay_backward) for c in calls))

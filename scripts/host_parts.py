@@ -8,9 +8,10 @@ import torch
 sys.path.insert(0, "benchmarks")
 from host_profile import host_time  # noqa: E402
 import oasis_kernels as ok
-from oasis_kernels import dispatch, ops
+from oasis_kernels import call as call_module, ops
 from oasis_kernels.kernels import local_attention as la
-from oasis_kernels.backends.triton_local import _head_table, _radii
+from oasis_kernels.kernels.tile_configs import FWD_CONFIGS
+from oasis_kernels.backends.triton_local import HeadTable
 from oasis_kernels.plan import Mode
 
 def host_us(fn, n=200):
@@ -31,11 +32,12 @@ cud = BACKENDS["sdpa_cudnn"]
 o5, l5 = cud._fwd(*g5, scale)
 contig = [x[:, :, 0:5].transpose(1, 2).contiguous() for x in (qd, kd, vd)]
 groups_local = [(Mode.INTRA, (5, 6, 7, 8)), (Mode.WINDOW, (9, 10, 11))]
-table, nw = _head_table(groups_local, q.device)
-rad = _radii(plan, nw)
+heads = HeadTable.of(plan, groups_local, q.device)
+table, nw, rad = heads.on(q.device), heads.n_window, heads.radii
 dq, dk, dv = (torch.empty_like(x) for x in (qd, kd, vd))
-delta = la.local_attention_backward_dq(do, qd, kd, vd, out, lse, dq, table, nw, grid, rad, scale)
 args = plan.as_op_args()
+call_auto = ok.prepare(qd, plan)
+call_triton = ok.prepare(qd, plan, backend="triton")
 parts = {
     "torch.empty [1,N,12,128]": lambda: torch.empty(1, N, 12, 128, device="cuda", dtype=torch.bfloat16),
     "copy_ into 5-head slice": lambda: out[:, :, 0:5].copy_(o5),
@@ -45,15 +47,14 @@ parts = {
     "DenseBackend.forward global 5 (cudnn+copies)": lambda: cud.forward(qd, kd, vd, out, lse, plan, [(Mode.GLOBAL, (0, 1, 2, 3, 4))], scale),
     "DenseBackend.backward global 5": lambda: cud.backward(do, qd, kd, vd, out, lse, dq, dk, dv, plan, [(Mode.GLOBAL, (0, 1, 2, 3, 4))], scale, True),
     "triton fwd launch (autotuned)": lambda: la.local_attention_forward(qd, kd, vd, out, lse, table, nw, grid, rad, scale),
-    "triton fwd launch (fixed config)": lambda: la.local_attention_forward(qd, kd, vd, out, lse, table, nw, grid, rad, scale, config=la._FWD_CONFIGS[0]),
-    "triton bwd dq launch": lambda: la.local_attention_backward_dq(do, qd, kd, vd, out, lse, dq, table, nw, grid, rad, scale),
-    "triton bwd dkdv launch": lambda: la.local_attention_backward_dkdv(do, qd, kd, vd, lse, delta, dk, dv, table, nw, grid, rad, scale),
-    "dispatch.run_forward auto": lambda: dispatch.run_forward(qd, kd, vd, plan, scale, "auto"),
-    "dispatch.run_forward triton": lambda: dispatch.run_forward(qd, kd, vd, plan, scale, "triton"),
+    "triton fwd launch (fixed config)": lambda: la.local_attention_forward(qd, kd, vd, out, lse, table, nw, grid, rad, scale, config=FWD_CONFIGS[0]),
+    "triton bwd launches (delta, dQ + dK/dV)": lambda: la.local_attention_backward(do, qd, kd, vd, out, lse, dq, dk, dv, table, nw, grid, rad, scale),
+    "RoutedCall.forward auto (Python path)": lambda: call_auto.forward(qd, kd, vd),
+    "RoutedCall.forward triton (Python path)": lambda: call_triton.forward(qd, kd, vd),
     "custom op fwd (no grad) auto": lambda: ops.routed_attention_fwd(qd, kd, vd, *args, scale, "auto", True),
     "routed_attention no_grad auto": lambda: ok.routed_attention(qd, kd, vd, plan),
-    "dispatch.run_backward auto": lambda: dispatch.run_backward(do, qd, kd, vd, out, lse, plan, scale, "auto", True),
-    "dispatch.run_backward triton": lambda: dispatch.run_backward(do, qd, kd, vd, out, lse, plan, scale, "triton", True),
+    "RoutedCall.backward auto (Python path)": lambda: call_auto.backward(do, qd, kd, vd, out, lse),
+    "RoutedCall.backward triton (Python path)": lambda: call_triton.backward(do, qd, kd, vd, out, lse),
     "custom op bwd auto": lambda: ops.routed_attention_bwd(do, qd, kd, vd, out, lse, *args, scale, "auto", True),
 }
 s_side = torch.cuda.Stream()
@@ -63,7 +64,7 @@ def _fork_join():
         pass
     cur.wait_stream(s_side)
 parts["stream fork+join (no work)"] = _fork_join
-parts["_decide_cached"] = lambda: dispatch._decide_cached(qd, plan, "auto", kd, vd)
+parts["call lookup (signature + LRU)"] = lambda: call_module.lookup(qd, kd, vd, tuple(map(tuple, args)), scale, "auto", False)
 parts["ok.routed_attention arg prep (check_inputs)"] = lambda: ok.api._prepare(qd, kd, vd, plan, None)
 def _sdpa_step():
     qq, kk, vv = (x.detach()[:, :, 0:5].transpose(1, 2).requires_grad_() for x in (q, k, v))

@@ -118,18 +118,18 @@ def test_reduce_overhead_cuda_graphs_match_eager(monkeypatch):
     # must give the eager numbers on fresh inputs
     from torch._dynamo.utils import counters
 
-    from oasis_kernels import dispatch
+    from oasis_kernels import call as call_module
 
     torch._dynamo.reset()
     counters.clear()
     forks = []
-    real_side = dispatch._side_stream
+    real_side = call_module.side_stream
 
     def side_stream(device):
         forks.append(torch.cuda.is_current_stream_capturing())
         return real_side(device)
 
-    monkeypatch.setattr(dispatch, "_side_stream", side_stream)
+    monkeypatch.setattr(call_module, "side_stream", side_stream)
     plan = ok.RoutingPlan((3, 7, 11), ["g", "i", "w", "g", "w"], (3, 5, 5))
     compiled = torch.compile(lambda q, k, v: ok.routed_attention(q, k, v, plan), mode="reduce-overhead",
                              fullgraph=True)

@@ -11,7 +11,7 @@ from oasis_kernels.kernels import cudnn_direct
 from parity import check_backend, make_qkv
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-              pytest.mark.skipif(not cudnn_direct.AVAILABLE, reason="extension built without the cuDNN frontend")]
+              pytest.mark.skipif(not cudnn_direct.BUILT, reason="extension built without the cuDNN frontend")]
 
 
 def _heads(x, run):
@@ -129,10 +129,11 @@ def test_eager_replay_writes_the_global_heads_in_place(grid):
     thread, whose decline reason this thread cannot see: its path is not asserted."""
     from oasis_kernels import fastpath
 
-    if fastpath._C is None or not fastpath.ENABLED:
+    from oasis_kernels import call as call_module
+
+    if fastpath._C is None or not ok.settings().eager_replay:
         pytest.skip(f"the eager C++ replay is off or not built: {fastpath.UNAVAILABLE}")
-    fastpath._FORWARD.clear()  # so the first call takes the Python path and records it
-    fastpath._BACKWARD.clear()
+    call_module._CALLS.clear()  # so the first call takes the Python path and records it
     plan = ok.RoutingPlan(grid, ["intra", "global", "global", "window"], (3, 5, 5))
     q, k, v = make_qkv((1, plan.num_tokens, 4, 64), torch.bfloat16, "cuda")
     fp32 = torch.randn(1, 64, 2, 64, device="cuda").transpose(1, 2)

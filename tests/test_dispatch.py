@@ -6,7 +6,7 @@ import torch
 import oasis_kernels as ok
 from conftest import DEVICE
 from oasis_kernels.backends import BACKENDS, PRIORITY, SMALL_INTRA_FLOPS, priority
-from oasis_kernels.dispatch import _decide_cached
+from oasis_kernels.call import lookup
 
 PLAN = ok.RoutingPlan((2, 3, 5), ["g", "w", "i", "g"], (3, 3, 3))
 
@@ -95,23 +95,42 @@ def test_sdpa_switches_are_honoured():
     torch.backends.cuda.enable_cudnn_sdp(False)
     try:
         reasons = BACKENDS["sdpa_cudnn"].why_not(ok.Mode.GLOBAL, q, PLAN)
-        cached = _decide_cached(q, PLAN, "auto")
+        cached = _prepared(q).dispatch
     finally:
         torch.backends.cuda.enable_cudnn_sdp(prev)
     assert any("disabled" in r for r in reasons)
     assert cached.backend_for("global") != "sdpa_cudnn"
 
 
-def test_decision_cache_keys_on_global_switches():
+def _prepared(q, plan=PLAN):
+    grid, modes, window = plan.as_op_args()
+    return lookup(q, q, q, (tuple(grid), tuple(modes), tuple(window)), 0.125, "auto", False)
+
+
+def test_call_cache_keys_on_global_switches_and_settings():
     q = torch.randn(1, 30, 4, 64, device=DEVICE)
-    a = _decide_cached(q, PLAN, "auto")
+    a = _prepared(q)
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(not prev)
     try:
-        b = _decide_cached(q, PLAN, "auto")
+        b = _prepared(q)
     finally:
         torch.use_deterministic_algorithms(prev)
-    assert a is not b and a is _decide_cached(q, PLAN, "auto")
+    assert a is not b and a is _prepared(q)
+    with ok.use_settings(overlap=False):
+        c = _prepared(q)
+    assert c is not a and not c.settings.overlap and a.settings.overlap
+
+
+def test_call_cache_is_bounded(monkeypatch):
+    from oasis_kernels import call as call_module
+
+    monkeypatch.setattr(call_module, "MAX_CALLS", 3)
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    first = _prepared(q)
+    for n in range(4):  # four other signatures: the first is dropped, least recently used first
+        _prepared(torch.randn(1, 30, 4, 16 * (n + 1), device=DEVICE))
+    assert len(call_module._CALLS) <= 3 and _prepared(q) is not first
 
 
 def test_bad_backend_requests():
@@ -131,12 +150,12 @@ class _FakeStream:
         self.log.append(f"{self.name} waits {other.name}")
 
 
-def _schedule(monkeypatch, shape, fail_in=None, capturing=False):
-    """What dispatch._run_groups does for a 5g/4i/3w layer of ``shape``, on fake CUDA streams
-    (``capturing``: as inside CUDA-graph capture)."""
+def _schedule(monkeypatch, shape, fail_in=None, capturing=False, replayed=False):
+    """What RoutedCall._run does for a 5g/4i/3w layer of ``shape``, on fake CUDA streams
+    (``capturing``: as inside CUDA-graph capture; ``replayed``: what the C++ replay is told)."""
     import contextlib
 
-    from oasis_kernels import dispatch
+    from oasis_kernels import call as call_module
 
     log, current = [], ["caller"]
     caller, side = _FakeStream("caller", log), _FakeStream("side", log)
@@ -152,19 +171,24 @@ def _schedule(monkeypatch, shape, fail_in=None, capturing=False):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-    monkeypatch.setattr(dispatch, "_side_stream", lambda device: side)
+    monkeypatch.setattr(call_module, "side_stream", lambda device: side)
+    monkeypatch.setattr(call_module, "_capturing", lambda device: capturing)
     plan = ok.RoutingPlan.from_counts((5, 20, 40), 5, 4, 3)
-    decisions = ok.Dispatch((ok.GroupDecision(ok.Mode.GLOBAL, plan.heads_of("global"), "sdpa_cudnn"),
-                             ok.GroupDecision(ok.Mode.INTRA, plan.heads_of("intra"), "triton"),
-                             ok.GroupDecision(ok.Mode.WINDOW, plan.heads_of("window"), "triton")))
-    q = type("Q", (), {"shape": shape, "device": torch.device("cuda")})()
+    call = object.__new__(ok.RoutedCall)  # a call on a CUDA device, without one: its decisions set here
+    call.device, call.settings = torch.device("cuda"), ok.settings()
+    call.calls = [("sdpa_cudnn", [(ok.Mode.GLOBAL, plan.heads_of("global"))]),
+                  ("triton", [(ok.Mode.INTRA, plan.heads_of("intra")), (ok.Mode.WINDOW, plan.heads_of("window"))])]
+    call.global_calls, call.local_calls = call.calls[:1], call.calls[1:]
+    call.global_flops = 4.0 * shape[0] * shape[1] ** 2 * shape[3] * 5
 
     def work(name, groups):
         log.append(f"{name} {[m.name for m, _ in groups]} on {current[0]}")
         if name == fail_in:
             raise RuntimeError("backend failed")
 
-    dispatch._run_groups(decisions, q, work)
+    if replayed:
+        return call.forks(replayed=True)
+    call._run(work)
     return log
 
 
@@ -178,21 +202,20 @@ def test_side_stream_schedule(monkeypatch):
     # host-bound layer (S): one stream, one call per backend
     small = (1, 5 * 20 * 40, 12, 128)
     assert _schedule(monkeypatch, small) == ["sdpa_cudnn ['GLOBAL'] on caller", "triton ['INTRA', 'WINDOW'] on caller"]
-    # ... unless captured in a CUDA graph, whose replays cost no host time
+    # ... unless captured in a CUDA graph, whose replays cost no host time, or replayed from C++
     assert _schedule(monkeypatch, small, capturing=True) == _schedule(monkeypatch, big)
-    from oasis_kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "OVERLAP", True)
+    assert _schedule(monkeypatch, small, replayed=True)
     with ok.single_stream():
         assert "side waits caller" not in _schedule(monkeypatch, big)
-    assert dispatch.OVERLAP is True  # restored on exit
+        assert not _schedule(monkeypatch, small, replayed=True)
+    assert ok.settings().overlap  # restored on exit
+    with ok.use_settings(overlap_min_flops=0):
+        assert "side waits caller" in _schedule(monkeypatch, small)
 
 
 def test_side_stream_joins_after_a_failure(monkeypatch):
     # a failing backend: the caller still joins the side stream (kernels launched there write
     # the caller's tensors) before the error propagates
-    import oasis_kernels.dispatch as dispatch
-
     seen = []
     real = _FakeStream.wait_stream
     monkeypatch.setattr(_FakeStream, "wait_stream", lambda self, other: seen.append((self.name, other.name))
@@ -202,8 +225,8 @@ def test_side_stream_joins_after_a_failure(monkeypatch):
         with pytest.raises(RuntimeError, match="backend failed"):
             _schedule(monkeypatch, (1, 9 * 45 * 80, 12, 128), fail_in=failing)
         assert seen == [("side", "caller"), ("caller", "side")], failing
-    assert dispatch._global_flops(type("Q", (), {"shape": (1, 4000, 12, 128)})(),
-                                  [("x", [(ok.Mode.GLOBAL, (0, 1, 2, 3, 4))])]) == 4.0 * 4000**2 * 128 * 5
+    call = ok.prepare(torch.randn(1, 4000, 12, 16), ok.RoutingPlan.from_counts((5, 20, 40), 5, 4, 3))
+    assert call.global_flops == 4.0 * 4000**2 * 16 * 5
 
 
 def test_side_streams_are_per_thread_and_high_priority(monkeypatch):
@@ -211,17 +234,38 @@ def test_side_streams_are_per_thread_and_high_priority(monkeypatch):
     # thread's eager calls use; the side stream has the highest priority
     import threading
 
-    from oasis_kernels import dispatch
+    from oasis_kernels import call as call_module
 
     made = []
     monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority=0: made.append((device, priority)) or object())
-    monkeypatch.setattr(dispatch, "_SIDE_STREAMS", threading.local())
+    monkeypatch.setattr(call_module, "_SIDE_STREAMS", threading.local())
     device = torch.device("cuda", 0)
-    mine = dispatch._side_stream(device)
-    assert dispatch._side_stream(device) is mine  # cached
+    mine = call_module.side_stream(device)
+    assert call_module.side_stream(device) is mine  # cached
     other = []
-    thread = threading.Thread(target=lambda: other.append(dispatch._side_stream(device)))
+    thread = threading.Thread(target=lambda: other.append(call_module.side_stream(device)))
     thread.start()
     thread.join()
     assert other[0] is not mine
     assert made == [(device, -1000), (device, -1000)]
+
+
+def test_deterministic_has_one_meaning_in_every_backend():
+    """deterministic=True: only backends whose backward repeats bit for bit; the default lets the
+    fastest serve. Each backend states it, and explain shows the declines."""
+    from oasis_kernels.backends import BACKENDS
+
+    assert BACKENDS["triton"].deterministic_backward and BACKENDS["reference"].deterministic_backward
+    assert BACKENDS["sdpa_cpu"].deterministic_backward
+    assert not BACKENDS["sdpa_cudnn"].deterministic_backward and not BACKENDS["sdpa_efficient"].deterministic_backward
+    assert BACKENDS["sdpa_flash"].deterministic_backward == torch.are_deterministic_algorithms_enabled()
+    q = torch.randn(1, 30, 4, 64, device=DEVICE)
+    with pytest.raises(ok.BackendError, match="backward is not deterministic"):
+        ok.decide(q, PLAN, {"global": "sdpa_efficient"}, deterministic=True)
+    assert "backward is not deterministic" in ok.explain(q, PLAN, deterministic=True) or DEVICE == "cpu"
+    for d in ok.decide(q, PLAN, deterministic=True).decisions:
+        assert BACKENDS[d.backend].deterministic_backward, d
+    # the flag is part of a call's signature
+    grid, modes, window = PLAN.as_op_args()
+    args = (q, q, q, (tuple(grid), tuple(modes), tuple(window)), 0.125, "auto")
+    assert lookup(*args, True) is not lookup(*args, False) and lookup(*args, True).deterministic

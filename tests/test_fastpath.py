@@ -94,7 +94,7 @@ def test_without_the_extension_calls_take_the_python_path(monkeypatch, device):
     monkeypatch.setattr(fastpath, "_C", None)
     plan = ok.RoutingPlan.from_counts((2, 3, 5), 1, 1, 1, (1, 3, 3))
     q, k, v = make_qkv((1, plan.num_tokens, 3, 16), torch.float32, device)
-    assert fastpath.forward(q, k, v, plan, 0.25, "auto", True) is None
+    assert fastpath.forward(ok.prepare(q, plan, scale=0.25), q, k, v) is None
     out = ok.routed_attention(q, k, v, plan, backend="reference")
     assert torch.isfinite(out).all()
 
@@ -111,7 +111,7 @@ class _FakeCompiled:
 
 
 def _launch(arguments, signature, **kw):
-    from oasis_kernels.kernels.local_attention import Launch
+    from oasis_kernels.kernels.launching import Launch
     return Launch(_FakeCompiled(signature, **kw), (7, 3, 1), tuple(arguments))
 
 
@@ -145,7 +145,7 @@ def test_launch_spec_declines_what_it_cannot_replay(case):
 
 
 def test_recording_collects_launches_of_its_thread_only():
-    from oasis_kernels.kernels import local_attention as la
+    from oasis_kernels.kernels import launching as la
 
     kernel = SimpleNamespace(arg_names=["Q", "n", "BLOCK"])
     hit = (_FakeCompiled({"Q": "*fp16", "n": "i32", "BLOCK": "constexpr"}), (2, 1, 1), ["BLOCK"], {"BLOCK": 64})
@@ -178,18 +178,18 @@ def _replays(plan, shape, dtype, backend="auto", offset=0):
         o = ok.routed_attention(q, k, v, plan, backend=backend)
         return (o, *torch.autograd.grad(o, (q, k, v), do))
 
-    enabled = fastpath.ENABLED
-    fastpath.ENABLED = False
-    try:
+    with ok.use_settings(eager_replay=False):
         python = step()
-    finally:
-        fastpath.ENABLED = enabled
     step(), step()
     return python, step()
 
 
-def _prepared(table):
-    return [p for p in table.values() if p is not False]
+def _replayed(plan):
+    """The prepared calls of ``plan`` that have a C++ replay, as (forward, backward) pairs."""
+    from oasis_kernels import call as call_module
+
+    return [(c.replay_forward, c.replay_backward) for c in call_module._CALLS.values()
+            if c.plan == plan and c.replay_forward]
 
 
 @gpu
@@ -198,12 +198,13 @@ def _prepared(table):
 @pytest.mark.parametrize("grid,counts,d", [((5, 20, 40), (5, 4, 3), 128), ((3, 7, 11), (2, 1, 1), 64),
                                            ((1, 9, 13), (1, 2, 1), 128)])
 def test_replay_matches_the_python_path(grid, counts, d, dtype):
-    fastpath._FORWARD.clear()
-    fastpath._BACKWARD.clear()
+    from oasis_kernels import call as call_module
+
+    call_module._CALLS.clear()
     plan = ok.RoutingPlan.from_counts(grid, *counts, (3, 5, 5))
     python, replay = _replays(plan, (2, plan.num_tokens, sum(counts), d), dtype)
-    assert len(_prepared(fastpath._FORWARD)) == 1 and len(_prepared(fastpath._BACKWARD)) == 1
-    assert _prepared(fastpath._FORWARD)[0].has_backward()  # the third call ran the C++ node's own replay
+    (forward, backward), = _replayed(plan)
+    assert backward and forward.has_backward()  # the third call ran the C++ node's own replay
     torch.testing.assert_close(replay[0], python[0], rtol=0, atol=0)  # same kernels, same order
     for name, r, p in zip(("dq", "dk", "dv"), replay[1:], python[1:]):
         torch.testing.assert_close(r, p, msg=lambda m, name=name: f"{name}: {m}")  # cuDNN's dQ accumulates atomically
@@ -211,35 +212,30 @@ def test_replay_matches_the_python_path(grid, counts, d, dtype):
 
 @gpu
 @built
-@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent-bwd", "dq-then-dkdv"])
-def test_replay_runs_either_backward(concurrent, monkeypatch):
-    """Either local backward (``OASIS_CONCURRENT_BWD``, part of the signature through
-    ``tuning_state``): the replay records and replays the delta kernel and the one dQ + dK/dV
-    launch (the default), or dQ then dK/dV."""
-    from oasis_kernels.kernels import local_attention as la
+def test_replay_follows_the_settings_of_its_call():
+    """A call prepared with ``cudnn_direct`` off replays without the direct cuDNN path and with
+    ``overlap`` off on one stream: the same numbers, and each setting keys its own call."""
+    from oasis_kernels import call as call_module
 
-    monkeypatch.setattr(la, "CONCURRENT_BWD", concurrent)
-    fastpath._FORWARD.clear()
-    fastpath._BACKWARD.clear()
     plan = ok.RoutingPlan.from_counts((3, 7, 11), 2, 1, 1, (3, 5, 5))
-    python, replay = _replays(plan, (2, plan.num_tokens, 4, 64), torch.bfloat16)
-    assert _prepared(fastpath._FORWARD)[0].has_backward()  # the third call ran the C++ node's own replay
+    with ok.use_settings(cudnn_direct=False, overlap=False):
+        python, replay = _replays(plan, (2, plan.num_tokens, 4, 64), torch.bfloat16)
     torch.testing.assert_close(replay[0], python[0], rtol=0, atol=0)
     for name, r, p in zip(("dq", "dk", "dv"), replay[1:], python[1:]):
         torch.testing.assert_close(r, p, msg=lambda m, name=name: f"{name}: {m}")
+    made = [c for c in call_module._CALLS.values() if c.plan == plan and c.replay_forward]
+    assert made and all(not c.settings.cudnn_direct and not c.forks(replayed=True) for c in made)
 
 
 @gpu
 @built
 def test_replay_serves_strided_global_heads_and_local_only_plans():
-    fastpath._FORWARD.clear()
-    fastpath._BACKWARD.clear()
     for modes in ("gigwgi", "iiww"):
         plan = ok.RoutingPlan((3, 8, 8), list(modes), (3, 5, 5))
         python, replay = _replays(plan, (1, plan.num_tokens, len(modes), 64), torch.bfloat16)
         for r, p in zip(replay, python):
             torch.testing.assert_close(r, p)
-    assert len(_prepared(fastpath._FORWARD)) == 2
+        assert len(_replayed(plan)) == 1, modes
 
 
 @gpu
@@ -347,7 +343,7 @@ def test_copy_pairs_copies_every_pair_without_the_extension():
 def test_copy_pairs_fused_copies_every_pair():
     from oasis_kernels.kernels import row_copies
 
-    assert row_copies.FUSED, "the extension is built but copy_pairs is not used (OASIS_FUSED_COPY=0?)"
+    assert row_copies.FUSED, "the extension is built but has no copy_pairs (built from older sources?)"
     for pairs in (_copy_cases("cuda"), _narrow_cases("cuda")):
         fastpath._C.copy_pairs(pairs)
         torch.cuda.synchronize()

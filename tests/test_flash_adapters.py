@@ -335,3 +335,6 @@ def test_no_deterministic_backward_is_an_error(monkeypatch):
     backend._bwd(do, q, k, v, o, lse, 0.125, False)
     with pytest.raises(RuntimeError, match="no deterministic mode"):
         backend._bwd(do, q, k, v, o, lse, 0.125, True)
+    # and dispatch declines it for deterministic=True, saying why, before any backward runs
+    (reason,) = backend.determinism_reasons()
+    assert "no deterministic backward" in reason

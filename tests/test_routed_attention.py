@@ -139,9 +139,9 @@ def test_unaligned_views_are_copied_once(device, monkeypatch):
         for method in ("forward", "backward"):
             real = getattr(BACKENDS[name], method)
 
-            def spy(*args, real=real):
+            def spy(*args, real=real, **kwargs):
                 seen.extend(a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor))
-                return real(*args)
+                return real(*args, **kwargs)
             monkeypatch.setattr(BACKENDS[name], method, spy)
     views = [torch.empty_like(base)[1:1 + n].view(shape).copy_(torch.randn(shape, dtype=dtype))
              .requires_grad_() for _ in range(3)]

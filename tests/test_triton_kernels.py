@@ -64,8 +64,8 @@ def test_both_walks(grid, window, sliced, device, monkeypatch):
     forced by restricting the configs, forward and all gradients."""
     from oasis_kernels.kernels import local_attention as la
 
-    for tuned in (la._fwd_tuned, la._dq_tuned, la._dkdv_tuned, la._bwd_tuned):
-        monkeypatch.setattr(tuned, "tuned", None)  # launch the first fitting config, no autotuner
+    for tuned in (la._fwd, la._bwd):
+        monkeypatch.setattr(tuned, "autotuner", None)  # launch the first fitting config, no autotuner
         monkeypatch.setattr(tuned, "manual", {})
         monkeypatch.setattr(tuned, "configs", [c for c in tuned.configs if c.kwargs["SLICED"] == sliced])
     plan = ok.RoutingPlan(grid, ["w", "i", "w"], window)
@@ -105,14 +105,10 @@ def test_non_contiguous_head_dim(device):
 
 
 @slow
-@pytest.mark.parametrize("concurrent", [False, True], ids=["dq-then-dkdv", "concurrent-bwd"])
-def test_every_output_element_is_written(concurrent, device, monkeypatch):
+def test_every_output_element_is_written(device):
     """Poison outputs with NaN, call the launchers directly, and find no NaN left in local heads
-    (both backwards: dQ then dK/dV, and the delta kernel plus one launch of both)."""
-    from oasis_kernels.kernels import local_attention as la
+    (the forward; the backward's delta kernel and its one launch of dQ and dK/dV programs)."""
     from oasis_kernels.kernels.local_attention import local_attention_backward, local_attention_forward
-
-    monkeypatch.setattr(la, "CONCURRENT_BWD", concurrent)
 
     grid, radii = (3, 7, 11), (1, 2, 2)
     n, heads = 231, 4
@@ -132,24 +128,15 @@ def test_every_output_element_is_written(concurrent, device, monkeypatch):
 
 # mixed launches (window and intra heads) and intra-only ones; 77-token frames: a full block and a tail
 @slow
-@pytest.mark.parametrize("concurrent", [True, False], ids=["concurrent-bwd", "dq-then-dkdv"])
 @pytest.mark.parametrize("grid,window,modes,d,dtype", [((3, 7, 11), (3, 5, 5), "wiw", 64, torch.bfloat16),
                                                       ((2, 7, 11), (3, 3, 3), "ii", 128, torch.float16)],
                          ids=["mixed-d64-bf16", "intra-only-d128-fp16"])
-def test_both_backwards(grid, window, modes, d, dtype, concurrent, device, monkeypatch):
-    """Each backward: ``_bwd_delta_kernel`` and one launch of dQ and dK/dV programs (the
-    default), and dQ then dK/dV (``OASIS_CONCURRENT_BWD=0``): forward and all gradients, batch 2."""
-    from oasis_kernels.kernels import local_attention as la
-
-    monkeypatch.setattr(la, "CONCURRENT_BWD", concurrent)
-    for tuned in (la._dq_tuned, la._bwd_tuned):
-        monkeypatch.setattr(tuned, "manual", {})
+def test_backward_batch_two(grid, window, modes, d, dtype, device):
+    """The backward (``_bwd_delta_kernel``, then one launch of dQ and dK/dV programs) of mixed and
+    intra-only launches: forward and all gradients, batch 2."""
     plan = ok.RoutingPlan(grid, list(modes), window)
     q, k, v = make_qkv((2, plan.num_tokens, plan.heads, d), dtype, device)
     check_backend(q, k, v, plan, LOCAL_TRITON)
-    if la._bwd_tuned.tuned is None:  # without the autotuner, the configs record which kernels ran
-        ran, skipped = (la._bwd_tuned, la._dq_tuned) if concurrent else (la._dq_tuned, la._bwd_tuned)
-        assert ran.manual and not skipped.manual, f"{concurrent=}: the other backward ran"
 
 
 @gpu_only
@@ -214,10 +201,11 @@ def test_backward_is_deterministic(device):
 
 @gpu_only
 def test_direct_launches_follow_strides_and_alignment(monkeypatch):
-    """After the first launch of a key, launches skip Triton's launch path (``_Tuned.direct``);
+    """After the first launch of a key, launches skip Triton's launch path (``Tuned.direct``);
     a new layout or a misaligned base pointer must get the kernel Triton would choose for it.
     The launcher is called directly: the API would copy an unaligned view first."""
-    from oasis_kernels.backends.triton_local import _head_table, _radii
+    from oasis_kernels.backends.triton_local import HeadTable
+    from oasis_kernels.kernels import launching
     from oasis_kernels.kernels import local_attention as la
 
     plan = ok.RoutingPlan((3, 7, 11), ["w", "i", "g"], (3, 5, 5))
@@ -230,10 +218,11 @@ def test_direct_launches_follow_strides_and_alignment(monkeypatch):
         "heads-major": lambda x: x[:n].view(1, plan.heads, plan.num_tokens, 64).transpose(1, 2),
     }
     direct = []
-    la._fwd_tuned.direct.clear()  # first launches of this test's keys go through Triton
-    real = la._Tuned._direct_launch
-    monkeypatch.setattr(la._Tuned, "_direct_launch", staticmethod(lambda *a: direct.append(1) or real(*a)))
-    table, n_window = _head_table([(ok.Mode.WINDOW, (0,)), (ok.Mode.INTRA, (1,))], DEVICE)
+    la._fwd.direct.clear()  # first launches of this test's keys go through Triton
+    real = launching.launch_compiled
+    monkeypatch.setattr(launching, "launch_compiled", lambda *a: direct.append(1) or real(*a))
+    heads = HeadTable.of(plan, [(ok.Mode.WINDOW, (0,)), (ok.Mode.INTRA, (1,))], DEVICE)
+    table, n_window = heads.on(DEVICE), heads.n_window
     scale = 64 ** -0.5
     for round_ in range(2):  # the second round hits the direct path for every layout
         for name, make in layouts.items():
@@ -241,7 +230,7 @@ def test_direct_launches_follow_strides_and_alignment(monkeypatch):
             out = torch.zeros(shape, dtype=q.dtype, device=DEVICE)
             lse = torch.zeros(1, plan.heads, plan.num_tokens, device=DEVICE)
             before = len(direct)
-            la.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan, n_window), scale)
+            la.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, heads.radii, scale)
             assert (len(direct) > before) == (round_ == 1), f"{name}: round {round_} launched directly: {len(direct) > before}"
             want = ok.routed_attention(*(x.contiguous() for x in (q, k, v)), plan, scale=scale, backend=LOCAL_TRITON)
             torch.testing.assert_close(out[:, :, :2], want[:, :, :2], rtol=0, atol=2e-2, msg=lambda m: f"{name}: {m}")
@@ -252,10 +241,10 @@ def test_direct_launches_follow_strides_and_alignment(monkeypatch):
 
 @gpu_only
 def test_side_stream_overlap_gives_identical_results(monkeypatch):
-    """Global heads on a high-priority side stream, local heads on the caller's (dispatch._run_groups):
+    """Global heads on a high-priority side stream, local heads on the caller's (RoutedCall._run):
     the same numbers as running everything in order, forward and gradients, also on a
     non-default caller stream and inside a CUDA graph."""
-    from oasis_kernels import dispatch
+    from oasis_kernels import call as call_module
 
     plan = ok.RoutingPlan((3, 7, 11), ["g", "i", "w", "g", "w"], (3, 5, 5))
     q, k, v = make_qkv((2, plan.num_tokens, plan.heads, 64), torch.bfloat16, DEVICE, requires_grad=True)
@@ -266,16 +255,17 @@ def test_side_stream_overlap_gives_identical_results(monkeypatch):
         # detached: a live autograd graph would tie the leaves' AccumulateGrad to old streams
         return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
-    monkeypatch.setattr(dispatch, "OVERLAP_MIN_FLOPS", 0)  # a small layer would stay on one stream
     calls = []
-    real_side = dispatch._side_stream
-    monkeypatch.setattr(dispatch, "_side_stream", lambda device: calls.append(device) or real_side(device))
-    monkeypatch.setattr(dispatch, "OVERLAP", False)
-    serial = run(q, k, v)
+    real_side = call_module.side_stream
+    monkeypatch.setattr(call_module, "side_stream", lambda device: calls.append(device) or real_side(device))
+    with ok.use_settings(overlap=False):
+        serial = run(q, k, v)
     assert not calls
-    monkeypatch.setattr(dispatch, "OVERLAP", True)
-    overlapped = run(q, k, v)
+    with ok.use_settings(overlap_min_flops=0):  # a small layer would stay on one stream
+        overlapped = run(q, k, v)
     assert len(calls) == 2  # forward and backward forked
+    # the rest forks too (restored when the test ends)
+    monkeypatch.setattr(call_module.config, "_current", ok.settings().replace(overlap_min_flops=0))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -28,6 +28,14 @@ class Backend:
     modes: frozenset = frozenset()
     #: False when the backend only serves explicit requests (e.g. the Triton interpreter on CPU).
     auto_eligible: bool = True
+    #: whether the backward gives the same bits on every run of the same inputs
+    deterministic_backward: bool = True
+
+    def determinism_reasons(self) -> list[str]:
+        """Why this backend cannot serve a call that asks for ``deterministic=True`` (empty if it can)."""
+        if self.deterministic_backward:
+            return []
+        return ["its backward is not deterministic (deterministic=True asks for one that is)"]
 
     def why_not(self, mode: Mode, q: torch.Tensor, plan: RoutingPlan) -> list[str]:
         """Reasons this backend cannot run ``mode`` heads on inputs like ``q``; empty if it can."""
@@ -37,17 +45,23 @@ class Backend:
         """Like :meth:`why_not`, plus reasons ``auto`` should not pick it (it may still be forced)."""
         return self.why_not(mode, q, plan)
 
-    def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float) -> None:
+    def prepare(self, plan: RoutingPlan, groups: Groups, device: torch.device):
+        """What this backend computes once per prepared call (:class:`oasis_kernels.call.RoutedCall`)
+        for ``groups`` of ``plan`` on ``device``; handed back as ``state`` on every run."""
+        return None
+
+    def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float, state=None) -> None:
         """Compute the heads of ``groups`` and write ``out[:, :, h]`` and ``lse[:, h]`` for each.
 
         ``q, k, v, out``: ``[B, N, heads, D]`` with unit stride on D; ``lse``: ``[B, heads, N]``
         float32 (float64 for float64 inputs).
         ``groups``: ``(mode, heads)`` pairs, each naming heads of one mode this backend serves.
+        ``state``: what :meth:`prepare` returned for this call.
         """
         raise NotImplementedError
 
     def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan: RoutingPlan, groups: Groups,
-                 scale: float, deterministic: bool) -> None:
+                 scale: float, deterministic: bool, state=None) -> None:
         """Write ``dq, dk, dv[:, :, h]`` for the heads of ``groups``."""
         raise NotImplementedError
 

@@ -92,7 +92,7 @@ class DenseBackend(Backend):
     # the results of each run are stored with one fused copy (kernels/row_copies.py) instead of
     # a copy_ per tensor: on the global heads' stream these copies are on the routed layer's
     # critical path (docs/PERF.md, entry 13)
-    def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float) -> None:
+    def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float, state=None) -> None:
         for mode, heads in groups:
             for run in head_runs(heads):
                 if mode == Mode.GLOBAL and self._forward_into(q, k, v, out, lse, run, scale):
@@ -102,7 +102,7 @@ class DenseBackend(Backend):
                 copy_pairs([self._store_pair(out, run, mode, plan.grid, o),
                             self._lse_store_pair(lse, run, mode, plan.grid, l)])
 
-    def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic) -> None:
+    def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic, state=None) -> None:
         for mode, heads in groups:
             for run in head_runs(heads):
                 if mode == Mode.GLOBAL and self._backward_into(dout, q, k, v, out, lse, dq, dk, dv, run, scale):
@@ -168,6 +168,8 @@ class SdpaCudnnBackend(_SdpaCudaBackend):
     name = "sdpa_cudnn"
     predicate_name = "can_use_cudnn_attention"
     enabled_name = "cudnn_sdp_enabled"
+    # PyTorch rules cuDNN's attention out under torch.use_deterministic_algorithms(True) too
+    deterministic_backward = False
 
     def why_not_auto(self, mode, q, plan) -> list[str]:
         reasons = self.why_not(mode, q, plan)
@@ -185,12 +187,12 @@ class SdpaCudnnBackend(_SdpaCudaBackend):
 
     # (the views are made only where the path exists: this runs per head run on every call)
     def _forward_into(self, q, k, v, out, lse, run, scale):
-        if not cudnn_direct.AVAILABLE:
+        if not cudnn_direct.available():
             return False
         return cudnn_direct.forward_into(*(self._heads(x, run) for x in (q, k, v, out)), lse[:, run], scale)
 
     def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale):
-        if not cudnn_direct.AVAILABLE:
+        if not cudnn_direct.available():
             return False
         views = [self._heads(x, run) for x in (dout, q, k, v, out)]
         return cudnn_direct.backward_into(*views, lse[:, run], *(self._heads(x, run) for x in (dq, dk, dv)), scale)
@@ -219,6 +221,11 @@ class SdpaFlashBackend(_SdpaCudaBackend):
     predicate_name = "can_use_flash_attention"
     enabled_name = "flash_sdp_enabled"
 
+    @property
+    def deterministic_backward(self) -> bool:
+        # PyTorch runs FlashAttention's deterministic backward only in its deterministic mode
+        return torch.are_deterministic_algorithms_enabled()
+
     def _fwd(self, q, k, v, scale):
         res = torch.ops.aten._scaled_dot_product_flash_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, False, scale=scale
@@ -241,6 +248,7 @@ class SdpaEfficientBackend(_SdpaCudaBackend):
     name = "sdpa_efficient"
     predicate_name = "can_use_efficient_attention"
     enabled_name = "mem_efficient_sdp_enabled"
+    deterministic_backward = False  # dQ added with atomics
 
     def _fwd(self, q, k, v, scale):
         o, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(

@@ -170,6 +170,12 @@ class _FlashBackend(DenseBackend):
             reasons.append(f"needs a contiguous head dim, got {q.stride()=}")
         return reasons
 
+    def determinism_reasons(self) -> list[str]:
+        bound, _ = self._bound()
+        if bound is not None and "deterministic" not in bound.bwd_params:
+            return [f"this FlashAttention ({bound.version}) has no deterministic backward (deterministic=True asks for one)"]
+        return []
+
     def _checked_bound(self) -> _Bound:
         bound, err = self._bound()
         if bound is None:

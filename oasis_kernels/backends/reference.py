@@ -17,7 +17,7 @@ class ReferenceBackend(Backend):
     def why_not(self, mode, q, plan):
         return []
 
-    def forward(self, q, k, v, out, lse, plan, groups, scale):
+    def forward(self, q, k, v, out, lse, plan, groups, scale, state=None):
         for mode, heads in groups:
             mask = mask_for(mode, plan.grid, plan.window)
             for run in head_runs(heads):
@@ -25,7 +25,7 @@ class ReferenceBackend(Backend):
                 out[:, :, run] = o
                 lse[:, run] = l
 
-    def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic):
+    def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic, state=None):
         for mode, heads in groups:
             mask = mask_for(mode, plan.grid, plan.window)
             for run in head_runs(heads):

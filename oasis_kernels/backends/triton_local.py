@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from ..plan import Mode
 from .base import Backend
 
-__all__ = ["TritonLocalBackend", "input_limits"]
+__all__ = ["TritonLocalBackend", "HeadTable", "input_limits"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -22,28 +23,32 @@ def _kernels():
     return local_attention, ""
 
 
-_TABLES: dict = {}
+@dataclass(frozen=True)
+class HeadTable:
+    """The local heads of one launch: their indices (int32, window heads first) in host memory,
+    pinned on CUDA, how many are window heads, and the window radii the kernels compile for.
 
-
-def _head_table(groups, device) -> tuple[torch.Tensor, int]:
-    """int32 ``[n_local]`` head indices on ``device``, window heads first, and the number of
-    window heads.
-
-    The indices are kept per head set in pinned host memory and copied to the device on each
-    call, an asynchronous copy that CUDA graphs capture. A device tensor kept across calls
-    would, when first made inside ``torch.compile(mode="reduce-overhead")``'s warm-up, live in
-    its CUDA-graph pool, which refuses allocations that outlive a call.
+    The indices are copied to the device on each call, an asynchronous copy that CUDA graphs
+    capture. A device tensor kept across calls would, when first made inside
+    ``torch.compile(mode="reduce-overhead")``'s warm-up, live in its CUDA-graph pool, which
+    refuses allocations that outlive a call.
     """
-    device = torch.device(device)
-    key = (tuple((int(m), tuple(h)) for m, h in groups), device.type)
-    hit = _TABLES.get(key)
-    if hit is None:
+
+    host: torch.Tensor
+    n_window: int
+    radii: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, plan, groups, device) -> "HeadTable":
         window = [h for m, heads in groups if m == Mode.WINDOW for h in heads]
         intra = [h for m, heads in groups if m == Mode.INTRA for h in heads]
         host = torch.tensor(window + intra, dtype=torch.int32)
-        hit = _TABLES[key] = (host.pin_memory() if device.type == "cuda" else host, len(window))
-    host, n_window = hit
-    return host.to(device, non_blocking=True), n_window
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        return cls(host, len(window), _radii(plan, len(window)))
+
+    def on(self, device) -> torch.Tensor:
+        return self.host.to(device, non_blocking=True)
 
 
 class TritonLocalBackend(Backend):
@@ -76,18 +81,19 @@ class TritonLocalBackend(Backend):
             reasons.append("the Triton interpreter is a test tool; ask for backend='triton' explicitly")
         return reasons
 
-    def forward(self, q, k, v, out, lse, plan, groups, scale):
-        _check_extents(k=k, v=v)
-        kernels, _ = _kernels()
-        table, n_window = _head_table(groups, q.device)
-        kernels.local_attention_forward(q, k, v, out, lse, table, n_window, plan.grid, _radii(plan, n_window), scale)
+    def prepare(self, plan, groups, device) -> HeadTable:
+        return HeadTable.of(plan, groups, device)
 
-    def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic):
-        kernels, _ = _kernels()
-        table, n_window = _head_table(groups, q.device)
-        kernels.local_attention_backward(
-            dout, q, k, v, out, lse, dq, dk, dv, table, n_window, plan.grid, _radii(plan, n_window), scale
-        )
+    def forward(self, q, k, v, out, lse, plan, groups, scale, state=None):
+        _check_extents(k=k, v=v)
+        heads = state or HeadTable.of(plan, groups, q.device)
+        _kernels()[0].local_attention_forward(q, k, v, out, lse, heads.on(q.device), heads.n_window, plan.grid,
+                                              heads.radii, scale)
+
+    def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic, state=None):
+        heads = state or HeadTable.of(plan, groups, q.device)
+        _kernels()[0].local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, heads.on(q.device), heads.n_window,
+                                               plan.grid, heads.radii, scale)
 
 
 def _extent(x) -> int:

@@ -98,6 +98,7 @@ def loop_mix(compiled, top: int = 3) -> list[tuple[int, collections.Counter]]:
 def _kernels():
     from . import local_attention as la
     from . import routing_stats as rs
+    from .tile_configs import BWD_CONFIGS, FWD_CONFIGS, WIDE_ROWS, fits
 
     common = dict(BLOCK_D=128, EVEN_D=True, DOT_PREC="tf32", UPCAST=False)
     # mixed launches (window radii of (3,5,5)), and launches of intra heads only
@@ -108,29 +109,22 @@ def _kernels():
     s_intra = dict(T=5, H=20, W=40, RT=0, RH=0, RW=0, n_window=0, BLOCK_D=128, DOT_PREC="tf32")
 
     def intra_configs(configs):
-        return [c for c in configs if la._fits(c, s_intra)]
+        return [c for c in configs if fits(c, s_intra)]
 
-    def bf16_configs(configs):  # _WIDE_ROWS serves fp32 rows over 128 elements only ("*_wide")
-        return [c for c in configs if c != la._WIDE_ROWS]
+    def bf16_configs(configs):  # WIDE_ROWS serves fp32 rows over 128 elements only ("*_wide")
+        return [c for c in configs if c != WIDE_ROWS]
 
     wide = dict(BLOCK_D=256, EVEN_D=True, DOT_PREC="ieee", UPCAST=False, **mixed)
 
     return {
-        "fwd": (la._fwd_kernel, {**common, **mixed, "POS_SCALE": True}, bf16_configs(la._FWD_CONFIGS)),
-        "bwd_dq": (la._bwd_dq_kernel, {**common, **mixed}, bf16_configs(la._BWD_CONFIGS)),
-        "bwd_dkdv": (la._bwd_dkdv_kernel, {**common, **mixed}, bf16_configs(la._BWD_CONFIGS)),
-        "fwd_wide": (la._fwd_kernel, {**wide, "POS_SCALE": True}, [la._WIDE_ROWS]),
-        "bwd_dq_wide": (la._bwd_dq_kernel, wide, [la._WIDE_ROWS]),
-        "bwd_dkdv_wide": (la._bwd_dkdv_kernel, wide, [la._WIDE_ROWS]),
-        "fwd_intra": (la._fwd_kernel, {**common, **intra, "POS_SCALE": True}, intra_configs(la._FWD_CONFIGS)),
-        "bwd_dq_intra": (la._bwd_dq_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
-        "bwd_dkdv_intra": (la._bwd_dkdv_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
-        # the default backward: dQ and dK/dV programs in one kernel (the two above and their
-        # "_wide" variants run with OASIS_CONCURRENT_BWD=0)
-        "bwd": (la._bwd_kernel, {**common, **mixed}, bf16_configs(la._BWD_CONFIGS)),
-        "bwd_intra": (la._bwd_kernel, {**common, **intra}, intra_configs(la._BWD_CONFIGS)),
-        "bwd_wide": (la._bwd_kernel, wide, [la._WIDE_ROWS]),
-        "bwd_delta": (la._bwd_delta_kernel, {"BLOCK_D": 128, "EVEN_D": True}, la._delta_tuned.configs),
+        "fwd": (la._fwd_kernel, {**common, **mixed, "POS_SCALE": True}, bf16_configs(FWD_CONFIGS)),
+        "fwd_wide": (la._fwd_kernel, {**wide, "POS_SCALE": True}, [WIDE_ROWS]),
+        "fwd_intra": (la._fwd_kernel, {**common, **intra, "POS_SCALE": True}, intra_configs(FWD_CONFIGS)),
+        # the backward: dQ and dK/dV programs in one kernel, after the delta kernel
+        "bwd": (la._bwd_kernel, {**common, **mixed}, bf16_configs(BWD_CONFIGS)),
+        "bwd_intra": (la._bwd_kernel, {**common, **intra}, intra_configs(BWD_CONFIGS)),
+        "bwd_wide": (la._bwd_kernel, wide, [WIDE_ROWS]),
+        "bwd_delta": (la._bwd_delta_kernel, {"BLOCK_D": 128, "EVEN_D": True}, la._delta.configs),
         "stats_global": (rs._stats_global_kernel, {**common, "POS_SCALE": True},
                          [triton.Config({k: v for k, v in rs.CONFIG.items() if k.isupper()},
                                         num_warps=rs.CONFIG["num_warps"], num_stages=rs.CONFIG["num_stages"])]),
@@ -141,8 +135,7 @@ def _kernels():
     }
 
 
-KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "fwd_intra", "bwd_dq_intra", "bwd_dkdv_intra", "fwd_wide", "bwd_dq_wide",
-           "bwd_dkdv_wide", "bwd", "bwd_intra", "bwd_wide", "bwd_delta", "stats_global", "stats_local")
+KERNELS = ("fwd", "fwd_intra", "fwd_wide", "bwd", "bwd_intra", "bwd_wide", "bwd_delta", "stats_global", "stats_local")
 
 
 def dtype_of(name: str) -> str:

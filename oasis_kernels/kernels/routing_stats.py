@@ -10,21 +10,20 @@ Two kernels here:
   the probabilities and ``p * s`` in float32 (an FA-style ``P @ K`` in bf16 would round ``p``
   to 8 bits). No masks on the hot path: whole key blocks first, the ragged tail apart.
 * ``_stats_local_kernel``: the local-support sums, on the geometry of the local attention
-  kernels (:mod:`.local_attention`): window "heads" walk their tile's halo, intra ones their frame,
+  kernels (:mod:`.tile_geometry`): window "heads" walk their tile's halo, intra ones their frame,
   all in one launch. Per score: two exp2, one log2, one FMA.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .local_attention import (_NO_SPECIALIZE, INTERPRET, _block_d, _frame_block, _frame_walk, _full_block,
-                              _head_setup, _load_block, _load_rows, _masked_scores, _mm, _primary_tile, _tile_count,
-                              _window_block, _window_setup)
+from .tile_configs import INTERPRET
+from .tile_geometry import (NO_SPECIALIZE, block_d, frame_block, frame_walk, full_block, head_setup, load_block,
+                            load_rows, masked_scores, mm, primary_tile, tile_count, window_block, window_setup)
 
 __all__ = ["routing_stats_global", "routing_stats_local", "CONFIG"]
 
@@ -39,14 +38,14 @@ def _global_block(q, k_base, skn, start, N, d, dmask, m, l, e, qk_scale, BLOCK_N
     j = start + tl.arange(0, BLOCK_N)
     kvalid = j < N
     if TAIL:
-        k = _load_rows(k_base, tl.where(kvalid, j, 0), skn, kvalid, d, dmask, EVEN_D)
-        s, c = _masked_scores(_mm(q, tl.trans(k), DOT_PREC, UPCAST), kvalid[None, :], qk_scale, POS_SCALE)
+        k = load_rows(k_base, tl.where(kvalid, j, 0), skn, kvalid, d, dmask, EVEN_D)
+        s, c = masked_scores(mm(q, tl.trans(k), DOT_PREC, UPCAST), kvalid[None, :], qk_scale, POS_SCALE)
     else:
         if EVEN_D:
             k = tl.load(k_base + j[:, None] * skn + d[None, :])
         else:
             k = tl.load(k_base + j[:, None] * skn + d[None, :], mask=dmask[None, :], other=0.0)
-        s = _mm(q, tl.trans(k), DOT_PREC, UPCAST)  # a whole block: nothing to mask
+        s = mm(q, tl.trans(k), DOT_PREC, UPCAST)  # a whole block: nothing to mask
         if POS_SCALE:
             c = qk_scale
         else:
@@ -79,7 +78,7 @@ def _stats_global_kernel(
     qvalid = i < M
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = _load_rows(Q + b * sqb + head * sqh, tl.where(qvalid, i * q_stride, 0), sqn, qvalid, d, dmask, EVEN_D)
+    q = load_rows(Q + b * sqb + head * sqh, tl.where(qvalid, i * q_stride, 0), sqn, qvalid, d, dmask, EVEN_D)
     k_base = K + b * skb + head * skh
 
     m = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: the first block's alpha is then 0, not NaN
@@ -113,8 +112,8 @@ def _local_block(q, k_base, ktok, kvalid, mask, skn, d, dmask, lse_g, lse_l, acc
                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                  FAST_LOG: tl.constexpr):
     """One key block of the local-support sums; ``MASKED`` false: every key visible to every row."""
-    k = _load_block(k_base, ktok, skn, kvalid, d, dmask, MASKED, EVEN_D)
-    s = _mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
+    k = load_block(k_base, ktok, skn, kvalid, d, dmask, MASKED, EVEN_D)
+    s = mm(q, tl.trans(k), DOT_PREC, UPCAST) * qk_scale
     p_g = tl.math.exp2(s - lse_g[:, None])
     # log2 M_eps = log2((1 - eps) * M_local + eps / N); M_local <= 1 inside the support
     log_m = _log2(one_m_eps * tl.math.exp2(s - lse_l[:, None]) + eps_n, FAST_LOG)
@@ -123,7 +122,7 @@ def _local_block(q, k_base, ktok, kvalid, mask, skn, d, dmask, lse_g, lse_l, acc
     return acc + tl.sum(p_g * log_m, 1)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _stats_local_kernel(
     Q, K, LSE_G, LSE_L, OUT, HEADS,
     sqb, sqn, sqh, skb, skn, skh, sgb, sgh, sl0, slb, slh, so0, sob, soh,
@@ -134,13 +133,13 @@ def _stats_local_kernel(
     FAST_LOG: tl.constexpr,
 ):
     p = tl.program_id(0)
-    b, j, head, is_window = _head_setup(HEADS, tl.program_id(1), n_local, n_window)
-    if p >= _tile_count(is_window, T, H, W, BT, BH, BW):
+    b, j, head, is_window = head_setup(HEADS, tl.program_id(1), n_local, n_window)
+    if p >= tile_count(is_window, T, H, W, BT, BH, BW):
         return
-    qtok, qvalid, t0, h0, w0, lo, hi, wf = _primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
+    qtok, qvalid, t0, h0, w0, lo, hi, wf = primary_tile(p, is_window, T, H, W, RT, RH, RW, BT, BH, BW)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = _load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
+    q = load_rows(Q + b * sqb + head * sqh, qtok, sqn, qvalid, d, dmask, EVEN_D)
     k_base = K + b * skb + head * skh
     # base-2 LSEs; rows without a global LSE (unsampled queries) get +inf, so p_g = 0 there
     lse_g = tl.load(LSE_G + b * sgb + head * sgh + qtok, mask=qvalid, other=float("inf")) * 1.4426950408889634
@@ -151,21 +150,21 @@ def _stats_local_kernel(
     acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     # one branch per program into its mode's walk (as in the attention kernels)
     if is_window:
-        it_lo, it_hi, wa, wb, wc, wd, we = _window_setup(t0, h0, w0, lo, hi, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
+        it_lo, it_hi, wa, wb, wc, wd, we = window_setup(t0, h0, w0, lo, hi, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
                                                          SLICED)
         for it in range(it_lo, it_hi):
-            ktok, kvalid, mask = _window_block(it, wa, wb, wc, wd, we, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
+            ktok, kvalid, mask = window_block(it, wa, wb, wc, wd, we, T, H, W, RT, RH, RW, BT, BH, BW, BLOCK_N,
                                                SLICED)
             acc = _local_block(q, k_base, ktok, kvalid, mask, skn, d, dmask, lse_g, lse_l, acc, qk_scale, one_m_eps,
                                eps_n, True, EVEN_D, DOT_PREC, UPCAST, FAST_LOG)
     else:
-        n_full, tail = _frame_walk(H, W, BLOCK_N)
+        n_full, tail = frame_walk(H, W, BLOCK_N)
         for it in range(0, n_full):
-            ktok = _full_block(wf, it, BLOCK_N)
+            ktok = full_block(wf, it, BLOCK_N)
             acc = _local_block(q, k_base, ktok, ktok, ktok, skn, d, dmask, lse_g, lse_l, acc, qk_scale, one_m_eps,
                                eps_n, False, EVEN_D, DOT_PREC, UPCAST, FAST_LOG)
         if tail < H * W:
-            ktok, kvalid = _frame_block(tail, wf, H * W, BLOCK_N)
+            ktok, kvalid = frame_block(tail, wf, H * W, BLOCK_N)
             acc = _local_block(q, k_base, ktok, kvalid, kvalid[None, :], skn, d, dmask, lse_g, lse_l, acc, qk_scale,
                                one_m_eps, eps_n, True, EVEN_D, DOT_PREC, UPCAST, FAST_LOG)
     tl.store(OUT + mode * so0 + b * sob + head * soh + qtok, acc * 0.6931471805599453, mask=qvalid)
@@ -173,7 +172,7 @@ def _stats_local_kernel(
 
 #: tile config of the global pass; benchmarks/routing_bench.py compares alternatives through it
 CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-#: tile config of the local pass (a local-attention tile and walk, see local_attention); the sliced
+#: tile config of the local pass (a local-attention tile and walk, see tile_geometry); the sliced
 #: walk is used where the window's halo slice fits a block, else the general one
 LOCAL_CONFIG = dict(BT=4, BH=4, BW=4, BLOCK_N=64, num_warps=4, num_stages=2)
 
@@ -200,7 +199,7 @@ def routing_stats_global(q, k, scale, q_stride):
         q, k, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), N=n, M=m, q_stride=q_stride, n_heads=nh,
         qk_scale=scale * LOG2E, POS_SCALE=scale > 0, e_scale=scale if scale > 0 else 1.0 / LOG2E,
-        **_block_d(d), **_precision(q), **cfg,
+        **block_d(d), **_precision(q), **cfg,
     )
     return out
 
@@ -230,6 +229,6 @@ def routing_stats_local(q, k, lse_g, lse_local, grid, radii, scale, eps):
         lse_g.stride(0), lse_g.stride(1), *lse_local.stride()[:3],
         out.stride(0), out.stride(1), out.stride(2),
         T=t, H=h, W=w, n_local=2 * nh, n_window=nh, qk_scale=scale * LOG2E, one_m_eps=1.0 - eps, eps_n=eps / n,
-        RT=radii[0], RH=radii[1], RW=radii[2], FAST_LOG=not INTERPRET, **_block_d(d), **_precision(q), **cfg,
+        RT=radii[0], RH=radii[1], RW=radii[2], FAST_LOG=not INTERPRET, **block_d(d), **_precision(q), **cfg,
     )
     return out

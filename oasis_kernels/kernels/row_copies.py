@@ -11,8 +11,6 @@ extension (CPU installs, a build without nvcc) or off CUDA, each pair is a ``cop
 
 from __future__ import annotations
 
-import os
-
 try:
     from .. import _C
 except ImportError:  # no extension: plain copies
@@ -21,16 +19,14 @@ except ImportError:  # no extension: plain copies
 __all__ = ["copy_pairs", "FUSED"]
 
 #: whether the fused copy is used: the extension has it (one built from older sources may lack it)
-#: and OASIS_FUSED_COPY=0 does not turn it off (to time the difference)
-FUSED = _C is not None and hasattr(_C, "copy_pairs") and os.environ.get("OASIS_FUSED_COPY", "1") != "0"
+FUSED = _C is not None and hasattr(_C, "copy_pairs")
 
 
 def copy_pairs(pairs) -> None:
     """``dst.copy_(src)`` for every ``(src, dst)`` of ``pairs`` (4-D tensors of equal sizes and
     dtype), on the current stream. The extension copies up to four pairs whose last dimension is
     contiguous or of size 1 in one launch and hands the others to ``copy_``, which runs first:
-    destinations must not overlap. Every CUDA tensor of a call must be on one device.
-    ``OASIS_FUSED_COPY`` is read once, at import."""
+    destinations must not overlap. Every CUDA tensor of a call must be on one device."""
     if not pairs:
         return
     if FUSED and all(s.is_cuda and d.is_cuda for s, d in pairs):

@@ -1,0 +1,279 @@
+"""The prepared call: everything about a routed-attention call that its signature decides, made once.
+
+A :class:`RoutedCall` belongs to one signature: plan, backend request, scale, ``deterministic``,
+the shapes, strides, dtype, device and ``requires_grad`` of ``q, k, v``, the settings in force
+(:mod:`oasis_kernels.config`) and PyTorch's SDPA switches. It holds the decisions per head
+group, each backend's prepared state (the Triton backend's head table), the stream policy and,
+where the C++ extension serves the call, its replays (:mod:`oasis_kernels.fastpath`). Calls live
+in one bounded LRU cache (:func:`lookup`), the package's only cache of call state; every path
+runs them: the custom op under ``torch.compile``, the eager call, the C++ replay.
+
+>>> call = ok.prepare(q, plan)          # flashinfer's plan/run split: prepare once per signature
+>>> out = call(q, k, v)                 # then run, as often as wanted, with autograd
+
+Stream policy (:meth:`RoutedCall.forks`): on CUDA the global heads run on a high-priority side
+stream forked from the caller's, the local heads on the caller's stream, which then waits for the
+side stream; the local kernels fill the SMs that the global kernels' last wave leaves idle
+without delaying them (docs/PERF.md, entries 9-10). A call forks when the settings allow it, it
+has both kinds of heads, and the fork pays for its host time: always in the C++ replay (two
+event records), inside CUDA-graph capture (replays cost no host time), and on the Python path
+from ``overlap_min_flops`` FLOPs of global heads.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import threading
+
+import torch
+
+from . import config
+from .backends import BACKENDS
+from .dispatch import Dispatch, aligned, decide
+from .plan import Mode, RoutingPlan
+from .reference import accumulate_dtype
+
+__all__ = ["RoutedCall", "prepare", "lookup", "MAX_CALLS"]
+
+#: prepared calls kept (least recently used dropped first)
+MAX_CALLS = 1024
+
+
+def _sdpa_switches() -> tuple:
+    # PyTorch's global switches change what its SDPA checks accept (the deterministic mode
+    # rules out cuDNN), so they belong to the signature
+    cuda = torch.backends.cuda
+    return (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def _kernel_state() -> tuple:
+    """The Triton kernels' tuning state and debug switches, where they are loaded: the C++ replay
+    repeats recorded launches, which must not outlive a config list or autotuner swapped by a
+    test or benchmark, or Triton's debug modes."""
+    la = sys.modules.get(f"{__package__}.kernels.local_attention")
+    if la is None:
+        return ()
+    from triton import knobs
+    return (la.tuning_state(), knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+
+
+def signature(q, k, v, plan_args: tuple, scale: float, request: str, deterministic: bool) -> tuple:
+    """The cache key of a call: what a prepared call depends on."""
+    return (plan_args, request, scale, deterministic, tuple(q.shape), q.stride(), k.stride(), v.stride(), v is k,
+            q.dtype, q.device, q.requires_grad, config.settings(), _sdpa_switches(), _kernel_state())
+
+
+class RoutedCall:
+    """Routed attention prepared for one signature (see the module's doc). Made by
+    :func:`prepare` (or :func:`lookup`); calling it runs the attention with autograd.
+
+    Attributes:
+        plan, scale, request, deterministic, settings: what the call was prepared with.
+        dispatch: the backend of each head group and why the others declined (``str(call.dispatch)``).
+        shape, dtype, device: of the ``q, k, v`` it takes.
+    """
+
+    def __init__(self, q, k, v, plan: RoutingPlan, scale: float, request: str, deterministic: bool,
+                 settings: config.Settings):
+        self.plan, self.scale, self.request = plan, scale, request
+        self.deterministic, self.settings = deterministic, settings
+        self.shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
+        self.strides = (q.stride(), k.stride(), v.stride())
+        self.dispatch: Dispatch = decide(q, plan, request, deterministic)
+        groups: dict[str, list] = {}
+        for d in self.dispatch.decisions:
+            groups.setdefault(d.backend, []).append((d.mode, d.heads))
+        #: backends in order of first use, each with all the groups it serves (one call each)
+        self.calls = list(groups.items())
+        self.global_calls = [(d.backend, [(d.mode, d.heads)]) for d in self.dispatch.decisions if d.mode == Mode.GLOBAL]
+        local: dict[str, list] = {}
+        for d in self.dispatch.decisions:
+            if d.mode != Mode.GLOBAL:
+                local.setdefault(d.backend, []).append((d.mode, d.heads))
+        self.local_calls = list(local.items())
+        b, n, _, dh = self.shape
+        self.global_flops = 4.0 * b * n * n * dh * len(plan.heads_of(Mode.GLOBAL))
+        #: each backend's state for this call (``Backend.prepare``), e.g. the Triton head table
+        self.states = {name: BACKENDS[name].prepare(plan, backend_groups, self.device)
+                       for name, backend_groups in self.calls}
+        # the C++ replays (fastpath.py): None = not tried yet, False = not served
+        self.replay_forward = None
+        self.replay_backward = None
+
+    def __repr__(self) -> str:
+        return (f"RoutedCall({self.plan}, shape={self.shape}, dtype={self.dtype}, device={self.device}, "
+                f"scale={self.scale:g}, backend={self.request!r})\n{self.dispatch}")
+
+    # -- streams -----------------------------------------------------------------------
+    def forks(self, replayed: bool = False) -> bool:
+        """Whether this call runs its global heads on the side stream now (see the module's doc);
+        ``replayed``: asked by the C++ replay, whose fork costs two event records."""
+        if not (self.settings.overlap and self.global_calls and self.local_calls and self.device.type == "cuda"):
+            return False
+        return replayed or self.global_flops >= self.settings.overlap_min_flops or _capturing(self.device)
+
+    def _run(self, work) -> None:
+        """``work(backend, groups)`` for every backend call, on the streams :meth:`forks` says.
+
+        Outputs are allocated on the caller's stream before and used on it after the join, so the
+        caching allocator needs no ``record_stream``; temporaries of the side work are allocated,
+        used and freed on the side stream. CUDA-graph capture follows the fork and the join.
+        """
+        if not self.forks():
+            for name, groups in self.calls:
+                work(name, groups)
+            return
+        caller = torch.cuda.current_stream(self.device)
+        stream = side_stream(self.device)
+        stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(stream):
+                for name, groups in self.global_calls:
+                    work(name, groups)
+            for name, groups in self.local_calls:
+                work(name, groups)
+        finally:
+            # also after an error: kernels already launched on the side stream write tensors the caller frees
+            caller.wait_stream(stream)
+
+    # -- the Python path -----------------------------------------------------------------
+    def forward(self, q, k, v):
+        """``(out [B, N, heads, D], lse [B, heads, N])`` without autograd, each head group on its
+        backend. ``q, k, v`` have this call's signature, their rows 16-byte aligned
+        (:func:`aligned_call`)."""
+        b, n, nh, d = q.shape
+        out = torch.empty(b, n, nh, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, nh, n, dtype=accumulate_dtype(q.dtype), device=q.device)
+        plan, scale, states = self.plan, self.scale, self.states
+        self._run(lambda name, groups: BACKENDS[name].forward(q, k, v, out, lse, plan, groups, scale,
+                                                              state=states[name]))
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse):
+        """``(dq, dk, dv)`` for a forward of this call; ``dout`` aligned as ``q`` (contiguous rows)."""
+        dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+        plan, scale, states, det = self.plan, self.scale, self.states, self.deterministic
+        self._run(lambda name, groups: BACKENDS[name].backward(dout, q, k, v, out, lse, dq, dk, dv, plan, groups,
+                                                               scale, det, state=states[name]))
+        return dq, dk, dv
+
+    # -- with autograd ---------------------------------------------------------------------
+    def __call__(self, q, k, v, *, return_lse: bool = False):
+        """Run the prepared call: ``out`` (and ``lse`` with ``return_lse``), with autograd.
+
+        ``q, k, v`` must match the signature it was prepared for (shape, strides, dtype, device,
+        ``requires_grad``): a ValueError names what differs. Under ``torch.compile`` it goes
+        through the custom op, which looks its call up by signature with the settings in force.
+        """
+        from .ops import routed_attention_call
+
+        self.check(q, k, v)
+        grid, modes, window = self.plan.as_op_args()
+        out, lse = routed_attention_call(q, k, v, grid, modes, window, self.scale, self.request, self.deterministic,
+                                         call=self)
+        return (out, lse) if return_lse else out
+
+    def check(self, q, k, v) -> None:
+        """ValueError naming what differs from this call's signature; None when ``q, k, v`` match."""
+        from .api import check_inputs
+
+        check_inputs(q, k, v, self.plan)
+        got = dict(shape=tuple(q.shape), dtype=q.dtype, device=q.device, strides=(q.stride(), k.stride(), v.stride()))
+        want = dict(shape=self.shape, dtype=self.dtype, device=self.device, strides=self.strides)
+        wrong = [f"{name} {got[name]} (prepared for {want[name]})" for name in got if got[name] != want[name]]
+        if wrong:
+            raise ValueError(f"q, k, v do not match this prepared call: {'; '.join(wrong)}; prepare another "
+                             "(oasis_kernels.prepare) or call oasis_kernels.routed_attention")
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+_CALLS: "collections.OrderedDict[tuple, RoutedCall]" = collections.OrderedDict()
+_LOCK = threading.Lock()
+
+
+def lookup(q, k, v, plan_args: tuple, scale: float, request: str, deterministic: bool, plan=None) -> RoutedCall:
+    """The prepared call of this signature, made on first use (``plan_args`` = ``plan.as_op_args()``
+    as tuples; ``plan`` the plan itself where the caller has it)."""
+    key = signature(q, k, v, plan_args, scale, request, deterministic)
+    call = _CALLS.get(key)
+    if call is not None:
+        try:
+            _CALLS.move_to_end(key)
+        except KeyError:  # dropped by another thread meanwhile: still a valid call
+            pass
+        return call
+    if plan is None:
+        plan = RoutingPlan.from_op_args(*plan_args)
+    call = RoutedCall(q, k, v, plan, scale, request, deterministic, key[-3])
+    # making the call may have imported the Triton kernels, whose tuning state the key holds
+    key = signature(q, k, v, plan_args, scale, request, deterministic)
+    with _LOCK:
+        _CALLS[key] = call
+        while len(_CALLS) > MAX_CALLS:
+            _CALLS.popitem(last=False)
+    return call
+
+
+def aligned_call(call: RoutedCall, q, k, v):
+    """``(call, q, k, v)`` with every row 16-byte aligned (:func:`oasis_kernels.dispatch.aligned`):
+    the same call for aligned inputs, else the copies and the call of their signature."""
+    q2, k2 = aligned(q), aligned(k)
+    v2 = k2 if v is k else aligned(v)
+    if q2 is q and k2 is k and v2 is v:
+        return call, q, k, v
+    grid, modes, window = call.plan.as_op_args()
+    return lookup(q2, k2, v2, (tuple(grid), tuple(modes), tuple(window)), call.scale, call.request,
+                  call.deterministic, call.plan), q2, k2, v2
+
+
+def prepare(q, plan: RoutingPlan, k=None, v=None, *, scale: float | None = None, backend="auto",
+            deterministic: bool = False, settings: config.Settings | None = None) -> RoutedCall:
+    """Prepare routed attention for inputs like ``q`` (and ``k``, ``v``, default: laid out as
+    ``q``) under ``plan``: a :class:`RoutedCall` to keep, e.g. per model layer, and call as
+    ``call(q, k, v)``. Arguments as :func:`oasis_kernels.routed_attention`'s; ``settings``
+    (default: those in force, :func:`oasis_kernels.settings`) are kept by the call.
+    """
+    from .api import _prepare
+    from .dispatch import normalize_backend
+
+    k = q if k is None else k
+    v = k if v is None else v
+    if settings is not None and not isinstance(settings, config.Settings):
+        raise TypeError(f"settings must be an oasis_kernels.Settings, got {type(settings).__name__}")
+    q, k, v, scale = _prepare(q, k, v, plan, scale)
+    request = normalize_backend(backend)
+    with config.use_settings(settings):
+        grid, modes, window = plan.as_op_args()
+        return lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, request, bool(deterministic), plan)
+
+
+# -- streams ---------------------------------------------------------------------------------
+
+#: one side stream per thread and device: a thread capturing a CUDA graph must not share its
+#: side stream with another thread's eager work (that work would join the capture or break it)
+_SIDE_STREAMS = threading.local()
+
+
+def side_stream(device) -> "torch.cuda.Stream":
+    streams = _SIDE_STREAMS.__dict__.setdefault("by_device", {})
+    stream = streams.get(device)
+    if stream is None:
+        # the highest priority the device has (PyTorch maps a large negative number to it): the
+        # block scheduler then issues the global heads' blocks before the local heads' whenever
+        # both wait, so the local kernels take only the SMs the global kernels leave idle.
+        # CUDA graphs keep the priority (PyTorch instantiates them with per-node priorities)
+        stream = streams[device] = torch.cuda.Stream(device, priority=-1000)
+    return stream
+
+
+def _capturing(device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (PyTorch's check reads
+    the current device's)."""
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return torch.cuda.is_current_stream_capturing()
+    return torch.cuda.is_current_stream_capturing()
+
