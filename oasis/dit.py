@@ -313,8 +313,12 @@ class WanBlock(nn.Module):
         """``ffn`` with its tanh-GELU applied by the first matmul's epilogue on CUDA (cuBLASLt's GELU is
         the tanh form), which saves a pass over the ``[N, ffn_dim]`` hidden layer."""
         first, second = self.ffn[0], self.ffn[2]
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            hidden = torch._addmm_activation(first.bias, x.flatten(0, -2), first.weight.t(), use_gelu=True)
+        # the epilogue op has no derivative: training takes the plain path; under autocast the
+        # float32 weights come in the activations' dtype, as autocast gives them to a Linear
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or first.weight.requires_grad)
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and not wants_grad:
+            hidden = torch._addmm_activation(first.bias.to(x.dtype), x.flatten(0, -2), first.weight.to(x.dtype).t(),
+                                             use_gelu=True)
             return second(hidden.unflatten(0, x.shape[:-1]))
         return self.ffn(x)
 
