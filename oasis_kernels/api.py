@@ -3,27 +3,25 @@
 Every function takes ``q, k, v`` of shape ``[B, N, heads, D]`` (FlashAttention's and
 Wan2.1's layout) with the ``N = T*H*W`` tokens flattened t-major, then h, then w, and
 returns ``out`` of the same shape (plus ``lse [B, heads, N]`` with ``return_lse=True``).
-All of them go through the ``oasis_kernels::routed_attention_fwd`` custom op when traced by
-``torch.compile``, and through the same dispatch without the op's wrappers in eager mode
-(:func:`oasis_kernels.ops.routed_attention_call`).
+All of them run a prepared call (:mod:`oasis_kernels.call`): through the
+``oasis_kernels::routed_attention_fwd`` custom op when traced by ``torch.compile``, and without
+the op's wrappers in eager mode (:func:`oasis_kernels.call.routed_attention_call`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
 
+from .call import routed_attention_call
 from .dispatch import normalize_backend
-from .ops import routed_attention_call
+from .inputs import check_inputs, prepare_inputs
 from .plan import Mode, RoutingPlan
 from .reference import accumulate_dtype
 
 __all__ = ["routed_attention", "global_attention", "intra_frame_attention", "window_attention", "check_inputs",
            "add_observer", "remove_observer", "attention_lse"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # callables(q, k, plan, scale) that see every routed_attention call (routing calibration)
 _OBSERVERS: list = []
@@ -36,61 +34,6 @@ def add_observer(fn) -> None:
 
 def remove_observer(fn) -> None:
     _OBSERVERS.remove(fn)
-
-
-def check_inputs(q, k, v, plan: RoutingPlan) -> None:
-    """Raise TypeError/ValueError naming the offending value; return None when all is well."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(plan, RoutingPlan):
-        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}: {plan!r}")
-    if q.dim() != 4:
-        raise ValueError(f"q must be [batch, tokens, heads, head_dim], got {q.shape=}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k and v must have the same shape, got {q.shape=}, {k.shape=}, {v.shape=}")
-    if q.dtype not in _FLOATS:
-        raise TypeError(f"q, k, v must be float16, bfloat16, float32 or float64, got {q.dtype=}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device=}, {k.device=}, {v.device=}")
-    b, n, heads, d = q.shape
-    if n != plan.num_tokens:
-        raise ValueError(
-            f"{q.shape=} has N={n} tokens but {plan.grid=} holds T*H*W={plan.num_tokens}"
-        )
-    if heads != plan.heads:
-        raise ValueError(f"{q.shape=} has {heads} heads but the plan routes len(plan.modes)={plan.heads}")
-    if d == 0:
-        # an empty batch is fine (empty outputs, as PyTorch's SDPA); a zero head dim has no
-        # softmax scale 1/sqrt(D) and no backend takes it
-        raise ValueError(f"head_dim must be positive, got {q.shape=} (an empty batch, B = 0, is allowed)")
-
-
-def _resolve_scale(scale, d: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}: {scale!r}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale=}")
-    return float(scale)
-
-
-def _prepare(q, k, v, plan, scale):
-    """Validated inputs and the resolved scale. Every kernel reads the head dim as contiguous
-    rows (other strides are free), so a tensor strided there is copied once (``v is k`` stays
-    so). Unaligned data pointers are fixed inside the op (:func:`oasis_kernels.dispatch.aligned`),
-    where tensors are real under ``torch.compile`` too."""
-    check_inputs(q, k, v, plan)
-    v_is_k = v is k
-    q, k = _unit_stride(q), _unit_stride(k)
-    return q, k, k if v_is_k else _unit_stride(v), _resolve_scale(scale, q.shape[-1])
-
-
-def _unit_stride(x):
-    return x.contiguous() if x.stride(-1) != 1 and x.shape[-1] > 1 else x
 
 
 def routed_attention(
@@ -141,7 +84,7 @@ def routed_attention(
         x x x x x      x x x x x       . . . . .
         (+ frame 2)    (frame 1 only)  (clipped at borders, never shifted)
     """
-    q, k, v, scale = _prepare(q, k, v, plan, scale)
+    q, k, v, scale = prepare_inputs(q, k, v, plan, scale)
     request = normalize_backend(backend)
     if q.shape[0] == 0:  # nothing to compute or observe: no backend is asked
         out, lse = _EmptyBatch.apply(q, k, v)
@@ -159,7 +102,7 @@ def attention_lse(q, k, plan: RoutingPlan, *, scale: float | None = None, backen
     Runs the routed forward with ``v = k`` (its output is dropped) without autograd and without
     notifying observers, so a calibration observer may call it.
     """
-    q, k, v, scale = _prepare(q, k, k, plan, scale)
+    q, k, v, scale = prepare_inputs(q, k, k, plan, scale)
     request = normalize_backend(backend)
     if q.shape[0] == 0:
         return _empty_lse(q)

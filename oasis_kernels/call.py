@@ -1,4 +1,5 @@
-"""The prepared call: everything about a routed-attention call that its signature decides, made once.
+"""The prepared call: everything about a routed-attention call that its signature decides, made
+once, and every way it runs (the custom ops, the eager autograd path, the C++ replay).
 
 A :class:`RoutedCall` belongs to one signature: plan, backend request, scale, ``deterministic``,
 the shapes, strides, dtype, device and ``requires_grad`` of ``q, k, v``, the settings in force
@@ -27,14 +28,18 @@ import sys
 import threading
 
 import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import config
+from . import config, fastpath, streams
 from .backends import BACKENDS
-from .dispatch import Dispatch, aligned, decide
+from .dispatch import Dispatch, aligned, decide, normalize_backend
+from .inputs import check_inputs, prepare_inputs
 from .plan import Mode, RoutingPlan
 from .reference import accumulate_dtype
 
-__all__ = ["RoutedCall", "prepare", "lookup", "MAX_CALLS"]
+__all__ = ["RoutedCall", "prepare", "lookup", "MAX_CALLS", "routed_attention_fwd", "routed_attention_bwd",
+           "routed_attention_call"]
 
 #: prepared calls kept (least recently used dropped first)
 MAX_CALLS = 1024
@@ -112,7 +117,7 @@ class RoutedCall:
         ``replayed``: asked by the C++ replay, whose fork costs two event records."""
         if not (self.settings.overlap and self.global_calls and self.local_calls and self.device.type == "cuda"):
             return False
-        return replayed or self.global_flops >= self.settings.overlap_min_flops or _capturing(self.device)
+        return replayed or self.global_flops >= self.settings.overlap_min_flops or streams.capturing(self.device)
 
     def _run(self, work) -> None:
         """``work(backend, groups)`` for every backend call, on the streams :meth:`forks` says.
@@ -126,7 +131,7 @@ class RoutedCall:
                 work(name, groups)
             return
         caller = torch.cuda.current_stream(self.device)
-        stream = side_stream(self.device)
+        stream = streams.side_stream(self.device)
         stream.wait_stream(caller)
         try:
             with torch.cuda.stream(stream):
@@ -167,8 +172,6 @@ class RoutedCall:
         ``requires_grad``): a ValueError names what differs. Under ``torch.compile`` it goes
         through the custom op, which looks its call up by signature with the settings in force.
         """
-        from .ops import routed_attention_call
-
         self.check(q, k, v)
         grid, modes, window = self.plan.as_op_args()
         out, lse = routed_attention_call(q, k, v, grid, modes, window, self.scale, self.request, self.deterministic,
@@ -177,8 +180,6 @@ class RoutedCall:
 
     def check(self, q, k, v) -> None:
         """ValueError naming what differs from this call's signature; None when ``q, k, v`` match."""
-        from .api import check_inputs
-
         check_inputs(q, k, v, self.plan)
         got = dict(shape=tuple(q.shape), dtype=q.dtype, device=q.device, strides=(q.stride(), k.stride(), v.stride()))
         want = dict(shape=self.shape, dtype=self.dtype, device=self.device, strides=self.strides)
@@ -236,44 +237,153 @@ def prepare(q, plan: RoutingPlan, k=None, v=None, *, scale: float | None = None,
     ``call(q, k, v)``. Arguments as :func:`oasis_kernels.routed_attention`'s; ``settings``
     (default: those in force, :func:`oasis_kernels.settings`) are kept by the call.
     """
-    from .api import _prepare
-    from .dispatch import normalize_backend
-
     k = q if k is None else k
     v = k if v is None else v
     if settings is not None and not isinstance(settings, config.Settings):
         raise TypeError(f"settings must be an oasis_kernels.Settings, got {type(settings).__name__}")
-    q, k, v, scale = _prepare(q, k, v, plan, scale)
+    q, k, v, scale = prepare_inputs(q, k, v, plan, scale)
     request = normalize_backend(backend)
     with config.use_settings(settings):
         grid, modes, window = plan.as_op_args()
         return lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, request, bool(deterministic), plan)
 
 
-# -- streams ---------------------------------------------------------------------------------
-
-#: one side stream per thread and device: a thread capturing a CUDA graph must not share its
-#: side stream with another thread's eager work (that work would join the capture or break it)
-_SIDE_STREAMS = threading.local()
-
-
-def side_stream(device) -> "torch.cuda.Stream":
-    streams = _SIDE_STREAMS.__dict__.setdefault("by_device", {})
-    stream = streams.get(device)
-    if stream is None:
-        # the highest priority the device has (PyTorch maps a large negative number to it): the
-        # block scheduler then issues the global heads' blocks before the local heads' whenever
-        # both wait, so the local kernels take only the SMs the global kernels leave idle.
-        # CUDA graphs keep the priority (PyTorch instantiates them with per-node priorities)
-        stream = streams[device] = torch.cuda.Stream(device, priority=-1000)
-    return stream
+# -- the custom ops, and the eager path beside them -------------------------------------------
+#
+# Two ops, ``oasis_kernels::routed_attention_fwd`` and ``oasis_kernels::routed_attention_bwd``,
+# take the plan as plain lists of ints so ``torch.compile`` sees an opaque call with a fake
+# (meta) implementation: no graph break, and for a fixed plan no recompilation. Autograd is
+# registered on the forward op and calls the backward op, which is itself a custom op, so the
+# backward graph is compiled the same way.
+#
+# Eager calls on plain tensors skip the custom-op machinery (on the H200 its wrappers cost ~0.2
+# ms of host time per forward and ~1.5 ms per forward+backward, several times the GPU time of a
+# small layer; scripts/host_parts.py, docs/PERF.md): ``routed_attention_call`` runs the same
+# prepared call under a ``torch.autograd.Function``, or its C++ replay with a C++ autograd node
+# (fastpath.py). Under ``torch.compile``, for fake or other tensor subclasses, and for meta
+# tensors the op is used, so tracing sees it; the ops look their call up by signature.
 
 
-def _capturing(device) -> bool:
-    """Whether ``device``'s current stream is capturing a CUDA graph (PyTorch's check reads
-    the current device's)."""
-    if device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):
-            return torch.cuda.is_current_stream_capturing()
-    return torch.cuda.is_current_stream_capturing()
+def _call_for(q, k, v, grid, modes, window, scale, backend, deterministic):
+    """The prepared call of these op arguments, for aligned copies of ``q, k, v`` where needed."""
+    call = lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, backend, deterministic)
+    return aligned_call(call, q, k, v)
 
+
+@torch.library.custom_op("oasis_kernels::routed_attention_fwd", mutates_args=())
+def routed_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, grid: list[int], modes: list[int], window: list[int],
+    scale: float, backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(out [B, N, heads, D], lse [B, heads, N])``; inputs already validated by the API."""
+    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic)
+    return call.forward(q, k, v)
+
+
+@routed_attention_fwd.register_fake
+def _(q, k, v, grid, modes, window, scale, backend, deterministic):
+    b, n, nh, d = q.shape
+    return q.new_empty(b, n, nh, d), q.new_empty(b, nh, n, dtype=accumulate_dtype(q.dtype))
+
+
+@torch.library.custom_op("oasis_kernels::routed_attention_bwd", mutates_args=())
+def routed_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    grid: list[int], modes: list[int], window: list[int], scale: float, backend: str, deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic)
+    return _backward_of(call, dout, q, k, v, out, lse)
+
+
+@routed_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, grid, modes, window, scale, backend, deterministic):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _backward_of(call, dout, q, k, v, out, lse):
+    """The Python path of ``call``'s backward with ``dout`` aligned as the kernels want it."""
+    return call.backward(aligned(dout), q, k, v, out, lse)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, grid, modes, window, scale, backend, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (grid, modes, window, scale, backend, deterministic)
+    # the log-sum-exp is an output for calibration and debugging: returned as a constant
+    # (requires_grad=False), so no gradient is expected through it
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    # autograd may hand an expanded or otherwise strided gradient; the kernels want rows
+    dq, dk, dv = routed_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch.library.register_autograd("oasis_kernels::routed_attention_fwd", _backward, setup_context=_setup_context)
+
+
+class _RoutedAttention(torch.autograd.Function):
+    """The eager twin of the op with its registered autograd: the same prepared call, the same
+    saved tensors; the backward runs with the forward's call (and so its settings)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call):
+        out, lse = _eager_forward(call, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        ctx.mark_non_differentiable(lse)
+        # the LSE's gradient is never used: no zero tensor (an allocation and a fill kernel) for it
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op: no double backward, an error not a wrong answer
+    def backward(ctx, dout, dlse):
+        if dout is None:  # out's gradient is undefined (zero, not materialized): no gradient flows
+            return None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        grads = fastpath.backward(ctx.call, dout, q, k, v, out, lse)
+        if grads is None:
+            call, q, k, v = aligned_call(ctx.call, q, k, v)
+            grads = _backward_of(call, dout, q, k, v, out, lse)
+        dq, dk, dv = grads
+        return dq, dk, dv, None
+
+
+def _eager_forward(call, q, k, v):
+    res = fastpath.forward(call, q, k, v)
+    if res is not None:
+        return res
+    call, q, k, v = aligned_call(call, q, k, v)
+    return call.forward(q, k, v)
+
+
+def _eager(x: Tensor) -> bool:
+    # plain tensors on a real device, outside any tracing: FakeTensor, functional and other
+    # subclasses, meta tensors, and calls under a dispatch mode (make_fx, FlopCounterMode ...) or
+    # torch.jit.trace go through the op, so tracers record it and its fake implementation serves them
+    return (type(x) is Tensor and x.device.type != "meta" and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None)
+
+
+def routed_attention_call(q: Tensor, k: Tensor, v: Tensor, grid: list[int], modes: list[int], window: list[int],
+                          scale: float, backend: str, deterministic: bool, call=None) -> tuple[Tensor, Tensor]:
+    """``routed_attention_fwd`` with autograd, through the op when traced and directly in eager
+    mode; ``call``: the prepared call of this signature where the caller holds it."""
+    if not (_eager(q) and _eager(k) and _eager(v)):
+        return routed_attention_fwd(q, k, v, grid, modes, window, scale, backend, deterministic)
+    if call is None:
+        call = lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, backend, deterministic)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # replayed with a C++ autograd node once the call has a replay (fastpath)
+        res = fastpath.forward(call, q, k, v, autograd=True)
+        if res is not None:
+            return res
+        return _RoutedAttention.apply(q, k, v, call)
+    return _eager_forward(call, q, k, v)

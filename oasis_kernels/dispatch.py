@@ -158,7 +158,7 @@ def _decide_mode(mode: Mode, q, plan: RoutingPlan, request: str, deterministic: 
 
 
 def _check_query(q, plan) -> None:
-    """The checks of ``api.check_inputs`` that concern ``q`` alone (``decide`` sees no k, v)."""
+    """The checks of ``inputs.check_inputs`` that concern ``q`` alone (``decide`` sees no k, v)."""
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
     if not isinstance(plan, RoutingPlan):

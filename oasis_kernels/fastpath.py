@@ -26,7 +26,7 @@ import importlib.util
 
 import torch
 
-from . import call as call_module
+from . import streams
 from .plan import Mode, head_runs
 
 __all__ = ["forward", "backward", "UNAVAILABLE"]
@@ -142,7 +142,7 @@ def _heads(call, device):
 
 
 def _side(call) -> int:
-    return call_module.side_stream(call.device).cuda_stream if call.forks(replayed=True) else 0
+    return streams.side_stream(call.device).cuda_stream if call.forks(replayed=True) else 0
 
 
 def forward(call, q, k, v, autograd: bool = False):

@@ -6,7 +6,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 from host_profile import host_time  # noqa: E402
 import oasis_kernels as ok
-from oasis_kernels import ops
+from oasis_kernels import call as ops
 
 def host_us(fn, n=200):
     return host_time(fn, n, warmup=5)[0] * 1e3

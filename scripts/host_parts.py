@@ -8,7 +8,8 @@ import torch
 sys.path.insert(0, "benchmarks")
 from host_profile import host_time  # noqa: E402
 import oasis_kernels as ok
-from oasis_kernels import call as call_module, ops
+from oasis_kernels import call as call_module
+ops = call_module
 from oasis_kernels.kernels import local_attention as la
 from oasis_kernels.kernels.tile_configs import FWD_CONFIGS
 from oasis_kernels.backends.triton_local import HeadTable

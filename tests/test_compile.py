@@ -60,9 +60,9 @@ def test_custom_op_is_registered_properly():
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_eager_route_matches_the_custom_op(backend, monkeypatch):
-    # eager calls skip the op's wrappers (ops.routed_attention_call); they must give the op's
+    # eager calls skip the op's wrappers (call.routed_attention_call); they must give the op's
     # outputs and gradients bit for bit, and each route must really be the one taken
-    import oasis_kernels.ops as ops
+    import oasis_kernels.call as ops
 
     q, k, v = (torch.randn(1, 30, 4, 64, device=DEVICE, requires_grad=True) for _ in range(3))
     dout = torch.randn(1, 30, 4, 64, device=DEVICE)
@@ -94,7 +94,7 @@ def test_tracers_and_double_backward_see_the_op_semantics():
     # (the eager Function would dissolve into the backends' aten calls, and Triton launches
     # would leave no trace); double backward raises on both routes instead of being wrong
     from torch.fx.experimental.proxy_tensor import make_fx
-    import oasis_kernels.ops as ops
+    import oasis_kernels.call as ops
 
     q, k, v = (torch.randn(1, 30, 4, 16, device=DEVICE) for _ in range(3))
     graph = make_fx(lambda q, k, v: ok.routed_attention(q, k, v, PLAN, backend="reference"),
@@ -118,18 +118,18 @@ def test_reduce_overhead_cuda_graphs_match_eager(monkeypatch):
     # must give the eager numbers on fresh inputs
     from torch._dynamo.utils import counters
 
-    from oasis_kernels import call as call_module
+    from oasis_kernels import streams
 
     torch._dynamo.reset()
     counters.clear()
     forks = []
-    real_side = call_module.side_stream
+    real_side = streams.side_stream
 
     def side_stream(device):
         forks.append(torch.cuda.is_current_stream_capturing())
         return real_side(device)
 
-    monkeypatch.setattr(call_module, "side_stream", side_stream)
+    monkeypatch.setattr(streams, "side_stream", side_stream)
     plan = ok.RoutingPlan((3, 7, 11), ["g", "i", "w", "g", "w"], (3, 5, 5))
     compiled = torch.compile(lambda q, k, v: ok.routed_attention(q, k, v, plan), mode="reduce-overhead",
                              fullgraph=True)

@@ -155,7 +155,7 @@ def _schedule(monkeypatch, shape, fail_in=None, capturing=False, replayed=False)
     (``capturing``: as inside CUDA-graph capture; ``replayed``: what the C++ replay is told)."""
     import contextlib
 
-    from oasis_kernels import call as call_module
+    from oasis_kernels import streams
 
     log, current = [], ["caller"]
     caller, side = _FakeStream("caller", log), _FakeStream("side", log)
@@ -171,8 +171,8 @@ def _schedule(monkeypatch, shape, fail_in=None, capturing=False, replayed=False)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: caller)
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
-    monkeypatch.setattr(call_module, "side_stream", lambda device: side)
-    monkeypatch.setattr(call_module, "_capturing", lambda device: capturing)
+    monkeypatch.setattr(streams, "side_stream", lambda device: side)
+    monkeypatch.setattr(streams, "capturing", lambda device: capturing)
     plan = ok.RoutingPlan.from_counts((5, 20, 40), 5, 4, 3)
     call = object.__new__(ok.RoutedCall)  # a call on a CUDA device, without one: its decisions set here
     call.device, call.settings = torch.device("cuda"), ok.settings()
@@ -234,16 +234,16 @@ def test_side_streams_are_per_thread_and_high_priority(monkeypatch):
     # thread's eager calls use; the side stream has the highest priority
     import threading
 
-    from oasis_kernels import call as call_module
+    from oasis_kernels import streams
 
     made = []
     monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority=0: made.append((device, priority)) or object())
-    monkeypatch.setattr(call_module, "_SIDE_STREAMS", threading.local())
+    monkeypatch.setattr(streams, "_SIDE_STREAMS", threading.local())
     device = torch.device("cuda", 0)
-    mine = call_module.side_stream(device)
-    assert call_module.side_stream(device) is mine  # cached
+    mine = streams.side_stream(device)
+    assert streams.side_stream(device) is mine  # cached
     other = []
-    thread = threading.Thread(target=lambda: other.append(call_module.side_stream(device)))
+    thread = threading.Thread(target=lambda: other.append(streams.side_stream(device)))
     thread.start()
     thread.join()
     assert other[0] is not mine

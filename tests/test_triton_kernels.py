@@ -245,6 +245,7 @@ def test_side_stream_overlap_gives_identical_results(monkeypatch):
     the same numbers as running everything in order, forward and gradients, also on a
     non-default caller stream and inside a CUDA graph."""
     from oasis_kernels import call as call_module
+    from oasis_kernels import streams
 
     plan = ok.RoutingPlan((3, 7, 11), ["g", "i", "w", "g", "w"], (3, 5, 5))
     q, k, v = make_qkv((2, plan.num_tokens, plan.heads, 64), torch.bfloat16, DEVICE, requires_grad=True)
@@ -256,8 +257,8 @@ def test_side_stream_overlap_gives_identical_results(monkeypatch):
         return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout))
 
     calls = []
-    real_side = call_module.side_stream
-    monkeypatch.setattr(call_module, "side_stream", lambda device: calls.append(device) or real_side(device))
+    real_side = streams.side_stream
+    monkeypatch.setattr(streams, "side_stream", lambda device: calls.append(device) or real_side(device))
     with ok.use_settings(overlap=False):
         serial = run(q, k, v)
     assert not calls

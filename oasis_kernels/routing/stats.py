@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import _unit_stride, attention_lse
+from ..api import attention_lse
+from ..inputs import unit_stride
 from ..backends.triton_local import input_limits
 from ..masks import WindowMask, grid_coords
 from ..plan import Mode, RoutingPlan, normalize_grid, normalize_window
@@ -111,7 +112,7 @@ def head_statistics(q, k, grid, window=(3, 5, 5), *, eps: float = 1e-6, query_st
         raise ValueError(f"eps must be in (0, 1), got {eps=}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # the kernels read the head dim as contiguous rows
-    q, k = _unit_stride(q), _unit_stride(k)
+    q, k = unit_stride(q), unit_stride(k)
     unsupported = input_limits(_radii(grid, window), q=q, k=k) if backend != "reference" else []
     if backend == "auto":
         backend = "triton" if q.is_cuda and q.dtype != torch.float64 and not unsupported else "reference"
