@@ -204,18 +204,14 @@ def routing_stats_global(q, k, scale, q_stride):
     return out
 
 
-_HEAD_TABLES: dict = {}
-
-
 def routing_stats_local(q, k, lse_g, lse_local, grid, radii, scale, eps):
     """``[2, B, heads, N]`` float32: ``sum_{k in S} p_global(k) * log M_eps(k)`` for the intra (0) and
     window (1) supports. ``lse_g``: ``[B, heads, N]`` (+inf where not needed); ``lse_local``:
     ``[2, B, heads, N]``, the intra and window log-sum-exps."""
     b, n, nh, d = q.shape
-    key = (nh, str(q.device))
-    table = _HEAD_TABLES.get(key)
-    if table is None:  # every head twice: as a window head, then as an intra head
-        table = _HEAD_TABLES[key] = torch.arange(nh, dtype=torch.int32, device=q.device).repeat(2)
+    # every head twice: as a window head, then as an intra head (made per call: statistics are
+    # gathered once per calibration batch, and one small kernel is nothing beside this one)
+    table = torch.arange(nh, dtype=torch.int32, device=q.device).repeat(2)
     out = torch.empty(2, b, nh, n, dtype=torch.float32, device=q.device)
     t, h, w = grid
     # single-frame grids: 64-query tiles within the frame instead of 3/4 padding rows
