@@ -2,7 +2,7 @@
 
 For each mode (consistent, inconsistent) it loads pairs of the paper's size (17 frames 320x640 ->
 80x160 LQ, synthetic HQ clips; a video folder with ``--videos``) with ``--workers`` DataLoader
-processes: ``--clips`` pairs, or 4 per worker where that is more. It reports the steady rate, from
+processes: ``--clips`` pairs, or 4 per worker (2 at least) where that is more. It reports the steady rate, from
 the arrival of the first wave of clips (one per worker: the workers' start-up and first clip,
 reported apart as "first wave s") to the last, the rate over the whole row, and the seconds one
 clip costs a worker. The issue's bar: at least 4x the clips/s a training step consumes; divide a
@@ -44,7 +44,7 @@ def main(argv=None):
     for mode in ("consistent", "inconsistent"):
         data = PairDataset(source, Degradation(), mode)
         for workers in args.workers:
-            clips = max(args.clips, 4 * workers)
+            clips = max(args.clips, 4 * workers, 2)  # a steady rate needs a clip after the first wave
             loader = torch.utils.data.DataLoader(data, batch_sampler=[[i] for i in range(clips)],
                                                  num_workers=workers)
             start = time.perf_counter()

@@ -560,6 +560,8 @@ std::vector<at::Tensor> RoutedForward::run_autograd(const at::Tensor& q, const a
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "oasis_kernels' C++ extension: the eager host path of routed attention (see fastpath.py)";
   m.attr("ROLES") = py::make_tuple("Q", "K", "V", "OUT", "LSE", "HEADS", "DOUT", "DQ", "DK", "DV", "DELTA");
+  // the Python side's expectation of these bindings (fastpath.ABI): a build from older sources is refused
+  m.attr("ABI") = 2;
   py::class_<RoutedForward, std::shared_ptr<RoutedForward>>(m, "RoutedForward")
       .def("run", &RoutedForward::run, py::call_guard<py::gil_scoped_release>(), py::arg("q"), py::arg("k"),
            py::arg("v"), py::arg("side_stream"))

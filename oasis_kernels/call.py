@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import config, fastpath, streams
 from .backends import BACKENDS
 from .dispatch import Dispatch, aligned, decide, normalize_backend
-from .inputs import check_inputs, prepare_inputs
+from .inputs import check_inputs, prepare_inputs, unit_stride
 from .plan import Mode, RoutingPlan
 from .reference import accumulate_dtype
 
@@ -60,14 +60,15 @@ def _kernel_state() -> tuple:
     la = sys.modules.get(f"{__package__}.kernels.local_attention")
     if la is None:
         return ()
-    from triton import knobs
+    knobs = sys.modules["triton"].knobs  # imported with the kernels
     return (la.tuning_state(), knobs.runtime.debug, knobs.compilation.instrumentation_mode)
 
 
-def signature(q, k, v, plan_args: tuple, scale: float, request: str, deterministic: bool) -> tuple:
+def signature(q, k, v, plan_args: tuple, scale: float, request: str, deterministic: bool,
+              settings: config.Settings) -> tuple:
     """The cache key of a call: what a prepared call depends on."""
     return (plan_args, request, scale, deterministic, tuple(q.shape), q.stride(), k.stride(), v.stride(), v is k,
-            q.dtype, q.device, q.requires_grad, config.settings(), _sdpa_switches(), _kernel_state())
+            q.dtype, q.device, q.requires_grad, settings, _sdpa_switches(), _kernel_state())
 
 
 class RoutedCall:
@@ -86,6 +87,9 @@ class RoutedCall:
         self.deterministic, self.settings = deterministic, settings
         self.shape, self.dtype, self.device = tuple(q.shape), q.dtype, q.device
         self.strides = (q.stride(), k.stride(), v.stride())
+        self.requires_grad = q.requires_grad
+        self.op_args = plan.as_op_args()  # (grid, modes, window) as the custom ops take them
+        self._layout = _layout(q, k, v)
         self.dispatch: Dispatch = decide(q, plan, request, deterministic)
         groups: dict[str, list] = {}
         for d in self.dispatch.decisions:
@@ -101,7 +105,7 @@ class RoutedCall:
         b, n, _, dh = self.shape
         self.global_flops = 4.0 * b * n * n * dh * len(plan.heads_of(Mode.GLOBAL))
         #: each backend's state for this call (``Backend.prepare``), e.g. the Triton head table
-        self.states = {name: BACKENDS[name].prepare(plan, backend_groups, self.device)
+        self.states = {name: BACKENDS[name].prepare(plan, backend_groups, self.device, settings)
                        for name, backend_groups in self.calls}
         # the C++ replays (fastpath.py): None = not tried yet, False = not served
         self.replay_forward = None
@@ -157,7 +161,9 @@ class RoutedCall:
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse):
-        """``(dq, dk, dv)`` for a forward of this call; ``dout`` aligned as ``q`` (contiguous rows)."""
+        """``(dq, dk, dv)`` for a forward of this call (``dout`` with contiguous rows; copied where its
+        data pointer is not 16-byte aligned, as the inputs are)."""
+        dout = aligned(dout)
         dq, dk, dv = (torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
         plan, scale, states, det = self.plan, self.scale, self.states, self.deterministic
         self._run(lambda name, groups: BACKENDS[name].backward(dout, q, k, v, out, lse, dq, dk, dv, plan, groups,
@@ -168,12 +174,17 @@ class RoutedCall:
     def __call__(self, q, k, v, *, return_lse: bool = False):
         """Run the prepared call: ``out`` (and ``lse`` with ``return_lse``), with autograd.
 
-        ``q, k, v`` must match the signature it was prepared for (shape, strides, dtype, device,
-        ``requires_grad``): a ValueError names what differs. Under ``torch.compile`` it goes
-        through the custom op, which looks its call up by signature with the settings in force.
+        ``q, k, v`` must match the signature it was prepared for (shape, strides once the head dim
+        is made contiguous, dtype, device, ``requires_grad``): a ValueError names what differs.
+        Under ``torch.compile`` it goes through the custom ops, which look their call up by
+        signature with this call's settings.
         """
-        self.check(q, k, v)
-        grid, modes, window = self.plan.as_op_args()
+        if _layout(q, k, v) != self._layout:  # the common case costs one tuple comparison
+            v_is_k = v is k
+            q, k = unit_stride(q), unit_stride(k)
+            v = k if v_is_k else unit_stride(v)
+            self.check(q, k, v)
+        grid, modes, window = self.op_args
         out, lse = routed_attention_call(q, k, v, grid, modes, window, self.scale, self.request, self.deterministic,
                                          call=self)
         return (out, lse) if return_lse else out
@@ -181,8 +192,10 @@ class RoutedCall:
     def check(self, q, k, v) -> None:
         """ValueError naming what differs from this call's signature; None when ``q, k, v`` match."""
         check_inputs(q, k, v, self.plan)
-        got = dict(shape=tuple(q.shape), dtype=q.dtype, device=q.device, strides=(q.stride(), k.stride(), v.stride()))
-        want = dict(shape=self.shape, dtype=self.dtype, device=self.device, strides=self.strides)
+        got = dict(shape=tuple(q.shape), dtype=q.dtype, device=q.device, strides=(q.stride(), k.stride(), v.stride()),
+                   requires_grad=q.requires_grad, v_is_k=v is k)
+        want = dict(shape=self.shape, dtype=self.dtype, device=self.device, strides=self.strides,
+                    requires_grad=self.requires_grad, v_is_k=self._layout[-1])
         wrong = [f"{name} {got[name]} (prepared for {want[name]})" for name in got if got[name] != want[name]]
         if wrong:
             raise ValueError(f"q, k, v do not match this prepared call: {'; '.join(wrong)}; prepare another "
@@ -195,10 +208,12 @@ _CALLS: "collections.OrderedDict[tuple, RoutedCall]" = collections.OrderedDict()
 _LOCK = threading.Lock()
 
 
-def lookup(q, k, v, plan_args: tuple, scale: float, request: str, deterministic: bool, plan=None) -> RoutedCall:
+def lookup(q, k, v, plan_args: tuple, scale: float, request: str, deterministic: bool, plan=None,
+           settings: config.Settings | None = None) -> RoutedCall:
     """The prepared call of this signature, made on first use (``plan_args`` = ``plan.as_op_args()``
-    as tuples; ``plan`` the plan itself where the caller has it)."""
-    key = signature(q, k, v, plan_args, scale, request, deterministic)
+    as tuples; ``plan`` the plan itself where the caller has it; ``settings`` default: those in force)."""
+    settings = config.settings() if settings is None else settings
+    key = signature(q, k, v, plan_args, scale, request, deterministic, settings)
     call = _CALLS.get(key)
     if call is not None:
         try:
@@ -208,14 +223,24 @@ def lookup(q, k, v, plan_args: tuple, scale: float, request: str, deterministic:
         return call
     if plan is None:
         plan = RoutingPlan.from_op_args(*plan_args)
-    call = RoutedCall(q, k, v, plan, scale, request, deterministic, key[-3])
+    call = RoutedCall(q, k, v, plan, scale, request, deterministic, settings)
     # making the call may have imported the Triton kernels, whose tuning state the key holds
-    key = signature(q, k, v, plan_args, scale, request, deterministic)
+    key = signature(q, k, v, plan_args, scale, request, deterministic, settings)
     with _LOCK:
         _CALLS[key] = call
-        while len(_CALLS) > MAX_CALLS:
-            _CALLS.popitem(last=False)
+        if len(_CALLS) > MAX_CALLS:
+            _evict()
     return call
+
+
+def _evict() -> None:
+    """Drop the least recently used calls beyond :data:`MAX_CALLS`, except those with a C++ replay:
+    the extension keeps a replay for the process's lifetime and makes at most
+    ``fastpath.MAX_REPLAYS``, so a call that owns one stays (and is not made, and replayed, again)."""
+    for key in [key for key, c in _CALLS.items() if not c.replay_forward]:
+        if len(_CALLS) <= MAX_CALLS:
+            break
+        del _CALLS[key]
 
 
 def aligned_call(call: RoutedCall, q, k, v):
@@ -225,9 +250,9 @@ def aligned_call(call: RoutedCall, q, k, v):
     v2 = k2 if v is k else aligned(v)
     if q2 is q and k2 is k and v2 is v:
         return call, q, k, v
-    grid, modes, window = call.plan.as_op_args()
+    grid, modes, window = call.op_args
     return lookup(q2, k2, v2, (tuple(grid), tuple(modes), tuple(window)), call.scale, call.request,
-                  call.deterministic, call.plan), q2, k2, v2
+                  call.deterministic, call.plan, call.settings), q2, k2, v2
 
 
 def prepare(q, plan: RoutingPlan, k=None, v=None, *, scale: float | None = None, backend="auto",
@@ -243,9 +268,15 @@ def prepare(q, plan: RoutingPlan, k=None, v=None, *, scale: float | None = None,
         raise TypeError(f"settings must be an oasis_kernels.Settings, got {type(settings).__name__}")
     q, k, v, scale = prepare_inputs(q, k, v, plan, scale)
     request = normalize_backend(backend)
-    with config.use_settings(settings):
-        grid, modes, window = plan.as_op_args()
-        return lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, request, bool(deterministic), plan)
+    grid, modes, window = plan.as_op_args()
+    return lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, request, bool(deterministic), plan,
+                  settings)
+
+
+def _layout(q, k, v) -> tuple:
+    """What a prepared call's inputs must repeat, as one tuple to compare."""
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, q.requires_grad, v is k)
 
 
 # -- the custom ops, and the eager path beside them -------------------------------------------
@@ -261,27 +292,30 @@ def prepare(q, plan: RoutingPlan, k=None, v=None, *, scale: float | None = None,
 # small layer; scripts/host_parts.py, docs/PERF.md): ``routed_attention_call`` runs the same
 # prepared call under a ``torch.autograd.Function``, or its C++ replay with a C++ autograd node
 # (fastpath.py). Under ``torch.compile``, for fake or other tensor subclasses, and for meta
-# tensors the op is used, so tracing sees it; the ops look their call up by signature.
+# tensors the op is used, so tracing sees it; the ops look their call up by signature. The
+# settings travel as an argument (``Settings.as_key``), so the backward op finds its forward's
+# call; PyTorch's SDPA switches are read when each op runs, as for PyTorch's own attention.
 
 
-def _call_for(q, k, v, grid, modes, window, scale, backend, deterministic):
+def _call_for(q, k, v, grid, modes, window, scale, backend, deterministic, settings):
     """The prepared call of these op arguments, for aligned copies of ``q, k, v`` where needed."""
-    call = lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, backend, deterministic)
+    call = lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, backend, deterministic,
+                  settings=config.Settings.from_key(settings))
     return aligned_call(call, q, k, v)
 
 
 @torch.library.custom_op("oasis_kernels::routed_attention_fwd", mutates_args=())
 def routed_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, grid: list[int], modes: list[int], window: list[int],
-    scale: float, backend: str, deterministic: bool,
+    scale: float, backend: str, deterministic: bool, settings: str,
 ) -> tuple[Tensor, Tensor]:
     """``(out [B, N, heads, D], lse [B, heads, N])``; inputs already validated by the API."""
-    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic)
+    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic, settings)
     return call.forward(q, k, v)
 
 
 @routed_attention_fwd.register_fake
-def _(q, k, v, grid, modes, window, scale, backend, deterministic):
+def _(q, k, v, grid, modes, window, scale, backend, deterministic, settings):
     b, n, nh, d = q.shape
     return q.new_empty(b, n, nh, d), q.new_empty(b, nh, n, dtype=accumulate_dtype(q.dtype))
 
@@ -290,28 +324,24 @@ def _(q, k, v, grid, modes, window, scale, backend, deterministic):
 def routed_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     grid: list[int], modes: list[int], window: list[int], scale: float, backend: str, deterministic: bool,
+    settings: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic)
-    return _backward_of(call, dout, q, k, v, out, lse)
+    call, q, k, v = _call_for(q, k, v, grid, modes, window, scale, backend, deterministic, settings)
+    return call.backward(dout, q, k, v, out, lse)
 
 
 @routed_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, grid, modes, window, scale, backend, deterministic):
+def _(dout, q, k, v, out, lse, grid, modes, window, scale, backend, deterministic, settings):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-def _backward_of(call, dout, q, k, v, out, lse):
-    """The Python path of ``call``'s backward with ``dout`` aligned as the kernels want it."""
-    return call.backward(aligned(dout), q, k, v, out, lse)
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, grid, modes, window, scale, backend, deterministic = inputs
+    q, k, v, grid, modes, window, scale, backend, deterministic, settings = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (grid, modes, window, scale, backend, deterministic)
+    ctx.args = (grid, modes, window, scale, backend, deterministic, settings)
     # the log-sum-exp is an output for calibration and debugging: returned as a constant
     # (requires_grad=False), so no gradient is expected through it
     ctx.mark_non_differentiable(lse)
@@ -321,7 +351,7 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse = ctx.saved_tensors
     # autograd may hand an expanded or otherwise strided gradient; the kernels want rows
     dq, dk, dv = routed_attention_bwd(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("oasis_kernels::routed_attention_fwd", _backward, setup_context=_setup_context)
@@ -351,7 +381,7 @@ class _RoutedAttention(torch.autograd.Function):
         grads = fastpath.backward(ctx.call, dout, q, k, v, out, lse)
         if grads is None:
             call, q, k, v = aligned_call(ctx.call, q, k, v)
-            grads = _backward_of(call, dout, q, k, v, out, lse)
+            grads = call.backward(dout, q, k, v, out, lse)
         dq, dk, dv = grads
         return dq, dk, dv, None
 
@@ -377,7 +407,8 @@ def routed_attention_call(q: Tensor, k: Tensor, v: Tensor, grid: list[int], mode
     """``routed_attention_fwd`` with autograd, through the op when traced and directly in eager
     mode; ``call``: the prepared call of this signature where the caller holds it."""
     if not (_eager(q) and _eager(k) and _eager(v)):
-        return routed_attention_fwd(q, k, v, grid, modes, window, scale, backend, deterministic)
+        settings = call.settings if call is not None else config.settings()
+        return routed_attention_fwd(q, k, v, grid, modes, window, scale, backend, deterministic, settings.as_key())
     if call is None:
         call = lookup(q, k, v, (tuple(grid), tuple(modes), tuple(window)), scale, backend, deterministic)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

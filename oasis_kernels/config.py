@@ -6,7 +6,7 @@ manager that overrides them for a block of code.
 Settings(overlap=True, overlap_min_flops=100000000000.0, autotune=True, eager_replay=True, cudnn_direct=True)
 >>> with ok.use_settings(overlap=False):      # every head group on the caller's stream
 ...     out = ok.routed_attention(q, k, v, plan)
->>> call = ok.prepare(q, plan, settings=ok.settings().replace(autotune=False))   # one prepared call
+>>> call = ok.prepare(q, plan, settings=ok.settings().replace(autotune=False))   # kept by one call
 
 A prepared call (:func:`oasis_kernels.prepare`, and the ones ``routed_attention`` keeps) takes
 the settings in force when it is made and keeps them, so a backward runs with its forward's
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ __all__ = ["Settings", "settings", "configure", "use_settings"]
 
 @dataclass(frozen=True)
 class Settings:
-    """What routed attention may do at run time; none of it changes the numbers it computes.
+    """What routed attention may do at run time: how it schedules and launches the same math.
+    ``autotune`` and ``cudnn_direct`` can pick other kernels for the same result, whose bits may
+    differ in the last place (the tests' tolerance rule holds for every choice).
 
     Attributes:
         overlap: run the global heads on a high-priority side stream while the local heads run
@@ -63,6 +66,24 @@ class Settings:
         if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not math.isfinite(flops) or flops < 0:
             raise ValueError(f"setting overlap_min_flops must be a finite number >= 0, got {flops!r}")
         object.__setattr__(self, "overlap_min_flops", float(flops))
+        # hashed on every eager call (calls are looked up by signature): computed once
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self))))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def as_key(self) -> str:
+        """A string that :meth:`from_key` turns back into these settings (the custom ops take it)."""
+        return ",".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def from_key(key: str) -> "Settings":
+        values = {}
+        for part in key.split(","):
+            name, value = part.split("=", 1)
+            values[name] = value == "True" if value in ("True", "False") else float(value)
+        return Settings(**values)
 
     def replace(self, **changes) -> "Settings":
         """A copy with ``changes``; an unknown name is a TypeError listing the known ones."""
@@ -89,11 +110,14 @@ def settings() -> Settings:
     return _current
 
 
-def configure(**changes) -> Settings:
-    """Change the process-wide settings; returns the previous ones (``configure(**vars(prev))``
-    restores them). Names and values are validated before anything changes."""
+def configure(settings: Settings | None = None, **changes) -> Settings:
+    """Change the process-wide settings: a whole :class:`Settings`, or changes to the current ones;
+    returns the previous ones (``configure(previous)`` restores them). Names and values are
+    validated before anything changes."""
     global _current
-    previous, _current = _current, _current.replace(**changes)
+    if settings is not None and not isinstance(settings, Settings):
+        raise TypeError(f"configure takes a Settings (or keyword changes), got {type(settings).__name__}")
+    previous, _current = _current, (settings or _current).replace(**changes)
     return previous
 
 
@@ -102,7 +126,7 @@ def use_settings(settings: Settings | None = None, **changes):
     """Run a block with other settings: a whole :class:`Settings`, or changes to the current
     ones (``use_settings(overlap=False)``); the previous settings return when the block ends,
     also on an error. Covers the calls made in the block; their backward, wherever it runs,
-    keeps the settings its forward was prepared with."""
+    runs with the settings of its forward's call."""
     global _current
     if settings is not None and not isinstance(settings, Settings):
         raise TypeError(f"use_settings takes a Settings (or keyword changes), got {type(settings).__name__}")

@@ -53,21 +53,30 @@ _C, UNAVAILABLE = _load_extension()
 ROLE_NAMES = ("Q", "K", "V", "OUT", "LSE", "HEADS", "DOUT", "DQ", "DK", "DV", "DELTA")
 _ROLES = {arg: ROLE_NAMES.index({"O": "OUT", "DO": "DOUT"}.get(arg, arg))
           for arg in ("Q", "K", "V", "O", "LSE", "HEADS", "DO", "DQ", "DK", "DV", "DELTA")}
-if _C is not None and tuple(_C.ROLES) != ROLE_NAMES:  # an extension built from other sources
-    UNAVAILABLE = f"oasis_kernels._C has roles {tuple(_C.ROLES)}, this package expects {ROLE_NAMES}; rebuild it"
+#: the bindings' version this module calls (``ABI`` in csrc/eager_routed.cpp)
+ABI = 2
+if _C is not None and (tuple(_C.ROLES) != ROLE_NAMES or getattr(_C, "ABI", 1) != ABI):  # built from other sources
+    UNAVAILABLE = (f"oasis_kernels._C has roles {tuple(_C.ROLES)} and bindings version {getattr(_C, 'ABI', 1)}, this "
+                   f"package expects {ROLE_NAMES} and {ABI}; rebuild it")
     _C = None
 _SCALAR_KINDS = {"i32": 1, "i64": 2, "fp32": 3, "f32": 3, "i1": 4, "i8": 4}
+
+
+_LAUNCHING = []
 
 
 def _launching():
     """The Triton launch module, or None where Triton cannot be imported (then nothing is
     replayed: the Python path reports why). Imported on first use: ``import oasis_kernels``
     must not need Triton."""
-    from .backends.triton_local import _kernels
-    if _kernels()[0] is None:
-        return None
-    from .kernels import launching
-    return launching
+    if not _LAUNCHING:
+        from .backends.triton_local import _kernels
+        if _kernels()[0] is None:
+            _LAUNCHING.append(None)
+        else:
+            from .kernels import launching
+            _LAUNCHING.append(launching)
+    return _LAUNCHING[0]
 
 
 def _why_not(call) -> str:

@@ -52,11 +52,11 @@ parts = {
     "triton bwd launches (delta, dQ + dK/dV)": lambda: la.local_attention_backward(do, qd, kd, vd, out, lse, dq, dk, dv, table, nw, grid, rad, scale),
     "RoutedCall.forward auto (Python path)": lambda: call_auto.forward(qd, kd, vd),
     "RoutedCall.forward triton (Python path)": lambda: call_triton.forward(qd, kd, vd),
-    "custom op fwd (no grad) auto": lambda: ops.routed_attention_fwd(qd, kd, vd, *args, scale, "auto", True),
+    "custom op fwd (no grad) auto": lambda: ops.routed_attention_fwd(qd, kd, vd, *args, scale, "auto", False, ok.settings().as_key()),
     "routed_attention no_grad auto": lambda: ok.routed_attention(qd, kd, vd, plan),
     "RoutedCall.backward auto (Python path)": lambda: call_auto.backward(do, qd, kd, vd, out, lse),
     "RoutedCall.backward triton (Python path)": lambda: call_triton.backward(do, qd, kd, vd, out, lse),
-    "custom op bwd auto": lambda: ops.routed_attention_bwd(do, qd, kd, vd, out, lse, *args, scale, "auto", True),
+    "custom op bwd auto": lambda: ops.routed_attention_bwd(do, qd, kd, vd, out, lse, *args, scale, "auto", False, ok.settings().as_key()),
 }
 s_side = torch.cuda.Stream()
 def _fork_join():

@@ -40,7 +40,7 @@ def test_settings_are_validated_and_restored():
     try:
         assert ok.settings().overlap_min_flops == 5e9 and previous == before
     finally:
-        ok.configure(**vars(previous))
+        ok.configure(previous)
     assert ok.settings() == before
 
 
@@ -147,3 +147,67 @@ def test_stream_policy_follows_the_settings():
         assert ok.prepare(q, plan).forks()
     with ok.single_stream():
         assert not ok.prepare(q, plan).forks(replayed=True)
+
+
+def test_the_call_settings_reach_the_python_path(device):
+    """A call prepared with settings runs its Python path with them (the Triton autotuning choice,
+    the direct cuDNN path, the stream policy), whatever the settings in force when it runs, and
+    the aligned copies of odd-offset inputs get a call with the same settings."""
+    from oasis_kernels.backends import BACKENDS
+
+    plan = ok.RoutingPlan((2, 3, 5), ["g", "w", "i"], (3, 3, 3))
+    mine = ok.Settings(overlap=False, autotune=False, cudnn_direct=False)
+    q, k, v = make_qkv((1, plan.num_tokens, 3, 64), torch.float32, device, requires_grad=True)
+    call = ok.prepare(q, plan, k, v, settings=mine)
+    assert call.settings == mine and ok.settings() != mine
+    for name, state in call.states.items():  # what each backend prepared
+        if name == "triton":
+            assert state.autotune is False
+        elif hasattr(BACKENDS[name], "_forward_into"):
+            assert state == mine
+    out = call(q, k, v)
+    out.sum().backward()  # the backward keeps this call
+    wide = torch.randn(1, plan.num_tokens, 3, 66, device=device)[..., :64]  # rows of 264 bytes: copied
+    odd_call = ok.prepare(wide, plan, wide.clone(), wide.clone(), settings=mine)
+    copied, *tensors = call_module.aligned_call(odd_call, wide, wide, wide)
+    assert copied is not odd_call and copied.settings == mine and tensors[0].is_contiguous()
+
+
+def test_a_prepared_call_checks_requires_grad_and_strides(device):
+    q = torch.randn(1, PLAN.num_tokens, PLAN.heads, 64, device=device)
+    call = ok.prepare(q, PLAN)
+    with pytest.raises(ValueError, match="requires_grad True"):
+        call(q.clone().requires_grad_(), q, q)
+    strided = torch.randn(1, PLAN.num_tokens, PLAN.heads, 128, device=device)[..., ::2]  # D strided by 2
+    call = ok.prepare(strided, PLAN)  # prepared on the contiguous copy the API makes
+    torch.testing.assert_close(call(strided, strided, strided), ok.routed_attention(strided, strided, strided, PLAN),
+                               rtol=0, atol=0)
+
+
+def test_settings_travel_through_the_custom_ops():
+    """Under tracing the ops carry the call's settings, so the backward op finds the forward's
+    call however the settings in force change in between."""
+    key = ok.Settings(overlap=False, overlap_min_flops=7.0).as_key()
+    assert ok.Settings.from_key(key) == ok.Settings(overlap=False, overlap_min_flops=7.0)
+    q, k, v = (torch.randn(1, PLAN.num_tokens, PLAN.heads, 16, requires_grad=True) for _ in range(3))
+    grid, modes, window = PLAN.as_op_args()
+    before = len(call_module._CALLS)
+    out, _ = call_module.routed_attention_fwd(q, k, v, grid, modes, window, 0.25, "auto", False, key)
+    with ok.use_settings(overlap=True, autotune=False):
+        torch.autograd.grad(out.sum(), (q, k, v))
+    made = [c for c in call_module._CALLS.values() if c.settings.overlap_min_flops == 7.0]
+    assert len(made) == 1 and len(call_module._CALLS) <= before + 1
+
+
+def test_calls_with_a_replay_are_not_evicted(monkeypatch):
+    monkeypatch.setattr(call_module, "MAX_CALLS", 2)
+    q = torch.randn(1, PLAN.num_tokens, PLAN.heads, 8)
+    keeper = ok.prepare(q, PLAN)
+    keeper.replay_forward = object()  # as if it owned a C++ replay
+    try:
+        for d in (16, 24, 32, 40):
+            ok.prepare(torch.randn(1, PLAN.num_tokens, PLAN.heads, d), PLAN)
+        assert keeper in call_module._CALLS.values()
+        assert len([c for c in call_module._CALLS.values() if not c.replay_forward]) <= 2
+    finally:
+        keeper.replay_forward = None

@@ -54,7 +54,7 @@ def test_custom_op_is_registered_properly():
     grid, modes, window = PLAN.as_op_args()
     torch.library.opcheck(
         torch.ops.oasis_kernels.routed_attention_fwd.default,
-        (q, k, v, grid, modes, window, 0.25, "reference", True),
+        (q, k, v, grid, modes, window, 0.25, "reference", True, ok.settings().as_key()),
     )
 
 
@@ -75,7 +75,7 @@ def test_eager_route_matches_the_custom_op(backend, monkeypatch):
     out_e, lse_e = ops.routed_attention_call(q, k, v, *args)
     assert not op_calls and out_e.grad_fn is not None and "RoutedAttention" in type(out_e.grad_fn).__name__
     grads_e = torch.autograd.grad(out_e, (q, k, v), dout)
-    out_o, lse_o = real_op(q, k, v, *args)
+    out_o, lse_o = real_op(q, k, v, *args, ok.settings().as_key())
     grads_o = torch.autograd.grad(out_o, (q, k, v), dout)
     assert not lse_e.requires_grad and not lse_o.requires_grad
     for a, b in zip((out_e, lse_e, *grads_e), (out_o, lse_o, *grads_o)):
@@ -103,9 +103,9 @@ def test_tracers_and_double_backward_see_the_op_semantics():
     assert any("routed_attention_fwd" in t for t in targets), targets
 
     grid, modes, window = PLAN.as_op_args()
-    for route in (ops.routed_attention_call, ops.routed_attention_fwd):
+    for route, extra in ((ops.routed_attention_call, ()), (ops.routed_attention_fwd, (ok.settings().as_key(),))):
         qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
-        out, _ = route(qs, ks, vs, grid, modes, window, 0.25, "reference", True)
+        out, _ = route(qs, ks, vs, grid, modes, window, 0.25, "reference", True, *extra)
         (dq,) = torch.autograd.grad(out, qs, torch.randn_like(out), create_graph=True)
         with pytest.raises(RuntimeError):
             torch.autograd.grad(dq.sum(), qs)

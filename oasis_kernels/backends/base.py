@@ -45,9 +45,10 @@ class Backend:
         """Like :meth:`why_not`, plus reasons ``auto`` should not pick it (it may still be forced)."""
         return self.why_not(mode, q, plan)
 
-    def prepare(self, plan: RoutingPlan, groups: Groups, device: torch.device):
+    def prepare(self, plan: RoutingPlan, groups: Groups, device: torch.device, settings):
         """What this backend computes once per prepared call (:class:`oasis_kernels.call.RoutedCall`)
-        for ``groups`` of ``plan`` on ``device``; handed back as ``state`` on every run."""
+        for ``groups`` of ``plan`` on ``device`` under the call's ``settings``
+        (:class:`oasis_kernels.Settings`); handed back as ``state`` on every run."""
         return None
 
     def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float, state=None) -> None:

@@ -43,12 +43,15 @@ class DenseBackend(Backend):
         """Return ``(dq, dk, dv)``, each ``[B', L, h, D]``; ``lse`` is ``[B', h, L]`` contiguous."""
         raise NotImplementedError
 
-    def _forward_into(self, q, k, v, out, lse, run, scale: float) -> bool:
+    def prepare(self, plan, groups, device, settings):
+        return settings  # the call's settings: whether the direct cuDNN path may serve it
+
+    def _forward_into(self, q, k, v, out, lse, run, scale: float, settings=None) -> bool:
         """A global head run computed straight into ``out`` and ``lse``; False (the default) where
         the subclass has no such path or declines, and ``_fwd`` plus stores serve the run."""
         return False
 
-    def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale: float) -> bool:
+    def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale: float, settings=None) -> bool:
         """The gradients of a global head run straight into ``dq, dk, dv`` (see ``_forward_into``)."""
         return False
 
@@ -95,7 +98,7 @@ class DenseBackend(Backend):
     def forward(self, q, k, v, out, lse, plan: RoutingPlan, groups: Groups, scale: float, state=None) -> None:
         for mode, heads in groups:
             for run in head_runs(heads):
-                if mode == Mode.GLOBAL and self._forward_into(q, k, v, out, lse, run, scale):
+                if mode == Mode.GLOBAL and self._forward_into(q, k, v, out, lse, run, scale, state):
                     continue
                 g = [self._group(x, run, mode, plan.grid) for x in (q, k, v)]
                 o, l = self._fwd(*g, scale)
@@ -105,7 +108,7 @@ class DenseBackend(Backend):
     def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic, state=None) -> None:
         for mode, heads in groups:
             for run in head_runs(heads):
-                if mode == Mode.GLOBAL and self._backward_into(dout, q, k, v, out, lse, dq, dk, dv, run, scale):
+                if mode == Mode.GLOBAL and self._backward_into(dout, q, k, v, out, lse, dq, dk, dv, run, scale, state):
                     continue
                 g = [self._group(x, run, mode, plan.grid) for x in (dout, q, k, v, out)]
                 l = self._lse_load(lse, run, mode, plan.grid)
@@ -186,13 +189,13 @@ class SdpaCudnnBackend(_SdpaCudaBackend):
         return x[:, :, run].transpose(1, 2)
 
     # (the views are made only where the path exists: this runs per head run on every call)
-    def _forward_into(self, q, k, v, out, lse, run, scale):
-        if not cudnn_direct.available():
+    def _forward_into(self, q, k, v, out, lse, run, scale, settings=None):
+        if not cudnn_direct.available(settings):
             return False
         return cudnn_direct.forward_into(*(self._heads(x, run) for x in (q, k, v, out)), lse[:, run], scale)
 
-    def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale):
-        if not cudnn_direct.available():
+    def _backward_into(self, dout, q, k, v, out, lse, dq, dk, dv, run, scale, settings=None):
+        if not cudnn_direct.available(settings):
             return False
         views = [self._heads(x, run) for x in (dout, q, k, v, out)]
         return cudnn_direct.backward_into(*views, lse[:, run], *(self._heads(x, run) for x in (dq, dk, dv)), scale)

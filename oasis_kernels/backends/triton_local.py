@@ -37,15 +37,16 @@ class HeadTable:
     host: torch.Tensor
     n_window: int
     radii: tuple[int, int, int]
+    autotune: bool | None = None  # the call's setting; None: the settings in force at launch
 
     @classmethod
-    def of(cls, plan, groups, device) -> "HeadTable":
+    def of(cls, plan, groups, device, autotune: bool | None = None) -> "HeadTable":
         window = [h for m, heads in groups if m == Mode.WINDOW for h in heads]
         intra = [h for m, heads in groups if m == Mode.INTRA for h in heads]
         host = torch.tensor(window + intra, dtype=torch.int32)
         if torch.device(device).type == "cuda":
             host = host.pin_memory()
-        return cls(host, len(window), _radii(plan, len(window)))
+        return cls(host, len(window), _radii(plan, len(window)), autotune)
 
     def on(self, device) -> torch.Tensor:
         return self.host.to(device, non_blocking=True)
@@ -81,19 +82,19 @@ class TritonLocalBackend(Backend):
             reasons.append("the Triton interpreter is a test tool; ask for backend='triton' explicitly")
         return reasons
 
-    def prepare(self, plan, groups, device) -> HeadTable:
-        return HeadTable.of(plan, groups, device)
+    def prepare(self, plan, groups, device, settings) -> HeadTable:
+        return HeadTable.of(plan, groups, device, settings.autotune)
 
     def forward(self, q, k, v, out, lse, plan, groups, scale, state=None):
         _check_extents(k=k, v=v)
         heads = state or HeadTable.of(plan, groups, q.device)
         _kernels()[0].local_attention_forward(q, k, v, out, lse, heads.on(q.device), heads.n_window, plan.grid,
-                                              heads.radii, scale)
+                                              heads.radii, scale, autotune=heads.autotune)
 
     def backward(self, dout, q, k, v, out, lse, dq, dk, dv, plan, groups, scale, deterministic, state=None):
         heads = state or HeadTable.of(plan, groups, q.device)
         _kernels()[0].local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, heads.on(q.device), heads.n_window,
-                                               plan.grid, heads.radii, scale)
+                                               plan.grid, heads.radii, scale, autotune=heads.autotune)
 
 
 def _extent(x) -> int:

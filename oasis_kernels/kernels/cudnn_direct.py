@@ -23,21 +23,23 @@ __all__ = ["BUILT", "available", "forward_into", "backward_into", "last_decline"
 BUILT = bool(getattr(_C, "CUDNN_SDPA", False))
 
 
-def available() -> bool:
-    """The path is built and the setting ``cudnn_direct`` is on."""
-    return BUILT and settings().cudnn_direct
+def available(call_settings=None) -> bool:
+    """The path is built and the setting ``cudnn_direct`` is on (in ``call_settings``, a prepared
+    call's; default: the settings in force)."""
+    return BUILT and (call_settings or settings()).cudnn_direct
 
 
 def forward_into(q, k, v, out, lse, scale: float) -> bool:
     """Attention of ``q, k, v`` (``[B, h, N, D]`` views) into ``out`` (the same) and ``lse``
-    (``[B, h, N]`` float32 view); False where declined (nothing written)."""
-    return available() and _C.cudnn_sdpa_forward(q, k, v, out, lse.unsqueeze(-1), scale)
+    (``[B, h, N]`` float32 view); False where declined (nothing written). Callers check
+    :func:`available` for their settings first."""
+    return BUILT and _C.cudnn_sdpa_forward(q, k, v, out, lse.unsqueeze(-1), scale)
 
 
 def backward_into(dout, q, k, v, out, lse, dq, dk, dv, scale: float) -> bool:
     """Gradients into ``dq, dk, dv`` (``[B, h, N, D]`` views); declines where ``dout``'s strides
     differ from ``out``'s (a restriction of this path, not cuDNN's)."""
-    return available() and _C.cudnn_sdpa_backward(dout, q, k, v, out, lse.unsqueeze(-1), dq, dk, dv, scale)
+    return BUILT and _C.cudnn_sdpa_backward(dout, q, k, v, out, lse.unsqueeze(-1), dq, dk, dv, scale)
 
 
 def last_decline() -> str:

@@ -114,13 +114,16 @@ class Tuned:
         self._autotuner = value
         self.generation = next(_GENERATIONS)
 
-    def launcher(self, grid, config=None, grid_key=()):
+    def launcher(self, grid, config=None, grid_key=(), autotune: bool | None = None):
         """What ``kernel[grid]`` would be: autotuned, or with ``config`` (a ``triton.Config``) or,
         without autotuning, the first config that fits. ``grid_key``: the values ``grid`` reads
-        beyond the kernel's arguments (a direct launch reuses the grid of its first launch)."""
+        beyond the kernel's arguments (a direct launch reuses the grid of its first launch).
+        ``autotune``: a prepared call's setting; None: the settings in force."""
+        if autotune is None:
+            autotune = settings_module.settings().autotune
 
         def run(*args, **kwargs):
-            tune = config is None and self.autotuner is not None and settings_module.settings().autotune
+            tune = config is None and self.autotuner is not None and autotune
             key = None
             if DIRECT_LAUNCH and no_launch_hooks():
                 # with the device (a compiled kernel's function handle belongs to one), Triton's

@@ -450,23 +450,24 @@ def _common_args(dtype, d, grid, radii, n_local, n_window):
     )
 
 
-def _launch(tuned, q, table, n_window, grid, radii, config, kinds=1):
+def _launch(tuned, q, table, n_window, grid, radii, config, autotune, kinds=1):
     """The launcher of ``tuned`` for these heads, and its shape arguments. ``kinds``: programs
     per tile (``_bwd_kernel``: a dQ and a dK/dV program)."""
     count = _tiles_fn(grid, n_window > 0, n_window < table.shape[0])
     batch, n_local = q.shape[0], table.shape[0]
     programs = lambda meta: (kinds * count(meta["BT"], meta["BH"], meta["BW"]), batch * n_local)  # noqa: E731
     common = _common_args(q.dtype, q.shape[-1], tuple(grid), tuple(radii), n_local, n_window)
-    return tuned.launcher(programs, config, grid_key=batch), common
+    return tuned.launcher(programs, config, grid_key=batch, autotune=autotune), common
 
 
-def local_attention_forward(q, k, v, out, lse, table, n_window, grid, radii, scale, config=None):
+def local_attention_forward(q, k, v, out, lse, table, n_window, grid, radii, scale, config=None, autotune=None):
     """Launch the forward for the heads in ``table`` (int32 ``[n_local]``: window heads, then intra).
 
     ``q, k, v, out``: ``[B, N, heads, D]`` with unit stride on D; ``lse``: ``[B, heads, N]``.
-    ``config``: a ``triton.Config`` instead of the autotuner's choice (benchmarks/local_bench.py).
+    ``config``: a ``triton.Config`` instead of the autotuner's choice (benchmarks/local_bench.py);
+    ``autotune``: a prepared call's setting (None: the settings in force).
     """
-    launch, common = _launch(_fwd, q, table, n_window, grid, radii, config)
+    launch, common = _launch(_fwd, q, table, n_window, grid, radii, config, autotune)
     launch(*_rows(q), *_rows(k), *_rows(v), *_rows(out), *_per_head(lse), table,
            qk_scale=scale * LOG2E, POS_SCALE=scale > 0, **common)
 
@@ -480,12 +481,14 @@ def local_attention_backward_delta(dout, out, table):
     return delta
 
 
-def local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale, config=None):
+def local_attention_backward(dout, q, k, v, out, lse, dq, dk, dv, table, n_window, grid, radii, scale, config=None,
+                             autotune=None):
     """``delta`` by its own small kernel, then dQ and dK/dV in one launch (``_bwd_kernel``).
 
-    ``dout, dq, dk, dv``: ``[B, N, heads, D]`` with unit stride on D; ``config`` as in the forward.
+    ``dout, dq, dk, dv``: ``[B, N, heads, D]`` with unit stride on D; ``config``, ``autotune`` as
+    in the forward.
     """
     delta = local_attention_backward_delta(dout, out, table)
-    launch, common = _launch(_bwd, q, table, n_window, grid, radii, config, kinds=2)
+    launch, common = _launch(_bwd, q, table, n_window, grid, radii, config, autotune, kinds=2)
     launch(*_rows(q), *_rows(k), *_rows(v), *_rows(dout), *_rows(dq), *_rows(dk), *_rows(dv), *_per_head(lse),
            *_per_head(delta), table, qk_scale=scale * LOG2E, sm_scale=scale, **common)
