@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import socket
 import sys
 import time
 import warnings
@@ -18,6 +20,8 @@ examples:
   oasis-vsr clip.mp4 -o clip_x4.mp4 --checkpoint ckpt/
   oasis-vsr long.mp4 -o long_x4.mp4 --checkpoint ckpt/ --chunk-frames 33 --memory-budget 40
   oasis-vsr --demo -o demo.mp4        # tiny random-weight model on a synthetic clip (CPU, untrained)
+  oasis-vsr long.mp4 -o long_x4.mp4 --checkpoint ckpt/ --gpus 4   # the DiT's tokens split over 4 GPUs
+  torchrun --nproc-per-node 4 -m oasis.cli long.mp4 -o long_x4.mp4 --checkpoint ckpt/   # the same
 
 A checkpoint folder holds oasis.json + oasis.safetensors (projector, context), transformer/ (the
 Wan2.1 DiT in diffusers' or Wan2.1's layout), vae/ or Wan2.1_VAE.pth, and optionally routing.json.
@@ -78,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true",
                    help="run the DiT eagerly (default on CUDA: torch.compile of its blocks, ~1 min on the first "
                         "clip size, ~1.6x faster after)")
+    p.add_argument("--gpus", type=_positive(int), default=1,
+                   help="processes, one GPU each, that split the DiT's tokens by latent frames (sequence "
+                        "parallel over torch.distributed: NCCL, or gloo with --device cpu); each chunk needs at "
+                        "least this many latent frames. Under torchrun the world is torchrun's (default 1)")
     p.add_argument("--demo", action="store_true",
                    help="run a tiny random-weight model on a synthetic clip: shows the pipeline, restores nothing")
     return p
@@ -133,20 +141,91 @@ def _check_args(args) -> None:
     probe_video(args.input)  # raises VideoError for a missing or unreadable file
 
 
+def _world() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` of a process started by torchrun or :func:`_spawn` (1 process: 0, 1, 0)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
+def _check_world(args, device, world: int) -> None:
+    import torch
+
+    if device.type == "cuda" and world > torch.cuda.device_count():
+        raise _Exit(f"--gpus {world}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "cuda" and device.index is not None and world > 1:
+        raise _Exit(f"--device {device} names one GPU; with --gpus {world} give --device cuda (rank r takes cuda:r)")
+    if args.chunk_frames is not None and 1 + (args.chunk_frames - 1) // 4 < world:
+        raise _Exit(f"--chunk-frames {args.chunk_frames} makes {1 + (args.chunk_frames - 1) // 4} latent frames per "
+                    f"chunk, fewer than the {world} processes that split them (at least {4 * world - 3} frames)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, args) -> None:
+    """One process of ``--gpus``: the environment torchrun would give it, then :func:`run`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    code = run(args)
+    if code:
+        raise SystemExit(code)
+
+
+def _spawn(args, world: int) -> int:
+    """Run ``world`` processes of this command (``--gpus``), each with torchrun's environment."""
+    import torch.multiprocessing as mp
+
+    try:
+        mp.spawn(_rank_main, args=(world, _free_port(), args), nprocs=world, join=True)
+    except mp.ProcessRaisedException as exc:  # one line: the child's own error, its traceback is above
+        raise _Exit(f"a process of --gpus {world} failed: {str(exc).strip().splitlines()[-1]}") from None
+    except mp.ProcessExitedException as exc:
+        raise _Exit(f"a process of --gpus {world} exited with code {exc.exit_code}") from None
+    return 0
+
+
 def run(args) -> int:
+    import torch
+
+    _check_args(args)
+    device = _device(args.device)
+    rank, world, local_rank = _world()
+    if world == 1 and args.gpus > 1:  # this process starts the others, and is none of them
+        _check_world(args, device, args.gpus)
+        return _spawn(args, args.gpus)
+    if world > 1:
+        _check_world(args, device, world)
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        return _restore(args, device, rank, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _restore(args, device, rank: int, world: int) -> int:
+    """Load, plan, restore and write (rank 0 writes; every rank computes its frames of each DiT call)."""
     import torch
 
     from .video import VideoWriter, probe_video, read_video, synthetic_clip
 
-    _check_args(args)
-    device = _device(args.device)
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.demo:
         from .demo import tiny_pipeline
 
-        print("oasis-vsr --demo: a tiny RANDOM-WEIGHT model (untrained) on a synthetic clip; the output shows the "
-              "pipeline working, not super-resolution quality", file=sys.stderr)
+        if rank == 0:
+            print("oasis-vsr --demo: a tiny RANDOM-WEIGHT model (untrained) on a synthetic clip; the output shows "
+                  "the pipeline working, not super-resolution quality", file=sys.stderr)
         pipe = tiny_pipeline(device=device)
         video = synthetic_clip(args.max_frames or 17, 48, 80)
         fps, color_range, colorspace = 24, None, None
@@ -170,20 +249,35 @@ def run(args) -> int:
     frames, height, width, _ = video.shape
     plan = pipe.plan(frames, height, width, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames,
                      tile=args.tile)
-    if not args.demo:
+    if world > 1:
+        latent = 1 + (plan.chunk_frames - 1) // 4
+        if latent < world:
+            raise _Exit(f"chunks of {plan.chunk_frames} frames make {latent} latent frames, fewer than the {world} "
+                        f"processes that split them (give at least {4 * world - 3} frames)")
+        pipe.dit.set_sequence_parallel()
+    if not args.demo and rank == 0:
         print(f"oasis-vsr: loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {frames} frames "
-              f"{width}x{height} at {float(fps):.3f} fps", file=sys.stderr)
+              f"{width}x{height} at {float(fps):.3f} fps" + (f"; {world} processes" if world > 1 else ""),
+              file=sys.stderr)
     s = pipe.scale
     t0 = time.perf_counter()
+    # every rank runs the whole pipeline (the DiT's tokens split across them, the projector and the
+    # decoder repeated on each GPU at no cost in time); rank 0 writes
+    blocks = pipe.stream(video, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames, tile=args.tile,
+                         progress=not args.no_progress and rank == 0)
+    if rank != 0:
+        for _ in blocks:
+            pass
+        return 0
     with VideoWriter(args.output, width * s, height * s, fps, crf=args.crf, color_range=color_range,
                      colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None) as out:
-        for block in pipe.stream(video, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames,
-                                 tile=args.tile, progress=not args.no_progress):
+        for block in blocks:
             out.write(block)
     took = time.perf_counter() - t0
     tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
     print(f"oasis-vsr: wrote {args.output}: {frames} frames {width * s}x{height * s} in {took:.1f} s "
-          f"(chunks of {plan.chunk_frames} frames{tiles}){' [untrained demo]' if args.demo else ''}",
+          f"(chunks of {plan.chunk_frames} frames{tiles}"
+          f"{f', {world} processes' if world > 1 else ''}){' [untrained demo]' if args.demo else ''}",
           file=sys.stderr)
     return 0
 

@@ -72,6 +72,8 @@ def test_routing_none_and_tiles(tmp_path, capsys, checkpoint, clip):
     ("budget", "memory budget"),
     ("routing", "does not exist"),
     ("out_dir", "does not exist"),
+    ("gpus_chunk", "fewer than the 3 processes"),
+    ("gpus_frames", "fewer than the 4 processes"),
 ])
 def test_one_line_errors(tmp_path, capsys, checkpoint, clip, case, expect):
     if case == "cuda" and torch.cuda.is_available():
@@ -105,6 +107,10 @@ def test_one_line_errors(tmp_path, capsys, checkpoint, clip, case, expect):
         args += ["--routing", tmp_path / "r.json"]
     elif case == "out_dir":
         args[2] = tmp_path / "no" / "out.mp4"
+    elif case == "gpus_chunk":  # 5 frames are 2 latent frames: 3 processes cannot split them
+        args += ["--gpus", 3, "--chunk-frames", 5]
+    elif case == "gpus_frames":  # the 7-frame clip is one chunk of 3 latent frames: found by each process
+        args += ["--gpus", 4]
     code, err = run(capsys, *args)
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -118,3 +124,20 @@ def test_bad_option_values_exit_2(capsys):
         main(["--demo", "-o", "x.mp4", "--chunk-frames", "6"])
     assert info.value.code == 2
     assert "4k+1" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three interpreters start; ~20 s on 2 cores
+def test_gpus_split_the_dit_and_write_the_same_video(tmp_path, capfd, checkpoint, clip):
+    """--gpus 2 with --device cpu: two gloo processes split each DiT call's latent frames
+    (WanDiT.set_sequence_parallel); rank 0 writes the same video as one process."""
+    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--no-compile"]
+    code, err = run(capfd, clip, "-o", one, *common)  # capfd: the processes write to the same stderr
+    assert code == 0, err
+    code, err = run(capfd, clip, "-o", two, *common, "--gpus", 2)
+    assert code == 0, err
+    assert "2 processes" in err
+    a, _ = read_video(one)
+    b, _ = read_video(two)
+    assert a.shape == b.shape == (7, 80, 112, 3)
+    assert (a.int() - b.int()).abs().max() <= 1  # float sums in another order, then uint8
