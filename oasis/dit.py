@@ -234,6 +234,22 @@ class _GatherFrames(torch.autograd.Function):
         return grad[:, :, ctx.start:ctx.start + ctx.size], None, None
 
 
+class _OwnFramesGradient(torch.autograd.Function):
+    """Identity on ``[B, C, T, H, W]``; the backward keeps frames ``start .. stop`` of the gradient
+    and zeroes the others."""
+
+    @staticmethod
+    def forward(ctx, x, start, stop):
+        ctx.start, ctx.stop = start, stop
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.zeros_like(grad)
+        out[:, :, ctx.start:ctx.stop] = grad[:, :, ctx.start:ctx.stop]
+        return out, None, None
+
+
 def _inverse(order: Sequence[int]) -> tuple[int, ...]:
     out = [0] * len(order)
     for i, j in enumerate(order):
@@ -505,6 +521,18 @@ class WanDiT(nn.Module):
         self.sequence_group = group
         for b in self.blocks:
             b.self_attn.sequence_group = group
+
+    def own_frames_gradient(self, latents: torch.Tensor) -> torch.Tensor:
+        """``latents [B, C, T, H, W]`` unchanged; under sequence parallelism its gradient keeps only this
+        rank's latent frames, as the DiT's own output does. Training sums the parameters' gradients
+        over the group (each rank's come from its frames): a path around the DiT (the residual of
+        eq. 4) must then count each frame on one rank only, which this does."""
+        if self.sequence_group is None:
+            return latents
+        pt, ph, pw = self.config.patch_size
+        grid = (latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
+        f0, f1 = self._frames_of_rank(grid)
+        return _OwnFramesGradient.apply(latents, f0 * pt, f1 * pt)
 
     def _frames_of_rank(self, grid) -> tuple[int, int]:
         """This rank's ``[first, last)`` token frames of ``grid`` under sequence parallelism."""

@@ -187,7 +187,8 @@ class OasisVSR:
     def restore(self, z_low: torch.Tensor) -> torch.Tensor:
         """Eq. 4: one DiT step from the projected latents."""
         v = self.dit(z_low.to(self.dit.dtype), torch.full((z_low.shape[0],), self.timestep, device=z_low.device))
-        return z_low - self.sigma * v.float()
+        # under sequence parallelism the residual's gradient counts each frame on one rank (as v's does)
+        return self.dit.own_frames_gradient(z_low) - self.sigma * v.float()
 
     def decode(self, z_high: torch.Tensor) -> torch.Tensor:
         """``[B, 16, T, H, W]`` -> ``[B, 3, 1 + 4(T-1), 8H, 8W]`` in [-1, 1]."""

@@ -6,8 +6,10 @@ and the DiT restore the LQ clip's latents in one step (eqs. 3-4); the frozen VAE
 (the latent target) and decodes the prediction with gradients flowing to the latents; the loss is
 :class:`oasis.losses.OasisLoss`. The DiT and the projector train (AdamW), the VAE does not.
 
-Runs on one GPU, the CPU (slow; the demo), or several GPUs under ``torchrun`` (DDP: each rank its own
-samples, gradients averaged). Checkpoints (``out/step_N/``) hold an OASIS model folder that
+Runs on one GPU, the CPU (slow; the demo), or several GPUs under ``torchrun``: DDP (each rank its own
+samples, gradients averaged), or with ``sequence_parallel = S`` groups of S ranks that split each
+clip's DiT call by latent frames (``WanDiT.set_sequence_parallel``) and sum their gradients, the
+groups data-parallel among themselves. Checkpoints (``out/step_N/``) hold an OASIS model folder that
 ``oasis-vsr`` reads and ``trainer.pt`` (optimizer, step, random states): ``resume`` continues exactly,
 the data being a function of the seed and the sample number (:mod:`oasis.data`).
 
@@ -62,8 +64,11 @@ class TrainConfig:
     # the curriculum
     stage1_steps: int = 25000
     stage2_steps: int = 25000
-    batch: int = 1  # clips per GPU per micro-batch
+    batch: int = 1  # clips per GPU (per group of sequence_parallel GPUs) per micro-batch
     accumulate: int = 1  # micro-batches per optimizer step
+    # ranks that split each clip's DiT call by latent frames (1: none); the world size must be a multiple,
+    # and frames must give at least this many latent frames (frames >= 4 * sequence_parallel - 3)
+    sequence_parallel: int = 1
     change_prob: float = 0.2  # stage 2: the chance a degradation step is drawn anew on the next frame
     # optimizer
     lr: float = 1e-4
@@ -88,7 +93,8 @@ class TrainConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        positive = ("frames", "height", "width", "frame_stride", "batch", "accumulate", "save_every", "log_every")
+        positive = ("frames", "height", "width", "frame_stride", "batch", "accumulate", "save_every", "log_every",
+                    "sequence_parallel")
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -127,6 +133,10 @@ class TrainConfig:
             raise ValueError("give routing or calibrate_videos, not both")
         if not 0 <= self.change_prob <= 1:
             raise ValueError(f"change_prob must be in [0, 1], got {self.change_prob!r}")
+        if 1 + (self.frames - 1) // 4 < self.sequence_parallel:
+            raise ValueError(f"frames = {self.frames} make {1 + (self.frames - 1) // 4} latent frames, fewer than "
+                             f"sequence_parallel = {self.sequence_parallel} (give frames >= "
+                             f"{4 * self.sequence_parallel - 3})")
         if not self.demo and self.checkpoint is None:
             raise ValueError("checkpoint is required (an OASIS checkpoint folder to start from), or demo = true")
         if not self.demo and self.videos is None:
@@ -198,6 +208,10 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world, local = _distributed()
+        if self.world % cfg.sequence_parallel:
+            raise ValueError(f"sequence_parallel = {cfg.sequence_parallel} does not divide the {self.world} ranks")
+        # data-parallel replicas: groups of sequence_parallel consecutive ranks, each on its own samples
+        self.replicas, self.replica = self.world // cfg.sequence_parallel, self.rank // cfg.sequence_parallel
         if self.world > 1 and not torch.distributed.is_initialized():
             backend = "nccl" if cfg.device == "cuda" else "gloo"
             torch.distributed.init_process_group(backend)
@@ -209,7 +223,7 @@ class Trainer:
             torch.cuda.set_device(device)
         self.device = device
         self.autocast = getattr(torch, cfg.dtype) if device.type == "cuda" and cfg.dtype != "float32" else None
-        _seed_everything(cfg.seed + self.rank)
+        _seed_everything(cfg.seed + self.replica)
         self.pipe, self.vae = self._build_model()
         spec = ClipSpec(cfg.frames, cfg.height, cfg.width, cfg.frame_stride)
         source = SyntheticVideos(spec, cfg.seed) if cfg.videos is None else VideoFolder(cfg.videos, spec, cfg.seed)
@@ -219,6 +233,10 @@ class Trainer:
         self.routing = None
         if cfg.calibrate_videos and resume is None:
             self.routing = self.calibrate_routing(cfg.calibrate_videos, cfg.calibrate_rho)
+        if cfg.sequence_parallel > 1:  # after the calibration, which rank 0 runs alone
+            sp = cfg.sequence_parallel
+            groups = [torch.distributed.new_group(list(range(g * sp, (g + 1) * sp))) for g in range(self.replicas)]
+            self.pipe.dit.set_sequence_parallel(groups[self.replica])
         self.loss = OasisLoss(lpips=load_lpips(cfg.lpips, cfg.lpips_net, device) if cfg.lpips else None,
                               warp_weight=cfg.warp_weight)
         self.flow_model = load_raft(cfg.raft, device) if cfg.raft else None
@@ -269,9 +287,10 @@ class Trainer:
         return pipe, vae
 
     def _wrap(self):
-        """The trainable part as one module (DDP over it when several ranks run)."""
+        """The trainable part as one module (DDP over it when several ranks run, each on its own
+        samples; under sequence parallelism :meth:`train_step` sums the gradients itself)."""
         module = _Restorer(self.pipe, self.autocast)
-        if self.world > 1:
+        if self.world > 1 and self.cfg.sequence_parallel == 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         return module
@@ -312,8 +331,8 @@ class Trainer:
         """The sample numbers of ``step``'s ``accumulate`` micro-batches on this rank (fixed by the step:
         ranks and micro-batches never share one)."""
         cfg = self.cfg
-        per_step = cfg.accumulate * cfg.batch * self.world
-        return [[step * per_step + (j * self.world + self.rank) * cfg.batch + i for i in range(cfg.batch)]
+        per_step = cfg.accumulate * cfg.batch * self.replicas
+        return [[step * per_step + (j * self.replicas + self.replica) * cfg.batch + i for i in range(cfg.batch)]
                 for j in range(cfg.accumulate)]
 
     def micro_batches(self, step: int):
@@ -356,14 +375,17 @@ class Trainer:
         batches = list(self.micro_batches(self.step) if batches is None else batches)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict = {}
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
         for j, (lq, hq) in enumerate(batches):
             # DDP: all-reduce the gradients once, with the last micro-batch's backward
-            quiet = self.world > 1 and j < len(batches) - 1
+            quiet = ddp and j < len(batches) - 1
             with self.model.no_sync() if quiet else contextlib.nullcontext():
                 parts = self._losses(lq, hq)
                 (parts["total"] / len(batches)).backward()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / len(batches)
+        if self.cfg.sequence_parallel > 1:
+            self._sum_sequence_parallel_gradients()
         if cfg.grad_clip:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
         if not all(math.isfinite(v) for v in totals.values()):  # before the step: the weights stay finite
@@ -371,6 +393,20 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         return totals
+
+    @torch.no_grad()
+    def _sum_sequence_parallel_gradients(self) -> None:
+        """Under sequence parallelism each rank's gradients come from its latent frames only: summed over
+        the world they hold each group's whole gradient once per group, so the mean over the groups
+        (the data-parallel replicas) is DDP's average. One all-reduce of all gradients, flattened."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.replicas
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     @torch.no_grad()
     def evaluate(self, step: int = 0) -> float:
@@ -393,7 +429,7 @@ class Trainer:
             while self.step < end:
                 stage = cfg.stage(self.step)
                 parts = self.train_step([next(batches) for _ in range(cfg.accumulate)])
-                clips += cfg.batch * cfg.accumulate * self.world
+                clips += cfg.batch * cfg.accumulate * self.replicas
                 record = {"step": self.step, "stage": stage, **parts,
                           "clips_per_s": clips / max(time.perf_counter() - start, 1e-9)}
                 self.history.append(record)
@@ -435,8 +471,9 @@ class Trainer:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         saved = state.get("config", {})
         fixed = ("seed", "batch", "accumulate", "frames", "height", "width", "frame_stride", "stage1_steps",
-                 "change_prob", "videos")
-        changed = [f"{k}: {saved.get(k)!r} -> {getattr(self.cfg, k)!r}" for k in fixed if saved.get(k) != getattr(self.cfg, k)]
+                 "change_prob", "videos", "sequence_parallel")
+        before = {k: saved.get(k, 1 if k == "sequence_parallel" else None) for k in fixed}  # older runs: 1
+        changed = [f"{k}: {before[k]!r} -> {getattr(self.cfg, k)!r}" for k in fixed if before[k] != getattr(self.cfg, k)]
         if saved.get("world", 1) != self.world:
             changed.append(f"world size: {saved.get('world', 1)} -> {self.world}")
         if changed:

@@ -152,3 +152,50 @@ def test_training_benchmarks_run(tmp_path):
     assert degrade_bench.main(["--clips", "1", "--workers", "0", "--size", "5", "32", "64", "--out",
                                str(tmp_path)]) == 0
     assert len(json.loads((tmp_path / "degrade_bench.json").read_text())["rows"]) == 2
+
+
+def _sequence_parallel_step(rank, world, port, out_dir):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    t = Trainer(TrainConfig(**{**DEMO, "out": str(out_dir / "sp"), "progress": False, "sequence_parallel": world}))
+    try:
+        parts = t.train_step()
+        torch.save({"parts": parts, "params": [p.detach().clone() for p in t.params]}, out_dir / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two interpreters start; ~15 s on 2 cores
+def test_sequence_parallel_training_step_equals_one_process(tmp_path):
+    """sequence_parallel = 2 over 2 gloo processes: each splits the DiT's latent frames, the gradients are
+    summed (the residual's counted once, WanDiT.own_frames_gradient): the step's losses and the updated
+    weights equal one process's, on both ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.manual_seed(0)
+    one = Trainer(demo_config(tmp_path, out=str(tmp_path / "one")))
+    want = one.train_step()
+    mp.spawn(_sequence_parallel_step, args=(2, port, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["parts"]["total"] == pytest.approx(want["total"], rel=1e-5)
+        assert got["parts"]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+        for p, q in zip(got["params"], one.params):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_parallel_settings_are_checked():
+    with pytest.raises(ValueError, match="fewer than sequence_parallel = 3"):
+        TrainConfig(**{**DEMO, "sequence_parallel": 3})  # 5 frames: 2 latent frames
+    with pytest.raises(ValueError, match="sequence_parallel must be a positive int"):
+        TrainConfig(**{**DEMO, "sequence_parallel": 0})
+    with pytest.raises(ValueError, match="does not divide the 1 ranks"):
+        Trainer(TrainConfig(**{**DEMO, "sequence_parallel": 2, "progress": False}))
