@@ -33,8 +33,11 @@ def main(argv=None):
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--size", type=int, nargs=3, default=[17, 320, 640], metavar=("F", "H", "W"))
     p.add_argument("--videos", help="a folder of HQ videos instead of synthetic clips")
+    p.add_argument("--device", help="degrade on this device in the main process (oasis-train's degrade_on = "
+                                     "\"device\"), the workers only loading HQ clips; default: in the workers")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    device = torch.device(args.device) if args.device else None
     from oasis.data import ClipSpec, PairDataset, SyntheticVideos, VideoFolder
     from oasis.degrade import Degradation
 
@@ -45,14 +48,21 @@ def main(argv=None):
         data = PairDataset(source, Degradation(), mode)
         for workers in args.workers:
             clips = max(args.clips, 4 * workers, 2)  # a steady rate needs a clip after the first wave
-            loader = torch.utils.data.DataLoader(data, batch_sampler=[[i] for i in range(clips)],
-                                                 num_workers=workers)
+            loader = torch.utils.data.DataLoader(data if device is None else data.hq_only(),
+                                                 batch_sampler=[[i] for i in range(clips)], num_workers=workers)
             start = time.perf_counter()
-            arrivals = [time.perf_counter() for _ in loader]
+            arrivals = []
+            for a, b in loader:
+                if device is not None:  # (index, HQ clip): degraded here, as the trainer does
+                    data.degrade(b[0].to(device), int(a[0]))
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                arrivals.append(time.perf_counter())
             wave = max(workers, 1)  # clips of the first wave: every worker's start-up and first clip
             total = arrivals[-1] - start
             steady = (len(arrivals) - wave) / (arrivals[-1] - arrivals[wave - 1])
-            row = {"mode": mode, "workers": workers, "clips": len(arrivals), "s": total,
+            row = {"mode": mode, "workers": workers, "degrade_on": args.device or "workers", "clips": len(arrivals),
+                   "s": total,
                    "first_wave_s": arrivals[wave - 1] - start, "clips_per_s": steady,
                    "clips_per_s_whole_row": len(arrivals) / total, "worker_s_per_clip": wave / steady}
             rows.append(row)
@@ -64,7 +74,8 @@ def main(argv=None):
           f"{args.size[0]} frames {args.size[1]}x{args.size[2]} -> x4 LQ, {res['source']} clips, "
           f"max({args.clips}, 4 x workers) per row, DataLoader workers (0: the main process). Steady clips/s: "
           "after the first wave (one clip per worker, with the workers' start-up).", "",
-          "| mode | workers | clips | steady clips/s | whole-row clips/s | first wave s | worker s per clip |",
+          f"Degradations run {'on ' + args.device + ' in the main process' if args.device else 'in the workers'}.",
+          "", "| mode | workers | clips | steady clips/s | whole-row clips/s | first wave s | worker s per clip |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['mode']} | {r['workers']} | {r['clips']} | {r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | "
            f"{r['first_wave_s']:.1f} | {r['worker_s_per_clip']:.2f} |" for r in rows]

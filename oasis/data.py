@@ -21,7 +21,7 @@ import torch
 from .degrade import Degradation
 from .video import VideoError, probe_video, synthetic_clip
 
-__all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "VIDEO_EXTENSIONS"]
+__all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "HQClips", "VIDEO_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
 
@@ -149,6 +149,28 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         hq = self.source.clip(index)
+        return self.degrade(hq, index) * 2 - 1, hq * 2 - 1
+
+    def degrade(self, hq: torch.Tensor, index: int) -> torch.Tensor:
+        """Sample ``index``'s LQ clip ``[3, F, H/4, W/4]`` in [0, 1] from its HQ clip ``[3, F, H, W]`` in
+        [0, 1], on ``hq``'s device (blur, resize and noise there; JPEG and the codec on the CPU)."""
         seed = int(_rng(self.seed + 1, index).integers(2**62))
-        lq = self.degradation(hq.transpose(0, 1), seed, self.mode).transpose(0, 1)
-        return lq * 2 - 1, hq * 2 - 1
+        return self.degradation(hq.transpose(0, 1), seed, self.mode).transpose(0, 1)
+
+    def hq_only(self) -> "HQClips":
+        """The same samples without their degradation: ``(index, hq [3, F, H, W] in [0, 1])``, for a
+        trainer that degrades them itself on its device (:meth:`degrade`)."""
+        return HQClips(self)
+
+
+class HQClips(torch.utils.data.Dataset):
+    """``(index, HQ clip in [0, 1])`` of a :class:`PairDataset` (see :meth:`PairDataset.hq_only`)."""
+
+    def __init__(self, pairs: PairDataset):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        return index, self.pairs.source.clip(index)

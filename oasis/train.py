@@ -61,6 +61,9 @@ class TrainConfig:
     width: int = 640
     frame_stride: int = 1
     workers: int = 4
+    # where the degradations run: "workers" (the loader's CPU processes) or "device" (the training device,
+    # in the main process: blur, resize and noise on the GPU, JPEG and the codec on the CPU between)
+    degrade_on: str = "workers"
     # the curriculum
     stage1_steps: int = 25000
     stage2_steps: int = 25000
@@ -125,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {self.device!r}") from None
         if kind not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
+        if self.degrade_on not in ("workers", "device"):
+            raise ValueError(f"degrade_on must be 'workers' or 'device', got {self.degrade_on!r}")
         if self.lpips_net not in ("vgg", "alex"):
             raise ValueError(f"lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
         if not 0 < self.calibrate_rho <= 1:
@@ -339,9 +344,18 @@ class Trainer:
         """``step``'s micro-batches ``(lq, hq)``, loaded here (no workers)."""
         data = self.data[self.cfg.stage(step)]
         for numbers in self.samples(step):
+            if self.cfg.degrade_on == "device":
+                yield self._degraded(data, torch.tensor(numbers), torch.stack([data.source.clip(n) for n in numbers]))
+                continue
             pairs = [data[n] for n in numbers]
             yield (torch.stack([p[0] for p in pairs]).to(self.device),
                    torch.stack([p[1] for p in pairs]).to(self.device))
+
+    def _degraded(self, data, numbers: torch.Tensor, hq: torch.Tensor):
+        """``(lq, hq)`` in [-1, 1] on the device from HQ clips in [0, 1] (``degrade_on = "device"``)."""
+        hq = hq.to(self.device, non_blocking=True)
+        lq = torch.stack([data.degrade(clip, int(n)) for clip, n in zip(hq, numbers)])
+        return lq * 2 - 1, hq * 2 - 1
 
     def _loader(self, start: int, end: int):
         """Micro-batches of steps ``start .. end-1`` in order, ``workers`` processes loading ahead;
@@ -351,10 +365,15 @@ class Trainer:
             if stage_start >= stage_end:
                 continue
             order = [numbers for step in range(stage_start, stage_end) for numbers in self.samples(step)]
-            loader = torch.utils.data.DataLoader(self.data[cfg.stage(stage_start)], batch_sampler=order,
+            data = self.data[cfg.stage(stage_start)]
+            on_device = cfg.degrade_on == "device"
+            loader = torch.utils.data.DataLoader(data.hq_only() if on_device else data, batch_sampler=order,
                                                  num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
-            for lq, hq in loader:
-                yield lq.to(self.device, non_blocking=True), hq.to(self.device, non_blocking=True)
+            for a, b in loader:
+                if on_device:
+                    yield self._degraded(data, a, b)
+                else:
+                    yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
 
     # -- one step ----------------------------------------------------------------------------------------
     def _losses(self, lq: torch.Tensor, hq: torch.Tensor) -> dict:
@@ -471,8 +490,9 @@ class Trainer:
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         saved = state.get("config", {})
         fixed = ("seed", "batch", "accumulate", "frames", "height", "width", "frame_stride", "stage1_steps",
-                 "change_prob", "videos", "sequence_parallel")
-        before = {k: saved.get(k, 1 if k == "sequence_parallel" else None) for k in fixed}  # older runs: 1
+                 "change_prob", "videos", "sequence_parallel", "degrade_on")
+        older = {"sequence_parallel": 1, "degrade_on": "workers"}  # what runs saved before these settings did
+        before = {k: saved.get(k, older.get(k)) for k in fixed}
         changed = [f"{k}: {before[k]!r} -> {getattr(self.cfg, k)!r}" for k in fixed if before[k] != getattr(self.cfg, k)]
         if saved.get("world", 1) != self.world:
             changed.append(f"world size: {saved.get('world', 1)} -> {self.world}")

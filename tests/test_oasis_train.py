@@ -199,3 +199,21 @@ def test_sequence_parallel_settings_are_checked():
         TrainConfig(**{**DEMO, "sequence_parallel": 0})
     with pytest.raises(ValueError, match="does not divide the 1 ranks"):
         Trainer(TrainConfig(**{**DEMO, "sequence_parallel": 2, "progress": False}))
+
+
+def test_degradations_on_the_device_give_the_same_batches(tmp_path):
+    """degrade_on = "device": the loader brings HQ clips, the trainer degrades them on its device; on
+    the CPU the pairs equal the workers' bit for bit (the same code on the same device), with and
+    without loader processes."""
+    base = demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2)
+    workers = Trainer(base)
+    device = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, degrade_on="device"))
+    for step in (0, 2):  # stage 1 (consistent) and stage 2 (inconsistent)
+        for (lq_a, hq_a), (lq_b, hq_b) in zip(workers.micro_batches(step), device.micro_batches(step)):
+            assert torch.equal(lq_a, lq_b) and torch.equal(hq_a, hq_b)
+    loaded = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, degrade_on="device",
+                                 workers=2))
+    for (lq_a, hq_a), (lq_b, hq_b) in zip(device._loader(0, 3), loaded._loader(0, 3)):
+        assert torch.equal(hq_a, hq_b) and torch.equal(lq_a, lq_b)
+    with pytest.raises(ValueError, match="degrade_on must be"):
+        demo_config(tmp_path, degrade_on="gpu")
