@@ -69,6 +69,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny demo config (for a smoke run of this script)")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="the blocks' regions around the attention compiled (WanDiT.compile_regions; "
+                        "oasis-train's compile = true)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -84,6 +87,8 @@ def main(argv=None):
     model = WanDiT(cfg).init_weights().to(device).train()
     model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device=device) * 0.1)
     model.activation_checkpointing = not args.no_checkpointing
+    if args.compile:
+        model.compile_regions()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
     routed = [ROUTED] * cfg.num_layers if not args.tiny else [["global", "intra", "window"]] * cfg.num_layers
     rows = []
@@ -112,7 +117,8 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
     res = {"env": environment(device), "config": "tiny" if args.tiny else "Wan2.1-1.3B", "grid": grid,
-           "checkpointing": not args.no_checkpointing, "matmul_TFLOP/s": None if rate is None else rate / 1e12,
+           "checkpointing": not args.no_checkpointing, "compiled_regions": args.compile,
+           "matmul_TFLOP/s": None if rate is None else rate / 1e12,
            "rows": rows}
     one = {r["mode"]: r for r in rows if r.get("fits") and r["batch"] == 1}
     if "routed" in one and "all-global" in one:
@@ -120,7 +126,8 @@ def main(argv=None):
     md = [f"# OASIS DiT training step, {res['env'].get('gpu', res['env'].get('cpu'))}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"{res['config']}, grid {grid} per clip (17 frames 320x640), float32 weights, bf16 autocast, "
-          f"activation checkpointing {'on' if res['checkpointing'] else 'off'}, AdamW; median of {args.steps} steps "
+          f"activation checkpointing {'on' if res['checkpointing'] else 'off'}, "
+          f"{'compiled regions' if args.compile else 'eager'}, AdamW; median of {args.steps} steps "
           f"after a warm-up. bf16 GEMM 8192^3: {res['matmul_TFLOP/s'] or 0:.0f} TFLOP/s.", "",
           "| mode | batch | step s | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -88,6 +88,9 @@ class TrainConfig:
     device: str = "cuda"
     dtype: str = "bfloat16"  # autocast dtype on CUDA (weights stay float32)
     activation_checkpointing: bool = True
+    # torch.compile of each DiT block's code around the routed attention (WanDiT.compile_regions), as
+    # oasis-vsr does on CUDA: fewer, fused elementwise kernels; off until measured in training
+    compile: bool = False
     seed: int = 0
     out: str = "runs/oasis"
     save_every: int = 1000
@@ -289,6 +292,8 @@ class Trainer:
         pipe.dit.requires_grad_(True).train()
         pipe.projector.requires_grad_(True).train()
         pipe.dit.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.compile:
+            pipe.dit.compile_regions()
         return pipe, vae
 
     def _wrap(self):
