@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: the model-level benchmarks in one call (results to $OUT/r): the Wan VAE against
 # diffusers (needs diffusers: carry its wheel in the ignored .whl/ and `pip install --target /tmp/site`), the
-# DiT and the whole OasisVSR call, the DiT's training step, the training-data throughput.
+# DiT and the whole OasisVSR call, the DiT's training step (eager and compiled regions), the training-data
+# throughput (degradations in the workers, and on the GPU). PyAV travels as a wheel in .whl/ too.
 # BENCHES picks some of: vae model train degrade (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,12 @@ for bench in ${BENCHES:-vae model train degrade}; do
     case $bench in
         vae) python3 benchmarks/vae_bench.py --reps 2 --out "$OUT/r" 2>&1 | grep -A100 "^Decode:" | head -40 ;;
         model) python3 benchmarks/model_bench.py --modes regions --grids A --vsr --reps 3 --out "$OUT/r" 2>&1 | tail -14 ;;
-        train) python3 benchmarks/train_bench.py --out "$OUT/r" 2>&1 | tail -16 ;;
-        degrade) python3 benchmarks/degrade_bench.py --workers 0 4 8 --out "$OUT/r" 2>&1 | tail -8 ;;
+        train) python3 benchmarks/train_bench.py --batches 1 4 16 --steps 3 --out "$OUT/r/train_eager" 2>&1 | tail -12
+               python3 benchmarks/train_bench.py --batches 1 4 16 --steps 3 --compile --out "$OUT/r/train_compiled" \
+                   2>&1 | tail -12 ;;
+        degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
+                 python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --device cuda \
+                     --out "$OUT/r/degrade_device" 2>&1 | tail -9 ;;
         *) echo "unknown bench $bench"; exit 2 ;;
     esac
 done
