@@ -67,7 +67,7 @@ def main(argv=None):
                    "clips_per_s_whole_row": len(arrivals) / total, "worker_s_per_clip": wave / steady}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    res = {"env": environment(torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
+    res = {"env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
            "source": args.videos or "synthetic", "rows": rows}
     md = [f"# Training-data throughput, {res['env'].get('cpu')} x{os.cpu_count()}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",

@@ -141,22 +141,39 @@ def _check_args(args) -> None:
     probe_video(args.input)  # raises VideoError for a missing or unreadable file
 
 
-def _world() -> tuple[int, int, int]:
-    """``(rank, world size, local rank)`` of a process started by torchrun or :func:`_spawn` (1 process: 0, 1, 0)."""
+def _world() -> tuple[int, int, int, int]:
+    """``(rank, world size, local rank, local world size)`` of a process started by torchrun or
+    :func:`_spawn` (one process: 0, 1, 0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return (int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))),
+            local_world)
 
 
-def _check_world(args, device, world: int) -> None:
+def _check_world(args, device, world: int, local_world: int) -> None:
+    """What can be checked before any process loads anything: devices, and frames per chunk (the
+    video's frame count where its container knows it)."""
     import torch
 
-    if device.type == "cuda" and world > torch.cuda.device_count():
-        raise _Exit(f"--gpus {world}: only {torch.cuda.device_count()} CUDA device(s) here")
+    from .video import probe_video
+
+    if device.type == "cuda" and local_world > torch.cuda.device_count():
+        raise _Exit(f"--gpus {local_world}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "cuda" and device.index is not None and world > 1:
         raise _Exit(f"--device {device} names one GPU; with --gpus {world} give --device cuda (rank r takes cuda:r)")
     if args.chunk_frames is not None and 1 + (args.chunk_frames - 1) // 4 < world:
         raise _Exit(f"--chunk-frames {args.chunk_frames} makes {1 + (args.chunk_frames - 1) // 4} latent frames per "
                     f"chunk, fewer than the {world} processes that split them (at least {4 * world - 3} frames)")
+    frames = (args.max_frames or 17) if args.demo else probe_video(args.input).num_frames
+    if frames:
+        frames = min(frames, args.max_frames or frames)
+        _check_latent_frames(1 + math.ceil((frames - 1) / 4), world, f"{frames} frames")
+
+
+def _check_latent_frames(latent: int, world: int, what: str) -> None:
+    if latent < world:
+        raise _Exit(f"{what} make {latent} latent frames per DiT call, fewer than the {world} processes that split "
+                    f"them (give at least {4 * world - 3} frames)")
 
 
 def _free_port() -> int:
@@ -192,12 +209,15 @@ def run(args) -> int:
 
     _check_args(args)
     device = _device(args.device)
-    rank, world, local_rank = _world()
+    rank, world, local_rank, local_world = _world()
     if world == 1 and args.gpus > 1:  # this process starts the others, and is none of them
-        _check_world(args, device, args.gpus)
+        _check_world(args, device, args.gpus, args.gpus)
         return _spawn(args, args.gpus)
     if world > 1:
-        _check_world(args, device, world)
+        if args.gpus not in (1, world):
+            raise _Exit(f"--gpus {args.gpus} under torchrun's {world} processes: leave --gpus out (torchrun sets the "
+                        "world)")
+        _check_world(args, device, world, local_world)
         import torch.distributed as dist
 
         if device.type == "cuda":
@@ -247,13 +267,19 @@ def _restore(args, device, rank: int, world: int) -> int:
         video, info = read_video(args.input, max_frames=args.max_frames)
         fps, color_range, colorspace = info.fps, info.color_range, info.colorspace
     frames, height, width, _ = video.shape
-    plan = pipe.plan(frames, height, width, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames,
-                     tile=args.tile)
+    budget = args.memory_budget
+    if world > 1 and device.type == "cuda" and budget is None:
+        # one plan for every rank (the same DiT calls, in number and shape): the budget of the GPU with
+        # the least free memory, weights included as an explicit --memory-budget counts them
+        free = torch.cuda.mem_get_info(device)[0] * 0.9 + pipe._weight_bytes()
+        least = torch.tensor([free / 2**30], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+        budget = float(least)
+    plan = pipe.plan(frames, height, width, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile)
     if world > 1:
-        latent = 1 + (plan.chunk_frames - 1) // 4
-        if latent < world:
-            raise _Exit(f"chunks of {plan.chunk_frames} frames make {latent} latent frames, fewer than the {world} "
-                        f"processes that split them (give at least {4 * world - 3} frames)")
+        padded = 1 + 4 * math.ceil((frames - 1) / 4)
+        chunk = min(plan.chunk_frames, padded)  # the chunk the pipeline runs (OasisVSR._run)
+        _check_latent_frames(1 + (chunk - 1) // 4, world, f"chunks of {chunk} frames")
         pipe.dit.set_sequence_parallel()
     if not args.demo and rank == 0:
         print(f"oasis-vsr: loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {frames} frames "
@@ -263,7 +289,7 @@ def _restore(args, device, rank: int, world: int) -> int:
     t0 = time.perf_counter()
     # every rank runs the whole pipeline (the DiT's tokens split across them, the projector and the
     # decoder repeated on each GPU at no cost in time); rank 0 writes
-    blocks = pipe.stream(video, memory_budget=args.memory_budget, chunk_frames=args.chunk_frames, tile=args.tile,
+    blocks = pipe.stream(video, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile,
                          progress=not args.no_progress and rank == 0)
     if rank != 0:
         for _ in blocks:

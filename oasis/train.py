@@ -245,6 +245,9 @@ class Trainer:
             sp = cfg.sequence_parallel
             groups = [torch.distributed.new_group(list(range(g * sp, (g + 1) * sp))) for g in range(self.replicas)]
             self.pipe.dit.set_sequence_parallel(groups[self.replica])
+            with torch.no_grad():  # the same start on every rank, as DDP's broadcast gives it
+                for p in (*self.pipe.dit.parameters(), *self.pipe.projector.parameters()):
+                    torch.distributed.broadcast(p.data, 0)
         self.loss = OasisLoss(lpips=load_lpips(cfg.lpips, cfg.lpips_net, device) if cfg.lpips else None,
                               warp_weight=cfg.warp_weight)
         self.flow_model = load_raft(cfg.raft, device) if cfg.raft else None
@@ -339,7 +342,8 @@ class Trainer:
     # -- data ------------------------------------------------------------------------------------------
     def samples(self, step: int) -> list[list[int]]:
         """The sample numbers of ``step``'s ``accumulate`` micro-batches on this rank (fixed by the step:
-        ranks and micro-batches never share one)."""
+        data-parallel replicas and micro-batches never share one; the ranks of a sequence-parallel group
+        load the same samples)."""
         cfg = self.cfg
         per_step = cfg.accumulate * cfg.batch * self.replicas
         return [[step * per_step + (j * self.replicas + self.replica) * cfg.batch + i for i in range(cfg.batch)]
@@ -408,8 +412,9 @@ class Trainer:
                 (parts["total"] / len(batches)).backward()
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + v.item() / len(batches)
-        if self.cfg.sequence_parallel > 1:
-            self._sum_sequence_parallel_gradients()
+        if self.cfg.sequence_parallel > 1 and not self._sum_sequence_parallel_gradients():
+            # every rank sees the same reduced gradients, so every rank stops here together
+            totals["grad_norm"] = float("nan")
         if cfg.grad_clip:
             totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
         if not all(math.isfinite(v) for v in totals.values()):  # before the step: the weights stay finite
@@ -419,18 +424,33 @@ class Trainer:
         return totals
 
     @torch.no_grad()
-    def _sum_sequence_parallel_gradients(self) -> None:
+    def _sum_sequence_parallel_gradients(self, bucket_bytes: int = 25 * 2**20) -> bool:
         """Under sequence parallelism each rank's gradients come from its latent frames only: summed over
         the world they hold each group's whole gradient once per group, so the mean over the groups
-        (the data-parallel replicas) is DDP's average. One all-reduce of all gradients, flattened."""
+        (the data-parallel replicas) is DDP's average. All-reduced in buckets of ~25 MB (DDP's size),
+        not one flat copy of every gradient. Returns whether the reduced gradients are finite (the
+        same answer on every rank: a NaN of one replica reaches all)."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.replicas
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        finite = True
+        i = 0
+        while i < len(grads):
+            j, size = i, 0
+            while j < len(grads) and (j == i or size + grads[j].numel() * grads[j].element_size() <= bucket_bytes):
+                size += grads[j].numel() * grads[j].element_size()
+                j += 1
+            group = grads[i:j]
+            copied = len(group) > 1 or not group[0].is_contiguous()
+            flat = torch.cat([g.flatten() for g in group]) if copied else group[0].view(-1)
+            torch.distributed.all_reduce(flat)
+            flat /= self.replicas
+            finite = finite and bool(torch.isfinite(flat).all())
+            if copied:
+                offset = 0
+                for g in group:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            i = j
+        return finite
 
     @torch.no_grad()
     def evaluate(self, step: int = 0) -> float:
@@ -598,15 +618,21 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         print(f"oasis-train: error: {exc}", file=sys.stderr)
         return 2
-    before = trainer.evaluate(0) if cfg.demo else None
-    history = trainer.run()
-    if trainer.rank == 0:
-        if cfg.demo:
-            print(f"oasis-train: {len(history)} steps; the loss on a fixed batch {before:.4f} -> "
-                  f"{trainer.evaluate(0):.4f} (a tiny random model on synthetic clips: the loop, not a result); "
-                  f"checkpoints in {cfg.out}")
-        else:
-            print(f"oasis-train: {len(history)} steps, last loss {history[-1]['total']:.4f}; checkpoints in {cfg.out}")
+    try:
+        # every rank evaluates: under sequence parallelism the DiT's calls are collective
+        before = trainer.evaluate(0) if cfg.demo else None
+        history = trainer.run()
+        after = trainer.evaluate(0) if cfg.demo else None
+        if trainer.rank == 0:
+            if cfg.demo:
+                print(f"oasis-train: {len(history)} steps; the loss on a fixed batch {before:.4f} -> {after:.4f} "
+                      f"(a tiny random model on synthetic clips: the loop, not a result); checkpoints in {cfg.out}")
+            else:
+                print(f"oasis-train: {len(history)} steps, last loss {history[-1]['total']:.4f}; checkpoints in "
+                      f"{cfg.out}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -131,7 +131,8 @@ def test_gpus_split_the_dit_and_write_the_same_video(tmp_path, capfd, checkpoint
     """--gpus 2 with --device cpu: two gloo processes split each DiT call's latent frames
     (WanDiT.set_sequence_parallel); rank 0 writes the same video as one process."""
     one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
-    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--no-compile"]
+    # lossless encoding (crf 0): a lossy encoder can turn a last-bit difference into a large one
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--no-compile", "--crf", 0]
     code, err = run(capfd, clip, "-o", one, *common)  # capfd: the processes write to the same stderr
     assert code == 0, err
     code, err = run(capfd, clip, "-o", two, *common, "--gpus", 2)
@@ -140,4 +141,13 @@ def test_gpus_split_the_dit_and_write_the_same_video(tmp_path, capfd, checkpoint
     a, _ = read_video(one)
     b, _ = read_video(two)
     assert a.shape == b.shape == (7, 80, 112, 3)
-    assert (a.int() - b.int()).abs().max() <= 1  # float sums in another order, then uint8
+    diff = (a.int() - b.int()).abs()
+    assert diff.max() <= 2 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())  # float sums reordered
+
+
+def test_gpus_are_checked_before_any_process_starts(tmp_path, capsys):
+    # 5 frames are 2 latent frames, whatever --chunk-frames asks: 3 processes cannot split them
+    code, err = run(capsys, "--demo", "-o", tmp_path / "d.mp4", "--max-frames", 5, "--chunk-frames", 9,
+                    "--gpus", 3, "--device", "cpu", "--no-progress")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "fewer than the 3 processes" in lines[0], err
