@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 
-#: floor per input dtype, relative to the reference's largest magnitude. bf16: one unit in the
-#: last place at that magnitude (2^-8). Rounding a correct result to bf16 alone costs up to half
-#: of it, and on small cases (e.g. 54 tokens) the PyTorch baseline's largest error can fall
-#: below that: with a floor of 1e-3, the Triton dV (P rounded to bf16 before the MMA, as in
-#: FlashAttention) failed in 10 of 400 seeds by <= 1.3 units (OASIS_TEST_SEED=56,
-#: test_kernels_match_reference[1x6x9-w355-iw-d64-bfloat16]). test_tolerance.py checks that
-#: the rule still rejects an error of a few units.
-FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 2.0**-8}
+#: floor per input dtype, relative to the reference's largest magnitude (bf16: about a quarter
+#: of a unit in the last place there). It was raised to 2^-8 once, when the Triton dV and dQ
+#: failed a few seeds in a hundred on 54-token cases; the cause was Triton 3.6's interpreter,
+#: which truncates float32 to bfloat16 instead of rounding it (kernels.tile_geometry.narrow now
+#: rounds first). With rounding as on the GPU, 180 draws of three small cases needed no floor
+#: at all for out, dQ, dK and dV. test_tolerance.py checks the rule still rejects a few units.
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 FACTOR = {"fwd": 2.0, "grad": 3.0}
 
 

@@ -36,7 +36,7 @@ import triton.language as tl
 from .launching import Tuned
 from .tile_configs import BWD_CONFIGS, FWD_CONFIGS, INTERPRET
 from .tile_geometry import (LOG2E, MAX_RADIUS, NO_SPECIALIZE, block_d, frame_block, frame_walk, full_block,
-                            head_setup, load_block, load_rows, masked_scores, mm, primary_tile, store_rows,
+                            head_setup, load_block, load_rows, masked_scores, mm, narrow, primary_tile, store_rows,
                             tile_count, window_block, window_setup)
 
 __all__ = ["local_attention_forward", "local_attention_backward", "local_attention_backward_delta",
@@ -57,7 +57,7 @@ def _fwd_step(s, c, v, m_i, l_i, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constex
     pr = tl.math.exp2(s * c - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(pr, 1)
-    acc = acc * alpha[:, None] + mm(pr.to(v.dtype), v, DOT_PREC, UPCAST)
+    acc = acc * alpha[:, None] + mm(narrow(pr, v.dtype, UPCAST), v, DOT_PREC, UPCAST)
     return m_new, l_i, acc
 
 
@@ -148,7 +148,7 @@ def _fwd_kernel(
 
     # every valid query sees at least itself, so l_i > 0 there; padding rows are not stored
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    store_rows(O + b * sob + head * soh, qtok, son, qvalid, d, dmask, acc / l_safe[:, None], EVEN_D)
+    store_rows(O + b * sob + head * soh, qtok, son, qvalid, d, dmask, acc / l_safe[:, None], EVEN_D, UPCAST)
     # natural-log LSE: m and l are in base 2 (qk_scale carries log2(e))
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
     tl.store(LSE + b * slb + head * slh + qtok, lse, mask=qvalid)
@@ -166,7 +166,7 @@ def _dq_step(pr, do, k, v, delta, dq, DOT_PREC: tl.constexpr, UPCAST: tl.constex
     """``dq += dS @ K`` for one key block, given the masked probabilities ``pr``."""
     dp = mm(do, tl.trans(v), DOT_PREC, UPCAST)
     ds = pr * (dp - delta[:, None])
-    return dq + mm(ds.to(k.dtype), k, DOT_PREC, UPCAST)
+    return dq + mm(narrow(ds, k.dtype, UPCAST), k, DOT_PREC, UPCAST)
 
 
 @triton.jit
@@ -244,7 +244,7 @@ def _dq_tile(p, b, j, head, is_window, Q, K, V, DO, DQ, LSE, DELTA,
     else:
         dq = _dq_frame(q, do, lse2, delta, k_base, v_base, wf, H, W, skn, svn, d, dmask, dq, qk_scale, BLOCK_N,
                        EVEN_D, DOT_PREC, UPCAST)
-    store_rows(DQ + b * sdqb + head * sdqh, qtok, sdqn, qvalid, d, dmask, dq * sm_scale, EVEN_D)
+    store_rows(DQ + b * sdqb + head * sdqh, qtok, sdqn, qvalid, d, dmask, dq * sm_scale, EVEN_D, UPCAST)
 
 
 
@@ -264,10 +264,10 @@ def _dkdv_block(k, v, q_base, do_base, lse_base, delta_base, qtok, qvalid, mask,
     p_t = tl.math.exp2(mm(k, tl.trans(q), DOT_PREC, UPCAST) * qk_scale - lse2[None, :])
     if MASKED:
         p_t = tl.where(mask, p_t, 0.0)
-    dv += mm(p_t.to(do.dtype), do, DOT_PREC, UPCAST)
+    dv += mm(narrow(p_t, do.dtype, UPCAST), do, DOT_PREC, UPCAST)
     dp_t = mm(v, tl.trans(do), DOT_PREC, UPCAST)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += mm(ds_t.to(q.dtype), q, DOT_PREC, UPCAST)
+    dk += mm(narrow(ds_t, q.dtype, UPCAST), q, DOT_PREC, UPCAST)
     return dk, dv
 
 
@@ -337,8 +337,8 @@ def _dkdv_tile(p, b, j, head, is_window, Q, K, V, DO, DK, DV, LSE, DELTA,
     else:
         dk, dv = _dkdv_frame(k, v, q_base, do_base, lse_base, delta_base, wf, H, W, sqn, sdon, d, dmask, dk, dv,
                              qk_scale, BLOCK_N, EVEN_D, DOT_PREC, UPCAST)
-    store_rows(DK + b * sdkb + head * sdkh, ktok, sdkn, kvalid, d, dmask, dk * sm_scale, EVEN_D)
-    store_rows(DV + b * sdvb + head * sdvh, ktok, sdvn, kvalid, d, dmask, dv, EVEN_D)
+    store_rows(DK + b * sdkb + head * sdkh, ktok, sdkn, kvalid, d, dmask, dk * sm_scale, EVEN_D, UPCAST)
+    store_rows(DV + b * sdvb + head * sdvh, ktok, sdvn, kvalid, d, dmask, dv, EVEN_D, UPCAST)
 
 
 

@@ -227,6 +227,21 @@ def window_block(it, a, b, c, d, e, T, H, W, RT: tl.constexpr, RH: tl.constexpr,
 
 
 @triton.jit
+def narrow(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """float32 ``x`` to ``dtype``, rounding to nearest even as the GPU does. ``UPCAST`` (the
+    interpreter with bfloat16, see ``mm``): Triton 3.6's interpreter truncates float32 to bfloat16,
+    which doubles the rounding error of every narrowed value (P and dS before their MMAs, the
+    stored outputs) and made CPU tests judge worse math than the GPU runs; rounding the float32
+    bits first makes its truncation exact."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def mm(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` accumulated in float32. ``UPCAST`` is set only under the interpreter, whose
     bfloat16 dot is broken in Triton 3.6 (it multiplies the raw bits); bf16 products are exact
@@ -275,12 +290,14 @@ def full_block(f_base, it, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def store_rows(base, tok, stride, valid, d, dmask, x, EVEN_D: tl.constexpr):
+def store_rows(base, tok, stride, valid, d, dmask, x, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Store float32 rows ``x`` at rows ``tok`` of a ``[tokens, D]`` view, narrowed to its dtype."""
     ptrs = base + tok[:, None] * stride + d[None, :]
+    y = narrow(x, base.dtype.element_ty, UPCAST)
     if EVEN_D:
-        tl.store(ptrs, x.to(base.dtype.element_ty), mask=valid[:, None])
+        tl.store(ptrs, y, mask=valid[:, None])
     else:
-        tl.store(ptrs, x.to(base.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
+        tl.store(ptrs, y, mask=valid[:, None] & dmask[None, :])
 
 
 
