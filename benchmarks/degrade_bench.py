@@ -9,7 +9,12 @@ clip costs a worker. The issue's bar: at least 4x the clips/s a training step co
 step's clips (batch x accumulate x GPUs) by its seconds and compare with the steady rate (a
 trainer's loader starts once and keeps its workers busy).
 
+``--device cuda`` degrades in the main process as ``oasis-train``'s ``degrade_on = "device"`` does:
+the workers load HQ clips only, and ``--threads`` threads (``degrade_threads``) degrade them with
+that many clips in flight (their first wave: one clip per thread or worker, whichever are more).
+
     python benchmarks/degrade_bench.py --workers 0 2 --out benchmarks/results/<date>_<card>_<commit>
+    python benchmarks/degrade_bench.py --device cuda --workers 4 --threads 0 4 8
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attn_bench import environment  # noqa: E402
 
 
+def arrived(pending, device, arrivals):
+    pending.result()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    arrivals.append(time.perf_counter())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=12)
@@ -35,10 +47,12 @@ def main(argv=None):
     p.add_argument("--videos", help="a folder of HQ videos instead of synthetic clips")
     p.add_argument("--device", help="degrade on this device in the main process (oasis-train's degrade_on = "
                                      "\"device\"), the workers only loading HQ clips; default: in the workers")
+    p.add_argument("--threads", type=int, nargs="+", default=[4],
+                   help="with --device: degradation threads (oasis-train's degrade_threads; 0: in the loop)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else None
-    from oasis.data import ClipSpec, PairDataset, SyntheticVideos, VideoFolder
+    from oasis.data import ClipSpec, DeviceDegrader, PairDataset, SyntheticVideos, VideoFolder
     from oasis.degrade import Degradation
 
     spec = ClipSpec(*args.size)
@@ -46,22 +60,31 @@ def main(argv=None):
     rows = []
     for mode in ("consistent", "inconsistent"):
         data = PairDataset(source, Degradation(), mode)
-        for workers in args.workers:
-            clips = max(args.clips, 4 * workers, 2)  # a steady rate needs a clip after the first wave
+        for workers, threads in [(w, t) for w in args.workers for t in (args.threads if device else [0])]:
+            # a steady rate needs a clip after the first wave
+            clips = max(args.clips, 4 * workers, 4 * threads if device else 0, 2)
             loader = torch.utils.data.DataLoader(data if device is None else data.hq_only(),
-                                                 batch_sampler=[[i] for i in range(clips)], num_workers=workers)
+                                                 batch_sampler=[[i] for i in range(clips)], num_workers=workers,
+                                                 pin_memory=device is not None and device.type == "cuda")
             start = time.perf_counter()
             arrivals = []
-            for a, b in loader:
-                if device is not None:  # (index, HQ clip): degraded here, as the trainer does
-                    data.degrade(b[0].to(device), int(a[0]))
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                arrivals.append(time.perf_counter())
-            wave = max(workers, 1)  # clips of the first wave: every worker's start-up and first clip
+            if device is None:
+                for _ in loader:
+                    arrivals.append(time.perf_counter())
+            else:  # (index, HQ clip): degraded here, as the trainer does, `threads` clips in flight
+                with DeviceDegrader(device, threads) as degrader:
+                    pending = []
+                    for a, b in loader:
+                        pending.append(degrader.submit(data, a.tolist(), b))
+                        while len(pending) > threads:
+                            arrived(pending.pop(0), device, arrivals)
+                    while pending:
+                        arrived(pending.pop(0), device, arrivals)
+            wave = max(workers, threads, 1)  # the first wave: every worker's (thread's) start-up and first clip
             total = arrivals[-1] - start
             steady = (len(arrivals) - wave) / (arrivals[-1] - arrivals[wave - 1])
-            row = {"mode": mode, "workers": workers, "degrade_on": args.device or "workers", "clips": len(arrivals),
+            row = {"mode": mode, "workers": workers, "degrade_on": args.device or "workers", "threads": threads,
+                   "clips": len(arrivals),
                    "s": total,
                    "first_wave_s": arrivals[wave - 1] - start, "clips_per_s": steady,
                    "clips_per_s_whole_row": len(arrivals) / total, "worker_s_per_clip": wave / steady}
@@ -75,10 +98,11 @@ def main(argv=None):
           f"max({args.clips}, 4 x workers) per row, DataLoader workers (0: the main process). Steady clips/s: "
           "after the first wave (one clip per worker, with the workers' start-up).", "",
           f"Degradations run {'on ' + args.device + ' in the main process' if args.device else 'in the workers'}.",
-          "", "| mode | workers | clips | steady clips/s | whole-row clips/s | first wave s | worker s per clip |",
-          "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['mode']} | {r['workers']} | {r['clips']} | {r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | "
-           f"{r['first_wave_s']:.1f} | {r['worker_s_per_clip']:.2f} |" for r in rows]
+          "", "| mode | workers | degradation threads | clips | steady clips/s | whole-row clips/s | first wave s | "
+          "worker s per clip |", "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['mode']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
+           f"{r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | {r['first_wave_s']:.1f} | "
+           f"{r['worker_s_per_clip']:.2f} |" for r in rows]
     print("\n".join(md))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ import torch
 from .degrade import Degradation
 from .video import VideoError, probe_video, synthetic_clip
 
-__all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "HQClips", "VIDEO_EXTENSIONS"]
+__all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "HQClips", "DeviceDegrader", "PendingBatch",
+           "VIDEO_EXTENSIONS"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
 
@@ -174,3 +175,97 @@ class HQClips(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return index, self.pairs.source.clip(index)
+
+
+class DeviceDegrader:
+    """Degrades HQ clips of a :class:`PairDataset` on ``device`` in ``threads`` background threads, so
+    that the next micro-batches' degradations run while the current one trains.
+
+    Blur, resize and noise run on the device; JPEG and the video codec on the CPU between them (PIL and
+    PyAV release the GIL while they code). On CUDA each thread queues its work on a stream of its own
+    and hands its clips over with an event, so the caller's stream waits for them and nothing else.
+    The pairs are the ones :meth:`PairDataset.degrade` makes, clip for clip, in any thread order (each
+    clip's draws come from its own seeded generators). ``threads = 0`` degrades in the caller's thread,
+    at :meth:`submit`.
+    """
+
+    def __init__(self, device, threads: int):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be a non-negative int, got {threads!r}")
+        import concurrent.futures
+        import threading
+
+        self.device = torch.device(device)
+        self.threads = threads
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="oasis-degrade") \
+            if threads else None
+        self._local = threading.local()
+
+    def submit(self, pairs: PairDataset, numbers, hq: torch.Tensor) -> "PendingBatch":
+        """Start degrading samples ``numbers`` (ints) whose HQ clips are ``hq [B, 3, F, H, W]`` in [0, 1] (on
+        the CPU, pinned for an asynchronous copy, or already on the device)."""
+        numbers = [int(n) for n in numbers]
+        if hq.dim() != 5 or hq.shape[0] != len(numbers):
+            raise ValueError(f"hq must be [B, 3, F, H, W] with B = {len(numbers)} samples, got {tuple(hq.shape)}")
+        jobs = [(pairs, n, hq[i]) for i, n in enumerate(numbers)]
+        if self._pool is None:
+            return PendingBatch(self.device, [_Ready(self._one(*job)) for job in jobs])
+        return PendingBatch(self.device, [self._pool.submit(self._one, *job) for job in jobs])
+
+    def _one(self, pairs: PairDataset, number: int, hq: torch.Tensor):
+        if self.device.type != "cuda" or self._pool is None:
+            hq = hq.to(self.device, non_blocking=True)
+            return pairs.degrade(hq, number), hq, None
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            hq = hq.to(self.device, non_blocking=True)
+            lq = pairs.degrade(hq, number)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return lq, hq, done
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class PendingBatch:
+    """A micro-batch :class:`DeviceDegrader` is degrading; :meth:`result` waits for it."""
+
+    def __init__(self, device: torch.device, clips: list):
+        self.device, self._clips = device, clips
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lq [B, 3, F, H/4, W/4], hq [B, 3, F, H, W])`` in [0, 1] on the device, ready for the current
+        stream (on CUDA it waits for the threads' streams on the device, not on the host)."""
+        lqs, hqs = [], []
+        current = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for clip in self._clips:
+            lq, hq, done = clip.result()
+            if done is not None:
+                current.wait_event(done)
+                # made on another stream: the allocator must not reuse them before the current stream is done
+                lq.record_stream(current)
+                hq.record_stream(current)
+            lqs.append(lq)
+            hqs.append(hq)
+        return torch.stack(lqs), torch.stack(hqs)
+
+
+class _Ready:
+    """A finished result with a future's ``result()``."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value

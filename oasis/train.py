@@ -20,6 +20,7 @@ the data being a function of the seed and the sample number (:mod:`oasis.data`).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import DeviceDegrader
 from .losses import clip_flows
 from .vae import normalise_latents
 
@@ -64,6 +66,9 @@ class TrainConfig:
     # where the degradations run: "workers" (the loader's CPU processes) or "device" (the training device,
     # in the main process: blur, resize and noise on the GPU, JPEG and the codec on the CPU between)
     degrade_on: str = "workers"
+    # degrade_on = "device": threads that degrade the next step's clips while this one trains (0: none,
+    # each micro-batch is degraded when it is due); the pairs are the same for every count
+    degrade_threads: int = 4
     # the curriculum
     stage1_steps: int = 25000
     stage2_steps: int = 25000
@@ -105,7 +110,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("stage1_steps", "stage2_steps", "workers", "seed", "calibrate_videos"):
+        for name in ("stage1_steps", "stage2_steps", "workers", "degrade_threads", "seed", "calibrate_videos"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -350,21 +355,16 @@ class Trainer:
                 for j in range(cfg.accumulate)]
 
     def micro_batches(self, step: int):
-        """``step``'s micro-batches ``(lq, hq)``, loaded here (no workers)."""
+        """``step``'s micro-batches ``(lq, hq)``, loaded here (no workers, no degradation threads)."""
         data = self.data[self.cfg.stage(step)]
         for numbers in self.samples(step):
             if self.cfg.degrade_on == "device":
-                yield self._degraded(data, torch.tensor(numbers), torch.stack([data.source.clip(n) for n in numbers]))
+                hq = torch.stack([data.source.clip(n) for n in numbers])
+                yield _signed(*DeviceDegrader(self.device, 0).submit(data, numbers, hq).result())
                 continue
             pairs = [data[n] for n in numbers]
             yield (torch.stack([p[0] for p in pairs]).to(self.device),
                    torch.stack([p[1] for p in pairs]).to(self.device))
-
-    def _degraded(self, data, numbers: torch.Tensor, hq: torch.Tensor):
-        """``(lq, hq)`` in [-1, 1] on the device from HQ clips in [0, 1] (``degrade_on = "device"``)."""
-        hq = hq.to(self.device, non_blocking=True)
-        lq = torch.stack([data.degrade(clip, int(n)) for clip, n in zip(hq, numbers)])
-        return lq * 2 - 1, hq * 2 - 1
 
     def _loader(self, start: int, end: int):
         """Micro-batches of steps ``start .. end-1`` in order, ``workers`` processes loading ahead;
@@ -378,11 +378,20 @@ class Trainer:
             on_device = cfg.degrade_on == "device"
             loader = torch.utils.data.DataLoader(data.hq_only() if on_device else data, batch_sampler=order,
                                                  num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
-            for a, b in loader:
-                if on_device:
-                    yield self._degraded(data, a, b)
-                else:
+            if not on_device:
+                for a, b in loader:
                     yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
+                continue
+            # (index, HQ clip) batches, degraded here: a step's micro-batches are taken together, so
+            # keeping `accumulate` of them in flight degrades the next step's while this one trains
+            with DeviceDegrader(self.device, cfg.degrade_threads) as degrader:
+                pending = collections.deque()
+                for numbers, hq in loader:
+                    pending.append(degrader.submit(data, numbers.tolist(), hq))
+                    if len(pending) > cfg.accumulate:
+                        yield _signed(*pending.popleft().result())
+                while pending:
+                    yield _signed(*pending.popleft().result())
 
     # -- one step ----------------------------------------------------------------------------------------
     def _losses(self, lq: torch.Tensor, hq: torch.Tensor) -> dict:
@@ -568,6 +577,11 @@ class _Restorer(torch.nn.Module):
         z_low = self.pipe.project(lq)
         with torch.autocast(z_low.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             return self.pipe.restore(z_low)  # the residual stays float32: autocast leaves elementwise ops
+
+
+def _signed(lq: torch.Tensor, hq: torch.Tensor):
+    """A pair in [0, 1] -> in [-1, 1], as the model takes it."""
+    return lq * 2 - 1, hq * 2 - 1
 
 
 def _seed_everything(seed: int) -> None:

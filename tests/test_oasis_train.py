@@ -213,9 +213,37 @@ def test_degradations_on_the_device_give_the_same_batches(tmp_path):
     for step in (0, 2):  # stage 1 (consistent) and stage 2 (inconsistent)
         for (lq_a, hq_a), (lq_b, hq_b) in zip(workers.micro_batches(step), device.micro_batches(step)):
             assert torch.equal(lq_a, lq_b) and torch.equal(hq_a, hq_b)
-    loaded = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, degrade_on="device",
-                                 workers=2))
-    for (lq_a, hq_a), (lq_b, hq_b) in zip(device._loader(0, 3), loaded._loader(0, 3)):
+    # the loader's path: degradation threads a step ahead (0 and 3 threads), loader processes or none
+    serial = list(Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, degrade_on="device",
+                                      degrade_threads=0))._loader(0, 3))
+    threaded = list(Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, degrade_on="device",
+                                        workers=2, degrade_threads=3))._loader(0, 3))
+    on_workers = list(workers._loader(0, 3))
+    assert len(serial) == len(threaded) == len(on_workers) == 6
+    for (lq_a, hq_a), (lq_b, hq_b), (lq_c, hq_c) in zip(on_workers, serial, threaded):
         assert torch.equal(hq_a, hq_b) and torch.equal(lq_a, lq_b)
+        assert torch.equal(hq_a, hq_c) and torch.equal(lq_a, lq_c)
     with pytest.raises(ValueError, match="degrade_on must be"):
         demo_config(tmp_path, degrade_on="gpu")
+    with pytest.raises(ValueError, match="degrade_threads must be a non-negative int"):
+        demo_config(tmp_path, degrade_threads=-1)
+
+
+def test_device_degrader_threads_give_the_pairs_in_order():
+    """DeviceDegrader: clips degraded by several threads come back in the order submitted, equal to
+    PairDataset.degrade one by one; bad arguments are refused before any work."""
+    from oasis.data import DeviceDegrader
+
+    spec = ClipSpec(5, 32, 64)
+    data = PairDataset(SyntheticVideos(spec), Degradation(), "inconsistent", seed=3)
+    numbers = [7, 2, 11, 5]
+    hq = torch.stack([data.source.clip(n) for n in numbers])
+    want = torch.stack([data.degrade(clip, n) for clip, n in zip(hq, numbers)])
+    with DeviceDegrader("cpu", 3) as degrader:
+        pending = [degrader.submit(data, numbers[:2], hq[:2]), degrader.submit(data, numbers[2:], hq[2:])]
+        lq = torch.cat([p.result()[0] for p in pending])
+        assert lq.shape == (4, 3, 5, 8, 16) and torch.equal(lq, want)
+        with pytest.raises(ValueError, match=r"hq must be \[B, 3, F, H, W\] with B = 3"):
+            degrader.submit(data, [1, 2, 3], hq[:2])
+    with pytest.raises(ValueError, match="threads must be a non-negative int, got 1.5"):
+        DeviceDegrader("cpu", 1.5)
