@@ -39,6 +39,40 @@ def arrived(pending, device, arrivals):
     arrivals.append(time.perf_counter())
 
 
+def coder_rows(threads: int, clips: int = 8) -> list[dict]:
+    """The JPEG and codec stages alone, in one thread and in ``threads``: whether they release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from oasis.degrade import _jpeg, video_roundtrip
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    frames = torch.rand(17, 3, 160, 320, generator=torch.Generator().manual_seed(0))
+    arr = (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    stages = {"jpeg": lambda: _jpeg(frames, [60] * 17), "libx264": lambda: video_roundtrip(arr, "libx264", 400_000),
+              "mpeg4": lambda: video_roundtrip(np.ascontiguousarray(arr), "mpeg4", 400_000)}
+    rows = []
+    try:
+        for name, stage in stages.items():
+            stage()
+            t = time.perf_counter()
+            for _ in range(clips):
+                stage()
+            serial = time.perf_counter() - t
+            with ThreadPoolExecutor(threads) as pool:
+                t = time.perf_counter()
+                list(pool.map(lambda _: stage(), range(clips)))
+                threaded = time.perf_counter() - t
+            rows.append({"stage": name, "threads": threads, "serial_ms": serial / clips * 1e3,
+                         "threaded_ms": threaded / clips * 1e3, "speedup": serial / threaded})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=12)
@@ -49,6 +83,9 @@ def main(argv=None):
                                      "\"device\"), the workers only loading HQ clips; default: in the workers")
     p.add_argument("--threads", type=int, nargs="+", default=[4],
                    help="with --device: degradation threads (oasis-train's degrade_threads; 0: in the loop)")
+    p.add_argument("--coders", type=int, default=0,
+                   help="also time the CPU stages alone (JPEG, libx264, mpeg4 on a 17x160x320 clip, torch "
+                        "single-threaded) in 1 and this many threads: do they run side by side?")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else None
@@ -90,7 +127,8 @@ def main(argv=None):
                    "clips_per_s_whole_row": len(arrivals) / total, "worker_s_per_clip": wave / steady}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    res = {"env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
+    coders = coder_rows(args.coders) if args.coders else []
+    res = {"coders": coders, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
            "source": args.videos or "synthetic", "rows": rows}
     md = [f"# Training-data throughput, {res['env'].get('cpu')} x{os.cpu_count()}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
@@ -103,6 +141,10 @@ def main(argv=None):
     md += [f"| {r['mode']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
            f"{r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | {r['first_wave_s']:.1f} | "
            f"{r['worker_s_per_clip']:.2f} |" for r in rows]
+    if coders:
+        md += ["", f"The CPU stages alone (17x160x320 uint8, torch single-threaded), 8 clips in 1 and {args.coders} "
+               "threads:", "", "| stage | ms per clip, 1 thread | ms per clip, threads | speedup |", "|---|---|---|---|"]
+        md += [f"| {r['stage']} | {r['serial_ms']:.1f} | {r['threaded_ms']:.1f} | {r['speedup']:.2f} |" for r in coders]
     print("\n".join(md))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -152,6 +152,10 @@ def test_training_benchmarks_run(tmp_path):
     assert degrade_bench.main(["--clips", "1", "--workers", "0", "--size", "5", "32", "64", "--out",
                                str(tmp_path)]) == 0
     assert len(json.loads((tmp_path / "degrade_bench.json").read_text())["rows"]) == 2
+    assert degrade_bench.main(["--clips", "2", "--workers", "0", "--device", "cpu", "--threads", "0", "2", "--coders",
+                               "2", "--size", "5", "32", "64", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "degrade_bench.json").read_text())
+    assert [r["threads"] for r in res["rows"]] == [0, 2, 0, 2] and len(res["coders"]) == 3
 
 
 def _sequence_parallel_step(rank, world, port, out_dir):
