@@ -17,8 +17,8 @@ for bench in ${BENCHES:-vae model train degrade}; do
                python3 benchmarks/train_bench.py --batches 1 4 16 --steps 3 --compile --out "$OUT/r/train_compiled" \
                    2>&1 | tail -12 ;;
         degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
-                 python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --device cuda \
-                     --out "$OUT/r/degrade_device" 2>&1 | tail -9 ;;
+                 python3 benchmarks/degrade_bench.py --workers 8 --threads 0 4 8 --clips 16 --device cuda \
+                     --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -16 ;;
         *) echo "unknown bench $bench"; exit 2 ;;
     esac
 done
