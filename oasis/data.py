@@ -11,6 +11,7 @@ across an 8-bit step).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,11 +193,9 @@ class DeviceDegrader:
     def __init__(self, device, threads: int):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise ValueError(f"threads must be a non-negative int, got {threads!r}")
-        import concurrent.futures
         import threading
 
         self.device = torch.device(device)
-        self.threads = threads
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="oasis-degrade") \
             if threads else None
         self._local = threading.local()
@@ -209,7 +208,7 @@ class DeviceDegrader:
             raise ValueError(f"hq must be [B, 3, F, H, W] with B = {len(numbers)} samples, got {tuple(hq.shape)}")
         jobs = [(pairs, n, hq[i]) for i, n in enumerate(numbers)]
         if self._pool is None:
-            return PendingBatch(self.device, [_Ready(self._one(*job)) for job in jobs])
+            return PendingBatch(self.device, [_done(self._one(*job)) for job in jobs])
         return PendingBatch(self.device, [self._pool.submit(self._one, *job) for job in jobs])
 
     def _one(self, pairs: PairDataset, number: int, hq: torch.Tensor):
@@ -261,11 +260,7 @@ class PendingBatch:
         return torch.stack(lqs), torch.stack(hqs)
 
 
-class _Ready:
-    """A finished result with a future's ``result()``."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
+def _done(value) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
