@@ -1,8 +1,11 @@
-"""Build hook for the optional CUDA extension in ``csrc/``.
+"""Build hook for the optional CUDA extensions in ``csrc/``: ``oasis_kernels._C`` (the eager
+replay and the cuDNN glue, ``csrc/*``) and ``oasis_kernels._cuda_local`` (the local-attention
+kernels, ``csrc/local_attention/``).
 
-The extension is built only when ``csrc/`` holds CUDA sources, torch is importable with a
-CUDA build and a CUDA toolkit (nvcc) is found. ``OASIS_BUILD_CUDA=1`` forces the build (and
-fails loudly if it cannot), ``OASIS_BUILD_CUDA=0`` skips it. A CPU-only install never fails
+They are built only when ``csrc/`` holds CUDA sources, torch is importable with a CUDA build
+and a CUDA toolkit (nvcc) is found; ``MAX_JOBS`` limits the parallel compiles.
+``OASIS_BUILD_CUDA=1`` forces the build (and fails loudly if it cannot), ``OASIS_BUILD_CUDA=0``
+skips it. A CPU-only install never fails
 because of it. Build with ``pip install --no-build-isolation -e .`` so the build sees the
 torch you run with.
 """
@@ -30,8 +33,16 @@ def _cudnn_frontend_flags():
     return found, module.DEFINES
 
 
+#: the local-attention kernels (csrc/local_attention/, their own extension, loaded with
+#: torch.ops.load_library): mma.sync/ldmatrix/cp.async code compiled for Hopper only (sm_90a),
+#: the one card they are measured on; oasis_kernels.kernels.cuda_local JIT-builds the same sources
+#: where this build did not run
+LOCAL_ATTENTION_SOURCES = sorted(glob.glob("csrc/local_attention/*.cu") + glob.glob("csrc/local_attention/*.cpp"))
+LOCAL_ATTENTION_NVCC = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
+
+
 def _cuda_extension():
-    sources = sorted(glob.glob("csrc/**/*.cu", recursive=True) + glob.glob("csrc/**/*.cpp", recursive=True))
+    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
     force = os.environ.get("OASIS_BUILD_CUDA")
     if force == "0" or not sources:
         if force == "1":
@@ -68,7 +79,13 @@ def _cuda_extension():
                                      "-gencode=arch=compute_90,code=sm_90",
                                      "-gencode=arch=compute_90,code=compute_90"]},
     )
-    return [ext], {"build_ext": BuildExtension}
+    local = CUDAExtension(
+        "oasis_kernels._cuda_local",
+        LOCAL_ATTENTION_SOURCES,
+        extra_link_args=["-Wl,--exclude-libs,ALL"],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fvisibility=hidden"], "nvcc": LOCAL_ATTENTION_NVCC},
+    )
+    return [ext, local], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _cuda_extension()

@@ -3,6 +3,7 @@
 alone, beside the public op (autotuned) and its HBM floor, in one run.
 
     python benchmarks/local_bench.py --shapes B --mode window --out DIR
+    python benchmarks/local_bench.py --shapes S,A,B --backends triton,cuda --api-only --out DIR
 
 The public-op rows (``api fwd``, ``api fwd+bwd``) use only ``oasis_kernels``' public API, so
 running this file with another checkout first on ``PYTHONPATH`` times that version's op in the
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--window", default="3,5,5")
     p.add_argument("--api-only", action="store_true", help="time only the public op (for a baseline checkout)")
+    p.add_argument("--backends", default="triton", help="the public op's rows with each of these local backends "
+                   "(triton, cuda)")
     p.add_argument("--tag", default="", help="label of this run's rows")
     p.add_argument("--configs", default="", help="comma list of SWEEP indices to time (default all)")
     p.add_argument("--out", default=None)
@@ -72,19 +75,20 @@ def main(argv=None) -> int:
         def bench(fn):
             return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
-        def api_fwd():
-            return ok.routed_attention(q, k, v, plan, backend="triton")
+        for backend in args.backends.split(","):
+            def api_fwd():
+                return ok.routed_attention(q, k, v, plan, backend=backend)
 
-        def api_fwdbwd():
-            out = ok.routed_attention(q, k, v, plan, backend="triton")
-            torch.autograd.grad(out, (q, k, v), dout)
+            def api_fwdbwd():
+                out = ok.routed_attention(q, k, v, plan, backend=backend)
+                torch.autograd.grad(out, (q, k, v), dout)
 
-        t_fwd = bench(api_fwd)
-        t_fb = bench(api_fwdbwd)
-        rows.append(dict(shape=shape, kernel="api fwd", config="autotuned", ms=t_fwd, x_floor=t_fwd / floor))
-        # backward floor: q, k, v, o, dO read and dQ, dK, dV written once = twice the forward's
-        rows.append(dict(shape=shape, kernel="api fwd+bwd", config="autotuned", ms=t_fb,
-                         x_floor=t_fb / (3 * floor)))
+            t_fwd = bench(api_fwd)
+            t_fb = bench(api_fwdbwd)
+            label = "autotuned" if backend == "triton" else backend
+            rows.append(dict(shape=shape, kernel="api fwd", config=label, ms=t_fwd, x_floor=t_fwd / floor))
+            # backward floor: q, k, v, o, dO read and dQ, dK, dV written once = twice the forward's
+            rows.append(dict(shape=shape, kernel="api fwd+bwd", config=label, ms=t_fb, x_floor=t_fb / (3 * floor)))
         if not args.api_only:
             picked = [SWEEP[int(i)] for i in args.configs.split(",")] if args.configs else SWEEP
             rows += sweep(q.detach(), k.detach(), v.detach(), dout, plan, floor, bench, shape, picked)

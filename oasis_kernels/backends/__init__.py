@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..plan import Mode
 from .base import Backend
+from .cuda_local import CudaLocalBackend
 from .dense import SdpaCpuBackend, SdpaCudnnBackend, SdpaEfficientBackend, SdpaFlashBackend
 from .flash import Flash2Backend, Flash3Backend
 from .reference import ReferenceBackend
@@ -21,6 +22,7 @@ BACKENDS: dict[str, Backend] = {
         SdpaEfficientBackend(),
         SdpaCpuBackend(),
         TritonLocalBackend(),
+        CudaLocalBackend(),
         ReferenceBackend(),
     )
 }
@@ -36,6 +38,7 @@ _DENSE = ALIASES["dense"]
 
 #: What ``auto`` tries, first to last. Intra-frame heads prefer the dense kernels on the
 #: frame-batched view: docs/PERF.md has the measurement (cuDNN beat the Triton kernel there).
+#: ``cuda`` (csrc/local_attention/) serves only requests that name it until it measures faster.
 PRIORITY: dict[Mode, tuple[str, ...]] = {
     Mode.GLOBAL: _DENSE + ("reference",),
     Mode.INTRA: _DENSE + ("triton", "reference"),

@@ -1,0 +1,699 @@
+// Kernels for the local heads: forward (online softmax), dQ, dK/dV and delta = rowsum(dO * O).
+//
+// Work split (the same as the Triton kernels', oasis_kernels/kernels/tile_geometry.py):
+// grid.y runs over (batch, local head), grid.x over the head's primary tiles of 64 rows, four
+// warps of 16 rows each.
+//   * window heads: a tile is a box of 4 frames x bh x bw tokens (bh * bw = 16), one frame per
+//     warp. Its keys (for dK/dV: its queries) are the halo, walked one frame at a time in
+//     slices of (bh + 2rh) x (bw + 2rw) positions, BLOCK_N positions per block. A warp whose
+//     frame is more than rt frames away from a block's frame skips that block's math, so each
+//     warp scores 2rt+1 frames of the halo, not all of it. The visibility of a block's columns
+//     depends only on the slice (not on the frame), so each thread keeps it as one bit mask
+//     per slice, recomputed when the walk moves to the next slice.
+//   * intra-frame heads: a tile is 64 consecutive tokens of a frame; its keys are the frame,
+//     walked in blocks of BLOCK_N, only the last partial block masked.
+// Rows, columns and their tokens: rows of a tile that fall outside the grid and positions of a
+// halo outside the grid are loaded as zeros (cp.async zero-fill) and masked, never stored.
+//
+// Matrix products: mma.sync m16n8k16 (bf16/fp16 in, fp32 accumulate) with operands from
+// shared memory by ldmatrix; rows of shared memory are swizzled in 16-byte chunks (chunk c of
+// row r sits at c ^ (r & 7)) so ldmatrix's eight rows hit eight different bank groups. Loads
+// are cp.async, two stages: the next block streams in while the current one is computed.
+// The backward is deterministic: dQ and dK/dV are separate kernels, no atomics.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "local_attention.h"
+
+namespace oasis_local {
+namespace detail {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRows = 16 * kWarps;  // rows of a tile
+constexpr int kTileT = kWarps;      // frames of a window tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+// online softmax: a row's running max is updated (and its accumulator rescaled) only when a
+// block raises it by more than this (base 2), so most blocks skip the rescale (FlashAttention-3's
+// conditional rescaling); unnormalized probabilities stay below 2^8, exact enough in fp32
+constexpr float kRescaleSlack = 8.0f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+// ---------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; zero-filled (no read) when !valid
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+
+// 2^x by the SFU (ex2.approx: ~2 ulp, 2^-inf = 0), as FlashAttention's exp2f under fast math
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+    // c += a @ b, a 16x16 (row), b 16x8 (col), c 16x8 fp32
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float x, float y) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(x, y);  // x in the low half
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+
+template <>
+struct Mma<__half> {
+    static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float x, float y) {
+        __half2 v = __floats2half2_rn(x, y);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+
+// ---------------------------------------------------------------------------------------
+// shared-memory tiles: rows of D elements, 16-byte chunks swizzled by the row
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int D>
+__device__ __forceinline__ T* chunk_at(T* tile, int row, int chunk) {
+    return tile + row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Rows 0..ROWS-1 of a tile from global memory: row r is token tok(r) (-1: missing, zeros).
+template <typename T, int D, int ROWS, typename TokenOf>
+__device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, TokenOf tok) {
+    constexpr int kChunks = D / 8;
+    static_assert((ROWS * kChunks) % kThreads == 0, "tile not a whole number of chunks per thread");
+#pragma unroll
+    for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
+        const int c = threadIdx.x + i * kThreads;
+        const int r = c / kChunks, ch = c % kChunks;
+        const int t = tok(r);
+        cp_async16(chunk_at<T, D>(tile, r, ch), base + (t < 0 ? 0 : int64_t(t) * stride) + ch * 8, t >= 0);
+    }
+}
+
+// One float per row (LSE, delta) of a block, zeros where missing.
+template <int ROWS, typename TokenOf>
+__device__ __forceinline__ void load_floats(float* dst, const float* base, TokenOf tok) {
+    for (int r = threadIdx.x; r < ROWS; r += kThreads) {
+        const int t = tok(r);
+        cp_async4(dst + r, base + (t < 0 ? 0 : t), t >= 0);
+    }
+}
+
+// A operand (16 rows x 16 of the head dim, chunk pair kk) of rows row0.. of a tile
+template <typename T, int D>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row0, int kk) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4(a, chunk_at<T, D>(const_cast<T*>(tile), row0 + (lane & 15), kk * 2 + (lane >> 4)));
+}
+
+// B operands of two n-tiles (rows n0..n0+15 of a tile are the n index, the head dim the k
+// index): b[0], b[1] for rows n0..n0+7, b[2], b[3] for n0+8..n0+15
+template <typename T, int D>
+__device__ __forceinline__ void load_b(uint32_t (&b)[4], const T* tile, int n0, int kk) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4(b, chunk_at<T, D>(const_cast<T*>(tile), n0 + ((lane >> 4) << 3) + (lane & 7), kk * 2 + ((lane >> 3) & 1)));
+}
+
+// B operands of two n-tiles where the tile's rows are the k index (16 rows from k0) and the
+// head dim the n index (columns d0..d0+15): b[0], b[1] for d0..d0+7, b[2], b[3] for d0+8..
+template <typename T, int D>
+__device__ __forceinline__ void load_b_trans(uint32_t (&b)[4], const T* tile, int k0, int d0) {
+    const int lane = threadIdx.x & 31;
+    ldmatrix_x4_trans(b, chunk_at<T, D>(const_cast<T*>(tile), k0 + (((lane >> 3) & 1) << 3) + (lane & 7),
+                                        (d0 >> 3) + (lane >> 4)));
+}
+
+// s[n] (16 x 8 each, NT of them) = rows row0.. of A times rows of B (both with the head dim as k)
+template <typename T, int D, int NT>
+__device__ __forceinline__ void scores(float (&s)[NT][4], const T* a_tile, int row0, const T* b_tile) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        load_a<T, D>(a, a_tile, row0, kk);
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+            uint32_t b[4];
+            load_b<T, D>(b, b_tile, n * 8, kk);
+            Mma<T>::run(s[n], a, b[0], b[1]);
+            Mma<T>::run(s[n + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc (16 x D) += p (16 x 8*NT, fp32 in the accumulator layout) @ rows 0..8*NT-1 of tile
+template <typename T, int D, int NT>
+__device__ __forceinline__ void accumulate(float (&acc)[D / 8][4], const float (&p)[NT][4], const T* tile) {
+#pragma unroll
+    for (int kc = 0; kc < NT / 2; ++kc) {
+        // the accumulator layout of two n-tiles is the A layout of one 16-wide k chunk
+        const uint32_t a[4] = {Mma<T>::pack(p[2 * kc][0], p[2 * kc][1]), Mma<T>::pack(p[2 * kc][2], p[2 * kc][3]),
+                               Mma<T>::pack(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                               Mma<T>::pack(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn += 2) {
+            uint32_t b[4];
+            load_b_trans<T, D>(b, tile, kc * 16, dn * 8);
+            Mma<T>::run(acc[dn], a, b[0], b[1]);
+            Mma<T>::run(acc[dn + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// tile geometry
+// ---------------------------------------------------------------------------------------
+
+// the primary tile of a program: its rows' tokens, and the walk over what they attend to
+// (keys for the forward and dQ, queries for dK/dV)
+struct Tile {
+    bool window;
+    int T, H, W, HW;
+    int rt, rh, rw, bh, bw;
+    int t0, h0, w0;  // window: the box origin
+    int f_base;      // intra: first token of the frame; start: first position in it
+    int start;
+    // the walk
+    int sh, sw, slice;  // window: halo slice sides and size
+    int f_lo, nf;       // window: halo frames f_lo .. f_lo+nf-1 (relative to t0 - rt)
+    int n_sub, n_blocks;
+
+    template <int BLOCK_N>
+    __device__ bool init(int p, bool is_window, const Layer& L, int bh_, int bw_) {
+        window = is_window;
+        T = L.T; H = L.H; W = L.W; HW = H * W;
+        rt = L.rt; rh = L.rh; rw = L.rw; bh = bh_; bw = bw_;
+        if (window) {
+            const int nbh = (H + bh - 1) / bh, nbw = (W + bw - 1) / bw;
+            const int nbt = (T + kTileT - 1) / kTileT;
+            if (p >= nbt * nbh * nbw) return false;
+            t0 = (p / (nbh * nbw)) * kTileT;
+            h0 = ((p / nbw) % nbh) * bh;
+            w0 = (p % nbw) * bw;
+            sh = bh + 2 * rh;
+            sw = bw + 2 * rw;
+            slice = sh * sw;
+            n_sub = (slice + BLOCK_N - 1) / BLOCK_N;
+            f_lo = max(rt - t0, 0);
+            nf = min(kTileT + 2 * rt, T - t0 + rt) - f_lo;
+            n_blocks = nf * n_sub;
+        } else {
+            const int per_frame = (HW + kRows - 1) / kRows;
+            if (p >= T * per_frame) return false;
+            f_base = (p / per_frame) * HW;
+            start = (p % per_frame) * kRows;
+            n_sub = 1;
+            n_blocks = (HW + BLOCK_N - 1) / BLOCK_N;
+        }
+        return true;
+    }
+
+    // token of row r of the tile, -1 outside the grid
+    __device__ __forceinline__ int row_token(int r) const {
+        if (window) {
+            const int i = r & 15;
+            const int t = t0 + (r >> 4), h = h0 + i / bw, w = w0 + i % bw;
+            return (t < T && h < H && w < W) ? (t * H + h) * W + w : -1;
+        }
+        const int n = start + r;
+        return n < HW ? f_base + n : -1;
+    }
+
+    // block it of the walk: its frame (window: halo frame index) and slice
+    __device__ __forceinline__ int block_frame(int it) const { return window ? f_lo + it % nf : 0; }
+    __device__ __forceinline__ int block_slice(int it) const { return window ? it / nf : it; }
+
+    // token of column c of block it, -1 where missing
+    template <int BLOCK_N>
+    __device__ __forceinline__ int col_token(int it, int c) const {
+        if (window) {
+            const int j = block_slice(it) * BLOCK_N + c;
+            const int t = t0 - rt + block_frame(it), h = h0 - rh + j / sw, w = w0 - rw + j % sw;
+            return (j < slice && h >= 0 && h < H && w >= 0 && w < W) ? (t * H + h) * W + w : -1;
+        }
+        const int n = it * BLOCK_N + c;
+        return n < HW ? f_base + n : -1;
+    }
+
+    // whether warp `warp`'s rows see anything of block it (window: the frames are close enough)
+    __device__ __forceinline__ bool warp_sees(int it, int warp) const {
+        if (!window) return true;
+        const int df = block_frame(it) - warp;  // key frame - query frame + rt
+        return t0 + warp < T && df >= 0 && df <= 2 * rt;
+    }
+
+    // whether block it needs a mask at all (intra: only the frame's last, partial block)
+    template <int BLOCK_N>
+    __device__ __forceinline__ bool masked(int it) const {
+        return window || (it + 1) * BLOCK_N > HW;
+    }
+
+    // this thread's visibility bits for block it's columns (bit 4n + e: accumulator element e
+    // of n-tile n, i.e. row g + 8(e/2), column 8n + 2(lane%4) + e%2 of the warp's 16 rows).
+    // Window: the same for every frame of a slice; the frame distance is warp_sees'.
+    template <int BLOCK_N>
+    __device__ __forceinline__ uint32_t mask_bits(int it) const {
+        const int lane = threadIdx.x & 31;
+        uint32_t bits = 0;
+#pragma unroll
+        for (int n = 0; n < BLOCK_N / 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = (lane >> 2) + 8 * (e >> 1);
+                const int c = 8 * n + 2 * (lane & 3) + (e & 1);
+                bool ok;
+                if (window) {
+                    const int j = block_slice(it) * BLOCK_N + c;
+                    const int jb = j / sw, jc = j % sw;
+                    const int h = h0 - rh + jb, w = w0 - rw + jc;
+                    const int db = jb - i / bw, dc = jc - i % bw;  // offsets + radius
+                    ok = j < slice && h >= 0 && h < H && w >= 0 && w < W && db >= 0 && db <= 2 * rh && dc >= 0 &&
+                         dc <= 2 * rw;
+                } else {
+                    ok = it * BLOCK_N + c < HW;
+                }
+                bits |= uint32_t(ok) << (4 * n + e);
+            }
+        }
+        return bits;
+    }
+};
+
+__device__ __forceinline__ float row_max4(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float row_sum4(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// store a 16 x D fp32 block (accumulator layout) times `scale` into rows of a [.., D] tensor
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(T* base, int64_t stride, int tok0, int tok1, const float (&acc)[D / 8][4],
+                                           float scale0, float scale1) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+        const int col = dn * 8 + 2 * (lane & 3);
+        if (tok0 >= 0)
+            *reinterpret_cast<uint32_t*>(base + int64_t(tok0) * stride + col) =
+                Mma<T>::pack(acc[dn][0] * scale0, acc[dn][1] * scale0);
+        if (tok1 >= 0)
+            *reinterpret_cast<uint32_t*>(base + int64_t(tok1) * stride + col) =
+                Mma<T>::pack(acc[dn][2] * scale1, acc[dn][3] * scale1);
+    }
+}
+
+struct Program {
+    int64_t b;
+    int j, head;
+    bool window;
+    __device__ Program(const Layer& L) {
+        b = blockIdx.y / L.n_local;
+        j = blockIdx.y % L.n_local;
+        head = L.heads[j];
+        window = j < L.n_window;
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ const T* head_base(const View& v, const Program& pr) {
+    return static_cast<const T*>(v.ptr) + pr.b * v.sb + int64_t(pr.head) * v.sh;
+}
+
+template <typename T>
+__device__ __forceinline__ T* head_base_mut(const View& v, const Program& pr) {
+    return const_cast<T*>(head_base<T>(v, pr));
+}
+
+// ---------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------
+
+template <typename T, int D, int BLOCK_N>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p, int bh, int bw) {
+    constexpr int NT = BLOCK_N / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* s_q = reinterpret_cast<T*>(smem);
+    T* s_k = s_q + kRows * D;          // two stages
+    T* s_v = s_k + 2 * BLOCK_N * D;    // two stages
+
+    const Layer& L = p.layer;
+    const Program pr(L);
+    Tile tile;
+    if (!tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    const T* q = head_base<T>(p.q, pr);
+    const T* k = head_base<T>(p.k, pr);
+    const T* v = head_base<T>(p.v, pr);
+    load_tile<T, D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
+    auto load_block = [&](int it, int stage) {
+        auto tok = [&](int c) { return tile.col_token<BLOCK_N>(it, c); };
+        load_tile<T, D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
+        load_tile<T, D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
+    };
+    if (tile.n_blocks > 0) load_block(0, 0);
+    cp_async_commit();
+
+    const float c = p.scale * kLog2e;
+    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+    uint32_t bits = 0;
+    int bits_slice = -1;
+
+    for (int it = 0; it < tile.n_blocks; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bool masked = tile.masked<BLOCK_N>(it);
+        if (masked && tile.block_slice(it) != bits_slice) {
+            bits = tile.mask_bits<BLOCK_N>(it);
+            bits_slice = tile.block_slice(it);
+        }
+        if (tile.warp_sees(it, warp)) {
+            float s[NT][4];
+            scores<T, D, NT>(s, s_q, warp * 16, s_k + stage * BLOCK_N * D);
+            float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float x = s[n][e] * c;
+                    if (masked && !((bits >> (4 * n + e)) & 1u)) x = kNegInf;
+                    s[n][e] = x;
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+            }
+            mx0 = row_max4(mx0);
+            mx1 = row_max4(mx1);
+            // conditional rescale: only rows whose max grew by more than the slack
+            const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
+            if (__any_sync(0xffffffffu, up0 || up1)) {
+                const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+                if (up0) { m0 = mx0; l0 *= a0; }
+                if (up1) { m1 = mx1; l1 *= a1; }
+#pragma unroll
+                for (int dn = 0; dn < D / 8; ++dn) {
+                    acc[dn][0] *= a0; acc[dn][1] *= a0;
+                    acc[dn][2] *= a1; acc[dn][3] *= a1;
+                }
+            }
+            // a row with no visible key so far keeps m = -inf: shift by 0 so exp2 gives 0
+            const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                s[n][0] = exp2_approx(s[n][0] - z0); s[n][1] = exp2_approx(s[n][1] - z0);
+                s[n][2] = exp2_approx(s[n][2] - z1); s[n][3] = exp2_approx(s[n][3] - z1);
+                l0 += s[n][0] + s[n][1];
+                l1 += s[n][2] + s[n][3];
+            }
+            accumulate<T, D, NT>(acc, s, s_v + stage * BLOCK_N * D);
+        }
+        __syncthreads();  // the stage is refilled two blocks on
+    }
+    cp_async_wait<0>();
+
+    l0 = row_sum4(l0);
+    l1 = row_sum4(l1);
+    // every valid query sees at least itself, so l > 0 there; padding rows are not stored
+    const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
+    const int r0 = warp * 16 + (lane >> 2);
+    const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
+    store_rows<T, D>(head_base_mut<T>(p.out, pr), p.out.sn, tok0, tok1, acc, 1.f / ls0, 1.f / ls1);
+    if ((lane & 3) == 0) {
+        float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+        if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
+        if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------
+
+// delta[b, j, n] = sum_d dO[b, n, head_j, d] * O[b, n, head_j, d]: one warp per row
+template <typename T, int D>
+__global__ void __launch_bounds__(256) delta_kernel(const BackwardParams p) {
+    const Layer& L = p.layer;
+    const Program pr(L);
+    const int N = L.T * L.H * L.W;
+    const int n = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const T* o = head_base<T>(p.out, pr) + int64_t(n) * p.out.sn;
+    const T* g = head_base<T>(p.dout, pr) + int64_t(n) * p.dout.sn;
+    float sum = 0.f;
+#pragma unroll
+    for (int d = lane * 2; d < D; d += 64) {
+        float2 a, b;
+        if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+            a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(o + d));
+            b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(g + d));
+        } else {
+            a = __half22float2(*reinterpret_cast<const __half2*>(o + d));
+            b = __half22float2(*reinterpret_cast<const __half2*>(g + d));
+        }
+        sum += a.x * b.x + a.y * b.y;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) p.delta[(pr.b * L.n_local + pr.j) * int64_t(N) + n] = sum;
+}
+
+// dQ of a query tile: walks the keys as the forward does
+template <typename T, int D, int BLOCK_N>
+__global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p, int bh, int bw) {
+    constexpr int NT = BLOCK_N / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* s_q = reinterpret_cast<T*>(smem);
+    T* s_do = s_q + kRows * D;
+    T* s_k = s_do + kRows * D;         // two stages
+    T* s_v = s_k + 2 * BLOCK_N * D;    // two stages
+
+    const Layer& L = p.layer;
+    const Program pr(L);
+    Tile tile;
+    if (!tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int N = L.T * L.H * L.W;
+
+    auto row_tok = [&](int r) { return tile.row_token(r); };
+    load_tile<T, D, kRows>(s_q, head_base<T>(p.q, pr), p.q.sn, row_tok);
+    load_tile<T, D, kRows>(s_do, head_base<T>(p.dout, pr), p.dout.sn, row_tok);
+    const T* k = head_base<T>(p.k, pr);
+    const T* v = head_base<T>(p.v, pr);
+    auto load_block = [&](int it, int stage) {
+        auto tok = [&](int c) { return tile.col_token<BLOCK_N>(it, c); };
+        load_tile<T, D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
+        load_tile<T, D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
+    };
+    if (tile.n_blocks > 0) load_block(0, 0);
+    cp_async_commit();
+
+    const int r0 = warp * 16 + (lane >> 2);
+    const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
+    const float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+    const float* delta = p.delta + (pr.b * L.n_local + pr.j) * int64_t(N);
+    const float lse0 = tok0 >= 0 ? lse[tok0] * kLog2e : 0.f, lse1 = tok1 >= 0 ? lse[tok1] * kLog2e : 0.f;
+    const float dl0 = tok0 >= 0 ? delta[tok0] : 0.f, dl1 = tok1 >= 0 ? delta[tok1] : 0.f;
+    const float c = p.scale * kLog2e;
+
+    float dq[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+    uint32_t bits = 0;
+    int bits_slice = -1;
+
+    for (int it = 0; it < tile.n_blocks; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bool masked = tile.masked<BLOCK_N>(it);
+        if (masked && tile.block_slice(it) != bits_slice) {
+            bits = tile.mask_bits<BLOCK_N>(it);
+            bits_slice = tile.block_slice(it);
+        }
+        if (tile.warp_sees(it, warp)) {
+            const T* kb = s_k + stage * BLOCK_N * D;
+            const T* vb = s_v + stage * BLOCK_N * D;
+            float s[NT][4], dp[NT][4];
+            scores<T, D, NT>(s, s_q, warp * 16, kb);
+            scores<T, D, NT>(dp, s_do, warp * 16, vb);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float pe = exp2_approx(s[n][e] * c - (e < 2 ? lse0 : lse1));
+                    if (masked && !((bits >> (4 * n + e)) & 1u)) pe = 0.f;
+                    s[n][e] = pe * (dp[n][e] - (e < 2 ? dl0 : dl1));  // dS
+                }
+            }
+            accumulate<T, D, NT>(dq, s, kb);
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    store_rows<T, D>(head_base_mut<T>(p.dq, pr), p.dq.sn, tok0, tok1, dq, p.scale, p.scale);
+}
+
+// dK and dV of a key tile: walks the queries that see it (its halo, visibility is symmetric)
+template <typename T, int D, int BLOCK_N>
+__global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p, int bh, int bw) {
+    constexpr int NT = BLOCK_N / 8;
+    extern __shared__ __align__(128) unsigned char smem[];
+    T* s_k = reinterpret_cast<T*>(smem);
+    T* s_v = s_k + kRows * D;
+    T* s_q = s_v + kRows * D;           // two stages
+    T* s_do = s_q + 2 * BLOCK_N * D;    // two stages
+    float* s_lse = reinterpret_cast<float*>(s_do + 2 * BLOCK_N * D);  // two stages
+    float* s_delta = s_lse + 2 * BLOCK_N;                               // two stages
+
+    const Layer& L = p.layer;
+    const Program pr(L);
+    Tile tile;
+    if (!tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int N = L.T * L.H * L.W;
+
+    auto row_tok = [&](int r) { return tile.row_token(r); };
+    load_tile<T, D, kRows>(s_k, head_base<T>(p.k, pr), p.k.sn, row_tok);
+    load_tile<T, D, kRows>(s_v, head_base<T>(p.v, pr), p.v.sn, row_tok);
+    const T* q = head_base<T>(p.q, pr);
+    const T* g = head_base<T>(p.dout, pr);
+    const float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+    const float* delta = p.delta + (pr.b * L.n_local + pr.j) * int64_t(N);
+    auto load_block = [&](int it, int stage) {
+        auto tok = [&](int c) { return tile.col_token<BLOCK_N>(it, c); };
+        load_tile<T, D, BLOCK_N>(s_q + stage * BLOCK_N * D, q, p.q.sn, tok);
+        load_tile<T, D, BLOCK_N>(s_do + stage * BLOCK_N * D, g, p.dout.sn, tok);
+        load_floats<BLOCK_N>(s_lse + stage * BLOCK_N, lse, tok);
+        load_floats<BLOCK_N>(s_delta + stage * BLOCK_N, delta, tok);
+    };
+    if (tile.n_blocks > 0) load_block(0, 0);
+    cp_async_commit();
+
+    const float c = p.scale * kLog2e;
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+        dk[dn][0] = dk[dn][1] = dk[dn][2] = dk[dn][3] = 0.f;
+        dv[dn][0] = dv[dn][1] = dv[dn][2] = dv[dn][3] = 0.f;
+    }
+    uint32_t bits = 0;
+    int bits_slice = -1;
+
+    for (int it = 0; it < tile.n_blocks; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bool masked = tile.masked<BLOCK_N>(it);
+        if (masked && tile.block_slice(it) != bits_slice) {
+            bits = tile.mask_bits<BLOCK_N>(it);
+            bits_slice = tile.block_slice(it);
+        }
+        if (tile.warp_sees(it, warp)) {
+            const T* qb = s_q + stage * BLOCK_N * D;
+            const T* gb = s_do + stage * BLOCK_N * D;
+            const float* lb = s_lse + stage * BLOCK_N;
+            const float* db = s_delta + stage * BLOCK_N;
+            float pt[NT][4];  // P^T: rows are this warp's keys, columns the block's queries
+            scores<T, D, NT>(pt, s_k, warp * 16, qb);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const int col = 8 * n + 2 * (lane & 3);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float pe = exp2_approx(pt[n][e] * c - lb[col + (e & 1)] * kLog2e);
+                    if (masked && !((bits >> (4 * n + e)) & 1u)) pe = 0.f;
+                    pt[n][e] = pe;
+                }
+            }
+            accumulate<T, D, NT>(dv, pt, gb);
+            float dpt[NT][4];
+            scores<T, D, NT>(dpt, s_v, warp * 16, gb);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const int col = 8 * n + 2 * (lane & 3);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - db[col + (e & 1)]);  // dS^T
+            }
+            accumulate<T, D, NT>(dk, dpt, qb);
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    const int r0 = warp * 16 + (lane >> 2);
+    const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
+    store_rows<T, D>(head_base_mut<T>(p.dk, pr), p.dk.sn, tok0, tok1, dk, p.scale, p.scale);
+    store_rows<T, D>(head_base_mut<T>(p.dv, pr), p.dv.sn, tok0, tok1, dv, 1.f, 1.f);
+}
+
+}  // namespace detail
+}  // namespace oasis_local
