@@ -24,6 +24,7 @@ from ``overlap_min_flops`` FLOPs of global heads.
 from __future__ import annotations
 
 import collections
+import importlib
 import sys
 import threading
 
@@ -57,9 +58,12 @@ def _kernel_state() -> tuple:
     """The Triton kernels' tuning state and debug switches, where they are loaded: the C++ replay
     repeats recorded launches, which must not outlive a config list or autotuner swapped by a
     test or benchmark, or Triton's debug modes."""
-    la = sys.modules.get(f"{__package__}.kernels.local_attention")
-    if la is None:
+    name = f"{__package__}.kernels.local_attention"
+    if name not in sys.modules:
         return ()
+    # another thread may still be importing it (sys.modules holds it from the import's start):
+    # import_module waits for that import to finish
+    la = importlib.import_module(name)
     knobs = sys.modules["triton"].knobs  # imported with the kernels
     return (la.tuning_state(), knobs.runtime.debug, knobs.compilation.instrumentation_mode)
 

@@ -1,5 +1,7 @@
 """oasis.wan_vae.WanVAEDecoder against diffusers' AutoencoderKLWan.decode (same random weights, CPU)."""
 
+import os
+
 import pytest
 import torch
 
@@ -417,6 +419,8 @@ def test_the_triton_passes_inside_the_model(reference, monkeypatch):
     expressions in both layouts, chunks and pieces; and with gradients wanted the torch path runs, so
     the decoder passes gradients to its latents."""
     pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors reach the Triton passes only under the interpreter (conftest sets it without CUDA)")
     from oasis import vae_kernels
 
     vae = full_from(reference)
