@@ -132,6 +132,7 @@ __device__ __forceinline__ T* chunk_at(T* tile, int row, int chunk) {
 }
 
 // Rows 0..ROWS-1 of a tile from global memory: row r is token tok(r) (-1: missing, zeros).
+// Thread x loads 16-byte chunk x % (D/8) of rows x / (D/8) + i * kThreads / (D/8).
 template <typename T, int D, int ROWS, typename TokenOf>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, TokenOf tok) {
     constexpr int kChunks = D / 8;
@@ -145,13 +146,22 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride
     }
 }
 
-// One float per row (LSE, delta) of a block, zeros where missing.
-template <int ROWS, typename TokenOf>
-__device__ __forceinline__ void load_floats(float* dst, const float* base, TokenOf tok) {
-    for (int r = threadIdx.x; r < ROWS; r += kThreads) {
-        const int t = tok(r);
-        cp_async4(dst + r, base + (t < 0 ? 0 : t), t >= 0);
+// The same assignment of rows to threads, with this thread's rows' tokens given (RowTokens)
+template <typename T, int D, int N>
+__device__ __forceinline__ void load_rows(T* tile, const T* base, int64_t stride, const int (&tok)[N]) {
+    constexpr int kChunks = D / 8;
+    const int ch = threadIdx.x % kChunks;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const int r = threadIdx.x / kChunks + i * (kThreads / kChunks);
+        cp_async16(chunk_at<T, D>(tile, r, ch), base + (tok[i] < 0 ? 0 : int64_t(tok[i]) * stride) + ch * 8,
+                   tok[i] >= 0);
     }
+}
+
+// One float per row (LSE, delta) of a block, zeros where missing: thread x loads row x.
+__device__ __forceinline__ void load_float(float* dst, const float* base, int tok) {
+    cp_async4(dst + threadIdx.x, base + (tok < 0 ? 0 : tok), tok >= 0);
 }
 
 // A operand (16 rows x 16 of the head dim, chunk pair kk) of rows row0.. of a tile
@@ -279,17 +289,16 @@ struct Tile {
     __device__ __forceinline__ int block_frame(int it) const { return window ? f_lo + it % nf : 0; }
     __device__ __forceinline__ int block_slice(int it) const { return window ? it / nf : it; }
 
-    // token of column c of block it, -1 where missing
+    // window: the offset within its frame (h * W + w) of position c of slice s, -1 where missing
     template <int BLOCK_N>
-    __device__ __forceinline__ int col_token(int it, int c) const {
-        if (window) {
-            const int j = block_slice(it) * BLOCK_N + c;
-            const int t = t0 - rt + block_frame(it), h = h0 - rh + j / sw, w = w0 - rw + j % sw;
-            return (j < slice && h >= 0 && h < H && w >= 0 && w < W) ? (t * H + h) * W + w : -1;
-        }
-        const int n = it * BLOCK_N + c;
-        return n < HW ? f_base + n : -1;
+    __device__ __forceinline__ int slice_offset(int s, int c) const {
+        const int j = s * BLOCK_N + c;
+        const int h = h0 - rh + j / sw, w = w0 - rw + j % sw;
+        return (j < slice && h >= 0 && h < H && w >= 0 && w < W) ? h * W + w : -1;
     }
+
+    // window: the first token of block it's frame
+    __device__ __forceinline__ int frame_token(int it) const { return (t0 - rt + block_frame(it)) * HW; }
 
     // whether warp `warp`'s rows see anything of block it (window: the frames are close enough)
     __device__ __forceinline__ bool warp_sees(int it, int warp) const {
@@ -334,6 +343,42 @@ struct Tile {
         return bits;
     }
 };
+
+// The tokens of the rows this thread loads of each block of the walk (N rows, STRIDE apart from
+// row `first`). Window heads: their offsets within a frame depend only on the slice, so they are
+// computed (with two divisions each) once per slice, and a block's tokens are one add per row.
+template <int N, int STRIDE, int BLOCK_N>
+struct RowTokens {
+    static constexpr int kRowsPerThread = N;
+    int first, slice = -1;
+    int off[N];
+
+    __device__ explicit RowTokens(int first_) : first(first_) {}
+
+    __device__ __forceinline__ void at(const Tile& tile, int it, int (&tok)[N]) {
+        if (tile.window) {
+            const int s = tile.block_slice(it);
+            if (s != slice) {
+                slice = s;
+#pragma unroll
+                for (int i = 0; i < N; ++i) off[i] = tile.slice_offset<BLOCK_N>(s, first + i * STRIDE);
+            }
+            const int base = tile.frame_token(it);
+#pragma unroll
+            for (int i = 0; i < N; ++i) tok[i] = off[i] < 0 ? -1 : base + off[i];
+        } else {
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const int n = it * BLOCK_N + first + i * STRIDE;
+                tok[i] = n < tile.HW ? tile.f_base + n : -1;
+            }
+        }
+    }
+};
+
+// the rows of a BLOCK_N-row tile that this thread loads (load_rows' assignment)
+template <int D, int BLOCK_N>
+using TileRows = RowTokens<BLOCK_N * (D / 8) / kThreads, kThreads / (D / 8), BLOCK_N>;
 
 __device__ __forceinline__ float row_max4(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -406,10 +451,12 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
     const T* k = head_base<T>(p.k, pr);
     const T* v = head_base<T>(p.v, pr);
     load_tile<T, D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
+    TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
     auto load_block = [&](int it, int stage) {
-        auto tok = [&](int c) { return tile.col_token<BLOCK_N>(it, c); };
-        load_tile<T, D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
-        load_tile<T, D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
+        int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
+        rows.at(tile, it, tok);
+        load_rows<T, D>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
+        load_rows<T, D>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
     if (tile.n_blocks > 0) load_block(0, 0);
     cp_async_commit();
@@ -545,10 +592,12 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p, in
     load_tile<T, D, kRows>(s_do, head_base<T>(p.dout, pr), p.dout.sn, row_tok);
     const T* k = head_base<T>(p.k, pr);
     const T* v = head_base<T>(p.v, pr);
+    TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
     auto load_block = [&](int it, int stage) {
-        auto tok = [&](int c) { return tile.col_token<BLOCK_N>(it, c); };
-        load_tile<T, D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
-        load_tile<T, D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
+        int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
+        rows.at(tile, it, tok);
+        load_rows<T, D>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
+        load_rows<T, D>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
     if (tile.n_blocks > 0) load_block(0, 0);
     cp_async_commit();
@@ -627,12 +676,19 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p, 
     const T* g = head_base<T>(p.dout, pr);
     const float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
     const float* delta = p.delta + (pr.b * L.n_local + pr.j) * int64_t(N);
+    TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
+    RowTokens<1, kThreads, BLOCK_N> row_of_float(threadIdx.x);  // LSE and delta: thread x loads row x
     auto load_block = [&](int it, int stage) {
-        auto tok = [&](int c) { return tile.col_token<BLOCK_N>(it, c); };
-        load_tile<T, D, BLOCK_N>(s_q + stage * BLOCK_N * D, q, p.q.sn, tok);
-        load_tile<T, D, BLOCK_N>(s_do + stage * BLOCK_N * D, g, p.dout.sn, tok);
-        load_floats<BLOCK_N>(s_lse + stage * BLOCK_N, lse, tok);
-        load_floats<BLOCK_N>(s_delta + stage * BLOCK_N, delta, tok);
+        int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
+        rows.at(tile, it, tok);
+        load_rows<T, D>(s_q + stage * BLOCK_N * D, q, p.q.sn, tok);
+        load_rows<T, D>(s_do + stage * BLOCK_N * D, g, p.dout.sn, tok);
+        if (threadIdx.x < BLOCK_N) {
+            int t[1];
+            row_of_float.at(tile, it, t);
+            load_float(s_lse + stage * BLOCK_N, lse, t[0]);
+            load_float(s_delta + stage * BLOCK_N, delta, t[0]);
+        }
     };
     if (tile.n_blocks > 0) load_block(0, 0);
     cp_async_commit();
