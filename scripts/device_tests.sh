@@ -5,7 +5,11 @@
 # compute-sanitizer memcheck on a small case and a host-vs-GPU profile of a routed step.
 # Logs go to $OUT. Where the checkout carries the cuDNN frontend wheel in .whl/, the extension
 # is built with the direct cuDNN path.
-#   SHARDS=10 TEST_TIMEOUT=420 RUN_SANITIZER=1 RUN_PROFILE=1 TESTS=tests bash scripts/device_tests.sh
+# The whole suite no longer fits one 10-minute call (0e02262 on the H200: 461 of 588 tests in 440 s
+# per shard, docs/PERF.md entry 20): PART=0/2 and then PART=1/2 run every other test each, in two
+# calls on the warm machine (the second finds the first's build and Triton cache; run from the
+# checkout itself, not a carried copy, so both survive between calls).
+#   SHARDS=10 TEST_TIMEOUT=420 RUN_SANITIZER=1 RUN_PROFILE=1 TESTS=tests PART=0/1 bash scripts/device_tests.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -18,8 +22,9 @@ if ls .whl/nvidia_cudnn_frontend-*.whl > /dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/nvidia_cudnn_frontend-*.whl \
         && build_path=/tmp/site
 fi
+# (setup.py's build is incremental: a second call on the same machine finds it done)
 PYTHONPATH=$build_path MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || tail -20 "$OUT/build_ext.log"
-export PYTHONPATH=.
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # keeps the caller's wheels (diffusers, av in /tmp/site)
 python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath._C is not None, fastpath.UNAVAILABLE)"
 python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN path:', cudnn_direct.available())"
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
@@ -30,8 +35,11 @@ shards=${SHARDS:-10}
 python3 -m pytest --collect-only -q -p no:cacheprovider --runslow ${TESTS:-tests --ignore=tests/test_sm90_compile.py} > "$OUT/collect.log" 2>&1
 collect_rc=$?
 # test ids only (a traceback line with "::" in it would stop a whole shard)
-grep -E '^[^[:space:]]+\.py::' "$OUT/collect.log" > "$OUT/test_ids.txt"
-echo "collected $(wc -l < "$OUT/test_ids.txt") tests, $shards shards"
+# PART=i/n: every n-th test from the i-th
+part=${PART:-0/1}
+grep -E '^[^[:space:]]+\.py::' "$OUT/collect.log" | awk -v i="${part%/*}" -v n="${part#*/}" '(NR - 1) % n == i' \
+    > "$OUT/test_ids.txt"
+echo "collected $(grep -cE '^[^[:space:]]+\.py::' "$OUT/collect.log") tests, part $part: $(wc -l < "$OUT/test_ids.txt") in $shards shards"
 if [ "$collect_rc" != 0 ]; then  # a file that fails to import would otherwise just be missing
     echo "collection failed (rc=$collect_rc):"; grep -E "^(ERROR|E )" "$OUT/collect.log" | head -10
 fi
