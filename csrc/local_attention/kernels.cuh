@@ -390,6 +390,34 @@ __device__ __forceinline__ float row_sum4(float x) {
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The pipelined walk of a tile (the same in every kernel): block it+1 streams into the other
+// stage while body(it, stage, masked, bits) computes block it, called only in the warps whose rows
+// see something of it (warp-uniform, so the body may use warp collectives). `bits` are the
+// thread's visibility bits of the block, meaningful where `masked`. Loads issued before the call
+// (the tile's own rows) complete with the first block's.
+template <int BLOCK_N, typename Load, typename Body>
+__device__ __forceinline__ void walk(const Tile& tile, int warp, Load load_block, Body body) {
+    if (tile.n_blocks > 0) load_block(0, 0);
+    cp_async_commit();
+    uint32_t bits = 0;
+    int bits_slice = -1;
+    for (int it = 0; it < tile.n_blocks; ++it) {
+        const int stage = it & 1;
+        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const bool masked = tile.masked<BLOCK_N>(it);
+        if (masked && tile.block_slice(it) != bits_slice) {
+            bits = tile.mask_bits<BLOCK_N>(it);
+            bits_slice = tile.block_slice(it);
+        }
+        if (tile.warp_sees(it, warp)) body(it, stage, masked, bits);
+        __syncthreads();  // the stage is refilled two blocks on
+    }
+    cp_async_wait<0>();
+}
+
 // store a 16 x D fp32 block (accumulator layout) times `scale` into rows of a [.., D] tensor
 template <typename T, int D>
 __device__ __forceinline__ void store_rows(T* base, int64_t stride, int tok0, int tok1, const float (&acc)[D / 8][4],
@@ -458,71 +486,52 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
         load_rows<T, D>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
         load_rows<T, D>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
-    if (tile.n_blocks > 0) load_block(0, 0);
-    cp_async_commit();
-
     const float c = p.scale * kLog2e;
     float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
     float acc[D / 8][4];
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
-    uint32_t bits = 0;
-    int bits_slice = -1;
 
-    for (int it = 0; it < tile.n_blocks; ++it) {
-        const int stage = it & 1;
-        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        const bool masked = tile.masked<BLOCK_N>(it);
-        if (masked && tile.block_slice(it) != bits_slice) {
-            bits = tile.mask_bits<BLOCK_N>(it);
-            bits_slice = tile.block_slice(it);
+    walk<BLOCK_N>(tile, warp, load_block, [&](int it, int stage, bool masked, uint32_t bits) {
+        float s[NT][4];
+        scores<T, D, NT>(s, s_q, warp * 16, s_k + stage * BLOCK_N * D);
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = s[n][e] * c;
+                if (masked && !((bits >> (4 * n + e)) & 1u)) x = kNegInf;
+                s[n][e] = x;
+            }
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
         }
-        if (tile.warp_sees(it, warp)) {
-            float s[NT][4];
-            scores<T, D, NT>(s, s_q, warp * 16, s_k + stage * BLOCK_N * D);
-            float mx0 = kNegInf, mx1 = kNegInf;
+        mx0 = row_max4(mx0);
+        mx1 = row_max4(mx1);
+        // conditional rescale: only rows whose max grew by more than the slack
+        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
+        if (__any_sync(0xffffffffu, up0 || up1)) {
+            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+            if (up0) { m0 = mx0; l0 *= a0; }
+            if (up1) { m1 = mx1; l1 *= a1; }
 #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float x = s[n][e] * c;
-                    if (masked && !((bits >> (4 * n + e)) & 1u)) x = kNegInf;
-                    s[n][e] = x;
-                }
-                mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+            for (int dn = 0; dn < D / 8; ++dn) {
+                acc[dn][0] *= a0; acc[dn][1] *= a0;
+                acc[dn][2] *= a1; acc[dn][3] *= a1;
             }
-            mx0 = row_max4(mx0);
-            mx1 = row_max4(mx1);
-            // conditional rescale: only rows whose max grew by more than the slack
-            const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
-            if (__any_sync(0xffffffffu, up0 || up1)) {
-                const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
-                if (up0) { m0 = mx0; l0 *= a0; }
-                if (up1) { m1 = mx1; l1 *= a1; }
-#pragma unroll
-                for (int dn = 0; dn < D / 8; ++dn) {
-                    acc[dn][0] *= a0; acc[dn][1] *= a0;
-                    acc[dn][2] *= a1; acc[dn][3] *= a1;
-                }
-            }
-            // a row with no visible key so far keeps m = -inf: shift by 0 so exp2 gives 0
-            const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                s[n][0] = exp2_approx(s[n][0] - z0); s[n][1] = exp2_approx(s[n][1] - z0);
-                s[n][2] = exp2_approx(s[n][2] - z1); s[n][3] = exp2_approx(s[n][3] - z1);
-                l0 += s[n][0] + s[n][1];
-                l1 += s[n][2] + s[n][3];
-            }
-            accumulate<T, D, NT>(acc, s, s_v + stage * BLOCK_N * D);
         }
-        __syncthreads();  // the stage is refilled two blocks on
-    }
-    cp_async_wait<0>();
+        // a row with no visible key so far keeps m = -inf: shift by 0 so exp2 gives 0
+        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            s[n][0] = exp2_approx(s[n][0] - z0); s[n][1] = exp2_approx(s[n][1] - z0);
+            s[n][2] = exp2_approx(s[n][2] - z1); s[n][3] = exp2_approx(s[n][3] - z1);
+            l0 += s[n][0] + s[n][1];
+            l1 += s[n][2] + s[n][3];
+        }
+        accumulate<T, D, NT>(acc, s, s_v + stage * BLOCK_N * D);
+    });
 
     l0 = row_sum4(l0);
     l1 = row_sum4(l1);
@@ -599,9 +608,6 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p, in
         load_rows<T, D>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
         load_rows<T, D>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
-    if (tile.n_blocks > 0) load_block(0, 0);
-    cp_async_commit();
-
     const int r0 = warp * 16 + (lane >> 2);
     const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
     const float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
@@ -613,40 +619,24 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p, in
     float dq[D / 8][4];
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
-    uint32_t bits = 0;
-    int bits_slice = -1;
 
-    for (int it = 0; it < tile.n_blocks; ++it) {
-        const int stage = it & 1;
-        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        const bool masked = tile.masked<BLOCK_N>(it);
-        if (masked && tile.block_slice(it) != bits_slice) {
-            bits = tile.mask_bits<BLOCK_N>(it);
-            bits_slice = tile.block_slice(it);
-        }
-        if (tile.warp_sees(it, warp)) {
-            const T* kb = s_k + stage * BLOCK_N * D;
-            const T* vb = s_v + stage * BLOCK_N * D;
-            float s[NT][4], dp[NT][4];
-            scores<T, D, NT>(s, s_q, warp * 16, kb);
-            scores<T, D, NT>(dp, s_do, warp * 16, vb);
+    walk<BLOCK_N>(tile, warp, load_block, [&](int it, int stage, bool masked, uint32_t bits) {
+        const T* kb = s_k + stage * BLOCK_N * D;
+        const T* vb = s_v + stage * BLOCK_N * D;
+        float s[NT][4], dp[NT][4];
+        scores<T, D, NT>(s, s_q, warp * 16, kb);
+        scores<T, D, NT>(dp, s_do, warp * 16, vb);
 #pragma unroll
-            for (int n = 0; n < NT; ++n) {
+        for (int n = 0; n < NT; ++n) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float pe = exp2_approx(s[n][e] * c - (e < 2 ? lse0 : lse1));
-                    if (masked && !((bits >> (4 * n + e)) & 1u)) pe = 0.f;
-                    s[n][e] = pe * (dp[n][e] - (e < 2 ? dl0 : dl1));  // dS
-                }
+            for (int e = 0; e < 4; ++e) {
+                float pe = exp2_approx(s[n][e] * c - (e < 2 ? lse0 : lse1));
+                if (masked && !((bits >> (4 * n + e)) & 1u)) pe = 0.f;
+                s[n][e] = pe * (dp[n][e] - (e < 2 ? dl0 : dl1));  // dS
             }
-            accumulate<T, D, NT>(dq, s, kb);
         }
-        __syncthreads();
-    }
-    cp_async_wait<0>();
+        accumulate<T, D, NT>(dq, s, kb);
+    });
     store_rows<T, D>(head_base_mut<T>(p.dq, pr), p.dq.sn, tok0, tok1, dq, p.scale, p.scale);
 }
 
@@ -690,9 +680,6 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p, 
             load_float(s_delta + stage * BLOCK_N, delta, t[0]);
         }
     };
-    if (tile.n_blocks > 0) load_block(0, 0);
-    cp_async_commit();
-
     const float c = p.scale * kLog2e;
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -700,51 +687,35 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p, 
         dk[dn][0] = dk[dn][1] = dk[dn][2] = dk[dn][3] = 0.f;
         dv[dn][0] = dv[dn][1] = dv[dn][2] = dv[dn][3] = 0.f;
     }
-    uint32_t bits = 0;
-    int bits_slice = -1;
 
-    for (int it = 0; it < tile.n_blocks; ++it) {
-        const int stage = it & 1;
-        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        const bool masked = tile.masked<BLOCK_N>(it);
-        if (masked && tile.block_slice(it) != bits_slice) {
-            bits = tile.mask_bits<BLOCK_N>(it);
-            bits_slice = tile.block_slice(it);
-        }
-        if (tile.warp_sees(it, warp)) {
-            const T* qb = s_q + stage * BLOCK_N * D;
-            const T* gb = s_do + stage * BLOCK_N * D;
-            const float* lb = s_lse + stage * BLOCK_N;
-            const float* db = s_delta + stage * BLOCK_N;
-            float pt[NT][4];  // P^T: rows are this warp's keys, columns the block's queries
-            scores<T, D, NT>(pt, s_k, warp * 16, qb);
+    walk<BLOCK_N>(tile, warp, load_block, [&](int it, int stage, bool masked, uint32_t bits) {
+        const T* qb = s_q + stage * BLOCK_N * D;
+        const T* gb = s_do + stage * BLOCK_N * D;
+        const float* lb = s_lse + stage * BLOCK_N;
+        const float* db = s_delta + stage * BLOCK_N;
+        float pt[NT][4];  // P^T: rows are this warp's keys, columns the block's queries
+        scores<T, D, NT>(pt, s_k, warp * 16, qb);
 #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const int col = 8 * n + 2 * (lane & 3);
+        for (int n = 0; n < NT; ++n) {
+            const int col = 8 * n + 2 * (lane & 3);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    float pe = exp2_approx(pt[n][e] * c - lb[col + (e & 1)] * kLog2e);
-                    if (masked && !((bits >> (4 * n + e)) & 1u)) pe = 0.f;
-                    pt[n][e] = pe;
-                }
+            for (int e = 0; e < 4; ++e) {
+                float pe = exp2_approx(pt[n][e] * c - lb[col + (e & 1)] * kLog2e);
+                if (masked && !((bits >> (4 * n + e)) & 1u)) pe = 0.f;
+                pt[n][e] = pe;
             }
-            accumulate<T, D, NT>(dv, pt, gb);
-            float dpt[NT][4];
-            scores<T, D, NT>(dpt, s_v, warp * 16, gb);
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const int col = 8 * n + 2 * (lane & 3);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - db[col + (e & 1)]);  // dS^T
-            }
-            accumulate<T, D, NT>(dk, dpt, qb);
         }
-        __syncthreads();
-    }
-    cp_async_wait<0>();
+        accumulate<T, D, NT>(dv, pt, gb);
+        float dpt[NT][4];
+        scores<T, D, NT>(dpt, s_v, warp * 16, gb);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            const int col = 8 * n + 2 * (lane & 3);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - db[col + (e & 1)]);  // dS^T
+        }
+        accumulate<T, D, NT>(dk, dpt, qb);
+    });
     const int r0 = warp * 16 + (lane >> 2);
     const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
     store_rows<T, D>(head_base_mut<T>(p.dk, pr), p.dk.sn, tok0, tok1, dk, p.scale, p.scale);
