@@ -82,6 +82,8 @@ def _cuda_extension():
     local = CUDAExtension(
         "oasis_kernels._cuda_local",
         LOCAL_ATTENTION_SOURCES,
+        # the kernels live in headers: setuptools rebuilds only when a listed file is newer
+        depends=sorted(glob.glob("csrc/local_attention/*.cuh") + glob.glob("csrc/local_attention/*.h")),
         extra_link_args=["-Wl,--exclude-libs,ALL"],
         extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fvisibility=hidden"], "nvcc": LOCAL_ATTENTION_NVCC},
     )

@@ -195,3 +195,23 @@ def test_under_torch_compile(device):
     q, k, v = make_qkv((1, plan.num_tokens, 3, 64), torch.bfloat16, device)
     f = torch.compile(lambda a, b, c: ok.routed_attention(a, b, c, plan, backend=LOCAL_CUDA), fullgraph=True)
     torch.testing.assert_close(f(q, k, v), ok.routed_attention(q, k, v, plan, backend=LOCAL_CUDA), rtol=0, atol=0)
+
+
+def test_bad_direct_calls_stay_in_bounds(device):
+    """A head table entry outside the heads is skipped (nothing written, nothing read out of
+    bounds); a grid whose product wraps around int64 is refused; the backend declines a batch x
+    local heads beyond the launch grid's 65535 rows."""
+    _kernels_or_skip()
+    grid, n = (2, 3, 5), 30
+    q, k, v = (torch.randn(1, n, 2, 64, dtype=torch.bfloat16, device=device) for _ in range(3))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((1, 2, n), float("nan"), device=device)
+    table = torch.tensor([1, 7, -3], dtype=torch.int32, device=device)
+    cuda_local.forward(q, k, v, out, lse, table, 1, grid, (1, 1, 1), 0.125)
+    torch.cuda.synchronize()
+    assert not out[:, :, 1].isnan().any() and out[:, :, 0].isnan().all()
+    with pytest.raises(RuntimeError, match="out of range"):
+        cuda_local.forward(q, k, v, out, lse, table, 1, (3, 6148914691236517206, 1), (0, 0, 0), 0.125)
+    plan = ok.RoutingPlan((1, 1, 2), ["w"] * 12, (1, 1, 1))
+    big = torch.randn(5462, 2, 12, 64, dtype=torch.bfloat16, device=device)
+    assert any("65535" in r for r in BACKENDS["cuda"].why_not(ok.Mode.WINDOW, big, plan))

@@ -3,7 +3,9 @@
 // so they return nothing. Python registers their fake implementations
 // (oasis_kernels/kernels/cuda_local.py); the routed layer's autograd calls them.
 // The Python backend (oasis_kernels/backends/cuda_local.py) declines what these checks refuse,
-// with its reasons; the checks keep a direct call from reading out of bounds.
+// with its reasons; the checks keep a direct call from reading out of bounds. The head table
+// stays on the device (checking it here would wait for the GPU): the kernels skip an entry
+// outside [0, heads) instead.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -44,6 +46,8 @@ Layer layer_of(const at::Tensor& q, const at::Tensor& lse, const at::Tensor& hea
     TORCH_CHECK(q.is_cuda(), "oasis_local: needs CUDA tensors, got q on ", q.device());
     TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "oasis_local: head dim 64 or 128, got ", q.size(3));
     TORCH_CHECK(grid.size() == 3 && radii.size() == 3, "oasis_local: grid and radii are (t, h, w)");
+    for (int a = 0; a < 3; ++a)  // before the product, which could wrap around
+        TORCH_CHECK(grid[a] >= 1 && grid[a] < (int64_t(1) << 31), "oasis_local: grid ", grid, " out of range");
     TORCH_CHECK(grid[0] * grid[1] * grid[2] == q.size(1), "oasis_local: grid ", grid, " has ",
                 grid[0] * grid[1] * grid[2], " tokens, q has ", q.size(1));
     for (int a = 0; a < 3; ++a)
@@ -63,7 +67,7 @@ Layer layer_of(const at::Tensor& q, const at::Tensor& lse, const at::Tensor& hea
                 "oasis_local: lse must be float32 [B, heads, N] with unit token stride on q's device, got ",
                 lse.scalar_type(), " ", lse.sizes(), " strides ", lse.strides());
     return Layer{int(q.size(0)), int(grid[0]), int(grid[1]), int(grid[2]), int(q.size(3)), int(radii[0]),
-                 int(radii[1]), int(radii[2]), heads.data_ptr<int>(), int(heads.numel()), int(n_window)};
+                 int(radii[1]), int(radii[2]), heads.data_ptr<int>(), int(heads.numel()), int(n_window), int(q.size(2))};
 }
 
 void check_launch(cudaError_t err) {

@@ -438,12 +438,13 @@ __device__ __forceinline__ void store_rows(T* base, int64_t stride, int tok0, in
 struct Program {
     int64_t b;
     int j, head;
-    bool window;
+    bool window, valid;
     __device__ Program(const Layer& L) {
         b = blockIdx.y / L.n_local;
         j = blockIdx.y % L.n_local;
         head = L.heads[j];
         window = j < L.n_window;
+        valid = head >= 0 && head < L.n_heads;  // a bad table entry: skip, never index with it
     }
 };
 
@@ -472,7 +473,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
     const Layer& L = p.layer;
     const Program pr(L);
     Tile tile;
-    if (!tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
+    if (!pr.valid || !tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 
     const T* q = head_base<T>(p.q, pr);
@@ -558,7 +559,7 @@ __global__ void __launch_bounds__(256) delta_kernel(const BackwardParams p) {
     const Program pr(L);
     const int N = L.T * L.H * L.W;
     const int n = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (n >= N) return;
+    if (n >= N || !pr.valid) return;
     const T* o = head_base<T>(p.out, pr) + int64_t(n) * p.out.sn;
     const T* g = head_base<T>(p.dout, pr) + int64_t(n) * p.dout.sn;
     float sum = 0.f;
@@ -592,7 +593,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p, in
     const Layer& L = p.layer;
     const Program pr(L);
     Tile tile;
-    if (!tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
+    if (!pr.valid || !tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int N = L.T * L.H * L.W;
 
@@ -655,7 +656,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p, 
     const Layer& L = p.layer;
     const Program pr(L);
     Tile tile;
-    if (!tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
+    if (!pr.valid || !tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int N = L.T * L.H * L.W;
 

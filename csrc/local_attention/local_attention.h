@@ -22,12 +22,14 @@ struct View {
     int64_t sb, sn, sh;
 };
 
-// the grid, the window radii (clipped to the grid) and the local heads of one launch
+// the grid, the window radii (clipped to the grid) and the local heads of one launch; the
+// kernels skip a head index outside [0, n_heads) (never read or write out of bounds for it)
 struct Layer {
     int B, T, H, W, D;
     int rt, rh, rw;
     const int* heads;
     int n_local, n_window;
+    int n_heads;  // the heads dimension of the tensors
 };
 
 struct ForwardParams {

@@ -37,6 +37,9 @@ class CudaLocalBackend(Backend):
             reasons.append(f"needs unit stride on the head dim, got {q.stride()=}")
         if q.shape[1] >= 2**31:
             reasons.append(f"at most 2^31 - 1 tokens, got {q.shape[1]}")
+        n_local = sum(len(plan.heads_of(m)) for m in self.modes)
+        if q.shape[0] * n_local > 65535:  # one program row per (batch, local head)
+            reasons.append(f"batch x local heads at most 65535, got {q.shape[0]} x {n_local}")
         if not reasons:  # load (or JIT-build) the kernels only where they could run
             loaded, why = cuda_local.library()
             if not loaded:
