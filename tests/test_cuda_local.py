@@ -58,6 +58,24 @@ def test_no_register_spills(ptxas_report):
     assert not spilling, f"kernels spill registers: {spilling}"
 
 
+def test_tile_geometry_on_the_cpu(tmp_path):
+    """csrc/local_attention/geometry.cuh (host and device code) built for the CPU by nvcc and run:
+    for random grids, windows, tile shapes and block widths, the programs' rows, the tokens each
+    thread loads, the visibility bits and the warps' frame skips score every visible (query, key)
+    pair exactly once (tests/cuda/geometry_check.cu)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    exe = tmp_path / "geometry_check"
+    build = subprocess.run([nvcc, "-std=c++17", "-O2", "-I", str(ROOT / "csrc" / "local_attention"),
+                            str(ROOT / "tests" / "cuda" / "geometry_check.cu"), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    seed = random.randrange(2**31)
+    run = subprocess.run([str(exe), "300", str(seed)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "geometry ok" in run.stdout, f"seed {seed}: {run.stdout[-3000:]}"
+
+
 def test_declines_with_reasons(device):
     plan = ok.RoutingPlan((2, 3, 5), ["w", "i"], (3, 3, 3))
     q = torch.randn(1, plan.num_tokens, 2, 96, dtype=torch.float32, device=device)

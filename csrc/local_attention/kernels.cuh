@@ -1,17 +1,12 @@
 // Kernels for the local heads: forward (online softmax), dQ, dK/dV and delta = rowsum(dO * O).
 //
-// Work split (the same as the Triton kernels', oasis_kernels/kernels/tile_geometry.py):
+// Work split (geometry.cuh; the same as the Triton kernels', oasis_kernels/kernels/tile_geometry.py):
 // grid.y runs over (batch, local head), grid.x over the head's primary tiles of 64 rows, four
-// warps of 16 rows each.
-//   * window heads: a tile is a box of 4 frames x bh x bw tokens (bh * bw = 16), one frame per
-//     warp. Its keys (for dK/dV: its queries) are the halo, walked one frame at a time in
-//     slices of (bh + 2rh) x (bw + 2rw) positions, BLOCK_N positions per block. A warp whose
-//     frame is more than rt frames away from a block's frame skips that block's math, so each
-//     warp scores 2rt+1 frames of the halo, not all of it. The visibility of a block's columns
-//     depends only on the slice (not on the frame), so each thread keeps it as one bit mask
-//     per slice, recomputed when the walk moves to the next slice.
-//   * intra-frame heads: a tile is 64 consecutive tokens of a frame; its keys are the frame,
-//     walked in blocks of BLOCK_N, only the last partial block masked.
+// warps of 16 rows each. Window tiles are 4 frames x bh x bw tokens, one frame per warp, their
+// halo walked one frame per block in slices; a warp whose frame is more than rt frames from a
+// block's skips that block's math, so each warp scores 2rt+1 halo frames, not all 4+2rt. Intra
+// tiles are 64 tokens of a frame, walking the frame. Each thread keeps its visibility bits per
+// slice (one 32-bit mask) and its load rows' offsets per slice; the walk itself divides by nothing.
 // Rows, columns and their tokens: rows of a tile that fall outside the grid and positions of a
 // halo outside the grid are loaded as zeros (cp.async zero-fill) and masked, never stored.
 //
@@ -28,15 +23,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "geometry.cuh"
 #include "local_attention.h"
 
 namespace oasis_local {
 namespace detail {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kRows = 16 * kWarps;  // rows of a tile
-constexpr int kTileT = kWarps;      // frames of a window tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 // online softmax: a row's running max is updated (and its accumulator rescaled) only when a
@@ -226,160 +218,6 @@ __device__ __forceinline__ void accumulate(float (&acc)[D / 8][4], const float (
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// tile geometry
-// ---------------------------------------------------------------------------------------
-
-// the primary tile of a program: its rows' tokens, and the walk over what they attend to
-// (keys for the forward and dQ, queries for dK/dV)
-struct Tile {
-    bool window;
-    int T, H, W, HW;
-    int rt, rh, rw, bh, bw;
-    int t0, h0, w0;  // window: the box origin
-    int f_base;      // intra: first token of the frame; start: first position in it
-    int start;
-    // the walk
-    int sh, sw, slice;  // window: halo slice sides and size
-    int f_lo, nf;       // window: halo frames f_lo .. f_lo+nf-1 (relative to t0 - rt)
-    int n_sub, n_blocks;
-
-    template <int BLOCK_N>
-    __device__ bool init(int p, bool is_window, const Layer& L, int bh_, int bw_) {
-        window = is_window;
-        T = L.T; H = L.H; W = L.W; HW = H * W;
-        rt = L.rt; rh = L.rh; rw = L.rw; bh = bh_; bw = bw_;
-        if (window) {
-            const int nbh = (H + bh - 1) / bh, nbw = (W + bw - 1) / bw;
-            const int nbt = (T + kTileT - 1) / kTileT;
-            if (p >= nbt * nbh * nbw) return false;
-            t0 = (p / (nbh * nbw)) * kTileT;
-            h0 = ((p / nbw) % nbh) * bh;
-            w0 = (p % nbw) * bw;
-            sh = bh + 2 * rh;
-            sw = bw + 2 * rw;
-            slice = sh * sw;
-            n_sub = (slice + BLOCK_N - 1) / BLOCK_N;
-            f_lo = max(rt - t0, 0);
-            nf = min(kTileT + 2 * rt, T - t0 + rt) - f_lo;
-            n_blocks = nf * n_sub;
-        } else {
-            const int per_frame = (HW + kRows - 1) / kRows;
-            if (p >= T * per_frame) return false;
-            f_base = (p / per_frame) * HW;
-            start = (p % per_frame) * kRows;
-            n_sub = 1;
-            n_blocks = (HW + BLOCK_N - 1) / BLOCK_N;
-        }
-        return true;
-    }
-
-    // token of row r of the tile, -1 outside the grid
-    __device__ __forceinline__ int row_token(int r) const {
-        if (window) {
-            const int i = r & 15;
-            const int t = t0 + (r >> 4), h = h0 + i / bw, w = w0 + i % bw;
-            return (t < T && h < H && w < W) ? (t * H + h) * W + w : -1;
-        }
-        const int n = start + r;
-        return n < HW ? f_base + n : -1;
-    }
-
-    // block it of the walk: its frame (window: halo frame index) and slice
-    __device__ __forceinline__ int block_frame(int it) const { return window ? f_lo + it % nf : 0; }
-    __device__ __forceinline__ int block_slice(int it) const { return window ? it / nf : it; }
-
-    // window: the offset within its frame (h * W + w) of position c of slice s, -1 where missing
-    template <int BLOCK_N>
-    __device__ __forceinline__ int slice_offset(int s, int c) const {
-        const int j = s * BLOCK_N + c;
-        const int h = h0 - rh + j / sw, w = w0 - rw + j % sw;
-        return (j < slice && h >= 0 && h < H && w >= 0 && w < W) ? h * W + w : -1;
-    }
-
-    // window: the first token of block it's frame
-    __device__ __forceinline__ int frame_token(int it) const { return (t0 - rt + block_frame(it)) * HW; }
-
-    // whether warp `warp`'s rows see anything of block it (window: the frames are close enough)
-    __device__ __forceinline__ bool warp_sees(int it, int warp) const {
-        if (!window) return true;
-        const int df = block_frame(it) - warp;  // key frame - query frame + rt
-        return t0 + warp < T && df >= 0 && df <= 2 * rt;
-    }
-
-    // whether block it needs a mask at all (intra: only the frame's last, partial block)
-    template <int BLOCK_N>
-    __device__ __forceinline__ bool masked(int it) const {
-        return window || (it + 1) * BLOCK_N > HW;
-    }
-
-    // this thread's visibility bits for block it's columns (bit 4n + e: accumulator element e
-    // of n-tile n, i.e. row g + 8(e/2), column 8n + 2(lane%4) + e%2 of the warp's 16 rows).
-    // Window: the same for every frame of a slice; the frame distance is warp_sees'.
-    template <int BLOCK_N>
-    __device__ __forceinline__ uint32_t mask_bits(int it) const {
-        const int lane = threadIdx.x & 31;
-        uint32_t bits = 0;
-#pragma unroll
-        for (int n = 0; n < BLOCK_N / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = (lane >> 2) + 8 * (e >> 1);
-                const int c = 8 * n + 2 * (lane & 3) + (e & 1);
-                bool ok;
-                if (window) {
-                    const int j = block_slice(it) * BLOCK_N + c;
-                    const int jb = j / sw, jc = j % sw;
-                    const int h = h0 - rh + jb, w = w0 - rw + jc;
-                    const int db = jb - i / bw, dc = jc - i % bw;  // offsets + radius
-                    ok = j < slice && h >= 0 && h < H && w >= 0 && w < W && db >= 0 && db <= 2 * rh && dc >= 0 &&
-                         dc <= 2 * rw;
-                } else {
-                    ok = it * BLOCK_N + c < HW;
-                }
-                bits |= uint32_t(ok) << (4 * n + e);
-            }
-        }
-        return bits;
-    }
-};
-
-// The tokens of the rows this thread loads of each block of the walk (N rows, STRIDE apart from
-// row `first`). Window heads: their offsets within a frame depend only on the slice, so they are
-// computed (with two divisions each) once per slice, and a block's tokens are one add per row.
-template <int N, int STRIDE, int BLOCK_N>
-struct RowTokens {
-    static constexpr int kRowsPerThread = N;
-    int first, slice = -1;
-    int off[N];
-
-    __device__ explicit RowTokens(int first_) : first(first_) {}
-
-    __device__ __forceinline__ void at(const Tile& tile, int it, int (&tok)[N]) {
-        if (tile.window) {
-            const int s = tile.block_slice(it);
-            if (s != slice) {
-                slice = s;
-#pragma unroll
-                for (int i = 0; i < N; ++i) off[i] = tile.slice_offset<BLOCK_N>(s, first + i * STRIDE);
-            }
-            const int base = tile.frame_token(it);
-#pragma unroll
-            for (int i = 0; i < N; ++i) tok[i] = off[i] < 0 ? -1 : base + off[i];
-        } else {
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                const int n = it * BLOCK_N + first + i * STRIDE;
-                tok[i] = n < tile.HW ? tile.f_base + n : -1;
-            }
-        }
-    }
-};
-
-// the rows of a BLOCK_N-row tile that this thread loads (load_rows' assignment)
-template <int D, int BLOCK_N>
-using TileRows = RowTokens<BLOCK_N * (D / 8) / kThreads, kThreads / (D / 8), BLOCK_N>;
-
 __device__ __forceinline__ float row_max4(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -391,29 +229,32 @@ __device__ __forceinline__ float row_sum4(float x) {
 }
 
 // The pipelined walk of a tile (the same in every kernel): block it+1 streams into the other
-// stage while body(it, stage, masked, bits) computes block it, called only in the warps whose rows
+// stage while body(stage, masked, bits) computes block it, called only in the warps whose rows
 // see something of it (warp-uniform, so the body may use warp collectives). `bits` are the
 // thread's visibility bits of the block, meaningful where `masked`. Loads issued before the call
 // (the tile's own rows) complete with the first block's.
 template <int BLOCK_N, typename Load, typename Body>
 __device__ __forceinline__ void walk(const Tile& tile, int warp, Load load_block, Body body) {
-    if (tile.n_blocks > 0) load_block(0, 0);
+    Block cur = tile.first_block();
+    if (tile.n_blocks > 0) load_block(cur, 0);
     cp_async_commit();
     uint32_t bits = 0;
     int bits_slice = -1;
     for (int it = 0; it < tile.n_blocks; ++it) {
         const int stage = it & 1;
-        if (it + 1 < tile.n_blocks) load_block(it + 1, stage ^ 1);
+        const Block nxt = tile.next(cur);
+        if (it + 1 < tile.n_blocks) load_block(nxt, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
         __syncthreads();
-        const bool masked = tile.masked<BLOCK_N>(it);
-        if (masked && tile.block_slice(it) != bits_slice) {
-            bits = tile.mask_bits<BLOCK_N>(it);
-            bits_slice = tile.block_slice(it);
+        const bool masked = tile.masked<BLOCK_N>(cur);
+        if (masked && cur.s != bits_slice) {
+            bits = tile.mask_bits<BLOCK_N>(cur, threadIdx.x & 31);
+            bits_slice = cur.s;
         }
-        if (tile.warp_sees(it, warp)) body(it, stage, masked, bits);
+        if (tile.warp_sees(cur, warp)) body(stage, masked, bits);
         __syncthreads();  // the stage is refilled two blocks on
+        cur = nxt;
     }
     cp_async_wait<0>();
 }
@@ -481,9 +322,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
     const T* v = head_base<T>(p.v, pr);
     load_tile<T, D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
     TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
-    auto load_block = [&](int it, int stage) {
+    auto load_block = [&](Block b, int stage) {
         int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
-        rows.at(tile, it, tok);
+        rows.at(tile, b, tok);
         load_rows<T, D>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
         load_rows<T, D>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
@@ -493,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
 
-    walk<BLOCK_N>(tile, warp, load_block, [&](int it, int stage, bool masked, uint32_t bits) {
+    walk<BLOCK_N>(tile, warp, load_block, [&](int stage, bool masked, uint32_t bits) {
         float s[NT][4];
         scores<T, D, NT>(s, s_q, warp * 16, s_k + stage * BLOCK_N * D);
         float mx0 = kNegInf, mx1 = kNegInf;
@@ -603,9 +444,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p, in
     const T* k = head_base<T>(p.k, pr);
     const T* v = head_base<T>(p.v, pr);
     TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
-    auto load_block = [&](int it, int stage) {
+    auto load_block = [&](Block b, int stage) {
         int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
-        rows.at(tile, it, tok);
+        rows.at(tile, b, tok);
         load_rows<T, D>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
         load_rows<T, D>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
@@ -621,7 +462,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p, in
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
 
-    walk<BLOCK_N>(tile, warp, load_block, [&](int it, int stage, bool masked, uint32_t bits) {
+    walk<BLOCK_N>(tile, warp, load_block, [&](int stage, bool masked, uint32_t bits) {
         const T* kb = s_k + stage * BLOCK_N * D;
         const T* vb = s_v + stage * BLOCK_N * D;
         float s[NT][4], dp[NT][4];
@@ -669,14 +510,14 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p, 
     const float* delta = p.delta + (pr.b * L.n_local + pr.j) * int64_t(N);
     TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
     RowTokens<1, kThreads, BLOCK_N> row_of_float(threadIdx.x);  // LSE and delta: thread x loads row x
-    auto load_block = [&](int it, int stage) {
+    auto load_block = [&](Block b, int stage) {
         int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
-        rows.at(tile, it, tok);
+        rows.at(tile, b, tok);
         load_rows<T, D>(s_q + stage * BLOCK_N * D, q, p.q.sn, tok);
         load_rows<T, D>(s_do + stage * BLOCK_N * D, g, p.dout.sn, tok);
         if (threadIdx.x < BLOCK_N) {
             int t[1];
-            row_of_float.at(tile, it, t);
+            row_of_float.at(tile, b, t);
             load_float(s_lse + stage * BLOCK_N, lse, t[0]);
             load_float(s_delta + stage * BLOCK_N, delta, t[0]);
         }
@@ -689,7 +530,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p, 
         dv[dn][0] = dv[dn][1] = dv[dn][2] = dv[dn][3] = 0.f;
     }
 
-    walk<BLOCK_N>(tile, warp, load_block, [&](int it, int stage, bool masked, uint32_t bits) {
+    walk<BLOCK_N>(tile, warp, load_block, [&](int stage, bool masked, uint32_t bits) {
         const T* qb = s_q + stage * BLOCK_N * D;
         const T* gb = s_do + stage * BLOCK_N * D;
         const float* lb = s_lse + stage * BLOCK_N;

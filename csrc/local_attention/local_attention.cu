@@ -73,10 +73,9 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
 
 TileShape window_tile(int H, int W, int rh, int rw, int block_n) {
     // the warp's 16 rows as bh x bw: the fewest (tile, halo block) steps over the frame
-    static constexpr TileShape kShapes[] = {{4, 4}, {2, 8}, {8, 2}, {1, 16}, {16, 1}};
-    TileShape best = kShapes[0];
+    TileShape best = detail::kTileShapes[0];
     long best_cost = -1;
-    for (TileShape s : kShapes) {
+    for (TileShape s : detail::kTileShapes) {
         const long cost = long(cdiv(H, s.bh)) * cdiv(W, s.bw) * cdiv((s.bh + 2 * rh) * (s.bw + 2 * rw), block_n);
         if (best_cost < 0 || cost < best_cost) {
             best = s;
