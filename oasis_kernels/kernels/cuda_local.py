@@ -23,11 +23,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["library", "forward", "backward", "SOURCES", "NVCC_FLAGS"]
+__all__ = ["library", "forward", "backward", "SOURCES", "NVCC_FLAGS", "CXX_FLAGS", "LD_FLAGS"]
 
 SOURCES = Path(__file__).resolve().parents[2] / "csrc" / "local_attention"
 #: the same flags as setup.py's (Hopper only: the one card the kernels are measured on)
 NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
+CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+#: a toolchain that links libstdc++ statically (the GPU machines' g++) exports its symbols from the
+#: library, where they mix with the process's libstdc++: the first error message that formatted a
+#: number (a TORCH_CHECK naming a grid) segfaulted in the JIT-built library on the H200
+#: (docs/PERF.md, entries 14 and 21); keeping them private is what setup.py does too
+LD_FLAGS = ["-Wl,--exclude-libs,ALL"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,7 +66,7 @@ def _jit_build() -> tuple[bool, str]:
           file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name="oasis_local_attention", sources=[str(s) for s in sources],
-                           extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=NVCC_FLAGS,
+                           extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS,
                            extra_include_paths=[str(SOURCES)], is_python_module=False, verbose=False)
     except Exception as exc:  # a compiler error, a missing ninja
         return False, f"the JIT build of {SOURCES} failed: {type(exc).__name__}: {str(exc)[-500:]}"
