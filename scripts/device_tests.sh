@@ -29,6 +29,11 @@ python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath
 python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN path:', cudnn_direct.available())"
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
 shards=${SHARDS:-10}
+# torch's CPU threads per shard: by default each process takes every core, so 12 shards on 16
+# cores ran 12 x 16 threads and the CPU-bound tests (float64 references, loader workers, the VAE
+# against diffusers) took up to 260 s each (0e02262, docs/PERF.md entry 20)
+cores=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / shards > 0 ? cores / shards : 1 ))}
 # tests/test_sm90_compile.py needs no GPU and runs in CPU CI (26 s alone); beside the shards'
 # compiles on the device its fixture took ~290 s per shard that held one of its tests (H100, 958762b).
 # --runslow: the tests marked slow (slow on a CPU) run here too
