@@ -8,11 +8,13 @@ tokens with all heads. Uneven token counts are fine (the collectives take per-ra
 count must divide by P. Autograd runs through both collectives (each one's backward is the other).
 
 A global head costs T intra heads' FLOPs (9 at A; ~20 in measured time) and far more than a window
-head, so contiguous head blocks would leave one rank with all the global heads: :func:`balance_heads`
-gives a head order whose blocks of ``heads / P`` cost about the same (:func:`head_costs`, the cost
-model: FLOPs, i.e. (query, key) pairs per head); fold it
-into the model's q/k/v rows and o columns (``RoutingPlan`` of the permuted modes), as the routed
-layer already does for its own head order.
+head, so contiguous head blocks would leave one rank with all the global heads (the DiT groups its
+heads by mode): :func:`balance_heads` gives a head order whose blocks of ``heads / P`` cost about the
+same (:func:`head_costs`, the cost model: FLOPs, i.e. (query, key) pairs per head), and Ulysses
+sends each rank that order's block. The order is applied by the gather that lays out the
+all-to-all's send buffer (a copy made anyway) and undone by the scatter of the return, so it costs
+no pass of its own and follows each call's grid; nothing is folded into the model's weights, whose
+heads stay grouped by mode for the one-GPU path and the hybrid.
 
 The frame-parallel hybrid (``strategy="hybrid"``, the default where it can run) keeps the local
 heads off the all-to-alls: with whole frames on each rank, intra heads exchange nothing and window
@@ -107,20 +109,25 @@ def _head_blocks(heads: int, world: int) -> list[int]:
     return [base + (r < extra) for r in range(world)]
 
 
-def _tokens_to_heads(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
+def _tokens_to_heads(x: torch.Tensor, counts: list[int], group, order: tuple[int, ...] | None = None) -> torch.Tensor:
     """``[B, n_rank, H, D]`` (this rank's tokens, all heads) -> ``[B, N, H_rank, D]`` (all tokens, this
-    rank's block of heads; blocks as :func:`_head_blocks`)."""
+    rank's block of heads; blocks as :func:`_head_blocks` of the heads in ``order``, default as they are).
+    The order costs nothing: it is the gather that lays out the send buffer, a copy made anyway."""
     world, rank = _group_info(group)
     b, n, h, d = x.shape
     blocks = _head_blocks(h, world)
-    send = x.permute(2, 1, 0, 3).reshape(h * n, b * d)  # rows (head, token): rank j's heads are one run
+    rows = x.permute(2, 1, 0, 3)  # [H, n, B, D] view
+    if order is not None:
+        rows = rows[_head_index(order, x.device)]
+    send = rows.reshape(h * n, b * d)  # rows (head, token): rank j's heads are one run
     recv = _exchange(send, [hj * n for hj in blocks], [blocks[rank] * c for c in counts], group)
     parts = torch.split(recv, [blocks[rank] * c for c in counts])  # from each rank: (my heads, its tokens)
     y = torch.cat([p.view(blocks[rank], c, b, d) for p, c in zip(parts, counts)], dim=1)  # [H_rank, N, B, D]
     return y.permute(2, 1, 0, 3).contiguous()
 
 
-def _heads_to_tokens(y: torch.Tensor, counts: list[int], group, heads: int) -> torch.Tensor:
+def _heads_to_tokens(y: torch.Tensor, counts: list[int], group, heads: int,
+                     order: tuple[int, ...] | None = None) -> torch.Tensor:
     """The inverse: ``[B, N, H_rank, D]`` -> ``[B, n_rank, H, D]``."""
     world, rank = _group_info(group)
     b, n_all, hr, d = y.shape
@@ -130,29 +137,33 @@ def _heads_to_tokens(y: torch.Tensor, counts: list[int], group, heads: int) -> t
                       for p, c in zip(torch.split(y, counts, dim=1), counts)])
     recv = _exchange(send, [hr * c for c in counts], [hj * mine for hj in blocks], group)
     x = recv.view(heads, mine, b, d)  # rows (head, my token), heads in order: rank 0's block first
-    return x.permute(2, 1, 0, 3).contiguous()
+    if order is None:
+        return x.permute(2, 1, 0, 3).contiguous()
+    out = x.new_empty(b, mine, heads, d)
+    out.permute(2, 1, 0, 3)[_head_index(order, x.device)] = x  # head order[i] is row block i: one scatter
+    return out
 
 
 class _TokensToHeads(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, group):
-        ctx.counts, ctx.group, ctx.heads = counts, group, x.shape[2]
-        return _tokens_to_heads(x, counts, group)
+    def forward(ctx, x, counts, group, order=None):
+        ctx.counts, ctx.group, ctx.heads, ctx.order = counts, group, x.shape[2], order
+        return _tokens_to_heads(x, counts, group, order)
 
     @staticmethod
     def backward(ctx, grad):
-        return _heads_to_tokens(grad, ctx.counts, ctx.group, ctx.heads), None, None
+        return _heads_to_tokens(grad, ctx.counts, ctx.group, ctx.heads, ctx.order), None, None, None
 
 
 class _HeadsToTokens(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, counts, group, heads):
-        ctx.counts, ctx.group = counts, group
-        return _heads_to_tokens(y, counts, group, heads)
+    def forward(ctx, y, counts, group, heads, order=None):
+        ctx.counts, ctx.group, ctx.order = counts, group, order
+        return _heads_to_tokens(y, counts, group, heads, order)
 
     @staticmethod
     def backward(ctx, grad):
-        return _tokens_to_heads(grad, ctx.counts, ctx.group), None, None, None
+        return _tokens_to_heads(grad, ctx.counts, ctx.group, ctx.order), None, None, None, None
 
 
 class _Halo(torch.autograd.Function):
@@ -309,8 +320,21 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
     if hybrid:
         return _hybrid(q, k, v, plan, counts, group)
     hp = heads // world
-    mine = RoutingPlan(plan.grid, plan.modes[rank * hp:(rank + 1) * hp], plan.window)
-    qh, kh, vh = (_TokensToHeads.apply(x, counts, group) for x in (q, k, v))
+    order = _balanced_order(plan, world, q.shape[-1])  # rank r takes heads order[r*hp:(r+1)*hp]
+    taken = order[rank * hp:(rank + 1) * hp] if order is not None else range(rank * hp, (rank + 1) * hp)
+    mine = RoutingPlan(plan.grid, [plan.modes[i] for i in taken], plan.window)
+    qh, kh, vh = (_TokensToHeads.apply(x, counts, group, order) for x in (q, k, v))
     out = _routed_attention(qh, kh, vh, mine)
-    return _HeadsToTokens.apply(out, counts, group, heads)
+    return _HeadsToTokens.apply(out, counts, group, heads, order)
+
+
+@functools.lru_cache(maxsize=256)
+def _balanced_cached(grid, modes, window, world: int, head_dim: int) -> tuple[int, ...] | None:
+    order = balance_heads(RoutingPlan(grid, list(modes), window), world, head_dim)
+    return None if order == tuple(range(len(order))) else order
+
+
+def _balanced_order(plan: RoutingPlan, world: int, head_dim: int) -> tuple[int, ...] | None:
+    """:func:`balance_heads`' order for Ulysses (None where it is the heads' own order)."""
+    return _balanced_cached(plan.grid, tuple(plan.modes), plan.window, world, head_dim)
 

@@ -65,6 +65,48 @@ def test_sequence_parallel_equals_one_process(world, grid, modes, strategy):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+GROUPED = ["global", "global", "intra", "intra", "window", "window"]  # by mode, as the DiT orders its heads
+
+
+def _balanced_worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        import oasis_kernels.distributed as okd
+
+        ran, real = [], okd._routed_attention
+        okd._routed_attention = lambda q, k, v, plan: ran.append(plan.modes) or real(q, k, v, plan)
+        grid = (3, 4, 5)
+        q, k, v, dout = _inputs(grid, 5)
+        start, stop = token_slices(grid, world)[rank]
+        mine = [x[:, start:stop].clone().requires_grad_() for x in (q, k, v)]
+        out = routed_attention(*mine, ok.RoutingPlan(grid, GROUPED), strategy="ulysses")
+        out.backward(dout[:, start:stop])
+        okd._routed_attention = real
+        results[rank] = (out.detach(), *[x.grad for x in mine], ran)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_balances_heads_grouped_by_mode():
+    """Heads grouped by mode (global first): contiguous blocks would give rank 0 both global heads;
+    each rank runs one, and the output and gradients still equal one process's."""
+    world = 2
+    results = mp.Manager().dict()
+    mp.spawn(_balanced_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+    grid = (3, 4, 5)
+    q, k, v, dout = _inputs(grid, 5)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = ok.routed_attention(*leaves, ok.RoutingPlan(grid, GROUPED))
+    want.backward(dout)
+    for r, (start, stop) in enumerate(token_slices(grid, world)):
+        *got, ran = results[r]
+        assert [m.count(ok.Mode.GLOBAL) for m in ran] == [1], ran
+        for g, w in zip(got, [want.detach(), *[x.grad for x in leaves]]):
+            torch.testing.assert_close(g, w[:, start:stop], rtol=1e-5, atol=1e-5)
+
+
 def test_token_slices():
     assert token_slices((3, 4, 5), 2) == [(0, 40), (40, 60)]  # whole frames, the first rank one more
     assert token_slices((2, 3, 5), 3) == [(0, 10), (10, 20), (20, 30)]  # fewer frames than ranks: tokens
