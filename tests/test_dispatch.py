@@ -44,6 +44,22 @@ def test_small_intra_layers_try_triton_first_on_cuda():
     assert priority(ok.Mode.GLOBAL, cuda_like, PLAN) == (PRIORITY[ok.Mode.GLOBAL], "")
 
 
+def test_cuda_kernels_go_before_triton_only_where_listed(monkeypatch):
+    from oasis_kernels import backends
+
+    cuda_like = type("Q", (), {"shape": (1, 30, 4, 64), "device": torch.device("cuda")})()
+    assert "cuda" not in priority(ok.Mode.WINDOW, cuda_like, PLAN)[0]  # nothing measured faster yet
+    monkeypatch.setitem(backends.CUDA_BEFORE_TRITON, ok.Mode.WINDOW, frozenset({64}))
+    order, note = priority(ok.Mode.WINDOW, cuda_like, PLAN)
+    assert order == ("cuda", "triton", "reference") and "CUDA_BEFORE_TRITON" in note
+    wider = type("Q", (), {"shape": (1, 30, 4, 128), "device": torch.device("cuda")})()
+    assert priority(ok.Mode.WINDOW, wider, PLAN)[0] == PRIORITY[ok.Mode.WINDOW]  # another head dim
+    assert priority(ok.Mode.WINDOW, torch.empty(1, 30, 4, 64), PLAN)[0] == PRIORITY[ok.Mode.WINDOW]  # CPU
+    monkeypatch.setitem(backends.CUDA_BEFORE_TRITON, ok.Mode.INTRA, frozenset({64}))
+    order, note = priority(ok.Mode.INTRA, cuda_like, PLAN)  # with the small-layer rule: both notes
+    assert order[:2] == ("cuda", "triton") and "small intra layer" in note and "CUDA_BEFORE_TRITON" in note
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU dispatch")
 def test_cpu_auto_choices():
     q = torch.randn(1, 30, 4, 64)

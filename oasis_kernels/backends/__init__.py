@@ -10,7 +10,8 @@ from .flash import Flash2Backend, Flash3Backend
 from .reference import ReferenceBackend
 from .triton_local import TritonLocalBackend
 
-__all__ = ["Backend", "BACKENDS", "ALIASES", "PRIORITY", "SMALL_INTRA_FLOPS", "expand_backend_name", "priority"]
+__all__ = ["Backend", "BACKENDS", "ALIASES", "PRIORITY", "SMALL_INTRA_FLOPS", "CUDA_BEFORE_TRITON",
+           "expand_backend_name", "priority"]
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
@@ -55,17 +56,30 @@ PRIORITY: dict[Mode, tuple[str, ...]] = {
 SMALL_INTRA_FLOPS = 3e10
 
 
+#: Where ``auto`` tries the CUDA kernels (csrc/local_attention/) just before ``triton``: mode -> the
+#: head dims at which they measured faster on the card. Empty: on the H200 at B (27,45,80), 12 heads
+#: of 128, bf16, they were 1.47x (window forward) to 1.8x (intra) slower than the Triton kernels
+#: (f32283e, docs/PERF.md entry 21), so ``auto`` never picks them yet.
+CUDA_BEFORE_TRITON: dict[Mode, frozenset[int]] = {}
+
+
 def priority(mode: Mode, q, plan) -> tuple[tuple[str, ...], str]:
     """The order ``auto`` tries for ``mode``'s heads of ``plan`` on inputs like ``q``, and a note
     when it is not :data:`PRIORITY`'s."""
+    order, note = PRIORITY[mode], ""
     if mode == Mode.INTRA and q.device.type == "cuda":
         b, n, _, d = q.shape
         t, h, w = plan.grid
         flops = 4 * b * n * h * w * d * len(plan.heads_of(mode))
         if flops < SMALL_INTRA_FLOPS:
-            return (("triton",) + PRIORITY[mode], f"small intra layer ({flops:.2g} < {SMALL_INTRA_FLOPS:.0e} FLOPs): "
-                    "one Triton launch costs less host time than a dense call")
-    return PRIORITY[mode], ""
+            order = ("triton",) + order
+            note = (f"small intra layer ({flops:.2g} < {SMALL_INTRA_FLOPS:.0e} FLOPs): one Triton launch costs less "
+                    "host time than a dense call")
+    if q.device.type == "cuda" and q.shape[-1] in CUDA_BEFORE_TRITON.get(mode, ()):
+        at = order.index("triton")
+        order = order[:at] + ("cuda",) + order[at:]
+        note = "; ".join(filter(None, [note, "the CUDA kernels measured faster than Triton here (CUDA_BEFORE_TRITON)"]))
+    return order, note
 
 
 def expand_backend_name(name: str) -> tuple[str, ...]:

@@ -2,8 +2,9 @@
 ``csrc/local_attention/`` (:mod:`oasis_kernels.kernels.cuda_local`), one launch for the forward and
 three for the backward (delta, dQ, dK/dV; deterministic, no atomics).
 
-Only by request (``backend="cuda"`` or ``{"window": "cuda", ...}``): ``auto`` picks it nowhere
-until it has measured faster than the Triton kernels on the card (docs/PERF.md, entry 21).
+By request (``backend="cuda"`` or ``{"window": "cuda", ...}``); ``auto`` tries it before ``triton``
+only for the modes and head dims of :data:`oasis_kernels.backends.CUDA_BEFORE_TRITON`, where it
+measured faster on the card (none yet: docs/PERF.md, entry 21).
 """
 
 from __future__ import annotations
