@@ -329,12 +329,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
 
 
 @functools.lru_cache(maxsize=256)
-def _balanced_cached(grid, modes, window, world: int, head_dim: int) -> tuple[int, ...] | None:
-    order = balance_heads(RoutingPlan(grid, list(modes), window), world, head_dim)
-    return None if order == tuple(range(len(order))) else order
-
-
 def _balanced_order(plan: RoutingPlan, world: int, head_dim: int) -> tuple[int, ...] | None:
     """:func:`balance_heads`' order for Ulysses (None where it is the heads' own order)."""
-    return _balanced_cached(plan.grid, tuple(plan.modes), plan.window, world, head_dim)
+    order = balance_heads(plan, world, head_dim)
+    return None if order == tuple(range(len(order))) else order
 
