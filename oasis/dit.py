@@ -640,9 +640,12 @@ class WanDiT(nn.Module):
             rope = (rope[0][n0:n1], rope[1][n0:n1])
         for block, layer_kv in zip(self.blocks, kv):
             if self.activation_checkpointing and torch.is_grad_enabled():
-                # keep only each block's input; its activations are recomputed in the backward
+                # keep only each block's input; its activations are recomputed in the backward. The
+                # blocks draw no random numbers (no dropout), so no RNG state is stashed: stashing
+                # also refuses a forward that initialises CUDA, which a compiled region did on a GPU
+                # host with a CPU model (test_compiled_regions_train_as_eager, H200, 1c7b31f)
                 x = torch.utils.checkpoint.checkpoint(block, x, e6, grid, rope, layer_kv, self._regions,
-                                                      use_reentrant=False)
+                                                      use_reentrant=False, preserve_rng_state=False)
             else:
                 x = block(x, e6, grid, rope, layer_kv, self._regions)
         x = self.head(x, e)

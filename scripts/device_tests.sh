@@ -17,14 +17,17 @@ export PYTHONUNBUFFERED=1 OASIS_TRITON_AUTOTUNE=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
 # the C++ extension (csrc/), so the eager replay runs in the tests below
+# Every wheel carried in .whl/ goes to /tmp/site: the cuDNN frontend for the build, diffusers, its
+# importlib_metadata and av for the model tests (without them tests/test_oasis_*.py skip whole:
+# 476 of 607 tests were collected at 1c7b31f, when only the frontend's presence installed them)
 build_path=.
-if ls .whl/nvidia_cudnn_frontend-*.whl > /dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/nvidia_cudnn_frontend-*.whl \
+if ls .whl/*.whl > /dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
         && build_path=/tmp/site
 fi
 # (setup.py's build is incremental: a second call on the same machine finds it done)
 PYTHONPATH=$build_path MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 || tail -20 "$OUT/build_ext.log"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}  # keeps the caller's wheels (diffusers, av in /tmp/site)
+export PYTHONPATH=.:$build_path${PYTHONPATH:+:$PYTHONPATH}  # the wheels above, and the caller's
 python3 -c "from oasis_kernels import fastpath; print('C++ extension:', fastpath._C is not None, fastpath.UNAVAILABLE)"
 python3 -c "from oasis_kernels.kernels import cudnn_direct; print('direct cuDNN path:', cudnn_direct.available())"
 export OASIS_EXPECT_EXTENSION=1  # tests/test_fastpath.py fails if it is not there
