@@ -124,7 +124,30 @@ def kernel_kind(name: str) -> str:
         return "matmul"
     if n.startswith("triton_"):
         return "fused elementwise (inductor)"
+    if "adam" in n or "multi_tensor_apply" in n:
+        return "optimizer"
+    if "elementwise" in n:
+        return "elementwise (eager)"
+    if "reduce_kernel" in n:
+        return "reduction"
     return "other: " + name[:60]
+
+
+def kernels_by_kind(prof, top: int = 12) -> dict:
+    """A torch.profiler run's GPU time grouped by ``kernel_kind``: {kind: {"ms", "kernels": the
+    ``top`` costliest of that kind as {name: (ms, launches)}}}."""
+    kinds: dict = {}
+    for ev in prof.key_averages():
+        us = ev.device_time_total
+        if us <= 0:
+            continue
+        kind = kernel_kind(ev.key).split(":")[0]
+        entry = kinds.setdefault(kind, {"ms": 0.0, "kernels": {}})
+        entry["ms"] += us / 1e3
+        entry["kernels"][ev.key[:90]] = (round(us / 1e3, 3), ev.count)
+    for entry in kinds.values():
+        entry["kernels"] = dict(sorted(entry["kernels"].items(), key=lambda kv: -kv[1][0])[:top])
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
 
 
 def profile_forward(model: WanDiT, cfg, device) -> dict:
@@ -141,17 +164,7 @@ def profile_forward(model: WanDiT, cfg, device) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(z, 799.0)
             torch.cuda.synchronize()
-    kinds: dict = {}
-    for ev in prof.key_averages():
-        us = ev.device_time_total
-        if us <= 0:
-            continue
-        kind = kernel_kind(ev.key).split(":")[0]
-        entry = kinds.setdefault(kind, {"ms": 0.0, "kernels": {}})
-        entry["ms"] += us / 1e3
-        entry["kernels"][ev.key[:90]] = (round(us / 1e3, 3), ev.count)
-    for entry in kinds.values():  # the 12 costliest kernels of each kind: (ms, launches)
-        entry["kernels"] = dict(sorted(entry["kernels"].items(), key=lambda kv: -kv[1][0])[:12])
+    kinds = kernels_by_kind(prof)
     print(json.dumps(kinds, indent=1), flush=True)
     return kinds
 

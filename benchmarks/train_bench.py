@@ -2,8 +2,9 @@
 
 17 frames 320x640 give latents [B, 16, 5, 40, 80] and the token grid (5, 20, 40) = 4000 tokens per
 clip. Random weights at Wan2.1-1.3B's size, float32 master weights, bf16 autocast, activation
-checkpointing per block on (``--no-checkpointing`` for off); routed (5 global / 4 intra / 3 window
-heads per layer) and all-global in the same run, for each batch in ``--batches`` until one does not fit.
+checkpointing on every block (``--checkpoint-blocks`` times other numbers of blocks, 0 for off), AdamW
+fused (``--adamw fused foreach`` times both); routed (5 global / 4 intra / 3 window heads per layer)
+and all-global in the same run, for each batch in ``--batches`` until one does not fit.
 Reports the median step time, tokens/s, peak memory and the model FLOPs utilisation: the step's
 FLOPs (the block matmuls x 3 for forward + backward, the attention of the heads as routed: global
 4 N^2 d, intra 4 N (H W) d, window 4 N 75 d per head forward, x 3.5 with the backward; the
@@ -30,6 +31,7 @@ from conv_bench import gemm_time  # noqa: E402
 from model_bench import ROUTED, block_matmul_flops  # noqa: E402
 
 from oasis import WanConfig, WanDiT  # noqa: E402
+from oasis.dit import checkpointed_blocks  # noqa: E402
 
 TINY = WanConfig(dim=48, ffn_dim=96, num_heads=3, num_layers=2, text_dim=32, text_len=8, freq_dim=32)
 
@@ -44,22 +46,40 @@ def step_flops(cfg: WanConfig, grid, modes_per_layer, batch: int) -> float:
     return batch * (3.0 * matmuls + 3.5 * attention)
 
 
-def timed_steps(model, opt, latents, t, steps: int, device, autocast) -> list[float]:
-    times = []
-    for i in range(steps + 1):  # the first is a warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            v = model(latents, t)
-        v.float().square().mean().backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return times
+def one_step(model, opt, latents, t, device, autocast) -> tuple[float, float]:
+    """One training step: (forward + backward seconds, optimizer seconds), synchronised between."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        v = model(latents, t)
+    v.float().square().mean().backward()
+    sync()
+    middle = time.perf_counter()
+    opt.step()
+    sync()
+    return middle - start, time.perf_counter() - middle
+
+
+def timed_steps(model, opt, latents, t, steps: int, device, autocast) -> list[tuple[float, float]]:
+    """``steps`` steps after a warm-up (whose compiles and allocations are not counted)."""
+    one_step(model, opt, latents, t, device, autocast)
+    return [one_step(model, opt, latents, t, device, autocast) for _ in range(steps)]
+
+
+def profile_step(model, opt, latents, t, device) -> dict:
+    """GPU time of one step by kernel kind, and the step's wall time against its kernels' sum (the
+    difference is where the GPU waits for the host, or kernels overlap)."""
+    from model_bench import kernels_by_kind
+    from torch.profiler import ProfilerActivity, profile
+
+    one_step(model, opt, latents, t, device, True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd_bwd, optimizer = one_step(model, opt, latents, t, device, True)
+    kinds = kernels_by_kind(prof)
+    return {"wall_ms": 1e3 * (fwd_bwd + optimizer), "optimizer_wall_ms": 1e3 * optimizer,
+            "kernel_ms": sum(k["ms"] for k in kinds.values()), "kinds": kinds}
 
 
 def main(argv=None):
@@ -68,7 +88,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny demo config (for a smoke run of this script)")
-    p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpoint-blocks 0")
+    p.add_argument("--checkpoint-blocks", type=int, nargs="+",
+                   help="numbers of blocks with activation checkpointing, each timed (default: all blocks); "
+                        "the rest keep their activations")
+    p.add_argument("--adamw", nargs="+", choices=("fused", "foreach"), default=["fused"],
+                   help="AdamW implementations, each timed (oasis-train uses fused)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one routed step at the first batch: GPU time by kernel kind")
     p.add_argument("--compile", action="store_true",
                    help="the blocks' regions around the attention compiled (WanDiT.compile_regions; "
                         "oasis-train's compile = true)")
@@ -86,60 +113,81 @@ def main(argv=None):
     torch.manual_seed(0)
     model = WanDiT(cfg).init_weights().to(device).train()
     model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device=device) * 0.1)
-    model.activation_checkpointing = not args.no_checkpointing
     if args.compile:
         model.compile_regions()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999))
     routed = [ROUTED] * cfg.num_layers if not args.tiny else [["global", "intra", "window"]] * cfg.num_layers
+    checkpointing = [0] if args.no_checkpointing else args.checkpoint_blocks or [cfg.num_layers]
+    for k in checkpointing:
+        checkpointed_blocks(k, cfg.num_layers)  # a bad number fails here, before any step
     rows = []
-    for name, routing in (("routed", routed), ("all-global", None)):
-        model.set_routing(routing)
-        modes = [["global"] * cfg.num_heads] * cfg.num_layers if routing is None else routing
-        for batch in args.batches:
-            latents = torch.randn(batch, cfg.in_channels, *latent, device=device)
-            t = torch.full((batch,), 799.0, device=device)
-            try:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                times = timed_steps(model, opt, latents, t, args.steps, device, autocast)
-            except torch.OutOfMemoryError:
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                rows.append({"mode": name, "batch": batch, "fits": False})
-                print(json.dumps(rows[-1]), flush=True)
-                break
-            s = statistics.median(times)
-            flops = step_flops(cfg, grid, modes, batch)
-            row = {"mode": name, "batch": batch, "fits": True, "step_s": s, "tokens_per_s": batch * grid[0] * grid[1]
-                   * grid[2] / s, "TFLOP": flops / 1e12, "TFLOP/s": flops / s / 1e12,
-                   "mfu": None if rate is None else flops / s / rate,
-                   "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    profile = None
+    for impl in args.adamw:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), **{impl: True})
+        for blocks in checkpointing:
+            model.activation_checkpointing = blocks
+            for name, routing in (("routed", routed), ("all-global", None)):
+                model.set_routing(routing)
+                modes = [["global"] * cfg.num_heads] * cfg.num_layers if routing is None else routing
+                for batch in args.batches:
+                    latents = torch.randn(batch, cfg.in_channels, *latent, device=device)
+                    t = torch.full((batch,), 799.0, device=device)
+                    setting = {"adamw": impl, "checkpointed_blocks": blocks, "mode": name, "batch": batch}
+                    try:
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        times = timed_steps(model, opt, latents, t, args.steps, device, autocast)
+                        if args.profile and profile is None and name == "routed" and device.type == "cuda":
+                            profile = {**setting, **profile_step(model, opt, latents, t, device)}
+                    except torch.OutOfMemoryError:
+                        opt.zero_grad(set_to_none=True)
+                        torch.cuda.empty_cache()
+                        rows.append({**setting, "fits": False})
+                        print(json.dumps(rows[-1]), flush=True)
+                        break
+                    s = statistics.median(a + b for a, b in times)
+                    flops = step_flops(cfg, grid, modes, batch)
+                    row = {**setting, "fits": True, "step_s": s, "optimizer_s": statistics.median(b for _, b in times),
+                           "tokens_per_s": batch * grid[0] * grid[1] * grid[2] / s, "TFLOP": flops / 1e12,
+                           "TFLOP/s": flops / s / 1e12, "mfu": None if rate is None else flops / s / rate,
+                           "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        del opt
     res = {"env": environment(device), "config": "tiny" if args.tiny else "Wan2.1-1.3B", "grid": grid,
-           "checkpointing": not args.no_checkpointing, "compiled_regions": args.compile,
-           "matmul_TFLOP/s": None if rate is None else rate / 1e12,
-           "rows": rows}
-    one = {r["mode"]: r for r in rows if r.get("fits") and r["batch"] == 1}
-    if "routed" in one and "all-global" in one:
-        res["routed_speedup_batch1"] = one["all-global"]["step_s"] / one["routed"]["step_s"]
+           "compiled_regions": args.compile, "matmul_TFLOP/s": None if rate is None else rate / 1e12,
+           "rows": rows, "profile": profile}
+    res["routed_speedup_batch1"] = {}
+    for r in rows:
+        if r["mode"] == "routed" and r["batch"] == 1 and r["fits"]:
+            other = [o for o in rows if o["mode"] == "all-global" and o["fits"] and o["batch"] == 1
+                     and (o["adamw"], o["checkpointed_blocks"]) == (r["adamw"], r["checkpointed_blocks"])]
+            if other:
+                res["routed_speedup_batch1"][f"{r['adamw']}, {r['checkpointed_blocks']} checkpointed"] = \
+                    other[0]["step_s"] / r["step_s"]
     md = [f"# OASIS DiT training step, {res['env'].get('gpu', res['env'].get('cpu'))}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"{res['config']}, grid {grid} per clip (17 frames 320x640), float32 weights, bf16 autocast, "
-          f"activation checkpointing {'on' if res['checkpointing'] else 'off'}, "
-          f"{'compiled regions' if args.compile else 'eager'}, AdamW; median of {args.steps} steps "
-          f"after a warm-up. bf16 GEMM 8192^3: {res['matmul_TFLOP/s'] or 0:.0f} TFLOP/s.", "",
-          "| mode | batch | step s | tokens/s | TFLOP/s | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
+          f"{'compiled regions' if args.compile else 'eager'}; median of {args.steps} steps after a warm-up; "
+          f"'optimizer s' is AdamW's step alone. Checkpointed blocks of {cfg.num_layers}. "
+          f"bf16 GEMM 8192^3: {res['matmul_TFLOP/s'] or 0:.0f} TFLOP/s.", "",
+          "| AdamW | checkpointed | mode | batch | step s | optimizer s | tokens/s | TFLOP/s | MFU | peak GiB |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['adamw']} | {r['checkpointed_blocks']} | {r['mode']} | {r['batch']} |"
         if not r["fits"]:
-            md.append(f"| {r['mode']} | {r['batch']} | out of memory | | | | |")
+            md.append(f"{head} out of memory | | | | | |")
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
         peak = "-" if r["peak_GiB"] is None else f"{r['peak_GiB']:.1f}"
-        md.append(f"| {r['mode']} | {r['batch']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | "
+        md.append(f"{head} {r['step_s']:.3f} | {r['optimizer_s']:.3f} | {r['tokens_per_s']:.0f} | "
                   f"{r['TFLOP/s']:.1f} | {mfu} | {peak} |")
-    if "routed_speedup_batch1" in res:
-        md += ["", f"Routed against all-global at batch 1: {res['routed_speedup_batch1']:.2f}x."]
+    for key, x in res["routed_speedup_batch1"].items():
+        md.append(f"\nRouted against all-global at batch 1 ({key}): {x:.2f}x.")
+    if profile is not None:
+        md += ["", f"One routed step profiled (AdamW {profile['adamw']}, {profile['checkpointed_blocks']} checkpointed, "
+                   f"batch {profile['batch']}): wall {profile['wall_ms']:.1f} ms (AdamW {profile['optimizer_wall_ms']:.1f}), "
+                   f"kernels {profile['kernel_ms']:.1f} ms.", "", "| kernel kind | ms |", "|---|---|"]
+        md += [f"| {kind} | {v['ms']:.1f} |" for kind, v in profile["kinds"].items()]
     print("\n".join(md))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -363,6 +363,17 @@ class WanHead(nn.Module):
 _FP32_PARAMS = ("time_embedding.", "time_projection.", "modulation", "norm1.", "norm2.", "norm3.", "head.norm.")
 
 
+def checkpointed_blocks(value, num_layers: int) -> int:
+    """The number of blocks ``activation_checkpointing = value`` checkpoints: True is all of them,
+    False none, an int 0..num_layers that many."""
+    if isinstance(value, bool):
+        return num_layers if value else 0
+    if not isinstance(value, int) or not 0 <= value <= num_layers:
+        raise ValueError(f"activation_checkpointing must be True, False or a number of blocks in "
+                         f"0..{num_layers}, got {value!r}")
+    return value
+
+
 class WanDiT(nn.Module):
     """Wan2.1's text-to-video DiT (``model(latents, timestep, context) -> [B, C_out, T, H, W]``).
 
@@ -391,9 +402,20 @@ class WanDiT(nn.Module):
         self._kv_cache: tuple | None = None
         self._rope: dict = {}
         self._regions = None
-        #: training: recompute each block's activations in the backward instead of keeping them
-        self.activation_checkpointing = False
+        self._checkpointed_blocks = 0
         self.sequence_group = None
+
+    @property
+    def activation_checkpointing(self) -> int:
+        """Training: how many blocks recompute their activations in the backward instead of keeping
+        them (the first ones). ``True`` sets every block, ``False`` none; a number between trades
+        memory for speed: each block not checkpointed keeps its activations (about 30 values of
+        ``dim`` per token, bf16 under autocast) and skips one forward in the backward."""
+        return self._checkpointed_blocks
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value):
+        self._checkpointed_blocks = checkpointed_blocks(value, len(self.blocks))
 
     # -- construction ------------------------------------------------------------
     @classmethod
@@ -638,8 +660,8 @@ class WanDiT(nn.Module):
         if full is not None:
             n0, n1 = f0 * grid[1] * grid[2], f1 * grid[1] * grid[2]
             rope = (rope[0][n0:n1], rope[1][n0:n1])
-        for block, layer_kv in zip(self.blocks, kv):
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        for i, (block, layer_kv) in enumerate(zip(self.blocks, kv)):
+            if i < self._checkpointed_blocks and torch.is_grad_enabled():
                 # keep only each block's input; its activations are recomputed in the backward. The
                 # blocks draw no random numbers (no dropout), so no RNG state is stashed: stashing
                 # also refuses a forward that initialises CUDA, which a compiled region did on a GPU

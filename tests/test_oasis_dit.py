@@ -480,6 +480,33 @@ def test_compiled_regions_trace_once_for_all_blocks():
     assert model._regions is None
 
 
+def test_checkpointing_some_blocks_gives_the_same_gradients():
+    """activation_checkpointing as a number of blocks: the first ones recompute, the rest keep their
+    activations; the loss and gradients are those of no checkpointing, for every number."""
+    model = WanDiT(CFG).train()
+    model.set_routing(ROUTING)
+    x, ts, ctx = inputs(b=1, dtype=torch.float32)
+    calls = [0] * CFG.num_layers  # a checkpointed block starts twice: forward, then recompute in the backward
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    results = {}
+    for blocks, runs in ((False, [1, 1]), (1, [2, 1]), (True, [2, 2])):
+        model.activation_checkpointing = blocks
+        model.zero_grad(set_to_none=True)
+        calls[:] = [0] * CFG.num_layers
+        model(x, ts, ctx).square().mean().backward()
+        assert calls == runs, (blocks, calls)
+        results[blocks] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert model.activation_checkpointing == CFG.num_layers
+    for blocks in (1, True):
+        assert len(results[blocks]) == len(results[False])
+        for g, w in zip(results[blocks], results[False]):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    for bad in (3, -1, "all", 1.0):
+        with pytest.raises(ValueError, match="activation_checkpointing must be True, False or a number"):
+            model.activation_checkpointing = bad
+
+
 def test_compiled_regions_train_as_eager():
     """The compiled regions under autograd (aot_eager: AOTAutograd's forward and backward graphs) with
     activation checkpointing give the eager loss and gradients: what oasis-train's compile = true runs."""

@@ -131,7 +131,8 @@ def test_resume_refuses_changed_data_settings_and_keeps_an_all_global_run_global
     assert all(m.name == "GLOBAL" for layer in again.pipe.dit.routing for m in layer)
     with pytest.raises(ValueError, match="batch: 1 -> 2"):
         Trainer(demo_config(tmp_path, stage1_steps=1, stage2_steps=1, batch=2), resume=path)
-    for bad in (dict(grad_clip=-1.0), dict(dtype="float16"), dict(device="gpu"), dict(warp_weight=-0.1)):
+    for bad in (dict(grad_clip=-1.0), dict(dtype="float16"), dict(device="gpu"), dict(warp_weight=-0.1),
+                dict(activation_checkpointing=-1), dict(activation_checkpointing="all")):
         with pytest.raises(ValueError):
             demo_config(tmp_path, **bad)
 
@@ -145,10 +146,14 @@ def test_training_benchmarks_run(tmp_path):
     import degrade_bench
     import train_bench
 
-    assert train_bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--batches", "1", "--out",
-                             str(tmp_path)]) == 0
+    assert train_bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--batches", "1", "--checkpoint-blocks",
+                             "0", "2", "--adamw", "foreach", "fused", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "train_bench.json").read_text())
-    assert [r["mode"] for r in res["rows"]] == ["routed", "all-global"] and "routed_speedup_batch1" in res
+    settings = [(r["adamw"], r["checkpointed_blocks"], r["mode"]) for r in res["rows"]]
+    assert settings == [(a, k, m) for a in ("foreach", "fused") for k in (0, 2) for m in ("routed", "all-global")]
+    assert all(r["optimizer_s"] > 0 for r in res["rows"]) and len(res["routed_speedup_batch1"]) == 4
+    with pytest.raises(ValueError, match="a number of blocks in 0..2, got 3"):
+        train_bench.main(["--tiny", "--device", "cpu", "--checkpoint-blocks", "3"])
     assert degrade_bench.main(["--clips", "1", "--workers", "0", "--size", "5", "32", "64", "--out",
                                str(tmp_path)]) == 0
     assert len(json.loads((tmp_path / "degrade_bench.json").read_text())["rows"]) == 2
