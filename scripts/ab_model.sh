@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On the GPU machine: benchmarks/model_bench.py for this checkout's oasis/ and for each carried
+# variant, in turns within one call: main, then every .variants/NAME/oasis (an older or branch
+# copy of oasis/, made here with `mkdir -p .variants/NAME && git archive REV oasis | tar -x -C
+# .variants/NAME`), REPEAT rounds, so the machine's drift falls on all of them alike. The variants
+# import this checkout's oasis_kernels. Carry .variants (an ignored folder) with the call.
+# Results under $OUT/NAME_ROUND/ (model_bench.json / .md, commit field = NAME).
+#   GRIDS="A B" MODES=regions REPS=5 REPEAT=2 bash scripts/ab_model.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+names=(main)
+for dir in .variants/*/; do
+    [ -d "$dir/oasis" ] && names+=("$(basename "$dir")")
+done
+for ((round = 1; round <= ${REPEAT:-1}; round++)); do
+    for name in "${names[@]}"; do
+        path=.
+        [ "$name" = main ] || path=.variants/$name:.
+        echo "== $name, round $round"
+        PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} OASIS_COMMIT=$name python3 benchmarks/model_bench.py \
+            --grids ${GRIDS:-A B} --modes ${MODES:-regions} --reps "${REPS:-5}" --out "$OUT/${name}_$round" 2>&1 \
+            | grep -E "^(regions|eager) .*(ms|speedup)"
+    done
+done
