@@ -26,7 +26,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, read_safetensors_file, write_safetensors
 from .dit import WanDiT
@@ -244,33 +243,53 @@ class OasisVSR:
     def __call__(self, video: torch.Tensor, *, memory_budget: float | None = None, chunk_frames: int | None = None,
                  tile: int | None = None, progress: bool = True) -> torch.Tensor:
         """Super-resolve ``uint8 [F, h, w, 3]`` -> ``uint8 [F, 4h, 4w, 3]`` (on the CPU)."""
-        return torch.cat(list(self.stream(video, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile,
-                                          progress=progress)))
+        plan = self._plan_for(video, memory_budget, chunk_frames, tile)
+        frames, height, width, _ = video.shape
+        out = torch.empty((frames, height * self.scale, width * self.scale, 3), dtype=torch.uint8)
+        start = 0
+        for block in self._run(video, plan, progress):  # each chunk copied once, into its place
+            out[start:start + block.shape[0]].copy_(block)
+            start += block.shape[0]
+        return out
 
     @torch.no_grad()
     def stream(self, video: torch.Tensor, *, memory_budget: float | None = None, chunk_frames: int | None = None,
                tile: int | None = None, progress: bool = True):
-        """Like ``__call__``, yielding finished output frames chunk by chunk (``uint8 [f, 4h, 4w, 3]``)."""
+        """Like ``__call__``, yielding finished output frames chunk by chunk (``uint8 [f, 4h, 4w, 3]``, on
+        the CPU, contiguous)."""
+        plan = self._plan_for(video, memory_budget, chunk_frames, tile)
+        for block in self._run(video, plan, progress):
+            yield block.cpu()
+
+    def _plan_for(self, video, memory_budget, chunk_frames, tile) -> TilePlan:
         if not isinstance(video, torch.Tensor):
             raise TypeError(f"video must be a uint8 tensor [F, h, w, 3], got {type(video).__name__}")
         if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3 or min(video.shape) == 0:
             raise ValueError(f"video must be uint8 [F, h, w, 3] RGB, got {video.dtype} {tuple(video.shape)}")
         frames, height, width, _ = video.shape
-        plan = self.plan(frames, height, width, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile)
-        yield from self._run(video, plan, progress)
+        return self.plan(frames, height, width, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile)
 
+    @torch.no_grad()
     def _run(self, video: torch.Tensor, plan: TilePlan, progress: bool):
+        """The finished output frames chunk by chunk, ``uint8 [f, 4h, 4w, 3]`` contiguous on the device."""
         frames, height, width, _ = video.shape
         a, s, ft = self.align, self.scale, self.projector.config.frames_per_latent
         ph, pw = a * math.ceil(height / a), a * math.ceil(width / a)
-        x = video.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)  # [1, 3, F, h, w] in [-1, 1]
-        if (ph, pw) != (height, width):  # replicate the borders up to the grid; cropped again at the end
-            x = F.pad(x[0], (0, pw - width, 0, ph - height), mode="replicate")[None]
         padded = 1 + ft * math.ceil((frames - 1) / ft)
         chunk = min(plan.chunk_frames, padded)
-        if frames < chunk:  # a short clip: repeat its last frame up to 4k+1 frames
-            x = torch.cat([x, x[:, :, -1:].expand(-1, -1, chunk - frames, -1, -1)], dim=2)
         total = max(frames, chunk)
+        # each clip is gathered from the uint8 video by clamped indices: the borders replicated up to
+        # the grid (cropped again at the end), a short clip's last frame repeated up to 4k+1 frames;
+        # it travels to the device as uint8 and becomes [-1, 1] floats there
+        index = [torch.arange(n).clamp_(max=m - 1) for n, m in ((total, frames), (ph, height), (pw, width))]
+
+        def clip_at(t0, t1, h0, h1, w0, w1):
+            part = video
+            for dim, (i, lo, hi) in enumerate(zip(index, (t0, h0, w0), (t1, h1, w1))):
+                part = part.index_select(dim, i[lo:hi])
+            part = part.to(self.device)
+            return part.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)  # [1, 3, f, h, w]
+
         t_spans = spans(total, chunk, plan.overlap_frames)
         t_weights = span_weights(t_spans)
         th, tw = plan.tile if plan.tiled else (ph, pw)
@@ -284,8 +303,7 @@ class OasisVSR:
                 acc = torch.zeros(3, t1 - t0, ph * s, pw * s, device=self.device)
                 for (h0, h1), hw_ in zip(h_spans, h_weights):
                     for (w0, w1), ww_ in zip(w_spans, w_weights):
-                        clip = x[:, :, t0:t1, h0:h1, w0:w1]
-                        out = self.restore_clip(clip)[0]
+                        out = self.restore_clip(clip_at(t0, t1, h0, h1, w0, w1))[0]
                         weight = (hw_.repeat_interleave(s)[:, None] * ww_.repeat_interleave(s)[None]).to(out.device)
                         acc[:, :, h0 * s:h1 * s, w0 * s:w1 * s] += out * weight
                         if bar is not None:
@@ -304,8 +322,7 @@ class OasisVSR:
                 final = acc[:, :done] / wsum[None, :done, None, None]
                 keep = min(done, frames - emitted)
                 if keep > 0:
-                    frames_out = final[:, :keep, :height * s, :width * s]
-                    yield _to_uint8(frames_out).cpu()
+                    yield _to_uint8(final[:, :keep, :height * s, :width * s])
                     emitted += keep
         except torch.OutOfMemoryError:
             raise MemoryError(f"out of device memory restoring a chunk of {plan.chunk_frames} frames"
@@ -317,5 +334,7 @@ class OasisVSR:
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``[3, F, H, W]`` in [-1, 1] -> ``uint8 [F, H, W, 3]``."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+    """``[3, F, H, W]`` in [-1, 1] -> ``uint8 [F, H, W, 3]``, contiguous, on ``x``'s device: the copy
+    to the host is then one plain memcpy, where a channel-planar permute left every reader of the
+    frames (``torch.cat``, the video writer) a strided gather of all their bytes on the CPU."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()

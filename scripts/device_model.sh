@@ -13,9 +13,14 @@ for bench in ${BENCHES:-vae model train degrade}; do
     case $bench in
         vae) python3 benchmarks/vae_bench.py --reps 2 --out "$OUT/r" 2>&1 | grep -A100 "^Decode:" | head -40 ;;
         model) python3 benchmarks/model_bench.py --modes regions --grids A --vsr --reps 3 --out "$OUT/r" 2>&1 | tail -14 ;;
-        train) python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --out "$OUT/r/train_eager" 2>&1 | tail -12
-               python3 benchmarks/train_bench.py --batches 1 4 16 --steps 3 --compile --adamw foreach fused \
-                   --checkpoint-blocks 30 0 --profile --out "$OUT/r/train_compiled" 2>&1 | tail -30 ;;
+        # eager (the baseline of the compiled default); compiled with both AdamWs, checkpointing on
+        # every block and on none, one step profiled; then the larger batches up to the first that
+        # does not fit
+        train) python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --out "$OUT/r/train_eager" 2>&1 | tail -8
+               python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --compile --adamw foreach fused \
+                   --checkpoint-blocks 30 0 --profile --out "$OUT/r/train_compiled" 2>&1 | tail -34
+               python3 benchmarks/train_bench.py --batches 16 32 64 --steps 2 --compile \
+                   --out "$OUT/r/train_large" 2>&1 | tail -10 ;;
         degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
                  python3 benchmarks/degrade_bench.py --workers 8 --threads 0 4 8 --clips 16 --device cuda \
                      --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -16 ;;

@@ -153,6 +153,10 @@ def test_real_model_in_chunks(pipe):
     assert out.shape == (14, 32, 32, 3)
     frames = list(pipe.stream(video, chunk_frames=5, progress=False))
     assert len(frames) > 1 and sum(f.shape[0] for f in frames) == 14
+    # the chunks come interleaved RGB, contiguous (the writer and the caller copy nothing more), and
+    # the call puts each in its place
+    assert all(f.is_contiguous() and f.dtype == torch.uint8 for f in frames) and out.is_contiguous()
+    assert torch.equal(torch.cat(frames), out)
 
 
 def test_memory_budget_picks_chunks_then_tiles_or_refuses(pipe):
