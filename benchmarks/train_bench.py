@@ -32,6 +32,7 @@ from model_bench import ROUTED, block_matmul_flops  # noqa: E402
 
 from oasis import WanConfig, WanDiT  # noqa: E402
 from oasis.dit import checkpointed_blocks  # noqa: E402
+from oasis.train import COMPILE_MODES, compile_dit  # noqa: E402
 
 TINY = WanConfig(dim=48, ffn_dim=96, num_heads=3, num_layers=2, text_dim=32, text_len=8, freq_dim=32)
 
@@ -62,9 +63,10 @@ def one_step(model, opt, latents, t, device, autocast) -> tuple[float, float]:
     return middle - start, time.perf_counter() - middle
 
 
-def timed_steps(model, opt, latents, t, steps: int, device, autocast) -> list[tuple[float, float]]:
-    """``steps`` steps after a warm-up (whose compiles and allocations are not counted)."""
-    one_step(model, opt, latents, t, device, autocast)
+def timed_steps(model, opt, latents, t, steps: int, device, autocast, warmup: int = 1) -> list[tuple[float, float]]:
+    """``steps`` steps after ``warmup`` (whose compiles, graph recordings and allocations are not counted)."""
+    for _ in range(warmup):
+        one_step(model, opt, latents, t, device, autocast)
     return [one_step(model, opt, latents, t, device, autocast) for _ in range(steps)]
 
 
@@ -94,11 +96,14 @@ def main(argv=None):
                         "the rest keep their activations")
     p.add_argument("--adamw", nargs="+", choices=("fused", "foreach"), default=["fused"],
                    help="AdamW implementations, each timed (oasis-train uses fused)")
+    p.add_argument("--modes", nargs="+", choices=("routed", "all-global"), default=["routed", "all-global"],
+                   help="the routings timed (each compiles anew under --compile model / graphs)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one routed step at the first batch: GPU time by kernel kind")
-    p.add_argument("--compile", action="store_true",
-                   help="the blocks' regions around the attention compiled (WanDiT.compile_regions; "
-                        "oasis-train's compile = true)")
+    p.add_argument("--compile", nargs="?", const="regions", choices=COMPILE_MODES,
+                   help="compile the DiT as oasis-train's compile setting does: regions (the blocks' code "
+                        "around the attention; the default without a value), model (the whole DiT), graphs "
+                        "(the whole DiT as CUDA graphs)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -113,8 +118,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = WanDiT(cfg).init_weights().to(device).train()
     model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device=device) * 0.1)
-    if args.compile:
-        model.compile_regions()
+    compile_dit(model, args.compile or False, device)
     routed = [ROUTED] * cfg.num_layers if not args.tiny else [["global", "intra", "window"]] * cfg.num_layers
     checkpointing = [0] if args.no_checkpointing else args.checkpoint_blocks or [cfg.num_layers]
     for k in checkpointing:
@@ -125,7 +129,7 @@ def main(argv=None):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), **{impl: True})
         for blocks in checkpointing:
             model.activation_checkpointing = blocks
-            for name, routing in (("routed", routed), ("all-global", None)):
+            for name, routing in [(n, r) for n, r in (("routed", routed), ("all-global", None)) if n in args.modes]:
                 model.set_routing(routing)
                 modes = [["global"] * cfg.num_heads] * cfg.num_layers if routing is None else routing
                 for batch in args.batches:
@@ -135,7 +139,11 @@ def main(argv=None):
                     try:
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        times = timed_steps(model, opt, latents, t, args.steps, device, autocast)
+                        # the whole model compiles again on its second call (the DiT's caches of plans, RoPE
+                        # tables and context K/V were filled by the first); CUDA graphs then record on
+                        # the next call and replay from the one after
+                        times = timed_steps(model, opt, latents, t, args.steps, device, autocast,
+                                            warmup={"model": 2, "graphs": 3}.get(args.compile, 1))
                         if args.profile and profile is None and name == "routed" and device.type == "cuda":
                             profile = {**setting, **profile_step(model, opt, latents, t, device)}
                     except torch.OutOfMemoryError:
@@ -154,7 +162,7 @@ def main(argv=None):
                     print(json.dumps(row), flush=True)
         del opt
     res = {"env": environment(device), "config": "tiny" if args.tiny else "Wan2.1-1.3B", "grid": grid,
-           "compiled_regions": args.compile, "matmul_TFLOP/s": None if rate is None else rate / 1e12,
+           "compile": args.compile, "matmul_TFLOP/s": None if rate is None else rate / 1e12,
            "rows": rows, "profile": profile}
     res["routed_speedup_batch1"] = {}
     for r in rows:
@@ -167,7 +175,7 @@ def main(argv=None):
     md = [f"# OASIS DiT training step, {res['env'].get('gpu', res['env'].get('cpu'))}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"{res['config']}, grid {grid} per clip (17 frames 320x640), float32 weights, bf16 autocast, "
-          f"{'compiled regions' if args.compile else 'eager'}; median of {args.steps} steps after a warm-up; "
+          f"{f'compiled: {args.compile}' if args.compile else 'eager'}; median of {args.steps} steps after a warm-up; "
           f"'optimizer s' is AdamW's step alone. Checkpointed blocks of {cfg.num_layers}. "
           f"bf16 GEMM 8192^3: {res['matmul_TFLOP/s'] or 0:.0f} TFLOP/s.", "",
           "| AdamW | checkpointed | mode | batch | step s | optimizer s | tokens/s | TFLOP/s | MFU | peak GiB |",

@@ -657,6 +657,8 @@ class WanDiT(nn.Module):
         e6 = self.time_projection(e).unflatten(1, (6, cfg.dim))
         kv = self._context_kv(context)
         rope = self.rope(grid)
+        for block in self.blocks:  # each layer's plan cached here, not inside a checkpointed block,
+            block.self_attn.plan(grid)  # where torch.compile refuses the cache's write as a side effect
         if full is not None:
             n0, n1 = f0 * grid[1] * grid[2], f1 * grid[1] * grid[2]
             rope = (rope[0][n0:n1], rope[1][n0:n1])

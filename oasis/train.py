@@ -42,6 +42,21 @@ from .vae import normalise_latents
 __all__ = ["TrainConfig", "Trainer", "main"]
 
 
+#: the forms of TrainConfig.compile beyond true and false
+COMPILE_MODES = ("regions", "model", "graphs")
+
+
+def compile_dit(dit, setting, device: torch.device) -> str | None:
+    """Compile ``dit`` as ``TrainConfig.compile = setting`` asks; returns the form used (None: eager)."""
+    mode = "regions" if setting is True or (setting is None and device.type == "cuda") else setting or None
+    if mode == "regions":
+        dit.compile_regions()
+    elif mode in ("model", "graphs"):
+        # the module compiled in place (nn.Module.compile): its state dict keeps its keys
+        dit.compile(fullgraph=True, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
+    return mode
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run (the defaults are the paper's where it gives one)."""
@@ -95,10 +110,13 @@ class TrainConfig:
     # DiT blocks that recompute their activations in the backward: true = all, false = none, or a
     # number of blocks (the first ones; the rest keep theirs: faster, more memory)
     activation_checkpointing: bool | int = True
-    # torch.compile of each DiT block's code around the routed attention (WanDiT.compile_regions), as
-    # oasis-vsr does on CUDA. None: on for CUDA, off on the CPU. The 1.3B step at (5,20,40) took
-    # 0.306 / 0.481 s with it at batch 1 / 4 (6ec1eb4) against 0.426 / 0.806 s eager (bee2644), H200
-    compile: bool | None = None
+    # torch.compile of the DiT: "regions" compiles each block's code around the routed attention
+    # (WanDiT.compile_regions, as oasis-vsr does on CUDA); "model" the whole DiT, its forward and
+    # backward one graph each; "graphs" the same replayed as CUDA graphs (torch.compile's
+    # reduce-overhead mode). true = "regions"; absent: "regions" on CUDA, eager on the CPU. The 1.3B
+    # step at (5,20,40) took 0.306 / 0.481 s with regions at batch 1 / 4 (6ec1eb4) against 0.426 /
+    # 0.806 s eager (bee2644), H200
+    compile: bool | str | None = None
     seed: int = 0
     out: str = "runs/oasis"
     save_every: int = 1000
@@ -139,8 +157,12 @@ class TrainConfig:
             raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {self.device!r}") from None
         if kind not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
-        if self.compile is not None and not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true, false or absent (on for CUDA), got {self.compile!r}")
+        if self.compile is not None and not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be true, false, one of {', '.join(map(repr, COMPILE_MODES))} or absent "
+                             f"(regions on CUDA), got {self.compile!r}")
+        if self.compile in ("model", "graphs") and self.sequence_parallel > 1:
+            raise ValueError(f"compile = {self.compile!r} takes the whole DiT into one graph, which the "
+                             f"sequence-parallel collectives would break; use 'regions' with sequence_parallel > 1")
         v = self.activation_checkpointing
         if not isinstance(v, (bool, int)) or (not isinstance(v, bool) and v < 0):
             raise ValueError(f"activation_checkpointing must be true, false or a number of blocks, got {v!r}")
@@ -261,6 +283,8 @@ class Trainer:
             with torch.no_grad():  # the same start on every rank, as DDP's broadcast gives it
                 for p in (*self.pipe.dit.parameters(), *self.pipe.projector.parameters()):
                     torch.distributed.broadcast(p.data, 0)
+        # after the calibration (its hooks on the blocks) and the sequence-parallel split
+        self.compiled = compile_dit(self.pipe.dit, cfg.compile, device)
         self.loss = OasisLoss(lpips=load_lpips(cfg.lpips, cfg.lpips_net, device) if cfg.lpips else None,
                               warp_weight=cfg.warp_weight)
         self.flow_model = load_raft(cfg.raft, device) if cfg.raft else None
@@ -311,8 +335,6 @@ class Trainer:
         pipe.dit.requires_grad_(True).train()
         pipe.projector.requires_grad_(True).train()
         pipe.dit.activation_checkpointing = cfg.activation_checkpointing
-        if cfg.compile or (cfg.compile is None and device.type == "cuda"):
-            pipe.dit.compile_regions()
         return pipe, vae
 
     def _wrap(self):

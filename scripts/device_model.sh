@@ -3,7 +3,7 @@
 # diffusers (needs diffusers: carry its wheel in the ignored .whl/ and `pip install --target /tmp/site`), the
 # DiT and the whole OasisVSR call, the DiT's training step (eager and compiled regions), the training-data
 # throughput (degradations in the workers, and on the GPU). PyAV travels as a wheel in .whl/ too.
-# BENCHES picks some of: vae model train degrade (default: all).
+# BENCHES picks some of: vae model train train_model degrade (default: all but train_model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT/r"
@@ -21,6 +21,11 @@ for bench in ${BENCHES:-vae model train degrade}; do
                    --checkpoint-blocks 30 0 --profile --out "$OUT/r/train_compiled" 2>&1 | tail -34
                python3 benchmarks/train_bench.py --batches 16 32 64 --steps 2 --compile \
                    --out "$OUT/r/train_large" 2>&1 | tail -10 ;;
+        # the whole DiT compiled, and as CUDA graphs: routed only (each routing compiles anew, minutes)
+        train_model) for form in model graphs; do
+                   python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --compile $form --modes routed \
+                       --out "$OUT/r/train_$form" 2>&1 | tail -6
+               done ;;
         degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
                  python3 benchmarks/degrade_bench.py --workers 8 --threads 0 4 8 --clips 16 --device cuda \
                      --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -16 ;;

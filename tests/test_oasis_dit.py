@@ -507,6 +507,37 @@ def test_checkpointing_some_blocks_gives_the_same_gradients():
             model.activation_checkpointing = bad
 
 
+def test_the_whole_model_compiles_for_training():
+    """oasis-train's compile = "model": the whole DiT in one graph (fullgraph) with checkpointed blocks,
+    compiled on its first call (the caches of plans and RoPE tables filled outside the checkpointed
+    blocks, where a write would be a side effect torch.compile refuses), the eager loss and gradients."""
+    import copy
+
+    torch._dynamo.reset()
+    model = WanDiT(CFG).train()
+    model.set_routing(ROUTING)
+    model.activation_checkpointing = True
+    reference = copy.deepcopy(model)
+    x, ts, ctx = inputs(b=1, dtype=torch.float32)
+
+    def grads(m):
+        m.zero_grad(set_to_none=True)
+        loss = m(x, ts, ctx).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    want_loss, want = grads(reference)
+    model.compile(fullgraph=True, backend="aot_eager")
+    try:
+        got_loss, got = grads(model)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_regions_train_as_eager():
     """The compiled regions under autograd (aot_eager: AOTAutograd's forward and backward graphs) with
     activation checkpointing give the eager loss and gradients: what oasis-train's compile = true runs."""
