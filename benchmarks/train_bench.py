@@ -130,6 +130,10 @@ def main(argv=None):
         for blocks in checkpointing:
             model.activation_checkpointing = blocks
             for name, routing in [(n, r) for n, r in (("routed", routed), ("all-global", None)) if n in args.modes]:
+                if args.compile in ("model", "graphs"):
+                    # each setting compiles the whole model anew: forget the last one's graphs, or
+                    # their count reaches torch.compile's recompile limit (an error under fullgraph)
+                    torch._dynamo.reset()
                 model.set_routing(routing)
                 modes = [["global"] * cfg.num_heads] * cfg.num_layers if routing is None else routing
                 for batch in args.batches:
@@ -139,11 +143,9 @@ def main(argv=None):
                     try:
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        # the whole model compiles again on its second call (the DiT's caches of plans, RoPE
-                        # tables and context K/V were filled by the first); CUDA graphs then record on
-                        # the next call and replay from the one after
+                        # CUDA graphs: recorded on the second call of a shape, replayed from the third
                         times = timed_steps(model, opt, latents, t, args.steps, device, autocast,
-                                            warmup={"model": 2, "graphs": 3}.get(args.compile, 1))
+                                            warmup=2 if args.compile == "graphs" else 1)
                         if args.profile and profile is None and name == "routed" and device.type == "cuda":
                             profile = {**setting, **profile_step(model, opt, latents, t, device)}
                     except torch.OutOfMemoryError:

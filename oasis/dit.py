@@ -402,6 +402,7 @@ class WanDiT(nn.Module):
         self._kv_cache: tuple | None = None
         self._rope: dict = {}
         self._regions = None
+        self._compiled_trunk = None
         self._checkpointed_blocks = 0
         self.sequence_group = None
 
@@ -472,6 +473,20 @@ class WanDiT(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
+    def compile_model(self, enabled: bool = True, **options) -> "WanDiT":
+        """torch.compile the whole model's compute (``_trunk``: embeddings, every block with its
+        routed attention, the head), forward and backward one graph each under autograd; ``forward``
+        keeps the input checks and the caches outside it. Not with sequence parallelism (its
+        collectives would break the graph) nor with :meth:`compile_regions` (one or the other).
+        ``options`` go to ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs)."""
+        if enabled and self.sequence_group is not None:
+            raise ValueError("compile_model does not take a sequence-parallel DiT; use compile_regions")
+        self._compiled_trunk = None
+        if enabled:
+            self._regions = None
+            self._compiled_trunk = torch.compile(self._trunk, **options)
+        return self
+
     def compile_regions(self, enabled: bool = True, **options) -> "WanDiT":
         """torch.compile each block's two regions around the routed attention (``WanBlock``).
 
@@ -481,6 +496,7 @@ class WanDiT(nn.Module):
         """
         self._regions = None
         if enabled:
+            self._compiled_trunk = None
             self._regions = (torch.compile(WanBlock.attention_inputs, **options),
                              torch.compile(WanBlock.after_attention, **options))
         return self
@@ -539,6 +555,9 @@ class WanDiT(nn.Module):
         P latent frames per call."""
         if enabled and not torch.distributed.is_initialized():
             raise RuntimeError("set_sequence_parallel needs torch.distributed initialised (e.g. under torchrun)")
+        if enabled and self._compiled_trunk is not None:
+            raise ValueError("a DiT compiled whole (compile_model) cannot split its tokens; compile_model(False) "
+                             "first, or compile_regions")
         group = (group or torch.distributed.group.WORLD) if enabled else None
         self.sequence_group = group
         for b in self.blocks:
@@ -651,17 +670,33 @@ class WanDiT(nn.Module):
             f0, f1 = self._frames_of_rank(grid)
             full, latents = latents, latents[:, :, f0 * pt:f1 * pt]
             t = latents.shape[2]
+        kv = self._context_kv(context)
+        rope = self.rope(grid)
+        for block in self.blocks:  # each layer's plan made and cached here, outside the compute below
+            block.self_attn.plan(grid)
+        if full is not None:
+            n0, n1 = f0 * grid[1] * grid[2], f1 * grid[1] * grid[2]
+            rope = (rope[0][n0:n1], rope[1][n0:n1])
+        out = (self._compiled_trunk or self._trunk)(latents, timestep, kv, rope, grid)
+        if full is None:
+            return out
+        world = torch.distributed.get_world_size(self.sequence_group)
+        hw = grid[1] * grid[2]
+        sizes = [(stop - start) // hw * pt for start, stop in ok_distributed.token_slices(grid, world)]
+        return _GatherFrames.apply(out, sizes, self.sequence_group)
+
+    def _trunk(self, latents: torch.Tensor, timestep: torch.Tensor, kv: list, rope, grid) -> torch.Tensor:
+        """The model's compute on checked inputs, its caches (RoPE tables, plans, context K/V) already
+        filled by ``forward``: what :meth:`compile_model` compiles, with no write to any cache (inside
+        a checkpointed block a write is a side effect torch.compile refuses, and a cache filled on the
+        first compiled call would compile it again on the second)."""
+        cfg = self.config
+        b, _, t, h, w = latents.shape
+        pt, ph, pw = cfg.patch_size
         x = self.patch_embedding(latents.to(self.dtype)).flatten(2).transpose(1, 2)
         # float32 (the parameters WanDiT.cast keeps), float64 in a float64 model
         e = self.time_embedding(timestep_embedding(timestep, cfg.freq_dim).to(self.time_embedding[0].weight.dtype))
         e6 = self.time_projection(e).unflatten(1, (6, cfg.dim))
-        kv = self._context_kv(context)
-        rope = self.rope(grid)
-        for block in self.blocks:  # each layer's plan cached here, not inside a checkpointed block,
-            block.self_attn.plan(grid)  # where torch.compile refuses the cache's write as a side effect
-        if full is not None:
-            n0, n1 = f0 * grid[1] * grid[2], f1 * grid[1] * grid[2]
-            rope = (rope[0][n0:n1], rope[1][n0:n1])
         for i, (block, layer_kv) in enumerate(zip(self.blocks, kv)):
             if i < self._checkpointed_blocks and torch.is_grad_enabled():
                 # keep only each block's input; its activations are recomputed in the backward. The
@@ -675,10 +710,4 @@ class WanDiT(nn.Module):
         x = self.head(x, e)
         local = (t // pt, grid[1], grid[2])
         x = x.view(b, *local, pt, ph, pw, cfg.out_channels)
-        out = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, t, h, w)
-        if full is None:
-            return out
-        world = torch.distributed.get_world_size(self.sequence_group)
-        hw = grid[1] * grid[2]
-        sizes = [(stop - start) // hw * pt for start, stop in ok_distributed.token_slices(grid, world)]
-        return _GatherFrames.apply(out, sizes, self.sequence_group)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, cfg.out_channels, t, h, w)

@@ -278,15 +278,16 @@ class OasisVSR:
         padded = 1 + ft * math.ceil((frames - 1) / ft)
         chunk = min(plan.chunk_frames, padded)
         total = max(frames, chunk)
-        # each clip is gathered from the uint8 video by clamped indices: the borders replicated up to
-        # the grid (cropped again at the end), a short clip's last frame repeated up to 4k+1 frames;
-        # it travels to the device as uint8 and becomes [-1, 1] floats there
-        index = [torch.arange(n).clamp_(max=m - 1) for n, m in ((total, frames), (ph, height), (pw, width))]
-
+        # each clip is cut from the uint8 video, the borders replicated up to the grid (cropped again
+        # at the end) and a short clip's last frame repeated up to 4k+1 frames; it travels to the
+        # device as uint8 and becomes [-1, 1] floats there
         def clip_at(t0, t1, h0, h1, w0, w1):
             part = video
-            for dim, (i, lo, hi) in enumerate(zip(index, (t0, h0, w0), (t1, h1, w1))):
-                part = part.index_select(dim, i[lo:hi])
+            for dim, (lo, hi, size) in enumerate(((t0, t1, frames), (h0, h1, height), (w0, w1, width))):
+                first, last = min(lo, size - 1), min(hi - 1, size - 1)
+                part = part.narrow(dim, first, last - first + 1)  # the clip's frames, rows, columns
+                if hi > size:  # and the replicated ones beyond the video's end
+                    part = part.index_select(dim, torch.arange(lo, hi, device=video.device).clamp_(max=size - 1) - first)
             part = part.to(self.device)
             return part.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)  # [1, 3, f, h, w]
 

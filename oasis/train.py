@@ -52,8 +52,7 @@ def compile_dit(dit, setting, device: torch.device) -> str | None:
     if mode == "regions":
         dit.compile_regions()
     elif mode in ("model", "graphs"):
-        # the module compiled in place (nn.Module.compile): its state dict keeps its keys
-        dit.compile(fullgraph=True, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
+        dit.compile_model(fullgraph=True, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
     return mode
 
 
@@ -572,7 +571,10 @@ class Trainer:
         extra = read_safetensors_file(model / "oasis.safetensors")
         self.pipe.projector.load_state_dict({"proj.weight": extra["projector.proj.weight"],
                                              "proj.bias": extra["projector.proj.bias"]})
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        for group in optimizer["param_groups"]:  # the fused AdamW this trainer runs, whatever wrote the
+            group.update(fused=True, foreach=None)  # checkpoint (loading keeps the saved groups' flags)
+        self.optimizer.load_state_dict(optimizer)
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
         _set_random_states(state["random"])

@@ -508,9 +508,10 @@ def test_checkpointing_some_blocks_gives_the_same_gradients():
 
 
 def test_the_whole_model_compiles_for_training():
-    """oasis-train's compile = "model": the whole DiT in one graph (fullgraph) with checkpointed blocks,
-    compiled on its first call (the caches of plans and RoPE tables filled outside the checkpointed
-    blocks, where a write would be a side effect torch.compile refuses), the eager loss and gradients."""
+    """oasis-train's compile = "model" (WanDiT.compile_model): the whole DiT's compute in one graph
+    (fullgraph) with checkpointed blocks, compiled once (the caches of plans, RoPE tables and context
+    K/V filled outside it: inside a checkpointed block a write is a side effect torch.compile refuses),
+    the eager loss and gradients."""
     import copy
 
     torch._dynamo.reset()
@@ -527,10 +528,16 @@ def test_the_whole_model_compiles_for_training():
         return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
 
     want_loss, want = grads(reference)
-    model.compile(fullgraph=True, backend="aot_eager")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    model.compile_model(fullgraph=True, backend=counter)
     try:
         got_loss, got = grads(model)
+        grads(model)
+        assert counter.frame_count == 1  # no second compile once the caches are filled
     finally:
+        model.compile_model(False)
         torch._dynamo.reset()
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
     assert len(got) == len(want)

@@ -1,6 +1,7 @@
 """The one-step pipeline: projector (eq. 3), restoration (eq. 4), decoding, chunks and tiles, checkpoints."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -145,6 +146,38 @@ def test_chunks_and_tiles_blend_a_moving_ramp_without_seams(pipe, monkeypatch):
     whole = pipe(video, chunk_frames=21, progress=False)
     cut = pipe(video, chunk_frames=9, tile=8, progress=False)
     assert (whole.int() - cut.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("frames,size,chunk,tile", [(3, (13, 17), 5, 8), (7, (9, 11), 5, None), (1, (5, 7), None, 8)])
+def test_clips_are_the_video_with_replicated_borders(pipe, monkeypatch, frames, size, chunk, tile):
+    """Every clip the model sees is a block of the video in [-1, 1] with its borders replicated up to
+    the grid and its last frame repeated up to 4k+1 frames (as F.pad's "replicate" gives them), and
+    the clips cover that whole padded video: odd sizes, a clip shorter than a chunk, tiles beyond
+    the video's edge."""
+    seen = []
+
+    def restore_clip(clip):
+        seen.append(clip.clone())
+        return F.interpolate(clip, scale_factor=(1, 4, 4), mode="nearest")
+
+    monkeypatch.setattr(pipe, "restore_clip", restore_clip)
+    video = random_video(frames, *size, seed=5)
+    pipe(video, chunk_frames=chunk, tile=tile, progress=False)
+    a, ft = pipe.align, pipe.projector.config.frames_per_latent
+    ph, pw = a * math.ceil(size[0] / a), a * math.ceil(size[1] / a)
+    want = video.permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    want = F.pad(want[0], (0, pw - size[1], 0, ph - size[0]), mode="replicate")[None]
+    total = max(frames, min(chunk or 10**6, 1 + ft * math.ceil((frames - 1) / ft)))
+    want = torch.cat([want, want[:, :, -1:].expand(-1, -1, total - frames, -1, -1)], dim=2)
+    covered = torch.zeros(want.shape[2:], dtype=torch.bool)
+    for clip in seen:
+        f, h, w = clip.shape[2:]
+        at = [(t0, h0, w0) for t0 in range(total - f + 1) for h0 in range(ph - h + 1) for w0 in range(pw - w + 1)
+              if torch.equal(want[:, :, t0:t0 + f, h0:h0 + h, w0:w0 + w], clip)]
+        assert at, f"a clip {tuple(clip.shape)} that is no block of the padded video"
+        t0, h0, w0 = at[0]
+        covered[t0:t0 + f, h0:h0 + h, w0:w0 + w] = True
+    assert covered.all()
 
 
 def test_real_model_in_chunks(pipe):

@@ -34,8 +34,13 @@ def test_resume_gives_the_same_next_losses(tmp_path):
     first = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=2, out=str(tmp_path / "b")))
     first.run(steps=3)
     path = first.save()
+    # as a checkpoint written before the trainer's AdamW was fused has it: resumed fused all the same
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=None, foreach=None)
+    torch.save(state, path / "trainer.pt")
     again = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=2, out=str(tmp_path / "b")), resume=path)
-    assert again.step == 3
+    assert again.step == 3 and all(g["fused"] for g in again.optimizer.param_groups)
     got = [r["total"] for r in again.run()]
     assert got[:3] == want[:3]  # the history travels with the checkpoint
     assert got[3] == pytest.approx(want[3], rel=1e-6, abs=1e-7)
