@@ -480,6 +480,22 @@ def test_compiled_regions_trace_once_for_all_blocks():
     assert model._regions is None
 
 
+def loss_and_grads(model, x, ts, ctx):
+    """A training step's loss and the parameters' gradients (the model's own float32 math)."""
+    model.zero_grad(set_to_none=True)
+    loss = model(x, ts, ctx).square().mean()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def assert_same_training(got, want):
+    """Two ``loss_and_grads`` results the same within float32's rounding of different fusions."""
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-7)
+    assert len(got[1]) == len(want[1])
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpointing_some_blocks_gives_the_same_gradients():
     """activation_checkpointing as a number of blocks: the first ones recompute, the rest keep their
     activations; the loss and gradients are those of no checkpointing, for every number."""
@@ -492,16 +508,12 @@ def test_checkpointing_some_blocks_gives_the_same_gradients():
     results = {}
     for blocks, runs in ((False, [1, 1]), (1, [2, 1]), (True, [2, 2])):
         model.activation_checkpointing = blocks
-        model.zero_grad(set_to_none=True)
         calls[:] = [0] * CFG.num_layers
-        model(x, ts, ctx).square().mean().backward()
+        results[blocks] = loss_and_grads(model, x, ts, ctx)
         assert calls == runs, (blocks, calls)
-        results[blocks] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert model.activation_checkpointing == CFG.num_layers
     for blocks in (1, True):
-        assert len(results[blocks]) == len(results[False])
-        for g, w in zip(results[blocks], results[False]):
-            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+        assert_same_training(results[blocks], results[False])
     for bad in (3, -1, "all", 1.0):
         with pytest.raises(ValueError, match="activation_checkpointing must be True, False or a number"):
             model.activation_checkpointing = bad
@@ -521,28 +533,19 @@ def test_the_whole_model_compiles_for_training():
     reference = copy.deepcopy(model)
     x, ts, ctx = inputs(b=1, dtype=torch.float32)
 
-    def grads(m):
-        m.zero_grad(set_to_none=True)
-        loss = m(x, ts, ctx).square().mean()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
-
-    want_loss, want = grads(reference)
+    want = loss_and_grads(reference, x, ts, ctx)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend("aot_eager")
     model.compile_model(fullgraph=True, backend=counter)
     try:
-        got_loss, got = grads(model)
-        grads(model)
+        got = loss_and_grads(model, x, ts, ctx)
+        loss_and_grads(model, x, ts, ctx)
         assert counter.frame_count == 1  # no second compile once the caches are filled
     finally:
         model.compile_model(False)
         torch._dynamo.reset()
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_same_training(got, want)
 
 
 def test_compiled_regions_train_as_eager():
@@ -553,21 +556,11 @@ def test_compiled_regions_train_as_eager():
     model.set_routing(ROUTING)
     model.activation_checkpointing = True
     x, ts, ctx = inputs(b=1, dtype=torch.float32)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        loss = model(x, ts, ctx).square().mean()
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
-
-    want_loss, want = grads()
+    want = loss_and_grads(model, x, ts, ctx)
     model.compile_regions(backend="aot_eager", fullgraph=True)
     try:
-        got_loss, got = grads()
+        got = loss_and_grads(model, x, ts, ctx)
     finally:
         model.compile_regions(False)
         torch._dynamo.reset()
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert_same_training(got, want)
