@@ -3,7 +3,8 @@
 # an install without the setup.py build gets them; their GPU tests, compute-sanitizer memcheck
 # and racecheck on a small case, and the public op with the triton and cuda backends at S, A, B
 # (local heads only, benchmarks/local_bench.py). Logs and JSON go to $OUT.
-#   SHAPES=S,A,B RUN_SANITIZER=1 bash scripts/device_cuda_local.sh
+# RUN_NCU=1: Nsight Compute on the two forwards at B as well (ncu_forward.txt).
+#   SHAPES=S,A,B RUN_SANITIZER=1 RUN_NCU=0 bash scripts/device_cuda_local.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -20,6 +21,13 @@ if [ "${RUN_SANITIZER:-1}" = 1 ]; then
         timeout 200 compute-sanitizer --tool $tool python3 scripts/sanitize_cuda_local.py > "$OUT/sanitizer_$tool.log" 2>&1
         echo "$tool: $(tail -3 "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
     done
+fi
+if [ "${RUN_NCU:-0}" = 1 ]; then  # the two forwards at B: speed of light, pipes, instruction mix, stalls
+    timeout 300 ncu -k regex:forward_kernel -c 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section InstructionStats --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats python3 scripts/ncu_cuda_local.py > "$OUT/ncu_forward.txt" 2>&1
+    grep -E "forward_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy" \
+        "$OUT/ncu_forward.txt" | head -20
 fi
 for mode in window intra; do
     timeout 240 python3 benchmarks/local_bench.py --shapes "${SHAPES:-S,A,B}" --mode $mode --backends triton,cuda \
