@@ -669,7 +669,6 @@ class WanDiT(nn.Module):
         if self.sequence_group is not None:  # this rank's frames only; the output gathered at the end
             f0, f1 = self._frames_of_rank(grid)
             full, latents = latents, latents[:, :, f0 * pt:f1 * pt]
-            t = latents.shape[2]
         kv = self._context_kv(context)
         rope = self.rope(grid)
         for block in self.blocks:  # each layer's plan made and cached here, outside the compute below
