@@ -70,6 +70,40 @@ def timed_steps(model, opt, latents, t, steps: int, device, autocast, warmup: in
     return [one_step(model, opt, latents, t, device, autocast) for _ in range(steps)]
 
 
+def graphed_steps(model, opt, latents, t, steps: int, warmup: int = 3) -> list[tuple[float, None]]:
+    """The whole step (forward, backward, AdamW) captured as one CUDA graph after ``warmup`` eager
+    steps on a side stream (PyTorch's whole-network capture; AdamW ``capturable``), then replayed
+    ``steps`` times: the step without the host's share. (seconds, None) per replay."""
+    def body():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache across replays
+            v = model(latents, t)
+        v.float().square().mean().backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # the captured backward makes the gradients, in the graph's memory
+    with torch.cuda.graph(graph):
+        body()
+    graph.replay()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start, None))
+    opt.zero_grad(set_to_none=True)
+    del graph
+    return times
+
+
 def profile_step(model, opt, latents, t, device) -> dict:
     """GPU time of one step by kernel kind, and the step's wall time against its kernels' sum (the
     difference is where the GPU waits for the host, or kernels overlap)."""
@@ -96,6 +130,9 @@ def main(argv=None):
                         "the rest keep their activations")
     p.add_argument("--adamw", nargs="+", choices=("fused", "foreach"), default=["fused"],
                    help="AdamW implementations, each timed (oasis-train uses fused)")
+    p.add_argument("--step-graph", action="store_true",
+                   help="capture each setting's whole step (forward, backward, AdamW) as one CUDA graph and "
+                        "time its replays (CUDA only; not with --compile graphs)")
     p.add_argument("--modes", nargs="+", choices=("routed", "all-global"), default=["routed", "all-global"],
                    help="the routings timed (each compiles anew under --compile model / graphs)")
     p.add_argument("--profile", action="store_true",
@@ -107,6 +144,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.step_graph and (device.type != "cuda" or args.compile == "graphs"):
+        p.error("--step-graph needs --device cuda and another --compile than graphs")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("train_bench: needs CUDA (or --device cpu --tiny); nothing measured")
         return 0
@@ -126,7 +165,8 @@ def main(argv=None):
     rows = []
     profile = None
     for impl in args.adamw:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), **{impl: True})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), capturable=args.step_graph,
+                                **{impl: True})
         for blocks in checkpointing:
             model.activation_checkpointing = blocks
             for name, routing in [(n, r) for n, r in (("routed", routed), ("all-global", None)) if n in args.modes]:
@@ -139,13 +179,16 @@ def main(argv=None):
                 for batch in args.batches:
                     latents = torch.randn(batch, cfg.in_channels, *latent, device=device)
                     t = torch.full((batch,), 799.0, device=device)
-                    setting = {"adamw": impl, "checkpointed_blocks": blocks, "mode": name, "batch": batch}
+                    setting = {"adamw": impl, "checkpointed_blocks": blocks, "mode": name, "batch": batch,
+                               "step_graph": args.step_graph}
                     try:
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
-                        # CUDA graphs: recorded on the second call of a shape, replayed from the third
-                        times = timed_steps(model, opt, latents, t, args.steps, device, autocast,
-                                            warmup=2 if args.compile == "graphs" else 1)
+                        if args.step_graph:
+                            times = graphed_steps(model, opt, latents, t, args.steps)
+                        else:  # CUDA graphs of --compile graphs: recorded on a shape's second call
+                            times = timed_steps(model, opt, latents, t, args.steps, device, autocast,
+                                                warmup=2 if args.compile == "graphs" else 1)
                         if args.profile and profile is None and name == "routed" and device.type == "cuda":
                             profile = {**setting, **profile_step(model, opt, latents, t, device)}
                     except torch.OutOfMemoryError:
@@ -154,9 +197,10 @@ def main(argv=None):
                         rows.append({**setting, "fits": False})
                         print(json.dumps(rows[-1]), flush=True)
                         break
-                    s = statistics.median(a + b for a, b in times)
+                    s = statistics.median(a + (b or 0.0) for a, b in times)
                     flops = step_flops(cfg, grid, modes, batch)
-                    row = {**setting, "fits": True, "step_s": s, "optimizer_s": statistics.median(b for _, b in times),
+                    optimizer_s = None if args.step_graph else statistics.median(b for _, b in times)
+                    row = {**setting, "fits": True, "step_s": s, "optimizer_s": optimizer_s,
                            "tokens_per_s": batch * grid[0] * grid[1] * grid[2] / s, "TFLOP": flops / 1e12,
                            "TFLOP/s": flops / s / 1e12, "mfu": None if rate is None else flops / s / rate,
                            "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
@@ -177,7 +221,8 @@ def main(argv=None):
     md = [f"# OASIS DiT training step, {res['env'].get('gpu', res['env'].get('cpu'))}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"{res['config']}, grid {grid} per clip (17 frames 320x640), float32 weights, bf16 autocast, "
-          f"{f'compiled: {args.compile}' if args.compile else 'eager'}; median of {args.steps} steps after a warm-up; "
+          f"{f'compiled: {args.compile}' if args.compile else 'eager'}"
+          f"{', each step replayed as one CUDA graph' if args.step_graph else ''}; median of {args.steps} steps after a warm-up; "
           f"'optimizer s' is AdamW's step alone. Checkpointed blocks of {cfg.num_layers}. "
           f"bf16 GEMM 8192^3: {res['matmul_TFLOP/s'] or 0:.0f} TFLOP/s.", "",
           "| AdamW | checkpointed | mode | batch | step s | optimizer s | tokens/s | TFLOP/s | MFU | peak GiB |",
@@ -189,7 +234,8 @@ def main(argv=None):
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
         peak = "-" if r["peak_GiB"] is None else f"{r['peak_GiB']:.1f}"
-        md.append(f"{head} {r['step_s']:.3f} | {r['optimizer_s']:.3f} | {r['tokens_per_s']:.0f} | "
+        opt_s = "in the graph" if r["optimizer_s"] is None else f"{r['optimizer_s']:.3f}"
+        md.append(f"{head} {r['step_s']:.3f} | {opt_s} | {r['tokens_per_s']:.0f} | "
                   f"{r['TFLOP/s']:.1f} | {mfu} | {peak} |")
     for key, x in res["routed_speedup_batch1"].items():
         md.append(f"\nRouted against all-global at batch 1 ({key}): {x:.2f}x.")

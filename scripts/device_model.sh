@@ -21,8 +21,11 @@ for bench in ${BENCHES:-vae model train degrade}; do
                    --checkpoint-blocks 30 0 --profile --out "$OUT/r/train_compiled" 2>&1 | tail -34
                python3 benchmarks/train_bench.py --batches 16 32 64 --steps 2 --compile \
                    --out "$OUT/r/train_large" 2>&1 | tail -10 ;;
-        # the whole DiT compiled, and as CUDA graphs: routed only (each routing compiles anew, minutes)
-        train_model) for form in model graphs; do
+        # each step replayed as one CUDA graph (regions compiled), then the whole DiT compiled, and
+        # as CUDA graphs: routed only (each routing compiles the whole DiT anew, minutes)
+        train_model) python3 benchmarks/train_bench.py --batches 1 4 --steps 5 --compile --step-graph --modes routed \
+                   --out "$OUT/r/train_step_graph" 2>&1 | tail -6
+               for form in model graphs; do
                    python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --compile $form --modes routed \
                        --out "$OUT/r/train_$form" 2>&1 | tail -6
                done ;;
