@@ -79,8 +79,8 @@ def attention_layer_ms(grid, modes, reps: int, device) -> float:
 
 
 def bench_dit(model: WanDiT, cfg, args, ceilings, device, mode: str) -> dict:
-    """``mode``: "eager" or "regions" (WanDiT.compile_regions)."""
-    model.compile_regions(mode == "regions")
+    """``mode``: "eager" or "regions" (WanDiT.compile_regions, with ``--inductor-options``)."""
+    model.compile_regions(mode == "regions", **compile_options(args))
     out = {}
     for name in args.grids:
         grid = GRIDS[name]
@@ -150,14 +150,19 @@ def kernels_by_kind(prof, top: int = 12) -> dict:
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms"]))
 
 
-def profile_forward(model: WanDiT, cfg, device) -> dict:
+def compile_options(args) -> dict:
+    """torch.compile's keywords for the regions: Inductor's options from ``--inductor-options``."""
+    return {"options": args.inductor_options} if args.inductor_options else {}
+
+
+def profile_forward(model: WanDiT, cfg, device, args) -> dict:
     """GPU time of one routed forward at A (compiled regions) grouped by kernel kind."""
     from torch.profiler import ProfilerActivity, profile
 
     t, h, w = GRIDS["A"]
     z = torch.randn(1, cfg.in_channels, t, 2 * h, 2 * w, device=device, dtype=torch.bfloat16)
     model.set_routing([ROUTED] * cfg.num_layers)
-    model.compile_regions()
+    model.compile_regions(**compile_options(args))
     with torch.no_grad():
         model(z, 799.0)
         torch.cuda.synchronize()
@@ -283,6 +288,9 @@ def main(argv=None):
                    help="eager, and/or the blocks' regions compiled (WanDiT.compile_regions)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (the whole model)")
     p.add_argument("--profile", action="store_true", help="kernel time by kind for one routed forward at A")
+    p.add_argument("--inductor-options", type=json.loads, default=None, metavar="JSON",
+                   help='Inductor options for the compiled regions, e.g. \'{"triton.multi_kernel": 1}\' '
+                        "(persistent and looped reductions both compiled, the faster kept)")
     p.add_argument("--vsr", action="store_true", help="also time OasisVSR end to end")
     p.add_argument("--vae", choices=["oasis", "diffusers"], default="oasis", help="the decoder --vsr uses")
     p.add_argument("--out", type=Path, help="folder for model_bench.json / .md")
@@ -293,7 +301,7 @@ def main(argv=None):
     device = torch.device("cuda")
     torch.manual_seed(0)
     cfg = WanConfig()
-    results = {"env": environment(device), "ceilings": measure_ceilings(device)}
+    results = {"env": environment(device), "ceilings": measure_ceilings(device), "inductor_options": args.inductor_options}
 
     def save():  # after every section, so a run cut short keeps what it measured
         if args.out:
@@ -309,7 +317,7 @@ def main(argv=None):
         results["dit_regions"] = bench_dit(model, cfg, args, results["ceilings"], device, "regions")
         save()
     if args.profile:
-        results["profile"] = profile_forward(model, cfg, device)
+        results["profile"] = profile_forward(model, cfg, device, args)
         save()
     if args.vsr:
         results["vsr"] = bench_vsr(model, cfg, args, device)
