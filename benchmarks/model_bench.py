@@ -211,6 +211,8 @@ def bench_vsr(model: WanDiT, cfg, args, device) -> dict:
         vae = WanVAEDecoder()
     vae = vae.to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
     pipe = OasisVSR(model, LatentProjector().to(device), WanDecoder(vae), context=model.context)  # compiles regions
+    if args.inductor_options:  # again, with the options
+        model.compile_regions(**compile_options(args))
     model.set_routing([ROUTED] * cfg.num_layers)
     video = torch.randint(0, 256, (33, 180, 320, 3), dtype=torch.uint8)
     x = video.permute(3, 0, 1, 2)[None].float().div(127.5).sub(1).to(device)

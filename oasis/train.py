@@ -52,7 +52,8 @@ def compile_dit(dit, setting, device: torch.device) -> str | None:
     if mode == "regions":
         dit.compile_regions()
     elif mode in ("model", "graphs"):
-        dit.compile_model(fullgraph=True, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
+        # static shapes: a run trains at one batch and clip size, and a new one compiles anew
+        dit.compile_model(fullgraph=True, dynamic=False, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
     return mode
 
 

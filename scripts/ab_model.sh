@@ -5,8 +5,10 @@
 # .variants/NAME`), REPEAT rounds, so the machine's drift falls on all of them alike. The variants
 # import this checkout's oasis_kernels. Carry .variants (an ignored folder) with the call.
 # Results under $OUT/NAME_ROUND/ (model_bench.json / .md, commit field = NAME).
-# ARGS: more model_bench.py options for every run (e.g. --vsr, the whole OasisVSR call by stage).
-#   GRIDS="A B" MODES=regions REPS=5 REPEAT=2 ARGS=--vsr bash scripts/ab_model.sh
+# ARGS: more model_bench.py options for every run (e.g. --vsr, the whole OasisVSR call by stage);
+# INDUCTOR: a JSON of Inductor options for the compiled regions, passed as one argument. Each run's
+# whole output is in $OUT/NAME_ROUND.log; the lines shown are its results and any error.
+#   GRIDS="A B" MODES=regions REPS=5 REPEAT=2 ARGS=--vsr INDUCTOR='{"triton.multi_kernel": 1}' bash scripts/ab_model.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -21,8 +23,11 @@ for ((round = 1; round <= ${REPEAT:-1}; round++)); do
         path=.
         [ "$name" = main ] || path=.variants/$name:.
         echo "== $name, round $round"
+        inductor=()
+        [ -n "${INDUCTOR:-}" ] && inductor=(--inductor-options "$INDUCTOR")
         PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} OASIS_COMMIT=$name python3 benchmarks/model_bench.py \
-            --grids ${GRIDS:-A B} --modes ${MODES:-regions} --reps "${REPS:-5}" ${ARGS:-} --out "$OUT/${name}_$round" \
-            2>&1 | grep -E "^(regions|eager) .*(ms|speedup)|\"call_s\"|\"s\": "
+            --grids ${GRIDS:-A B} --modes ${MODES:-regions} --reps "${REPS:-5}" ${ARGS:-} "${inductor[@]}" \
+            --out "$OUT/${name}_$round" 2>&1 | tee "$OUT/${name}_$round.log" \
+            | grep -E "^(regions|eager) .*(ms|speedup)|\"call_s\"|\"s\": |Traceback|Error|error:"
     done
 done

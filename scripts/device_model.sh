@@ -3,7 +3,8 @@
 # diffusers (needs diffusers: carry its wheel in the ignored .whl/ and `pip install --target /tmp/site`), the
 # DiT and the whole OasisVSR call, the DiT's training step (eager and compiled regions), the training-data
 # throughput (degradations in the workers, and on the GPU). PyAV travels as a wheel in .whl/ too.
-# BENCHES picks some of: vae model train train_model degrade (default: all but train_model).
+# BENCHES picks some of: vae model train train_step_graph train_model train_graphs degrade (default:
+# vae model train degrade). Each case's output is also in $OUT/r/<case>.log where it says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT/r"
@@ -16,19 +17,19 @@ for bench in ${BENCHES:-vae model train degrade}; do
         # eager (the baseline of the compiled default); compiled with both AdamWs, checkpointing on
         # every block and on none, one step profiled; then the larger batches up to the first that
         # does not fit
-        train) python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --out "$OUT/r/train_eager" 2>&1 | tail -8
+        train) python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --out "$OUT/r/train_eager" 2>&1 | tee "$OUT/r/train_eager.log" | tail -8
                python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --compile --adamw foreach fused \
-                   --checkpoint-blocks 30 0 --profile --out "$OUT/r/train_compiled" 2>&1 | tail -34
+                   --checkpoint-blocks 30 0 --profile --out "$OUT/r/train_compiled" 2>&1 | tee "$OUT/r/train_compiled.log" | tail -34
                python3 benchmarks/train_bench.py --batches 16 32 64 --steps 2 --compile \
-                   --out "$OUT/r/train_large" 2>&1 | tail -10 ;;
-        # each step replayed as one CUDA graph (regions compiled), then the whole DiT compiled, and
-        # as CUDA graphs: routed only (each routing compiles the whole DiT anew, minutes)
-        train_model) python3 benchmarks/train_bench.py --batches 1 4 --steps 5 --compile --step-graph --modes routed \
-                   --out "$OUT/r/train_step_graph" 2>&1 | tail -6
-               for form in model graphs; do
-                   python3 benchmarks/train_bench.py --batches 1 4 --steps 3 --compile $form --modes routed \
-                       --out "$OUT/r/train_$form" 2>&1 | tail -6
-               done ;;
+                   --out "$OUT/r/train_large" 2>&1 | tee "$OUT/r/train_large.log" | tail -10 ;;
+        # each step replayed as one CUDA graph over the compiled regions
+        train_step_graph) python3 benchmarks/train_bench.py --batches 1 4 --steps 5 --compile --step-graph \
+                   --modes routed --out "$OUT/r/train_step_graph" 2>&1 | tee "$OUT/r/train_step_graph.log" | tail -6 ;;
+        # the whole DiT compiled (train_model), and as CUDA graphs (train_graphs): batch 1, routed
+        # (each compiles the whole DiT's forward and backward, minutes: one case per call)
+        train_model|train_graphs) form=${bench#train_}
+               python3 benchmarks/train_bench.py --batches 1 --steps 5 --compile "$form" --modes routed \
+                   --out "$OUT/r/train_$form" 2>&1 | tee "$OUT/r/train_$form.log" | tail -6 ;;
         degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
                  python3 benchmarks/degrade_bench.py --workers 8 --threads 0 4 8 --clips 16 --device cuda \
                      --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -16 ;;
