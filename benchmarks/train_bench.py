@@ -47,15 +47,20 @@ def step_flops(cfg: WanConfig, grid, modes_per_layer, batch: int) -> float:
     return batch * (3.0 * matmuls + 3.5 * attention)
 
 
+def forward_backward(model, latents, t, device_type: str, autocast: bool, cast_cache: bool = True) -> None:
+    """The step's forward (bf16 autocast where ``autocast``) and the backward of its loss."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=cast_cache):
+        v = model(latents, t)
+    v.float().square().mean().backward()
+
+
 def one_step(model, opt, latents, t, device, autocast) -> tuple[float, float]:
     """One training step: (forward + backward seconds, optimizer seconds), synchronised between."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        v = model(latents, t)
-    v.float().square().mean().backward()
+    forward_backward(model, latents, t, device.type, autocast)
     sync()
     middle = time.perf_counter()
     opt.step()
@@ -75,9 +80,7 @@ def graphed_steps(model, opt, latents, t, steps: int, warmup: int = 3) -> list[t
     steps on a side stream (PyTorch's whole-network capture; AdamW ``capturable``), then replayed
     ``steps`` times: the step without the host's share. (seconds, None) per replay."""
     def body():
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache across replays
-            v = model(latents, t)
-        v.float().square().mean().backward()
+        forward_backward(model, latents, t, "cuda", True, cast_cache=False)  # no cast cache across replays
         opt.step()
 
     side = torch.cuda.Stream()

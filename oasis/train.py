@@ -284,7 +284,7 @@ class Trainer:
                 for p in (*self.pipe.dit.parameters(), *self.pipe.projector.parameters()):
                     torch.distributed.broadcast(p.data, 0)
         # after the calibration (its hooks on the blocks) and the sequence-parallel split
-        self.compiled = compile_dit(self.pipe.dit, cfg.compile, device)
+        compile_dit(self.pipe.dit, cfg.compile, device)
         self.loss = OasisLoss(lpips=load_lpips(cfg.lpips, cfg.lpips_net, device) if cfg.lpips else None,
                               warp_weight=cfg.warp_weight)
         self.flow_model = load_raft(cfg.raft, device) if cfg.raft else None
