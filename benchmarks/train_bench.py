@@ -137,13 +137,13 @@ def main(argv=None):
                    help="capture each setting's whole step (forward, backward, AdamW) as one CUDA graph and "
                         "time its replays (CUDA only; not with --compile graphs)")
     p.add_argument("--modes", nargs="+", choices=("routed", "all-global"), default=["routed", "all-global"],
-                   help="the routings timed (each compiles anew under --compile model / graphs)")
+                   help="the routings timed (each compiles anew under --compile graphs)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one routed step at the first batch: GPU time by kernel kind")
     p.add_argument("--compile", nargs="?", const="regions", choices=COMPILE_MODES,
                    help="compile the DiT as oasis-train's compile setting does: regions (the blocks' code "
-                        "around the attention; the default without a value), model (the whole DiT), graphs "
-                        "(the whole DiT as CUDA graphs)")
+                        "around the attention; the default without a value), graphs (the whole DiT compiled "
+                        "and replayed as CUDA graphs)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -173,7 +173,7 @@ def main(argv=None):
         for blocks in checkpointing:
             model.activation_checkpointing = blocks
             for name, routing in [(n, r) for n, r in (("routed", routed), ("all-global", None)) if n in args.modes]:
-                if args.compile in ("model", "graphs"):
+                if args.compile == "graphs":
                     # each setting compiles the whole model anew: forget the last one's graphs, or
                     # their count reaches torch.compile's recompile limit (an error under fullgraph)
                     torch._dynamo.reset()

@@ -43,7 +43,7 @@ __all__ = ["TrainConfig", "Trainer", "main"]
 
 
 #: the forms of TrainConfig.compile beyond true and false
-COMPILE_MODES = ("regions", "model", "graphs")
+COMPILE_MODES = ("regions", "graphs")
 
 
 def compile_dit(dit, setting, device: torch.device) -> str | None:
@@ -51,9 +51,9 @@ def compile_dit(dit, setting, device: torch.device) -> str | None:
     mode = "regions" if setting is True or (setting is None and device.type == "cuda") else setting or None
     if mode == "regions":
         dit.compile_regions()
-    elif mode in ("model", "graphs"):
+    elif mode == "graphs":
         # static shapes: a run trains at one batch and clip size, and a new one compiles anew
-        dit.compile_model(fullgraph=True, dynamic=False, **({"mode": "reduce-overhead"} if mode == "graphs" else {}))
+        dit.compile_model(fullgraph=True, dynamic=False, mode="reduce-overhead")
     return mode
 
 
@@ -111,11 +111,12 @@ class TrainConfig:
     # number of blocks (the first ones; the rest keep theirs: faster, more memory)
     activation_checkpointing: bool | int = True
     # torch.compile of the DiT: "regions" compiles each block's code around the routed attention
-    # (WanDiT.compile_regions, as oasis-vsr does on CUDA); "model" the whole DiT, its forward and
-    # backward one graph each; "graphs" the same replayed as CUDA graphs (torch.compile's
-    # reduce-overhead mode). true = "regions"; absent: "regions" on CUDA, eager on the CPU. The 1.3B
-    # step at (5,20,40) took 0.306 / 0.481 s with regions at batch 1 / 4 (6ec1eb4) against 0.426 /
-    # 0.806 s eager (bee2644), H200
+    # (WanDiT.compile_regions, as oasis-vsr does on CUDA); "graphs" the whole DiT, its forward and
+    # backward one graph each, replayed as CUDA graphs (torch.compile's reduce-overhead mode; static
+    # shapes, minutes to compile). true = "regions"; absent: "regions" on CUDA, eager on the CPU. The
+    # 1.3B step at (5,20,40), batch 1, H200 (426bad8): 0.37 s eager, 0.25-0.37 s with regions (the
+    # host bounds it), 0.157 s with graphs; batch 4: regions 0.454 s with every block checkpointed,
+    # 0.371 s with none (docs/OASIS.md)
     compile: bool | str | None = None
     seed: int = 0
     out: str = "runs/oasis"
@@ -160,7 +161,7 @@ class TrainConfig:
         if self.compile is not None and not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be true, false, one of {', '.join(map(repr, COMPILE_MODES))} or absent "
                              f"(regions on CUDA), got {self.compile!r}")
-        if self.compile in ("model", "graphs") and self.sequence_parallel > 1:
+        if self.compile == "graphs" and self.sequence_parallel > 1:
             raise ValueError(f"compile = {self.compile!r} takes the whole DiT into one graph, which the "
                              f"sequence-parallel collectives would break; use 'regions' with sequence_parallel > 1")
         v = self.activation_checkpointing

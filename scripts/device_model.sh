@@ -3,7 +3,7 @@
 # diffusers (needs diffusers: carry its wheel in the ignored .whl/ and `pip install --target /tmp/site`), the
 # DiT and the whole OasisVSR call, the DiT's training step (eager and compiled regions), the training-data
 # throughput (degradations in the workers, and on the GPU). PyAV travels as a wheel in .whl/ too.
-# BENCHES picks some of: vae model train train_step_graph train_model train_graphs degrade (default:
+# BENCHES picks some of: vae model train train_step_graph train_graphs degrade (default:
 # vae model train degrade). Each case's output is also in $OUT/r/<case>.log where it says so.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,14 +22,15 @@ for bench in ${BENCHES:-vae model train degrade}; do
                    --checkpoint-blocks 30 0 --profile --out "$OUT/r/train_compiled" 2>&1 | tee "$OUT/r/train_compiled.log" | tail -34
                python3 benchmarks/train_bench.py --batches 16 32 64 --steps 2 --compile \
                    --out "$OUT/r/train_large" 2>&1 | tee "$OUT/r/train_large.log" | tail -10 ;;
-        # each step replayed as one CUDA graph over the compiled regions
-        train_step_graph) python3 benchmarks/train_bench.py --batches 1 4 --steps 5 --compile --step-graph \
-                   --modes routed --out "$OUT/r/train_step_graph" 2>&1 | tee "$OUT/r/train_step_graph.log" | tail -6 ;;
-        # the whole DiT compiled (train_model), and as CUDA graphs (train_graphs): batch 1, routed
-        # (each compiles the whole DiT's forward and backward, minutes: one case per call)
-        train_model|train_graphs) form=${bench#train_}
-               python3 benchmarks/train_bench.py --batches 1 --steps 5 --compile "$form" --modes routed \
-                   --out "$OUT/r/train_$form" 2>&1 | tee "$OUT/r/train_$form.log" | tail -6 ;;
+        # each step replayed as one CUDA graph over the compiled regions, routed and all-global (the
+        # host out of the comparison), every block checkpointed and none, up to batch 8 (~110 GiB
+        # without checkpointing)
+        train_step_graph) python3 benchmarks/train_bench.py --batches 1 4 8 --steps 5 --compile --step-graph \
+                   --checkpoint-blocks 30 0 --out "$OUT/r/train_step_graph" 2>&1 | tee "$OUT/r/train_step_graph.log" | tail -16 ;;
+        # the whole DiT compiled and replayed as CUDA graphs: batch 1, routed (compiles the whole DiT's
+        # forward and backward, minutes: a call of its own)
+        train_graphs) python3 benchmarks/train_bench.py --batches 1 --steps 5 --compile graphs --modes routed \
+                   --out "$OUT/r/train_graphs" 2>&1 | tee "$OUT/r/train_graphs.log" | tail -6 ;;
         degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
                  python3 benchmarks/degrade_bench.py --workers 8 --threads 0 4 8 --clips 16 --device cuda \
                      --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -16 ;;

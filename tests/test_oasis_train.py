@@ -138,7 +138,7 @@ def test_resume_refuses_changed_data_settings_and_keeps_an_all_global_run_global
         Trainer(demo_config(tmp_path, stage1_steps=1, stage2_steps=1, batch=2), resume=path)
     for bad in (dict(grad_clip=-1.0), dict(dtype="float16"), dict(device="gpu"), dict(warp_weight=-0.1),
                 dict(activation_checkpointing=-1), dict(activation_checkpointing="all"), dict(compile="whole"),
-                dict(compile="model", sequence_parallel=2)):
+                dict(compile="model"), dict(compile="graphs", sequence_parallel=2)):
         with pytest.raises(ValueError):
             demo_config(tmp_path, **bad)
 
