@@ -32,6 +32,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attn_bench import environment  # noqa: E402
 
 
+def cpu_name() -> str:
+    """The host CPU's model name (platform.processor() is empty on most Linux hosts)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def arrived(pending, device, arrivals):
     pending.result()
     if device.type == "cuda":
@@ -86,6 +99,9 @@ def main(argv=None):
     p.add_argument("--coders", type=int, default=0,
                    help="also time the CPU stages alone (JPEG, libx264, mpeg4 on a 17x160x320 clip, torch "
                         "single-threaded) in 1 and this many threads: do they run side by side?")
+    p.add_argument("--jpeg", nargs="+", default=["auto"], choices=["auto", "pil", "torch"],
+                   help="DegradeConfig.jpeg_impl for the JPEG steps, each its own rows (auto: PIL for clips on "
+                        "the CPU, oasis.jpeg on a GPU)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else None
@@ -95,8 +111,8 @@ def main(argv=None):
     spec = ClipSpec(*args.size)
     source = VideoFolder(args.videos, spec) if args.videos else SyntheticVideos(spec)
     rows = []
-    for mode in ("consistent", "inconsistent"):
-        data = PairDataset(source, Degradation(), mode)
+    for mode, jpeg in [(m, j) for m in ("consistent", "inconsistent") for j in args.jpeg]:
+        data = PairDataset(source, Degradation(jpeg_impl=jpeg), mode)
         for workers, threads in [(w, t) for w in args.workers for t in (args.threads if device else [0])]:
             # a steady rate needs a clip after the first wave
             clips = max(args.clips, 4 * workers, 4 * threads if device else 0, 2)
@@ -120,7 +136,7 @@ def main(argv=None):
             wave = max(workers, threads, 1)  # the first wave: every worker's (thread's) start-up and first clip
             total = arrivals[-1] - start
             steady = (len(arrivals) - wave) / (arrivals[-1] - arrivals[wave - 1])
-            row = {"mode": mode, "workers": workers, "degrade_on": args.device or "workers", "threads": threads,
+            row = {"mode": mode, "jpeg": jpeg, "workers": workers, "degrade_on": args.device or "workers", "threads": threads,
                    "clips": len(arrivals),
                    "s": total,
                    "first_wave_s": arrivals[wave - 1] - start, "clips_per_s": steady,
@@ -130,15 +146,17 @@ def main(argv=None):
     coders = coder_rows(args.coders) if args.coders else []
     res = {"coders": coders, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
            "source": args.videos or "synthetic", "rows": rows}
-    md = [f"# Training-data throughput, {res['env'].get('cpu')} x{os.cpu_count()}, {res['env']['date'][:10]}, "
+    res["env"]["cpu"] = cpu_name()
+    gpu = f" + {res['env']['gpu']}" if "gpu" in res["env"] else ""
+    md = [f"# Training-data throughput, {res['env']['cpu']} x{os.cpu_count()}{gpu}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"{args.size[0]} frames {args.size[1]}x{args.size[2]} -> x4 LQ, {res['source']} clips, "
           f"max({args.clips}, 4 x workers) per row, DataLoader workers (0: the main process). Steady clips/s: "
           "after the first wave (one clip per worker, with the workers' start-up).", "",
           f"Degradations run {'on ' + args.device + ' in the main process' if args.device else 'in the workers'}.",
-          "", "| mode | workers | degradation threads | clips | steady clips/s | whole-row clips/s | first wave s | "
-          "worker s per clip |", "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['mode']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
+          "", "| mode | JPEG | workers | degradation threads | clips | steady clips/s | whole-row clips/s | "
+          "first wave s | worker s per clip |", "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['mode']} | {r['jpeg']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
            f"{r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | {r['first_wave_s']:.1f} | "
            f"{r['worker_s_per_clip']:.2f} |" for r in rows]
     if coders:

@@ -155,7 +155,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     def degrade(self, hq: torch.Tensor, index: int) -> torch.Tensor:
         """Sample ``index``'s LQ clip ``[3, F, H/4, W/4]`` in [0, 1] from its HQ clip ``[3, F, H, W]`` in
-        [0, 1], on ``hq``'s device (blur, resize and noise there; JPEG and the codec on the CPU)."""
+        [0, 1], on ``hq``'s device (blur, resize, noise and JPEG there; the codec on the CPU)."""
         seed = int(_rng(self.seed + 1, index).integers(2**62))
         return self.degradation(hq.transpose(0, 1), seed, self.mode).transpose(0, 1)
 
@@ -182,8 +182,8 @@ class DeviceDegrader:
     """Degrades HQ clips of a :class:`PairDataset` on ``device`` in ``threads`` background threads, so
     that the next micro-batches' degradations run while the current one trains.
 
-    Blur, resize and noise run on the device; JPEG and the video codec on the CPU between them (PIL and
-    PyAV release the GIL while they code). On CUDA each thread queues its work on a stream of its own
+    Blur, resize, noise and (by default, ``DegradeConfig.jpeg_impl``) JPEG run on the device; the video
+    codec on the CPU between them (PyAV releases the GIL while it codes). On CUDA each thread queues its work on a stream of its own
     and hands its clips over with an event, so the caller's stream waits for them and nothing else.
     The pairs are the ones :meth:`PairDataset.degrade` makes, clip for clip, in any thread order (each
     clip's draws come from its own seeded generators). ``threads = 0`` degrades in the caller's thread,

@@ -19,7 +19,8 @@ Parameters come from a numpy ``Generator`` seeded with ``seed`` and the noise fr
 ``Generator`` seeded from it, so a (clip, seed, config, mode) gives the same LQ clip every time on
 the same device and thread count (a different CPU summation order can move a value across an 8-bit
 step). Blur, resize and noise run on the clip's device, batched over frames where the
-frames share a size; JPEG and the video codec run on the CPU (PIL, PyAV).
+frames share a size; the video codec on the CPU (PyAV); JPEG through PIL on the CPU, or for clips on
+a GPU by :mod:`oasis.jpeg` there (``DegradeConfig.jpeg_impl``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .jpeg import jpeg_roundtrip
+
 __all__ = ["OrderConfig", "DegradeConfig", "Degradation", "blur_kernel", "KERNEL_KINDS", "FIRST_ORDER",
            "SECOND_ORDER"]
 
 KERNEL_KINDS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 CODECS = ("libx264", "mpeg4")
+JPEG_IMPLS = ("auto", "pil", "torch")
 MIN_SIDE = 8  # no resize goes below this many pixels a side
 
 
@@ -121,6 +125,10 @@ class DegradeConfig:
     change_prob: float = 0.2
     jitter: float = 0.1
     mode: str = "consistent"
+    # where the JPEG steps run: "pil" (libjpeg through PIL, on the CPU: frames on a GPU go to the host
+    # and back), "torch" (oasis.jpeg: the same lossy steps as torch ops on the frames' device, within
+    # a level or so of libjpeg's output), "auto" (PIL for frames on the CPU, torch on a GPU)
+    jpeg_impl: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.scale, bool) or not isinstance(self.scale, int) or self.scale < 1:
@@ -139,6 +147,8 @@ class DegradeConfig:
             raise ValueError(f"video_bits_per_pixel must be (low, high) > 0, got {self.video_bits_per_pixel!r}")
         if self.mode not in ("consistent", "inconsistent"):
             raise ValueError(f"mode must be 'consistent' or 'inconsistent', got {self.mode!r}")
+        if self.jpeg_impl not in JPEG_IMPLS:
+            raise ValueError(f"jpeg_impl must be one of {JPEG_IMPLS}, got {self.jpeg_impl!r}")
 
 
 # -- kernels --------------------------------------------------------------------------------------------
@@ -310,23 +320,33 @@ def _resize(frames: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
 
 
 def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Tensor:
-    out = frames.clone()
+    """Each frame of ``[N, 3, H, W]`` with its own noise (or none); frames of one kind and colour take
+    one draw together, and nothing waits for the device (the Poisson levels stay tensors)."""
+    groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        if p is None:
-            continue
-        kind, level, gray = p
-        x = frames[i]
+        if p is not None:
+            groups.setdefault((p[0], p[2]), []).append(i)
+    if not groups:
+        return frames
+    out = frames.clone()
+    for (kind, gray), idx in groups.items():
+        x = frames[idx]
+        n = len(idx)
+        level = torch.tensor([params[i][1] for i in idx], dtype=x.dtype).to(x.device, non_blocking=True)
+        level = level.view(n, 1, 1, 1)
         if kind == "gaussian":
-            shape = (1, *x.shape[1:]) if gray else x.shape
-            n = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype) * (level / 255.0)
+            shape = (n, 1, *x.shape[2:]) if gray else x.shape
+            noise = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype) * (level / 255.0)
         else:  # Poisson on the image's own number of levels (Real-ESRGAN's), scaled
-            src = x.mean(0, keepdim=True) if gray else x
+            src = x.mean(1, keepdim=True) if gray else x
             q8 = (src * 255.0).round().clamp_(0, 255)
             q = q8 / 255.0
-            distinct = int(torch.count_nonzero(torch.bincount(q8.flatten().to(torch.int64), minlength=256)))
-            levels = 2.0 ** math.ceil(math.log2(max(distinct, 2)))
-            n = (torch.poisson(q * levels, generator=gen) / levels - q) * level
-        out[i] = x + n
+            # each frame's distinct 8-bit values, counted in one bincount over frame-offset codes
+            codes = q8.flatten(1).to(torch.int64) + 256 * torch.arange(n, device=x.device)[:, None]
+            distinct = (torch.bincount(codes.flatten(), minlength=256 * n).view(n, 256) > 0).sum(1)
+            levels = torch.exp2(torch.ceil(torch.log2(distinct.clamp(min=2).double()))).to(x.dtype).view(n, 1, 1, 1)
+            noise = (torch.poisson(q * levels, generator=gen) / levels - q) * level
+        out[idx] = x + noise
     return out.clamp_(0.0, 1.0)
 
 
@@ -339,9 +359,11 @@ def _from_uint8(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).to(like.device, like.dtype) / 255.0
 
 
-def _jpeg(frames: torch.Tensor, qualities: list) -> torch.Tensor:
+def _jpeg(frames: torch.Tensor, qualities: list, impl: str = "pil") -> torch.Tensor:
     if all(q is None for q in qualities):
         return frames
+    if impl == "torch" or (impl == "auto" and frames.device.type != "cpu"):
+        return jpeg_roundtrip(frames, qualities)
     from PIL import Image
 
     arr = _to_uint8(frames)
@@ -369,6 +391,9 @@ def video_roundtrip(frames: np.ndarray, codec: str, bitrate: int, fps: int = 25)
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
         stream.bit_rate = int(bitrate)
+        # one thread: x264's output depends on its thread count (frame threads and lookahead), so the
+        # same pair on any machine; and the degradation threads and workers already fill the cores
+        stream.codec_context.thread_count = 1
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 out.mux(packet)
@@ -376,6 +401,7 @@ def video_roundtrip(frames: np.ndarray, codec: str, bitrate: int, fps: int = 25)
             out.mux(packet)
     buf.seek(0)
     with av.open(buf, mode="r") as src:
+        src.streams.video[0].codec_context.thread_count = 1
         decoded = [fr.to_ndarray(format="rgb24") for fr in src.decode(video=0)]
     if len(decoded) != n:
         raise RuntimeError(f"the {codec} round trip gave {len(decoded)} frames for {n}")
@@ -434,13 +460,13 @@ class Degradation:
         target = (h // cfg.scale, w // cfg.scale)
         frames = _split(clip.float().clamp(0, 1))
         for order, ocfg in ((params.first, cfg.first), (params.second, cfg.second)):
-            frames = _run_order(frames, order, gen, target, ocfg.resize_base)
+            frames = _run_order(frames, order, gen, target, ocfg.resize_base, cfg.jpeg_impl)
         kind = params.compress[0]
         compress_first = params.compress[-1]
 
         def compress(x: torch.Tensor) -> torch.Tensor:
             if kind == "jpeg":
-                return _jpeg(x, params.compress[1])
+                return _jpeg(x, params.compress[1], cfg.jpeg_impl)
             _, codec, bpp, _ = params.compress
             bitrate = max(1000, int(bpp * x.shape[-2] * x.shape[-1] * cfg.fps))
             return _from_uint8(video_roundtrip(_to_uint8(x), codec, bitrate, cfg.fps), x)
@@ -461,7 +487,7 @@ def _seed(seed) -> int:
 
 
 def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen, target: tuple[int, int],
-               resize_base: str) -> list[torch.Tensor]:
+               resize_base: str, jpeg_impl: str) -> list[torch.Tensor]:
     """One order over frames that may differ in size (inconsistent mode); frames of one size run together.
     The resize factor scales the frame (``resize_base="current"``) or the LQ size ``target``."""
     if _same_size(frames):
@@ -476,9 +502,9 @@ def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen, target:
         out.append(_resize(f, size, mode))
     if _same_size(out):
         x = _noise(torch.cat(out), [p.noise for p in order], gen)
-        x = _jpeg(x, [p.jpeg for p in order])
+        x = _jpeg(x, [p.jpeg for p in order], jpeg_impl)
         return _split(x)
-    return [_jpeg(_noise(f, [p.noise], gen), [p.jpeg]) for f, p in zip(out, order)]
+    return [_jpeg(_noise(f, [p.noise], gen), [p.jpeg], jpeg_impl) for f, p in zip(out, order)]
 
 
 def _same_size(frames) -> bool:

@@ -79,7 +79,7 @@ class TrainConfig:
     frame_stride: int = 1
     workers: int = 4
     # where the degradations run: "workers" (the loader's CPU processes) or "device" (the training device,
-    # in the main process: blur, resize and noise on the GPU, JPEG and the codec on the CPU between)
+    # in the main process: blur, resize, noise and JPEG on the GPU, the codec on the CPU between)
     degrade_on: str = "workers"
     # degrade_on = "device": threads that degrade the next step's clips while this one trains (0: none,
     # each micro-batch is degraded when it is due); the pairs are the same for every count

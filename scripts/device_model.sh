@@ -31,9 +31,11 @@ for bench in ${BENCHES:-vae model train degrade}; do
         # forward and backward, minutes: a call of its own)
         train_graphs) python3 benchmarks/train_bench.py --batches 1 --steps 5 --compile graphs --modes routed \
                    --out "$OUT/r/train_graphs" 2>&1 | tee "$OUT/r/train_graphs.log" | tail -6 ;;
+        # degradations in the loader's workers; then on the GPU in the main process, its JPEG steps by
+        # PIL on the host and by oasis.jpeg on the GPU, with 8 and 16 workers making the HQ clips
         degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
-                 python3 benchmarks/degrade_bench.py --workers 8 --threads 0 4 8 --clips 16 --device cuda \
-                     --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -16 ;;
+                 python3 benchmarks/degrade_bench.py --workers 8 16 --threads 4 8 --clips 48 --device cuda \
+                     --jpeg pil torch --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -26 ;;
         *) echo "unknown bench $bench"; exit 2 ;;
     esac
 done

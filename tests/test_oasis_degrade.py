@@ -154,3 +154,97 @@ def test_bad_inputs_and_configs():
         DegradeConfig(codecs=("vp9",))
     with pytest.raises(ValueError, match="frames"):
         d.sample(0, 1)
+
+
+def _libjpeg(frames: torch.Tensor, quality: int) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+
+    out = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray((f.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(buf, format="JPEG",
+                                                                                          quality=quality)
+        out.append(torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))).permute(2, 0, 1))
+    return torch.stack(out).float() / 255
+
+
+@pytest.mark.parametrize("size", [(37, 61), (64, 96), (120, 200)])
+def test_torch_jpeg_is_libjpeg_within_a_level(size):
+    """oasis.jpeg (JPEG's lossy steps as torch ops, for frames on a GPU) against libjpeg through PIL at the
+    same quality: on average within ~1 of 255 levels, where the JPEG itself moves pixels by ~8-19, and
+    nearer to PIL at its own quality than at a neighbouring one (the tables and the chroma sampling
+    are what set the artefacts)."""
+    from oasis.jpeg import jpeg_roundtrip
+
+    g = torch.Generator().manual_seed(size[0])
+    h, w = size
+    clip = torch.nn.functional.interpolate(torch.rand(3, 3, h // 8 + 2, w // 8 + 2, generator=g), size=(h, w),
+                                           mode="bicubic", align_corners=False)
+    clip = (clip + 0.3 * (torch.arange(w) > w // 3) * (torch.rand(3, 3, 1, 1, generator=g) - 0.5)
+            + 0.04 * torch.randn(3, 3, h, w, generator=g)).clamp(0, 1)
+    clip = (clip * 255).round() / 255
+    for q in (15, 50, 90):
+        ours = jpeg_roundtrip(clip, [q] * 3)
+        ref = _libjpeg(clip, q)
+        assert ours.shape == clip.shape and torch.equal(ours * 255, (ours * 255).round())
+        gap = (ours - ref).abs().mean().item() * 255
+        moved = (clip - ref).abs().mean().item() * 255
+        assert gap < 1.5 and gap < 0.15 * moved, (q, gap, moved)
+        other = (jpeg_roundtrip(clip, [q + 8] * 3) - ref).abs().mean().item() * 255
+        assert gap < other, (q, gap, other)
+    # per-frame qualities, None keeps a frame: each frame as if alone
+    mixed = jpeg_roundtrip(clip, [20, None, 80])
+    assert torch.equal(mixed[1], clip[1])
+    torch.testing.assert_close(mixed[0], jpeg_roundtrip(clip[:1], [20])[0], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[2], jpeg_roundtrip(clip[2:], [80])[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="quality"):
+        jpeg_roundtrip(clip, [0, 50, 50])
+
+
+def test_poisson_levels_are_counted_per_frame():
+    """Real-ESRGAN's Poisson noise scales with each image's own number of distinct levels: a two-level
+    frame beside a 256-level ramp in one batched call gets the coarse noise, the ramp the fine one."""
+    two = torch.full((1, 3, 64, 256), 0.5)
+    two[..., :128] = 0.25
+    ramp = torch.linspace(0, 1, 256).expand(1, 3, 64, 256).clone()
+    out = _noise(torch.cat([two, ramp]), [("poisson", 1.0, False)] * 2, torch.Generator().manual_seed(0))
+    coarse = (out[0] - two[0])[..., 128:].std().item()  # levels 2: sqrt(0.5 * 2) / 2 = 0.5, clamped
+    fine = (out[1] - ramp[0])[..., 96:160].std().item()  # levels 256: ~sqrt(0.5 * 256) / 256 = 0.044
+    assert coarse > 0.2 and 0.03 < fine < 0.06, (coarse, fine)
+
+
+def test_jpeg_impl_setting():
+    """The whole model with either JPEG (noise off: Poisson noise scales with the count of distinct levels,
+    which one level can double): over eight clips the two differ by ~2 levels where the degradations
+    move pixels by ~16 (a coefficient that rounds the other way at a low quality moves a whole block)."""
+    clip = smooth_clip(frames=3, h=64, w=96)
+    ref = torch.nn.functional.interpolate(clip, size=(16, 24), mode="area")
+    quiet = dict(gaussian_noise_prob=1.0, noise_sigma=(0.0, 0.0))
+    cfg = DegradeConfig(first=OrderConfig(**quiet), second=OrderConfig(**quiet, jpeg_prob=0.0, resize_base="target",
+                                                                        resize_range=(0.3, 1.2)), video_prob=0.0)
+    gap = moved = 0.0
+    for seed in range(8):
+        pil = Degradation(cfg)(clip, seed)
+        ours = Degradation(cfg, jpeg_impl="torch")(clip, seed)
+        assert ours.shape == pil.shape and torch.equal(ours, Degradation(cfg, jpeg_impl="torch")(clip, seed))
+        gap += (ours - pil).abs().mean().item() * 255 / 8
+        moved += (pil - ref).abs().mean().item() * 255 / 8
+    assert gap < 0.2 * moved, (gap, moved)
+    with pytest.raises(ValueError, match="jpeg_impl"):
+        DegradeConfig(jpeg_impl="nvjpeg")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_clips_on_a_gpu_take_the_torch_jpeg_there():
+    """On CUDA, "auto" JPEG runs on the device (no host round trip) and gives the CPU's torch JPEG within
+    rare rounding flips; the whole model on CUDA is deterministic per seed."""
+    from oasis.jpeg import jpeg_roundtrip
+
+    clip = smooth_clip(frames=4, h=64, w=96)
+    gpu = jpeg_roundtrip(clip.cuda(), [30, 50, None, 90])
+    assert gpu.is_cuda and (gpu.cpu() - jpeg_roundtrip(clip, [30, 50, None, 90])).abs().mean() * 255 < 0.05
+    d = Degradation(video_prob=0.0)
+    a, b = d(clip.cuda(), 3), d(clip.cuda(), 3)
+    assert a.is_cuda and torch.equal(a, b)

@@ -1,0 +1,133 @@
+"""Baseline JPEG in torch: frames through encode and decode on their own device, batched.
+
+The training degradations' JPEG (:mod:`oasis.degrade`) runs on the CPU through PIL (libjpeg) by
+default. On a GPU that means a copy to the host and back per JPEG step and ~50-200 ms of one core per
+clip, which made the JPEG steps most of the CPU time of a degraded clip. This module computes the
+same lossy steps as libjpeg's baseline encoder and decoder with torch ops, on the frames' device:
+
+1. RGB -> YCbCr (JFIF), samples rounded to integers;
+2. chroma down-sampled 2x2 (4:2:0, libjpeg's default) by the mean of each 2x2 block, the image first
+   padded to 16-pixel multiples by repeating its last row and column (as libjpeg fills its MCUs);
+3. level shift, 8x8 DCT-II, quantisation by the Annex K tables scaled by the quality as libjpeg's
+   ``jpeg_quality_scaling`` does (clamped to 1..255, baseline), rounded half away from zero;
+4. decode: dequantisation, inverse DCT, samples rounded and clamped to 0..255, chroma up-sampled by
+   libjpeg's "fancy" triangle filter (3/4 of the nearer sample, 1/4 of the farther, per axis),
+   YCbCr -> RGB rounded and clamped.
+
+The entropy coding is lossless and left out. libjpeg works in fixed point (its islow DCT, integer
+colour conversion, alternating rounding biases), so outputs differ from PIL's by a level here and
+there (tests/test_oasis_degrade.py bounds the difference); the artefacts (blocking, ringing, chroma
+bleeding) are the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["jpeg_roundtrip", "quantisation_tables"]
+
+# ITU T.81 Annex K, tables K.1 (luminance) and K.2 (chrominance)
+_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+         14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+         49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+_CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 26, 56, 99, 99, 99, 99, 99,
+           47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
+
+
+def quantisation_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (luminance, chrominance) ``[8, 8]`` tables libjpeg uses at ``quality`` (1..100), baseline."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be an int in [1, 100], got {quality!r}")
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    tables = []
+    for base in (_LUMA, _CHROMA):
+        t = torch.tensor(base, dtype=torch.int64).view(8, 8)
+        tables.append(((t * scale + 50) // 100).clamp_(1, 255).to(torch.float32))
+    return tables[0], tables[1]
+
+
+def _dct_matrix(device, dtype) -> torch.Tensor:
+    """The orthonormal 8-point DCT-II as ``[u, x]`` (JPEG's FDCT is its 2D form)."""
+    u = torch.arange(8, dtype=torch.float64)[:, None]
+    x = torch.arange(8, dtype=torch.float64)[None, :]
+    m = torch.cos((2 * x + 1) * u * math.pi / 16) * math.sqrt(2 / 8)
+    m[0] /= math.sqrt(2)
+    return m.to(device, dtype)
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W]`` (multiples of 8) -> ``[N, H/8, W/8, 8, 8]``."""
+    n, h, w = x.shape
+    return x.view(n, h // 8, 8, w // 8, 8).transpose(2, 3)
+
+
+def _unblocks(b: torch.Tensor) -> torch.Tensor:
+    n, hb, wb = b.shape[:3]
+    return b.transpose(2, 3).reshape(n, hb * 8, wb * 8)
+
+
+def _lossy(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+    """Integer samples ``[N, H, W]`` -> their decoded samples, quantised with ``table [N, 8, 8]``."""
+    b = _blocks(plane - 128.0)
+    coef = dct @ b @ dct.T
+    t = table[:, None, None]
+    q = torch.sign(coef) * torch.floor(coef.abs() / t + 0.5)  # libjpeg rounds half away from zero
+    out = dct.T @ (q * t) @ dct
+    return (_unblocks(out) + 128.0).round_().clamp_(0.0, 255.0)
+
+
+def _fancy_upsample(c: torch.Tensor) -> torch.Tensor:
+    """``[N, h, w]`` -> ``[N, 2h, 2w]``: each output sample 3/4 the nearer input, 1/4 the farther, per axis
+    (edges repeated), rounded once at the end."""
+    def axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+        n = x.shape[dim]
+        prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+        nxt = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+        lo, hi = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
+        return torch.stack([lo, hi], dim + 1).flatten(dim, dim + 1)
+
+    return axis(axis(c, 1), 2).round_().clamp_(0.0, 255.0)
+
+
+def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
+    """``[N, 3, H, W]`` float in [0, 1] -> the same frames after a baseline JPEG encode and decode, frame
+    ``i`` at ``qualities[i]`` (an int in 1..100, or None to keep it), on 8-bit steps; on the frames'
+    device, float32 inside."""
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be [N, 3, H, W], got {tuple(frames.shape)}")
+    qualities = list(qualities)
+    if len(qualities) != frames.shape[0]:
+        raise ValueError(f"one quality per frame: {len(qualities)} for {frames.shape[0]} frames")
+    keep = [i for i, q in enumerate(qualities) if q is not None]
+    if not keep:
+        return frames
+    n, _, h, w = frames.shape
+    device = frames.device
+    x = frames if len(keep) == n else frames[keep]
+    x = (x.float().clamp(0, 1) * 255.0).round()
+    ph, pw = -h % 16, -w % 16
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    r, g, b = x.unbind(1)
+    y = (0.299 * r + 0.587 * g + 0.114 * b).round_()
+    cb = (-0.168735892 * r - 0.331264108 * g + 0.5 * b + 128.0).round_().clamp_(0.0, 255.0)
+    cr = (0.5 * r - 0.418687589 * g - 0.081312411 * b + 128.0).round_().clamp_(0.0, 255.0)
+    cb, cr = (F.avg_pool2d(c[:, None], 2)[:, 0].round_() for c in (cb, cr))
+    tables = [quantisation_tables(int(qualities[i])) for i in keep]
+    luma = torch.stack([t[0] for t in tables]).to(device)
+    chroma = torch.stack([t[1] for t in tables]).to(device)
+    dct = _dct_matrix(device, torch.float32)
+    y = _lossy(y, luma, dct)
+    cb = _fancy_upsample(_lossy(cb, chroma, dct)) - 128.0
+    cr = _fancy_upsample(_lossy(cr, chroma, dct)) - 128.0
+    rgb = torch.stack([y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr, y + 1.772 * cb], 1)
+    rgb = rgb.round_().clamp_(0.0, 255.0)[..., :h, :w] / 255.0
+    out = rgb.to(frames.dtype)
+    if len(keep) == n:
+        return out
+    full = frames.clone()
+    full[keep] = out
+    return full
