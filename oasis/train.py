@@ -78,11 +78,11 @@ class TrainConfig:
     width: int = 640
     frame_stride: int = 1
     workers: int = 4
-    # where the degradations run: "workers" (the loader's CPU processes) or "device" (the training device,
-    # in the main process: blur, resize, noise and JPEG on the GPU, the codec on the CPU between)
-    degrade_on: str = "workers"
-    # degrade_on = "device": threads that degrade the next step's clips while this one trains (0: none,
-    # each micro-batch is degraded when it is due); the pairs are the same for every count
+    # where the degradations run: "workers" (the loader's CPU processes), "device" (the training device,
+    # in the main process: blur, resize, noise and JPEG on the GPU, the codec on the CPU between) or
+    # "auto" (device on CUDA, workers on the CPU). On the H200's 16-core host (426bad8) the workers made
+    # 4-6 clips/s, fewer than a step consumes (7-11), the GPU 12-16
+    degrade_on: str = "auto"
     degrade_threads: int = 4
     # the curriculum
     stage1_steps: int = 25000
@@ -167,8 +167,8 @@ class TrainConfig:
         v = self.activation_checkpointing
         if not isinstance(v, (bool, int)) or (not isinstance(v, bool) and v < 0):
             raise ValueError(f"activation_checkpointing must be true, false or a number of blocks, got {v!r}")
-        if self.degrade_on not in ("workers", "device"):
-            raise ValueError(f"degrade_on must be 'workers' or 'device', got {self.degrade_on!r}")
+        if self.degrade_on not in ("auto", "workers", "device"):
+            raise ValueError(f"degrade_on must be 'auto', 'workers' or 'device', got {self.degrade_on!r}")
         if self.lpips_net not in ("vgg", "alex"):
             raise ValueError(f"lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
         if not 0 < self.calibrate_rho <= 1:
@@ -388,11 +388,19 @@ class Trainer:
         return [[step * per_step + (j * self.replicas + self.replica) * cfg.batch + i for i in range(cfg.batch)]
                 for j in range(cfg.accumulate)]
 
+    def _degrade_place(self, setting: str) -> str:
+        """Where ``degrade_on = setting`` degrades on this trainer's device: "device" or "workers"."""
+        return "device" if setting == "device" or (setting == "auto" and self.device.type == "cuda") else "workers"
+
+    @property
+    def degrades_on_device(self) -> bool:
+        return self._degrade_place(self.cfg.degrade_on) == "device"
+
     def micro_batches(self, step: int):
         """``step``'s micro-batches ``(lq, hq)``, loaded here (no workers, no degradation threads)."""
         data = self.data[self.cfg.stage(step)]
         for numbers in self.samples(step):
-            if self.cfg.degrade_on == "device":
+            if self.degrades_on_device:
                 hq = torch.stack([data.source.clip(n) for n in numbers])
                 yield _signed(*DeviceDegrader(self.device, 0).submit(data, numbers, hq).result())
                 continue
@@ -409,7 +417,7 @@ class Trainer:
                 continue
             order = [numbers for step in range(stage_start, stage_end) for numbers in self.samples(step)]
             data = self.data[cfg.stage(stage_start)]
-            on_device = cfg.degrade_on == "device"
+            on_device = self.degrades_on_device
             loader = torch.utils.data.DataLoader(data.hq_only() if on_device else data, batch_sampler=order,
                                                  num_workers=cfg.workers, pin_memory=self.device.type == "cuda")
             if not on_device:
@@ -561,7 +569,10 @@ class Trainer:
                  "change_prob", "videos", "sequence_parallel", "degrade_on")
         older = {"sequence_parallel": 1, "degrade_on": "workers"}  # what runs saved before these settings did
         before = {k: saved.get(k, older.get(k)) for k in fixed}
-        changed = [f"{k}: {before[k]!r} -> {getattr(self.cfg, k)!r}" for k in fixed if before[k] != getattr(self.cfg, k)]
+        now = {k: getattr(self.cfg, k) for k in fixed}
+        before["degrade_on"], now["degrade_on"] = (self._degrade_place(before["degrade_on"]),
+                                                   self._degrade_place(now["degrade_on"]))
+        changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in fixed if before[k] != now[k]]
         if saved.get("world", 1) != self.world:
             changed.append(f"world size: {saved.get('world', 1)} -> {self.world}")
         if changed:

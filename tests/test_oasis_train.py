@@ -225,6 +225,8 @@ def test_degradations_on_the_device_give_the_same_batches(tmp_path):
     base = demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2)
     workers = Trainer(base)
     device = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, degrade_on="device"))
+    # the default, "auto", degrades in the workers on the CPU (on the device on CUDA)
+    assert base.degrade_on == "auto" and not workers.degrades_on_device and device.degrades_on_device
     for step in (0, 2):  # stage 1 (consistent) and stage 2 (inconsistent)
         for (lq_a, hq_a), (lq_b, hq_b) in zip(workers.micro_batches(step), device.micro_batches(step)):
             assert torch.equal(lq_a, lq_b) and torch.equal(hq_a, hq_b)
