@@ -264,3 +264,36 @@ def test_device_degrader_threads_give_the_pairs_in_order():
             degrader.submit(data, [1, 2, 3], hq[:2])
     with pytest.raises(ValueError, match="threads must be a non-negative int, got 1.5"):
         DeviceDegrader("cpu", 1.5)
+
+
+def test_checkpointing_fit_from_probe_peaks():
+    """activation_checkpointing = "auto": the fewest checkpointed blocks whose step fits the budget, from
+    the probe steps' peaks (every block checkpointed; two blocks keeping their activations)."""
+    from oasis.train import blocks_to_checkpoint
+
+    GiB = 2**30
+    # 1 GiB per block kept, 20 GiB with all checkpointed, 10 GiB of moments still to come: 10 blocks fit
+    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB, 2, 10 * GiB, 40 * GiB) == 20
+    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB, 2, 0, 80 * GiB) == 0  # everything fits
+    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB, 2, 25 * GiB, 40 * GiB) == 30  # nothing does
+    assert blocks_to_checkpoint(30, 20 * GiB, 20 * GiB, 2, 0, 30 * GiB) == 0  # no activations to keep
+    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB + 1, 2, 0, 30 * GiB) == 21  # rounds towards fitting
+
+
+def test_checkpointing_auto_settings(tmp_path):
+    assert TrainConfig.__dataclass_fields__["activation_checkpointing"].default == "auto"
+    t = Trainer(demo_config(tmp_path, activation_checkpointing="auto"))
+    assert t.pipe.dit.activation_checkpointing == len(t.pipe.dit.blocks)  # every block until measured
+    assert t.fit_checkpointing() == len(t.pipe.dit.blocks)  # on the CPU: all of them
+    for bad in (dict(activation_checkpointing="some"), dict(activation_checkpointing="auto", compile="graphs"),
+                dict(memory_fraction=0.0), dict(memory_fraction=1.5)):
+        with pytest.raises(ValueError):
+            demo_config(tmp_path, **bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checkpointing_auto_on_a_gpu(tmp_path):
+    """On CUDA the probes pick the count (the tiny model fits whole: none), and training runs with it."""
+    t = Trainer(demo_config(tmp_path, device="cuda", activation_checkpointing="auto", stage1_steps=1, stage2_steps=1))
+    history = t.run()
+    assert t.pipe.dit.activation_checkpointing == 0 and len(history) == 2
