@@ -45,6 +45,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_ms_per_clip(data, device, clips: int = 8) -> float:
+    """GPU kernel time one clip's degradations take (what they take from training on the same GPU):
+    ``clips`` clips degraded in this thread under the profiler, their kernels' time summed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hqs = [data.source.clip(n) for n in range(clips)]
+    data.degrade(hqs[0].to(device), 0)  # warm-up
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for n, hq in enumerate(hqs):
+            data.degrade(hq.to(device), n)
+        torch.cuda.synchronize(device)
+    kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+    return sum(e.self_device_time_total for e in kernels) / 1e3 / clips
+
+
 def arrived(pending, device, arrivals):
     pending.result()
     if device.type == "cuda":
@@ -144,7 +160,12 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
     coders = coder_rows(args.coders) if args.coders else []
-    res = {"coders": coders, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
+    gpu_ms = {}
+    if device is not None and device.type == "cuda":
+        for mode, jpeg in [(m, j) for m in ("consistent", "inconsistent") for j in args.jpeg]:
+            gpu_ms[f"{mode}, {jpeg}"] = gpu_ms_per_clip(PairDataset(source, Degradation(jpeg_impl=jpeg), mode), device)
+            print(json.dumps({"gpu_ms_per_clip": gpu_ms}), flush=True)
+    res = {"coders": coders, "gpu_ms_per_clip": gpu_ms, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
            "source": args.videos or "synthetic", "rows": rows}
     res["env"]["cpu"] = cpu_name()
     gpu = f" + {res['env']['gpu']}" if "gpu" in res["env"] else ""
@@ -159,6 +180,9 @@ def main(argv=None):
     md += [f"| {r['mode']} | {r['jpeg']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
            f"{r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | {r['first_wave_s']:.1f} | "
            f"{r['worker_s_per_clip']:.2f} |" for r in rows]
+    if gpu_ms:
+        md += ["", "GPU kernel time per clip (8 clips degraded in one thread under the profiler): " +
+               ", ".join(f"{k}: {v:.1f} ms" for k, v in gpu_ms.items()) + "."]
     if coders:
         md += ["", f"The CPU stages alone (17x160x320 uint8, torch single-threaded), 8 clips in 1 and {args.coders} "
                "threads:", "", "| stage | ms per clip, 1 thread | ms per clip, threads | speedup |", "|---|---|---|---|"]
