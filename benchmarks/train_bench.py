@@ -8,7 +8,9 @@ and all-global in the same run, for each batch in ``--batches`` until one does n
 Reports the median step time, tokens/s, peak memory and the model FLOPs utilisation: the step's
 FLOPs (the block matmuls x 3 for forward + backward, the attention of the heads as routed: global
 4 N^2 d, intra 4 N (H W) d, window 4 N 75 d per head forward, x 3.5 with the backward; the
-checkpointed forward's recompute not counted) over the bf16 matmul rate measured in the same run.
+checkpointed forward's recompute not counted) over the bf16 matmul rate measured in the same run:
+over the whole step ("MFU"), and over its forward + backward without AdamW's step ("fwd+bwd MFU",
+where AdamW is timed apart, not under --step-graph).
 
     python benchmarks/train_bench.py --out benchmarks/results/<date>_<card>_<commit>
     python benchmarks/train_bench.py --tiny --device cpu --steps 1        # a smoke run of the code
@@ -206,6 +208,8 @@ def main(argv=None):
                     row = {**setting, "fits": True, "step_s": s, "optimizer_s": optimizer_s,
                            "tokens_per_s": batch * grid[0] * grid[1] * grid[2] / s, "TFLOP": flops / 1e12,
                            "TFLOP/s": flops / s / 1e12, "mfu": None if rate is None else flops / s / rate,
+                           "fwd_bwd_mfu": None if rate is None or optimizer_s is None else
+                           flops / (s - optimizer_s) / rate,
                            "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -228,18 +232,19 @@ def main(argv=None):
           f"{', each step replayed as one CUDA graph' if args.step_graph else ''}; median of {args.steps} steps after a warm-up; "
           f"'optimizer s' is AdamW's step alone. Checkpointed blocks of {cfg.num_layers}. "
           f"bf16 GEMM 8192^3: {res['matmul_TFLOP/s'] or 0:.0f} TFLOP/s.", "",
-          "| AdamW | checkpointed | mode | batch | step s | optimizer s | tokens/s | TFLOP/s | MFU | peak GiB |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| AdamW | checkpointed | mode | batch | step s | optimizer s | tokens/s | TFLOP/s | MFU | fwd+bwd MFU | "
+          "peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['adamw']} | {r['checkpointed_blocks']} | {r['mode']} | {r['batch']} |"
         if not r["fits"]:
-            md.append(f"{head} out of memory | | | | | |")
+            md.append(f"{head} out of memory | | | | | | |")
             continue
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
+        fb_mfu = "-" if r["fwd_bwd_mfu"] is None else f"{100 * r['fwd_bwd_mfu']:.0f}%"
         peak = "-" if r["peak_GiB"] is None else f"{r['peak_GiB']:.1f}"
         opt_s = "in the graph" if r["optimizer_s"] is None else f"{r['optimizer_s']:.3f}"
         md.append(f"{head} {r['step_s']:.3f} | {opt_s} | {r['tokens_per_s']:.0f} | "
-                  f"{r['TFLOP/s']:.1f} | {mfu} | {peak} |")
+                  f"{r['TFLOP/s']:.1f} | {mfu} | {fb_mfu} | {peak} |")
     for key, x in res["routed_speedup_batch1"].items():
         md.append(f"\nRouted against all-global at batch 1 ({key}): {x:.2f}x.")
     if profile is not None:
