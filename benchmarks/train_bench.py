@@ -209,7 +209,7 @@ def main(argv=None):
                            "tokens_per_s": batch * grid[0] * grid[1] * grid[2] / s, "TFLOP": flops / 1e12,
                            "TFLOP/s": flops / s / 1e12, "mfu": None if rate is None else flops / s / rate,
                            "fwd_bwd_mfu": None if rate is None or optimizer_s is None else
-                           flops / (s - optimizer_s) / rate,
+                           flops / statistics.median(a for a, _ in times) / rate,
                            "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
                     rows.append(row)
                     print(json.dumps(row), flush=True)

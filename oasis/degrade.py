@@ -127,7 +127,7 @@ class DegradeConfig:
     mode: str = "consistent"
     # where the JPEG steps run: "pil" (libjpeg through PIL, on the CPU: frames on a GPU go to the host
     # and back), "torch" (oasis.jpeg: the same lossy steps as torch ops on the frames' device, within
-    # a level or so of libjpeg's output), "auto" (PIL for frames on the CPU, torch on a GPU)
+    # ~0.1-0.7 levels of libjpeg's output on average), "auto" (PIL for frames on the CPU, torch on a GPU)
     jpeg_impl: str = "auto"
 
     def __post_init__(self):
@@ -321,32 +321,38 @@ def _resize(frames: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
 
 def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Tensor:
     """Each frame of ``[N, 3, H, W]`` with its own noise (or none); frames of one kind and colour take
-    one draw together, and nothing waits for the device (the Poisson levels stay tensors)."""
+    one draw together. Nothing here waits for the device: frame indices and levels go over with the
+    stream, and the Poisson levels are counted by a scatter (a bincount on CUDA reads its range back)."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if p is not None:
             groups.setdefault((p[0], p[2]), []).append(i)
     if not groups:
         return frames
+    device = frames.device
     out = frames.clone()
     for (kind, gray), idx in groups.items():
-        x = frames[idx]
         n = len(idx)
-        level = torch.tensor([params[i][1] for i in idx], dtype=x.dtype).to(x.device, non_blocking=True)
-        level = level.view(n, 1, 1, 1)
+        index = None if n == frames.shape[0] else torch.tensor(idx).to(device, non_blocking=True)
+        x = frames if index is None else frames.index_select(0, index)
+        level = torch.tensor([params[i][1] for i in idx], dtype=x.dtype).to(device, non_blocking=True).view(n, 1, 1, 1)
         if kind == "gaussian":
             shape = (n, 1, *x.shape[2:]) if gray else x.shape
-            noise = torch.randn(shape, generator=gen, device=x.device, dtype=x.dtype) * (level / 255.0)
+            noise = torch.randn(shape, generator=gen, device=device, dtype=x.dtype) * (level / 255.0)
         else:  # Poisson on the image's own number of levels (Real-ESRGAN's), scaled
             src = x.mean(1, keepdim=True) if gray else x
             q8 = (src * 255.0).round().clamp_(0, 255)
             q = q8 / 255.0
-            # each frame's distinct 8-bit values, counted in one bincount over frame-offset codes
-            codes = q8.flatten(1).to(torch.int64) + 256 * torch.arange(n, device=x.device)[:, None]
-            distinct = (torch.bincount(codes.flatten(), minlength=256 * n).view(n, 256) > 0).sum(1)
-            levels = torch.exp2(torch.ceil(torch.log2(distinct.clamp(min=2).double()))).to(x.dtype).view(n, 1, 1, 1)
+            seen = torch.zeros(n, 256, dtype=torch.bool, device=device)
+            seen.scatter_(1, q8.flatten(1).to(torch.int64), True)  # each frame's distinct 8-bit values
+            distinct = seen.sum(1).clamp_(min=2).to(torch.float32)
+            # 2 ** ceil(log2(distinct)): distinct <= 256, exact in float32
+            levels = torch.exp2(torch.ceil(torch.log2(distinct))).to(x.dtype).view(n, 1, 1, 1)
             noise = (torch.poisson(q * levels, generator=gen) / levels - q) * level
-        out[idx] = x + noise
+        if index is None:
+            out = out + noise
+        else:
+            out.index_add_(0, index, noise.expand_as(x))
     return out.clamp_(0.0, 1.0)
 
 

@@ -6,23 +6,28 @@ clip, which made the JPEG steps most of the CPU time of a degraded clip. This mo
 same lossy steps as libjpeg's baseline encoder and decoder with torch ops, on the frames' device:
 
 1. RGB -> YCbCr (JFIF), samples rounded to integers;
-2. chroma down-sampled 2x2 (4:2:0, libjpeg's default) by the mean of each 2x2 block, the image first
+2. chroma down-sampled 2x2 (4:2:0, libjpeg's default) as libjpeg's h2v2_downsample does: the sum of
+   each 2x2 block plus a bias alternating 1, 2 along the row, over 4, rounded down; the image first
    padded to 16-pixel multiples by repeating its last row and column (as libjpeg fills its MCUs);
 3. level shift, 8x8 DCT-II, quantisation by the Annex K tables scaled by the quality as libjpeg's
    ``jpeg_quality_scaling`` does (clamped to 1..255, baseline), rounded half away from zero;
 4. decode: dequantisation, inverse DCT, samples rounded and clamped to 0..255, chroma up-sampled by
-   libjpeg's "fancy" triangle filter (3/4 of the nearer sample, 1/4 of the farther, per axis),
-   YCbCr -> RGB rounded and clamped.
+   libjpeg's "fancy" triangle filter (3/4 of the nearer sample, 1/4 of the farther, per axis, in its
+   integer arithmetic), YCbCr -> RGB rounded and clamped.
 
 The entropy coding is lossless and left out. libjpeg works in fixed point (its islow DCT, integer
-colour conversion, alternating rounding biases), so outputs differ from PIL's by a level here and
-there (tests/test_oasis_degrade.py bounds the difference); the artefacts (blocking, ringing, chroma
-bleeding) are the same.
+colour conversion and up-sampling), so a coefficient near a quantisation step now and then rounds
+the other way: against PIL the mean difference is ~0.2-0.7 of 255 levels, where the JPEG itself moves
+pixels by ~8-19, and single pixels of such a block differ by up to a few tens of levels
+(tests/test_oasis_degrade.py bounds the mean). The artefacts (blocking, ringing, chroma loss) are the
+same. Nothing here waits for the device: the tables go over with the frames' stream.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -39,23 +44,33 @@ _CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 2
 
 def quantisation_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (luminance, chrominance) ``[8, 8]`` tables libjpeg uses at ``quality`` (1..100), baseline."""
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+    try:
+        q = operator.index(quality)
+    except TypeError:
+        q = None
+    if q is None or isinstance(quality, bool) or not 1 <= q <= 100:
         raise ValueError(f"JPEG quality must be an int in [1, 100], got {quality!r}")
+    return _tables(q)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
     scale = 5000 // quality if quality < 50 else 200 - 2 * quality
     tables = []
     for base in (_LUMA, _CHROMA):
         t = torch.tensor(base, dtype=torch.int64).view(8, 8)
-        tables.append(((t * scale + 50) // 100).clamp_(1, 255).to(torch.float32))
-    return tables[0], tables[1]
+        tables.append(((t * scale + 50) // 100).clamp_(1, 255).to(torch.float64))
+    return tables[0], tables[1]  # float64, on the CPU
 
 
-def _dct_matrix(device, dtype) -> torch.Tensor:
-    """The orthonormal 8-point DCT-II as ``[u, x]`` (JPEG's FDCT is its 2D form)."""
+@functools.lru_cache(maxsize=None)
+def _dct_matrix() -> torch.Tensor:
+    """The orthonormal 8-point DCT-II as ``[u, x]`` (JPEG's FDCT is its 2D form), float64 on the CPU."""
     u = torch.arange(8, dtype=torch.float64)[:, None]
     x = torch.arange(8, dtype=torch.float64)[None, :]
     m = torch.cos((2 * x + 1) * u * math.pi / 16) * math.sqrt(2 / 8)
     m[0] /= math.sqrt(2)
-    return m.to(device, dtype)
+    return m
 
 
 def _blocks(x: torch.Tensor) -> torch.Tensor:
@@ -71,25 +86,30 @@ def _unblocks(b: torch.Tensor) -> torch.Tensor:
 
 def _lossy(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
     """Integer samples ``[N, H, W]`` -> their decoded samples, quantised with ``table [N, 8, 8]``."""
-    b = _blocks(plane - 128.0)
+    # float64 products: a TF32 matmul (set_float32_matmul_precision("high"), a global setting) would
+    # move coefficients across quantisation steps; the 8x8 products are a small part of the work
+    b = _blocks(plane - 128.0).double()
     coef = dct @ b @ dct.T
     t = table[:, None, None]
     q = torch.sign(coef) * torch.floor(coef.abs() / t + 0.5)  # libjpeg rounds half away from zero
-    out = dct.T @ (q * t) @ dct
+    out = (dct.T @ (q * t) @ dct).float()
     return (_unblocks(out) + 128.0).round_().clamp_(0.0, 255.0)
 
 
 def _fancy_upsample(c: torch.Tensor) -> torch.Tensor:
-    """``[N, h, w]`` -> ``[N, 2h, 2w]``: each output sample 3/4 the nearer input, 1/4 the farther, per axis
-    (edges repeated), rounded once at the end."""
-    def axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[N, h, w]`` integer samples -> ``[N, 2h, 2w]`` as libjpeg's h2v2_fancy_upsample: per axis 3/4 of
+    the nearer sample and 1/4 of the farther (edges repeated), in integers: the column sums 3 * near +
+    far, then (3 * this + neighbour + 8) >> 4 for even output columns, + 7 for odd ones."""
+    def shifted(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
         n = x.shape[dim]
-        prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
-        nxt = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
-        lo, hi = 0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt
-        return torch.stack([lo, hi], dim + 1).flatten(dim, dim + 1)
+        if step < 0:  # the previous sample, the first repeated
+            return torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+        return torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
 
-    return axis(axis(c, 1), 2).round_().clamp_(0.0, 255.0)
+    rows = torch.stack([3 * c + shifted(c, 1, -1), 3 * c + shifted(c, 1, 1)], 2).flatten(1, 2)
+    even = torch.floor((3 * rows + shifted(rows, 2, -1) + 8) / 16)
+    odd = torch.floor((3 * rows + shifted(rows, 2, 1) + 7) / 16)
+    return torch.stack([even, odd], -1).flatten(-2)
 
 
 def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
@@ -106,7 +126,9 @@ def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
         return frames
     n, _, h, w = frames.shape
     device = frames.device
-    x = frames if len(keep) == n else frames[keep]
+    if len(keep) < n:  # a device index, sent without waiting (a list index is a blocking copy)
+        index = torch.tensor(keep).to(device, non_blocking=True)
+    x = frames if len(keep) == n else frames.index_select(0, index)
     x = (x.float().clamp(0, 1) * 255.0).round()
     ph, pw = -h % 16, -w % 16
     if ph or pw:
@@ -115,11 +137,14 @@ def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
     y = (0.299 * r + 0.587 * g + 0.114 * b).round_()
     cb = (-0.168735892 * r - 0.331264108 * g + 0.5 * b + 128.0).round_().clamp_(0.0, 255.0)
     cr = (0.5 * r - 0.418687589 * g - 0.081312411 * b + 128.0).round_().clamp_(0.0, 255.0)
-    cb, cr = (F.avg_pool2d(c[:, None], 2)[:, 0].round_() for c in (cb, cr))
+    # libjpeg's h2v2_downsample: (sum of the 2x2 block + bias) >> 2, the bias 1, 2, 1, 2, ... along the row
+    bias = torch.tensor([1.0, 2.0]).to(device, non_blocking=True).repeat(cb.shape[-1] // 4)  # W/2 columns
+    cb, cr = (torch.floor((F.avg_pool2d(c[:, None], 2)[:, 0] * 4.0 + bias) / 4.0) for c in (cb, cr))
+    # int(q) as the PIL path takes it (the draws may be floats or numpy ints)
     tables = [quantisation_tables(int(qualities[i])) for i in keep]
-    luma = torch.stack([t[0] for t in tables]).to(device)
-    chroma = torch.stack([t[1] for t in tables]).to(device)
-    dct = _dct_matrix(device, torch.float32)
+    luma = torch.stack([t[0] for t in tables]).to(device, non_blocking=True)
+    chroma = torch.stack([t[1] for t in tables]).to(device, non_blocking=True)
+    dct = _dct_matrix().to(device, non_blocking=True)
     y = _lossy(y, luma, dct)
     cb = _fancy_upsample(_lossy(cb, chroma, dct)) - 128.0
     cr = _fancy_upsample(_lossy(cr, chroma, dct)) - 128.0
@@ -128,6 +153,4 @@ def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
     out = rgb.to(frames.dtype)
     if len(keep) == n:
         return out
-    full = frames.clone()
-    full[keep] = out
-    return full
+    return frames.index_copy(0, index, out)

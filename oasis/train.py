@@ -57,17 +57,17 @@ def compile_dit(dit, setting, device: torch.device) -> str | None:
     return mode
 
 
-def blocks_to_checkpoint(num_layers: int, peak_all: int, peak_free: int, free: int, extra: int, budget: int) -> int:
+def blocks_to_checkpoint(num_layers: int, peak_all: int, per_block: float, extra: int, budget: int) -> int:
     """How many of ``num_layers`` blocks to checkpoint (the fewest) so that a step's peak memory stays
-    within ``budget`` bytes, from two probe steps: ``peak_all`` with every block checkpointed and
-    ``peak_free`` with ``free`` blocks keeping their activations (each keeps the same: the blocks are
-    alike); ``extra``: bytes the probes did not hold yet (AdamW's moments before the first step)."""
-    per_block = max(peak_free - peak_all, 0) / max(free, 1)
+    within ``budget`` bytes: ``peak_all`` is a probe step's peak with every block checkpointed,
+    ``per_block`` the activations one block keeps when it is not (the blocks are alike), ``extra`` bytes
+    the probe did not hold (AdamW's moments before the first step; with accumulation, the gradients a
+    later micro-batch's forward runs beside). Each kept block adds its activations to the peak. A
+    probe that saw no activations (``per_block <= 0``) decides nothing: every block stays checkpointed."""
     room = budget - peak_all - extra
-    if room <= 0:
+    if room <= 0 or per_block <= 0:
         return num_layers
-    keep = num_layers if per_block == 0 else min(num_layers, int(room // per_block))
-    return num_layers - keep
+    return num_layers - min(num_layers, int(room // per_block))
 
 
 @dataclass
@@ -123,7 +123,8 @@ class TrainConfig:
     # DiT blocks that recompute their activations in the backward: true = all, false = none, a number of
     # blocks (the first ones; the rest keep theirs: faster, more memory), or "auto": on CUDA the fewest
     # that keep a step's peak within memory_fraction of the GPU, from probe steps before the first
-    # (fit_checkpointing); all of them on the CPU. The 1.3B step at batch 4, H200 (426bad8): 0.454 s
+    # (fit_checkpointing); all of them on the CPU and under compile = "graphs" (a count is a whole
+    # compile there). The 1.3B step at batch 4, H200 (426bad8): 0.454 s
     # with all 30 checkpointed, 0.371 s with none (57.5 GiB for the DiT alone)
     activation_checkpointing: bool | int | str = "auto"
     memory_fraction: float = 0.9
@@ -184,9 +185,6 @@ class TrainConfig:
         v = self.activation_checkpointing
         if v != "auto" and (not isinstance(v, (bool, int)) or (not isinstance(v, bool) and v < 0)):
             raise ValueError(f"activation_checkpointing must be true, false, a number of blocks or 'auto', got {v!r}")
-        if v == "auto" and self.compile == "graphs":
-            raise ValueError("activation_checkpointing = 'auto' probes several checkpointing counts, and compile = "
-                             "'graphs' would compile the whole DiT for each: give a number of blocks with it")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         if self.degrade_on not in ("auto", "workers", "device"):
@@ -415,10 +413,12 @@ class Trainer:
 
     def fit_checkpointing(self, batches=None) -> int:
         """``activation_checkpointing = "auto"`` on CUDA: forward and backward of one micro-batch (``batches``:
-        this step's by default) three times, untrained (the gradients are dropped), the first to warm up
-        (compiles, autotuning), then with every block checkpointed and with the last two keeping their
-        activations; sets the fewest checkpointed blocks whose step fits within ``memory_fraction`` of the
-        GPU (blocks_to_checkpoint; the most any rank needs) and returns that number."""
+        this step's by default), untrained (the gradients are dropped, DDP does not reduce them), three
+        times: a warm-up (compiles, autotuning), then with every block checkpointed (the step's peak)
+        and with the last two keeping their activations (the memory held at the end of the forward,
+        against the first: each block's share); sets the fewest checkpointed blocks whose step fits
+        within ``memory_fraction`` of the GPU (blocks_to_checkpoint; the most any rank needs) and
+        returns that number."""
         dit, cfg = self.pipe.dit, self.cfg
         num = len(dit.blocks)
         if self.device.type != "cuda":
@@ -426,32 +426,42 @@ class Trainer:
             return num
         lq, hq = next(iter(self.micro_batches(self.step) if batches is None else batches))
         free = min(2, num)
-        peaks = []
-        for k in (num, num, num - free):
-            dit.activation_checkpointing = k
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._losses(lq, hq)["total"].backward()
-            self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(self.device)
-            peaks.append(torch.cuda.max_memory_allocated(self.device))
-        moments = 0 if self.optimizer.state else sum(2 * p.numel() * p.element_size() for p in self.params)
+        peaks, held = [], []
+        quiet = self.model.no_sync() if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) \
+            else contextlib.nullcontext()
+        with quiet:
+            for k in (num, num, num - free):
+                dit.activation_checkpointing = k
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                before = torch.cuda.memory_allocated(self.device)
+                total = self._losses(lq, hq)["total"]
+                held.append(torch.cuda.memory_allocated(self.device) - before)
+                total.backward()
+                del total
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.synchronize(self.device)
+                peaks.append(torch.cuda.max_memory_allocated(self.device))
+        per_block = (held[2] - held[1]) / free
+        param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        extra = (0 if self.optimizer.state else 2 * param_bytes) + (param_bytes if cfg.accumulate > 1 else 0)
         budget = int(cfg.memory_fraction * torch.cuda.get_device_properties(self.device).total_memory)
-        k = blocks_to_checkpoint(num, peaks[1], peaks[2], free, moments, budget)
+        k = blocks_to_checkpoint(num, peaks[1], per_block, extra, budget)
         if self.world > 1:
             most = torch.tensor([k], device=self.device)
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
             k = int(most.item())
         dit.activation_checkpointing = k
         if self.rank == 0:
-            print(f"oasis-train: activation checkpointing on {k} of {num} blocks (probe peaks {peaks[1] / 2**30:.1f} "
-                  f"GiB with all, {peaks[2] / 2**30:.1f} with {num - free}; budget {budget / 2**30:.1f} GiB, AdamW's "
-                  f"moments {moments / 2**30:.1f})", flush=True)
+            print(f"oasis-train: activation checkpointing on {k} of {num} blocks (a step's peak with all "
+                  f"{peaks[1] / 2**30:.1f} GiB, {per_block / 2**30:.2f} GiB per block kept, {extra / 2**30:.1f} GiB "
+                  f"still to come; budget {budget / 2**30:.1f} GiB)", flush=True)
         return k
 
-    def _degrade_place(self, setting: str) -> str:
-        """Where ``degrade_on = setting`` degrades on this trainer's device: "device" or "workers"."""
-        return "device" if setting == "device" or (setting == "auto" and self.device.type == "cuda") else "workers"
+    def _degrade_place(self, setting: str, device=None) -> str:
+        """Where ``degrade_on = setting`` degrades on ``device`` (this trainer's): "device" or "workers"."""
+        kind = self.device.type if device is None else torch.device(device).type
+        return "device" if setting == "device" or (setting == "auto" and kind == "cuda") else "workers"
 
     @property
     def degrades_on_device(self) -> bool:
@@ -579,7 +589,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="oasis-train", unit="step")
-        if cfg.activation_checkpointing == "auto" and self.step < end and not self._fitted:
+        # (under compile = "graphs" each count would compile the whole DiT anew: "auto" keeps every block)
+        if cfg.activation_checkpointing == "auto" and cfg.compile != "graphs" and self.step < end and not self._fitted:
             self.fit_checkpointing()
             self._fitted = True
         start, clips = time.perf_counter(), 0
@@ -634,8 +645,9 @@ class Trainer:
         older = {"sequence_parallel": 1, "degrade_on": "workers"}  # what runs saved before these settings did
         before = {k: saved.get(k, older.get(k)) for k in fixed}
         now = {k: getattr(self.cfg, k) for k in fixed}
-        before["degrade_on"], now["degrade_on"] = (self._degrade_place(before["degrade_on"]),
-                                                   self._degrade_place(now["degrade_on"]))
+        # where each run degraded: "auto" by the device it ran on
+        before["degrade_on"] = self._degrade_place(before["degrade_on"], saved.get("device", self.cfg.device))
+        now["degrade_on"] = self._degrade_place(now["degrade_on"])
         changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in fixed if before[k] != now[k]]
         if saved.get("world", 1) != self.world:
             changed.append(f"world size: {saved.get('world', 1)} -> {self.world}")

@@ -173,7 +173,7 @@ def _libjpeg(frames: torch.Tensor, quality: int) -> torch.Tensor:
 @pytest.mark.parametrize("size", [(37, 61), (64, 96), (120, 200)])
 def test_torch_jpeg_is_libjpeg_within_a_level(size):
     """oasis.jpeg (JPEG's lossy steps as torch ops, for frames on a GPU) against libjpeg through PIL at the
-    same quality: on average within ~1 of 255 levels, where the JPEG itself moves pixels by ~8-19, and
+    same quality: on average within ~0.7 of 255 levels, where the JPEG itself moves pixels by ~8-19, and
     nearer to PIL at its own quality than at a neighbouring one (the tables and the chroma sampling
     are what set the artefacts)."""
     from oasis.jpeg import jpeg_roundtrip
@@ -191,7 +191,7 @@ def test_torch_jpeg_is_libjpeg_within_a_level(size):
         assert ours.shape == clip.shape and torch.equal(ours * 255, (ours * 255).round())
         gap = (ours - ref).abs().mean().item() * 255
         moved = (clip - ref).abs().mean().item() * 255
-        assert gap < 1.5 and gap < 0.15 * moved, (q, gap, moved)
+        assert gap < 1.0 and gap < 0.1 * moved, (q, gap, moved)
         other = (jpeg_roundtrip(clip, [q + 8] * 3) - ref).abs().mean().item() * 255
         assert gap < other, (q, gap, other)
     # per-frame qualities, None keeps a frame: each frame as if alone

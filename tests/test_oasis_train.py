@@ -268,16 +268,16 @@ def test_device_degrader_threads_give_the_pairs_in_order():
 
 def test_checkpointing_fit_from_probe_peaks():
     """activation_checkpointing = "auto": the fewest checkpointed blocks whose step fits the budget, from
-    the probe steps' peaks (every block checkpointed; two blocks keeping their activations)."""
+    the probe's peak with every block checkpointed and the activations one kept block holds."""
     from oasis.train import blocks_to_checkpoint
 
     GiB = 2**30
     # 1 GiB per block kept, 20 GiB with all checkpointed, 10 GiB of moments still to come: 10 blocks fit
-    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB, 2, 10 * GiB, 40 * GiB) == 20
-    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB, 2, 0, 80 * GiB) == 0  # everything fits
-    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB, 2, 25 * GiB, 40 * GiB) == 30  # nothing does
-    assert blocks_to_checkpoint(30, 20 * GiB, 20 * GiB, 2, 0, 30 * GiB) == 0  # no activations to keep
-    assert blocks_to_checkpoint(30, 20 * GiB, 22 * GiB + 1, 2, 0, 30 * GiB) == 21  # rounds towards fitting
+    assert blocks_to_checkpoint(30, 20 * GiB, GiB, 10 * GiB, 40 * GiB) == 20
+    assert blocks_to_checkpoint(30, 20 * GiB, GiB, 0, 80 * GiB) == 0  # everything fits
+    assert blocks_to_checkpoint(30, 20 * GiB, GiB, 25 * GiB, 40 * GiB) == 30  # nothing does
+    assert blocks_to_checkpoint(30, 20 * GiB, 0, 0, 80 * GiB) == 30  # a probe that saw nothing decides nothing
+    assert blocks_to_checkpoint(30, 20 * GiB, GiB + 1, 0, 30 * GiB) == 21  # rounds towards fitting
 
 
 def test_checkpointing_auto_settings(tmp_path):
@@ -285,8 +285,10 @@ def test_checkpointing_auto_settings(tmp_path):
     t = Trainer(demo_config(tmp_path, activation_checkpointing="auto"))
     assert t.pipe.dit.activation_checkpointing == len(t.pipe.dit.blocks)  # every block until measured
     assert t.fit_checkpointing() == len(t.pipe.dit.blocks)  # on the CPU: all of them
-    for bad in (dict(activation_checkpointing="some"), dict(activation_checkpointing="auto", compile="graphs"),
-                dict(memory_fraction=0.0), dict(memory_fraction=1.5)):
+    # where a run degraded, "auto" by the device it ran on (a resume compares these)
+    assert t._degrade_place("auto", "cuda") == "device" and t._degrade_place("auto") == "workers"
+    demo_config(tmp_path, activation_checkpointing="auto", compile="graphs")  # every block, no probe
+    for bad in (dict(activation_checkpointing="some"), dict(memory_fraction=0.0), dict(memory_fraction=1.5)):
         with pytest.raises(ValueError):
             demo_config(tmp_path, **bad)
 
