@@ -42,6 +42,10 @@ KERNEL_KINDS = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 CODECS = ("libx264", "mpeg4")
 JPEG_IMPLS = ("auto", "pil", "torch")
+# bumped whenever the same (clip, seed, config) would give another LQ clip than before, so that an
+# oasis-train resume refuses a run degraded by an earlier version (2: grouped noise draws, the JPEG of
+# clips on a GPU by oasis.jpeg)
+VERSION = 2
 MIN_SIDE = 8  # no resize goes below this many pixels a side
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .data import DeviceDegrader
+from .degrade import VERSION as DEGRADE_VERSION
 from .losses import clip_flows
 from .vae import normalise_latents
 
@@ -622,7 +623,8 @@ class Trainer:
             path.mkdir(parents=True, exist_ok=True)
             self.pipe.save_pretrained(path / "model")
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "random": _random_states(),
-                     "config": {**dataclasses.asdict(self.cfg), "world": self.world}, "history": self.history}
+                     "config": {**dataclasses.asdict(self.cfg), "world": self.world,
+                                "degradations": DEGRADE_VERSION}, "history": self.history}
             torch.save(state, path / "trainer.pt")
         if self.world > 1:
             torch.distributed.barrier()
@@ -649,6 +651,9 @@ class Trainer:
         before["degrade_on"] = self._degrade_place(before["degrade_on"], saved.get("device", self.cfg.device))
         now["degrade_on"] = self._degrade_place(now["degrade_on"])
         changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in fixed if before[k] != now[k]]
+        if saved.get("degradations", 1) != DEGRADE_VERSION:  # runs saved before the version was written: 1
+            changed.append(f"the degradations' random draws: version {saved.get('degradations', 1)} -> "
+                           f"{DEGRADE_VERSION} (this oasis makes other LQ clips for the same samples)")
         if saved.get("world", 1) != self.world:
             changed.append(f"world size: {saved.get('world', 1)} -> {self.world}")
         if changed:

@@ -44,6 +44,11 @@ def test_resume_gives_the_same_next_losses(tmp_path):
     got = [r["total"] for r in again.run()]
     assert got[:3] == want[:3]  # the history travels with the checkpoint
     assert got[3] == pytest.approx(want[3], rel=1e-6, abs=1e-7)
+    # a run saved before the degradations' version was written (version 1) degraded otherwise: refused
+    del state["config"]["degradations"]
+    torch.save(state, path / "trainer.pt")
+    with pytest.raises(ValueError, match="degradations' random draws: version 1 -> 2"):
+        Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=2, out=str(tmp_path / "b")), resume=path)
 
 
 def test_configs_and_cli_errors(tmp_path, capsys):
