@@ -50,6 +50,9 @@ COMPILE_MODES = ("regions", "graphs")
 def compile_dit(dit, setting, device: torch.device) -> str | None:
     """Compile ``dit`` as ``TrainConfig.compile = setting`` asks; returns the form used (None: eager)."""
     mode = "regions" if setting is True or (setting is None and device.type == "cuda") else setting or None
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be true, false, one of {', '.join(map(repr, COMPILE_MODES))} or absent, "
+                         f"got {setting!r}")
     if mode == "regions":
         dit.compile_regions()
     elif mode == "graphs":
