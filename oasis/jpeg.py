@@ -50,7 +50,8 @@ def quantisation_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
         q = None
     if q is None or isinstance(quality, bool) or not 1 <= q <= 100:
         raise ValueError(f"JPEG quality must be an int in [1, 100], got {quality!r}")
-    return _tables(q)
+    luma, chroma = _tables(q)
+    return luma.clone(), chroma.clone()  # the cached ones stay as they are
 
 
 @functools.lru_cache(maxsize=None)
