@@ -251,13 +251,14 @@ def test_degradations_on_the_device_give_the_same_batches(tmp_path):
         demo_config(tmp_path, degrade_threads=-1)
 
 
-def test_device_degrader_threads_give_the_pairs_in_order():
+@pytest.mark.parametrize("jpeg", ["pil", "torch"])  # torch: what clips on a GPU take
+def test_device_degrader_threads_give_the_pairs_in_order(jpeg):
     """DeviceDegrader: clips degraded by several threads come back in the order submitted, equal to
     PairDataset.degrade one by one; bad arguments are refused before any work."""
     from oasis.data import DeviceDegrader
 
     spec = ClipSpec(5, 32, 64)
-    data = PairDataset(SyntheticVideos(spec), Degradation(), "inconsistent", seed=3)
+    data = PairDataset(SyntheticVideos(spec), Degradation(jpeg_impl=jpeg), "inconsistent", seed=3)
     numbers = [7, 2, 11, 5]
     hq = torch.stack([data.source.clip(n) for n in numbers])
     want = torch.stack([data.degrade(clip, n) for clip, n in zip(hq, numbers)])
