@@ -475,6 +475,17 @@ def bench_shape(name, plan, args, device, dtype, ceilings):
 # reporting
 # --------------------------------------------------------------------------------------
 
+def cpu_name() -> str:
+    """The host CPU's model name (platform.processor() is empty on most Linux hosts)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device) -> dict:
     try:
         import triton
@@ -496,7 +507,7 @@ def environment(device) -> dict:
         env["global_stores"] = _global_stores()
         env["local_backward"] = _local_backward()
     else:
-        env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
+        env.update(cpu=cpu_name(), threads=torch.get_num_threads())
     return env
 
 

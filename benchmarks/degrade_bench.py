@@ -29,20 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_bench import environment  # noqa: E402
-
-
-def cpu_name() -> str:
-    """The host CPU's model name (platform.processor() is empty on most Linux hosts)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
+from attn_bench import cpu_name, environment  # noqa: E402
 
 
 def gpu_ms_per_clip(data, device, clips: int = 8) -> float:
@@ -105,6 +92,8 @@ def coder_rows(threads: int, clips: int = 8) -> list[dict]:
 
 
 def main(argv=None):
+    from oasis.degrade import JPEG_IMPLS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clips", type=int, default=12)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
@@ -117,7 +106,7 @@ def main(argv=None):
     p.add_argument("--coders", type=int, default=0,
                    help="also time the CPU stages alone (JPEG, libx264, mpeg4 on a 17x160x320 clip, torch "
                         "single-threaded) in 1 and this many threads: do they run side by side?")
-    p.add_argument("--jpeg", nargs="+", default=["auto"], choices=["auto", "pil", "torch"],
+    p.add_argument("--jpeg", nargs="+", default=["auto"], choices=JPEG_IMPLS,
                    help="DegradeConfig.jpeg_impl for the JPEG steps, each its own rows (auto: PIL for clips on "
                         "the CPU, oasis.jpeg on a GPU)")
     p.add_argument("--out", type=Path)
@@ -129,7 +118,8 @@ def main(argv=None):
     spec = ClipSpec(*args.size)
     source = VideoFolder(args.videos, spec) if args.videos else SyntheticVideos(spec)
     rows = []
-    for mode, jpeg in [(m, j) for m in ("consistent", "inconsistent") for j in args.jpeg]:
+    settings = [(m, j) for m in ("consistent", "inconsistent") for j in args.jpeg]
+    for mode, jpeg in settings:
         data = PairDataset(source, Degradation(jpeg_impl=jpeg), mode)
         for workers, threads in [(w, t) for w in args.workers for t in (args.threads if device else [0])]:
             # a steady rate needs a clip after the first wave
@@ -164,7 +154,7 @@ def main(argv=None):
     coders = coder_rows(args.coders) if args.coders else []
     gpu_ms = {}
     if device is not None and device.type == "cuda":
-        for mode, jpeg in [(m, j) for m in ("consistent", "inconsistent") for j in args.jpeg]:
+        for mode, jpeg in settings:
             gpu_ms[f"{mode}, {jpeg}"] = gpu_ms_per_clip(PairDataset(source, Degradation(jpeg_impl=jpeg), mode), device)
             print(json.dumps({"gpu_ms_per_clip": gpu_ms}), flush=True)
     res = {"coders": coders, "gpu_ms_per_clip": gpu_ms, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,

@@ -354,7 +354,7 @@ def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Te
             levels = torch.exp2(torch.ceil(torch.log2(distinct))).to(x.dtype).view(n, 1, 1, 1)
             noise = (torch.poisson(q * levels, generator=gen) / levels - q) * level
         if index is None:
-            out = out + noise
+            out.add_(noise)
         else:
             out.index_add_(0, index, noise.expand_as(x))
     return out.clamp_(0.0, 1.0)

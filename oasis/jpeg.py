@@ -116,7 +116,7 @@ def _fancy_upsample(c: torch.Tensor) -> torch.Tensor:
 def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
     """``[N, 3, H, W]`` float in [0, 1] -> the same frames after a baseline JPEG encode and decode, frame
     ``i`` at ``qualities[i]`` (an int in 1..100, or None to keep it), on 8-bit steps; on the frames'
-    device, float32 inside."""
+    device, float32 inside (the DCT's products in float64)."""
     if frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be [N, 3, H, W], got {tuple(frames.shape)}")
     qualities = list(qualities)

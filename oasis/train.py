@@ -47,12 +47,17 @@ __all__ = ["TrainConfig", "Trainer", "main"]
 COMPILE_MODES = ("regions", "graphs")
 
 
+def check_compile(setting) -> None:
+    """``TrainConfig.compile``'s values: true, false, absent, or one of COMPILE_MODES."""
+    if setting is not None and not isinstance(setting, bool) and setting not in COMPILE_MODES:
+        raise ValueError(f"compile must be true, false, one of {', '.join(map(repr, COMPILE_MODES))} or absent "
+                         f"(regions on CUDA), got {setting!r}")
+
+
 def compile_dit(dit, setting, device: torch.device) -> str | None:
     """Compile ``dit`` as ``TrainConfig.compile = setting`` asks; returns the form used (None: eager)."""
+    check_compile(setting)
     mode = "regions" if setting is True or (setting is None and device.type == "cuda") else setting or None
-    if mode is not None and mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be true, false, one of {', '.join(map(repr, COMPILE_MODES))} or absent, "
-                         f"got {setting!r}")
     if mode == "regions":
         dit.compile_regions()
     elif mode == "graphs":
@@ -180,9 +185,7 @@ class TrainConfig:
             raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {self.device!r}") from None
         if kind not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
-        if self.compile is not None and not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be true, false, one of {', '.join(map(repr, COMPILE_MODES))} or absent "
-                             f"(regions on CUDA), got {self.compile!r}")
+        check_compile(self.compile)
         if self.compile == "graphs" and self.sequence_parallel > 1:
             raise ValueError(f"compile = {self.compile!r} takes the whole DiT into one graph, which the "
                              f"sequence-parallel collectives would break; use 'regions' with sequence_parallel > 1")
