@@ -76,6 +76,25 @@ def test_tile_geometry_on_the_cpu(tmp_path):
     assert run.returncode == 0 and "geometry ok" in run.stdout, f"seed {seed}: {run.stdout[-3000:]}"
 
 
+def test_wgmma_blocks_compile_and_match_a_matmul_on_hopper(tmp_path):
+    """csrc/local_attention/wgmma.cuh (descriptors of 128-byte-swizzled tiles, the SS and RS forms of
+    m64n64k16) built for sm_90a with no spills (tests/cuda/wgmma_check.cu); on a Hopper GPU the
+    program checks each form against a CPU matmul and fails on a mismatch."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    exe = tmp_path / "wgmma_check"
+    build = subprocess.run([nvcc, *cuda_local.NVCC_FLAGS, "-Xptxas", "-v", "-I", str(ROOT / "csrc" / "local_attention"),
+                            str(ROOT / "tests" / "cuda" / "wgmma_check.cu"), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert not re.search(r"[1-9]\d* bytes spill (stores|loads)", build.stderr), build.stderr[-3000:]
+    if not HOPPER:
+        return
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "PASS" in run.stdout, run.stdout[-3000:]
+
+
 def test_declines_with_reasons(device):
     plan = ok.RoutingPlan((2, 3, 5), ["w", "i"], (3, 3, 3))
     q = torch.randn(1, plan.num_tokens, 2, 96, dtype=torch.float32, device=device)

@@ -1,0 +1,164 @@
+// The wgmma building blocks of csrc/local_attention/wgmma.cuh against a CPU matmul, on an sm_90 GPU:
+//   ss64:  C = A B^T, A and B 64 x 64 bf16 K-major in shared memory (S = Q K^T at D = 64)
+//   ss128: the same with K = 128 (two 64-element panels per row: D = 128)
+//   rs:    C = P V, P 64 x 64 from registers (mma.sync's A fragments), V 64 keys x 64 N-major (O += P V)
+//   rs_swapped: rs with the N-major descriptor's two byte offsets exchanged (which reading of the
+//          PTX layout holds is what this run decides, if rs fails)
+// Prints one line per case and exits 1 if a case that wgmma.cuh uses fails; without an sm_90 GPU it
+// says so and exits 0 (CI compiles it only).
+//   nvcc -std=c++17 -O2 -arch=sm_90a -I csrc/local_attention tests/cuda/wgmma_check.cu -o wgmma_check
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "wgmma.cuh"
+
+using bf16 = __nv_bfloat16;
+
+__device__ __forceinline__ uint32_t pack(bf16 lo, bf16 hi) {
+    return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+}
+
+// the accumulator of one warpgroup (64 x 64 f32) to row-major global memory
+__device__ void store(float* c, const float (&d)[32]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int j = 0; j < 8; ++j)
+        for (int e = 0; e < 4; ++e) {
+            const int row = 16 * warp + lane / 4 + (e >= 2 ? 8 : 0), col = 8 * j + 2 * (lane % 4) + (e & 1);
+            c[row * 64 + col] = d[4 * j + e];
+        }
+}
+
+// C[64][64] = A[64][K] B[64][K]^T
+template <int K>
+__global__ void ss_kernel(const bf16* a, const bf16* b, float* c) {
+    __shared__ alignas(1024) bf16 sa[64 * K];
+    __shared__ alignas(1024) bf16 sb[64 * K];
+    for (int i = threadIdx.x; i < 64 * K; i += blockDim.x) {
+        sa[wgmma::swizzled(i / K, i % K, 64)] = a[i];
+        sb[wgmma::swizzled(i / K, i % K, 64)] = b[i];
+    }
+    wgmma::fence_smem_for_async();
+    __syncthreads();
+    float d[32];
+    for (int i = 0; i < 32; ++i) d[i] = 0.f;
+    wgmma::fence();
+    for (int ks = 0; ks < K / 16; ++ks) wgmma::mma_ss(d, wgmma::k_major(sa, ks, 64), wgmma::k_major(sb, ks, 64), ks > 0);
+    wgmma::commit();
+    wgmma::wait<0>();
+    store(c, d);
+}
+
+// C[64][64] = P[64][64] V[64][64]; SWAPPED: the descriptor's byte offsets exchanged
+template <bool SWAPPED>
+__global__ void rs_kernel(const bf16* p, const bf16* v, float* c) {
+    __shared__ alignas(1024) bf16 sv[64 * 64];
+    for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) sv[wgmma::swizzled(i / 64, i % 64, 64)] = v[i];
+    wgmma::fence_smem_for_async();
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r0 = 16 * warp + lane / 4, q = 2 * (lane % 4);
+    float d[32];
+    for (int i = 0; i < 32; ++i) d[i] = 0.f;
+    uint32_t frag[4][4];
+    for (int ks = 0; ks < 4; ++ks) {
+        const int k0 = 16 * ks + q;
+        frag[ks][0] = pack(p[r0 * 64 + k0], p[r0 * 64 + k0 + 1]);
+        frag[ks][1] = pack(p[(r0 + 8) * 64 + k0], p[(r0 + 8) * 64 + k0 + 1]);
+        frag[ks][2] = pack(p[r0 * 64 + k0 + 8], p[r0 * 64 + k0 + 9]);
+        frag[ks][3] = pack(p[(r0 + 8) * 64 + k0 + 8], p[(r0 + 8) * 64 + k0 + 9]);
+    }
+    wgmma::fence();
+    for (int ks = 0; ks < 4; ++ks) {
+        const uint64_t desc = SWAPPED ? wgmma::descriptor(sv + ks * 16 * 64, wgmma::kAtomBytes, 64 * 128)
+                                      : wgmma::n_major(sv, ks, 64);
+        wgmma::mma_rs(d, frag[ks], desc, ks > 0);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+    store(c, d);
+}
+
+static std::vector<bf16> random_bf16(int n, unsigned seed) {
+    std::vector<bf16> x(n);
+    srand(seed);
+    for (auto& e : x) e = __float2bfloat16(float(rand()) / RAND_MAX * 2.f - 1.f);
+    return x;
+}
+
+// the worst |C - reference| of C = X Y^T (x_rows_k: X is 64 x K; y: 64 x K) or C = X Y (y: K x 64)
+static double worst(const std::vector<float>& c, const std::vector<bf16>& x, const std::vector<bf16>& y, int k,
+                    bool y_transposed) {
+    double err = 0;
+    for (int i = 0; i < 64; ++i)
+        for (int j = 0; j < 64; ++j) {
+            double ref = 0;
+            for (int t = 0; t < k; ++t)
+                ref += double(__bfloat162float(x[i * k + t])) *
+                       double(__bfloat162float(y_transposed ? y[j * k + t] : y[t * 64 + j]));
+            err = fmax(err, fabs(ref - c[i * 64 + j]));
+        }
+    return err;
+}
+
+template <typename Launch>
+static double run(Launch launch, const std::vector<bf16>& x, const std::vector<bf16>& y, int k, bool y_transposed) {
+    bf16 *dx, *dy;
+    float* dc;
+    cudaMalloc(&dx, x.size() * sizeof(bf16));
+    cudaMalloc(&dy, y.size() * sizeof(bf16));
+    cudaMalloc(&dc, 64 * 64 * sizeof(float));
+    cudaMemcpy(dx, x.data(), x.size() * sizeof(bf16), cudaMemcpyHostToDevice);
+    cudaMemcpy(dy, y.data(), y.size() * sizeof(bf16), cudaMemcpyHostToDevice);
+    cudaMemset(dc, 0xff, 64 * 64 * sizeof(float));  // NaN where nothing is written
+    launch(dx, dy, dc);
+    const cudaError_t status = cudaDeviceSynchronize();
+    std::vector<float> c(64 * 64);
+    cudaMemcpy(c.data(), dc, c.size() * sizeof(float), cudaMemcpyDeviceToHost);
+    cudaFree(dx);
+    cudaFree(dy);
+    cudaFree(dc);
+    if (status != cudaSuccess) {
+        printf("  CUDA error: %s\n", cudaGetErrorString(status));
+        return INFINITY;
+    }
+    const double e = worst(c, x, y, k, y_transposed);
+    return std::isnan(e) ? INFINITY : e;
+}
+
+int main() {
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ||
+        major != 9) {
+        printf("wgmma_check: no sm_90 GPU here; nothing run\n");
+        return 0;
+    }
+    const double tol = 1e-3;  // float32 sums of 64-128 products of bf16 values in [-1, 1]
+    bool ok = true;
+    auto report = [&](const char* name, double err, bool used) {
+        const bool pass = err <= tol;
+        printf("%-11s max |err| %.3e  %s%s\n", name, err, pass ? "PASS" : "FAIL", used ? "" : " (alternative)");
+        ok = ok && (pass || !used);
+    };
+    {
+        auto a = random_bf16(64 * 64, 1), b = random_bf16(64 * 64, 2);
+        report("ss64", run([](bf16* x, bf16* y, float* c) { ss_kernel<64><<<1, 128>>>(x, y, c); }, a, b, 64, true), true);
+    }
+    {
+        auto a = random_bf16(64 * 128, 3), b = random_bf16(64 * 128, 4);
+        report("ss128", run([](bf16* x, bf16* y, float* c) { ss_kernel<128><<<1, 128>>>(x, y, c); }, a, b, 128, true),
+               true);
+    }
+    {
+        auto p = random_bf16(64 * 64, 5), v = random_bf16(64 * 64, 6);
+        report("rs", run([](bf16* x, bf16* y, float* c) { rs_kernel<false><<<1, 128>>>(x, y, c); }, p, v, 64, false),
+               true);
+        report("rs_swapped",
+               run([](bf16* x, bf16* y, float* c) { rs_kernel<true><<<1, 128>>>(x, y, c); }, p, v, 64, false), false);
+    }
+    return ok ? 0 : 1;
+}
