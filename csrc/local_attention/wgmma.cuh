@@ -38,7 +38,10 @@ __device__ __forceinline__ uint64_t k_major(const void* tile, int ks, int rows) 
 }
 
 // N-major B operand (V with keys as K and the head dim as N, rows of 64 head-dim elements): k-step
-// `ks` of 16 keys starts 16 rows further; N panels of 64 are `rows` x 128 bytes apart
+// `ks` of 16 keys starts 16 rows further; N panels of 64 are `rows` x 128 bytes apart. In the PTX
+// ISA's canonical MN-major 128-byte layout, ((8,8,m),(8,k)) : ((1,8,LBO),(64,SBO)) in elements, the
+// leading byte offset steps the N panels and the stride byte offset the 8-row groups of K (the
+// K-major layout, ((8,m),(8,2k)) : ((64,SBO),(1,8)), leaves the leading offset unused)
 __device__ __forceinline__ uint64_t n_major(const void* tile, int ks, int rows) {
     return descriptor(static_cast<const char*>(tile) + ks * 16 * 128, rows * 128, kAtomBytes);
 }
