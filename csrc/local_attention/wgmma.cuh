@@ -22,6 +22,10 @@ __host__ __device__ __forceinline__ int swizzled(int row, int col, int rows) {
     return panel * rows * kPanel + row * kPanel + ((((c >> 3) ^ (row & 7))) << 3) + (c & 7);
 }
 
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 // descriptor fields: start address >> 4 (bits 0-13), leading byte offset >> 4 (16-29), stride byte
 // offset >> 4 (32-45), swizzle mode (62-63; 1 = 128-byte)
 __device__ __forceinline__ uint64_t descriptor(const void* tile, uint32_t leading_bytes, uint32_t stride_bytes) {
