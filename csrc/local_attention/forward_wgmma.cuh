@@ -1,17 +1,17 @@
-// The forward of the local heads with Hopper's warpgroup MMA (wgmma.cuh), bf16, sm_90a.
+// The forward of the local heads with Hopper's warpgroup MMA (wgmma.cuh), bf16 and fp16, sm_90a.
 //
-// The same work split, walk and masks as forward_kernel (kernels.cuh, geometry.cuh): a program is
+// The same work split, walk and masks as the backward (kernels.cuh, geometry.cuh): a program is
 // 64 query rows (window: 4 frames x bh x bw, one frame per warp; intra: 64 tokens of a frame) and
-// walks its blocks of BLOCK_N = 64 keys. What changes is who multiplies: the four warps are one
-// warpgroup, and each block's S = Q K^T (64 x 64, the head dim as K) and O += P V (64 x D, the
-// block's keys as K) are wgmma instructions reading Q, K and V from shared memory (P from
-// registers), instead of 16 mma.sync per warp fed by ldmatrix. The instruction count per scored key
-// falls to the softmax's (Nsight Compute put ~14 instructions per mma.sync in forward_kernel,
-// docs/PERF.md entry 21e), and no thread holds operand fragments.
+// walks its blocks of BLOCK_N = 64 keys. The four warps are one warpgroup, and each block's
+// S = Q K^T (64 x 64, the head dim as K) and O += P V (64 x D, the block's keys as K) are wgmma
+// instructions reading Q, K and V from shared memory (P from registers). This replaced a forward of
+// 16 mma.sync per warp and block fed by ldmatrix (main at 426bad8), which Nsight Compute found
+// latency-bound with ~14 instructions per MMA (docs/PERF.md entry 21e); here the instruction count
+// per scored key is the softmax's, and no thread holds operand fragments.
 //
 // The cost: a warpgroup instruction computes all 64 rows, so a window block's rows whose frame is
 // more than rt from the block's are computed and masked (384 scored keys per query at rt = 1, as the
-// Triton kernel), where forward_kernel's warps skipped them (192).
+// Triton kernel), where the mma.sync forward's warps skipped them (192).
 //
 // Shared memory: Q (64 x D) and two stages of K and V (64 x D each), every tile in the 128-byte
 // swizzled panels wgmma reads (wgmma::swizzled: 64-element panels of `rows` rows, 16-byte chunk c of
@@ -27,79 +27,75 @@ namespace oasis_local {
 namespace detail {
 
 // 16-byte chunk `ch` (of D / 8) of row `row` of a wgmma tile of `rows` rows
-template <int D>
-__device__ __forceinline__ __nv_bfloat16* wg_chunk(__nv_bfloat16* tile, int row, int ch, int rows) {
+template <typename T, int D>
+__device__ __forceinline__ T* wg_chunk(T* tile, int row, int ch, int rows) {
     return tile + wgmma::swizzled(row, ch * 8, rows);
 }
 
 // rows 0..ROWS-1 of a wgmma tile; row r is token tok(r) (-1: zeros). Thread x: chunk x % (D/8) of
 // rows x / (D/8) + i * kThreads / (D/8), the assignment of load_tile (so TileRows serves it too)
-template <int D, int ROWS, typename TokenOf>
-__device__ __forceinline__ void wg_load_tile(__nv_bfloat16* tile, const __nv_bfloat16* base, int64_t stride,
-                                             TokenOf tok) {
+template <typename T, int D, int ROWS, typename TokenOf>
+__device__ __forceinline__ void wg_load_tile(T* tile, const T* base, int64_t stride, TokenOf tok) {
     constexpr int kChunks = D / 8;
 #pragma unroll
     for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
         const int c = threadIdx.x + i * kThreads;
         const int r = c / kChunks, ch = c % kChunks;
         const int t = tok(r);
-        cp_async16(wg_chunk<D>(tile, r, ch, ROWS), base + (t < 0 ? 0 : int64_t(t) * stride) + ch * 8, t >= 0);
+        cp_async16(wg_chunk<T, D>(tile, r, ch, ROWS), base + (t < 0 ? 0 : int64_t(t) * stride) + ch * 8, t >= 0);
     }
 }
 
-template <int D, int ROWS, int N>
-__device__ __forceinline__ void wg_load_rows(__nv_bfloat16* tile, const __nv_bfloat16* base, int64_t stride,
-                                             const int (&tok)[N]) {
+template <typename T, int D, int ROWS, int N>
+__device__ __forceinline__ void wg_load_rows(T* tile, const T* base, int64_t stride, const int (&tok)[N]) {
     constexpr int kChunks = D / 8;
     const int ch = threadIdx.x % kChunks;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
         const int r = threadIdx.x / kChunks + i * (kThreads / kChunks);
-        cp_async16(wg_chunk<D>(tile, r, ch, ROWS), base + (tok[i] < 0 ? 0 : int64_t(tok[i]) * stride) + ch * 8,
+        cp_async16(wg_chunk<T, D>(tile, r, ch, ROWS), base + (tok[i] < 0 ? 0 : int64_t(tok[i]) * stride) + ch * 8,
                    tok[i] >= 0);
     }
 }
 
 // S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
-template <int D>
-__device__ __forceinline__ void wg_scores(float (&s)[32], const __nv_bfloat16* q, const __nv_bfloat16* k) {
+template <typename T, int D>
+__device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
-        wgmma::mma_ss(s, wgmma::k_major(q, ks, kRows), wgmma::k_major(k, ks, 64), ks > 0);
+        wgmma::mma_ss<std::is_same_v<T, __half>>(s, wgmma::k_major(q, ks, kRows), wgmma::k_major(k, ks, 64), ks > 0);
     wgmma::commit();
     wgmma::wait<0>();
 }
 
 // O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
 // V (64 keys x D, N-major: the head dim is N)
-template <int D>
-__device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32],
-                                              const __nv_bfloat16* v) {
+template <typename T, int D>
+__device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32], const T* v) {
     // the accumulator layout of n-tiles 2kc and 2kc+1 is the A fragment of keys 16kc..16kc+15
     uint32_t a[4][4];
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
-        a[kc][0] = Mma<__nv_bfloat16>::pack(p[8 * kc + 0], p[8 * kc + 1]);
-        a[kc][1] = Mma<__nv_bfloat16>::pack(p[8 * kc + 2], p[8 * kc + 3]);
-        a[kc][2] = Mma<__nv_bfloat16>::pack(p[8 * kc + 4], p[8 * kc + 5]);
-        a[kc][3] = Mma<__nv_bfloat16>::pack(p[8 * kc + 6], p[8 * kc + 7]);
+        a[kc][0] = Mma<T>::pack(p[8 * kc + 0], p[8 * kc + 1]);
+        a[kc][1] = Mma<T>::pack(p[8 * kc + 2], p[8 * kc + 3]);
+        a[kc][2] = Mma<T>::pack(p[8 * kc + 4], p[8 * kc + 5]);
+        a[kc][3] = Mma<T>::pack(p[8 * kc + 6], p[8 * kc + 7]);
     }
     wgmma::fence();
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
 #pragma unroll
         for (int dp = 0; dp < D / 64; ++dp)
-            wgmma::mma_rs(o[dp], a[kc], wgmma::n_major(v + dp * 64 * 64, kc, 64), true);
+            wgmma::mma_rs<std::is_same_v<T, __half>>(o[dp], a[kc], wgmma::n_major(v + dp * 64 * 64, kc, 64), true);
     }
     wgmma::commit();
     wgmma::wait<0>();
 }
 
-template <int D, int BLOCK_N>
+template <typename T, int D, int BLOCK_N>
 __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardParams p, int bh, int bw) {
     static_assert(BLOCK_N == 64, "one m64n64 score tile per block");
-    using T = __nv_bfloat16;
     // wgmma's 128-byte swizzle wants 1024-byte aligned tiles: the launcher adds 1024 bytes for this
     extern __shared__ __align__(128) unsigned char smem_wg[];
     T* s_q = reinterpret_cast<T*>(smem_wg + ((1024 - (wgmma::smem_address(smem_wg) & 1023)) & 1023));
@@ -115,13 +111,13 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
     const T* q = head_base<T>(p.q, pr);
     const T* k = head_base<T>(p.k, pr);
     const T* v = head_base<T>(p.v, pr);
-    wg_load_tile<D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
+    wg_load_tile<T, D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
     TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
     auto load_block = [&](Block b, int stage) {
         int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
         rows.at(tile, b, tok);
-        wg_load_rows<D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
-        wg_load_rows<D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
+        wg_load_rows<T, D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
+        wg_load_rows<T, D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
 
     const float c = p.scale * kLog2e;
@@ -132,8 +128,8 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
 #pragma unroll
         for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
 
-    // the walk of kernels.cuh's walk(), without its per-warp skip: the warpgroup computes every block,
-    // and a warp whose frame does not see one masks all of its scores
+    // the walk of kernels.cuh's walk() (the backward's), without its per-warp skip: the warpgroup
+    // computes every block, and a warp whose frame does not see one masks all of its scores
     Block cur = tile.first_block();
     if (tile.n_blocks > 0) load_block(cur, 0);
     cp_async_commit();
@@ -155,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
         const uint32_t visible = tile.warp_sees(cur, warp) ? bits : 0u;
 
         float s[32];
-        wg_scores<D>(s, s_q, s_k + stage * BLOCK_N * D);
+        wg_scores<T, D>(s, s_q, s_k + stage * BLOCK_N * D);
         float mx0 = kNegInf, mx1 = kNegInf;
 #pragma unroll
         for (int e = 0; e < 32; ++e) {
@@ -191,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
             l0 += s[4 * j] + s[4 * j + 1];
             l1 += s[4 * j + 2] + s[4 * j + 3];
         }
-        wg_accumulate<D>(o, s, s_v + stage * BLOCK_N * D);
+        wg_accumulate<T, D>(o, s, s_v + stage * BLOCK_N * D);
         __syncthreads();  // the stage is refilled two blocks on
         cur = nxt;
     }

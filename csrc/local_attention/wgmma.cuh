@@ -1,5 +1,5 @@
 // Hopper warpgroup MMA (wgmma) building blocks for the local-attention kernels, sm_90a only, no
-// torch: shared-memory matrix descriptors for 128-byte-swizzled tiles, the m64n64k16 bf16 MMA with
+// torch: shared-memory matrix descriptors for 128-byte-swizzled tiles, the m64n64k16 bf16/fp16 MMA with
 // both operands in shared memory (SS: S = Q K^T) and with A in registers and B stored N-major
 // (RS: O += P V, V as it lies, keys by head dim), and the fences that order them. The layouts follow
 // the PTX ISA's "Matrix Descriptor Format" and "Shared Memory Matrix Layout" sections;
@@ -69,28 +69,47 @@ __device__ __forceinline__ void fence_smem_for_async() { asm volatile("fence.pro
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
     "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 
+// the element type of both operands: F16 false is bf16, true fp16 (the instruction's type suffix)
+#define WGMMA_M64N64K16(TYPE) "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "
+
 // d (+)= A B: A 64 x 16 and B 16 x 64 (given as 64 x 16, K-major) from shared memory; `accumulate`
 // false overwrites d
+template <bool F16 = false>
 __device__ __forceinline__ void mma_ss(float (&d)[32], uint64_t a, uint64_t b, bool accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : WGMMA_D32(d)
-        : "l"(a), "l"(b), "r"(int(accumulate)));
+    if constexpr (F16)
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" WGMMA_M64N64K16("f16") WGMMA_REGS32
+            ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+            : WGMMA_D32(d)
+            : "l"(a), "l"(b), "r"(int(accumulate)));
+    else
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" WGMMA_M64N64K16("bf16") WGMMA_REGS32
+            ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+            : WGMMA_D32(d)
+            : "l"(a), "l"(b), "r"(int(accumulate)));
 }
 
 // d (+)= A B: A 64 x 16 from registers (each warp its 16 rows, in mma.sync's A fragment layout:
 // a[0] rows lane/4, cols 2(lane%4)..+1; a[1] rows +8; a[2] cols +8; a[3] both), B 16 x 64 N-major
 // from shared memory (the transpose flag set)
+template <bool F16 = false>
 __device__ __forceinline__ void mma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, bool accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WGMMA_REGS32
-        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-        : WGMMA_D32(d)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)));
+    if constexpr (F16)
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" WGMMA_M64N64K16("f16") WGMMA_REGS32
+            ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+            : WGMMA_D32(d)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)));
+    else
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" WGMMA_M64N64K16("bf16") WGMMA_REGS32
+            ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+            : WGMMA_D32(d)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)));
 }
 
+#undef WGMMA_M64N64K16
 #undef WGMMA_REGS32
 #undef WGMMA_D32
 

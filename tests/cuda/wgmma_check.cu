@@ -1,14 +1,15 @@
 // The wgmma building blocks of csrc/local_attention/wgmma.cuh against a CPU matmul, on an sm_90 GPU:
-//   ss64:  C = A B^T, A and B 64 x 64 bf16 K-major in shared memory (S = Q K^T at D = 64)
+//   ss64:  C = A B^T, A and B 64 x 64 K-major in shared memory (S = Q K^T at D = 64)
 //   ss128: the same with K = 128 (two 64-element panels per row: D = 128)
 //   rs:    C = P V, P 64 x 64 from registers (mma.sync's A fragments), V 64 keys x 64 N-major (O += P V)
-//   rs_swapped: rs with the N-major descriptor's two byte offsets exchanged (which reading of the
-//          PTX layout holds is what this run decides, if rs fails)
-// Prints one line per case and exits 1 if a case that wgmma.cuh uses fails; without an sm_90 GPU it
-// says so and exits 0 (CI compiles it only).
+// each in bf16 and fp16 (the bf16 forms passed on an H200 at 426bad8, with the N-major descriptor
+// read as here). Prints one line per case and exits 1 if one fails; without an sm_90 GPU it says so
+// and exits 0 (CI compiles it only).
 //   nvcc -std=c++17 -O2 -arch=sm_90a -I csrc/local_attention tests/cuda/wgmma_check.cu -o wgmma_check
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include <cmath>
 #include <cstdio>
@@ -17,10 +18,23 @@
 
 #include "wgmma.cuh"
 
-using bf16 = __nv_bfloat16;
+#include <cuda_fp16.h>
 
-__device__ __forceinline__ uint32_t pack(bf16 lo, bf16 hi) {
-    return uint32_t(__bfloat16_as_ushort(lo)) | (uint32_t(__bfloat16_as_ushort(hi)) << 16);
+using bf16 = __nv_bfloat16;
+using f16 = __half;
+
+// the 16 bits of an element, and two of them in one register (lo in the low half)
+template <typename E>
+__host__ __device__ __forceinline__ uint16_t bits(E x) {
+    if constexpr (std::is_same_v<E, f16>) return __half_as_ushort(x);
+    else return __bfloat16_as_ushort(x);
+}
+template <typename E>
+__device__ __forceinline__ uint32_t pack(E lo, E hi) { return uint32_t(bits(lo)) | (uint32_t(bits(hi)) << 16); }
+template <typename E>
+static float as_float(E x) {
+    if constexpr (std::is_same_v<E, f16>) return __half2float(x);
+    else return __bfloat162float(x);
 }
 
 // the accumulator of one warpgroup (64 x 64 f32) to row-major global memory
@@ -34,10 +48,10 @@ __device__ void store(float* c, const float (&d)[32]) {
 }
 
 // C[64][64] = A[64][K] B[64][K]^T
-template <int K>
-__global__ void ss_kernel(const bf16* a, const bf16* b, float* c) {
-    __shared__ alignas(1024) bf16 sa[64 * K];
-    __shared__ alignas(1024) bf16 sb[64 * K];
+template <typename E, int K>
+__global__ void ss_kernel(const E* a, const E* b, float* c) {
+    __shared__ alignas(1024) E sa[64 * K];
+    __shared__ alignas(1024) E sb[64 * K];
     for (int i = threadIdx.x; i < 64 * K; i += blockDim.x) {
         sa[wgmma::swizzled(i / K, i % K, 64)] = a[i];
         sb[wgmma::swizzled(i / K, i % K, 64)] = b[i];
@@ -47,16 +61,17 @@ __global__ void ss_kernel(const bf16* a, const bf16* b, float* c) {
     float d[32];
     for (int i = 0; i < 32; ++i) d[i] = 0.f;
     wgmma::fence();
-    for (int ks = 0; ks < K / 16; ++ks) wgmma::mma_ss(d, wgmma::k_major(sa, ks, 64), wgmma::k_major(sb, ks, 64), ks > 0);
+    for (int ks = 0; ks < K / 16; ++ks)
+        wgmma::mma_ss<std::is_same_v<E, f16>>(d, wgmma::k_major(sa, ks, 64), wgmma::k_major(sb, ks, 64), ks > 0);
     wgmma::commit();
     wgmma::wait<0>();
     store(c, d);
 }
 
-// C[64][64] = P[64][64] V[64][64]; SWAPPED: the descriptor's byte offsets exchanged
-template <bool SWAPPED>
-__global__ void rs_kernel(const bf16* p, const bf16* v, float* c) {
-    __shared__ alignas(1024) bf16 sv[64 * 64];
+// C[64][64] = P[64][64] V[64][64]
+template <typename E>
+__global__ void rs_kernel(const E* p, const E* v, float* c) {
+    __shared__ alignas(1024) E sv[64 * 64];
     for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) sv[wgmma::swizzled(i / 64, i % 64, 64)] = v[i];
     wgmma::fence_smem_for_async();
     __syncthreads();
@@ -74,46 +89,45 @@ __global__ void rs_kernel(const bf16* p, const bf16* v, float* c) {
     }
     wgmma::fence();
     for (int ks = 0; ks < 4; ++ks) {
-        const uint64_t desc = SWAPPED ? wgmma::descriptor(sv + ks * 16 * 64, wgmma::kAtomBytes, 64 * 128)
-                                      : wgmma::n_major(sv, ks, 64);
-        wgmma::mma_rs(d, frag[ks], desc, ks > 0);
+        wgmma::mma_rs<std::is_same_v<E, f16>>(d, frag[ks], wgmma::n_major(sv, ks, 64), ks > 0);
     }
     wgmma::commit();
     wgmma::wait<0>();
     store(c, d);
 }
 
-static std::vector<bf16> random_bf16(int n, unsigned seed) {
-    std::vector<bf16> x(n);
+template <typename E>
+static std::vector<E> random_values(int n, unsigned seed) {
+    std::vector<E> x(n);
     srand(seed);
-    for (auto& e : x) e = __float2bfloat16(float(rand()) / RAND_MAX * 2.f - 1.f);
+    for (auto& e : x) e = E(float(rand()) / RAND_MAX * 2.f - 1.f);
     return x;
 }
 
 // the worst |C - reference| of C = X Y^T (x_rows_k: X is 64 x K; y: 64 x K) or C = X Y (y: K x 64)
-static double worst(const std::vector<float>& c, const std::vector<bf16>& x, const std::vector<bf16>& y, int k,
+template <typename E>
+static double worst(const std::vector<float>& c, const std::vector<E>& x, const std::vector<E>& y, int k,
                     bool y_transposed) {
     double err = 0;
     for (int i = 0; i < 64; ++i)
         for (int j = 0; j < 64; ++j) {
             double ref = 0;
             for (int t = 0; t < k; ++t)
-                ref += double(__bfloat162float(x[i * k + t])) *
-                       double(__bfloat162float(y_transposed ? y[j * k + t] : y[t * 64 + j]));
+                ref += double(as_float(x[i * k + t])) * double(as_float(y_transposed ? y[j * k + t] : y[t * 64 + j]));
             err = fmax(err, fabs(ref - c[i * 64 + j]));
         }
     return err;
 }
 
-template <typename Launch>
-static double run(Launch launch, const std::vector<bf16>& x, const std::vector<bf16>& y, int k, bool y_transposed) {
-    bf16 *dx, *dy;
+template <typename E, typename Launch>
+static double run(Launch launch, const std::vector<E>& x, const std::vector<E>& y, int k, bool y_transposed) {
+    E *dx, *dy;
     float* dc;
-    cudaMalloc(&dx, x.size() * sizeof(bf16));
-    cudaMalloc(&dy, y.size() * sizeof(bf16));
+    cudaMalloc(&dx, x.size() * sizeof(E));
+    cudaMalloc(&dy, y.size() * sizeof(E));
     cudaMalloc(&dc, 64 * 64 * sizeof(float));
-    cudaMemcpy(dx, x.data(), x.size() * sizeof(bf16), cudaMemcpyHostToDevice);
-    cudaMemcpy(dy, y.data(), y.size() * sizeof(bf16), cudaMemcpyHostToDevice);
+    cudaMemcpy(dx, x.data(), x.size() * sizeof(E), cudaMemcpyHostToDevice);
+    cudaMemcpy(dy, y.data(), y.size() * sizeof(E), cudaMemcpyHostToDevice);
     cudaMemset(dc, 0xff, 64 * 64 * sizeof(float));  // NaN where nothing is written
     launch(dx, dy, dc);
     const cudaError_t status = cudaDeviceSynchronize();
@@ -130,6 +144,31 @@ static double run(Launch launch, const std::vector<bf16>& x, const std::vector<b
     return std::isnan(e) ? INFINITY : e;
 }
 
+// the three forms for one element type; prints a line per case, returns whether all passed
+template <typename E>
+static bool check(const char* type, unsigned seed) {
+    const double tol = 1e-3;  // float32 sums of 64-128 products of 16-bit values in [-1, 1]
+    bool ok = true;
+    auto report = [&](const char* name, double err) {
+        const bool pass = err <= tol;
+        printf("%-5s %-6s max |err| %.3e  %s\n", type, name, err, pass ? "PASS" : "FAIL");
+        ok = ok && pass;
+    };
+    {
+        auto a = random_values<E>(64 * 64, seed), b = random_values<E>(64 * 64, seed + 1);
+        report("ss64", run([](E* x, E* y, float* c) { ss_kernel<E, 64><<<1, 128>>>(x, y, c); }, a, b, 64, true));
+    }
+    {
+        auto a = random_values<E>(64 * 128, seed + 2), b = random_values<E>(64 * 128, seed + 3);
+        report("ss128", run([](E* x, E* y, float* c) { ss_kernel<E, 128><<<1, 128>>>(x, y, c); }, a, b, 128, true));
+    }
+    {
+        auto p = random_values<E>(64 * 64, seed + 4), v = random_values<E>(64 * 64, seed + 5);
+        report("rs", run([](E* x, E* y, float* c) { rs_kernel<E><<<1, 128>>>(x, y, c); }, p, v, 64, false));
+    }
+    return ok;
+}
+
 int main() {
     int dev = 0, major = 0;
     if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) ||
@@ -137,28 +176,7 @@ int main() {
         printf("wgmma_check: no sm_90 GPU here; nothing run\n");
         return 0;
     }
-    const double tol = 1e-3;  // float32 sums of 64-128 products of bf16 values in [-1, 1]
-    bool ok = true;
-    auto report = [&](const char* name, double err, bool used) {
-        const bool pass = err <= tol;
-        printf("%-11s max |err| %.3e  %s%s\n", name, err, pass ? "PASS" : "FAIL", used ? "" : " (alternative)");
-        ok = ok && (pass || !used);
-    };
-    {
-        auto a = random_bf16(64 * 64, 1), b = random_bf16(64 * 64, 2);
-        report("ss64", run([](bf16* x, bf16* y, float* c) { ss_kernel<64><<<1, 128>>>(x, y, c); }, a, b, 64, true), true);
-    }
-    {
-        auto a = random_bf16(64 * 128, 3), b = random_bf16(64 * 128, 4);
-        report("ss128", run([](bf16* x, bf16* y, float* c) { ss_kernel<128><<<1, 128>>>(x, y, c); }, a, b, 128, true),
-               true);
-    }
-    {
-        auto p = random_bf16(64 * 64, 5), v = random_bf16(64 * 64, 6);
-        report("rs", run([](bf16* x, bf16* y, float* c) { rs_kernel<false><<<1, 128>>>(x, y, c); }, p, v, 64, false),
-               true);
-        report("rs_swapped",
-               run([](bf16* x, bf16* y, float* c) { rs_kernel<true><<<1, 128>>>(x, y, c); }, p, v, 64, false), false);
-    }
-    return ok ? 0 : 1;
+    const bool ok_bf16 = check<bf16>("bf16", 1);
+    const bool ok_f16 = check<f16>("fp16", 11);
+    return ok_bf16 && ok_f16 ? 0 : 1;
 }
