@@ -128,28 +128,7 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
 #pragma unroll
         for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
 
-    // the walk of kernels.cuh's walk() (the backward's), without its per-warp skip: the warpgroup
-    // computes every block, and a warp whose frame does not see one masks all of its scores
-    Block cur = tile.first_block();
-    if (tile.n_blocks > 0) load_block(cur, 0);
-    cp_async_commit();
-    uint32_t bits = 0;
-    int bits_slice = -1;
-    for (int it = 0; it < tile.n_blocks; ++it) {
-        const int stage = it & 1;
-        const Block nxt = tile.next(cur);
-        if (it + 1 < tile.n_blocks) load_block(nxt, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();
-        wgmma::fence_smem_for_async();  // this thread's landed copies, for wgmma's reads
-        __syncthreads();
-        const bool masked = tile.masked<BLOCK_N>(cur);
-        if (masked && cur.s != bits_slice) {
-            bits = tile.mask_bits<BLOCK_N>(cur, lane);
-            bits_slice = cur.s;
-        }
-        const uint32_t visible = tile.warp_sees(cur, warp) ? bits : 0u;
-
+    walk<BLOCK_N, true>(tile, warp, load_block, [&](int stage, bool masked, uint32_t visible) {
         float s[32];
         wg_scores<T, D>(s, s_q, s_k + stage * BLOCK_N * D);
         float mx0 = kNegInf, mx1 = kNegInf;
@@ -188,10 +167,7 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
             l1 += s[4 * j + 2] + s[4 * j + 3];
         }
         wg_accumulate<T, D>(o, s, s_v + stage * BLOCK_N * D);
-        __syncthreads();  // the stage is refilled two blocks on
-        cur = nxt;
-    }
-    cp_async_wait<0>();
+    });
 
     l0 = row_sum4(l0);
     l1 = row_sum4(l1);

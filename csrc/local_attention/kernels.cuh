@@ -233,8 +233,10 @@ __device__ __forceinline__ float row_sum4(float x) {
 // stage while body(stage, masked, bits) computes block it, called only in the warps whose rows
 // see something of it (warp-uniform, so the body may use warp collectives). `bits` are the
 // thread's visibility bits of the block, meaningful where `masked`. Loads issued before the call
-// (the tile's own rows) complete with the first block's.
-template <int BLOCK_N, typename Load, typename Body>
+// (the tile's own rows) complete with the first block's. WARPGROUP (the wgmma forward): the body
+// runs in every warp, a warpgroup MMA needing all four, with the bits of a warp whose rows see
+// nothing of the block cleared; and the landed copies are fenced for wgmma's reads (the async proxy).
+template <int BLOCK_N, bool WARPGROUP = false, typename Load, typename Body>
 __device__ __forceinline__ void walk(const Tile& tile, int warp, Load load_block, Body body) {
     Block cur = tile.first_block();
     if (tile.n_blocks > 0) load_block(cur, 0);
@@ -247,13 +249,17 @@ __device__ __forceinline__ void walk(const Tile& tile, int warp, Load load_block
         if (it + 1 < tile.n_blocks) load_block(nxt, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
+        if constexpr (WARPGROUP) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         const bool masked = tile.masked<BLOCK_N>(cur);
         if (masked && cur.s != bits_slice) {
             bits = tile.mask_bits<BLOCK_N>(cur, threadIdx.x & 31);
             bits_slice = cur.s;
         }
-        if (tile.warp_sees(cur, warp)) body(stage, masked, bits);
+        if constexpr (WARPGROUP)
+            body(stage, masked, tile.warp_sees(cur, warp) ? bits : 0u);
+        else if (tile.warp_sees(cur, warp))
+            body(stage, masked, bits);
         __syncthreads();  // the stage is refilled two blocks on
         cur = nxt;
     }
