@@ -37,6 +37,7 @@ __device__ __forceinline__ T* wg_chunk(T* tile, int row, int ch, int rows) {
 template <typename T, int D, int ROWS, typename TokenOf>
 __device__ __forceinline__ void wg_load_tile(T* tile, const T* base, int64_t stride, TokenOf tok) {
     constexpr int kChunks = D / 8;
+    static_assert((ROWS * kChunks) % kThreads == 0, "tile not a whole number of chunks per thread");
 #pragma unroll
     for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
         const int c = threadIdx.x + i * kThreads;
@@ -49,6 +50,7 @@ __device__ __forceinline__ void wg_load_tile(T* tile, const T* base, int64_t str
 template <typename T, int D, int ROWS, int N>
 __device__ __forceinline__ void wg_load_rows(T* tile, const T* base, int64_t stride, const int (&tok)[N]) {
     constexpr int kChunks = D / 8;
+    static_assert(N * kThreads == ROWS * kChunks, "the rows' chunks are N per thread");
     const int ch = threadIdx.x % kChunks;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -61,12 +63,14 @@ __device__ __forceinline__ void wg_load_rows(T* tile, const T* base, int64_t str
 // S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
 template <typename T, int D>
 __device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
+    wgmma::fence_operands(s);
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks)
         wgmma::mma_ss<std::is_same_v<T, __half>>(s, wgmma::k_major(q, ks, kRows), wgmma::k_major(k, ks, 64), ks > 0);
     wgmma::commit();
     wgmma::wait<0>();
+    wgmma::fence_operands(s);
 }
 
 // O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
@@ -82,6 +86,8 @@ __device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const floa
         a[kc][2] = Mma<T>::pack(p[8 * kc + 4], p[8 * kc + 5]);
         a[kc][3] = Mma<T>::pack(p[8 * kc + 6], p[8 * kc + 7]);
     }
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
     wgmma::fence();
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
@@ -91,11 +97,15 @@ __device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const floa
     }
     wgmma::commit();
     wgmma::wait<0>();
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
 }
 
 template <typename T, int D, int BLOCK_N>
 __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardParams p, int bh, int bw) {
     static_assert(BLOCK_N == 64, "one m64n64 score tile per block");
+    static_assert(kThreads == 128 && kRows == 64, "the block is one warpgroup of 64 rows");
+    static_assert(D % 64 == 0, "O is D / 64 accumulators of 64 columns");
     // wgmma's 128-byte swizzle wants 1024-byte aligned tiles: the launcher adds 1024 bytes for this
     extern __shared__ __align__(128) unsigned char smem_wg[];
     T* s_q = reinterpret_cast<T*>(smem_wg + ((1024 - (wgmma::smem_address(smem_wg) & 1023)) & 1023));

@@ -54,6 +54,15 @@ __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// keeps the compiler from moving reads or writes of an accumulator (or A) register across the wgmma
+// instructions that own it between their fence and their wait_group (CUTLASS's warpgroup_fence_operand)
+__device__ __forceinline__ void fence_operand(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) fence_operand(x[i]);
+}
+
 // shared memory written by ordinary stores (or cp.async), read next by wgmma (the async proxy)
 __device__ __forceinline__ void fence_smem_for_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 

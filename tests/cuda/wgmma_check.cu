@@ -2,10 +2,12 @@
 //   ss64:  C = A B^T, A and B 64 x 64 K-major in shared memory (S = Q K^T at D = 64)
 //   ss128: the same with K = 128 (two 64-element panels per row: D = 128)
 //   rs:    C = P V, P 64 x 64 from registers (mma.sync's A fragments), V 64 keys x 64 N-major (O += P V)
+//   rs128: the same with V 64 x 128, two accumulators on its two panels (O at D = 128)
 // each in bf16 and fp16 (the bf16 forms passed on an H200 at 426bad8, with the N-major descriptor
 // read as here). Prints one line per case and exits 1 if one fails; without an sm_90 GPU it says so
 // and exits 0 (CI compiles it only).
-//   nvcc -std=c++17 -O2 -arch=sm_90a -I csrc/local_attention tests/cuda/wgmma_check.cu -o wgmma_check
+//   nvcc -std=c++17 -O2 -gencode=arch=compute_90a,code=sm_90a -I csrc/local_attention
+//        tests/cuda/wgmma_check.cu -o wgmma_check
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -37,13 +39,13 @@ static float as_float(E x) {
     else return __bfloat162float(x);
 }
 
-// the accumulator of one warpgroup (64 x 64 f32) to row-major global memory
-__device__ void store(float* c, const float (&d)[32]) {
+// the accumulator of one warpgroup (64 x 64 f32) to columns col0.. of a row-major 64 x ldc matrix
+__device__ void store(float* c, const float (&d)[32], int ldc = 64, int col0 = 0) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int j = 0; j < 8; ++j)
         for (int e = 0; e < 4; ++e) {
             const int row = 16 * warp + lane / 4 + (e >= 2 ? 8 : 0), col = 8 * j + 2 * (lane % 4) + (e & 1);
-            c[row * 64 + col] = d[4 * j + e];
+            c[row * ldc + col0 + col] = d[4 * j + e];
         }
 }
 
@@ -68,17 +70,19 @@ __global__ void ss_kernel(const E* a, const E* b, float* c) {
     store(c, d);
 }
 
-// C[64][64] = P[64][64] V[64][64]
-template <typename E>
+// C[64][N] = P[64][64] V[64][N], N = 64 or 128 (two accumulators on V's two 64-column panels, as the
+// forward's O += P V at D = 128)
+template <typename E, int N>
 __global__ void rs_kernel(const E* p, const E* v, float* c) {
-    __shared__ alignas(1024) E sv[64 * 64];
-    for (int i = threadIdx.x; i < 64 * 64; i += blockDim.x) sv[wgmma::swizzled(i / 64, i % 64, 64)] = v[i];
+    __shared__ alignas(1024) E sv[64 * N];
+    for (int i = threadIdx.x; i < 64 * N; i += blockDim.x) sv[wgmma::swizzled(i / N, i % N, 64)] = v[i];
     wgmma::fence_smem_for_async();
     __syncthreads();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int r0 = 16 * warp + lane / 4, q = 2 * (lane % 4);
-    float d[32];
-    for (int i = 0; i < 32; ++i) d[i] = 0.f;
+    float d[N / 64][32];
+    for (int n = 0; n < N / 64; ++n)
+        for (int i = 0; i < 32; ++i) d[n][i] = 0.f;
     uint32_t frag[4][4];
     for (int ks = 0; ks < 4; ++ks) {
         const int k0 = 16 * ks + q;
@@ -88,12 +92,12 @@ __global__ void rs_kernel(const E* p, const E* v, float* c) {
         frag[ks][3] = pack(p[(r0 + 8) * 64 + k0 + 8], p[(r0 + 8) * 64 + k0 + 9]);
     }
     wgmma::fence();
-    for (int ks = 0; ks < 4; ++ks) {
-        wgmma::mma_rs<std::is_same_v<E, f16>>(d, frag[ks], wgmma::n_major(sv, ks, 64), ks > 0);
-    }
+    for (int ks = 0; ks < 4; ++ks)
+        for (int n = 0; n < N / 64; ++n)
+            wgmma::mma_rs<std::is_same_v<E, f16>>(d[n], frag[ks], wgmma::n_major(sv + n * 64 * 64, ks, 64), ks > 0);
     wgmma::commit();
     wgmma::wait<0>();
-    store(c, d);
+    for (int n = 0; n < N / 64; ++n) store(c, d[n], N, 64 * n);
 }
 
 template <typename E>
@@ -104,34 +108,35 @@ static std::vector<E> random_values(int n, unsigned seed) {
     return x;
 }
 
-// the worst |C - reference| of C = X Y^T (x_rows_k: X is 64 x K; y: 64 x K) or C = X Y (y: K x 64)
+// the worst |C - reference| of C (64 x n) = X Y^T (X 64 x K, y n x K) or C = X Y (y K x n)
 template <typename E>
 static double worst(const std::vector<float>& c, const std::vector<E>& x, const std::vector<E>& y, int k,
-                    bool y_transposed) {
+                    bool y_transposed, int n) {
     double err = 0;
     for (int i = 0; i < 64; ++i)
-        for (int j = 0; j < 64; ++j) {
+        for (int j = 0; j < n; ++j) {
             double ref = 0;
             for (int t = 0; t < k; ++t)
-                ref += double(as_float(x[i * k + t])) * double(as_float(y_transposed ? y[j * k + t] : y[t * 64 + j]));
-            err = fmax(err, fabs(ref - c[i * 64 + j]));
+                ref += double(as_float(x[i * k + t])) * double(as_float(y_transposed ? y[j * k + t] : y[t * n + j]));
+            err = fmax(err, fabs(ref - c[i * n + j]));
         }
     return err;
 }
 
 template <typename E, typename Launch>
-static double run(Launch launch, const std::vector<E>& x, const std::vector<E>& y, int k, bool y_transposed) {
+static double run(Launch launch, const std::vector<E>& x, const std::vector<E>& y, int k, bool y_transposed,
+                  int n = 64) {
     E *dx, *dy;
     float* dc;
     cudaMalloc(&dx, x.size() * sizeof(E));
     cudaMalloc(&dy, y.size() * sizeof(E));
-    cudaMalloc(&dc, 64 * 64 * sizeof(float));
+    cudaMalloc(&dc, 64 * n * sizeof(float));
     cudaMemcpy(dx, x.data(), x.size() * sizeof(E), cudaMemcpyHostToDevice);
     cudaMemcpy(dy, y.data(), y.size() * sizeof(E), cudaMemcpyHostToDevice);
-    cudaMemset(dc, 0xff, 64 * 64 * sizeof(float));  // NaN where nothing is written
+    cudaMemset(dc, 0xff, 64 * n * sizeof(float));  // NaN where nothing is written
     launch(dx, dy, dc);
     const cudaError_t status = cudaDeviceSynchronize();
-    std::vector<float> c(64 * 64);
+    std::vector<float> c(64 * n);
     cudaMemcpy(c.data(), dc, c.size() * sizeof(float), cudaMemcpyDeviceToHost);
     cudaFree(dx);
     cudaFree(dy);
@@ -140,7 +145,7 @@ static double run(Launch launch, const std::vector<E>& x, const std::vector<E>& 
         printf("  CUDA error: %s\n", cudaGetErrorString(status));
         return INFINITY;
     }
-    const double e = worst(c, x, y, k, y_transposed);
+    const double e = worst(c, x, y, k, y_transposed, n);
     return std::isnan(e) ? INFINITY : e;
 }
 
@@ -164,7 +169,12 @@ static bool check(const char* type, unsigned seed) {
     }
     {
         auto p = random_values<E>(64 * 64, seed + 4), v = random_values<E>(64 * 64, seed + 5);
-        report("rs", run([](E* x, E* y, float* c) { rs_kernel<E><<<1, 128>>>(x, y, c); }, p, v, 64, false));
+        report("rs", run([](E* x, E* y, float* c) { rs_kernel<E, 64><<<1, 128>>>(x, y, c); }, p, v, 64, false));
+    }
+    {
+        auto p = random_values<E>(64 * 64, seed + 6), v = random_values<E>(64 * 128, seed + 7);
+        report("rs128",
+               run([](E* x, E* y, float* c) { rs_kernel<E, 128><<<1, 128>>>(x, y, c); }, p, v, 64, false, 128));
     }
     return ok;
 }
