@@ -23,10 +23,10 @@ if [ "${RUN_SANITIZER:-1}" = 1 ]; then
     done
 fi
 if [ "${RUN_NCU:-0}" = 1 ]; then  # the two forwards at B: speed of light, pipes, instruction mix, stalls
-    timeout 300 ncu -k regex:forward_kernel -c 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+    timeout 300 ncu -k regex:forward_wgmma_kernel -c 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section InstructionStats --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
         --section LaunchStats python3 scripts/ncu_cuda_local.py > "$OUT/ncu_forward.txt" 2>&1
-    grep -E "forward_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy" \
+    grep -E "forward_wgmma_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy" \
         "$OUT/ncu_forward.txt" | head -20
 fi
 for mode in window intra; do

@@ -1,7 +1,7 @@
 """One forward of the CUDA local kernels at B (27,45,80), 12 heads of 128, bf16: window heads, then
-intra heads, for Nsight Compute (the first forward_kernel launches are these two).
+intra heads, for Nsight Compute (the first forward_wgmma_kernel launches are these two).
 
-    ncu -k regex:forward_kernel -c 2 --section SpeedOfLight ... python3 scripts/ncu_cuda_local.py
+    ncu -k regex:forward_wgmma_kernel -c 2 --section SpeedOfLight ... python3 scripts/ncu_cuda_local.py
 """
 import torch
 

@@ -43,18 +43,31 @@ def ptxas_report():
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
         regs = re.search(r"Used (\d+) registers", body)
         report[name] = dict(spill_stores=int(spill[1]), spill_loads=int(spill[2]), registers=int(regs[1]))
+    # ptxas's note that it serialised a function's wgmma (one at a time, each waited for), which it
+    # prints apart from the entry's block
+    for code, name in re.findall(r"\((C75\d\d)\) Potential Performance Loss: wgmma[^']*'(\w+)'", proc.stderr):
+        report.setdefault(name, {})["wgmma_serialised"] = code
     return report
 
 
 def test_every_kernel_compiles_for_sm90a(ptxas_report):
-    kinds = {"forward_kernel": 4, "dq_kernel": 4, "dkdv_kernel": 4, "delta_kernel": 4}  # 2 dtypes x D 64, 128
+    # 2 dtypes x D 64, 128
+    kinds = {"forward_wgmma_kernel": 4, "dq_kernel": 4, "dkdv_kernel": 4, "delta_kernel": 4}
     for kind, count in kinds.items():
         found = [n for n in ptxas_report if kind in n]
         assert len(found) == count, f"{kind}: {found}"
 
 
+def test_wgmma_is_not_serialised(ptxas_report):
+    """The forward's warpgroup MMAs stay asynchronous: ptxas serialises them when other instructions
+    write a wgmma's inputs or read its accumulators inside a stage (C7513, C7514), which costs the
+    overlap the kernel is written for."""
+    serialised = {n: r["wgmma_serialised"] for n, r in ptxas_report.items() if "wgmma_serialised" in r}
+    assert not serialised, serialised
+
+
 def test_no_register_spills(ptxas_report):
-    spilling = {n: r for n, r in ptxas_report.items() if r["spill_stores"] or r["spill_loads"]}
+    spilling = {n: r for n, r in ptxas_report.items() if r.get("spill_stores") or r.get("spill_loads")}
     assert not spilling, f"kernels spill registers: {spilling}"
 
 
@@ -74,6 +87,25 @@ def test_tile_geometry_on_the_cpu(tmp_path):
     seed = random.randrange(2**31)
     run = subprocess.run([str(exe), "300", str(seed)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "geometry ok" in run.stdout, f"seed {seed}: {run.stdout[-3000:]}"
+
+
+def test_wgmma_blocks_compile_and_match_a_matmul_on_hopper(tmp_path):
+    """csrc/local_attention/wgmma.cuh (descriptors of 128-byte-swizzled tiles, the SS and RS forms of
+    m64n64k16, bf16 and fp16) built for sm_90a with no spills (tests/cuda/wgmma_check.cu); on a Hopper GPU the
+    program checks each form against a CPU matmul and fails on a mismatch."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    exe = tmp_path / "wgmma_check"
+    build = subprocess.run([nvcc, *cuda_local.NVCC_FLAGS, "-Xptxas", "-v", "-I", str(ROOT / "csrc" / "local_attention"),
+                            str(ROOT / "tests" / "cuda" / "wgmma_check.cu"), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert not re.search(r"[1-9]\d* bytes spill (stores|loads)", build.stderr), build.stderr[-3000:]
+    if not HOPPER:
+        return
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "PASS" in run.stdout, run.stdout[-3000:]
 
 
 def test_declines_with_reasons(device):

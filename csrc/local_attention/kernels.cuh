@@ -1,4 +1,5 @@
-// Kernels for the local heads: forward (online softmax), dQ, dK/dV and delta = rowsum(dO * O).
+// Kernels for the local heads' backward: dQ, dK/dV and delta = rowsum(dO * O) (the forward, on
+// warpgroup MMA, is forward_wgmma.cuh; it shares this file's walk, loads and softmax constants).
 //
 // Work split (geometry.cuh; the same as the Triton kernels', oasis_kernels/kernels/tile_geometry.py):
 // grid.y runs over (batch, local head), grid.x over the head's primary tiles of 64 rows, four
@@ -232,8 +233,10 @@ __device__ __forceinline__ float row_sum4(float x) {
 // stage while body(stage, masked, bits) computes block it, called only in the warps whose rows
 // see something of it (warp-uniform, so the body may use warp collectives). `bits` are the
 // thread's visibility bits of the block, meaningful where `masked`. Loads issued before the call
-// (the tile's own rows) complete with the first block's.
-template <int BLOCK_N, typename Load, typename Body>
+// (the tile's own rows) complete with the first block's. WARPGROUP (the wgmma forward): the body
+// runs in every warp, a warpgroup MMA needing all four, with the bits of a warp whose rows see
+// nothing of the block cleared; and the landed copies are fenced for wgmma's reads (the async proxy).
+template <int BLOCK_N, bool WARPGROUP = false, typename Load, typename Body>
 __device__ __forceinline__ void walk(const Tile& tile, int warp, Load load_block, Body body) {
     Block cur = tile.first_block();
     if (tile.n_blocks > 0) load_block(cur, 0);
@@ -246,13 +249,17 @@ __device__ __forceinline__ void walk(const Tile& tile, int warp, Load load_block
         if (it + 1 < tile.n_blocks) load_block(nxt, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();
+        if constexpr (WARPGROUP) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         const bool masked = tile.masked<BLOCK_N>(cur);
         if (masked && cur.s != bits_slice) {
             bits = tile.mask_bits<BLOCK_N>(cur, threadIdx.x & 31);
             bits_slice = cur.s;
         }
-        if (tile.warp_sees(cur, warp)) body(stage, masked, bits);
+        if constexpr (WARPGROUP)
+            body(stage, masked, tile.warp_sees(cur, warp) ? bits : 0u);
+        else if (tile.warp_sees(cur, warp))
+            body(stage, masked, bits);
         __syncthreads();  // the stage is refilled two blocks on
         cur = nxt;
     }
@@ -297,96 +304,6 @@ __device__ __forceinline__ const T* head_base(const View& v, const Program& pr) 
 template <typename T>
 __device__ __forceinline__ T* head_base_mut(const View& v, const Program& pr) {
     return const_cast<T*>(head_base<T>(v, pr));
-}
-
-// ---------------------------------------------------------------------------------------
-// forward
-// ---------------------------------------------------------------------------------------
-
-template <typename T, int D, int BLOCK_N>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p, int bh, int bw) {
-    constexpr int NT = BLOCK_N / 8;
-    extern __shared__ __align__(128) unsigned char smem[];
-    T* s_q = reinterpret_cast<T*>(smem);
-    T* s_k = s_q + kRows * D;          // two stages
-    T* s_v = s_k + 2 * BLOCK_N * D;    // two stages
-
-    const Layer& L = p.layer;
-    const Program pr(L);
-    Tile tile;
-    if (!pr.valid || !tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-
-    const T* q = head_base<T>(p.q, pr);
-    const T* k = head_base<T>(p.k, pr);
-    const T* v = head_base<T>(p.v, pr);
-    load_tile<T, D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
-    TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
-    auto load_block = [&](Block b, int stage) {
-        int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
-        rows.at(tile, b, tok);
-        load_rows<T, D>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
-        load_rows<T, D>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
-    };
-    const float c = p.scale * kLog2e;
-    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
-    float acc[D / 8][4];
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
-
-    walk<BLOCK_N>(tile, warp, load_block, [&](int stage, bool masked, uint32_t bits) {
-        float s[NT][4];
-        scores<T, D, NT>(s, s_q, warp * 16, s_k + stage * BLOCK_N * D);
-        float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[n][e] * c;
-                if (masked && !((bits >> (4 * n + e)) & 1u)) x = kNegInf;
-                s[n][e] = x;
-            }
-            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-        mx0 = row_max4(mx0);
-        mx1 = row_max4(mx1);
-        // conditional rescale: only rows whose max grew by more than the slack
-        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
-        if (__any_sync(0xffffffffu, up0 || up1)) {
-            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
-            if (up0) { m0 = mx0; l0 *= a0; }
-            if (up1) { m1 = mx1; l1 *= a1; }
-#pragma unroll
-            for (int dn = 0; dn < D / 8; ++dn) {
-                acc[dn][0] *= a0; acc[dn][1] *= a0;
-                acc[dn][2] *= a1; acc[dn][3] *= a1;
-            }
-        }
-        // a row with no visible key so far keeps m = -inf: shift by 0 so exp2 gives 0
-        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            s[n][0] = exp2_approx(s[n][0] - z0); s[n][1] = exp2_approx(s[n][1] - z0);
-            s[n][2] = exp2_approx(s[n][2] - z1); s[n][3] = exp2_approx(s[n][3] - z1);
-            l0 += s[n][0] + s[n][1];
-            l1 += s[n][2] + s[n][3];
-        }
-        accumulate<T, D, NT>(acc, s, s_v + stage * BLOCK_N * D);
-    });
-
-    l0 = row_sum4(l0);
-    l1 = row_sum4(l1);
-    // every valid query sees at least itself, so l > 0 there; padding rows are not stored
-    const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
-    const int r0 = warp * 16 + (lane >> 2);
-    const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
-    store_rows<T, D>(head_base_mut<T>(p.out, pr), p.out.sn, tok0, tok1, acc, 1.f / ls0, 1.f / ls1);
-    if ((lane & 3) == 0) {
-        float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
-        if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
-        if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
-    }
 }
 
 // ---------------------------------------------------------------------------------------

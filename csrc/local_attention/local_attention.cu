@@ -1,4 +1,6 @@
-// Host launchers of the local-attention kernels (kernels.cuh): tile shapes, grids, shared memory.
+// Host launchers of the local-attention kernels (the forward: forward_wgmma.cuh; the backward:
+// kernels.cuh): tile shapes, grids, shared memory.
+#include "forward_wgmma.cuh"
 #include "kernels.cuh"
 #include "local_attention.h"
 
@@ -48,7 +50,8 @@ cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
     const Layer& L = p.layer;
     const TileShape s = window_tile(L.H, L.W, L.rh, L.rw, kBlockN);
     const size_t smem = size_t(kRows + 4 * kBlockN) * D * sizeof(T);
-    return launch(detail::forward_kernel<T, D, kBlockN>, grid_of(L, s), smem, stream, p, s);
+    // (+1024: the kernel aligns its tiles to 1024 bytes, wgmma's swizzle atom)
+    return launch(detail::forward_wgmma_kernel<T, D, kBlockN>, grid_of(L, s), smem + 1024, stream, p, s);
 }
 
 template <typename T, int D>

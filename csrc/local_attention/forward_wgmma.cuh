@@ -1,0 +1,209 @@
+// The forward of the local heads with Hopper's warpgroup MMA (wgmma.cuh), bf16 and fp16, sm_90a.
+//
+// The same work split, walk and masks as the backward (kernels.cuh, geometry.cuh): a program is
+// 64 query rows (window: 4 frames x bh x bw, one frame per warp; intra: 64 tokens of a frame) and
+// walks its blocks of BLOCK_N = 64 keys. The four warps are one warpgroup, and each block's
+// S = Q K^T (64 x 64, the head dim as K) and O += P V (64 x D, the block's keys as K) are wgmma
+// instructions reading Q, K and V from shared memory (P from registers). This replaced a forward of
+// 16 mma.sync per warp and block fed by ldmatrix (main at 426bad8), which Nsight Compute found
+// latency-bound with ~14 instructions per MMA (docs/PERF.md entry 21e); here the instruction count
+// per scored key is the softmax's, and no thread holds operand fragments.
+//
+// The cost: a warpgroup instruction computes all 64 rows, so a window block's rows whose frame is
+// more than rt from the block's are computed and masked (384 scored keys per query at rt = 1, as the
+// Triton kernel), where the mma.sync forward's warps skipped them (192).
+//
+// Shared memory: Q (64 x D) and two stages of K and V (64 x D each), every tile in the 128-byte
+// swizzled panels wgmma reads (wgmma::swizzled: 64-element panels of `rows` rows, 16-byte chunk c of
+// row r at c ^ (r & 7)); K and V as they lie, keys by head dim (K-major for S, N-major for O).
+// Loads are cp.async (zero-filled where a row is missing), made visible to wgmma's async proxy by a
+// proxy fence before the barrier that publishes them.
+#pragma once
+
+#include "kernels.cuh"
+#include "wgmma.cuh"
+
+namespace oasis_local {
+namespace detail {
+
+// 16-byte chunk `ch` (of D / 8) of row `row` of a wgmma tile of `rows` rows
+template <typename T, int D>
+__device__ __forceinline__ T* wg_chunk(T* tile, int row, int ch, int rows) {
+    return tile + wgmma::swizzled(row, ch * 8, rows);
+}
+
+// rows 0..ROWS-1 of a wgmma tile; row r is token tok(r) (-1: zeros). Thread x: chunk x % (D/8) of
+// rows x / (D/8) + i * kThreads / (D/8), the assignment of load_tile (so TileRows serves it too)
+template <typename T, int D, int ROWS, typename TokenOf>
+__device__ __forceinline__ void wg_load_tile(T* tile, const T* base, int64_t stride, TokenOf tok) {
+    constexpr int kChunks = D / 8;
+    static_assert((ROWS * kChunks) % kThreads == 0, "tile not a whole number of chunks per thread");
+#pragma unroll
+    for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
+        const int c = threadIdx.x + i * kThreads;
+        const int r = c / kChunks, ch = c % kChunks;
+        const int t = tok(r);
+        cp_async16(wg_chunk<T, D>(tile, r, ch, ROWS), base + (t < 0 ? 0 : int64_t(t) * stride) + ch * 8, t >= 0);
+    }
+}
+
+template <typename T, int D, int ROWS, int N>
+__device__ __forceinline__ void wg_load_rows(T* tile, const T* base, int64_t stride, const int (&tok)[N]) {
+    constexpr int kChunks = D / 8;
+    static_assert(N * kThreads == ROWS * kChunks, "the rows' chunks are N per thread");
+    const int ch = threadIdx.x % kChunks;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const int r = threadIdx.x / kChunks + i * (kThreads / kChunks);
+        cp_async16(wg_chunk<T, D>(tile, r, ch, ROWS), base + (tok[i] < 0 ? 0 : int64_t(tok[i]) * stride) + ch * 8,
+                   tok[i] >= 0);
+    }
+}
+
+// S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
+template <typename T, int D>
+__device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
+    wgmma::fence_operands(s);
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        wgmma::mma_ss<std::is_same_v<T, __half>>(s, wgmma::k_major(q, ks, kRows), wgmma::k_major(k, ks, 64), ks > 0);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_operands(s);
+}
+
+// O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
+// V (64 keys x D, N-major: the head dim is N)
+template <typename T, int D>
+__device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32], const T* v) {
+    // the accumulator layout of n-tiles 2kc and 2kc+1 is the A fragment of keys 16kc..16kc+15
+    uint32_t a[4][4];
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+        a[kc][0] = Mma<T>::pack(p[8 * kc + 0], p[8 * kc + 1]);
+        a[kc][1] = Mma<T>::pack(p[8 * kc + 2], p[8 * kc + 3]);
+        a[kc][2] = Mma<T>::pack(p[8 * kc + 4], p[8 * kc + 5]);
+        a[kc][3] = Mma<T>::pack(p[8 * kc + 6], p[8 * kc + 7]);
+    }
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
+    wgmma::fence();
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+#pragma unroll
+        for (int dp = 0; dp < D / 64; ++dp)
+            wgmma::mma_rs<std::is_same_v<T, __half>>(o[dp], a[kc], wgmma::n_major(v + dp * 64 * 64, kc, 64), true);
+    }
+    wgmma::commit();
+    wgmma::wait<0>();
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
+}
+
+template <typename T, int D, int BLOCK_N>
+__global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardParams p, int bh, int bw) {
+    static_assert(BLOCK_N == 64, "one m64n64 score tile per block");
+    static_assert(kThreads == 128 && kRows == 64, "the block is one warpgroup of 64 rows");
+    static_assert(D % 64 == 0, "O is D / 64 accumulators of 64 columns");
+    // wgmma's 128-byte swizzle wants 1024-byte aligned tiles: the launcher adds 1024 bytes for this
+    extern __shared__ __align__(128) unsigned char smem_wg[];
+    T* s_q = reinterpret_cast<T*>(smem_wg + ((1024 - (wgmma::smem_address(smem_wg) & 1023)) & 1023));
+    T* s_k = s_q + kRows * D;         // two stages
+    T* s_v = s_k + 2 * BLOCK_N * D;   // two stages
+
+    const Layer& L = p.layer;
+    const Program pr(L);
+    Tile tile;
+    if (!pr.valid || !tile.init<BLOCK_N>(blockIdx.x, pr.window, L, bh, bw)) return;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+
+    const T* q = head_base<T>(p.q, pr);
+    const T* k = head_base<T>(p.k, pr);
+    const T* v = head_base<T>(p.v, pr);
+    wg_load_tile<T, D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
+    TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
+    auto load_block = [&](Block b, int stage) {
+        int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
+        rows.at(tile, b, tok);
+        wg_load_rows<T, D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
+        wg_load_rows<T, D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
+    };
+
+    const float c = p.scale * kLog2e;
+    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
+    float o[D / 64][32];
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+        for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
+
+    walk<BLOCK_N, true>(tile, warp, load_block, [&](int stage, bool masked, uint32_t visible) {
+        float s[32];
+        wg_scores<T, D>(s, s_q, s_k + stage * BLOCK_N * D);
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int e = 0; e < 32; ++e) {
+            float x = s[e] * c;
+            if (masked && !((visible >> e) & 1u)) x = kNegInf;
+            s[e] = x;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        mx0 = row_max4(mx0);
+        mx1 = row_max4(mx1);
+        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
+        if (__any_sync(0xffffffffu, up0 || up1)) {
+            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+            if (up0) { m0 = mx0; l0 *= a0; }
+            if (up1) { m1 = mx1; l1 *= a1; }
+#pragma unroll
+            for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
+                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
+                }
+        }
+        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s[4 * j] = exp2_approx(s[4 * j] - z0); s[4 * j + 1] = exp2_approx(s[4 * j + 1] - z0);
+            s[4 * j + 2] = exp2_approx(s[4 * j + 2] - z1); s[4 * j + 3] = exp2_approx(s[4 * j + 3] - z1);
+            l0 += s[4 * j] + s[4 * j + 1];
+            l1 += s[4 * j + 2] + s[4 * j + 3];
+        }
+        wg_accumulate<T, D>(o, s, s_v + stage * BLOCK_N * D);
+    });
+
+    l0 = row_sum4(l0);
+    l1 = row_sum4(l1);
+    const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
+    const int r0 = warp * 16 + (lane >> 2);
+    const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
+    T* out = head_base_mut<T>(p.out, pr);
+    const float i0 = 1.f / ls0, i1 = 1.f / ls1;
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int col = dp * 64 + 8 * j + 2 * (lane & 3);
+            if (tok0 >= 0)
+                *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
+                    Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
+            if (tok1 >= 0)
+                *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
+                    Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
+        }
+    if ((lane & 3) == 0) {
+        float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+        if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
+        if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
+    }
+}
+
+}  // namespace detail
+}  // namespace oasis_local
