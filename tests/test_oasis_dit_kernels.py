@@ -1,0 +1,105 @@
+"""oasis/dit_kernels.py: the DiT block's fused row passes (Triton; under the interpreter on the CPU)
+against the torch expressions they replace, and in the model."""
+
+import os
+
+import pytest
+import torch
+
+from oasis import dit_kernels as dk
+
+pytestmark = pytest.mark.skipif(dk.triton is None, reason="needs triton")
+
+
+def _interpreted_or_cuda():
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors reach Triton only under the interpreter (conftest sets it without CUDA)")
+    return "cpu"
+
+
+def _close(got, want, dtype):
+    """Within a unit in the last place of the values (and of 1, for values near 0 after a cancellation):
+    the same roundings in another summation order. The interpreter truncates its bfloat16 conversions
+    (a GPU rounds to nearest), and a truncated rounding feeds the next: four units there."""
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    if dtype == torch.bfloat16 and not got.is_cuda:
+        ulp *= 4
+    err = (got.float() - want.float()).abs()
+    bound = ulp * (want.float().abs() + 1)
+    assert torch.isfinite(got.float()).all() and (err <= bound).all(), err.max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["modulated", "gated_affine", "plain_modulated"])
+def test_row_norm_is_the_torch_expression(dtype, kind):
+    device = _interpreted_or_cuda()
+    g = torch.Generator().manual_seed(3)
+    b, n, c = 2, 7, 96  # C not a power of two: the masked tail of the row
+    x = (torch.randn(b, n, c, generator=g) * 3 + 1).to(device, dtype)
+    r = torch.randn(b, n, c, generator=g).to(device, dtype)
+    per_batch = [torch.randn(b, 1, c, generator=g).to(device) for _ in range(3)]
+    w, bias = torch.randn(c, generator=g).to(device), torch.randn(c, generator=g).to(device)
+    kw = {"modulated": dict(shift=per_batch[0], scale=per_batch[1] * 0.1),
+          "gated_affine": dict(residual=r, gate=per_batch[2], residual_kind=dk.GATED, weight=w, bias=bias),
+          "plain_modulated": dict(residual=r, residual_kind=dk.PLAIN, shift=per_batch[0], scale=per_batch[1])}[kind]
+    want = dk.row_norm_reference(x, 1e-6, **kw)
+    got = dk.row_norm(x, 1e-6, **kw)
+    for a, e in zip(got, want):
+        assert a.shape == e.shape and a.dtype == dtype
+        _close(a, e, dtype)
+    if kind == "modulated":  # the modulation is applied (a check that could fail)
+        plain = dk.row_norm_reference(x, 1e-6)[1]
+        assert (plain.float() - got[1].float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_qk_norm_rope_is_the_torch_expression(dtype):
+    device = _interpreted_or_cuda()
+    g = torch.Generator().manual_seed(5)
+    b, n, heads, d = 2, 6, 3, 32
+    q = torch.randn(b, n, heads * d, generator=g).to(device, dtype)
+    k = (torch.randn(b, n, heads * d, generator=g) * 4).to(device, dtype)
+    wq, wk = torch.randn(heads * d, generator=g).to(device), torch.randn(heads * d, generator=g).to(device)
+    angle = torch.rand(n, d // 2, generator=g) * 6
+    cos, sin = angle.cos().to(device), angle.sin().to(device)
+    want = dk.qk_norm_rope_reference(q, k, wq, wk, cos, sin, heads, 1e-6)
+    got = dk.qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    for a, e in zip(got, want):
+        assert a.shape == (b, n, heads, d) and a.dtype == dtype
+        _close(a, e, dtype)
+    swapped = dk.qk_norm_rope_reference(q, k, wq, wk, sin, cos, heads, 1e-6)[0]  # the RoPE matters here
+    assert (swapped.float() - got[0].float()).abs().max() > 0.1
+
+
+def test_the_fused_passes_inside_the_dit(monkeypatch):
+    """A tiny float16 DiT under no_grad with the fused passes forced on (the interpreter on the CPU):
+    the same output as its torch expressions; with gradients the torch path runs."""
+    device = _interpreted_or_cuda()
+    from oasis import dit
+    from oasis.config import WanConfig
+
+    cfg = WanConfig(dim=48, ffn_dim=96, num_heads=3, num_layers=2, text_dim=32, text_len=8, freq_dim=32)
+    torch.manual_seed(0)
+    model = dit.WanDiT(cfg).init_weights().to(device)
+    model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device=device) * 0.1)
+    model = model.to(torch.float16)
+    latents = torch.randn(1, cfg.in_channels, 3, 8, 12, device=device, dtype=torch.float16)
+    t = torch.full((1,), 500.0, device=device)
+    with torch.no_grad():
+        monkeypatch.setattr(dit, "fused_rows_apply", lambda x: False)
+        want = model(latents, t)
+        calls = []
+        real = dit.row_norm
+
+        def counted(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        monkeypatch.setattr(dit, "fused_rows_apply", lambda x: not torch.is_grad_enabled())
+        monkeypatch.setattr(dit, "row_norm", counted)
+        got = model(latents, t)
+    assert len(calls) == 3 * cfg.num_layers  # norm1, norm3, norm2 of every block
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
