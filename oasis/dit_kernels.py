@@ -9,7 +9,8 @@ copy runs at ~4 TB/s; at A's 32,400 tokens the rows do not stay in L2 between th
 program holds whole rows in registers: one read, one write.
 
 The math and its roundings are the torch expressions' in ``oasis/dit.py`` (float32 inside, results
-rounded to the activations' dtype where they round); :func:`row_norm_reference` and
+rounded to the activations' dtype where they round; the modulation vectors float32, as the time
+projection is outside autocast: the regions take these passes only then); :func:`row_norm_reference` and
 :func:`qk_norm_rope_reference` are those expressions, and tests/test_oasis_dit_kernels.py compares
 the kernels against them (under ``TRITON_INTERPRET=1`` on the CPU). The regions call the fused form
 only for CUDA tensors without autograd (``fused_rows_apply``); training keeps Inductor's kernels,
@@ -108,9 +109,9 @@ if triton is not None:
 
     @triton.jit
     def _rms_rope_one(X, W, Out, row, cos, sin, C, eps, HEADS: tl.constexpr, HALF: tl.constexpr,
-                      HP: tl.constexpr):
-        h = tl.arange(0, HP)[:, None]
-        j = tl.arange(0, HALF)[None, :]
+                      HP: tl.constexpr, HALFP: tl.constexpr):
+        h = tl.arange(0, HP)[:, None]  # heads and half-heads padded to powers of two, masked
+        j = tl.arange(0, HALFP)[None, :]
         mask = (h < HEADS) & (j < HALF)
         first = h * (2 * HALF) + j  # channel of the first half of each head
         a = tl.load(X + row * C + first, mask=mask, other=0.0)
@@ -127,14 +128,14 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kernel(Q, K, WQ, WK, Cos, Sin, QOut, KOut, N, C, eps,
-                             HEADS: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr):
+                             HEADS: tl.constexpr, HALF: tl.constexpr, HP: tl.constexpr, HALFP: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         n = row % N
-        j = tl.arange(0, HALF)[None, :]
-        cos = tl.load(Cos + n * HALF + j).to(tl.float32)
-        sin = tl.load(Sin + n * HALF + j).to(tl.float32)
-        _rms_rope_one(Q, WQ, QOut, row, cos, sin, C, eps, HEADS, HALF, HP)
-        _rms_rope_one(K, WK, KOut, row, cos, sin, C, eps, HEADS, HALF, HP)
+        j = tl.arange(0, HALFP)[None, :]
+        cos = tl.load(Cos + n * HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + n * HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+        _rms_rope_one(Q, WQ, QOut, row, cos, sin, C, eps, HEADS, HALF, HP, HALFP)
+        _rms_rope_one(K, WK, KOut, row, cos, sin, C, eps, HEADS, HALF, HP, HALFP)
 
 
 def _warps(c: int) -> int:
@@ -169,9 +170,12 @@ def qk_norm_rope(q, k, wq, wk, cos, sin, heads: int, eps: float):
     ``TRITON_INTERPRET=1``); q, k contiguous ``[B, N, C]``; returns ``[B, N, heads, D]``."""
     b, n, c = q.shape
     d = c // heads
+    if cos.shape != (n, d // 2) or sin.shape != (n, d // 2):
+        raise ValueError(f"cos and sin must be [{n}, {d // 2}] (one row per token of q), got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     q, k = q.contiguous(), k.contiguous()
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     _qk_norm_rope_kernel[(b * n,)](q, k, wq, wk, cos.contiguous(), sin.contiguous(), q_out, k_out, n, c, eps,
                                    HEADS=heads, HALF=d // 2, HP=triton.next_power_of_2(heads),
-                                   num_warps=_warps(c))
+                                   HALFP=triton.next_power_of_2(d // 2), num_warps=_warps(c))
     return q_out.view(b, n, heads, d), k_out.view(b, n, heads, d)

@@ -37,28 +37,33 @@ def test_row_norm_is_the_torch_expression(dtype, kind):
     device = _interpreted_or_cuda()
     g = torch.Generator().manual_seed(3)
     b, n, c = 2, 7, 96  # C not a power of two: the masked tail of the row
-    x = (torch.randn(b, n, c, generator=g) * 3 + 1).to(device, dtype)
+    x = torch.randn(b, n, c, generator=g) * 3 + 1
+    x[0, 0] = 0.25 + 1e-3 * torch.randn(c, generator=g)  # a row whose spread is near eps: eps matters
+    x = x.to(device, dtype)
     r = torch.randn(b, n, c, generator=g).to(device, dtype)
     per_batch = [torch.randn(b, 1, c, generator=g).to(device) for _ in range(3)]
     w, bias = torch.randn(c, generator=g).to(device), torch.randn(c, generator=g).to(device)
     kw = {"modulated": dict(shift=per_batch[0], scale=per_batch[1] * 0.1),
           "gated_affine": dict(residual=r, gate=per_batch[2], residual_kind=dk.GATED, weight=w, bias=bias),
           "plain_modulated": dict(residual=r, residual_kind=dk.PLAIN, shift=per_batch[0], scale=per_batch[1])}[kind]
-    want = dk.row_norm_reference(x, 1e-6, **kw)
-    got = dk.row_norm(x, 1e-6, **kw)
+    want = dk.row_norm_reference(x, 1e-5, **kw)
+    got = dk.row_norm(x, 1e-5, **kw)
     for a, e in zip(got, want):
         assert a.shape == e.shape and a.dtype == dtype
         _close(a, e, dtype)
     if kind == "modulated":  # the modulation is applied (a check that could fail)
-        plain = dk.row_norm_reference(x, 1e-6)[1]
+        plain = dk.row_norm_reference(x, 1e-5)[1]
         assert (plain.float() - got[1].float()).abs().max() > 0.1
+        other_eps = dk.row_norm_reference(x, 1e-3, **kw)[1]  # and eps where the model adds it
+        assert (other_eps.float() - got[1].float()).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_qk_norm_rope_is_the_torch_expression(dtype):
+@pytest.mark.parametrize("d", [32, 24])  # 24: half a head (12) not a power of two
+def test_qk_norm_rope_is_the_torch_expression(dtype, d):
     device = _interpreted_or_cuda()
     g = torch.Generator().manual_seed(5)
-    b, n, heads, d = 2, 6, 3, 32
+    b, n, heads = 2, 6, 3
     q = torch.randn(b, n, heads * d, generator=g).to(device, dtype)
     k = (torch.randn(b, n, heads * d, generator=g) * 4).to(device, dtype)
     wq, wk = torch.randn(heads * d, generator=g).to(device), torch.randn(heads * d, generator=g).to(device)
@@ -71,6 +76,8 @@ def test_qk_norm_rope_is_the_torch_expression(dtype):
         _close(a, e, dtype)
     swapped = dk.qk_norm_rope_reference(q, k, wq, wk, sin, cos, heads, 1e-6)[0]  # the RoPE matters here
     assert (swapped.float() - got[0].float()).abs().max() > 0.1
+    with pytest.raises(ValueError, match="cos and sin"):
+        dk.qk_norm_rope(q, k, wq, wk, cos[:-1], sin[:-1], heads, 1e-6)
 
 
 def test_the_fused_passes_inside_the_dit(monkeypatch):
@@ -84,22 +91,51 @@ def test_the_fused_passes_inside_the_dit(monkeypatch):
     torch.manual_seed(0)
     model = dit.WanDiT(cfg).init_weights().to(device)
     model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device=device) * 0.1)
-    model = model.to(torch.float16)
+    model = model.cast(torch.float16)  # the modulations and norms stay float32, as in use
     latents = torch.randn(1, cfg.in_channels, 3, 8, 12, device=device, dtype=torch.float16)
     t = torch.full((1,), 500.0, device=device)
     with torch.no_grad():
         monkeypatch.setattr(dit, "fused_rows_apply", lambda x: False)
         want = model(latents, t)
         calls = []
-        real = dit.row_norm
 
-        def counted(*a, **k):
-            calls.append(1)
-            return real(*a, **k)
+        def counted(real):
+            def call(*a, **k):
+                calls.append(real.__name__)
+                return real(*a, **k)
+            return call
 
         monkeypatch.setattr(dit, "fused_rows_apply", lambda x: not torch.is_grad_enabled())
-        monkeypatch.setattr(dit, "row_norm", counted)
+        monkeypatch.setattr(dit, "row_norm", counted(dit.row_norm))
+        monkeypatch.setattr(dit, "qk_norm_rope", counted(dit.qk_norm_rope))
         got = model(latents, t)
-    assert len(calls) == 3 * cfg.num_layers  # norm1, norm3, norm2 of every block
+    # norm1, norm3, norm2 and q/k of every block
+    assert calls.count("row_norm") == 3 * cfg.num_layers and calls.count("qk_norm_rope") == cfg.num_layers
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dynamic", [False, None])
+def test_the_fused_passes_compile_in_the_regions(dynamic):
+    """On CUDA the regions compile with the fused passes inside (fullgraph: no graph break) and give
+    the eager torch path's numbers, for two grids and a batch of 2."""
+    from oasis import dit
+    from oasis.config import WanConfig
+
+    cfg = WanConfig(dim=96, ffn_dim=192, num_heads=3, num_layers=2, text_dim=32, text_len=8, freq_dim=32)
+    torch.manual_seed(0)
+    model = dit.WanDiT(cfg).init_weights().cuda()
+    model.set_context(torch.randn(cfg.text_len, cfg.text_dim, device="cuda") * 0.1)
+    model = model.cast(torch.bfloat16)
+    t = torch.full((2,), 500.0, device="cuda")
+    for shape in ((3, 8, 12), (5, 6, 10)):
+        latents = torch.randn(2, cfg.in_channels, *shape, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            model.compile_regions(False)
+            with torch.enable_grad():  # the torch path (the fused one needs no autograd)
+                want = model(latents, t).detach()
+            model.compile_regions(fullgraph=True, dynamic=dynamic)
+            got = model(latents, t)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
