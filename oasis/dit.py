@@ -23,6 +23,7 @@ import oasis_kernels.distributed as ok_distributed
 from oasis_kernels.routing import RoutingFile, load_routing
 
 from .config import WanConfig
+from .dit_kernels import GATED, PLAIN, fused_rows_apply, qk_norm_rope, row_norm
 
 __all__ = ["WanDiT", "WanBlock", "WanSelfAttention", "WanCrossAttention", "Routing", "rope_tables",
            "rotate_half_order", "timestep_embedding"]
@@ -198,6 +199,10 @@ class WanSelfAttention(_Attention):
         """``x [B, N, dim]`` -> q, k, v ``[B, N, heads, head_dim]`` (q and k normed and rotated, their
         channels in rotate-half order: the same per head for both, so q.k is the checkpoint's)."""
         b, n, _ = x.shape
+        if fused_rows_apply(x) and isinstance(self.norm_q, RMSNorm):  # RMSNorm + RoPE of q and k in one pass
+            q, k = qk_norm_rope(self.q(x), self.k(x), self.norm_q.weight, self.norm_k.weight, *rope, self.heads,
+                                self.norm_q.eps)
+            return q, k, self.v(x).view(b, n, self.heads, self.head_dim)
         q = self.norm_q(self.q(x)).view(b, n, self.heads, self.head_dim)
         k = self.norm_k(self.k(x)).view(b, n, self.heads, self.head_dim)
         v = self.v(x).view(b, n, self.heads, self.head_dim)
@@ -313,12 +318,23 @@ class WanBlock(nn.Module):
     def attention_inputs(self, x, e, rope):
         """Region 1: modulated norm, then q, k, v ``[B, N, heads, head_dim]``."""
         shift, scale = (self.modulation[:, :2].to(e.dtype) + e[:, :2]).chunk(2, dim=1)
+        # the same in one pass over x (oasis/dit_kernels.py; its modulation is float32, as e is here
+        # outside autocast)
+        if fused_rows_apply(x) and e.dtype == torch.float32:
+            return self.self_attn.project(row_norm(x, self.norm1.eps, shift=shift, scale=scale)[1], rope)
         return self.self_attn.project((self.norm1(x) * (1 + scale) + shift).to(x.dtype), rope)
 
     def after_attention(self, x, attn, e, kv):
         """Region 2: output projection and gated residual, cross-attention, modulated FFN."""
         dtype = x.dtype
         gate, c_shift, c_scale, c_gate = (self.modulation[:, 2:].to(e.dtype) + e[:, 2:]).chunk(4, dim=1)
+        # the same, each norm one pass with its residual (float32 modulation, as e is outside autocast)
+        if fused_rows_apply(x) and self.norm3 is not None and e.dtype == torch.float32:
+            x, xc = row_norm(x, self.norm3.eps, residual=self.self_attn.o(attn.flatten(2)), gate=gate,
+                             residual_kind=GATED, weight=self.norm3.weight, bias=self.norm3.bias)
+            x, h = row_norm(x, self.norm2.eps, residual=self.cross_attn(xc, kv), residual_kind=PLAIN,
+                            shift=c_shift, scale=c_scale)
+            return (_wide(x) + self.feed_forward(h) * c_gate).to(dtype)
         x = (_wide(x) + self.self_attn.o(attn.flatten(2)) * gate).to(dtype)
         xc = x if self.norm3 is None else self.norm3(x).to(dtype)
         x = x + self.cross_attn(xc, kv)
