@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .jpeg import jpeg_roundtrip
+from .jpeg import jpeg_roundtrip, jpeg_roundtrip_each
 
 __all__ = ["OrderConfig", "DegradeConfig", "Degradation", "blur_kernel", "KERNEL_KINDS", "FIRST_ORDER",
            "SECOND_ORDER"]
@@ -372,7 +372,7 @@ def _from_uint8(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 def _jpeg(frames: torch.Tensor, qualities: list, impl: str = "pil") -> torch.Tensor:
     if all(q is None for q in qualities):
         return frames
-    if impl == "torch" or (impl == "auto" and frames.device.type != "cpu"):
+    if _torch_jpeg(frames, impl):
         return jpeg_roundtrip(frames, qualities)
     from PIL import Image
 
@@ -385,6 +385,17 @@ def _jpeg(frames: torch.Tensor, qualities: list, impl: str = "pil") -> torch.Ten
         Image.fromarray(arr[i]).save(buf, format="JPEG", quality=int(q))
         out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     return _from_uint8(out, frames)
+
+
+def _torch_jpeg(frames: torch.Tensor, impl: str) -> bool:
+    return impl == "torch" or (impl == "auto" and frames.device.type != "cpu")
+
+
+def _jpeg_each(frames: list, qualities: list, impl: str) -> list:
+    """:func:`_jpeg` of frames ``[1, 3, H_i, W_i]`` of different sizes; the torch JPEG takes them in one batch."""
+    if not _torch_jpeg(frames[0], impl):
+        return [_jpeg(f, [q], impl) for f, q in zip(frames, qualities)]
+    return [f[None] for f in jpeg_roundtrip_each([f[0] for f in frames], qualities)]
 
 
 def video_roundtrip(frames: np.ndarray, codec: str, bitrate: int, fps: int = 25) -> np.ndarray:
@@ -514,7 +525,7 @@ def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen, target:
         x = _noise(torch.cat(out), [p.noise for p in order], gen)
         x = _jpeg(x, [p.jpeg for p in order], jpeg_impl)
         return _split(x)
-    return [_jpeg(_noise(f, [p.noise], gen), [p.jpeg], jpeg_impl) for f, p in zip(out, order)]
+    return _jpeg_each([_noise(f, [p.noise], gen) for f, p in zip(out, order)], [p.jpeg for p in order], jpeg_impl)
 
 
 def _same_size(frames) -> bool:

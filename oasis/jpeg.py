@@ -32,7 +32,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["jpeg_roundtrip", "quantisation_tables"]
+__all__ = ["jpeg_roundtrip", "jpeg_roundtrip_each", "quantisation_tables"]
 
 # ITU T.81 Annex K, tables K.1 (luminance) and K.2 (chrominance)
 _LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
@@ -117,8 +117,8 @@ def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
     """``[N, 3, H, W]`` float in [0, 1] -> the same frames after a baseline JPEG encode and decode, frame
     ``i`` at ``qualities[i]`` (an int in 1..100, or None to keep it), on 8-bit steps; on the frames'
     device, float32 inside (the DCT's products in float64)."""
-    if frames.dim() != 4 or frames.shape[1] != 3:
-        raise ValueError(f"frames must be [N, 3, H, W], got {tuple(frames.shape)}")
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be [N, 3, H, W], got {tuple(getattr(frames, 'shape', ()))}")
     qualities = list(qualities)
     if len(qualities) != frames.shape[0]:
         raise ValueError(f"one quality per frame: {len(qualities)} for {frames.shape[0]} frames")
@@ -130,10 +130,49 @@ def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
     if len(keep) < n:  # a device index, sent without waiting (a list index is a blocking copy)
         index = torch.tensor(keep).to(device, non_blocking=True)
     x = frames if len(keep) == n else frames.index_select(0, index)
-    x = (x.float().clamp(0, 1) * 255.0).round()
     ph, pw = -h % 16, -w % 16
-    if ph or pw:
+    if ph or pw:  # libjpeg fills its last MCUs by repeating the last row and column
         x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    out = _codec(x, [qualities[i] for i in keep], None)[..., :h, :w].to(frames.dtype)
+    if len(keep) == n:
+        return out
+    return frames.index_copy(0, index, out)
+
+
+def jpeg_roundtrip_each(frames, qualities) -> list:
+    """Frames of different sizes, ``[3, H_i, W_i]`` float in [0, 1] each (on one device), through
+    :func:`jpeg_roundtrip` in one batch: frame ``i`` comes back as ``jpeg_roundtrip(frames[i][None],
+    [qualities[i]])[0]`` (None keeps it), with ~100 torch operations for the batch instead of that per
+    frame. Each frame is padded as libjpeg pads it, to its own 16-pixel multiples, then to the batch's
+    largest frame; its blocks and its chroma's edges are its own, so the padding changes nothing."""
+    frames, qualities = list(frames), list(qualities)
+    if len(qualities) != len(frames):
+        raise ValueError(f"one quality per frame: {len(qualities)} for {len(frames)} frames")
+    for i, f in enumerate(frames):
+        if not isinstance(f, torch.Tensor) or f.dim() != 3 or f.shape[0] != 3:
+            raise ValueError(f"frame {i} must be [3, H, W], got {tuple(getattr(f, 'shape', ()))}")
+        if f.device != frames[0].device:
+            raise ValueError(f"frame {i} is on {f.device}, frame 0 on {frames[0].device}")
+    keep = [i for i, q in enumerate(qualities) if q is not None]
+    if not keep:
+        return frames
+    sizes = [(-(-frames[i].shape[1] // 16) * 16, -(-frames[i].shape[2] // 16) * 16) for i in keep]
+    hp, wp = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    x = torch.stack([F.pad(frames[i][None].float(), (0, wp - frames[i].shape[2], 0, hp - frames[i].shape[1]),
+                           mode="replicate")[0] for i in keep])
+    rgb = _codec(x, [qualities[i] for i in keep], sizes)
+    out = list(frames)
+    for j, i in enumerate(keep):
+        out[i] = rgb[j, :, :frames[i].shape[1], :frames[i].shape[2]].to(frames[i].dtype)
+    return out
+
+
+def _codec(x: torch.Tensor, qualities: list, sizes) -> torch.Tensor:
+    """Frames ``[N, 3, H, W]`` in [0, 1] (H, W multiples of 16, edges already padded) through encode and
+    decode at ``qualities`` (ints), as floats in [0, 1]. ``sizes``: each frame's own padded ``(h, w)``
+    where the batch holds frames of several sizes (their chroma edges), else None."""
+    device = x.device
+    x = (x.float().clamp(0, 1) * 255.0).round()
     r, g, b = x.unbind(1)
     y = (0.299 * r + 0.587 * g + 0.114 * b).round_()
     cb = (-0.168735892 * r - 0.331264108 * g + 0.5 * b + 128.0).round_().clamp_(0.0, 255.0)
@@ -142,16 +181,30 @@ def jpeg_roundtrip(frames: torch.Tensor, qualities) -> torch.Tensor:
     bias = torch.tensor([1.0, 2.0]).to(device, non_blocking=True).repeat(cb.shape[-1] // 4)  # W/2 columns
     cb, cr = (torch.floor((F.avg_pool2d(c[:, None], 2)[:, 0] * 4.0 + bias) / 4.0) for c in (cb, cr))
     # int(q) as the PIL path takes it (the draws may be floats or numpy ints)
-    tables = [quantisation_tables(int(qualities[i])) for i in keep]
+    tables = [quantisation_tables(int(q)) for q in qualities]
     luma = torch.stack([t[0] for t in tables]).to(device, non_blocking=True)
     chroma = torch.stack([t[1] for t in tables]).to(device, non_blocking=True)
     dct = _dct_matrix().to(device, non_blocking=True)
     y = _lossy(y, luma, dct)
-    cb = _fancy_upsample(_lossy(cb, chroma, dct)) - 128.0
-    cr = _fancy_upsample(_lossy(cr, chroma, dct)) - 128.0
+    cb, cr = (_fancy_upsample(_own_edges(_lossy(c, chroma, dct), sizes)) - 128.0 for c in (cb, cr))
+    if sizes is not None:
+        h, w = y.shape[-2:]
+        cb, cr = cb[..., :h, :w], cr[..., :h, :w]
     rgb = torch.stack([y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr, y + 1.772 * cb], 1)
-    rgb = rgb.round_().clamp_(0.0, 255.0)[..., :h, :w] / 255.0
-    out = rgb.to(frames.dtype)
-    if len(keep) == n:
-        return out
-    return frames.index_copy(0, index, out)
+    return rgb.round_().clamp_(0.0, 255.0) / 255.0
+
+
+def _own_edges(c: torch.Tensor, sizes) -> torch.Tensor:
+    """Chroma ``[N, h, w]`` of frames of several ``sizes``: one more row and column, and each frame's
+    first row and column past its own edge set to its last ones, so that the up-sampling's neighbours
+    beyond a frame's edge repeat it as at the batch's edge."""
+    if sizes is None:
+        return c
+    device = c.device
+    c = F.pad(c, (0, 1, 0, 1))
+    frame = torch.arange(c.shape[0]).to(device, non_blocking=True)
+    rows = torch.tensor([s[0] // 2 for s in sizes]).to(device, non_blocking=True)
+    cols = torch.tensor([s[1] // 2 for s in sizes]).to(device, non_blocking=True)
+    c[frame, rows] = c[frame, rows - 1]
+    c[frame, :, cols] = c[frame, :, cols - 1]
+    return c

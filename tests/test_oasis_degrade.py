@@ -203,6 +203,33 @@ def test_torch_jpeg_is_libjpeg_within_a_level(size):
         jpeg_roundtrip(clip, [0, 50, 50])
 
 
+def test_torch_jpeg_of_frames_of_several_sizes_is_each_frame_alone():
+    """jpeg_roundtrip_each (inconsistent mode's frames, each resized its own way, in one batch) gives
+    each frame bit for bit what jpeg_roundtrip gives it alone: sizes on and off the 16-pixel MCUs, odd
+    sizes, the largest frame first and last, None keeping a frame; and bad inputs are named."""
+    from oasis.jpeg import jpeg_roundtrip, jpeg_roundtrip_each
+
+    g = torch.Generator().manual_seed(7)
+    sizes = [(37, 61), (16, 32), (5, 3), (64, 96), (48, 17), (33, 80)]
+    for order in (sizes, sizes[::-1]):
+        frames = [torch.nn.functional.interpolate(torch.rand(1, 3, h // 4 + 2, w // 4 + 2, generator=g), size=(h, w),
+                                                  mode="bicubic", align_corners=False)[0].clamp(0, 1)
+                  for h, w in order]
+        qualities = [int(q) for q in torch.randint(10, 95, (len(frames),), generator=g)]
+        qualities[2] = None
+        out = jpeg_roundtrip_each(frames, qualities)
+        for f, q, o in zip(frames, qualities, out):
+            want = f if q is None else jpeg_roundtrip(f[None], [q])[0]
+            assert o.shape == f.shape and torch.equal(o, want), (tuple(f.shape), q)
+        # (without each frame's own chroma edges, the frames smaller than the batch's largest fail)
+        assert any(q is not None and not torch.equal(o, f) for f, q, o in zip(frames, qualities, out))
+    assert jpeg_roundtrip_each(frames, [None] * len(frames)) == frames
+    with pytest.raises(ValueError, match="one quality per frame"):
+        jpeg_roundtrip_each(frames, [50])
+    with pytest.raises(ValueError, match=r"frame 1 must be \[3, H, W\]"):
+        jpeg_roundtrip_each([frames[0], frames[1][None]], [50, 50])
+
+
 def test_poisson_levels_are_counted_per_frame():
     """Real-ESRGAN's Poisson noise scales with each image's own number of distinct levels: a two-level
     frame beside a 256-level ramp in one batched call gets the coarse noise, the ramp the fine one."""
