@@ -12,6 +12,12 @@ trainer's loader starts once and keeps its workers busy).
 ``--device cuda`` degrades in the main process as ``oasis-train``'s ``degrade_on = "device"`` does:
 the workers load HQ clips only, and ``--threads`` threads (``degrade_threads``) degrade them with
 that many clips in flight (their first wave: one clip per thread or worker, whichever are more).
+Rows with workers "memory" degrade HQ clips already in pinned memory: the degradation side alone,
+to set against the source alone ("source ms per clip": one clip made in the main thread).
+
+``--make-videos N`` first writes N libx264 videos of ``--video-size`` frames into ``--videos`` (a
+temporary folder without it) from synthetic clips, so the workers decode real files as a trainer's
+``VideoFolder`` does, instead of drawing synthetic clips (~0.3-0.5 s of one core each).
 
     python benchmarks/degrade_bench.py --workers 0 2 --out benchmarks/results/<date>_<card>_<commit>
     python benchmarks/degrade_bench.py --device cuda --workers 4 --threads 0 4 8
@@ -48,6 +54,53 @@ def gpu_ms_per_clip(data, device, clips: int = 8) -> float:
     kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")
                and not e.key.lower().startswith(("memcpy", "memset"))]
     return sum(e.self_device_time_total for e in kernels) / 1e3 / clips
+
+
+def make_videos(folder: Path, count: int, size) -> None:
+    """``count`` libx264 videos (crf 18) of ``size`` = (frames, height, width) synthetic frames, at 25 fps."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from oasis.video import synthetic_clip, write_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(i):
+        write_video(folder / f"synthetic_{i:03d}.mp4", synthetic_clip(*size, seed=1000 + i), 25, crf=18)
+
+    with ThreadPoolExecutor(min(count, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(count)))
+
+
+def source_ms_per_clip(source, clips: int = 4) -> float:
+    from oasis.data import _source_frames
+
+    _source_frames(source, 0)
+    t = time.perf_counter()
+    for n in range(1, clips + 1):
+        _source_frames(source, n)
+    return (time.perf_counter() - t) / clips * 1e3
+
+
+def memory_row(data, device, threads: int, clips: int) -> dict:
+    """The degradation side alone: ``clips`` samples degraded from 8 HQ clips held in pinned memory."""
+    from oasis.data import DeviceDegrader, _source_frames
+
+    cuda = device.type == "cuda"
+    held = [_source_frames(data.source, n) for n in range(8)]
+    held = [h.pin_memory() for h in held] if cuda else held
+    with DeviceDegrader(device, threads) as degrader:
+        degrader.submit(data, [0], held[0][None]).result()  # warm-up
+        if cuda:
+            torch.cuda.synchronize(device)
+        arrivals, pending, start = [], [], time.perf_counter()
+        for n in range(clips):
+            pending.append(degrader.submit(data, [n], held[n % 8][None]))
+            while len(pending) > max(threads, 1):
+                arrived(pending.pop(0), device, arrivals)
+        while pending:
+            arrived(pending.pop(0), device, arrivals)
+    total = arrivals[-1] - start
+    return {"clips": clips, "s": total, "clips_per_s": clips / total}
 
 
 def arrived(pending, device, arrivals):
@@ -98,7 +151,11 @@ def main(argv=None):
     p.add_argument("--clips", type=int, default=12)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--size", type=int, nargs=3, default=[17, 320, 640], metavar=("F", "H", "W"))
-    p.add_argument("--videos", help="a folder of HQ videos instead of synthetic clips")
+    p.add_argument("--videos", type=Path, help="a folder of HQ videos instead of synthetic clips")
+    p.add_argument("--make-videos", type=int, default=0, metavar="N",
+                   help="first write N videos of --video-size synthetic frames (libx264) into --videos (or a "
+                        "temporary folder) and read those")
+    p.add_argument("--video-size", type=int, nargs=3, default=[33, 540, 960], metavar=("F", "H", "W"))
     p.add_argument("--device", help="degrade on this device in the main process (oasis-train's degrade_on = "
                                      "\"device\"), the workers only loading HQ clips; default: in the workers")
     p.add_argument("--threads", type=int, nargs="+", default=[4],
@@ -116,11 +173,27 @@ def main(argv=None):
     from oasis.degrade import Degradation
 
     spec = ClipSpec(*args.size)
+    if args.make_videos:
+        import tempfile
+
+        if args.videos is None:
+            args.videos = Path(tempfile.mkdtemp(prefix="oasis-videos-"))
+        t = time.perf_counter()
+        make_videos(args.videos, args.make_videos, args.video_size)
+        print(f"wrote {args.make_videos} videos of {args.video_size} to {args.videos} in "
+              f"{time.perf_counter() - t:.1f} s", flush=True)
     source = VideoFolder(args.videos, spec) if args.videos else SyntheticVideos(spec)
-    rows = []
+    source_ms = source_ms_per_clip(source)
+    print(json.dumps({"source_ms_per_clip": source_ms}), flush=True)
+    rows, memory = [], []
     settings = [(m, j) for m in ("consistent", "inconsistent") for j in args.jpeg]
     for mode, jpeg in settings:
         data = PairDataset(source, Degradation(jpeg_impl=jpeg), mode)
+        if device is not None:
+            for threads in args.threads:
+                memory.append({"mode": mode, "jpeg": jpeg, "threads": threads,
+                               **memory_row(data, device, threads, max(args.clips, 4 * threads))})
+                print(json.dumps(memory[-1]), flush=True)
         for workers, threads in [(w, t) for w in args.workers for t in (args.threads if device else [0])]:
             # a steady rate needs a clip after the first wave
             clips = max(args.clips, 4 * workers, 4 * threads if device else 0, 2)
@@ -157,8 +230,11 @@ def main(argv=None):
         for mode, jpeg in settings:
             gpu_ms[f"{mode}, {jpeg}"] = gpu_ms_per_clip(PairDataset(source, Degradation(jpeg_impl=jpeg), mode), device)
             print(json.dumps({"gpu_ms_per_clip": gpu_ms}), flush=True)
-    res = {"coders": coders, "gpu_ms_per_clip": gpu_ms, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
-           "source": args.videos or "synthetic", "rows": rows}
+    res = {"coders": coders, "gpu_ms_per_clip": gpu_ms, "source_ms_per_clip": source_ms, "memory_rows": memory, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
+           "source": str(args.videos) if args.videos else "synthetic", "rows": rows}
+    if args.make_videos:
+        res["source"] = f"{args.make_videos} libx264 videos of {args.video_size[0]} frames {args.video_size[1]}x" \
+                        f"{args.video_size[2]} (synthetic frames, crf 18)"
     res["env"]["cpu"] = cpu_name()
     gpu = f" + {res['env']['gpu']}" if "gpu" in res["env"] else ""
     md = [f"# Training-data throughput, {res['env']['cpu']} x{os.cpu_count()}{gpu}, {res['env']['date'][:10]}, "
@@ -172,6 +248,11 @@ def main(argv=None):
     md += [f"| {r['mode']} | {r['jpeg']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
            f"{r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | {r['first_wave_s']:.1f} | "
            f"{r['worker_s_per_clip']:.2f} |" for r in rows]
+    md += ["", f"The source alone: {source_ms:.0f} ms per HQ clip in the main thread."]
+    if memory:
+        md += ["", "The degradation side alone (HQ clips in pinned memory):", "",
+               "| mode | JPEG | degradation threads | clips | clips/s |", "|---|---|---|---|---|"]
+        md += [f"| {r['mode']} | {r['jpeg']} | {r['threads']} | {r['clips']} | {r['clips_per_s']:.2f} |" for r in memory]
     if gpu_ms:
         md += ["", "GPU kernel time per clip (8 clips degraded in one thread under the profiler): " +
                ", ".join(f"{k}: {v:.1f} ms" for k, v in gpu_ms.items()) + "."]

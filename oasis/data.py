@@ -100,6 +100,12 @@ class VideoFolder:
         return len(self.videos)
 
     def clip(self, index: int) -> torch.Tensor:
+        """Crop ``index``: float ``[3, F, H, W]`` in [0, 1]."""
+        return _unit(self.frames(index))
+
+    def frames(self, index: int) -> torch.Tensor:
+        """Crop ``index`` as decoded: uint8 ``[3, F, H, W]`` (a quarter of the float clip's bytes through the
+        loader's workers and to a GPU; :func:`_unit` makes it the float clip there, the same numbers)."""
         import av
 
         rng = _rng(self.seed, index)
@@ -118,8 +124,7 @@ class VideoFolder:
                     break
         if len(frames) < spec.frames:
             raise VideoError(f"{path}: decoded {len(frames)} of the {spec.frames} frames from frame {start}")
-        x = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)
-        return x.float() / 255.0
+        return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)
 
 
 class SyntheticVideos:
@@ -133,10 +138,20 @@ class SyntheticVideos:
         return 2**31 - 1
 
     def clip(self, index: int) -> torch.Tensor:
+        """Clip ``index``: float ``[3, F, H, W]`` in [0, 1]."""
+        return _unit(self.frames(index))
+
+    def frames(self, index: int) -> torch.Tensor:
+        """Clip ``index`` as uint8 ``[3, F, H, W]``."""
         s = self.spec
         seed = int(_rng(self.seed, index).integers(2**62))
-        x = synthetic_clip(s.span, s.height, s.width, seed=seed)[::s.stride]
-        return x.permute(3, 0, 1, 2).float() / 255.0
+        return synthetic_clip(s.span, s.height, s.width, seed=seed)[::s.stride].permute(3, 0, 1, 2)
+
+
+def _unit(clip: torch.Tensor) -> torch.Tensor:
+    """uint8 frames -> float32 in [0, 1] (on any device, the same numbers: one correctly rounded
+    division); float clips pass as they are."""
+    return clip.float() / 255.0 if clip.dtype == torch.uint8 else clip
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -160,13 +175,15 @@ class PairDataset(torch.utils.data.Dataset):
         return self.degradation(hq.transpose(0, 1), seed, self.mode).transpose(0, 1)
 
     def hq_only(self) -> "HQClips":
-        """The same samples without their degradation: ``(index, hq [3, F, H, W] in [0, 1])``, for a
-        trainer that degrades them itself on its device (:meth:`degrade`)."""
+        """The same samples without their degradation: ``(index, hq [3, F, H, W])`` (uint8 from our sources),
+        for a trainer that degrades them itself on its device (:class:`DeviceDegrader`)."""
         return HQClips(self)
 
 
 class HQClips(torch.utils.data.Dataset):
-    """``(index, HQ clip in [0, 1])`` of a :class:`PairDataset` (see :meth:`PairDataset.hq_only`)."""
+    """``(index, HQ clip)`` of a :class:`PairDataset` (see :meth:`PairDataset.hq_only`): uint8 ``[3, F, H,
+    W]`` from sources with ``frames`` (four times fewer bytes through the workers' shared memory, the
+    pinned buffers and the copy to the GPU), else float in [0, 1]."""
 
     def __init__(self, pairs: PairDataset):
         self.pairs = pairs
@@ -175,7 +192,14 @@ class HQClips(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int):
-        return index, self.pairs.source.clip(index)
+        return index, _source_frames(self.pairs.source, index)
+
+
+def _source_frames(source, index: int) -> torch.Tensor:
+    """A source's clip as it has it: uint8 where the source offers ``frames`` (ours do), else its float
+    ``clip``; :class:`DeviceDegrader` takes either."""
+    frames = getattr(source, "frames", None)
+    return frames(index) if frames is not None else source.clip(index)
 
 
 class DeviceDegrader:
@@ -201,11 +225,14 @@ class DeviceDegrader:
         self._local = threading.local()
 
     def submit(self, pairs: PairDataset, numbers, hq: torch.Tensor) -> "PendingBatch":
-        """Start degrading samples ``numbers`` (ints) whose HQ clips are ``hq [B, 3, F, H, W]`` in [0, 1] (on
-        the CPU, pinned for an asynchronous copy, or already on the device)."""
+        """Start degrading samples ``numbers`` (ints) whose HQ clips are ``hq [B, 3, F, H, W]``, uint8 or float
+        in [0, 1] (on the CPU, pinned for an asynchronous copy, or already on the device)."""
         numbers = [int(n) for n in numbers]
-        if hq.dim() != 5 or hq.shape[0] != len(numbers):
-            raise ValueError(f"hq must be [B, 3, F, H, W] with B = {len(numbers)} samples, got {tuple(hq.shape)}")
+        if not isinstance(hq, torch.Tensor) or hq.dim() != 5 or hq.shape[0] != len(numbers):
+            raise ValueError(f"hq must be [B, 3, F, H, W] with B = {len(numbers)} samples, got "
+                             f"{tuple(getattr(hq, 'shape', ()))}")
+        if hq.dtype != torch.uint8 and not hq.is_floating_point():
+            raise ValueError(f"hq must be uint8 or float in [0, 1], got {hq.dtype}")
         jobs = [(pairs, n, hq[i]) for i, n in enumerate(numbers)]
         if self._pool is None:
             return PendingBatch(self.device, [_done(self._one(*job)) for job in jobs])
@@ -213,13 +240,13 @@ class DeviceDegrader:
 
     def _one(self, pairs: PairDataset, number: int, hq: torch.Tensor):
         if self.device.type != "cuda" or self._pool is None:
-            hq = hq.to(self.device, non_blocking=True)
+            hq = _unit(hq.to(self.device, non_blocking=True))
             return pairs.degrade(hq, number), hq, None
         stream = getattr(self._local, "stream", None)
         if stream is None:
             stream = self._local.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            hq = hq.to(self.device, non_blocking=True)
+            hq = _unit(hq.to(self.device, non_blocking=True))
             lq = pairs.degrade(hq, number)
             done = torch.cuda.Event()
             done.record(stream)

@@ -479,7 +479,7 @@ class Trainer:
         data = self.data[self.cfg.stage(step)]
         for numbers in self.samples(step):
             if self.degrades_on_device:
-                hq = torch.stack([data.source.clip(n) for n in numbers])
+                hq = torch.stack([data.hq_only()[n][1] for n in numbers])
                 yield _signed(*DeviceDegrader(self.device, 0).submit(data, numbers, hq).result())
                 continue
             pairs = [data[n] for n in numbers]

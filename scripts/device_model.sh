@@ -34,11 +34,11 @@ for bench in ${BENCHES:-vae model train degrade}; do
         # forward and backward, minutes: a call of its own)
         train_graphs) python3 benchmarks/train_bench.py --batches 1 --steps 5 --compile graphs --modes routed \
                    --out "$OUT/r/train_graphs" 2>&1 | tee "$OUT/r/train_graphs.log" | tail -6 ;;
-        # degradations in the loader's workers; then on the GPU in the main process, its JPEG steps by
-        # PIL on the host and by oasis.jpeg on the GPU, with 8 and 16 workers making the HQ clips
-        degrade) python3 benchmarks/degrade_bench.py --workers 0 8 16 --clips 8 --out "$OUT/r/degrade_workers" 2>&1 | tail -9
-                 python3 benchmarks/degrade_bench.py --workers 8 16 --threads 4 8 --clips 48 --device cuda \
-                     --jpeg pil torch --coders 8 --out "$OUT/r/degrade_device" 2>&1 | tail -26 ;;
+        # the trainer's default on CUDA: degradations on the GPU in the main process (JPEG by oasis.jpeg),
+        # 8 and 16 workers decoding HQ crops from 8 libx264 videos written first (33 frames 540x960); the
+        # degradation side alone from clips in memory, and the source alone
+        degrade) python3 benchmarks/degrade_bench.py --make-videos 8 --workers 8 16 --threads 4 8 --clips 48 \
+                     --device cuda --jpeg torch --out "$OUT/r/degrade_videos" 2>&1 | tail -24 ;;
         *) echo "unknown bench $bench"; exit 2 ;;
     esac
 done

@@ -172,6 +172,13 @@ def test_training_benchmarks_run(tmp_path):
                                "2", "--size", "5", "32", "64", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "degrade_bench.json").read_text())
     assert [r["threads"] for r in res["rows"]] == [0, 2, 0, 2] and len(res["coders"]) == 3
+    assert [r["threads"] for r in res["memory_rows"]] == [0, 2, 0, 2] and res["source_ms_per_clip"] > 0
+    # workers decoding real files: videos written first, read by a VideoFolder
+    assert degrade_bench.main(["--clips", "1", "--workers", "0", "--make-videos", "2", "--video-size", "7", "40", "72",
+                               "--videos", str(tmp_path / "videos"), "--size", "5", "32", "64", "--out",
+                               str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "degrade_bench.json").read_text())
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2 and res["source"].startswith("2 libx264 videos")
 
 
 def _sequence_parallel_step(rank, world, port, out_dir):
@@ -266,8 +273,15 @@ def test_device_degrader_threads_give_the_pairs_in_order(jpeg):
         pending = [degrader.submit(data, numbers[:2], hq[:2]), degrader.submit(data, numbers[2:], hq[2:])]
         lq = torch.cat([p.result()[0] for p in pending])
         assert lq.shape == (4, 3, 5, 8, 16) and torch.equal(lq, want)
+        # the loader's uint8 clips (HQClips) give the same pairs, and the float HQ clips
+        hq8 = torch.stack([data.hq_only()[n][1] for n in numbers])
+        assert hq8.dtype == torch.uint8 and torch.equal(hq8.float() / 255, hq)
+        lq8, hq_back = degrader.submit(data, numbers, hq8).result()
+        assert torch.equal(lq8, want) and torch.equal(hq_back, hq)
         with pytest.raises(ValueError, match=r"hq must be \[B, 3, F, H, W\] with B = 3"):
             degrader.submit(data, [1, 2, 3], hq[:2])
+        with pytest.raises(ValueError, match="hq must be uint8 or float"):
+            degrader.submit(data, numbers, hq8.to(torch.int32))
     with pytest.raises(ValueError, match="threads must be a non-negative int, got 1.5"):
         DeviceDegrader("cpu", 1.5)
 
