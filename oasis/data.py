@@ -105,26 +105,100 @@ class VideoFolder:
 
     def frames(self, index: int) -> torch.Tensor:
         """Crop ``index`` as decoded: uint8 ``[3, F, H, W]`` (a quarter of the float clip's bytes through the
-        loader's workers and to a GPU; :func:`_unit` makes it the float clip there, the same numbers)."""
-        import av
+        loader's workers and to a GPU; :func:`_unit` makes it the float clip there, the same numbers).
 
+        The decoder starts at the last keyframe at or before the crop's first frame (found in the video's
+        packet index, read once per video and process without decoding), not at the video's start, and
+        frames are identified by their presentation times; a video whose packets lack them, or whose
+        seek lands past the crop, is decoded from its start, as :meth:`frames_from_start` does."""
+        path, start, top, left = self._draw(index)
+        frames = self._decode_from_keyframe(path, start, top, left)
+        return frames if frames is not None else self._decode(path, start, top, left)
+
+    def frames_from_start(self, index: int) -> torch.Tensor:
+        """Crop ``index`` by decoding its video from the first frame (the reference for :meth:`frames`)."""
+        return self._decode(*self._draw(index))
+
+    def _draw(self, index: int):
         rng = _rng(self.seed, index)
         path, info = self.videos[int(rng.integers(len(self.videos)))]
         spec = self.spec
         start = int(rng.integers(0, info.num_frames - spec.span + 1))
         top = int(rng.integers(0, info.height - spec.height + 1))
         left = int(rng.integers(0, info.width - spec.width + 1))
-        wanted = set(range(start, start + spec.span, spec.stride))
+        return path, start, top, left
+
+    def _crop(self, frame, top: int, left: int) -> np.ndarray:
+        return frame.to_ndarray(format="rgb24")[top:top + self.spec.height, left:left + self.spec.width]
+
+    def _stack(self, frames: list, path, start: int) -> torch.Tensor:
+        if len(frames) < self.spec.frames:
+            raise VideoError(f"{path}: decoded {len(frames)} of the {self.spec.frames} frames from frame {start}")
+        return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)
+
+    def _decode(self, path, start: int, top: int, left: int) -> torch.Tensor:
+        import av
+
+        wanted = set(range(start, start + self.spec.span, self.spec.stride))
         frames = []
         with av.open(str(path)) as container:
             for i, frame in enumerate(container.decode(video=0)):  # sequential: exact frame indices
                 if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24")[top:top + spec.height, left:left + spec.width])
-                if len(frames) == spec.frames:
+                    frames.append(self._crop(frame, top, left))
+                if len(frames) == self.spec.frames:
                     break
-        if len(frames) < spec.frames:
-            raise VideoError(f"{path}: decoded {len(frames)} of the {spec.frames} frames from frame {start}")
-        return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2)
+        return self._stack(frames, path, start)
+
+    def _packet_index(self, path):
+        """``(presentation times in order, keyframe times)`` of the video stream's packets, or None where a
+        packet has no time (then frames are counted from the start)."""
+        cache = self.__dict__.setdefault("_packet_indexes", {})
+        if path not in cache:
+            import av
+
+            times, keys = [], []
+            with av.open(str(path)) as container:
+                for packet in container.demux(video=0):
+                    if not packet.size:
+                        continue
+                    if packet.pts is None:
+                        times = None
+                        break
+                    times.append(packet.pts)
+                    if packet.is_keyframe:
+                        keys.append(packet.pts)
+            ok = times is not None and len(set(times)) == len(times) and keys
+            cache[path] = (sorted(times), sorted(keys)) if ok else None
+        return cache[path]
+
+    def _decode_from_keyframe(self, path, start: int, top: int, left: int):
+        import bisect
+
+        import av
+
+        index = self._packet_index(path)
+        if index is None or start + self.spec.span > len(index[0]):
+            return None
+        times, keys = index
+        first = times[start]
+        k = bisect.bisect_right(keys, first) - 1
+        if k <= 0:  # the crop starts in the first keyframe's group: nothing to skip
+            return None
+        number = {t: i for i, t in enumerate(times)}
+        wanted = set(range(start, start + self.spec.span, self.spec.stride))
+        frames = []
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            container.seek(keys[k], stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                i = number.get(frame.pts)
+                if i is None or (not frames and i > start):  # a time not in the index, or a seek past the crop
+                    return None
+                if i in wanted:
+                    frames.append(self._crop(frame, top, left))
+                if len(frames) == self.spec.frames:
+                    break
+        return self._stack(frames, path, start)
 
 
 class SyntheticVideos:

@@ -44,14 +44,18 @@ _CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99, 24, 2
 
 def quantisation_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The (luminance, chrominance) ``[8, 8]`` tables libjpeg uses at ``quality`` (1..100), baseline."""
+    luma, chroma = _tables(_quality(quality))
+    return luma.clone(), chroma.clone()  # the cached ones stay as they are
+
+
+def _quality(quality) -> int:
     try:
         q = operator.index(quality)
     except TypeError:
         q = None
     if q is None or isinstance(quality, bool) or not 1 <= q <= 100:
         raise ValueError(f"JPEG quality must be an int in [1, 100], got {quality!r}")
-    luma, chroma = _tables(q)
-    return luma.clone(), chroma.clone()  # the cached ones stay as they are
+    return q
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,7 +185,7 @@ def _codec(x: torch.Tensor, qualities: list, sizes) -> torch.Tensor:
     bias = torch.tensor([1.0, 2.0]).to(device, non_blocking=True).repeat(cb.shape[-1] // 4)  # W/2 columns
     cb, cr = (torch.floor((F.avg_pool2d(c[:, None], 2)[:, 0] * 4.0 + bias) / 4.0) for c in (cb, cr))
     # int(q) as the PIL path takes it (the draws may be floats or numpy ints)
-    tables = [quantisation_tables(int(q)) for q in qualities]
+    tables = [_tables(_quality(int(q))) for q in qualities]  # (torch.stack copies the cached tables)
     luma = torch.stack([t[0] for t in tables]).to(device, non_blocking=True)
     chroma = torch.stack([t[1] for t in tables]).to(device, non_blocking=True)
     dct = _dct_matrix().to(device, non_blocking=True)

@@ -326,6 +326,8 @@ class VideoWriter:
     ``colorspace`` (matrix: "bt709", "bt470bg", "smpte170m", "smpte240m", "fcc",
     "bt2020nc" or None = "bt709") are applied and tagged only for encoders in
     :data:`COLOUR_SIGNALLING_CODECS`; see the module notes for the others.
+    ``keyframe_interval``: at most this many frames from one keyframe to the next (the encoder's
+    group of pictures; None keeps its default, 250 for libx264), what a reader's seek lands on.
 
     The output directory must exist. The file is created (or overwritten) when the first
     encoded packet is written, so a writer closed without frames leaves no file (and an
@@ -344,9 +346,12 @@ class VideoWriter:
         pix_fmt: str = "yuv420p",
         color_range: str | None = None,
         colorspace: str | None = None,
+        keyframe_interval: int | None = None,
     ):
         av = _import_av()
         p = os.fspath(path)
+        if keyframe_interval is not None:
+            keyframe_interval = _positive_int(keyframe_interval, "keyframe_interval", VideoError, f"{p}: ")
         self.path = p
         self.width = _positive_int(width, "width", VideoError, f"{p}: ")
         self.height = _positive_int(height, "height", VideoError, f"{p}: ")
@@ -454,6 +459,8 @@ class VideoWriter:
             stream.width, stream.height, stream.pix_fmt = self.width, self.height, self.pix_fmt
             stream.time_base = 1 / self.fps
             stream.options = options
+            if keyframe_interval is not None:
+                stream.codec_context.gop_size = keyframe_interval
             if self._tagged:
                 stream.codec_context.color_range = _RANGE_CODES[self.color_range]
                 stream.codec_context.colorspace = matrix_tag

@@ -93,6 +93,51 @@ def test_data_is_a_function_of_seed_and_index(tmp_path):
         VideoFolder(tmp_path / "none" if (tmp_path / "none").mkdir() is None else None, spec)
 
 
+def _write_gop_video(path, frames, codec, gop, bframes=0):
+    """uint8 [F, H, W, 3] -> a video with a keyframe every ``gop`` frames (and B-frames, for libx264)."""
+    import av
+
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.gop_size = gop
+        if codec == "libx264":
+            stream.options = {"x264-params": f"keyint={gop}:min-keyint={gop}:bframes={bframes}:scenecut=0", "crf": "20"}
+        for f in frames.numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.mark.parametrize("name, codec, bframes", [("a.mp4", "libx264", 2), ("b.mkv", "libx264", 0),
+                                                   ("c.avi", "mpeg4", 0)])
+def test_video_crops_from_the_nearest_keyframe_are_the_decoded_frames(tmp_path, name, codec, bframes):
+    """VideoFolder starts decoding at the keyframe before the crop (its packet index): the same frames
+    as decoding the video from its start, for MP4 with B-frames, Matroska and AVI, strides 1 and 2;
+    and it does skip (the keyframe path serves crops past the first group of pictures)."""
+    from oasis.video import synthetic_clip
+
+    _write_gop_video(tmp_path / name, synthetic_clip(40, 48, 96, seed=5), codec, gop=6, bframes=bframes)
+    for stride in (1, 2):
+        folder = VideoFolder(tmp_path, ClipSpec(5, 32, 64, stride=stride), seed=stride)
+        skipped = 0
+        for i in range(12):
+            path, start, top, left = folder._draw(i)
+            skipped += folder._decode_from_keyframe(path, start, top, left) is not None
+            got = folder.frames(i)
+            assert got.dtype == torch.uint8 and torch.equal(got, folder.frames_from_start(i)), (i, start)
+        assert skipped >= 6, skipped  # crops start in frames 0..32 (stride 1) or 0..31: most after frame 6
+    # oasis.video's writer places keyframes as asked (what the bench's videos rely on)
+    from oasis.video import VideoError, write_video
+
+    write_video(tmp_path / "k.mp4", synthetic_clip(20, 32, 64, seed=1), 25, keyframe_interval=4)
+    times, keys = VideoFolder(tmp_path, ClipSpec(5, 32, 64))._packet_index(tmp_path / "k.mp4")
+    assert len(times) == 20 and len(keys) >= 5
+    with pytest.raises(VideoError, match="keyframe_interval"):
+        write_video(tmp_path / "bad.mp4", synthetic_clip(2, 32, 64), 25, keyframe_interval=0)
+
+
 def test_routing_calibration_before_training(tmp_path):
     t = Trainer(demo_config(tmp_path, calibrate_videos=2, calibrate_rho=0.34, stage1_steps=1, stage2_steps=1))
     assert (tmp_path / "run" / "routing.json").is_file()
@@ -179,6 +224,7 @@ def test_training_benchmarks_run(tmp_path):
                                str(tmp_path)]) == 0
     res = json.loads((tmp_path / "degrade_bench.json").read_text())
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2 and res["source"].startswith("2 libx264 videos")
+    assert res["source_from_start_ms_per_clip"] > 0
 
 
 def _sequence_parallel_step(rank, world, port, out_dir):
