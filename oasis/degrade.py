@@ -479,7 +479,7 @@ class Degradation:
         gen = torch.Generator(clip.device).manual_seed(_seed(seed) ^ 0x5DEECE66D)
         h, w = clip.shape[-2:]
         target = (h // cfg.scale, w // cfg.scale)
-        frames = _split(clip.float().clamp(0, 1))
+        frames = clip.float().clamp(0, 1)
         for order, ocfg in ((params.first, cfg.first), (params.second, cfg.second)):
             frames = _run_order(frames, order, gen, target, ocfg.resize_base, cfg.jpeg_impl)
         kind = params.compress[0]
@@ -492,12 +492,13 @@ class Degradation:
             bitrate = max(1000, int(bpp * x.shape[-2] * x.shape[-1] * cfg.fps))
             return _from_uint8(video_roundtrip(_to_uint8(x), codec, bitrate, cfg.fps), x)
 
+        n = clip.shape[0]
         if compress_first:  # compression at the intermediate size needs one size: resize to the first frame's
             size = tuple(frames[0].shape[-2:])
-            x = compress(torch.cat([_resize(f, size, "bilinear") for f in frames]))
-            x = torch.cat([_resize(x[i:i + 1], target, m) for i, m in enumerate(params.final_resize)])
+            x = compress(_cat(_resize_runs(frames, [size] * n, ["bilinear"] * n)))
+            x = _cat(_resize_runs(x, [target] * n, params.final_resize))
         else:
-            x = compress(torch.cat([_resize(f, target, m) for f, m in zip(frames, params.final_resize)]))
+            x = compress(_cat(_resize_runs(frames, [target] * n, params.final_resize)))
         return (x.clamp(0, 1) * 255.0).round() / 255.0
 
 
@@ -507,24 +508,25 @@ def _seed(seed) -> int:
     return int(seed) % (2**63)
 
 
-def _run_order(frames: list[torch.Tensor], order: list[StepParams], gen, target: tuple[int, int],
-               resize_base: str, jpeg_impl: str) -> list[torch.Tensor]:
-    """One order over frames that may differ in size (inconsistent mode); frames of one size run together.
-    The resize factor scales the frame (``resize_base="current"``) or the LQ size ``target``."""
-    if _same_size(frames):
-        frames = _split(_blur(torch.cat(frames), [p.blur for p in order]))
+def _run_order(frames, order: list[StepParams], gen, target: tuple[int, int], resize_base: str, jpeg_impl: str):
+    """One order over the frames: a tensor ``[N, 3, H, W]`` while they have one size, else a list of
+    ``[1, 3, H_i, W_i]`` (inconsistent mode); frames of one size run together. The resize factor scales
+    the frame (``resize_base="current"``) or the LQ size ``target``."""
+    if isinstance(frames, torch.Tensor):
+        frames = _blur(frames, [p.blur for p in order])
     else:
         frames = [_blur(f, [p.blur]) for f, p in zip(frames, order)]
-    out = []
-    for f, p in zip(frames, order):
+    sizes, modes = [], []
+    for i, p in enumerate(order):
         mode, factor = p.resize if p.resize is not None else ("area", 1.0)
-        base = f.shape[-2:] if resize_base == "current" else target
-        size = (max(MIN_SIDE, round(base[0] * factor)), max(MIN_SIDE, round(base[1] * factor)))
-        out.append(_resize(f, size, mode))
-    if _same_size(out):
-        x = _noise(torch.cat(out), [p.noise for p in order], gen)
-        x = _jpeg(x, [p.jpeg for p in order], jpeg_impl)
-        return _split(x)
+        base = frames[i].shape[-2:] if resize_base == "current" else target
+        sizes.append((max(MIN_SIDE, round(base[0] * factor)), max(MIN_SIDE, round(base[1] * factor))))
+        modes.append(mode)
+    out = _resize_runs(frames, sizes, modes)
+    if not isinstance(out, torch.Tensor) and _same_size(out):
+        out = torch.cat(out)
+    if isinstance(out, torch.Tensor):
+        return _jpeg(_noise(out, [p.noise for p in order], gen), [p.jpeg for p in order], jpeg_impl)
     return _jpeg_each([_noise(f, [p.noise], gen) for f, p in zip(out, order)], [p.jpeg for p in order], jpeg_impl)
 
 
@@ -535,3 +537,26 @@ def _same_size(frames) -> bool:
 def _split(x: torch.Tensor) -> list[torch.Tensor]:
     return [x[i:i + 1] for i in range(x.shape[0])]
 
+
+def _resize_runs(frames, sizes: list, modes: list):
+    """Frame ``i`` resized to ``sizes[i]`` by ``modes[i]``. A tensor of frames with one target and mode
+    comes back as one tensor (one call); otherwise a list, each run of consecutive frames with one input
+    size, output size and mode resized in one call."""
+    if isinstance(frames, torch.Tensor):
+        if len(set(map(tuple, sizes))) == 1 and len(set(modes)) == 1:
+            return _resize(frames, tuple(sizes[0]), modes[0])
+        frames = _split(frames)
+    out, i = [], 0
+    while i < len(frames):
+        key = (tuple(frames[i].shape[-2:]), tuple(sizes[i]), modes[i])
+        j = i + 1
+        while j < len(frames) and (tuple(frames[j].shape[-2:]), tuple(sizes[j]), modes[j]) == key:
+            j += 1
+        x = _resize(frames[i] if j == i + 1 else torch.cat(frames[i:j]), key[1], key[2])
+        out.extend(_split(x) if j > i + 1 else [x])
+        i = j
+    return out
+
+
+def _cat(frames) -> torch.Tensor:
+    return frames if isinstance(frames, torch.Tensor) else torch.cat(frames)
