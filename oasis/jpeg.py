@@ -89,16 +89,19 @@ def _unblocks(b: torch.Tensor) -> torch.Tensor:
     return b.transpose(2, 3).reshape(n, hb * 8, wb * 8)
 
 
-def _lossy(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
-    """Integer samples ``[N, H, W]`` -> their decoded samples, quantised with ``table [N, 8, 8]``."""
+def _lossy(planes: list, tables: list, dct: torch.Tensor) -> list:
+    """Integer samples ``[N, H_k, W_k]`` of each plane -> their decoded samples, plane ``k`` quantised with
+    ``tables[k] [N, 8, 8]``; the planes' blocks go through the DCTs together."""
     # float64 products: a TF32 matmul (set_float32_matmul_precision("high"), a global setting) would
     # move coefficients across quantisation steps; the 8x8 products are a small part of the work
-    b = _blocks(plane - 128.0).double()
-    coef = dct @ b @ dct.T
-    t = table[:, None, None]
+    blocks = [_blocks(p - 128.0) for p in planes]
+    counts = [b.shape[:3].numel() for b in blocks]
+    coef = dct @ torch.cat([b.reshape(-1, 8, 8) for b in blocks]).double() @ dct.T
+    # each block's table: the frame's table of its plane
+    t = torch.cat([table[:, None, None].expand(b.shape).reshape(-1, 8, 8) for table, b in zip(tables, blocks)])
     q = torch.sign(coef) * torch.floor(coef.abs() / t + 0.5)  # libjpeg rounds half away from zero
     out = (dct.T @ (q * t) @ dct).float()
-    return (_unblocks(out) + 128.0).round_().clamp_(0.0, 255.0)
+    return [(_unblocks(o.view(b.shape)) + 128.0).round_().clamp_(0.0, 255.0) for o, b in zip(out.split(counts), blocks)]
 
 
 def _fancy_upsample(c: torch.Tensor) -> torch.Tensor:
@@ -189,8 +192,9 @@ def _codec(x: torch.Tensor, qualities: list, sizes) -> torch.Tensor:
     luma = torch.stack([t[0] for t in tables]).to(device, non_blocking=True)
     chroma = torch.stack([t[1] for t in tables]).to(device, non_blocking=True)
     dct = _dct_matrix().to(device, non_blocking=True)
-    y = _lossy(y, luma, dct)
-    cb, cr = (_fancy_upsample(_own_edges(_lossy(c, chroma, dct), sizes)) - 128.0 for c in (cb, cr))
+    y, cb, cr = _lossy([y, cb, cr], [luma, chroma, chroma], dct)
+    # both chroma planes up-sampled in one pass
+    cb, cr = (_fancy_upsample(_own_edges(torch.cat([cb, cr]), sizes * 2 if sizes else None)) - 128.0).chunk(2)
     if sizes is not None:
         h, w = y.shape[-2:]
         cb, cr = cb[..., :h, :w], cr[..., :h, :w]
