@@ -44,8 +44,9 @@ CODECS = ("libx264", "mpeg4")
 JPEG_IMPLS = ("auto", "pil", "torch")
 # bumped whenever the same (clip, seed, config) would give another LQ clip than before, so that an
 # oasis-train resume refuses a run degraded by an earlier version (2: grouped noise draws, the JPEG of
-# clips on a GPU by oasis.jpeg)
-VERSION = 2
+# clips on a GPU by oasis.jpeg; 3: the noise of frames of several sizes, inconsistent mode's, drawn by
+# kind for all of them at once)
+VERSION = 3
 MIN_SIDE = 8  # no resize goes below this many pixels a side
 
 
@@ -316,6 +317,37 @@ def _blur(frames: torch.Tensor, params: list) -> torch.Tensor:
     return F.conv2d(x, weight, groups=n * c).reshape(n, c, h, w)
 
 
+def _blur_each(frames: list, params: list) -> list:
+    """:func:`_blur` for frames ``[1, 3, H_i, W_i]`` of several sizes, in one grouped convolution: each
+    frame padded by its own kernel's half size and mode (reflect, or replicate where it is smaller than
+    that), then with zeros to the batch's largest (the zeros meet only the zero margin of the smaller
+    kernels)."""
+    idx = [i for i, p in enumerate(params) if p is not None]
+    out = list(frames)
+    if not idx:
+        return out
+    kernels = [blur_kernel(*params[i][:6]) for i in idx]
+    size = max(k.shape[0] for k in kernels)
+    pad = size // 2
+    hp = max(frames[i].shape[-2] for i in idx) + 2 * pad
+    wp = max(frames[i].shape[-1] for i in idx) + 2 * pad
+    weight = torch.zeros(len(kernels), size, size)
+    xs = []
+    for j, (i, k) in enumerate(zip(idx, kernels)):
+        o, own = (size - k.shape[0]) // 2, k.shape[0] // 2
+        weight[j, o:o + k.shape[0], o:o + k.shape[0]] = k
+        f = frames[i]
+        h, w = f.shape[-2:]
+        x = F.pad(f, (own, own, own, own), mode="reflect" if own < min(h, w) else "replicate")
+        xs.append(F.pad(x, (o, wp - w - 2 * own - o, o, hp - h - 2 * own - o)))
+    n, c = len(idx), frames[idx[0]].shape[1]
+    weight = weight.to(frames[idx[0]].device, frames[idx[0]].dtype).repeat_interleave(c, 0)[:, None]
+    y = F.conv2d(torch.cat(xs).reshape(1, n * c, hp, wp), weight, groups=n * c).reshape(n, c, hp - 2 * pad, wp - 2 * pad)
+    for j, i in enumerate(idx):
+        out[i] = y[j:j + 1, :, :frames[i].shape[-2], :frames[i].shape[-1]]
+    return out
+
+
 def _resize(frames: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     if tuple(frames.shape[-2:]) == size:
         return frames
@@ -358,6 +390,41 @@ def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Te
         else:
             out.index_add_(0, index, noise.expand_as(x))
     return out.clamp_(0.0, 1.0)
+
+
+def _noise_each(frames: list, params: list, gen: torch.Generator) -> list:
+    """:func:`_noise` for frames ``[1, 3, H_i, W_i]`` of several sizes: the frames of one kind and colour
+    take one draw together, over their values laid end to end, and each its own level (for Poisson
+    noise, each its own count of distinct values). Nothing here waits for the device."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if p is not None:
+            groups.setdefault((p[0], p[2]), []).append(i)
+    out = list(frames)
+    if not groups:
+        return out
+    device, dtype = frames[0].device, frames[0].dtype
+    for (kind, gray), idx in groups.items():
+        src = [frames[i].mean(1, keepdim=True) if gray else frames[i] for i in idx]  # what the noise is drawn for
+        sizes = [s.numel() for s in src]
+        counts = torch.tensor(sizes).to(device, non_blocking=True)
+        level = torch.tensor([params[i][1] for i in idx], dtype=dtype).to(device, non_blocking=True)
+        if kind == "gaussian":
+            noise = torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype)
+            noise = noise * (level / 255.0).repeat_interleave(counts, output_size=sum(sizes))
+        else:  # Poisson on each frame's own number of levels (Real-ESRGAN's), scaled
+            q8 = (torch.cat([s.reshape(-1) for s in src]) * 255.0).round_().clamp_(0, 255)
+            q = q8 / 255.0
+            frame = torch.arange(len(idx)).to(device, non_blocking=True).repeat_interleave(counts, output_size=sum(sizes))
+            seen = torch.zeros(len(idx) * 256, dtype=torch.bool, device=device)
+            seen.scatter_(0, frame * 256 + q8.to(torch.int64), True)  # each frame's distinct 8-bit values
+            distinct = seen.view(len(idx), 256).sum(1).clamp_(min=2).to(torch.float32)
+            levels = torch.exp2(torch.ceil(torch.log2(distinct))).to(dtype)  # 2 ** ceil(log2(distinct)), exact
+            per = torch.stack([levels, level]).repeat_interleave(counts, dim=1, output_size=sum(sizes))
+            noise = (torch.poisson(q * per[0], generator=gen) / per[0] - q) * per[1]
+        for i, part, s in zip(idx, noise.split(sizes), src):
+            out[i] = (frames[i] + part.view(s.shape)).clamp_(0.0, 1.0)
+    return out
 
 
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -515,7 +582,7 @@ def _run_order(frames, order: list[StepParams], gen, target: tuple[int, int], re
     if isinstance(frames, torch.Tensor):
         frames = _blur(frames, [p.blur for p in order])
     else:
-        frames = [_blur(f, [p.blur]) for f, p in zip(frames, order)]
+        frames = _blur_each(frames, [p.blur for p in order])
     sizes, modes = [], []
     for i, p in enumerate(order):
         mode, factor = p.resize if p.resize is not None else ("area", 1.0)
@@ -527,7 +594,7 @@ def _run_order(frames, order: list[StepParams], gen, target: tuple[int, int], re
         out = torch.cat(out)
     if isinstance(out, torch.Tensor):
         return _jpeg(_noise(out, [p.noise for p in order], gen), [p.jpeg for p in order], jpeg_impl)
-    return _jpeg_each([_noise(f, [p.noise], gen) for f, p in zip(out, order)], [p.jpeg for p in order], jpeg_impl)
+    return _jpeg_each(_noise_each(out, [p.noise for p in order], gen), [p.jpeg for p in order], jpeg_impl)
 
 
 def _same_size(frames) -> bool:

@@ -242,6 +242,45 @@ def test_poisson_levels_are_counted_per_frame():
     assert coarse > 0.2 and 0.03 < fine < 0.06, (coarse, fine)
 
 
+def test_blur_of_frames_of_several_sizes_is_each_frame_alone():
+    """_blur_each (inconsistent mode's second order) against _blur per frame: kernel sizes 7-21, a frame
+    smaller than its kernel's half size (replicated, not reflected), a frame without blur."""
+    from oasis.degrade import _blur, _blur_each
+
+    g = torch.Generator().manual_seed(0)
+    frames = [torch.rand(1, 3, h, w, generator=g) for h, w in [(40, 60), (8, 9), (33, 20), (64, 64)]]
+    params = [("iso", 21, 2.0, 2.0, 0.0, 1.0), ("aniso", 15, 1.0, 3.0, 0.5, 1.0), None,
+              ("generalized_iso", 7, 1.5, 1.5, 0.0, 0.8)]
+    for f, p, o in zip(frames, params, _blur_each(frames, params)):
+        torch.testing.assert_close(o, _blur(f, [p]), rtol=0, atol=1e-6)
+    assert _blur_each(frames, [None] * 4) == frames
+
+
+def test_noise_of_frames_of_several_sizes_keeps_each_frames_level():
+    """_noise_each (inconsistent mode: frames of several sizes, one draw per kind): each frame gets its
+    own Gaussian level, gray noise is one for the three channels, Poisson noise follows each frame's own
+    count of distinct levels (the coarse two-level frame beside a 256-level ramp of another size), frames
+    without noise are left as they are, and the same generator state gives the same frames."""
+    from oasis.degrade import _noise_each
+
+    flat_a, flat_b = torch.full((1, 3, 96, 128), 0.5), torch.full((1, 3, 64, 200), 0.5)
+    two = torch.full((1, 3, 48, 256), 0.5)
+    two[..., :128] = 0.25
+    ramp = torch.linspace(0, 1, 256).expand(1, 3, 40, 256).clone()
+    frames = [flat_a, two, flat_b, ramp, flat_b]
+    params = [("gaussian", 10.0, False), ("poisson", 1.0, False), ("gaussian", 25.0, True), ("poisson", 1.0, False), None]
+    out = _noise_each(frames, params, torch.Generator().manual_seed(0))
+    assert [o.shape for o in out] == [f.shape for f in frames] and out[4] is flat_b
+    assert abs((out[0] - 0.5).std().item() - 10 / 255) < 0.002
+    gray = out[2][0] - 0.5
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2]) and abs(gray.std().item() - 25 / 255) < 0.004
+    coarse = (out[1][0] - two[0])[..., 128:].std().item()
+    fine = (out[3][0] - ramp[0])[..., 96:160].std().item()
+    assert coarse > 0.2 and 0.03 < fine < 0.06, (coarse, fine)
+    again = _noise_each(frames, params, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+
+
 def test_jpeg_impl_setting():
     """The whole model with either JPEG (noise off: Poisson noise scales with the count of distinct levels,
     which one level can double): over eight clips the two differ by ~2 levels where the degradations
