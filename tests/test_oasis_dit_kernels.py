@@ -179,19 +179,9 @@ print(json.dumps(rows))
 def test_the_kernels_compile_for_sm90_without_spills():
     """The Wan 1.3B shapes (C = 1536, 12 heads of 128) compile for Hopper with Triton's own ptxas, no
     GPU needed (the interpreter compiles nothing), with no spilled registers."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from compile_script import run_compile_script
 
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SM90], capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this Triton wheel has no ptxas")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = run_compile_script(_SM90, timeout=600)
     assert len(rows) == 4
     for r in rows:
         assert r.get("STACK", 0) == 0 and r["REG"] <= 255, r

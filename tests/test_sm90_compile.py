@@ -5,15 +5,8 @@ failures (e.g. Triton's pipeliner rejecting a loop) would otherwise show only on
 The compile runs in a subprocess with TRITON_INTERPRET unset; see oasis_kernels/kernels/aot.py.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from compile_script import run_compile_script
 
 pytestmark = pytest.mark.slow  # the fixture compiles every variant: ~40 s warm, more with a cold Triton cache
 
@@ -35,13 +28,7 @@ print(json.dumps(rows))
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this Triton wheel has no ptxas")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_compile_script(_SCRIPT)
 
 
 def test_every_variant_compiles_for_sm90(compiled):

@@ -26,39 +26,14 @@
 namespace oasis_local {
 namespace detail {
 
-// 16-byte chunk `ch` (of D / 8) of row `row` of a wgmma tile of `rows` rows
-template <typename T, int D>
-__device__ __forceinline__ T* wg_chunk(T* tile, int row, int ch, int rows) {
-    return tile + wgmma::swizzled(row, ch * 8, rows);
-}
-
-// rows 0..ROWS-1 of a wgmma tile; row r is token tok(r) (-1: zeros). Thread x: chunk x % (D/8) of
-// rows x / (D/8) + i * kThreads / (D/8), the assignment of load_tile (so TileRows serves it too)
-template <typename T, int D, int ROWS, typename TokenOf>
-__device__ __forceinline__ void wg_load_tile(T* tile, const T* base, int64_t stride, TokenOf tok) {
-    constexpr int kChunks = D / 8;
-    static_assert((ROWS * kChunks) % kThreads == 0, "tile not a whole number of chunks per thread");
-#pragma unroll
-    for (int i = 0; i < ROWS * kChunks / kThreads; ++i) {
-        const int c = threadIdx.x + i * kThreads;
-        const int r = c / kChunks, ch = c % kChunks;
-        const int t = tok(r);
-        cp_async16(wg_chunk<T, D>(tile, r, ch, ROWS), base + (t < 0 ? 0 : int64_t(t) * stride) + ch * 8, t >= 0);
+// The wgmma tiles' layout for kernels.cuh's loads: 16-byte chunk `ch` (of D / 8) of row `row` of a tile
+// of ROWS rows, in 64-element panels of 128-byte swizzled rows (wgmma::swizzled)
+struct WgmmaTile {
+    template <typename T, int D, int ROWS>
+    __device__ __forceinline__ static T* chunk(T* tile, int row, int ch) {
+        return tile + wgmma::swizzled(row, ch * 8, ROWS);
     }
-}
-
-template <typename T, int D, int ROWS, int N>
-__device__ __forceinline__ void wg_load_rows(T* tile, const T* base, int64_t stride, const int (&tok)[N]) {
-    constexpr int kChunks = D / 8;
-    static_assert(N * kThreads == ROWS * kChunks, "the rows' chunks are N per thread");
-    const int ch = threadIdx.x % kChunks;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        const int r = threadIdx.x / kChunks + i * (kThreads / kChunks);
-        cp_async16(wg_chunk<T, D>(tile, r, ch, ROWS), base + (tok[i] < 0 ? 0 : int64_t(tok[i]) * stride) + ch * 8,
-                   tok[i] >= 0);
-    }
-}
+};
 
 // S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
 template <typename T, int D>
@@ -121,13 +96,14 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
     const T* q = head_base<T>(p.q, pr);
     const T* k = head_base<T>(p.k, pr);
     const T* v = head_base<T>(p.v, pr);
-    wg_load_tile<T, D, kRows>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
+    load_tile<T, D, kRows, WgmmaTile>(s_q, q, p.q.sn, [&](int r) { return tile.row_token(r); });
     TileRows<D, BLOCK_N> rows(threadIdx.x / (D / 8));
     auto load_block = [&](Block b, int stage) {
         int tok[TileRows<D, BLOCK_N>::kRowsPerThread];
         rows.at(tile, b, tok);
-        wg_load_rows<T, D, BLOCK_N>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
-        wg_load_rows<T, D, BLOCK_N>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
+        static_assert(TileRows<D, BLOCK_N>::kRowsPerThread * kThreads == BLOCK_N * (D / 8), "the block's rows");
+        load_rows<T, D, WgmmaTile>(s_k + stage * BLOCK_N * D, k, p.k.sn, tok);
+        load_rows<T, D, WgmmaTile>(s_v + stage * BLOCK_N * D, v, p.v.sn, tok);
     };
 
     const float c = p.scale * kLog2e;

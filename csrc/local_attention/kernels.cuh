@@ -124,9 +124,16 @@ __device__ __forceinline__ T* chunk_at(T* tile, int row, int chunk) {
     return tile + row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// Where a tile's 16-byte chunk lies: the row-major swizzled tiles of ldmatrix (chunk_at); the forward's
+// wgmma tiles are laid out otherwise (forward_wgmma.cuh) and pass their own layout to the loads below.
+struct RowMajorTile {
+    template <typename T, int D, int ROWS>
+    __device__ __forceinline__ static T* chunk(T* tile, int row, int ch) { return chunk_at<T, D>(tile, row, ch); }
+};
+
 // Rows 0..ROWS-1 of a tile from global memory: row r is token tok(r) (-1: missing, zeros).
 // Thread x loads 16-byte chunk x % (D/8) of rows x / (D/8) + i * kThreads / (D/8).
-template <typename T, int D, int ROWS, typename TokenOf>
+template <typename T, int D, int ROWS, typename Layout = RowMajorTile, typename TokenOf>
 __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride, TokenOf tok) {
     constexpr int kChunks = D / 8;
     static_assert((ROWS * kChunks) % kThreads == 0, "tile not a whole number of chunks per thread");
@@ -135,20 +142,22 @@ __device__ __forceinline__ void load_tile(T* tile, const T* base, int64_t stride
         const int c = threadIdx.x + i * kThreads;
         const int r = c / kChunks, ch = c % kChunks;
         const int t = tok(r);
-        cp_async16(chunk_at<T, D>(tile, r, ch), base + (t < 0 ? 0 : int64_t(t) * stride) + ch * 8, t >= 0);
+        cp_async16(Layout::template chunk<T, D, ROWS>(tile, r, ch), base + (t < 0 ? 0 : int64_t(t) * stride) + ch * 8,
+                   t >= 0);
     }
 }
 
-// The same assignment of rows to threads, with this thread's rows' tokens given (RowTokens)
-template <typename T, int D, int N>
+// The same assignment of rows to threads, with this thread's rows' tokens given (RowTokens): the
+// N * kThreads / (D/8) rows of a tile
+template <typename T, int D, typename Layout = RowMajorTile, int N>
 __device__ __forceinline__ void load_rows(T* tile, const T* base, int64_t stride, const int (&tok)[N]) {
-    constexpr int kChunks = D / 8;
+    constexpr int kChunks = D / 8, kRowsLoaded = N * kThreads / kChunks;
     const int ch = threadIdx.x % kChunks;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
         const int r = threadIdx.x / kChunks + i * (kThreads / kChunks);
-        cp_async16(chunk_at<T, D>(tile, r, ch), base + (tok[i] < 0 ? 0 : int64_t(tok[i]) * stride) + ch * 8,
-                   tok[i] >= 0);
+        cp_async16(Layout::template chunk<T, D, kRowsLoaded>(tile, r, ch),
+                   base + (tok[i] < 0 ? 0 : int64_t(tok[i]) * stride) + ch * 8, tok[i] >= 0);
     }
 }
 
