@@ -156,7 +156,9 @@ def main(argv=None):
     p.add_argument("--make-videos", type=int, default=0, metavar="N",
                    help="first write N videos of --video-size synthetic frames (libx264) into --videos (or a "
                         "temporary folder) and read those")
-    p.add_argument("--video-size", type=int, nargs=3, default=[33, 540, 960], metavar=("F", "H", "W"))
+    p.add_argument("--video-size", type=int, nargs=3, default=[120, 540, 960], metavar=("F", "H", "W"),
+                   help="frames and size of the --make-videos videos (a keyframe every 50 frames at most: longer "
+                        "videos than 50 + the crop's span have crops that start decoding past their first one)")
     p.add_argument("--device", help="degrade on this device in the main process (oasis-train's degrade_on = "
                                      "\"device\"), the workers only loading HQ clips; default: in the workers")
     p.add_argument("--threads", type=int, nargs="+", default=[4],
@@ -179,6 +181,8 @@ def main(argv=None):
 
         if args.videos is None:
             args.videos = Path(tempfile.mkdtemp(prefix="oasis-videos-"))
+        elif args.videos.is_dir() and any(args.videos.iterdir()):
+            p.error(f"--make-videos writes into an empty or new --videos folder; {args.videos} has files")
         t = time.perf_counter()
         make_videos(args.videos, args.make_videos, args.video_size)
         print(f"wrote {args.make_videos} videos of {args.video_size} to {args.videos} in "
@@ -186,6 +190,9 @@ def main(argv=None):
     source = VideoFolder(args.videos, spec) if args.videos else SyntheticVideos(spec)
     from oasis.data import _source_frames
 
+    if args.videos:  # each video's packet index, built once per process, out of the timing
+        for path, _ in source.videos:
+            source._packet_index(path)
     source_ms = source_ms_per_clip(lambda n: _source_frames(source, n))
     # a video folder's crops decoded from each video's start instead of the keyframe before them
     from_start_ms = source_ms_per_clip(source.frames_from_start) if args.videos else None

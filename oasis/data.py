@@ -126,7 +126,9 @@ class VideoFolder:
         start = int(rng.integers(0, info.num_frames - spec.span + 1))
         top = int(rng.integers(0, info.height - spec.height + 1))
         left = int(rng.integers(0, info.width - spec.width + 1))
-        return path, start, top, left
+        # a video that decodes to fewer frames than its container counts: the crop ends at its last frame
+        decodable = self.__dict__.get("_decodable", {}).get(path)
+        return path, start if decodable is None else min(start, decodable - spec.span), top, left
 
     def _crop(self, frame, top: int, left: int) -> np.ndarray:
         return frame.to_ndarray(format="rgb24")[top:top + self.spec.height, left:left + self.spec.width]
@@ -140,34 +142,43 @@ class VideoFolder:
         import av
 
         wanted = set(range(start, start + self.spec.span, self.spec.stride))
-        frames = []
+        frames, decoded = [], 0
         with av.open(str(path)) as container:
             for i, frame in enumerate(container.decode(video=0)):  # sequential: exact frame indices
+                decoded = i + 1
                 if i in wanted:
                     frames.append(self._crop(frame, top, left))
                 if len(frames) == self.spec.frames:
                     break
+        if len(frames) < self.spec.frames and self.spec.span <= decoded < start + self.spec.span:
+            # the decoder gave fewer frames than the container counts (an edit list trimming the start,
+            # leading pictures without their references): remembered, and the crop moved to end at the last
+            self.__dict__.setdefault("_decodable", {})[path] = decoded
+            return self._decode(path, decoded - self.spec.span, top, left)
         return self._stack(frames, path, start)
 
     def _packet_index(self, path):
-        """``(presentation times in order, keyframe times)`` of the video stream's packets, or None where a
-        packet has no time (then frames are counted from the start)."""
+        """``(presentation times in order, keyframe times)`` of the video stream's packets, or None where the
+        i-th packet time need not be the i-th decoded frame (then frames are counted from the start): a packet
+        without a time, two with one time, a packet marked to be discarded (an edit list trimming the start),
+        a stream that does not open on a keyframe, or pictures shown before the first keyframe (leading
+        pictures of an open group whose references were cut off): a decoder drops such frames."""
         cache = self.__dict__.setdefault("_packet_indexes", {})
         if path not in cache:
             import av
 
-            times, keys = [], []
+            times, keys, ok = [], [], True
             with av.open(str(path)) as container:
                 for packet in container.demux(video=0):
                     if not packet.size:
                         continue
-                    if packet.pts is None:
-                        times = None
+                    if packet.pts is None or getattr(packet, "is_discard", False) or (not times and not packet.is_keyframe):
+                        ok = False
                         break
                     times.append(packet.pts)
                     if packet.is_keyframe:
                         keys.append(packet.pts)
-            ok = times is not None and len(set(times)) == len(times) and keys
+            ok = ok and bool(keys) and len(set(times)) == len(times) and min(times) >= keys[0]
             cache[path] = (sorted(times), sorted(keys)) if ok else None
         return cache[path]
 
@@ -198,7 +209,8 @@ class VideoFolder:
                     frames.append(self._crop(frame, top, left))
                 if len(frames) == self.spec.frames:
                     break
-        return self._stack(frames, path, start)
+        # a wanted time the decoder did not give: its numbering is not the index's
+        return self._stack(frames, path, start) if len(frames) == self.spec.frames else None
 
 
 class SyntheticVideos:
@@ -223,9 +235,12 @@ class SyntheticVideos:
 
 
 def _unit(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 frames -> float32 in [0, 1] (on any device, the same numbers: one correctly rounded
-    division); float clips pass as they are."""
-    return clip.float() / 255.0 if clip.dtype == torch.uint8 else clip
+    """uint8 frames -> float32 in [0, 1], the same numbers on any device; float clips pass as they are.
+    The divisor is a tensor on the clip's device: CUDA divides by a Python scalar as a multiplication by
+    its reciprocal, one unit in the last place off a correctly rounded division for 126 of the 256 values."""
+    if clip.dtype != torch.uint8:
+        return clip
+    return clip.float() / torch.full((), 255.0, device=clip.device)
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -310,7 +310,7 @@ def _blur(frames: torch.Tensor, params: list) -> torch.Tensor:
         o = (size - k.shape[0]) // 2
         weight[i, o:o + k.shape[0], o:o + k.shape[0]] = k
     n, c, h, w = frames.shape
-    weight = weight.to(frames.device, frames.dtype).repeat_interleave(c, 0)[:, None]
+    weight = weight.to(frames.device, frames.dtype, non_blocking=True).repeat_interleave(c, 0)[:, None]
     pad = size // 2
     mode = "reflect" if pad < min(h, w) else "replicate"
     x = F.pad(frames.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode=mode)
@@ -341,7 +341,7 @@ def _blur_each(frames: list, params: list) -> list:
         x = F.pad(f, (own, own, own, own), mode="reflect" if own < min(h, w) else "replicate")
         xs.append(F.pad(x, (o, wp - w - 2 * own - o, o, hp - h - 2 * own - o)))
     n, c = len(idx), frames[idx[0]].shape[1]
-    weight = weight.to(frames[idx[0]].device, frames[idx[0]].dtype).repeat_interleave(c, 0)[:, None]
+    weight = weight.to(frames[idx[0]].device, frames[idx[0]].dtype, non_blocking=True).repeat_interleave(c, 0)[:, None]
     y = F.conv2d(torch.cat(xs).reshape(1, n * c, hp, wp), weight, groups=n * c).reshape(n, c, hp - 2 * pad, wp - 2 * pad)
     for j, i in enumerate(idx):
         out[i] = y[j:j + 1, :, :frames[i].shape[-2], :frames[i].shape[-1]]

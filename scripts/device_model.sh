@@ -35,7 +35,7 @@ for bench in ${BENCHES:-vae model train degrade}; do
         train_graphs) python3 benchmarks/train_bench.py --batches 1 --steps 5 --compile graphs --modes routed \
                    --out "$OUT/r/train_graphs" 2>&1 | tee "$OUT/r/train_graphs.log" | tail -6 ;;
         # the trainer's default on CUDA: degradations on the GPU in the main process (JPEG by oasis.jpeg),
-        # 8 and 16 workers decoding HQ crops from 8 libx264 videos written first (33 frames 540x960); the
+        # 8 and 16 workers decoding HQ crops from 8 libx264 videos written first (120 frames 540x960); the
         # degradation side alone from clips in memory, and the source alone
         degrade) python3 benchmarks/degrade_bench.py --make-videos 8 --workers 8 16 --threads 4 8 --clips 48 \
                      --device cuda --jpeg torch --out "$OUT/r/degrade_videos" 2>&1 | tail -24 ;;
