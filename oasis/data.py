@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .degrade import Degradation
+from .jpeg import over_255
 from .video import VideoError, probe_video, synthetic_clip
 
 __all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "HQClips", "DeviceDegrader", "PendingBatch",
@@ -235,12 +236,9 @@ class SyntheticVideos:
 
 
 def _unit(clip: torch.Tensor) -> torch.Tensor:
-    """uint8 frames -> float32 in [0, 1], the same numbers on any device; float clips pass as they are.
-    The divisor is a tensor on the clip's device: CUDA divides by a Python scalar as a multiplication by
-    its reciprocal, one unit in the last place off a correctly rounded division for 126 of the 256 values."""
-    if clip.dtype != torch.uint8:
-        return clip
-    return clip.float() / torch.full((), 255.0, device=clip.device)
+    """uint8 frames -> float32 in [0, 1], the same numbers on any device (:func:`oasis.jpeg.over_255`); float
+    clips pass as they are."""
+    return over_255(clip.float()) if clip.dtype == torch.uint8 else clip
 
 
 class PairDataset(torch.utils.data.Dataset):

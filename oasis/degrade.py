@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .jpeg import jpeg_roundtrip, jpeg_roundtrip_each
+from .jpeg import jpeg_roundtrip, jpeg_roundtrip_each, over_255
 
 __all__ = ["OrderConfig", "DegradeConfig", "Degradation", "blur_kernel", "KERNEL_KINDS", "FIRST_ORDER",
            "SECOND_ORDER"]
@@ -374,11 +374,11 @@ def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Te
         level = torch.tensor([params[i][1] for i in idx], dtype=x.dtype).to(device, non_blocking=True).view(n, 1, 1, 1)
         if kind == "gaussian":
             shape = (n, 1, *x.shape[2:]) if gray else x.shape
-            noise = torch.randn(shape, generator=gen, device=device, dtype=x.dtype) * (level / 255.0)
+            noise = torch.randn(shape, generator=gen, device=device, dtype=x.dtype) * over_255(level)
         else:  # Poisson on the image's own number of levels (Real-ESRGAN's), scaled
             src = x.mean(1, keepdim=True) if gray else x
             q8 = (src * 255.0).round().clamp_(0, 255)
-            q = q8 / 255.0
+            q = over_255(q8)
             seen = torch.zeros(n, 256, dtype=torch.bool, device=device)
             seen.scatter_(1, q8.flatten(1).to(torch.int64), True)  # each frame's distinct 8-bit values
             distinct = seen.sum(1).clamp_(min=2).to(torch.float32)
@@ -411,10 +411,10 @@ def _noise_each(frames: list, params: list, gen: torch.Generator) -> list:
         level = torch.tensor([params[i][1] for i in idx], dtype=dtype).to(device, non_blocking=True)
         if kind == "gaussian":
             noise = torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype)
-            noise = noise * (level / 255.0).repeat_interleave(counts, output_size=sum(sizes))
+            noise = noise * over_255(level).repeat_interleave(counts, output_size=sum(sizes))
         else:  # Poisson on each frame's own number of levels (Real-ESRGAN's), scaled
             q8 = (torch.cat([s.reshape(-1) for s in src]) * 255.0).round_().clamp_(0, 255)
-            q = q8 / 255.0
+            q = over_255(q8)
             frame = torch.arange(len(idx)).to(device, non_blocking=True).repeat_interleave(counts, output_size=sum(sizes))
             seen = torch.zeros(len(idx) * 256, dtype=torch.bool, device=device)
             seen.scatter_(0, frame * 256 + q8.to(torch.int64), True)  # each frame's distinct 8-bit values
@@ -433,7 +433,7 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def _from_uint8(arr: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).to(like.device, like.dtype) / 255.0
+    return over_255(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).to(like.device, like.dtype))
 
 
 def _jpeg(frames: torch.Tensor, qualities: list, impl: str = "pil") -> torch.Tensor:
@@ -566,7 +566,7 @@ class Degradation:
             x = _cat(_resize_runs(x, [target] * n, params.final_resize))
         else:
             x = compress(_cat(_resize_runs(frames, [target] * n, params.final_resize)))
-        return (x.clamp(0, 1) * 255.0).round() / 255.0
+        return over_255((x.clamp(0, 1) * 255.0).round())
 
 
 def _seed(seed) -> int:

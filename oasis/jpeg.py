@@ -48,6 +48,13 @@ def quantisation_tables(quality: int) -> tuple[torch.Tensor, torch.Tensor]:
     return luma.clone(), chroma.clone()  # the cached ones stay as they are
 
 
+def over_255(x: torch.Tensor) -> torch.Tensor:
+    """``x / 255`` correctly rounded on any device: CUDA divides by a Python scalar as a multiplication by
+    its reciprocal (one unit in the last place off for about half of the 8-bit values), a 0-dim tensor on
+    ``x``'s device it divides. So the CPU and a GPU give the same values here."""
+    return x / torch.full((), 255.0, dtype=x.dtype, device=x.device)
+
+
 def _quality(quality) -> int:
     try:
         q = operator.index(quality)
@@ -199,7 +206,7 @@ def _codec(x: torch.Tensor, qualities: list, sizes) -> torch.Tensor:
         h, w = y.shape[-2:]
         cb, cr = cb[..., :h, :w], cr[..., :h, :w]
     rgb = torch.stack([y + 1.402 * cr, y - 0.344136286 * cb - 0.714136286 * cr, y + 1.772 * cb], 1)
-    return rgb.round_().clamp_(0.0, 255.0) / 255.0
+    return over_255(rgb.round_().clamp_(0.0, 255.0))
 
 
 def _own_edges(c: torch.Tensor, sizes) -> torch.Tensor:
