@@ -166,6 +166,12 @@ def blur_kernel(kind: str, size: int, sigma_x: float, sigma_y: float = None, the
     ``plateau_*``: ``1 / (1 + (d^T S^-1 d)^beta)``; S has standard deviations ``sigma_x``, ``sigma_y``
     (equal for ``*iso``) along axes rotated by ``theta``.
     """
+    return torch.from_numpy(_kernel(kind, size, sigma_x, sigma_y, theta, beta)).float()
+
+
+def _kernel(kind: str, size: int, sigma_x: float, sigma_y: float = None, theta: float = 0.0,
+            beta: float = 1.0) -> np.ndarray:
+    """:func:`blur_kernel` in float64 numpy."""
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if size < 1 or size % 2 == 0:
@@ -185,7 +191,27 @@ def blur_kernel(kind: str, size: int, sigma_x: float, sigma_y: float = None, the
         k = np.exp(-0.5 * q ** beta)
     else:
         k = 1.0 / (1.0 + q ** beta)
-    return torch.from_numpy(k / k.sum()).float()
+    return k / k.sum()
+
+
+def _blur_weights(params: list) -> np.ndarray:
+    """``[len(params), S, S]`` float32: each blur's kernel centred in the largest one's size (a frame
+    without blur: the identity); the kernels of equal parameters made once, in numpy (no torch operations
+    per frame: a clip's frames share one draw in consistent mode)."""
+    kernels, made = [], {}
+    for p in params:
+        if p is None:
+            kernels.append(np.ones((1, 1)))
+            continue
+        if p not in made:
+            made[p] = _kernel(*p[:6])
+        kernels.append(made[p])
+    size = max(k.shape[0] for k in kernels)
+    weight = np.zeros((len(kernels), size, size), dtype=np.float32)
+    for i, k in enumerate(kernels):
+        o = (size - k.shape[0]) // 2
+        weight[i, o:o + k.shape[0], o:o + k.shape[0]] = k  # float64 -> float32 rounded as torch's .float()
+    return weight
 
 
 # -- parameters -----------------------------------------------------------------------------------------
@@ -303,12 +329,8 @@ def _blur(frames: torch.Tensor, params: list) -> torch.Tensor:
     """Each frame of ``[N, 3, H, W]`` with its own kernel (or none), in one grouped convolution."""
     if all(p is None for p in params):
         return frames
-    kernels = [blur_kernel(p[0], p[1], p[2], p[3], p[4], p[5]) if p is not None else torch.ones(1, 1) for p in params]
-    size = max(k.shape[0] for k in kernels)
-    weight = torch.zeros(len(kernels), size, size)
-    for i, k in enumerate(kernels):
-        o = (size - k.shape[0]) // 2
-        weight[i, o:o + k.shape[0], o:o + k.shape[0]] = k
+    weight = torch.from_numpy(_blur_weights(params))
+    size = weight.shape[-1]
     n, c, h, w = frames.shape
     weight = weight.to(frames.device, frames.dtype, non_blocking=True).repeat_interleave(c, 0)[:, None]
     pad = size // 2
@@ -326,16 +348,15 @@ def _blur_each(frames: list, params: list) -> list:
     out = list(frames)
     if not idx:
         return out
-    kernels = [blur_kernel(*params[i][:6]) for i in idx]
-    size = max(k.shape[0] for k in kernels)
+    weight = torch.from_numpy(_blur_weights([params[i] for i in idx]))
+    size = weight.shape[-1]
     pad = size // 2
     hp = max(frames[i].shape[-2] for i in idx) + 2 * pad
     wp = max(frames[i].shape[-1] for i in idx) + 2 * pad
-    weight = torch.zeros(len(kernels), size, size)
     xs = []
-    for j, (i, k) in enumerate(zip(idx, kernels)):
-        o, own = (size - k.shape[0]) // 2, k.shape[0] // 2
-        weight[j, o:o + k.shape[0], o:o + k.shape[0]] = k
+    for i in idx:
+        own = params[i][1] // 2  # the frame's own kernel's half size
+        o = pad - own
         f = frames[i]
         h, w = f.shape[-2:]
         x = F.pad(f, (own, own, own, own), mode="reflect" if own < min(h, w) else "replicate")
