@@ -4,16 +4,17 @@ For each mode (consistent, inconsistent) it loads pairs of the paper's size (17 
 80x160 LQ, synthetic HQ clips; a video folder with ``--videos``) with ``--workers`` DataLoader
 processes: ``--clips`` pairs, or 4 per worker (2 at least) where that is more. It reports the steady rate, from
 the arrival of the first wave of clips (one per worker: the workers' start-up and first clip,
-reported apart as "first wave s") to the last, the rate over the whole row, and the seconds one
-clip costs a worker. The issue's bar: at least 4x the clips/s a training step consumes; divide a
+reported apart as "first wave s") to the last, the rate over the whole row, and the seconds per clip
+and worker this rate implies (what a worker spends on a clip only where the workers set the rate: the
+source alone and the degradation side alone tell which side does). The issue's bar: at least 4x the clips/s a training step consumes; divide a
 step's clips (batch x accumulate x GPUs) by its seconds and compare with the steady rate (a
 trainer's loader starts once and keeps its workers busy).
 
 ``--device cuda`` degrades in the main process as ``oasis-train``'s ``degrade_on = "device"`` does:
 the workers load HQ clips only, and ``--threads`` threads (``degrade_threads``) degrade them with
 that many clips in flight (their first wave: one clip per thread or worker, whichever are more).
-Rows with workers "memory" degrade HQ clips already in pinned memory: the degradation side alone,
-to set against the source alone ("source ms per clip": one clip made in the main thread).
+A second table degrades HQ clips already in pinned memory: the degradation side alone, to set
+against the source alone ("the source alone": one clip made in the main thread).
 
 ``--make-videos N`` first writes N libx264 videos of ``--video-size`` frames into ``--videos`` (a
 temporary folder without it) from synthetic clips, so the workers decode real files as a trainer's
@@ -233,7 +234,10 @@ def main(argv=None):
                    "clips": len(arrivals),
                    "s": total,
                    "first_wave_s": arrivals[wave - 1] - start, "clips_per_s": steady,
-                   "clips_per_s_whole_row": len(arrivals) / total, "worker_s_per_clip": wave / steady}
+                   "clips_per_s_whole_row": len(arrivals) / total,
+                   # the seconds a clip would cost each of the first wave's workers (or threads) if they
+                   # set the rate; the source alone and the degradation side alone say which does
+                   "s_per_clip_per_worker_at_this_rate": wave / steady}
             rows.append(row)
             print(json.dumps(row), flush=True)
     coders = coder_rows(args.coders) if args.coders else []
@@ -257,10 +261,10 @@ def main(argv=None):
           "after the first wave (one clip per worker, with the workers' start-up).", "",
           f"Degradations run {'on ' + args.device + ' in the main process' if args.device else 'in the workers'}.",
           "", "| mode | JPEG | workers | degradation threads | clips | steady clips/s | whole-row clips/s | "
-          "first wave s | worker s per clip |", "|---|---|---|---|---|---|---|---|---|"]
+          "first wave s | s per clip per worker at this rate |", "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['mode']} | {r['jpeg']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
            f"{r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | {r['first_wave_s']:.1f} | "
-           f"{r['worker_s_per_clip']:.2f} |" for r in rows]
+           f"{r['s_per_clip_per_worker_at_this_rate']:.2f} |" for r in rows]
     md += ["", f"The source alone: {source_ms:.0f} ms per HQ clip in the main thread" +
            (f" ({from_start_ms:.0f} ms decoding each video from its start)." if from_start_ms else ".")]
     if memory:
