@@ -380,10 +380,7 @@ def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Te
     """Each frame of ``[N, 3, H, W]`` with its own noise (or none); frames of one kind and colour take
     one draw together. Nothing here waits for the device: frame indices and levels go over with the
     stream, and the Poisson levels are counted by a scatter (a bincount on CUDA reads its range back)."""
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        if p is not None:
-            groups.setdefault((p[0], p[2]), []).append(i)
+    groups = _noise_groups(params)
     if not groups:
         return frames
     device = frames.device
@@ -402,9 +399,7 @@ def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Te
             q = over_255(q8)
             seen = torch.zeros(n, 256, dtype=torch.bool, device=device)
             seen.scatter_(1, q8.flatten(1).to(torch.int64), True)  # each frame's distinct 8-bit values
-            distinct = seen.sum(1).clamp_(min=2).to(torch.float32)
-            # 2 ** ceil(log2(distinct)): distinct <= 256, exact in float32
-            levels = torch.exp2(torch.ceil(torch.log2(distinct))).to(x.dtype).view(n, 1, 1, 1)
+            levels = _poisson_levels(seen).to(x.dtype).view(n, 1, 1, 1)
             noise = (torch.poisson(q * levels, generator=gen) / levels - q) * level
         if index is None:
             out.add_(noise)
@@ -417,35 +412,49 @@ def _noise_each(frames: list, params: list, gen: torch.Generator) -> list:
     """:func:`_noise` for frames ``[1, 3, H_i, W_i]`` of several sizes: the frames of one kind and colour
     take one draw together, over their values laid end to end, and each its own level (for Poisson
     noise, each its own count of distinct values). Nothing here waits for the device."""
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        if p is not None:
-            groups.setdefault((p[0], p[2]), []).append(i)
+    groups = _noise_groups(params)
     out = list(frames)
     if not groups:
         return out
     device, dtype = frames[0].device, frames[0].dtype
     for (kind, gray), idx in groups.items():
-        src = [frames[i].mean(1, keepdim=True) if gray else frames[i] for i in idx]  # what the noise is drawn for
-        sizes = [s.numel() for s in src]
+        # the shape the noise is drawn in: one channel for gray noise, broadcast over the three
+        shapes = [(1, 1, *frames[i].shape[2:]) if gray else tuple(frames[i].shape) for i in idx]
+        sizes = [math.prod(shape) for shape in shapes]
         counts = torch.tensor(sizes).to(device, non_blocking=True)
         level = torch.tensor([params[i][1] for i in idx], dtype=dtype).to(device, non_blocking=True)
         if kind == "gaussian":
             noise = torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype)
             noise = noise * over_255(level).repeat_interleave(counts, output_size=sum(sizes))
         else:  # Poisson on each frame's own number of levels (Real-ESRGAN's), scaled
+            src = [frames[i].mean(1, keepdim=True) if gray else frames[i] for i in idx]
             q8 = (torch.cat([s.reshape(-1) for s in src]) * 255.0).round_().clamp_(0, 255)
             q = over_255(q8)
             frame = torch.arange(len(idx)).to(device, non_blocking=True).repeat_interleave(counts, output_size=sum(sizes))
             seen = torch.zeros(len(idx) * 256, dtype=torch.bool, device=device)
             seen.scatter_(0, frame * 256 + q8.to(torch.int64), True)  # each frame's distinct 8-bit values
-            distinct = seen.view(len(idx), 256).sum(1).clamp_(min=2).to(torch.float32)
-            levels = torch.exp2(torch.ceil(torch.log2(distinct))).to(dtype)  # 2 ** ceil(log2(distinct)), exact
+            levels = _poisson_levels(seen.view(len(idx), 256)).to(dtype)
             per = torch.stack([levels, level]).repeat_interleave(counts, dim=1, output_size=sum(sizes))
             noise = (torch.poisson(q * per[0], generator=gen) / per[0] - q) * per[1]
-        for i, part, s in zip(idx, noise.split(sizes), src):
-            out[i] = (frames[i] + part.view(s.shape)).clamp_(0.0, 1.0)
+        for i, part, shape in zip(idx, noise.split(sizes), shapes):
+            out[i] = (frames[i] + part.view(shape)).clamp_(0.0, 1.0)
     return out
+
+
+def _noise_groups(params: list) -> dict:
+    """Frame indices by (kind, gray) of their noise, in order of first appearance (the draws' order)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if p is not None:
+            groups.setdefault((p[0], p[2]), []).append(i)
+    return groups
+
+
+def _poisson_levels(seen: torch.Tensor) -> torch.Tensor:
+    """Each frame's Poisson levels from its distinct 8-bit values (``seen`` bool ``[N, 256]``): 2 ** ceil(log2(
+    distinct)), at least 2, float32 (exact: distinct <= 256)."""
+    distinct = seen.sum(1).clamp_(min=2).to(torch.float32)
+    return torch.exp2(torch.ceil(torch.log2(distinct)))
 
 
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:
