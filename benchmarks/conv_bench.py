@@ -10,6 +10,9 @@ times, on random bf16 data with the cache's two frames in front:
 - ``conv2d_sum``: the 3x3x3 convolution as three channels-last 3x3 ``conv2d`` over frame-shifted
   inputs, summed (a check on whether cuDNN's 3D path lags its 2D one);
 - ``ndhwc_pad16`` (convolutions to fewer than 16 channels): the weight padded to 16 with zeros;
+- ``tuned``: :func:`oasis.vae_conv.conv` inside ``tuning()``: the fastest of the engine
+  configurations cuDNN's heuristic lists, timed at the first call (needs the cuDNN frontend; the
+  engine chosen is in the JSON);
 
 and the matmul ceiling: ``torch.mm`` of 8192x8192x8192 and of the convolution's own implicit-GEMM
 shape (M = output positions, K = 27 * Cin, N = Cout; M capped so the operands fit).
@@ -57,6 +60,15 @@ def gemm_time(m: int, k: int, n: int, dev, reps: int) -> float:
     return cuda_time(lambda: a @ b, reps)
 
 
+def _tuned(x, w, padding):
+    from oasis import vae_conv
+
+    def run():
+        with vae_conv.tuning():
+            return vae_conv.conv(x, w, padding=padding)
+    return run
+
+
 def conv_variants(cin, cout, t, h, w, k, dev):
     dt = torch.bfloat16
     if k == 2:  # a per-frame 2D convolution
@@ -68,6 +80,7 @@ def conv_variants(cin, cout, t, h, w, k, dev):
             "ncdhw_bench": (True, lambda: F.conv2d(x, wt, padding=1)),
             "ndhwc": (False, lambda: F.conv2d(xl, wl, padding=1)),
             "ndhwc_bench": (True, lambda: F.conv2d(xl, wl, padding=1)),
+            "tuned": (False, _tuned(xl, wl, 1)),
         }
     x = torch.randn(1, cin, t + 2, h, w, device=dev, dtype=dt)
     wt = torch.randn(cout, cin, 3, 3, 3, device=dev, dtype=dt) * 0.02
@@ -89,6 +102,7 @@ def conv_variants(cin, cout, t, h, w, k, dev):
         "ndhwc": (False, lambda: F.conv3d(xl, wl, padding=(0, 1, 1))),
         "ndhwc_bench": (True, lambda: F.conv3d(xl, wl, padding=(0, 1, 1))),
         "conv2d_sum": (True, conv2d_sum),
+        "tuned": (False, _tuned(xl, wl, (0, 1, 1))),
     }
     if cout < 16:  # a few output channels: cuDNN may do better with the weight padded to 16 (zeros), sliced after
         wp = torch.zeros(16, cin, 3, 3, 3, device=dev, dtype=dt)
@@ -98,11 +112,21 @@ def conv_variants(cin, cout, t, h, w, k, dev):
     return variants
 
 
+def _tuned_engine() -> str | None:
+    """The engine configuration the tuned variant's last new geometry runs on."""
+    from oasis import vae_conv
+
+    plans = [p for p in vae_conv._PLANS.values() if p is not None]
+    return plans[-1].name if plans else vae_conv.frontend_missing()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--chunk-frames", type=int, default=4,
                    help="also time every convolution on this many output frames (one latent frame's worth)")
+    p.add_argument("--piece-frames", type=int, default=2,
+                   help="and on this many (the decoder's pieces in its last two stages)")
     p.add_argument("--only", help="time only the convolutions whose name contains this")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -116,14 +140,19 @@ def main(argv=None):
     for name, cin, cout, t_all, h, w, k in SHAPES:
         if args.only and args.only not in name:
             continue
-        for t in sorted({t_all, min(args.chunk_frames, t_all)}):
+        for t in sorted({t_all, min(args.chunk_frames, t_all), min(args.piece_frames, t_all)}):
             flops = 2 * cin * cout * (27 if k == 3 else 9) * t * h * w
             row = {"conv": name, "frames": t, "H": h, "W": w, "TFLOP": flops / 1e12, "ms": {}, "TFLOP/s": {}}
             for variant, (bench, fn) in conv_variants(cin, cout, t, h, w, k, dev).items():
                 torch.backends.cudnn.benchmark = bench
-                s = cuda_time(fn, args.reps)
+                try:
+                    s = cuda_time(fn, args.reps)
+                except (ImportError, RuntimeError) as e:  # e.g. no room for the whole clip at once
+                    row.setdefault("failed", {})[variant] = str(e)[:200]
+                    continue
                 row["ms"][variant] = s * 1e3
                 row["TFLOP/s"][variant] = flops / s / 1e12
+            row["tuned_engine"] = _tuned_engine()
             torch.backends.cudnn.benchmark = False
             m, kk = min(t * h * w, 1 << 20), cin * (27 if k == 3 else 9)
             row["TFLOP/s"]["gemm_same_shape"] = 2 * m * kk * cout / gemm_time(m, kk, cout, dev, args.reps) / 1e12
@@ -131,7 +160,7 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
     res = {"env": environment(dev), "square_gemm_TFLOP/s": square, "rows": rows}
-    variants = ["ncdhw", "ncdhw_bench", "ndhwc", "ndhwc_bench", "conv2d_sum", "ndhwc_pad16"]
+    variants = ["ncdhw", "ncdhw_bench", "ndhwc", "ndhwc_bench", "conv2d_sum", "ndhwc_pad16", "tuned"]
     md = [f"# Wan VAE decoder convolutions, {res['env'].get('gpu')}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"bf16, random data, median of {args.reps} by CUDA events; bf16 GEMM 8192^3: {square:.0f} TFLOP/s. "

@@ -26,16 +26,20 @@ from attn_bench import environment  # noqa: E402
 from conv_bench import gemm_time  # noqa: E402
 
 
-# name: (channels-last, chunk, piece_frames, cudnn autotune)
+# name: (channels-last, chunk, piece_frames, WanVAE.autotune): True = each geometry on the fastest of
+# cuDNN's engines through its frontend (when installed), bias and residual fused; "benchmark" = PyTorch's
+# cuDNN benchmark mode alone (the choice before the frontend path: the baseline in the same run)
 DECODE = {
+    "ours, chunk 1, pieces 2, PyTorch's engines": (True, 1, 2, "benchmark"),
     "ours, chunk 1, pieces 2": (True, 1, 2, True),
     "ours, chunk 1, pieces 1": (True, 1, 1, True),
     "ours, chunk 3, pieces 2": (True, 3, 2, True),
     "ours, all frames": (True, None, None, True),
 }
-# name: (channels-last, chunk, piece_frames, cudnn autotune); all channels-last, autotuned (the defaults
-# OasisVSR sets on CUDA); 53ad54f's results have channels-first and no autotune
+# name: as DECODE; all channels-last (the default OasisVSR sets on CUDA); 53ad54f's results have
+# channels-first and no autotune
 ENCODE = {
+    "ours, chunk 1, PyTorch's engines": (True, 1, None, "benchmark"),
     "ours, chunk 1": (True, 1, None, True),
     "ours, chunk 1, pieces 2": (True, 1, 2, True),
     "ours, chunk 2, pieces 2": (True, 2, 2, True),
@@ -43,8 +47,10 @@ ENCODE = {
 
 
 def timed(fn, reps):
-    fn()
+    start = time.perf_counter()
+    fn()  # the warm-up: with autotune, each new convolution geometry is timed here (first_s)
     torch.cuda.synchronize()
+    first = time.perf_counter() - start
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -57,27 +63,32 @@ def timed(fn, reps):
         del out
     out = fn()
     torch.cuda.synchronize()
-    return out, {"s": statistics.median(times), "min_s": min(times),
+    return out, {"s": statistics.median(times), "min_s": min(times), "first_s": first,
                  "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
                  "peak_above_inputs_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
-def conv_profile(fn) -> dict:
-    """FLOPs of the convolutions in one call, and their GPU kernel time in a second one (profiled)."""
+CONV_KERNEL = ("fprop", "implicit_gemm", "convolution", "conv2d", "conv3d", "wgrad", "dgrad")
+
+
+def conv_profile(fn, flops_fn=None) -> dict:
+    """FLOPs of the convolutions in one call of ``flops_fn`` (default ``fn``; it must run them through
+    PyTorch's convolution op, where the flop counter sees them), and their GPU kernel time in a profiled
+    call of ``fn``: the kernels whose names say they are convolutions (``CONV_KERNEL``), whether PyTorch
+    or the cuDNN frontend launched them."""
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        fn()
+        (flops_fn or fn)()
     flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    # cuDNN's kernels (and any layout transforms it runs) are timed under the op that launched them
-    conv_us = sum(e.device_time_total for e in events if e.key == "aten::cudnn_convolution")
     kernels = sorted((e for e in events if str(e.device_type).endswith("CUDA")), key=lambda e: -e.self_device_time_total)
+    conv_us = sum(e.self_device_time_total for e in kernels if any(n in e.key.lower() for n in CONV_KERNEL))
     all_us = sum(e.self_device_time_total for e in kernels)
     top = [{"kernel": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count} for e in kernels[:12]]
     return {"conv_TFLOP": flops / 1e12, "conv_kernel_s": conv_us / 1e6, "other_kernel_s": (all_us - conv_us) / 1e6,
@@ -147,9 +158,18 @@ def main(argv=None):
             got, r = timed(lambda: ours.decode(z, chunk=chunk, piece_frames=piece), args.reps)
             report(rows, name, got, want, r)
             del got
+
+        def dec(mode, chunk, piece):
+            ours.autotune = mode
+            return ours.decode(z, chunk=chunk, piece_frames=piece)
+
+        # the profiled variant and its baseline with PyTorch's engines (the flops counted through PyTorch)
+        for name in dict.fromkeys((args.profile, "ours, chunk 1, pieces 2, PyTorch's engines")):
+            cl, chunk, piece, tune = DECODE[name]
+            ours.channels_last(cl)
+            prof[f"{name} (decode)"] = conv_profile(lambda: dec(tune, chunk, piece), lambda: dec("benchmark", chunk, piece))
         cl, chunk, piece, tune = DECODE[args.profile]
         ours.channels_last(cl).autotune = tune
-        prof[f"{args.profile} (decode)"] = conv_profile(lambda: ours.decode(z, chunk=chunk, piece_frames=piece))
         if args.long:
             zl = torch.randn(1, 16, args.long, h, w, device=dev, dtype=dt)
             got, r = timed(lambda: ours.decode(zl, chunk=chunk, piece_frames=piece), max(1, args.reps - 1))
@@ -162,9 +182,14 @@ def main(argv=None):
             got, r = timed(lambda: ours.encode(video, chunk=chunk, piece_frames=piece), args.reps)
             report(enc_rows, name, got, want_e, r)
         cl, chunk, piece, tune = ENCODE[args.profile_encode]
-        ours.channels_last(cl).autotune = tune
-        prof[f"{args.profile_encode} (encode)"] = conv_profile(lambda: ours.encode(video, chunk=chunk,
-                                                                                 piece_frames=piece))
+        ours.channels_last(cl)
+
+        def enc(mode):
+            ours.autotune = mode
+            return ours.encode(video, chunk=chunk, piece_frames=piece)
+
+        prof[f"{args.profile_encode} (encode)"] = conv_profile(lambda: enc(tune), lambda: enc("benchmark"))
+        ours.autotune = True
         accuracy = accuracy_vs_float64(ref, ours, dev)
     res = {"env": environment(dev), "latent": args.latent, "gemm_TFLOP/s": gemm, "decode": rows, "encode": enc_rows,
            "convolutions": prof, "accuracy": accuracy}

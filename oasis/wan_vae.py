@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vae_kernels import add_bias_, norm_silu, norm_silu_reference, upsample2x_nearest
+from . import vae_conv
+from .vae_conv import conv
+from .vae_kernels import norm_silu, norm_silu_reference, upsample2x_nearest
 
 __all__ = ["WanVAEConfig", "WanVAE", "WanVAEDecoder", "WanEncoder3d", "WanDecoder3d"]
 
@@ -145,11 +147,12 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * p[0]
         assert self.time_pad in (0, self.kernel_size[0] - 1)
 
-    def _conv(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
-        """The convolution, its bias added by :func:`add_bias_` (one vectorised pass), or left out
-        (``bias=False``) for the caller to fold into its next pass."""
-        y = F.conv3d(x, self.weight, None, self.stride, (0, *self.space_pad))
-        return add_bias_(y, self.bias) if bias else y
+    def _conv(self, x: torch.Tensor, bias: bool | torch.Tensor = True,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution plus its bias (``True``), another bias (a tensor) or none (``False``: the
+        caller folds it into its next pass), plus ``residual``: :func:`oasis.vae_conv.conv`."""
+        b = self.bias if bias is True else (None if bias is False else bias)
+        return conv(x, self.weight, b, residual, stride=self.stride, padding=(0, *self.space_pad))
 
     def _history(self, x: torch.Tensor, cache: dict | None) -> torch.Tensor:
         """A buffer ``[B, C, time_pad + T, H, W]`` holding the cached frames (or zeros) in front."""
@@ -174,13 +177,15 @@ class CausalConv3d(nn.Conv3d):
         return self._conv(x)
 
     def forward_normed(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, *,
-                       x_bias: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
-        """``conv(SiLU(norm(x + x_bias)))``, the activation written once, straight behind the cached
-        frames; ``x_bias``: the bias of the convolution that made ``x``, left out there."""
+                       x_bias: torch.Tensor | None = None, bias: bool | torch.Tensor = True,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``conv(SiLU(norm(x + x_bias))) + bias + residual``, the activation written once, straight
+        behind the cached frames; ``x_bias``: the bias of the convolution that made ``x``, left out
+        there; ``bias`` as in :meth:`_conv`."""
         buf = self._history(x, cache)
         norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:], bias=x_bias)
         self._remember(buf, cache)
-        return self._conv(buf, bias)
+        return self._conv(buf, bias, residual)
 
 
 class RMSNorm(nn.Module):
@@ -205,8 +210,8 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, cache):
-        # the three convolutions' biases are added in the passes that follow them: conv1's in the
-        # norm, conv2's and the shortcut's with the residual
+        # conv1's bias is added in the norm pass that reads its output; conv2's and the shortcut's
+        # with the residual, by conv2 itself (in its epilogue when tuned, else in one pass after it)
         bias = self.conv2.bias
         if self.conv_shortcut is None:
             h = x
@@ -215,8 +220,7 @@ class ResidualBlock(nn.Module):
             wide = torch.promote_types(bias.dtype, torch.float32)  # summed once, in at least float32
             bias = bias.to(wide) + self.conv_shortcut.bias.to(wide)
         y = self.conv1.forward_normed(x, self.norm1, cache, bias=False)
-        y = self.conv2.forward_normed(y, self.norm2, cache, x_bias=self.conv1.bias, bias=False)
-        return add_bias_(y, bias, h)
+        return self.conv2.forward_normed(y, self.norm2, cache, x_bias=self.conv1.bias, bias=bias, residual=h)
 
 
 class AttentionBlock(nn.Module):
@@ -264,8 +268,8 @@ class Upsample(nn.Module):
 
     def _space(self, frames):
         # nearest-exact copies values, so it runs in the input dtype (diffusers upcasts to float32: same values)
-        conv = self.resample[1]
-        return add_bias_(F.conv2d(upsample2x_nearest(frames), conv.weight, None, 1, conv.padding), conv.bias)
+        c = self.resample[1]
+        return conv(upsample2x_nearest(frames), c.weight, c.bias, padding=c.padding)
 
     def forward(self, x, cache, starts: bool):
         """``starts``: ``x`` begins with the sequence's first frame, which is upsampled in space only."""
@@ -299,8 +303,8 @@ class Downsample(nn.Module):
         padded[:, :, h:].zero_()
         padded[:, :, :h, w:].zero_()
         padded[:, :, :h, :w] = frames
-        conv = self.resample[1]
-        return add_bias_(F.conv2d(padded, conv.weight, None, conv.stride), conv.bias)
+        c = self.resample[1]
+        return conv(padded, c.weight, c.bias, stride=c.stride)
 
     def forward(self, x, cache, starts: bool):
         x = _per_frame(x, self._space)
@@ -446,7 +450,8 @@ class WanVAE(nn.Module):
             self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
             self.decoder = WanDecoder3d(cfg)
         self.memory_format = torch.contiguous_format
-        #: run the convolutions under cuDNN's benchmark mode (see :meth:`_autotuned`)
+        #: True: time each convolution geometry's cuDNN engines once and run the fastest;
+        #: "benchmark": PyTorch's cuDNN benchmark mode only; False: neither (see :meth:`_autotuned`)
         self.autotune = False
 
     @classmethod
@@ -546,12 +551,18 @@ class WanVAE(nn.Module):
 
     @contextlib.contextmanager
     def _autotuned(self):
-        """cuDNN's benchmark mode for this call when :attr:`autotune` is on (each new shape is timed once);
-        the global flag is restored after."""
+        """Per :attr:`autotune`: ``True``: each new convolution geometry is timed once over every engine
+        configuration cuDNN's heuristic lists and runs on the fastest, bias and residual fused
+        (:mod:`oasis.vae_conv`, with the cuDNN frontend installed; the convolutions that path does not
+        take run in cuDNN's benchmark mode); ``"benchmark"``: cuDNN's benchmark mode through PyTorch
+        alone; ``False``: neither. The global flag is restored after."""
+        if self.autotune not in (False, True, "benchmark"):
+            raise ValueError(f"autotune must be True, False or 'benchmark', got {self.autotune!r}")
         before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = before or self.autotune
+        torch.backends.cudnn.benchmark = before or bool(self.autotune)
         try:
-            yield
+            with vae_conv.tuning(self.autotune is True):
+                yield
         finally:
             torch.backends.cudnn.benchmark = before
 

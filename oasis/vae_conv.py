@@ -1,0 +1,267 @@
+"""The Wan VAE's convolutions on the fastest cuDNN engine for each geometry, bias and residual fused in.
+
+PyTorch asks cuDNN's heuristic for one engine per convolution (and in benchmark mode times a few).
+For the decoder's channels-last bf16 convolutions that choice is far from the best engine cuDNN has:
+the 96-channel 3x3x3 convolution at 720p runs at ~285-430 TFLOP/s through ``F.conv3d`` and at ~560
+on the fastest of the ~30 engine configurations cuDNN's heuristic lists (docs/PERF.md entry 18c).
+With the cuDNN frontend (``pip install nvidia-cudnn-frontend``) installed, :func:`conv` builds the
+convolution as a cuDNN graph once per geometry (the flashinfer-style plan/run split), times every
+configuration the heuristic offers on the first call's own tensors, and runs the fastest from then
+on. The graph also adds the bias and a residual branch in the convolution's epilogue, in float32,
+where PyTorch needs a separate pass over the output.
+
+It is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it does not
+serve (the CPU, float32/float64, channels-first tensors, the frontend missing, a geometry no engine
+takes), :func:`conv` is ``F.conv2d``/``F.conv3d`` followed by :func:`oasis.vae_kernels.add_bias_`:
+the same arithmetic, rounded at other points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from .vae_kernels import add_bias_
+
+__all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans"]
+
+_LOG = logging.getLogger(__name__)
+_TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
+#: candidates needing more scratch memory than this are not tried
+WORKSPACE_LIMIT = 256 << 20
+_PLANS: dict = {}  # geometry -> _ConvPlan, or None where the frontend declined it
+_HANDLES: dict = {}  # device index -> cuDNN handle
+_FRONTEND: list = []  # [module or None, reason]
+
+
+@contextlib.contextmanager
+def tuning(enabled: bool = True):
+    """Within this block (on this thread), :func:`conv` runs eligible convolutions on the fastest
+    cuDNN engine, timed once per geometry."""
+    token = _TUNING.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TUNING.reset(token)
+
+
+def _frontend():
+    if not _FRONTEND:
+        try:
+            import cudnn  # nvidia-cudnn-frontend
+
+            cudnn.backend_version()  # loads libcudnn: fails where there is none
+            _FRONTEND[:] = [cudnn, None]
+        except Exception as e:  # ImportError, or no usable cuDNN library
+            _FRONTEND[:] = [None, f"the cuDNN frontend is not usable ({type(e).__name__}: {e})"]
+    return _FRONTEND[0]
+
+
+def frontend_missing() -> str | None:
+    """Why the tuned path cannot run here (None when the cuDNN frontend is importable)."""
+    _frontend()
+    return _FRONTEND[1]
+
+
+def plan_count() -> int:
+    """Geometries planned so far (declined ones included)."""
+    return len(_PLANS)
+
+
+def clear_plans() -> None:
+    _PLANS.clear()
+
+
+def _channels_last_strides(shape) -> list[int]:
+    """Dense strides of ``[N, C, *spatial]`` with the channels innermost (size-1 dims included)."""
+    n, c, *sp = shape
+    strides = [0] * len(shape)
+    acc = c
+    strides[1] = 1
+    for i in range(len(shape) - 1, 1, -1):
+        strides[i] = acc
+        acc *= shape[i]
+    strides[0] = acc
+    return strides
+
+
+def _dense_channels_last(t: torch.Tensor) -> bool:
+    want = _channels_last_strides(t.shape)
+    return all(s == 1 or st == w for s, st, w in zip(t.shape, t.stride(), want))
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (dense channels-last) as a view with the canonical strides (size-1 dims differ at most)."""
+    return t.as_strided(t.shape, _channels_last_strides(t.shape))
+
+
+def _out_shape(x, w, stride, padding) -> list[int]:
+    sp = [(x.shape[2 + i] + 2 * padding[i] - w.shape[2 + i]) // stride[i] + 1 for i in range(x.dim() - 2)]
+    return [x.shape[0], w.shape[0], *sp]
+
+
+def _torch_conv(x, weight, bias, residual, stride, padding):
+    fn = F.conv3d if x.dim() == 5 else F.conv2d
+    y = fn(x, weight, None, stride, padding)
+    return add_bias_(y, bias, residual)
+
+
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None, *, stride=1, padding=0) -> torch.Tensor:
+    """``conv(x, weight) + bias[c] + residual`` for images ``[N, C, H, W]`` or videos ``[N, C, T, H, W]``.
+
+    ``bias``: ``[C_out]`` (any float dtype; added in float32 on the tuned path); ``residual``: the
+    output's shape. Inside :func:`tuning` on CUDA, with 16-bit channels-last ``x``, ``weight`` and
+    ``residual``, the fastest cuDNN engine runs it (see the module's docstring); else PyTorch's
+    convolution and one pass for the bias and residual.
+    """
+    nd = x.dim() - 2
+    stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
+    padding = (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    if _TUNING.get() and _eligible(x, weight, residual):
+        plan = _plan(x, weight, bias, residual, stride, padding)
+        if plan is not None:
+            if plan.best is not None:
+                return plan.run(x, weight, bias, residual)
+            try:  # the first call of a geometry times its candidates
+                return plan.run(x, weight, bias, residual)
+            except Exception as e:
+                _LOG.warning("no cuDNN engine ran the convolution %s (%s); PyTorch's path runs it",
+                             tuple(x.shape), e)
+                _PLANS[plan.key] = None
+    return _torch_conv(x, weight, bias, residual, stride, padding)
+
+
+def _eligible(x, weight, residual) -> bool:
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and x.dim() in (4, 5) and weight.device == x.device and not torch.is_grad_enabled()
+            and _dense_channels_last(x) and _dense_channels_last(weight)
+            and (residual is None or (residual.dtype == x.dtype and _dense_channels_last(residual)))
+            and _frontend() is not None)
+
+
+def _plan(x, weight, bias, residual, stride, padding):
+    key = (x.device.index, x.dtype, tuple(x.shape), tuple(weight.shape), stride, padding,
+           bias is not None, residual is not None)
+    if key not in _PLANS:
+        try:
+            _PLANS[key] = _ConvPlan(key, x, weight, bias is not None, residual is not None, stride, padding)
+        except Exception as e:  # a geometry the frontend does not take: PyTorch's path for it
+            _LOG.warning("cuDNN frontend declined the convolution %s: %s; PyTorch's path runs it",
+                         key[2:], e)
+            _PLANS[key] = None
+    return _PLANS[key]
+
+
+def _handle(device: torch.device):
+    cudnn = _frontend()
+    if device.index not in _HANDLES:
+        with torch.cuda.device(device):
+            _HANDLES[device.index] = cudnn.create_handle()
+    return _HANDLES[device.index]
+
+
+class _ConvPlan:
+    """One convolution geometry as a cuDNN graph, and which of its engine configurations runs it."""
+
+    def __init__(self, key, x, weight, has_bias: bool, has_residual: bool, stride, padding):
+        cudnn = _frontend()
+        self.key = key
+        io = cudnn.data_type.BFLOAT16 if x.dtype == torch.bfloat16 else cudnn.data_type.HALF
+        f32 = cudnn.data_type.FLOAT
+        self.device = x.device
+        self.handle = _handle(x.device)
+        self.out_shape = _out_shape(x, weight, stride, padding)
+        if min(self.out_shape) < 1:
+            raise ValueError(f"empty output {self.out_shape}")
+        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
+        X = g.tensor(name="x", dim=list(x.shape), stride=_channels_last_strides(x.shape), data_type=io)
+        W = g.tensor(name="w", dim=list(weight.shape), stride=_channels_last_strides(weight.shape), data_type=io)
+        nd = x.dim() - 2
+        Y = g.conv_fprop(image=X, weight=W, pre_padding=list(padding), post_padding=list(padding),
+                         stride=list(stride), dilation=[1] * nd, compute_data_type=f32)
+        self.order = [X, W]
+        c = self.out_shape[1]
+        if has_bias:
+            bshape = [1, c] + [1] * nd
+            B = g.tensor(name="b", dim=bshape, stride=_channels_last_strides(bshape), data_type=f32)
+            Y = g.bias(name="bias", input=Y, bias=B, compute_data_type=f32)
+            self.order.append(B)
+        if has_residual:
+            R = g.tensor(name="r", dim=self.out_shape, stride=_channels_last_strides(self.out_shape), data_type=io)
+            Y = g.add(name="residual", a=Y, b=R, compute_data_type=f32)
+            self.order.append(R)
+        Y.set_output(True).set_data_type(io).set_dim(self.out_shape).set_stride(_channels_last_strides(self.out_shape))
+        self.order.append(Y)
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        self.graph = g
+        self.candidates = list(range(g.get_execution_plan_count()))
+        if not self.candidates:
+            raise RuntimeError("no engine configuration")
+        self.best = None  # chosen at the first run, on its tensors
+        self.workspace = None
+        self.times_ms: dict[int, float] = {}
+
+    def _feeds(self, x, weight, bias, residual, out):
+        data = [_canonical(x), _canonical(weight)]
+        if bias is not None:
+            data.append(bias.detach().to(torch.float32).reshape(-1).as_strided(
+                [1, bias.numel()] + [1] * (x.dim() - 2), [bias.numel(), 1] + [bias.numel()] * (x.dim() - 2)))
+        if residual is not None:
+            data.append(_canonical(residual))
+        data.append(_canonical(out))
+        return dict(zip(self.order, data))
+
+    def _execute(self, index, feeds, workspace):
+        cudnn = _frontend()
+        cudnn.set_stream(handle=self.handle, stream=torch.cuda.current_stream(self.device).cuda_stream)
+        self.graph.execute_plan_at_index(feeds, workspace, index=index, handle=self.handle)
+
+    def _tune(self, feeds) -> None:
+        """Build and time each candidate on this call's tensors (a warm-up and two timed runs each)."""
+        g = self.graph
+        for i in self.candidates:
+            try:
+                g.build_plan_at_index(i)
+                size = g.get_workspace_size_plan_at_index(i)
+                if size > WORKSPACE_LIMIT:
+                    continue
+                ws = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+                self._execute(i, feeds, ws)
+                runs = []
+                for _ in range(2):
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    self._execute(i, feeds, ws)
+                    b.record()
+                    b.synchronize()
+                    runs.append(a.elapsed_time(b))
+                self.times_ms[i] = statistics.median(runs)
+            except Exception as e:  # a configuration that does not build or run here
+                _LOG.debug("cuDNN engine configuration %d skipped: %s", i, e)
+        if not self.times_ms:
+            raise RuntimeError("no engine configuration ran")
+        self.best = min(self.times_ms, key=self.times_ms.get)
+        size = g.get_workspace_size_plan_at_index(self.best)
+        self.workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+
+    def run(self, x, weight, bias, residual) -> torch.Tensor:
+        fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        feeds = self._feeds(x, weight, bias, residual, out)
+        if self.best is None:
+            self._tune(feeds)
+        self._execute(self.best, feeds, self.workspace)
+        return out
+
+    @property
+    def name(self) -> str:
+        return self.graph.get_plan_name_at_index(self.best) if self.best is not None else "(not tuned)"

@@ -1,0 +1,160 @@
+"""oasis.vae_conv: the VAE's convolutions on the fastest cuDNN engine, bias and residual fused.
+
+On the CPU: the PyTorch path (what every case the tuned path does not serve runs) against a float64
+expression, and the layout helpers. On a GPU with the cuDNN frontend installed: the tuned path against
+a float64 reference on awkward shapes, within twice the error of PyTorch's own bf16/fp16 convolution
+(plus a small floor), and a whole tiny VAE with ``autotune`` on against its float64 twin.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oasis import vae_conv
+from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
+
+
+def _reference(x, w, b, r, stride, padding):
+    fn = F.conv3d if x.dim() == 5 else F.conv2d
+    y = fn(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    return y if r is None else y + r.double()
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3, 4, 7), (2, 3, 6, 5), (1, 1, 1, 1, 1), (3, 4, 1, 9)])
+def test_channels_last_strides_are_torchs(shape):
+    fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+    t = torch.empty(shape, memory_format=fmt)
+    assert all(s == 1 or a == b for s, a, b in zip(shape, t.stride(), _channels_last_strides(shape)))
+    assert _dense_channels_last(t)
+    if shape[1] > 1 and max(shape[2:]) > 1:
+        assert not _dense_channels_last(torch.empty(shape))
+    # a time slice of a channels-last video is still dense channels-last (N = 1)
+    if len(shape) == 5 and shape[0] == 1 and shape[2] > 1:
+        assert _dense_channels_last(t[:, :, 1:])
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_torch_path_on_the_cpu(tuned):
+    """Off the tuned path (the CPU always is): convolution, then bias and residual, in any dtype."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 4, 5, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 6, 3, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    r = torch.randn(1, 5, 2, 5, 7, generator=gen, dtype=torch.float64)
+    with vae_conv.tuning(tuned):
+        got = conv(x, w, b, r, padding=(0, 1, 1))
+        no_extra = conv(x, w, padding=(0, 1, 1))
+    torch.testing.assert_close(got, _reference(x, w, b, r, 1, (0, 1, 1)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(no_extra, _reference(x, w, None, None, 1, (0, 1, 1)), rtol=1e-12, atol=1e-12)
+    x2, w2 = x[:, :, 0], w[:, :, 0]
+    torch.testing.assert_close(conv(x2, w2, b, stride=2), _reference(x2, w2, b, None, 2, 0), rtol=1e-12, atol=1e-12)
+
+
+def test_tuning_is_scoped():
+    assert not vae_conv._TUNING.get()
+    with vae_conv.tuning():
+        assert vae_conv._TUNING.get()
+        with vae_conv.tuning(False):
+            assert not vae_conv._TUNING.get()
+        assert vae_conv._TUNING.get()
+    assert not vae_conv._TUNING.get()
+
+
+needs_frontend = pytest.mark.skipif(not torch.cuda.is_available() or vae_conv.frontend_missing() is not None,
+                                    reason="needs CUDA and the cuDNN frontend (nvidia-cudnn-frontend)")
+
+# (x shape, Cout, kernel, stride, padding, bias, residual): the VAE's kinds of convolution at odd sizes
+CASES = [
+    ((1, 24, 4, 13, 19), 40, 3, 1, (0, 1, 1), True, True),  # 3x3x3 behind a 2-frame cache, fused epilogue
+    ((1, 32, 3, 9, 11), 32, 3, 1, (0, 1, 1), False, False),
+    ((1, 16, 5, 7, 6), 8, (3, 1, 1), 1, 0, True, False),  # the temporal upsampler's time convolution
+    ((1, 16, 2, 7, 10), 3, 3, 1, (0, 1, 1), True, False),  # an output convolution to 3 channels
+    ((1, 24, 3, 6, 5), 40, 1, 1, 0, False, False),  # a 1x1x1 shortcut
+    ((5, 32, 14, 18), 16, 3, 1, 1, True, False),  # the spatial upsampler's 3x3 (frames as a batch)
+    ((3, 16, 11, 13), 16, 3, 2, 0, True, False),  # the encoder's stride-2 downsampler
+]
+
+
+@needs_frontend
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_tuned_convolution_against_float64(case, dtype):
+    shape, cout, k, stride, padding, with_bias, with_res = CASES[case]
+    nd = len(shape) - 2
+    fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
+    k = (k,) * nd if isinstance(k, int) else k
+    gen = torch.Generator(device="cuda").manual_seed(100 + case)
+    x = torch.randn(shape, device="cuda", generator=gen).to(dtype).contiguous(memory_format=fmt)
+    w = (torch.randn(cout, shape[1], *k, device="cuda", generator=gen) / (shape[1] * 27) ** 0.5).to(dtype)
+    w = w.contiguous(memory_format=fmt)
+    b = torch.randn(cout, device="cuda", generator=gen) if with_bias else None
+    st = (stride,) * nd if isinstance(stride, int) else stride
+    pd = (padding,) * nd if isinstance(padding, int) else padding
+    out_shape = vae_conv._out_shape(x, w, st, pd)
+    r = torch.randn(out_shape, device="cuda", generator=gen).to(dtype).contiguous(memory_format=fmt) \
+        if with_res else None
+    want = _reference(x, w, b, r, st, pd)
+    plans = vae_conv.plan_count()
+    with torch.no_grad():
+        plain = conv(x, w, b, r, stride=stride, padding=padding)
+        with vae_conv.tuning():
+            got = conv(x, w, b, r, stride=stride, padding=padding)
+            again = conv(x, w, b, r, stride=stride, padding=padding)
+    key = (x.device.index, dtype, tuple(x.shape), tuple(w.shape), st, pd, with_bias, with_res)
+    assert vae_conv.plan_count() == plans + 1 and vae_conv._PLANS[key] is not None, "the tuned path did not run"
+    plan = vae_conv._PLANS[key]
+    assert plan.best is not None and plan.times_ms, plan.name
+    assert got.shape == want.shape and got.dtype == dtype and _dense_channels_last(got)
+    assert got.isfinite().all()
+    torch.testing.assert_close(again, got, rtol=0, atol=0)  # the chosen engine from then on
+    err = (got.double() - want).abs().max().item()
+    err_plain = (plain.double() - want).abs().max().item()
+    assert err <= 2 * err_plain + 1e-3 * want.abs().max().item(), (err, err_plain, plan.name)
+
+
+@needs_frontend
+def test_grad_and_odd_layouts_take_the_torch_path():
+    x = torch.randn(1, 8, 4, 6, 6, device="cuda", dtype=torch.bfloat16)  # channels-first
+    w = torch.randn(8, 8, 3, 3, 3, device="cuda", dtype=torch.bfloat16)
+    plans = vae_conv.plan_count()
+    with vae_conv.tuning():
+        conv(x, w, padding=(0, 1, 1))
+        xl = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+        y = conv(xl, w.contiguous(memory_format=torch.channels_last_3d), padding=(0, 1, 1))
+    assert vae_conv.plan_count() == plans
+    y.float().sum().backward()
+    assert xl.grad is not None and xl.grad.isfinite().all()
+
+
+@needs_frontend
+def test_a_tuned_vae_against_its_float64_twin():
+    """A tiny VAE, channels-last bf16 with ``autotune``: decode and encode as close to float64 as the
+    untuned bf16 VAE is (within 2x plus a floor), and the tuned path used for its convolutions."""
+    from oasis import WanVAE
+    from oasis.wan_vae import WanVAEConfig
+
+    torch.manual_seed(0)
+    cfg = WanVAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
+    vae64 = WanVAE(cfg).double().eval()
+    with torch.no_grad():
+        for p in vae64.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vae64 = vae64.cuda()
+    vae = WanVAE(cfg).eval()
+    vae.load_state_dict(vae64.state_dict())
+    vae = vae.to("cuda", torch.bfloat16).channels_last()
+    z = torch.randn(1, 16, 3, 6, 10, device="cuda", dtype=torch.float64)
+    x = torch.rand(1, 3, 9, 48, 80, device="cuda", dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        want_d, want_e = vae64.decode(z, chunk=1), vae64.encode(x, chunk=1)
+        plain_d = vae.decode(z.bfloat16(), chunk=1, piece_frames=2)
+        plain_e = vae.encode(x.bfloat16(), chunk=1)
+        plans = vae_conv.plan_count()
+        vae.autotune = True
+        got_d = vae.decode(z.bfloat16(), chunk=1, piece_frames=2)
+        got_e = vae.encode(x.bfloat16(), chunk=1)
+    assert vae_conv.plan_count() > plans + 5
+    for got, plain, want in ((got_d, plain_d, want_d), (got_e, plain_e, want_e)):
+        assert got.isfinite().all()
+        err, err_plain = ((t.double() - want).abs().max().item() for t in (got, plain))
+        assert err <= 2 * err_plain + 2e-3, (err, err_plain)
