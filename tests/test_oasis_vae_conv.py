@@ -68,7 +68,7 @@ CASES = [
     ((1, 24, 4, 13, 19), 40, 3, 1, (0, 1, 1), True, True),  # 3x3x3 behind a 2-frame cache, fused epilogue
     ((1, 32, 3, 9, 11), 32, 3, 1, (0, 1, 1), False, False),
     ((1, 16, 5, 7, 6), 8, (3, 1, 1), 1, 0, True, False),  # the temporal upsampler's time convolution
-    ((1, 16, 2, 7, 10), 3, 3, 1, (0, 1, 1), True, False),  # an output convolution to 3 channels
+    ((1, 16, 4, 7, 10), 3, 3, 1, (0, 1, 1), True, False),  # an output convolution to 3 channels
     ((1, 24, 3, 6, 5), 40, 1, 1, 0, False, False),  # a 1x1x1 shortcut
     ((5, 32, 14, 18), 16, 3, 1, 1, True, False),  # the spatial upsampler's 3x3 (frames as a batch)
     ((3, 16, 11, 13), 16, 3, 2, 0, True, False),  # the encoder's stride-2 downsampler
