@@ -121,6 +121,10 @@ def main(argv=None):
                    help="the decode variant profiled and run on --long latent frames")
     p.add_argument("--profile-encode", choices=sorted(ENCODE), default="ours, chunk 1, pieces 2")
     p.add_argument("--profile-diffusers", action="store_true", help="also profile diffusers' decode")
+    p.add_argument("--decode", nargs="+", choices=sorted(DECODE), default=sorted(DECODE), metavar="VARIANT",
+                   help="the decode variants to time (default: all)")
+    p.add_argument("--encode", nargs="+", choices=sorted(ENCODE), default=sorted(ENCODE), metavar="VARIANT",
+                   help="the encode variants to time (default: all)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -154,6 +158,8 @@ def main(argv=None):
             prof["diffusers decode"] = conv_profile(lambda: ref.decode(z).sample)
         video = want.clamp(-1, 1)
         for name, (cl, chunk, piece, tune) in DECODE.items():
+            if name not in args.decode:
+                continue
             ours.channels_last(cl).autotune = tune
             got, r = timed(lambda: ours.decode(z, chunk=chunk, piece_frames=piece), args.reps)
             report(rows, name, got, want, r)
@@ -178,6 +184,8 @@ def main(argv=None):
         want_e, r = timed(lambda: ref.encode(video).latent_dist.mean, args.reps)
         report(enc_rows, "diffusers", want_e, None, r)
         for name, (cl, chunk, piece, tune) in ENCODE.items():
+            if name not in args.encode:
+                continue
             ours.channels_last(cl).autotune = tune
             got, r = timed(lambda: ours.encode(video, chunk=chunk, piece_frames=piece), args.reps)
             report(enc_rows, name, got, want_e, r)
