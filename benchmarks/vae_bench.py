@@ -27,7 +27,7 @@ from conv_bench import gemm_time  # noqa: E402
 
 
 # name: (channels-last, chunk, piece_frames, WanVAE.autotune): True = each geometry on the fastest of
-# cuDNN's engines through its frontend (when installed), bias and residual fused; "benchmark" = PyTorch's
+# cuDNN's engines through its frontend (when installed); "benchmark" = PyTorch's
 # cuDNN benchmark mode alone (the choice before the frontend path: the baseline in the same run)
 DECODE = {
     "ours, chunk 1, pieces 2, PyTorch's engines": (True, 1, 2, "benchmark"),
@@ -68,7 +68,7 @@ def timed(fn, reps):
                  "peak_above_inputs_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
-CONV_KERNEL = ("fprop", "implicit_gemm", "convolution", "conv2d", "conv3d", "wgrad", "dgrad")
+CONV_KERNEL = ("fprop", "implicit_gemm", "convolution", "convfwd", "conv2d", "conv3d", "wgrad", "dgrad")
 
 
 def conv_profile(fn, flops_fn=None) -> dict:

@@ -1,4 +1,4 @@
-"""The Wan VAE's convolutions on the fastest cuDNN engine for each geometry, bias and residual fused in.
+"""The Wan VAE's convolutions on the fastest cuDNN engine for each geometry.
 
 PyTorch asks cuDNN's heuristic for one engine per convolution (and in benchmark mode times a few).
 For the decoder's channels-last bf16 convolutions that choice is far from the best engine cuDNN has:
@@ -7,13 +7,13 @@ on the fastest of the ~30 engine configurations cuDNN's heuristic lists (docs/PE
 With the cuDNN frontend (``pip install nvidia-cudnn-frontend``) installed, :func:`conv` builds the
 convolution as a cuDNN graph once per geometry (the flashinfer-style plan/run split), times every
 configuration the heuristic offers on the first call's own tensors, and runs the fastest from then
-on. The graph also adds the bias and a residual branch in the convolution's epilogue, in float32,
-where PyTorch needs a separate pass over the output.
+on. The bias and a residual branch follow in one pass (:func:`oasis.vae_kernels.add_bias_`): cuDNN
+can fuse them into the convolution, but only with kernels it compiles at run time (~0.3 s each to
+build, and not faster than the precompiled ones plus that pass: entry 18c).
 
 It is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it does not
-serve (the CPU, float32/float64, channels-first tensors, the frontend missing, a geometry no engine
-takes), :func:`conv` is ``F.conv2d``/``F.conv3d`` followed by :func:`oasis.vae_kernels.add_bias_`:
-the same arithmetic, rounded at other points.
+serve (the CPU, float32/float64, channels-first tensors, gradients wanted, the frontend missing, a
+geometry no engine takes), :func:`conv` is ``F.conv2d``/``F.conv3d``: the same arithmetic.
 """
 
 from __future__ import annotations
@@ -115,21 +115,20 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          residual: torch.Tensor | None = None, *, stride=1, padding=0) -> torch.Tensor:
     """``conv(x, weight) + bias[c] + residual`` for images ``[N, C, H, W]`` or videos ``[N, C, T, H, W]``.
 
-    ``bias``: ``[C_out]`` (rounded to ``x``'s dtype on the tuned path, then added in float32); ``residual``: the
-    output's shape. Inside :func:`tuning` on CUDA, with 16-bit channels-last ``x``, ``weight`` and
-    ``residual``, the fastest cuDNN engine runs it (see the module's docstring); else PyTorch's
-    convolution and one pass for the bias and residual.
+    ``bias``: ``[C_out]``; ``residual``: the output's shape; both added in one pass after the
+    convolution. Inside :func:`tuning` on CUDA, with 16-bit channels-last ``x`` and ``weight``, the
+    fastest cuDNN engine runs the convolution (see the module's docstring); else PyTorch's.
     """
     nd = x.dim() - 2
     stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
     padding = (padding,) * nd if isinstance(padding, int) else tuple(padding)
-    if _TUNING.get() and _eligible(x, weight, residual):
-        plan = _plan(x, weight, bias, residual, stride, padding)
+    if _TUNING.get() and _eligible(x, weight):
+        plan = _plan(x, weight, stride, padding)
         if plan is not None:
             if plan.best is not None:
-                return plan.run(x, weight, bias, residual)
+                return add_bias_(plan.run(x, weight), bias, residual)
             try:  # the first call of a geometry times its candidates
-                return plan.run(x, weight, bias, residual)
+                return add_bias_(plan.run(x, weight), bias, residual)
             except Exception as e:
                 _LOG.warning("no cuDNN engine ran the convolution %s (%s); PyTorch's path runs it",
                              tuple(x.shape), e)
@@ -137,20 +136,17 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return _torch_conv(x, weight, bias, residual, stride, padding)
 
 
-def _eligible(x, weight, residual) -> bool:
+def _eligible(x, weight) -> bool:
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and x.dim() in (4, 5) and weight.device == x.device and not torch.is_grad_enabled()
-            and _dense_channels_last(x) and _dense_channels_last(weight)
-            and (residual is None or (residual.dtype == x.dtype and _dense_channels_last(residual)))
-            and _frontend() is not None)
+            and _dense_channels_last(x) and _dense_channels_last(weight) and _frontend() is not None)
 
 
-def _plan(x, weight, bias, residual, stride, padding):
-    key = (x.device.index, x.dtype, tuple(x.shape), tuple(weight.shape), stride, padding,
-           bias is not None, residual is not None)
+def _plan(x, weight, stride, padding):
+    key = (x.device.index, x.dtype, tuple(x.shape), tuple(weight.shape), stride, padding)
     if key not in _PLANS:
         try:
-            _PLANS[key] = _ConvPlan(key, x, weight, bias is not None, residual is not None, stride, padding)
+            _PLANS[key] = _ConvPlan(key, x, weight, stride, padding)
         except Exception as e:  # a geometry the frontend does not take: PyTorch's path for it
             _LOG.warning("cuDNN frontend declined the convolution %s: %s; PyTorch's path runs it",
                          key[2:], e)
@@ -169,7 +165,7 @@ def _handle(device: torch.device):
 class _ConvPlan:
     """One convolution geometry as a cuDNN graph, and which of its engine configurations runs it."""
 
-    def __init__(self, key, x, weight, has_bias: bool, has_residual: bool, stride, padding):
+    def __init__(self, key, x, weight, stride, padding):
         cudnn = _frontend()
         self.key = key
         io = cudnn.data_type.BFLOAT16 if x.dtype == torch.bfloat16 else cudnn.data_type.HALF
@@ -185,19 +181,8 @@ class _ConvPlan:
         nd = x.dim() - 2
         Y = g.conv_fprop(image=X, weight=W, pre_padding=list(padding), post_padding=list(padding),
                          stride=list(stride), dilation=[1] * nd, compute_data_type=f32)
-        self.order = [X, W]
-        c = self.out_shape[1]
-        if has_bias:  # in the I/O dtype: with a float32 bias cuDNN lists none of its fast fused engines
-            bshape = [1, c] + [1] * nd
-            B = g.tensor(name="b", dim=bshape, stride=_channels_last_strides(bshape), data_type=io)
-            Y = g.bias(name="bias", input=Y, bias=B, compute_data_type=f32)
-            self.order.append(B)
-        if has_residual:
-            R = g.tensor(name="r", dim=self.out_shape, stride=_channels_last_strides(self.out_shape), data_type=io)
-            Y = g.add(name="residual", a=Y, b=R, compute_data_type=f32)
-            self.order.append(R)
         Y.set_output(True).set_data_type(io).set_dim(self.out_shape).set_stride(_channels_last_strides(self.out_shape))
-        self.order.append(Y)
+        self.order = [X, W, Y]
         g.validate()
         g.build_operation_graph()
         g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
@@ -210,15 +195,8 @@ class _ConvPlan:
         self.workspace = None
         self.times_ms: dict[int, float] = {}
 
-    def _feeds(self, x, weight, bias, residual, out):
-        data = [_canonical(x), _canonical(weight)]
-        if bias is not None:
-            data.append(bias.detach().to(x.dtype).reshape(-1).as_strided(
-                [1, bias.numel()] + [1] * (x.dim() - 2), [bias.numel(), 1] + [bias.numel()] * (x.dim() - 2)))
-        if residual is not None:
-            data.append(_canonical(residual))
-        data.append(_canonical(out))
-        return dict(zip(self.order, data))
+    def _feeds(self, x, weight, out):
+        return dict(zip(self.order, (_canonical(x), _canonical(weight), _canonical(out))))
 
     def _execute(self, index, feeds, workspace):
         cudnn = _frontend()
@@ -256,10 +234,10 @@ class _ConvPlan:
         size = g.get_workspace_size_plan_at_index(self.best)
         self.workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
 
-    def run(self, x, weight, bias, residual) -> torch.Tensor:
+    def run(self, x, weight) -> torch.Tensor:
         fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
         out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-        feeds = self._feeds(x, weight, bias, residual, out)
+        feeds = self._feeds(x, weight, out)
         if self.best is None:
             self._tune(feeds)
         self._execute(self.best, feeds, self.workspace)

@@ -211,7 +211,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x, cache):
         # conv1's bias is added in the norm pass that reads its output; conv2's and the shortcut's
-        # with the residual, by conv2 itself (in its epilogue when tuned, else in one pass after it)
+        # with the residual, in the one pass that follows conv2 (oasis.vae_conv.conv)
         bias = self.conv2.bias
         if self.conv_shortcut is None:
             h = x
