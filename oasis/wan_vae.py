@@ -552,7 +552,7 @@ class WanVAE(nn.Module):
     @contextlib.contextmanager
     def _autotuned(self):
         """Per :attr:`autotune`: ``True``: each new convolution geometry is timed once over every engine
-        configuration cuDNN's heuristic lists and runs on the fastest, bias and residual fused
+        configuration cuDNN's heuristic lists and runs on the fastest
         (:mod:`oasis.vae_conv`, with the cuDNN frontend installed; the convolutions that path does not
         take run in cuDNN's benchmark mode); ``"benchmark"``: cuDNN's benchmark mode through PyTorch
         alone; ``False``: neither. The global flag is restored after."""
