@@ -7,7 +7,8 @@ on the fastest of the ~30 engine configurations cuDNN's heuristic lists (docs/PE
 With the cuDNN frontend (``pip install nvidia-cudnn-frontend``) installed, :func:`conv` builds the
 convolution as a cuDNN graph once per geometry (the flashinfer-style plan/run split), times every
 configuration the heuristic offers on the first call's own tensors, and runs the fastest from then
-on. The bias and a residual branch follow in one pass (:func:`oasis.vae_kernels.add_bias_`): cuDNN
+on; the choice is kept on disk (:func:`choices_file`), so a later process builds only that
+configuration instead of timing them all. The bias and a residual branch follow in one pass (:func:`oasis.vae_kernels.add_bias_`): cuDNN
 can fuse them into the convolution, but only with kernels it compiles at run time (~0.3 s each to
 build, and not faster than the precompiled ones plus that pass: entry 18c).
 
@@ -20,15 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import logging
+import os
 import statistics
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .vae_kernels import add_bias_
 
-__all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans"]
+__all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file", "set_choices_file"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
@@ -37,6 +42,65 @@ WORKSPACE_LIMIT = 256 << 20
 _PLANS: dict = {}  # geometry -> _ConvPlan, or None where the frontend declined it
 _HANDLES: dict = {}  # device index -> cuDNN handle
 _FRONTEND: list = []  # [module or None, reason]
+_CHOICES: dict = {"path": None, "set": False, "loaded": None}  # the file of engine choices, and its contents
+
+
+def _default_choices_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "oasis" / "cudnn_conv_choices.json"
+
+
+def choices_file() -> Path | None:
+    """Where the engine chosen for each geometry is kept between processes (None: nowhere).
+
+    By default ``$XDG_CACHE_HOME/oasis/cudnn_conv_choices.json`` (``~/.cache/...``): a later process
+    builds only the recorded configuration of a geometry instead of timing them all (the first 720p
+    decode times ~50 geometries, ~20 s). Entries are keyed by GPU, cuDNN version and geometry, and a
+    recorded choice whose configuration is no longer listed is timed again."""
+    return _CHOICES["path"] if _CHOICES["set"] else _default_choices_file()
+
+
+def set_choices_file(path) -> None:
+    """Keep the choices in ``path`` instead (None: keep none, time every geometry in each process)."""
+    _CHOICES.update(path=None if path is None else Path(path), set=True, loaded=None)
+
+
+def _choices() -> dict:
+    if _CHOICES["loaded"] is None:
+        path, data = choices_file(), {}
+        if path is not None and path.exists():
+            try:
+                data = json.loads(path.read_text())
+                if not isinstance(data, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                _LOG.warning("ignoring the cuDNN engine choices in %s (%s); they are timed again", path, e)
+                data = {}
+        _CHOICES["loaded"] = data
+    return _CHOICES["loaded"]
+
+
+def _record_choice(key: str, choice: dict) -> None:
+    data = _choices()
+    data[key] = choice
+    path = choices_file()
+    if path is None:
+        return
+    try:  # merged with what other processes wrote meanwhile, replaced atomically
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            try:
+                on_disk = json.loads(path.read_text())
+                if isinstance(on_disk, dict):
+                    data.update({k: v for k, v in on_disk.items() if k not in data})
+            except ValueError:
+                pass
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        _LOG.warning("could not keep the cuDNN engine choices in %s (%s)", path, e)
 
 
 @contextlib.contextmanager
@@ -74,6 +138,7 @@ def plan_count() -> int:
 
 
 def clear_plans() -> None:
+    """Forget every plan of this process (the choices file stays)."""
     _PLANS.clear()
 
 
@@ -191,9 +256,27 @@ class _ConvPlan:
         self.candidates = list(range(g.get_execution_plan_count()))
         if not self.candidates:
             raise RuntimeError("no engine configuration")
-        self.best = None  # chosen at the first run, on its tensors
+        self.best = None  # chosen at the first run, on its tensors (or recorded by an earlier process)
         self.workspace = None
         self.times_ms: dict[int, float] = {}
+        self.record_key = "|".join(map(str, (torch.cuda.get_device_name(x.device), cudnn.backend_version(),
+                                             *key[1:])))
+        self._recall()
+
+    def _recall(self) -> None:
+        """The configuration an earlier process chose for this geometry, if it is still listed and builds."""
+        choice = _choices().get(self.record_key)
+        if not isinstance(choice, dict):
+            return
+        i = choice.get("index")
+        try:
+            if i in self.candidates and self.graph.get_plan_name_at_index(i) == choice.get("name"):
+                self.graph.build_plan_at_index(i)
+                size = self.graph.get_workspace_size_plan_at_index(i)
+                self.workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+                self.best = i
+        except Exception as e:  # timed again
+            _LOG.debug("recorded cuDNN engine configuration %s not usable: %s", choice, e)
 
     def _feeds(self, x, weight, out):
         return dict(zip(self.order, (_canonical(x), _canonical(weight), _canonical(out))))
@@ -233,6 +316,8 @@ class _ConvPlan:
         self.best = min(self.times_ms, key=self.times_ms.get)
         size = g.get_workspace_size_plan_at_index(self.best)
         self.workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        _record_choice(self.record_key, {"index": self.best, "name": g.get_plan_name_at_index(self.best),
+                                         "ms": round(self.times_ms[self.best], 4)})
 
     def run(self, x, weight) -> torch.Tensor:
         fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last

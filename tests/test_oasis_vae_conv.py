@@ -6,12 +6,24 @@ a float64 reference on awkward shapes, within twice the error of PyTorch's own b
 (plus a small floor), and a whole tiny VAE with ``autotune`` on against its float64 twin.
 """
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from oasis import vae_conv
 from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
+
+
+@pytest.fixture(autouse=True)
+def choices_in_tmp(tmp_path):
+    """Each test keeps its engine choices in its own folder (never the user's cache)."""
+    saved = dict(vae_conv._CHOICES)
+    vae_conv.set_choices_file(tmp_path / "choices.json")
+    yield tmp_path / "choices.json"
+    vae_conv._CHOICES.clear()
+    vae_conv._CHOICES.update(saved)
 
 
 def _reference(x, w, b, r, stride, padding):
@@ -58,6 +70,36 @@ def test_tuning_is_scoped():
             assert not vae_conv._TUNING.get()
         assert vae_conv._TUNING.get()
     assert not vae_conv._TUNING.get()
+
+
+def test_choices_file_written_merged_and_forgiving(choices_in_tmp, tmp_path, caplog):
+    path = choices_in_tmp
+    assert vae_conv.choices_file() == path and vae_conv._choices() == {}
+    vae_conv._record_choice("gpu|9|a", {"index": 3, "name": "eng62_k2=3", "ms": 1.5})
+    assert json.loads(path.read_text()) == {"gpu|9|a": {"index": 3, "name": "eng62_k2=3", "ms": 1.5}}
+    # another process added an entry meanwhile: kept when this one records its next
+    other = json.loads(path.read_text())
+    other["gpu|9|b"] = {"index": 0, "name": "eng22", "ms": 2.0}
+    path.write_text(json.dumps(other))
+    vae_conv._record_choice("gpu|9|c", {"index": 1, "name": "eng62", "ms": 0.5})
+    assert set(json.loads(path.read_text())) == {"gpu|9|a", "gpu|9|b", "gpu|9|c"}
+    vae_conv.set_choices_file(path)  # read again: what the file holds
+    assert set(vae_conv._choices()) == {"gpu|9|a", "gpu|9|b", "gpu|9|c"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    vae_conv.set_choices_file(bad)
+    with caplog.at_level("WARNING", logger="oasis.vae_conv"):
+        assert vae_conv._choices() == {}
+    assert "ignoring the cuDNN engine choices" in caplog.text
+    vae_conv.set_choices_file(None)
+    vae_conv._record_choice("gpu|9|d", {"index": 0, "name": "x", "ms": 1.0})
+    assert vae_conv.choices_file() is None and bad.read_text() == "[1, 2"
+
+
+def test_default_choices_file_follows_xdg(monkeypatch, tmp_path):
+    vae_conv._CHOICES.update(set=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert vae_conv.choices_file() == tmp_path / "oasis" / "cudnn_conv_choices.json"
 
 
 needs_frontend = pytest.mark.skipif(not torch.cuda.is_available() or vae_conv.frontend_missing() is not None,
@@ -110,6 +152,25 @@ def test_tuned_convolution_against_float64(case, dtype):
     err = (got.double() - want).abs().max().item()
     err_plain = (plain.double() - want).abs().max().item()
     assert err <= 2 * err_plain + 1e-3 * want.abs().max().item(), (err, err_plain, plan.name)
+
+
+@needs_frontend
+def test_a_recorded_choice_is_reused_by_a_later_process(choices_in_tmp):
+    """The engine timed once is recorded; with the plans forgotten (as in a new process) it is built
+    again without timing, and gives the same bits."""
+    x = torch.randn(1, 32, 4, 24, 40, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(48, 32, 3, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad(), vae_conv.tuning():
+        first = conv(x, w, padding=(0, 1, 1))
+        plan = [p for p in vae_conv._PLANS.values() if p is not None and p.key[2] == tuple(x.shape)][-1]
+        recorded = json.loads(choices_in_tmp.read_text())[plan.record_key]
+        assert plan.times_ms and recorded["index"] == plan.best and recorded["name"] == plan.name
+        vae_conv.clear_plans()
+        vae_conv.set_choices_file(choices_in_tmp)
+        again = conv(x, w, padding=(0, 1, 1))
+        plan2 = vae_conv._PLANS[plan.key]
+    assert plan2.best == plan.best and not plan2.times_ms, "timed again instead of reusing the choice"
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
 @needs_frontend
