@@ -257,7 +257,7 @@ class _ConvPlan:
         if not self.candidates:
             raise RuntimeError("no engine configuration")
         self.best = None  # chosen at the first run, on its tensors (or recorded by an earlier process)
-        self.workspace = None
+        self.workspace_size = 0  # the chosen configuration's scratch bytes, taken from torch's allocator per call
         self.times_ms: dict[int, float] = {}
         self.record_key = "|".join(map(str, (torch.cuda.get_device_name(x.device), cudnn.backend_version(),
                                              *key[1:])))
@@ -272,8 +272,7 @@ class _ConvPlan:
         try:
             if i in self.candidates and self.graph.get_plan_name_at_index(i) == choice.get("name"):
                 self.graph.build_plan_at_index(i)
-                size = self.graph.get_workspace_size_plan_at_index(i)
-                self.workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+                self.workspace_size = self.graph.get_workspace_size_plan_at_index(i)
                 self.best = i
         except Exception as e:  # timed again
             _LOG.debug("recorded cuDNN engine configuration %s not usable: %s", choice, e)
@@ -314,8 +313,7 @@ class _ConvPlan:
         if not self.times_ms:
             raise RuntimeError("no engine configuration ran")
         self.best = min(self.times_ms, key=self.times_ms.get)
-        size = g.get_workspace_size_plan_at_index(self.best)
-        self.workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        self.workspace_size = g.get_workspace_size_plan_at_index(self.best)
         _record_choice(self.record_key, {"index": self.best, "name": g.get_plan_name_at_index(self.best),
                                          "ms": round(self.times_ms[self.best], 4)})
 
@@ -325,7 +323,10 @@ class _ConvPlan:
         feeds = self._feeds(x, weight, out)
         if self.best is None:
             self._tune(feeds)
-        self._execute(self.best, feeds, self.workspace)
+        # the scratch memory from torch's caching allocator, freed (stream-ordered) after the call: a plan
+        # holds none between calls, however many geometries a process meets
+        ws = torch.empty(max(self.workspace_size, 1), dtype=torch.uint8, device=self.device)
+        self._execute(self.best, feeds, ws)
         return out
 
     @property
