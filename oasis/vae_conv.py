@@ -37,6 +37,9 @@ __all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "c
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
+#: part of each recorded choice's key: raised when the way configurations are timed changes, so that
+#: choices made the old way are timed again (2: an untimed first run before the timed ones)
+CHOICE_VERSION = 2
 #: candidates needing more scratch memory than this are not tried
 WORKSPACE_LIMIT = 256 << 20
 _PLANS: dict = {}  # geometry -> _ConvPlan, or None where the frontend declined it
@@ -259,8 +262,8 @@ class _ConvPlan:
         self.best = None  # chosen at the first run, on its tensors (or recorded by an earlier process)
         self.workspace_size = 0  # the chosen configuration's scratch bytes, taken from torch's allocator per call
         self.times_ms: dict[int, float] = {}
-        self.record_key = "|".join(map(str, (torch.cuda.get_device_name(x.device), cudnn.backend_version(),
-                                             *key[1:])))
+        self.record_key = "|".join(map(str, (CHOICE_VERSION, torch.cuda.get_device_name(x.device),
+                                             cudnn.backend_version(), *key[1:])))
         self._recall()
 
     def _recall(self) -> None:
@@ -294,8 +297,10 @@ class _ConvPlan:
         return a.elapsed_time(b)
 
     def _tune(self, feeds) -> None:
-        """Build and time each candidate on this call's tensors: a first run, and where that is within
-        1.5x of the fastest so far, two more, the median of the three counting."""
+        """Build and time each candidate on this call's tensors: an untimed first run (it loads the
+        configuration's kernels: CUDA loads a module at its first launch, which would make every
+        candidate look slow once), a timed one, and where that is within 1.5x of the fastest so far,
+        two more, the median counting."""
         g = self.graph
         for i in self.candidates:
             try:
@@ -304,6 +309,7 @@ class _ConvPlan:
                 if size > WORKSPACE_LIMIT:
                     continue
                 ws = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+                self._execute(i, feeds, ws)
                 runs = [self._timed(i, feeds, ws)]
                 if not self.times_ms or runs[0] < 1.5 * min(self.times_ms.values()):
                     runs += [self._timed(i, feeds, ws) for _ in range(2)]
