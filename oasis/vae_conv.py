@@ -12,7 +12,11 @@ configuration instead of timing them all. The bias and a residual branch follow 
 can fuse them into the convolution, but only with kernels it compiles at run time (~0.3 s each to
 build, and not faster than the precompiled ones plus that pass: entry 18c).
 
-It is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it does not
+Convolutions to at most 16 channels (the decoder's output convolution, 96 -> 3) run on a Triton
+kernel instead wherever the Triton passes run (:func:`oasis.vae_kernels.conv3d_few_out`): cuDNN has
+no fast configuration for them.
+
+The tuned path is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it does not
 serve (the CPU, float32/float64, channels-first tensors, gradients wanted, the frontend missing, a
 geometry no engine takes), :func:`conv` is ``F.conv2d``/``F.conv3d``: the same arithmetic.
 """
@@ -31,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .vae_kernels import add_bias_
+from . import vae_kernels
+from .vae_kernels import add_bias_, conv3d_few_out
 
 __all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file", "set_choices_file"]
 
@@ -190,6 +195,8 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     nd = x.dim() - 2
     stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
     padding = (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    if _few_outputs(x, weight, stride, padding):
+        return add_bias_(conv3d_few_out(x, weight, bias), None, residual)
     if _TUNING.get() and _eligible(x, weight):
         plan = _plan(x, weight, stride, padding)
         if plan is not None:
@@ -202,6 +209,16 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                              tuple(x.shape), e)
                 _PLANS[plan.key] = None
     return _torch_conv(x, weight, bias, residual, stride, padding)
+
+
+def _few_outputs(x, weight, stride, padding) -> bool:
+    """A channels-last video convolution to at most 16 channels, padded in space by half its kernel
+    (the decoder's output convolution): the Triton kernel :func:`oasis.vae_kernels.conv3d_few_out`."""
+    return (x.dim() == 5 and weight.shape[0] <= 16 and weight.shape[3] % 2 == 1 and weight.shape[4] % 2 == 1
+            and stride == (1, 1, 1) and padding == (0, weight.shape[3] // 2, weight.shape[4] // 2)
+            and x.shape[1] > 1 and x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and weight.dtype == x.dtype and vae_kernels.on_triton_device(x)
+            and not vae_kernels._needs_grad(x, weight))
 
 
 def _eligible(x, weight) -> bool:
