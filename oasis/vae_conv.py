@@ -12,9 +12,9 @@ configuration instead of timing them all. The bias and a residual branch follow 
 can fuse them into the convolution, but only with kernels it compiles at run time (~0.3 s each to
 build, and not faster than the precompiled ones plus that pass: entry 18c).
 
-Convolutions to at most 16 channels (the decoder's output convolution, 96 -> 3) run on a Triton
-kernel instead wherever the Triton passes run (:func:`oasis.vae_kernels.conv3d_few_out`): cuDNN has
-no fast configuration for them.
+Inside :func:`few_output_kernel`, convolutions to at most 16 channels (the decoder's output
+convolution, 96 -> 3) run on a Triton kernel instead wherever the Triton passes run
+(:func:`oasis.vae_kernels.conv3d_few_out`): cuDNN has no fast configuration for them.
 
 The tuned path is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it does not
 serve (the CPU, float32/float64, channels-first tensors, gradients wanted, the frontend missing, a
@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_out
 
-__all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file", "set_choices_file"]
+__all__ = ["conv", "tuning", "few_output_kernel", "frontend_missing", "plan_count", "clear_plans", "choices_file", "set_choices_file"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
+_FEW_OUTPUT_KERNEL = contextvars.ContextVar("oasis_vae_conv_few_output_kernel", default=False)
 #: part of each recorded choice's key: raised when the way configurations are timed changes, so that
 #: choices made the old way are timed again (2: an untimed first run before the timed ones)
 CHOICE_VERSION = 2
@@ -120,6 +121,18 @@ def tuning(enabled: bool = True):
         yield
     finally:
         _TUNING.reset(token)
+
+
+@contextlib.contextmanager
+def few_output_kernel(enabled: bool = True):
+    """Within this block (on this thread), :func:`conv` runs convolutions to at most 16 channels on the
+    Triton kernel :func:`oasis.vae_kernels.conv3d_few_out` where the Triton passes run (``WanVAE.
+    few_output_kernel``; off by default until it is measured against cuDNN, docs/PERF.md entry 18c)."""
+    token = _FEW_OUTPUT_KERNEL.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FEW_OUTPUT_KERNEL.reset(token)
 
 
 def _frontend():
@@ -214,7 +227,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def _few_outputs(x, weight, stride, padding) -> bool:
     """A channels-last video convolution to at most 16 channels, padded in space by half its kernel
     (the decoder's output convolution): the Triton kernel :func:`oasis.vae_kernels.conv3d_few_out`."""
-    return (x.dim() == 5 and weight.shape[0] <= 16 and weight.shape[3] % 2 == 1 and weight.shape[4] % 2 == 1
+    return (_FEW_OUTPUT_KERNEL.get() and x.dim() == 5 and weight.shape[0] <= 16 and weight.shape[3] % 2 == 1 and weight.shape[4] % 2 == 1
             and stride == (1, 1, 1) and padding == (0, weight.shape[3] // 2, weight.shape[4] // 2)
             and x.shape[1] > 1 and x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and weight.dtype == x.dtype and vae_kernels.on_triton_device(x)

@@ -421,7 +421,7 @@ def test_the_triton_passes_inside_the_model(reference, monkeypatch):
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU tensors reach the Triton passes only under the interpreter (conftest sets it without CUDA)")
-    from oasis import vae_conv, vae_kernels
+    from oasis import vae_kernels
 
     vae = full_from(reference)
     gen = torch.Generator().manual_seed(11)
@@ -438,9 +438,6 @@ def test_the_triton_passes_inside_the_model(reference, monkeypatch):
 
     monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
     monkeypatch.setattr(vae_kernels, "norm_silu_triton", counted)
-    # the output convolution's kernel is tested on its own (test_oasis_vae_conv.py): interpreted over
-    # every decode here it would take a minute
-    monkeypatch.setattr(vae_conv, "_few_outputs", lambda *a: False)
     with torch.no_grad():
         for cl in (False, True):
             vae.channels_last(cl)

@@ -104,8 +104,9 @@ def test_few_output_kernel_against_float64(case):
 
 
 def test_the_decoders_output_convolution_takes_the_kernel(monkeypatch):
-    """Inside the model (the CPU routed to the Triton passes under the interpreter): the decoder's last
-    convolution, normed, runs on ``conv3d_few_out`` and gives the torch path's numbers."""
+    """Inside the model (the CPU routed to the Triton passes under the interpreter): with its setting on,
+    the decoder's last convolution, normed, runs on ``conv3d_few_out`` and gives the torch path's
+    numbers; without it, not."""
     device = _triton_here()
     from oasis import WanVAE
     from oasis.wan_vae import WanVAEConfig
@@ -123,7 +124,10 @@ def test_the_decoders_output_convolution_takes_the_kernel(monkeypatch):
         real = vae_conv.conv3d_few_out
         monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
         monkeypatch.setattr(vae_conv, "conv3d_few_out", lambda *a: calls.append(1) or real(*a))
-        got = conv_out.forward_normed(x, norm, {conv_out: prev.clone()})
+        conv_out.forward_normed(x, norm, {conv_out: prev.clone()})
+        assert not calls, "the kernel ran without its setting"
+        with vae_conv.few_output_kernel():
+            got = conv_out.forward_normed(x, norm, {conv_out: prev.clone()})
     assert calls, "the kernel did not run"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
