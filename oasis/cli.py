@@ -305,7 +305,19 @@ def _restore(args, device, rank: int, world: int) -> int:
           f"(chunks of {plan.chunk_frames} frames{tiles}"
           f"{f', {world} processes' if world > 1 else ''}){' [untrained demo]' if args.demo else ''}",
           file=sys.stderr)
+    _report_conv_timing()
     return 0
+
+
+def _report_conv_timing() -> None:
+    """Say what the VAE's one-off timing of cuDNN's engines cost, where it ran (docs/OASIS.md, the VAE)."""
+    from . import vae_conv
+
+    geometries, seconds = vae_conv.tuning_stats()
+    if geometries:
+        where = vae_conv.choices_file()
+        print(f"oasis-vsr: {seconds:.1f} s of that timed cuDNN's engines for {geometries} new convolution shapes, "
+              f"once per GPU and video size" + (f" (kept in {where})" if where else ""), file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ import logging
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -38,7 +39,8 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_out
 
-__all__ = ["conv", "tuning", "few_output_kernel", "frontend_missing", "plan_count", "clear_plans", "choices_file", "set_choices_file"]
+__all__ = ["conv", "tuning", "few_output_kernel", "frontend_missing", "plan_count", "clear_plans", "choices_file",
+           "set_choices_file", "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
@@ -52,6 +54,12 @@ _PLANS: dict = {}  # geometry -> _ConvPlan, or None where the frontend declined 
 _HANDLES: dict = {}  # device index -> cuDNN handle
 _FRONTEND: list = []  # [module or None, reason]
 _CHOICES: dict = {"path": None, "set": False, "loaded": None}  # the file of engine choices, and its contents
+_TIMED = {"geometries": 0, "seconds": 0.0}  # what timing cost this process
+
+
+def tuning_stats() -> tuple[int, float]:
+    """(geometries timed, seconds spent timing them) in this process: the first call's one-off cost."""
+    return _TIMED["geometries"], _TIMED["seconds"]
 
 
 def _default_choices_file() -> Path:
@@ -332,6 +340,7 @@ class _ConvPlan:
         candidate look slow once), a timed one, and where that is within 1.5x of the fastest so far,
         two more, the median counting."""
         g = self.graph
+        start = time.perf_counter()
         for i in self.candidates:
             try:
                 g.build_plan_at_index(i)
@@ -346,6 +355,8 @@ class _ConvPlan:
                 self.times_ms[i] = statistics.median(runs)
             except Exception as e:  # a configuration that does not build or run here
                 _LOG.debug("cuDNN engine configuration %d skipped: %s", i, e)
+        _TIMED["geometries"] += 1
+        _TIMED["seconds"] += time.perf_counter() - start
         if not self.times_ms:
             raise RuntimeError("no engine configuration ran")
         self.best = min(self.times_ms, key=self.times_ms.get)

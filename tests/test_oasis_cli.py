@@ -42,6 +42,25 @@ def test_demo_writes_a_4x_video(tmp_path, capsys):
     assert frames.shape == (5, 192, 320, 3)
 
 
+def test_the_one_off_engine_timing_is_reported(tmp_path, capsys, monkeypatch):
+    """The first run on a GPU times cuDNN's engines for the VAE (tens of seconds at 720p): the CLI says
+    so, and says nothing where none were timed (the CPU)."""
+    from oasis import vae_conv
+
+    out = tmp_path / "demo.mp4"
+    code, err = run(capsys, "--demo", "-o", out, "--max-frames", 5, "--no-progress")
+    assert code == 0 and "cuDNN" not in err
+    monkeypatch.setattr(vae_conv, "tuning_stats", lambda: (41, 17.25))
+    vae_conv.set_choices_file(tmp_path / "choices.json")
+    try:
+        code, err = run(capsys, "--demo", "-o", out, "--max-frames", 5, "--no-progress")
+    finally:
+        vae_conv._CHOICES.update(path=None, set=False, loaded=None)
+    assert code == 0
+    assert "17.2 s of that timed cuDNN's engines for 41 new convolution shapes" in err
+    assert str(tmp_path / "choices.json") in err
+
+
 def test_checkpoint_on_a_video_file(tmp_path, capsys, checkpoint, clip):
     out = tmp_path / "hq.mp4"
     code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--chunk-frames", 5,
