@@ -30,6 +30,7 @@ import logging
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,9 @@ _HANDLES: dict = {}  # device index -> cuDNN handle
 _FRONTEND: list = []  # [module or None, reason]
 _CHOICES: dict = {"path": None, "set": False, "loaded": None}  # the file of engine choices, and its contents
 _TIMED = {"geometries": 0, "seconds": 0.0}  # what timing cost this process
+# one lock over planning, timing and launching: the handle's stream is set per call, and a plan's
+# configurations are timed once (the VAE is driven from one thread; the lock keeps others correct)
+_LOCK = threading.RLock()
 
 
 def tuning_stats() -> tuple[int, float]:
@@ -73,7 +77,8 @@ def choices_file() -> Path | None:
     By default ``$XDG_CACHE_HOME/oasis/cudnn_conv_choices.json`` (``~/.cache/...``): a later process
     builds only the recorded configuration of a geometry instead of timing them all (the first 720p
     decode times ~50 geometries, ~20 s). Entries are keyed by GPU, cuDNN version and geometry, and a
-    recorded choice whose configuration is no longer listed is timed again."""
+    recorded choice is timed again where its configuration no longer stands at the recorded place of
+    cuDNN's list under the recorded name, or fails to run (then the record is dropped)."""
     return _CHOICES["path"] if _CHOICES["set"] else _default_choices_file()
 
 
@@ -98,24 +103,41 @@ def _choices() -> dict:
 
 
 def _record_choice(key: str, choice: dict) -> None:
-    data = _choices()
-    data[key] = choice
+    _choices()[key] = choice
+    _write_choices()
+
+
+def _forget_choice(key: str) -> None:
+    """Drop a recorded choice that failed to run (a later process times the geometry again)."""
+    _choices().pop(key, None)
+    _write_choices(drop=key)
+
+
+def _write_choices(drop: str | None = None) -> None:
+    """This process's choices merged with what other processes wrote meanwhile (ours win), less
+    ``drop``, replaced atomically (two processes may each miss the other's latest: they time again)."""
     path = choices_file()
     if path is None:
         return
-    try:  # merged with what other processes wrote meanwhile, replaced atomically
+    data = dict(_choices())
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             try:
                 on_disk = json.loads(path.read_text())
                 if isinstance(on_disk, dict):
-                    data.update({k: v for k, v in on_disk.items() if k not in data})
+                    data = {**on_disk, **data}
             except ValueError:
                 pass
+        data.pop(drop, None)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=0, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except OSError as e:
         _LOG.warning("could not keep the cuDNN engine choices in %s (%s)", path, e)
 
@@ -216,35 +238,44 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     nd = x.dim() - 2
     stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
     padding = (padding,) * nd if isinstance(padding, int) else tuple(padding)
-    if _few_outputs(x, weight, stride, padding):
+    if _few_outputs(x, weight, bias, stride, padding):
         return add_bias_(conv3d_few_out(x, weight, bias), None, residual)
     if _TUNING.get() and _eligible(x, weight):
-        plan = _plan(x, weight, stride, padding)
-        if plan is not None:
-            if plan.best is not None:
-                return add_bias_(plan.run(x, weight), bias, residual)
-            try:  # the first call of a geometry times its candidates
-                return add_bias_(plan.run(x, weight), bias, residual)
-            except Exception as e:
-                _LOG.warning("no cuDNN engine ran the convolution %s (%s); PyTorch's path runs it",
-                             tuple(x.shape), e)
-                _PLANS[plan.key] = None
+        with _LOCK:
+            plan = _plan(x, weight, stride, padding)
+            if plan is not None:
+                if plan.proven:
+                    return add_bias_(plan.run(x, weight), bias, residual)
+                try:  # a geometry's first call: its candidates timed, or the recorded choice built
+                    y = plan.run(x, weight)
+                    plan.proven = True
+                    return add_bias_(y, bias, residual)
+                except Exception as e:
+                    _LOG.warning("no cuDNN engine ran the convolution %s (%s); PyTorch's path runs it",
+                                 tuple(x.shape), e)
+                    _PLANS[plan.key] = None
+                    _forget_choice(plan.record_key)
     return _torch_conv(x, weight, bias, residual, stride, padding)
 
 
-def _few_outputs(x, weight, stride, padding) -> bool:
-    """A channels-last video convolution to at most 16 channels, padded in space by half its kernel
-    (the decoder's output convolution): the Triton kernel :func:`oasis.vae_kernels.conv3d_few_out`."""
-    return (_FEW_OUTPUT_KERNEL.get() and x.dim() == 5 and weight.shape[0] <= 16 and weight.shape[3] % 2 == 1 and weight.shape[4] % 2 == 1
-            and stride == (1, 1, 1) and padding == (0, weight.shape[3] // 2, weight.shape[4] // 2)
-            and x.shape[1] > 1 and x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and weight.dtype == x.dtype and vae_kernels.on_triton_device(x)
-            and not vae_kernels._needs_grad(x, weight))
+def _few_outputs(x, weight, bias, stride, padding) -> bool:
+    """A channels-last video convolution to at most 16 and fewer output than input channels, with a
+    spatial kernel (odd, padded by half), as the decoder's output convolution (96 -> 3, 3x3x3), not a
+    1x1x1 projection such as ``post_quant_conv``: the Triton kernel
+    :func:`oasis.vae_kernels.conv3d_few_out`, whose output is channels-first (the decoder's result)."""
+    co, ci, _, kh, kw = weight.shape if weight.dim() == 5 else (0,) * 5
+    return (_FEW_OUTPUT_KERNEL.get() and x.dim() == 5 and 0 < co <= 16 and co < ci and kh * kw > 1
+            and kh % 2 == 1 and kw % 2 == 1 and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2)
+            and x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and weight.dtype == x.dtype and weight.device == x.device and vae_kernels.on_triton_device(x)
+            and not vae_kernels._needs_grad(x, weight, bias))
 
 
 def _eligible(x, weight) -> bool:
+    # 16-byte aligned operands: what the planned configurations assume (the VAE's frame views are)
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and x.dim() in (4, 5) and weight.device == x.device and not torch.is_grad_enabled()
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
             and _dense_channels_last(x) and _dense_channels_last(weight) and _frontend() is not None)
 
 
@@ -298,6 +329,7 @@ class _ConvPlan:
         if not self.candidates:
             raise RuntimeError("no engine configuration")
         self.best = None  # chosen at the first run, on its tensors (or recorded by an earlier process)
+        self.proven = False  # the chosen configuration has run once
         self.workspace_size = 0  # the chosen configuration's scratch bytes, taken from torch's allocator per call
         self.times_ms: dict[int, float] = {}
         self.record_key = "|".join(map(str, (CHOICE_VERSION, torch.cuda.get_device_name(x.device),
@@ -366,14 +398,15 @@ class _ConvPlan:
 
     def run(self, x, weight) -> torch.Tensor:
         fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-        out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-        feeds = self._feeds(x, weight, out)
-        if self.best is None:
-            self._tune(feeds)
-        # the scratch memory from torch's caching allocator, freed (stream-ordered) after the call: a plan
-        # holds none between calls, however many geometries a process meets
-        ws = torch.empty(max(self.workspace_size, 1), dtype=torch.uint8, device=self.device)
-        self._execute(self.best, feeds, ws)
+        with torch.cuda.device(self.device):  # the handle's, the events' and the stream's device
+            out = torch.empty(self.out_shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+            feeds = self._feeds(x, weight, out)
+            if self.best is None:
+                self._tune(feeds)
+            # the scratch memory from torch's caching allocator, freed (stream-ordered) after the call:
+            # a plan holds none between calls, however many geometries a process meets
+            ws = torch.empty(max(self.workspace_size, 1), dtype=torch.uint8, device=self.device)
+            self._execute(self.best, feeds, ws)
         return out
 
     @property

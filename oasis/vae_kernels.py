@@ -16,6 +16,8 @@ both layouts the VAE uses (channels-first ``NCDHW``, stride 1, and channels-last
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -270,10 +272,12 @@ def conv3d_few_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if out.numel():
         block_w = min(64, max(16, triton.next_power_of_2(w)))
         block_c = min(64, max(16, triton.next_power_of_2(c)))
-        _conv_few_out_kernel[(triton.cdiv(w, block_w), b * to * h)](
-            x, packed, bias16, out, c, h, w, to, co, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3), KT=kt, KH=kh, KW=kw,
-            BLOCK_W=block_w, BLOCK_C=block_c, IEEE=x.dtype == torch.float32, num_warps=4)
+        # the rows (b, t, h) on the grid's first axis (up to 2^31 - 1; the second stops at 65535)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _conv_few_out_kernel[(b * to * h, triton.cdiv(w, block_w))](
+                x, packed, bias16, out, c, h, w, to, co, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
+                out.stride(0), out.stride(1), out.stride(2), out.stride(3), KT=kt, KH=kh, KW=kw,
+                BLOCK_W=block_w, BLOCK_C=block_c, IEEE=x.dtype == torch.float32, num_warps=4)
     return out
 
 
@@ -282,11 +286,11 @@ if triton is not None:
     def _conv_few_out_kernel(X, Wp, Bias, Y, C, H, W, TO, CO, sxb, sxt, sxh, sxw, syb, syc, syt, syh,
                              KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                              BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
-        row = tl.program_id(1).to(tl.int64)  # (b, t, h) of the output
+        row = tl.program_id(0).to(tl.int64)  # (b, t, h) of the output
         h = row % H
         t = (row // H) % TO
         b = row // (H * TO)
-        w = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         n = tl.arange(0, 16)
         acc = tl.zeros((BLOCK_W, 16), dtype=tl.float32)
         for dt in tl.static_range(KT):

@@ -559,7 +559,7 @@ class WanVAE(nn.Module):
         (:mod:`oasis.vae_conv`, with the cuDNN frontend installed; the convolutions that path does not
         take run in cuDNN's benchmark mode); ``"benchmark"``: cuDNN's benchmark mode through PyTorch
         alone; ``False``: neither. The global flag is restored after."""
-        if self.autotune not in (False, True, "benchmark"):
+        if not (isinstance(self.autotune, bool) or self.autotune == "benchmark"):
             raise ValueError(f"autotune must be True, False or 'benchmark', got {self.autotune!r}")
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = before or bool(self.autotune)

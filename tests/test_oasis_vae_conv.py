@@ -103,6 +103,49 @@ def test_few_output_kernel_against_float64(case):
         conv3d_few_out(x, torch.randn(17, c, *k, device=device, dtype=x.dtype))
 
 
+def test_few_output_kernel_batches_and_time_slices():
+    """Two videos, and a time slice of a longer buffer (the cache's frames in front), as the decoder
+    passes them."""
+    device = _triton_here()
+    gen = torch.Generator().manual_seed(5)
+    buf = torch.randn(2, 24, 7, 5, 21, generator=gen).to(device).contiguous(memory_format=torch.channels_last_3d)
+    x = buf[:, :, 2:6]
+    wt = torch.randn(3, 24, 3, 3, 3, generator=gen).to(device) / 15
+    b = torch.randn(3, generator=gen).to(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    x, wt, b = x.to(dtype), wt.to(dtype), b.to(dtype)
+    got = conv3d_few_out(x, wt, b)
+    want = F.conv3d(x.double(), wt.double(), b.double(), padding=(0, 1, 1))
+    plain = F.conv3d(x, wt, b, padding=(0, 1, 1))
+    err, err_plain = ((v.double() - want).abs().max().item() for v in (got, plain))
+    assert got.shape == (2, 3, 2, 5, 21) and err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0)
+
+
+def test_only_output_convolutions_take_the_few_output_kernel(monkeypatch):
+    """The route: the decoder's 96 -> 3 kind (3x3x3, fewer outputs than inputs), not a 16 -> 16 1x1x1
+    projection (post_quant_conv), and only with the setting on."""
+    monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    x = torch.randn(1, 16, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    out_conv, projection = torch.randn(3, 16, 3, 3, 3), torch.randn(16, 16, 1, 1, 1)
+    with vae_conv.few_output_kernel():
+        assert vae_conv._few_outputs(x, out_conv, None, (1, 1, 1), (0, 1, 1))
+        assert not vae_conv._few_outputs(x, projection, None, (1, 1, 1), (0, 0, 0))
+        assert not vae_conv._few_outputs(x.contiguous(), out_conv, None, (1, 1, 1), (0, 1, 1))
+    assert not vae_conv._few_outputs(x, out_conv, None, (1, 1, 1), (0, 1, 1))
+
+
+def test_autotune_values_are_checked():
+    from oasis import WanVAE
+    from oasis.wan_vae import WanVAEConfig
+
+    vae = WanVAE(WanVAEConfig(base_dim=8, dim_mult=(1, 2), temperal_downsample=(True,), num_res_blocks=0))
+    z = torch.randn(1, 16, 1, 2, 2)
+    for bad in (1, "yes", None):
+        vae.autotune = bad
+        with pytest.raises(ValueError, match="autotune must be"):
+            vae.decode(z)
+
+
 def test_the_decoders_output_convolution_takes_the_kernel(monkeypatch):
     """Inside the model (the CPU routed to the Triton passes under the interpreter): with its setting on,
     the decoder's last convolution, normed, runs on ``conv3d_few_out`` and gives the torch path's
@@ -161,6 +204,10 @@ def test_choices_file_written_merged_and_forgiving(choices_in_tmp, tmp_path, cap
     with caplog.at_level("WARNING", logger="oasis.vae_conv"):
         assert vae_conv._choices() == {}
     assert "ignoring the cuDNN engine choices" in caplog.text
+    vae_conv.set_choices_file(path)
+    vae_conv._forget_choice("gpu|9|b")  # a choice that failed to run: gone from memory and the file
+    assert set(json.loads(path.read_text())) == {"gpu|9|a", "gpu|9|c"} and "gpu|9|b" not in vae_conv._choices()
+    assert not list(tmp_path.glob("*.tmp"))
     vae_conv.set_choices_file(None)
     vae_conv._record_choice("gpu|9|d", {"index": 0, "name": "x", "ms": 1.0})
     assert vae_conv.choices_file() is None and bad.read_text() == "[1, 2"
@@ -249,7 +296,14 @@ def test_grad_and_odd_layouts_take_the_torch_path():
     w = torch.randn(8, 8, 3, 3, 3, device="cuda", dtype=torch.bfloat16)
     plans = vae_conv.plan_count()
     with vae_conv.tuning():
-        conv(x, w, padding=(0, 1, 1))
+        with torch.no_grad():  # the layout alone sends it to PyTorch
+            conv(x, w, padding=(0, 1, 1))
+            # a 16-byte-misaligned view, dense channels-last: PyTorch's path as well
+            odd = torch.empty(1 * 8 * 4 * 6 * 6 + 1, device="cuda", dtype=torch.bfloat16)[1:]
+            odd = odd.view(1, 4, 6, 6, 8).permute(0, 4, 1, 2, 3)
+            assert _dense_channels_last(odd) and odd.data_ptr() % 16
+            conv(odd, w.contiguous(memory_format=torch.channels_last_3d), padding=(0, 1, 1))
+        assert vae_conv.plan_count() == plans
         xl = x.contiguous(memory_format=torch.channels_last_3d).requires_grad_()
         y = conv(xl, w.contiguous(memory_format=torch.channels_last_3d), padding=(0, 1, 1))
     assert vae_conv.plan_count() == plans
@@ -284,7 +338,7 @@ def test_a_tuned_vae_against_its_float64_twin():
         vae.autotune = True
         got_d = vae.decode(z.bfloat16(), chunk=1, piece_frames=2)
         got_e = vae.encode(x.bfloat16(), chunk=1)
-    assert vae_conv.plan_count() > plans + 5
+    assert sum(p is not None and p.best is not None for p in vae_conv._PLANS.values()) > plans + 5
     for got, plain, want in ((got_d, plain_d, want_d), (got_e, plain_e, want_e)):
         assert got.isfinite().all()
         err, err_plain = ((t.double() - want).abs().max().item() for t in (got, plain))
