@@ -82,25 +82,40 @@ def usable(x: torch.Tensor, out: torch.Tensor | None = None, *others) -> bool:
 
 
 def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-              silu: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+              silu: bool = True, bias: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
     """``SiLU(y / max(||y||_C, eps) * scale * gamma)`` with ``y = x + bias`` over dim 1 of ``x [B, C, ...]``,
     into ``out`` (any strides that flatten, e.g. a time slice of a larger buffer) or a new tensor.
 
+    ``tail``: ``[B, C, k, ...]``, also given the result's last ``k`` frames (the causal cache a
+    convolution keeps for its next call, written in the same pass instead of copied after it).
     One Triton pass on CUDA; elsewhere the torch expression (:func:`norm_silu_reference`).
     """
-    if usable(x, out, gamma, bias):
-        return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias)
+    if usable(x, out, gamma, bias) and (tail is None or _flat_stride(tail) is not None):
+        return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias, tail=tail)
     y = norm_silu_reference(x, gamma, scale, silu, bias)
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
+    if out is not None:
+        out.copy_(y)
+        y = out
+    if tail is not None:
+        _check_tail(tail, y)
+        tail.copy_(y[:, :, y.shape[2] - tail.shape[2]:])
+    return y
+
+
+def _check_tail(tail: torch.Tensor, like: torch.Tensor) -> None:
+    if (like.dim() < 3 or tail.dim() != like.dim() or tail.shape[:2] != like.shape[:2]
+            or tail.shape[3:] != like.shape[3:] or not 0 < tail.shape[2] <= like.shape[2]
+            or tail.dtype != like.dtype or tail.device != like.device):
+        raise ValueError(f"tail must be [B, C, k, ...] with 0 < k <= {like.shape[2] if like.dim() > 2 else 0} frames "
+                         f"of the output {tuple(like.shape)} ({like.dtype} on {like.device}), got "
+                         f"{tuple(tail.shape)} ({tail.dtype} on {tail.device})")
 
 
 if triton is not None:
     @triton.jit
-    def _norm_silu_kernel(X, G, Bias, Y, S, C, sxb, sxc, sxs, syb, syc, sys, scale, eps,
-                          SILU: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _norm_silu_kernel(X, G, Bias, Y, T, S, C, sxb, sxc, sxs, syb, syc, sys, tail_start, stb, stc, sts,
+                          scale, eps, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         pid_s = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
@@ -115,10 +130,15 @@ if triton is not None:
         if SILU:
             y = y * tl.sigmoid(y)
         tl.store(Y + b * syb + c[:, None] * syc + s[None, :] * sys, y.to(Y.dtype.element_ty), mask=mask)
+        if HAS_TAIL:  # the last frames again, into the cache's tensor
+            st = s - tail_start
+            tl.store(T + b * stb + c[:, None] * stc + st[None, :] * sts, y.to(T.dtype.element_ty),
+                     mask=mask & (st[None, :] >= 0))
 
 
 def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-                     silu: bool = True, bias: torch.Tensor | None = None) -> torch.Tensor:
+                     silu: bool = True, bias: torch.Tensor | None = None,
+                     tail: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel itself (CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
     if triton is None:
         raise RuntimeError("norm_silu_triton needs Triton")
@@ -133,15 +153,21 @@ def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out:
     sx, so = _flat_stride(x), _flat_stride(out)
     if sx is None or so is None:
         raise ValueError("x and out must flatten after the channel dim (channels-first or channels-last)")
+    if tail is not None:
+        _check_tail(tail, out)
+        if _flat_stride(tail) is None:
+            raise ValueError("tail must flatten after the channel dim (channels-first or channels-last)")
     b, c = x.shape[:2]
     s = x[0, 0].numel()
     if x.numel() == 0:
         return out
+    t = out if tail is None else tail
     block_c, block_s = _channel_tiles(c)
     grid = (triton.cdiv(s, block_s), b)
-    _norm_silu_kernel[grid](x, gamma.reshape(-1), x if bias is None else bias, out, s, c, x.stride(0), x.stride(1),
-                            sx, out.stride(0), out.stride(1), so, float(scale), EPS, SILU=silu,
-                            HAS_BIAS=bias is not None, BLOCK_C=block_c, BLOCK_S=block_s,
+    _norm_silu_kernel[grid](x, gamma.reshape(-1), x if bias is None else bias, out, t, s, c, x.stride(0), x.stride(1),
+                            sx, out.stride(0), out.stride(1), so, s - t[0, 0].numel(), t.stride(0), t.stride(1),
+                            _flat_stride(t), float(scale), EPS, SILU=silu, HAS_BIAS=bias is not None,
+                            HAS_TAIL=tail is not None, BLOCK_C=block_c, BLOCK_S=block_s,
                             num_warps=8 if block_c >= 256 else 4)
     return out
 

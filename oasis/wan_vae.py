@@ -183,8 +183,14 @@ class CausalConv3d(nn.Conv3d):
         behind the cached frames; ``x_bias``: the bias of the convolution that made ``x``, left out
         there; ``bias`` as in :meth:`_conv`."""
         buf = self._history(x, cache)
-        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:], bias=x_bias)
-        self._remember(buf, cache)
+        # the next call's cache (this call's last frames) written by the norm pass itself where the
+        # new frames cover it, instead of copied out of the buffer after it
+        tail = _frames_like(x, self.time_pad) if cache is not None and 0 < self.time_pad <= x.shape[2] else None
+        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:], bias=x_bias, tail=tail)
+        if tail is None:
+            self._remember(buf, cache)
+        else:
+            cache[self] = tail
         return self._conv(buf, bias, residual)
 
 

@@ -332,6 +332,32 @@ def test_norm_silu_kernel_matches_its_torch_expression(layout, channels):
         assert err <= 2 * ref_err + 1e-3, (silu, err, ref_err)
 
 
+@pytest.mark.parametrize("frames", [1, 2, 5])
+@pytest.mark.parametrize("last", [False, True])
+def test_norm_silu_writes_the_cache_tail(frames, last):
+    """``tail``: the result's last frames again (the next call's cache), the same values bit for bit, in
+    the kernel (CUDA or the interpreter) and in the torch path; a tail that does not fit is refused."""
+    pytest.importorskip("triton")
+    from oasis.vae_kernels import norm_silu, norm_silu_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(frames)
+    fmt = torch.channels_last_3d if last else torch.contiguous_format
+    x = torch.randn(2, 12, 5, 4, 9, generator=gen).to(device, torch.bfloat16).contiguous(memory_format=fmt)
+    gamma = torch.rand(12, 1, 1, 1, generator=gen).to(device, torch.bfloat16) + 0.5
+    bias = torch.randn(12, generator=gen).to(device, torch.bfloat16)
+    k = min(frames, 2)
+    for fn in (norm_silu_triton, norm_silu):
+        buf = torch.full((2, 12, 7, 4, 9), float("nan"), device=device, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        tail = torch.full((2, 12, k, 4, 9), float("nan"), device=device, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+        xs = x[:, :, :frames]
+        fn(xs, gamma, 3.5, out=buf[:, :, 2:2 + frames], bias=bias, tail=tail)
+        assert torch.equal(tail, buf[:, :, 2 + frames - k:2 + frames]), fn.__name__
+        with pytest.raises(ValueError, match="tail must be"):
+            fn(xs, gamma, 3.5, out=buf[:, :, 2:2 + frames], tail=torch.empty(2, 12, frames + 1, 4, 9, device=device,
+                                                                             dtype=torch.bfloat16))
+
+
 def test_decode_pieces_exact_and_tiles_close(reference):
     ours = ours_from(reference).double()
     z = torch.randn(1, 16, 3, 6, 10, dtype=torch.float64)
