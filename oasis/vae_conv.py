@@ -8,17 +8,18 @@ With the cuDNN frontend (``pip install nvidia-cudnn-frontend``) installed, :func
 convolution as a cuDNN graph once per geometry (the flashinfer-style plan/run split), times every
 configuration the heuristic offers on the first call's own tensors, and runs the fastest from then
 on; the choice is kept on disk (:func:`choices_file`), so a later process builds only that
-configuration instead of timing them all. The bias and a residual branch follow in one pass (:func:`oasis.vae_kernels.add_bias_`): cuDNN
-can fuse them into the convolution, but only with kernels it compiles at run time (~0.3 s each to
-build, and not faster than the precompiled ones plus that pass: entry 18c).
+configuration instead of timing them all. The bias and a residual branch follow in one pass
+(:func:`oasis.vae_kernels.add_bias_`): cuDNN can fuse them into the convolution, but only with
+kernels it compiles at run time (~0.3 s each to build, and not faster than the precompiled ones
+plus that pass: entry 18c).
 
 Inside :func:`few_output_kernel`, convolutions to at most 16 channels (the decoder's output
 convolution, 96 -> 3) run on a Triton kernel instead wherever the Triton passes run
 (:func:`oasis.vae_kernels.conv3d_few_out`): cuDNN has no fast configuration for them.
 
-The tuned path is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it does not
-serve (the CPU, float32/float64, channels-first tensors, gradients wanted, the frontend missing, a
-geometry no engine takes), :func:`conv` is ``F.conv2d``/``F.conv3d``: the same arithmetic.
+The tuned path is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it
+does not serve (the CPU, float32/float64, channels-first tensors, gradients wanted, the frontend
+missing, a geometry no engine takes), :func:`conv` is ``F.conv2d``/``F.conv3d``: the same arithmetic.
 """
 
 from __future__ import annotations
@@ -194,10 +195,10 @@ def clear_plans() -> None:
 
 
 def _channels_last_strides(shape) -> list[int]:
-    """Dense strides of ``[N, C, *spatial]`` with the channels innermost (size-1 dims included)."""
-    n, c, *sp = shape
+    """Dense strides of ``[N, C, *spatial]`` with the channels innermost (size-1 dims included): what
+    the cuDNN graph declares, whatever strides PyTorch gave the size-1 dims."""
     strides = [0] * len(shape)
-    acc = c
+    acc = shape[1]
     strides[1] = 1
     for i in range(len(shape) - 1, 1, -1):
         strides[i] = acc
@@ -207,8 +208,10 @@ def _channels_last_strides(shape) -> list[int]:
 
 
 def _dense_channels_last(t: torch.Tensor) -> bool:
-    want = _channels_last_strides(t.shape)
-    return all(s == 1 or st == w for s, st, w in zip(t.shape, t.stride(), want))
+    """PyTorch's channels-last contiguity (it ignores the strides of size-1 dims: a time slice of one
+    video is dense)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    return fmt is not None and t.is_contiguous(memory_format=fmt)
 
 
 def _canonical(t: torch.Tensor) -> torch.Tensor:
@@ -244,17 +247,19 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         with _LOCK:
             plan = _plan(x, weight, stride, padding)
             if plan is not None:
-                if plan.proven:
-                    return add_bias_(plan.run(x, weight), bias, residual)
-                try:  # a geometry's first call: its candidates timed, or the recorded choice built
+                try:
                     y = plan.run(x, weight)
-                    plan.proven = True
-                    return add_bias_(y, bias, residual)
                 except Exception as e:
+                    if plan.proven:  # a configuration that ran before: a real error, not a decline
+                        raise
+                    # a geometry's first call (its candidates timed, or the recorded choice built)
                     _LOG.warning("no cuDNN engine ran the convolution %s (%s); PyTorch's path runs it",
                                  tuple(x.shape), e)
                     _PLANS[plan.key] = None
                     _forget_choice(plan.record_key)
+                else:
+                    plan.proven = True
+                    return add_bias_(y, bias, residual)
     return _torch_conv(x, weight, bias, residual, stride, padding)
 
 
