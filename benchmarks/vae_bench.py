@@ -26,20 +26,18 @@ from attn_bench import environment  # noqa: E402
 from conv_bench import gemm_time  # noqa: E402
 
 
-# name: (channels-last, chunk, piece_frames, WanVAE.autotune, WanVAE.few_output_kernel): autotune True =
-# each geometry on the fastest of cuDNN's engines through its frontend (when installed); "benchmark" =
-# PyTorch's cuDNN benchmark mode alone (the choice before the frontend path: the baseline in the same
-# run); few_output_kernel: the output convolution on the Triton kernel instead of cuDNN
+# name: (channels-last, chunk, piece_frames, WanVAE.autotune): True = each geometry on the fastest of
+# cuDNN's engines through its frontend (when installed); "benchmark" = PyTorch's
+# cuDNN benchmark mode alone (the choice before the frontend path: the baseline in the same run)
 DECODE = {
-    "ours, chunk 1, pieces 2, PyTorch's engines": (True, 1, 2, "benchmark", False),
-    "ours, chunk 1, pieces 2": (True, 1, 2, True, False),
-    "ours, chunk 1, pieces 2, Triton output convolution": (True, 1, 2, True, True),
-    "ours, chunk 1, pieces 1": (True, 1, 1, True, False),
-    "ours, chunk 3, pieces 2": (True, 3, 2, True, False),
-    "ours, all frames": (True, None, None, True, False),
+    "ours, chunk 1, pieces 2, PyTorch's engines": (True, 1, 2, "benchmark"),
+    "ours, chunk 1, pieces 2": (True, 1, 2, True),
+    "ours, chunk 1, pieces 1": (True, 1, 1, True),
+    "ours, chunk 3, pieces 2": (True, 3, 2, True),
+    "ours, all frames": (True, None, None, True),
 }
-# name: (channels-last, chunk, piece_frames, WanVAE.autotune); all channels-last (the default OasisVSR
-# sets on CUDA); 53ad54f's results have channels-first and no autotune
+# name: as DECODE; all channels-last (the default OasisVSR sets on CUDA); 53ad54f's results have
+# channels-first and no autotune
 ENCODE = {
     "ours, chunk 1, PyTorch's engines": (True, 1, None, "benchmark"),
     "ours, chunk 1": (True, 1, None, True),
@@ -70,8 +68,7 @@ def timed(fn, reps):
                  "peak_above_inputs_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
 
 
-CONV_KERNEL = ("fprop", "implicit_gemm", "convolution", "convfwd", "conv2d", "conv3d", "wgrad", "dgrad",
-               "conv_few_out")
+CONV_KERNEL = ("fprop", "implicit_gemm", "convolution", "convfwd", "conv2d", "conv3d", "wgrad", "dgrad")
 
 
 def conv_profile(fn, flops_fn=None) -> dict:
@@ -160,29 +157,25 @@ def main(argv=None):
         if args.profile_diffusers:
             prof["diffusers decode"] = conv_profile(lambda: ref.decode(z).sample)
         video = want.clamp(-1, 1)
-        for name, (cl, chunk, piece, tune, few) in DECODE.items():
+        for name, (cl, chunk, piece, tune) in DECODE.items():
             if name not in args.decode:
                 continue
             ours.channels_last(cl).autotune = tune
-            ours.few_output_kernel = few
             got, r = timed(lambda: ours.decode(z, chunk=chunk, piece_frames=piece), args.reps)
             report(rows, name, got, want, r)
             del got
-        ours.few_output_kernel = False
 
-        def dec(mode, chunk, piece, few=False):
-            ours.autotune, ours.few_output_kernel = mode, few
+        def dec(mode, chunk, piece):
+            ours.autotune = mode
             return ours.decode(z, chunk=chunk, piece_frames=piece)
 
         # the profiled variant and its baseline with PyTorch's engines (the flops counted through PyTorch)
         for name in dict.fromkeys((args.profile, "ours, chunk 1, pieces 2, PyTorch's engines")):
-            cl, chunk, piece, tune, few = DECODE[name]
+            cl, chunk, piece, tune = DECODE[name]
             ours.channels_last(cl)
-            prof[f"{name} (decode)"] = conv_profile(lambda: dec(tune, chunk, piece, few),
-                                                    lambda: dec("benchmark", chunk, piece))
-        cl, chunk, piece, tune, few = DECODE[args.profile]
+            prof[f"{name} (decode)"] = conv_profile(lambda: dec(tune, chunk, piece), lambda: dec("benchmark", chunk, piece))
+        cl, chunk, piece, tune = DECODE[args.profile]
         ours.channels_last(cl).autotune = tune
-        ours.few_output_kernel = few
         if args.long:
             zl = torch.randn(1, 16, args.long, h, w, device=dev, dtype=dt)
             got, r = timed(lambda: ours.decode(zl, chunk=chunk, piece_frames=piece), max(1, args.reps - 1))

@@ -13,10 +13,6 @@ configuration instead of timing them all. The bias and a residual branch follow 
 kernels it compiles at run time (~0.3 s each to build, and not faster than the precompiled ones
 plus that pass: entry 18c).
 
-Inside :func:`few_output_kernel`, convolutions to at most 16 channels (the decoder's output
-convolution, 96 -> 3) run on a Triton kernel instead wherever the Triton passes run
-(:func:`oasis.vae_kernels.conv3d_few_out`): cuDNN has no fast configuration for them.
-
 The tuned path is used inside :func:`tuning` (``WanVAE.autotune``); elsewhere, and for every case it
 does not serve (the CPU, float32/float64, channels-first tensors, gradients wanted, the frontend
 missing, a geometry no engine takes), :func:`conv` is ``F.conv2d``/``F.conv3d``: the same arithmetic.
@@ -38,15 +34,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import vae_kernels
-from .vae_kernels import add_bias_, conv3d_few_out
+from .vae_kernels import add_bias_
 
-__all__ = ["conv", "tuning", "few_output_kernel", "frontend_missing", "plan_count", "clear_plans", "choices_file",
+__all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
            "set_choices_file", "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
-_FEW_OUTPUT_KERNEL = contextvars.ContextVar("oasis_vae_conv_few_output_kernel", default=False)
 #: part of each recorded choice's key: raised when the way configurations are timed changes, so that
 #: choices made the old way are timed again (2: an untimed first run before the timed ones)
 CHOICE_VERSION = 2
@@ -154,18 +148,6 @@ def tuning(enabled: bool = True):
         _TUNING.reset(token)
 
 
-@contextlib.contextmanager
-def few_output_kernel(enabled: bool = True):
-    """Within this block (on this thread), :func:`conv` runs convolutions to at most 16 channels on the
-    Triton kernel :func:`oasis.vae_kernels.conv3d_few_out` where the Triton passes run (``WanVAE.
-    few_output_kernel``; off by default until it is measured against cuDNN, docs/PERF.md entry 18c)."""
-    token = _FEW_OUTPUT_KERNEL.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _FEW_OUTPUT_KERNEL.reset(token)
-
-
 def _frontend():
     if not _FRONTEND:
         try:
@@ -241,8 +223,6 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     nd = x.dim() - 2
     stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
     padding = (padding,) * nd if isinstance(padding, int) else tuple(padding)
-    if _few_outputs(x, weight, bias, stride, padding):
-        return add_bias_(conv3d_few_out(x, weight, bias), None, residual)
     if _TUNING.get() and _eligible(x, weight):
         with _LOCK:
             plan = _plan(x, weight, stride, padding)
@@ -261,19 +241,6 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                     plan.proven = True
                     return add_bias_(y, bias, residual)
     return _torch_conv(x, weight, bias, residual, stride, padding)
-
-
-def _few_outputs(x, weight, bias, stride, padding) -> bool:
-    """A channels-last video convolution to at most 16 and fewer output than input channels, with a
-    spatial kernel (odd, padded by half), as the decoder's output convolution (96 -> 3, 3x3x3), not a
-    1x1x1 projection such as ``post_quant_conv``: the Triton kernel
-    :func:`oasis.vae_kernels.conv3d_few_out`, whose output is channels-first (the decoder's result)."""
-    co, ci, _, kh, kw = weight.shape if weight.dim() == 5 else (0,) * 5
-    return (_FEW_OUTPUT_KERNEL.get() and x.dim() == 5 and 0 < co <= 16 and co < ci and kh * kw > 1
-            and kh % 2 == 1 and kw % 2 == 1 and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2)
-            and x.stride(1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and weight.dtype == x.dtype and weight.device == x.device and vae_kernels.on_triton_device(x)
-            and not vae_kernels._needs_grad(x, weight, bias))
 
 
 def _eligible(x, weight) -> bool:

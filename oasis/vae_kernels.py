@@ -16,8 +16,6 @@ both layouts the VAE uses (channels-first ``NCDHW``, stride 1, and channels-last
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
@@ -266,76 +264,3 @@ if triton is not None:
             for b in tl.static_range(2):
                 q = (img * 2 * H + 2 * yy + a) * (2 * W) + 2 * xx + b
                 tl.store(Y + q[:, None] * C + c[None, :], v, mask=mask)
-
-
-def conv3d_few_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A 3D convolution to at most 16 output channels, for the decoder's last one (96 -> 3, 3x3x3):
-    ``F.conv3d(x, weight, bias, padding=(0, kh // 2, kw // 2))`` (no time padding: ``x`` holds the
-    causal cache's frames in front) for channels-last ``x [B, C, T, H, W]``.
-
-    cuDNN runs this convolution at ~23 TFLOP/s on the H200 (its tiles are built for many output
-    channels; none of the ~25 configurations it lists does better, docs/PERF.md entry 18c): 1.2 ms
-    for two 720p frames, where reading the input is ~0.2 ms. Here each program takes a run of output
-    pixels of one row and all output channels, and sums over the taps and the input channels in
-    float32 with ``tl.dot`` (the output channels padded to 16 with zero weights). The output is
-    channels-first ``[B, Co, T - kt + 1, H, W]``, as the decoder's result is laid out.
-    """
-    b, c, t, h, w = x.shape
-    co, cw, kt, kh, kw = weight.shape
-    if cw != c or co > 16 or kh % 2 == 0 or kw % 2 == 0 or t < kt:
-        raise ValueError(f"conv3d_few_out takes <= 16 output channels and odd spatial kernels over at least "
-                         f"kt frames; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if x.stride(1) != 1:
-        raise ValueError(f"conv3d_few_out takes a channels-last x, got strides {x.stride()}")
-    to = t - kt + 1
-    out = torch.empty((b, co, to, h, w), dtype=x.dtype, device=x.device)
-    # the weight as [taps, C, 16], zero beyond the output channels
-    packed = torch.zeros((kt * kh * kw, c, 16), dtype=x.dtype, device=x.device)
-    packed[:, :, :co] = weight.permute(2, 3, 4, 1, 0).reshape(kt * kh * kw, c, co)
-    bias16 = torch.zeros(16, dtype=torch.float32, device=x.device)
-    if bias is not None:
-        bias16[:co] = bias.float()
-    if out.numel():
-        block_w = min(64, max(16, triton.next_power_of_2(w)))
-        block_c = min(64, max(16, triton.next_power_of_2(c)))
-        # the rows (b, t, h) on the grid's first axis (up to 2^31 - 1; the second stops at 65535)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            _conv_few_out_kernel[(b * to * h, triton.cdiv(w, block_w))](
-                x, packed, bias16, out, c, h, w, to, co, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
-                out.stride(0), out.stride(1), out.stride(2), out.stride(3), KT=kt, KH=kh, KW=kw,
-                BLOCK_W=block_w, BLOCK_C=block_c, IEEE=x.dtype == torch.float32, num_warps=4)
-    return out
-
-
-if triton is not None:
-    @triton.jit
-    def _conv_few_out_kernel(X, Wp, Bias, Y, C, H, W, TO, CO, sxb, sxt, sxh, sxw, syb, syc, syt, syh,
-                             KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr,
-                             BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)  # (b, t, h) of the output
-        h = row % H
-        t = (row // H) % TO
-        b = row // (H * TO)
-        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        n = tl.arange(0, 16)
-        acc = tl.zeros((BLOCK_W, 16), dtype=tl.float32)
-        for dt in tl.static_range(KT):
-            for dh in tl.static_range(KH):
-                hh = h + dh - KH // 2
-                h_ok = (hh >= 0) & (hh < H)
-                for dw in tl.static_range(KW):
-                    ww = w + dw - KW // 2
-                    w_ok = (ww >= 0) & (ww < W) & h_ok
-                    base = X + b * sxb + (t + dt) * sxt + hh * sxh + ww.to(tl.int64) * sxw
-                    tap = (dt * KH + dh) * KW + dw
-                    for c0 in range(0, C, BLOCK_C):
-                        c = c0 + tl.arange(0, BLOCK_C)
-                        xv = tl.load(base[:, None] + c[None, :], mask=w_ok[:, None] & (c[None, :] < C), other=0.0)
-                        wv = tl.load(Wp + (tap * C + c[:, None]) * 16 + n[None, :], mask=c[:, None] < C, other=0.0)
-                        if IEEE:
-                            acc += tl.dot(xv, wv, input_precision="ieee")
-                        else:
-                            acc += tl.dot(xv, wv)
-        acc += tl.load(Bias + n)[None, :]
-        ptr = Y + b * syb + n[None, :].to(tl.int64) * syc + t * syt + h * syh + w[:, None]
-        tl.store(ptr, acc.to(Y.dtype.element_ty), mask=(w[:, None] < W) & (n[None, :] < CO))

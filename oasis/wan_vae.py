@@ -459,9 +459,6 @@ class WanVAE(nn.Module):
         #: True: time each convolution geometry's cuDNN engines once and run the fastest;
         #: "benchmark": PyTorch's cuDNN benchmark mode only; False: neither (see :meth:`_autotuned`)
         self.autotune = False
-        #: the decoder's output convolution (96 -> 3) on a Triton kernel instead of cuDNN, on CUDA; off
-        #: until measured against cuDNN (docs/PERF.md entry 18c)
-        self.few_output_kernel = False
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.float32, device="cpu", encoder: bool | None = None) -> "WanVAE":
@@ -570,7 +567,7 @@ class WanVAE(nn.Module):
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = before or bool(self.autotune)
         try:
-            with vae_conv.tuning(self.autotune is True), vae_conv.few_output_kernel(bool(self.few_output_kernel)):
+            with vae_conv.tuning(self.autotune is True):
                 yield
         finally:
             torch.backends.cudnn.benchmark = before

@@ -12,9 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oasis import vae_conv, vae_kernels
+from oasis import vae_conv
 from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
-from oasis.vae_kernels import conv3d_few_out
 
 
 @pytest.fixture(autouse=True)
@@ -63,77 +62,6 @@ def test_torch_path_on_the_cpu(tuned):
     torch.testing.assert_close(conv(x2, w2, b, stride=2), _reference(x2, w2, b, None, 2, 0), rtol=1e-12, atol=1e-12)
 
 
-def _triton_here():
-    """CUDA, or the CPU under the interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)."""
-    import os
-
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton kernels run on CUDA or under TRITON_INTERPRET=1")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# (C, Cout, frames in, H, W, kernel): the output convolution's kind, at awkward sizes (channels not a
-# multiple of the channel block, rows not a multiple of the pixel block, one output channel, 1x3x3)
-FEW_OUT = [(20, 3, 4, 5, 19, (3, 3, 3)), (16, 1, 3, 3, 70, (3, 3, 3)), (33, 5, 2, 4, 7, (1, 3, 3)),
-           (96, 3, 4, 3, 17, (3, 3, 3)), (7, 16, 3, 2, 5, (3, 1, 1))]
-
-
-@pytest.mark.parametrize("case", range(len(FEW_OUT)))
-def test_few_output_kernel_against_float64(case):
-    """``conv3d_few_out`` against float64 within twice PyTorch's own error in the input dtype (float32
-    under the interpreter; bf16 and fp16 on a GPU) plus a floor."""
-    device = _triton_here()
-    c, co, t, h, w, k = FEW_OUT[case]
-    gen = torch.Generator().manual_seed(40 + case)
-    pad = (0, k[1] // 2, k[2] // 2)
-    for dtype in ([torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]):
-        x = torch.randn(1, c, t, h, w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last_3d)
-        wt = (torch.randn(co, c, *k, generator=gen) / (c * 27) ** 0.5).to(device, dtype)
-        b = torch.randn(co, generator=gen).to(device, dtype)
-        got = conv3d_few_out(x, wt, b)
-        want = F.conv3d(x.double(), wt.double(), b.double(), padding=pad)
-        plain = F.conv3d(x, wt, b, padding=pad)
-        assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all()
-        err, err_plain = ((v.double() - want).abs().max().item() for v in (got, plain))
-        assert err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0), (dtype, err, err_plain)
-    with pytest.raises(ValueError, match="channels-last"):
-        conv3d_few_out(torch.randn(1, c, t, h, w, device=device), torch.randn(co, c, *k, device=device))
-    with pytest.raises(ValueError, match="<= 16 output channels"):
-        conv3d_few_out(x, torch.randn(17, c, *k, device=device, dtype=x.dtype))
-
-
-def test_few_output_kernel_batches_and_time_slices():
-    """Two videos, and a time slice of a longer buffer (the cache's frames in front), as the decoder
-    passes them."""
-    device = _triton_here()
-    gen = torch.Generator().manual_seed(5)
-    buf = torch.randn(2, 24, 7, 5, 21, generator=gen).to(device).contiguous(memory_format=torch.channels_last_3d)
-    x = buf[:, :, 2:6]
-    wt = torch.randn(3, 24, 3, 3, 3, generator=gen).to(device) / 15
-    b = torch.randn(3, generator=gen).to(device)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    x, wt, b = x.to(dtype), wt.to(dtype), b.to(dtype)
-    got = conv3d_few_out(x, wt, b)
-    want = F.conv3d(x.double(), wt.double(), b.double(), padding=(0, 1, 1))
-    plain = F.conv3d(x, wt, b, padding=(0, 1, 1))
-    err, err_plain = ((v.double() - want).abs().max().item() for v in (got, plain))
-    assert got.shape == (2, 3, 2, 5, 21) and err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0)
-
-
-def test_only_output_convolutions_take_the_few_output_kernel(monkeypatch):
-    """The route: the decoder's 96 -> 3 kind (3x3x3, fewer outputs than inputs), not a 16 -> 16 1x1x1
-    projection (post_quant_conv), and only with the setting on."""
-    monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
-    x = torch.randn(1, 16, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
-    out_conv, projection = torch.randn(3, 16, 3, 3, 3), torch.randn(16, 16, 1, 1, 1)
-    with vae_conv.few_output_kernel():
-        assert vae_conv._few_outputs(x, out_conv, None, (1, 1, 1), (0, 1, 1))
-        assert not vae_conv._few_outputs(x, projection, None, (1, 1, 1), (0, 0, 0))
-        assert not vae_conv._few_outputs(x.contiguous(), out_conv, None, (1, 1, 1), (0, 1, 1))
-    assert not vae_conv._few_outputs(x, out_conv, None, (1, 1, 1), (0, 1, 1))
-
-
 def test_autotune_values_are_checked():
     from oasis import WanVAE
     from oasis.wan_vae import WanVAEConfig
@@ -144,35 +72,6 @@ def test_autotune_values_are_checked():
         vae.autotune = bad
         with pytest.raises(ValueError, match="autotune must be"):
             vae.decode(z)
-
-
-def test_the_decoders_output_convolution_takes_the_kernel(monkeypatch):
-    """Inside the model (the CPU routed to the Triton passes under the interpreter): with its setting on,
-    the decoder's last convolution, normed, runs on ``conv3d_few_out`` and gives the torch path's
-    numbers; without it, not."""
-    device = _triton_here()
-    from oasis import WanVAE
-    from oasis.wan_vae import WanVAEConfig
-
-    torch.manual_seed(0)
-    vae = WanVAE(WanVAEConfig(base_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)).eval().to(device)
-    vae.channels_last()
-    conv_out, norm = vae.decoder.conv_out, vae.decoder.norm_out
-    x = torch.randn(1, 16, 3, 6, 21, device=device).contiguous(memory_format=torch.channels_last_3d)
-    prev = torch.randn(1, 16, 2, 6, 21, device=device).contiguous(memory_format=torch.channels_last_3d)
-    with torch.no_grad():
-        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: False)
-        want = conv_out.forward_normed(x, norm, {conv_out: prev.clone()})
-        calls = []
-        real = vae_conv.conv3d_few_out
-        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
-        monkeypatch.setattr(vae_conv, "conv3d_few_out", lambda *a: calls.append(1) or real(*a))
-        conv_out.forward_normed(x, norm, {conv_out: prev.clone()})
-        assert not calls, "the kernel ran without its setting"
-        with vae_conv.few_output_kernel():
-            got = conv_out.forward_normed(x, norm, {conv_out: prev.clone()})
-    assert calls, "the kernel did not run"
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_tuning_is_scoped():
