@@ -6,9 +6,10 @@ the 96-channel 3x3x3 convolution at 720p runs at ~285-430 TFLOP/s through ``F.co
 on the fastest of the ~30 engine configurations cuDNN's heuristic lists (docs/PERF.md entry 18c).
 With the cuDNN frontend (``pip install nvidia-cudnn-frontend``) installed, :func:`conv` builds the
 convolution as a cuDNN graph once per geometry (the flashinfer-style plan/run split), times every
-configuration the heuristic offers on the first call's own tensors, and runs the fastest from then
-on; the choice is kept on disk (:func:`choices_file`), so a later process builds only that
-configuration instead of timing them all. The bias and a residual branch follow in one pass
+configuration its heuristics A and B list (~60; the fallback list's generic engines only when they
+list none) on the first call's own tensors, and runs the fastest from then on; the choice is kept on
+disk (:func:`choices_file`), so a later process builds only that configuration instead of timing
+them all. The bias and a residual branch follow in one pass
 (:func:`oasis.vae_kernels.add_bias_`): cuDNN can fuse them into the convolution, but only with
 kernels it compiles at run time (~0.3 s each to build, and not faster than the precompiled ones
 plus that pass: entry 18c).
@@ -41,9 +42,10 @@ __all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "c
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
-#: part of each recorded choice's key: raised when the way configurations are timed changes, so that
-#: choices made the old way are timed again (2: an untimed first run before the timed ones)
-CHOICE_VERSION = 2
+#: part of each recorded choice's key: raised when the way configurations are timed or listed changes,
+#: so that choices made the old way are timed again (2: an untimed first run before the timed ones;
+#: 3: heuristic B's configurations as well)
+CHOICE_VERSION = 3
 #: candidates needing more scratch memory than this are not tried
 WORKSPACE_LIMIT = 256 << 20
 _PLANS: dict = {}  # geometry -> _ConvPlan, or None where the frontend declined it
@@ -284,20 +286,37 @@ class _ConvPlan:
         self.out_shape = _out_shape(x, weight, stride, padding)
         if min(self.out_shape) < 1:
             raise ValueError(f"empty output {self.out_shape}")
-        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
-        X = g.tensor(name="x", dim=list(x.shape), stride=_channels_last_strides(x.shape), data_type=io)
-        W = g.tensor(name="w", dim=list(weight.shape), stride=_channels_last_strides(weight.shape), data_type=io)
         nd = x.dim() - 2
-        Y = g.conv_fprop(image=X, weight=W, pre_padding=list(padding), post_padding=list(padding),
-                         stride=list(stride), dilation=[1] * nd, compute_data_type=f32)
-        Y.set_output(True).set_data_type(io).set_dim(self.out_shape).set_stride(_channels_last_strides(self.out_shape))
-        self.order = [X, W, Y]
-        g.validate()
-        g.build_operation_graph()
-        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        g.check_support()
+
+        def graph(modes):
+            g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
+            X = g.tensor(name="x", dim=list(x.shape), stride=_channels_last_strides(x.shape), data_type=io)
+            W = g.tensor(name="w", dim=list(weight.shape), stride=_channels_last_strides(weight.shape), data_type=io)
+            Y = g.conv_fprop(image=X, weight=W, pre_padding=list(padding), post_padding=list(padding),
+                             stride=list(stride), dilation=[1] * nd, compute_data_type=f32)
+            Y.set_output(True).set_data_type(io).set_dim(self.out_shape).set_stride(_channels_last_strides(self.out_shape))
+            g.validate()
+            g.build_operation_graph()
+            g.create_execution_plans(modes)
+            g.check_support()
+            if not g.get_execution_plan_count():
+                raise RuntimeError(f"no engine configuration from {modes}")
+            return g, [X, W, Y]
+
+        # the configurations of both heuristics (B lists ~25 that A does not, one of them the fastest
+        # at 192 channels, 360p); the fallback list's generic engines (one takes ~2 s a call at 720p)
+        # only when those give none
+        try:
+            g, self.order = graph([cudnn.heur_mode.A, cudnn.heur_mode.B])
+        except Exception as e:
+            _LOG.debug("heuristics A and B gave no configuration (%s); the fallback list", e)
+            g, self.order = graph([cudnn.heur_mode.FALLBACK])
         self.graph = g
-        self.candidates = list(range(g.get_execution_plan_count()))
+        # one index per configuration (a configuration both heuristics list is timed once)
+        first: dict[str, int] = {}
+        for i in range(g.get_execution_plan_count()):
+            first.setdefault(g.get_plan_name_at_index(i), i)
+        self.candidates = list(first.values())
         if not self.candidates:
             raise RuntimeError("no engine configuration")
         self.best = None  # chosen at the first run, on its tensors (or recorded by an earlier process)
@@ -339,10 +358,11 @@ class _ConvPlan:
         return a.elapsed_time(b)
 
     def _tune(self, feeds) -> None:
-        """Build and time each candidate on this call's tensors: an untimed first run (it loads the
-        configuration's kernels: CUDA loads a module at its first launch, which would make every
-        candidate look slow once), a timed one, and where that is within 1.5x of the fastest so far,
-        two more, the median counting."""
+        """Build and time each candidate on this call's tensors: a first run, untimed by events (it
+        loads the configuration's kernels: CUDA loads a module at its first launch, which would make
+        every candidate look slow once), then, unless its wall time already says it is far slower than
+        the fastest so far, a timed run, and where that is within 1.5x of the fastest, two more, the
+        median counting."""
         g = self.graph
         start = time.perf_counter()
         for i in self.candidates:
@@ -352,9 +372,16 @@ class _ConvPlan:
                 if size > WORKSPACE_LIMIT:
                     continue
                 ws = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+                torch.cuda.synchronize(self.device)
+                cold = time.perf_counter()
                 self._execute(i, feeds, ws)
+                torch.cuda.synchronize(self.device)
+                cold_ms = (time.perf_counter() - cold) * 1e3
+                best = min(self.times_ms.values(), default=None)
+                if best is not None and cold_ms > 3 * best + 2:  # the kernels' loading is ~1 ms
+                    continue
                 runs = [self._timed(i, feeds, ws)]
-                if not self.times_ms or runs[0] < 1.5 * min(self.times_ms.values()):
+                if best is None or runs[0] < 1.5 * best:
                     runs += [self._timed(i, feeds, ws) for _ in range(2)]
                 self.times_ms[i] = statistics.median(runs)
             except Exception as e:  # a configuration that does not build or run here
