@@ -302,7 +302,7 @@ def _restore(args, device, rank: int, world: int) -> int:
     took = time.perf_counter() - t0
     tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
     print(f"oasis-vsr: wrote {args.output}: {frames} frames {width * s}x{height * s} in {took:.1f} s "
-          f"(chunks of {plan.chunk_frames} frames{tiles}{', each decoded in one call' if plan.whole_decode else ''}"
+          f"(chunks of {plan.chunk_frames} frames{tiles}"
           f"{f', {world} processes' if world > 1 else ''}){' [untrained demo]' if args.demo else ''}",
           file=sys.stderr)
     _report_conv_timing()

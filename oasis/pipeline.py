@@ -20,7 +20,6 @@ A checkpoint folder (:meth:`OasisVSR.save_pretrained` writes one)::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -191,15 +190,14 @@ class OasisVSR:
         # under sequence parallelism the residual's gradient counts each frame on one rank (as v's does)
         return self.dit.own_frames_gradient(z_low) - self.sigma * v.float()
 
-    def decode(self, z_high: torch.Tensor, *, whole: bool = False) -> torch.Tensor:
-        """``[B, 16, T, H, W]`` -> ``[B, 3, 1 + 4(T-1), 8H, 8W]`` in [-1, 1]; ``whole``: all T latent
-        frames in one decoder call (faster; memory growing with T)."""
-        return self.decoder(z_high, whole=whole)
+    def decode(self, z_high: torch.Tensor) -> torch.Tensor:
+        """``[B, 16, T, H, W]`` -> ``[B, 3, 1 + 4(T-1), 8H, 8W]`` in [-1, 1]."""
+        return self.decoder(z_high)
 
     @torch.no_grad()
-    def restore_clip(self, video: torch.Tensor, *, whole_decode: bool = False) -> torch.Tensor:
+    def restore_clip(self, video: torch.Tensor) -> torch.Tensor:
         """The three stages on one clip that fits: ``[B, 3, 4k+1, h, w]`` -> ``[B, 3, 4k+1, 4h, 4w]``."""
-        return self.decode(self.restore(self.project(video)), whole=whole_decode).float()
+        return self.decode(self.restore(self.project(video))).float()
 
     # -- whole videos ---------------------------------------------------------------------------------------
     def plan(self, frames: int, height: int, width: int, *, memory_budget: float | None = None,
@@ -214,24 +212,14 @@ class OasisVSR:
         cfg = self.dit.config
         elem = torch.finfo(self.dit.dtype).bits // 8
 
-        ft = self.projector.config.frames_per_latent
-
-        def estimate(f, h, w, whole=False):
+        def estimate(f, h, w):
             return estimate_bytes(f, h, w, dim=cfg.dim, ffn_dim=cfg.ffn_dim, elem=elem, scale=self.scale,
                                   decoder_width=self.decoder.width, decoder_values=self.decoder.working_values,
-                                  decoder_frame_values=self.decoder.whole_clip_values if whole else 0,
-                                  frame_area=height * width, frames_per_latent=ft, pixels_per_token=a)
+                                  frame_area=height * width,
+                                  frames_per_latent=self.projector.config.frames_per_latent, pixels_per_token=a)
 
-        plan = plan_tiles(frames, height, width, budget=budget, estimate=estimate, chunk_frames=chunk_frames,
-                          tile=tile, frames_per_latent=ft, align=a)
-        # then each clip's latents in one decoder call where the budget holds that too: 0.60 s against
-        # 0.70 s for 33 frames of 720p at f1f7080, 35.5 GiB against 7.5 (docs/PERF.md entry 18d)
-        if self.decoder.whole_clip_values:
-            th, tw = plan.tile if plan.tiled else (height, width)
-            need = estimate(min(plan.chunk_frames, frames + ft), th, tw, whole=True)
-            if budget is None or need <= budget:
-                plan = dataclasses.replace(plan, whole_decode=True, estimated_bytes=max(need, plan.estimated_bytes))
-        return plan
+        return plan_tiles(frames, height, width, budget=budget, estimate=estimate, chunk_frames=chunk_frames,
+                          tile=tile, frames_per_latent=self.projector.config.frames_per_latent, align=a)
 
     def _budget(self, memory_budget) -> int | None:
         """Bytes left for activations: the budget (GiB) less the weights, or 90% of the free GPU memory
@@ -320,7 +308,7 @@ class OasisVSR:
                 acc = torch.zeros(3, t1 - t0, ph * s, pw * s, device=self.device)
                 for (h0, h1), hw_ in zip(h_spans, h_weights):
                     for (w0, w1), ww_ in zip(w_spans, w_weights):
-                        out = self.restore_clip(clip_at(t0, t1, h0, h1, w0, w1), whole_decode=plan.whole_decode)[0]
+                        out = self.restore_clip(clip_at(t0, t1, h0, h1, w0, w1))[0]
                         weight = (hw_.repeat_interleave(s)[:, None] * ww_.repeat_interleave(s)[None]).to(out.device)
                         acc[:, :, h0 * s:h1 * s, w0 * s:w1 * s] += out * weight
                         if bar is not None:

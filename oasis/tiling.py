@@ -64,9 +64,6 @@ class TilePlan:
     tile: tuple[int, int]
     tile_overlap: int
     estimated_bytes: int
-    #: the decoder takes each clip's latent frames in one call (faster, memory growing with the frames)
-    #: instead of one latent frame at a time, where the budget holds it
-    whole_decode: bool = False
 
     @property
     def tiled(self) -> bool:
@@ -75,7 +72,7 @@ class TilePlan:
 
 def estimate_bytes(frames: int, height: int, width: int, *, dim: int, ffn_dim: int, elem: int, scale: int,
                    decoder_width: int = 96, frame_area: int | None = None, frames_per_latent: int = 4,
-                   pixels_per_token: int = 4, decoder_values: int = 5700, decoder_frame_values: int = 0) -> int:
+                   pixels_per_token: int = 4, decoder_values: int = 5700) -> int:
     """Peak activation bytes of restoring one LQ chunk ``frames x height x width`` (weights excluded);
     ``frame_area`` is the whole LQ frame's when ``height x width`` is one tile of it.
 
@@ -83,18 +80,14 @@ def estimate_bytes(frames: int, height: int, width: int, *, dim: int, ffn_dim: i
     and the FFN's hidden layer twice (about ``elem*(8*dim + 2*ffn) + 12*dim`` bytes). Decoder: the Wan
     decoder runs one latent frame at a time, so its working set scales with the output frame's area
     and its channel width: ~5700 values per output pixel at Wan2.1's width of 96 (from its measured
-    10.3 GiB peak at 720x1280, bf16). ``decoder_frame_values`` > 0: the decoder takes all the clip's
-    latent frames in one call, its working set that many values per output pixel of every frame.
-    Output: the chunk's whole frames, float32, twice (the accumulator and the blended result).
+    10.3 GiB peak at 720x1280, bf16). Output: the chunk's whole frames, float32, twice (the
+    accumulator and the blended result).
     """
     t = 1 + (frames - 1) // frames_per_latent
     tokens = t * math.ceil(height / pixels_per_token) * math.ceil(width / pixels_per_token)
     dit = tokens * (elem * (8 * dim + 2 * ffn_dim) + 12 * dim)
     out_pixels = height * width * scale * scale
-    if decoder_frame_values > 0:
-        decoder = frames * out_pixels * decoder_frame_values * decoder_width // 96 * elem
-    else:
-        decoder = out_pixels * decoder_values * decoder_width // 96 * elem
+    decoder = out_pixels * decoder_values * decoder_width // 96 * elem
     accumulators = 2 * frames * (frame_area or height * width) * scale * scale * 3 * 4
     return int(dit + decoder + accumulators)
 

@@ -216,13 +216,6 @@ class WanDecoder:
         return 5700  # diffusers' (9.9 GiB) and ours at chunk 1 without pieces (8.3 GiB)
 
     @property
-    def whole_clip_values(self) -> int:
-        """Activation values per output pixel of every frame when a clip's latents are decoded in one
-        call, for the memory plan (0: the decoder does not do that, diffusers'): 35.5 GiB for 33 frames
-        of 720x1280 on an H200, rounded up (f1f7080, docs/PERF.md entry 18b)."""
-        return 650 if isinstance(self.vae, WanVAE) else 0
-
-    @property
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
@@ -234,11 +227,8 @@ class WanDecoder:
         return z.float() * self.std.to(z.device) + self.mean.to(z.device)
 
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor, *, whole: bool = False) -> torch.Tensor:
-        """``whole``: all of ``z``'s latent frames in one call (ours; the same numbers, more memory)."""
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
         raw = self.raw_latents(z).to(self.dtype)
         if isinstance(self.vae, WanVAE):
-            if whole:
-                return self.vae.decode(raw)
             return self.vae.decode(raw, chunk=self.chunk, piece_frames=self.piece_frames)
         return self.vae.decode(raw).sample

@@ -121,7 +121,7 @@ def pointwise_restore(pipe, monkeypatch):
     """Replace the model by a per-pixel map (nearest x4): chunk and tile borders then show as seams
     if and only if the blending is wrong."""
 
-    def restore_clip(video, whole_decode=False):
+    def restore_clip(video):
         return F.interpolate(video, scale_factor=(1, 4, 4), mode="nearest").tanh()
 
     monkeypatch.setattr(pipe, "restore_clip", restore_clip)
@@ -156,7 +156,7 @@ def test_clips_are_the_video_with_replicated_borders(pipe, monkeypatch, frames, 
     the video's edge."""
     seen = []
 
-    def restore_clip(clip, whole_decode=False):
+    def restore_clip(clip):
         seen.append(clip.clone())
         return F.interpolate(clip, scale_factor=(1, 4, 4), mode="nearest")
 
@@ -193,17 +193,13 @@ def test_real_model_in_chunks(pipe):
 
 
 def test_memory_budget_picks_chunks_then_tiles_or_refuses(pipe):
+    big = pipe.plan(81, 64, 64)
+    assert big.chunk_frames == 81 and not big.tiled
     weights = pipe._weight_bytes() / 2**30
-
-    def framewise(*size):  # the decoder one latent frame at a time (a budget just below its whole-clip call)
-        return pipe.plan(*size, memory_budget=weights + pipe.plan(*size).estimated_bytes * 0.99 / 2**30)
-
-    big = framewise(81, 64, 64)
-    assert big.chunk_frames == 81 and not big.tiled and not big.whole_decode
     need = big.estimated_bytes / 2**30
     smaller = pipe.plan(81, 64, 64, memory_budget=weights + need * 0.75)
     assert smaller.chunk_frames < 81
-    whole = framewise(81, 512, 512).estimated_bytes / 2**30
+    whole = pipe.plan(81, 512, 512).estimated_bytes / 2**30
     tiled = pipe.plan(81, 512, 512, memory_budget=weights + whole / 8)
     assert tiled.tiled and tiled.estimated_bytes <= whole / 8 * 2**30
     with pytest.raises(MemoryError, match="memory budget"):
@@ -214,25 +210,6 @@ def test_memory_budget_picks_chunks_then_tiles_or_refuses(pipe):
         pipe.plan(20, 8, 8, tile=10)
     with pytest.raises(ValueError, match="memory_budget"):
         pipe.plan(20, 8, 8, memory_budget=-1)
-
-
-def test_whole_clip_decode_where_the_budget_holds_it(pipe):
-    """The plan takes each clip's latents in one decoder call when the budget holds that (no budget:
-    always), else one latent frame at a time; both give the same frames."""
-    weights = pipe._weight_bytes() / 2**30
-    whole = pipe.plan(9, 16, 24)
-    assert whole.whole_decode and whole.chunk_frames == 9 and not whole.tiled
-    framewise = pipe.plan(9, 16, 24, memory_budget=weights + whole.estimated_bytes * 0.99 / 2**30)
-    assert not framewise.whole_decode and framewise.chunk_frames == 9
-    assert framewise.estimated_bytes < whole.estimated_bytes
-    assert pipe.plan(9, 16, 24, memory_budget=weights + whole.estimated_bytes * 1.01 / 2**30).whole_decode
-    z = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        torch.testing.assert_close(pipe.decode(z, whole=True), pipe.decode(z), rtol=1e-5, atol=1e-5)
-    video = random_video(9, 16, 24, seed=4)
-    a = pipe(video, progress=False)
-    b = pipe(video, progress=False, memory_budget=weights + whole.estimated_bytes * 0.99 / 2**30)
-    assert (a.int() - b.int()).abs().max() <= 1  # rounding at .5 boundaries only
 
 
 def test_bad_video_inputs(pipe):
