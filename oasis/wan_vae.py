@@ -124,6 +124,14 @@ def _cat_frames(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _take(handed: list) -> torch.Tensor:
+    """The tensor a caller handed over as ``[x]``, the list emptied. A plain argument stays referenced
+    until the call returns (the caller's variable, ``nn.Module.__call__``'s arguments); handed over
+    this way it is freed as soon as the callee drops it: at 720p each stage input is ~0.33 GB that
+    would otherwise outlive its use (docs/PERF.md entry 18e)."""
+    return handed.pop()
+
+
 def _per_frame(x: torch.Tensor, fn) -> torch.Tensor:
     """``fn`` on each frame of ``[B, C, T, H, W]`` as a batch of images (views both ways in either layout)."""
     b, c, t, h, w = x.shape
@@ -154,44 +162,61 @@ class CausalConv3d(nn.Conv3d):
         b = self.bias if bias is True else (None if bias is False else bias)
         return conv(x, self.weight, b, residual, stride=self.stride, padding=(0, *self.space_pad))
 
-    def _history(self, x: torch.Tensor, cache: dict | None) -> torch.Tensor:
-        """A buffer ``[B, C, time_pad + T, H, W]`` holding the cached frames (or zeros) in front."""
+    def _history(self, x: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A buffer ``[B, C, time_pad + T, H, W]`` holding the cached frames (or zeros) in front, and the
+        tensor this call's last frames are to be kept in: the cache entry just copied into the buffer,
+        overwritten in place where its shape allows (so a layer never holds two entries at once), else
+        None (a new one is made)."""
         buf = _frames_like(x, self.time_pad + x.shape[2])
         prev = None if cache is None else cache.get(self)
         if prev is None:
             buf[:, :, :self.time_pad].zero_()
         else:
             buf[:, :, :self.time_pad].copy_(prev)
-        return buf
+        # (not under autograd: there the entry is part of the graph)
+        last = buf[:, :, -self.time_pad:]
+        reusable = (prev is not None and not prev.requires_grad and prev.shape == last.shape
+                    and prev.dtype == last.dtype and prev.device == last.device)
+        return buf, prev if reusable else None
 
-    def _remember(self, buf: torch.Tensor, cache: dict | None) -> None:
-        if cache is not None:  # a copy: a view would keep the whole buffer alive
-            cache[self] = buf[:, :, -self.time_pad:].clone()
+    def _remember(self, buf: torch.Tensor, keep: torch.Tensor | None, cache: dict | None) -> None:
+        """The buffer's last frames as this layer's cache entry: into ``keep``, else a copy (a view
+        would keep the whole buffer alive)."""
+        if cache is not None:
+            last = buf[:, :, -self.time_pad:]
+            cache[self] = last.clone() if keep is None else keep.copy_(last)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         if self.time_pad:
-            buf = self._history(x, cache)
+            buf, keep = self._history(x, cache)
             buf[:, :, self.time_pad:].copy_(x)
-            self._remember(buf, cache)
+            self._remember(buf, keep, cache)
             x = buf
         return self._conv(x)
+
+    def normed_input(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, *,
+                     x_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``SiLU(norm(x + x_bias))`` written once, straight behind the cached frames: the buffer this
+        convolution reads (:meth:`_conv`); ``x_bias``: the bias of the convolution that made ``x``, left
+        out there. The caller may drop ``x`` before the convolution (its output then takes x's place)."""
+        buf, keep = self._history(x, cache)
+        # the next call's cache (this call's last frames) written by the norm pass itself where the
+        # new frames cover it, instead of copied out of the buffer after it
+        covered = cache is not None and 0 < self.time_pad <= x.shape[2]
+        tail = (keep if keep is not None else _frames_like(x, self.time_pad)) if covered else None
+        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:], bias=x_bias, tail=tail)
+        if tail is None:
+            self._remember(buf, keep, cache)
+        else:
+            cache[self] = tail
+        return buf
 
     def forward_normed(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, *,
                        x_bias: torch.Tensor | None = None, bias: bool | torch.Tensor = True,
                        residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``conv(SiLU(norm(x + x_bias))) + bias + residual``, the activation written once, straight
-        behind the cached frames; ``x_bias``: the bias of the convolution that made ``x``, left out
-        there; ``bias`` as in :meth:`_conv`."""
-        buf = self._history(x, cache)
-        # the next call's cache (this call's last frames) written by the norm pass itself where the
-        # new frames cover it, instead of copied out of the buffer after it
-        tail = _frames_like(x, self.time_pad) if cache is not None and 0 < self.time_pad <= x.shape[2] else None
-        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:], bias=x_bias, tail=tail)
-        if tail is None:
-            self._remember(buf, cache)
-        else:
-            cache[self] = tail
-        return self._conv(buf, bias, residual)
+        """``conv(SiLU(norm(x + x_bias))) + bias + residual`` (:meth:`normed_input`; ``bias`` as in
+        :meth:`_conv`)."""
+        return self._conv(self.normed_input(x, norm, cache, x_bias=x_bias), bias, residual)
 
 
 class RMSNorm(nn.Module):
@@ -226,7 +251,9 @@ class ResidualBlock(nn.Module):
             wide = torch.promote_types(bias.dtype, torch.float32)  # summed once, in at least float32
             bias = bias.to(wide) + self.conv_shortcut.bias.to(wide)
         y = self.conv1.forward_normed(x, self.norm1, cache, bias=False)
-        return self.conv2.forward_normed(y, self.norm2, cache, x_bias=self.conv1.bias, bias=bias, residual=h)
+        buf = self.conv2.normed_input(y, self.norm2, cache, x_bias=self.conv1.bias)
+        del y  # read into buf: freed before conv2's output is allocated
+        return self.conv2._conv(buf, bias, h)
 
 
 class AttentionBlock(nn.Module):
@@ -335,7 +362,9 @@ class UpBlock(nn.Module):
     def temporal(self) -> bool:
         return self.upsamplers is not None and self.upsamplers[0].time_conv is not None
 
-    def forward(self, x, cache, starts):
+    def forward(self, handed: list, cache, starts):
+        """``handed``: ``[x]``, emptied here (see :func:`_take`)."""
+        x = _take(handed)
         for r in self.resnets:
             x = r(x, cache)
         return x if self.upsamplers is None else self.upsamplers[0](x, cache, starts)
@@ -407,16 +436,29 @@ class WanDecoder3d(nn.Module):
         """``piece_frames``: once no temporal upsampler is left (the two largest stages of Wan2.1's
         decoder), run the rest on pieces of at most this many frames, one after the other: the causal
         cache makes that exact, and the working set of those stages shrinks with the piece."""
-        return self._stages(0, self.mid_block(self.conv_in(z, cache), cache), cache, starts, piece_frames)
+        handed = [self.mid_block(self.conv_in(z, cache), cache)]
+        return _cat_frames(self._stages(0, handed, cache, starts, piece_frames))
 
-    def _stages(self, i, x, cache, starts, piece):
-        if piece is not None and x.shape[2] > piece and not any(b.temporal for b in self.up_blocks[i:]):
-            t = x.shape[2]
-            return _cat_frames([self._stages(i, x[:, :, s:s + piece], cache, starts and s == 0, None)
-                                for s in range(0, t, piece)])
-        if i == len(self.up_blocks):
-            return self.conv_out.forward_normed(x, self.norm_out, cache)
-        return self._stages(i + 1, self.up_blocks[i](x, cache, starts), cache, starts, piece)
+    def _stages(self, i, handed: list, cache, starts, piece) -> list[torch.Tensor]:
+        """Stages ``i`` on of ``handed`` (``[x]``, emptied: each stage's input is freed as soon as the
+        stage is done with it, :func:`_take`); the outputs, one per piece."""
+        while i < len(self.up_blocks):
+            t = handed[0].shape[2]
+            if piece is not None and t > piece and not any(b.temporal for b in self.up_blocks[i:]):
+                # each piece a copy of its own, so that its frames are freed once its first block has
+                # read them, not when the last piece ends
+                x = _take(handed)
+                parts = [_frames_like(x, min(piece, t - s)).copy_(x[:, :, s:s + piece]) for s in range(0, t, piece)]
+                del x
+                outs = []
+                for k in range(len(parts)):
+                    one = [parts[k]]
+                    parts[k] = None
+                    outs += self._stages(i, one, cache, starts and k == 0, None)
+                return outs
+            handed.append(self.up_blocks[i](handed, cache, starts))
+            i += 1
+        return [self.conv_out.forward_normed(_take(handed), self.norm_out, cache)]
 
 
 def _check_input(x: torch.Tensor, what: str, weight: torch.Tensor, min_side: int = 1) -> None:
@@ -534,6 +576,7 @@ class WanVAE(nn.Module):
             y = self.decoder(x[:, :, s:s + step], cache, starts=s == 0, piece_frames=piece_frames)
             f0 = 0 if s == 0 else 1 + tf * (s - 1)
             out[:, :, f0:f0 + y.shape[2]].copy_(y.clamp_(-1.0, 1.0) if clamp else y)
+            del y  # not held through the next chunk
         return out
 
     def _decode_tiles(self, z, chunk, piece_frames, tile, overlap, clamp=True):

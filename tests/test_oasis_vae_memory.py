@@ -1,0 +1,84 @@
+"""oasis.wan_vae: what the decoder keeps alive while it decodes (its peak memory at 720p is these
+tensors: docs/PERF.md entry 18e). Each test watches tensor objects through weak references on a tiny
+config on the CPU; the arithmetic is unchanged by any of this (test_oasis_vae.py compares it with
+diffusers)."""
+
+import weakref
+
+import pytest
+import torch
+
+from oasis.wan_vae import CausalConv3d, ResidualBlock, UpBlock, WanVAE, WanVAEConfig
+
+
+def tiny():
+    torch.manual_seed(0)
+    return WanVAE(WanVAEConfig(base_dim=8, dim_mult=(1, 2, 2, 2), num_res_blocks=1), encoder=False).eval()
+
+
+@pytest.mark.parametrize("piece", [None, 2, 1])
+def test_each_stage_input_is_freed_before_the_next_stage(monkeypatch, piece):
+    """When a stage starts, every earlier stage's input is gone: none is held by the stages' caller
+    until the chunk ends (a recursion did that, ~0.33 GB a stage at 720p)."""
+    vae = tiny()
+    seen, starts = [], []
+    real = UpBlock.forward
+
+    def spy(self, handed, cache, starts_):
+        alive = [i for i, r in enumerate(seen) if r() is not None]
+        assert not alive, f"stage inputs {alive} of {len(seen)} still alive"
+        seen.append(weakref.ref(handed[0]))
+        starts.append(1)
+        return real(self, handed, cache, starts_)
+
+    monkeypatch.setattr(UpBlock, "forward", spy)
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 16, 3, 3, 4), chunk=1, piece_frames=piece)
+    assert len(starts) >= 3 * 4  # every chunk through every stage
+
+
+def test_conv1_output_is_freed_before_conv2_runs(monkeypatch):
+    """Inside a residual block, conv1's output is read into conv2's buffer by the norm pass and then
+    dropped, before conv2's output is allocated."""
+    vae = tiny()
+    conv2s = {m.conv2 for m in vae.modules() if isinstance(m, ResidualBlock)}
+    pending, checked = {}, []
+    real_input, real_conv = CausalConv3d.normed_input, CausalConv3d._conv
+
+    def normed_input(self, x, *args, **kwargs):
+        buf = real_input(self, x, *args, **kwargs)
+        if self in conv2s:
+            pending[self] = weakref.ref(x)
+        return buf
+
+    def conv(self, x, *args, **kwargs):
+        ref = pending.pop(self, None)
+        if ref is not None:
+            assert ref() is None, "conv1's output is still alive when conv2 runs"
+            checked.append(1)
+        return real_conv(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(CausalConv3d, "normed_input", normed_input)
+    monkeypatch.setattr(CausalConv3d, "_conv", conv)
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 16, 2, 3, 4), chunk=1, piece_frames=2)
+    assert len(checked) >= len(conv2s)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cache_entries_are_overwritten_in_place(channels_last):
+    """Each layer's cached frames go into the storage of the entry they replace (no moment with two
+    entries of one layer): from the second chunk on, every entry; under autograd none, as the old
+    entry is part of the graph."""
+    vae = tiny().channels_last(channels_last)
+    x = torch.randn(1, 16, 3, 3, 4).contiguous(memory_format=vae.memory_format)
+    for grad in (False, True):
+        cache: dict = {}
+        with torch.set_grad_enabled(grad):
+            z = vae.post_quant_conv(x.clone().requires_grad_(grad))
+            vae.decoder(z[:, :, :1], cache, starts=True, piece_frames=2)
+            vae.decoder(z[:, :, 1:2], cache, starts=False, piece_frames=2)
+            before = {layer: entry.data_ptr() for layer, entry in cache.items()}
+            vae.decoder(z[:, :, 2:], cache, starts=False, piece_frames=2)
+        same = sum(entry.data_ptr() == before.get(layer) for layer, entry in cache.items())
+        assert len(cache) > 10 and same == (0 if grad else len(cache)), (grad, same, len(cache))
