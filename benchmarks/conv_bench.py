@@ -11,7 +11,7 @@ times, on random bf16 data with the cache's two frames in front:
   inputs, summed (a check on whether cuDNN's 3D path lags its 2D one);
 - ``ndhwc_pad16`` (convolutions to fewer than 16 channels): the weight padded to 16 with zeros;
 - ``tuned``: :func:`oasis.vae_conv.conv` inside ``tuning()``: the fastest of the engine
-  configurations cuDNN's heuristic lists, timed at the first call (needs the cuDNN frontend; the
+  configurations cuDNN's heuristics A and B list, timed at the first call (needs the cuDNN frontend; the
   engine chosen is in the JSON);
 
 and the matmul ceiling: ``torch.mm`` of 8192x8192x8192 and of the convolution's own implicit-GEMM

@@ -6,9 +6,9 @@ processes: ``--clips`` pairs, or 4 per worker (2 at least) where that is more. I
 the arrival of the first wave of clips (one per worker: the workers' start-up and first clip,
 reported apart as "first wave s") to the last, the rate over the whole row, and the seconds per clip
 and worker this rate implies (what a worker spends on a clip only where the workers set the rate: the
-source alone and the degradation side alone tell which side does). The issue's bar: at least 4x the clips/s a training step consumes; divide a
-step's clips (batch x accumulate x GPUs) by its seconds and compare with the steady rate (a
-trainer's loader starts once and keeps its workers busy).
+source alone and the degradation side alone tell which side does). The issue's bar: at least 4x the
+clips/s a training step consumes; divide a step's clips (batch x accumulate x GPUs) by its seconds
+and compare with the steady rate (a trainer's loader starts once and keeps its workers busy).
 
 ``--device cuda`` degrades in the main process as ``oasis-train``'s ``degrade_on = "device"`` does:
 the workers load HQ clips only, and ``--threads`` threads (``degrade_threads``) degrade them with

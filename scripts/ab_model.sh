@@ -14,14 +14,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-names=(main)
-for dir in .variants/*/; do
-    [ -d "$dir/oasis" ] && names+=("$(basename "$dir")")
-done
+. scripts/oasis_variants.sh
 for ((round = 1; round <= ${REPEAT:-1}; round++)); do
     for name in "${names[@]}"; do
-        path=.
-        [ "$name" = main ] || path=.variants/$name:.
+        path=$(variant_path "$name")
         echo "== $name, round $round"
         inductor=()
         [ -n "${INDUCTOR:-}" ] && inductor=(--inductor-options "$INDUCTOR")

@@ -14,14 +14,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=${XDG_CACHE_HOME:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-names=(main)
-for dir in .variants/*/; do
-    [ -d "$dir/oasis" ] && names+=("$(basename "$dir")")
-done
+. scripts/oasis_variants.sh
 for ((round = 1; round <= ${REPEAT:-1}; round++)); do
     for name in "${names[@]}"; do
-        path=.
-        [ "$name" = main ] || path=.variants/$name:.
+        path=$(variant_path "$name")
         echo "== $name, round $round"
         eval "extra=(${ARGS:-})"
         PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} OASIS_COMMIT=$name python3 benchmarks/vae_bench.py \
