@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=float, default=18, help="encoder quality (libx264 CRF; lower is better, default 18)")
     p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-audio", action="store_true",
+                   help="leave the input's sound out (default: copied, cut where the restored frames end; "
+                        "re-encoded to AAC where the output's container cannot hold its codec)")
     p.add_argument("--vae", choices=["oasis", "diffusers"], default="oasis",
                    help="decoder: ours (default) or diffusers' AutoencoderKLWan (the reference; same numbers)")
     p.add_argument("--no-compile", action="store_true",
@@ -248,7 +251,7 @@ def _restore(args, device, rank: int, world: int) -> int:
                   "the pipeline working, not super-resolution quality", file=sys.stderr)
         pipe = tiny_pipeline(device=device)
         video = synthetic_clip(args.max_frames or 17, 48, 80)
-        fps, color_range, colorspace = 24, None, None
+        fps, color_range, colorspace, rotation = 24, None, None, 0
     else:
         from .pipeline import OasisVSR
 
@@ -265,7 +268,7 @@ def _restore(args, device, rank: int, world: int) -> int:
             pipe.plan(min(info.num_frames, args.max_frames or info.num_frames), info.height, info.width,
                       memory_budget=args.memory_budget, chunk_frames=args.chunk_frames, tile=args.tile)
         video, info = read_video(args.input, max_frames=args.max_frames)
-        fps, color_range, colorspace = info.fps, info.color_range, info.colorspace
+        fps, color_range, colorspace, rotation = info.fps, info.color_range, info.colorspace, info.rotation
     frames, height, width, _ = video.shape
     budget = args.memory_budget
     if world > 1 and device.type == "cuda" and budget is None:
@@ -296,9 +299,12 @@ def _restore(args, device, rank: int, world: int) -> int:
             pass
         return 0
     with VideoWriter(args.output, width * s, height * s, fps, crf=args.crf, color_range=color_range,
-                     colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None) as out:
+                     colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
+                     rotation=rotation, audio_from=None if args.demo or args.no_audio else args.input) as out:
         for block in blocks:
             out.write(block)
+    if out.audio_streams:
+        print(f"oasis-vsr: sound: {', '.join(out.audio_streams)}", file=sys.stderr)
     took = time.perf_counter() - t0
     tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
     print(f"oasis-vsr: wrote {args.output}: {frames} frames {width * s}x{height * s} in {took:.1f} s "

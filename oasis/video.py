@@ -26,9 +26,15 @@ Colour handling
   is what decoders assume, and warns if "pc" was asked for: the pixels stay right, only
   the range differs from the input.
 
-Rotation metadata (display matrix, e.g. from phones) is not handled at all: frames are
-returned as stored and written without rotation, so a portrait phone clip reads as
-landscape.
+Rotation and sound
+------------------
+* Rotation (the display matrix phones write): frames are read as stored and
+  :attr:`VideoInfo.rotation` says how a player turns them; :class:`VideoWriter` writes the same
+  tag (``rotation=``), so an upscaled portrait clip plays upright as its source did.
+* Sound: ``VideoWriter(..., audio_from=SOURCE)`` copies the source's audio streams into the
+  output, packet for packet, cut where the written video ends (``--max-frames``) and timed from
+  the source's first video frame; a codec the output container cannot hold is re-encoded to AAC,
+  and one that cannot be either is left out with a warning.
 """
 
 from __future__ import annotations
@@ -117,6 +123,9 @@ class VideoInfo:
     pix_fmt: str
     color_range: str | None
     colorspace: str | None
+    #: degrees a player turns the stored frames (the display matrix; 0 when absent); known after
+    #: :func:`read_video` (from the first frame), 0 from :func:`probe_video`
+    rotation: int = 0
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -260,7 +269,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
 
     Returns ``(frames, info)``: ``frames`` is uint8 ``[F, H, W, 3]`` on CPU with F the
     number of decoded frames (all, or the first ``max_frames``), and ``info.num_frames``
-    is F. Rotation metadata is ignored: frames come out as stored. Raises
+    is F. Frames come out as stored; ``info.rotation`` is how a player turns them. Raises
     :class:`VideoError` for an unusable file, a clip with zero decodable frames, a
     decoding error or a frame size that changes mid-stream.
     """
@@ -301,6 +310,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
         num_frames=len(frames),
         color_range=info.color_range or _range_name(first.color_range, first.format.name),
         colorspace=info.colorspace or _COLORSPACE_NAMES.get(int(first.colorspace or 2)),
+        rotation=round(first.rotation or 0) % 360,
     )
     return torch.from_numpy(np.stack(frames)), info
 
@@ -328,6 +338,8 @@ class VideoWriter:
     :data:`COLOUR_SIGNALLING_CODECS`; see the module notes for the others.
     ``keyframe_interval``: at most this many frames from one keyframe to the next (the encoder's
     group of pictures; None keeps its default, 250 for libx264), what a reader's seek lands on.
+    ``rotation``: degrees a player is to turn the frames (the display matrix; 0 writes none).
+    ``audio_from``: a video or audio file whose audio streams are copied in (module notes).
 
     The output directory must exist. The file is created (or overwritten) when the first
     encoded packet is written, so a writer closed without frames leaves no file (and an
@@ -347,9 +359,14 @@ class VideoWriter:
         color_range: str | None = None,
         colorspace: str | None = None,
         keyframe_interval: int | None = None,
+        rotation: int = 0,
+        audio_from=None,
     ):
         av = _import_av()
         p = os.fspath(path)
+        if isinstance(rotation, bool) or not isinstance(rotation, numbers.Real) or not math.isfinite(rotation):
+            raise VideoError(f"{p}: rotation must be a number of degrees, got {rotation!r}")
+        audio_source = None if audio_from is None else _input_path(audio_from)
         if keyframe_interval is not None:
             keyframe_interval = _positive_int(keyframe_interval, "keyframe_interval", VideoError, f"{p}: ")
         self.path = p
@@ -464,13 +481,28 @@ class VideoWriter:
             if self._tagged:
                 stream.codec_context.color_range = _RANGE_CODES[self.color_range]
                 stream.codec_context.colorspace = matrix_tag
+            if rotation % 360:
+                stream.set_display_rotation(float(rotation))
             # open now so a bad option or size fails here, not after the first chunk's work
             stream.codec_context.open()
         except (av.FFmpegError, OSError, ValueError) as e:
             self._abort()
             raise VideoError(f"{p}: cannot start the {self.codec} encoder ({_reason(e)})") from e
+        self.rotation = round(rotation) % 360
         self._stream = stream
         self._reformatter = av.video.reformatter.VideoReformatter()
+        self._audio = None
+        if audio_source is not None:
+            try:
+                self._audio = _AudioCopy(audio_source, self._container, p)
+            except BaseException:
+                self._abort()
+                raise
+
+    @property
+    def audio_streams(self) -> list[str]:
+        """What each copied audio stream became: ``"copied aac"``, ``"re-encoded pcm_s16le to aac"``."""
+        return [] if self._audio is None else list(self._audio.summary)
 
     @property
     def frames_written(self) -> int:
@@ -522,6 +554,8 @@ class VideoWriter:
             raise VideoError(
                 f"{self.path}: encoding failed at frame {self._frames_written} ({_reason(e)})"
             ) from e
+        if self._audio is not None:  # interleaved: the sound up to where the video is now
+            self._audio.copy_until(self._frames_written / self.fps)
 
     def close(self) -> None:
         """Flush the encoder and finish the file; closing twice is harmless."""
@@ -535,13 +569,19 @@ class VideoWriter:
         try:
             for packet in self._stream.encode(None):
                 container.mux(packet)
+            if self._audio is not None:
+                self._audio.finish(self._frames_written / self.fps)
         except av.FFmpegError as e:
             raise VideoError(f"{self.path}: flushing the encoder failed ({_reason(e)})") from e
         finally:
+            if self._audio is not None:
+                self._audio.close()
             container.close()
 
     def _abort(self) -> None:
         # nothing was muxed yet, so PyAV has not opened (or truncated) the file
+        if getattr(self, "_audio", None) is not None:
+            self._audio.close()
         container, self._container = self._container, None
         if container is not None:
             try:
@@ -561,6 +601,148 @@ class VideoWriter:
             self.close()
         except VideoError:
             pass
+
+
+class _AudioCopy:
+    """The audio streams of ``source`` copied into the open output ``container`` as the video is
+    written: packets as they are where the container takes the codec, else decoded and encoded to
+    AAC; timed from the source's first video frame (its start time), cut at the video's end."""
+
+    def __init__(self, source: str, container, out_path: str):
+        av = _import_av()
+        self._av = av
+        self._src = _open_input(source)
+        self.summary: list[str] = []
+        self._outs: dict = {}  # source stream index -> (output stream, encoder-side: re-encoded?)
+        self._lead: dict = {}  # source stream index -> seconds of priming before its start
+        try:
+            video = [s for s in self._src.streams.video
+                     if not (s.disposition & av.stream.Disposition.attached_pic)]
+            start = video[0].start_time * video[0].time_base if video and video[0].start_time is not None else 0
+            self._start = Fraction(start)
+            for stream in self._src.streams.audio:
+                self._add(stream, container, out_path)
+        except BaseException:
+            self._src.close()
+            raise
+        self._container = container
+        self._packets = self._src.demux(*[s for s in self._src.streams.audio if s.index in self._outs]) \
+            if self._outs else iter(())
+        self._held = None  # the first packet past the last copy_until, read but not yet due
+
+    def _add(self, stream, container, out_path: str) -> None:
+        """An output stream for ``stream``: a copy where the container takes its codec (tried on a
+        scratch file first, :func:`_muxes`), else AAC, else none (a warning)."""
+        av = self._av
+        name = stream.codec_context.name
+        sample = _first_packet(self._src.name, stream.index)
+        if sample is None:
+            return  # a stream without a single packet: nothing to copy
+        # an encoder's priming packets lie before the stream's start (AAC's 1024 samples, with an edit
+        # list to skip them): that much before the video's start is copied too, as the decoder needs it
+        self._lead[stream.index] = max(Fraction(0), -Fraction(sample.pts * sample.time_base))
+
+        def copy(probe):
+            sample.stream = probe.add_stream_from_template(stream)
+            probe.mux(sample)
+
+        if _muxes(container.format.name, copy):
+            self._outs[stream.index] = (container.add_stream_from_template(stream), False)
+            self.summary.append(f"copied {name}")
+            return
+        rate = stream.codec_context.sample_rate or 48000
+        # the channel count's standard layout (a stream may say only "2 channels", which AAC refuses)
+        channels = len(stream.codec_context.layout.channels) if stream.codec_context.layout else 2
+        layout = av.AudioLayout(f"{channels}c").name
+
+        def aac(probe):
+            out = probe.add_stream("aac", rate=rate, layout=layout)
+            silence = av.AudioFrame(format="fltp", layout=layout, samples=1024)
+            for plane in silence.planes:
+                plane.update(bytes(plane.buffer_size))
+            silence.sample_rate = rate
+            for packet in [*out.encode(silence), *out.encode(None)]:
+                probe.mux(packet)
+
+        if "aac" in av.codecs_available and _muxes(container.format.name, aac):
+            out = container.add_stream("aac", rate=rate, layout=layout)
+            self._outs[stream.index] = (out, True)
+            self.summary.append(f"re-encoded {name} to aac")
+            return
+        warnings.warn(f"{out_path}: its container cannot hold the source's {name} audio, nor AAC; "
+                      f"that audio stream is left out", RuntimeWarning, stacklevel=4)
+
+    def copy_until(self, seconds) -> None:
+        """Copy the packets that start before ``seconds`` of the output."""
+        limit = Fraction(seconds)
+        while True:
+            packet = self._held if self._held is not None else next(self._packets, None)
+            self._held = None
+            if packet is None:
+                return
+            if packet.pts is None or packet.dts is None and packet.size == 0:
+                continue  # a demuxer's flush packet
+            t = packet.pts * packet.time_base - self._start
+            if t >= limit:
+                self._held = packet
+                return
+            self._copy(packet, t)
+
+    def _copy(self, packet, t: Fraction) -> None:
+        out, encode = self._outs[packet.stream.index]
+        if not encode:
+            if t < -self._lead[packet.stream.index]:
+                return  # before the first video frame
+            shift = round(self._start / packet.time_base)
+            packet.pts -= shift
+            if packet.dts is not None:
+                packet.dts -= shift
+            packet.stream = out
+            self._container.mux(packet)
+            return
+        for frame in packet.decode():
+            ft = frame.pts * frame.time_base - self._start if frame.pts is not None else t
+            if ft < 0:
+                continue
+            frame.pts = None  # the encoder counts samples itself
+            for p in out.encode(frame):
+                self._container.mux(p)
+
+    def finish(self, seconds) -> None:
+        """Copy up to the video's end (``seconds``) and flush the encoders."""
+        self.copy_until(seconds)
+        for out, encode in self._outs.values():
+            if encode:
+                for p in out.encode(None):
+                    self._container.mux(p)
+
+    def close(self) -> None:
+        self._src.close()
+
+
+def _first_packet(path: str, index: int):
+    """The first packet of stream ``index`` of ``path`` with data (None if it has none)."""
+    av = _import_av()
+    with av.open(path) as src:
+        for packet in src.demux(src.streams[index]):
+            if packet.size and packet.pts is not None:
+                return packet
+    return None
+
+
+def _muxes(format_name: str, build) -> bool:
+    """Whether a file of ``format_name`` can be written with what ``build(container)`` adds and muxes
+    (a scratch file in memory): FFmpeg refuses a codec a format cannot hold only when it writes the
+    file's header, or its trailer (PCM in MP4), which is too late for the real file."""
+    import io
+
+    av = _import_av()
+    try:
+        with av.open(io.BytesIO(), mode="w", format=format_name) as probe:
+            build(probe)
+        return True
+    except (av.FFmpegError, ValueError, NotImplementedError, TypeError):
+        return False
 
 
 def write_video(path, frames, fps, **kwargs) -> None:

@@ -74,6 +74,27 @@ def test_checkpoint_on_a_video_file(tmp_path, capsys, checkpoint, clip):
     assert frames.shape[0] == 7 and frames.float().std() > 1
 
 
+def test_sound_and_rotation_come_along(tmp_path, capsys, checkpoint):
+    """A phone-like source (display matrix of 90 degrees, AAC sound): the x4 video keeps the turn and
+    the sound, cut at its last frame; ``--no-audio`` leaves the sound out."""
+    from test_oasis_video import audio_packets, with_sound
+
+    src = with_sound(tmp_path / "phone.mp4", synthetic_clip(7, 20, 28), 24, "aac", rotation=90)
+    out = tmp_path / "hq.mp4"
+    code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--max-frames", 5,
+                    "--no-progress")
+    assert code == 0, err
+    assert "sound: copied aac" in err
+    frames, info = read_video(out)
+    assert frames.shape[:3] == (5, 80, 112) and info.rotation == 90
+    copied, codec = audio_packets(out)
+    assert codec == "aac" and copied[-1][0] < 5 / 24 <= copied[-1][0] + 1024 / 48000 + 1e-9
+    code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--max-frames", 5,
+                    "--no-progress", "--no-audio")
+    assert code == 0 and "sound:" not in err
+    assert audio_packets(out) == ([], None)
+
+
 def test_routing_none_and_tiles(tmp_path, capsys, checkpoint, clip):
     out = tmp_path / "hq.mp4"
     code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--routing", "none",

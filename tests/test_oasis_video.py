@@ -302,6 +302,8 @@ def test_error_inside_with_block_is_not_masked(tmp_path):
         ({"color_range": "full"}, "color_range must be 'tv', 'pc' or None, got 'full'"),
         ({"colorspace": "srgb"}, "colorspace must be one of"),
         ({"crf": -1}, "crf must be a number in 0..63, got -1"),
+        ({"rotation": "90"}, "rotation must be a number of degrees, got '90'"),
+        ({"audio_from": "no/such/file.mp4"}, "no such file"),
     ],
 )
 def test_bad_writer_arguments(tmp_path, kwargs, match):
@@ -354,3 +356,128 @@ def test_synthetic_clip_rejects_bad_sizes(args):
 
 def test_synthetic_clip_tiny_sizes():
     assert tuple(synthetic_clip(2, 1, 1).shape) == (2, 1, 1, 3)
+
+
+# ----------------------------------------------------------------------------- rotation and sound
+
+TONE_HZ, RATE = 440, 48000
+
+
+def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0):
+    """A test source: ``frames`` (libx264) from ``video_start`` frames in, a 440 Hz stereo tone from 0 s
+    for as long as the frames last plus a second, in ``audio_codec``; ``rotation`` as its display matrix."""
+    container = av.open(str(path), "w")
+    video = container.add_stream("libx264", rate=fps)
+    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    if rotation:
+        video.set_display_rotation(rotation)
+    audio = container.add_stream(audio_codec, rate=RATE, layout="stereo")
+    fmt = audio.codec_context.format.name
+    for i, rgb in enumerate(frames.numpy()):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = video_start + i
+        for packet in video.encode(frame):
+            container.mux(packet)
+    total = int(RATE * ((video_start + len(frames)) / float(fps) + 1))
+    for start in range(0, total, 1024):
+        tone = (0.3 * np.sin(2 * np.pi * TONE_HZ * (np.arange(1024) + start) / RATE)).astype(np.float32)
+        planes = np.stack([tone, tone])
+        data = {"fltp": planes, "s16": (planes.T * 32767).astype(np.int16).reshape(1, -1),
+                "s16p": (planes * 32767).astype(np.int16)}[fmt]
+        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout="stereo")
+        frame.sample_rate, frame.pts = RATE, start
+        for packet in audio.encode(frame):
+            container.mux(packet)
+    for packet in [*video.encode(None), *audio.encode(None)]:
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def audio_packets(path):
+    """(seconds, bytes) of each audio packet with data, and the codec's name."""
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return [], None
+        stream = c.streams.audio[0]
+        out = [(float(p.pts * p.time_base), bytes(p)) for p in c.demux(stream) if p.size and p.pts is not None]
+        return out, stream.codec_context.name
+
+
+def decoded_tone(path):
+    """The first audio stream decoded to float mono samples."""
+    with av.open(str(path)) as c:
+        chunks = [f.to_ndarray().astype(np.float64).reshape(f.layout.nb_channels if f.format.is_planar else 1, -1)
+                  for f in c.decode(c.streams.audio[0])]
+    samples = np.concatenate([ch[0] for ch in chunks])
+    return samples / (32767 if np.abs(samples).max() > 2 else 1)
+
+
+def test_rotation_round_trip(tmp_path, clip):
+    src = with_sound(tmp_path / "portrait.mp4", clip, 24, "aac", rotation=90)
+    frames, info = read_video(src)
+    assert info.rotation == 90 and frames.shape[1:3] == (H, W)  # as stored, the turn in the tag
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, W, H, 24, rotation=info.rotation) as w:
+        w.write(frames)
+    assert read_video(out)[1].rotation == 90
+    write_video(tmp_path / "plain.mp4", clip, 24)
+    assert read_video(tmp_path / "plain.mp4")[1].rotation == 0
+
+
+@pytest.mark.parametrize("keep", [F, 5])
+def test_audio_copied_packet_for_packet_and_cut_at_the_video_end(tmp_path, clip, keep):
+    """AAC into MP4: the source's packets as they are, those that start before the written video ends
+    (all frames, or the first ``keep``); written in chunks, interleaved with the video."""
+    src = with_sound(tmp_path / "src.mp4", clip, 24, "aac")
+    with VideoWriter(tmp_path / "out.mp4", W, H, 24, audio_from=src) as w:
+        w.write(clip[:2])
+        w.write(clip[2:keep])
+    assert w.audio_streams == ["copied aac"]
+    source, codec = audio_packets(src)
+    copied, codec_out = audio_packets(tmp_path / "out.mp4")
+    end = keep / 24
+    assert codec == codec_out == "aac"
+    # the encoder's priming packet before 0 s (skipped by the file's edit list) comes along
+    assert source[0][0] < 0 and [b for _, b in copied] == [b for t, b in source if t < end]
+    assert copied[0][0] == source[0][0] and copied[-1][0] < end <= copied[-1][0] + 1024 / RATE + 1e-9
+    frames, _ = read_video(tmp_path / "out.mp4")
+    assert frames.shape[0] == keep
+
+
+def test_audio_timed_from_the_first_video_frame(tmp_path, clip):
+    """A source whose video starts half a second after its sound: the copy starts where the video does."""
+    src = with_sound(tmp_path / "late.mp4", clip, 24, "aac", video_start=12)
+    with VideoWriter(tmp_path / "out.mp4", W, H, 24, audio_from=src) as w:
+        w.write(clip)
+    source, _ = audio_packets(src)
+    copied, _ = audio_packets(tmp_path / "out.mp4")
+    lead = -source[0][0]  # as much before the video's start as the source's own priming
+    kept = [(t, b) for t, b in source if -lead <= t - 0.5 < F / 24]
+    assert [b for _, b in copied] == [b for _, b in kept] and kept[0][0] < 0.5
+    assert abs(copied[0][0] - (kept[0][0] - 0.5)) < 1e-3
+
+
+def test_audio_reencoded_where_the_container_cannot_hold_it(tmp_path, clip):
+    """PCM from Matroska into MP4 (which FFmpeg refuses only when it finishes the file): AAC instead,
+    the same tone; into Matroska it is copied."""
+    src = with_sound(tmp_path / "src.mkv", clip, 24, "pcm_s16le")
+    with VideoWriter(tmp_path / "out.mp4", W, H, 24, audio_from=src) as w:
+        w.write(clip)
+    assert w.audio_streams == ["re-encoded pcm_s16le to aac"]
+    assert audio_packets(tmp_path / "out.mp4")[1] == "aac"
+    tone = decoded_tone(tmp_path / "out.mp4")
+    assert abs(len(tone) / RATE - F / 24) < 0.05
+    spectrum = np.abs(np.fft.rfft(tone[2048:]))
+    assert abs(np.argmax(spectrum) * RATE / (len(tone) - 2048) - TONE_HZ) < 10
+    assert 0.15 < np.sqrt(np.mean(tone[2048:] ** 2)) < 0.27  # 0.3 / sqrt(2), give or take the codec
+    with VideoWriter(tmp_path / "out.mkv", W, H, 24, audio_from=src) as w:
+        w.write(clip)
+    assert w.audio_streams == ["copied pcm_s16le"]
+
+
+def test_no_audio_in_the_source(tmp_path, clip):
+    write_video(tmp_path / "silent.mp4", clip, 24)
+    with VideoWriter(tmp_path / "out.mp4", W, H, 24, audio_from=tmp_path / "silent.mp4") as w:
+        w.write(clip)
+    assert w.audio_streams == [] and audio_packets(tmp_path / "out.mp4") == ([], None)
