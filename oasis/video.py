@@ -26,8 +26,12 @@ Colour handling
   is what decoders assume, and warns if "pc" was asked for: the pixels stay right, only
   the range differs from the input.
 
-Rotation and sound
-------------------
+Timing, rotation and sound
+--------------------------
+* Timing: :func:`read_video` records each frame's time (:attr:`VideoInfo.frame_times`); given
+  them, :class:`VideoWriter` writes a variable-rate clip's frames at those times instead of at a
+  constant ``fps`` (FFmpeg's guess of a variable clip's rate is the rate of a clock its steps fit,
+  60 for a clip at 30 then 20 fps: at that rate it would play in 40% of its time).
 * Rotation (the display matrix phones write): frames are read as stored and
   :attr:`VideoInfo.rotation` says how a player turns them; :class:`VideoWriter` writes the same
   tag (``rotation=``), so an upscaled portrait clip plays upright as its source did.
@@ -126,6 +130,9 @@ class VideoInfo:
     #: degrees a player turns the stored frames (the display matrix; 0 when absent); known after
     #: :func:`read_video` (from the first frame), 0 from :func:`probe_video`
     rotation: int = 0
+    #: each decoded frame's time in seconds from the first one (:func:`read_video`; None from
+    #: :func:`probe_video`): a variable-rate clip's own timing, which :class:`VideoWriter` keeps
+    frame_times: tuple[Fraction, ...] | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -279,6 +286,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
     av = _import_av()
     container = _open_input(p)
     frames: list[np.ndarray] = []
+    times: list[Fraction] = []
     try:
         stream = _video_stream(container, p)
         info = _stream_info(p, stream)
@@ -294,6 +302,8 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
                     f"({first.width}x{first.height} -> {frame.width}x{frame.height})"
                 )
             frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(Fraction(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base
+                         else Fraction(len(times)) / info.fps)
             if max_frames is not None and len(frames) >= max_frames:
                 break
     except av.FFmpegError as e:
@@ -311,6 +321,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
         color_range=info.color_range or _range_name(first.color_range, first.format.name),
         colorspace=info.colorspace or _COLORSPACE_NAMES.get(int(first.colorspace or 2)),
         rotation=round(first.rotation or 0) % 360,
+        frame_times=tuple(t - times[0] for t in times),
     )
     return torch.from_numpy(np.stack(frames)), info
 
@@ -340,6 +351,11 @@ class VideoWriter:
     group of pictures; None keeps its default, 250 for libx264), what a reader's seek lands on.
     ``rotation``: degrees a player is to turn the frames (the display matrix; 0 writes none).
     ``audio_from``: a video or audio file whose audio streams are copied in (module notes).
+    ``frame_times``: seconds of each frame from the first (a source's :attr:`VideoInfo.frame_times`):
+    where they stray from ``k / fps`` by half a frame or more (a variable-rate phone clip), frames are
+    written at those times (on a 1/90000 s clock; frames past the list follow at the last step), so the
+    video keeps its source's timing and stays in step with copied sound (a container of constant
+    rate only, AVI, gets ``fps`` and a warning); otherwise ignored.
 
     The output directory must exist. The file is created (or overwritten) when the first
     encoded packet is written, so a writer closed without frames leaves no file (and an
@@ -361,12 +377,14 @@ class VideoWriter:
         keyframe_interval: int | None = None,
         rotation: int = 0,
         audio_from=None,
+        frame_times=None,
     ):
         av = _import_av()
         p = os.fspath(path)
         if isinstance(rotation, bool) or not isinstance(rotation, numbers.Real) or not math.isfinite(rotation):
             raise VideoError(f"{p}: rotation must be a number of degrees, got {rotation!r}")
         audio_source = None if audio_from is None else _input_path(audio_from)
+        self._times = _variable_times(frame_times, _as_fps(fps, p), p)
         if keyframe_interval is not None:
             keyframe_interval = _positive_int(keyframe_interval, "keyframe_interval", VideoError, f"{p}: ")
         self.path = p
@@ -471,10 +489,17 @@ class VideoWriter:
             self._container = av.open(p, mode="w")
         except (av.FFmpegError, OSError, ValueError) as e:
             raise VideoError(f"{p}: cannot write this file type ({_reason(e)})") from e
+        if self._times is not None and not self._container.format.flags & _AVFMT_VARIABLE_FPS:
+            warnings.warn(f"{p}: {self._container.format.name} files hold a constant frame rate only; the "
+                          f"source's variable timing is written as {float(self.fps):.3f} fps", RuntimeWarning,
+                          stacklevel=2)
+            self._times = None
         try:
             stream = self._container.add_stream(self.codec, rate=self.fps)
             stream.width, stream.height, stream.pix_fmt = self.width, self.height, self.pix_fmt
-            stream.time_base = 1 / self.fps
+            stream.time_base = 1 / self.fps if self._times is None else _VFR_CLOCK
+            if self._times is not None:
+                stream.codec_context.time_base = _VFR_CLOCK
             stream.options = options
             if keyframe_interval is not None:
                 stream.codec_context.gop_size = keyframe_interval
@@ -545,7 +570,7 @@ class VideoWriter:
                     dst_colorspace=self._sws_matrix,
                     dst_color_range=self._sws_range,
                 )
-                frame.pts = self._frames_written
+                frame.pts = self._pts(self._frames_written)
                 frame.time_base = self._stream.codec_context.time_base
                 for packet in self._stream.encode(frame):
                     self._container.mux(packet)
@@ -555,7 +580,26 @@ class VideoWriter:
                 f"{self.path}: encoding failed at frame {self._frames_written} ({_reason(e)})"
             ) from e
         if self._audio is not None:  # interleaved: the sound up to where the video is now
-            self._audio.copy_until(self._frames_written / self.fps)
+            self._audio.copy_until(self._time(self._frames_written))
+
+    def _time(self, k: int) -> Fraction:
+        """Seconds of frame ``k`` (``k`` = the count written: where the video ends)."""
+        if self._times is None:
+            return Fraction(k) / self.fps
+        last = len(self._times) - 1
+        if k <= last:
+            return self._times[k]
+        # past the list (the end of the last frame, or frames beyond it): at the last step's pace
+        step = self._times[last] - self._times[last - 1] if last > 0 else 1 / self.fps
+        return self._times[last] + (k - last) * step
+
+    def _pts(self, k: int) -> int:
+        if self._times is None:
+            return k
+        # on the 1/90000 s clock, and increasing even where two times round alike
+        pts = round(self._time(k) / _VFR_CLOCK)
+        self._last_pts = pts = pts if k == 0 else max(pts, self._last_pts + 1)
+        return pts
 
     def close(self) -> None:
         """Flush the encoder and finish the file; closing twice is harmless."""
@@ -570,7 +614,7 @@ class VideoWriter:
             for packet in self._stream.encode(None):
                 container.mux(packet)
             if self._audio is not None:
-                self._audio.finish(self._frames_written / self.fps)
+                self._audio.finish(self._time(self._frames_written))
         except av.FFmpegError as e:
             raise VideoError(f"{self.path}: flushing the encoder failed ({_reason(e)})") from e
         finally:
@@ -601,6 +645,27 @@ class VideoWriter:
             self.close()
         except VideoError:
             pass
+
+
+#: the clock of variable-rate output (MPEG's 90 kHz): any source timing to 11 microseconds
+_VFR_CLOCK = Fraction(1, 90000)
+_AVFMT_VARIABLE_FPS = 0x0400  # libavformat's flag of containers whose frames may come at any times
+
+
+def _variable_times(frame_times, fps: Fraction, p: str) -> tuple[Fraction, ...] | None:
+    """``frame_times`` as Fractions when they stray from ``k / fps`` by half a frame or more; None when
+    they don't (constant rate: frame ``k`` at ``k / fps``, as without them) or are None."""
+    if frame_times is None:
+        return None
+    try:
+        times = tuple(Fraction(t) for t in frame_times)
+    except (TypeError, ValueError) as e:
+        raise VideoError(f"{p}: frame_times must be numbers of seconds, got {frame_times!r:.80}") from e
+    if any(b <= a for a, b in zip(times, times[1:])) or (times and times[0] < 0):
+        raise VideoError(f"{p}: frame_times must increase from 0 or more")
+    if all(abs(t - k / fps) < 1 / (2 * fps) for k, t in enumerate(times)):
+        return None
+    return tuple(t - times[0] for t in times) if times else None
 
 
 class _AudioCopy:

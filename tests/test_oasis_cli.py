@@ -95,6 +95,17 @@ def test_sound_and_rotation_come_along(tmp_path, capsys, checkpoint):
     assert audio_packets(out) == ([], None)
 
 
+def test_variable_frame_rate_kept(tmp_path, capsys, checkpoint):
+    """A clip that slows from 30 to 20 fps: the x4 video's frames come at the source's times."""
+    from test_oasis_video import frame_times, variable_rate_source
+
+    src, times = variable_rate_source(tmp_path / "vfr.mp4", synthetic_clip(9, 20, 28), with_audio=False)
+    out = tmp_path / "hq.mp4"
+    code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    assert frame_times(out) == pytest.approx([float(t) for t in times], abs=1e-4)
+
+
 def test_routing_none_and_tiles(tmp_path, capsys, checkpoint, clip):
     out = tmp_path / "hq.mp4"
     code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--routing", "none",

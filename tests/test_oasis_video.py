@@ -481,3 +481,75 @@ def test_no_audio_in_the_source(tmp_path, clip):
     with VideoWriter(tmp_path / "out.mp4", W, H, 24, audio_from=tmp_path / "silent.mp4") as w:
         w.write(clip)
     assert w.audio_streams == [] and audio_packets(tmp_path / "out.mp4") == ([], None)
+
+
+def variable_rate_source(path, frames, with_audio=True):
+    """Frames at 30 fps, then at 20 fps (a phone slowing down in low light), on a 1/90000 s clock, with
+    the test tone."""
+    container = av.open(str(path), "w")
+    video = container.add_stream("libx264", rate=30)
+    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    video.time_base = video.codec_context.time_base = Fraction(1, 90000)
+    t, times = 0, []
+    for i, rgb in enumerate(frames.numpy()):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = t, video.time_base
+        times.append(Fraction(t, 90000))
+        for packet in video.encode(frame):
+            container.mux(packet)
+        t += 3000 if i < len(frames) // 2 else 4500
+    for packet in video.encode(None):
+        container.mux(packet)
+    container.close()
+    if with_audio:  # the tone muxed in afterwards: a copy of the file with an AAC stream
+        tone = with_sound(path.with_name("tone.mp4"), frames[:1], 1, "aac")
+        joined = path.with_name("joined" + path.suffix)
+        with av.open(str(path)) as v, av.open(str(tone)) as a, av.open(str(joined), "w") as out:
+            vo, ao = out.add_stream_from_template(v.streams.video[0]), out.add_stream_from_template(a.streams.audio[0])
+            for packet in v.demux(v.streams.video[0]):
+                if packet.size:
+                    packet.stream = vo
+                    out.mux(packet)
+            for packet in a.demux(a.streams.audio[0]):
+                if packet.size:
+                    packet.stream = ao
+                    out.mux(packet)
+        joined.replace(path)
+    return path, times
+
+
+def frame_times(path):
+    with av.open(str(path)) as c:
+        return [float(f.time) for f in c.decode(c.streams.video[0])]
+
+
+def test_variable_rate_timing_kept(tmp_path, clip):
+    """A clip at 30 then 20 fps: read, the times are the source's; written with them,
+    the frames keep those times and the copied sound ends where the video does; at constant rate
+    (``k / fps``) the times change nothing; AVI cannot hold them (a warning, ``fps``)."""
+    src, times = variable_rate_source(tmp_path / "vfr.mp4", synthetic_clip(12, H, W))
+    frames, info = read_video(src)
+    # FFmpeg's guess of the rate is 60 (the rate of the clock both steps fit): written at it without
+    # the times, the clip would play in 0.2 s instead of 0.5
+    assert info.fps == 60 and info.frame_times == tuple(times)
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, W, H, info.fps, frame_times=info.frame_times, audio_from=src) as w:
+        w.write(frames[:5])
+        w.write(frames[5:])
+    np.testing.assert_allclose(frame_times(out), [float(t) for t in times], atol=1e-4)
+    copied, _ = audio_packets(out)
+    end = float(times[-1]) + 1 / 20  # the last frame lasts as long as the step before it
+    assert copied[-1][0] < end <= copied[-1][0] + 1024 / RATE + 1e-9
+    # constant rate: the frame times are k / fps, and the file is what it is without them
+    for name, times_given in (("cfr.mp4", [Fraction(k, 30) for k in range(F)]), ("plain.mp4", None)):
+        with VideoWriter(tmp_path / name, W, H, 30, frame_times=times_given) as w:
+            w.write(clip)
+    with av.open(str(tmp_path / "cfr.mp4")) as a, av.open(str(tmp_path / "plain.mp4")) as b:
+        assert a.streams.video[0].time_base == b.streams.video[0].time_base
+    np.testing.assert_allclose(frame_times(tmp_path / "cfr.mp4"), [k / 30 for k in range(F)], atol=1e-4)
+    with pytest.warns(RuntimeWarning, match="constant frame rate only"):
+        with VideoWriter(tmp_path / "out.avi", W, H, 30, codec="mpeg4", frame_times=info.frame_times) as w:
+            w.write(frames)
+    np.testing.assert_allclose(frame_times(tmp_path / "out.avi"), [k / 30 for k in range(12)], atol=1e-4)
+    with pytest.raises(VideoError, match="frame_times must increase"):
+        VideoWriter(tmp_path / "bad.mp4", W, H, 30, frame_times=[0, 0.1, 0.1])
