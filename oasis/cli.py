@@ -299,12 +299,23 @@ def _restore(args, device, rank: int, world: int) -> int:
         for _ in blocks:
             pass
         return 0
-    with VideoWriter(args.output, width * s, height * s, fps, crf=args.crf, color_range=color_range,
-                     colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
-                     rotation=rotation, audio_from=None if args.demo or args.no_audio else args.input,
-                     frame_times=frame_times) as out:
-        for block in blocks:
-            out.write(block)
+    # written over its own input (the sound is still to be read from it): into a file beside it first
+    target = Path(args.output)
+    over_input = not args.demo and target.exists() and os.path.samefile(target, args.input)
+    path = target.with_name(f".{target.stem}.oasis-partial{target.suffix}") if over_input else target
+    try:
+        with VideoWriter(path, width * s, height * s, fps, crf=args.crf, color_range=color_range,
+                         colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
+                         rotation=rotation, audio_from=None if args.demo or args.no_audio else args.input,
+                         frame_times=frame_times) as out:
+            for block in blocks:
+                out.write(block)
+    except BaseException:
+        if over_input:
+            path.unlink(missing_ok=True)
+        raise
+    if over_input:
+        os.replace(path, target)
     if out.audio_streams:
         print(f"oasis-vsr: sound: {', '.join(out.audio_streams)}", file=sys.stderr)
     took = time.perf_counter() - t0

@@ -36,9 +36,13 @@ Timing, rotation and sound
   :attr:`VideoInfo.rotation` says how a player turns them; :class:`VideoWriter` writes the same
   tag (``rotation=``), so an upscaled portrait clip plays upright as its source did.
 * Sound: ``VideoWriter(..., audio_from=SOURCE)`` copies the source's audio streams into the
-  output, packet for packet, cut where the written video ends (``--max-frames``) and timed from
-  the source's first video frame; a codec the output container cannot hold is re-encoded to AAC,
-  and one that cannot be either is left out with a warning.
+  output, packet for packet, cut where the written video ends (``--max-frames``; to the packet) and
+  timed from the source's first video frame (one packet before it kept: an encoder's priming); a
+  codec the output container cannot hold (tried on a scratch file read back: PCM in MP4, anything
+  but AAC/MP2/AC-3... in MPEG-TS) is re-encoded to AAC, each decoded frame at its own time, in the
+  source's channel layout; one that cannot be either is left out with a warning, and so is a
+  packet that does not decode. The file the sound comes from cannot be the output (``oasis-vsr``
+  writing over its input writes beside it, then replaces it).
 """
 
 from __future__ import annotations
@@ -384,6 +388,8 @@ class VideoWriter:
         if isinstance(rotation, bool) or not isinstance(rotation, numbers.Real) or not math.isfinite(rotation):
             raise VideoError(f"{p}: rotation must be a number of degrees, got {rotation!r}")
         audio_source = None if audio_from is None else _input_path(audio_from)
+        if audio_source is not None and os.path.exists(p) and os.path.samefile(p, audio_source):
+            raise VideoError(f"{p}: is the file the sound is copied from (audio_from); write elsewhere first")
         self._times = _variable_times(frame_times, _as_fps(fps, p), p)
         if keyframe_interval is not None:
             keyframe_interval = _positive_int(keyframe_interval, "keyframe_interval", VideoError, f"{p}: ")
@@ -579,8 +585,11 @@ class VideoWriter:
             raise VideoError(
                 f"{self.path}: encoding failed at frame {self._frames_written} ({_reason(e)})"
             ) from e
-        if self._audio is not None:  # interleaved: the sound up to where the video is now
-            self._audio.copy_until(self._time(self._frames_written))
+        if self._audio is not None and self._frames_written:  # interleaved: the sound up to the video's end
+            try:
+                self._audio.copy_until(self._time(self._frames_written))
+            except av.FFmpegError as e:
+                raise VideoError(f"{self.path}: copying the sound failed ({_reason(e)})") from e
 
     def _time(self, k: int) -> Fraction:
         """Seconds of frame ``k`` (``k`` = the count written: where the video ends)."""
@@ -694,6 +703,7 @@ class _AudioCopy:
         self._packets = self._src.demux(*[s for s in self._src.streams.audio if s.index in self._outs]) \
             if self._outs else iter(())
         self._held = None  # the first packet past the last copy_until, read but not yet due
+        self._warned = False
 
     def _add(self, stream, container, out_path: str) -> None:
         """An output stream for ``stream``: a copy where the container takes its codec (tried on a
@@ -703,37 +713,45 @@ class _AudioCopy:
         sample = _first_packet(self._src.name, stream.index)
         if sample is None:
             return  # a stream without a single packet: nothing to copy
-        # an encoder's priming packets lie before the stream's start (AAC's 1024 samples, with an edit
-        # list to skip them): that much before the video's start is copied too, as the decoder needs it
-        self._lead[stream.index] = max(Fraction(0), -Fraction(sample.pts * sample.time_base))
+        # an encoder's priming packet lies before the stream's start (AAC's 1024 samples, with an edit
+        # list to skip them): one packet's length before the video's start is copied too, as the
+        # decoder needs it (not more: audio an edit list hides would play in a Matroska output)
+        first = -Fraction(sample.pts * sample.time_base)
+        self._lead[stream.index] = min(max(Fraction(0), first), Fraction(sample.duration or 0) * sample.time_base)
 
         def copy(probe):
             sample.stream = probe.add_stream_from_template(stream)
             probe.mux(sample)
 
-        if _muxes(container.format.name, copy):
+        if _muxes(container.format.name, copy, expect=("audio", name)):
             self._outs[stream.index] = (container.add_stream_from_template(stream), False)
             self.summary.append(f"copied {name}")
             return
         rate = stream.codec_context.sample_rate or 48000
-        # the channel count's standard layout (a stream may say only "2 channels", which AAC refuses)
-        channels = len(stream.codec_context.layout.channels) if stream.codec_context.layout else 2
-        layout = av.AudioLayout(f"{channels}c").name
+        # the source's layout where it names its channels (AAC keeps quad, 3.0, 5.1, 7.1...), else the
+        # channel count's standard one (a stream may say only "2 channels", which AAC refuses)
+        source = stream.codec_context.layout
+        channels = len(source.channels) if source else 2
+        layouts = dict.fromkeys([source.name] if source and "channels" not in source.name else [])
+        layouts[av.AudioLayout(f"{channels}c").name] = None
 
-        def aac(probe):
-            out = probe.add_stream("aac", rate=rate, layout=layout)
-            silence = av.AudioFrame(format="fltp", layout=layout, samples=1024)
-            for plane in silence.planes:
-                plane.update(bytes(plane.buffer_size))
-            silence.sample_rate = rate
-            for packet in [*out.encode(silence), *out.encode(None)]:
-                probe.mux(packet)
+        def aac(layout):
+            def build(probe):
+                out = probe.add_stream("aac", rate=rate, layout=layout)
+                # packed: PyAV reports one plane too many for planar 8-channel frames (writing it crashes)
+                silence = av.AudioFrame.from_ndarray(np.zeros((1, channels * 1024), np.float32), format="flt",
+                                                     layout=layout)
+                silence.sample_rate = rate
+                for packet in [*out.encode(silence), *out.encode(None)]:
+                    probe.mux(packet)
+            return build
 
-        if "aac" in av.codecs_available and _muxes(container.format.name, aac):
-            out = container.add_stream("aac", rate=rate, layout=layout)
-            self._outs[stream.index] = (out, True)
-            self.summary.append(f"re-encoded {name} to aac")
-            return
+        for layout in layouts if "aac" in av.codecs_available else ():
+            if _muxes(container.format.name, aac(layout), expect=("audio", "aac")):
+                out = container.add_stream("aac", rate=rate, layout=layout)
+                self._outs[stream.index] = (out, True)
+                self.summary.append(f"re-encoded {name} to aac")
+                return
         warnings.warn(f"{out_path}: its container cannot hold the source's {name} audio, nor AAC; "
                       f"that audio stream is left out", RuntimeWarning, stacklevel=4)
 
@@ -765,11 +783,22 @@ class _AudioCopy:
             packet.stream = out
             self._container.mux(packet)
             return
-        for frame in packet.decode():
+        try:
+            frames = packet.decode()
+        except self._av.FFmpegError as e:  # one damaged packet: its samples are left out, not the run
+            if not self._warned:
+                warnings.warn(f"{self._src.name}: an audio packet at {float(t):.3f} s could not be decoded "
+                              f"({_reason(e)}); its sound is left out", RuntimeWarning, stacklevel=5)
+                self._warned = True
+            return
+        for frame in frames:
             ft = frame.pts * frame.time_base - self._start if frame.pts is not None else t
-            if ft < 0:
-                continue
-            frame.pts = None  # the encoder counts samples itself
+            if ft + Fraction(frame.samples, frame.sample_rate) <= 0:
+                continue  # wholly before the first video frame
+            # at its own time on the sample clock (the encoder trims its priming by the edit list, and
+            # a gap in the source stays a gap)
+            frame.pts = round(ft * frame.sample_rate)
+            frame.time_base = Fraction(1, frame.sample_rate)
             for p in out.encode(frame):
                 self._container.mux(p)
 
@@ -795,17 +824,21 @@ def _first_packet(path: str, index: int):
     return None
 
 
-def _muxes(format_name: str, build) -> bool:
-    """Whether a file of ``format_name`` can be written with what ``build(container)`` adds and muxes
-    (a scratch file in memory): FFmpeg refuses a codec a format cannot hold only when it writes the
-    file's header, or its trailer (PCM in MP4), which is too late for the real file."""
+def _muxes(format_name: str, build, expect: tuple[str, str]) -> bool:
+    """Whether a file of ``format_name`` can be written with what ``build(container)`` adds and muxes,
+    and reads back as one stream of ``expect`` (type, codec): tried on a scratch file in memory, as
+    FFmpeg refuses a codec a format cannot hold only when it writes the file's header or trailer (PCM
+    in MP4), and MPEG-TS takes any codec as a data stream no player reads."""
     import io
 
     av = _import_av()
+    buf = io.BytesIO()
     try:
-        with av.open(io.BytesIO(), mode="w", format=format_name) as probe:
+        with av.open(buf, mode="w", format=format_name) as probe:
             build(probe)
-        return True
+        buf.seek(0)
+        with av.open(buf, mode="r", format=format_name) as back:
+            return [(s.type, s.codec_context.name if s.codec_context else None) for s in back.streams] == [expect]
     except (av.FFmpegError, ValueError, NotImplementedError, TypeError):
         return False
 

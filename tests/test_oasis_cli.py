@@ -93,6 +93,12 @@ def test_sound_and_rotation_come_along(tmp_path, capsys, checkpoint):
                     "--no-progress", "--no-audio")
     assert code == 0 and "sound:" not in err
     assert audio_packets(out) == ([], None)
+    # written over its own input: the whole sound still comes along (read before the file is replaced)
+    sound, _ = audio_packets(src)
+    code, err = run(capsys, src, "-o", src, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    assert read_video(src)[0].shape[:3] == (7, 80, 112) and list(tmp_path.glob(".*partial*")) == []
+    assert [b for _, b in audio_packets(src)[0]] == [b for t, b in sound if t < 7 / 24]
 
 
 def test_variable_frame_rate_kept(tmp_path, capsys, checkpoint):

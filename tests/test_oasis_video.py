@@ -363,15 +363,17 @@ def test_synthetic_clip_tiny_sizes():
 TONE_HZ, RATE = 440, 48000
 
 
-def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0):
-    """A test source: ``frames`` (libx264) from ``video_start`` frames in, a 440 Hz stereo tone from 0 s
-    for as long as the frames last plus a second, in ``audio_codec``; ``rotation`` as its display matrix."""
+def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0, audio_start=0.0, layout="stereo"):
+    """A test source: ``frames`` (libx264) from ``video_start`` frames in, a 440 Hz tone (every channel of
+    ``layout``) from ``audio_start`` s for as long as the frames last plus a second, in ``audio_codec``;
+    ``rotation`` as its display matrix."""
     container = av.open(str(path), "w")
     video = container.add_stream("libx264", rate=fps)
     video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
     if rotation:
         video.set_display_rotation(rotation)
-    audio = container.add_stream(audio_codec, rate=RATE, layout="stereo")
+    audio = container.add_stream(audio_codec, rate=RATE, layout=layout)
+    channels = audio.codec_context.layout.nb_channels
     fmt = audio.codec_context.format.name
     for i, rgb in enumerate(frames.numpy()):
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
@@ -381,11 +383,11 @@ def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0):
     total = int(RATE * ((video_start + len(frames)) / float(fps) + 1))
     for start in range(0, total, 1024):
         tone = (0.3 * np.sin(2 * np.pi * TONE_HZ * (np.arange(1024) + start) / RATE)).astype(np.float32)
-        planes = np.stack([tone, tone])
+        planes = np.stack([tone] * channels)
         data = {"fltp": planes, "s16": (planes.T * 32767).astype(np.int16).reshape(1, -1),
                 "s16p": (planes * 32767).astype(np.int16)}[fmt]
-        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout="stereo")
-        frame.sample_rate, frame.pts = RATE, start
+        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+        frame.sample_rate, frame.pts = RATE, start + round(audio_start * RATE)
         for packet in audio.encode(frame):
             container.mux(packet)
     for packet in [*video.encode(None), *audio.encode(None)]:
@@ -553,3 +555,87 @@ def test_variable_rate_timing_kept(tmp_path, clip):
     np.testing.assert_allclose(frame_times(tmp_path / "out.avi"), [k / 30 for k in range(12)], atol=1e-4)
     with pytest.raises(VideoError, match="frame_times must increase"):
         VideoWriter(tmp_path / "bad.mp4", W, H, 30, frame_times=[0, 0.1, 0.1])
+
+
+def first_sound(path):
+    """Seconds from the first video frame to the first audible sample of the first audio stream."""
+    with av.open(str(path)) as c:
+        v0 = next(c.decode(c.streams.video[0])).time
+    with av.open(str(path)) as c:
+        for f in c.decode(c.streams.audio[0]):
+            x = f.to_ndarray()
+            x = x[0] if f.format.is_planar else x[0][::f.layout.nb_channels]
+            loud = np.nonzero(np.abs(x.astype(np.float64)) > (0.05 * 32767 if x.dtype == np.int16 else 0.05))[0]
+            if len(loud):
+                return f.time + loud[0] / f.sample_rate - v0
+    return None
+
+
+def test_reencoded_sound_keeps_its_time_and_channels(tmp_path, clip):
+    """Re-encoded to AAC, sound that starts half a second after the picture still does (the frames at
+    their own times, the encoder's priming trimmed); 7.1 keeps its 8 channels (PyAV's planar 8-channel
+    frames crash when written plane by plane)."""
+    second = synthetic_clip(24, H, W)  # 1 s of video, the sound from 0.5 s
+    src = with_sound(tmp_path / "late.mkv", second, 24, "pcm_s16le", audio_start=0.5)
+    with VideoWriter(tmp_path / "out.mp4", W, H, 24, audio_from=src) as w:
+        w.write(second)
+    assert w.audio_streams == ["re-encoded pcm_s16le to aac"]
+    assert first_sound(src) == pytest.approx(0.5, abs=1e-3)
+    assert first_sound(tmp_path / "out.mp4") == pytest.approx(0.5, abs=2e-3)
+    src = with_sound(tmp_path / "wide.mkv", clip, 24, "pcm_s16le", layout="7.1")
+    with VideoWriter(tmp_path / "wide.mp4", W, H, 24, audio_from=src) as w:
+        w.write(clip)
+    with av.open(str(tmp_path / "wide.mp4")) as c:
+        assert c.streams.audio[0].codec_context.name == "aac"
+        assert c.streams.audio[0].codec_context.layout.name == "7.1"
+
+
+def test_sound_into_mpeg_ts_is_playable(tmp_path, clip):
+    """MPEG-TS takes any codec as a data stream no player reads: PCM goes in as AAC instead."""
+    src = with_sound(tmp_path / "src.mkv", clip, 24, "pcm_s16le")
+    with VideoWriter(tmp_path / "out.ts", W, H, 24, audio_from=src) as w:
+        w.write(clip)
+    assert w.audio_streams == ["re-encoded pcm_s16le to aac"]
+    with av.open(str(tmp_path / "out.ts")) as c:
+        assert [st.type for st in c.streams] == ["video", "audio"]
+
+
+def test_damaged_sound_packet_is_left_out(tmp_path, clip):
+    """One undecodable packet on the re-encode path: a warning, the rest of the sound, the whole video."""
+    good = with_sound(tmp_path / "good.mkv", clip, 24, "flac")
+    bad = tmp_path / "bad.mkv"
+    with av.open(str(good)) as i, av.open(str(bad), "w") as o:
+        outs = {st.index: o.add_stream_from_template(st) for st in i.streams}
+        k = 0
+        for packet in i.demux():
+            if not packet.size:
+                continue
+            if packet.stream.type == "audio":
+                k += 1
+                if k == 2:
+                    garbage = av.Packet(bytes(np.random.default_rng(0).integers(0, 256, packet.size, dtype=np.uint8)))
+                    garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
+                    packet = garbage
+            packet.stream = outs[packet.stream.index if packet.stream is not None else 1]
+            o.mux(packet)
+    with pytest.warns(RuntimeWarning, match="could not be decoded"):
+        with VideoWriter(tmp_path / "out.mov", W, H, 24, audio_from=bad) as w:
+            w.write(clip)
+    assert w.audio_streams == ["re-encoded flac to aac"]
+    assert read_video(tmp_path / "out.mov")[0].shape[0] == F and audio_packets(tmp_path / "out.mov")[0]
+
+
+def test_sound_and_an_existing_file(tmp_path, clip):
+    """No frames written: an existing file stays as it was (no sound muxed before the first frame);
+    the sound's own file is refused as the output."""
+    src = with_sound(tmp_path / "src.mp4", clip, 24, "aac")
+    keep = tmp_path / "keep.mp4"
+    write_video(keep, clip[:2], 24)
+    before = keep.read_bytes()
+    w = VideoWriter(keep, W, H, 24, audio_from=src)
+    w.write(clip[:0])
+    with pytest.raises(VideoError, match="no frames were written"):
+        w.close()
+    assert keep.read_bytes() == before
+    with pytest.raises(VideoError, match="is the file the sound is copied from"):
+        VideoWriter(src, W, H, 24, audio_from=src)
