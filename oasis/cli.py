@@ -252,6 +252,7 @@ def _restore(args, device, rank: int, world: int) -> int:
         pipe = tiny_pipeline(device=device)
         video = synthetic_clip(args.max_frames or 17, 48, 80)
         fps, color_range, colorspace, rotation, frame_times = 24, None, None, 0, None
+        primaries = trc = None
     else:
         from .pipeline import OasisVSR
 
@@ -269,7 +270,7 @@ def _restore(args, device, rank: int, world: int) -> int:
                       memory_budget=args.memory_budget, chunk_frames=args.chunk_frames, tile=args.tile)
         video, info = read_video(args.input, max_frames=args.max_frames)
         fps, color_range, colorspace, rotation = info.fps, info.color_range, info.colorspace, info.rotation
-        frame_times = info.frame_times
+        frame_times, primaries, trc = info.frame_times, info.color_primaries, info.color_trc
     frames, height, width, _ = video.shape
     budget = args.memory_budget
     if world > 1 and device.type == "cuda" and budget is None:
@@ -306,7 +307,7 @@ def _restore(args, device, rank: int, world: int) -> int:
     try:
         with VideoWriter(path, width * s, height * s, fps, crf=args.crf, color_range=color_range,
                          colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
-                         rotation=rotation, audio_from=None if args.demo or args.no_audio else args.input,
+                         color_primaries=primaries, color_trc=trc, rotation=rotation, audio_from=None if args.demo or args.no_audio else args.input,
                          frame_times=frame_times) as out:
             for block in blocks:
                 out.write(block)

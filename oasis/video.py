@@ -25,6 +25,10 @@ Colour handling
   mpeg4 and mpeg2video encoders drop it), so the writer stores BT.601 "tv" untagged, which
   is what decoders assume, and warns if "pc" was asked for: the pixels stay right, only
   the range differs from the input.
+* Primaries and transfer curve (:attr:`VideoInfo.color_primaries`, :attr:`VideoInfo.color_trc`) are
+  tags only: the RGB values are read and written as they are, and the same encoders tag them, so an
+  HDR (HLG or PQ, BT.2020) phone clip keeps what tells a player how to show it. Its 10 bits are
+  read as 8.
 
 Timing, rotation and sound
 --------------------------
@@ -92,6 +96,17 @@ _COLORSPACE_NAMES = {
     14: "ictcp",
 }
 
+# AVColorPrimaries and AVColorTransferCharacteristic -> FFmpeg's names (2, unspecified, reads as None):
+# what a player needs to show the RGB values right (BT.2020 primaries and the HLG or PQ curve of an
+# HDR phone clip look washed out read as BT.709)
+_PRIMARIES_NAMES = {1: "bt709", 4: "bt470m", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 8: "film", 9: "bt2020",
+                    10: "smpte428", 11: "smpte431", 12: "smpte432", 22: "ebu3213"}
+_TRC_NAMES = {1: "bt709", 4: "gamma22", 5: "gamma28", 6: "smpte170m", 7: "smpte240m", 8: "linear", 9: "log100",
+              10: "log316", 11: "iec61966-2-4", 12: "bt1361e", 13: "iec61966-2-1", 14: "bt2020-10", 15: "bt2020-12",
+              16: "smpte2084", 17: "smpte428", 18: "arib-std-b67"}
+_PRIMARIES_CODES = {v: k for k, v in _PRIMARIES_NAMES.items()}
+_TRC_CODES = {v: k for k, v in _TRC_NAMES.items()}
+
 # matrices the writer can encode with: name -> (swscale Colorspace member, AVColorSpace tag)
 _WRITE_MATRICES = {
     "bt709": ("ITU709", 1),
@@ -131,6 +146,10 @@ class VideoInfo:
     pix_fmt: str
     color_range: str | None
     colorspace: str | None
+    #: the colour primaries and transfer curve tags (FFmpeg's names: "bt2020", "arib-std-b67" for HLG,
+    #: "smpte2084" for PQ; None untagged)
+    color_primaries: str | None = None
+    color_trc: str | None = None
     #: degrees a player turns the stored frames (the display matrix; 0 when absent); known after
     #: :func:`read_video` (from the first frame), 0 from :func:`probe_video`
     rotation: int = 0
@@ -213,6 +232,8 @@ def _stream_info(p: str, stream) -> VideoInfo:
         pix_fmt=pix_fmt,
         color_range=_range_name(cc.color_range, pix_fmt),
         colorspace=_COLORSPACE_NAMES.get(int(cc.colorspace or 2)),
+        color_primaries=_PRIMARIES_NAMES.get(int(cc.color_primaries or 2)),
+        color_trc=_TRC_NAMES.get(int(cc.color_trc or 2)),
     )
 
 
@@ -324,6 +345,8 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
         num_frames=len(frames),
         color_range=info.color_range or _range_name(first.color_range, first.format.name),
         colorspace=info.colorspace or _COLORSPACE_NAMES.get(int(first.colorspace or 2)),
+        color_primaries=info.color_primaries or _PRIMARIES_NAMES.get(int(first.color_primaries or 2)),
+        color_trc=info.color_trc or _TRC_NAMES.get(int(first.color_trc or 2)),
         rotation=round(first.rotation or 0) % 360,
         frame_times=tuple(t - times[0] for t in times),
     )
@@ -353,6 +376,9 @@ class VideoWriter:
     :data:`COLOUR_SIGNALLING_CODECS`; see the module notes for the others.
     ``keyframe_interval``: at most this many frames from one keyframe to the next (the encoder's
     group of pictures; None keeps its default, 250 for libx264), what a reader's seek lands on.
+    ``color_primaries`` and ``color_trc`` (FFmpeg's names, e.g. a source's
+    :attr:`VideoInfo.color_primaries`) are tagged as given for the same encoders (None: untagged),
+    the RGB values written as they are.
     ``rotation``: degrees a player is to turn the frames (the display matrix; 0 writes none).
     ``audio_from``: a video or audio file whose audio streams are copied in (module notes).
     ``frame_times``: seconds of each frame from the first (a source's :attr:`VideoInfo.frame_times`):
@@ -378,6 +404,8 @@ class VideoWriter:
         pix_fmt: str = "yuv420p",
         color_range: str | None = None,
         colorspace: str | None = None,
+        color_primaries: str | None = None,
+        color_trc: str | None = None,
         keyframe_interval: int | None = None,
         rotation: int = 0,
         audio_from=None,
@@ -427,6 +455,10 @@ class VideoWriter:
             raise VideoError(
                 f"{p}: colorspace must be one of {sorted(_WRITE_MATRICES)} or None, got {colorspace!r}"
             )
+        for name, value, known in (("color_primaries", color_primaries, _PRIMARIES_CODES),
+                                   ("color_trc", color_trc, _TRC_CODES)):
+            if value is not None and value not in known:
+                raise VideoError(f"{p}: {name} must be one of {sorted(known)} or None, got {value!r}")
         if not isinstance(pix_fmt, str):
             raise VideoError(f"{p}: pix_fmt must be a string such as 'yuv420p', got {pix_fmt!r}")
         if pix_fmt.startswith("yuvj"):
@@ -460,16 +492,20 @@ class VideoWriter:
             self.color_range = color_range or "tv"
             self.colorspace = colorspace or "bt709"
             self._sws_matrix, matrix_tag = _WRITE_MATRICES[self.colorspace]
+            self.color_primaries, self.color_trc = color_primaries, color_trc
             self._sws_range = "JPEG" if self.color_range == "pc" else "MPEG"
         else:
-            if not fmt.is_rgb and (color_range == "pc" or colorspace not in (None, *_BT601)):
+            if not fmt.is_rgb and (color_range == "pc" or colorspace not in (None, *_BT601)
+                                   or color_primaries not in (None, "bt709", *_BT601)
+                                   or color_trc not in (None, "bt709", "smpte170m")):
                 warnings.warn(
-                    f"{p}: the {self.codec} encoder cannot signal colour range/matrix; "
+                    f"{p}: the {self.codec} encoder cannot signal colour range/matrix/primaries/curve; "
                     f"writing untagged BT.601 tv range (asked: color_range={color_range!r}, "
-                    f"colorspace={colorspace!r})",
+                    f"colorspace={colorspace!r}, color_primaries={color_primaries!r}, color_trc={color_trc!r})",
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            self.color_primaries = self.color_trc = None
             self.color_range = None
             self.colorspace = None
             self._sws_matrix = self._sws_range = None
@@ -512,6 +548,10 @@ class VideoWriter:
             if self._tagged:
                 stream.codec_context.color_range = _RANGE_CODES[self.color_range]
                 stream.codec_context.colorspace = matrix_tag
+                if self.color_primaries:
+                    stream.codec_context.color_primaries = _PRIMARIES_CODES[self.color_primaries]
+                if self.color_trc:
+                    stream.codec_context.color_trc = _TRC_CODES[self.color_trc]
             if rotation % 360:
                 stream.set_display_rotation(float(rotation))
             # open now so a bad option or size fails here, not after the first chunk's work

@@ -101,6 +101,18 @@ def test_sound_and_rotation_come_along(tmp_path, capsys, checkpoint):
     assert [b for _, b in audio_packets(src)[0]] == [b for t, b in sound if t < 7 / 24]
 
 
+def test_hdr_tags_kept(tmp_path, capsys, checkpoint):
+    """An HLG phone clip's primaries and curve tags come along (shown as BT.709 they look washed out)."""
+    from test_oasis_video import hdr_source
+
+    src = hdr_source(tmp_path / "hlg.mp4", synthetic_clip(5, 20, 28))
+    out = tmp_path / "hq.mp4"
+    code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    info = probe_video(out)
+    assert (info.color_primaries, info.color_trc) == ("bt2020", "arib-std-b67")
+
+
 def test_variable_frame_rate_kept(tmp_path, capsys, checkpoint):
     """A clip that slows from 30 to 20 fps: the x4 video's frames come at the source's times."""
     from test_oasis_video import frame_times, variable_rate_source

@@ -303,6 +303,8 @@ def test_error_inside_with_block_is_not_masked(tmp_path):
         ({"colorspace": "srgb"}, "colorspace must be one of"),
         ({"crf": -1}, "crf must be a number in 0..63, got -1"),
         ({"rotation": "90"}, "rotation must be a number of degrees, got '90'"),
+        ({"color_trc": "hlg"}, "color_trc must be one of"),
+        ({"color_primaries": "p3"}, "color_primaries must be one of"),
         ({"audio_from": "no/such/file.mp4"}, "no such file"),
     ],
 )
@@ -639,3 +641,43 @@ def test_sound_and_an_existing_file(tmp_path, clip):
     assert keep.read_bytes() == before
     with pytest.raises(VideoError, match="is the file the sound is copied from"):
         VideoWriter(src, W, H, 24, audio_from=src)
+
+
+def hdr_source(path, frames):
+    """A 10-bit HLG clip as phones record it: BT.2020 primaries and matrix, the HLG curve."""
+    container = av.open(str(path), "w")
+    video = container.add_stream("libx264", rate=24)
+    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p10le"
+    video.options = {"crf": "0"}  # lossless: what is left of the error is the matrix and 4:2:0
+    cc = video.codec_context
+    cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = 9, 18, 9, 1
+    for i, rgb in enumerate(frames.numpy()):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p10le", dst_colorspace="BT2020")
+        frame.pts = i
+        for packet in video.encode(frame):
+            container.mux(packet)
+    for packet in video.encode(None):
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def test_primaries_and_curve_tags_round_trip(tmp_path, clip):
+    """An HLG clip's primaries and curve are read and written as tags (the RGB values as they are);
+    mpeg4 cannot carry them (a warning)."""
+    src = hdr_source(tmp_path / "hlg.mp4", clip)
+    info = probe_video(src)
+    assert (info.color_primaries, info.color_trc, info.colorspace) == ("bt2020", "arib-std-b67", "bt2020nc")
+    frames, info = read_video(src)
+    assert (info.color_primaries, info.color_trc) == ("bt2020", "arib-std-b67")
+    assert frame_mae(frames, clip).max() < MAE_420  # BT.2020 matrix honoured on reading
+    out = tmp_path / "out.mp4"
+    write_video(out, frames, 24, color_primaries=info.color_primaries, color_trc=info.color_trc)
+    back = probe_video(out)
+    assert (back.color_primaries, back.color_trc, back.colorspace) == ("bt2020", "arib-std-b67", "bt709")
+    assert probe_video(tmp_path / "hlg.mp4").color_trc == "arib-std-b67"
+    write_video(tmp_path / "plain.mp4", clip, 24)
+    assert (probe_video(tmp_path / "plain.mp4").color_primaries, probe_video(tmp_path / "plain.mp4").color_trc) == (
+        None, None)
+    with pytest.warns(RuntimeWarning, match="cannot signal"):
+        write_video(tmp_path / "old.avi", clip, 24, codec="mpeg4", color_trc="smpte2084")
