@@ -1,7 +1,9 @@
 """``oasis-vsr``: super-resolve a video file x4 with an OASIS checkpoint.
 
-Every argument, the input video, the checkpoint folder and the memory plan are checked before
-any model work starts; a bad one ends the program with one line on stderr and exit code 2.
+Every argument, the input video, the checkpoint folder, the output (its type, encoder and folder: a
+scratch write) and the memory plan are checked before any model work starts; a bad one, and any later
+failure of the run's own (a full disk, out of memory), ends the program with one line on stderr and exit
+code 2. The video is written beside the output and renamed to it once complete.
 """
 
 from __future__ import annotations
@@ -119,16 +121,20 @@ def _device(name: str | None):
 
 def _check_args(args) -> None:
     """Everything that can be checked without loading a model."""
-    from .video import probe_video
+    from .video import check_writable, probe_video
 
     out = Path(args.output)
     if not out.parent.exists() and str(out.parent) not in ("", "."):
         raise _Exit(f"output folder {str(out.parent)!r} does not exist")
     if out.exists() and out.is_dir():
         raise _Exit(f"output {str(out)!r} is a folder; give a file name such as out.mp4")
+    webm = out.suffix.lower() == ".webm"
+    if not webm and args.crf > 51:
+        raise _Exit(f"--crf {args.crf:g}: H.264 (libx264) takes 0..51")
     if args.demo:
         if args.input or args.checkpoint:
             raise _Exit("--demo takes no input video or checkpoint (it makes both up)")
+        check_writable(out, 320, 192, 24, crf=args.crf)
         return
     if not args.input:
         raise _Exit("no input video (give IN.mp4, or --demo)")
@@ -141,7 +147,9 @@ def _check_args(args) -> None:
         raise _Exit(f"{ckpt}: not an OASIS checkpoint (no oasis.json with the projector's settings)")
     if args.routing and args.routing.lower() != "none" and not Path(args.routing).is_file():
         raise _Exit(f"routing file {args.routing!r} does not exist")
-    probe_video(args.input)  # raises VideoError for a missing or unreadable file
+    info = probe_video(args.input)  # raises VideoError for a missing or unreadable file
+    # the output's type, encoder and folder, before minutes of work (the x4 size: sizes only need be even)
+    check_writable(out, 4 * info.width, 4 * info.height, info.fps, crf=args.crf)
 
 
 def _world() -> tuple[int, int, int, int]:
@@ -252,7 +260,7 @@ def _restore(args, device, rank: int, world: int) -> int:
         pipe = tiny_pipeline(device=device)
         video = synthetic_clip(args.max_frames or 17, 48, 80)
         fps, color_range, colorspace, rotation, frame_times = 24, None, None, 0, None
-        primaries = trc = None
+        primaries = trc = sar = None
     else:
         from .pipeline import OasisVSR
 
@@ -271,6 +279,12 @@ def _restore(args, device, rank: int, world: int) -> int:
         video, info = read_video(args.input, max_frames=args.max_frames)
         fps, color_range, colorspace, rotation = info.fps, info.color_range, info.colorspace, info.rotation
         frame_times, primaries, trc = info.frame_times, info.color_primaries, info.color_trc
+        sar = info.sample_aspect_ratio
+        if rank == 0 and info.interlaced:
+            print("oasis-vsr: warning: the input is interlaced and is restored as progressive frames (its combing "
+                  "too); deinterlace it first for a clean result (e.g. ffmpeg -vf bwdif)", file=sys.stderr)
+        if rank == 0 and _has_alpha(info.pix_fmt):
+            print(f"oasis-vsr: warning: the input's transparency ({info.pix_fmt}) is not kept", file=sys.stderr)
     frames, height, width, _ = video.shape
     budget = args.memory_budget
     if world > 1 and device.type == "cuda" and budget is None:
@@ -300,23 +314,22 @@ def _restore(args, device, rank: int, world: int) -> int:
         for _ in blocks:
             pass
         return 0
-    # written over its own input (the sound is still to be read from it): into a file beside it first
+    # into a file beside the output, renamed to it once complete: an interrupted or failed run leaves no
+    # half-written video under the name (nor over an earlier one), and one written over its own input
+    # still reads the sound from it
     target = Path(args.output)
-    over_input = not args.demo and target.exists() and os.path.samefile(target, args.input)
-    path = target.with_name(f".{target.stem}.oasis-partial{target.suffix}") if over_input else target
+    path = target.with_name(f".{target.stem}.oasis-partial{target.suffix}")
     try:
         with VideoWriter(path, width * s, height * s, fps, crf=args.crf, color_range=color_range,
                          colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
-                         color_primaries=primaries, color_trc=trc, rotation=rotation, audio_from=None if args.demo or args.no_audio else args.input,
+                         color_primaries=primaries, color_trc=trc, rotation=rotation, sample_aspect_ratio=sar,
+                         audio_from=None if args.demo or args.no_audio else args.input,
                          frame_times=frame_times) as out:
             for block in blocks:
                 out.write(block)
-    except BaseException:
-        if over_input:
-            path.unlink(missing_ok=True)
-        raise
-    if over_input:
         os.replace(path, target)
+    finally:
+        path.unlink(missing_ok=True)
     if out.audio_streams:
         print(f"oasis-vsr: sound: {', '.join(out.audio_streams)}", file=sys.stderr)
     took = time.perf_counter() - t0
@@ -327,6 +340,16 @@ def _restore(args, device, rank: int, world: int) -> int:
           file=sys.stderr)
     _report_conv_timing()
     return 0
+
+
+def _has_alpha(pix_fmt: str) -> bool:
+    """Whether frames in ``pix_fmt`` carry transparency (yuva420p, rgba, argb, ya8, ...)."""
+    import av
+
+    try:
+        return any(c.is_alpha for c in av.VideoFormat(pix_fmt).components)
+    except (ValueError, AttributeError, av.FFmpegError):
+        return False
 
 
 def _report_conv_timing() -> None:
@@ -345,8 +368,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (_Exit, ValueError, MemoryError, ImportError) as exc:
+    except (_Exit, ValueError, MemoryError, ImportError, OSError) as exc:  # OSError: a full disk, a long name
         print(f"oasis-vsr: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc):
+            raise  # a fault of ours: its traceback
+        print(f"oasis-vsr: error: out of memory ({str(exc).splitlines()[0]}); give a --memory-budget, --tile or "
+              f"--chunk-frames", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("oasis-vsr: interrupted", file=sys.stderr)

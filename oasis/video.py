@@ -66,6 +66,7 @@ __all__ = [
     "VideoError",
     "VideoInfo",
     "VideoWriter",
+    "check_writable",
     "probe_video",
     "read_video",
     "synthetic_clip",
@@ -150,6 +151,11 @@ class VideoInfo:
     #: "smpte2084" for PQ; None untagged)
     color_primaries: str | None = None
     color_trc: str | None = None
+    #: the shape of a pixel, width / height (non-square on DVDs and HDV: 32/27, 4/3); None: square or
+    #: unsaid
+    sample_aspect_ratio: Fraction | None = None
+    #: whether the first frame is interlaced (:func:`read_video`; frames are processed as progressive)
+    interlaced: bool = False
     #: degrees a player turns the stored frames (the display matrix; 0 when absent); known after
     #: :func:`read_video` (from the first frame), 0 from :func:`probe_video`
     rotation: int = 0
@@ -184,10 +190,16 @@ def _input_path(path) -> str:
     return p
 
 
+def _ffmpeg_name(p: str) -> str:
+    """``p`` as FFmpeg is to read it: a local file, even where its name has a colon (FFmpeg would take
+    ``10:30.mp4`` for the protocol ``10``)."""
+    return "file:" + p if ":" in p else p
+
+
 def _open_input(p: str):
     av = _import_av()
     try:
-        return av.open(p, mode="r")
+        return av.open(_ffmpeg_name(p), mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{p}: not a readable video file ({_reason(e)})") from e
 
@@ -234,7 +246,13 @@ def _stream_info(p: str, stream) -> VideoInfo:
         colorspace=_COLORSPACE_NAMES.get(int(cc.colorspace or 2)),
         color_primaries=_PRIMARIES_NAMES.get(int(cc.color_primaries or 2)),
         color_trc=_TRC_NAMES.get(int(cc.color_trc or 2)),
+        sample_aspect_ratio=_sar(stream.sample_aspect_ratio or cc.sample_aspect_ratio),
     )
+
+
+def _sar(value) -> Fraction | None:
+    sar = Fraction(value) if value else None
+    return None if not sar or sar == 1 else sar
 
 
 def _as_fps(fps, p: str) -> Fraction:
@@ -348,6 +366,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
         color_primaries=info.color_primaries or _PRIMARIES_NAMES.get(int(first.color_primaries or 2)),
         color_trc=info.color_trc or _TRC_NAMES.get(int(first.color_trc or 2)),
         rotation=round(first.rotation or 0) % 360,
+        interlaced=bool(first.interlaced_frame),
         frame_times=tuple(t - times[0] for t in times),
     )
     return torch.from_numpy(np.stack(frames)), info
@@ -365,7 +384,7 @@ class VideoWriter:
 
     ``fps`` is a ``Fraction``, int, float or string like ``"30000/1001"``; floats are
     rounded to the nearest fraction with denominator <= 1001000, so ``30000/1001`` and
-    ``23.976`` survive. ``codec="libx264"`` falls back to ``"mpeg4"`` (with a warning)
+    ``23.976`` survive. ``codec`` defaults to libx264 (libvpx-vp9 for ``.webm``); libx264 falls back to ``"mpeg4"`` (with a warning)
     when this PyAV build has no libx264; :attr:`codec` tells which one is used. ``crf``
     is the constant-rate factor for encoders with a ``crf`` option (0 is lossless for
     libx264); other encoders get a fixed quantiser ``1 + round(crf / 8)`` (1..31, mpeg4's
@@ -380,6 +399,8 @@ class VideoWriter:
     :attr:`VideoInfo.color_primaries`) are tagged as given for the same encoders (None: untagged),
     the RGB values written as they are.
     ``rotation``: degrees a player is to turn the frames (the display matrix; 0 writes none).
+    ``sample_aspect_ratio``: the pixels' shape (width / height; a source's
+    :attr:`VideoInfo.sample_aspect_ratio`), tagged so a DVD's 720x480 still shows 16:9.
     ``audio_from``: a video or audio file whose audio streams are copied in (module notes).
     ``frame_times``: seconds of each frame from the first (a source's :attr:`VideoInfo.frame_times`):
     where they stray from ``k / fps`` by half a frame or more (a variable-rate phone clip), frames are
@@ -399,13 +420,14 @@ class VideoWriter:
         height: int,
         fps,
         *,
-        codec: str = "libx264",
+        codec: str | None = None,
         crf: float = 18,
         pix_fmt: str = "yuv420p",
         color_range: str | None = None,
         colorspace: str | None = None,
         color_primaries: str | None = None,
         color_trc: str | None = None,
+        sample_aspect_ratio=None,
         keyframe_interval: int | None = None,
         rotation: int = 0,
         audio_from=None,
@@ -434,6 +456,8 @@ class VideoWriter:
         if os.path.isdir(p):
             raise VideoError(f"{p}: is a directory, not a file name")
 
+        if codec is None:  # WebM holds VP8/VP9/AV1 only
+            codec = "libvpx-vp9" if p.lower().endswith(".webm") else "libx264"
         if codec == "libx264" and "libx264" not in av.codecs_available:
             warnings.warn(
                 f"{p}: this PyAV build has no libx264; writing with the mpeg4 encoder",
@@ -528,7 +552,7 @@ class VideoWriter:
         self._container = None
         try:
             # guesses the container from the extension; the file itself opens at first mux
-            self._container = av.open(p, mode="w")
+            self._container = av.open(_ffmpeg_name(p), mode="w")
         except (av.FFmpegError, OSError, ValueError) as e:
             raise VideoError(f"{p}: cannot write this file type ({_reason(e)})") from e
         if self._times is not None and not self._container.format.flags & _AVFMT_VARIABLE_FPS:
@@ -554,6 +578,15 @@ class VideoWriter:
                     stream.codec_context.color_trc = _TRC_CODES[self.color_trc]
             if rotation % 360:
                 stream.set_display_rotation(float(rotation))
+                if self._container.format.name.split(",")[0] not in _ROTATION_FORMATS:
+                    warnings.warn(f"{p}: {self._container.format.name} files cannot hold a rotation; the frames "
+                                  f"play as stored, not turned by {rotation % 360} degrees (write .mp4, .mov or "
+                                  f".mkv)", RuntimeWarning, stacklevel=2)
+            if sample_aspect_ratio is not None:
+                sar = Fraction(sample_aspect_ratio)
+                if sar <= 0:
+                    raise ValueError(f"sample_aspect_ratio must be positive, got {sample_aspect_ratio!r}")
+                stream.codec_context.sample_aspect_ratio = sar
             # open now so a bad option or size fails here, not after the first chunk's work
             stream.codec_context.open()
         except (av.FFmpegError, OSError, ValueError) as e:
@@ -696,6 +729,9 @@ class VideoWriter:
             pass
 
 
+#: containers whose muxers write a display matrix (MP4/MOV's track matrix, Matroska's projection)
+_ROTATION_FORMATS = {"mp4", "mov", "3gp", "3g2", "ipod", "ismv", "psp", "f4v", "matroska", "webm"}
+
 #: the clock of variable-rate output (MPEG's 90 kHz): any source timing to 11 microseconds
 _VFR_CLOCK = Fraction(1, 90000)
 _AVFMT_VARIABLE_FPS = 0x0400  # libavformat's flag of containers whose frames may come at any times
@@ -725,6 +761,7 @@ class _AudioCopy:
     def __init__(self, source: str, container, out_path: str):
         av = _import_av()
         self._av = av
+        self._source = source
         self._src = _open_input(source)
         self.summary: list[str] = []
         self._outs: dict = {}  # source stream index -> (output stream, encoder-side: re-encoded?)
@@ -750,7 +787,7 @@ class _AudioCopy:
         scratch file first, :func:`_muxes`), else AAC, else none (a warning)."""
         av = self._av
         name = stream.codec_context.name
-        sample = _first_packet(self._src.name, stream.index)
+        sample = _first_packet(self._source, stream.index)
         if sample is None:
             return  # a stream without a single packet: nothing to copy
         # an encoder's priming packet lies before the stream's start (AAC's 1024 samples, with an edit
@@ -827,7 +864,7 @@ class _AudioCopy:
             frames = packet.decode()
         except self._av.FFmpegError as e:  # one damaged packet: its samples are left out, not the run
             if not self._warned:
-                warnings.warn(f"{self._src.name}: an audio packet at {float(t):.3f} s could not be decoded "
+                warnings.warn(f"{self._source}: an audio packet at {float(t):.3f} s could not be decoded "
                               f"({_reason(e)}); its sound is left out", RuntimeWarning, stacklevel=5)
                 self._warned = True
             return
@@ -857,7 +894,7 @@ class _AudioCopy:
 def _first_packet(path: str, index: int):
     """The first packet of stream ``index`` of ``path`` with data (None if it has none)."""
     av = _import_av()
-    with av.open(path) as src:
+    with av.open(_ffmpeg_name(path)) as src:
         for packet in src.demux(src.streams[index]):
             if packet.size and packet.pts is not None:
                 return packet
@@ -881,6 +918,43 @@ def _muxes(format_name: str, build, expect: tuple[str, str]) -> bool:
             return [(s.type, s.codec_context.name if s.codec_context else None) for s in back.streams] == [expect]
     except (av.FFmpegError, ValueError, NotImplementedError, TypeError):
         return False
+
+
+def check_writable(path, width: int, height: int, fps, **kwargs) -> None:
+    """Raise :class:`VideoError` now if :class:`VideoWriter` could not write ``path`` (its folder
+    missing or read-only, a file type FFmpeg does not know, an encoder the container refuses or a
+    container that fails when it finishes: Ogg or Y4M with H.264), without creating it: the writer's
+    own checks, then two frames written to a scratch file in memory in the same format. For programs
+    that write only after minutes of work (``oasis-vsr``)."""
+    import io
+
+    av = _import_av()
+    p = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(p)) or "."
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+        raise VideoError(f"{p}: the folder {parent} is not writable")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("audio_from", "frame_times")}
+    writer = VideoWriter(p, width, height, fps, **kwargs)
+    fmt, codec, options = writer._container.format.name, writer.codec, dict(writer._stream.options)
+    writer._abort()
+    size = (64, 64)  # the smallest frames every encoder takes; the real size passed the writer's checks
+    try:
+        with av.open(io.BytesIO(), mode="w", format=fmt) as probe:
+            stream = probe.add_stream(codec, rate=writer.fps)
+            stream.width, stream.height, stream.pix_fmt = *size, writer.pix_fmt
+            stream.options = options
+            for i in range(2):
+                frame = av.VideoFrame(*size, writer.pix_fmt)
+                for plane in frame.planes:
+                    plane.update(bytes(plane.buffer_size))
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    probe.mux(packet)
+            for packet in stream.encode(None):
+                probe.mux(packet)
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"{p}: a {fmt} file cannot be written with {codec} ({_reason(e)}); try .mp4, .mkv or "
+                         f".mov") from e
 
 
 def write_video(path, frames, fps, **kwargs) -> None:

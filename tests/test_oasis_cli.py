@@ -1,5 +1,7 @@
 """oasis-vsr: the demo, a real checkpoint on a real video file, and one-line errors (exit code 2)."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -122,6 +124,71 @@ def test_variable_frame_rate_kept(tmp_path, capsys, checkpoint):
     code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
     assert code == 0, err
     assert frame_times(out) == pytest.approx([float(t) for t in times], abs=1e-4)
+
+
+def test_output_checked_before_the_model_loads(tmp_path, capsys, checkpoint, clip, monkeypatch):
+    """What the output cannot be is said before any model work (no checkpoint loaded): a type that fails
+    only when finished (Ogg with H.264), a CRF past H.264's 51; WebM is written with VP9."""
+    from oasis import pipeline
+
+    loads = []
+    real = pipeline.OasisVSR.from_pretrained
+    monkeypatch.setattr(pipeline.OasisVSR, "from_pretrained", lambda *a, **k: loads.append(1) or real(*a, **k))
+    for extra, expect in ((["-o", tmp_path / "a.ogv"], "cannot be written with libx264"),
+                          (["-o", tmp_path / "a.mp4", "--crf", 60], "--crf 60: H.264 (libx264) takes 0..51")):
+        code, err = run(capsys, clip, *extra, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
+        assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not loads and list(tmp_path.iterdir()) == []
+    code, err = run(capsys, clip, "-o", tmp_path / "hq.webm", "--checkpoint", checkpoint, "--device", "cpu",
+                    "--no-progress")
+    assert code == 0 and loads, err
+    assert read_video(tmp_path / "hq.webm")[0].shape[:3] == (7, 80, 112)
+
+
+def test_a_failed_run_leaves_the_output_as_it_was(tmp_path, capsys, checkpoint, clip, monkeypatch):
+    """Out of memory half way (after a block was written): one line, exit 2, an earlier file under the
+    name untouched and no partial file left."""
+    from oasis import pipeline
+
+    out = tmp_path / "hq.mp4"
+    out.write_bytes(b"an earlier result")
+    real = pipeline.OasisVSR.stream
+
+    def failing(self, *a, **k):
+        blocks = real(self, *a, **k)
+        yield next(blocks)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline.OasisVSR, "stream", failing)
+    code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--chunk-frames", 5,
+                    "--no-progress")
+    assert code == 2 and "out of memory" in err and "Traceback" not in err, err
+    assert out.read_bytes() == b"an earlier result" and sorted(p.name for p in tmp_path.iterdir()) == ["hq.mp4"]
+
+
+def test_pixel_shape_kept_and_interlacing_said(tmp_path, capsys, checkpoint):
+    """An anamorphic DVD-like clip (SAR 32:27, interlaced): the x4 output keeps the pixel shape, and the
+    CLI says the fields are restored as progressive frames."""
+    import av
+
+    src = tmp_path / "dvd.mp4"
+    with av.open(str(src), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 28, 20, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(32, 27)
+        stream.options = {"x264-params": "interlaced=1"}
+        for i, rgb in enumerate(synthetic_clip(5, 20, 28).numpy()):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    out = tmp_path / "hq.mp4"
+    code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    assert "interlaced" in err
+    assert probe_video(out).sample_aspect_ratio == Fraction(32, 27)
 
 
 def test_routing_none_and_tiles(tmp_path, capsys, checkpoint, clip):

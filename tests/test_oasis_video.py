@@ -681,3 +681,36 @@ def test_primaries_and_curve_tags_round_trip(tmp_path, clip):
         None, None)
     with pytest.warns(RuntimeWarning, match="cannot signal"):
         write_video(tmp_path / "old.avi", clip, 24, codec="mpeg4", color_trc="smpte2084")
+
+
+def test_pixel_shape_colons_and_early_checks(tmp_path, clip, monkeypatch):
+    """A DVD's non-square pixels (SAR 32:27) are read and written; a name with a colon is a file, not
+    an FFmpeg protocol; check_writable refuses what would fail only when the file is finished (Ogg or
+    Y4M with H.264) or cannot start (GIF, an unknown type, a read-only folder), and creates nothing."""
+    from oasis.video import check_writable
+
+    dvd = tmp_path / "10:30 dvd.mp4"
+    write_video(dvd, clip, 25, sample_aspect_ratio=Fraction(32, 27))
+    frames, info = read_video(dvd)
+    assert probe_video(dvd).sample_aspect_ratio == info.sample_aspect_ratio == Fraction(32, 27)
+    write_video(tmp_path / "square.mp4", clip, 25)
+    assert probe_video(tmp_path / "square.mp4").sample_aspect_ratio is None
+    check_writable(tmp_path / "ok.mp4", W, H, 25)
+    check_writable(tmp_path / "ok.webm", W, H, 25)  # VP9 by default for WebM
+    for name, match in (("a.ogv", "cannot be written with libx264"), ("a.y4m", "cannot be written with libx264"),
+                        ("a.gif", "cannot start the libx264 encoder"), ("a.xyz", "cannot write this file type")):
+        with pytest.raises(VideoError, match=match):
+            check_writable(tmp_path / name, W, H, 25)
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # the folder as a user without write permission sees it (tests may run as root)
+    monkeypatch.setattr(os, "access", lambda path, mode: real_access(path, mode) and str(path) != str(locked))
+    with pytest.raises(VideoError, match="is not writable"):
+        check_writable(locked / "out.mp4", W, H, 25)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["10:30 dvd.mp4", "locked", "square.mp4"]
+    with VideoWriter(tmp_path / "out.webm", W, H, 25) as w:
+        w.write(clip)
+    assert w.codec == "libvpx-vp9" and read_video(tmp_path / "out.webm")[0].shape[0] == F
