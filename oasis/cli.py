@@ -247,7 +247,7 @@ def _restore(args, device, rank: int, world: int) -> int:
     """Load, plan, restore and write (rank 0 writes; every rank computes its frames of each DiT call)."""
     import torch
 
-    from .video import VideoWriter, probe_video, read_video, synthetic_clip
+    from .video import VideoWriter, probe_video, read_video, streams_left_out, synthetic_clip
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -285,6 +285,10 @@ def _restore(args, device, rank: int, world: int) -> int:
                   "too); deinterlace it first for a clean result (e.g. ffmpeg -vf bwdif)", file=sys.stderr)
         if rank == 0 and _has_alpha(info.pix_fmt):
             print(f"oasis-vsr: warning: the input's transparency ({info.pix_fmt}) is not kept", file=sys.stderr)
+        left = streams_left_out(args.input)
+        if rank == 0 and left:
+            kinds = ", ".join(f"{left.count(k)} {k}" for k in dict.fromkeys(left))
+            print(f"oasis-vsr: warning: the input's other streams are not kept ({kinds})", file=sys.stderr)
     frames, height, width, _ = video.shape
     budget = args.memory_budget
     if world > 1 and device.type == "cuda" and budget is None:
@@ -324,7 +328,7 @@ def _restore(args, device, rank: int, world: int) -> int:
                          colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
                          color_primaries=primaries, color_trc=trc, rotation=rotation, sample_aspect_ratio=sar,
                          audio_from=None if args.demo or args.no_audio else args.input,
-                         frame_times=frame_times) as out:
+                         metadata_from=None if args.demo else args.input, frame_times=frame_times) as out:
             for block in blocks:
                 out.write(block)
         os.replace(path, target)

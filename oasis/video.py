@@ -30,8 +30,8 @@ Colour handling
   HDR (HLG or PQ, BT.2020) phone clip keeps what tells a player how to show it. Its 10 bits are
   read as 8.
 
-Timing, rotation and sound
---------------------------
+Timing, rotation, tags and sound
+--------------------------------
 * Timing: :func:`read_video` records each frame's time (:attr:`VideoInfo.frame_times`); given
   them, :class:`VideoWriter` writes a variable-rate clip's frames at those times instead of at a
   constant ``fps`` (FFmpeg's guess of a variable clip's rate is the rate of a clock its steps fit,
@@ -39,6 +39,10 @@ Timing, rotation and sound
 * Rotation (the display matrix phones write): frames are read as stored and
   :attr:`VideoInfo.rotation` says how a player turns them; :class:`VideoWriter` writes the same
   tag (``rotation=``), so an upscaled portrait clip plays upright as its source did.
+* Tags: ``VideoWriter(..., metadata_from=SOURCE)`` copies the file's tags (title, creation time,
+  comment; not the muxer's own), the video's language and title and the chapters (cut where the
+  written video ends); :func:`streams_left_out` names what is not carried over (subtitles,
+  timecode tracks).
 * Sound: ``VideoWriter(..., audio_from=SOURCE)`` copies the source's audio streams into the
   output, packet for packet, cut where the written video ends (``--max-frames``; to the packet) and
   timed from the source's first video frame (one packet before it kept: an encoder's priming); a
@@ -68,6 +72,7 @@ __all__ = [
     "VideoWriter",
     "check_writable",
     "probe_video",
+    "streams_left_out",
     "read_video",
     "synthetic_clip",
     "write_video",
@@ -402,6 +407,9 @@ class VideoWriter:
     ``sample_aspect_ratio``: the pixels' shape (width / height; a source's
     :attr:`VideoInfo.sample_aspect_ratio`), tagged so a DVD's 720x480 still shows 16:9.
     ``audio_from``: a video or audio file whose audio streams are copied in (module notes).
+    ``metadata_from``: a file whose tags (title, creation time, comment, ...; not the muxer's own),
+    video stream language and title, and chapters (those that start before the video's end, given
+    ``frame_times``; cut there) are copied in.
     ``frame_times``: seconds of each frame from the first (a source's :attr:`VideoInfo.frame_times`):
     where they stray from ``k / fps`` by half a frame or more (a variable-rate phone clip), frames are
     written at those times (on a 1/90000 s clock; frames past the list follow at the last step), so the
@@ -432,12 +440,18 @@ class VideoWriter:
         rotation: int = 0,
         audio_from=None,
         frame_times=None,
+        metadata_from=None,
     ):
         av = _import_av()
         p = os.fspath(path)
         if isinstance(rotation, bool) or not isinstance(rotation, numbers.Real) or not math.isfinite(rotation):
             raise VideoError(f"{p}: rotation must be a number of degrees, got {rotation!r}")
         audio_source = None if audio_from is None else _input_path(audio_from)
+        metadata_source = None if metadata_from is None else _input_path(metadata_from)
+        times = None if frame_times is None else [Fraction(t) for t in frame_times]
+        # where the video will end, for the chapters (the last frame as long as the step before it)
+        self._planned_end = None if not times else times[-1] + (times[-1] - times[-2] if len(times) > 1
+                                                                  else 1 / _as_fps(fps, p))
         if audio_source is not None and os.path.exists(p) and os.path.samefile(p, audio_source):
             raise VideoError(f"{p}: is the file the sound is copied from (audio_from); write elsewhere first")
         self._times = _variable_times(frame_times, _as_fps(fps, p), p)
@@ -594,6 +608,12 @@ class VideoWriter:
             raise VideoError(f"{p}: cannot start the {self.codec} encoder ({_reason(e)})") from e
         self.rotation = round(rotation) % 360
         self._stream = stream
+        if metadata_source is not None:
+            try:
+                _copy_tags(metadata_source, self._container, stream, self._planned_end)
+            except BaseException:
+                self._abort()
+                raise
         self._reformatter = av.video.reformatter.VideoReformatter()
         self._audio = None
         if audio_source is not None:
@@ -801,7 +821,7 @@ class _AudioCopy:
             probe.mux(sample)
 
         if _muxes(container.format.name, copy, expect=("audio", name)):
-            self._outs[stream.index] = (container.add_stream_from_template(stream), False)
+            self._outs[stream.index] = (_with_names(container.add_stream_from_template(stream), stream), False)
             self.summary.append(f"copied {name}")
             return
         rate = stream.codec_context.sample_rate or 48000
@@ -825,7 +845,7 @@ class _AudioCopy:
 
         for layout in layouts if "aac" in av.codecs_available else ():
             if _muxes(container.format.name, aac(layout), expect=("audio", "aac")):
-                out = container.add_stream("aac", rate=rate, layout=layout)
+                out = _with_names(container.add_stream("aac", rate=rate, layout=layout), stream)
                 self._outs[stream.index] = (out, True)
                 self.summary.append(f"re-encoded {name} to aac")
                 return
@@ -891,6 +911,51 @@ class _AudioCopy:
         self._src.close()
 
 
+#: tags a muxer writes itself (copied, they would misdescribe the new file)
+_OWN_TAGS = {"major_brand", "minor_version", "compatible_brands", "encoder", "duration", "handler_name",
+             "vendor_id", "encoder-settings"}
+
+
+def _tags(metadata) -> dict:
+    return {k: v for k, v in dict(metadata).items() if k.lower() not in _OWN_TAGS}
+
+
+def _copy_tags(source: str, container, video_stream, end) -> None:
+    """``source``'s file tags, its video stream's language and title, and its chapters (starting before
+    ``end`` seconds and cut there; all when None) into the output about to be written."""
+    av = _import_av()
+    src = _open_input(source)
+    try:
+        for k, v in _tags(src.metadata).items():
+            container.metadata[k] = v
+        video = [st for st in src.streams.video if not (st.disposition & av.stream.Disposition.attached_pic)]
+        if video:
+            for k in ("language", "title"):
+                if k in video[0].metadata:
+                    video_stream.metadata[k] = video[0].metadata[k]
+        chapters = []
+        for ch in src.chapters():
+            start, stop = ch["start"] * ch["time_base"], ch["end"] * ch["time_base"]
+            if end is not None and start >= end:
+                continue
+            if end is not None and stop > end:
+                stop = end
+            tb = ch["time_base"]
+            chapters.append({**ch, "start": round(start / tb), "end": round(stop / tb), "id": len(chapters) + 1})
+        if chapters:
+            container.set_chapters(chapters)
+    finally:
+        src.close()
+
+
+def _with_names(out, source):
+    """``out`` with ``source``'s language and title (a film's "jpn", "Japanese" track)."""
+    for k in ("language", "title"):
+        if k in source.metadata:
+            out.metadata[k] = source.metadata[k]
+    return out
+
+
 def _first_packet(path: str, index: int):
     """The first packet of stream ``index`` of ``path`` with data (None if it has none)."""
     av = _import_av()
@@ -918,6 +983,22 @@ def _muxes(format_name: str, build, expect: tuple[str, str]) -> bool:
             return [(s.type, s.codec_context.name if s.codec_context else None) for s in back.streams] == [expect]
     except (av.FFmpegError, ValueError, NotImplementedError, TypeError):
         return False
+
+
+def streams_left_out(path) -> list[str]:
+    """What of ``path`` a :class:`VideoWriter` given it as ``audio_from`` and ``metadata_from`` does not
+    carry over, by kind: subtitle and attachment streams, timecode tracks, video streams after the first
+    (e.g. ``["subtitle", "subtitle"]``; an MP4's chapter track is not one: its chapters are copied)."""
+    av = _import_av()
+    container = _open_input(_input_path(path))
+    try:
+        attached = av.stream.Disposition.attached_pic
+        videos = [s for s in container.streams.video if not (s.disposition & attached)]
+        kinds = [s.type for s in container.streams if s.type in ("subtitle", "attachment")]
+        kinds += ["timecode"] * sum(s.type == "data" and "timecode" in s.metadata for s in container.streams)
+        return kinds + ["video"] * (len(videos) - 1)
+    finally:
+        container.close()
 
 
 def check_writable(path, width: int, height: int, fps, **kwargs) -> None:

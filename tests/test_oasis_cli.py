@@ -191,6 +191,21 @@ def test_pixel_shape_kept_and_interlacing_said(tmp_path, capsys, checkpoint):
     assert probe_video(out).sample_aspect_ratio == Fraction(32, 27)
 
 
+def test_tags_and_chapters_kept(tmp_path, capsys, checkpoint):
+    """A film-like Matroska source: the x4 video keeps its title and chapters and its sound's language."""
+    import av
+    from test_oasis_video import rich_source
+
+    src = rich_source(tmp_path / "film.mkv", synthetic_clip(8, 20, 28))
+    out = tmp_path / "hq.mkv"
+    code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
+    assert code == 0, err
+    with av.open(str(out)) as c:
+        assert c.metadata["title"] == "My film" and len(c.chapters()) == 2
+        assert c.streams.audio[0].metadata["language"] == "jpn"
+    assert "not kept" not in err
+
+
 def test_routing_none_and_tiles(tmp_path, capsys, checkpoint, clip):
     out = tmp_path / "hq.mp4"
     code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--routing", "none",

@@ -714,3 +714,90 @@ def test_pixel_shape_colons_and_early_checks(tmp_path, clip, monkeypatch):
     with VideoWriter(tmp_path / "out.webm", W, H, 25) as w:
         w.write(clip)
     assert w.codec == "libvpx-vp9" and read_video(tmp_path / "out.webm")[0].shape[0] == F
+
+
+def rich_source(path, frames):
+    """A film-like source: title, comment, creation time, a video language, a Japanese AAC track and two
+    chapters (the second from the clip's middle)."""
+    container = av.open(str(path), "w")
+    container.metadata.update(title="My film", comment="a comment", creation_time="2024-01-01T10:30:00.000000Z")
+    video = container.add_stream("libx264", rate=24)
+    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    video.metadata["language"] = "eng"
+    audio = container.add_stream("aac", rate=RATE, layout="stereo")
+    audio.metadata.update(language="jpn", title="Japanese")
+    n = len(frames)
+    container.set_chapters([
+        {"id": 1, "start": 0, "end": n // 2, "time_base": Fraction(1, 24), "metadata": {"title": "One"}},
+        {"id": 2, "start": n // 2, "end": n, "time_base": Fraction(1, 24), "metadata": {"title": "Two"}}])
+    for i, rgb in enumerate(frames.numpy()):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = i
+        for packet in video.encode(frame):
+            container.mux(packet)
+    for start in range(0, int(RATE * n / 24), 1024):
+        tone = np.zeros((2, 1024), np.float32)
+        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts = RATE, start
+        for packet in audio.encode(frame):
+            container.mux(packet)
+    for packet in [*video.encode(None), *audio.encode(None)]:
+        container.mux(packet)
+    container.close()
+    return path
+
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_tags_chapters_and_track_names_copied(tmp_path, ext):
+    """metadata_from: the file's tags (not the muxer's own), the video's language, the chapters that start
+    before the written video ends (cut there); the copied sound keeps its language and title."""
+    frames = synthetic_clip(24, H, W)
+    src = rich_source(tmp_path / f"film.{ext}", frames)
+    _, info = read_video(src, max_frames=9)  # the first 9 frames: chapter two (from frame 12) is left out
+    out = tmp_path / f"out.{ext}"
+    with VideoWriter(out, W, H, 24, metadata_from=src, audio_from=src, frame_times=info.frame_times) as w:
+        w.write(frames[:9])
+    with av.open(str(out)) as c:
+        tags = {k.lower(): v for k, v in c.metadata.items()}
+        assert (tags["title"], tags["comment"], tags["creation_time"][:19]) == ("My film", "a comment",
+                                                                                 "2024-01-01T10:30:00")
+        assert c.streams.video[0].metadata["language"] == "eng"
+        chapters = c.chapters()
+        assert [ch["metadata"]["title"] for ch in chapters] == ["One"]
+        assert float(chapters[0]["end"] * chapters[0]["time_base"]) == pytest.approx(9 / 24, abs=2e-3)
+        audio = c.streams.audio[0].metadata
+        assert audio["language"] == "jpn"
+        if ext == "mkv":  # (MP4 keeps no track titles)
+            assert audio["title"] == "Japanese"
+
+
+def test_streams_left_out_are_named(tmp_path, clip):
+    """Subtitles (an SRT track muxed into Matroska) and a MOV's timecode track are what the writer does not
+    carry over; an MP4's chapter track is not counted (its chapters are copied)."""
+    from oasis.video import streams_left_out
+
+    srt = tmp_path / "subs.srt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:00,300\nHello\n\n2\n00:00:00,300 --> 00:00:00,600\nWorld\n")
+    write_video(tmp_path / "plain.mkv", clip, 24)
+    with av.open(str(tmp_path / "plain.mkv")) as v, av.open(str(srt)) as s, \
+            av.open(str(tmp_path / "subbed.mkv"), "w") as out:
+        vo, so = out.add_stream_from_template(v.streams.video[0]), out.add_stream_from_template(s.streams.subtitles[0])
+        for src, dst in ((v, vo), (s, so)):
+            for packet in src.demux(src.streams[0]):
+                if packet.size:
+                    packet.stream = dst
+                    out.mux(packet)
+    assert streams_left_out(tmp_path / "subbed.mkv") == ["subtitle"]
+    with av.open(str(tmp_path / "tc.mov"), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.metadata["timecode"] = "01:00:00:00"
+        for i, rgb in enumerate(clip.numpy()):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    assert streams_left_out(tmp_path / "tc.mov") == ["timecode"]
+    assert streams_left_out(rich_source(tmp_path / "film.mp4", clip)) == []
