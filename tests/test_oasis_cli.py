@@ -170,6 +170,7 @@ def test_pixel_shape_kept_and_interlacing_said(tmp_path, capsys, checkpoint):
     """An anamorphic DVD-like clip (SAR 32:27, interlaced): the x4 output keeps the pixel shape, and the
     CLI says the fields are restored as progressive frames."""
     import av
+    from test_oasis_video import mux_frames
 
     src = tmp_path / "dvd.mp4"
     with av.open(str(src), "w") as container:
@@ -177,13 +178,7 @@ def test_pixel_shape_kept_and_interlacing_said(tmp_path, capsys, checkpoint):
         stream.width, stream.height, stream.pix_fmt = 28, 20, "yuv420p"
         stream.codec_context.sample_aspect_ratio = Fraction(32, 27)
         stream.options = {"x264-params": "interlaced=1"}
-        for i, rgb in enumerate(synthetic_clip(5, 20, 28).numpy()):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+        mux_frames(container, stream, synthetic_clip(5, 20, 28))
     out = tmp_path / "hq.mp4"
     code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
     assert code == 0, err

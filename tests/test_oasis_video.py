@@ -365,6 +365,19 @@ def test_synthetic_clip_tiny_sizes():
 TONE_HZ, RATE = 440, 48000
 
 
+def mux_frames(container, stream, frames, start=0, convert=None):
+    """Encode uint8 RGB ``frames`` (each through ``convert``, a VideoFrame -> VideoFrame) into ``stream`` at
+    pts ``start, start + 1, ...`` and flush it."""
+    for i, rgb in enumerate(frames.numpy()):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame = convert(frame) if convert else frame
+        frame.pts = start + i
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+
+
 def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0, audio_start=0.0, layout="stereo"):
     """A test source: ``frames`` (libx264) from ``video_start`` frames in, a 440 Hz tone (every channel of
     ``layout``) from ``audio_start`` s for as long as the frames last plus a second, in ``audio_codec``;
@@ -377,11 +390,7 @@ def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0, aud
     audio = container.add_stream(audio_codec, rate=RATE, layout=layout)
     channels = audio.codec_context.layout.nb_channels
     fmt = audio.codec_context.format.name
-    for i, rgb in enumerate(frames.numpy()):
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts = video_start + i
-        for packet in video.encode(frame):
-            container.mux(packet)
+    mux_frames(container, video, frames, start=video_start)
     total = int(RATE * ((video_start + len(frames)) / float(fps) + 1))
     for start in range(0, total, 1024):
         tone = (0.3 * np.sin(2 * np.pi * TONE_HZ * (np.arange(1024) + start) / RATE)).astype(np.float32)
@@ -392,7 +401,7 @@ def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0, aud
         frame.sample_rate, frame.pts = RATE, start + round(audio_start * RATE)
         for packet in audio.encode(frame):
             container.mux(packet)
-    for packet in [*video.encode(None), *audio.encode(None)]:
+    for packet in audio.encode(None):
         container.mux(packet)
     container.close()
     return path
@@ -651,13 +660,7 @@ def hdr_source(path, frames):
     video.options = {"crf": "0"}  # lossless: what is left of the error is the matrix and 4:2:0
     cc = video.codec_context
     cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = 9, 18, 9, 1
-    for i, rgb in enumerate(frames.numpy()):
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p10le", dst_colorspace="BT2020")
-        frame.pts = i
-        for packet in video.encode(frame):
-            container.mux(packet)
-    for packet in video.encode(None):
-        container.mux(packet)
+    mux_frames(container, video, frames, convert=lambda f: f.reformat(format="yuv420p10le", dst_colorspace="BT2020"))
     container.close()
     return path
 
@@ -730,18 +733,13 @@ def rich_source(path, frames):
     container.set_chapters([
         {"id": 1, "start": 0, "end": n // 2, "time_base": Fraction(1, 24), "metadata": {"title": "One"}},
         {"id": 2, "start": n // 2, "end": n, "time_base": Fraction(1, 24), "metadata": {"title": "Two"}}])
-    for i, rgb in enumerate(frames.numpy()):
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-        frame.pts = i
-        for packet in video.encode(frame):
-            container.mux(packet)
-    for start in range(0, int(RATE * n / 24), 1024):
-        tone = np.zeros((2, 1024), np.float32)
-        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="stereo")
+    mux_frames(container, video, frames)
+    for start in range(0, int(RATE * n / 24), 1024):  # silence: what matters here is the track's names
+        frame = av.AudioFrame.from_ndarray(np.zeros((2, 1024), np.float32), format="fltp", layout="stereo")
         frame.sample_rate, frame.pts = RATE, start
         for packet in audio.encode(frame):
             container.mux(packet)
-    for packet in [*video.encode(None), *audio.encode(None)]:
+    for packet in audio.encode(None):
         container.mux(packet)
     container.close()
     return path
@@ -792,12 +790,6 @@ def test_streams_left_out_are_named(tmp_path, clip):
         stream = out.add_stream("libx264", rate=24)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         stream.metadata["timecode"] = "01:00:00:00"
-        for i, rgb in enumerate(clip.numpy()):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+        mux_frames(out, stream, clip)
     assert streams_left_out(tmp_path / "tc.mov") == ["timecode"]
     assert streams_left_out(rich_source(tmp_path / "film.mp4", clip)) == []
