@@ -365,6 +365,24 @@ def test_synthetic_clip_tiny_sizes():
 TONE_HZ, RATE = 440, 48000
 
 
+def mux_audio(container, stream, seconds, start=0.0, amplitude=0.3):
+    """Encode ``seconds`` of a 440 Hz tone (every channel; ``amplitude`` 0: silence) into ``stream`` from
+    ``start`` s, in 1024-sample frames, and flush it."""
+    fmt, layout = stream.codec_context.format.name, stream.codec_context.layout.name
+    channels = stream.codec_context.layout.nb_channels
+    for first in range(0, int(RATE * seconds), 1024):
+        tone = (amplitude * np.sin(2 * np.pi * TONE_HZ * (np.arange(1024) + first) / RATE)).astype(np.float32)
+        planes = np.stack([tone] * channels)
+        data = {"fltp": planes, "s16": (planes.T * 32767).astype(np.int16).reshape(1, -1),
+                "s16p": (planes * 32767).astype(np.int16)}[fmt]
+        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
+        frame.sample_rate, frame.pts = RATE, first + round(start * RATE)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+
+
 def mux_frames(container, stream, frames, start=0, convert=None):
     """Encode uint8 RGB ``frames`` (each through ``convert``, a VideoFrame -> VideoFrame) into ``stream`` at
     pts ``start, start + 1, ...`` and flush it."""
@@ -388,21 +406,8 @@ def with_sound(path, frames, fps, audio_codec, *, rotation=0, video_start=0, aud
     if rotation:
         video.set_display_rotation(rotation)
     audio = container.add_stream(audio_codec, rate=RATE, layout=layout)
-    channels = audio.codec_context.layout.nb_channels
-    fmt = audio.codec_context.format.name
     mux_frames(container, video, frames, start=video_start)
-    total = int(RATE * ((video_start + len(frames)) / float(fps) + 1))
-    for start in range(0, total, 1024):
-        tone = (0.3 * np.sin(2 * np.pi * TONE_HZ * (np.arange(1024) + start) / RATE)).astype(np.float32)
-        planes = np.stack([tone] * channels)
-        data = {"fltp": planes, "s16": (planes.T * 32767).astype(np.int16).reshape(1, -1),
-                "s16p": (planes * 32767).astype(np.int16)}[fmt]
-        frame = av.AudioFrame.from_ndarray(data, format=fmt, layout=layout)
-        frame.sample_rate, frame.pts = RATE, start + round(audio_start * RATE)
-        for packet in audio.encode(frame):
-            container.mux(packet)
-    for packet in audio.encode(None):
-        container.mux(packet)
+    mux_audio(container, audio, (video_start + len(frames)) / float(fps) + 1, start=audio_start)
     container.close()
     return path
 
@@ -734,13 +739,7 @@ def rich_source(path, frames):
         {"id": 1, "start": 0, "end": n // 2, "time_base": Fraction(1, 24), "metadata": {"title": "One"}},
         {"id": 2, "start": n // 2, "end": n, "time_base": Fraction(1, 24), "metadata": {"title": "Two"}}])
     mux_frames(container, video, frames)
-    for start in range(0, int(RATE * n / 24), 1024):  # silence: what matters here is the track's names
-        frame = av.AudioFrame.from_ndarray(np.zeros((2, 1024), np.float32), format="fltp", layout="stereo")
-        frame.sample_rate, frame.pts = RATE, start
-        for packet in audio.encode(frame):
-            container.mux(packet)
-    for packet in audio.encode(None):
-        container.mux(packet)
+    mux_audio(container, audio, n / 24, amplitude=0)  # what matters here is the track's names
     container.close()
     return path
 
