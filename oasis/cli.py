@@ -150,6 +150,10 @@ def _check_args(args) -> None:
     info = probe_video(args.input)  # raises VideoError for a missing or unreadable file
     # the output's type, encoder and folder, before minutes of work (the x4 size: sizes only need be even)
     check_writable(out, 4 * info.width, 4 * info.height, info.fps, crf=args.crf)
+    if (not args.no_audio and out.exists() and os.path.samefile(out, args.input)
+            and _partial_path(out) is None):
+        raise _Exit(f"{out}: cannot be written over here (a link, or its folder is read-only) while its sound is "
+                    f"read from it; write elsewhere, or give --no-audio")
 
 
 def _world() -> tuple[int, int, int, int]:
@@ -318,11 +322,12 @@ def _restore(args, device, rank: int, world: int) -> int:
         for _ in blocks:
             pass
         return 0
-    # into a file beside the output, renamed to it once complete: an interrupted or failed run leaves no
-    # half-written video under the name (nor over an earlier one), and one written over its own input
-    # still reads the sound from it
+    # into a file beside the output, renamed to it once complete (where that is safe: _partial_path): an
+    # interrupted or failed run leaves no half-written video under the name (nor over an earlier one),
+    # and one written over its own input still reads the sound from it
     target = Path(args.output)
-    path = target.with_name(f".{target.stem}.oasis-partial{target.suffix}")
+    partial = _partial_path(target)
+    path, done = partial or target, False
     try:
         with VideoWriter(path, width * s, height * s, fps, crf=args.crf, color_range=color_range,
                          colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
@@ -331,9 +336,12 @@ def _restore(args, device, rank: int, world: int) -> int:
                          metadata_from=None if args.demo else args.input, frame_times=frame_times) as out:
             for block in blocks:
                 out.write(block)
-        os.replace(path, target)
+        done = True
+        if partial is not None:
+            _move_into_place(partial, target)
     finally:
-        path.unlink(missing_ok=True)
+        if partial is not None and not done:
+            partial.unlink(missing_ok=True)
     if out.audio_streams:
         print(f"oasis-vsr: sound: {', '.join(out.audio_streams)}", file=sys.stderr)
     took = time.perf_counter() - t0
@@ -344,6 +352,41 @@ def _restore(args, device, rank: int, world: int) -> int:
           file=sys.stderr)
     _report_conv_timing()
     return 0
+
+
+def _partial_path(target: Path) -> Path | None:
+    """Where to write the video before it is renamed to ``target``, or None to write ``target`` itself
+    (as before it existed): where the rename would not do what writing does (a symbolic link, which
+    writing follows; a file with other hard links; a folder the user may not write to, holding a
+    file they may), where the name would be too long, or where that file exists (never touched)."""
+    if target.is_symlink() or (target.exists() and (not target.is_file() or target.stat().st_nlink > 1)):
+        return None
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        return None
+    name = target.name
+    ext = name[name.rfind("."):] if "." in name else ""  # (FFmpeg's file type: what follows the last dot)
+    partial = target.with_name(f".{name}.oasis-partial{ext}")
+    if len(partial.name.encode()) > 255 or partial.exists() or partial.is_symlink():
+        return None
+    return partial
+
+
+def _move_into_place(partial: Path, target: Path) -> None:
+    """``partial`` renamed to ``target``, keeping an existing target's permissions; where the rename fails
+    (a bind-mounted file), its bytes copied in. If that fails too, the finished video stays at
+    ``partial`` and the error says so."""
+    import shutil
+
+    try:
+        if target.exists():
+            shutil.copymode(target, partial)
+        os.replace(partial, target)
+    except OSError:
+        try:
+            shutil.copyfile(partial, target)
+        except OSError as exc:
+            raise _Exit(f"the finished video is {partial}: it could not be moved to {target} ({exc})") from None
+        partial.unlink(missing_ok=True)
 
 
 def _has_alpha(pix_fmt: str) -> bool:

@@ -389,7 +389,8 @@ class VideoWriter:
 
     ``fps`` is a ``Fraction``, int, float or string like ``"30000/1001"``; floats are
     rounded to the nearest fraction with denominator <= 1001000, so ``30000/1001`` and
-    ``23.976`` survive. ``codec`` defaults to libx264 (libvpx-vp9 for ``.webm``); libx264 falls back to ``"mpeg4"`` (with a warning)
+    ``23.976`` survive. ``codec`` defaults to libx264 (libvpx-vp9 for ``.webm``); libx264 falls
+    back to ``"mpeg4"`` (with a warning)
     when this PyAV build has no libx264; :attr:`codec` tells which one is used. ``crf``
     is the constant-rate factor for encoders with a ``crf`` option (0 is lossless for
     libx264); other encoders get a fixed quantiser ``1 + round(crf / 8)`` (1..31, mpeg4's
@@ -755,6 +756,7 @@ _ROTATION_FORMATS = {"mp4", "mov", "3gp", "3g2", "ipod", "ismv", "psp", "f4v", "
 #: the clock of variable-rate output (MPEG's 90 kHz): any source timing to 11 microseconds
 _VFR_CLOCK = Fraction(1, 90000)
 _AVFMT_VARIABLE_FPS = 0x0400  # libavformat's flag of containers whose frames may come at any times
+_AVFMT_NOFILE = 0x0001  # and of muxers that open their own files (HLS, DASH, segment)
 
 
 def _variable_times(frame_times, fps: Fraction, p: str) -> tuple[Fraction, ...] | None:
@@ -911,6 +913,9 @@ class _AudioCopy:
         self._src.close()
 
 
+#: containers that take any tag (MP4/MOV, Matroska, NUT); others get none copied
+_TAG_FORMATS = {"mp4", "mov", "3gp", "3g2", "ipod", "ismv", "f4v", "matroska", "webm", "nut"}
+
 #: tags a muxer writes itself (copied, they would misdescribe the new file)
 _OWN_TAGS = {"major_brand", "minor_version", "compatible_brands", "encoder", "duration", "handler_name",
              "vendor_id", "encoder-settings"}
@@ -924,6 +929,8 @@ def _copy_tags(source: str, container, video_stream, end) -> None:
     """``source``'s file tags, its video stream's language and title, and its chapters (starting before
     ``end`` seconds and cut there; all when None) into the output about to be written."""
     av = _import_av()
+    if container.format.name.split(",")[0] not in _TAG_FORMATS:
+        return  # others refuse some tags only when the file is finished (a long title in MPEG-TS)
     src = _open_input(source)
     try:
         for k, v in _tags(src.metadata).items():
@@ -933,14 +940,16 @@ def _copy_tags(source: str, container, video_stream, end) -> None:
             for k in ("language", "title"):
                 if k in video[0].metadata:
                     video_stream.metadata[k] = video[0].metadata[k]
+        # on the output's clock, which starts at the source's first video frame (as the sound's does)
+        zero = video[0].start_time * video[0].time_base if video and video[0].start_time is not None else 0
         chapters = []
         for ch in src.chapters():
-            start, stop = ch["start"] * ch["time_base"], ch["end"] * ch["time_base"]
-            if end is not None and start >= end:
+            tb = ch["time_base"]
+            start, stop = max(ch["start"] * tb - zero, 0), ch["end"] * tb - zero
+            if stop <= 0 or (end is not None and start >= end):
                 continue
             if end is not None and stop > end:
                 stop = end
-            tb = ch["time_base"]
             chapters.append({**ch, "start": round(start / tb), "end": round(stop / tb), "id": len(chapters) + 1})
         if chapters:
             container.set_chapters(chapters)
@@ -1012,12 +1021,16 @@ def check_writable(path, width: int, height: int, fps, **kwargs) -> None:
     av = _import_av()
     p = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(p)) or "."
-    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK) and not (
+            os.path.isfile(p) and os.access(p, os.W_OK)):
         raise VideoError(f"{p}: the folder {parent} is not writable")
     kwargs = {k: v for k, v in kwargs.items() if k not in ("audio_from", "frame_times")}
     writer = VideoWriter(p, width, height, fps, **kwargs)
     fmt, codec, options = writer._container.format.name, writer.codec, dict(writer._stream.options)
+    several = writer._container.format.flags & _AVFMT_NOFILE  # HLS, DASH, segments: files of their own
     writer._abort()
+    if several:
+        raise VideoError(f"{p}: a {fmt} output is several files; give one video file (.mp4, .mkv, .mov, .webm)")
     size = (64, 64)  # the smallest frames every encoder takes; the real size passed the writer's checks
     try:
         with av.open(io.BytesIO(), mode="w", format=fmt) as probe:

@@ -1,5 +1,6 @@
 """oasis-vsr: the demo, a real checkpoint on a real video file, and one-line errors (exit code 2)."""
 
+import os
 from fractions import Fraction
 
 import pytest
@@ -298,3 +299,43 @@ def test_gpus_are_checked_before_any_process_starts(tmp_path, capsys):
                     "--gpus", 3, "--device", "cpu", "--no-progress")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "fewer than the 3 processes" in lines[0], err
+
+
+def test_where_the_video_is_written(tmp_path, capsys, checkpoint, clip, monkeypatch):
+    """Beside the output, then renamed, except where renaming would not do what writing does: a symbolic
+    link is written through, an existing file keeps its permissions, a file already at the partial's
+    name is never touched, a failed rename (a bind-mounted output) falls back to copying the bytes in;
+    several-file outputs (HLS) are refused before the model loads."""
+    import stat
+
+    def restore(out, *extra):
+        code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress",
+                        *extra)
+        assert code == 0, err
+        return tuple(read_video(out)[0].shape[:3])
+
+    real = tmp_path / "real.mp4"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.mp4"
+    link.symlink_to(real)
+    assert restore(link) == (7, 80, 112) and link.is_symlink() and real.stat().st_size > 3
+    kept = tmp_path / "kept.mp4"
+    kept.write_bytes(b"old")
+    kept.chmod(0o640)
+    restore(kept)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    squatter = tmp_path / ".squat.mp4.oasis-partial.mp4"
+    squatter.write_bytes(b"someone else's")
+    restore(tmp_path / "squat.mp4")
+    assert squatter.read_bytes() == b"someone else's"
+
+    def busy(src, dst):
+        raise OSError(16, "Device or resource busy")
+
+    monkeypatch.setattr(os, "replace", busy)
+    assert restore(tmp_path / "mounted.mp4") == (7, 80, 112)
+    monkeypatch.undo()
+    assert list(tmp_path.glob(".*oasis-partial*")) == [squatter]
+    code, err = run(capsys, clip, "-o", tmp_path / "live.m3u8", "--checkpoint", checkpoint, "--device", "cpu")
+    assert code == 2 and "several files" in err
+    assert not list(tmp_path.glob("live*")) and not list(tmp_path.glob("*.ts"))

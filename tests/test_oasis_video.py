@@ -792,3 +792,31 @@ def test_streams_left_out_are_named(tmp_path, clip):
         mux_frames(out, stream, clip)
     assert streams_left_out(tmp_path / "tc.mov") == ["timecode"]
     assert streams_left_out(rich_source(tmp_path / "film.mp4", clip)) == []
+
+
+def test_chapters_on_the_output_clock_and_tags_only_where_taken(tmp_path):
+    """Chapters move with the video's start (a source whose picture starts at 1 s: its chapter from 1.5 s
+    starts at 0.5 s of the output, as the sound does); MPEG-TS gets no tags copied (some fail it only
+    when the file is finished), and is written."""
+    frames = synthetic_clip(24, H, W)
+    src = tmp_path / "late.mkv"
+    with av.open(str(src), "w") as container:
+        container.metadata["title"] = "t" * 300
+        video = container.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = W, H, "yuv420p"
+        container.set_chapters([
+            {"id": 1, "start": 0, "end": 36, "time_base": Fraction(1, 24), "metadata": {"title": "Intro"}},
+            {"id": 2, "start": 36, "end": 72, "time_base": Fraction(1, 24), "metadata": {"title": "Scene"}}])
+        mux_frames(container, video, frames, start=24)
+    _, info = read_video(src)
+    with VideoWriter(tmp_path / "out.mkv", W, H, 24, metadata_from=src, frame_times=info.frame_times) as w:
+        w.write(frames)
+    with av.open(str(tmp_path / "out.mkv")) as c:
+        got = [(ch["metadata"]["title"], float(ch["start"] * ch["time_base"]), float(ch["end"] * ch["time_base"]))
+               for ch in c.chapters()]
+    ms = dict(abs=2e-3)  # (Matroska keeps milliseconds)
+    assert got == [("Intro", 0.0, pytest.approx(0.5, **ms)),
+                   ("Scene", pytest.approx(0.5, **ms), pytest.approx(1.0, **ms))]
+    with VideoWriter(tmp_path / "out.ts", W, H, 24, metadata_from=src, frame_times=info.frame_times) as w:
+        w.write(frames)
+    assert read_video(tmp_path / "out.ts")[0].shape[0] == 24
