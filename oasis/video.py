@@ -47,7 +47,8 @@ Timing, rotation, tags and sound
   output, packet for packet, cut where the written video ends (``--max-frames``; to the packet) and
   timed from the source's first video frame (one packet before it kept: an encoder's priming); a
   codec the output container cannot hold (tried on a scratch file read back: PCM in MP4, anything
-  but AAC/MP2/AC-3... in MPEG-TS) is re-encoded to AAC, each decoded frame at its own time, in the
+  but AAC/MP2/AC-3... in MPEG-TS) is re-encoded to AAC (Opus where AAC cannot go: WebM), each
+  decoded frame at its own time, in the
   source's channel layout; one that cannot be either is left out with a warning, and so is a
   packet that does not decode. The file the sound comes from cannot be the output (``oasis-vsr``
   writing over its input writes beside it, then replaces it).
@@ -834,9 +835,9 @@ class _AudioCopy:
         layouts = dict.fromkeys([source.name] if source and "channels" not in source.name else [])
         layouts[av.AudioLayout(f"{channels}c").name] = None
 
-        def aac(layout):
+        def encoded(codec, codec_rate, layout):
             def build(probe):
-                out = probe.add_stream("aac", rate=rate, layout=layout)
+                out = probe.add_stream(codec, rate=codec_rate, layout=layout)
                 # packed: PyAV reports one plane too many for planar 8-channel frames (writing it crashes)
                 silence = av.AudioFrame.from_ndarray(np.zeros((1, channels * 1024), np.float32), format="flt",
                                                      layout=layout)
@@ -845,13 +846,15 @@ class _AudioCopy:
                     probe.mux(packet)
             return build
 
-        for layout in layouts if "aac" in av.codecs_available else ():
-            if _muxes(container.format.name, aac(layout), expect=("audio", "aac")):
-                out = _with_names(container.add_stream("aac", rate=rate, layout=layout), stream)
-                self._outs[stream.index] = (out, True)
-                self.summary.append(f"re-encoded {name} to aac")
-                return
-        warnings.warn(f"{out_path}: its container cannot hold the source's {name} audio, nor AAC; "
+        # AAC, else Opus (WebM holds no AAC; Opus runs at 48 kHz, the sound resampled by the encoder)
+        for codec, codec_rate, short in (("aac", rate, "aac"), ("libopus", 48000, "opus")):
+            for layout in layouts if codec in av.codecs_available else ():
+                if _muxes(container.format.name, encoded(codec, codec_rate, layout), expect=("audio", short)):
+                    out = _with_names(container.add_stream(codec, rate=codec_rate, layout=layout), stream)
+                    self._outs[stream.index] = (out, True)
+                    self.summary.append(f"re-encoded {name} to {short}")
+                    return
+        warnings.warn(f"{out_path}: its container cannot hold the source's {name} audio, nor AAC or Opus; "
                       f"that audio stream is left out", RuntimeWarning, stacklevel=4)
 
     def copy_until(self, seconds) -> None:

@@ -820,3 +820,21 @@ def test_chapters_on_the_output_clock_and_tags_only_where_taken(tmp_path):
     with VideoWriter(tmp_path / "out.ts", W, H, 24, metadata_from=src, frame_times=info.frame_times) as w:
         w.write(frames)
     assert read_video(tmp_path / "out.ts")[0].shape[0] == 24
+
+
+def test_sound_into_webm_becomes_opus(tmp_path, clip):
+    """WebM holds Opus or Vorbis, not AAC: a source's AAC at 44.1 kHz is re-encoded to Opus (48 kHz,
+    resampled), at its time."""
+    src = tmp_path / "src.mp4"
+    with av.open(str(src), "w") as container:
+        video = container.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = W, H, "yuv420p"
+        audio = container.add_stream("aac", rate=44100, layout="stereo")
+        mux_frames(container, video, synthetic_clip(24, H, W))
+        mux_audio(container, audio, 1.5, start=0.5)
+    with VideoWriter(tmp_path / "out.webm", W, H, 24, audio_from=src) as w:
+        w.write(synthetic_clip(24, H, W))
+    assert w.audio_streams == ["re-encoded aac to opus"]
+    with av.open(str(tmp_path / "out.webm")) as c:
+        assert c.streams.audio[0].codec_context.name == "opus"
+    assert first_sound(tmp_path / "out.webm") == pytest.approx(0.5, abs=5e-3)
