@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-audio", action="store_true",
                    help="leave the input's sound out (default: copied, cut where the restored frames end; "
-                        "re-encoded to AAC where the output's container cannot hold its codec)")
+                        "re-encoded to AAC, or Opus for WebM, where the output's container cannot hold its codec)")
     p.add_argument("--vae", choices=["oasis", "diffusers"], default="oasis",
                    help="decoder: ours (default) or diffusers' AutoencoderKLWan (the reference; same numbers)")
     p.add_argument("--no-compile", action="store_true",
@@ -287,10 +287,10 @@ def _restore(args, device, rank: int, world: int) -> int:
         if rank == 0 and info.interlaced:
             print("oasis-vsr: warning: the input is interlaced and is restored as progressive frames (its combing "
                   "too); deinterlace it first for a clean result (e.g. ffmpeg -vf bwdif)", file=sys.stderr)
-        if rank == 0 and _has_alpha(info.pix_fmt):
+        if rank == 0 and info.alpha:
             print(f"oasis-vsr: warning: the input's transparency ({info.pix_fmt}) is not kept", file=sys.stderr)
-        left = streams_left_out(args.input)
-        if rank == 0 and left:
+        left = streams_left_out(args.input) if rank == 0 else []
+        if left:
             kinds = ", ".join(f"{left.count(k)} {k}" for k in dict.fromkeys(left))
             print(f"oasis-vsr: warning: the input's other streams are not kept ({kinds})", file=sys.stderr)
     frames, height, width, _ = video.shape
@@ -387,16 +387,6 @@ def _move_into_place(partial: Path, target: Path) -> None:
         except OSError as exc:
             raise _Exit(f"the finished video is {partial}: it could not be moved to {target} ({exc})") from None
         partial.unlink(missing_ok=True)
-
-
-def _has_alpha(pix_fmt: str) -> bool:
-    """Whether frames in ``pix_fmt`` carry transparency (yuva420p, rgba, argb, ya8, ...)."""
-    import av
-
-    try:
-        return any(c.is_alpha for c in av.VideoFormat(pix_fmt).components)
-    except (ValueError, AttributeError, av.FFmpegError):
-        return False
 
 
 def _report_conv_timing() -> None:

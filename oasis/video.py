@@ -48,9 +48,8 @@ Timing, rotation, tags and sound
   timed from the source's first video frame (one packet before it kept: an encoder's priming); a
   codec the output container cannot hold (tried on a scratch file read back: PCM in MP4, anything
   but AAC/MP2/AC-3... in MPEG-TS) is re-encoded to AAC (Opus where AAC cannot go: WebM), each
-  decoded frame at its own time, in the
-  source's channel layout; one that cannot be either is left out with a warning, and so is a
-  packet that does not decode. The file the sound comes from cannot be the output (``oasis-vsr``
+  decoded frame at its own time, in the source's channel layout; one that cannot be either is left
+  out with a warning, and so is a packet that does not decode. The file the sound comes from cannot be the output (``oasis-vsr``
   writing over its input writes beside it, then replaces it).
 """
 
@@ -160,8 +159,10 @@ class VideoInfo:
     #: the shape of a pixel, width / height (non-square on DVDs and HDV: 32/27, 4/3); None: square or
     #: unsaid
     sample_aspect_ratio: Fraction | None = None
-    #: whether the first frame is interlaced (:func:`read_video`; frames are processed as progressive)
+    #: whether the first frame is interlaced, and whether its pixel format has transparency
+    #: (:func:`read_video`; frames are read as progressive RGB)
     interlaced: bool = False
+    alpha: bool = False
     #: degrees a player turns the stored frames (the display matrix; 0 when absent); known after
     #: :func:`read_video` (from the first frame), 0 from :func:`probe_video`
     rotation: int = 0
@@ -210,11 +211,23 @@ def _open_input(p: str):
         raise VideoError(f"{p}: not a readable video file ({_reason(e)})") from e
 
 
+def _picture_streams(container) -> list:
+    """The video streams that are moving pictures: cover art in audio files shows up as a one-picture
+    "video" stream."""
+    attached = _import_av().stream.Disposition.attached_pic
+    return [s for s in container.streams.video if not (s.disposition & attached)]
+
+
+def _video_start(container) -> Fraction:
+    """Seconds at which the first picture stream starts (0 without one): the output's zero, to which
+    copied sound and chapters are moved."""
+    video = _picture_streams(container)
+    return Fraction(video[0].start_time * video[0].time_base) if video and video[0].start_time is not None \
+        else Fraction(0)
+
+
 def _video_stream(container, p: str):
-    av = _import_av()
-    # cover art in audio files shows up as a one-picture "video" stream
-    attached = av.stream.Disposition.attached_pic
-    streams = [s for s in container.streams.video if not (s.disposition & attached)]
+    streams = _picture_streams(container)
     if not streams:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         raise VideoError(f"{p}: no video stream (streams found: {', '.join(kinds)})")
@@ -373,6 +386,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
         color_trc=info.color_trc or _TRC_NAMES.get(int(first.color_trc or 2)),
         rotation=round(first.rotation or 0) % 360,
         interlaced=bool(first.interlaced_frame),
+        alpha=any(c.is_alpha for c in first.format.components),
         frame_times=tuple(t - times[0] for t in times),
     )
     return torch.from_numpy(np.stack(frames)), info
@@ -450,13 +464,9 @@ class VideoWriter:
             raise VideoError(f"{p}: rotation must be a number of degrees, got {rotation!r}")
         audio_source = None if audio_from is None else _input_path(audio_from)
         metadata_source = None if metadata_from is None else _input_path(metadata_from)
-        times = None if frame_times is None else [Fraction(t) for t in frame_times]
-        # where the video will end, for the chapters (the last frame as long as the step before it)
-        self._planned_end = None if not times else times[-1] + (times[-1] - times[-2] if len(times) > 1
-                                                                  else 1 / _as_fps(fps, p))
         if audio_source is not None and os.path.exists(p) and os.path.samefile(p, audio_source):
             raise VideoError(f"{p}: is the file the sound is copied from (audio_from); write elsewhere first")
-        self._times = _variable_times(frame_times, _as_fps(fps, p), p)
+        self._times = _variable_times(frame_times, _as_fps(fps, p), p)  # (None at a constant rate)
         if keyframe_interval is not None:
             keyframe_interval = _positive_int(keyframe_interval, "keyframe_interval", VideoError, f"{p}: ")
         self.path = p
@@ -611,8 +621,10 @@ class VideoWriter:
         self.rotation = round(rotation) % 360
         self._stream = stream
         if metadata_source is not None:
+            # the chapters end where the video will: frame n's time (at the last step's pace past the list)
+            end = self._time(len(frame_times)) if frame_times is not None and len(frame_times) else None
             try:
-                _copy_tags(metadata_source, self._container, stream, self._planned_end)
+                _copy_tags(metadata_source, self._container, stream, end)
             except BaseException:
                 self._abort()
                 raise
@@ -790,10 +802,7 @@ class _AudioCopy:
         self._outs: dict = {}  # source stream index -> (output stream, encoder-side: re-encoded?)
         self._lead: dict = {}  # source stream index -> seconds of priming before its start
         try:
-            video = [s for s in self._src.streams.video
-                     if not (s.disposition & av.stream.Disposition.attached_pic)]
-            start = video[0].start_time * video[0].time_base if video and video[0].start_time is not None else 0
-            self._start = Fraction(start)
+            self._start = _video_start(self._src)
             for stream in self._src.streams.audio:
                 self._add(stream, container, out_path)
         except BaseException:
@@ -931,20 +940,18 @@ def _tags(metadata) -> dict:
 def _copy_tags(source: str, container, video_stream, end) -> None:
     """``source``'s file tags, its video stream's language and title, and its chapters (starting before
     ``end`` seconds and cut there; all when None) into the output about to be written."""
-    av = _import_av()
     if container.format.name.split(",")[0] not in _TAG_FORMATS:
         return  # others refuse some tags only when the file is finished (a long title in MPEG-TS)
     src = _open_input(source)
     try:
         for k, v in _tags(src.metadata).items():
             container.metadata[k] = v
-        video = [st for st in src.streams.video if not (st.disposition & av.stream.Disposition.attached_pic)]
+        video = _picture_streams(src)
         if video:
             for k in ("language", "title"):
                 if k in video[0].metadata:
                     video_stream.metadata[k] = video[0].metadata[k]
-        # on the output's clock, which starts at the source's first video frame (as the sound's does)
-        zero = video[0].start_time * video[0].time_base if video and video[0].start_time is not None else 0
+        zero = _video_start(src)  # the output's clock starts there, as the copied sound's does
         chapters = []
         for ch in src.chapters():
             tb = ch["time_base"]
@@ -1001,11 +1008,9 @@ def streams_left_out(path) -> list[str]:
     """What of ``path`` a :class:`VideoWriter` given it as ``audio_from`` and ``metadata_from`` does not
     carry over, by kind: subtitle and attachment streams, timecode tracks, video streams after the first
     (e.g. ``["subtitle", "subtitle"]``; an MP4's chapter track is not one: its chapters are copied)."""
-    av = _import_av()
     container = _open_input(_input_path(path))
     try:
-        attached = av.stream.Disposition.attached_pic
-        videos = [s for s in container.streams.video if not (s.disposition & attached)]
+        videos = _picture_streams(container)
         kinds = [s.type for s in container.streams if s.type in ("subtitle", "attachment")]
         kinds += ["timecode"] * sum(s.type == "data" and "timecode" in s.metadata for s in container.streams)
         return kinds + ["video"] * (len(videos) - 1)

@@ -15,15 +15,12 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 . scripts/oasis_variants.sh
-for ((round = 1; round <= ${REPEAT:-1}; round++)); do
-    for name in "${names[@]}"; do
-        path=$(variant_path "$name")
-        echo "== $name, round $round"
-        inductor=()
-        [ -n "${INDUCTOR:-}" ] && inductor=(--inductor-options "$INDUCTOR")
-        PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} OASIS_COMMIT=$name python3 benchmarks/model_bench.py \
-            --grids ${GRIDS:-A B} --modes ${MODES:-regions} --reps "${REPS:-5}" ${ARGS:-} "${inductor[@]}" \
-            --out "$OUT/${name}_$round" 2>&1 | tee "$OUT/${name}_$round.log" \
-            | grep -E "^(regions|eager) .*(ms|speedup)|\"call_s\"|\"s\": |Traceback|Error|error:"
-    done
-done
+inductor=()
+[ -n "${INDUCTOR:-}" ] && inductor=(--inductor-options "$INDUCTOR")
+run_one() {
+    PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} OASIS_COMMIT=$name python3 benchmarks/model_bench.py \
+        --grids ${GRIDS:-A B} --modes ${MODES:-regions} --reps "${REPS:-5}" ${ARGS:-} "${inductor[@]}" \
+        --out "$OUT/${name}_$round" 2>&1 | tee "$OUT/${name}_$round.log" \
+        | grep -E "^(regions|eager) .*(ms|speedup)|\"call_s\"|\"s\": |Traceback|Error|error:"
+}
+each_variant run_one

@@ -15,13 +15,10 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XDG_CACHE_HOME=${XDG_CACHE_HOME:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 . scripts/oasis_variants.sh
-for ((round = 1; round <= ${REPEAT:-1}; round++)); do
-    for name in "${names[@]}"; do
-        path=$(variant_path "$name")
-        echo "== $name, round $round"
-        eval "extra=(${ARGS:-})"
-        PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} OASIS_COMMIT=$name python3 benchmarks/vae_bench.py \
-            --reps "${REPS:-3}" --long 0 "${extra[@]}" --out "$OUT/${name}_$round" 2>&1 \
-            | tee "$OUT/${name}_$round.log" | grep -E "^\| (ours|diffusers)|^\| \`|^\| call|Traceback|Error"
-    done
-done
+run_one() {
+    eval "extra=(${ARGS:-})"
+    PYTHONPATH=$path${PYTHONPATH:+:$PYTHONPATH} OASIS_COMMIT=$name python3 benchmarks/vae_bench.py \
+        --reps "${REPS:-3}" --long 0 "${extra[@]}" --out "$OUT/${name}_$round" 2>&1 \
+        | tee "$OUT/${name}_$round.log" | grep -E "^\| (ours|diffusers)|^\| \`|^\| call|Traceback|Error"
+}
+each_variant run_one
