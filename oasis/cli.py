@@ -1,9 +1,11 @@
-"""``oasis-vsr``: super-resolve a video file x4 with an OASIS checkpoint.
+"""``oasis-vsr``: super-resolve a video file or a folder of frames x4 with an OASIS checkpoint.
 
-Every argument, the input video, the checkpoint folder, the output (its type, encoder and folder: a
-scratch write) and the memory plan are checked before any model work starts; a bad one, and any later
-failure of the run's own (a full disk, out of memory), ends the program with one line on stderr and exit
-code 2. The video is written beside the output and renamed to it once complete.
+Every argument, the input (a video decoded once through, or every image's header), the checkpoint
+folder, the output (its type, encoder and folder: a scratch write) and the memory plan are checked
+before any model work starts; a bad one, and any later failure of the run's own (a full disk, out of
+memory), ends the program with one line on stderr and exit code 2. The input is read a chunk at a time
+(a long video never sits in memory whole); a video is written beside the output and renamed to it once
+complete, and each image likewise.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 EPILOG = """\
 examples:
   oasis-vsr clip.mp4 -o clip_x4.mp4 --checkpoint ckpt/
+  oasis-vsr Vid4/calendar/ -o out/calendar/ --checkpoint ckpt/   # a folder of frames -> the same names, PNG
+  oasis-vsr frames/%05d.png -o clip_x4.mp4 --fps 30 --checkpoint ckpt/
   oasis-vsr long.mp4 -o long_x4.mp4 --checkpoint ckpt/ --chunk-frames 33 --memory-budget 40
   oasis-vsr --demo -o demo.mp4        # tiny random-weight model on a synthetic clip (CPU, untrained)
   oasis-vsr long.mp4 -o long_x4.mp4 --checkpoint ckpt/ --gpus 4   # the DiT's tokens split over 4 GPUs
@@ -60,8 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="oasis-vsr", description="One-step x4 video super-resolution (OASIS on Wan2.1, routed attention).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", nargs="?", help="the low-quality video (any format PyAV/FFmpeg reads)")
-    p.add_argument("-o", "--output", required=True, help="where to write the x4 video (its folder must exist)")
+    p.add_argument("input", nargs="?",
+                   help="the low-quality video (any format PyAV/FFmpeg reads), or its frames: a folder of images "
+                        "(natural order) or a numbered pattern such as frames/%%05d.png")
+    p.add_argument("-o", "--output", required=True,
+                   help="where to write the x4 video (its folder must exist), or its frames: a folder (a name "
+                        "without a file type or ending in /, made if missing; PNG, named as the input's images or "
+                        "00000001.png...) or a pattern such as out/%%05d.png (.png .jpg .bmp .tif .webp)")
+    p.add_argument("--fps", type=_positive(float),
+                   help="the frame rate of an input folder of images (default 25); a video keeps its own")
     p.add_argument("--checkpoint", help="OASIS checkpoint folder (see below)")
     p.add_argument("--routing", help="routing file (oasis-route output) overriding the checkpoint's routing.json; "
                                      "'none' runs every head global")
@@ -76,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                    help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
-    p.add_argument("--crf", type=float, default=18, help="encoder quality (libx264 CRF; lower is better, default 18)")
+    p.add_argument("--crf", type=float, default=18,
+                   help="video encoder quality (libx264 CRF; lower is better, default 18); images are lossless PNG "
+                        "unless the pattern says otherwise")
     p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-audio", action="store_true",
@@ -119,25 +132,56 @@ def _device(name: str | None):
     return device
 
 
+def _images_out(args) -> bool:
+    from .images import is_image_sequence
+
+    return is_image_sequence(args.output, output=True)
+
+
+def _images_in(args) -> bool:
+    from .images import is_image_sequence
+
+    return bool(args.input) and is_image_sequence(args.input)
+
+
+def _input_info(args):
+    """The input's metadata (an image sequence's from its headers; a video's from its container, its frame
+    count where the container says it) without decoding it."""
+    from .images import ImageFrames
+    from .video import probe_video
+
+    if _images_in(args):
+        return ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames).info
+    return probe_video(args.input)  # raises VideoError for a missing or unreadable file
+
+
 def _check_args(args) -> None:
     """Everything that can be checked without loading a model."""
-    from .video import check_writable, probe_video
+    from .images import ImageWriter
+    from .video import check_writable
 
     out = Path(args.output)
-    if not out.parent.exists() and str(out.parent) not in ("", "."):
+    images_out = _images_out(args)
+    if not images_out and not out.parent.exists() and str(out.parent) not in ("", "."):
         raise _Exit(f"output folder {str(out.parent)!r} does not exist")
-    if out.exists() and out.is_dir():
-        raise _Exit(f"output {str(out)!r} is a folder; give a file name such as out.mp4")
-    webm = out.suffix.lower() == ".webm"
-    if not webm and args.crf > 51:
+    if not images_out and out.suffix.lower() != ".webm" and args.crf > 51:
         raise _Exit(f"--crf {args.crf:g}: H.264 (libx264) takes 0..51")
+    if args.fps is not None and not _images_in(args):
+        raise _Exit("--fps sets the rate of an input folder of images; a video keeps its own")
+
+    def check_output(width, height, fps):
+        if images_out:  # its folder, the pattern's suffix; nothing is made yet
+            ImageWriter(out, width, height)._abort()
+        else:
+            check_writable(out, width, height, fps, crf=args.crf)
+
     if args.demo:
         if args.input or args.checkpoint:
             raise _Exit("--demo takes no input video or checkpoint (it makes both up)")
-        check_writable(out, 320, 192, 24, crf=args.crf)
+        check_output(320, 192, 24)
         return
     if not args.input:
-        raise _Exit("no input video (give IN.mp4, or --demo)")
+        raise _Exit("no input video (give IN.mp4, a folder of frames, or --demo)")
     if not args.checkpoint:
         raise _Exit("no --checkpoint folder (or use --demo for an untrained tiny model)")
     ckpt = Path(args.checkpoint)
@@ -147,11 +191,11 @@ def _check_args(args) -> None:
         raise _Exit(f"{ckpt}: not an OASIS checkpoint (no oasis.json with the projector's settings)")
     if args.routing and args.routing.lower() != "none" and not Path(args.routing).is_file():
         raise _Exit(f"routing file {args.routing!r} does not exist")
-    info = probe_video(args.input)  # raises VideoError for a missing or unreadable file
+    info = _input_info(args)
     # the output's type, encoder and folder, before minutes of work (the x4 size: sizes only need be even)
-    check_writable(out, 4 * info.width, 4 * info.height, info.fps, crf=args.crf)
-    if (not args.no_audio and out.exists() and os.path.samefile(out, args.input)
-            and _partial_path(out) is None):
+    check_output(4 * info.width, 4 * info.height, info.fps)
+    if (not images_out and not _images_in(args) and not args.no_audio and out.exists()
+            and os.path.samefile(out, args.input) and _partial_path(out) is None):
         raise _Exit(f"{out}: cannot be written over here (a link, or its folder is read-only) while its sound is "
                     f"read from it; write elsewhere, or give --no-audio")
 
@@ -170,8 +214,6 @@ def _check_world(args, device, world: int, local_world: int) -> None:
     video's frame count where its container knows it)."""
     import torch
 
-    from .video import probe_video
-
     if device.type == "cuda" and local_world > torch.cuda.device_count():
         raise _Exit(f"--gpus {local_world}: only {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "cuda" and device.index is not None and world > 1:
@@ -179,7 +221,7 @@ def _check_world(args, device, world: int, local_world: int) -> None:
     if args.chunk_frames is not None and 1 + (args.chunk_frames - 1) // 4 < world:
         raise _Exit(f"--chunk-frames {args.chunk_frames} makes {1 + (args.chunk_frames - 1) // 4} latent frames per "
                     f"chunk, fewer than the {world} processes that split them (at least {4 * world - 3} frames)")
-    frames = (args.max_frames or 17) if args.demo else probe_video(args.input).num_frames
+    frames = (args.max_frames or 17) if args.demo else _input_info(args).num_frames
     if frames:
         frames = min(frames, args.max_frames or frames)
         _check_latent_frames(1 + math.ceil((frames - 1) / 4), world, f"{frames} frames")
@@ -248,92 +290,135 @@ def run(args) -> int:
 
 
 def _restore(args, device, rank: int, world: int) -> int:
-    """Load, plan, restore and write (rank 0 writes; every rank computes its frames of each DiT call)."""
+    """Read, load, plan, restore and write (rank 0 writes; every rank computes its frames of each DiT call)."""
+    import contextlib
+
     import torch
 
-    from .video import VideoWriter, probe_video, read_video, streams_left_out, synthetic_clip
+    from .images import ImageFrames, is_numbered
+    from .video import VideoFrames, streams_left_out, synthetic_clip
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if args.demo:
-        from .demo import tiny_pipeline
+    images_in, images_out = _images_in(args), _images_out(args)
+    say = (lambda text: print(f"oasis-vsr: {text}", file=sys.stderr)) if rank == 0 else (lambda text: None)
+    with contextlib.ExitStack() as stack:
+        if args.demo:
+            from .demo import tiny_pipeline
 
-        if rank == 0:
-            print("oasis-vsr --demo: a tiny RANDOM-WEIGHT model (untrained) on a synthetic clip; the output shows "
-                  "the pipeline working, not super-resolution quality", file=sys.stderr)
-        pipe = tiny_pipeline(device=device)
-        video = synthetic_clip(args.max_frames or 17, 48, 80)
-        fps, color_range, colorspace, rotation, frame_times = 24, None, None, 0, None
-        primaries = trc = sar = None
-    else:
-        from .pipeline import OasisVSR
+            say("--demo: a tiny RANDOM-WEIGHT model (untrained) on a synthetic clip; the output shows the pipeline "
+                "working, not super-resolution quality")
+            pipe = tiny_pipeline(device=device)
+            video, info = synthetic_clip(args.max_frames or 17, 48, 80), None
+        else:
+            from .pipeline import OasisVSR
 
-        routing = "checkpoint"
-        if args.routing:
-            routing = None if args.routing.lower() == "none" else args.routing
+            # the input first, read a chunk at a time later: a video is decoded once through now, which counts
+            # and times its frames and finds a damaged file before the model loads
+            t0 = time.perf_counter()
+            if images_in:
+                video = stack.enter_context(ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames))
+            else:
+                video = stack.enter_context(VideoFrames(args.input, max_frames=args.max_frames,
+                                                        progress=not args.no_progress and rank == 0))
+            info = video.info
+            if not images_in and time.perf_counter() - t0 > 5:
+                say(f"read through {args.input} in {time.perf_counter() - t0:.1f} s")
+            if info.interlaced:
+                say("warning: the input is interlaced and is restored as progressive frames (its combing too); "
+                    "deinterlace it first for a clean result (e.g. ffmpeg -vf bwdif)")
+            if info.alpha:
+                say(f"warning: the input's transparency ({info.pix_fmt}) is not kept")
+            left = streams_left_out(args.input, audio=images_out) if rank == 0 and not images_in else []
+            if left:
+                kinds = ", ".join(f"{left.count(k)} {k}" for k in dict.fromkeys(left))
+                say(f"warning: the input's other streams are not kept ({kinds})")
+            routing = "checkpoint"
+            if args.routing:
+                routing = None if args.routing.lower() == "none" else args.routing
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                pipe = OasisVSR.from_pretrained(args.checkpoint, routing=routing, dtype=dtype, device=device,
+                                                compile=False if args.no_compile else None, vae=args.vae)
+        frames, height, width, _ = tuple(video.shape)
+        budget = args.memory_budget
+        if world > 1 and device.type == "cuda" and budget is None:
+            # one plan for every rank (the same DiT calls, in number and shape): the budget of the GPU with
+            # the least free memory, weights included as an explicit --memory-budget counts them
+            free = torch.cuda.mem_get_info(device)[0] * 0.9 + pipe._weight_bytes()
+            least = torch.tensor([free / 2**30], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+            budget = float(least)
+        plan = pipe.plan(frames, height, width, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile)
+        if world > 1:
+            padded = 1 + 4 * math.ceil((frames - 1) / 4)
+            chunk = min(plan.chunk_frames, padded)  # the chunk the pipeline runs (OasisVSR._run)
+            _check_latent_frames(1 + (chunk - 1) // 4, world, f"chunks of {chunk} frames")
+            pipe.dit.set_sequence_parallel()
+        if not args.demo:
+            say(f"loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {frames} frames {width}x{height} at "
+                f"{float(info.fps):.3f} fps" + (f"; {world} processes" if world > 1 else ""))
+        s = pipe.scale
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            pipe = OasisVSR.from_pretrained(args.checkpoint, routing=routing, dtype=dtype, device=device,
-                                            compile=False if args.no_compile else None, vae=args.vae)
-        info = probe_video(args.input)
-        if info.num_frames:  # the memory plan is checked before decoding when the container knows its length
-            pipe.plan(min(info.num_frames, args.max_frames or info.num_frames), info.height, info.width,
-                      memory_budget=args.memory_budget, chunk_frames=args.chunk_frames, tile=args.tile)
-        video, info = read_video(args.input, max_frames=args.max_frames)
-        fps, color_range, colorspace, rotation = info.fps, info.color_range, info.colorspace, info.rotation
-        frame_times, primaries, trc = info.frame_times, info.color_primaries, info.color_trc
-        sar = info.sample_aspect_ratio
-        if rank == 0 and info.interlaced:
-            print("oasis-vsr: warning: the input is interlaced and is restored as progressive frames (its combing "
-                  "too); deinterlace it first for a clean result (e.g. ffmpeg -vf bwdif)", file=sys.stderr)
-        if rank == 0 and info.alpha:
-            print(f"oasis-vsr: warning: the input's transparency ({info.pix_fmt}) is not kept", file=sys.stderr)
-        left = streams_left_out(args.input) if rank == 0 else []
-        if left:
-            kinds = ", ".join(f"{left.count(k)} {k}" for k in dict.fromkeys(left))
-            print(f"oasis-vsr: warning: the input's other streams are not kept ({kinds})", file=sys.stderr)
-    frames, height, width, _ = video.shape
-    budget = args.memory_budget
-    if world > 1 and device.type == "cuda" and budget is None:
-        # one plan for every rank (the same DiT calls, in number and shape): the budget of the GPU with
-        # the least free memory, weights included as an explicit --memory-budget counts them
-        free = torch.cuda.mem_get_info(device)[0] * 0.9 + pipe._weight_bytes()
-        least = torch.tensor([free / 2**30], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
-        budget = float(least)
-    plan = pipe.plan(frames, height, width, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile)
-    if world > 1:
-        padded = 1 + 4 * math.ceil((frames - 1) / 4)
-        chunk = min(plan.chunk_frames, padded)  # the chunk the pipeline runs (OasisVSR._run)
-        _check_latent_frames(1 + (chunk - 1) // 4, world, f"chunks of {chunk} frames")
-        pipe.dit.set_sequence_parallel()
-    if not args.demo and rank == 0:
-        print(f"oasis-vsr: loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {frames} frames "
-              f"{width}x{height} at {float(fps):.3f} fps" + (f"; {world} processes" if world > 1 else ""),
-              file=sys.stderr)
-    s = pipe.scale
-    t0 = time.perf_counter()
-    # every rank runs the whole pipeline (the DiT's tokens split across them, the projector and the
-    # decoder repeated on each GPU at no cost in time); rank 0 writes
-    blocks = pipe.stream(video, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile,
-                         progress=not args.no_progress and rank == 0)
-    if rank != 0:
-        for _ in blocks:
-            pass
-        return 0
-    # into a file beside the output, renamed to it once complete (where that is safe: _partial_path): an
-    # interrupted or failed run leaves no half-written video under the name (nor over an earlier one),
-    # and one written over its own input still reads the sound from it
+        # every rank runs the whole pipeline (the DiT's tokens split across them, the projector and the
+        # decoder repeated on each GPU at no cost in time); rank 0 writes
+        blocks = pipe.stream(video, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile,
+                             progress=not args.no_progress and rank == 0)
+        if rank != 0:
+            for _ in blocks:
+                pass
+            return 0
+        if images_out:
+            names = None
+            if images_in and not is_numbered(args.output):  # the input's names, so frames meet their ground truth
+                names = [f.stem + ".png" for f in video.files]
+                names = names if len(set(names)) == len(names) else None
+            written = _write_images(args.output, blocks, width * s, height * s, names)
+        else:
+            written = _write_video(args, blocks, width * s, height * s, info)
+    took = time.perf_counter() - t0
+    tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
+    if written.audio_streams:
+        say(f"sound: {', '.join(written.audio_streams)}")
+    say(f"wrote {args.output}: {frames} {'images' if images_out else 'frames'} {width * s}x{height * s} in {took:.1f} s "
+        f"(chunks of {plan.chunk_frames} frames{tiles}{f', {world} processes' if world > 1 else ''})"
+        f"{' [untrained demo]' if args.demo else ''}")
+    _report_conv_timing()
+    return 0
+
+
+def _write_images(output: str, blocks, width: int, height: int, names):
+    from .images import ImageWriter
+
+    with ImageWriter(output, width, height, names=names) as out:
+        for block in blocks:
+            out.write(block)
+    return out
+
+
+def _write_video(args, blocks, width: int, height: int, info):
+    """The restored frames into the output video, written beside it and renamed to it once complete (where
+    that is safe: :func:`_partial_path`): an interrupted or failed run leaves no half-written video under
+    the name (nor over an earlier one), and one written over its own input still reads the sound from it."""
+    from .video import VideoWriter
+
+    if info is None:  # the demo's synthetic clip
+        from .video import VideoInfo
+
+        info = VideoInfo(path="", width=0, height=0, fps=24, num_frames=None, codec="", pix_fmt="rgb24",
+                         color_range=None, colorspace=None)
+    source = None if args.demo or _images_in(args) else args.input
     target = Path(args.output)
     partial = _partial_path(target)
     path, done = partial or target, False
+    colorspace = info.colorspace if info.colorspace in (None, "bt709", "bt470bg", "smpte170m") else None
     try:
-        with VideoWriter(path, width * s, height * s, fps, crf=args.crf, color_range=color_range,
-                         colorspace=colorspace if colorspace in (None, "bt709", "bt470bg", "smpte170m") else None,
-                         color_primaries=primaries, color_trc=trc, rotation=rotation, sample_aspect_ratio=sar,
-                         audio_from=None if args.demo or args.no_audio else args.input,
-                         metadata_from=None if args.demo else args.input, frame_times=frame_times) as out:
+        with VideoWriter(path, width, height, info.fps, crf=args.crf, color_range=info.color_range,
+                         colorspace=colorspace, color_primaries=info.color_primaries, color_trc=info.color_trc,
+                         rotation=info.rotation, sample_aspect_ratio=info.sample_aspect_ratio,
+                         audio_from=None if args.no_audio else source, metadata_from=source,
+                         frame_times=info.frame_times) as out:
             for block in blocks:
                 out.write(block)
         done = True
@@ -342,16 +427,7 @@ def _restore(args, device, rank: int, world: int) -> int:
     finally:
         if partial is not None and not done:
             partial.unlink(missing_ok=True)
-    if out.audio_streams:
-        print(f"oasis-vsr: sound: {', '.join(out.audio_streams)}", file=sys.stderr)
-    took = time.perf_counter() - t0
-    tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
-    print(f"oasis-vsr: wrote {args.output}: {frames} frames {width * s}x{height * s} in {took:.1f} s "
-          f"(chunks of {plan.chunk_frames} frames{tiles}"
-          f"{f', {world} processes' if world > 1 else ''}){' [untrained demo]' if args.demo else ''}",
-          file=sys.stderr)
-    _report_conv_timing()
-    return 0
+    return out
 
 
 def _partial_path(target: Path) -> Path | None:

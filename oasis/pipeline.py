@@ -243,7 +243,12 @@ class OasisVSR:
 
     def __call__(self, video: torch.Tensor, *, memory_budget: float | None = None, chunk_frames: int | None = None,
                  tile: int | None = None, progress: bool = True) -> torch.Tensor:
-        """Super-resolve ``uint8 [F, h, w, 3]`` -> ``uint8 [F, 4h, 4w, 3]`` (on the CPU)."""
+        """Super-resolve ``uint8 [F, h, w, 3]`` -> ``uint8 [F, 4h, 4w, 3]`` (on the CPU).
+
+        ``video``: a tensor, or a frame source read a chunk at a time (anything with ``shape``
+        ``(F, h, w, 3)``, ``dtype`` ``torch.uint8`` and ``video[a:b]`` -> ``uint8 [b - a, h, w, 3]``:
+        :class:`oasis.video.VideoFrames` for a video file, :class:`oasis.images.ImageFrames` for a folder
+        of images); with :meth:`stream`, a long video then never sits in memory whole."""
         plan = self._plan_for(video, memory_budget, chunk_frames, tile)
         frames, height, width, _ = video.shape
         start = 0
@@ -266,17 +271,24 @@ class OasisVSR:
             yield _host_frames(block.shape).copy_(block)
 
     def _plan_for(self, video, memory_budget, chunk_frames, tile) -> TilePlan:
-        if not isinstance(video, torch.Tensor):
-            raise TypeError(f"video must be a uint8 tensor [F, h, w, 3], got {type(video).__name__}")
-        if video.dtype != torch.uint8 or video.dim() != 4 or video.shape[-1] != 3 or min(video.shape) == 0:
-            raise ValueError(f"video must be uint8 [F, h, w, 3] RGB, got {video.dtype} {tuple(video.shape)}")
-        frames, height, width, _ = video.shape
+        if isinstance(video, torch.Tensor):
+            shape, dtype = tuple(video.shape), video.dtype
+            if video.dim() != 4:
+                raise ValueError(f"video must be uint8 [F, h, w, 3] RGB, got {video.dtype} {shape}")
+        elif hasattr(video, "__getitem__") and isinstance(getattr(video, "shape", None), (tuple, torch.Size)):
+            shape, dtype = tuple(video.shape), getattr(video, "dtype", None)  # a frame source
+        else:
+            raise TypeError(f"video must be a uint8 tensor [F, h, w, 3] or a frame source (oasis.video.VideoFrames, "
+                            f"oasis.images.ImageFrames), got {type(video).__name__}")
+        if dtype != torch.uint8 or len(shape) != 4 or shape[-1] != 3 or min(shape) == 0:
+            raise ValueError(f"video must be uint8 [F, h, w, 3] RGB, got {dtype} {shape}")
+        frames, height, width, _ = shape
         return self.plan(frames, height, width, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile)
 
     @torch.no_grad()
     def _run(self, video: torch.Tensor, plan: TilePlan, progress: bool):
         """The finished output frames chunk by chunk, ``uint8 [f, 4h, 4w, 3]`` contiguous on the device."""
-        frames, height, width, _ = video.shape
+        frames, height, width, _ = tuple(video.shape)
         a, s, ft = self.align, self.scale, self.projector.config.frames_per_latent
         ph, pw = a * math.ceil(height / a), a * math.ceil(width / a)
         padded = 1 + ft * math.ceil((frames - 1) / ft)
@@ -284,14 +296,21 @@ class OasisVSR:
         total = max(frames, chunk)
         # each clip is cut from the uint8 video, the borders replicated up to the grid (cropped again
         # at the end) and a short clip's last frame repeated up to 4k+1 frames; it travels to the
-        # device as uint8 and becomes [-1, 1] floats there
-        def clip_at(t0, t1, h0, h1, w0, w1):
-            part = video
-            for dim, (lo, hi, size) in enumerate(((t0, t1, frames), (h0, h1, height), (w0, w1, width))):
+        # device as uint8 and becomes [-1, 1] floats there. A frame source is sliced once per chunk, in
+        # order, with starts that never go back: a streamed video is decoded once, a window at a time
+        def frames_of(t0, t1):
+            first, last = min(t0, frames - 1), min(t1 - 1, frames - 1)
+            part = video[first:last + 1]
+            if t1 > frames:  # the last frame repeated beyond the video's end
+                part = part.index_select(0, torch.arange(t0, t1, device=part.device).clamp_(max=frames - 1) - first)
+            return part
+
+        def clip_at(part, h0, h1, w0, w1):
+            for dim, (lo, hi, size) in ((1, (h0, h1, height)), (2, (w0, w1, width))):
                 first, last = min(lo, size - 1), min(hi - 1, size - 1)
-                part = part.narrow(dim, first, last - first + 1)  # the clip's frames, rows, columns
-                if hi > size:  # and the replicated ones beyond the video's end
-                    part = part.index_select(dim, torch.arange(lo, hi, device=video.device).clamp_(max=size - 1) - first)
+                part = part.narrow(dim, first, last - first + 1)  # the clip's rows, columns
+                if hi > size:  # and the replicated ones beyond the frame's edge
+                    part = part.index_select(dim, torch.arange(lo, hi, device=part.device).clamp_(max=size - 1) - first)
             part = part.to(self.device)
             return part.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)  # [1, 3, f, h, w]
 
@@ -306,9 +325,10 @@ class OasisVSR:
         try:
             for i, ((t0, t1), tw_) in enumerate(zip(t_spans, t_weights)):
                 acc = torch.zeros(3, t1 - t0, ph * s, pw * s, device=self.device)
+                part = frames_of(t0, t1)
                 for (h0, h1), hw_ in zip(h_spans, h_weights):
                     for (w0, w1), ww_ in zip(w_spans, w_weights):
-                        out = self.restore_clip(clip_at(t0, t1, h0, h1, w0, w1))[0]
+                        out = self.restore_clip(clip_at(part, h0, h1, w0, w1))[0]
                         weight = (hw_.repeat_interleave(s)[:, None] * ww_.repeat_interleave(s)[None]).to(out.device)
                         acc[:, :, h0 * s:h1 * s, w0 * s:w1 * s] += out * weight
                         if bar is not None:

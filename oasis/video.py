@@ -4,6 +4,7 @@ Frames travel as uint8 RGB tensors ``[F, H, W, 3]`` (frames, height, width, chan
 
 * :func:`probe_video` reads metadata only, to validate an input before long work starts.
 * :func:`read_video` decodes a whole clip (or its first frames) into one tensor.
+* :class:`VideoFrames` decodes the frames asked for, a window at a time: long clips in bounded memory.
 * :class:`VideoWriter` encodes chunk by chunk, so an upscaled clip never has to sit in memory
   at once; :func:`write_video` is the one-shot form.
 * :func:`synthetic_clip` makes a deterministic moving test clip (no file needed).
@@ -58,6 +59,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import queue
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -68,6 +71,7 @@ import torch
 __all__ = [
     "COLOUR_SIGNALLING_CODECS",
     "VideoError",
+    "VideoFrames",
     "VideoInfo",
     "VideoWriter",
     "check_writable",
@@ -333,53 +337,41 @@ def probe_video(path) -> VideoInfo:
         container.close()
 
 
-def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, VideoInfo]:
-    """Decode ``path`` into RGB frames.
-
-    Returns ``(frames, info)``: ``frames`` is uint8 ``[F, H, W, 3]`` on CPU with F the
-    number of decoded frames (all, or the first ``max_frames``), and ``info.num_frames``
-    is F. Frames come out as stored; ``info.rotation`` is how a player turns them. Raises
-    :class:`VideoError` for an unusable file, a clip with zero decodable frames, a
-    decoding error or a frame size that changes mid-stream.
-    """
-    if max_frames is not None:
-        max_frames = _positive_int(max_frames, "max_frames", where="read_video: ")
-    p = _input_path(path)
+def _decoded(container, stream, p: str, max_frames: int | None):
+    """``stream``'s frames in order (the first ``max_frames``); :class:`VideoError` for a decoding
+    failure or a frame size that changes mid-stream."""
     av = _import_av()
-    container = _open_input(p)
-    frames: list[np.ndarray] = []
-    times: list[Fraction] = []
+    first, n = None, 0
     try:
-        stream = _video_stream(container, p)
-        info = _stream_info(p, stream)
-        # frame threading: throughput over latency, the whole clip is wanted anyway
-        stream.thread_type = "AUTO"
-        first = None
         for frame in container.decode(stream):
             if first is None:
                 first = frame
             elif (frame.width, frame.height) != (first.width, first.height):
                 raise VideoError(
-                    f"{p}: frame size changes mid-stream at frame {len(frames)} "
+                    f"{p}: frame size changes mid-stream at frame {n} "
                     f"({first.width}x{first.height} -> {frame.width}x{frame.height})"
                 )
-            frames.append(frame.to_ndarray(format="rgb24"))
-            times.append(Fraction(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base
-                         else Fraction(len(times)) / info.fps)
-            if max_frames is not None and len(frames) >= max_frames:
-                break
+            yield frame
+            n += 1
+            if max_frames is not None and n >= max_frames:
+                return
     except av.FFmpegError as e:
-        raise VideoError(f"{p}: decoding failed after {len(frames)} frames ({_reason(e)})") from e
-    finally:
-        container.close()
-    if not frames:
-        raise VideoError(f"{p}: no frames could be decoded")
-    # frames can carry tags the stream header lacked; they are what to_ndarray used
-    info = replace(
+        raise VideoError(f"{p}: decoding failed after {n} frames ({_reason(e)})") from e
+
+
+def _frame_time(frame, index: int, fps: Fraction) -> Fraction:
+    return Fraction(frame.pts * frame.time_base) if frame.pts is not None and frame.time_base \
+        else Fraction(index) / fps
+
+
+def _decoded_info(info: VideoInfo, first, times: list) -> VideoInfo:
+    """``info`` completed from the decoded frames: their count and times, and what the first one's tags
+    say that the stream header did not (they are what ``to_ndarray`` uses)."""
+    return replace(
         info,
         width=first.width,
         height=first.height,
-        num_frames=len(frames),
+        num_frames=len(times),
         color_range=info.color_range or _range_name(first.color_range, first.format.name),
         colorspace=info.colorspace or _COLORSPACE_NAMES.get(int(first.colorspace or 2)),
         color_primaries=info.color_primaries or _PRIMARIES_NAMES.get(int(first.color_primaries or 2)),
@@ -389,7 +381,212 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
         alpha=any(c.is_alpha for c in first.format.components),
         frame_times=tuple(t - times[0] for t in times),
     )
-    return torch.from_numpy(np.stack(frames)), info
+
+
+def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, VideoInfo]:
+    """Decode ``path`` into RGB frames.
+
+    Returns ``(frames, info)``: ``frames`` is uint8 ``[F, H, W, 3]`` on CPU with F the
+    number of decoded frames (all, or the first ``max_frames``), and ``info.num_frames``
+    is F. Frames come out as stored; ``info.rotation`` is how a player turns them. Raises
+    :class:`VideoError` for an unusable file, a clip with zero decodable frames, a
+    decoding error or a frame size that changes mid-stream. A long clip is better read with
+    :class:`VideoFrames`, which holds only the frames asked for.
+    """
+    if max_frames is not None:
+        max_frames = _positive_int(max_frames, "max_frames", where="read_video: ")
+    p = _input_path(path)
+    container = _open_input(p)
+    frames: list[np.ndarray] = []
+    times: list[Fraction] = []
+    first = None
+    try:
+        stream = _video_stream(container, p)
+        info = _stream_info(p, stream)
+        # frame threading: throughput over latency, the whole clip is wanted anyway
+        stream.thread_type = "AUTO"
+        for frame in _decoded(container, stream, p, max_frames):
+            first = first or frame
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(_frame_time(frame, len(times), info.fps))
+    finally:
+        container.close()
+    if not frames:
+        raise VideoError(f"{p}: no frames could be decoded")
+    return torch.from_numpy(np.stack(frames)), _decoded_info(info, first, times)
+
+
+_END = object()  # the decoding thread's last item
+
+
+class VideoFrames:
+    """A video file's frames, decoded as they are asked for: ``frames[a:b]`` is uint8 ``[b - a, H, W, 3]``
+    on the CPU, the same numbers as :func:`read_video`'s, and only a window of the clip is ever in
+    memory, where :func:`read_video` holds all of it (10 minutes of 540p: 28 GB).
+
+    Opening decodes the clip once without converting its pictures (1080p H.264: 309 frames/s on two
+    cores, 3.5x the rate of reading them): that counts the frames and reads their times exactly (:attr:`info`, as :func:`read_video` gives it),
+    and finds a damaged file before any long work starts. Reading decodes again, on a thread of its
+    own that runs up to ``prefetch`` frames ahead (default: what fits 256 MiB, 2 to 256 frames), and
+    keeps the frames from the last slice's start on. So slices whose starts never go back (overlapping
+    chunks, the same chunk once per tile: :class:`oasis.OasisVSR`'s order) decode the clip once; a
+    slice starting before the kept frames decodes from the clip's start again. One reader at a time
+    (not thread-safe). Use it as a context manager, or :meth:`close` it.
+
+    ``progress``: a progress bar (tqdm) over the opening pass.
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, path, *, max_frames: int | None = None, prefetch: int | None = None,
+                 progress: bool = False):
+        if max_frames is not None:
+            max_frames = _positive_int(max_frames, "max_frames", where="VideoFrames: ")
+        if prefetch is not None:
+            prefetch = _positive_int(prefetch, "prefetch", where="VideoFrames: ")
+        self._path = p = _input_path(path)
+        self._thread = None
+        self._closed = False
+        container = _open_input(p)
+        times: list[Fraction] = []
+        first, bar = None, None
+        try:
+            stream = _video_stream(container, p)
+            info = _stream_info(p, stream)
+            stream.thread_type = "AUTO"
+            if progress:
+                from tqdm import tqdm
+
+                total = min(info.num_frames or 0, max_frames or info.num_frames or 0) or None
+                bar = tqdm(total=total, unit="frame", desc=f"reading {os.path.basename(p)}", leave=False)
+            for frame in _decoded(container, stream, p, max_frames):
+                first = first or frame
+                times.append(_frame_time(frame, len(times), info.fps))
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            container.close()
+            if bar is not None:
+                bar.close()
+        if not times:
+            raise VideoError(f"{p}: no frames could be decoded")
+        #: the clip's metadata, with the decoded count and frame times (as :func:`read_video` gives it)
+        self.info = _decoded_info(info, first, times)
+        self.shape = torch.Size((len(times), self.info.height, self.info.width, 3))
+        frame_bytes = self.info.height * self.info.width * 3
+        self._prefetch = prefetch or min(256, max(2, (256 << 20) // frame_bytes))
+        self._kept: list[np.ndarray] = []  # frames _start, _start + 1, ...
+        self._start = 0
+        self._position = 0  # the frame the decoding thread gives next
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        n, h, w, _ = self.shape
+        return f"VideoFrames({self._path!r}, {n} frames {w}x{h}{', closed' if self._closed else ''})"
+
+    def __getitem__(self, key) -> torch.Tensor:
+        n = len(self)
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+            index = int(key) + n if key < 0 else int(key)
+            if not 0 <= index < n:
+                raise IndexError(f"frame {key} of a clip of {n} frames")
+            return self[index:index + 1][0]
+        if not isinstance(key, slice):
+            raise TypeError(f"VideoFrames takes an int or a slice of frames, got {type(key).__name__}")
+        start, stop, step = key.indices(n)
+        if step != 1:
+            raise ValueError(f"VideoFrames reads runs of frames: slice step must be 1, got {step}")
+        if self._closed:
+            raise VideoError(f"{self._path}: read after close()")
+        stop = max(start, stop)
+        if start < self._start:  # behind the kept frames: from the clip's start again
+            self._stop_thread()
+            self._kept, self._start = [], 0
+        dropped = min(start - self._start, len(self._kept))  # frames no later slice asks for
+        del self._kept[:dropped]
+        self._start = start if not self._kept else self._start + dropped
+        if self._thread is None:  # none yet, or it stopped at an error: from the clip's first frame
+            self._queue = queue.Queue(self._prefetch)
+            self._halt = threading.Event()
+            self._thread = threading.Thread(target=self._decode, args=(self._queue, self._halt),
+                                            name="oasis-video-decode", daemon=True)
+            self._thread.start()
+            self._position = 0
+        while self._position < self._start + len(self._kept):  # frames skipped, or read before an error
+            self._take()
+        while self._start + len(self._kept) < stop:
+            self._kept.append(self._take())
+        taken = self._kept[start - self._start:stop - self._start]
+        if not taken:
+            return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(taken))
+
+    def _take(self) -> np.ndarray:
+        """Frame ``_position`` from the decoding thread."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._stop_thread()
+            if isinstance(item, VideoError):
+                raise item
+            raise VideoError(f"{self._path}: decoding failed ({_reason(item)})") from item
+        if item is _END:
+            self._stop_thread()
+            raise VideoError(f"{self._path}: the second decoding ended at frame {self._position}, the first "
+                             f"gave {len(self)} frames")
+        self._position += 1
+        return item
+
+    def _decode(self, out: queue.Queue, halt: threading.Event) -> None:
+        """The decoding thread: each frame as RGB into ``out``, then ``_END`` (or the exception)."""
+        def put(item) -> bool:
+            while not halt.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            container = _open_input(self._path)
+            try:
+                stream = _video_stream(container, self._path)
+                stream.thread_type = "AUTO"
+                for k, frame in enumerate(_decoded(container, stream, self._path, len(self))):
+                    if (frame.width, frame.height) != (self.shape[2], self.shape[1]):
+                        raise VideoError(f"{self._path}: frame {k} is {frame.width}x{frame.height}, the first "
+                                         f"decoding's {self.shape[2]}x{self.shape[1]}")
+                    if not put(frame.to_ndarray(format="rgb24")):
+                        return
+                put(_END)
+            finally:
+                container.close()
+        except BaseException as e:  # to the reader, which raises it
+            put(e)
+
+    def _stop_thread(self) -> None:
+        if self._thread is not None:
+            self._halt.set()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop decoding and free the kept frames (reading after it raises :class:`VideoError`)."""
+        self._stop_thread()
+        self._kept = []
+        self._closed = True
+
+    def __enter__(self) -> VideoFrames:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_thread", None) is not None:
+            self._stop_thread()
 
 
 # ----------------------------------------------------------------------------- writing
@@ -1004,14 +1201,16 @@ def _muxes(format_name: str, build, expect: tuple[str, str]) -> bool:
         return False
 
 
-def streams_left_out(path) -> list[str]:
+def streams_left_out(path, *, audio: bool = False) -> list[str]:
     """What of ``path`` a :class:`VideoWriter` given it as ``audio_from`` and ``metadata_from`` does not
     carry over, by kind: subtitle and attachment streams, timecode tracks, video streams after the first
-    (e.g. ``["subtitle", "subtitle"]``; an MP4's chapter track is not one: its chapters are copied)."""
+    (e.g. ``["subtitle", "subtitle"]``; an MP4's chapter track is not one: its chapters are copied).
+    ``audio``: the audio streams too (for an output without sound, such as image files)."""
     container = _open_input(_input_path(path))
+    left = ("subtitle", "attachment", "audio") if audio else ("subtitle", "attachment")
     try:
         videos = _picture_streams(container)
-        kinds = [s.type for s in container.streams if s.type in ("subtitle", "attachment")]
+        kinds = [s.type for s in container.streams if s.type in left]
         kinds += ["timecode"] * sum(s.type == "data" and "timecode" in s.metadata for s in container.streams)
         return kinds + ["video"] * (len(videos) - 1)
     finally:

@@ -339,3 +339,72 @@ def test_where_the_video_is_written(tmp_path, capsys, checkpoint, clip, monkeypa
     code, err = run(capsys, clip, "-o", tmp_path / "live.m3u8", "--checkpoint", checkpoint, "--device", "cpu")
     assert code == 2 and "several files" in err
     assert not list(tmp_path.glob("live*")) and not list(tmp_path.glob("*.ts"))
+
+
+def test_frames_as_images_in_and_out(tmp_path, capsys, checkpoint):
+    """A folder of frames (a test set's layout) restored into a folder under the same names, PNG, the
+    same numbers as the pipeline gives the frames; a numbered pattern at --fps into a video; a video
+    into numbered JPEGs, its sound said to be left out."""
+    from PIL import Image
+
+    from oasis.images import ImageFrames
+    from oasis.pipeline import OasisVSR
+    from test_oasis_video import with_sound
+
+    clip = synthetic_clip(7, 20, 28)
+    folder = tmp_path / "lq"
+    folder.mkdir()
+    for k, frame in enumerate(clip):
+        Image.fromarray(frame.numpy()).save(folder / f"im{k + 1}.png")
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
+    code, err = run(capsys, folder, "-o", tmp_path / "hq", *common, "--chunk-frames", 5)
+    assert code == 0, err
+    assert "7 images 112x80" in err
+    assert sorted(os.listdir(tmp_path / "hq")) == sorted(f"im{k + 1}.png" for k in range(7))
+    restored = ImageFrames(tmp_path / "hq")[:]
+    pipe = OasisVSR.from_pretrained(checkpoint, dtype=torch.float32, device="cpu")
+    assert torch.equal(restored, pipe(clip, chunk_frames=5, progress=False))
+
+    code, err = run(capsys, folder / "im%d.png", "-o", tmp_path / "hq.mp4", *common, "--fps", 30)
+    assert code == 0, err
+    info = probe_video(tmp_path / "hq.mp4")
+    assert (info.width, info.height, info.fps) == (112, 80, 30) and read_video(tmp_path / "hq.mp4")[0].shape[0] == 7
+
+    src = with_sound(tmp_path / "sound.mp4", clip, 24, "aac")
+    code, err = run(capsys, src, "-o", tmp_path / "jpg" / "%03d.jpg", *common, "--max-frames", 5)
+    assert code == 0, err
+    assert "other streams are not kept (1 audio)" in err
+    assert sorted(os.listdir(tmp_path / "jpg")) == [f"{k:03d}.jpg" for k in range(1, 6)]
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("fps_video", "--fps sets the rate of an input folder"),
+    ("empty", "no images"),
+    ("gif", "not '.gif'"),
+    ("no_parent", "does not exist"),
+    ("sizes", "where the sequence's first image"),
+])
+def test_image_sequence_errors(tmp_path, capsys, checkpoint, clip, case, expect):
+    from PIL import Image
+
+    folder = tmp_path / "lq"
+    folder.mkdir()
+    args = [folder, "-o", tmp_path / "hq", "--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
+    if case == "fps_video":
+        args[0], args[2] = clip, tmp_path / "hq.mp4"
+        args += ["--fps", 30]
+    elif case == "gif":
+        args[0] = clip
+        args[2] = tmp_path / "%04d.gif"
+    elif case == "no_parent":
+        args[0] = clip
+        args[2] = f"{tmp_path}/no/hq/"
+    elif case == "sizes":
+        Image.new("RGB", (28, 20)).save(folder / "a.png")
+        Image.new("RGB", (28, 24)).save(folder / "b.png")
+    code, err = run(capsys, *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("oasis-vsr: error:"), err
+    assert expect.lower() in lines[0].lower(), lines[0]
+    assert not (tmp_path / "hq").exists()

@@ -192,6 +192,43 @@ def test_real_model_in_chunks(pipe):
     assert torch.equal(torch.cat(frames), out)
 
 
+class RecordingSource:
+    """A frame source as the pipeline sees one: ``shape``, ``dtype`` and time slices, which it records."""
+
+    def __init__(self, video):
+        self.video, self.shape, self.dtype, self.asked = video, video.shape, video.dtype, []
+
+    def __getitem__(self, key):
+        self.asked.append((key.start, key.stop))
+        return self.video[key].clone()
+
+
+@pytest.mark.parametrize("frames,chunk,tile", [(14, 5, None), (13, 9, 4), (3, 5, None)])
+def test_a_frame_source_is_read_a_chunk_at_a_time(pipe, frames, chunk, tile):
+    """A source (a video file streamed by ``VideoFrames``, a folder by ``ImageFrames``) gives the same
+    output as the tensor, and is sliced once per chunk in time only, starts never going back: a
+    streamed video is decoded once through, and only a chunk of it is held."""
+    video = random_video(frames, 8, 8, seed=2)
+    source = RecordingSource(video)
+    assert torch.equal(pipe(source, chunk_frames=chunk, tile=tile, progress=False),
+                       pipe(video, chunk_frames=chunk, tile=tile, progress=False))
+    starts = [a for a, _ in source.asked]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    assert all(b - a <= chunk for a, b in source.asked) and source.asked[-1][1] == frames
+
+
+def test_a_video_file_streamed_through_the_pipeline(pipe, tmp_path):
+    av = pytest.importorskip("av")  # noqa: F841
+    from oasis.video import VideoFrames, read_video, synthetic_clip, write_video
+
+    path = tmp_path / "clip.mkv"
+    write_video(path, synthetic_clip(13, 8, 12), 24, crf=10)
+    whole, _ = read_video(path)
+    with VideoFrames(path, prefetch=2) as frames:
+        streamed = torch.cat(list(pipe.stream(frames, chunk_frames=5, progress=False)))
+    assert torch.equal(streamed, pipe(whole, chunk_frames=5, progress=False))
+
+
 def test_memory_budget_picks_chunks_then_tiles_or_refuses(pipe):
     big = pipe.plan(81, 64, 64)
     assert big.chunk_frames == 81 and not big.tiled
@@ -219,6 +256,9 @@ def test_bad_video_inputs(pipe):
         pipe(torch.zeros(5, 8, 8, dtype=torch.uint8), progress=False)
     with pytest.raises(TypeError, match="uint8 tensor"):
         pipe([[0]], progress=False)
+    source = RecordingSource(torch.zeros(5, 8, 8, 3))
+    with pytest.raises(ValueError, match="uint8 \\[F, h, w, 3\\]"):
+        pipe(source, progress=False)
     with pytest.raises(ValueError):
         plan_tiles(5, 8, 8, budget=None, estimate=lambda *a: 0, chunk_frames=0)
 

@@ -838,3 +838,103 @@ def test_sound_into_webm_becomes_opus(tmp_path, clip):
     with av.open(str(tmp_path / "out.webm")) as c:
         assert c.streams.audio[0].codec_context.name == "opus"
     assert first_sound(tmp_path / "out.webm") == pytest.approx(0.5, abs=5e-3)
+
+
+# ----------------------------------------------------------------------------- streamed reading
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """A 40-frame H.264 file with B-frames (frames decode out of order), and its frames as read whole."""
+    from oasis.video import read_video
+
+    path = tmp_path_factory.mktemp("stream") / "long.mp4"
+    write_video(path, synthetic_clip(40, 32, 48), 24, crf=20)
+    return path, *read_video(path)
+
+
+def test_streamed_frames_are_read_videos(long_clip):
+    """Every slice the pipeline asks for (overlapping chunks, the same chunk once per tile, a jump past
+    the kept frames), then one that goes back (decoded from the start again), int and negative indices:
+    the same numbers as ``read_video``, and its metadata."""
+    from oasis.video import VideoFrames
+
+    path, whole, info = long_clip
+    with VideoFrames(path, prefetch=3) as frames:
+        assert frames.info == info and frames.shape == whole.shape and len(frames) == 40
+        for a, b in [(0, 9), (0, 9), (5, 14), (10, 19), (30, 35), (33, 40), (2, 4), (0, 40), (39, 50)]:
+            assert torch.equal(frames[a:b], whole[a:b]), (a, b)
+        assert torch.equal(frames[-1], whole[-1]) and torch.equal(frames[7], whole[7])
+        assert frames[10:5].shape == (0, 32, 48, 3)
+        with pytest.raises(IndexError):
+            frames[40]
+        with pytest.raises(ValueError, match="step"):
+            frames[::2]
+        with pytest.raises(TypeError):
+            frames["1"]
+    with VideoFrames(path, max_frames=7) as first:
+        assert len(first) == first.info.num_frames == 7 and torch.equal(first[:], whole[:7])
+        assert first.info.frame_times == info.frame_times[:7]
+
+
+def test_streamed_frames_hold_a_window(long_clip):
+    """Only the frames from the last slice's start are kept, and the decoding thread runs at most
+    ``prefetch`` frames ahead: a long clip never sits in memory."""
+    import time
+
+    from oasis.video import VideoFrames
+
+    path, whole, _ = long_clip
+    frames = VideoFrames(path, prefetch=2)
+    frames[0:9]
+    frames[20:29]
+    assert len(frames._kept) == 9
+    time.sleep(0.3)  # the thread fills the queue, and stops there
+    assert frames._queue.qsize() <= 2
+    thread = frames._thread
+    frames.close()
+    assert not thread.is_alive() and frames._kept == []
+    with pytest.raises(VideoError, match="after close"):
+        frames[0:1]
+
+
+def test_streamed_frames_say_when_the_second_decoding_differs(long_clip, monkeypatch):
+    """A reading that gives fewer frames than the opening pass counted, or fails: a VideoError naming the
+    file, from the reader's call (not a hang, not a short clip)."""
+    from oasis import video as video_module
+
+    path, _, _ = long_clip
+    frames = video_module.VideoFrames(path, prefetch=2)
+    real = video_module._decoded
+
+    def fewer(container, stream, p, max_frames):
+        yield from real(container, stream, p, 3)
+
+    monkeypatch.setattr(video_module, "_decoded", fewer)
+    with pytest.raises(VideoError, match="ended at frame 3"):
+        frames[0:10]
+
+    def failing(container, stream, p, max_frames):
+        yield next(real(container, stream, p, 1))
+        raise VideoError(f"{p}: decoding failed after 1 frames (Invalid data)")
+
+    monkeypatch.setattr(video_module, "_decoded", failing)
+    with pytest.raises(VideoError, match="decoding failed after 1 frames"):
+        frames[0:10]
+    # once the file reads again, so does the reader: from where it stood, the frames before dropped again
+    monkeypatch.undo()
+    path, whole, _ = long_clip
+    assert torch.equal(frames[0:10], whole[0:10]) and torch.equal(frames[5:12], whole[5:12])
+    frames.close()
+
+
+def test_streamed_frames_refuse_bad_files(tmp_path):
+    from oasis.video import VideoFrames
+
+    with pytest.raises(VideoError, match="no such file"):
+        VideoFrames(tmp_path / "none.mp4")
+    (tmp_path / "x.mp4").write_text("not a video")
+    with pytest.raises(VideoError, match="not a readable video"):
+        VideoFrames(tmp_path / "x.mp4")
+    with pytest.raises(ValueError, match="prefetch"):
+        VideoFrames(tmp_path / "x.mp4", prefetch=0)

@@ -1,0 +1,177 @@
+"""Image sequences for oasis-vsr: folders and numbered patterns read as frames, frames written as images."""
+
+import os
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+Image = pytest.importorskip("PIL.Image")
+
+from oasis.images import ImageFrames, ImageWriter, is_image_sequence, is_numbered  # noqa: E402
+from oasis.video import VideoError, synthetic_clip  # noqa: E402
+
+H, W = 20, 28
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return synthetic_clip(12, H, W)
+
+
+def save_all(folder, frames, names):
+    folder.mkdir(exist_ok=True)
+    for frame, name in zip(frames, names):
+        Image.fromarray(frame.numpy()).save(folder / name)
+    return folder
+
+
+def test_a_folder_in_natural_order(tmp_path, clip):
+    """``f2`` before ``f10`` (a plain sort would put f10 first); files of other kinds are left alone."""
+    folder = save_all(tmp_path / "seq", clip, [f"f{k}.png" for k in range(12)])
+    (folder / "notes.txt").write_text("not a frame")
+    (folder / "sub.png").mkdir()  # a folder with an image's name is no frame either
+    frames = ImageFrames(folder)
+    assert [f.name for f in frames.files] == [f"f{k}.png" for k in range(12)]
+    assert frames.shape == (12, H, W, 3) and frames.dtype == torch.uint8
+    assert torch.equal(frames[:], clip) and torch.equal(frames[3:7], clip[3:7]) and torch.equal(frames[-1], clip[-1])
+    info = frames.info
+    assert (info.width, info.height, info.num_frames, info.fps, info.alpha) == (W, H, 12, Fraction(25), False)
+    assert ImageFrames(folder, fps=30, max_frames=5).info.num_frames == 5
+    assert ImageFrames(folder, fps="30000/1001").info.fps == Fraction(30000, 1001)
+
+
+def test_a_numbered_pattern(tmp_path, clip):
+    """Every number from the first to the last, whatever their first number; a gap is an error (a
+    dropped frame would shift every later one)."""
+    folder = save_all(tmp_path / "seq", clip, [f"im{k + 7:04d}.png" for k in range(12)])
+    (folder / "im0100.jpg").write_bytes(b"")  # another suffix: not the pattern's
+    frames = ImageFrames(folder / "im%04d.png")
+    assert len(frames) == 12 and torch.equal(frames[:], clip)
+    os.remove(folder / "im0012.png")
+    with pytest.raises(VideoError, match="frame 12 is missing"):
+        ImageFrames(folder / "im%04d.png")
+    with pytest.raises(VideoError, match="no file matches"):
+        ImageFrames(folder / "x%03d.png")
+    with pytest.raises(VideoError, match="one field"):
+        ImageFrames(folder / "%d_%d.png")
+
+
+def test_image_kinds(tmp_path):
+    """Grey, palette, RGBA (its transparency said, not kept), CMYK, 16-bit grey (rounded to 8 bits)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    grey16 = np.arange(H * W, dtype=np.uint16).reshape(H, W) * 97
+    cases = {
+        "L": (Image.fromarray(rgb[..., 0]), np.repeat(rgb[..., :1], 3, -1)),
+        "RGBA": (Image.fromarray(np.dstack([rgb, rgb[..., :1]])), rgb),
+        "P": (Image.fromarray(rgb).convert("P"), np.asarray(Image.fromarray(rgb).convert("P").convert("RGB"))),
+        "I;16": (Image.fromarray(grey16), np.repeat(np.rint(grey16 / 257).astype(np.uint8)[..., None], 3, -1)),
+    }
+    for mode, (image, expect) in cases.items():
+        folder = tmp_path / mode.replace(";", "")
+        folder.mkdir()
+        image.save(folder / "a.png")
+        frames = ImageFrames(folder)
+        assert np.array_equal(frames[0].numpy(), expect), mode
+        assert frames.info.alpha == (mode == "RGBA"), mode
+    folder = tmp_path / "cmyk"
+    folder.mkdir()
+    Image.fromarray(rgb).convert("CMYK").save(folder / "a.jpg")
+    assert ImageFrames(folder)[0].shape == (H, W, 3)
+    folder = tmp_path / "float"
+    folder.mkdir()
+    Image.fromarray(np.zeros((H, W), np.float32)).save(folder / "a.tif")
+    with pytest.raises(VideoError, match="mode 'F'"):
+        ImageFrames(folder)
+
+
+def test_bad_sequences(tmp_path, clip):
+    with pytest.raises(VideoError, match="no such folder"):
+        ImageFrames(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoError, match="no images"):
+        ImageFrames(tmp_path / "empty")
+    folder = save_all(tmp_path / "sizes", clip[:2], ["a.png", "b.png"])
+    Image.fromarray(np.zeros((H + 1, W, 3), np.uint8)).save(folder / "c.png")
+    with pytest.raises(VideoError, match=r"c.png: 28x21, where the sequence's first image \(a.png\) is 28x20"):
+        ImageFrames(folder)
+    folder = save_all(tmp_path / "broken", clip[:2], ["a.png", "b.png"])
+    (folder / "c.png").write_text("not an image")
+    with pytest.raises(VideoError, match="c.png: not a readable image"):
+        ImageFrames(folder)  # at opening: every header is read before any work
+    frames = ImageFrames(save_all(tmp_path / "later", clip[:3], ["a.png", "b.png", "c.png"]))
+    (tmp_path / "later" / "b.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(VideoError, match="b.png"):
+        frames[0:3]
+    with pytest.raises(ValueError, match="step"):
+        frames[::2]
+
+
+def test_overlapping_slices_read_each_file_once(tmp_path, clip, monkeypatch):
+    frames = ImageFrames(save_all(tmp_path / "seq", clip, [f"{k}.png" for k in range(12)]), threads=3)
+    read = []
+    real = frames._read
+    monkeypatch.setattr(frames, "_read", lambda k: read.append(k) or real(k))
+    for a, b in [(0, 9), (0, 9), (5, 12)]:
+        assert torch.equal(frames[a:b], clip[a:b])
+    assert sorted(read) == list(range(12))
+    assert sorted(frames._kept) == list(range(5, 12))
+
+
+def test_writer_numbers_names_and_patterns(tmp_path, clip):
+    with ImageWriter(tmp_path / "out", W, H) as out:  # the folder is made
+        out.write(clip[:5])
+        out.write(clip[5:])
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert names == [f"{k:08d}.png" for k in range(1, 13)]
+    assert torch.equal(ImageFrames(tmp_path / "out")[:], clip)  # PNG: lossless
+    own = [f"frame_{k}.png" for k in range(12)]
+    with ImageWriter(tmp_path / "named", W, H, names=own) as out:
+        out.write(clip)
+    assert sorted(os.listdir(tmp_path / "named"), key=lambda n: int(n[6:-4])) == own
+    (tmp_path / "jpg").mkdir()
+    with ImageWriter(tmp_path / "jpg" / "%03d.jpg", W, H, start=0) as out:
+        out.write(clip)
+    assert sorted(os.listdir(tmp_path / "jpg")) == [f"{k:03d}.jpg" for k in range(12)]
+    back = ImageFrames(tmp_path / "jpg" / "%03d.jpg")[:]
+    assert (back.float() - clip.float()).abs().mean() < 12  # JPEG at quality 95 on a 28x20 clip with sharp rims
+    assert not [n for n in os.listdir(tmp_path / "jpg") if "partial" in n]
+
+
+def test_writer_errors(tmp_path, clip):
+    with pytest.raises(VideoError, match="does not exist"):
+        ImageWriter(tmp_path / "no" / "out", W, H)
+    with pytest.raises(VideoError, match="not '.gif'"):
+        ImageWriter(tmp_path / "%04d.gif", W, H)
+    with pytest.raises(ValueError, match="plain file names"):
+        ImageWriter(tmp_path / "o", W, H, names=["a/b.png"])
+    with pytest.raises(ValueError, match="differ"):
+        ImageWriter(tmp_path / "o", W, H, names=["a.png", "a.png"])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(VideoError, match="not a folder"):
+        ImageWriter(tmp_path / "file", W, H)
+    out = ImageWriter(tmp_path / "o", W, H, names=["a.png", "b.png"])
+    with pytest.raises(VideoError, match="frames are 28x19"):
+        out.write(clip[:1, :19])
+    with pytest.raises(VideoError, match="3 frames for 2 names"):
+        out.write(clip[:3])
+    out.close()
+    with pytest.raises(VideoError, match="after close"):
+        out.write(clip[:1])
+    # a file that cannot be put in place: the error names it, when the writer is closed at the latest
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "00000001.png").mkdir()
+    out = ImageWriter(tmp_path / "o2", W, H)
+    out.write(clip[:1])
+    with pytest.raises(VideoError, match="00000001.png: could not be written"):
+        out.close()
+    assert os.listdir(tmp_path / "o2") == ["00000001.png"]  # the scratch file went
+
+
+def test_which_paths_are_sequences(tmp_path):
+    assert is_image_sequence(tmp_path) and is_image_sequence(tmp_path / "%05d.png")
+    assert not is_image_sequence(tmp_path / "a.mp4") and not is_image_sequence(tmp_path / "new")
+    assert is_image_sequence(f"{tmp_path}/new/", output=True) and not is_image_sequence(f"{tmp_path}/new/")
+    assert is_image_sequence(tmp_path / "new", output=True) and not is_image_sequence(tmp_path / "a.mp4", output=True)
+    assert is_numbered("a/%d.png") and not is_numbered("a%/b.png")
