@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=float, default=18,
                    help="video encoder quality (libx264 CRF; lower is better, default 18); images are lossless PNG "
                         "unless the pattern says otherwise")
+    p.add_argument("--bits", type=int, choices=[8, 10],
+                   help="bits per colour of the output video: 10 keeps a 10-bit (HDR) source's gradations, 4:2:0 "
+                        "10-bit in HEVC for .mkv, AV1 for .webm, H.264 High 10 otherwise; 8 writes H.264 (VP9 for "
+                        ".webm) (default: 10 when the input video has more than 8 bits per colour, else 8; "
+                        "images: 8)")
     p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-audio", action="store_true",
@@ -155,6 +160,25 @@ def _input_info(args):
     return probe_video(args.input)  # raises VideoError for a missing or unreadable file
 
 
+def _encoding(args, source_bits: int) -> dict:
+    """The output video's bits per colour, encoder and pixel format (``--bits``, else the source's depth)."""
+    import av
+
+    bits = args.bits or (10 if source_bits > 8 else 8)
+    if bits == 8:
+        return {"bits": 8, "codec": None, "pix_fmt": "yuv420p"}
+    suffix = Path(args.output).suffix.lower()
+    # HEVC is what phones record 10-bit video in and play, but FFmpeg's MP4 muxer fails at random on
+    # libx265's headers in this PyAV (6-85% of 60 two-frame files, at the first packet or the flush;
+    # Matroska never): HEVC in .mkv, H.264 High 10 elsewhere; this PyAV's libvpx-vp9 encodes 8 bits only
+    codecs = {".webm": ["libsvtav1", "libaom-av1"], ".mkv": ["libx265", "libx264"]}.get(suffix, ["libx264"])
+    codec = next((c for c in codecs if c in av.codecs_available), None)
+    if codec is None:
+        raise _Exit(f"--bits 10: this PyAV build has no 10-bit encoder for {suffix or 'this file type'} "
+                    f"({' or '.join(codecs)}); give --bits 8")
+    return {"bits": 10, "codec": codec, "pix_fmt": "yuv420p10le"}
+
+
 def _check_args(args) -> None:
     """Everything that can be checked without loading a model."""
     from .images import ImageWriter
@@ -165,15 +189,19 @@ def _check_args(args) -> None:
     if not images_out and not out.parent.exists() and str(out.parent) not in ("", "."):
         raise _Exit(f"output folder {str(out.parent)!r} does not exist")
     if not images_out and out.suffix.lower() != ".webm" and args.crf > 51:
-        raise _Exit(f"--crf {args.crf:g}: H.264 (libx264) takes 0..51")
+        raise _Exit(f"--crf {args.crf:g}: H.264 and HEVC take 0..51")
+    if images_out and args.bits == 10:
+        raise _Exit("--bits 10: images are written with 8 bits per colour; write a video for 10")
     if args.fps is not None and not _images_in(args):
         raise _Exit("--fps sets the rate of an input folder of images; a video keeps its own")
 
-    def check_output(width, height, fps):
+    def check_output(width, height, fps, source_bits=8):
         if images_out:  # its folder, the pattern's suffix; nothing is made yet
             ImageWriter(out, width, height)._abort()
         else:
-            check_writable(out, width, height, fps, crf=args.crf)
+            encoding = _encoding(args, source_bits)
+            check_writable(out, width, height, fps, crf=args.crf, codec=encoding["codec"],
+                           pix_fmt=encoding["pix_fmt"])
 
     if args.demo:
         if args.input or args.checkpoint:
@@ -193,7 +221,7 @@ def _check_args(args) -> None:
         raise _Exit(f"routing file {args.routing!r} does not exist")
     info = _input_info(args)
     # the output's type, encoder and folder, before minutes of work (the x4 size: sizes only need be even)
-    check_output(4 * info.width, 4 * info.height, info.fps)
+    check_output(4 * info.width, 4 * info.height, info.fps, info.bits)
     if (not images_out and not _images_in(args) and not args.no_audio and out.exists()
             and os.path.samefile(out, args.input) and _partial_path(out) is None):
         raise _Exit(f"{out}: cannot be written over here (a link, or its folder is read-only) while its sound is "
@@ -296,7 +324,7 @@ def _restore(args, device, rank: int, world: int) -> int:
     import torch
 
     from .images import ImageFrames, is_numbered
-    from .video import VideoFrames, streams_left_out, synthetic_clip
+    from .video import VideoFrames, probe_video, streams_left_out, synthetic_clip
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -310,18 +338,30 @@ def _restore(args, device, rank: int, world: int) -> int:
                 "working, not super-resolution quality")
             pipe = tiny_pipeline(device=device)
             video, info = synthetic_clip(args.max_frames or 17, 48, 80), None
+            if (args.bits or 8) == 10:
+                video = video.to(torch.int32).mul_(257).to(torch.uint16)
         else:
             from .pipeline import OasisVSR
 
             # the input first, read a chunk at a time later: a video is decoded once through now, which counts
             # and times its frames and finds a damaged file before the model loads
             t0 = time.perf_counter()
+            source_bits = 8 if images_in else probe_video(args.input).bits
+            bits = 8 if images_out else _encoding(args, source_bits)["bits"]
+            # frames of 16 bits where the output has 10: the model's output is not rounded to 8 bits first
             if images_in:
-                video = stack.enter_context(ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames))
+                video = stack.enter_context(ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames,
+                                                        bits=8 if bits == 8 else 16))
             else:
-                video = stack.enter_context(VideoFrames(args.input, max_frames=args.max_frames,
-                                                        progress=not args.no_progress and rank == 0))
+                video = stack.enter_context(VideoFrames(args.input, max_frames=args.max_frames, bits=8 if bits == 8
+                                                        else 16, progress=not args.no_progress and rank == 0))
             info = video.info
+            if source_bits > bits:
+                say(f"warning: the input's {source_bits} bits per colour are written as 8 "
+                    f"({'images hold 8' if images_out else 'give --bits 10 to keep them'})")
+            if not images_out and _encoding(args, source_bits)["codec"] == "libx264" and bits == 10:
+                say("note: 10-bit H.264 plays in mpv, VLC and FFmpeg, not in Apple's players or most browsers; "
+                    "write .mkv for 10-bit HEVC, or give --bits 8")
             if not images_in and time.perf_counter() - t0 > 5:
                 say(f"read through {args.input} in {time.perf_counter() - t0:.1f} s")
             if info.interlaced:
@@ -376,7 +416,8 @@ def _restore(args, device, rank: int, world: int) -> int:
                 names = names if len(set(names)) == len(names) else None
             written = _write_images(args.output, blocks, width * s, height * s, names)
         else:
-            written = _write_video(args, blocks, width * s, height * s, info)
+            written = _write_video(args, blocks, width * s, height * s, info,
+                                   _encoding(args, 8 if images_in or info is None else info.bits))
     took = time.perf_counter() - t0
     tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
     if written.audio_streams:
@@ -397,7 +438,7 @@ def _write_images(output: str, blocks, width: int, height: int, names):
     return out
 
 
-def _write_video(args, blocks, width: int, height: int, info):
+def _write_video(args, blocks, width: int, height: int, info, encoding: dict):
     """The restored frames into the output video, written beside it and renamed to it once complete (where
     that is safe: :func:`_partial_path`): an interrupted or failed run leaves no half-written video under
     the name (nor over an earlier one), and one written over its own input still reads the sound from it."""
@@ -412,9 +453,11 @@ def _write_video(args, blocks, width: int, height: int, info):
     target = Path(args.output)
     partial = _partial_path(target)
     path, done = partial or target, False
-    colorspace = info.colorspace if info.colorspace in (None, "bt709", "bt470bg", "smpte170m") else None
+    # the source's matrix where the writer has it (BT.2020 for HDR clips: players expect it with their curves)
+    colorspace = info.colorspace if info.colorspace in (None, "bt709", "bt470bg", "smpte170m", "bt2020nc") else None
     try:
-        with VideoWriter(path, width, height, info.fps, crf=args.crf, color_range=info.color_range,
+        with VideoWriter(path, width, height, info.fps, crf=args.crf, codec=encoding["codec"],
+                         pix_fmt=encoding["pix_fmt"], color_range=info.color_range,
                          colorspace=colorspace, color_primaries=info.color_primaries, color_trc=info.color_trc,
                          rotation=info.rotation, sample_aspect_ratio=info.sample_aspect_ratio,
                          audio_from=None if args.no_audio else source, metadata_from=source,

@@ -8,9 +8,10 @@
   file complete or absent (written beside and renamed), several at once on worker threads.
 * :func:`is_image_sequence` tells a sequence's path from a video file's.
 
-Frames are uint8 RGB ``[F, H, W, 3]``, as everywhere in :mod:`oasis.video`. Reading: grey, palette and
-CMYK images become RGB, transparency is dropped (:attr:`VideoInfo.alpha` says so), 16-bit images are
-read as 8 bits (rounded), as 10-bit video is; EXIF orientation is not applied (frames come as stored).
+Frames are uint8 RGB ``[F, H, W, 3]``, as everywhere in :mod:`oasis.video` (uint16 with ``bits=16``).
+Reading: grey, palette and CMYK images become RGB, transparency is dropped (:attr:`VideoInfo.alpha` says
+so), 16-bit grey images are rounded to 8 bits unless read with ``bits=16`` (Pillow reads 16-bit RGB PNGs
+as 8-bit RGB); EXIF orientation is not applied (frames come as stored). Writing: 8 bits.
 Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow.
 """
 
@@ -109,13 +110,16 @@ def _list_frames(path: str) -> list[Path]:
     return [f for _, f in numbered]
 
 
-def _to_rgb(image, path) -> np.ndarray:
-    """``image`` as uint8 ``[H, W, 3]``: 8-bit modes converted by PIL, 16-bit ones rounded to 8 bits."""
+def _to_rgb(image, path, bits: int = 8) -> np.ndarray:
+    """``image`` as uint8 ``[H, W, 3]``: 8-bit modes converted by PIL, 16-bit ones rounded to 8 bits; or
+    for ``bits=16`` as uint16, 8-bit values times 257 (0..255 onto 0..65535), 16-bit ones as they are."""
     if image.mode in _EIGHT_BIT_MODES:
-        return np.asarray(image.convert("RGB"))
+        rgb = np.asarray(image.convert("RGB"))
+        return rgb if bits == 8 else rgb.astype(np.uint16) * np.uint16(257)
     if image.mode in _SIXTEEN_BIT_MODES:
-        grey = np.asarray(image).astype(np.float64)
-        return np.repeat(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        grey = np.clip(np.asarray(image), 0, 65535)
+        grey = grey.astype(np.uint16) if bits == 16 else np.rint(grey / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
     raise VideoError(f"{path}: images of PIL mode {image.mode!r} are not read (8- or 16-bit grey, RGB, palette)")
 
 
@@ -130,14 +134,18 @@ class ImageFrames:
     last slice's start on, so overlapping chunks read each file once.
 
     ``fps``: the sequence's rate (images carry none; default 25, as FFmpeg's). ``max_frames``: the
-    first N images only.
+    first N images only. ``bits=16``: uint16 frames (0..65535).
     """
 
-    dtype = torch.uint8
-
-    def __init__(self, path, *, fps=None, max_frames: int | None = None, threads: int | None = None):
+    def __init__(self, path, *, fps=None, max_frames: int | None = None, threads: int | None = None,
+                 bits: int = 8):
         Image = _pil()
         p = os.fspath(path)
+        if bits not in (8, 16) or isinstance(bits, bool):
+            raise ValueError(f"ImageFrames: bits must be 8 (uint8 frames) or 16 (uint16), got {bits!r}")
+        self._bits = bits
+        #: the frames' dtype: torch.uint8, or torch.uint16 for ``bits=16``
+        self.dtype = torch.uint8 if bits == 8 else torch.uint16
         if max_frames is not None:
             max_frames = _positive_int(max_frames, "max_frames", where="ImageFrames: ")
         rate = DEFAULT_FPS if fps is None else _as_fps(fps, p)
@@ -165,7 +173,8 @@ class ImageFrames:
         #: the sequence described as :func:`oasis.video.probe_video` describes a video (full-range RGB)
         self.info = VideoInfo(path=p, width=size[0], height=size[1], fps=rate, num_frames=len(files),
                               codec=files[0].suffix.lower().lstrip("."), pix_fmt="/".join(sorted(modes)),
-                              color_range=None, colorspace=None, alpha=alpha)
+                              color_range=None, colorspace=None, alpha=alpha,
+                              bits=16 if modes & _SIXTEEN_BIT_MODES else 8)
         self.shape = torch.Size((len(files), size[1], size[0], 3))
         self._threads = threads or min(8, os.cpu_count() or 1)
         self._kept: dict[int, np.ndarray] = {}
@@ -184,7 +193,7 @@ class ImageFrames:
                 if image.size != (self.shape[2], self.shape[1]):
                     raise VideoError(f"{f}: {image.size[0]}x{image.size[1]} now, {self.shape[2]}x{self.shape[1]} "
                                      f"when the sequence was opened")
-                return _to_rgb(image, f)
+                return _to_rgb(image, f, self._bits)
         except (OSError, SyntaxError, ValueError) as e:
             if isinstance(e, VideoError):
                 raise
@@ -204,7 +213,7 @@ class ImageFrames:
             raise ValueError(f"ImageFrames reads runs of frames: slice step must be 1, got {step}")
         indices = range(start, max(start, stop))
         if not indices:
-            return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
+            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
         self._kept = {k: v for k, v in self._kept.items() if k >= start}
         wanted = [k for k in indices if k not in self._kept]
         with ThreadPoolExecutor(min(self._threads, len(wanted)) or 1) as pool:

@@ -52,7 +52,8 @@ class OasisVSR:
     """The OASIS x4 video super-resolution pipeline.
 
     ``pipe(video)`` takes ``uint8 [F, h, w, 3]`` RGB frames (any ``F >= 1``, any ``h, w``) and returns
-    ``uint8 [F, 4h, 4w, 3]``. Long or large videos are restored in overlapping chunks of frames and,
+    ``uint8 [F, 4h, 4w, 3]`` (uint16 ones, 0..65535, for uint16 frames: what a 10-bit video keeps). Long or
+    large videos are restored in overlapping chunks of frames and,
     when a frame does not fit the memory budget, in overlapping spatial tiles, cross-faded
     (:mod:`oasis.tiling`).
     """
@@ -254,7 +255,7 @@ class OasisVSR:
         start = 0
         # the output's host pages are made resident on another thread while the device works
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(_host_frames, (frames, height * self.scale, width * self.scale, 3))
+            pending = pool.submit(_host_frames, (frames, height * self.scale, width * self.scale, 3), video.dtype)
             for block in self._run(video, plan, progress):  # each chunk copied once, into its place
                 out = pending.result()
                 out[start:start + block.shape[0]].copy_(block)
@@ -268,7 +269,7 @@ class OasisVSR:
         the CPU, contiguous)."""
         plan = self._plan_for(video, memory_budget, chunk_frames, tile)
         for block in self._run(video, plan, progress):
-            yield _host_frames(block.shape).copy_(block)
+            yield _host_frames(block.shape, block.dtype).copy_(block)
 
     def _plan_for(self, video, memory_budget, chunk_frames, tile) -> TilePlan:
         if isinstance(video, torch.Tensor):
@@ -280,20 +281,22 @@ class OasisVSR:
         else:
             raise TypeError(f"video must be a uint8 tensor [F, h, w, 3] or a frame source (oasis.video.VideoFrames, "
                             f"oasis.images.ImageFrames), got {type(video).__name__}")
-        if dtype != torch.uint8 or len(shape) != 4 or shape[-1] != 3 or min(shape) == 0:
-            raise ValueError(f"video must be uint8 [F, h, w, 3] RGB, got {dtype} {shape}")
+        if dtype not in _LEVELS or len(shape) != 4 or shape[-1] != 3 or min(shape) == 0:
+            raise ValueError(f"video must be uint8 [F, h, w, 3] RGB (or uint16), got {dtype} {shape}")
         frames, height, width, _ = shape
         return self.plan(frames, height, width, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile)
 
     @torch.no_grad()
     def _run(self, video: torch.Tensor, plan: TilePlan, progress: bool):
-        """The finished output frames chunk by chunk, ``uint8 [f, 4h, 4w, 3]`` contiguous on the device."""
+        """The finished output frames chunk by chunk, ``[f, 4h, 4w, 3]`` in the video's dtype, contiguous on
+        the device."""
         frames, height, width, _ = tuple(video.shape)
         a, s, ft = self.align, self.scale, self.projector.config.frames_per_latent
         ph, pw = a * math.ceil(height / a), a * math.ceil(width / a)
         padded = 1 + ft * math.ceil((frames - 1) / ft)
         chunk = min(plan.chunk_frames, padded)
         total = max(frames, chunk)
+        half = _LEVELS[video.dtype] / 2
         # each clip is cut from the uint8 video, the borders replicated up to the grid (cropped again
         # at the end) and a short clip's last frame repeated up to 4k+1 frames; it travels to the
         # device as uint8 and becomes [-1, 1] floats there. A frame source is sliced once per chunk, in
@@ -312,7 +315,7 @@ class OasisVSR:
                 if hi > size:  # and the replicated ones beyond the frame's edge
                     part = part.index_select(dim, torch.arange(lo, hi, device=part.device).clamp_(max=size - 1) - first)
             part = part.to(self.device)
-            return part.permute(3, 0, 1, 2)[None].float().div_(127.5).sub_(1.0)  # [1, 3, f, h, w]
+            return part.permute(3, 0, 1, 2)[None].float().div_(half).sub_(1.0)  # [1, 3, f, h, w]
 
         t_spans = spans(total, chunk, plan.overlap_frames)
         t_weights = span_weights(t_spans)
@@ -347,7 +350,7 @@ class OasisVSR:
                 final = acc[:, :done] / wsum[None, :done, None, None]
                 keep = min(done, frames - emitted)
                 if keep > 0:
-                    yield _to_uint8(final[:, :keep, :height * s, :width * s])
+                    yield _to_frames(final[:, :keep, :height * s, :width * s], video.dtype)
                     emitted += keep
         except torch.OutOfMemoryError:
             raise MemoryError(f"out of device memory restoring a chunk of {plan.chunk_frames} frames"
@@ -358,17 +361,21 @@ class OasisVSR:
                 bar.close()
 
 
-def _host_frames(shape) -> torch.Tensor:
-    """An uninitialised uint8 host tensor whose pages are resident (one byte of each written): a copy
+#: the largest value of each frame dtype: uint8 frames 0..255, uint16 ones 0..65535
+_LEVELS = {torch.uint8: 255, torch.uint16: 65535}
+
+
+def _host_frames(shape, dtype=torch.uint8) -> torch.Tensor:
+    """An uninitialised host tensor whose pages are resident (one byte of each written): a copy
     from the device into fresh pageable memory faults its pages in as it goes, 52 ms for 33 frames of
     720p on an H200's host against 5 ms into resident pages (docs/PERF.md entry 18d)."""
-    out = torch.empty(shape, dtype=torch.uint8)
-    out.view(-1)[::4096].zero_()
+    out = torch.empty(shape, dtype=dtype)
+    out.view(-1)[::4096 // out.element_size()].zero_()
     return out
 
 
-def _to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """``[3, F, H, W]`` in [-1, 1] -> ``uint8 [F, H, W, 3]``, contiguous, on ``x``'s device: the copy
+def _to_frames(x: torch.Tensor, dtype=torch.uint8) -> torch.Tensor:
+    """``[3, F, H, W]`` in [-1, 1] -> ``uint8 [F, H, W, 3]`` (or uint16), contiguous, on ``x``'s device: the copy
     to the host is then one plain memcpy, where a channel-planar permute left every reader of the
     frames (``torch.cat``, the video writer) a strided gather of all their bytes on the CPU."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+    return ((x.clamp(-1, 1) + 1) * (_LEVELS[dtype] / 2)).round().to(dtype).permute(1, 2, 3, 0).contiguous()

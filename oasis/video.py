@@ -28,8 +28,11 @@ Colour handling
   the range differs from the input.
 * Primaries and transfer curve (:attr:`VideoInfo.color_primaries`, :attr:`VideoInfo.color_trc`) are
   tags only: the RGB values are read and written as they are, and the same encoders tag them, so an
-  HDR (HLG or PQ, BT.2020) phone clip keeps what tells a player how to show it. Its 10 bits are
-  read as 8.
+  HDR (HLG or PQ, BT.2020) phone clip keeps what tells a player how to show it.
+* Bits: frames are uint8 by default; ``bits=16`` reads uint16 frames (0..65535), which keep a 10- or
+  12-bit source's precision (:attr:`VideoInfo.bits`), and :class:`VideoWriter` takes uint16 frames too,
+  written at 10 bits with a 10-bit ``pix_fmt`` (``yuv420p10le``: libx265, libx264, libsvtav1; this
+  PyAV's libvpx-vp9 has none).
 
 Timing, rotation, tags and sound
 --------------------------------
@@ -173,6 +176,9 @@ class VideoInfo:
     #: each decoded frame's time in seconds from the first one (:func:`read_video`; None from
     #: :func:`probe_video`): a variable-rate clip's own timing, which :class:`VideoWriter` keeps
     frame_times: tuple[Fraction, ...] | None = None
+    #: bits per colour component of the stored pictures (10 for most HDR phone clips); read them as
+    #: ``bits=16`` frames to keep more than 8
+    bits: int = 8
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -270,7 +276,15 @@ def _stream_info(p: str, stream) -> VideoInfo:
         color_primaries=_PRIMARIES_NAMES.get(int(cc.color_primaries or 2)),
         color_trc=_TRC_NAMES.get(int(cc.color_trc or 2)),
         sample_aspect_ratio=_sar(stream.sample_aspect_ratio or cc.sample_aspect_ratio),
+        bits=_component_bits(pix_fmt),
     )
+
+
+def _component_bits(pix_fmt: str | None) -> int:
+    try:
+        return max(8, int(_import_av().VideoFormat(pix_fmt).components[0].bits))
+    except (ValueError, TypeError, IndexError, AttributeError, _import_av().FFmpegError):
+        return 8
 
 
 def _sar(value) -> Fraction | None:
@@ -297,15 +311,17 @@ def _positive_int(value, name: str, exc=ValueError, where: str = "") -> int:
     return int(value)
 
 
-def _frames_array(frames, where: str) -> np.ndarray:
-    """Check dtype/rank of ``frames`` (uint8 ``[F, H, W, 3]``) and return them as numpy on CPU."""
+def _frames_array(frames, where: str, *, deep: bool = False) -> np.ndarray:
+    """Check dtype/rank of ``frames`` (uint8 ``[F, H, W, 3]``; uint16 too where ``deep``) and return them
+    as numpy on CPU."""
+    kinds = "uint8 RGB in 0..255" + (" (or uint16 in 0..65535)" if deep else "")
     if isinstance(frames, torch.Tensor):
-        if frames.dtype != torch.uint8:
-            raise TypeError(f"{where}: frames must be uint8 RGB in 0..255, got dtype {frames.dtype}")
+        if frames.dtype != torch.uint8 and not (deep and frames.dtype == torch.uint16):
+            raise TypeError(f"{where}: frames must be {kinds}, got dtype {frames.dtype}")
         shape = tuple(frames.shape)
     elif isinstance(frames, np.ndarray):
-        if frames.dtype != np.uint8:
-            raise TypeError(f"{where}: frames must be uint8 RGB in 0..255, got dtype {frames.dtype}")
+        if frames.dtype != np.uint8 and not (deep and frames.dtype == np.uint16):
+            raise TypeError(f"{where}: frames must be {kinds}, got dtype {frames.dtype}")
         shape = frames.shape
     else:
         raise TypeError(
@@ -317,6 +333,13 @@ def _frames_array(frames, where: str) -> np.ndarray:
         # one device-to-host copy per chunk; numpy() then shares that memory
         return frames.detach().to("cpu").contiguous().numpy()
     return np.ascontiguousarray(frames)
+
+
+def _bits_format(bits, where: str) -> str:
+    """The RGB format frames of ``bits`` (8: uint8, 16: uint16) are read in."""
+    if bits not in (8, 16) or isinstance(bits, bool):
+        raise ValueError(f"{where}bits must be 8 (uint8 frames) or 16 (uint16), got {bits!r}")
+    return "rgb24" if bits == 8 else "rgb48le"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -383,7 +406,7 @@ def _decoded_info(info: VideoInfo, first, times: list) -> VideoInfo:
     )
 
 
-def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, VideoInfo]:
+def read_video(path, *, max_frames: int | None = None, bits: int = 8) -> tuple[torch.Tensor, VideoInfo]:
     """Decode ``path`` into RGB frames.
 
     Returns ``(frames, info)``: ``frames`` is uint8 ``[F, H, W, 3]`` on CPU with F the
@@ -391,10 +414,12 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
     is F. Frames come out as stored; ``info.rotation`` is how a player turns them. Raises
     :class:`VideoError` for an unusable file, a clip with zero decodable frames, a
     decoding error or a frame size that changes mid-stream. A long clip is better read with
-    :class:`VideoFrames`, which holds only the frames asked for.
+    :class:`VideoFrames`, which holds only the frames asked for. ``bits=16``: uint16 frames (0..65535),
+    which keep a 10- or 12-bit source's precision (:attr:`VideoInfo.bits`).
     """
     if max_frames is not None:
         max_frames = _positive_int(max_frames, "max_frames", where="read_video: ")
+    rgb = _bits_format(bits, "read_video: ")
     p = _input_path(path)
     container = _open_input(p)
     frames: list[np.ndarray] = []
@@ -407,7 +432,7 @@ def read_video(path, *, max_frames: int | None = None) -> tuple[torch.Tensor, Vi
         stream.thread_type = "AUTO"
         for frame in _decoded(container, stream, p, max_frames):
             first = first or frame
-            frames.append(frame.to_ndarray(format="rgb24"))
+            frames.append(frame.to_ndarray(format=rgb))
             times.append(_frame_time(frame, len(times), info.fps))
     finally:
         container.close()
@@ -433,13 +458,15 @@ class VideoFrames:
     slice starting before the kept frames decodes from the clip's start again. One reader at a time
     (not thread-safe). Use it as a context manager, or :meth:`close` it.
 
-    ``progress``: a progress bar (tqdm) over the opening pass.
+    ``progress``: a progress bar (tqdm) over the opening pass. ``bits=16``: uint16 frames (0..65535),
+    which keep a 10- or 12-bit source's precision (:attr:`VideoInfo.bits`); 8: uint8.
     """
 
-    dtype = torch.uint8
-
     def __init__(self, path, *, max_frames: int | None = None, prefetch: int | None = None,
-                 progress: bool = False):
+                 progress: bool = False, bits: int = 8):
+        self._rgb = _bits_format(bits, "VideoFrames: ")
+        #: the frames' dtype: torch.uint8, or torch.uint16 for ``bits=16``
+        self.dtype = torch.uint8 if bits == 8 else torch.uint16
         if max_frames is not None:
             max_frames = _positive_int(max_frames, "max_frames", where="VideoFrames: ")
         if prefetch is not None:
@@ -473,7 +500,7 @@ class VideoFrames:
         #: the clip's metadata, with the decoded count and frame times (as :func:`read_video` gives it)
         self.info = _decoded_info(info, first, times)
         self.shape = torch.Size((len(times), self.info.height, self.info.width, 3))
-        frame_bytes = self.info.height * self.info.width * 3
+        frame_bytes = self.info.height * self.info.width * 3 * (bits // 8)
         self._prefetch = prefetch or min(256, max(2, (256 << 20) // frame_bytes))
         self._kept: list[np.ndarray] = []  # frames _start, _start + 1, ...
         self._start = 0
@@ -520,7 +547,7 @@ class VideoFrames:
             self._kept.append(self._take())
         taken = self._kept[start - self._start:stop - self._start]
         if not taken:
-            return torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
+            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
         return torch.from_numpy(np.stack(taken))
 
     def _take(self) -> np.ndarray:
@@ -558,7 +585,7 @@ class VideoFrames:
                     if (frame.width, frame.height) != (self.shape[2], self.shape[1]):
                         raise VideoError(f"{self._path}: frame {k} is {frame.width}x{frame.height}, the first "
                                          f"decoding's {self.shape[2]}x{self.shape[1]}")
-                    if not put(frame.to_ndarray(format="rgb24")):
+                    if not put(frame.to_ndarray(format=self._rgb)):
                         return
                 put(_END)
             finally:
@@ -778,6 +805,10 @@ class VideoWriter:
             self._container = av.open(_ffmpeg_name(p), mode="w")
         except (av.FFmpegError, OSError, ValueError) as e:
             raise VideoError(f"{p}: cannot write this file type ({_reason(e)})") from e
+        if self.codec == "libx265" and self._container.format.name.split(",")[0] in ("mov", "mp4"):
+            warnings.warn(f"{p}: FFmpeg's MP4 muxer fails at random on libx265's headers with this PyAV (at the "
+                          f"first packet or the flush; docs/OASIS.md); Matroska (.mkv) holds HEVC reliably",
+                          RuntimeWarning, stacklevel=2)
         if self._times is not None and not self._container.format.flags & _AVFMT_VARIABLE_FPS:
             warnings.warn(f"{p}: {self._container.format.name} files hold a constant frame rate only; the "
                           f"source's variable timing is written as {float(self.fps):.3f} fps", RuntimeWarning,
@@ -856,14 +887,15 @@ class VideoWriter:
         )
 
     def write(self, frames) -> None:
-        """Encode uint8 RGB ``frames`` ``[F, H, W, 3]`` (tensor on any device, or numpy).
+        """Encode uint8 RGB ``frames`` ``[F, H, W, 3]`` (tensor on any device, or numpy), or uint16 ones
+        (0..65535: a 10-bit ``pix_fmt`` such as ``yuv420p10le`` keeps their precision).
 
         Raises ``TypeError`` for another dtype or type and :class:`VideoError` for another
         shape or frame size than the writer's, or an encoder failure.
         """
         if self._container is None:
             raise VideoError(f"{self.path}: write() on a closed VideoWriter")
-        arr = _frames_array(frames, self.path)
+        arr = _frames_array(frames, self.path, deep=True)
         if arr.shape[1:3] != (self.height, self.width):
             raise VideoError(
                 f"{self.path}: frames are {arr.shape[2]}x{arr.shape[1]} (WxH), "
@@ -872,7 +904,7 @@ class VideoWriter:
         av = self._av
         try:
             for rgb in arr:
-                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24" if rgb.dtype == np.uint8 else "rgb48le")
                 # explicit conversion: PyAV's implicit one would ignore the matrix and range
                 frame = self._reformatter.reformat(
                     frame,
@@ -1265,7 +1297,7 @@ def write_video(path, frames, fps, **kwargs) -> None:
     ``color_range``, ``colorspace``). Zero frames raise :class:`VideoError`.
     """
     p = os.fspath(path)
-    arr = _frames_array(frames, p)
+    arr = _frames_array(frames, p, deep=True)
     if arr.shape[0] == 0:
         raise VideoError(f"{p}: no frames to write")
     with VideoWriter(p, arr.shape[2], arr.shape[1], fps, **kwargs) as writer:

@@ -104,16 +104,34 @@ def test_sound_and_rotation_come_along(tmp_path, capsys, checkpoint):
     assert [b for _, b in audio_packets(src)[0]] == [b for t, b in sound if t < 7 / 24]
 
 
-def test_hdr_tags_kept(tmp_path, capsys, checkpoint):
-    """An HLG phone clip's primaries and curve tags come along (shown as BT.709 they look washed out)."""
+def test_hdr_tags_and_bits_kept(tmp_path, capsys, checkpoint):
+    """An HLG phone clip (10 bits, BT.2020): its primaries, curve and matrix tags come along (shown as
+    BT.709 they look washed out), and its 10 bits: read as 16, written as 10-bit HEVC. ``--bits 8`` writes
+    H.264 and says what is lost; an 8-bit source is written with 10 on ``--bits 10``."""
     from test_oasis_video import hdr_source
 
     src = hdr_source(tmp_path / "hlg.mp4", synthetic_clip(5, 20, 28))
     out = tmp_path / "hq.mp4"
-    code, err = run(capsys, src, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
-    assert code == 0, err
-    info = probe_video(out)
-    assert (info.color_primaries, info.color_trc) == ("bt2020", "arib-std-b67")
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
+    for path, codec in ((tmp_path / "hq.mkv", "hevc"), (out, "h264")):
+        code, err = run(capsys, src, "-o", path, *common)
+        assert code == 0, err
+        assert ("10-bit H.264 plays in mpv" in err) == (codec == "h264"), err
+        info = probe_video(path)
+        assert (info.color_primaries, info.color_trc, info.colorspace) == ("bt2020", "arib-std-b67", "bt2020nc")
+        assert (info.codec, info.pix_fmt, info.bits) == (codec, "yuv420p10le", 10)
+        deep, _ = read_video(path, bits=16)
+        assert (deep.int() % 257 != 0).float().mean() > 0.5  # not 8-bit values times 257
+    code, err = run(capsys, src, "-o", out, *common, "--bits", 8)
+    assert code == 0 and "10 bits per colour are written as 8" in err, err
+    assert (probe_video(out).codec, probe_video(out).bits) == ("h264", 8)
+    code, err = run(capsys, src, "-o", tmp_path / "frames", *common)  # images: 8 bits, said
+    assert code == 0 and "10 bits per colour are written as 8 (images hold 8)" in err, err
+    plain = tmp_path / "plain.mp4"
+    write_video(plain, synthetic_clip(5, 20, 28), 24)
+    code, err = run(capsys, plain, "-o", out, *common, "--bits", 10)
+    assert code == 0 and "written as 8" not in err, err
+    assert probe_video(out).bits == 10
 
 
 def test_variable_frame_rate_kept(tmp_path, capsys, checkpoint):
@@ -136,7 +154,7 @@ def test_output_checked_before_the_model_loads(tmp_path, capsys, checkpoint, cli
     real = pipeline.OasisVSR.from_pretrained
     monkeypatch.setattr(pipeline.OasisVSR, "from_pretrained", lambda *a, **k: loads.append(1) or real(*a, **k))
     for extra, expect in ((["-o", tmp_path / "a.ogv"], "cannot be written with libx264"),
-                          (["-o", tmp_path / "a.mp4", "--crf", 60], "--crf 60: H.264 (libx264) takes 0..51")):
+                          (["-o", tmp_path / "a.mp4", "--crf", 60], "--crf 60: H.264 and HEVC take 0..51")):
         code, err = run(capsys, clip, *extra, "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
         assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert not loads and list(tmp_path.iterdir()) == []
@@ -383,6 +401,7 @@ def test_frames_as_images_in_and_out(tmp_path, capsys, checkpoint):
     ("gif", "not '.gif'"),
     ("no_parent", "does not exist"),
     ("sizes", "where the sequence's first image"),
+    ("bits", "images are written with 8 bits"),
 ])
 def test_image_sequence_errors(tmp_path, capsys, checkpoint, clip, case, expect):
     from PIL import Image
@@ -399,6 +418,9 @@ def test_image_sequence_errors(tmp_path, capsys, checkpoint, clip, case, expect)
     elif case == "no_parent":
         args[0] = clip
         args[2] = f"{tmp_path}/no/hq/"
+    elif case == "bits":
+        args[0] = clip
+        args += ["--bits", 10]
     elif case == "sizes":
         Image.new("RGB", (28, 20)).save(folder / "a.png")
         Image.new("RGB", (28, 24)).save(folder / "b.png")

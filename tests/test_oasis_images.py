@@ -175,3 +175,17 @@ def test_which_paths_are_sequences(tmp_path):
     assert is_image_sequence(f"{tmp_path}/new/", output=True) and not is_image_sequence(f"{tmp_path}/new/")
     assert is_image_sequence(tmp_path / "new", output=True) and not is_image_sequence(tmp_path / "a.mp4", output=True)
     assert is_numbered("a/%d.png") and not is_numbered("a%/b.png")
+
+
+def test_sixteen_bit_reading(tmp_path, clip):
+    """``bits=16``: 8-bit images times 257, 16-bit grey as stored (rounded to 8 bits without it)."""
+    folder = save_all(tmp_path / "seq", clip[:2], ["a.png", "b.png"])
+    deep = ImageFrames(folder, bits=16)
+    assert deep.dtype == torch.uint16 and torch.equal(deep[:].int(), clip[:2].int() * 257)
+    grey = np.arange(H * W, dtype=np.uint16).reshape(H, W) * 97
+    (tmp_path / "g").mkdir()
+    Image.fromarray(grey).save(tmp_path / "g" / "a.png")
+    frames = ImageFrames(tmp_path / "g", bits=16)
+    assert frames.info.bits == 16 and np.array_equal(frames[0].numpy()[..., 2], grey)
+    with pytest.raises(ValueError, match="bits"):
+        ImageFrames(folder, bits=10)

@@ -298,3 +298,27 @@ def test_checkpoint_errors(pipe, tmp_path):
         back = OasisVSR.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
     assert sum("context" in str(w.message) for w in caught) == 1
     assert back.context.abs().sum() == 0 and back.context.shape == (back.dit.config.text_len, 32)
+
+
+def test_sixteen_bit_frames_keep_the_model_s_precision(pipe):
+    """uint16 frames (a 10-bit source read as 16 bits) give the model the same input as uint8 ones times
+    257 (the same floats), and come back as uint16: the same output as the uint8 call, rounded to 16 bits
+    instead of 8 (what a 10-bit video then keeps)."""
+    video = random_video(6, 8, 12, seed=4)
+    eight = pipe(video, chunk_frames=5, progress=False)
+    deep = pipe(video.to(torch.int32).mul_(257).to(torch.uint16), chunk_frames=5, progress=False)
+    assert deep.dtype == torch.uint16 and deep.shape == eight.shape
+    assert ((deep.double() / 257 - eight.double()).abs() <= 0.5 + 0.5 / 257 + 1e-9).all()
+    assert (deep.int() % 257 != 0).any()  # more than 8 bits' worth of levels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sixteen_bit_frames_on_the_gpu():
+    """uint16 on a GPU (PyTorch's barebones unsigned dtype): the frames' way in (a copy, then floats) and
+    out (rounded, cast, interleaved) give the CPU's numbers."""
+    from oasis.pipeline import _to_frames
+
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0)) * 2.2 - 1.1
+    assert torch.equal(_to_frames(x.cuda(), torch.uint16).cpu(), _to_frames(x, torch.uint16))
+    frames = torch.randint(0, 65536, (2, 8, 8, 3), dtype=torch.int32).to(torch.uint16)
+    assert torch.equal(frames.cuda().float().cpu(), frames.float())
