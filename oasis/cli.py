@@ -429,12 +429,50 @@ def _restore(args, device, rank: int, world: int) -> int:
     return 0
 
 
+def _write_behind(blocks, write) -> None:
+    """``write(block)`` for every block, on a thread of its own one block behind: the GPU restores the next
+    chunk while the last one is encoded (PyAV and Pillow code without the interpreter lock), where writing
+    in turn left the GPU idle for each chunk's encoding. Blocks are written in order. The first error of
+    either side is raised here, once the thread has stopped; after one, no further block is written."""
+    import queue
+    import threading
+
+    todo: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    failed: list[BaseException] = []
+
+    def writer() -> None:
+        while (block := todo.get()) is not None:
+            if stop.is_set():
+                continue  # taken and dropped, until the end mark
+            try:
+                write(block)
+            except BaseException as exc:  # to the caller, which raises it
+                failed.append(exc)
+                stop.set()
+
+    thread = threading.Thread(target=writer, name="oasis-vsr-write", daemon=True)
+    thread.start()
+    try:
+        for block in blocks:
+            if stop.is_set():
+                break
+            todo.put(block)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        todo.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
 def _write_images(output: str, blocks, width: int, height: int, names):
     from .images import ImageWriter
 
     with ImageWriter(output, width, height, names=names) as out:
-        for block in blocks:
-            out.write(block)
+        _write_behind(blocks, out.write)
     return out
 
 
@@ -462,8 +500,7 @@ def _write_video(args, blocks, width: int, height: int, info, encoding: dict):
                          rotation=info.rotation, sample_aspect_ratio=info.sample_aspect_ratio,
                          audio_from=None if args.no_audio else source, metadata_from=source,
                          frame_times=info.frame_times) as out:
-            for block in blocks:
-                out.write(block)
+            _write_behind(blocks, out.write)
         done = True
         if partial is not None:
             _move_into_place(partial, target)

@@ -430,3 +430,38 @@ def test_image_sequence_errors(tmp_path, capsys, checkpoint, clip, case, expect)
     assert len(lines) == 1 and lines[0].startswith("oasis-vsr: error:"), err
     assert expect.lower() in lines[0].lower(), lines[0]
     assert not (tmp_path / "hq").exists()
+
+
+def test_blocks_are_written_behind_in_order_and_failures_stop_both_sides():
+    """The output is written on a thread one block behind the restoration: in order, and the first error
+    of either side raised in the caller once that thread has stopped, nothing written after it."""
+    import threading
+
+    from oasis.cli import _write_behind
+
+    written, made = [], []
+
+    def blocks(n, fail_at=None):
+        for k in range(n):
+            if k == fail_at:
+                raise MemoryError("out of device memory")
+            made.append(k)
+            yield k
+
+    _write_behind(blocks(10), written.append)
+    assert written == list(range(10))
+
+    def write(k):
+        if k == 3:
+            raise OSError(28, "No space left on device")
+        written.append(k)
+
+    written.clear(), made.clear()
+    with pytest.raises(OSError, match="No space"):
+        _write_behind(blocks(100), write)
+    assert written == [0, 1, 2] and len(made) < 100  # the restoration stopped too
+    written.clear()
+    with pytest.raises(MemoryError):
+        _write_behind(blocks(10, fail_at=4), written.append)
+    assert written == list(range(len(written))) and len(written) <= 4
+    assert not [t for t in threading.enumerate() if t.name == "oasis-vsr-write"]
