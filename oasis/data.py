@@ -68,19 +68,30 @@ def _rng(seed: int, index: int) -> np.random.Generator:
 
 class VideoFolder:
     """Random HQ crops from the videos under ``root`` (searched recursively), as float ``[3, F, H, W]``
-    in [0, 1]. Videos shorter or smaller than one crop are left out (and counted in ``skipped``)."""
+    in [0, 1]. A folder of images is one video too, its frames in natural order (``oasis.images``: the
+    layout of REDS and of frames exported from footage). Videos shorter or smaller than one crop are left
+    out (and counted in ``skipped``)."""
 
     def __init__(self, root, spec: ClipSpec = ClipSpec(), seed: int = 0):
+        from .images import IMAGE_SUFFIXES, ImageFrames
+
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"{root}: no such folder of training videos")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
-        if not files:
-            raise ValueError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)})")
+        paths = sorted(root.rglob("*"))
+        files = [p for p in paths if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()]
+        image_dirs = sorted({p.parent for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()})
+        if not files and not image_dirs:
+            raise ValueError(f"{root}: no videos ({', '.join(VIDEO_EXTENSIONS)}) or folders of images")
         self.spec, self.seed, self.videos, self.skipped = spec, seed, [], []
-        for f in files:
+        self._sequences = {}  # a folder of images -> its ImageFrames (the file list; read one thread per worker)
+        for f in sorted(files + image_dirs):
             try:
-                info = probe_video(f)
+                if f.is_dir():
+                    self._sequences[f] = ImageFrames(f, threads=1)
+                    info = self._sequences[f].info
+                else:
+                    info = probe_video(f)
             except VideoError as exc:
                 self.skipped.append((f, str(exc)))
                 continue
@@ -94,7 +105,7 @@ class VideoFolder:
                 self.videos.append((f, info))
         if not self.videos:
             reasons = "; ".join(f"{p.name}: {r}" for p, r in self.skipped[:5])
-            raise ValueError(f"{root}: none of {len(files)} videos holds a {spec.span}-frame "
+            raise ValueError(f"{root}: none of {len(files) + len(image_dirs)} videos holds a {spec.span}-frame "
                              f"{spec.width}x{spec.height} crop ({reasons})")
 
     def __len__(self) -> int:
@@ -113,11 +124,16 @@ class VideoFolder:
         frames are identified by their presentation times; a video whose packets lack them, or whose
         seek lands past the crop, is decoded from its start, as :meth:`frames_from_start` does."""
         path, start, top, left = self._draw(index)
+        if path in self._sequences:  # a folder of images: the crop's files alone
+            frames = self._sequences[path].read(range(start, start + self.spec.span, self.spec.stride))
+            return frames[:, top:top + self.spec.height, left:left + self.spec.width].permute(3, 0, 1, 2)
         frames = self._decode_from_keyframe(path, start, top, left)
         return frames if frames is not None else self._decode(path, start, top, left)
 
     def frames_from_start(self, index: int) -> torch.Tensor:
         """Crop ``index`` by decoding its video from the first frame (the reference for :meth:`frames`)."""
+        if self._draw(index)[0] in self._sequences:
+            return self.frames(index)
         return self._decode(*self._draw(index))
 
     def _draw(self, index: int):

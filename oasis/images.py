@@ -216,9 +216,21 @@ class ImageFrames:
             return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
         self._kept = {k: v for k, v in self._kept.items() if k >= start}
         wanted = [k for k in indices if k not in self._kept]
-        with ThreadPoolExecutor(min(self._threads, len(wanted)) or 1) as pool:
-            self._kept.update(zip(wanted, pool.map(self._read, wanted)))
+        self._kept.update(zip(wanted, self._read_all(wanted)))
         return torch.from_numpy(np.stack([self._kept[k] for k in indices]))
+
+    def read(self, indices) -> torch.Tensor:
+        """Frames ``indices`` (any order and step), read now and not kept: ``[len(indices), H, W, 3]``."""
+        indices = [range(len(self))[k] for k in indices]  # IndexError for one out of range
+        if not indices:
+            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
+        return torch.from_numpy(np.stack(self._read_all(indices)))
+
+    def _read_all(self, indices: list) -> list:
+        if len(indices) <= 1 or self._threads == 1:
+            return [self._read(k) for k in indices]
+        with ThreadPoolExecutor(min(self._threads, len(indices))) as pool:
+            return list(pool.map(self._read, indices))
 
     def close(self) -> None:
         self._kept = {}

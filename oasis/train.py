@@ -94,7 +94,7 @@ class TrainConfig:
     calibrate_videos: int = 0
     calibrate_rho: float = 0.4
     # data
-    videos: str | None = None  # a folder of HQ videos (searched recursively)
+    videos: str | None = None  # a folder of HQ videos, or of folders of frames (searched recursively)
     frames: int = 17
     height: int = 320
     width: int = 640

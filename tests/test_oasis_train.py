@@ -91,8 +91,39 @@ def test_data_is_a_function_of_seed_and_index(tmp_path):
     assert sorted(info.num_frames for _, info in folder.videos) == [12, 30]
     clip = folder.clip(3)
     assert clip.shape == (3, 5, 32, 64) and torch.equal(clip, folder.clip(3))
+    (tmp_path / "none").mkdir()
     with pytest.raises(ValueError, match="no videos"):
-        VideoFolder(tmp_path / "none" if (tmp_path / "none").mkdir() is None else None, spec)
+        VideoFolder(tmp_path / "none", spec)
+
+
+def test_folders_of_images_are_videos_too(tmp_path):
+    """A folder of frames (REDS' layout: one folder per clip) is one training video: its crops are the
+    images' pixels in natural order at the drawn frames, rows and columns; too short or too small ones are
+    left out as videos are; videos and folders mix."""
+    from PIL import Image
+
+    from oasis.video import synthetic_clip, write_video
+
+    spec = ClipSpec(5, 32, 64, stride=2)
+    frames = synthetic_clip(12, 40, 72, seed=4)
+    for name, clip in (("000", frames), ("001", frames[:6])):  # 001: fewer than the crop's 9 frames
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for k, frame in enumerate(clip):
+            Image.fromarray(frame.numpy()).save(tmp_path / "train" / name / f"{k}.png")
+    write_video(tmp_path / "train" / "v.mp4", synthetic_clip(12, 48, 96, seed=2), fps=25)
+    folder = VideoFolder(tmp_path / "train", spec, seed=1)
+    assert [p.name for p, _ in folder.videos] == ["000", "v.mp4"] and [p.name for p, _ in folder.skipped] == ["001"]
+    seen = 0
+    for index in range(12):
+        path, start, top, left = folder._draw(index)
+        if path.name != "000":
+            continue
+        seen += 1
+        want = frames[start:start + 9:2, top:top + 32, left:left + 64].permute(3, 0, 1, 2)
+        assert torch.equal(folder.frames(index), want) and torch.equal(folder.frames_from_start(index), want)
+    assert seen
+    images_only = VideoFolder(tmp_path / "train" / "000", spec)  # the folder itself holds the frames
+    assert len(images_only) == 1 and images_only.clip(0).shape == (3, 5, 32, 64)
 
 
 def _write_gop_video(path, frames, codec, gop, bframes=0):
