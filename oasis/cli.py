@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -48,6 +49,18 @@ def _chunk_frames(text: str) -> int:
     return n
 
 
+def _rate(text: str):
+    from fractions import Fraction
+
+    try:
+        rate = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        rate = None
+    if rate is None or rate <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive rate (30, 29.97, 30000/1001), got {text!r}")
+    return rate
+
+
 def _positive(kind):
     def parse(text: str):
         try:
@@ -68,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the low-quality video (any format PyAV/FFmpeg reads), or its frames: a folder of images "
                         "(natural order) or a numbered pattern such as frames/%%05d.png")
     p.add_argument("-o", "--output", required=True,
-                   help="where to write the x4 video (its folder must exist), or its frames: a folder (a name "
-                        "without a file type or ending in /, made if missing; PNG, named as the input's images or "
-                        "00000001.png...) or a pattern such as out/%%05d.png (.png .jpg .bmp .tif .webp)")
-    p.add_argument("--fps", type=_positive(float),
+                   help="where to write the x4 video (its folder must exist), or its frames: a folder (an "
+                        "existing one, or a name ending in /, made; PNG, named as the input's images or "
+                        "00000001.png...) or a numbered pattern such as out/%%05d.png (.png .jpg .bmp .tif .webp)")
+    p.add_argument("--fps", type=_rate,
                    help="the frame rate of an input folder of images (default 25); a video keeps its own")
     p.add_argument("--checkpoint", help="OASIS checkpoint folder (see below)")
     p.add_argument("--routing", help="routing file (oasis-route output) overriding the checkpoint's routing.json; "
@@ -149,15 +162,46 @@ def _images_in(args) -> bool:
     return bool(args.input) and is_image_sequence(args.input)
 
 
+def _image_input(args):
+    """The input folder or pattern of images, opened once per run (its headers read; kept on ``args``)."""
+    from .images import ImageFrames
+
+    if getattr(args, "_image_frames", None) is None:
+        args._image_frames = ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames)
+    return args._image_frames
+
+
+def _deep_image_input(args):
+    """The same input read as 16-bit frames (a 10-bit output's)."""
+    from .images import ImageFrames
+
+    return ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames, bits=16)
+
+
 def _input_info(args):
     """The input's metadata (an image sequence's from its headers; a video's from its container, its frame
     count where the container says it) without decoding it."""
-    from .images import ImageFrames
     from .video import probe_video
 
     if _images_in(args):
-        return ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames).info
+        return _image_input(args).info
     return probe_video(args.input)  # raises VideoError for a missing or unreadable file
+
+
+def _image_writer(args, width: int, height: int):
+    """The image output: frames of an image input keep their names in a folder (as PNG) and their numbers
+    in a pattern, so restored frames line up with their ground truth; others are numbered from 1."""
+    from .images import ImageWriter, is_numbered
+
+    names, start = None, 1
+    if _images_in(args):
+        frames = _image_input(args)
+        if not is_numbered(args.output):
+            names = [f.stem + ".png" for f in frames.files]
+            names = names if len(set(names)) == len(names) else None
+        elif frames.first_number is not None:
+            start = frames.first_number
+    return ImageWriter(args.output, width, height, names=names, start=start)
 
 
 def _encoding(args, source_bits: int) -> dict:
@@ -181,11 +225,22 @@ def _encoding(args, source_bits: int) -> dict:
 
 def _check_args(args) -> None:
     """Everything that can be checked without loading a model."""
-    from .images import ImageWriter
+    from .images import IMAGE_SUFFIXES
     from .video import check_writable
 
+    if not args.output:
+        raise _Exit("no output (-o is empty)")
     out = Path(args.output)
     images_out = _images_out(args)
+    if not images_out and re.search(r"%0?\d*d", out.name) and not os.path.lexists(out):
+        raise _Exit(f"output {args.output!r}: numbered frames are written as {' '.join(IMAGE_SUFFIXES)} images, "
+                    f"not {out.suffix or 'without a file type'}")
+    if not images_out and not out.suffix:
+        raise _Exit(f"output {args.output!r} has no file type: give a video (out.mp4) or, for images, a folder "
+                    f"ending in / (out/) or a numbered pattern (out/%05d.png)")
+    if not images_out and out.suffix.lower() in IMAGE_SUFFIXES:
+        raise _Exit(f"output {args.output!r} is one image: give a folder (out/) or a numbered pattern "
+                    f"(out/%05d{out.suffix}) for the frames")
     if not images_out and not out.parent.exists() and str(out.parent) not in ("", "."):
         raise _Exit(f"output folder {str(out.parent)!r} does not exist")
     if not images_out and out.suffix.lower() != ".webm" and args.crf > 51:
@@ -197,7 +252,14 @@ def _check_args(args) -> None:
 
     def check_output(width, height, fps, source_bits=8):
         if images_out:  # its folder, the pattern's suffix; nothing is made yet
-            ImageWriter(out, width, height)._abort()
+            writer = _image_writer(args, width, height)
+            writer._abort()
+            if _images_in(args):  # never over the frames being read
+                inputs = {os.path.realpath(f) for f in _image_input(args).files}
+                over = next((writer.path_of(k) for k in range(len(inputs))
+                             if os.path.realpath(writer.path_of(k)) in inputs), None)
+                if over is not None:
+                    raise _Exit(f"{over}: would be written over an input frame; give another folder or pattern")
         else:
             encoding = _encoding(args, source_bits)
             check_writable(out, width, height, fps, crf=args.crf, codec=encoding["codec"],
@@ -323,7 +385,6 @@ def _restore(args, device, rank: int, world: int) -> int:
 
     import torch
 
-    from .images import ImageFrames, is_numbered
     from .video import VideoFrames, probe_video, streams_left_out, synthetic_clip
 
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else (
@@ -350,8 +411,7 @@ def _restore(args, device, rank: int, world: int) -> int:
             bits = 8 if images_out else _encoding(args, source_bits)["bits"]
             # frames of 16 bits where the output has 10: the model's output is not rounded to 8 bits first
             if images_in:
-                video = stack.enter_context(ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames,
-                                                        bits=8 if bits == 8 else 16))
+                video = stack.enter_context(_image_input(args) if bits == 8 else _deep_image_input(args))
             else:
                 video = stack.enter_context(VideoFrames(args.input, max_frames=args.max_frames, bits=8 if bits == 8
                                                         else 16, progress=not args.no_progress and rank == 0))
@@ -410,11 +470,7 @@ def _restore(args, device, rank: int, world: int) -> int:
                 pass
             return 0
         if images_out:
-            names = None
-            if images_in and not is_numbered(args.output):  # the input's names, so frames meet their ground truth
-                names = [f.stem + ".png" for f in video.files]
-                names = names if len(set(names)) == len(names) else None
-            written = _write_images(args.output, blocks, width * s, height * s, names)
+            written = _write_images(args, blocks, width * s, height * s, frames, say)
         else:
             written = _write_video(args, blocks, width * s, height * s, info,
                                    _encoding(args, 8 if images_in or info is None else info.bits))
@@ -468,10 +524,18 @@ def _write_behind(blocks, write) -> None:
         raise failed[0]
 
 
-def _write_images(output: str, blocks, width: int, height: int, names):
-    from .images import ImageWriter
+def _write_images(args, blocks, width: int, height: int, frames: int, say):
+    from .images import IMAGE_SUFFIXES
 
-    with ImageWriter(output, width, height, names=names) as out:
+    with _image_writer(args, width, height) as out:
+        if os.path.isdir(out.folder):  # what an earlier run left there that this one does not replace
+            ours = {os.path.basename(out.path_of(k)) for k in range(frames)}
+            theirs = {f.name for f in Path(out.folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES}
+            ours |= {f.name for f in _image_input(args).files} if _images_in(args) else set()
+            if theirs - ours:
+                say(f"warning: {len(theirs - ours)} other images in {out.folder} are left as they are (an earlier "
+                    f"run's?): the folder will not hold this video's frames alone")
+        say(f"writing {frames} images {width}x{height} into {out.folder}")
         _write_behind(blocks, out.write)
     return out
 

@@ -17,6 +17,7 @@ Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow.
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -51,29 +52,32 @@ def _pil():
 
 
 def _pattern(path: str) -> tuple[str, str] | None:
-    """``(folder, name regex)`` of a printf-numbered path (``clip/%05d.png``), else None."""
-    folder, name = os.path.split(path)
-    fields = _FIELD.findall(name)
-    if not fields:
+    """``(folder, name)`` of a printf-numbered path (``clip/%05d.png``: one ``%d`` field, an image suffix,
+    no such file or folder), else None."""
+    if not is_numbered(path):
         return None
-    if len(fields) > 1 or "%" in _FIELD.sub("", name):
+    folder, name = os.path.split(path)
+    if len(_FIELD.findall(name)) > 1 or "%" in _FIELD.sub("", name):
         raise VideoError(f"{path}: a numbered name has one field such as %05d")
     return folder or ".", name
 
 
 def is_numbered(path) -> bool:
-    """Whether ``path``'s name has a ``%d`` field (``clip/%05d.png``)."""
-    return _FIELD.search(os.path.basename(os.fspath(path))) is not None
+    """Whether ``path`` is a numbered pattern of images: a name with a ``%d`` field (``%05d``) and an image
+    suffix (``clip/%05d.png``) that names no existing file or folder (``50%done.mp4`` is a file name)."""
+    p = os.fspath(path)
+    name = os.path.basename(p)
+    return (_FIELD.search(name) is not None and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+            and not os.path.lexists(p))
 
 
 def is_image_sequence(path, *, output: bool = False) -> bool:
-    """Whether ``path`` names frames as images: an existing folder, a name with a ``%d`` field
-    (``clip/%05d.png``), or, for an output, a name ending in a path separator or without a file type
-    (``out/x4``: the folder made)."""
+    """Whether ``path`` names frames as images: an existing folder, a numbered pattern (``clip/%05d.png``:
+    :func:`is_numbered`), or, for an output, a name ending in a path separator (the folder made)."""
     p = os.fspath(path)
     if os.path.isdir(p) or is_numbered(p):
         return True
-    return output and (p.endswith((os.sep, "/")) or not os.path.splitext(os.path.basename(p))[1])
+    return output and p.endswith((os.sep, "/"))
 
 
 def _natural_key(name: str):
@@ -81,17 +85,25 @@ def _natural_key(name: str):
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
-def _list_frames(path: str) -> list[Path]:
+def _frame_files(folder) -> list[Path]:
+    """The image files of ``folder`` a sequence is made of: hidden ones left out (macOS' ``._x.png``, the
+    writer's scratch files), broken links kept (so that opening says so, rather than a frame going missing)."""
+    return [f for f in Path(folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+            and (f.is_file() or (f.is_symlink() and not f.exists()))]
+
+
+def _list_frames(path: str, max_frames: int | None = None) -> tuple[list[Path], int | None]:
+    """The sequence's files in frame order (the first ``max_frames``), and a pattern's first number."""
     pattern = _pattern(path)
     if pattern is None:
         if not os.path.exists(path):
             raise VideoError(f"{path}: no such folder")
         if not os.path.isdir(path):
             raise VideoError(f"{path}: not a folder of images")
-        files = [f for f in Path(path).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+        files = _frame_files(path)
         if not files:
             raise VideoError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
-        return sorted(files, key=lambda f: _natural_key(f.name))
+        return sorted(files, key=lambda f: _natural_key(f.name))[:max_frames], None
     folder, name = pattern
     if not os.path.isdir(folder):
         raise VideoError(f"{path}: no such folder {folder}")
@@ -99,15 +111,15 @@ def _list_frames(path: str) -> list[Path]:
     head, tail = (re.escape(part) for part in _FIELD.split(name)[::2])
     digits = rf"\d{{{int(width)},}}" if width.startswith("0") and width != "0" else r"\d+"
     regex = re.compile(f"{head}({digits}){tail}")
-    numbered = sorted((int(m.group(1)), f) for f in Path(folder).iterdir()
-                      if (m := regex.fullmatch(f.name)) and f.is_file())
+    numbered = sorted((int(m.group(1)), f) for f in _frame_files(folder) if (m := regex.fullmatch(f.name)))
     if not numbered:
         raise VideoError(f"{path}: no file matches the pattern")
+    numbered = numbered[:max_frames]
     missing = next((a + 1 for (a, _), (b, _) in zip(numbered, numbered[1:]) if b != a + 1), None)
     if missing is not None:
         raise VideoError(f"{path}: frame {missing} is missing (the sequence runs {numbered[0][0]}.."
                          f"{numbered[-1][0]})")
-    return [f for _, f in numbered]
+    return [f for _, f in numbered], numbered[0][0]
 
 
 def _to_rgb(image, path, bits: int = 8) -> np.ndarray:
@@ -117,7 +129,10 @@ def _to_rgb(image, path, bits: int = 8) -> np.ndarray:
         rgb = np.asarray(image.convert("RGB"))
         return rgb if bits == 8 else rgb.astype(np.uint16) * np.uint16(257)
     if image.mode in _SIXTEEN_BIT_MODES:
-        grey = np.clip(np.asarray(image), 0, 65535)
+        grey = np.asarray(image)
+        if grey.size and (grey.max() > 65535 or grey.min() < 0):  # mode "I" holds 32-bit integers
+            raise VideoError(f"{path}: 32-bit integer pixels ({grey.min()}..{grey.max()}) are not read (8- or "
+                             f"16-bit images)")
         grey = grey.astype(np.uint16) if bits == 16 else np.rint(grey / 257.0).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     raise VideoError(f"{path}: images of PIL mode {image.mode!r} are not read (8- or 16-bit grey, RGB, palette)")
@@ -149,7 +164,7 @@ class ImageFrames:
         if max_frames is not None:
             max_frames = _positive_int(max_frames, "max_frames", where="ImageFrames: ")
         rate = DEFAULT_FPS if fps is None else _as_fps(fps, p)
-        files = _list_frames(p)[:max_frames]
+        files, first_number = _list_frames(p, max_frames)
         size, alpha, modes = None, False, set()
         for f in files:
             try:
@@ -170,6 +185,8 @@ class ImageFrames:
                 raise VideoError(f"{f}: not a readable image ({' '.join(str(e).split())})") from e
         #: the files, in frame order
         self.files = files
+        #: a numbered pattern's first number (``00000000.png``: 0), None for a folder
+        self.first_number = first_number
         #: the sequence described as :func:`oasis.video.probe_video` describes a video (full-range RGB)
         self.info = VideoInfo(path=p, width=size[0], height=size[1], fps=rate, num_frames=len(files),
                               codec=files[0].suffix.lower().lstrip("."), pix_fmt="/".join(sorted(modes)),
@@ -201,8 +218,8 @@ class ImageFrames:
 
     def __getitem__(self, key) -> torch.Tensor:
         n = len(self)
-        if isinstance(key, int) and not isinstance(key, bool):
-            index = key + n if key < 0 else key
+        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+            index = int(key) + n if key < 0 else int(key)
             if not 0 <= index < n:
                 raise IndexError(f"frame {key} of a sequence of {n} frames")
             return self[index:index + 1][0]
@@ -262,11 +279,13 @@ class ImageWriter:
         Image = _pil()
         p = os.fspath(path)
         self.path, self.width, self.height = p, width, height
-        pattern = _pattern(p)
-        if pattern is not None:
+        if _FIELD.search(os.path.basename(p)) and not os.path.isdir(p):  # a numbered pattern
+            folder, name = os.path.split(p)
+            folder = folder or "."
+            if len(_FIELD.findall(name)) > 1 or "%" in _FIELD.sub("", name):
+                raise VideoError(f"{p}: a numbered name has one field such as %05d")
             if names is not None:
                 raise ValueError(f"{p}: a numbered pattern names its files; give names= with a folder only")
-            folder, name = pattern
             suffix = os.path.splitext(name)[1].lower()
             if suffix not in _WRITE_FORMATS:
                 raise VideoError(f"{p}: writes {', '.join(_WRITE_FORMATS)} images, not {suffix or 'no suffix'!r}")
@@ -305,6 +324,10 @@ class ImageWriter:
     def frames_written(self) -> int:
         return self._written
 
+    def path_of(self, index: int) -> str:
+        """Where frame ``index`` is written."""
+        return os.path.join(self.folder, self._name(index))
+
     @property
     def audio_streams(self) -> list[str]:  # what VideoWriter says it copied: images carry no sound
         return []
@@ -330,12 +353,15 @@ class ImageWriter:
     def _save(self, frame: np.ndarray, name: str) -> None:
         target = os.path.join(self.folder, name)
         suffix = os.path.splitext(name)[1].lower()
-        scratch = os.path.join(self.folder, f".{name}.partial{suffix}")
+        scratch = f".{name}.partial{suffix}"
+        # beside, then renamed; a name too long for that is written itself
+        scratch = target if len(scratch.encode()) > 255 else os.path.join(self.folder, scratch)
         try:
             self._image.fromarray(frame).save(scratch, format=_WRITE_FORMATS[suffix], **self._options)
-            os.replace(scratch, target)
+            if scratch != target:
+                os.replace(scratch, target)
         except OSError as e:
-            if os.path.exists(scratch):
+            if scratch != target and os.path.exists(scratch):
                 os.unlink(scratch)
             raise VideoError(f"{target}: could not be written ({e.strerror or e})") from e
 

@@ -250,6 +250,7 @@ class OasisVSR:
         ``(F, h, w, 3)``, ``dtype`` ``torch.uint8`` and ``video[a:b]`` -> ``uint8 [b - a, h, w, 3]``:
         :class:`oasis.video.VideoFrames` for a video file, :class:`oasis.images.ImageFrames` for a folder
         of images); with :meth:`stream`, a long video then never sits in memory whole."""
+        video = _as_frames(video)
         plan = self._plan_for(video, memory_budget, chunk_frames, tile)
         frames, height, width, _ = video.shape
         start = 0
@@ -267,6 +268,7 @@ class OasisVSR:
                tile: int | None = None, progress: bool = True):
         """Like ``__call__``, yielding finished output frames chunk by chunk (``uint8 [f, 4h, 4w, 3]``, on
         the CPU, contiguous)."""
+        video = _as_frames(video)
         plan = self._plan_for(video, memory_budget, chunk_frames, tile)
         for block in self._run(video, plan, progress):
             yield _host_frames(block.shape, block.dtype).copy_(block)
@@ -359,6 +361,14 @@ class OasisVSR:
         finally:
             if bar is not None:
                 bar.close()
+
+
+def _as_frames(video):
+    """A numpy array of frames as a tensor (shared memory); anything else as it is."""
+    import numpy as np
+
+    return torch.from_numpy(video) if isinstance(video, np.ndarray) and video.dtype in (np.uint8, np.uint16) \
+        else video
 
 
 #: the largest value of each frame dtype: uint8 frames 0..255, uint16 ones 0..65535

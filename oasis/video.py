@@ -527,28 +527,34 @@ class VideoFrames:
             raise ValueError(f"VideoFrames reads runs of frames: slice step must be 1, got {step}")
         if self._closed:
             raise VideoError(f"{self._path}: read after close()")
-        stop = max(start, stop)
+        if stop <= start:  # nothing asked: nothing decoded, nothing dropped
+            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
         if start < self._start:  # behind the kept frames: from the clip's start again
             self._stop_thread()
             self._kept, self._start = [], 0
         dropped = min(start - self._start, len(self._kept))  # frames no later slice asks for
         del self._kept[:dropped]
         self._start = start if not self._kept else self._start + dropped
-        if self._thread is None:  # none yet, or it stopped at an error: from the clip's first frame
-            self._queue = queue.Queue(self._prefetch)
-            self._halt = threading.Event()
-            self._thread = threading.Thread(target=self._decode, args=(self._queue, self._halt),
-                                            name="oasis-video-decode", daemon=True)
-            self._thread.start()
-            self._position = 0
-        while self._position < self._start + len(self._kept):  # frames skipped, or read before an error
-            self._take()
-        while self._start + len(self._kept) < stop:
-            self._kept.append(self._take())
-        taken = self._kept[start - self._start:stop - self._start]
-        if not taken:
-            return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
-        return torch.from_numpy(np.stack(taken))
+        try:
+            if self._thread is None:  # none yet, or it stopped at an error: from the clip's first frame
+                self._queue = queue.Queue(self._prefetch)
+                self._halt = threading.Event()
+                self._thread = threading.Thread(
+                    target=_decode_frames, name="oasis-video-decode", daemon=True,
+                    args=(self._path, len(self), (self.shape[2], self.shape[1]), self._rgb, self._queue, self._halt))
+                self._thread.start()
+                self._position = 0
+            while self._position < self._start + len(self._kept):  # frames skipped, or read before an error
+                self._take()
+            while self._start + len(self._kept) < stop:
+                self._kept.append(self._take())
+        except BaseException:
+            # an error or an interrupt (Ctrl-C) between taking a frame and keeping it: the next slice starts
+            # the decoding again rather than trust a count that may be one off
+            self._stop_thread()
+            self._kept, self._start = [], 0
+            raise
+        return torch.from_numpy(np.stack(self._kept[start - self._start:stop - self._start]))
 
     def _take(self) -> np.ndarray:
         """Frame ``_position`` from the decoding thread."""
@@ -565,38 +571,11 @@ class VideoFrames:
         self._position += 1
         return item
 
-    def _decode(self, out: queue.Queue, halt: threading.Event) -> None:
-        """The decoding thread: each frame as RGB into ``out``, then ``_END`` (or the exception)."""
-        def put(item) -> bool:
-            while not halt.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        try:
-            container = _open_input(self._path)
-            try:
-                stream = _video_stream(container, self._path)
-                stream.thread_type = "AUTO"
-                for k, frame in enumerate(_decoded(container, stream, self._path, len(self))):
-                    if (frame.width, frame.height) != (self.shape[2], self.shape[1]):
-                        raise VideoError(f"{self._path}: frame {k} is {frame.width}x{frame.height}, the first "
-                                         f"decoding's {self.shape[2]}x{self.shape[1]}")
-                    if not put(frame.to_ndarray(format=self._rgb)):
-                        return
-                put(_END)
-            finally:
-                container.close()
-        except BaseException as e:  # to the reader, which raises it
-            put(e)
-
     def _stop_thread(self) -> None:
         if self._thread is not None:
             self._halt.set()
-            self._thread.join()
+            if self._thread is not threading.current_thread():
+                self._thread.join()
             self._thread = None
 
     def close(self) -> None:
@@ -611,9 +590,40 @@ class VideoFrames:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self):  # dropped unclosed: the thread (which holds no reference to it) stops within 0.1 s
         if getattr(self, "_thread", None) is not None:
-            self._stop_thread()
+            self._halt.set()
+
+
+def _decode_frames(path: str, count: int, size: tuple, rgb: str, out: queue.Queue, halt: threading.Event) -> None:
+    """:class:`VideoFrames`' decoding thread: the first ``count`` frames of ``path`` as ``rgb`` arrays into
+    ``out``, then ``_END`` (or the exception), until ``halt`` is set. It holds no reference to its reader,
+    so a reader dropped unclosed is collected, and stops it."""
+    def put(item) -> bool:
+        while not halt.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        container = _open_input(path)
+        try:
+            stream = _video_stream(container, path)
+            stream.thread_type = "AUTO"
+            for k, frame in enumerate(_decoded(container, stream, path, count)):
+                if (frame.width, frame.height) != size:
+                    raise VideoError(f"{path}: frame {k} is {frame.width}x{frame.height}, the first decoding's "
+                                     f"{size[0]}x{size[1]}")
+                if not put(frame.to_ndarray(format=rgb)):
+                    return
+            put(_END)
+        finally:
+            container.close()
+    except BaseException as e:  # to the reader, which raises it
+        put(e)
 
 
 # ----------------------------------------------------------------------------- writing

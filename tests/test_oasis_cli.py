@@ -125,7 +125,7 @@ def test_hdr_tags_and_bits_kept(tmp_path, capsys, checkpoint):
     code, err = run(capsys, src, "-o", out, *common, "--bits", 8)
     assert code == 0 and "10 bits per colour are written as 8" in err, err
     assert (probe_video(out).codec, probe_video(out).bits) == ("h264", 8)
-    code, err = run(capsys, src, "-o", tmp_path / "frames", *common)  # images: 8 bits, said
+    code, err = run(capsys, src, "-o", f"{tmp_path}/frames/", *common)  # images: 8 bits, said
     assert code == 0 and "10 bits per colour are written as 8 (images hold 8)" in err, err
     plain = tmp_path / "plain.mp4"
     write_video(plain, synthetic_clip(5, 20, 28), 24)
@@ -375,7 +375,7 @@ def test_frames_as_images_in_and_out(tmp_path, capsys, checkpoint):
     for k, frame in enumerate(clip):
         Image.fromarray(frame.numpy()).save(folder / f"im{k + 1}.png")
     common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
-    code, err = run(capsys, folder, "-o", tmp_path / "hq", *common, "--chunk-frames", 5)
+    code, err = run(capsys, folder, "-o", f"{tmp_path}/hq/", *common, "--chunk-frames", 5)
     assert code == 0, err
     assert "7 images 112x80" in err
     assert sorted(os.listdir(tmp_path / "hq")) == sorted(f"im{k + 1}.png" for k in range(7))
@@ -395,20 +395,49 @@ def test_frames_as_images_in_and_out(tmp_path, capsys, checkpoint):
     assert sorted(os.listdir(tmp_path / "jpg")) == [f"{k:03d}.jpg" for k in range(1, 6)]
 
 
+def test_image_outputs_keep_numbers_and_never_write_over_their_input(tmp_path, capsys, checkpoint):
+    """A pattern from 0 (REDS' numbering) written to a pattern keeps its numbers, and to a folder its names;
+    an output that would write over an input frame is refused before anything runs; images an earlier run
+    left in the output folder are said."""
+    from PIL import Image
+
+    folder = tmp_path / "lr"
+    folder.mkdir()
+    for k, frame in enumerate(synthetic_clip(3, 20, 28)):
+        Image.fromarray(frame.numpy()).save(folder / f"{k:08d}.png")
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--fps", "30000/1001"]
+    (tmp_path / "sr").mkdir()
+    Image.new("RGB", (112, 80)).save(tmp_path / "sr" / "99999999.png")
+    code, err = run(capsys, folder / "%08d.png", "-o", tmp_path / "sr" / "%08d.png", *common)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "sr")) == ["00000000.png", "00000001.png", "00000002.png", "99999999.png"]
+    assert "1 other images in" in err and "writing 3 images 112x80" in err
+    code, err = run(capsys, folder / "%08d.png", "-o", f"{tmp_path}/sr2/", *common)
+    assert code == 0 and sorted(os.listdir(tmp_path / "sr2")) == sorted(os.listdir(folder)), err
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    for output in (folder, folder / "%08d.png"):
+        code, err = run(capsys, folder, "-o", output, *common)
+        assert code == 2 and "would be written over an input frame" in err, err
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before
+
+
 @pytest.mark.parametrize("case,expect", [
     ("fps_video", "--fps sets the rate of an input folder"),
     ("empty", "no images"),
-    ("gif", "not '.gif'"),
+    ("gif", "images, not .gif"),
     ("no_parent", "does not exist"),
     ("sizes", "where the sequence's first image"),
     ("bits", "images are written with 8 bits"),
+    ("empty_output", "no output"),
+    ("no_suffix", "has no file type"),
+    ("one_image", "is one image"),
 ])
 def test_image_sequence_errors(tmp_path, capsys, checkpoint, clip, case, expect):
     from PIL import Image
 
     folder = tmp_path / "lq"
     folder.mkdir()
-    args = [folder, "-o", tmp_path / "hq", "--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
+    args = [folder, "-o", f"{tmp_path}/hq/", "--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
     if case == "fps_video":
         args[0], args[2] = clip, tmp_path / "hq.mp4"
         args += ["--fps", 30]
@@ -421,6 +450,9 @@ def test_image_sequence_errors(tmp_path, capsys, checkpoint, clip, case, expect)
     elif case == "bits":
         args[0] = clip
         args += ["--bits", 10]
+    elif case in ("empty_output", "no_suffix", "one_image"):
+        args[0] = clip
+        args[2] = {"empty_output": "", "no_suffix": tmp_path / "hq", "one_image": tmp_path / "hq.png"}[case]
     elif case == "sizes":
         Image.new("RGB", (28, 20)).save(folder / "a.png")
         Image.new("RGB", (28, 24)).save(folder / "b.png")

@@ -170,11 +170,49 @@ def test_writer_errors(tmp_path, clip):
 
 
 def test_which_paths_are_sequences(tmp_path):
+    """A folder, or a ``%d`` name with an image suffix that is no existing file: ``50%done.mp4`` is a video's
+    name, and a folder named ``take_%d`` is a folder."""
     assert is_image_sequence(tmp_path) and is_image_sequence(tmp_path / "%05d.png")
     assert not is_image_sequence(tmp_path / "a.mp4") and not is_image_sequence(tmp_path / "new")
     assert is_image_sequence(f"{tmp_path}/new/", output=True) and not is_image_sequence(f"{tmp_path}/new/")
-    assert is_image_sequence(tmp_path / "new", output=True) and not is_image_sequence(tmp_path / "a.mp4", output=True)
-    assert is_numbered("a/%d.png") and not is_numbered("a%/b.png")
+    assert not is_image_sequence(tmp_path / "new", output=True)  # a typo for out.mp4 is no folder of PNGs
+    assert is_numbered("a/%d.png") and not is_numbered("a%/b.png") and not is_numbered("50%done.mp4")
+    (tmp_path / "take_%d").mkdir()
+    assert is_image_sequence(tmp_path / "take_%d") and not is_numbered(tmp_path / "take_%d")
+    (tmp_path / "x%03d.png").write_bytes(b"")
+    assert not is_numbered(tmp_path / "x%03d.png")  # an existing file's own name
+
+
+def test_hidden_files_and_links(tmp_path, clip):
+    """Hidden files are no frames (macOS' ``._x.png``, a writer's scratch file); a broken link is one that
+    cannot be read (said at opening), not a frame left out in silence."""
+    folder = save_all(tmp_path / "seq", clip[:3], ["1.png", "2.png", "3.png"])
+    (folder / "._1.png").write_bytes(b"AppleDouble")
+    (folder / ".4.png.partial.png").write_bytes((folder / "1.png").read_bytes())
+    frames = ImageFrames(folder)
+    assert [f.name for f in frames.files] == ["1.png", "2.png", "3.png"]
+    (folder / "4.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(VideoError, match="4.png: not a readable image"):
+        ImageFrames(folder)
+    pattern = save_all(tmp_path / "pat", clip[:4], ["0.png", "1.png", "2.png", "4.png"])
+    assert len(ImageFrames(pattern / "%d.png", max_frames=3)) == 3  # the gap after the frames asked for
+    assert ImageFrames(pattern / "%d.png", max_frames=3).first_number == 0
+    assert ImageFrames(pattern / "%d.png", max_frames=3)[np.int64(1)].shape == (H, W, 3)
+
+
+def test_long_names_are_written_in_place(tmp_path, clip):
+    name = "a" * 245 + ".png"  # a valid name whose scratch name would not be
+    with ImageWriter(tmp_path / "o", W, H, names=[name]) as out:
+        out.write(clip[:1])
+    assert os.listdir(tmp_path / "o") == [name]
+
+
+def test_thirty_two_bit_integers_are_refused(tmp_path):
+    (tmp_path / "i").mkdir()
+    Image.fromarray(np.full((H, W), 70000, np.int32)).save(tmp_path / "i" / "a.tif")
+    frames = ImageFrames(tmp_path / "i")
+    with pytest.raises(VideoError, match="32-bit integer"):
+        frames[0]
 
 
 def test_sixteen_bit_reading(tmp_path, clip):

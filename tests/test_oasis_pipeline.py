@@ -256,6 +256,8 @@ def test_bad_video_inputs(pipe):
         pipe(torch.zeros(5, 8, 8, dtype=torch.uint8), progress=False)
     with pytest.raises(TypeError, match="uint8 tensor"):
         pipe([[0]], progress=False)
+    video = random_video(5, 8, 8)  # numpy frames are taken as they are
+    assert torch.equal(pipe(video.numpy(), progress=False), pipe(video, progress=False))
     source = RecordingSource(torch.zeros(5, 8, 8, 3))
     with pytest.raises(ValueError, match="uint8 \\[F, h, w, 3\\]"):
         pipe(source, progress=False)

@@ -896,6 +896,17 @@ def test_streamed_frames_hold_a_window(long_clip):
     assert not thread.is_alive() and frames._kept == []
     with pytest.raises(VideoError, match="after close"):
         frames[0:1]
+    # an empty slice decodes nothing; a reader dropped unclosed stops its thread (which holds no reference to it)
+    frames = VideoFrames(path, prefetch=2)
+    assert frames[40:40].shape == (0, 32, 48, 3) and frames[9:3].shape[0] == 0 and frames._thread is None
+    frames[0:1]
+    thread = frames._thread
+    del frames
+    import gc
+
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_streamed_frames_say_when_the_second_decoding_differs(long_clip, monkeypatch):
