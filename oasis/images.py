@@ -17,7 +17,6 @@ Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow.
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .video import VideoError, VideoInfo, _as_fps, _frames_array, _positive_int
+from .video import VideoError, VideoInfo, _as_fps, _frame_run, _frames_array, _positive_int
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFrames", "ImageWriter", "is_image_sequence", "is_numbered"]
 
@@ -217,18 +216,10 @@ class ImageFrames:
             raise VideoError(f"{f}: not a readable image ({' '.join(str(e).split())})") from e
 
     def __getitem__(self, key) -> torch.Tensor:
-        n = len(self)
-        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
-            index = int(key) + n if key < 0 else int(key)
-            if not 0 <= index < n:
-                raise IndexError(f"frame {key} of a sequence of {n} frames")
-            return self[index:index + 1][0]
-        if not isinstance(key, slice):
-            raise TypeError(f"ImageFrames takes an int or a slice of frames, got {type(key).__name__}")
-        start, stop, step = key.indices(n)
-        if step != 1:
-            raise ValueError(f"ImageFrames reads runs of frames: slice step must be 1, got {step}")
-        indices = range(start, max(start, stop))
+        start, stop = _frame_run(key, len(self), self)
+        if stop is None:  # one frame
+            return self[start:start + 1][0]
+        indices = range(start, stop)
         if not indices:
             return torch.empty((0, *self.shape[1:]), dtype=self.dtype)
         self._kept = {k: v for k, v in self._kept.items() if k >= start}

@@ -444,6 +444,23 @@ def read_video(path, *, max_frames: int | None = None, bits: int = 8) -> tuple[t
 _END = object()  # the decoding thread's last item
 
 
+def _frame_run(key, n: int, source) -> tuple[int, int | None]:
+    """A frame source's ``key`` (an int, or a slice of step 1) of its ``n`` frames: ``(start, stop)``, or
+    ``(index, None)`` for an int; IndexError, TypeError or ValueError naming the source's kind."""
+    kind = type(source).__name__
+    if isinstance(key, numbers.Integral) and not isinstance(key, bool):
+        index = int(key) + n if key < 0 else int(key)
+        if not 0 <= index < n:
+            raise IndexError(f"frame {key} of {n} ({kind})")
+        return index, None
+    if not isinstance(key, slice):
+        raise TypeError(f"{kind} takes an int or a slice of frames, got {type(key).__name__}")
+    start, stop, step = key.indices(n)
+    if step != 1:
+        raise ValueError(f"{kind} reads runs of frames: slice step must be 1, got {step}")
+    return start, max(start, stop)
+
+
 class VideoFrames:
     """A video file's frames, decoded as they are asked for: ``frames[a:b]`` is uint8 ``[b - a, H, W, 3]``
     on the CPU, the same numbers as :func:`read_video`'s, and only a window of the clip is ever in
@@ -514,17 +531,9 @@ class VideoFrames:
         return f"VideoFrames({self._path!r}, {n} frames {w}x{h}{', closed' if self._closed else ''})"
 
     def __getitem__(self, key) -> torch.Tensor:
-        n = len(self)
-        if isinstance(key, numbers.Integral) and not isinstance(key, bool):
-            index = int(key) + n if key < 0 else int(key)
-            if not 0 <= index < n:
-                raise IndexError(f"frame {key} of a clip of {n} frames")
-            return self[index:index + 1][0]
-        if not isinstance(key, slice):
-            raise TypeError(f"VideoFrames takes an int or a slice of frames, got {type(key).__name__}")
-        start, stop, step = key.indices(n)
-        if step != 1:
-            raise ValueError(f"VideoFrames reads runs of frames: slice step must be 1, got {step}")
+        start, stop = _frame_run(key, len(self), self)
+        if stop is None:  # one frame
+            return self[start:start + 1][0]
         if self._closed:
             raise VideoError(f"{self._path}: read after close()")
         if stop <= start:  # nothing asked: nothing decoded, nothing dropped
