@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "images: 8)")
     p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into images: the frames already in the output (each image is "
+                        "written whole) are kept, and the run starts at the first missing one's chunk")
     p.add_argument("--no-audio", action="store_true",
                    help="leave the input's sound out (default: copied, cut where the restored frames end; "
                         "re-encoded to AAC, or Opus for WebM, where the output's container cannot hold its codec)")
@@ -247,6 +250,8 @@ def _check_args(args) -> None:
         raise _Exit(f"--crf {args.crf:g}: H.264 and HEVC take 0..51")
     if images_out and args.bits == 10:
         raise _Exit("--bits 10: images are written with 8 bits per colour; write a video for 10")
+    if args.resume and not images_out:
+        raise _Exit("--resume continues an output of images (a folder or a pattern); a video is written whole")
     if args.fps is not None and not _images_in(args):
         raise _Exit("--fps sets the rate of an input folder of images; a video keeps its own")
 
@@ -460,17 +465,23 @@ def _restore(args, device, rank: int, world: int) -> int:
             say(f"loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {frames} frames {width}x{height} at "
                 f"{float(info.fps):.3f} fps" + (f"; {world} processes" if world > 1 else ""))
         s = pipe.scale
+        start = _resume_point(args, frames, width * s, height * s) if args.resume else 0
+        if start == frames:
+            say(f"all {frames} frames are in {args.output} already: nothing to restore")
+            return 0
+        if start:
+            say(f"resuming at frame {start} ({start} of {frames} written before)")
         t0 = time.perf_counter()
         # every rank runs the whole pipeline (the DiT's tokens split across them, the projector and the
         # decoder repeated on each GPU at no cost in time); rank 0 writes
         blocks = pipe.stream(video, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile,
-                             progress=not args.no_progress and rank == 0)
+                             progress=not args.no_progress and rank == 0, start=start)
         if rank != 0:
             for _ in blocks:
                 pass
             return 0
         if images_out:
-            written = _write_images(args, blocks, width * s, height * s, frames, say)
+            written = _write_images(args, blocks, width * s, height * s, frames, say, start)
         else:
             written = _write_video(args, blocks, width * s, height * s, info,
                                    _encoding(args, 8 if images_in or info is None else info.bits))
@@ -478,7 +489,8 @@ def _restore(args, device, rank: int, world: int) -> int:
     tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
     if written.audio_streams:
         say(f"sound: {', '.join(written.audio_streams)}")
-    say(f"wrote {args.output}: {frames} {'images' if images_out else 'frames'} {width * s}x{height * s} in {took:.1f} s "
+    say(f"wrote {args.output}: {frames - start} {'images' if images_out else 'frames'} {width * s}x{height * s} in "
+        f"{took:.1f} s "
         f"(chunks of {plan.chunk_frames} frames{tiles}{f', {world} processes' if world > 1 else ''})"
         f"{' [untrained demo]' if args.demo else ''}")
     _report_conv_timing()
@@ -524,10 +536,18 @@ def _write_behind(blocks, write) -> None:
         raise failed[0]
 
 
-def _write_images(args, blocks, width: int, height: int, frames: int, say):
+def _resume_point(args, frames: int, width: int, height: int) -> int:
+    """The first frame whose image is not in the output yet (``frames`` when all are)."""
+    writer = _image_writer(args, width, height)
+    writer._abort()
+    return next((k for k in range(frames) if not os.path.isfile(writer.path_of(k))), frames)
+
+
+def _write_images(args, blocks, width: int, height: int, frames: int, say, start: int = 0):
     from .images import IMAGE_SUFFIXES
 
     with _image_writer(args, width, height) as out:
+        out.skip(start)
         if os.path.isdir(out.folder):  # what an earlier run left there that this one does not replace
             ours = {os.path.basename(out.path_of(k)) for k in range(frames)}
             theirs = {f.name for f in Path(out.folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES}
@@ -535,7 +555,7 @@ def _write_images(args, blocks, width: int, height: int, frames: int, say):
             if theirs - ours:
                 say(f"warning: {len(theirs - ours)} other images in {out.folder} are left as they are (an earlier "
                     f"run's?): the folder will not hold this video's frames alone")
-        say(f"writing {frames} images {width}x{height} into {out.folder}")
+        say(f"writing {frames - start} images {width}x{height} into {out.folder}")
         _write_behind(blocks, out.write)
     return out
 

@@ -315,6 +315,10 @@ class ImageWriter:
     def frames_written(self) -> int:
         return self._written
 
+    def skip(self, count: int) -> None:
+        """Leave the next ``count`` frames' files as they are (a resumed run's frames written before)."""
+        self._written += count
+
     def path_of(self, index: int) -> str:
         """Where frame ``index`` is written."""
         return os.path.join(self.folder, self._name(index))

@@ -265,12 +265,17 @@ class OasisVSR:
 
     @torch.no_grad()
     def stream(self, video: torch.Tensor, *, memory_budget: float | None = None, chunk_frames: int | None = None,
-               tile: int | None = None, progress: bool = True):
+               tile: int | None = None, progress: bool = True, start: int = 0):
         """Like ``__call__``, yielding finished output frames chunk by chunk (``uint8 [f, 4h, 4w, 3]``, on
-        the CPU, contiguous)."""
+        the CPU, contiguous).
+
+        ``start``: yield frames ``start, start + 1, ...`` only, the same numbers as the whole run's (to
+        resume an interrupted one): the chunks before the first one that reaches ``start`` are not run."""
         video = _as_frames(video)
         plan = self._plan_for(video, memory_budget, chunk_frames, tile)
-        for block in self._run(video, plan, progress):
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < video.shape[0]:
+            raise ValueError(f"start must be a frame of the video's {video.shape[0]}, got {start!r}")
+        for block in self._run(video, plan, progress, start):
             yield _host_frames(block.shape, block.dtype).copy_(block)
 
     def _plan_for(self, video, memory_budget, chunk_frames, tile) -> TilePlan:
@@ -289,9 +294,9 @@ class OasisVSR:
         return self.plan(frames, height, width, memory_budget=memory_budget, chunk_frames=chunk_frames, tile=tile)
 
     @torch.no_grad()
-    def _run(self, video: torch.Tensor, plan: TilePlan, progress: bool):
-        """The finished output frames chunk by chunk, ``[f, 4h, 4w, 3]`` in the video's dtype, contiguous on
-        the device."""
+    def _run(self, video: torch.Tensor, plan: TilePlan, progress: bool, start: int = 0):
+        """The finished output frames from ``start`` on, chunk by chunk, ``[f, 4h, 4w, 3]`` in the video's
+        dtype, contiguous on the device."""
         frames, height, width, _ = tuple(video.shape)
         a, s, ft = self.align, self.scale, self.projector.config.frames_per_latent
         ph, pw = a * math.ceil(height / a), a * math.ceil(width / a)
@@ -324,11 +329,17 @@ class OasisVSR:
         th, tw = plan.tile if plan.tiled else (ph, pw)
         h_spans, w_spans = spans(ph, th, plan.tile_overlap), spans(pw, tw, plan.tile_overlap)
         h_weights, w_weights = span_weights(h_spans), span_weights(w_spans)
-        bar = _progress(len(t_spans) * len(h_spans) * len(w_spans), progress, "oasis-vsr")
+        # from frame `start`: every chunk that adds to a frame from there on runs, the first of them being the
+        # first to reach past `start` (earlier ones add to earlier frames only); what it finishes before
+        # `start` lacks the chunks before it and is not yielded
+        first = next(i for i, (_, t1) in enumerate(t_spans) if t1 > start)
+        bar = _progress((len(t_spans) - first) * len(h_spans) * len(w_spans), progress, "oasis-vsr")
         carry = None  # (start, weighted sum, weight sum) of frames a later chunk still adds to
-        emitted = 0
+        emitted = t_spans[first][0]
         try:
             for i, ((t0, t1), tw_) in enumerate(zip(t_spans, t_weights)):
+                if i < first:
+                    continue
                 acc = torch.zeros(3, t1 - t0, ph * s, pw * s, device=self.device)
                 part = frames_of(t0, t1)
                 for (h0, h1), hw_ in zip(h_spans, h_weights):
@@ -351,9 +362,10 @@ class OasisVSR:
                 carry = (next_start, acc[:, done:], wsum[done:]) if done < t1 - t0 else None
                 final = acc[:, :done] / wsum[None, :done, None, None]
                 keep = min(done, frames - emitted)
-                if keep > 0:
-                    yield _to_frames(final[:, :keep, :height * s, :width * s], video.dtype)
-                    emitted += keep
+                skip = min(max(start - emitted, 0), max(keep, 0))
+                if keep > skip:
+                    yield _to_frames(final[:, skip:keep, :height * s, :width * s], video.dtype)
+                emitted += max(keep, 0)
         except torch.OutOfMemoryError:
             raise MemoryError(f"out of device memory restoring a chunk of {plan.chunk_frames} frames"
                               f"{'' if not plan.tiled else f' in tiles of {plan.tile}'}; lower the memory budget, "

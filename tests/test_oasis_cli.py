@@ -497,3 +497,23 @@ def test_blocks_are_written_behind_in_order_and_failures_stop_both_sides():
         _write_behind(blocks(10, fail_at=4), written.append)
     assert written == list(range(len(written))) and len(written) <= 4
     assert not [t for t in threading.enumerate() if t.name == "oasis-vsr-write"]
+
+
+def test_resume_continues_an_interrupted_run_into_images(tmp_path, capsys, checkpoint, clip):
+    """--resume keeps the frames already written and restores from the first missing one's chunk: the same
+    files, byte for byte, as an uninterrupted run; nothing to do when all are there; videos refuse it."""
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--chunk-frames", 5]
+    code, err = run(capsys, clip, "-o", f"{tmp_path}/whole/", *common)
+    assert code == 0, err
+    whole = {f: (tmp_path / "whole" / f).read_bytes() for f in os.listdir(tmp_path / "whole")}
+    assert len(whole) == 7
+    (tmp_path / "cut").mkdir()
+    for name in sorted(whole)[:4]:  # a run stopped after 4 frames
+        (tmp_path / "cut" / name).write_bytes(whole[name])
+    code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume")
+    assert code == 0 and "resuming at frame 4" in err and "wrote" in err and ": 3 images" in err, err
+    assert {f: (tmp_path / "cut" / f).read_bytes() for f in os.listdir(tmp_path / "cut")} == whole
+    code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume")
+    assert code == 0 and "nothing to restore" in err, err
+    code, err = run(capsys, clip, "-o", tmp_path / "a.mp4", *common, "--resume")
+    assert code == 2 and "--resume continues an output of images" in err

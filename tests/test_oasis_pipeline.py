@@ -324,3 +324,24 @@ def test_sixteen_bit_frames_on_the_gpu():
     assert torch.equal(_to_frames(x.cuda(), torch.uint16).cpu(), _to_frames(x, torch.uint16))
     frames = torch.randint(0, 65536, (2, 8, 8, 3), dtype=torch.int32).to(torch.uint16)
     assert torch.equal(frames.cuda().float().cpu(), frames.float())
+
+
+@pytest.mark.parametrize("frames,chunk,tile", [(23, 5, None), (14, 9, None), (16, 9, 4)])
+def test_streaming_from_a_frame_resumes_a_run(pipe, monkeypatch, frames, chunk, tile):
+    """``stream(start=k)`` yields frames k.. with the whole run's numbers, for every k (chunks that overlap
+    two and three at a time, tiles), and runs only the chunks that add to them."""
+    video = random_video(frames, 8, 8, seed=6)
+    whole = pipe(video, chunk_frames=chunk, tile=tile, progress=False)
+    calls = []
+    real = pipe.restore_clip
+    monkeypatch.setattr(pipe, "restore_clip", lambda clip: calls.append(1) or real(clip))
+    all_calls = None
+    for k in sorted({0, 1, 3, 4, 5, 8, frames // 2, frames - 2, frames - 1}):  # chunk borders and overlaps
+        calls.clear()
+        part = torch.cat(list(pipe.stream(video, chunk_frames=chunk, tile=tile, progress=False, start=k)))
+        assert torch.equal(part, whole[k:]), k
+        all_calls = all_calls or len(calls)
+        assert len(calls) <= all_calls
+    assert len(calls) < all_calls  # the last frame needs the last chunk(s) only
+    with pytest.raises(ValueError, match="start"):
+        next(pipe.stream(video, start=frames))
