@@ -24,6 +24,7 @@ EPILOG = """\
 examples:
   oasis-vsr clip.mp4 -o clip_x4.mp4 --checkpoint ckpt/
   oasis-vsr Vid4/calendar/ -o out/calendar/ --checkpoint ckpt/   # a folder of frames -> the same names, PNG
+  oasis-vsr Vid4/ -o out/ --checkpoint ckpt/   # a folder of clips: one model, out/calendar/, out/city/, ...
   oasis-vsr frames/%05d.png -o clip_x4.mp4 --fps 30 --checkpoint ckpt/
   oasis-vsr long.mp4 -o long_x4.mp4 --checkpoint ckpt/ --chunk-frames 33 --memory-budget 40
   oasis-vsr --demo -o demo.mp4        # tiny random-weight model on a synthetic clip (CPU, untrained)
@@ -77,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="oasis-vsr", description="One-step x4 video super-resolution (OASIS on Wan2.1, routed attention).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", nargs="?",
+    p.add_argument("input", nargs="*",
                    help="the low-quality video (any format PyAV/FFmpeg reads), or its frames: a folder of images "
-                        "(natural order) or a numbered pattern such as frames/%%05d.png")
+                        "(natural order) or a numbered pattern such as frames/%%05d.png. Several, or a folder of "
+                        "clips (videos, and folders of frames: a test set), are restored in turn by one model "
+                        "into the output folder, each under its own name")
     p.add_argument("-o", "--output", required=True,
                    help="where to write the x4 video (its folder must exist), or its frames: a folder (an "
                         "existing one, or a name ending in /, made; PNG, named as the input's images or "
@@ -111,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run into images: the frames already in the output (each image is "
-                        "written whole) are kept, and the run starts at the first missing one's chunk")
+                   help="continue an interrupted run: frames already written as images (each written whole) are "
+                        "kept and the run starts at the first missing one's chunk; an output video that exists is "
+                        "kept (a video appears only once complete)")
     p.add_argument("--no-audio", action="store_true",
                    help="leave the input's sound out (default: copied, cut where the restored frames end; "
                         "re-encoded to AAC, or Opus for WebM, where the output's container cannot hold its codec)")
@@ -163,6 +167,54 @@ def _images_in(args) -> bool:
     from .images import is_image_sequence
 
     return bool(args.input) and is_image_sequence(args.input)
+
+
+def _clip_folder_members(path) -> list[Path] | None:
+    """The clips of a folder of clips (its video files and its folders of frames, in natural order), or None
+    where ``path`` is no such folder (a file, a folder of frames itself, or one holding neither)."""
+    from .images import _frame_files, _natural_key
+    from .video import VIDEO_EXTENSIONS
+
+    folder = Path(path)
+    if not folder.is_dir() or _frame_files(folder):
+        return None
+    members = [f for f in folder.iterdir() if not f.name.startswith(".") and (
+        (f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS) or (f.is_dir() and _frame_files(f)))]
+    return sorted(members, key=lambda f: _natural_key(f.name)) or None
+
+
+def _clips(args) -> list:
+    """One set of arguments per clip to restore: ``args`` itself for one input; for several, or a folder of
+    clips, each input with its output in the output folder: a video under its file name, frames (a folder,
+    or a numbered pattern's folder) in a folder of the clip's name."""
+    import copy
+
+    from .images import is_image_sequence, is_numbered
+
+    inputs = list(args.input or [])
+    members = _clip_folder_members(inputs[0]) if len(inputs) == 1 else None
+    if len(inputs) <= 1 and members is None:
+        one = copy.copy(args)
+        one.input = inputs[0] if inputs else None
+        return [one]
+    if args.demo:
+        raise _Exit("--demo takes no input video or checkpoint (it makes both up)")
+    inputs = members if members is not None else [Path(i) for i in inputs]
+    if not is_image_sequence(args.output, output=True) or is_numbered(args.output):
+        raise _Exit(f"{len(inputs)} clips are written into a folder: give -o an existing folder or one ending in / "
+                    f"(not {args.output!r})")
+    clips, names = [], {}
+    for source in inputs:
+        clip = copy.copy(args)
+        clip.input = str(source)
+        frames = is_image_sequence(source)
+        name = (source.parent.name if is_numbered(source) else source.name) if frames else source.name
+        if name in names:
+            raise _Exit(f"{source} and {names[name]} would both be written to {name!r} in {args.output}")
+        names[name] = source
+        clip.output = os.path.join(args.output, name, "") if frames else os.path.join(args.output, name)
+        clips.append(clip)
+    return clips
 
 
 def _image_input(args):
@@ -250,8 +302,6 @@ def _check_args(args) -> None:
         raise _Exit(f"--crf {args.crf:g}: H.264 and HEVC take 0..51")
     if images_out and args.bits == 10:
         raise _Exit("--bits 10: images are written with 8 bits per colour; write a video for 10")
-    if args.resume and not images_out:
-        raise _Exit("--resume continues an output of images (a folder or a pattern); a video is written whole")
     if args.fps is not None and not _images_in(args):
         raise _Exit("--fps sets the rate of an input folder of images; a video keeps its own")
 
@@ -359,17 +409,33 @@ def _spawn(args, world: int) -> int:
 def run(args) -> int:
     import torch
 
-    _check_args(args)
+    clips = _clips(args)
+    made = None
+    if len(clips) > 1 and not os.path.isdir(args.output):  # the clips' folder, made (its parent must exist)
+        parent = os.path.dirname(os.path.abspath(args.output.rstrip("/" + os.sep)))
+        if not os.path.isdir(parent):
+            raise _Exit(f"output folder {parent!r} does not exist")
+        os.mkdir(args.output)
+        made = args.output
+    try:
+        for clip in clips:  # every clip's input and output, before any model work
+            _check_args(clip)
+    except BaseException:
+        if made is not None and not os.listdir(made):
+            os.rmdir(made)
+        raise
     device = _device(args.device)
     rank, world, local_rank, local_world = _world()
     if world == 1 and args.gpus > 1:  # this process starts the others, and is none of them
-        _check_world(args, device, args.gpus, args.gpus)
+        for clip in clips:
+            _check_world(clip, device, args.gpus, args.gpus)
         return _spawn(args, args.gpus)
     if world > 1:
         if args.gpus not in (1, world):
             raise _Exit(f"--gpus {args.gpus} under torchrun's {world} processes: leave --gpus out (torchrun sets the "
                         "world)")
-        _check_world(args, device, world, local_world)
+        for clip in clips:
+            _check_world(clip, device, world, local_world)
         import torch.distributed as dist
 
         if device.type == "cuda":
@@ -378,14 +444,20 @@ def run(args) -> int:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        return _restore(args, device, rank, world)
+        pipe = None
+        for k, clip in enumerate(clips):
+            if len(clips) > 1 and rank == 0:
+                print(f"oasis-vsr: clip {k + 1} of {len(clips)}: {clip.input} -> {clip.output}", file=sys.stderr)
+            pipe = _restore(clip, device, rank, world, pipe)
+        return 0
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
 
 
-def _restore(args, device, rank: int, world: int) -> int:
-    """Read, load, plan, restore and write (rank 0 writes; every rank computes its frames of each DiT call)."""
+def _restore(args, device, rank: int, world: int, pipe=None):
+    """Read, load (unless ``pipe`` is the model of an earlier clip), plan, restore and write (rank 0 writes;
+    every rank computes its frames of each DiT call). Returns the model, for the next clip."""
     import contextlib
 
     import torch
@@ -396,6 +468,9 @@ def _restore(args, device, rank: int, world: int) -> int:
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     images_in, images_out = _images_in(args), _images_out(args)
     say = (lambda text: print(f"oasis-vsr: {text}", file=sys.stderr)) if rank == 0 else (lambda text: None)
+    if args.resume and not images_out and os.path.isfile(args.output):
+        say(f"{args.output} exists (a video appears only once complete): kept (--resume)")
+        return pipe
     with contextlib.ExitStack() as stack:
         if args.demo:
             from .demo import tiny_pipeline
@@ -442,10 +517,12 @@ def _restore(args, device, rank: int, world: int) -> int:
             if args.routing:
                 routing = None if args.routing.lower() == "none" else args.routing
             t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                pipe = OasisVSR.from_pretrained(args.checkpoint, routing=routing, dtype=dtype, device=device,
-                                                compile=False if args.no_compile else None, vae=args.vae)
+            loaded = pipe is None
+            if loaded:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    pipe = OasisVSR.from_pretrained(args.checkpoint, routing=routing, dtype=dtype, device=device,
+                                                    compile=False if args.no_compile else None, vae=args.vae)
         frames, height, width, _ = tuple(video.shape)
         budget = args.memory_budget
         if world > 1 and device.type == "cuda" and budget is None:
@@ -462,13 +539,14 @@ def _restore(args, device, rank: int, world: int) -> int:
             _check_latent_frames(1 + (chunk - 1) // 4, world, f"chunks of {chunk} frames")
             pipe.dit.set_sequence_parallel()
         if not args.demo:
-            say(f"loaded the checkpoint in {time.perf_counter() - t0:.1f} s; {frames} frames {width}x{height} at "
-                f"{float(info.fps):.3f} fps" + (f"; {world} processes" if world > 1 else ""))
+            say((f"loaded the checkpoint in {time.perf_counter() - t0:.1f} s; " if loaded else "") +
+                f"{frames} frames {width}x{height} at {float(info.fps):.3f} fps" +
+                (f"; {world} processes" if world > 1 else ""))
         s = pipe.scale
         start = _resume_point(args, frames, width * s, height * s) if args.resume else 0
         if start == frames:
             say(f"all {frames} frames are in {args.output} already: nothing to restore")
-            return 0
+            return pipe
         if start:
             say(f"resuming at frame {start} ({start} of {frames} written before)")
         t0 = time.perf_counter()
@@ -479,7 +557,7 @@ def _restore(args, device, rank: int, world: int) -> int:
         if rank != 0:
             for _ in blocks:
                 pass
-            return 0
+            return pipe
         if images_out:
             written = _write_images(args, blocks, width * s, height * s, frames, say, start)
         else:
@@ -494,7 +572,7 @@ def _restore(args, device, rank: int, world: int) -> int:
         f"(chunks of {plan.chunk_frames} frames{tiles}{f', {world} processes' if world > 1 else ''})"
         f"{' [untrained demo]' if args.demo else ''}")
     _report_conv_timing()
-    return 0
+    return pipe
 
 
 def _write_behind(blocks, write) -> None:

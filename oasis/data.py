@@ -21,12 +21,11 @@ import torch
 
 from .degrade import Degradation
 from .jpeg import over_255
-from .video import VideoError, probe_video, synthetic_clip
+from .video import VIDEO_EXTENSIONS, VideoError, probe_video, synthetic_clip
 
 __all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "HQClips", "DeviceDegrader", "PendingBatch",
            "VIDEO_EXTENSIONS"]
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v")
 
 
 @dataclass(frozen=True)

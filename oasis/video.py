@@ -77,6 +77,7 @@ __all__ = [
     "VideoFrames",
     "VideoInfo",
     "VideoWriter",
+    "VIDEO_EXTENSIONS",
     "check_writable",
     "probe_video",
     "streams_left_out",
@@ -84,6 +85,10 @@ __all__ = [
     "synthetic_clip",
     "write_video",
 ]
+
+#: the file types taken as videos where a folder is searched for them (training clips, a folder of clips)
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg",
+                    ".wmv", ".flv", ".3gp", ".ogv", ".y4m")
 
 #: encoders verified to carry colour range and matrix in their bitstream through FFmpeg
 COLOUR_SIGNALLING_CODECS = frozenset({"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"})

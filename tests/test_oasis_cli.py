@@ -515,5 +515,44 @@ def test_resume_continues_an_interrupted_run_into_images(tmp_path, capsys, check
     assert {f: (tmp_path / "cut" / f).read_bytes() for f in os.listdir(tmp_path / "cut")} == whole
     code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume")
     assert code == 0 and "nothing to restore" in err, err
-    code, err = run(capsys, clip, "-o", tmp_path / "a.mp4", *common, "--resume")
-    assert code == 2 and "--resume continues an output of images" in err
+    code, err = run(capsys, clip, "-o", tmp_path / "a.mp4", *common, "--resume")  # no video yet: made
+    assert code == 0 and read_video(tmp_path / "a.mp4")[0].shape[0] == 7, err
+    code, err = run(capsys, clip, "-o", tmp_path / "a.mp4", *common, "--resume")  # there (only once whole): kept
+    assert code == 0 and "exists (a video appears only once complete): kept" in err, err
+
+
+def test_several_clips_and_a_folder_of_clips(tmp_path, capsys, checkpoint, clip):
+    """Several inputs, or a folder of clips (a test set: folders of frames, videos), restored by one model
+    into the output folder under their own names: the same output as each clip alone."""
+    import shutil
+
+    from PIL import Image
+
+    from oasis.images import ImageFrames
+
+    sets = tmp_path / "testset"
+    for name, count in (("calendar", 5), ("city", 6)):
+        (sets / name).mkdir(parents=True)
+        for k, frame in enumerate(synthetic_clip(count, 20, 28, seed=count)):
+            Image.fromarray(frame.numpy()).save(sets / name / f"{k:03d}.png")
+    shutil.copy(clip, sets / "walk.mp4")
+    (sets / "notes.txt").write_text("not a clip")
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress"]
+    code, err = run(capsys, sets, "-o", f"{tmp_path}/out/", *common)
+    assert code == 0, err
+    assert "clip 3 of 3" in err and err.count("loaded the checkpoint") == 1
+    assert sorted(os.listdir(tmp_path / "out")) == ["calendar", "city", "walk.mp4"]
+    assert sorted(os.listdir(tmp_path / "out" / "city")) == [f"{k:03d}.png" for k in range(6)]
+    code, err = run(capsys, sets / "city", "-o", f"{tmp_path}/alone/", *common)
+    assert code == 0, err
+    assert torch.equal(ImageFrames(tmp_path / "alone")[:], ImageFrames(tmp_path / "out" / "city")[:])
+    assert read_video(tmp_path / "out" / "walk.mp4")[0].shape == (7, 80, 112, 3)
+    code, err = run(capsys, sets / "calendar", sets / "city", "-o", f"{tmp_path}/two/", *common, "--max-frames", 5)
+    assert code == 0 and sorted(os.listdir(tmp_path / "two")) == ["calendar", "city"], err
+    # every clip is checked before the model loads: one bad input stops all, nothing written
+    (sets / "broken").mkdir()
+    (sets / "broken" / "0.png").write_text("not an image")
+    code, err = run(capsys, sets, "-o", f"{tmp_path}/none/", *common)
+    assert code == 2 and "broken/0.png: not a readable image" in err and not (tmp_path / "none").exists()
+    code, err = run(capsys, sets / "calendar", sets / "city", "-o", tmp_path / "x.mp4", *common)
+    assert code == 2 and "2 clips are written into a folder" in err
