@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--crf", type=float, default=18,
-                   help="video encoder quality (libx264 CRF; lower is better, default 18); images are lossless PNG "
+                   help="video encoder quality: the constant rate factor of libx264/libx265 (0..51, 0 lossless "
+                        "for libx264), VP9 and AV1 (0..63); lower is better, default 18. Images are lossless PNG "
                         "unless the pattern says otherwise")
     p.add_argument("--bits", type=int, choices=[8, 10],
                    help="bits per colour of the output video: 10 keeps a 10-bit (HDR) source's gradations, 4:2:0 "
@@ -480,7 +481,7 @@ def _restore(args, device, rank: int, world: int, pipe=None):
             pipe = tiny_pipeline(device=device)
             video, info = synthetic_clip(args.max_frames or 17, 48, 80), None
             if (args.bits or 8) == 10:
-                video = video.to(torch.int32).mul_(257).to(torch.uint16)
+                video = video.to(torch.int32).mul_(256).to(torch.uint16)  # FFmpeg's 16-bit scale
         else:
             from .pipeline import OasisVSR
 
@@ -496,9 +497,10 @@ def _restore(args, device, rank: int, world: int, pipe=None):
                 video = stack.enter_context(VideoFrames(args.input, max_frames=args.max_frames, bits=8 if bits == 8
                                                         else 16, progress=not args.no_progress and rank == 0))
             info = video.info
-            if source_bits > bits:
-                say(f"warning: the input's {source_bits} bits per colour are written as 8 "
-                    f"({'images hold 8' if images_out else 'give --bits 10 to keep them'})")
+            written_bits = 8 if bits == 8 else 10
+            if source_bits > written_bits:
+                say(f"warning: the input's {source_bits} bits per colour are written as {written_bits}" +
+                    ("" if written_bits == 10 else " (images hold 8)" if images_out else " (give --bits 10 for 10)"))
             if not images_out and _encoding(args, source_bits)["codec"] == "libx264" and bits == 10:
                 say("note: 10-bit H.264 plays in mpv, VLC and FFmpeg, not in Apple's players or most browsers; "
                     "write .mkv for 10-bit HEVC, or give --bits 8")
@@ -578,8 +580,10 @@ def _restore(args, device, rank: int, world: int, pipe=None):
 def _write_behind(blocks, write) -> None:
     """``write(block)`` for every block, on a thread of its own one block behind: the GPU restores the next
     chunk while the last one is encoded (PyAV and Pillow code without the interpreter lock), where writing
-    in turn left the GPU idle for each chunk's encoding. Blocks are written in order. The first error of
-    either side is raised here, once the thread has stopped; after one, no further block is written."""
+    in turn left the GPU idle for each chunk's encoding. Blocks are written in order, a frame at a time.
+    The first error of either side is raised here, once the thread has stopped (an interrupt, Ctrl-C, too:
+    the writer must not be closed while the thread still writes to it); after one, no further frame is
+    written and no further block restored."""
     import queue
     import threading
 
@@ -592,24 +596,50 @@ def _write_behind(blocks, write) -> None:
             if stop.is_set():
                 continue  # taken and dropped, until the end mark
             try:
-                write(block)
+                for k in range(len(block)):
+                    if stop.is_set():
+                        break
+                    write(block[k:k + 1])
             except BaseException as exc:  # to the caller, which raises it
                 failed.append(exc)
                 stop.set()
 
     thread = threading.Thread(target=writer, name="oasis-vsr-write", daemon=True)
     thread.start()
+    interrupted = None
     try:
-        for block in blocks:
-            if stop.is_set():
+        blocks = iter(blocks)
+        while not stop.is_set():  # checked before each block is restored
+            block = next(blocks, None)
+            if block is None:
                 break
-            todo.put(block)
+            while not stop.is_set():
+                try:
+                    todo.put(block, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
     except BaseException:
         stop.set()
         raise
     finally:
-        todo.put(None)
-        thread.join()
+        sent = False
+        while thread.is_alive():  # the end mark in, the thread out: whatever interrupts the wait
+            try:
+                if not sent:
+                    todo.put(None, timeout=0.1)
+                    sent = True
+                thread.join(timeout=0.1)
+            except queue.Full:
+                pass
+            except KeyboardInterrupt as exc:
+                stop.set()
+                interrupted = exc
+        close = getattr(blocks, "close", None)
+        if close is not None:  # the restoration's generator, stopped where it stands
+            close()
+    if interrupted is not None:
+        raise interrupted
     if failed:
         raise failed[0]
 
@@ -676,17 +706,21 @@ def _partial_path(target: Path) -> Path | None:
     """Where to write the video before it is renamed to ``target``, or None to write ``target`` itself
     (as before it existed): where the rename would not do what writing does (a symbolic link, which
     writing follows; a file with other hard links; a folder the user may not write to, holding a
-    file they may), where the name would be too long, or where that file exists (never touched)."""
+    file they may), or where the name would be too long. A scratch file an interrupted run left is never
+    touched: the next free name is taken."""
     if target.is_symlink() or (target.exists() and (not target.is_file() or target.stat().st_nlink > 1)):
         return None
     if not os.access(target.parent, os.W_OK | os.X_OK):
         return None
     name = target.name
     ext = name[name.rfind("."):] if "." in name else ""  # (FFmpeg's file type: what follows the last dot)
-    partial = target.with_name(f".{name}.oasis-partial{ext}")
-    if len(partial.name.encode()) > 255 or partial.exists() or partial.is_symlink():
-        return None
-    return partial
+    for n in range(100):  # a name no file has (one an interrupted run left is never touched)
+        partial = target.with_name(f".{name}.oasis-partial{f'-{n}' if n else ''}{ext}")
+        if len(partial.name.encode()) > 255:
+            return None
+        if not partial.exists() and not partial.is_symlink():
+            return partial
+    return None
 
 
 def _move_into_place(partial: Path, target: Path) -> None:

@@ -77,7 +77,8 @@ class VideoFolder:
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"{root}: no such folder of training videos")
-        paths = sorted(root.rglob("*"))
+        # hidden files and folders are no training videos (.cache/thumbs/*.png, ._x.mp4)
+        paths = sorted(p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts))
         files = [p for p in paths if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()]
         image_dirs = sorted({p.parent for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()})
         if not files and not image_dirs:
@@ -125,7 +126,8 @@ class VideoFolder:
         path, start, top, left = self._draw(index)
         if path in self._sequences:  # a folder of images: the crop's files alone
             frames = self._sequences[path].read(range(start, start + self.spec.span, self.spec.stride))
-            return frames[:, top:top + self.spec.height, left:left + self.spec.width].permute(3, 0, 1, 2)
+            # a copy of the crop: a view would keep the whole frames alive in the loader's queue
+            return frames[:, top:top + self.spec.height, left:left + self.spec.width].permute(3, 0, 1, 2).contiguous()
         frames = self._decode_from_keyframe(path, start, top, left)
         return frames if frames is not None else self._decode(path, start, top, left)
 

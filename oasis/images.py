@@ -123,16 +123,20 @@ def _list_frames(path: str, max_frames: int | None = None) -> tuple[list[Path], 
 
 def _to_rgb(image, path, bits: int = 8) -> np.ndarray:
     """``image`` as uint8 ``[H, W, 3]``: 8-bit modes converted by PIL, 16-bit ones rounded to 8 bits; or
-    for ``bits=16`` as uint16, 8-bit values times 257 (0..255 onto 0..65535), 16-bit ones as they are."""
+    for ``bits=16`` as uint16 in FFmpeg's 16-bit scale (:mod:`oasis.video`: 256 x the 8-bit level, white
+    65280), 16-bit values (white 65535) scaled onto it."""
     if image.mode in _EIGHT_BIT_MODES:
         rgb = np.asarray(image.convert("RGB"))
-        return rgb if bits == 8 else rgb.astype(np.uint16) * np.uint16(257)
+        return rgb if bits == 8 else rgb.astype(np.uint16) << np.uint16(8)
     if image.mode in _SIXTEEN_BIT_MODES:
         grey = np.asarray(image)
         if grey.size and (grey.max() > 65535 or grey.min() < 0):  # mode "I" holds 32-bit integers
             raise VideoError(f"{path}: 32-bit integer pixels ({grey.min()}..{grey.max()}) are not read (8- or "
                              f"16-bit images)")
-        grey = grey.astype(np.uint16) if bits == 16 else np.rint(grey / 257.0).astype(np.uint8)
+        if bits == 16:  # white 65535 onto the frames' 65280
+            grey = np.rint(grey * (65280 / 65535)).astype(np.uint16)
+        else:
+            grey = np.rint(grey / 257.0).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
     raise VideoError(f"{path}: images of PIL mode {image.mode!r} are not read (8- or 16-bit grey, RGB, palette)")
 

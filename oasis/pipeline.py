@@ -52,7 +52,8 @@ class OasisVSR:
     """The OASIS x4 video super-resolution pipeline.
 
     ``pipe(video)`` takes ``uint8 [F, h, w, 3]`` RGB frames (any ``F >= 1``, any ``h, w``) and returns
-    ``uint8 [F, 4h, 4w, 3]`` (uint16 ones, 0..65535, for uint16 frames: what a 10-bit video keeps). Long or
+    ``uint8 [F, 4h, 4w, 3]`` (uint16 ones for uint16 frames: FFmpeg's 16-bit RGB, 256 x the 8-bit level, white
+    65280; what a 10-bit video keeps). Long or
     large videos are restored in overlapping chunks of frames and,
     when a frame does not fit the memory budget, in overlapping spatial tiles, cross-faded
     (:mod:`oasis.tiling`).
@@ -383,8 +384,9 @@ def _as_frames(video):
         else video
 
 
-#: the largest value of each frame dtype: uint8 frames 0..255, uint16 ones 0..65535
-_LEVELS = {torch.uint8: 255, torch.uint16: 65535}
+#: white in each frame dtype: uint8 frames 0..255; uint16 ones as FFmpeg's 16-bit RGB (rgb48), 256 x the 8-bit
+#: level (its conversions put 10-bit video's white at 65280, and write 65535 above it, as 943 of 10 bits)
+_LEVELS = {torch.uint8: 255, torch.uint16: 65280}
 
 
 def _host_frames(shape, dtype=torch.uint8) -> torch.Tensor:

@@ -29,8 +29,9 @@ Colour handling
 * Primaries and transfer curve (:attr:`VideoInfo.color_primaries`, :attr:`VideoInfo.color_trc`) are
   tags only: the RGB values are read and written as they are, and the same encoders tag them, so an
   HDR (HLG or PQ, BT.2020) phone clip keeps what tells a player how to show it.
-* Bits: frames are uint8 by default; ``bits=16`` reads uint16 frames (0..65535), which keep a 10- or
-  12-bit source's precision (:attr:`VideoInfo.bits`), and :class:`VideoWriter` takes uint16 frames too,
+* Bits: frames are uint8 by default; ``bits=16`` reads uint16 frames, which keep a 10- or 12-bit
+  source's precision (:attr:`VideoInfo.bits`), on FFmpeg's 16-bit scale: 256 x the 8-bit level, a
+  limited-range white at 65280 (a full-range 10-bit white reads 65472, as swscale gives it); :class:`VideoWriter` takes uint16 frames too,
   written at 10 bits with a 10-bit ``pix_fmt`` (``yuv420p10le``: libx265, libx264, libsvtav1; this
   PyAV's libvpx-vp9 has none).
 
@@ -319,7 +320,7 @@ def _positive_int(value, name: str, exc=ValueError, where: str = "") -> int:
 def _frames_array(frames, where: str, *, deep: bool = False) -> np.ndarray:
     """Check dtype/rank of ``frames`` (uint8 ``[F, H, W, 3]``; uint16 too where ``deep``) and return them
     as numpy on CPU."""
-    kinds = "uint8 RGB in 0..255" + (" (or uint16 in 0..65535)" if deep else "")
+    kinds = "uint8 RGB in 0..255" + (" (or uint16, white 65280)" if deep else "")
     if isinstance(frames, torch.Tensor):
         if frames.dtype != torch.uint8 and not (deep and frames.dtype == torch.uint16):
             raise TypeError(f"{where}: frames must be {kinds}, got dtype {frames.dtype}")
@@ -363,6 +364,25 @@ def probe_video(path) -> VideoInfo:
         return _stream_info(p, _video_stream(container, p))
     finally:
         container.close()
+
+
+def _rgb_array(frame, rgb: str) -> np.ndarray:
+    """``frame`` as RGB (``rgb24`` or ``rgb48le``: FFmpeg's 16-bit scale, 256 x the 8-bit level, white 65280).
+
+    Beyond 8 bits, swscale's default rounding is off: it reads a 10-bit white as 253 of 8 bits and an 8-bit
+    4:2:0 picture as 16 bits ~1.7 levels dark. Measured against the RGB a lossless 4:2:0 file was made from
+    (a gradient, flat grey, saturated rims), 16-bit reads with accurate rounding are within +0.1..+0.4 levels
+    on average (its full chroma interpolation breaks them: -24..-35), and 8-bit reads of a deeper source
+    with both within +0.1..+0.4 (default: -1.0..-1.8). 8-bit reads of 8-bit pictures keep the default path,
+    which every other reader here (training clips, degradations) uses."""
+    from av.video.reformatter import Interpolation
+
+    if rgb == "rgb24" and frame.format.components[0].bits <= 8:
+        return frame.to_ndarray(format="rgb24")
+    flags = Interpolation.BILINEAR | Interpolation.ACCURATE_RND
+    if rgb == "rgb24":
+        flags |= Interpolation.FULL_CHR_H_INT
+    return frame.reformat(format=rgb, interpolation=flags).to_ndarray()
 
 
 def _decoded(container, stream, p: str, max_frames: int | None):
@@ -419,7 +439,7 @@ def read_video(path, *, max_frames: int | None = None, bits: int = 8) -> tuple[t
     is F. Frames come out as stored; ``info.rotation`` is how a player turns them. Raises
     :class:`VideoError` for an unusable file, a clip with zero decodable frames, a
     decoding error or a frame size that changes mid-stream. A long clip is better read with
-    :class:`VideoFrames`, which holds only the frames asked for. ``bits=16``: uint16 frames (0..65535),
+    :class:`VideoFrames`, which holds only the frames asked for. ``bits=16``: uint16 frames (white 65280),
     which keep a 10- or 12-bit source's precision (:attr:`VideoInfo.bits`).
     """
     if max_frames is not None:
@@ -437,7 +457,7 @@ def read_video(path, *, max_frames: int | None = None, bits: int = 8) -> tuple[t
         stream.thread_type = "AUTO"
         for frame in _decoded(container, stream, p, max_frames):
             first = first or frame
-            frames.append(frame.to_ndarray(format=rgb))
+            frames.append(_rgb_array(frame, rgb))
             times.append(_frame_time(frame, len(times), info.fps))
     finally:
         container.close()
@@ -480,7 +500,7 @@ class VideoFrames:
     slice starting before the kept frames decodes from the clip's start again. One reader at a time
     (not thread-safe). Use it as a context manager, or :meth:`close` it.
 
-    ``progress``: a progress bar (tqdm) over the opening pass. ``bits=16``: uint16 frames (0..65535),
+    ``progress``: a progress bar (tqdm) over the opening pass. ``bits=16``: uint16 frames (white 65280),
     which keep a 10- or 12-bit source's precision (:attr:`VideoInfo.bits`); 8: uint8.
     """
 
@@ -631,7 +651,7 @@ def _decode_frames(path: str, count: int, size: tuple, rgb: str, out: queue.Queu
                 if (frame.width, frame.height) != size:
                     raise VideoError(f"{path}: frame {k} is {frame.width}x{frame.height}, the first decoding's "
                                      f"{size[0]}x{size[1]}")
-                if not put(frame.to_ndarray(format=rgb)):
+                if not put(_rgb_array(frame, rgb)):
                     return
             put(_END)
         finally:
@@ -810,7 +830,8 @@ class VideoWriter:
 
         private = {o.name for o in av.CodecContext.create(self.codec, "w").supported_options.private}
         if "crf" in private:
-            options = {"crf": f"{crf:g}"}
+            # SVT-AV1 reads 0 as "unset" (its default, 35): its finest is 1
+            options = {"crf": f"{max(crf, 1) if self.codec == 'libsvtav1' else crf:g}"}
             if self.codec == "libvpx-vp9":
                 options["b"] = "0"  # vp9 is constant-quality only with no bitrate target
             if self.codec == "libx265":
@@ -845,6 +866,7 @@ class VideoWriter:
             if self._times is not None:
                 stream.codec_context.time_base = _VFR_CLOCK
             stream.options = options
+            self._options = dict(options)  # (PyAV does not give them back: check_writable's scratch encoder)
             if keyframe_interval is not None:
                 stream.codec_context.gop_size = keyframe_interval
             if self._tagged:
@@ -881,6 +903,8 @@ class VideoWriter:
                 self._abort()
                 raise
         self._reformatter = av.video.reformatter.VideoReformatter()
+        interpolation = av.video.reformatter.Interpolation
+        self._accurate = interpolation.BILINEAR | interpolation.ACCURATE_RND  # (16-bit frames: _rgb_array)
         self._audio = None
         if audio_source is not None:
             try:
@@ -912,7 +936,7 @@ class VideoWriter:
 
     def write(self, frames) -> None:
         """Encode uint8 RGB ``frames`` ``[F, H, W, 3]`` (tensor on any device, or numpy), or uint16 ones
-        (0..65535: a 10-bit ``pix_fmt`` such as ``yuv420p10le`` keeps their precision).
+        (FFmpeg's 16-bit scale, white 65280: a 10-bit ``pix_fmt`` such as ``yuv420p10le`` keeps their precision).
 
         Raises ``TypeError`` for another dtype or type and :class:`VideoError` for another
         shape or frame size than the writer's, or an encoder failure.
@@ -935,6 +959,7 @@ class VideoWriter:
                     format=self.pix_fmt,
                     dst_colorspace=self._sws_matrix,
                     dst_color_range=self._sws_range,
+                    interpolation=None if rgb.dtype == np.uint8 else self._accurate,
                 )
                 frame.pts = self._pts(self._frames_written)
                 frame.time_base = self._stream.codec_context.time_base
@@ -1289,7 +1314,7 @@ def check_writable(path, width: int, height: int, fps, **kwargs) -> None:
         raise VideoError(f"{p}: the folder {parent} is not writable")
     kwargs = {k: v for k, v in kwargs.items() if k not in ("audio_from", "frame_times")}
     writer = VideoWriter(p, width, height, fps, **kwargs)
-    fmt, codec, options = writer._container.format.name, writer.codec, dict(writer._stream.options)
+    fmt, codec, options = writer._container.format.name, writer.codec, writer._options
     several = writer._container.format.flags & _AVFMT_NOFILE  # HLS, DASH, segments: files of their own
     writer._abort()
     if several:

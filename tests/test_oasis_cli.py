@@ -121,7 +121,7 @@ def test_hdr_tags_and_bits_kept(tmp_path, capsys, checkpoint):
         assert (info.color_primaries, info.color_trc, info.colorspace) == ("bt2020", "arib-std-b67", "bt2020nc")
         assert (info.codec, info.pix_fmt, info.bits) == (codec, "yuv420p10le", 10)
         deep, _ = read_video(path, bits=16)
-        assert (deep.int() % 257 != 0).float().mean() > 0.5  # not 8-bit values times 257
+        assert (deep.int() % 256 != 0).float().mean() > 0.5  # not 8-bit values times 256
     code, err = run(capsys, src, "-o", out, *common, "--bits", 8)
     assert code == 0 and "10 bits per colour are written as 8" in err, err
     assert (probe_video(out).codec, probe_video(out).bits) == ("h264", 8)
@@ -183,6 +183,14 @@ def test_a_failed_run_leaves_the_output_as_it_was(tmp_path, capsys, checkpoint, 
                     "--no-progress")
     assert code == 2 and "out of memory" in err and "Traceback" not in err, err
     assert out.read_bytes() == b"an earlier result" and sorted(p.name for p in tmp_path.iterdir()) == ["hq.mp4"]
+    # a scratch file an interrupted run left at the partial's name: the next free name is written instead,
+    # never the output itself (which a failed run would then have cut short)
+    left = tmp_path / ".hq.mp4.oasis-partial.mp4"
+    left.write_bytes(b"left by a crash")
+    code, err = run(capsys, clip, "-o", out, "--checkpoint", checkpoint, "--device", "cpu", "--chunk-frames", 5,
+                    "--no-progress")
+    assert code == 2 and out.read_bytes() == b"an earlier result" and left.read_bytes() == b"left by a crash"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hq.mp4.oasis-partial.mp4", "hq.mp4"]
 
 
 def test_pixel_shape_kept_and_interlacing_said(tmp_path, capsys, checkpoint):
@@ -322,7 +330,7 @@ def test_gpus_are_checked_before_any_process_starts(tmp_path, capsys):
 def test_where_the_video_is_written(tmp_path, capsys, checkpoint, clip, monkeypatch):
     """Beside the output, then renamed, except where renaming would not do what writing does: a symbolic
     link is written through, an existing file keeps its permissions, a file already at the partial's
-    name is never touched, a failed rename (a bind-mounted output) falls back to copying the bytes in;
+    name is never touched (the next free name is), a failed rename (a bind-mounted output) falls back to copying the bytes in;
     several-file outputs (HLS) are refused before the model loads."""
     import stat
 
@@ -473,30 +481,53 @@ def test_blocks_are_written_behind_in_order_and_failures_stop_both_sides():
 
     written, made = [], []
 
-    def blocks(n, fail_at=None):
+    def blocks(n, fail_at=None, frames=2):  # block k holds frames 2k, 2k + 1
         for k in range(n):
             if k == fail_at:
                 raise MemoryError("out of device memory")
             made.append(k)
-            yield k
+            yield torch.arange(frames * k, frames * (k + 1))
 
-    _write_behind(blocks(10), written.append)
-    assert written == list(range(10))
-
-    def write(k):
-        if k == 3:
+    def write(frames):
+        if int(frames[0]) == 7:
             raise OSError(28, "No space left on device")
-        written.append(k)
+        written.extend(frames.tolist())
 
+    _write_behind(blocks(3), write)
+    assert written == list(range(6))  # in order, a frame at a time
     written.clear(), made.clear()
     with pytest.raises(OSError, match="No space"):
         _write_behind(blocks(100), write)
-    assert written == [0, 1, 2] and len(made) < 100  # the restoration stopped too
+    assert written == list(range(7)) and len(made) <= 5  # one block ahead at most: the restoration stopped
     written.clear()
     with pytest.raises(MemoryError):
-        _write_behind(blocks(10, fail_at=4), written.append)
+        _write_behind(blocks(10, fail_at=2), write)
     assert written == list(range(len(written))) and len(written) <= 4
     assert not [t for t in threading.enumerate() if t.name == "oasis-vsr-write"]
+
+
+def test_an_interrupt_waits_for_the_writer():
+    """Ctrl-C while the last block is being written: the writer stops at the next frame, and only then does
+    the interrupt reach the caller (which closes the file; closing it under a writing thread crashed x264)."""
+    import threading
+    import time
+
+    from oasis.cli import _write_behind
+
+    written = []
+
+    def slow(frames):
+        time.sleep(0.05)
+        written.append(int(frames[0]))
+
+    def blocks():
+        yield torch.arange(40)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _write_behind(blocks(), slow)
+    assert not [t for t in threading.enumerate() if t.name == "oasis-vsr-write"]
+    assert len(written) < 40 and written == list(range(len(written)))
 
 
 def test_resume_continues_an_interrupted_run_into_images(tmp_path, capsys, checkpoint, clip):

@@ -216,14 +216,15 @@ def test_thirty_two_bit_integers_are_refused(tmp_path):
 
 
 def test_sixteen_bit_reading(tmp_path, clip):
-    """``bits=16``: 8-bit images times 257, 16-bit grey as stored (rounded to 8 bits without it)."""
+    """``bits=16``: 8-bit images times 256 (FFmpeg's 16-bit scale, white 65280), 16-bit grey scaled onto it
+    (rounded to 8 bits without it)."""
     folder = save_all(tmp_path / "seq", clip[:2], ["a.png", "b.png"])
     deep = ImageFrames(folder, bits=16)
-    assert deep.dtype == torch.uint16 and torch.equal(deep[:].int(), clip[:2].int() * 257)
+    assert deep.dtype == torch.uint16 and torch.equal(deep[:].int(), clip[:2].int() * 256)
     grey = np.arange(H * W, dtype=np.uint16).reshape(H, W) * 97
     (tmp_path / "g").mkdir()
     Image.fromarray(grey).save(tmp_path / "g" / "a.png")
     frames = ImageFrames(tmp_path / "g", bits=16)
-    assert frames.info.bits == 16 and np.array_equal(frames[0].numpy()[..., 2], grey)
+    assert frames.info.bits == 16 and np.array_equal(frames[0].numpy()[..., 2], np.rint(grey * (65280 / 65535)))
     with pytest.raises(ValueError, match="bits"):
         ImageFrames(folder, bits=10)

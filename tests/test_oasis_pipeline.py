@@ -304,14 +304,14 @@ def test_checkpoint_errors(pipe, tmp_path):
 
 def test_sixteen_bit_frames_keep_the_model_s_precision(pipe):
     """uint16 frames (a 10-bit source read as 16 bits) give the model the same input as uint8 ones times
-    257 (the same floats), and come back as uint16: the same output as the uint8 call, rounded to 16 bits
-    instead of 8 (what a 10-bit video then keeps)."""
+    256 (the same floats: FFmpeg's 16-bit scale), and come back as uint16: the same output as the uint8 call,
+    rounded to 16 bits instead of 8 (what a 10-bit video then keeps)."""
     video = random_video(6, 8, 12, seed=4)
     eight = pipe(video, chunk_frames=5, progress=False)
-    deep = pipe(video.to(torch.int32).mul_(257).to(torch.uint16), chunk_frames=5, progress=False)
+    deep = pipe(video.to(torch.int32).mul_(256).to(torch.uint16), chunk_frames=5, progress=False)
     assert deep.dtype == torch.uint16 and deep.shape == eight.shape
-    assert ((deep.double() / 257 - eight.double()).abs() <= 0.5 + 0.5 / 257 + 1e-9).all()
-    assert (deep.int() % 257 != 0).any()  # more than 8 bits' worth of levels
+    assert ((deep.double() / 256 - eight.double()).abs() <= 0.5 + 0.5 / 256 + 1e-9).all()
+    assert (deep.int() % 256 != 0).any() and deep.int().max() <= 65280  # more than 8 bits' worth of levels; white 65280
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

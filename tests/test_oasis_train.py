@@ -111,6 +111,9 @@ def test_folders_of_images_are_videos_too(tmp_path):
         for k, frame in enumerate(clip):
             Image.fromarray(frame.numpy()).save(tmp_path / "train" / name / f"{k}.png")
     write_video(tmp_path / "train" / "v.mp4", synthetic_clip(12, 48, 96, seed=2), fps=25)
+    (tmp_path / "train" / ".cache" / "thumbs").mkdir(parents=True)  # hidden: no training video
+    for k, frame in enumerate(frames):
+        Image.fromarray(frame.numpy()).save(tmp_path / "train" / ".cache" / "thumbs" / f"{k}.png")
     folder = VideoFolder(tmp_path / "train", spec, seed=1)
     assert [p.name for p, _ in folder.videos] == ["000", "v.mp4"] and [p.name for p, _ in folder.skipped] == ["001"]
     seen = 0
@@ -120,7 +123,9 @@ def test_folders_of_images_are_videos_too(tmp_path):
             continue
         seen += 1
         want = frames[start:start + 9:2, top:top + 32, left:left + 64].permute(3, 0, 1, 2)
-        assert torch.equal(folder.frames(index), want) and torch.equal(folder.frames_from_start(index), want)
+        crop = folder.frames(index)
+        assert torch.equal(crop, want) and torch.equal(folder.frames_from_start(index), want)
+        assert crop.untyped_storage().nbytes() == crop.numel()  # the crop alone, not the frames it was cut from
     assert seen
     images_only = VideoFolder(tmp_path / "train" / "000", spec)  # the folder itself holds the frames
     assert len(images_only) == 1 and images_only.clip(0).shape == (3, 5, 32, 64)

@@ -993,3 +993,29 @@ def test_eight_bit_sources_say_eight(tmp_path, clip):
     path = tmp_path / "a.mp4"
     write_video(path, clip, 24)
     assert probe_video(path).bits == 8 and read_video(path)[1].bits == 8
+
+
+def test_sixteen_bit_levels_are_ffmpeg_s(tmp_path, clip):
+    """16-bit frames are FFmpeg's scale, 256 x the 8-bit level: a smooth 8-bit 4:2:0 clip read as 16 bits is
+    its source to within half a level on average (swscale's default: 1.7 levels dark); a white of 65280
+    is written as 10-bit video's white, 940, and reads back as 255 at 8 bits (swscale's default: 253)."""
+    y, x = np.mgrid[0:64, 0:96]
+    smooth = torch.from_numpy(np.stack([np.stack([x * 2.5, y * 3.5, (x + y) * 1.5], -1).clip(0, 255)] * 2)
+                              .astype(np.uint8))
+    path = tmp_path / "eight.mkv"
+    write_video(path, smooth, 24, crf=0)
+    deep, _ = read_video(path, bits=16)
+    bias = (deep.double() / 256 - smooth.double()).mean()
+    assert abs(bias) < 0.5, bias
+    white = tmp_path / "white.mkv"
+    frames = torch.full((2, 16, 16, 3), 65280, dtype=torch.int32).to(torch.uint16)
+    with VideoWriter(white, 16, 16, 24, pix_fmt="yuv420p10le", crf=0) as out:
+        out.write(frames)
+    with av.open(str(white)) as c:
+        luma = np.frombuffer(bytes(next(c.decode(video=0)).planes[0]), "<u2")
+    assert set(luma[:16].tolist()) == {940}
+    assert read_video(white)[0].int().min() == 255 and (read_video(white, bits=16)[0].int() - 65280).abs().max() <= 8
+    if "libsvtav1" in av.codecs_available:  # its crf 0 means "unset" (35): the finest, 1, instead
+        writer = VideoWriter(tmp_path / "a.webm", 16, 16, 24, codec="libsvtav1", pix_fmt="yuv420p10le", crf=0)
+        assert writer._options["crf"] == "1"
+        writer._abort()
