@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True,
                    help="where to write the x4 video (its folder must exist), or its frames: a folder (an "
                         "existing one, or a name ending in /, made; PNG, named as the input's images or "
-                        "00000001.png...) or a numbered pattern such as out/%%05d.png (.png .jpg .bmp .tif .webp)")
+                        "00000001.png...) or a numbered pattern such as out/%%05d.png (.png .jpg .bmp .tif .webp). "
+                        "For several clips, or a folder of clips: the folder that holds one output per clip")
     p.add_argument("--fps", type=_rate,
                    help="the frame rate of an input folder of images (default 25); a video keeps its own")
     p.add_argument("--checkpoint", help="OASIS checkpoint folder (see below)")
@@ -196,10 +197,23 @@ def _clips(args) -> list:
     members = _clip_folder_members(inputs[0]) if len(inputs) == 1 else None
     if len(inputs) <= 1 and members is None:
         one = copy.copy(args)
-        one.input = inputs[0] if inputs else None
+        one.input, one.batch = (inputs[0] if inputs else None), False
         return [one]
     if args.demo:
         raise _Exit("--demo takes no input video or checkpoint (it makes both up)")
+    if members is None:
+        folder = next((i for i in inputs if _clip_folder_members(i) is not None), None)
+        if folder is not None:
+            raise _Exit(f"{folder} is a folder of clips: give it alone (or its clips one by one)")
+    else:
+        skipped = [f.name for f in Path(inputs[0]).iterdir() if f.is_dir() and not f.name.startswith(".")
+                   and f not in members]
+        if skipped:
+            print(f"oasis-vsr: note: {len(skipped)} folders in {inputs[0]} hold no frames and are skipped "
+                  f"({', '.join(sorted(skipped)[:3])}{', ...' if len(skipped) > 3 else ''})", file=sys.stderr)
+    if members is not None and os.path.realpath(args.output) == os.path.realpath(inputs[0]):
+        raise _Exit(f"{args.output} is the folder of clips itself: write the clips elsewhere (its outputs would be "
+                    f"taken for clips by the next run)")
     inputs = members if members is not None else [Path(i) for i in inputs]
     if not is_image_sequence(args.output, output=True) or is_numbered(args.output):
         raise _Exit(f"{len(inputs)} clips are written into a folder: give -o an existing folder or one ending in / "
@@ -207,13 +221,16 @@ def _clips(args) -> list:
     clips, names = [], {}
     for source in inputs:
         clip = copy.copy(args)
-        clip.input = str(source)
+        clip.input, clip.batch = str(source), True
         frames = is_image_sequence(source)
         name = (source.parent.name if is_numbered(source) else source.name) if frames else source.name
+        name = name.replace("%", "_")  # a name, never a numbered pattern
         if name in names:
             raise _Exit(f"{source} and {names[name]} would both be written to {name!r} in {args.output}")
         names[name] = source
         clip.output = os.path.join(args.output, name, "") if frames else os.path.join(args.output, name)
+        if os.path.exists(clip.output) and os.path.realpath(clip.output) == os.path.realpath(source):
+            raise _Exit(f"{source}: its output would be the clip itself ({clip.output}); write the clips elsewhere")
         clips.append(clip)
     return clips
 
@@ -412,7 +429,7 @@ def run(args) -> int:
 
     clips = _clips(args)
     made = None
-    if len(clips) > 1 and not os.path.isdir(args.output):  # the clips' folder, made (its parent must exist)
+    if clips[0].batch and not os.path.isdir(args.output):  # the clips' folder, made (its parent must exist)
         parent = os.path.dirname(os.path.abspath(args.output.rstrip("/" + os.sep)))
         if not os.path.isdir(parent):
             raise _Exit(f"output folder {parent!r} does not exist")
@@ -447,9 +464,15 @@ def run(args) -> int:
     try:
         pipe = None
         for k, clip in enumerate(clips):
-            if len(clips) > 1 and rank == 0:
+            if clip.batch and rank == 0:
                 print(f"oasis-vsr: clip {k + 1} of {len(clips)}: {clip.input} -> {clip.output}", file=sys.stderr)
-            pipe = _restore(clip, device, rank, world, pipe)
+            try:
+                pipe = _restore(clip, device, rank, world, pipe)
+            except BaseException:
+                if clip.batch and rank == 0:
+                    print(f"oasis-vsr: {k} of {len(clips)} clips done; {clip.input} failed, the rest not begun",
+                          file=sys.stderr)
+                raise
         return 0
     finally:
         if world > 1:
@@ -469,7 +492,8 @@ def _restore(args, device, rank: int, world: int, pipe=None):
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     images_in, images_out = _images_in(args), _images_out(args)
     say = (lambda text: print(f"oasis-vsr: {text}", file=sys.stderr)) if rank == 0 else (lambda text: None)
-    if args.resume and not images_out and os.path.isfile(args.output):
+    if (args.resume and not images_out and os.path.isfile(args.output)
+            and not (args.input and os.path.exists(args.input) and os.path.samefile(args.output, args.input))):
         say(f"{args.output} exists (a video appears only once complete): kept (--resume)")
         return pipe
     with contextlib.ExitStack() as stack:
@@ -534,7 +558,22 @@ def _restore(args, device, rank: int, world: int, pipe=None):
             least = torch.tensor([free / 2**30], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
             budget = float(least)
-        plan = pipe.plan(frames, height, width, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile)
+        s = pipe.scale
+        start, chunk_frames, tile, record = 0, args.chunk_frames, args.tile, None
+        if images_out:
+            record = _run_record(args, frames, width, height)
+            start = _resume_point(args, frames, width * s, height * s) if args.resume else 0
+            if start == frames:
+                say(f"all {frames} frames are in {args.output} already: nothing to restore")
+                return pipe
+            if start:  # the frames there fix the chunks and tiles: the rest must be cut as they were
+                chunk_frames, tile = _resumed_plan(args, record, width * s, height * s)
+                say(f"resuming at frame {start} ({start} of {frames} written before)")
+        plan = pipe.plan(frames, height, width, memory_budget=budget, chunk_frames=chunk_frames, tile=tile)
+        # the square side the tiles were cut from (a tile is clipped to the frame: (min(t, h), min(t, w)))
+        chunk_frames, tile = plan.chunk_frames, max(plan.tile) if plan.tiled else None
+        if record is not None and rank == 0:
+            _write_record(_record_path(args, width * s, height * s), dict(record, chunk_frames=chunk_frames, tile=tile))
         if world > 1:
             padded = 1 + 4 * math.ceil((frames - 1) / 4)
             chunk = min(plan.chunk_frames, padded)  # the chunk the pipeline runs (OasisVSR._run)
@@ -544,17 +583,10 @@ def _restore(args, device, rank: int, world: int, pipe=None):
             say((f"loaded the checkpoint in {time.perf_counter() - t0:.1f} s; " if loaded else "") +
                 f"{frames} frames {width}x{height} at {float(info.fps):.3f} fps" +
                 (f"; {world} processes" if world > 1 else ""))
-        s = pipe.scale
-        start = _resume_point(args, frames, width * s, height * s) if args.resume else 0
-        if start == frames:
-            say(f"all {frames} frames are in {args.output} already: nothing to restore")
-            return pipe
-        if start:
-            say(f"resuming at frame {start} ({start} of {frames} written before)")
         t0 = time.perf_counter()
         # every rank runs the whole pipeline (the DiT's tokens split across them, the projector and the
         # decoder repeated on each GPU at no cost in time); rank 0 writes
-        blocks = pipe.stream(video, memory_budget=budget, chunk_frames=args.chunk_frames, tile=args.tile,
+        blocks = pipe.stream(video, memory_budget=budget, chunk_frames=chunk_frames, tile=tile,
                              progress=not args.no_progress and rank == 0, start=start)
         if rank != 0:
             for _ in blocks:
@@ -583,7 +615,7 @@ def _write_behind(blocks, write) -> None:
     in turn left the GPU idle for each chunk's encoding. Blocks are written in order, a frame at a time.
     The first error of either side is raised here, once the thread has stopped (an interrupt, Ctrl-C, too:
     the writer must not be closed while the thread still writes to it); after one, no further frame is
-    written and no further block restored."""
+    written, and no block is restored beyond the one under way."""
     import queue
     import threading
 
@@ -644,6 +676,58 @@ def _write_behind(blocks, write) -> None:
         raise failed[0]
 
 
+def _run_record(args, frames: int, width: int, height: int) -> dict:
+    """What an image output's frames depend on besides its chunks and tiles, kept beside them for --resume."""
+    def where(path):
+        return None if path is None else os.path.realpath(path) if os.path.exists(path) else os.path.abspath(path)
+
+    return {"format": "oasis-vsr-run/1", "input": where(args.input) or "demo", "frames": frames,
+            "size": [width, height], "checkpoint": where(args.checkpoint) or "demo", "routing": args.routing,
+            "dtype": args.dtype, "vae": args.vae, "fps": None if args.fps is None else str(args.fps)}
+
+
+def _record_path(args, width: int, height: int) -> str:
+    """The run record of an image output: beside its frames, hidden (named after a pattern's name)."""
+    from .images import is_numbered
+
+    writer = _image_writer(args, width, height)
+    writer._abort()
+    name = f".{os.path.basename(args.output)}.oasis-vsr.json" if is_numbered(args.output) else ".oasis-vsr.json"
+    return os.path.join(writer.folder, name)
+
+
+def _write_record(path: str, record: dict) -> None:
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".partial", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".partial", path)
+
+
+def _resumed_plan(args, record: dict, width: int, height: int) -> tuple:
+    """The chunks and tiles the earlier run cut the frames into (its record), after checking that it
+    restored the same input the same way: otherwise the frames there and the ones to come would not be one
+    run's (other chunks blend other frames; another --max-frames moves every chunk)."""
+    import json
+
+    path = _record_path(args, width, height)
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        raise _Exit(f"--resume: no record of how the frames in {os.path.dirname(path)} were made ({path}); remove "
+                    f"them, or write elsewhere") from None
+    changed = [f"{k} {earlier.get(k)!r}, now {v!r}" for k, v in record.items() if earlier.get(k) != v]
+    for key, given in (("chunk_frames", args.chunk_frames), ("tile", args.tile)):
+        if given is not None and given != earlier.get(key):
+            changed.append(f"{key} {earlier.get(key)!r}, now {given!r}")
+    if changed:
+        raise _Exit(f"--resume: the frames in {os.path.dirname(path)} were made otherwise ({'; '.join(changed)}); "
+                    f"give the same settings, or write elsewhere")
+    return earlier.get("chunk_frames"), earlier.get("tile")
+
+
 def _resume_point(args, frames: int, width: int, height: int) -> int:
     """The first frame whose image is not in the output yet (``frames`` when all are)."""
     writer = _image_writer(args, width, height)
@@ -658,7 +742,8 @@ def _write_images(args, blocks, width: int, height: int, frames: int, say, start
         out.skip(start)
         if os.path.isdir(out.folder):  # what an earlier run left there that this one does not replace
             ours = {os.path.basename(out.path_of(k)) for k in range(frames)}
-            theirs = {f.name for f in Path(out.folder).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES}
+            theirs = {f.name for f in Path(out.folder).iterdir()
+                      if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")}
             ours |= {f.name for f in _image_input(args).files} if _images_in(args) else set()
             if theirs - ours:
                 say(f"warning: {len(theirs - ours)} other images in {out.folder} are left as they are (an earlier "

@@ -28,6 +28,11 @@ def clip(tmp_path_factory):
     return path
 
 
+def shown(folder):
+    """A folder's files but the hidden ones (the run record of an image output)."""
+    return sorted(f for f in os.listdir(folder) if not f.startswith("."))
+
+
 def run(capsys, *argv):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -386,7 +391,7 @@ def test_frames_as_images_in_and_out(tmp_path, capsys, checkpoint):
     code, err = run(capsys, folder, "-o", f"{tmp_path}/hq/", *common, "--chunk-frames", 5)
     assert code == 0, err
     assert "7 images 112x80" in err
-    assert sorted(os.listdir(tmp_path / "hq")) == sorted(f"im{k + 1}.png" for k in range(7))
+    assert shown(tmp_path / "hq") == sorted(f"im{k + 1}.png" for k in range(7))
     restored = ImageFrames(tmp_path / "hq")[:]
     pipe = OasisVSR.from_pretrained(checkpoint, dtype=torch.float32, device="cpu")
     assert torch.equal(restored, pipe(clip, chunk_frames=5, progress=False))
@@ -400,7 +405,7 @@ def test_frames_as_images_in_and_out(tmp_path, capsys, checkpoint):
     code, err = run(capsys, src, "-o", tmp_path / "jpg" / "%03d.jpg", *common, "--max-frames", 5)
     assert code == 0, err
     assert "other streams are not kept (1 audio)" in err
-    assert sorted(os.listdir(tmp_path / "jpg")) == [f"{k:03d}.jpg" for k in range(1, 6)]
+    assert shown(tmp_path / "jpg") == [f"{k:03d}.jpg" for k in range(1, 6)]
 
 
 def test_image_outputs_keep_numbers_and_never_write_over_their_input(tmp_path, capsys, checkpoint):
@@ -418,15 +423,15 @@ def test_image_outputs_keep_numbers_and_never_write_over_their_input(tmp_path, c
     Image.new("RGB", (112, 80)).save(tmp_path / "sr" / "99999999.png")
     code, err = run(capsys, folder / "%08d.png", "-o", tmp_path / "sr" / "%08d.png", *common)
     assert code == 0, err
-    assert sorted(os.listdir(tmp_path / "sr")) == ["00000000.png", "00000001.png", "00000002.png", "99999999.png"]
+    assert shown(tmp_path / "sr") == ["00000000.png", "00000001.png", "00000002.png", "99999999.png"]
     assert "1 other images in" in err and "writing 3 images 112x80" in err
     code, err = run(capsys, folder / "%08d.png", "-o", f"{tmp_path}/sr2/", *common)
-    assert code == 0 and sorted(os.listdir(tmp_path / "sr2")) == sorted(os.listdir(folder)), err
-    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    assert code == 0 and shown(tmp_path / "sr2") == shown(folder), err
+    before = {f: (folder / f).read_bytes() for f in shown(folder)}
     for output in (folder, folder / "%08d.png"):
         code, err = run(capsys, folder, "-o", output, *common)
         assert code == 2 and "would be written over an input frame" in err, err
-    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before
+    assert {f: (folder / f).read_bytes() for f in shown(folder)} == before
 
 
 @pytest.mark.parametrize("case,expect", [
@@ -498,7 +503,7 @@ def test_blocks_are_written_behind_in_order_and_failures_stop_both_sides():
     written.clear(), made.clear()
     with pytest.raises(OSError, match="No space"):
         _write_behind(blocks(100), write)
-    assert written == list(range(7)) and len(made) <= 5  # one block ahead at most: the restoration stopped
+    assert written == list(range(7)) and len(made) <= 6  # one queued, one being restored: then it stopped
     written.clear()
     with pytest.raises(MemoryError):
         _write_behind(blocks(10, fail_at=2), write)
@@ -536,14 +541,22 @@ def test_resume_continues_an_interrupted_run_into_images(tmp_path, capsys, check
     common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--chunk-frames", 5]
     code, err = run(capsys, clip, "-o", f"{tmp_path}/whole/", *common)
     assert code == 0, err
-    whole = {f: (tmp_path / "whole" / f).read_bytes() for f in os.listdir(tmp_path / "whole")}
+    whole = {f: (tmp_path / "whole" / f).read_bytes() for f in shown(tmp_path / "whole")}
     assert len(whole) == 7
     (tmp_path / "cut").mkdir()
     for name in sorted(whole)[:4]:  # a run stopped after 4 frames
         (tmp_path / "cut" / name).write_bytes(whole[name])
+    # without the record the interrupted run left beside its frames, they cannot be trusted
     code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume")
+    assert code == 2 and "no record of how the frames" in err, err
+    (tmp_path / "cut" / ".oasis-vsr.json").write_bytes((tmp_path / "whole" / ".oasis-vsr.json").read_bytes())
+    # other chunks, or another --max-frames (which moves every chunk), would not continue the same run
+    for other in (["--chunk-frames", 9], ["--max-frames", 6]):
+        code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume", *other)
+        assert code == 2 and "were made otherwise" in err, err
+    code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common[:-2], "--resume")  # the chunks: the record's
     assert code == 0 and "resuming at frame 4" in err and "wrote" in err and ": 3 images" in err, err
-    assert {f: (tmp_path / "cut" / f).read_bytes() for f in os.listdir(tmp_path / "cut")} == whole
+    assert {f: (tmp_path / "cut" / f).read_bytes() for f in shown(tmp_path / "cut")} == whole
     code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume")
     assert code == 0 and "nothing to restore" in err, err
     code, err = run(capsys, clip, "-o", tmp_path / "a.mp4", *common, "--resume")  # no video yet: made
@@ -572,14 +585,14 @@ def test_several_clips_and_a_folder_of_clips(tmp_path, capsys, checkpoint, clip)
     code, err = run(capsys, sets, "-o", f"{tmp_path}/out/", *common)
     assert code == 0, err
     assert "clip 3 of 3" in err and err.count("loaded the checkpoint") == 1
-    assert sorted(os.listdir(tmp_path / "out")) == ["calendar", "city", "walk.mp4"]
-    assert sorted(os.listdir(tmp_path / "out" / "city")) == [f"{k:03d}.png" for k in range(6)]
+    assert shown(tmp_path / "out") == ["calendar", "city", "walk.mp4"]
+    assert shown(tmp_path / "out" / "city") == [f"{k:03d}.png" for k in range(6)]
     code, err = run(capsys, sets / "city", "-o", f"{tmp_path}/alone/", *common)
     assert code == 0, err
     assert torch.equal(ImageFrames(tmp_path / "alone")[:], ImageFrames(tmp_path / "out" / "city")[:])
     assert read_video(tmp_path / "out" / "walk.mp4")[0].shape == (7, 80, 112, 3)
     code, err = run(capsys, sets / "calendar", sets / "city", "-o", f"{tmp_path}/two/", *common, "--max-frames", 5)
-    assert code == 0 and sorted(os.listdir(tmp_path / "two")) == ["calendar", "city"], err
+    assert code == 0 and shown(tmp_path / "two") == ["calendar", "city"], err
     # every clip is checked before the model loads: one bad input stops all, nothing written
     (sets / "broken").mkdir()
     (sets / "broken" / "0.png").write_text("not an image")
@@ -587,3 +600,17 @@ def test_several_clips_and_a_folder_of_clips(tmp_path, capsys, checkpoint, clip)
     assert code == 2 and "broken/0.png: not a readable image" in err and not (tmp_path / "none").exists()
     code, err = run(capsys, sets / "calendar", sets / "city", "-o", tmp_path / "x.mp4", *common)
     assert code == 2 and "2 clips are written into a folder" in err
+    # a folder of one clip is a folder of clips too (its output folder made); a clip named with %d keeps a
+    # name; a folder of clips is given alone; a batch never writes over its own clips
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(clip, one / "take%03d.mp4")
+    code, err = run(capsys, one, "-o", f"{tmp_path}/out1/", *common)
+    assert code == 0 and shown(tmp_path / "out1") == ["take_03d.mp4"], err
+    code, err = run(capsys, one, sets, "-o", f"{tmp_path}/out2/", *common)
+    assert code == 2 and "is a folder of clips: give it alone" in err, err
+    code, err = run(capsys, one, "-o", one, *common)
+    assert code == 2 and "is the folder of clips itself" in err, err
+    shutil.copy(clip, one / "same.mp4")
+    code, err = run(capsys, one / "same.mp4", clip, "-o", one, *common)
+    assert code == 2 and "would be the clip itself" in err, err
