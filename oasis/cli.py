@@ -562,18 +562,23 @@ def _restore(args, device, rank: int, world: int, pipe=None):
         start, chunk_frames, tile, record = 0, args.chunk_frames, args.tile, None
         if images_out:
             record = _run_record(args, frames, width, height)
-            start = _resume_point(args, frames, width * s, height * s) if args.resume else 0
-            if start == frames:
-                say(f"all {frames} frames are in {args.output} already: nothing to restore")
-                return pipe
-            if start:  # the frames there fix the chunks and tiles: the rest must be cut as they were
-                chunk_frames, tile = _resumed_plan(args, record, width * s, height * s)
-                say(f"resuming at frame {start} ({start} of {frames} written before)")
+            if args.resume and _resume_point(args, frames, width * s, height * s):
+                # the frames there fix the chunks and tiles (the rest must be cut as they were), and the
+                # record says how many of them its run wrote (the others may be an earlier run's)
+                chunk_frames, tile, start = _resumed_plan(args, record, width * s, height * s)
+                start = min(start, _resume_point(args, frames, width * s, height * s))
+                if start == frames:
+                    say(f"all {frames} frames are in {args.output} already: nothing to restore")
+                    return pipe
+                if start:
+                    say(f"resuming at frame {start} ({start} of {frames} written before)")
         plan = pipe.plan(frames, height, width, memory_budget=budget, chunk_frames=chunk_frames, tile=tile)
         # the square side the tiles were cut from (a tile is clipped to the frame: (min(t, h), min(t, w)))
         chunk_frames, tile = plan.chunk_frames, max(plan.tile) if plan.tiled else None
-        if record is not None and rank == 0:
-            _write_record(_record_path(args, width * s, height * s), dict(record, chunk_frames=chunk_frames, tile=tile))
+        if record is not None:
+            record.update(chunk_frames=chunk_frames, tile=tile)
+            if rank == 0:
+                _write_record(_record_path(args, width * s, height * s), dict(record, done=start))
         if world > 1:
             padded = 1 + 4 * math.ceil((frames - 1) / 4)
             chunk = min(plan.chunk_frames, padded)  # the chunk the pipeline runs (OasisVSR._run)
@@ -593,7 +598,7 @@ def _restore(args, device, rank: int, world: int, pipe=None):
                 pass
             return pipe
         if images_out:
-            written = _write_images(args, blocks, width * s, height * s, frames, say, start)
+            written = _write_images(args, blocks, width * s, height * s, frames, say, start, record)
         else:
             written = _write_video(args, blocks, width * s, height * s, info,
                                    _encoding(args, 8 if images_in or info is None else info.bits))
@@ -706,9 +711,10 @@ def _write_record(path: str, record: dict) -> None:
 
 
 def _resumed_plan(args, record: dict, width: int, height: int) -> tuple:
-    """The chunks and tiles the earlier run cut the frames into (its record), after checking that it
-    restored the same input the same way: otherwise the frames there and the ones to come would not be one
-    run's (other chunks blend other frames; another --max-frames moves every chunk)."""
+    """The chunks and tiles the earlier run cut the frames into (its record), and how many frames it wrote
+    in order, after checking that it restored the same input the same way: otherwise the frames there and
+    the ones to come would not be one run's (other chunks blend other frames; another --max-frames moves
+    every chunk)."""
     import json
 
     path = _record_path(args, width, height)
@@ -719,13 +725,19 @@ def _resumed_plan(args, record: dict, width: int, height: int) -> tuple:
         raise _Exit(f"--resume: no record of how the frames in {os.path.dirname(path)} were made ({path}); remove "
                     f"them, or write elsewhere") from None
     changed = [f"{k} {earlier.get(k)!r}, now {v!r}" for k, v in record.items() if earlier.get(k) != v]
-    for key, given in (("chunk_frames", args.chunk_frames), ("tile", args.tile)):
-        if given is not None and given != earlier.get(key):
-            changed.append(f"{key} {earlier.get(key)!r}, now {given!r}")
+    lq_width, lq_height = record["size"]
+
+    def cut(t):  # a tile as the frame clips it
+        return None if t is None else (min(t, lq_height), min(t, lq_width))
+
+    if args.chunk_frames is not None and args.chunk_frames != earlier.get("chunk_frames"):
+        changed.append(f"chunk_frames {earlier.get('chunk_frames')!r}, now {args.chunk_frames!r}")
+    if args.tile is not None and cut(args.tile) != cut(earlier.get("tile")):
+        changed.append(f"tile {earlier.get('tile')!r}, now {args.tile!r}")
     if changed:
         raise _Exit(f"--resume: the frames in {os.path.dirname(path)} were made otherwise ({'; '.join(changed)}); "
                     f"give the same settings, or write elsewhere")
-    return earlier.get("chunk_frames"), earlier.get("tile")
+    return earlier.get("chunk_frames"), earlier.get("tile"), int(earlier.get("done", 0))
 
 
 def _resume_point(args, frames: int, width: int, height: int) -> int:
@@ -735,10 +747,13 @@ def _resume_point(args, frames: int, width: int, height: int) -> int:
     return next((k for k in range(frames) if not os.path.isfile(writer.path_of(k))), frames)
 
 
-def _write_images(args, blocks, width: int, height: int, frames: int, say, start: int = 0):
+def _write_images(args, blocks, width: int, height: int, frames: int, say, start: int = 0, record=None):
     from .images import IMAGE_SUFFIXES
 
     with _image_writer(args, width, height) as out:
+        if record is not None:  # the record says how many frames, in order, this run has put in place
+            path = _record_path(args, width, height)
+            out.on_written = lambda done: _write_record(path, dict(record, done=done))
         out.skip(start)
         if os.path.isdir(out.folder):  # what an earlier run left there that this one does not replace
             ours = {os.path.basename(out.path_of(k)) for k in range(frames)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -314,6 +315,11 @@ class ImageWriter:
         self._pending: list = []
         self._written = 0
         self._closed = False
+        self._lock = threading.Lock()
+        self._finished: set[int] = set()
+        self._prefix = 0  # frames 0.._prefix - 1 are on disk (or were skipped)
+        #: called with that count whenever it grows (a resumable run's record of what it wrote)
+        self.on_written = None
 
     @property
     def frames_written(self) -> int:
@@ -322,6 +328,17 @@ class ImageWriter:
     def skip(self, count: int) -> None:
         """Leave the next ``count`` frames' files as they are (a resumed run's frames written before)."""
         self._written += count
+        with self._lock:
+            self._finished.update(range(self._written - count, self._written))
+            self._advance()
+
+    def _advance(self) -> None:
+        start = self._prefix
+        while self._prefix in self._finished:
+            self._finished.discard(self._prefix)
+            self._prefix += 1
+        if self._prefix > start and self.on_written is not None:
+            self.on_written(self._prefix)
 
     def path_of(self, index: int) -> str:
         """Where frame ``index`` is written."""
@@ -343,13 +360,13 @@ class ImageWriter:
             raise VideoError(f"{self.path}: {self._written + len(arr)} frames for {len(self._names)} names")
         os.makedirs(self.folder, exist_ok=True)
         for frame in arr:
-            self._pending.append(self._pool.submit(self._save, frame, self._name(self._written)))
+            self._pending.append(self._pool.submit(self._save, frame, self._name(self._written), self._written))
             self._written += 1
         # a bound on the frames held: wait for all but the last few chunks' worth
         while len(self._pending) > 4 * self._threads:
             self._pending.pop(0).result()
 
-    def _save(self, frame: np.ndarray, name: str) -> None:
+    def _save(self, frame: np.ndarray, name: str, index: int) -> None:
         target = os.path.join(self.folder, name)
         suffix = os.path.splitext(name)[1].lower()
         scratch = f".{name}.partial{suffix}"
@@ -359,6 +376,9 @@ class ImageWriter:
             self._image.fromarray(frame).save(scratch, format=_WRITE_FORMATS[suffix], **self._options)
             if scratch != target:
                 os.replace(scratch, target)
+            with self._lock:
+                self._finished.add(index)
+                self._advance()
         except OSError as e:
             if scratch != target and os.path.exists(scratch):
                 os.unlink(scratch)

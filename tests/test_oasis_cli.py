@@ -559,6 +559,38 @@ def test_resume_continues_an_interrupted_run_into_images(tmp_path, capsys, check
     assert {f: (tmp_path / "cut" / f).read_bytes() for f in shown(tmp_path / "cut")} == whole
     code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume")
     assert code == 0 and "nothing to restore" in err, err
+    # all there, but made otherwise: still refused, not "nothing to restore"
+    code, err = run(capsys, clip, "-o", f"{tmp_path}/cut/", *common, "--resume", "--max-frames", 5)
+    assert code == 2 and "were made otherwise" in err, err
+    # a fresh run over an earlier one's frames, stopped after 3 of them: the record counts the frames this
+    # run put in place, and --resume continues from there, not from the first missing frame (none is)
+    from oasis import images
+
+    real_save = images.ImageWriter._save
+
+    def stopping(self, frame, name, index):
+        if index == 3:
+            raise KeyboardInterrupt
+        real_save(self, frame, name, index)
+
+    other = tmp_path / "other.mp4"
+    write_video(other, synthetic_clip(7, 20, 28, seed=9), 24)
+    import unittest.mock
+
+    with unittest.mock.patch.object(images.ImageWriter, "_save", stopping):
+        code, err = run(capsys, other, "-o", f"{tmp_path}/cut/", *common)
+    assert code == 130 and len(shown(tmp_path / "cut")) == 7  # 3 of this run's, 4 of the first's
+    code, err = run(capsys, other, "-o", f"{tmp_path}/cut/", *common, "--resume")
+    assert code == 0 and "resuming at frame 3" in err, err
+    code, err = run(capsys, other, "-o", f"{tmp_path}/fresh/", *common)
+    assert code == 0, err
+    assert {f: (tmp_path / "cut" / f).read_bytes() for f in shown(tmp_path / "cut")} == \
+        {f: (tmp_path / "fresh" / f).read_bytes() for f in shown(tmp_path / "fresh")}
+    # the same --tile as the first run, larger than the frame: the same tiles
+    code, err = run(capsys, other, "-o", f"{tmp_path}/t/", *common, "--tile", 32)
+    os.remove(tmp_path / "t" / sorted(shown(tmp_path / "t"))[-1])
+    code, err = run(capsys, other, "-o", f"{tmp_path}/t/", *common, "--tile", 32, "--resume")
+    assert code == 0 and "resuming at frame 6" in err, err
     code, err = run(capsys, clip, "-o", tmp_path / "a.mp4", *common, "--resume")  # no video yet: made
     assert code == 0 and read_video(tmp_path / "a.mp4")[0].shape[0] == 7, err
     code, err = run(capsys, clip, "-o", tmp_path / "a.mp4", *common, "--resume")  # there (only once whole): kept
