@@ -562,11 +562,12 @@ def _restore(args, device, rank: int, world: int, pipe=None):
         start, chunk_frames, tile, record = 0, args.chunk_frames, args.tile, None
         if images_out:
             record = _run_record(args, frames, width, height)
-            if args.resume and _resume_point(args, frames, width * s, height * s):
+            missing = _resume_point(args, frames, width * s, height * s) if args.resume else 0
+            if missing:
                 # the frames there fix the chunks and tiles (the rest must be cut as they were), and the
                 # record says how many of them its run wrote (the others may be an earlier run's)
                 chunk_frames, tile, start = _resumed_plan(args, record, width * s, height * s)
-                start = min(start, _resume_point(args, frames, width * s, height * s))
+                start = min(start, missing)
                 if start == frames:
                     say(f"all {frames} frames are in {args.output} already: nothing to restore")
                     return pipe

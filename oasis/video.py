@@ -491,8 +491,8 @@ class VideoFrames:
     on the CPU, the same numbers as :func:`read_video`'s, and only a window of the clip is ever in
     memory, where :func:`read_video` holds all of it (10 minutes of 540p: 28 GB).
 
-    Opening decodes the clip once without converting its pictures (1080p H.264: 309 frames/s on two
-    cores, 3.5x the rate of reading them): that counts the frames and reads their times exactly (:attr:`info`, as :func:`read_video` gives it),
+    Opening decodes the clip once without converting its pictures (1080p H.264: 266 frames/s on two
+    cores, 2.8x the rate of reading them; benchmarks/results/2026-12-05_cpu_e42d33d/): that counts the frames and reads their times exactly (:attr:`info`, as :func:`read_video` gives it),
     and finds a damaged file before any long work starts. Reading decodes again, on a thread of its
     own that runs up to ``prefetch`` frames ahead (default: what fits 256 MiB, 2 to 256 frames), and
     keeps the frames from the last slice's start on. So slices whose starts never go back (overlapping
