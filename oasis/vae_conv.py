@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .vae_kernels import add_bias_
+from . import vae_kernels
+from .vae_kernels import add_bias_, conv3d_few_in
 
 __all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
            "set_choices_file", "tuning_stats"]
@@ -225,6 +226,8 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     nd = x.dim() - 2
     stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
     padding = (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    if _few_inputs(x, weight, bias, stride, padding):
+        return add_bias_(conv3d_few_in(x, weight, bias), None, residual)
     if _TUNING.get() and _eligible(x, weight):
         with _LOCK:
             plan = _plan(x, weight, stride, padding)
@@ -243,6 +246,18 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                     plan.proven = True
                     return add_bias_(y, bias, residual)
     return _torch_conv(x, weight, bias, residual, stride, padding)
+
+
+def _few_inputs(x, weight, bias, stride, padding) -> bool:
+    """A channels-last video convolution from at most 4 channels with a spatial kernel (odd, padded by
+    half), as the encoder's first (3 -> 96, 3x3x3), where the Triton passes run: the Triton kernel
+    :func:`oasis.vae_kernels.conv3d_few_in` (cuDNN's engines run it at ~22 TFLOP/s)."""
+    co, ci, _, kh, kw = weight.shape if weight.dim() == 5 else (0,) * 5
+    return (x.dim() == 5 and 0 < ci <= 4 and 0 < co <= 256 and kh * kw > 1 and kh % 2 == 1 and kw % 2 == 1
+            and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2) and (ci == 1 or x.stride(1) == 1)
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.dtype == x.dtype
+            and weight.device == x.device and vae_kernels.on_triton_device(x)
+            and not vae_kernels._needs_grad(x, weight, bias))
 
 
 def _eligible(x, weight) -> bool:

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oasis import vae_conv
+from oasis import vae_conv, vae_kernels
 from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
+from oasis.vae_kernels import conv3d_few_in
 
 
 @pytest.fixture(autouse=True)
@@ -60,6 +61,111 @@ def test_torch_path_on_the_cpu(tuned):
     torch.testing.assert_close(no_extra, _reference(x, w, None, None, 1, (0, 1, 1)), rtol=1e-12, atol=1e-12)
     x2, w2 = x[:, :, 0], w[:, :, 0]
     torch.testing.assert_close(conv(x2, w2, b, stride=2), _reference(x2, w2, b, None, 2, 0), rtol=1e-12, atol=1e-12)
+
+
+def _triton_here():
+    """CUDA, or the CPU under the interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# (C, Cout, frames in, H, W, kernel): the encoder's first convolution's kind at awkward sizes (one
+# channel, four; output channels not a power of two; rows not a multiple of the pixel block; 1x3x3, 3x1x1)
+FEW_IN = [(3, 96, 4, 5, 19, (3, 3, 3)), (1, 5, 3, 3, 70, (3, 3, 3)), (4, 16, 2, 4, 7, (1, 3, 3)),
+          (3, 12, 3, 2, 5, (3, 1, 1)), (2, 200, 3, 3, 17, (3, 3, 3))]
+
+
+@pytest.mark.parametrize("case", range(len(FEW_IN)))
+def test_few_input_kernel_against_float64(case):
+    """``conv3d_few_in`` against float64 within twice PyTorch's own error in the input dtype (float32
+    under the interpreter; bf16 and fp16 on a GPU) plus a floor."""
+    device = _triton_here()
+    c, co, t, h, w, k = FEW_IN[case]
+    gen = torch.Generator().manual_seed(60 + case)
+    pad = (0, k[1] // 2, k[2] // 2)
+    for dtype in ([torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]):
+        x = torch.randn(1, c, t, h, w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last_3d)
+        wt = (torch.randn(co, c, *k, generator=gen) / (c * 27) ** 0.5).to(device, dtype)
+        b = torch.randn(co, generator=gen).to(device, dtype)
+        got = conv3d_few_in(x, wt, b)
+        want = F.conv3d(x.double(), wt.double(), b.double(), padding=pad)
+        plain = F.conv3d(x, wt, b, padding=pad)
+        assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all()
+        assert got.stride(1) == 1  # channels-last, as the encoder's activations
+        err, err_plain = ((v.double() - want).abs().max().item() for v in (got, plain))
+        assert err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0), (dtype, err, err_plain)
+    with pytest.raises(ValueError, match="channels-last"):
+        conv3d_few_in(torch.randn(1, 3, t, h, w, device=device), torch.randn(co, 3, *k, device=device))
+    with pytest.raises(ValueError, match="<= 4 input channels"):
+        conv3d_few_in(torch.randn(1, 5, t, h, w, device=device).contiguous(memory_format=torch.channels_last_3d),
+                      torch.randn(co, 5, *k, device=device))
+
+
+def test_few_input_kernel_batches_and_time_slices():
+    """Two videos, and a time slice of a longer buffer (the cache's frames in front), as the encoder
+    passes them."""
+    device = _triton_here()
+    gen = torch.Generator().manual_seed(7)
+    buf = torch.randn(2, 3, 7, 5, 21, generator=gen).to(device).contiguous(memory_format=torch.channels_last_3d)
+    x = buf[:, :, 1:6]
+    wt = torch.randn(24, 3, 3, 3, 3, generator=gen).to(device) / 9
+    b = torch.randn(24, generator=gen).to(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    x, wt, b = x.to(dtype), wt.to(dtype), b.to(dtype)
+    got = conv3d_few_in(x, wt, b)
+    want = F.conv3d(x.double(), wt.double(), b.double(), padding=(0, 1, 1))
+    plain = F.conv3d(x, wt, b, padding=(0, 1, 1))
+    err, err_plain = ((v.double() - want).abs().max().item() for v in (got, plain))
+    assert got.shape == (2, 24, 3, 5, 21) and err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0)
+
+
+def test_only_first_convolutions_take_the_few_input_kernel(monkeypatch):
+    """The route: 3x3x3 from <= 4 channels, channels-last, spatially padded by half, stride 1; not
+    a 1x1x1 projection or a many-channel convolution, not channels-first, not with gradients wanted."""
+    monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    x = torch.randn(1, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    first, projection = torch.randn(96, 3, 3, 3, 3), torch.randn(16, 3, 1, 1, 1)
+    wide = torch.randn(16, 8, 3, 3, 3)
+    assert vae_conv._few_inputs(x, first, None, (1, 1, 1), (0, 1, 1))
+    assert not vae_conv._few_inputs(x, projection, None, (1, 1, 1), (0, 0, 0))
+    assert not vae_conv._few_inputs(x, first, None, (2, 1, 1), (0, 1, 1))
+    assert not vae_conv._few_inputs(x, first, None, (1, 1, 1), (1, 1, 1))
+    x8 = torch.randn(1, 8, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    assert not vae_conv._few_inputs(x8, wide, None, (1, 1, 1), (0, 1, 1))
+    xf = torch.randn(1, 3, 4, 5, 6)
+    assert not vae_conv._few_inputs(xf, first, None, (1, 1, 1), (0, 1, 1))
+    assert not vae_conv._few_inputs(x, first.requires_grad_(), None, (1, 1, 1), (0, 1, 1))
+
+
+def test_the_encoders_first_convolution_takes_the_kernel(monkeypatch):
+    """Inside the model (the CPU routed to the Triton passes under the interpreter): the encoder's
+    first convolution runs on ``conv3d_few_in`` and gives the torch path's numbers."""
+    device = _triton_here()
+    from oasis import WanVAE
+    from oasis.wan_vae import WanVAEConfig
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the torch path in float32 proper
+    torch.manual_seed(0)
+    vae = WanVAE(WanVAEConfig(base_dim=16, dim_mult=(1, 2), temperal_downsample=(True,), num_res_blocks=0),
+                 decoder=False).eval().to(device)
+    vae.channels_last()
+    conv_in = vae.encoder.conv_in
+    x = torch.randn(1, 3, 3, 6, 21, device=device).contiguous(memory_format=torch.channels_last_3d)
+    prev = torch.randn(1, 3, 2, 6, 21, device=device).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: False)
+        want = conv_in(x, {conv_in: prev.clone()})
+        calls = []
+        real = vae_conv.conv3d_few_in
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+        monkeypatch.setattr(vae_conv, "conv3d_few_in", lambda *a: calls.append(1) or real(*a))
+        got = conv_in(x, {conv_in: prev.clone()})
+    assert calls, "the kernel did not run"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_autotune_values_are_checked():
