@@ -330,14 +330,9 @@ class Downsample(nn.Module):
         self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
 
     def _space(self, frames):
-        n, c, h, w = frames.shape
-        padded = torch.empty((n, c, h + 1, w + 1), dtype=frames.dtype, device=frames.device,
-                             memory_format=_format(frames))
-        padded[:, :, h:].zero_()
-        padded[:, :, :h, w:].zero_()
-        padded[:, :, :h, :w] = frames
+        # the right and bottom zeros as the convolution's own padding (no padded copy of the frames)
         c = self.resample[1]
-        return conv(padded, c.weight, c.bias, stride=c.stride)
+        return conv(frames, c.weight, c.bias, stride=c.stride, padding=0, padding_after=1)
 
     def forward(self, x, cache, starts: bool):
         x = _per_frame(x, self._space)

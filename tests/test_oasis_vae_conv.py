@@ -27,9 +27,15 @@ def choices_in_tmp(tmp_path):
     vae_conv._CHOICES.update(saved)
 
 
-def _reference(x, w, b, r, stride, padding):
+def _reference(x, w, b, r, stride, padding, padding_after=None):
     fn = F.conv3d if x.dim() == 5 else F.conv2d
-    y = fn(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    x = x.double()
+    if padding_after is not None:  # explicit zeros: ``padding`` before each spatial dim, these after
+        nd = x.dim() - 2
+        pre = (padding,) * nd if isinstance(padding, int) else padding
+        post = (padding_after,) * nd if isinstance(padding_after, int) else padding_after
+        x, padding = F.pad(x, [p for pair in zip(pre[::-1], post[::-1]) for p in pair]), 0
+    y = fn(x, w.double(), None if b is None else b.double(), stride, padding)
     return y if r is None else y + r.double()
 
 
@@ -61,6 +67,10 @@ def test_torch_path_on_the_cpu(tuned):
     torch.testing.assert_close(no_extra, _reference(x, w, None, None, 1, (0, 1, 1)), rtol=1e-12, atol=1e-12)
     x2, w2 = x[:, :, 0], w[:, :, 0]
     torch.testing.assert_close(conv(x2, w2, b, stride=2), _reference(x2, w2, b, None, 2, 0), rtol=1e-12, atol=1e-12)
+    # zeros after each spatial dim only (the encoder's downsampler), and a different count per dim
+    for after in (1, (2, 1)):
+        got = conv(x2, w2, b, stride=2, padding=0, padding_after=after)
+        torch.testing.assert_close(got, _reference(x2, w2, b, None, 2, 0, after), rtol=1e-12, atol=1e-12)
 
 
 def _triton_here():
@@ -227,7 +237,8 @@ def test_default_choices_file_follows_xdg(monkeypatch, tmp_path):
 needs_frontend = pytest.mark.skipif(not torch.cuda.is_available() or vae_conv.frontend_missing() is not None,
                                     reason="needs CUDA and the cuDNN frontend (nvidia-cudnn-frontend)")
 
-# (x shape, Cout, kernel, stride, padding, bias, residual): the VAE's kinds of convolution at odd sizes
+# (x shape, Cout, kernel, stride, padding, bias, residual[, padding after]): the VAE's kinds of
+# convolution at odd sizes
 CASES = [
     ((1, 24, 4, 13, 19), 40, 3, 1, (0, 1, 1), True, True),  # 3x3x3 behind a 2-frame cache, with a residual
     ((1, 32, 3, 9, 11), 32, 3, 1, (0, 1, 1), False, False),
@@ -235,7 +246,9 @@ CASES = [
     ((1, 16, 4, 7, 10), 3, 3, 1, (0, 1, 1), True, False),  # an output convolution to 3 channels
     ((1, 24, 3, 6, 5), 40, 1, 1, 0, False, False),  # a 1x1x1 shortcut
     ((5, 32, 14, 18), 16, 3, 1, 1, True, False),  # the spatial upsampler's 3x3 (frames as a batch)
-    ((3, 16, 11, 13), 16, 3, 2, 0, True, False),  # the encoder's stride-2 downsampler
+    ((3, 16, 11, 13), 16, 3, 2, 0, True, False),
+    ((3, 16, 11, 13), 16, 3, 2, 0, True, False, 1),  # the encoder's stride-2 downsampler (right/bottom zeros)
+    ((2, 24, 10, 15), 24, 3, 2, 0, False, False, 1),
 ]
 
 
@@ -243,7 +256,8 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_tuned_convolution_against_float64(case, dtype):
-    shape, cout, k, stride, padding, with_bias, with_res = CASES[case]
+    shape, cout, k, stride, padding, with_bias, with_res, *after = CASES[case]
+    after = after[0] if after else None
     nd = len(shape) - 2
     fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
     k = (k,) * nd if isinstance(k, int) else k
@@ -254,17 +268,18 @@ def test_tuned_convolution_against_float64(case, dtype):
     b = torch.randn(cout, device="cuda", generator=gen) if with_bias else None
     st = (stride,) * nd if isinstance(stride, int) else stride
     pd = (padding,) * nd if isinstance(padding, int) else padding
-    out_shape = vae_conv._out_shape(x, w, st, pd)
+    pa = pd if after is None else (after,) * nd
+    out_shape = vae_conv._out_shape(x, w, st, pd, pa)
     r = torch.randn(out_shape, device="cuda", generator=gen).to(dtype).contiguous(memory_format=fmt) \
         if with_res else None
-    want = _reference(x, w, b, r, st, pd)
+    want = _reference(x, w, b, r, st, pd, after)
     plans = vae_conv.plan_count()
     with torch.no_grad():
-        plain = conv(x, w, b, r, stride=stride, padding=padding)
+        plain = conv(x, w, b, r, stride=stride, padding=padding, padding_after=after)
         with vae_conv.tuning():
-            got = conv(x, w, b, r, stride=stride, padding=padding)
-            again = conv(x, w, b, r, stride=stride, padding=padding)
-    key = (x.device.index, dtype, tuple(x.shape), tuple(w.shape), st, pd)
+            got = conv(x, w, b, r, stride=stride, padding=padding, padding_after=after)
+            again = conv(x, w, b, r, stride=stride, padding=padding, padding_after=after)
+    key = (x.device.index, dtype, tuple(x.shape), tuple(w.shape), st, pd, pa)
     assert vae_conv.plan_count() == plans + 1 and vae_conv._PLANS[key] is not None, "the tuned path did not run"
     plan = vae_conv._PLANS[key]
     assert plan.best is not None and plan.times_ms, plan.name
