@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from oasis import vae_conv, vae_kernels
 from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
-from oasis.vae_kernels import conv3d_few_in
+from oasis.vae_kernels import attention_usable, attention_wide, conv3d_few_in
 
 
 @pytest.fixture(autouse=True)
@@ -175,6 +175,57 @@ def test_the_encoders_first_convolution_takes_the_kernel(monkeypatch):
         monkeypatch.setattr(vae_conv, "conv3d_few_in", lambda *a: calls.append(1) or real(*a))
         got = conv_in(x, {conv_in: prev.clone()})
     assert calls, "the kernel did not run"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# (frames, tokens, D): the middle block's one-head attention (D = 384 at Wan2.1's width) at odd
+# sizes: tokens not a multiple of the blocks, D not a power of two, D below one chunk
+ATTN = [(2, 37, 384), (1, 70, 64), (1, 20, 200), (3, 5, 16), (1, 130, 256)]
+
+
+@pytest.mark.parametrize("case", range(len(ATTN)))
+def test_wide_attention_against_float64(case):
+    """``attention_wide`` on q, k, v sliced from one [N, L, 3D] projection (the VAE's layout) against
+    float64 within twice SDPA's own error in the input dtype plus a floor."""
+    device = _triton_here()
+    n, length, d = ATTN[case]
+    gen = torch.Generator().manual_seed(80 + case)
+    for dtype in ([torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]):
+        qkv = torch.randn(n, length, 3 * d, generator=gen).to(device, dtype)
+        q, k, v = qkv.chunk(3, dim=-1)
+        assert attention_usable(q, k, v) == (device == "cuda")
+        got = attention_wide(q, k, v)
+        want = F.scaled_dot_product_attention(*(t.double()[:, None] for t in (q, k, v)))[:, 0]
+        plain = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all() and got.is_contiguous()
+        err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
+        assert err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0), (dtype, err, err_plain)
+
+
+def test_wide_attention_route(monkeypatch):
+    """Taken for D a multiple of 16 up to 384 without gradients wanted; not for D = 400 or 24, nor
+    under autograd; and the VAE's attention block gives SDPA's numbers through it."""
+    device = _triton_here()
+    if device == "cpu":  # the interpreter stands in for the GPU
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    q = torch.randn(1, 10, 384, device=device)
+    assert attention_usable(q, q, q)
+    assert not attention_usable(*(torch.randn(1, 10, 400, device=device),) * 3)
+    assert not attention_usable(*(torch.randn(1, 10, 24, device=device),) * 3)
+    assert not attention_usable(q.requires_grad_(), q, q)
+    from oasis import wan_vae
+    from oasis.wan_vae import AttentionBlock
+
+    torch.manual_seed(2)
+    block = AttentionBlock(64).eval().to(device)
+    x = torch.randn(1, 64, 3, 5, 7, device=device)  # 3 frames of 5x7
+    calls = []
+    monkeypatch.setattr(wan_vae, "attention_wide", lambda *a: calls.append(1) or attention_wide(*a))
+    with torch.no_grad():
+        got = block(x)
+        assert calls, "the kernel did not run"
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: False)
+        want = block(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
