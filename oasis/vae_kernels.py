@@ -291,7 +291,8 @@ def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if c > 1 and x.stride(1) != 1:
         raise ValueError(f"conv3d_few_in takes a channels-last x, got strides {x.stride()}")
     to, k = t - kt + 1, kt * kh * kw * c
-    block_k, block_n = max(16, triton.next_power_of_2(k)), max(16, triton.next_power_of_2(co))
+    cfg = conv_few_in_config(k, co, w)
+    block_k, block_n = cfg["BLOCK_K"], cfg["BLOCK_N"]
     out = torch.empty((b, co, to, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     # the weight as [K, N] in the gather's order (tap-major, then channel), zero beyond K and Co
     packed = torch.zeros((block_k, block_n), dtype=x.dtype, device=x.device)
@@ -300,15 +301,22 @@ def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         bias_n[:co] = bias.float()
     if out.numel():
-        block_w = min(64, max(16, triton.next_power_of_2(w)))
         # the rows (b, t, h) on the grid's first axis (up to 2^31 - 1; the second stops at 65535)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            _conv_few_in_kernel[(b * to * h, triton.cdiv(w, block_w))](
+            _conv_few_in_kernel[(b * to * h, triton.cdiv(w, cfg["BLOCK_W"]))](
                 x, packed, bias_n, out, c, h, w, to, co, k, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
                 out.stride(0), out.stride(2), out.stride(3), out.stride(4), KH=kh, KW=kw,
-                BLOCK_W=block_w, BLOCK_K=block_k, BLOCK_N=block_n, IEEE=x.dtype == torch.float32,
-                num_warps=4 if block_n <= 64 else 8)
+                IEEE=x.dtype == torch.float32, **cfg)
     return out
+
+
+def conv_few_in_config(k: int, co: int, width: int) -> dict:
+    """The launch of :func:`conv3d_few_in` for ``k`` gathered values per pixel, ``co`` output
+    channels and rows of ``width`` pixels (tests/test_vae_sm90_compile.py compiles it: 254 registers
+    and no spills at 3 -> 96 channels)."""
+    block_n = max(16, triton.next_power_of_2(co))
+    return dict(BLOCK_W=min(64, max(16, triton.next_power_of_2(width))), BLOCK_K=max(16, triton.next_power_of_2(k)),
+                BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8)
 
 
 if triton is not None:
@@ -367,21 +375,25 @@ def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     online softmax, one pass over K and V.
     """
     n, length, d = q.shape
-    block_d = min(128, max(16, triton.next_power_of_2(d)))
-    chunks = triton.cdiv(d, block_d)
-    if chunks > 3:
+    if d > 384:
         raise ValueError(f"attention_wide takes D <= 384, got {d}")
+    cfg = attention_wide_config(d)
     out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
     if out.numel():
-        block_m = 64
-        block_n = 64 if chunks > 1 else 128
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            _attention_wide_kernel[(triton.cdiv(length, block_m), n)](
+            _attention_wide_kernel[(triton.cdiv(length, cfg["BLOCK_M"]), n)](
                 q, k, v, out, length, d, d ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                v.stride(0), v.stride(1), out.stride(0), out.stride(1), CHUNKS=chunks, BLOCK_D=block_d,
-                BLOCK_M=block_m, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
-                num_warps=8 if chunks > 1 else 4, num_stages=1 if chunks > 2 else 2)
+                v.stride(0), v.stride(1), out.stride(0), out.stride(1), IEEE=q.dtype == torch.float32, **cfg)
     return out
+
+
+def attention_wide_config(d: int) -> dict:
+    """The launch of :func:`attention_wide` for head dim ``d`` (tests/test_vae_sm90_compile.py
+    compiles it: at D = 384, 241 registers and no spills; 128 query rows spill 752 B)."""
+    block_d = min(128, max(16, triton.next_power_of_2(d)))
+    chunks = triton.cdiv(d, block_d)
+    return dict(CHUNKS=chunks, BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64 if chunks > 1 else 128,
+                num_warps=8 if chunks > 1 else 4, num_stages=1 if chunks > 2 else 2)
 
 
 if triton is not None:
