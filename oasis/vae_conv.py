@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .vae_kernels import add_bias_
+from . import vae_kernels
+from .vae_kernels import add_bias_, conv3d_few_in
 
 __all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
            "set_choices_file", "tuning_stats"]
@@ -203,31 +204,40 @@ def _canonical(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided(t.shape, _channels_last_strides(t.shape))
 
 
-def _out_shape(x, w, stride, padding) -> list[int]:
-    sp = [(x.shape[2 + i] + 2 * padding[i] - w.shape[2 + i]) // stride[i] + 1 for i in range(x.dim() - 2)]
+def _out_shape(x, w, stride, padding, padding_after) -> list[int]:
+    sp = [(x.shape[2 + i] + padding[i] + padding_after[i] - w.shape[2 + i]) // stride[i] + 1
+          for i in range(x.dim() - 2)]
     return [x.shape[0], w.shape[0], *sp]
 
 
-def _torch_conv(x, weight, bias, residual, stride, padding):
+def _torch_conv(x, weight, bias, residual, stride, padding, padding_after):
     fn = F.conv3d if x.dim() == 5 else F.conv2d
+    if padding_after != padding:  # zeros on each side, explicitly (F.pad lists the last dim first)
+        x = F.pad(x, [p for pair in zip(padding[::-1], padding_after[::-1]) for p in pair])
+        padding = 0
     y = fn(x, weight, None, stride, padding)
     return add_bias_(y, bias, residual)
 
 
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None, *, stride=1, padding=0) -> torch.Tensor:
+         residual: torch.Tensor | None = None, *, stride=1, padding=0, padding_after=None) -> torch.Tensor:
     """``conv(x, weight) + bias[c] + residual`` for images ``[N, C, H, W]`` or videos ``[N, C, T, H, W]``.
 
     ``bias``: ``[C_out]``; ``residual``: the output's shape; both added in one pass after the
-    convolution. Inside :func:`tuning` on CUDA, with 16-bit channels-last ``x`` and ``weight``, the
+    convolution. ``padding``: zeros before each spatial dim, ``padding_after`` after it (default: the
+    same), as the encoder's downsamplers pad right and bottom only. Inside :func:`tuning` on CUDA, with 16-bit channels-last ``x`` and ``weight``, the
     fastest cuDNN engine runs the convolution (see the module's docstring); else PyTorch's.
     """
     nd = x.dim() - 2
     stride = (stride,) * nd if isinstance(stride, int) else tuple(stride)
     padding = (padding,) * nd if isinstance(padding, int) else tuple(padding)
+    padding_after = padding if padding_after is None else (
+        (padding_after,) * nd if isinstance(padding_after, int) else tuple(padding_after))
+    if padding_after == padding and _few_inputs(x, weight, bias, stride, padding):
+        return add_bias_(conv3d_few_in(x, weight, bias), None, residual)
     if _TUNING.get() and _eligible(x, weight):
         with _LOCK:
-            plan = _plan(x, weight, stride, padding)
+            plan = _plan(x, weight, stride, padding, padding_after)
             if plan is not None:
                 try:
                     y = plan.run(x, weight)
@@ -242,7 +252,19 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                 else:
                     plan.proven = True
                     return add_bias_(y, bias, residual)
-    return _torch_conv(x, weight, bias, residual, stride, padding)
+    return _torch_conv(x, weight, bias, residual, stride, padding, padding_after)
+
+
+def _few_inputs(x, weight, bias, stride, padding) -> bool:
+    """A channels-last video convolution from at most 4 channels with a spatial kernel (odd, padded by
+    half), as the encoder's first (3 -> 96, 3x3x3), where the Triton passes run: the Triton kernel
+    :func:`oasis.vae_kernels.conv3d_few_in` (cuDNN's engines run it at ~22 TFLOP/s)."""
+    co, ci, _, kh, kw = weight.shape if weight.dim() == 5 else (0,) * 5
+    return (x.dim() == 5 and 0 < ci <= 4 and 0 < co <= 256 and kh * kw > 1 and kh % 2 == 1 and kw % 2 == 1
+            and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2) and (ci == 1 or x.stride(1) == 1)
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.dtype == x.dtype
+            and weight.device == x.device and vae_kernels.on_triton_device(x)
+            and not vae_kernels._needs_grad(x, weight, bias))
 
 
 def _eligible(x, weight) -> bool:
@@ -253,11 +275,11 @@ def _eligible(x, weight) -> bool:
             and _dense_channels_last(x) and _dense_channels_last(weight) and _frontend() is not None)
 
 
-def _plan(x, weight, stride, padding):
-    key = (x.device.index, x.dtype, tuple(x.shape), tuple(weight.shape), stride, padding)
+def _plan(x, weight, stride, padding, padding_after):
+    key = (x.device.index, x.dtype, tuple(x.shape), tuple(weight.shape), stride, padding, padding_after)
     if key not in _PLANS:
         try:
-            _PLANS[key] = _ConvPlan(key, x, weight, stride, padding)
+            _PLANS[key] = _ConvPlan(key, x, weight, stride, padding, padding_after)
         except Exception as e:  # a geometry the frontend does not take: PyTorch's path for it
             _LOG.warning("cuDNN frontend declined the convolution %s: %s; PyTorch's path runs it",
                          key[2:], e)
@@ -276,14 +298,14 @@ def _handle(device: torch.device):
 class _ConvPlan:
     """One convolution geometry as a cuDNN graph, and which of its engine configurations runs it."""
 
-    def __init__(self, key, x, weight, stride, padding):
+    def __init__(self, key, x, weight, stride, padding, padding_after):
         cudnn = _frontend()
         self.key = key
         io = cudnn.data_type.BFLOAT16 if x.dtype == torch.bfloat16 else cudnn.data_type.HALF
         f32 = cudnn.data_type.FLOAT
         self.device = x.device
         self.handle = _handle(x.device)
-        self.out_shape = _out_shape(x, weight, stride, padding)
+        self.out_shape = _out_shape(x, weight, stride, padding, padding_after)
         if min(self.out_shape) < 1:
             raise ValueError(f"empty output {self.out_shape}")
         nd = x.dim() - 2
@@ -292,7 +314,7 @@ class _ConvPlan:
             g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=self.handle)
             X = g.tensor(name="x", dim=list(x.shape), stride=_channels_last_strides(x.shape), data_type=io)
             W = g.tensor(name="w", dim=list(weight.shape), stride=_channels_last_strides(weight.shape), data_type=io)
-            Y = g.conv_fprop(image=X, weight=W, pre_padding=list(padding), post_padding=list(padding),
+            Y = g.conv_fprop(image=X, weight=W, pre_padding=list(padding), post_padding=list(padding_after),
                              stride=list(stride), dilation=[1] * nd, compute_data_type=f32)
             Y.set_output(True).set_data_type(io).set_dim(self.out_shape).set_stride(_channels_last_strides(self.out_shape))
             g.validate()

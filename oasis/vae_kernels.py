@@ -1,6 +1,8 @@
 """Fused elementwise passes of the Wan VAE, in Triton: ``SiLU(RMSNorm(x + bias))`` in one read and one
 write (:func:`norm_silu`), a convolution's bias plus a residual in place (:func:`add_bias_`), and the
-2x nearest resize of channels-last frames (:func:`upsample2x_nearest`).
+2x nearest resize of channels-last frames (:func:`upsample2x_nearest`); and the encoder's first
+convolution, from 3 channels (:func:`conv3d_few_in`), and the middle block's one-head attention of
+D = 384 (:func:`attention_wide`).
 
 Every residual block of the VAE runs ``x -> RMSNorm over channels -> SiLU -> causal 3x3x3 conv`` twice.
 In PyTorch that pair is five or more passes over the activation, two of them in float32 (the norm is
@@ -16,6 +18,8 @@ both layouts the VAE uses (channels-first ``NCDHW``, stride 1, and channels-last
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +29,8 @@ try:
 except ImportError:  # the CPU-only install: the torch expression is used
     triton = None
 
-__all__ = ["norm_silu", "norm_silu_reference", "norm_silu_triton", "add_bias_", "upsample2x_nearest"]
+__all__ = ["norm_silu", "norm_silu_reference", "norm_silu_triton", "add_bias_", "upsample2x_nearest", "conv3d_few_in",
+           "attention_usable", "attention_wide"]
 
 EPS = 1e-12  # F.normalize's
 
@@ -264,3 +269,200 @@ if triton is not None:
             for b in tl.static_range(2):
                 q = (img * 2 * H + 2 * yy + a) * (2 * W) + 2 * xx + b
                 tl.store(Y + q[:, None] * C + c[None, :], v, mask=mask)
+
+
+def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 3D convolution from at most 4 input channels, for the encoder's first one (3 -> 96, 3x3x3):
+    ``F.conv3d(x, weight, bias, padding=(0, kh // 2, kw // 2))`` (no time padding: ``x`` holds the
+    causal cache's frames in front) for channels-last ``x [B, C, T, H, W]``; the output channels-last.
+
+    cuDNN runs this convolution at ~22 TFLOP/s on the H200 (2.3 ms for 4 frames at 720p, whose 96-channel
+    output is 0.7 GB: ~0.2 ms to write): with 3 input channels its implicit GEMM has K = 81, which its
+    tiles are not built for. Here each program takes a run of output pixels of one row and all output
+    channels, gathers the run's K = kt*kh*kw*C input values (padded to a power of two with zeros) and
+    does one ``tl.dot`` with the packed weight: the input is read ~K/C times from L1/L2 and the output
+    written once, in float32 accumulation.
+    """
+    b, c, t, h, w = x.shape
+    co, cw, kt, kh, kw = weight.shape
+    if cw != c or c > 4 or kh % 2 == 0 or kw % 2 == 0 or t < kt:
+        raise ValueError(f"conv3d_few_in takes <= 4 input channels and odd spatial kernels over at least kt "
+                         f"frames; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if c > 1 and x.stride(1) != 1:
+        raise ValueError(f"conv3d_few_in takes a channels-last x, got strides {x.stride()}")
+    to, k = t - kt + 1, kt * kh * kw * c
+    cfg = conv_few_in_config(k, co, w)
+    block_k, block_n = cfg["BLOCK_K"], cfg["BLOCK_N"]
+    out = torch.empty((b, co, to, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    # the weight as [K, N] in the gather's order (tap-major, then channel), zero beyond K and Co
+    packed = torch.zeros((block_k, block_n), dtype=x.dtype, device=x.device)
+    packed[:k, :co] = weight.permute(2, 3, 4, 1, 0).reshape(k, co)
+    bias_n = torch.zeros(block_n, dtype=torch.float32, device=x.device)
+    if bias is not None:
+        bias_n[:co] = bias.float()
+    if out.numel():
+        # the rows (b, t, h) on the grid's first axis (up to 2^31 - 1; the second stops at 65535)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _conv_few_in_kernel[(b * to * h, triton.cdiv(w, cfg["BLOCK_W"]))](
+                x, packed, bias_n, out, c, h, w, to, co, k, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
+                out.stride(0), out.stride(2), out.stride(3), out.stride(4), KH=kh, KW=kw,
+                IEEE=x.dtype == torch.float32, **cfg)
+    return out
+
+
+def conv_few_in_config(k: int, co: int, width: int) -> dict:
+    """The launch of :func:`conv3d_few_in` for ``k`` gathered values per pixel, ``co`` output
+    channels and rows of ``width`` pixels (tests/test_vae_sm90_compile.py compiles it: 254 registers
+    and no spills at 3 -> 96 channels)."""
+    block_n = max(16, triton.next_power_of_2(co))
+    return dict(BLOCK_W=min(64, max(16, triton.next_power_of_2(width))), BLOCK_K=max(16, triton.next_power_of_2(k)),
+                BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8)
+
+
+if triton is not None:
+    @triton.jit
+    def _conv_few_in_kernel(X, Wp, Bias, Y, C, H, W, TO, CO, K, sxb, sxt, sxh, sxw, syb, syt, syh, syw,
+                            KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # (b, t, h) of the output
+        h = row % H
+        t = (row // H) % TO
+        b = row // (H * TO)
+        w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        # the gather: column kk is input channel kk % C of tap kk // C = (dt, dh, dw)
+        kk = tl.arange(0, BLOCK_K)
+        ch = kk % C
+        tap = kk // C
+        dw = tap % KW - KW // 2
+        dh = (tap // KW) % KH - KH // 2
+        dt = tap // (KW * KH)
+        hh = h + dh  # [BLOCK_K]
+        ww = w[:, None] + dw[None, :]  # [BLOCK_W, BLOCK_K]
+        ok = (kk[None, :] < K) & (hh[None, :] >= 0) & (hh[None, :] < H) & (ww >= 0) & (ww < W)
+        src = (X + b * sxb + (t + dt.to(tl.int64))[None, :] * sxt + hh.to(tl.int64)[None, :] * sxh
+               + ww.to(tl.int64) * sxw + ch[None, :])
+        a = tl.load(src, mask=ok, other=0.0)
+        n = tl.arange(0, BLOCK_N)
+        wv = tl.load(Wp + kk[:, None] * BLOCK_N + n[None, :])
+        if IEEE:
+            acc = tl.dot(a, wv, input_precision="ieee")
+        else:
+            acc = tl.dot(a, wv)
+        acc += tl.load(Bias + n)[None, :]
+        dst = Y + b * syb + t * syt + h * syh + w[:, None].to(tl.int64) * syw + n[None, :]
+        tl.store(dst, acc.to(Y.dtype.element_ty), mask=(w[:, None] < W) & (n[None, :] < CO))
+
+
+def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention_wide` runs ``softmax(q k^T / sqrt(D)) v`` for these ``[N, L, D]``
+    operands: on the Triton device, 16-bit, D a multiple of 16 up to 384, unit column stride, no
+    autograd (through the frozen decoder to the latents, SDPA runs)."""
+    d = q.shape[-1]
+    return (on_triton_device(q) and q.dim() == 3 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and k.dtype == q.dtype and v.dtype == q.dtype and k.shape == q.shape and v.shape == q.shape
+            and d % 16 == 0 and 16 <= d <= 384 and all(t.stride(-1) == 1 for t in (q, k, v))
+            and not _needs_grad(q, k, v))
+
+
+def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` for ``[N, L, D]`` (one head; rows may be strided, as the VAE's
+    q, k and v are slices of one ``[N, L, 3D]`` projection) -> ``[N, L, D]`` contiguous.
+
+    The VAE's middle attention is one head of D = 384 over the 14,400 pixels of a 90x160 frame.
+    FlashAttention's kernels stop at D = 256, so PyTorch runs it on its memory-efficient sm80 kernel
+    (~120 TFLOP/s on the H200, 2.6 ms a frame). Here a flash-attention forward keeps D in up to three
+    chunks of 128: the scores sum their three products, the output three accumulators; float32
+    online softmax, one pass over K and V.
+    """
+    n, length, d = q.shape
+    if d > 384:
+        raise ValueError(f"attention_wide takes D <= 384, got {d}")
+    cfg = attention_wide_config(d)
+    out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
+    if out.numel():
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            _attention_wide_kernel[(triton.cdiv(length, cfg["BLOCK_M"]), n)](
+                q, k, v, out, length, d, d ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                v.stride(0), v.stride(1), out.stride(0), out.stride(1), IEEE=q.dtype == torch.float32, **cfg)
+    return out
+
+
+def attention_wide_config(d: int) -> dict:
+    """The launch of :func:`attention_wide` for head dim ``d`` (tests/test_vae_sm90_compile.py
+    compiles it: at D = 384, 241 registers and no spills; 128 query rows spill 752 B)."""
+    block_d = min(128, max(16, triton.next_power_of_2(d)))
+    chunks = triton.cdiv(d, block_d)
+    return dict(CHUNKS=chunks, BLOCK_D=block_d, BLOCK_M=64, BLOCK_N=64 if chunks > 1 else 128,
+                num_warps=8 if chunks > 1 else 4, num_stages=1 if chunks > 2 else 2)
+
+
+if triton is not None:
+    @triton.jit
+    def _scores_part(q, K, rows, kv_ok, cols, D, skb_row, IEEE: tl.constexpr):
+        kt = tl.load(K + rows[None, :] * skb_row + cols[:, None], mask=kv_ok[None, :] & (cols[:, None] < D),
+                     other=0.0)  # [BLOCK_D, BLOCK_N]
+        if IEEE:
+            return tl.dot(q, kt, input_precision="ieee")
+        return tl.dot(q, kt)
+
+    @triton.jit
+    def _value_part(acc, p, V, rows, kv_ok, cols, D, svb_row, IEEE: tl.constexpr):
+        vv = tl.load(V + rows[:, None] * svb_row + cols[None, :], mask=kv_ok[:, None] & (cols[None, :] < D),
+                     other=0.0)  # [BLOCK_N, BLOCK_D]
+        if IEEE:
+            return acc + tl.dot(p.to(vv.dtype), vv, input_precision="ieee")
+        return acc + tl.dot(p.to(vv.dtype), vv)
+
+    @triton.jit
+    def _attention_wide_kernel(Q, K, V, O, L, D, scale, sqb, sqr, skb, skr, svb, svr, sob, sor,
+                               CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+        b = tl.program_id(1).to(tl.int64)
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < L
+        c0 = tl.arange(0, BLOCK_D)
+        c1 = BLOCK_D + c0
+        c2 = 2 * BLOCK_D + c0
+        Qb, Kb, Vb = Q + b * sqb, K + b * skb, V + b * svb
+        q_rows = m.to(tl.int64)[:, None] * sqr
+        q0 = tl.load(Qb + q_rows + c0[None, :], mask=m_ok[:, None] & (c0[None, :] < D), other=0.0)
+        acc0 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        if CHUNKS > 1:
+            q1 = tl.load(Qb + q_rows + c1[None, :], mask=m_ok[:, None] & (c1[None, :] < D), other=0.0)
+            acc1 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        if CHUNKS > 2:
+            q2 = tl.load(Qb + q_rows + c2[None, :], mask=m_ok[:, None] & (c2[None, :] < D), other=0.0)
+            acc2 = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        qk_scale = scale * 1.4426950408889634  # exp2
+        for start in range(0, L, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < L
+            rows = n.to(tl.int64)
+            s = _scores_part(q0, Kb, rows, n_ok, c0, D, skr, IEEE)
+            if CHUNKS > 1:
+                s += _scores_part(q1, Kb, rows, n_ok, c1, D, skr, IEEE)
+            if CHUNKS > 2:
+                s += _scores_part(q2, Kb, rows, n_ok, c2, D, skr, IEEE)
+            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            acc0 = _value_part(acc0 * alpha[:, None], p, Vb, rows, n_ok, c0, D, svr, IEEE)
+            if CHUNKS > 1:
+                acc1 = _value_part(acc1 * alpha[:, None], p, Vb, rows, n_ok, c1, D, svr, IEEE)
+            if CHUNKS > 2:
+                acc2 = _value_part(acc2 * alpha[:, None], p, Vb, rows, n_ok, c2, D, svr, IEEE)
+        inv = 1.0 / l_i
+        o_rows = O + b * sob + m.to(tl.int64)[:, None] * sor
+        tl.store(o_rows + c0[None, :], (acc0 * inv[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & (c0[None, :] < D))
+        if CHUNKS > 1:
+            tl.store(o_rows + c1[None, :], (acc1 * inv[:, None]).to(O.dtype.element_ty),
+                     mask=m_ok[:, None] & (c1[None, :] < D))
+        if CHUNKS > 2:
+            tl.store(o_rows + c2[None, :], (acc2 * inv[:, None]).to(O.dtype.element_ty),
+                     mask=m_ok[:, None] & (c2[None, :] < D))

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import vae_conv
 from .vae_conv import conv
-from .vae_kernels import norm_silu, norm_silu_reference, upsample2x_nearest
+from .vae_kernels import attention_usable, attention_wide, norm_silu, norm_silu_reference, upsample2x_nearest
 
 __all__ = ["WanVAEConfig", "WanVAE", "WanVAEDecoder", "WanEncoder3d", "WanDecoder3d"]
 
@@ -270,9 +270,12 @@ class AttentionBlock(nn.Module):
         # [n, hw, 3c] contiguous, as diffusers lays it out (free when channels-last): SDPA's rounding
         # depends on the strides
         qkv = self.to_qkv(self.norm(x)).reshape(n, 3 * c, h * w).transpose(1, 2).contiguous()
-        q, k, v = qkv[:, None].chunk(3, dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(n, c, h, w)
-        return self.proj(y)
+        q, k, v = qkv.chunk(3, dim=-1)
+        if attention_usable(q, k, v):  # one head of D = dim: a flash-attention pass for D up to 384
+            y = attention_wide(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return self.proj(y.transpose(1, 2).reshape(n, c, h, w))
 
     def forward(self, x):
         return x + _per_frame(x, self._frames)
@@ -330,14 +333,9 @@ class Downsample(nn.Module):
         self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
 
     def _space(self, frames):
-        n, c, h, w = frames.shape
-        padded = torch.empty((n, c, h + 1, w + 1), dtype=frames.dtype, device=frames.device,
-                             memory_format=_format(frames))
-        padded[:, :, h:].zero_()
-        padded[:, :, :h, w:].zero_()
-        padded[:, :, :h, :w] = frames
+        # the right and bottom zeros as the convolution's own padding (no padded copy of the frames)
         c = self.resample[1]
-        return conv(padded, c.weight, c.bias, stride=c.stride)
+        return conv(frames, c.weight, c.bias, stride=c.stride, padding=0, padding_after=1)
 
     def forward(self, x, cache, starts: bool):
         x = _per_frame(x, self._space)

@@ -12,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oasis import vae_conv
+from oasis import vae_conv, vae_kernels
 from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
+from oasis.vae_kernels import attention_usable, attention_wide, conv3d_few_in
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +27,15 @@ def choices_in_tmp(tmp_path):
     vae_conv._CHOICES.update(saved)
 
 
-def _reference(x, w, b, r, stride, padding):
+def _reference(x, w, b, r, stride, padding, padding_after=None):
     fn = F.conv3d if x.dim() == 5 else F.conv2d
-    y = fn(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    x = x.double()
+    if padding_after is not None:  # explicit zeros: ``padding`` before each spatial dim, these after
+        nd = x.dim() - 2
+        pre = (padding,) * nd if isinstance(padding, int) else padding
+        post = (padding_after,) * nd if isinstance(padding_after, int) else padding_after
+        x, padding = F.pad(x, [p for pair in zip(pre[::-1], post[::-1]) for p in pair]), 0
+    y = fn(x, w.double(), None if b is None else b.double(), stride, padding)
     return y if r is None else y + r.double()
 
 
@@ -60,6 +67,166 @@ def test_torch_path_on_the_cpu(tuned):
     torch.testing.assert_close(no_extra, _reference(x, w, None, None, 1, (0, 1, 1)), rtol=1e-12, atol=1e-12)
     x2, w2 = x[:, :, 0], w[:, :, 0]
     torch.testing.assert_close(conv(x2, w2, b, stride=2), _reference(x2, w2, b, None, 2, 0), rtol=1e-12, atol=1e-12)
+    # zeros after each spatial dim only (the encoder's downsampler), and a different count per dim
+    for after in (1, (2, 1)):
+        got = conv(x2, w2, b, stride=2, padding=0, padding_after=after)
+        torch.testing.assert_close(got, _reference(x2, w2, b, None, 2, 0, after), rtol=1e-12, atol=1e-12)
+
+
+def _triton_here():
+    """CUDA, or the CPU under the interpreter (conftest sets TRITON_INTERPRET=1 without CUDA)."""
+    import os
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels run on CUDA or under TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# (C, Cout, frames in, H, W, kernel): the encoder's first convolution's kind at awkward sizes (one
+# channel, four; output channels not a power of two; rows not a multiple of the pixel block; 1x3x3, 3x1x1)
+FEW_IN = [(3, 96, 4, 5, 19, (3, 3, 3)), (1, 5, 3, 3, 70, (3, 3, 3)), (4, 16, 2, 4, 7, (1, 3, 3)),
+          (3, 12, 3, 2, 5, (3, 1, 1)), (2, 200, 3, 3, 17, (3, 3, 3))]
+
+
+@pytest.mark.parametrize("case", range(len(FEW_IN)))
+def test_few_input_kernel_against_float64(case):
+    """``conv3d_few_in`` against float64 within twice PyTorch's own error in the input dtype (float32
+    under the interpreter; bf16 and fp16 on a GPU) plus a floor."""
+    device = _triton_here()
+    c, co, t, h, w, k = FEW_IN[case]
+    gen = torch.Generator().manual_seed(60 + case)
+    pad = (0, k[1] // 2, k[2] // 2)
+    for dtype in ([torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]):
+        x = torch.randn(1, c, t, h, w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last_3d)
+        wt = (torch.randn(co, c, *k, generator=gen) / (c * 27) ** 0.5).to(device, dtype)
+        b = torch.randn(co, generator=gen).to(device, dtype)
+        got = conv3d_few_in(x, wt, b)
+        want = F.conv3d(x.double(), wt.double(), b.double(), padding=pad)
+        plain = F.conv3d(x, wt, b, padding=pad)
+        assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all()
+        assert got.stride(1) == 1  # channels-last, as the encoder's activations
+        err, err_plain = ((v.double() - want).abs().max().item() for v in (got, plain))
+        assert err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0), (dtype, err, err_plain)
+    with pytest.raises(ValueError, match="channels-last"):
+        conv3d_few_in(torch.randn(1, 3, t, h, w, device=device), torch.randn(co, 3, *k, device=device))
+    with pytest.raises(ValueError, match="<= 4 input channels"):
+        conv3d_few_in(torch.randn(1, 5, t, h, w, device=device).contiguous(memory_format=torch.channels_last_3d),
+                      torch.randn(co, 5, *k, device=device))
+
+
+def test_few_input_kernel_batches_and_time_slices():
+    """Two videos, and a time slice of a longer buffer (the cache's frames in front), as the encoder
+    passes them."""
+    device = _triton_here()
+    gen = torch.Generator().manual_seed(7)
+    buf = torch.randn(2, 3, 7, 5, 21, generator=gen).to(device).contiguous(memory_format=torch.channels_last_3d)
+    x = buf[:, :, 1:6]
+    wt = torch.randn(24, 3, 3, 3, 3, generator=gen).to(device) / 9
+    b = torch.randn(24, generator=gen).to(device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    x, wt, b = x.to(dtype), wt.to(dtype), b.to(dtype)
+    got = conv3d_few_in(x, wt, b)
+    want = F.conv3d(x.double(), wt.double(), b.double(), padding=(0, 1, 1))
+    plain = F.conv3d(x, wt, b, padding=(0, 1, 1))
+    err, err_plain = ((v.double() - want).abs().max().item() for v in (got, plain))
+    assert got.shape == (2, 24, 3, 5, 21) and err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0)
+
+
+def test_only_first_convolutions_take_the_few_input_kernel(monkeypatch):
+    """The route: 3x3x3 from <= 4 channels, channels-last, spatially padded by half, stride 1; not
+    a 1x1x1 projection or a many-channel convolution, not channels-first, not with gradients wanted."""
+    monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    x = torch.randn(1, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    first, projection = torch.randn(96, 3, 3, 3, 3), torch.randn(16, 3, 1, 1, 1)
+    wide = torch.randn(16, 8, 3, 3, 3)
+    assert vae_conv._few_inputs(x, first, None, (1, 1, 1), (0, 1, 1))
+    assert not vae_conv._few_inputs(x, projection, None, (1, 1, 1), (0, 0, 0))
+    assert not vae_conv._few_inputs(x, first, None, (2, 1, 1), (0, 1, 1))
+    assert not vae_conv._few_inputs(x, first, None, (1, 1, 1), (1, 1, 1))
+    x8 = torch.randn(1, 8, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    assert not vae_conv._few_inputs(x8, wide, None, (1, 1, 1), (0, 1, 1))
+    xf = torch.randn(1, 3, 4, 5, 6)
+    assert not vae_conv._few_inputs(xf, first, None, (1, 1, 1), (0, 1, 1))
+    assert not vae_conv._few_inputs(x, first.requires_grad_(), None, (1, 1, 1), (0, 1, 1))
+
+
+def test_the_encoders_first_convolution_takes_the_kernel(monkeypatch):
+    """Inside the model (the CPU routed to the Triton passes under the interpreter): the encoder's
+    first convolution runs on ``conv3d_few_in`` and gives the torch path's numbers."""
+    device = _triton_here()
+    from oasis import WanVAE
+    from oasis.wan_vae import WanVAEConfig
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the torch path in float32 proper
+    torch.manual_seed(0)
+    vae = WanVAE(WanVAEConfig(base_dim=16, dim_mult=(1, 2), temperal_downsample=(True,), num_res_blocks=0),
+                 decoder=False).eval().to(device)
+    vae.channels_last()
+    conv_in = vae.encoder.conv_in
+    x = torch.randn(1, 3, 3, 6, 21, device=device).contiguous(memory_format=torch.channels_last_3d)
+    prev = torch.randn(1, 3, 2, 6, 21, device=device).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: False)
+        want = conv_in(x, {conv_in: prev.clone()})
+        calls = []
+        real = vae_conv.conv3d_few_in
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+        monkeypatch.setattr(vae_conv, "conv3d_few_in", lambda *a: calls.append(1) or real(*a))
+        got = conv_in(x, {conv_in: prev.clone()})
+    assert calls, "the kernel did not run"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# (frames, tokens, D): the middle block's one-head attention (D = 384 at Wan2.1's width) at odd
+# sizes: tokens not a multiple of the blocks, D not a power of two, D below one chunk
+ATTN = [(2, 37, 384), (1, 70, 64), (1, 20, 200), (3, 5, 16), (1, 130, 256)]
+
+
+@pytest.mark.parametrize("case", range(len(ATTN)))
+def test_wide_attention_against_float64(case):
+    """``attention_wide`` on q, k, v sliced from one [N, L, 3D] projection (the VAE's layout) against
+    float64 within twice SDPA's own error in the input dtype plus a floor."""
+    device = _triton_here()
+    n, length, d = ATTN[case]
+    gen = torch.Generator().manual_seed(80 + case)
+    for dtype in ([torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]):
+        qkv = torch.randn(n, length, 3 * d, generator=gen).to(device, dtype)
+        q, k, v = qkv.chunk(3, dim=-1)
+        assert attention_usable(q, k, v) == (device == "cuda")
+        got = attention_wide(q, k, v)
+        want = F.scaled_dot_product_attention(*(t.double()[:, None] for t in (q, k, v)))[:, 0]
+        plain = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all() and got.is_contiguous()
+        err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
+        assert err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0), (dtype, err, err_plain)
+
+
+def test_wide_attention_route(monkeypatch):
+    """Taken for D a multiple of 16 up to 384 without gradients wanted; not for D = 400 or 24, nor
+    under autograd; and the VAE's attention block gives SDPA's numbers through it."""
+    device = _triton_here()
+    if device == "cpu":  # the interpreter stands in for the GPU
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    q = torch.randn(1, 10, 384, device=device)
+    assert attention_usable(q, q, q)
+    assert not attention_usable(*(torch.randn(1, 10, 400, device=device),) * 3)
+    assert not attention_usable(*(torch.randn(1, 10, 24, device=device),) * 3)
+    assert not attention_usable(q.requires_grad_(), q, q)
+    from oasis import wan_vae
+    from oasis.wan_vae import AttentionBlock
+
+    torch.manual_seed(2)
+    block = AttentionBlock(64).eval().to(device)
+    x = torch.randn(1, 64, 3, 5, 7, device=device)  # 3 frames of 5x7
+    calls = []
+    monkeypatch.setattr(wan_vae, "attention_wide", lambda *a: calls.append(1) or attention_wide(*a))
+    with torch.no_grad():
+        got = block(x)
+        assert calls, "the kernel did not run"
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: False)
+        want = block(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_autotune_values_are_checked():
@@ -121,7 +288,8 @@ def test_default_choices_file_follows_xdg(monkeypatch, tmp_path):
 needs_frontend = pytest.mark.skipif(not torch.cuda.is_available() or vae_conv.frontend_missing() is not None,
                                     reason="needs CUDA and the cuDNN frontend (nvidia-cudnn-frontend)")
 
-# (x shape, Cout, kernel, stride, padding, bias, residual): the VAE's kinds of convolution at odd sizes
+# (x shape, Cout, kernel, stride, padding, bias, residual[, padding after]): the VAE's kinds of
+# convolution at odd sizes
 CASES = [
     ((1, 24, 4, 13, 19), 40, 3, 1, (0, 1, 1), True, True),  # 3x3x3 behind a 2-frame cache, with a residual
     ((1, 32, 3, 9, 11), 32, 3, 1, (0, 1, 1), False, False),
@@ -129,7 +297,9 @@ CASES = [
     ((1, 16, 4, 7, 10), 3, 3, 1, (0, 1, 1), True, False),  # an output convolution to 3 channels
     ((1, 24, 3, 6, 5), 40, 1, 1, 0, False, False),  # a 1x1x1 shortcut
     ((5, 32, 14, 18), 16, 3, 1, 1, True, False),  # the spatial upsampler's 3x3 (frames as a batch)
-    ((3, 16, 11, 13), 16, 3, 2, 0, True, False),  # the encoder's stride-2 downsampler
+    ((3, 16, 11, 13), 16, 3, 2, 0, True, False),
+    ((3, 16, 11, 13), 16, 3, 2, 0, True, False, 1),  # the encoder's stride-2 downsampler (right/bottom zeros)
+    ((2, 24, 10, 15), 24, 3, 2, 0, False, False, 1),
 ]
 
 
@@ -137,7 +307,8 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_tuned_convolution_against_float64(case, dtype):
-    shape, cout, k, stride, padding, with_bias, with_res = CASES[case]
+    shape, cout, k, stride, padding, with_bias, with_res, *after = CASES[case]
+    after = after[0] if after else None
     nd = len(shape) - 2
     fmt = torch.channels_last_3d if nd == 3 else torch.channels_last
     k = (k,) * nd if isinstance(k, int) else k
@@ -148,17 +319,18 @@ def test_tuned_convolution_against_float64(case, dtype):
     b = torch.randn(cout, device="cuda", generator=gen) if with_bias else None
     st = (stride,) * nd if isinstance(stride, int) else stride
     pd = (padding,) * nd if isinstance(padding, int) else padding
-    out_shape = vae_conv._out_shape(x, w, st, pd)
+    pa = pd if after is None else (after,) * nd
+    out_shape = vae_conv._out_shape(x, w, st, pd, pa)
     r = torch.randn(out_shape, device="cuda", generator=gen).to(dtype).contiguous(memory_format=fmt) \
         if with_res else None
-    want = _reference(x, w, b, r, st, pd)
+    want = _reference(x, w, b, r, st, pd, after)
     plans = vae_conv.plan_count()
     with torch.no_grad():
-        plain = conv(x, w, b, r, stride=stride, padding=padding)
+        plain = conv(x, w, b, r, stride=stride, padding=padding, padding_after=after)
         with vae_conv.tuning():
-            got = conv(x, w, b, r, stride=stride, padding=padding)
-            again = conv(x, w, b, r, stride=stride, padding=padding)
-    key = (x.device.index, dtype, tuple(x.shape), tuple(w.shape), st, pd)
+            got = conv(x, w, b, r, stride=stride, padding=padding, padding_after=after)
+            again = conv(x, w, b, r, stride=stride, padding=padding, padding_after=after)
+    key = (x.device.index, dtype, tuple(x.shape), tuple(w.shape), st, pd, pa)
     assert vae_conv.plan_count() == plans + 1 and vae_conv._PLANS[key] is not None, "the tuned path did not run"
     plan = vae_conv._PLANS[key]
     assert plan.best is not None and plan.times_ms, plan.name
