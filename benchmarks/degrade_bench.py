@@ -13,8 +13,10 @@ and compare with the steady rate (a trainer's loader starts once and keeps its w
 ``--device cuda`` degrades in the main process as ``oasis-train``'s ``degrade_on = "device"`` does:
 the workers load HQ clips only, and ``--threads`` threads (``degrade_threads``) degrade them with
 that many clips in flight (their first wave: one clip per thread or worker, whichever are more).
-A second table degrades HQ clips already in pinned memory: the degradation side alone, to set
-against the source alone ("the source alone": one clip made in the main thread).
+With ``--in-workers`` as well, the workers degrade their own clips on that device
+(``degrade_on = "workers-device"``: spawned workers, each with a CUDA context; ``--threads`` unused), and
+the main process only moves the pairs to the device. A second table degrades HQ clips already in
+pinned memory: the degradation side alone, to set against the source alone ("the source alone": one clip made in the main thread).
 
 ``--make-videos N`` first writes N libx264 videos of ``--video-size`` frames into ``--videos`` (a
 temporary folder without it) from synthetic clips, so the workers decode real files as a trainer's
@@ -27,6 +29,7 @@ temporary folder without it) from synthetic clips, so the workers decode real fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -105,6 +108,44 @@ def memory_row(data, device, threads: int, clips: int) -> dict:
     return {"clips": clips, "s": total, "clips_per_s": clips / total}
 
 
+class MatmulLoad:
+    """A stand-in for the training step beside the degradations: bf16 4096^3 matmuls issued back to back
+    on ``device`` from a thread of the main process (a new stream) while ``with`` runs; ``rate`` is their
+    TFLOP/s over that time, to set against :func:`matmul_rate_alone` (how much the degradations' GPU work
+    and the other processes' CUDA contexts take from a step)."""
+
+    def __init__(self, device):
+        import threading
+
+        self.device, self.rate, self._stop = device, None, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        a = torch.randn(4096, 4096, device=self.device, dtype=torch.bfloat16)
+        count, start = 0, time.perf_counter()
+        with torch.cuda.stream(torch.cuda.Stream(self.device)):
+            while not self._stop.is_set():
+                for _ in range(10):
+                    torch.mm(a, a)
+                torch.cuda.current_stream(self.device).synchronize()
+                count += 10
+        self.rate = count * 2 * 4096**3 / (time.perf_counter() - start) / 1e12
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def matmul_rate_alone(device, seconds: float = 3.0) -> float:
+    with MatmulLoad(device) as load:
+        time.sleep(seconds)
+    return load.rate
+
+
 def arrived(pending, device, arrivals):
     pending.result()
     if device.type == "cuda":
@@ -162,6 +203,12 @@ def main(argv=None):
                         "videos than 50 + the crop's span have crops that start decoding past their first one)")
     p.add_argument("--device", help="degrade on this device in the main process (oasis-train's degrade_on = "
                                      "\"device\"), the workers only loading HQ clips; default: in the workers")
+    p.add_argument("--in-workers", action="store_true",
+                   help="with --device: the workers degrade their clips on it (oasis-train's degrade_on = "
+                        "\"workers-device\") instead of the main process's threads")
+    p.add_argument("--matmul-load", action="store_true",
+                   help="with --device cuda: bf16 matmuls run beside each loader row from a thread of the main "
+                        "process, a stand-in for the training step; their TFLOP/s during the row against alone")
     p.add_argument("--threads", type=int, nargs="+", default=[4],
                    help="with --device: degradation threads (oasis-train's degrade_threads; 0: in the loop)")
     p.add_argument("--coders", type=int, default=0,
@@ -173,6 +220,10 @@ def main(argv=None):
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device) if args.device else None
+    if args.in_workers and device is None:
+        p.error("--in-workers needs --device")
+    if args.in_workers:
+        args.threads = [0]
     from oasis.data import ClipSpec, DeviceDegrader, PairDataset, SyntheticVideos, VideoFolder
     from oasis.degrade import Degradation
 
@@ -199,6 +250,7 @@ def main(argv=None):
     from_start_ms = source_ms_per_clip(source.frames_from_start) if args.videos else None
     print(json.dumps({"source_ms_per_clip": source_ms, "from_start_ms": from_start_ms}), flush=True)
     rows, memory = [], []
+    alone = matmul_rate_alone(device) if args.matmul_load and device is not None and device.type == "cuda" else None
     settings = [(m, j) for m in ("consistent", "inconsistent") for j in args.jpeg]
     for mode, jpeg in settings:
         data = PairDataset(source, Degradation(jpeg_impl=jpeg), mode)
@@ -210,12 +262,22 @@ def main(argv=None):
         for workers, threads in [(w, t) for w in args.workers for t in (args.threads if device else [0])]:
             # a steady rate needs a clip after the first wave
             clips = max(args.clips, 4 * workers, 4 * threads if device else 0, 2)
-            loader = torch.utils.data.DataLoader(data if device is None else data.hq_only(),
-                                                 batch_sampler=[[i] for i in range(clips)], num_workers=workers,
-                                                 pin_memory=device is not None and device.type == "cuda")
+            cuda = device is not None and device.type == "cuda"
+            loader = torch.utils.data.DataLoader(
+                data if device is None else data.on_device_in_workers(device) if args.in_workers else data.hq_only(),
+                batch_sampler=[[i] for i in range(clips)], num_workers=workers, pin_memory=cuda,
+                multiprocessing_context="spawn" if args.in_workers and cuda and workers else None)
+            load = MatmulLoad(device) if args.matmul_load and cuda else contextlib.nullcontext()
+            load.__enter__()
             start = time.perf_counter()
             arrivals = []
-            if device is None:
+            if args.in_workers:  # (lq, hq) degraded by the workers: onto the device, as the trainer takes them
+                for lq, hq in loader:
+                    lq, hq = lq.to(device, non_blocking=True), hq.to(device, non_blocking=True)
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    arrivals.append(time.perf_counter())
+            elif device is None:
                 for _ in loader:
                     arrivals.append(time.perf_counter())
             else:  # (index, HQ clip): degraded here, as the trainer does, `threads` clips in flight
@@ -227,17 +289,19 @@ def main(argv=None):
                             arrived(pending.pop(0), device, arrivals)
                     while pending:
                         arrived(pending.pop(0), device, arrivals)
+            load.__exit__(None, None, None)
             wave = max(workers, threads, 1)  # the first wave: every worker's (thread's) start-up and first clip
             total = arrivals[-1] - start
             steady = (len(arrivals) - wave) / (arrivals[-1] - arrivals[wave - 1])
-            row = {"mode": mode, "jpeg": jpeg, "workers": workers, "degrade_on": args.device or "workers", "threads": threads,
+            row = {"mode": mode, "jpeg": jpeg, "workers": workers, "degrade_on": ("workers on " if args.in_workers else "") + (args.device or "workers"), "threads": threads,
                    "clips": len(arrivals),
                    "s": total,
                    "first_wave_s": arrivals[wave - 1] - start, "clips_per_s": steady,
                    "clips_per_s_whole_row": len(arrivals) / total,
                    # the seconds a clip would cost each of the first wave's workers (or threads) if they
                    # set the rate; the source alone and the degradation side alone say which does
-                   "s_per_clip_per_worker_at_this_rate": wave / steady}
+                   "s_per_clip_per_worker_at_this_rate": wave / steady,
+                   "matmul_TFLOPs_beside": getattr(load, "rate", None)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     coders = coder_rows(args.coders) if args.coders else []
@@ -246,7 +310,7 @@ def main(argv=None):
         for mode, jpeg in settings:
             gpu_ms[f"{mode}, {jpeg}"] = gpu_ms_per_clip(PairDataset(source, Degradation(jpeg_impl=jpeg), mode), device)
             print(json.dumps({"gpu_ms_per_clip": gpu_ms}), flush=True)
-    res = {"coders": coders, "gpu_ms_per_clip": gpu_ms, "source_ms_per_clip": source_ms, "source_from_start_ms_per_clip": from_start_ms,
+    res = {"matmul_TFLOPs_alone": alone, "coders": coders, "gpu_ms_per_clip": gpu_ms, "source_ms_per_clip": source_ms, "source_from_start_ms_per_clip": from_start_ms,
            "memory_rows": memory, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
            "source": str(args.videos) if args.videos else "synthetic", "rows": rows}
     if args.make_videos:
@@ -254,17 +318,25 @@ def main(argv=None):
                         f"{args.video_size[2]} (synthetic frames, crf 18, a keyframe every 50 frames at most)"
     res["env"]["cpu"] = cpu_name()
     gpu = f" + {res['env']['gpu']}" if "gpu" in res["env"] else ""
+    where = "in the workers" if not args.device else \
+        f"on {args.device} in the {'workers' if args.in_workers else 'main process'}"
     md = [f"# Training-data throughput, {res['env']['cpu']} x{os.cpu_count()}{gpu}, {res['env']['date'][:10]}, "
           f"commit {res['env']['commit'][:7]}", "",
           f"{args.size[0]} frames {args.size[1]}x{args.size[2]} -> x4 LQ, {res['source']} clips, "
           f"max({args.clips}, 4 x workers) per row, DataLoader workers (0: the main process). Steady clips/s: "
           "after the first wave (one clip per worker, with the workers' start-up).", "",
-          f"Degradations run {'on ' + args.device + ' in the main process' if args.device else 'in the workers'}.",
+          f"Degradations run {where}.",
           "", "| mode | JPEG | workers | degradation threads | clips | steady clips/s | whole-row clips/s | "
           "first wave s | s per clip per worker at this rate |", "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['mode']} | {r['jpeg']} | {r['workers']} | {r['threads'] if args.device else '-'} | {r['clips']} | "
            f"{r['clips_per_s']:.2f} | {r['clips_per_s_whole_row']:.2f} | {r['first_wave_s']:.1f} | "
            f"{r['s_per_clip_per_worker_at_this_rate']:.2f} |" for r in rows]
+    if alone:
+        md += ["", f"bf16 4096^3 matmuls from a thread of the main process beside each row (a stand-in for the "
+               f"training step), against {alone:.0f} TFLOP/s alone:", "",
+               "| mode | workers | threads | TFLOP/s beside | of alone |", "|---|---|---|---|---|"]
+        md += [f"| {r['mode']} | {r['workers']} | {r['threads']} | {r['matmul_TFLOPs_beside']:.0f} | "
+               f"{r['matmul_TFLOPs_beside'] / alone:.2f} |" for r in rows if r["matmul_TFLOPs_beside"]]
     md += ["", f"The source alone: {source_ms:.0f} ms per HQ clip in the main thread" +
            (f" ({from_start_ms:.0f} ms decoding each video from its start)." if from_start_ms else ".")]
     if memory:

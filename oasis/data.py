@@ -23,8 +23,8 @@ from .degrade import Degradation
 from .jpeg import over_255
 from .video import VIDEO_EXTENSIONS, VideoError, probe_video, synthetic_clip
 
-__all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "HQClips", "DeviceDegrader", "PendingBatch",
-           "VIDEO_EXTENSIONS"]
+__all__ = ["ClipSpec", "VideoFolder", "SyntheticVideos", "PairDataset", "HQClips", "WorkerDevicePairs",
+           "DeviceDegrader", "PendingBatch", "VIDEO_EXTENSIONS"]
 
 
 
@@ -282,6 +282,37 @@ class PairDataset(torch.utils.data.Dataset):
         """The same samples without their degradation: ``(index, hq [3, F, H, W])`` (uint8 from our sources),
         for a trainer that degrades them itself on its device (:class:`DeviceDegrader`)."""
         return HQClips(self)
+
+    def on_device_in_workers(self, device) -> "WorkerDevicePairs":
+        """The same pairs, degraded by whichever process loads them (the loader's workers) on ``device``:
+        ``(lq, hq)`` with LQ in [0, 1] on the CPU and HQ as the source gives it (see
+        :class:`WorkerDevicePairs`)."""
+        return WorkerDevicePairs(self, device)
+
+
+class WorkerDevicePairs(torch.utils.data.Dataset):
+    """``(lq [3, F, H/4, W/4] float32 in [0, 1], hq [3, F, H, W])`` of a :class:`PairDataset`, both on the
+    CPU, the LQ clip degraded on ``device`` by the process that loads the sample: with a DataLoader's
+    workers, each worker degrades its own clips on the GPU (blur, resize, noise and JPEG there, the codec
+    on its CPU), so the degradations' Python runs in as many interpreters as there are workers instead
+    of the trainer's one (:class:`DeviceDegrader`). HQ is uint8 from sources with ``frames`` (ours), else
+    float in [0, 1]. The LQ clips are :meth:`PairDataset.degrade`'s on that device, bit for bit.
+
+    Workers that use CUDA must be started with ``spawn`` (a forked CUDA context does not work), and each
+    holds a CUDA context of its own on the device (~0.5 GB)."""
+
+    def __init__(self, pairs: PairDataset, device):
+        self.pairs = pairs
+        self.device = str(torch.device(device))  # a string pickles to spawned workers as it is
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        hq = _source_frames(self.pairs.source, index)
+        with torch.no_grad():
+            lq = self.pairs.degrade(_unit(hq.to(self.device)), index)
+        return lq.cpu(), hq
 
 
 class HQClips(torch.utils.data.Dataset):

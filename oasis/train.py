@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DeviceDegrader
+from .data import DeviceDegrader, _unit
 from .degrade import VERSION as DEGRADE_VERSION
 from .losses import clip_flows
 from .vae import normalise_latents
@@ -101,9 +101,11 @@ class TrainConfig:
     frame_stride: int = 1
     workers: int = 4
     # where the degradations run: "workers" (the loader's CPU processes), "device" (the training device,
-    # in the main process: blur, resize, noise and JPEG on the GPU, the codec on the CPU between) or
-    # "auto" (device on CUDA, workers on the CPU). On the H200's 16-core host (426bad8) the workers made
-    # 4-6 clips/s, fewer than a step consumes (7-11), the GPU 12-16
+    # in the main process: blur, resize, noise and JPEG on the GPU, the codec on the CPU between),
+    # "workers-device" (the loader's processes, each on the training device: the same GPU work, its Python
+    # in `workers` interpreters instead of one; each worker holds a CUDA context) or "auto" (device on
+    # CUDA, workers on the CPU). On the H200's 16-core host (426bad8) the workers made 4-6 clips/s, fewer
+    # than a step consumes (7-11), the GPU 12-16
     degrade_on: str = "auto"
     degrade_threads: int = 4
     # the curriculum
@@ -194,8 +196,9 @@ class TrainConfig:
             raise ValueError(f"activation_checkpointing must be true, false, a number of blocks or 'auto', got {v!r}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
-        if self.degrade_on not in ("auto", "workers", "device"):
-            raise ValueError(f"degrade_on must be 'auto', 'workers' or 'device', got {self.degrade_on!r}")
+        if self.degrade_on not in ("auto", "workers", "device", "workers-device"):
+            raise ValueError(f"degrade_on must be 'auto', 'workers', 'device' or 'workers-device', got "
+                             f"{self.degrade_on!r}")
         if self.lpips_net not in ("vgg", "alex"):
             raise ValueError(f"lpips_net must be 'vgg' or 'alex', got {self.lpips_net!r}")
         if not 0 < self.calibrate_rho <= 1:
@@ -466,8 +469,12 @@ class Trainer:
         return k
 
     def _degrade_place(self, setting: str, device=None) -> str:
-        """Where ``degrade_on = setting`` degrades on ``device`` (this trainer's): "device" or "workers"."""
+        """On which kind of device ``degrade_on = setting`` degrades, for a trainer on ``device`` (this
+        one's): "device" or "workers" (the CPU). "workers-device" makes the pairs "device" does, in other
+        processes, so a resume takes either for the other."""
         kind = self.device.type if device is None else torch.device(device).type
+        if setting == "workers-device":
+            return "workers" if kind == "cpu" else "device"
         return "device" if setting == "device" or (setting == "auto" and kind == "cuda") else "workers"
 
     @property
@@ -495,6 +502,16 @@ class Trainer:
                 continue
             order = [numbers for step in range(stage_start, stage_end) for numbers in self.samples(step)]
             data = self.data[cfg.stage(stage_start)]
+            if cfg.degrade_on == "workers-device":
+                # each worker degrades its clips on this trainer's device; CUDA needs spawned workers
+                spawn = cfg.workers > 0 and self.device.type == "cuda"
+                loader = torch.utils.data.DataLoader(data.on_device_in_workers(self.device), batch_sampler=order,
+                                                     num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
+                                                     multiprocessing_context="spawn" if spawn else None)
+                for lq, hq in loader:
+                    hq = _unit(hq.to(self.device, non_blocking=True))
+                    yield _signed(lq.to(self.device, non_blocking=True), hq)
+                continue
             on_device = self.degrades_on_device
             loader = torch.utils.data.DataLoader(data.hq_only() if on_device else data, batch_sampler=order,
                                                  num_workers=cfg.workers, pin_memory=self.device.type == "cuda")

@@ -361,10 +361,17 @@ def test_degradations_on_the_device_give_the_same_batches(tmp_path):
     threaded = list(Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, degrade_on="device",
                                         workers=2, degrade_threads=3))._loader(0, 3))
     on_workers = list(workers._loader(0, 3))
-    assert len(serial) == len(threaded) == len(on_workers) == 6
-    for (lq_a, hq_a), (lq_b, hq_b), (lq_c, hq_c) in zip(on_workers, serial, threaded):
-        assert torch.equal(hq_a, hq_b) and torch.equal(lq_a, lq_b)
-        assert torch.equal(hq_a, hq_c) and torch.equal(lq_a, lq_c)
+    # "workers-device": each loader process degrades on the trainer's device (here the CPU), or the main one
+    in_workers = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2,
+                                     degrade_on="workers-device", workers=2))
+    assert not in_workers.degrades_on_device and in_workers._degrade_place("workers-device", "cuda") == "device"
+    in_workers_0 = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2,
+                                       degrade_on="workers-device", workers=0))
+    others = [list(in_workers._loader(0, 3)), list(in_workers_0._loader(0, 3))]
+    assert len(serial) == len(threaded) == len(on_workers) == len(others[0]) == len(others[1]) == 6
+    for (lq_a, hq_a), *rest in zip(on_workers, serial, threaded, *others):
+        for lq_b, hq_b in rest:
+            assert torch.equal(hq_a, hq_b) and torch.equal(lq_a, lq_b)
     with pytest.raises(ValueError, match="degrade_on must be"):
         demo_config(tmp_path, degrade_on="gpu")
     with pytest.raises(ValueError, match="degrade_threads must be a non-negative int"):
@@ -397,6 +404,21 @@ def test_device_degrader_threads_give_the_pairs_in_order(jpeg):
             degrader.submit(data, numbers, hq8.to(torch.int32))
     with pytest.raises(ValueError, match="threads must be a non-negative int, got 1.5"):
         DeviceDegrader("cpu", 1.5)
+
+
+def test_pairs_degraded_in_spawned_workers():
+    """WorkerDevicePairs in a spawned worker (how CUDA workers start): the pairs PairDataset makes, the LQ
+    on the CPU in [0, 1], the HQ clip uint8 as the source gives it."""
+    spec = ClipSpec(5, 32, 64)
+    data = PairDataset(SyntheticVideos(spec), Degradation(), "inconsistent", seed=4)
+    numbers = [3, 9]
+    loader = torch.utils.data.DataLoader(data.on_device_in_workers("cpu"), batch_sampler=[numbers], num_workers=1,
+                                         multiprocessing_context="spawn")
+    (lq, hq), = list(loader)
+    assert lq.dtype == torch.float32 and lq.shape == (2, 3, 5, 8, 16) and hq.dtype == torch.uint8
+    for i, n in enumerate(numbers):
+        want_lq, want_hq = data[n]
+        assert torch.equal(lq[i] * 2 - 1, want_lq) and torch.equal(hq[i].float() / 255 * 2 - 1, want_hq)
 
 
 def test_checkpointing_fit_from_probe_peaks():
