@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video encoder quality: the constant rate factor of libx264/libx265 (0..51, 0 lossless "
                         "for libx264), VP9 and AV1 (0..63); lower is better, default 18. Images are lossless PNG "
                         "unless the pattern says otherwise")
-    p.add_argument("--bits", type=int, choices=[8, 10],
-                   help="bits per colour of the output video: 10 keeps a 10-bit (HDR) source's gradations, 4:2:0 "
-                        "10-bit in HEVC for .mkv, AV1 for .webm, H.264 High 10 otherwise; 8 writes H.264 (VP9 for "
-                        ".webm) (default: 10 when the input video has more than 8 bits per colour, else 8; "
-                        "images: 8)")
+    p.add_argument("--bits", type=int, choices=[8, 10, 16],
+                   help="bits per colour of the output: for a video 10 keeps a 10-bit (HDR) source's gradations, "
+                        "4:2:0 10-bit in HEVC for .mkv, AV1 for .webm, H.264 High 10 otherwise; 8 writes H.264 "
+                        "(VP9 for .webm); images take 8 or 16 (PNG, TIFF) (default: 10 for a video, 16 for PNG or "
+                        "TIFF images, when the input has more than 8 bits per colour, else 8)")
     p.add_argument("--max-frames", type=_positive(int), help="restore only the first N frames")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--resume", action="store_true",
@@ -277,6 +277,18 @@ def _image_writer(args, width: int, height: int):
     return ImageWriter(args.output, width, height, names=names, start=start)
 
 
+def _deep_images_out(args) -> bool:
+    """Whether the image output's format holds 16 bits per colour (a folder's frames are PNG)."""
+    from .images import DEEP_SUFFIXES, is_numbered
+
+    return not is_numbered(args.output) or Path(args.output).suffix.lower() in DEEP_SUFFIXES
+
+
+def _image_bits(args, source_bits: int) -> int:
+    """The image output's bits per colour (``--bits``, else 16 for a deeper source where the format holds it)."""
+    return args.bits or (16 if source_bits > 8 and _deep_images_out(args) else 8)
+
+
 def _encoding(args, source_bits: int) -> dict:
     """The output video's bits per colour, encoder and pixel format (``--bits``, else the source's depth)."""
     import av
@@ -319,7 +331,11 @@ def _check_args(args) -> None:
     if not images_out and out.suffix.lower() != ".webm" and args.crf > 51:
         raise _Exit(f"--crf {args.crf:g}: H.264 and HEVC take 0..51")
     if images_out and args.bits == 10:
-        raise _Exit("--bits 10: images are written with 8 bits per colour; write a video for 10")
+        raise _Exit("--bits 10: images hold 8 or 16 bits per colour (--bits 16: PNG, TIFF); write a video for 10")
+    if not images_out and args.bits == 16:
+        raise _Exit("--bits 16: for PNG or TIFF images; a video takes --bits 8 or 10")
+    if images_out and args.bits == 16 and not _deep_images_out(args):
+        raise _Exit(f"--bits 16: PNG or TIFF images hold 16 bits per colour, not {Path(args.output).suffix}")
     if args.fps is not None and not _images_in(args):
         raise _Exit("--fps sets the rate of an input folder of images; a video keeps its own")
 
@@ -504,7 +520,8 @@ def _restore(args, device, rank: int, world: int, pipe=None):
                 "working, not super-resolution quality")
             pipe = tiny_pipeline(device=device)
             video, info = synthetic_clip(args.max_frames or 17, 48, 80), None
-            if (args.bits or 8) == 10:
+            bits = args.bits or 8
+            if bits > 8:
                 video = video.to(torch.int32).mul_(256).to(torch.uint16)  # FFmpeg's 16-bit scale
         else:
             from .pipeline import OasisVSR
@@ -512,19 +529,19 @@ def _restore(args, device, rank: int, world: int, pipe=None):
             # the input first, read a chunk at a time later: a video is decoded once through now, which counts
             # and times its frames and finds a damaged file before the model loads
             t0 = time.perf_counter()
-            source_bits = 8 if images_in else probe_video(args.input).bits
-            bits = 8 if images_out else _encoding(args, source_bits)["bits"]
-            # frames of 16 bits where the output has 10: the model's output is not rounded to 8 bits first
+            source_bits = _image_input(args).info.bits if images_in else probe_video(args.input).bits
+            bits = _image_bits(args, source_bits) if images_out else _encoding(args, source_bits)["bits"]
+            # frames of 16 bits where the output has 10 or 16: the model's output is not rounded to 8 bits first
             if images_in:
                 video = stack.enter_context(_image_input(args) if bits == 8 else _deep_image_input(args))
             else:
                 video = stack.enter_context(VideoFrames(args.input, max_frames=args.max_frames, bits=8 if bits == 8
                                                         else 16, progress=not args.no_progress and rank == 0))
             info = video.info
-            written_bits = 8 if bits == 8 else 10
-            if source_bits > written_bits:
-                say(f"warning: the input's {source_bits} bits per colour are written as {written_bits}" +
-                    ("" if written_bits == 10 else " (images hold 8)" if images_out else " (give --bits 10 for 10)"))
+            if source_bits > bits:
+                more = "" if bits > 8 else " (give --bits 10 for 10)" if not images_out else \
+                    " (give --bits 16 for 16)" if _deep_images_out(args) else " (this image type holds 8)"
+                say(f"warning: the input's {source_bits} bits per colour are written as {bits}{more}")
             if not images_out and _encoding(args, source_bits)["codec"] == "libx264" and bits == 10:
                 say("note: 10-bit H.264 plays in mpv, VLC and FFmpeg, not in Apple's players or most browsers; "
                     "write .mkv for 10-bit HEVC, or give --bits 8")
@@ -561,7 +578,7 @@ def _restore(args, device, rank: int, world: int, pipe=None):
         s = pipe.scale
         start, chunk_frames, tile, record = 0, args.chunk_frames, args.tile, None
         if images_out:
-            record = _run_record(args, frames, width, height)
+            record = _run_record(args, frames, width, height, bits)
             missing = _resume_point(args, frames, width * s, height * s) if args.resume else 0
             if missing:
                 # the frames there fix the chunks and tiles (the rest must be cut as they were), and the
@@ -602,7 +619,7 @@ def _restore(args, device, rank: int, world: int, pipe=None):
             written = _write_images(args, blocks, width * s, height * s, frames, say, start, record)
         else:
             written = _write_video(args, blocks, width * s, height * s, info,
-                                   _encoding(args, 8 if images_in or info is None else info.bits))
+                                   _encoding(args, 8 if info is None else info.bits))
     took = time.perf_counter() - t0
     tiles = f", tiles {plan.tile[1]}x{plan.tile[0]}" if plan.tiled else ""
     if written.audio_streams:
@@ -682,14 +699,15 @@ def _write_behind(blocks, write) -> None:
         raise failed[0]
 
 
-def _run_record(args, frames: int, width: int, height: int) -> dict:
+def _run_record(args, frames: int, width: int, height: int, bits: int = 8) -> dict:
     """What an image output's frames depend on besides its chunks and tiles, kept beside them for --resume."""
     def where(path):
         return None if path is None else os.path.realpath(path) if os.path.exists(path) else os.path.abspath(path)
 
     return {"format": "oasis-vsr-run/1", "input": where(args.input) or "demo", "frames": frames,
             "size": [width, height], "checkpoint": where(args.checkpoint) or "demo", "routing": args.routing,
-            "dtype": args.dtype, "vae": args.vae, "fps": None if args.fps is None else str(args.fps)}
+            "dtype": args.dtype, "vae": args.vae, "fps": None if args.fps is None else str(args.fps),
+            "bits": bits}
 
 
 def _record_path(args, width: int, height: int) -> str:
@@ -725,6 +743,7 @@ def _resumed_plan(args, record: dict, width: int, height: int) -> tuple:
     except (OSError, ValueError):
         raise _Exit(f"--resume: no record of how the frames in {os.path.dirname(path)} were made ({path}); remove "
                     f"them, or write elsewhere") from None
+    earlier.setdefault("bits", 8)  # records written before 16-bit images
     changed = [f"{k} {earlier.get(k)!r}, now {v!r}" for k, v in record.items() if earlier.get(k) != v]
     lq_width, lq_height = record["size"]
 

@@ -8,11 +8,13 @@
   file complete or absent (written beside and renamed), several at once on worker threads.
 * :func:`is_image_sequence` tells a sequence's path from a video file's.
 
-Frames are uint8 RGB ``[F, H, W, 3]``, as everywhere in :mod:`oasis.video` (uint16 with ``bits=16``).
-Reading: grey, palette and CMYK images become RGB, transparency is dropped (:attr:`VideoInfo.alpha` says
-so), 16-bit grey images are rounded to 8 bits unless read with ``bits=16`` (Pillow reads 16-bit RGB PNGs
-as 8-bit RGB); EXIF orientation is not applied (frames come as stored). Writing: 8 bits.
-Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow.
+Frames are uint8 RGB ``[F, H, W, 3]``, as everywhere in :mod:`oasis.video` (uint16 with ``bits=16``, on
+FFmpeg's 16-bit scale: white 65280). Reading: grey, palette and CMYK images become RGB, transparency is
+dropped (:attr:`VideoInfo.alpha` says so); 16-bit images (grey, and RGB(A) PNG and TIFF, which Pillow
+would read as 8-bit RGB, decoded by FFmpeg instead) are rounded to 8 bits unless read with ``bits=16``;
+EXIF orientation is not applied (frames come as stored). Writing: 8 bits, or 16 (uint16 frames) into PNG
+and TIFF. Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow (and PyAV for
+16-bit RGB files).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from .video import VideoError, VideoInfo, _as_fps, _frame_run, _frames_array, _positive_int
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFrames", "ImageWriter", "is_image_sequence", "is_numbered"]
+__all__ = ["IMAGE_SUFFIXES", "DEEP_SUFFIXES", "ImageFrames", "ImageWriter", "is_image_sequence", "is_numbered"]
 
 #: the image files a folder's frames are taken from (other files in it are left alone)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -122,6 +124,59 @@ def _list_frames(path: str, max_frames: int | None = None) -> tuple[list[Path], 
     return [f for _, f in numbered], numbered[0][0]
 
 
+#: where uint16 frames can go: 16 bits per colour in these formats (FFmpeg's encoder and pixel format)
+DEEP_SUFFIXES = {".png": ("png", "rgb48be"), ".tif": ("tiff", "rgb48le"), ".tiff": ("tiff", "rgb48le")}
+
+
+def _deep_rgb(image, path) -> bool:
+    """Whether ``image`` (open in Pillow, which reads it as 8-bit RGB) holds 16 bits per colour: a PNG of
+    colour type RGB or RGBA at bit depth 16 (its IHDR), a TIFF of 16-bit RGB(A) samples."""
+    if image.mode not in ("RGB", "RGBA"):
+        return False
+    if image.format == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(26)
+        return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
+    if image.format == "TIFF":
+        samples = image.tag_v2.get(258)
+        return bool(samples) and all(b == 16 for b in (samples if isinstance(samples, tuple) else (samples,)))
+    return False
+
+
+def _read_deep(path, bits: int) -> np.ndarray:
+    """A 16-bit RGB(A) PNG or TIFF decoded by FFmpeg (Pillow reads 8 bits of it): uint16 ``[H, W, 3]`` on
+    FFmpeg's scale (white 65280) for ``bits=16``, else uint8 (rounded, as 16-bit grey images are)."""
+    from .video import _ffmpeg_name, _import_av
+
+    av = _import_av()
+    try:
+        with av.open(_ffmpeg_name(os.fspath(path))) as container:
+            frame = next(container.decode(video=0))
+            rgb = frame.to_ndarray(format="rgb48le")
+    except (av.FFmpegError, StopIteration) as e:
+        raise VideoError(f"{path}: not a readable 16-bit image ({e})") from e
+    if bits == 16:
+        return np.rint(rgb * (65280 / 65535)).astype(np.uint16)
+    return np.rint(rgb / 257.0).astype(np.uint8)
+
+
+def _write_deep(frame: np.ndarray, path: str, suffix: str, compress_level: int) -> None:
+    """uint16 RGB ``frame`` (FFmpeg's scale, white 65280) as a 16-bit PNG or TIFF (white 65535)."""
+    from .video import _import_av
+
+    av = _import_av()
+    codec, pix_fmt = DEEP_SUFFIXES[suffix]
+    full = np.rint(frame * (65535 / 65280)).astype(np.uint16)
+    context = av.CodecContext.create(codec, "w")
+    context.width, context.height, context.pix_fmt = frame.shape[1], frame.shape[0], pix_fmt
+    if codec == "png":
+        context.options = {"compression_level": str(compress_level)}
+    packets = context.encode(av.VideoFrame.from_ndarray(full, format="rgb48le")) + context.encode(None)
+    with open(path, "wb") as f:
+        for packet in packets:
+            f.write(bytes(packet))
+
+
 def _to_rgb(image, path, bits: int = 8) -> np.ndarray:
     """``image`` as uint8 ``[H, W, 3]``: 8-bit modes converted by PIL, 16-bit ones rounded to 8 bits; or
     for ``bits=16`` as uint16 in FFmpeg's 16-bit scale (:mod:`oasis.video`: 256 x the 8-bit level, white
@@ -153,7 +208,8 @@ class ImageFrames:
     last slice's start on, so overlapping chunks read each file once.
 
     ``fps``: the sequence's rate (images carry none; default 25, as FFmpeg's). ``max_frames``: the
-    first N images only. ``bits=16``: uint16 frames (0..65535).
+    first N images only. ``bits=16``: uint16 frames on FFmpeg's 16-bit scale (white 65280; a 16-bit file's
+    65535 lands there), 16-bit files at their full depth.
     """
 
     def __init__(self, path, *, fps=None, max_frames: int | None = None, threads: int | None = None,
@@ -169,7 +225,7 @@ class ImageFrames:
             max_frames = _positive_int(max_frames, "max_frames", where="ImageFrames: ")
         rate = DEFAULT_FPS if fps is None else _as_fps(fps, p)
         files, first_number = _list_frames(p, max_frames)
-        size, alpha, modes = None, False, set()
+        size, alpha, modes, deep = None, False, set(), []
         for f in files:
             try:
                 with Image.open(f) as image:
@@ -182,7 +238,8 @@ class ImageFrames:
                         raise VideoError(f"{f}: images of PIL mode {image.mode!r} are not read (8- or 16-bit grey, "
                                          f"RGB, palette)")
                     alpha = alpha or "A" in image.mode or "transparency" in image.info
-                    modes.add(image.mode)
+                    deep.append(_deep_rgb(image, f))
+                    modes.add(f"{image.mode};16" if deep[-1] else image.mode)
             except (OSError, SyntaxError, ValueError) as e:
                 if isinstance(e, VideoError):
                     raise
@@ -195,7 +252,8 @@ class ImageFrames:
         self.info = VideoInfo(path=p, width=size[0], height=size[1], fps=rate, num_frames=len(files),
                               codec=files[0].suffix.lower().lstrip("."), pix_fmt="/".join(sorted(modes)),
                               color_range=None, colorspace=None, alpha=alpha,
-                              bits=16 if modes & _SIXTEEN_BIT_MODES else 8)
+                              bits=16 if modes & _SIXTEEN_BIT_MODES or any(deep) else 8)
+        self._deep = deep
         self.shape = torch.Size((len(files), size[1], size[0], 3))
         self._threads = threads or min(8, os.cpu_count() or 1)
         self._kept: dict[int, np.ndarray] = {}
@@ -209,6 +267,12 @@ class ImageFrames:
 
     def _read(self, index: int) -> np.ndarray:
         f = self.files[index]
+        if self._deep[index]:
+            frame = _read_deep(f, self._bits)
+            if frame.shape[:2] != (self.shape[1], self.shape[2]):
+                raise VideoError(f"{f}: {frame.shape[1]}x{frame.shape[0]} now, {self.shape[2]}x{self.shape[1]} "
+                                 f"when the sequence was opened")
+            return frame
         try:
             with _pil().open(f) as image:
                 if image.size != (self.shape[2], self.shape[1]):
@@ -261,7 +325,8 @@ class ImageWriter:
     ``path``: a folder (made if missing, its parent must exist), where frame k goes to
     ``names[k]`` or, without ``names``, to ``00000001.png``, ``00000002.png``... (FFmpeg's numbering); or
     a numbered pattern (``out/%05d.png``: frame k at number ``start + k``), whose suffix sets the format
-    (PNG, JPEG, BMP, TIFF, WebP). ``names`` (a folder only): one file name per frame, e.g. the input
+    (PNG, JPEG, BMP, TIFF, WebP). uint16 frames (FFmpeg's scale, white 65280) are written with 16 bits per
+    colour, into PNG and TIFF only. ``names`` (a folder only): one file name per frame, e.g. the input
     sequence's own names, so restored frames line up with their ground truth.
 
     Each image is written beside its name and renamed, so a file is complete or absent; ``threads``
@@ -349,10 +414,17 @@ class ImageWriter:
         return []
 
     def write(self, frames) -> None:
-        """Queue uint8 RGB ``frames`` ``[f, H, W, 3]`` (tensor or array) for writing."""
+        """Queue uint8 (or, into PNG and TIFF, uint16) RGB ``frames`` ``[f, H, W, 3]`` (tensor or array)
+        for writing."""
         if self._closed:
             raise VideoError(f"{self.path}: write after close()")
-        arr = _frames_array(frames, self.path)
+        arr = _frames_array(frames, self.path, deep=True)
+        if arr.dtype == np.uint16:
+            suffixes = {os.path.splitext(self._name(k))[1].lower() for k in range(self._written,
+                                                                                   self._written + len(arr))}
+            if suffixes - set(DEEP_SUFFIXES):
+                raise VideoError(f"{self.path}: 16-bit frames are written as PNG or TIFF, not "
+                                 f"{', '.join(sorted(suffixes - set(DEEP_SUFFIXES)))}")
         if arr.shape[1:3] != (self.height, self.width):
             raise VideoError(f"{self.path}: frames are {arr.shape[2]}x{arr.shape[1]}, the writer's "
                              f"{self.width}x{self.height}")
@@ -373,7 +445,10 @@ class ImageWriter:
         # beside, then renamed; a name too long for that is written itself
         scratch = target if len(scratch.encode()) > 255 else os.path.join(self.folder, scratch)
         try:
-            self._image.fromarray(frame).save(scratch, format=_WRITE_FORMATS[suffix], **self._options)
+            if frame.dtype == np.uint16:
+                _write_deep(frame, scratch, suffix, self._options["compress_level"])
+            else:
+                self._image.fromarray(frame).save(scratch, format=_WRITE_FORMATS[suffix], **self._options)
             if scratch != target:
                 os.replace(scratch, target)
             with self._lock:

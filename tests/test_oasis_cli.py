@@ -111,8 +111,9 @@ def test_sound_and_rotation_come_along(tmp_path, capsys, checkpoint):
 
 def test_hdr_tags_and_bits_kept(tmp_path, capsys, checkpoint):
     """An HLG phone clip (10 bits, BT.2020): its primaries, curve and matrix tags come along (shown as
-    BT.709 they look washed out), and its 10 bits: read as 16, written as 10-bit HEVC. ``--bits 8`` writes
-    H.264 and says what is lost; an 8-bit source is written with 10 on ``--bits 10``."""
+    BT.709 they look washed out), and its 10 bits: read as 16, written as 10-bit HEVC, or as 16-bit PNGs.
+    ``--bits 8`` writes H.264 and says what is lost (so do JPEG frames); an 8-bit source is written with
+    10 on ``--bits 10``; bits a format cannot hold are refused before any work."""
     from test_oasis_video import hdr_source
 
     src = hdr_source(tmp_path / "hlg.mp4", synthetic_clip(5, 20, 28))
@@ -130,8 +131,27 @@ def test_hdr_tags_and_bits_kept(tmp_path, capsys, checkpoint):
     code, err = run(capsys, src, "-o", out, *common, "--bits", 8)
     assert code == 0 and "10 bits per colour are written as 8" in err, err
     assert (probe_video(out).codec, probe_video(out).bits) == ("h264", 8)
-    code, err = run(capsys, src, "-o", f"{tmp_path}/frames/", *common)  # images: 8 bits, said
-    assert code == 0 and "10 bits per colour are written as 8 (images hold 8)" in err, err
+    # images: 16-bit PNGs (the model's output not rounded to 8 bits), 8 on --bits 8 or into JPEG, said
+    code, err = run(capsys, src, "-o", f"{tmp_path}/frames/", *common)
+    assert code == 0 and "written as" not in err, err
+    from oasis.images import ImageFrames
+
+    pngs = ImageFrames(tmp_path / "frames", bits=16)
+    assert pngs.info.bits == 16 and pngs.info.pix_fmt == "RGB;16" and len(pngs) == 5
+    assert (pngs[0:5].int() % 256 != 0).float().mean() > 0.5
+    code, err = run(capsys, src, "-o", f"{tmp_path}/frames/", *common, "--bits", 8, "--resume")
+    assert code == 2 and "bits 16, now 8" in err, err  # 8-bit frames would not finish a 16-bit run
+    code, err = run(capsys, src, "-o", f"{tmp_path}/frames8/", *common, "--bits", 8)
+    assert code == 0 and "10 bits per colour are written as 8 (give --bits 16 for 16)" in err, err
+    assert ImageFrames(tmp_path / "frames8").info.bits == 8
+    code, err = run(capsys, src, "-o", f"{tmp_path}/jpeg/%03d.jpg", *common)
+    assert code == 0 and "written as 8 (this image type holds 8)" in err, err
+    for where, bits, says in ((out, 16, "--bits 16: for PNG or TIFF images"),
+                              (f"{tmp_path}/j/%03d.jpg", 16, "--bits 16: PNG or TIFF images hold 16 bits per colour, "
+                                                              "not .jpg"),
+                              (f"{tmp_path}/f/", 10, "--bits 10: images hold 8 or 16 bits")):
+        code, err = run(capsys, src, "-o", where, *common, "--bits", bits)
+        assert code == 2 and says in err, err
     plain = tmp_path / "plain.mp4"
     write_video(plain, synthetic_clip(5, 20, 28), 24)
     code, err = run(capsys, plain, "-o", out, *common, "--bits", 10)
@@ -440,7 +460,7 @@ def test_image_outputs_keep_numbers_and_never_write_over_their_input(tmp_path, c
     ("gif", "images, not .gif"),
     ("no_parent", "does not exist"),
     ("sizes", "where the sequence's first image"),
-    ("bits", "images are written with 8 bits"),
+    ("bits", "images hold 8 or 16 bits per colour"),
     ("empty_output", "no output"),
     ("no_suffix", "has no file type"),
     ("one_image", "is one image"),

@@ -228,3 +228,48 @@ def test_sixteen_bit_reading(tmp_path, clip):
     assert frames.info.bits == 16 and np.array_equal(frames[0].numpy()[..., 2], np.rint(grey * (65280 / 65535)))
     with pytest.raises(ValueError, match="bits"):
         ImageFrames(folder, bits=10)
+
+
+def _deep_file(path, rgb16: np.ndarray, codec: str, pix_fmt: str) -> None:
+    """A 16-bit RGB image file written by FFmpeg's encoder (independent of ImageWriter's path)."""
+    import av
+
+    context = av.CodecContext.create(codec, "w")
+    context.width, context.height, context.pix_fmt = rgb16.shape[1], rgb16.shape[0], pix_fmt
+    packets = context.encode(av.VideoFrame.from_ndarray(rgb16, format="rgb48le")) + context.encode(None)
+    path.write_bytes(b"".join(bytes(p) for p in packets))
+
+
+@pytest.mark.parametrize("suffix, codec, pix_fmt", [(".png", "png", "rgb48be"), (".png", "png", "rgba64be"),
+                                                      (".tif", "tiff", "rgb48le")])
+def test_sixteen_bit_rgb_files(tmp_path, suffix, codec, pix_fmt):
+    """RGB(A) PNGs and TIFFs of 16 bits per colour, which Pillow reads as 8-bit RGB: their full depth with
+    ``bits=16`` (white 65535 onto FFmpeg's 65280), rounded to 8 bits without; written back by ImageWriter
+    with 16 bits, the same values."""
+    rgb16 = np.random.default_rng(5).integers(0, 65536, (H, W, 3)).astype(np.uint16)
+    rgb16[0, 0] = 65535
+    (tmp_path / "in").mkdir()
+    _deep_file(tmp_path / "in" / f"a{suffix}", rgb16, codec, pix_fmt)
+    deep = ImageFrames(tmp_path / "in", bits=16)
+    assert deep.info.bits == 16 and deep.info.pix_fmt == ("RGBA;16" if "rgba" in pix_fmt else "RGB;16")
+    want = np.rint(rgb16 * (65280 / 65535))
+    assert np.array_equal(deep[0].numpy(), want) and deep[0].numpy()[0, 0, 0] == 65280
+    assert np.array_equal(ImageFrames(tmp_path / "in")[0].numpy(), np.rint(rgb16 / 257))
+    out = tmp_path / "out" / f"%02d{suffix}"
+    with ImageWriter(out, W, H) as writer:
+        writer.write(deep[0:1])
+    again = ImageFrames(out, bits=16)
+    assert again.info.bits == 16 and torch.equal(again[0], deep[0])
+
+
+def test_sixteen_bit_frames_go_to_png_and_tiff_only(tmp_path, clip):
+    frames = clip[:2].to(torch.int32).mul(256).to(torch.uint16)
+    with pytest.raises(VideoError, match="16-bit frames are written as PNG or TIFF, not .jpg"):
+        with ImageWriter(tmp_path / "%03d.jpg", W, H) as writer:
+            writer.write(frames)
+    with pytest.raises(VideoError, match="not .webp"):
+        with ImageWriter(tmp_path / "named", W, H, names=["a.png", "b.webp"]) as writer:
+            writer.write(frames)
+    with pytest.raises(TypeError, match="uint8 RGB"):
+        with ImageWriter(tmp_path / "w", W, H) as writer:
+            writer.write(frames.int())
