@@ -303,7 +303,10 @@ class WorkerDevicePairs(torch.utils.data.Dataset):
 
     def __init__(self, pairs: PairDataset, device):
         self.pairs = pairs
-        self.device = str(torch.device(device))  # a string pickles to spawned workers as it is
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" in a spawned worker would be GPU 0
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = str(device)  # a string pickles to spawned workers as it is
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -11,7 +11,8 @@
 Frames are uint8 RGB ``[F, H, W, 3]``, as everywhere in :mod:`oasis.video` (uint16 with ``bits=16``, on
 FFmpeg's 16-bit scale: white 65280). Reading: grey, palette and CMYK images become RGB, transparency is
 dropped (:attr:`VideoInfo.alpha` says so); 16-bit images (grey, and RGB(A) PNG and TIFF, which Pillow
-would read as 8-bit RGB, decoded by FFmpeg instead) are rounded to 8 bits unless read with ``bits=16``;
+reads as 8-bit RGB: decoded by FFmpeg with ``bits=16``) give 8 bits unless read with ``bits=16``
+(interlaced 16-bit PNGs give 8: FFmpeg's decoder mis-reads them);
 EXIF orientation is not applied (frames come as stored). Writing: 8 bits, or 16 (uint16 frames) into PNG
 and TIFF. Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow (and PyAV for
 16-bit RGB files).
@@ -129,23 +130,26 @@ DEEP_SUFFIXES = {".png": ("png", "rgb48be"), ".tif": ("tiff", "rgb48le"), ".tiff
 
 
 def _deep_rgb(image, path) -> bool:
-    """Whether ``image`` (open in Pillow, which reads it as 8-bit RGB) holds 16 bits per colour: a PNG of
-    colour type RGB or RGBA at bit depth 16 (its IHDR), a TIFF of 16-bit RGB(A) samples."""
+    """Whether ``image`` (open in Pillow, which reads it as 8-bit RGB(A)) holds 16 bits per colour, read
+    at that depth by FFmpeg: a PNG of colour type RGB, RGBA or grey+alpha at bit depth 16 (its IHDR), not
+    interlaced (FFmpeg 8.1's decoder mis-reads interlaced 16-bit RGB rows: those stay Pillow's 8 bits), a
+    TIFF of 16-bit samples."""
     if image.mode not in ("RGB", "RGBA"):
         return False
     if image.format == "PNG":
         with open(path, "rb") as f:
-            head = f.read(26)
-        return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
+            head = f.read(29)
+        return (len(head) == 29 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6)
+                and head[28] == 0)
     if image.format == "TIFF":
         samples = image.tag_v2.get(258)
         return bool(samples) and all(b == 16 for b in (samples if isinstance(samples, tuple) else (samples,)))
     return False
 
 
-def _read_deep(path, bits: int) -> np.ndarray:
+def _read_deep(path) -> np.ndarray:
     """A 16-bit RGB(A) PNG or TIFF decoded by FFmpeg (Pillow reads 8 bits of it): uint16 ``[H, W, 3]`` on
-    FFmpeg's scale (white 65280) for ``bits=16``, else uint8 (rounded, as 16-bit grey images are)."""
+    FFmpeg's scale (white 65280)."""
     from .video import _ffmpeg_name, _import_av
 
     av = _import_av()
@@ -155,9 +159,7 @@ def _read_deep(path, bits: int) -> np.ndarray:
             rgb = frame.to_ndarray(format="rgb48le")
     except (av.FFmpegError, StopIteration) as e:
         raise VideoError(f"{path}: not a readable 16-bit image ({e})") from e
-    if bits == 16:
-        return np.rint(rgb * (65280 / 65535)).astype(np.uint16)
-    return np.rint(rgb / 257.0).astype(np.uint8)
+    return np.rint(rgb * (65280 / 65535)).astype(np.uint16)
 
 
 def _write_deep(frame: np.ndarray, path: str, suffix: str, compress_level: int) -> None:
@@ -166,7 +168,7 @@ def _write_deep(frame: np.ndarray, path: str, suffix: str, compress_level: int) 
 
     av = _import_av()
     codec, pix_fmt = DEEP_SUFFIXES[suffix]
-    full = np.rint(frame * (65535 / 65280)).astype(np.uint16)
+    full = np.rint(np.minimum(frame, 65280) * (65535 / 65280)).astype(np.uint16)  # above white: white
     context = av.CodecContext.create(codec, "w")
     context.width, context.height, context.pix_fmt = frame.shape[1], frame.shape[0], pix_fmt
     if codec == "png":
@@ -267,8 +269,8 @@ class ImageFrames:
 
     def _read(self, index: int) -> np.ndarray:
         f = self.files[index]
-        if self._deep[index]:
-            frame = _read_deep(f, self._bits)
+        if self._deep[index] and self._bits == 16:  # 8 bits of it: Pillow's, as before 16-bit RGB was read
+            frame = _read_deep(f)
             if frame.shape[:2] != (self.shape[1], self.shape[2]):
                 raise VideoError(f"{f}: {frame.shape[1]}x{frame.shape[0]} now, {self.shape[2]}x{self.shape[1]} "
                                  f"when the sequence was opened")

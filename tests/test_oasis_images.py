@@ -244,7 +244,7 @@ def _deep_file(path, rgb16: np.ndarray, codec: str, pix_fmt: str) -> None:
                                                       (".tif", "tiff", "rgb48le")])
 def test_sixteen_bit_rgb_files(tmp_path, suffix, codec, pix_fmt):
     """RGB(A) PNGs and TIFFs of 16 bits per colour, which Pillow reads as 8-bit RGB: their full depth with
-    ``bits=16`` (white 65535 onto FFmpeg's 65280), rounded to 8 bits without; written back by ImageWriter
+    ``bits=16`` (white 65535 onto FFmpeg's 65280), Pillow's 8 bits without; written back by ImageWriter
     with 16 bits, the same values."""
     rgb16 = np.random.default_rng(5).integers(0, 65536, (H, W, 3)).astype(np.uint16)
     rgb16[0, 0] = 65535
@@ -254,7 +254,7 @@ def test_sixteen_bit_rgb_files(tmp_path, suffix, codec, pix_fmt):
     assert deep.info.bits == 16 and deep.info.pix_fmt == ("RGBA;16" if "rgba" in pix_fmt else "RGB;16")
     want = np.rint(rgb16 * (65280 / 65535))
     assert np.array_equal(deep[0].numpy(), want) and deep[0].numpy()[0, 0, 0] == 65280
-    assert np.array_equal(ImageFrames(tmp_path / "in")[0].numpy(), np.rint(rgb16 / 257))
+    assert np.array_equal(ImageFrames(tmp_path / "in")[0].numpy(), rgb16 >> 8)  # 8 bits: Pillow's
     out = tmp_path / "out" / f"%02d{suffix}"
     with ImageWriter(out, W, H) as writer:
         writer.write(deep[0:1])
@@ -273,3 +273,49 @@ def test_sixteen_bit_frames_go_to_png_and_tiff_only(tmp_path, clip):
     with pytest.raises(TypeError, match="uint8 RGB"):
         with ImageWriter(tmp_path / "w", W, H) as writer:
             writer.write(frames.int())
+
+
+def _png16(path, values: np.ndarray, colour_type: int, interlaced: bool = False) -> None:
+    """A PNG of bit depth 16 written by hand (not by FFmpeg or Pillow): ``values`` uint16 [H, W, C], C the
+    colour type's samples; interlaced by Adam7's seven passes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    big = values.astype(">u2")
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)] \
+        if interlaced else [(0, 0, 1, 1)]
+    raw = b"".join(b"\0" + row.tobytes() for x0, y0, dx, dy in passes for row in big[y0::dy, x0::dx]
+                   if big[y0::dy, x0::dx].size)
+    ihdr = struct.pack(">IIBBBBB", values.shape[1], values.shape[0], 16, colour_type, 0, 0, int(interlaced))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) +
+                     chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_png_kinds(tmp_path):
+    """Grey+alpha at 16 bits (Pillow: 8-bit RGBA) keeps its depth; an interlaced 16-bit RGB PNG, which
+    FFmpeg's decoder mis-reads, is read by Pillow at 8 bits (said by info.bits), right in every row; a
+    write of values above white (65280) gives white, not a wrapped dark value."""
+    rng = np.random.default_rng(6)
+    grey = rng.integers(0, 65536, (H, W, 2)).astype(np.uint16)
+    (tmp_path / "la").mkdir()
+    _png16(tmp_path / "la" / "a.png", grey, 4)
+    frames = ImageFrames(tmp_path / "la", bits=16)
+    assert frames.info.bits == 16 and frames.info.alpha
+    assert np.array_equal(frames[0].numpy(), np.repeat(np.rint(grey[..., :1] * (65280 / 65535)), 3, axis=-1))
+    rgb = rng.integers(0, 65536, (H, W, 3)).astype(np.uint16)
+    (tmp_path / "il").mkdir()
+    _png16(tmp_path / "il" / "a.png", rgb, 2, interlaced=True)
+    frames = ImageFrames(tmp_path / "il", bits=16)
+    assert frames.info.bits == 8 and np.array_equal(frames[0].numpy(), (rgb >> 8).astype(np.uint16) << 8)
+    assert np.array_equal(ImageFrames(tmp_path / "il")[0].numpy(), rgb >> 8)
+    (tmp_path / "plain").mkdir()
+    _png16(tmp_path / "plain" / "a.png", rgb, 2)
+    assert np.array_equal(ImageFrames(tmp_path / "plain")[0].numpy(), rgb >> 8)  # 8 bits: Pillow's, as before
+    over = np.full((1, H, W, 3), 65280, np.uint16)
+    over[0, 0, 0] = [65281, 65535, 65280]
+    with ImageWriter(tmp_path / "w" / "%d.png", W, H) as writer:
+        writer.write(over)
+    assert (Image.open(tmp_path / "w" / "1.png").convert("RGB").getpixel((0, 0))) == (255, 255, 255)
