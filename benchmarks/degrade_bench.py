@@ -16,7 +16,8 @@ that many clips in flight (their first wave: one clip per thread or worker, whic
 With ``--in-workers`` as well, the workers degrade their own clips on that device
 (``degrade_on = "workers-device"``: spawned workers, each with a CUDA context; ``--threads`` unused), and
 the main process only moves the pairs to the device. A second table degrades HQ clips already in
-pinned memory: the degradation side alone, to set against the source alone ("the source alone": one clip made in the main thread).
+pinned memory: the degradation side alone, to set against the source alone ("the source alone": one
+clip made in the main thread).
 
 ``--make-videos N`` first writes N libx264 videos of ``--video-size`` frames into ``--videos`` (a
 temporary folder without it) from synthetic clips, so the workers decode real files as a trainer's
@@ -268,32 +269,32 @@ def main(argv=None):
                 batch_sampler=[[i] for i in range(clips)], num_workers=workers, pin_memory=cuda,
                 multiprocessing_context="spawn" if args.in_workers and cuda and workers else None)
             load = MatmulLoad(device) if args.matmul_load and cuda else contextlib.nullcontext()
-            load.__enter__()
-            start = time.perf_counter()
-            arrivals = []
-            if args.in_workers:  # (lq, hq) degraded by the workers: onto the device, as the trainer takes them
-                for lq, hq in loader:
-                    lq, hq = lq.to(device, non_blocking=True), hq.to(device, non_blocking=True)
-                    if cuda:
-                        torch.cuda.synchronize(device)
-                    arrivals.append(time.perf_counter())
-            elif device is None:
-                for _ in loader:
-                    arrivals.append(time.perf_counter())
-            else:  # (index, HQ clip): degraded here, as the trainer does, `threads` clips in flight
-                with DeviceDegrader(device, threads) as degrader:
-                    pending = []
-                    for a, b in loader:
-                        pending.append(degrader.submit(data, a.tolist(), b))
-                        while len(pending) > threads:
+            with load:  # bf16 matmuls beside the row, where asked
+                start = time.perf_counter()
+                arrivals = []
+                if args.in_workers:  # (lq, hq) degraded by the workers: onto the device, as the trainer takes them
+                    for lq, hq in loader:
+                        lq, hq = lq.to(device, non_blocking=True), hq.to(device, non_blocking=True)
+                        if cuda:
+                            torch.cuda.synchronize(device)
+                        arrivals.append(time.perf_counter())
+                elif device is None:
+                    for _ in loader:
+                        arrivals.append(time.perf_counter())
+                else:  # (index, HQ clip): degraded here, as the trainer does, `threads` clips in flight
+                    with DeviceDegrader(device, threads) as degrader:
+                        pending = []
+                        for a, b in loader:
+                            pending.append(degrader.submit(data, a.tolist(), b))
+                            while len(pending) > threads:
+                                arrived(pending.pop(0), device, arrivals)
+                        while pending:
                             arrived(pending.pop(0), device, arrivals)
-                    while pending:
-                        arrived(pending.pop(0), device, arrivals)
-            load.__exit__(None, None, None)
             wave = max(workers, threads, 1)  # the first wave: every worker's (thread's) start-up and first clip
             total = arrivals[-1] - start
             steady = (len(arrivals) - wave) / (arrivals[-1] - arrivals[wave - 1])
-            row = {"mode": mode, "jpeg": jpeg, "workers": workers, "degrade_on": ("workers on " if args.in_workers else "") + (args.device or "workers"), "threads": threads,
+            on = ("workers on " if args.in_workers else "") + (args.device or "workers")
+            row = {"mode": mode, "jpeg": jpeg, "workers": workers, "degrade_on": on, "threads": threads,
                    "clips": len(arrivals),
                    "s": total,
                    "first_wave_s": arrivals[wave - 1] - start, "clips_per_s": steady,
@@ -310,7 +311,8 @@ def main(argv=None):
         for mode, jpeg in settings:
             gpu_ms[f"{mode}, {jpeg}"] = gpu_ms_per_clip(PairDataset(source, Degradation(jpeg_impl=jpeg), mode), device)
             print(json.dumps({"gpu_ms_per_clip": gpu_ms}), flush=True)
-    res = {"matmul_TFLOPs_alone": alone, "coders": coders, "gpu_ms_per_clip": gpu_ms, "source_ms_per_clip": source_ms, "source_from_start_ms_per_clip": from_start_ms,
+    res = {"matmul_TFLOPs_alone": alone,
+           "coders": coders, "gpu_ms_per_clip": gpu_ms, "source_ms_per_clip": source_ms, "source_from_start_ms_per_clip": from_start_ms,
            "memory_rows": memory, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
            "source": str(args.videos) if args.videos else "synthetic", "rows": rows}
     if args.make_videos:

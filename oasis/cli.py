@@ -245,7 +245,7 @@ def _image_input(args):
 
 
 def _deep_image_input(args):
-    """The same input read as 16-bit frames (a 10-bit output's)."""
+    """The same input read as 16-bit frames (for a 10-bit video or 16-bit images)."""
     from .images import ImageFrames
 
     return ImageFrames(args.input, fps=args.fps, max_frames=args.max_frames, bits=16)
@@ -699,7 +699,7 @@ def _write_behind(blocks, write) -> None:
         raise failed[0]
 
 
-def _run_record(args, frames: int, width: int, height: int, bits: int = 8) -> dict:
+def _run_record(args, frames: int, width: int, height: int, bits: int) -> dict:
     """What an image output's frames depend on besides its chunks and tiles, kept beside them for --resume."""
     def where(path):
         return None if path is None else os.path.realpath(path) if os.path.exists(path) else os.path.abspath(path)

@@ -78,7 +78,8 @@ class VideoFolder:
         if not root.is_dir():
             raise ValueError(f"{root}: no such folder of training videos")
         # hidden files and folders are no training videos (.cache/thumbs/*.png, ._x.mp4)
-        paths = sorted(p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts))
+        paths = sorted(p for p in root.rglob("*")
+                       if not any(part.startswith(".") for part in p.relative_to(root).parts))
         files = [p for p in paths if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()]
         image_dirs = sorted({p.parent for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()})
         if not files and not image_dirs:

@@ -13,8 +13,8 @@ FFmpeg's 16-bit scale: white 65280). Reading: grey, palette and CMYK images beco
 dropped (:attr:`VideoInfo.alpha` says so); 16-bit images (grey, and RGB(A) PNG and TIFF, which Pillow
 reads as 8-bit RGB: decoded by FFmpeg with ``bits=16``) give 8 bits unless read with ``bits=16``
 (interlaced 16-bit PNGs give 8: FFmpeg's decoder mis-reads them); frames are turned as their EXIF
-orientation says they are shown. Writing: 8 bits, or 16 (uint16 frames) into PNG and TIFF. Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow (and PyAV for
-16-bit RGB files).
+orientation says they are shown. Writing: 8 bits, or 16 (uint16 frames) into PNG and TIFF. Bad input
+raises :class:`oasis.video.VideoError` naming the file. Needs Pillow (and PyAV for 16-bit RGB files).
 """
 
 from __future__ import annotations
@@ -296,7 +296,8 @@ class ImageFrames:
 
     def _read_stored(self, index: int) -> np.ndarray:
         f = self.files[index]
-        stored = (self.shape[2], self.shape[1])[::-1] if self._turns[index] >= 5 else (self.shape[2], self.shape[1])
+        shown = (self.shape[2], self.shape[1])
+        stored = shown[::-1] if self._turns[index] >= 5 else shown  # a quarter turn swaps the sides
         if self._deep[index] and self._bits == 16:  # 8 bits of it: Pillow's, as before 16-bit RGB was read
             frame = _read_deep(f)
             if frame.shape[1::-1] != stored:

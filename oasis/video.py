@@ -31,8 +31,8 @@ Colour handling
   HDR (HLG or PQ, BT.2020) phone clip keeps what tells a player how to show it.
 * Bits: frames are uint8 by default; ``bits=16`` reads uint16 frames, which keep a 10- or 12-bit
   source's precision (:attr:`VideoInfo.bits`), on FFmpeg's 16-bit scale: 256 x the 8-bit level, a
-  limited-range white at 65280 (a full-range 10-bit white reads 65472, as swscale gives it); :class:`VideoWriter` takes uint16 frames too,
-  written at 10 bits with a 10-bit ``pix_fmt`` (``yuv420p10le``: libx265, libx264, libsvtav1; this
+  limited-range white at 65280 (a full-range 10-bit white reads 65472, as swscale gives it);
+  :class:`VideoWriter` takes uint16 frames too, written at 10 bits with a 10-bit ``pix_fmt`` (``yuv420p10le``: libx265, libx264, libsvtav1; this
   PyAV's libvpx-vp9 has none).
 
 Timing, rotation, tags and sound
@@ -492,7 +492,8 @@ class VideoFrames:
     memory, where :func:`read_video` holds all of it (10 minutes of 540p: 28 GB).
 
     Opening decodes the clip once without converting its pictures (1080p H.264: 266 frames/s on two
-    cores, 2.8x the rate of reading them; benchmarks/results/2026-12-05_cpu_e42d33d/): that counts the frames and reads their times exactly (:attr:`info`, as :func:`read_video` gives it),
+    cores, 2.8x the rate of reading them; benchmarks/results/2026-12-05_cpu_e42d33d/): that counts the
+    frames and reads their times exactly (:attr:`info`, as :func:`read_video` gives it),
     and finds a damaged file before any long work starts. Reading decodes again, on a thread of its
     own that runs up to ``prefetch`` frames ahead (default: what fits 256 MiB, 2 to 256 frames), and
     keeps the frames from the last slice's start on. So slices whose starts never go back (overlapping
