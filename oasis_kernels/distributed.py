@@ -20,20 +20,25 @@ The frame-parallel hybrid (``strategy="hybrid"``, the default where it can run) 
 heads off the all-to-alls: with whole frames on each rank, intra heads exchange nothing and window
 heads only the k and v of the window's temporal radius from each neighbour (point to point); only
 the global heads take the all-to-alls. docs/DISTRIBUTED.md models both's traffic; timings on
-several GPUs are not measured yet.
+several GPUs are not measured yet. :func:`rank_calls` lists the attention calls each rank makes (the
+plans the layer builds, collectives aside), which one GPU can time rank by rank
+(benchmarks/rank_share_bench.py).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .api import routed_attention as _routed_attention
 from .plan import Mode, RoutingPlan, normalize_grid
 
-__all__ = ["token_slices", "head_costs", "balance_heads", "routed_attention"]
+__all__ = ["token_slices", "head_costs", "balance_heads", "RankCall", "rank_calls", "routed_attention"]
 
 
 def token_slices(grid, world_size: int) -> list[tuple[int, int]]:
@@ -201,6 +206,49 @@ class _Halo(torch.autograd.Function):
         return out, None, None
 
 
+class _GatherTokens(torch.autograd.Function):
+    """This rank's tokens ``[B, n_rank, h, D]`` -> every rank's, ``[B, N, h, D]`` (an all-gather, each slice
+    padded to the largest); the backward returns to each rank the sum of the ranks' gradients of its
+    tokens, added in rank order in float32 (an all-to-all of the slices and a local sum: the same bits on
+    every run, and gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, counts, group):
+        world, rank = _group_info(group)
+        ctx.counts, ctx.group = counts, group
+        most = max(counts)
+        padded = x.new_zeros((x.shape[0], most, *x.shape[2:]))
+        padded[:, :x.shape[1]] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:, :c] for p, c in zip(parts, counts)], dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        world, rank = _group_info(ctx.group)
+        b, n, h, d = g.shape
+        mine = ctx.counts[rank]
+        send = g.permute(1, 0, 2, 3).reshape(n, b * h * d)  # rows are tokens: rank j's are one run
+        recv = _exchange(send, ctx.counts, [mine] * world, ctx.group).view(world, mine, b, h, d)
+        total = recv[0].float()
+        for part in recv[1:]:
+            total += part.float()
+        return total.to(g.dtype).permute(1, 0, 2, 3).contiguous(), None, None
+
+
+#: the rank's queries over all the tokens (rectangular global attention): cuDNN first where it runs, as
+#: the package's global heads (backends/dense.py), then PyTorch's other kernels
+_ROWS_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.MATH]
+
+
+def _global_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Global heads: this rank's queries ``[B, n, h, D]`` over every token's k and v ``[B, N, h, D]``."""
+    with sdpa_kernel(_ROWS_BACKENDS, set_priority=True):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
 def _p2p(ops, world, group):
     """Point-to-point sends and receives to neighbours that exist, posted together (no ordering deadlock)."""
     reqs = []
@@ -236,29 +284,68 @@ def _take_heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
     return x.index_select(2, _head_index(tuple(heads), x.device))
 
 
-def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tensor:
-    world, rank = _group_info(group)
-    _, h, w = plan.grid
+class RankCall(NamedTuple):
+    """One attention call of a rank: ``plan`` over its ``plan.num_tokens`` tokens or, where ``queries`` is
+    set, that many of them as queries (the rank's frames) of ``plan``'s global heads over all its tokens."""
+    plan: RoutingPlan
+    queries: int | None = None
+
+
+def _gathers_globals(plan: RoutingPlan, world: int, global_heads: str) -> bool:
+    """Whether the hybrid's global heads take the all-gather (else the all-to-all): ``"auto"`` where their
+    count does not divide by the ranks, so that whole heads would leave the ranks unequal."""
+    if global_heads == "auto":
+        return plan.modes.count(Mode.GLOBAL) % world != 0
+    return global_heads == "all_gather"
+
+
+def _hybrid_parts(plan: RoutingPlan, counts: list[int], world: int, rank: int,
+                  global_heads: str) -> list[tuple[Mode, list[int], RankCall | None]]:
+    """What rank ``rank`` computes in the hybrid, mode by mode: ``(mode, the plan's heads of that mode, this
+    rank's call or None)``. Global heads, all-to-all: its share of the heads (as even as they go: 5 over 2
+    ranks, 3 and 2; None for a rank left without one) over all the tokens; all-gather: every global head,
+    its own frames' queries over all the tokens. Intra: its frames; window: its frames with the window's
+    temporal radius of each neighbour's frames around them (none past the sequence's ends)."""
+    t, h, w = plan.grid
     frames = counts[rank] // (h * w)
-    by_mode = {m: [i for i, mm in enumerate(plan.modes) if mm == m] for m in (Mode.GLOBAL, Mode.INTRA, Mode.WINDOW)}
-    outs, order = [], []
-    for mode, heads in by_mode.items():
+    rt = plan.window[0] // 2
+    parts = []
+    for mode in (Mode.GLOBAL, Mode.INTRA, Mode.WINDOW):
+        heads = [i for i, m in enumerate(plan.modes) if m == mode]
         if not heads:
             continue
-        qm, km, vm = (_take_heads(x, heads) for x in (q, k, v))
-        if mode == Mode.GLOBAL:  # Ulysses among the global heads
-            # the global heads split as evenly as they go (5 over 2 ranks: 3 and 2)
+        if mode == Mode.GLOBAL and _gathers_globals(plan, world, global_heads):
+            call = RankCall(RoutingPlan(plan.grid, [Mode.GLOBAL] * len(heads), plan.window), counts[rank])
+        elif mode == Mode.GLOBAL:
             mine = _head_blocks(len(heads), world)[rank]
+            call = RankCall(RoutingPlan(plan.grid, [Mode.GLOBAL] * mine, plan.window)) if mine else None
+        elif mode == Mode.INTRA:
+            call = RankCall(RoutingPlan((frames, h, w), [Mode.INTRA] * len(heads), plan.window))
+        else:
+            halo = rt * ((rank > 0) + (rank < world - 1))
+            call = RankCall(RoutingPlan((frames + halo, h, w), [Mode.WINDOW] * len(heads), plan.window))
+        parts.append((mode, heads, call))
+    return parts
+
+
+def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group, global_heads: str) -> torch.Tensor:
+    world, rank = _group_info(group)
+    _, h, w = plan.grid
+    outs, order = [], []
+    for mode, heads, call in _hybrid_parts(plan, counts, world, rank, global_heads):
+        qm, km, vm = (_take_heads(x, heads) for x in (q, k, v))
+        if mode == Mode.GLOBAL and call is not None and call.queries is not None:  # all-gather of k and v
+            out = _global_rows(qm, _GatherTokens.apply(km, counts, group), _GatherTokens.apply(vm, counts, group))
+        elif mode == Mode.GLOBAL:  # Ulysses among the global heads
             parts = [_TokensToHeads.apply(x, counts, group) for x in (qm, km, vm)]
-            if mine:
-                sub = RoutingPlan(plan.grid, [Mode.GLOBAL] * mine, plan.window)
-                attended = _routed_attention(*parts, sub)
+            if call is not None:
+                attended = _routed_attention(*parts, call.plan)
             else:  # more ranks than global heads: none here (empty), but k and v stay in the graph so
                 # this rank runs the backward's collectives with the others
                 attended = parts[0] + (parts[1].sum() + parts[2].sum()) * 0
             out = _HeadsToTokens.apply(attended, counts, group, len(heads))
         elif mode == Mode.INTRA:  # whole frames: nothing to exchange
-            out = _routed_attention(qm, km, vm, RoutingPlan((frames, h, w), [Mode.INTRA] * len(heads), plan.window))
+            out = _routed_attention(qm, km, vm, call.plan)
         else:  # k and v of the neighbours' nearest frames; queries padded with zeros there, outputs dropped
             r = plan.window[0] // 2 * h * w
             kx, vx = _Halo.apply(km, r, group), _Halo.apply(vm, r, group)
@@ -266,8 +353,7 @@ def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tenso
             after = kx.shape[1] - km.shape[1] - before
             qx = torch.cat([qm.new_zeros(qm.shape[0], before, *qm.shape[2:]), qm,
                             qm.new_zeros(qm.shape[0], after, *qm.shape[2:])], dim=1)
-            grid = (kx.shape[1] // (h * w), h, w)
-            full = _routed_attention(qx, kx, vx, RoutingPlan(grid, [Mode.WINDOW] * len(heads), plan.window))
+            full = _routed_attention(qx, kx, vx, call.plan)
             out = full[:, before:before + qm.shape[1]]
         outs.append(out)
         order += heads
@@ -277,8 +363,61 @@ def _hybrid(q, k, v, plan: RoutingPlan, counts: list[int], group) -> torch.Tenso
     return _take_heads(out, sorted(range(len(order)), key=order.__getitem__))
 
 
+def _check_settings(strategy, balanced, global_heads) -> None:
+    if strategy not in ("auto", "ulysses", "hybrid"):
+        raise ValueError(f"strategy must be 'auto', 'ulysses' or 'hybrid', got {strategy!r}")
+    if not isinstance(balanced, bool):
+        raise TypeError(f"balanced must be True or False, got {balanced!r}")
+    if global_heads not in ("auto", "all_to_all", "all_gather"):
+        raise ValueError(f"global_heads must be 'auto', 'all_to_all' or 'all_gather', got {global_heads!r}")
+
+
+def _uses_hybrid(plan: RoutingPlan, world: int, strategy: str) -> bool:
+    """Whether a layer of ``plan`` over ``world`` ranks runs the hybrid (else Ulysses); the errors of a
+    strategy that cannot run."""
+    problem = _hybrid_problem(plan, world)
+    if strategy == "hybrid" and problem:
+        raise ValueError(f"the hybrid strategy cannot run here: {problem}")
+    hybrid = world > 1 and not problem and strategy in ("auto", "hybrid")
+    heads = len(plan.modes)
+    if not hybrid and heads % world:
+        allowed = [p for p in range(1, heads + 1) if heads % p == 0]
+        raise ValueError(f"{heads} heads do not split across {world} ranks; use one of {allowed}")
+    return hybrid
+
+
+def _ulysses_heads(plan: RoutingPlan, world: int, rank: int, head_dim: int, balanced: bool):
+    """Ulysses' head order (None: the plan's own) and the heads rank ``rank`` attends: block ``rank`` of it."""
+    hp = len(plan.modes) // world
+    order = _balanced_order(plan, world, head_dim) if balanced else None
+    taken = order[rank * hp:(rank + 1) * hp] if order is not None else range(rank * hp, (rank + 1) * hp)
+    return order, RoutingPlan(plan.grid, [plan.modes[i] for i in taken], plan.window)
+
+
+def rank_calls(plan: RoutingPlan, world_size: int, strategy: str = "auto", *, balanced: bool = True,
+               global_heads: str = "auto", head_dim: int = 128) -> list[list[RankCall]]:
+    """The attention calls of one layer on each of ``world_size`` ranks, the collectives aside: for rank
+    r, the calls it makes (:class:`RankCall`: a plan on ``[B, plan.num_tokens, len(plan.modes), D]``
+    tensors, or some of its tokens as the queries of its global heads). Ulysses: its block of heads over
+    all the tokens; the hybrid: its share of the global heads over all the tokens, or its frames' queries
+    of every global head over all the tokens, its frames of the intra heads, its frames and the halo of
+    the window heads. The same calls :func:`routed_attention` makes with the same settings, and the same
+    errors; what one GPU can time of a layer on several (benchmarks/rank_share_bench.py)."""
+    _check_settings(strategy, balanced, global_heads)
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
+    counts = [stop - start for start, stop in token_slices(plan.grid, world_size)]
+    if world_size == 1:
+        _uses_hybrid(plan, 1, strategy)
+        return [[RankCall(plan)]]
+    if _uses_hybrid(plan, world_size, strategy):
+        return [[call for _, _, call in _hybrid_parts(plan, counts, world_size, r, global_heads) if call is not None]
+                for r in range(world_size)]
+    return [[RankCall(_ulysses_heads(plan, world_size, r, head_dim, balanced)[1])] for r in range(world_size)]
+
+
 def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RoutingPlan, group=None,
-                     strategy: str = "auto") -> torch.Tensor:
+                     strategy: str = "auto", *, balanced: bool = True, global_heads: str = "auto") -> torch.Tensor:
     """Routed attention of the whole sequence, each rank holding its token slice.
 
     Args:
@@ -287,28 +426,29 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
         group: the process group (default: the world).
         strategy: ``"ulysses"`` (every head through the all-to-alls; the head count must divide
             by P), ``"hybrid"`` (frame-parallel: ranks hold whole frames, intra heads exchange
-            nothing, window heads a halo of the window's temporal radius from each neighbour, only
-            global heads take the all-to-alls, split as evenly as they go), or ``"auto"``: the
-            hybrid where it can run (less traffic, docs/DISTRIBUTED.md), else Ulysses.
+            nothing, window heads a halo of the window's temporal radius from each neighbour, global
+            heads as ``global_heads`` says), or ``"auto"``: the hybrid where it can run (less traffic,
+            docs/DISTRIBUTED.md), else Ulysses.
+        balanced: Ulysses gives each rank a block of heads of about equal cost (:func:`balance_heads`);
+            ``False`` gives rank r the plan's heads ``r * heads / P`` onwards as they are (what the cost
+            balance is measured against).
+        global_heads: the hybrid's global heads. ``"all_to_all"``: Ulysses among them, each rank whole
+            heads over all the tokens (split as evenly as they go: 5 over 4 ranks leave one rank two);
+            ``"all_gather"``: every rank gathers every global head's k and v and attends its own
+            frames' queries (an equal share on every rank, for ~P/2 times the all-to-all's traffic);
+            ``"auto"``: the all-gather where the global heads do not divide by P, else the all-to-all.
 
     Returns:
         ``[B, stop - start, heads, D]``: this rank's tokens of the attention output.
     """
-    if strategy not in ("auto", "ulysses", "hybrid"):
-        raise ValueError(f"strategy must be 'auto', 'ulysses' or 'hybrid', got {strategy!r}")
+    _check_settings(strategy, balanced, global_heads)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("oasis_kernels.distributed.routed_attention needs torch.distributed initialised")
     if not isinstance(plan, RoutingPlan):
         raise TypeError(f"plan must be a RoutingPlan, got {type(plan).__name__}")
     world, rank = _group_info(group)
     heads = len(plan.modes)
-    problem = _hybrid_problem(plan, world)
-    if strategy == "hybrid" and problem:
-        raise ValueError(f"the hybrid strategy cannot run here: {problem}")
-    hybrid = world > 1 and not problem and strategy in ("auto", "hybrid")
-    if not hybrid and heads % world:
-        allowed = [p for p in range(1, heads + 1) if heads % p == 0]
-        raise ValueError(f"{heads} heads do not split across {world} ranks; use one of {allowed}")
+    hybrid = _uses_hybrid(plan, world, strategy)
     slices = token_slices(plan.grid, world)
     counts = [stop - start for start, stop in slices]
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -318,11 +458,8 @@ def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Ro
     if world == 1:
         return _routed_attention(q, k, v, plan)
     if hybrid:
-        return _hybrid(q, k, v, plan, counts, group)
-    hp = heads // world
-    order = _balanced_order(plan, world, q.shape[-1])  # rank r takes heads order[r*hp:(r+1)*hp]
-    taken = order[rank * hp:(rank + 1) * hp] if order is not None else range(rank * hp, (rank + 1) * hp)
-    mine = RoutingPlan(plan.grid, [plan.modes[i] for i in taken], plan.window)
+        return _hybrid(q, k, v, plan, counts, group, global_heads)
+    order, mine = _ulysses_heads(plan, world, rank, q.shape[-1], balanced)
     qh, kh, vh = (_TokensToHeads.apply(x, counts, group, order) for x in (q, k, v))
     out = _routed_attention(qh, kh, vh, mine)
     return _HeadsToTokens.apply(out, counts, group, heads, order)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import oasis_kernels as ok
-from oasis_kernels.distributed import balance_heads, head_costs, routed_attention, token_slices
+from oasis_kernels.distributed import balance_heads, head_costs, rank_calls, routed_attention, token_slices
 
 from tolerance import assert_rule
 
@@ -29,34 +29,57 @@ def _inputs(grid, seed):
     return [torch.randn(2, n, 6, 16, generator=g) for _ in range(4)]  # q, k, v, the output's gradient
 
 
-def _worker(rank, world, port, grid, modes, seed, results, strategy="auto"):
+def _recording():
+    """Records the attention calls the layer makes in this process: a routed call as its plan, the
+    global heads' rectangular call as ("rows", queries, keys, heads)."""
+    import oasis_kernels.distributed as okd
+
+    ran, routed, rows = [], okd._routed_attention, okd._global_rows
+    okd._routed_attention = lambda q, k, v, plan: ran.append(plan) or routed(q, k, v, plan)
+    okd._global_rows = lambda q, k, v: ran.append(("rows", q.shape[1], k.shape[1], q.shape[2])) or rows(q, k, v)
+    return ran
+
+
+def _as_recorded(call):
+    return call.plan if call.queries is None else ("rows", call.queries, call.plan.num_tokens, len(call.plan.modes))
+
+
+def _worker(rank, world, port, grid, modes, seed, results, strategy="auto", global_heads="auto"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        ran = _recording()
         plan = ok.RoutingPlan(grid, modes)
         q, k, v, dout = _inputs(grid, seed)
         start, stop = token_slices(grid, world)[rank]
         mine = [x[:, start:stop].clone().requires_grad_() for x in (q, k, v)]
-        out = routed_attention(*mine, plan, strategy=strategy)
+        out = routed_attention(*mine, plan, strategy=strategy, global_heads=global_heads)
         out.backward(dout[:, start:stop])
-        results[rank] = (out.detach(), *[x.grad for x in mine])
+        results[rank] = (out.detach(), *[x.grad for x in mine], ran)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,grid,modes,strategy", [
-    (2, (3, 4, 5), MODES, "ulysses"), (3, (3, 4, 5), MODES, "ulysses"), (3, (2, 3, 5), MODES, "auto"),
-    (2, (1, 3, 7), MODES, "auto"), (2, (3, 4, 5), MODES, "hybrid"), (3, (3, 4, 5), MODES3, "hybrid"),
-    (3, (5, 4, 5), MODES3, "auto"), (3, (3, 4, 5), MODES, "hybrid"), (2, (4, 4, 5), MODES3, "hybrid")])
-def test_sequence_parallel_equals_one_process(world, grid, modes, strategy):
+@pytest.mark.parametrize("world,grid,modes,strategy,global_heads", [
+    (2, (3, 4, 5), MODES, "ulysses", "auto"), (3, (3, 4, 5), MODES, "ulysses", "auto"),
+    (3, (2, 3, 5), MODES, "auto", "auto"), (2, (1, 3, 7), MODES, "auto", "auto"),
+    (2, (3, 4, 5), MODES, "hybrid", "auto"), (3, (3, 4, 5), MODES3, "hybrid", "auto"),
+    (3, (5, 4, 5), MODES3, "auto", "auto"), (3, (3, 4, 5), MODES, "hybrid", "auto"),
+    (2, (4, 4, 5), MODES3, "hybrid", "auto"), (2, (4, 4, 5), MODES3, "hybrid", "all_to_all"),
+    (2, (3, 4, 5), MODES, "hybrid", "all_gather"), (3, (5, 4, 5), MODES3, "hybrid", "all_gather")])
+def test_sequence_parallel_equals_one_process(world, grid, modes, strategy, global_heads):
     """Ulysses: uneven frame splits, fewer frames than ranks (token split), an odd token count. The
-    hybrid: halos across uneven frame splits (5 frames over 3 ranks), global heads split unevenly (3
-    over 2 ranks; 2 over 3, one rank with none), interleaved plans."""
+    hybrid: halos across uneven frame splits (5 frames over 3 ranks), interleaved plans; global heads by
+    all-to-all split unevenly (3 over 2 ranks; 2 over 3, one rank with none: forced, as ``"auto"`` gathers
+    there) and by all-gather (uneven frame splits, the gradients of k and v summed over the ranks)."""
     port = _free_port()
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, port, grid, modes, 7, results, strategy), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, port, grid, modes, 7, results, strategy, global_heads), nprocs=world, join=True)
     plan = ok.RoutingPlan(grid, modes)
+    # the calls each rank made are the ones rank_calls lists (what rank_share_bench times on one GPU)
+    want_calls = rank_calls(plan, world, strategy, global_heads=global_heads, head_dim=16)
+    assert [results[r][4] for r in range(world)] == [[_as_recorded(c) for c in calls] for calls in want_calls]
     got = [torch.cat([results[r][i] for r in range(world)], dim=1) for i in range(4)]
     # against float64, with the one-process float32 call as the baseline (tests/tolerance.py): the
     # ranks' float32 sums run in another order than one process's (an H200 host's CPU kernels gave
@@ -78,33 +101,30 @@ def _one_process(grid, modes, plan, dtype):
 GROUPED = ["global", "global", "intra", "intra", "window", "window"]  # by mode, as the DiT orders its heads
 
 
-def _balanced_worker(rank, world, port, results):
+def _balanced_worker(rank, world, port, results, balanced):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        import oasis_kernels.distributed as okd
-
-        ran, real = [], okd._routed_attention
-        okd._routed_attention = lambda q, k, v, plan: ran.append(plan.modes) or real(q, k, v, plan)
+        ran = _recording()
         grid = (3, 4, 5)
         q, k, v, dout = _inputs(grid, 5)
         start, stop = token_slices(grid, world)[rank]
         mine = [x[:, start:stop].clone().requires_grad_() for x in (q, k, v)]
-        out = routed_attention(*mine, ok.RoutingPlan(grid, GROUPED), strategy="ulysses")
+        out = routed_attention(*mine, ok.RoutingPlan(grid, GROUPED), strategy="ulysses", balanced=balanced)
         out.backward(dout[:, start:stop])
-        okd._routed_attention = real
-        results[rank] = (out.detach(), *[x.grad for x in mine], ran)
+        results[rank] = (out.detach(), *[x.grad for x in mine], [p.modes for p in ran])
     finally:
         dist.destroy_process_group()
 
 
-def test_ulysses_balances_heads_grouped_by_mode():
-    """Heads grouped by mode (global first): contiguous blocks would give rank 0 both global heads;
-    each rank runs one, and the output and gradients still equal one process's."""
+@pytest.mark.parametrize("balanced", [True, False])
+def test_ulysses_balances_heads_grouped_by_mode(balanced):
+    """Heads grouped by mode (global first): contiguous blocks (``balanced=False``) give rank 0 both global
+    heads; balanced, each rank runs one. The output and gradients equal one process's either way."""
     world = 2
     results = mp.Manager().dict()
-    mp.spawn(_balanced_worker, args=(world, _free_port(), results), nprocs=world, join=True)
+    mp.spawn(_balanced_worker, args=(world, _free_port(), results, balanced), nprocs=world, join=True)
     grid = (3, 4, 5)
     q, k, v, dout = _inputs(grid, 5)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -112,9 +132,47 @@ def test_ulysses_balances_heads_grouped_by_mode():
     want.backward(dout)
     for r, (start, stop) in enumerate(token_slices(grid, world)):
         *got, ran = results[r]
-        assert [m.count(ok.Mode.GLOBAL) for m in ran] == [1], ran
+        assert [m.count(ok.Mode.GLOBAL) for m in ran] == ([1] if balanced else [2 - 2 * r]), ran
         for g, w in zip(got, [want.detach(), *[x.grad for x in leaves]]):
             torch.testing.assert_close(g, w[:, start:stop], rtol=1e-5, atol=1e-5)
+
+
+def test_rank_calls_at_the_papers_routing():
+    """Issue 24's layer (12 heads grouped by mode: 5 global, 4 intra, 3 window; grid B) on 4 ranks: the
+    hybrid's calls per rank with the global heads gathered (5 do not divide by 4) and split, and Ulysses'
+    head blocks contiguous and balanced."""
+    plan = ok.RoutingPlan((27, 45, 80), list("g" * 5 + "i" * 4 + "w" * 3))
+
+    def letters(call):
+        return "".join("giw"[m] for m in call.plan.modes), call.queries
+
+    assert rank_calls(plan, 1) == [[(plan, None)]]
+    local = [[((7, 45, 80), ("iiii", None)), ((8, 45, 80), ("www", None))],  # frames 7, 7, 7, 6
+             [((7, 45, 80), ("iiii", None)), ((9, 45, 80), ("www", None))],
+             [((7, 45, 80), ("iiii", None)), ((9, 45, 80), ("www", None))],
+             [((6, 45, 80), ("iiii", None)), ((7, 45, 80), ("www", None))]]
+    gathered = [[(c.plan.grid, letters(c)) for c in calls] for calls in rank_calls(plan, 4)]
+    assert gathered == [[((27, 45, 80), ("ggggg", 3600 * f))] + loc for f, loc in zip((7, 7, 7, 6), local)]
+    split = [[(c.plan.grid, letters(c)) for c in calls] for calls in rank_calls(plan, 4, global_heads="all_to_all")]
+    assert split == [[((27, 45, 80), ("g" * n, None))] + loc for n, loc in zip((2, 1, 1, 1), local)]
+    assert rank_calls(plan, 4, global_heads="all_gather") == rank_calls(plan, 4)
+    # 5 global heads over 5 ranks divide: whole heads, one each (27 frames: 6, 6, 5, 5, 5)
+    assert [letters(calls[0]) for calls in rank_calls(plan, 5, "hybrid")] == [("g", None)] * 5
+    contiguous = rank_calls(plan, 4, "ulysses", balanced=False)
+    assert [letters(calls[0]) for calls in contiguous] == [("ggg", None), ("ggi", None), ("iii", None), ("www", None)]
+    balanced = rank_calls(plan, 4, "ulysses")
+    assert sorted(letters(calls[0])[0].count("g") for calls in balanced) == [1, 1, 1, 2]
+    assert all(len(calls) == 1 and calls[0].plan.grid == plan.grid for calls in balanced)
+    with pytest.raises(ValueError, match="use one of"):
+        rank_calls(plan, 5, "ulysses")
+    with pytest.raises(ValueError, match="strategy"):
+        rank_calls(plan, 2, "ring")
+    with pytest.raises(TypeError, match="balanced"):
+        rank_calls(plan, 2, balanced="no")
+    with pytest.raises(ValueError, match="global_heads"):
+        rank_calls(plan, 2, global_heads="ring")
+    with pytest.raises(ValueError, match="27 frames for 28 ranks"):
+        rank_calls(plan, 28, "hybrid")
 
 
 def test_token_slices():
