@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import oasis_kernels as ok
 import oasis_kernels.distributed as ok_distributed
@@ -217,6 +218,24 @@ class WanSelfAttention(_Attention):
 
     def forward(self, x: torch.Tensor, grid, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.o(self.attend(*self.project(x, rope), grid).flatten(2))
+
+
+#: optimizer steps taken in this process, counted by torch.optim's post-step hook (registered when a DiT
+#: first caches its context's K/V): a fused optimizer (the trainer's AdamW) writes the weights without
+#: bumping their version counters, so the cache's key counts the steps as well as the versions
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_optimizer_steps() -> None:
+    global _step_hook
+
+    def bump(optimizer, args, kwargs):
+        global _optimizer_steps
+        _optimizer_steps += 1
+
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(bump)
 
 
 class _GatherFrames(torch.autograd.Function):
@@ -634,7 +653,8 @@ class WanDiT(nn.Module):
             if self._kv_cache is not None:
                 return self._kv_cache[1]
             return self._embed_context(self.context)
-        key = tuple((id(p), p._version, p.dtype, p.device) for p in self._kv_inputs())
+        _count_optimizer_steps()
+        key = (_optimizer_steps, tuple((id(p), p._version, p.dtype, p.device) for p in self._kv_inputs()))
         if self._kv_cache is None or self._kv_cache[0] != key:
             with torch.no_grad():
                 self._kv_cache = (key, self._embed_context(self.context))

@@ -369,6 +369,15 @@ def test_constant_context_is_embedded_once_and_refreshed():
     assert len(calls) == 4
     torch.testing.assert_close(c, want2)
     assert (c - a).abs().max() > 1e-6
+    # a fused optimizer's step writes the weights without bumping their versions (the trainer's AdamW)
+    model.blocks[0].cross_attn.v.weight.grad = torch.ones_like(model.blocks[0].cross_attn.v.weight)
+    torch.optim.AdamW([model.blocks[0].cross_attn.v.weight], lr=0.1, fused=True).step()
+    with torch.no_grad():
+        d = model(x, ts)
+        want3 = model(x, ts, ctx[:1, :5].expand(2, -1, -1))
+    assert len(calls) == 6
+    torch.testing.assert_close(d, want3)
+    assert (d - c).abs().max() > 1e-6
     with pytest.raises(ValueError, match="context must be"):
         model.set_context(torch.zeros(5, 3))
     model.set_context(None)
