@@ -387,9 +387,10 @@ def _rgb_array(frame, rgb: str) -> np.ndarray:
 
 def _decoded(container, stream, p: str, max_frames: int | None):
     """``stream``'s frames in order (the first ``max_frames``); :class:`VideoError` for a decoding
-    failure or a frame size that changes mid-stream."""
+    failure, a frame size that changes mid-stream, or a stream that ends well before the time its
+    container gives it (:func:`_check_complete`)."""
     av = _import_av()
-    first, n = None, 0
+    first, last, n = None, None, 0
     try:
         for frame in container.decode(stream):
             if first is None:
@@ -400,11 +401,55 @@ def _decoded(container, stream, p: str, max_frames: int | None):
                     f"({first.width}x{first.height} -> {frame.width}x{frame.height})"
                 )
             yield frame
+            last = frame
             n += 1
             if max_frames is not None and n >= max_frames:
                 return
     except av.FFmpegError as e:
         raise VideoError(f"{p}: decoding failed after {n} frames ({_reason(e)})") from e
+    if last is not None:
+        _check_complete(container, stream, p, n, last)
+
+
+def _listed_end(container, stream) -> tuple[float, str] | None:
+    """Where the container says the video stream ends, in seconds on the frames' clock, and what says so:
+    the stream's duration, else its DURATION tag (Matroska, WebM), else the container's duration where the
+    video is its only stream (elsewhere a longer sound track could make it)."""
+    if stream.duration and stream.time_base:
+        return float((stream.start_time or 0) * stream.time_base + stream.duration * stream.time_base), \
+            "the video stream's duration"
+    tag = (stream.metadata or {}).get("DURATION")
+    if tag:  # FFmpeg's Matroska muxer writes the track's end time (its last packet's end, from 0)
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec), "the video stream's DURATION tag"
+        except ValueError:
+            pass
+    if container.duration and len(container.streams) == 1:
+        return ((container.start_time or 0) + container.duration) / 1e6, "the file's duration"
+    return None
+
+
+def _check_complete(container, stream, p: str, n: int, last) -> None:
+    """A stream whose decoded frames end more than two frame periods before the end its container gives it
+    lost frames: a file cut short (its index still lists the missing frames) or damaged (the demuxer
+    stops at the damage). FFmpeg's threaded decoders end such streams without an error, so without this
+    a restoration would run on the frames before the damage and say nothing. Frames a decoder drops
+    lawfully (an edit list trimming the start, the leading pictures of an open group) are at the start,
+    where the end does not move."""
+    listed = _listed_end(container, stream)
+    if listed is None or last.pts is None or not last.time_base:
+        return
+    end, source = listed
+    fps = stream.guessed_rate or stream.average_rate
+    period = float(1 / fps) if fps else 0.0
+    # the last frame is on screen until here: its own duration where the stream gives one (a slideshow's
+    # last picture may stay for seconds), else one frame period
+    held = float(last.duration * last.time_base) if getattr(last, "duration", None) else period
+    shown = float(last.pts * last.time_base) + held
+    if shown < end - 2 * period - 1e-3:
+        raise VideoError(f"{p}: the video stops at {shown:.3f} s after {n} decodable frames, where "
+                         f"{source} is {end:.3f} s: the file is cut short or damaged")
 
 
 def _frame_time(frame, index: int, fps: Fraction) -> Fraction:

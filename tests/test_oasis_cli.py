@@ -170,6 +170,23 @@ def test_variable_frame_rate_kept(tmp_path, capsys, checkpoint):
     assert frame_times(out) == pytest.approx([float(t) for t in times], abs=1e-4)
 
 
+def test_a_damaged_video_is_refused_before_the_model_loads(tmp_path, capsys, checkpoint, monkeypatch):
+    """A video cut short: one line naming where its frames stop, exit 2, no model loaded, nothing written
+    (it had been restored from the frames before the damage, exit 0)."""
+    from test_oasis_video import damaged_copies
+
+    from oasis import pipeline
+
+    loads = []
+    monkeypatch.setattr(pipeline.OasisVSR, "from_pretrained", lambda *a, **k: loads.append(1))
+    _, _, cut, _ = damaged_copies(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run(capsys, cut, "-o", out / "hq.mp4", "--checkpoint", checkpoint, "--device", "cpu", "--no-progress")
+    assert code == 2 and "cut short or damaged" in err and len(err.strip().splitlines()) == 1, err
+    assert not loads and list(out.iterdir()) == []
+
+
 def test_output_checked_before_the_model_loads(tmp_path, capsys, checkpoint, clip, monkeypatch):
     """What the output cannot be is said before any model work (no checkpoint loaded): a type that fails
     only when finished (Ogg with H.264), a CRF past H.264's 51; WebM is written with VP9."""

@@ -1033,3 +1033,43 @@ def test_svt_av1_writes_quietly(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("SVT_LOG", "3")
     VideoWriter(tmp_path / "b.webm", 16, 16, 24, codec="libsvtav1")._abort()
     assert os.environ["SVT_LOG"] == "3"
+
+
+def damaged_copies(tmp_path, frames: int = 40):
+    """A clip's two damaged forms: an MP4 (index at the front) cut at 60% of its bytes, its index still
+    listing every frame, and a Matroska file whose middle bytes are overwritten. FFmpeg's threaded
+    decoders end both quietly after about half the frames."""
+    clip = synthetic_clip(frames, 48, 64, seed=3)
+    whole_mp4, whole_mkv = tmp_path / "whole.mp4", tmp_path / "whole.mkv"
+    with av.open(str(whole_mp4), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        mux_frames(container, stream, clip)
+    write_video(whole_mkv, clip, 25)
+    cut, damaged = tmp_path / "cut.mp4", tmp_path / "damaged.mkv"
+    data = whole_mp4.read_bytes()
+    cut.write_bytes(data[:int(len(data) * 0.6)])
+    data = bytearray(whole_mkv.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = bytes(2000)
+    damaged.write_bytes(bytes(data))
+    return whole_mp4, whole_mkv, cut, damaged
+
+
+def test_a_clip_cut_short_or_damaged_is_an_error(tmp_path):
+    """A file that lost frames (cut short, or damaged in the middle) is refused, by read_video and when a
+    VideoFrames opens, naming where the frames stop and the time the container gives; the whole files
+    read in full, and --max-frames style reads of the first frames still work on the damaged ones."""
+    from oasis.video import VideoFrames
+
+    whole_mp4, whole_mkv, cut, damaged = damaged_copies(tmp_path)
+    for whole in (whole_mp4, whole_mkv):
+        assert read_video(whole)[0].shape[0] == 40
+    for bad, source in ((cut, "the video stream's duration is 1.600 s"),
+                        (damaged, "the video stream's DURATION tag is 1.600 s")):
+        with pytest.raises(VideoError, match=f"the video stops at .* decodable frames, where {source}: "
+                                             "the file is cut short or damaged"):
+            read_video(bad)
+        with pytest.raises(VideoError, match="cut short or damaged"):
+            VideoFrames(bad)
+        assert read_video(bad, max_frames=10)[0].shape[0] == 10
