@@ -877,7 +877,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (_Exit, ValueError, MemoryError, ImportError, OSError) as exc:  # OSError: a full disk, a long name
+    except (_Exit, ValueError, MemoryError, ImportError, OSError, FloatingPointError) as exc:  # OSError: a full disk
         print(f"oasis-vsr: error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     except RuntimeError as exc:

@@ -362,6 +362,12 @@ class OasisVSR:
                 done = next_start - t0
                 carry = (next_start, acc[:, done:], wsum[done:]) if done < t1 - t0 else None
                 final = acc[:, :done] / wsum[None, :done, None, None]
+                # NaN or inf would become black frames (uint8 0) without a word: one reduction and one wait
+                # a chunk, against seconds of its work
+                if not bool(torch.isfinite(final).all()):
+                    raise FloatingPointError(
+                        f"the restored frames {t0}..{min(t0 + done, frames) - 1} are not finite (NaN or inf): the checkpoint's "
+                        f"weights, or the range of the model's dtype ({next(self.dit.parameters()).dtype})")
                 keep = min(done, frames - emitted)
                 skip = min(max(start - emitted, 0), max(keep, 0))
                 if keep > skip:

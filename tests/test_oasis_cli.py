@@ -206,6 +206,20 @@ def test_output_checked_before_the_model_loads(tmp_path, capsys, checkpoint, cli
     assert read_video(tmp_path / "hq.webm")[0].shape[:3] == (7, 80, 112)
 
 
+def test_a_model_giving_nan_is_an_error_not_a_black_video(tmp_path, capsys, clip):
+    """A checkpoint whose DiT output head holds NaN: one line naming the frames and the cause, exit 2, no
+    file (the frames had become black, uint8 0, exit 0)."""
+    pipe = tiny_pipeline(seed=1)
+    with torch.no_grad():
+        pipe.dit.head.head.weight.fill_(float("nan"))
+    pipe.save_pretrained(tmp_path / "nan", layout="wan")
+    out = tmp_path / "hq.mp4"
+    code, err = run(capsys, clip, "-o", out, "--checkpoint", tmp_path / "nan", "--device", "cpu", "--no-progress")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("oasis-vsr: error: the restored frames 0..6 are not finite"), err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_a_failed_run_leaves_the_output_as_it_was(tmp_path, capsys, checkpoint, clip, monkeypatch):
     """Out of memory half way (after a block was written): one line, exit 2, an earlier file under the
     name untouched and no partial file left."""
