@@ -373,10 +373,9 @@ def _check_args(args) -> None:
     info = _input_info(args)
     # the output's type, encoder and folder, before minutes of work (the x4 size: sizes only need be even)
     check_output(4 * info.width, 4 * info.height, info.fps, info.bits)
-    if (not images_out and not _images_in(args) and not args.no_audio and out.exists()
-            and os.path.samefile(out, args.input) and _partial_path(out) is None):
-        raise _Exit(f"{out}: cannot be written over here (a link, or its folder is read-only) while its sound is "
-                    f"read from it; write elsewhere, or give --no-audio")
+    if not images_out and not _images_in(args) and out.exists() and os.path.samefile(out, args.input):
+        # as FFmpeg refuses: the source would be gone with the first failed or unwanted run
+        raise _Exit(f"{out}: is the input video itself; give the output another name")
 
 
 def _world() -> tuple[int, int, int, int]:
@@ -508,8 +507,7 @@ def _restore(args, device, rank: int, world: int, pipe=None):
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     images_in, images_out = _images_in(args), _images_out(args)
     say = (lambda text: print(f"oasis-vsr: {text}", file=sys.stderr)) if rank == 0 else (lambda text: None)
-    if (args.resume and not images_out and os.path.isfile(args.output)
-            and not (args.input and os.path.exists(args.input) and os.path.samefile(args.output, args.input))):
+    if args.resume and not images_out and os.path.isfile(args.output):
         say(f"{args.output} exists (a video appears only once complete): kept (--resume)")
         return pipe
     with contextlib.ExitStack() as stack:
@@ -791,7 +789,7 @@ def _write_images(args, blocks, width: int, height: int, frames: int, say, start
 def _write_video(args, blocks, width: int, height: int, info, encoding: dict):
     """The restored frames into the output video, written beside it and renamed to it once complete (where
     that is safe: :func:`_partial_path`): an interrupted or failed run leaves no half-written video under
-    the name (nor over an earlier one), and one written over its own input still reads the sound from it."""
+    the name (nor over an earlier one)."""
     from .video import VideoWriter
 
     if info is None:  # the demo's synthetic clip
