@@ -128,6 +128,26 @@ def _list_frames(path: str, max_frames: int | None = None) -> tuple[list[Path], 
 DEEP_SUFFIXES = {".png": ("png", "rgb48be"), ".tif": ("tiff", "rgb48le"), ".tiff": ("tiff", "rgb48le")}
 
 
+def _check_whole(path) -> None:
+    """That an image file holds all its data, so a sequence with a file cut short fails when opened, not
+    hours into a run: a PNG's chunks to IEND with their checksums (Pillow's ``verify``: read, not decoded;
+    1.2 ms for a 4.4 MB 1080p file on the development machine, 36 ms to decode); a JPEG's data decoded at
+    an eighth of its size (the DCT's scaling; every coefficient is still read: 7.7 ms against 9.9 for a
+    noisy 1080p one); other kinds decoded. :class:`VideoError` naming the file and what Pillow found."""
+    Image = _pil()
+    try:
+        with Image.open(path) as image:
+            if image.format == "PNG":
+                image.verify()
+            elif image.format == "JPEG":
+                image.draft(image.mode, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
+                image.load()
+            else:
+                image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VideoError(f"{path}: not a whole image ({' '.join(str(e).split())})") from e
+
+
 def _deep_rgb(image, path) -> bool:
     """Whether ``image`` (open in Pillow, which reads it as 8-bit RGB(A)) holds 16 bits per colour, read
     at that depth by FFmpeg: a PNG of colour type RGB, RGBA or grey+alpha at bit depth 16 (its IHDR), not
@@ -223,8 +243,9 @@ class ImageFrames:
     alone), or of a numbered pattern (``clip/%05d.png``: every number from the first to the last),
     as the frames of a clip: ``frames[a:b]`` reads those files, uint8 ``[b - a, H, W, 3]``.
 
-    Opening reads every file's header (size and kind, not the pixels), so a sequence with an
-    unreadable file or frames of several sizes fails before any long work. Reading uses up to
+    Opening reads every file's header (size and kind) and checks that the file is whole (a PNG's
+    checksums, a JPEG's data decoded at an eighth of its size, other kinds decoded), so a sequence with
+    an unreadable or cut-short file or frames of several sizes fails before any long work. Reading uses up to
     ``threads`` threads (Pillow decodes without the interpreter lock) and keeps the frames from the
     last slice's start on, so overlapping chunks read each file once.
 
@@ -269,6 +290,13 @@ class ImageFrames:
                 if isinstance(e, VideoError):
                     raise
                 raise VideoError(f"{f}: not a readable image ({' '.join(str(e).split())})") from e
+        self._threads = threads or min(8, os.cpu_count() or 1)
+        if len(files) > 1 and self._threads > 1:  # Pillow reads and decodes without the interpreter lock
+            with ThreadPoolExecutor(min(self._threads, len(files))) as pool:
+                list(pool.map(_check_whole, files))
+        else:
+            for f in files:
+                _check_whole(f)
         #: the files, in frame order
         self.files = files
         #: a numbered pattern's first number (``00000000.png``: 0), None for a folder
@@ -281,7 +309,6 @@ class ImageFrames:
         self._deep = deep
         self._turns = turns
         self.shape = torch.Size((len(files), size[1], size[0], 3))
-        self._threads = threads or min(8, os.cpu_count() or 1)
         self._kept: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:

@@ -108,6 +108,25 @@ def test_bad_sequences(tmp_path, clip):
         frames[::2]
 
 
+@pytest.mark.parametrize("suffix, kept", [(".png", 0.5), (".jpg", 0.5), (".png", 0.99), (".webp", 0.6),
+                                          (".tif", 0.7), (".bmp", 0.8)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_file_cut_short_fails_at_opening(tmp_path, suffix, kept, threads):
+    """A sequence's last file cut short (its header whole) fails when the sequence opens, naming it, with
+    one thread and several: it had failed only when the run reached it. A PNG that lost only its end
+    (IEND) as well; the whole files open."""
+    frames = synthetic_clip(4, 48, 64, seed=2)  # big enough that a cut keeps the header
+    names = [f"f{k}{suffix}" for k in range(4)]
+    folder = save_all(tmp_path / "seq", frames, names)
+    assert len(ImageFrames(folder, threads=threads)) == 4
+    last = folder / names[-1]
+    data = last.read_bytes()
+    last.write_bytes(data[:int(len(data) * kept)] if kept < 0.99 else data[:-12])
+    with pytest.raises(VideoError, match=f"{names[-1]}: not a (whole|readable) image"):
+        ImageFrames(folder, threads=threads)
+    assert len(ImageFrames(folder, max_frames=3, threads=threads)) == 3
+
+
 def test_overlapping_slices_read_each_file_once(tmp_path, clip, monkeypatch):
     frames = ImageFrames(save_all(tmp_path / "seq", clip, [f"{k}.png" for k in range(12)]), threads=3)
     read = []
