@@ -155,6 +155,24 @@ class TrainConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        # the kinds first, each naming its setting (a config file's "false" is a string, which is true)
+        for name in ("demo", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("checkpoint", "vae", "routing", "videos", "lpips", "raft"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a path (a string), got {v!r}")
+        for name in ("out", "device", "dtype", "degrade_on", "lpips_net"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("calibrate_rho", "change_prob", "memory_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        if isinstance(self.betas, (str, bytes)) or not isinstance(self.betas, (list, tuple)) or \
+                not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         positive = ("frames", "height", "width", "frame_stride", "batch", "accumulate", "save_every", "log_every",
                     "sequence_parallel")
         for name in positive:
@@ -282,6 +300,8 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world, local = _distributed()
+        if self.rank == 0:
+            _check_out(Path(cfg.out), resume)
         if self.world % cfg.sequence_parallel:
             raise ValueError(f"sequence_parallel = {cfg.sequence_parallel} does not divide the {self.world} ranks")
         # data-parallel replicas: groups of sequence_parallel consecutive ranks, each on its own samples
@@ -763,6 +783,34 @@ DEMO = dict(demo=True, device="cpu", frames=5, height=32, width=64, stage1_steps
             lr=3e-4, workers=0, save_every=1000, log_every=1, activation_checkpointing=False)
 
 
+def _check_out(out: Path, resume) -> None:
+    """The output folder, before any work: made if missing (its parents too), writable, and holding no
+    earlier run unless this one resumes it (two runs' logs and checkpoints would mix)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out {str(out)!r}: the folder cannot be made ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"out {str(out)!r}: the folder is not writable")
+    if resume is None:
+        earlier = sorted(p.name for p in out.iterdir() if p.name == "log.jsonl" or (p.is_dir() and p.name.startswith("step_")))
+        if earlier:
+            raise ValueError(f"out {str(out)!r} holds an earlier run ({', '.join(earlier[:3])}"
+                             f"{', ...' if len(earlier) > 3 else ''}): continue it with --resume {out}/step_N, or "
+                             f"give another out")
+
+
+def _unused_folder(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``... the first that holds no run."""
+    n, candidate = 1, path
+    while Path(candidate).is_dir() and any(Path(candidate).iterdir()):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="oasis-train", description="Train OASIS (progressive two-stage curriculum).")
     p.add_argument("config", nargs="?", help="a .toml / .yaml / .json file of TrainConfig's settings")
@@ -775,7 +823,9 @@ def main(argv=None) -> int:
         if args.demo == bool(args.config):
             raise ValueError("give a config file or --demo (one of them)")
         if args.demo:
-            cfg = TrainConfig(**DEMO, out=args.out or "runs/oasis-demo")
+            # the demo's own folder: a fresh one each time unless --out names one
+            cfg = TrainConfig(**DEMO, out=args.out or (args.resume and str(Path(args.resume).parent))
+                              or _unused_folder("runs/oasis-demo"))
         else:
             cfg = TrainConfig.from_file(args.config)
             if args.out:

@@ -1,6 +1,7 @@
 """oasis-train on the CPU: the tiny demo's loss goes down, exact resume, configs, data (tiny sizes)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -72,6 +73,50 @@ def test_configs_and_cli_errors(tmp_path, capsys):
     assert main([str(tmp_path / "missing.toml")]) == 2
     with pytest.raises(ValueError, match="frames must be 4k\\+1"):
         ClipSpec(frames=6)
+    # a setting of the wrong kind is named (a config's "false" is a string, which Python takes as true)
+    for setting, says in (({"demo": "false"}, "demo must be true or false"),
+                          ({"progress": "no"}, "progress must be true or false"),
+                          ({"memory_fraction": "0.9"}, "memory_fraction must be a number"),
+                          ({"calibrate_rho": "x"}, "calibrate_rho must be a number"),
+                          ({"betas": 0.9}, "betas must be two numbers"),
+                          ({"videos": 5}, "videos must be a path"),
+                          ({"checkpoint": 7}, "checkpoint must be a path"),
+                          ({"out": 3}, "out must be a string")):
+        with pytest.raises(ValueError, match=says):
+            TrainConfig(**{"demo": True, **setting})
+
+
+def test_the_output_folder_is_checked_before_any_work(tmp_path, capsys):
+    """A folder under a file, or one holding an earlier run without --resume: one line, exit 2, nothing
+    trained; --demo without --out takes a fresh folder each time."""
+    (tmp_path / "file").write_text("x")
+    cfg = tmp_path / "c.toml"
+    for out, says in ((tmp_path / "file" / "run", "the folder cannot be made"), (tmp_path / "file", "is a file")):
+        cfg.write_text(f'demo = true\ndevice = "cpu"\nframes = 5\nheight = 32\nwidth = 64\nstage1_steps = 1\n'
+                       f'stage2_steps = 0\nprogress = false\nworkers = 0\nout = "{out}"\n')
+        assert main([str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    run = tmp_path / "run"
+    cfg.write_text(f'demo = true\ndevice = "cpu"\nframes = 5\nheight = 32\nwidth = 64\nstage1_steps = 1\n'
+                   f'stage2_steps = 0\nprogress = false\nworkers = 0\nsave_every = 1\nout = "{run}"\n')
+    assert main([str(cfg)]) == 0
+    capsys.readouterr()
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "holds an earlier run (log.jsonl, step_1)" in err and "--resume" in err, err
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1  # the earlier run's log alone
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        from oasis.train import _unused_folder
+
+        (tmp_path / "runs" / "oasis-demo").mkdir(parents=True)
+        assert _unused_folder("runs/oasis-demo") == "runs/oasis-demo"  # empty: used as it is
+        (tmp_path / "runs" / "oasis-demo" / "log.jsonl").write_text("")
+        assert _unused_folder("runs/oasis-demo") == "runs/oasis-demo-2"
+    finally:
+        os.chdir(old)
 
 
 def test_data_is_a_function_of_seed_and_index(tmp_path):
