@@ -183,14 +183,19 @@ def find_dit_folder(path) -> Path:
 
 
 def check_state(state: dict, model, folder) -> None:
-    """One error listing every unknown, missing and mis-shaped tensor."""
+    """One error listing every unknown, missing and mis-shaped tensor, and every integer or boolean one where
+    the model holds floats (``load_state_dict`` would fail on it with a traceback)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     unknown = sorted(set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     shaped = sorted(f"{k}: {tuple(state[k].shape)} in the file, {expected[k]} in the model"
                     for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
+    floating = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_floating_point()}
+    kinds = sorted(f"{k}: {str(state[k].dtype).replace('torch.', '')} in the file, floating point in the model"
+                   for k in set(state) & floating if not state[k].is_floating_point())
     problems = []
-    for what, items in (("unknown tensors", unknown), ("missing tensors", missing), ("mis-shaped tensors", shaped)):
+    for what, items in (("unknown tensors", unknown), ("missing tensors", missing), ("mis-shaped tensors", shaped),
+                        ("tensors of another kind", kinds)):
         if items:
             problems.append(f"{len(items)} {what}: " + ", ".join(items))
     if problems:

@@ -357,6 +357,11 @@ def _check_args(args) -> None:
     if args.demo:
         if args.input or args.checkpoint:
             raise _Exit("--demo takes no input video or checkpoint (it makes both up)")
+        given = [flag for flag, value in (("--dtype", args.dtype), ("--routing", args.routing),
+                                          ("--vae", args.vae != "oasis" or None)) if value]
+        if given:  # the demo's tiny model is float32 with its own routing and VAE: these would do nothing
+            raise _Exit(f"--demo runs its own tiny float32 model, routing and VAE: {', '.join(given)} is for a "
+                        f"--checkpoint")
         check_output(320, 192, 24)
         return
     if not args.input:
@@ -870,11 +875,25 @@ def _report_conv_timing() -> None:
               f"once per GPU and video size" + (f" (kept in {where})" if where else ""), file=sys.stderr)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """The package's own warnings as the tool's lines (``oasis-vsr: warning: ...``), not Python's form with
+    a source line; others as Python shows them."""
+    if os.path.dirname(os.path.abspath(filename)) == os.path.dirname(os.path.abspath(__file__)):
+        print(f"oasis-vsr: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return run(args)
     except (_Exit, ValueError, MemoryError, ImportError, OSError, FloatingPointError) as exc:  # OSError: a full disk
         print(f"oasis-vsr: error: {exc}".splitlines()[0], file=sys.stderr)
         return 2

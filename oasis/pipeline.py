@@ -135,14 +135,22 @@ class OasisVSR:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{meta_path}: not a table of settings (got {type(meta).__name__})")
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        timestep = meta.get("timestep", 799)
+        if isinstance(timestep, bool) or not isinstance(timestep, (int, float)) or not 0 < timestep <= 1000:
+            raise CheckpointError(f"{meta_path}: timestep must be a number in (0, 1000], got {timestep!r}")
         tensors_path = path / "oasis.safetensors"
         extra = read_safetensors_file(tensors_path) if tensors_path.is_file() else {}
         if "projector.proj.weight" not in extra or "projector.proj.bias" not in extra:
             raise CheckpointError(f"{path}: the checkpoint has no projector (oasis.safetensors lacks "
                                   f"projector.proj.weight / projector.proj.bias)")
-        projector = LatentProjector(ProjectorConfig(**meta.get("projector", {})))
+        try:
+            projector = LatentProjector(ProjectorConfig(**meta.get("projector", {})))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{meta_path}: its projector settings do not make a projector ({exc})") from None
         try:
             projector.load_state_dict({"proj.weight": extra["projector.proj.weight"],
                                        "proj.bias": extra["projector.proj.bias"]})
@@ -156,7 +164,7 @@ class OasisVSR:
         dit = WanDiT.from_pretrained(path, routing=routing, window=window, dtype=dtype, device=device)
         decoder = WanDecoder(load_vae(find_vae(path), dtype=dtype, device=device, backend=vae))
         projector.to(device=device, dtype=torch.float32)
-        return cls(dit, projector, decoder, timestep=float(meta.get("timestep", 799)), context=extra.get("context"),
+        return cls(dit, projector, decoder, timestep=float(timestep), context=extra.get("context"),
                    compile=compile)
 
     def save_pretrained(self, path, *, layout: str = "diffusers") -> None:

@@ -48,6 +48,26 @@ def test_demo_writes_a_4x_video(tmp_path, capsys):
     assert (info.width, info.height) == (320, 192)
     frames, _ = read_video(out)
     assert frames.shape == (5, 192, 320, 3)
+    # the demo's own model: settings for a checkpoint's would do nothing, so they are refused
+    for extra, says in ((["--dtype", "bf16"], "--dtype is for a --checkpoint"),
+                        (["--routing", "none", "--vae", "diffusers"], "--routing, --vae is for a --checkpoint")):
+        code, err = run(capsys, "--demo", "-o", tmp_path / "d2.mp4", "--no-progress", *extra)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_package_s_warnings_are_the_tool_s_lines(tmp_path, capsys, clip):
+    """A checkpoint without its cross-attention context: the warning is one 'oasis-vsr: warning:' line,
+    not Python's form with the source line."""
+    import safetensors.torch as st
+
+    tiny_pipeline(seed=1).save_pretrained(tmp_path / "ckpt", layout="wan")
+    tensors = st.load_file(str(tmp_path / "ckpt" / "oasis.safetensors"))
+    st.save_file({k: v for k, v in tensors.items() if k != "context"}, str(tmp_path / "ckpt" / "oasis.safetensors"))
+    code, err = run(capsys, clip, "-o", tmp_path / "hq.mp4", "--checkpoint", tmp_path / "ckpt", "--device", "cpu",
+                    "--no-progress", "--max-frames", 2)
+    assert code == 0, err
+    assert "oasis-vsr: warning: no cross-attention context in the checkpoint" in err, err
+    assert "UserWarning" not in err and "warnings.warn" not in err, err
 
 
 def test_the_one_off_engine_timing_is_reported(tmp_path, capsys, monkeypatch):

@@ -300,6 +300,26 @@ def test_checkpoint_errors(pipe, tmp_path):
         back = OasisVSR.from_pretrained(ckpt, dtype=torch.float32, device="cpu")
     assert sum("context" in str(w.message) for w in caught) == 1
     assert back.context.abs().sum() == 0 and back.context.shape == (back.dit.config.text_len, 32)
+    # oasis.json's settings of the wrong kind name the file and the setting
+    meta = json.loads((ckpt / "oasis.json").read_text())
+    for bad, says in (({**meta, "timestep": "abc"}, "timestep must be a number in \\(0, 1000\\], got 'abc'"),
+                      ({**meta, "timestep": 0}, "timestep must be a number"),
+                      ({**meta, "projector": {"unknown": 1}}, "its projector settings do not make a projector"),
+                      ([meta], "not a table of settings")):
+        (ckpt / "oasis.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=f"oasis.json: {says}"):
+            OasisVSR.from_pretrained(ckpt, device="cpu")
+    (ckpt / "oasis.json").write_text(json.dumps(meta))
+    # a DiT tensor of integers: listed with the others (load_state_dict's traceback before)
+    dit_file = next((ckpt / "transformer").glob("*.safetensors"))
+    tensors = st.load_file(str(dit_file))
+    name = next(k for k in tensors if k.endswith("weight"))
+    tensors[name] = tensors[name].to(torch.int32)
+    st.save_file(tensors, str(dit_file))
+    # (named in the model's layout, the file's diffusers names mapped)
+    with pytest.raises(CheckpointError, match=r"1 tensors of another kind: \S+norm_k.weight: int32 in the file, "
+                                              r"floating point in the model"):
+        OasisVSR.from_pretrained(ckpt, device="cpu")
 
 
 def test_sixteen_bit_frames_keep_the_model_s_precision(pipe):
