@@ -138,7 +138,13 @@ def _check_whole(path) -> None:
     try:
         with Image.open(path) as image:
             if image.format == "PNG":
-                image.verify()
+                try:
+                    image.verify()
+                    return
+                except SyntaxError:  # a bad checksum: of the pixels, or of a chunk decoders may ignore (text)
+                    pass
+                with Image.open(path) as again:  # decoded, which decides
+                    again.load()
             elif image.format == "JPEG":
                 image.draft(image.mode, (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
                 image.load()

@@ -163,7 +163,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a path (a string), got {v!r}")
-        for name in ("out", "device", "dtype", "degrade_on", "lpips_net"):
+        if not isinstance(self.out, (str, os.PathLike)):
+            raise ValueError(f"out must be a path (a string), got {self.out!r}")
+        for name in ("device", "dtype", "degrade_on", "lpips_net"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("calibrate_rho", "change_prob", "memory_fraction"):
@@ -300,8 +302,8 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world, local = _distributed()
-        if self.rank == 0:
-            _check_out(Path(cfg.out), resume)
+        # on every rank, before any collective: a rank that failed alone would leave the others waiting
+        _check_out(Path(cfg.out), resume)
         if self.world % cfg.sequence_parallel:
             raise ValueError(f"sequence_parallel = {cfg.sequence_parallel} does not divide the {self.world} ranks")
         # data-parallel replicas: groups of sequence_parallel consecutive ranks, each on its own samples

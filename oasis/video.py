@@ -437,6 +437,11 @@ def _check_complete(container, stream, p: str, n: int, last) -> None:
     a restoration would run on the frames before the damage and say nothing. Frames a decoder drops
     lawfully (an edit list trimming the start, the leading pictures of an open group) are at the start,
     where the end does not move."""
+    if container.format.name == "avi":
+        # AVI counts its chunks, and a zero-byte chunk is a frame that repeats the one before (capture tools'
+        # dropped frames, VirtualDub's null frames): its decoder gives no frame for it, so the stream's
+        # chunk count can end past the last decoded frame in a whole file
+        return
     listed = _listed_end(container, stream)
     if listed is None or last.pts is None or not last.time_base:
         return

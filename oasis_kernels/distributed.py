@@ -209,7 +209,7 @@ class _Halo(torch.autograd.Function):
 class _GatherTokens(torch.autograd.Function):
     """This rank's tokens ``[B, n_rank, h, D]`` -> every rank's, ``[B, N, h, D]`` (an all-gather, each slice
     padded to the largest); the backward returns to each rank the sum of the ranks' gradients of its
-    tokens, added in rank order in float32 (an all-to-all of the slices and a local sum: the same bits on
+    tokens, added in rank order in at least float32 (an all-to-all of the slices and a local sum: the same bits on
     every run, and gloo has no reduce-scatter)."""
 
     @staticmethod
@@ -230,9 +230,10 @@ class _GatherTokens(torch.autograd.Function):
         mine = ctx.counts[rank]
         send = g.permute(1, 0, 2, 3).reshape(n, b * h * d)  # rows are tokens: rank j's are one run
         recv = _exchange(send, ctx.counts, [mine] * world, ctx.group).view(world, mine, b, h, d)
-        total = recv[0].float()
+        wide = torch.promote_types(g.dtype, torch.float32)  # float64 stays float64
+        total = recv[0].to(wide)
         for part in recv[1:]:
-            total += part.float()
+            total += part.to(wide)
         return total.to(g.dtype).permute(1, 0, 2, 3).contiguous(), None, None
 
 
@@ -244,9 +245,16 @@ _ROWS_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBac
 
 def _global_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Global heads: this rank's queries ``[B, n, h, D]`` over every token's k and v ``[B, N, h, D]``."""
-    with sdpa_kernel(_ROWS_BACKENDS, set_priority=True):
+    with _rows_backends():
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+def _rows_backends():
+    try:
+        return sdpa_kernel(_ROWS_BACKENDS, set_priority=True)
+    except TypeError:  # PyTorch before 2.6 has no priority order: these backends, in PyTorch's own order
+        return sdpa_kernel(_ROWS_BACKENDS)
 
 
 def _p2p(ops, world, group):

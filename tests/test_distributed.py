@@ -137,6 +137,37 @@ def test_ulysses_balances_heads_grouped_by_mode(balanced):
             torch.testing.assert_close(g, w[:, start:stop], rtol=1e-5, atol=1e-5)
 
 
+def _float64_worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        grid = (5, 2, 3)
+        q, k, v, dout = (x.double() for x in _inputs(grid, 3))
+        start, stop = token_slices(grid, world)[rank]
+        mine = [x[:, start:stop].clone().requires_grad_() for x in (q, k, v)]
+        out = routed_attention(*mine, ok.RoutingPlan(grid, MODES3), strategy="hybrid", global_heads="all_gather")
+        out.backward(dout[:, start:stop])
+        results[rank] = (out.detach(), *[x.grad for x in mine])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_global_heads_keep_float64():
+    """The gathered k and v's gradients are summed over the ranks in float64 for float64 inputs (in float32
+    they had been rounded to it): 3 ranks over 5 frames equal one process to float64's rounding."""
+    results = mp.Manager().dict()
+    mp.spawn(_float64_worker, args=(3, _free_port(), results), nprocs=3, join=True)
+    grid = (5, 2, 3)
+    q, k, v, dout = (x.double() for x in _inputs(grid, 3))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = ok.routed_attention(*leaves, ok.RoutingPlan(grid, MODES3))
+    want.backward(dout)
+    for r, (start, stop) in enumerate(token_slices(grid, 3)):
+        for got, w in zip(results[r], [want.detach(), *[x.grad for x in leaves]]):
+            torch.testing.assert_close(got, w[:, start:stop], rtol=1e-12, atol=1e-12)
+
+
 def test_rank_calls_at_the_papers_routing():
     """Issue 24's layer (12 heads grouped by mode: 5 global, 4 intra, 3 window; grid B) on 4 ranks: the
     hybrid's calls per rank with the global heads gathered (5 do not divide by 4) and split, and Ulysses'

@@ -127,6 +127,21 @@ def test_a_file_cut_short_fails_at_opening(tmp_path, suffix, kept, threads):
     assert len(ImageFrames(folder, max_frames=3, threads=threads)) == 3
 
 
+def test_a_png_with_a_bad_text_chunk_opens(tmp_path):
+    """A text chunk after the pixels with a wrong checksum (decoders may ignore it; Pillow's verify does
+    not): the file decodes, so the sequence opens."""
+    import struct
+    import zlib
+
+    frames = synthetic_clip(2, 16, 24, seed=4)
+    folder = save_all(tmp_path / "seq", frames, ["a.png", "b.png"])
+    data = (folder / "b.png").read_bytes()
+    body = b"tEXt" + b"Comment\x00hello"
+    bad = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body) ^ 1)
+    (folder / "b.png").write_bytes(data[:-12] + bad + data[-12:])  # before IEND
+    assert len(ImageFrames(folder)) == 2
+
+
 def test_overlapping_slices_read_each_file_once(tmp_path, clip, monkeypatch):
     frames = ImageFrames(save_all(tmp_path / "seq", clip, [f"{k}.png" for k in range(12)]), threads=3)
     read = []

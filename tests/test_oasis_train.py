@@ -81,9 +81,12 @@ def test_configs_and_cli_errors(tmp_path, capsys):
                           ({"betas": 0.9}, "betas must be two numbers"),
                           ({"videos": 5}, "videos must be a path"),
                           ({"checkpoint": 7}, "checkpoint must be a path"),
-                          ({"out": 3}, "out must be a string")):
+                          ({"out": 3}, "out must be a path")):
         with pytest.raises(ValueError, match=says):
             TrainConfig(**{"demo": True, **setting})
+    from pathlib import Path
+
+    assert TrainConfig(demo=True, out=Path(tmp_path)).out == Path(tmp_path)  # a path as the others take it
 
 
 def test_the_output_folder_is_checked_before_any_work(tmp_path, capsys):
