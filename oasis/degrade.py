@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .jpeg import jpeg_roundtrip, jpeg_roundtrip_each, over_255
+from .jpeg import jpeg_roundtrip, jpeg_roundtrip_rows, over_255
 
 __all__ = ["OrderConfig", "DegradeConfig", "Degradation", "blur_kernel", "KERNEL_KINDS", "FIRST_ORDER",
            "SECOND_ORDER"]
@@ -45,8 +45,8 @@ JPEG_IMPLS = ("auto", "pil", "torch")
 # bumped whenever the same (clip, seed, config) would give another LQ clip than before, so that an
 # oasis-train resume refuses a run degraded by an earlier version (2: grouped noise draws, the JPEG of
 # clips on a GPU by oasis.jpeg; 3: the noise of frames of several sizes, inconsistent mode's, drawn by
-# kind for all of them at once)
-VERSION = 3
+# kind for all of them at once; 4: libx264 without its macroblock tree, which made its round trip vary)
+VERSION = 4
 MIN_SIDE = 8  # no resize goes below this many pixels a side
 
 
@@ -369,11 +369,14 @@ def _blur_each(frames: list, params: list) -> list:
     return out
 
 
-def _resize(frames: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+def _resize(frames: torch.Tensor, size: tuple[int, int], mode: str, clamp: bool = True) -> torch.Tensor:
+    """``frames`` at ``size`` (themselves where they have it), clamped to [0, 1] where resized (``clamp``
+    False: the caller clamps, :func:`_resize_runs`)."""
     if tuple(frames.shape[-2:]) == size:
         return frames
     kw = {} if mode == "area" else {"align_corners": False}
-    return F.interpolate(frames, size=size, mode=mode, **kw).clamp_(0.0, 1.0)
+    out = F.interpolate(frames, size=size, mode=mode, **kw)
+    return out.clamp_(0.0, 1.0) if clamp else out
 
 
 def _noise(frames: torch.Tensor, params: list, gen: torch.Generator) -> torch.Tensor:
@@ -436,9 +439,19 @@ def _noise_each(frames: list, params: list, gen: torch.Generator) -> list:
             levels = _poisson_levels(seen.view(len(idx), 256)).to(dtype)
             per = torch.stack([levels, level]).repeat_interleave(counts, dim=1, output_size=sum(sizes))
             noise = (torch.poisson(q * per[0], generator=gen) / per[0] - q) * per[1]
-        for i, part, shape in zip(idx, noise.split(sizes), shapes):
-            out[i] = (frames[i] + part.view(shape)).clamp_(0.0, 1.0)
+        # one multi-tensor add and clamp for the group's frames (per frame: three operations each)
+        noisy = torch._foreach_add([frames[i] for i in idx], [part.view(shape) for part, shape in
+                                                             zip(noise.split(sizes), shapes)])
+        _clamp_unit(noisy)
+        for i, x in zip(idx, noisy):
+            out[i] = x
     return out
+
+
+def _clamp_unit(tensors: list) -> None:
+    """``clamp_(0, 1)`` of every tensor of the list, as two multi-tensor operations."""
+    torch._foreach_clamp_min_(tensors, 0.0)
+    torch._foreach_clamp_max_(tensors, 1.0)
 
 
 def _noise_groups(params: list) -> dict:
@@ -492,12 +505,13 @@ def _jpeg_each(frames: list, qualities: list, impl: str) -> list:
     """:func:`_jpeg` of frames ``[1, 3, H_i, W_i]`` of different sizes; the torch JPEG takes them in one batch."""
     if not _torch_jpeg(frames[0], impl):
         return [_jpeg(f, [q], impl) for f, q in zip(frames, qualities)]
-    return [f[None] for f in jpeg_roundtrip_each([f[0] for f in frames], qualities)]
+    return jpeg_roundtrip_rows(frames, qualities)
 
 
 def video_roundtrip(frames: np.ndarray, codec: str, bitrate: int, fps: int = 25) -> np.ndarray:
     """``uint8 [N, H, W, 3]`` through a video codec (yuv420p) in memory and back; odd sizes are padded
-    by replication for the codec and cropped after."""
+    by replication for the codec and cropped after. The same frames give the same result on every call
+    (libx264 without its macroblock tree: below)."""
     import av
 
     n, h, w, _ = frames.shape
@@ -506,14 +520,19 @@ def video_roundtrip(frames: np.ndarray, codec: str, bitrate: int, fps: int = 25)
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4" if codec == "libx264" else "avi") as out:
-        stream = out.add_stream(codec, rate=fps)
+        # x264's macroblock tree reads an uninitialised stack value (valgrind, the libx264 PyAV 18.1
+        # bundles), so its stream for the same frames changed with what ran before in the process (one
+        # call in five after other encodes): without it the round trip is the same every time
+        stream = out.add_stream(codec, rate=fps, options={"x264-params": "mbtree=0"} if codec == "libx264" else {})
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
         stream.bit_rate = int(bitrate)
         # one thread: x264's output depends on its thread count (frame threads and lookahead), so the
         # same pair on any machine; and the degradation threads and workers already fill the cores
         stream.codec_context.thread_count = 1
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        for i, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
@@ -632,7 +651,7 @@ def _same_size(frames) -> bool:
 
 
 def _split(x: torch.Tensor) -> list[torch.Tensor]:
-    return [x[i:i + 1] for i in range(x.shape[0])]
+    return list(x.split(1))  # one operation, where a slice per frame is one each
 
 
 def _resize_runs(frames, sizes: list, modes: list):
@@ -643,15 +662,19 @@ def _resize_runs(frames, sizes: list, modes: list):
         if len(set(map(tuple, sizes))) == 1 and len(set(modes)) == 1:
             return _resize(frames, tuple(sizes[0]), modes[0])
         frames = _split(frames)
-    out, i = [], 0
+    out, resized, i = [], [], 0
     while i < len(frames):
         key = (tuple(frames[i].shape[-2:]), tuple(sizes[i]), modes[i])
         j = i + 1
         while j < len(frames) and (tuple(frames[j].shape[-2:]), tuple(sizes[j]), modes[j]) == key:
             j += 1
-        x = _resize(frames[i] if j == i + 1 else torch.cat(frames[i:j]), key[1], key[2])
+        x = _resize(frames[i] if j == i + 1 else torch.cat(frames[i:j]), key[1], key[2], clamp=False)
+        if key[0] != key[1]:
+            resized.append(x)
         out.extend(_split(x) if j > i + 1 else [x])
         i = j
+    if resized:  # the runs' resized frames clamped together, as _resize clamps them
+        _clamp_unit(resized)
     return out
 
 

@@ -160,24 +160,36 @@ def jpeg_roundtrip_each(frames, qualities) -> list:
     frame. Each frame is padded as libjpeg pads it, to its own 16-pixel multiples, then to the batch's
     largest frame; its blocks and its chroma's edges are its own, so the padding changes nothing."""
     frames, qualities = list(frames), list(qualities)
-    if len(qualities) != len(frames):
-        raise ValueError(f"one quality per frame: {len(qualities)} for {len(frames)} frames")
     for i, f in enumerate(frames):
         if not isinstance(f, torch.Tensor) or f.dim() != 3 or f.shape[0] != 3:
             raise ValueError(f"frame {i} must be [3, H, W], got {tuple(getattr(f, 'shape', ()))}")
+    out = jpeg_roundtrip_rows([f[None] for f in frames], qualities)
+    return [f if q is None else o[0] for f, q, o in zip(frames, qualities, out)]  # a kept frame is itself
+
+
+def jpeg_roundtrip_rows(frames, qualities) -> list:
+    """:func:`jpeg_roundtrip_each` of frames ``[1, 3, H_i, W_i]`` (a batch of one each, as
+    :mod:`oasis.degrade` holds frames of several sizes), given back so: no operation per frame to take a
+    frame out of its batch and put it back."""
+    frames, qualities = list(frames), list(qualities)
+    if len(qualities) != len(frames):
+        raise ValueError(f"one quality per frame: {len(qualities)} for {len(frames)} frames")
+    for i, f in enumerate(frames):
+        if not isinstance(f, torch.Tensor) or f.dim() != 4 or tuple(f.shape[:2]) != (1, 3):
+            raise ValueError(f"frame {i} must be [1, 3, H, W], got {tuple(getattr(f, 'shape', ()))}")
         if f.device != frames[0].device:
             raise ValueError(f"frame {i} is on {f.device}, frame 0 on {frames[0].device}")
     keep = [i for i, q in enumerate(qualities) if q is not None]
     if not keep:
         return frames
-    sizes = [(-(-frames[i].shape[1] // 16) * 16, -(-frames[i].shape[2] // 16) * 16) for i in keep]
+    sizes = [(-(-frames[i].shape[2] // 16) * 16, -(-frames[i].shape[3] // 16) * 16) for i in keep]
     hp, wp = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    x = torch.stack([F.pad(frames[i][None].float(), (0, wp - frames[i].shape[2], 0, hp - frames[i].shape[1]),
-                           mode="replicate")[0] for i in keep])
+    x = torch.cat([F.pad(frames[i].float(), (0, wp - frames[i].shape[3], 0, hp - frames[i].shape[2]),
+                         mode="replicate") for i in keep])
     rgb = _codec(x, [qualities[i] for i in keep], sizes)
     out = list(frames)
     for j, i in enumerate(keep):
-        out[i] = rgb[j, :, :frames[i].shape[1], :frames[i].shape[2]].to(frames[i].dtype)
+        out[i] = rgb[j:j + 1, :, :frames[i].shape[2], :frames[i].shape[3]].to(frames[i].dtype)
     return out
 
 
