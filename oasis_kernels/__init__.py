@@ -3,7 +3,7 @@
 >>> import oasis_kernels as ok
 >>> plan = ok.RoutingPlan(grid=(T, H, W), modes=["global", "intra", "window", ...], window=(3, 5, 5))
 >>> out = ok.routed_attention(q, k, v, plan)   # q, k, v, out: [B, N, heads, D], N = T*H*W
->>> call = ok.prepare(q, plan); out = call(q, k, v)   # or prepared once, run many times
+>>> call = ok.prepare(q, plan, k, v); out = call(q, k, v)   # or prepared once, run many times
 """
 
 from .api import attention_lse, global_attention, intra_frame_attention, routed_attention, window_attention

@@ -9,7 +9,7 @@ where the C++ extension serves the call, its replays (:mod:`oasis_kernels.fastpa
 in one bounded LRU cache (:func:`lookup`), the package's only cache of call state; every path
 runs them: the custom op under ``torch.compile``, the eager call, the C++ replay.
 
->>> call = ok.prepare(q, plan)          # flashinfer's plan/run split: prepare once per signature
+>>> call = ok.prepare(q, plan, k, v)    # flashinfer's plan/run split: prepare once per signature
 >>> out = call(q, k, v)                 # then run, as often as wanted, with autograd
 
 Stream policy (:meth:`RoutedCall.forks`): on CUDA the global heads run on a high-priority side
@@ -261,9 +261,10 @@ def aligned_call(call: RoutedCall, q, k, v):
 
 def prepare(q, plan: RoutingPlan, k=None, v=None, *, scale: float | None = None, backend="auto",
             deterministic: bool = False, settings: config.Settings | None = None) -> RoutedCall:
-    """Prepare routed attention for inputs like ``q`` (and ``k``, ``v``, default: laid out as
-    ``q``) under ``plan``: a :class:`RoutedCall` to keep, e.g. per model layer, and call as
-    ``call(q, k, v)``. Arguments as :func:`oasis_kernels.routed_attention`'s; ``settings``
+    """Prepare routed attention for inputs like ``q``, ``k``, ``v`` under ``plan``: a :class:`RoutedCall` to
+    keep, e.g. per model layer, and call as ``call(q, k, v)`` with tensors laid out as these (``k`` and
+    ``v`` default to ``q`` and ``k``: a call prepared so takes ``call(q, q, q)``, where ``v`` is ``k``,
+    and refuses a distinct ``v``: give the k and v the call will take). Arguments as :func:`oasis_kernels.routed_attention`'s; ``settings``
     (default: those in force, :func:`oasis_kernels.settings`) are kept by the call.
     """
     k = q if k is None else k

@@ -63,6 +63,8 @@ def _as_int_triple(value, name: str, cube: bool) -> tuple[int, int, int]:
     wanted = "an int or a 3-tuple of ints" if cube else "a 3-tuple of ints (T, H, W)"
     if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"{name} must be {wanted}, got {value!r}")
+    if isinstance(value, (set, frozenset, dict)):  # no order: {9, 45, 80} iterates as 80, 9, 45
+        raise TypeError(f"{name} must be {wanted} in order, got the unordered {type(value).__name__} {value!r}")
     if isinstance(value, int):
         if not cube:
             # a grid is rarely a cube: RoutingPlan(180, ...) meaning (180, 180, 180) hid mistakes

@@ -69,6 +69,9 @@ def test_prepared_call_matches_routed_attention_with_gradients(device):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     # and against the float64 reference, through the API as a user calls it
     check_backend(q.detach(), k.detach(), v.detach(), PLAN, "auto")
+    # prepared from q alone, k and v are q (v is k): a distinct v is named
+    with pytest.raises(ValueError, match="v_is_k False \\(prepared for True\\)"):
+        ok.prepare(q, PLAN)(q, k, v)
 
 
 def test_prepared_call_refuses_other_inputs(device):

@@ -144,6 +144,12 @@ def test_grid_needs_three_sizes_window_may_be_a_cube():
         ok.RoutingPlan([2, 3], ["g"])
     with pytest.raises(TypeError, match="grid entries must be ints"):
         ok.RoutingPlan((2.0, 3, 5), ["g"])
+    # nor a set: {9, 45, 80} iterates as 80, 9, 45 (the same N: it had run with the sizes reordered)
+    for unordered in ({9, 45, 80}, frozenset({5, 4, 3}), {9: 0, 45: 0, 80: 0}):
+        with pytest.raises(TypeError, match="in order, got the unordered"):
+            ok.RoutingPlan(unordered, ["i"])
+    with pytest.raises(TypeError, match="window must be .* in order, got the unordered set"):
+        ok.RoutingPlan((2, 3, 5), ["w"], {3, 5, 7})
     # a window is a cube when given one int (documented), and integral numpy/torch sizes pass
     assert ok.RoutingPlan((2, 3, 5), ["w"], 3).window == (3, 3, 3)
     assert ok.normalize_window(5) == (5, 5, 5)
