@@ -6,7 +6,7 @@ manager that overrides them for a block of code.
 Settings(overlap=True, overlap_min_flops=100000000000.0, autotune=True, eager_replay=True, cudnn_direct=True)
 >>> with ok.use_settings(overlap=False):      # every head group on the caller's stream
 ...     out = ok.routed_attention(q, k, v, plan)
->>> call = ok.prepare(q, plan, settings=ok.settings().replace(autotune=False))   # kept by one call
+>>> call = ok.prepare(q, plan, k, v, settings=ok.settings().replace(autotune=False))   # kept by one call
 
 A prepared call (:func:`oasis_kernels.prepare`, and the ones ``routed_attention`` keeps) takes
 the settings in force when it is made and keeps them, so a backward runs with its forward's
