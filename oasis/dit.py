@@ -10,6 +10,7 @@ float32 (:meth:`WanDiT.cast` keeps those parameters in float32), the matmuls in 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -218,6 +219,27 @@ class WanSelfAttention(_Attention):
 
     def forward(self, x: torch.Tensor, grid, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return self.o(self.attend(*self.project(x, rope), grid).flatten(2))
+
+
+#: a routing file's layer names that name a block of this DiT: ours (``blocks.3.self_attn``, ``blocks.3``) and
+#: diffusers' (``transformer_blocks.3.attn1``)
+_BLOCK_NAME = re.compile(r"(?:^|\.)(?:blocks|transformer_blocks)\.(\d+)(?:\.|$)")
+
+
+def _layers_by_block(routing: RoutingFile, num_layers: int) -> list:
+    """The routing file's layers in block order, matched by name (a file's order is not trusted: a file
+    of another model, or one whose layers were reordered, would route other blocks)."""
+    by_block = {}
+    for layer in routing.layers:
+        match = _BLOCK_NAME.search(layer.name)
+        block = int(match[1]) if match else None
+        if block is None or block >= num_layers or block in by_block:
+            why = "names no block of this DiT" if block is None else (
+                f"names block {block} of {num_layers}" if block >= num_layers else f"names block {block} twice")
+            raise ValueError(f"routing file layer {layer.name!r} {why} (blocks.N.self_attn, blocks.N or "
+                             f"transformer_blocks.N.attn1)")
+        by_block[block] = layer
+    return [by_block[i] for i in range(num_layers)]
 
 
 #: optimizer steps taken in this process, counted by torch.optim's post-step hook (registered when a DiT
@@ -563,7 +585,7 @@ class WanDiT(nn.Module):
             routing = load_routing(path)
         if isinstance(routing, RoutingFile):
             routing.check_model(cfg.num_layers, cfg.num_heads)
-            return [layer.modes for layer in routing.layers]
+            return [layer.modes for layer in _layers_by_block(routing, cfg.num_layers)]
         if isinstance(routing, (str, bytes)) or not isinstance(routing, Sequence):
             raise TypeError(f"routing must be a path, a RoutingFile, a list of modes per layer or None, "
                             f"got {type(routing).__name__}")

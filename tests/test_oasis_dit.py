@@ -277,6 +277,18 @@ def test_routing_file_and_errors(tmp_path):
     model.set_routing(tmp_path / "r.json")
     assert [list(m) for m in model.routing] == [[ok.Mode.parse(m) for m in modes] for modes in ROUTING]
     assert model.blocks[0].self_attn.window == (1, 3, 3)
+    # matched by name, not by order; names of another model refused
+    rf.layers.reverse()
+    model.set_routing(rf)
+    assert [list(m) for m in model.routing] == [[ok.Mode.parse(m) for m in modes] for modes in ROUTING]
+    rf.layers[0].name = "transformer_blocks.1.attn1"  # diffusers' name of the same block
+    model.set_routing(rf)
+    assert [list(m) for m in model.routing] == [[ok.Mode.parse(m) for m in modes] for modes in ROUTING]
+    for name, says in (("other.0", "names no block of this DiT"), ("blocks.7.self_attn", "names block 7 of 2"),
+                       ("blocks.0.self_attn", "names block 0 twice")):
+        rf.layers[0].name = name
+        with pytest.raises(ValueError, match=f"routing file layer '{name}' {says}"):
+            model.set_routing(rf)
     with pytest.raises(ValueError, match="does not exist"):
         model.set_routing(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="lists 1 layers"):

@@ -206,6 +206,34 @@ def test_routing_file_commands(workdir, capsys):
                                                         "--out", "x.json")
     assert "--out nowhere/x.json: the folder 'nowhere' does not exist" in failed(
         capsys, "assign", "a.json", "--rho", "0.3", "--out", "nowhere/x.json")
+    # files of one model only: the same layer names in order, the same window
+    other_names = _routing(2, 4)
+    other_names.layers[0].name = "other.0"
+    other_names.save("renamed.json")
+    assert "name their layers otherwise (1 of 2: 'blocks.0' against 'other.0' first)" in failed(
+        capsys, "agree", "a.json", "renamed.json")
+    wider = _routing(2, 4)
+    wider.window = (1, 3, 3)
+    wider.save("window.json")
+    assert "route window heads of (3, 5, 5) and (1, 3, 3)" in failed(capsys, "agree", "a.json", "window.json")
+    # settings and layers of the wrong kind: one line each, before any work
+    good = json.loads((workdir / "a.json").read_text())
+    for change, says in ((lambda d: d.update(rho="abc"), "rho must be a number >= 0.0 and <= 1.0, got 'abc'"),
+                         (lambda d: d.update(rho=7), "rho must be a number"),
+                         (lambda d: d.update(videos=-3), "videos must be an int >= 0"),
+                         (lambda d: d.update(eps="x"), "eps must be a number > 0.0"),
+                         (lambda d: d.update(query_stride=0), "query_stride must be an int >= 1"),
+                         (lambda d: d.update(num_global=999), "num_global must be an int >= 0 and <= 8"),
+                         (lambda d: d["layers"][1].update(name="blocks.0"), "layers named twice: ['blocks.0']"),
+                         (lambda d: d["layers"][1].update(name=7), "a layer's name must be a string, got 7"),
+                         (lambda d: d["layers"][1].update(modes="wwgg"), "modes must be a list"),
+                         (lambda d: d["layers"][1]["modes"].append("global"),
+                          "stats 'kl_intra' must be 5 numbers, one per head"),
+                         (lambda d: d["layers"][0]["stats"].update(kl_intra=[None] * 4), "stats 'kl_intra' must be 4")):
+        data = json.loads(json.dumps(good))
+        change(data)
+        (workdir / "bad.json").write_text(json.dumps(data))
+        assert says in failed(capsys, "show", "bad.json"), says
     rc, out, _ = run(capsys, "assign", "a.json", "--rho", "0.5", "--out", "b.json")
     assert rc == 0 and out == "b.json: rho=0.5, 4 global heads\n"
     rc, out, _ = run(capsys, "show", "b.json")

@@ -115,13 +115,61 @@ def load_routing(path) -> RoutingFile:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: not an oasis routing file (format={found!r}, expected {FORMAT!r})")
     try:
-        layers = [LayerRouting(l["name"], [Mode.parse(m) for m in l["modes"]], l.get("stats", {}))
-                  for l in data["layers"]]
-        return RoutingFile(layers, data["rho"], normalize_window(data["window"]), data["eps"], data["query_stride"],
-                           data["videos"], data["num_global"])
+        routing = RoutingFile([_layer(l) for l in data["layers"]], data["rho"], normalize_window(data["window"]),
+                              data["eps"], data["query_stride"], data["videos"], data["num_global"])
+        _check_file(routing)
+        return routing
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
         raise ValueError(f"{path}: damaged oasis routing file ({what})") from None
+
+
+def _layer(entry) -> LayerRouting:
+    if not isinstance(entry, dict):
+        raise TypeError(f"a layer must be a table (name, modes, stats), got {entry!r}")
+    name, modes, stats = entry["name"], entry["modes"], entry.get("stats", {})
+    if not isinstance(name, str):
+        raise TypeError(f"a layer's name must be a string, got {name!r}")
+    if not isinstance(modes, list):
+        raise TypeError(f"layer {name!r}: modes must be a list, one per head, got {modes!r}")
+    if not isinstance(stats, dict):
+        raise TypeError(f"layer {name!r}: stats must be a table of lists, got {stats!r}")
+    for field_name, values in stats.items():
+        if not isinstance(values, list) or len(values) != len(modes) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+            raise ValueError(f"layer {name!r}: stats {field_name!r} must be {len(modes)} numbers, one per head, "
+                             f"got {values!r}")
+    return LayerRouting(name, [Mode.parse(m) for m in modes], stats)
+
+
+def _number(value, name: str, low: float, high: float | None = None, low_open: bool = False, whole: bool = False):
+    kind = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not (value > low if low_open else value >= low) \
+            or (high is not None and value > high):
+        span = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"{name} must be {'an int' if whole else 'a number'} {span}, got {value!r}")
+
+
+def _check_file(r: RoutingFile) -> None:
+    """The settings' kinds and ranges, and layers that make one model (names once each, one head count).
+    rho, eps and query_stride may be null: a routing saved with a model (OasisVSR.save_pretrained) was not
+    calibrated here."""
+    if r.rho is not None:
+        _number(r.rho, "rho", 0.0, 1.0)
+    if r.eps is not None:
+        _number(r.eps, "eps", 0.0, low_open=True)
+    if r.query_stride is not None:
+        _number(r.query_stride, "query_stride", 1, whole=True)
+    _number(r.videos, "videos", 0, whole=True)
+    names = [l.name for l in r.layers]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"layers named twice: {twice[:3]}")
+    heads = sorted({len(l.modes) for l in r.layers})
+    if len(heads) > 1:
+        raise ValueError(f"layers route different numbers of heads: {heads}")
+    # (what Algorithm 1 kept global; a file edited by hand may route others, so only its range is checked)
+    _number(r.num_global, "num_global", 0, sum(len(l.modes) for l in r.layers), whole=True)
 
 
 def _shape(r: RoutingFile) -> str:
@@ -130,9 +178,16 @@ def _shape(r: RoutingFile) -> str:
 
 
 def routing_agreement(a: RoutingFile, b: RoutingFile) -> float:
-    """Fraction of identical (layer, head) assignments: the paper's stability measure."""
+    """Fraction of identical (layer, head) assignments: the paper's stability measure. The files must route
+    the same layers (by name, in order) with the same window: otherwise their modes mean other things."""
     if a.num_layers != b.num_layers or any(len(x.modes) != len(y.modes) for x, y in zip(a.layers, b.layers)):
         raise ValueError(f"routing files route different models ({_shape(a)} vs {_shape(b)})")
+    differ = [(x.name, y.name) for x, y in zip(a.layers, b.layers) if x.name != y.name]
+    if differ:
+        raise ValueError(f"routing files name their layers otherwise ({len(differ)} of {a.num_layers}: "
+                         f"{differ[0][0]!r} against {differ[0][1]!r} first)")
+    if a.window != b.window:
+        raise ValueError(f"routing files route window heads of {a.window} and {b.window}")
     pairs = [(x, y) for la, lb in zip(a.layers, b.layers) for x, y in zip(la.modes, lb.modes)]
     return sum(x == y for x, y in pairs) / len(pairs)
 
