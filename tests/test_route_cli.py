@@ -174,6 +174,24 @@ def test_model_problems_found_on_the_first_video(workdir, capsys):
     assert "v0.pt: cannot read it as a .pt file" in failed(capsys, *calibrate())
 
 
+def test_late_problems_fail_before_the_calibration(workdir, capsys):
+    """A damaged latent after good ones fails before the model is made (it had failed after the ones before
+    it were calibrated, the work lost); a latent of another size is the model's one line, not its
+    traceback; an --out that cannot be opened fails before any work (a folder whose mode allows writing
+    can still refuse: /proc)."""
+    torch.save(torch.randn(1, 30, HEADS * HEAD_DIM), workdir / "latents" / "v2.pt")
+    (workdir / "latents" / "zz.pt").write_bytes(b"not a tensor file")
+    assert "zz.pt: cannot read it as a .pt file" in failed(capsys, *calibrate())
+    assert sys.modules[MODULE].BUILT == []
+    torch.save(torch.randn(1, 31, HEADS * HEAD_DIM), workdir / "latents" / "zz.pt")  # 31 tokens: not the grid's
+    assert "zz.pt: the model refused it:" in failed(capsys, *calibrate())
+    (workdir / "latents" / "zz.pt").unlink()
+    assert "--out /proc/r.json:" in failed(capsys, *calibrate("--out", "/proc/r.json"))
+    assert sys.modules[MODULE].BUILT == [1]  # the one run that reached the model: the latent of another size
+    rc, _, _ = run(capsys, *calibrate("--out", "r.json"))
+    assert rc == 0 and load_routing("r.json").num_layers > 0
+
+
 def _routing(layers, heads) -> RoutingFile:
     modes = [Mode.GLOBAL, Mode.INTRA, Mode.WINDOW]
     return RoutingFile([LayerRouting(f"blocks.{i}", [modes[(i + h) % 3] for h in range(heads)],

@@ -195,6 +195,21 @@ def _check_out(out: str, option: str) -> None:
         raise _Exit(f"{option} {out}: the folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK):
         raise _Exit(f"{option} {out}: the folder {str(parent)!r} is not writable")
+    existed = path.exists()
+    try:  # opened as the save will open it (a folder writable by its mode may still refuse: /sys, a read-only mount)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise _Exit(f"{option} {out}: cannot be written ({exc.strerror or exc})") from None
+    if not existed:
+        path.unlink()
+
+
+def _save(routing, out: str) -> None:
+    try:
+        routing.save(out)
+    except OSError as exc:  # a full disk, a file made read-only meanwhile
+        raise _Exit(f"--out {out}: writing it failed ({exc.strerror or exc})") from None
 
 
 def _import_factory(module_name: str, function: str):
@@ -302,6 +317,9 @@ def _calibrate(args) -> int:
     _check_out(args.out, "--out")
     module, factory = _import_factory(*args.model)
     _check_input_kinds(files, module)
+    if not hasattr(module, "load_input"):  # every latent file read once before the model is made: a bad one
+        for path in files:                 # fails now, not after the ones before it were calibrated
+            _load_input(path, module, "cpu")
 
     model = factory()
     if not isinstance(model, torch.nn.Module):
@@ -335,6 +353,8 @@ def _calibrate(args) -> int:
                         model(*a, **kw)
                 except NotImplementedError as exc:  # e.g. --backend triton on inputs its kernels cannot take
                     raise _Exit(f"{path}: {str(exc).splitlines()[0]}") from None
+                except ValueError as exc:  # the model's own check of its input (a latent of another size)
+                    raise _Exit(f"{path}: the model refused it: {str(exc).splitlines()[0]}") from None
                 if i == 0 and not cal.layers:
                     where = f" inside the modules --layers {args.layers.pattern!r} picks" if args.layers else ""
                     raise _Exit(f"no attention calls were observed{where} on {path.name}: the model must call "
@@ -350,7 +370,7 @@ def _calibrate(args) -> int:
         routing = cal.assign(args.rho)
     except ValueError as exc:  # e.g. non-finite statistics
         raise _Exit(str(exc)) from None
-    routing.save(args.out)
+    _save(routing, args.out)
     print(f"{args.out}: {routing.num_layers} layers, {routing.videos} videos, {routing.num_global} global heads "
           f"(rho={args.rho})")
     return 0
@@ -362,7 +382,7 @@ def _assign(args) -> int:
         routing = _load(args.routing).reassign(args.rho)
     except ValueError as exc:  # a file without statistics
         raise _Exit(f"{args.routing}: {exc}") from None
-    routing.save(args.out)
+    _save(routing, args.out)
     print(f"{args.out}: rho={args.rho}, {routing.num_global} global heads")
     return 0
 
@@ -457,6 +477,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("oasis-route: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `oasis-route show r.json | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
