@@ -86,6 +86,8 @@ def routed_attention(
     """
     q, k, v, scale = prepare_inputs(q, k, v, plan, scale)
     request = normalize_backend(backend)
+    if not isinstance(deterministic, bool):  # deterministic="no" would have asked for the deterministic backward
+        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
     if q.shape[0] == 0:  # nothing to compute or observe: no backend is asked
         out, lse = _EmptyBatch.apply(q, k, v)
         return (out, lse) if return_lse else out

@@ -271,6 +271,8 @@ def prepare(q, plan: RoutingPlan, k=None, v=None, *, scale: float | None = None,
     v = k if v is None else v
     if settings is not None and not isinstance(settings, config.Settings):
         raise TypeError(f"settings must be an oasis_kernels.Settings, got {type(settings).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be True or False, got {deterministic!r}")
     q, k, v, scale = prepare_inputs(q, k, v, plan, scale)
     request = normalize_backend(backend)
     grid, modes, window = plan.as_op_args()

@@ -94,6 +94,9 @@ def normalize_backend(backend: "str | Mapping") -> str:
             expand_backend_name(backend)
         return backend
     if isinstance(backend, Mapping):
+        if not backend:
+            raise ValueError("backend mapping is empty: name a backend for some mode, e.g. {'intra': 'triton'}, "
+                             "or give 'auto'")
         parts = {}
         for mode, name in backend.items():
             m = Mode.parse(mode)

@@ -246,3 +246,23 @@ def test_cli_calibrate_assign_agree(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert route_main(["agree", str(out), str(out2)]) == 0
     assert float(capsys.readouterr().out) == pytest.approx(0.5)
+
+
+def test_calibrator_and_routing_file_settings_are_checked_when_made():
+    """RoutingCalibrator's settings fail when it is made (they had failed at the model's first layer), and a
+    routing file's layer is an index or a name (True had been layer 1)."""
+    from oasis_kernels.routing import LayerRouting, RoutingCalibrator, RoutingFile
+
+    for kwargs, says in (({"eps": 0}, "eps must be a number > 0.0"), ({"query_stride": 0}, "query_stride must be an int"),
+                         ({"backend": "bogus"}, "backend must be 'auto', 'triton' or 'reference'")):
+        with pytest.raises(ValueError, match=says):
+            RoutingCalibrator((1, 3, 3), **kwargs)
+    rf = RoutingFile([LayerRouting(f"blocks.{i}", [ok.Mode.GLOBAL]) for i in range(2)], 0.5, (1, 3, 3), 1e-6, 1, 1, 2)
+    with pytest.raises(TypeError, match="layer must be an index or a name, got True"):
+        rf.plan(True, (1, 2, 2))
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(TypeError, match="deterministic must be True or False, got 'no'"):
+        ok.routed_attention(q, q, q, ok.RoutingPlan((1, 2, 2), ["g"]), deterministic="no")
+    with pytest.raises(ValueError, match="backend mapping is empty"):
+        ok.routed_attention(q, q, q, ok.RoutingPlan((1, 2, 2), ["g"]), backend={})
+

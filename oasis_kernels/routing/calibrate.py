@@ -62,6 +62,8 @@ class RoutingFile:
 
     def plan(self, layer: "int | str", grid) -> RoutingPlan:
         """The :class:`RoutingPlan` of one layer (by index or name) for a token grid."""
+        if isinstance(layer, bool):  # True would be layer 1
+            raise TypeError(f"layer must be an index or a name, got {layer!r}")
         if isinstance(layer, str):
             names = [l.name for l in self.layers]
             if layer not in names:
@@ -196,6 +198,11 @@ class RoutingCalibrator:
     """Streaming means of per-head statistics over many videos and layers."""
 
     def __init__(self, window=(3, 5, 5), *, eps: float = 1e-6, query_stride: int = 1, backend: str = "auto"):
+        # checked here, not at the first layer of the first video the model runs
+        _number(eps, "eps", 0.0, low_open=True)
+        _number(query_stride, "query_stride", 1, whole=True)
+        if backend not in ("auto", "triton", "reference"):  # head_statistics' backends
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
         self.window = normalize_window(window)
         self.eps, self.query_stride, self.backend = eps, query_stride, backend
         self._sums: dict[str, dict[str, torch.Tensor]] = {}
