@@ -775,6 +775,10 @@ def parse_args(argv=None):
         p.error(f"--graphs: unknown shape(s) {unknown}; choose from {', '.join(SHAPES)} or custom (--grid)")
     if args.routing and not Path(args.routing).is_file():
         p.error(f"--routing {args.routing}: no such file")
+    if args.routing:  # the file's layer sets the heads and modes: other settings of them would be ignored
+        given = [flag for flag, dest in (("--heads", "heads"), ("--mix", "mix")) if getattr(args, dest) != p.get_default(dest)]
+        if given:
+            p.error(f"--routing {args.routing}: its layer sets the heads and modes; leave out {', '.join(given)}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out}: is a file, not a directory")
     if args.device is None:

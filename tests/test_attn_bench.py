@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import oasis_kernels as ok
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import attn_bench  # noqa: E402
 
@@ -93,6 +95,21 @@ def test_bad_or_cpu_impossible_flags_are_refused(argv, message, capsys):
         attn_bench.parse_args(["--device", "cpu", *argv])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_routing_file_sets_the_heads(tmp_path, capsys):
+    """--routing's layer sets the heads and modes: --heads or --mix beside it would be ignored, so they are
+    refused; alone it gives the file's plan."""
+    from oasis_kernels.routing import LayerRouting, RoutingFile
+
+    RoutingFile([LayerRouting("blocks.0", [ok.Mode.GLOBAL, ok.Mode.INTRA, ok.Mode.WINDOW, ok.Mode.INTRA])], 0.25,
+                (3, 5, 5), 1e-6, 1, 1, 1).save(tmp_path / "r.json")
+    for extra in (["--heads", "7"], ["--mix", "1,1,1"]):
+        with pytest.raises(SystemExit) as exc:
+            attn_bench.parse_args(["--device", "cpu", "--routing", str(tmp_path / "r.json"), *extra])
+        assert exc.value.code == 2 and "its layer sets the heads and modes; leave out" in capsys.readouterr().err
+    args = attn_bench.parse_args(["--device", "cpu", "--routing", str(tmp_path / "r.json")])
+    assert args.heads == 4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
