@@ -202,6 +202,7 @@ def train_rows(args, device, dtype) -> list[dict]:
         opt.zero_grad(set_to_none=True)
 
     ms = slowest_ms(step, device, args.reps, warmup=2)
+    del ddp, opt  # DDP's reducer before the process group goes (gloo aborted a rank's exit otherwise)
     row = {"section": "train", "ranks": world, "batch_per_gpu": args.train_batch, "step_ms": ms,
            "clips_per_s_per_gpu": args.train_batch / ms * 1e3}
     if rank == 0:
@@ -226,6 +227,7 @@ def worker(rank: int, world: int, port: int, args, results) -> None:
                 rows += fn(args, device, dtype)
         if rank == 0:
             results[world] = rows
+        dist.barrier()  # every rank done with its collectives before any tears the group down
     finally:
         dist.destroy_process_group()
 
