@@ -143,6 +143,7 @@ def test_inputs_and_out_fail_before_any_work(workdir, capsys):
     assert "--out nowhere/r.json: the folder 'nowhere' does not exist" in failed(
         capsys, *calibrate("--out", "nowhere/r.json"))
     assert "--out latents: is a folder" in failed(capsys, *calibrate("--out", "latents"))
+    assert "--out: give a file name such as routing.json" in failed(capsys, *calibrate("--out", ""))
     assert not_imported()
 
 
@@ -247,7 +248,10 @@ def test_routing_file_commands(workdir, capsys):
                          (lambda d: d["layers"][1].update(modes="wwgg"), "modes must be a list"),
                          (lambda d: d["layers"][1]["modes"].append("global"),
                           "stats 'kl_intra' must be 5 numbers, one per head"),
-                         (lambda d: d["layers"][0]["stats"].update(kl_intra=[None] * 4), "stats 'kl_intra' must be 4")):
+                         (lambda d: d["layers"][0]["stats"].update(kl_intra=[None] * 4), "stats 'kl_intra' must be 4"),
+                         (lambda d: d.update(layers=[]), "damaged oasis routing file (no layers)"),
+                         (lambda d: [layer.update(modes=[], stats={}) for layer in d["layers"]],
+                          "layer 'blocks.0' routes no heads")):
         data = json.loads(json.dumps(good))
         change(data)
         (workdir / "bad.json").write_text(json.dumps(data))

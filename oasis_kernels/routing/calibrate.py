@@ -163,6 +163,10 @@ def _check_file(r: RoutingFile) -> None:
     if r.query_stride is not None:
         _number(r.query_stride, "query_stride", 1, whole=True)
     _number(r.videos, "videos", 0, whole=True)
+    if not r.layers:
+        raise ValueError("no layers")
+    if any(not l.modes for l in r.layers):
+        raise ValueError(f"layer {next(l.name for l in r.layers if not l.modes)!r} routes no heads")
     names = [l.name for l in r.layers]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

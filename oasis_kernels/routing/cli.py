@@ -187,6 +187,8 @@ def _input_files(folder: str, limit: int) -> list[Path]:
 
 
 def _check_out(out: str, option: str) -> None:
+    if not out:
+        raise _Exit(f"{option}: give a file name such as routing.json")
     path = Path(out)
     if path.is_dir():
         raise _Exit(f"{option} {out}: is a folder; give a file name such as routing.json")
