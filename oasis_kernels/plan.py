@@ -9,6 +9,7 @@ else carries routing state.
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -46,10 +47,10 @@ class Mode(enum.IntEnum):
             raise ValueError(
                 f"unknown attention mode {value!r}; expected one of 'global', 'intra', 'window'"
             )
-        if isinstance(value, int) and not isinstance(value, bool):
+        if not isinstance(value, bool) and hasattr(value, "__index__"):  # an int, or numpy's (as grid sizes)
             try:
-                return cls(value)
-            except ValueError:
+                return cls(operator.index(value))
+            except (ValueError, TypeError):
                 raise ValueError(f"unknown attention mode {value!r}; expected 0, 1 or 2") from None
         raise TypeError(f"attention mode must be a Mode, str or int, got {type(value).__name__}: {value!r}")
 

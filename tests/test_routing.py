@@ -266,3 +266,20 @@ def test_calibrator_and_routing_file_settings_are_checked_when_made():
     with pytest.raises(ValueError, match="backend mapping is empty"):
         ok.routed_attention(q, q, q, ok.RoutingPlan((1, 2, 2), ["g"]), backend={})
 
+
+def test_numpy_numbers_are_numbers():
+    """numpy's ints name modes as Python's do, and numpy's floats are rho (np.float32(0.4) as 0.4, not its
+    binary value's 0.4000000059..., which would round 4 of 10 heads up to 5)."""
+    import numpy as np
+
+    from oasis_kernels.routing import global_head_count
+
+    assert ok.RoutingPlan((1, 2, 2), [np.int64(0), np.int32(2)]).modes == (ok.Mode.GLOBAL, ok.Mode.WINDOW)
+    with pytest.raises(ValueError, match="expected 0, 1 or 2"):
+        ok.Mode.parse(np.int64(5))
+    with pytest.raises(TypeError, match="got bool"):
+        ok.Mode.parse(True)
+    assert global_head_count(np.float32(0.4), 10) == global_head_count(0.4, 10) == 4
+    with pytest.raises(ValueError, match="rho must be a number"):
+        global_head_count(torch.tensor(0.4), 10)
+

@@ -11,6 +11,7 @@ two scores are equal takes intra-frame (the cheaper pattern).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -23,7 +24,8 @@ __all__ = ["HeadAssignment", "assign_heads", "global_head_count"]
 
 def global_head_count(rho: float, n_heads: int) -> int:
     """``K = ceil(rho * N)`` computed exactly (0.4 * 10 is 4, not 4.000000000000001 -> 5)."""
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
+    # numpy's floats too (np.float32(0.4) prints as 0.4: its decimal, not its binary value, is meant)
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real) or not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must be a number in [0, 1], got {rho=}")
     return math.ceil(Fraction(str(rho)) * n_heads)
 
