@@ -375,7 +375,7 @@ class OasisVSR:
                 if not bool(torch.isfinite(final).all()):
                     raise FloatingPointError(
                         f"the restored frames {t0}..{min(t0 + done, frames) - 1} are not finite (NaN or inf): the checkpoint's "
-                        f"weights, or the range of the model's dtype ({next(self.dit.parameters()).dtype})")
+                        f"weights, or the range of the model's dtype ({self.dit.dtype})")
                 keep = min(done, frames - emitted)
                 skip = min(max(start - emitted, 0), max(keep, 0))
                 if keep > skip:

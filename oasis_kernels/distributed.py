@@ -214,7 +214,6 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, counts, group):
-        world, rank = _group_info(group)
         ctx.counts, ctx.group = counts, group
         most = max(counts)
         padded = x.new_zeros((x.shape[0], most, *x.shape[2:]))
@@ -314,7 +313,7 @@ def _hybrid_parts(plan: RoutingPlan, counts: list[int], world: int, rank: int,
     ranks, 3 and 2; None for a rank left without one) over all the tokens; all-gather: every global head,
     its own frames' queries over all the tokens. Intra: its frames; window: its frames with the window's
     temporal radius of each neighbour's frames around them (none past the sequence's ends)."""
-    t, h, w = plan.grid
+    _, h, w = plan.grid
     frames = counts[rank] // (h * w)
     rt = plan.window[0] // 2
     parts = []

@@ -1079,17 +1079,10 @@ def test_an_avi_with_dropped_frames_is_whole(tmp_path):
     """AVI counts its chunks, and a zero-byte chunk repeats the frame before (a capture tool's dropped
     frame): five at the end make the stream's duration 15 frames where 10 decode. Such a file is whole."""
     path = tmp_path / "dropped.avi"
-    frames = synthetic_clip(10, 32, 48).numpy()
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=25)
         stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
-        for i, f in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        mux_frames(container, stream, synthetic_clip(10, 32, 48))
         for j in range(5):
             packet = av.Packet(0)
             packet.stream, packet.pts, packet.dts, packet.time_base = stream, 10 + j, 10 + j, stream.time_base
