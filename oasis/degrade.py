@@ -520,9 +520,9 @@ def video_roundtrip(frames: np.ndarray, codec: str, bitrate: int, fps: int = 25)
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4" if codec == "libx264" else "avi") as out:
-        # x264's macroblock tree reads an uninitialised stack value (valgrind, the libx264 PyAV 18.1
-        # bundles), so its stream for the same frames changed with what ran before in the process (one
-        # call in five after other encodes): without it the round trip is the same every time
+        # x264's macroblock tree reads uninitialised values (valgrind, the libx264 PyAV 18.1 bundles), so
+        # its stream for the same frames changed with what ran before in the process: without it the round
+        # trip is the same every time (benchmarks/results/2026-12-05_cpu_11a2e65/x264_repeat.txt)
         stream = out.add_stream(codec, rate=fps, options={"x264-params": "mbtree=0"} if codec == "libx264" else {})
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
         stream.bit_rate = int(bitrate)

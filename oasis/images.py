@@ -131,9 +131,9 @@ DEEP_SUFFIXES = {".png": ("png", "rgb48be"), ".tif": ("tiff", "rgb48le"), ".tiff
 def _check_whole(path) -> None:
     """That an image file holds all its data, so a sequence with a file cut short fails when opened, not
     hours into a run: a PNG's chunks to IEND with their checksums (Pillow's ``verify``: read, not decoded;
-    1.2 ms for a 4.4 MB 1080p file on the development machine, 36 ms to decode); a JPEG's data decoded at
-    an eighth of its size (the DCT's scaling; every coefficient is still read: 7.7 ms against 9.9 for a
-    noisy 1080p one); other kinds decoded. :class:`VideoError` naming the file and what Pillow found."""
+    1.1 ms for a noisy 1080p file on 2 CPU cores, 34 ms to decode); a JPEG's data decoded at an eighth of
+    its size (the DCT's scaling; every coefficient is still read: 7.5 ms against 9.8; both
+    benchmarks/results/2026-12-05_cpu_11a2e65/); other kinds decoded. :class:`VideoError` naming the file and what Pillow found."""
     Image = _pil()
     try:
         with Image.open(path) as image:

@@ -135,8 +135,8 @@ def test_video_roundtrip(codec):
 @pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
 def test_video_roundtrip_is_the_same_every_time(codec):
     """The same frames give the same round trip on every call of a process, after other encodes: libx264's
-    macroblock tree reads an uninitialised value (valgrind), which had given another stream for the same
-    frames about one call in five (so another LQ clip for the same seed)."""
+    macroblock tree reads uninitialised values (valgrind), which had given another stream for the same
+    frames now and then (so another LQ clip for the same seed)."""
     pytest.importorskip("av")
     rng = np.random.default_rng(1)
     other = (smooth_clip(frames=6, h=30, w=45) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
