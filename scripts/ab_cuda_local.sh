@@ -5,17 +5,21 @@
 # and carried), the kernels are put in place, JIT-built, checked against the float64 reference
 # (tests/test_cuda_local.py) and timed against Triton at B (benchmarks/local_bench.py); the
 # checkout's own kernels first, as "main". Logs and JSON under $OUT/NAME/.
-# The variants run this checkout's GPU tests only (their CPU checks, the compile and geometry
-# tests, belong to their own branch's CI). Carry .variants (an ignored folder) with the call.
-#   SHAPES=B MODES=window,intra bash scripts/ab_cuda_local.sh
+# A variant folder may hold its branch's tests/test_cuda_local.py too, which then replaces this
+# checkout's for its run; either way a variant runs the GPU tests only (the CPU checks, the compile
+# and geometry tests, belong to its own branch's CI). SANITIZE=memcheck,racecheck runs
+# compute-sanitizer over scripts/sanitize_cuda_local.py on each variant's build after its timings
+# (not on this checkout's own kernels, which ran it when they landed).
+# Carry .variants (an ignored folder) with the call.
+#   SHAPES=B MODES=window,intra SANITIZE=memcheck bash scripts/ab_cuda_local.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-} OASIS_EXPECT_EXTENSION=1 MAX_JOBS=${MAX_JOBS:-16}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 keep=$(mktemp -d)  # this checkout's kernels, put back at the end
-cp -r csrc/local_attention "$keep/"
-run_variant() {  # NAME [pytest -k expression]
+cp -r csrc/local_attention tests/test_cuda_local.py "$keep/"
+run_variant() {  # NAME [pytest -k expression [compute-sanitizer tools, comma-separated]]
     local out="$OUT/$1"; mkdir -p "$out"
     local start=$SECONDS
     python3 -c "from oasis_kernels.kernels import cuda_local; print(cuda_local.library())" > "$out/build.log" 2>&1
@@ -27,12 +31,20 @@ run_variant() {  # NAME [pytest -k expression]
         timeout 120 python3 benchmarks/local_bench.py --shapes "${SHAPES:-B}" --mode "$mode" \
             --backends triton,cuda --api-only --tag "$1" --out "$out" 2>&1 | grep -E "api (fwd|fwd\+bwd) "
     done
+    local tools=${3:-}
+    for tool in ${tools//,/ }; do
+        timeout 150 compute-sanitizer --tool "$tool" python3 scripts/sanitize_cuda_local.py > "$out/sanitizer_$tool.log" 2>&1
+        echo "== $1 $tool (exit $?): $(tail -1 "$out/sanitizer_$tool.log")"
+    done
 }
 run_variant main
 for dir in .variants/*/; do
     [ -d "$dir/csrc/local_attention" ] || continue
     name=$(basename "$dir")
     rm -rf csrc/local_attention && cp -r "$dir/csrc/local_attention" csrc/local_attention
-    run_variant "$name" "not compiles_for_sm90a and not register_spills and not tile_geometry"
+    cp "$keep/test_cuda_local.py" tests/test_cuda_local.py
+    [ -f "$dir/tests/test_cuda_local.py" ] && cp "$dir/tests/test_cuda_local.py" tests/test_cuda_local.py
+    run_variant "$name" "not compiles_for_sm90a and not register_spills and not tile_geometry" "${SANITIZE:-}"
 done
-rm -rf csrc/local_attention && cp -r "$keep/local_attention" csrc/local_attention && rm -rf "$keep"
+rm -rf csrc/local_attention && cp -r "$keep/local_attention" csrc/local_attention
+cp "$keep/test_cuda_local.py" tests/test_cuda_local.py && rm -rf "$keep"
