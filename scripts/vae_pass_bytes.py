@@ -19,7 +19,10 @@ its rows of the first decode variant are read.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import os
+import subprocess
 import re
 import sys
 import time
@@ -119,6 +122,16 @@ def profile_rows(path: Path) -> dict[str, tuple[float, int]]:
     return rows
 
 
+def _commit() -> str:
+    if os.environ.get("OASIS_COMMIT"):
+        return os.environ["OASIS_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--latent", nargs=3, type=int, default=[9, 12, 20], metavar=("T", "H", "W"))
@@ -136,7 +149,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     counts, calls, by_width = count(a.latent, a.piece)
     scale = (90 * 160) / (a.latent[1] * a.latent[2])
-    result = {"latent": a.latent, "piece_frames": a.piece, "scaled_to": [a.latent[0], 90, 160],
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+              "device": "cpu", "latent": a.latent, "piece_frames": a.piece, "scaled_to": [a.latent[0], 90, 160],
               "cpu_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
               "profile": None if a.profile is None else str(a.profile), "passes": {}}
     lines = [f"Passes of WanVAE.decode (chunk 1, {a.piece}-frame pieces), bytes counted on the CPU at latents "
