@@ -9,9 +9,10 @@
 # checkout's for its run; either way a variant runs the GPU tests only (the CPU checks, the compile
 # and geometry tests, belong to its own branch's CI). SANITIZE=memcheck,racecheck runs
 # compute-sanitizer over scripts/sanitize_cuda_local.py on each variant's build after its timings
-# (not on this checkout's own kernels, which ran it when they landed).
+# (not on this checkout's own kernels, which ran it when they landed); SANITIZE_VARIANTS=a,b limits
+# it to those variants. Variants run in the order of their folders' names.
 # Carry .variants (an ignored folder) with the call.
-#   SHAPES=B MODES=window,intra SANITIZE=memcheck bash scripts/ab_cuda_local.sh
+#   SHAPES=B MODES=window,intra SANITIZE=memcheck,racecheck SANITIZE_VARIANTS=NAME bash scripts/ab_cuda_local.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -44,7 +45,9 @@ for dir in .variants/*/; do
     rm -rf csrc/local_attention && cp -r "$dir/csrc/local_attention" csrc/local_attention
     cp "$keep/test_cuda_local.py" tests/test_cuda_local.py
     [ -f "$dir/tests/test_cuda_local.py" ] && cp "$dir/tests/test_cuda_local.py" tests/test_cuda_local.py
-    run_variant "$name" "not compiles_for_sm90a and not register_spills and not tile_geometry" "${SANITIZE:-}"
+    tools=${SANITIZE:-}
+    [ -n "${SANITIZE_VARIANTS:-}" ] && [[ ",$SANITIZE_VARIANTS," != *",$name,"* ]] && tools=
+    run_variant "$name" "not compiles_for_sm90a and not register_spills and not tile_geometry" "$tools"
 done
 rm -rf csrc/local_attention && cp -r "$keep/local_attention" csrc/local_attention
 cp "$keep/test_cuda_local.py" tests/test_cuda_local.py && rm -rf "$keep"
