@@ -1,0 +1,73 @@
+// The VAE's 3x3x3 causal convolution as a torch operator: torch.ops.oasis_vae.conv3d_k3. It writes into
+// the output the caller allocated and returns nothing; oasis/vae_cuda.py registers its fake
+// implementation, packs the weight and decides which calls come here (its `usable` says why not).
+// These checks keep a direct call from reading or writing out of bounds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "vae_conv.h"
+
+namespace {
+
+using oasis_vae::Conv5d;
+
+// a channels-last bf16 [B, C, frames, H, W] on x's device: its strides, 4-byte aligned pairs of channels
+Conv5d frames_of(const at::Tensor& t, const at::Tensor& x, int64_t channels, int64_t frames, const char* name) {
+    TORCH_CHECK(t.dim() == 5 && t.size(0) == x.size(0) && t.size(1) == channels && t.size(2) == frames &&
+                    t.size(3) == x.size(3) && t.size(4) == x.size(4),
+                "oasis_vae: ", name, " must be [", x.size(0), ", ", channels, ", ", frames, ", ", x.size(3), ", ",
+                x.size(4), "], got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "oasis_vae: ", name, " must be bfloat16, got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "oasis_vae: ", name, " is on ", t.device(), ", x on ", x.device());
+    TORCH_CHECK(t.stride(1) == 1 || t.size(1) == 1, "oasis_vae: ", name,
+                " must be channels-last (unit channel stride), got strides ", t.strides());
+    bool even = reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
+    for (int d : {0, 2, 3, 4}) even = even && (t.size(d) == 1 || t.stride(d) % 2 == 0);
+    TORCH_CHECK(even, "oasis_vae: ", name, " needs 4-byte aligned channel pairs, got strides ", t.strides());
+    return Conv5d{t.data_ptr(), t.stride(0), t.stride(2), t.stride(3), t.stride(4)};
+}
+
+void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
+               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
+               const at::Tensor& out) {
+    TORCH_CHECK(x.is_cuda() && x.dim() == 5, "oasis_vae: x must be a CUDA [B, C, T, H, W], got ", x.sizes(), " on ",
+                x.device());
+    const int64_t cin = x.size(1), cout = out.size(1);
+    TORCH_CHECK(oasis_vae::conv_takes_cin(int(cin)), "oasis_vae: input channels must be a multiple of 32 in [32, 1024], got ",
+                cin);
+    TORCH_CHECK(oasis_vae::conv_tile_n(int(cout)) != 0, "oasis_vae: output channels must be a multiple of 96, got ", cout);
+    for (int d = 0; d < 5; ++d)
+        TORCH_CHECK(x.size(d) < (int64_t(1) << 31), "oasis_vae: x's dims must be < 2^31, got ", x.sizes());
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.dim() == 2 &&
+                    weight.size(0) == cout && weight.size(1) == 27 * cin && weight.device() == x.device(),
+                "oasis_vae: weight must be the packed bfloat16 [", cout, ", ", 27 * cin, "] on x's device, got ",
+                weight.scalar_type(), " ", weight.sizes());
+    oasis_vae::ConvCall c{};
+    c.B = int(x.size(0)); c.T = int(x.size(2)); c.H = int(x.size(3)); c.W = int(x.size(4));
+    c.cin = int(cin); c.cout = int(cout);
+    c.x = frames_of(x, x, cin, x.size(2), "x");
+    c.prev = prev.has_value() ? frames_of(*prev, x, cin, 2, "prev") : Conv5d{nullptr, 0, 0, 0, 0};
+    c.weight = weight.data_ptr();
+    if (bias.has_value()) {
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == cout &&
+                        bias->device() == x.device(),
+                    "oasis_vae: bias must be a contiguous float32 [", cout, "] on x's device");
+        c.bias = bias->data_ptr<float>();
+    }
+    c.residual = residual.has_value() ? frames_of(*residual, x, cout, x.size(2), "residual") : Conv5d{nullptr, 0, 0, 0, 0};
+    c.out = frames_of(out, x, cout, x.size(2), "out");
+    c10::cuda::CUDAGuard guard(x.device());
+    const cudaError_t err = oasis_vae::conv3d_k3(c, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, "oasis_vae: conv3d_k3 failed: ", cudaGetErrorString(err),
+                err == cudaErrorInvalidValue ? " (a tensor TMA cannot address: 16-byte aligned pointers and strides)" : "");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(oasis_vae, m) {
+    m.def("conv3d_k3(Tensor x, Tensor? prev, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(oasis_vae, CUDA, m) { m.impl("conv3d_k3", &conv3d_k3); }

@@ -1,0 +1,41 @@
+// The Wan VAE's 3x3x3 causal convolution in CUDA (conv3d_wgmma.cuh): the host launcher. No torch here:
+// these files compile alone with nvcc (tests/test_vae_cuda.py); binding.cpp fills the struct from tensors.
+//
+// Layouts (strides in elements, unit channel stride; channels-last 3-D as PyTorch's channels_last_3d):
+//   x:        [B, Cin, T, H, W]  the frames after the cached ones (bf16)
+//   prev:     [B, Cin, 2, H, W]  the two frames before x (the causal cache), or absent: zeros
+//   weight:   [Cout, 27 * Cin] bf16 contiguous: tap (dt, dy, dx) = 9 dt + 3 dy + dx, then the input
+//             channel
+//   bias:     [Cout] float32, or absent
+//   residual: [B, Cout, T, H, W], or absent; out: the same, written
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace oasis_vae {
+
+struct Conv5d {  // a channels-last 5-D tensor
+    const void* ptr;
+    int64_t sb, st, sh, sw;  // the channel stride is 1
+};
+
+struct ConvCall {
+    int B, T, H, W, cin, cout;
+    Conv5d x, prev;          // prev.ptr null: no cached frames
+    const void* weight;      // packed, see above
+    const float* bias;       // or null
+    Conv5d residual, out;    // residual.ptr null: none
+};
+
+// which output-channel tile a Cout takes (96 or 192), 0 where the kernel has none
+int conv_tile_n(int cout);
+
+// the input channels the kernel takes: multiples of 32 from 32 to 1024
+bool conv_takes_cin(int cin);
+
+// launches on `stream`; cudaErrorInvalidValue where the kernel has no tile for the channels or a tensor
+// map cannot address a tensor (alignment, strides), else the launch's error
+cudaError_t conv3d_k3(const ConvCall& call, cudaStream_t stream);
+
+}  // namespace oasis_vae
