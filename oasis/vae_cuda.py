@@ -1,0 +1,135 @@
+"""The Wan VAE's 3x3x3 causal convolution in CUDA (``csrc/vae_conv/``): loading, weight packing, the call.
+
+``torch.ops.oasis_vae.conv3d_k3`` is an implicit GEMM on Hopper's wgmma with TMA loads (sm_90a only):
+output tiles exactly 96 or 192 channels wide (cuDNN's engines pad 96 and 192 to 128-wide tiles), the
+causal cache's two frames read from their own tensor (no copy in front of the new frames), the bias and
+a residual added before the one bf16 store (docs/PERF.md entry 18j). It is built on first use from the
+checkout's ``csrc/vae_conv/`` with ``torch.utils.cpp_extension.load`` (ninja; cached in torch's
+extensions folder, rebuilt when a source changes, guarded by torch's file lock); :func:`library` says
+whether that worked, or why not. Nothing here runs at import.
+
+:func:`why_not` is the one predicate that says which calls the kernel takes; :func:`conv3d_k3` runs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+__all__ = ["library", "why_not", "pack_weight", "conv3d_k3", "SOURCES", "NVCC_FLAGS"]
+
+SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "vae_conv"
+#: Hopper only (wgmma, TMA): the card the kernel is measured on
+NVCC_FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
+CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+#: keeps a statically linked libstdc++'s symbols private to the library (as oasis_kernels' CUDA builds do)
+LD_FLAGS = ["-Wl,--exclude-libs,ALL"]
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> tuple[bool, str]:
+    """``(True, how it was loaded)`` once ``torch.ops.oasis_vae.conv3d_k3`` is registered, else ``(False, why not)``."""
+    if hasattr(torch.ops, "oasis_vae") and hasattr(torch.ops.oasis_vae, "conv3d_k3"):
+        return _registered("already registered")
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is built without CUDA"
+    sources = sorted(SOURCES.glob("*.cu")) + sorted(SOURCES.glob("*.cpp"))
+    if not sources:
+        return False, f"the sources of the CUDA convolution are not at {SOURCES} (an install without csrc/)"
+    from torch.utils import cpp_extension
+
+    if shutil.which("nvcc") is None and not cpp_extension.CUDA_HOME:
+        return False, "no CUDA toolkit (nvcc) is found to build the CUDA convolution"
+    print("oasis: building the VAE's CUDA convolution (first use; cached afterwards)", file=sys.stderr, flush=True)
+    try:
+        cpp_extension.load(name="oasis_vae_conv", sources=[str(s) for s in sources], extra_cflags=CXX_FLAGS,
+                           extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS,
+                           extra_include_paths=[str(SOURCES)], is_python_module=False, verbose=False)
+    except Exception as exc:  # a compiler error, a missing ninja
+        return False, f"the JIT build of {SOURCES} failed: {type(exc).__name__}: {str(exc)[-500:]}"
+    return _registered(f"JIT-built from {SOURCES}")
+
+
+def _registered(how: str) -> tuple[bool, str]:
+    # the op writes into the output the caller allocated: nothing to compute under fake tensors
+    try:
+        torch.library.register_fake("oasis_vae::conv3d_k3")(lambda *args, **kwargs: None)
+    except RuntimeError:  # registered before in this process
+        pass
+    return True, how
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 5 and (t.stride(1) == 1 or t.shape[1] == 1)
+
+
+def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
+            prev: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> str | None:
+    """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
+    else why not (the caller then runs cuDNN): a CUDA Hopper GPU, bf16 channels-last tensors, a 3x3x3 kernel
+    with stride 1 and spatial padding 1, no time padding (the cached frames are ``prev``'s), input channels
+    a multiple of 32, output channels a multiple of 96, and no gradients wanted."""
+    if not x.is_cuda:
+        return f"x is on {x.device}, not a CUDA device"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if (major, minor) != (9, 0):
+        return f"the kernel is built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        return f"bfloat16 only, got x {x.dtype} and weight {weight.dtype}"
+    if weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
+        return f"a 3x3x3 kernel only, got weight {tuple(weight.shape)}"
+    if tuple(stride) != (1, 1, 1) or tuple(padding) != (0, 1, 1):
+        return f"stride 1 and padding (0, 1, 1) only, got stride {tuple(stride)} and padding {tuple(padding)}"
+    cin, cout = weight.shape[1], weight.shape[0]
+    if x.dim() != 5 or x.shape[1] != cin:
+        return f"x must be [B, {cin}, T, H, W], got {tuple(x.shape)}"
+    if cin % 32 or not 32 <= cin <= 1024 or cout % 96:
+        return f"input channels a multiple of 32 (got {cin}) and output channels a multiple of 96 (got {cout})"
+    others = [t for t in (prev, residual) if t is not None]
+    if not all(_channels_last(t) and t.dtype == torch.bfloat16 for t in (x, *others)):
+        return "x, prev and residual must be channels-last bfloat16"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *others)):
+        return "gradients are wanted (the kernel has no backward)"
+    ok, why = library()
+    return None if ok else why
+
+
+_PACKED = WeakIdKeyDictionary()  # weight -> (its version, data pointer, the packed copy), gone with the weight
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[Cout, Cin, 3, 3, 3]`` as the kernel's ``[Cout, 27 * Cin]``: tap ``9 dt + 3 dy + dx``, then the input
+    channel; bf16, contiguous. Kept per weight tensor until it changes (its version counter or storage)."""
+    hit = _PACKED.get(weight)
+    if hit is not None and hit[0] == weight._version and hit[1] == weight.data_ptr():
+        return hit[2]
+    cout, cin = weight.shape[:2]
+    packed = weight.detach().permute(0, 2, 3, 4, 1).reshape(cout, 27 * cin).to(torch.bfloat16).contiguous()
+    _PACKED[weight] = (weight._version, weight.data_ptr(), packed)
+    return packed
+
+
+def conv3d_k3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+              prev: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv3d(cat([prev or zeros(2 frames), x], 2), weight, padding=(0, 1, 1)) + bias + residual``.
+
+    x: ``[B, Cin, T, H, W]``, prev: ``[B, Cin, 2, H, W]`` (the causal cache) or None (the sequence starts:
+    zeros), weight: ``[Cout, Cin, 3, 3, 3]``, bias: ``[Cout]``, residual and the result: ``[B, Cout, T, H, W]``;
+    bf16 channels-last (:func:`why_not`). The sums in float32, one rounding to bf16 at the end.
+    """
+    why = why_not(x, weight, prev=prev, residual=residual)
+    if why is not None:
+        raise ValueError(f"conv3d_k3 does not take this call: {why}")
+    b, _, t, h, w = x.shape
+    cout = weight.shape[0]
+    if out is None:
+        out = torch.empty((b, cout, t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    torch.ops.oasis_vae.conv3d_k3(x, prev, pack_weight(weight), bias32, residual, out)
+    return out

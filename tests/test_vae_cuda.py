@@ -1,0 +1,117 @@
+"""The VAE's CUDA convolution (csrc/vae_conv/, oasis.vae_cuda): compiled for sm_90a here (no spills, no
+serialised wgmma), the weight packing and the predicate on the CPU; on a Hopper GPU, parity with a float64
+convolution on awkward shapes under FlashAttention's rule (error at most 2x that of cuDNN's bf16
+convolution on the same inputs, plus a floor), and nothing written outside the output."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oasis import vae_cuda
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ptxas_report():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    proc = subprocess.run([nvcc, *vae_cuda.NVCC_FLAGS, "-Xptxas", "-v", "-c", str(vae_cuda.SOURCES / "vae_conv.cu"),
+                           "-o", "/dev/null"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma(ptxas_report):
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(.*?)(?=ptxas info\s+: Compiling|\Z)",
+                         ptxas_report, flags=re.S)
+    names = [n for n, _ in entries if "conv3d_k3_kernel" in n]
+    assert len(names) == 4, names  # N tiles 96 and 192, chunks of 32 and 64 channels
+    for name, body in entries:
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
+        assert spill and spill.groups() == ("0", "0"), (name, body)
+    assert "wgmma.mma_async instructions are serialized" not in ptxas_report
+
+
+def test_pack_weight_orders_taps_then_channels():
+    w = torch.randn(96, 32, 3, 3, 3)
+    p = vae_cuda.pack_weight(w)
+    assert p.shape == (96, 27 * 32) and p.dtype == torch.bfloat16 and p.is_contiguous()
+    for o, dt, dy, dx, c in ((0, 0, 0, 0, 0), (5, 1, 2, 0, 7), (95, 2, 2, 2, 31)):
+        assert p[o, (9 * dt + 3 * dy + dx) * 32 + c] == w[o, c, dt, dy, dx].bfloat16()
+    assert vae_cuda.pack_weight(w) is p  # kept while the weight is unchanged
+    w.mul_(2)
+    assert vae_cuda.pack_weight(w) is not p
+
+
+def test_why_not_names_the_reason_on_the_cpu():
+    x = torch.zeros(1, 96, 2, 4, 4, dtype=torch.bfloat16)
+    w = torch.zeros(96, 96, 3, 3, 3, dtype=torch.bfloat16)
+    assert "not a CUDA device" in vae_cuda.why_not(x, w)
+    with pytest.raises(ValueError, match="does not take this call"):
+        vae_cuda.conv3d_k3(x, w)
+
+
+def reference(x, weight, bias=None, prev=None, residual=None, dtype=torch.float64):
+    """The same convolution in ``dtype`` (float64: the reference; bf16: cuDNN's, the rule's yardstick)."""
+    front = torch.zeros_like(x[:, :, :2]) if prev is None else prev
+    full = torch.cat([front, x], 2).to(dtype)
+    y = F.conv3d(full, weight.to(dtype), None if bias is None else bias.to(dtype), padding=(0, 1, 1))
+    if residual is not None:
+        y = y + residual.to(dtype)
+    return y
+
+
+hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                            reason="needs a Hopper GPU (sm_90a)")
+
+# (B, Cin, Cout, T, H, W, prev, bias, residual): channel counts of the decoder (96, 192, 384) and of no
+# decoder (32, 64 + 32 = 96 in 32-chunks), widths no 64-pixel segment divides, odd segment counts, T = 1
+CASES = [
+    (1, 96, 96, 2, 9, 70, True, True, True),
+    (2, 96, 96, 1, 5, 64, False, True, False),
+    (1, 192, 192, 3, 4, 33, True, False, True),
+    (1, 384, 384, 2, 3, 130, True, True, False),
+    (1, 192, 384, 2, 6, 20, False, True, True),
+    (2, 32, 96, 3, 7, 1, True, False, False),
+    (1, 64, 192, 2, 1, 129, True, True, True),
+]
+
+
+@hopper
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
+    n for n, on in zip("pbr", c[6:]) if on))
+def test_conv3d_k3_matches_float64(case):
+    b, cin, cout, t, h, w, has_prev, has_bias, has_res = case
+    g = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
+    cl = torch.channels_last_3d
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().contiguous(memory_format=cl)
+
+    x = rnd(b, cin, t, h, w)
+    prev = rnd(b, cin, 2, h, w) if has_prev else None
+    weight = (torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g) * (27 * cin) ** -0.5).bfloat16()
+    bias = torch.randn(cout, device="cuda", generator=g) if has_bias else None
+    residual = rnd(b, cout, t, h, w) if has_res else None
+    # the output inside a larger buffer: what the kernel writes past it is caught
+    big = torch.full((b, cout, t + 2, h, w), float("nan"), device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=cl)
+    out = big[:, :, 1:1 + t]
+    vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual, out=out)
+    torch.cuda.synchronize()
+    assert torch.isnan(big[:, :, 0]).all() and torch.isnan(big[:, :, t + 1]).all(), "wrote outside its output"
+    assert out.isfinite().all()
+    exact = reference(x, weight, bias, prev, residual)
+    cudnn = reference(x, weight, None if bias is None else bias.bfloat16(), prev, residual, torch.bfloat16)
+    err = (out.double() - exact).abs().max().item()
+    base = (cudnn.double() - exact).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
