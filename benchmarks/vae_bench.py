@@ -38,7 +38,10 @@ DECODE = {
     "ours, chunk 1, pieces 4": (True, 1, 4, True),
     "ours, chunk 3, pieces 2": (True, 3, 2, True),
     "ours, all frames": (True, None, None, True),
+    "ours, chunk 1, pieces 2, CUDA convolutions": (True, 1, 2, True),
 }
+#: the variants whose causal 3x3x3 convolutions run on the CUDA kernel (WanVAE.conv_kernel = "cuda")
+CUDA_CONVS = {"ours, chunk 1, pieces 2, CUDA convolutions"}
 # name: as DECODE; all channels-last (the default OasisVSR sets on CUDA); 53ad54f's results have
 # channels-first and no autotune
 ENCODE = {
@@ -165,12 +168,15 @@ def main(argv=None):
             if name not in args.decode:
                 continue
             ours.channels_last(cl).autotune = tune
+            ours.conv_kernel = "cuda" if name in CUDA_CONVS else "cudnn"
             got, r = timed(lambda: ours.decode(z, chunk=chunk, piece_frames=piece), args.reps)
             report(rows, name, got, want, r)
             del got
+        ours.conv_kernel = "cudnn"
 
         def dec(mode, chunk, piece):
             ours.autotune = mode
+            ours.conv_kernel = "cuda" if args.profile in CUDA_CONVS and mode is True else "cudnn"
             return ours.decode(z, chunk=chunk, piece_frames=piece)
 
         # the profiled variant and its baseline with PyTorch's engines (the flops counted through PyTorch)

@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_in
 
-__all__ = ["conv", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
+__all__ = ["conv", "conv_k3_cached", "cuda_kernel", "cuda_kernel_takes", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
            "set_choices_file", "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
+_CUDA_K3 = contextvars.ContextVar("oasis_vae_conv_cuda_k3", default=False)
 #: part of each recorded choice's key: raised when the way configurations are timed or listed changes,
 #: so that choices made the old way are timed again (2: an untimed first run before the timed ones;
 #: 3: heuristic B's configurations as well)
@@ -138,6 +139,37 @@ def _write_choices(drop: str | None = None) -> None:
                 os.unlink(tmp)
     except OSError as e:
         _LOG.warning("could not keep the cuDNN engine choices in %s (%s)", path, e)
+
+
+@contextlib.contextmanager
+def cuda_kernel(enabled: bool = True):
+    """Within this block (on this thread), the causal 3x3x3 convolutions that :func:`cuda_kernel_takes`
+    run on the CUDA kernel (:mod:`oasis.vae_cuda`), their cached frames read where they lie."""
+    token = _CUDA_K3.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CUDA_K3.reset(token)
+
+
+def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int) -> bool:
+    """Whether a causal convolution of ``weight`` over ``time_pad`` cached frames and ``x``'s new ones (or
+    its input's stand-in of the same dtype, device and layout) runs on the CUDA kernel here: inside
+    :func:`cuda_kernel`, and where :func:`oasis.vae_cuda.why_not` has no reason against it."""
+    if not _CUDA_K3.get() or time_pad != 2 or not x.is_cuda:
+        return False
+    from . import vae_cuda
+
+    return vae_cuda.why_not(x, weight) is None
+
+
+def conv_k3_cached(x: torch.Tensor, prev: torch.Tensor | None, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv3d(cat([prev or zeros, x], 2), weight, padding=(0, 1, 1)) + bias + residual`` on the CUDA kernel
+    (where :func:`cuda_kernel_takes`), the two cached frames ``prev`` read from their own tensor."""
+    from . import vae_cuda
+
+    return vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual)
 
 
 @contextlib.contextmanager

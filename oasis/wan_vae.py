@@ -216,7 +216,41 @@ class CausalConv3d(nn.Conv3d):
                        residual: torch.Tensor | None = None) -> torch.Tensor:
         """``conv(SiLU(norm(x + x_bias))) + bias + residual`` (:meth:`normed_input`; ``bias`` as in
         :meth:`_conv`)."""
-        return self._conv(self.normed_input(x, norm, cache, x_bias=x_bias), bias, residual)
+        return self.conv_normed([x], norm, cache, x_bias=x_bias, bias=bias, residual=residual)
+
+    def conv_normed(self, handed: list, norm: "RMSNorm", cache: dict | None, *,
+                    x_bias: torch.Tensor | None = None, bias: bool | torch.Tensor = True,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward_normed` of the ``x`` handed over as ``[x]``: freed once normalised, before the
+        convolution's output exists. Where the CUDA kernel takes the call
+        (:func:`oasis.vae_conv.cuda_kernel_takes`) the normalised frames stay apart from the cached ones
+        and the kernel reads both where they lie; else they are written behind them (:meth:`normed_input`)."""
+        x = _take(handed)
+        if vae_conv.cuda_kernel_takes(x, self.weight, self.time_pad):
+            normed, prev = self._normed_frames(x, norm, cache, x_bias)
+            del x
+            b = self.bias if bias is True else (None if bias is False else bias)
+            return vae_conv.conv_k3_cached(normed, prev, self.weight, b, residual)
+        buf = self.normed_input(x, norm, cache, x_bias=x_bias)
+        del x
+        return self._conv(buf, bias, residual)
+
+    def _normed_frames(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None,
+                       x_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``SiLU(norm(x + x_bias))`` in a tensor of its own, and the cached frames before it (None where
+        the sequence starts: zeros). The cache entry becomes this call's last frames: written by the norm
+        pass where ``x`` covers them, into a new tensor (the convolution still reads the old one)."""
+        prev = None if cache is None else cache.get(self)
+        normed = _frames_like(x, x.shape[2])
+        covered = cache is not None and self.time_pad <= x.shape[2]
+        tail = _frames_like(x, self.time_pad) if covered else None
+        norm_silu(x, norm.gamma, norm.scale, out=normed, bias=x_bias, tail=tail)
+        if cache is not None:
+            if tail is None:  # fewer new frames than the cache holds: its newest old ones, then these
+                front = prev if prev is not None else _frames_like(x, self.time_pad).zero_()
+                tail = _cat_frames([front, normed])[:, :, -self.time_pad:].clone(memory_format=_format(x))
+            cache[self] = tail
+        return normed, prev
 
 
 class RMSNorm(nn.Module):
@@ -250,10 +284,9 @@ class ResidualBlock(nn.Module):
             h = self.conv_shortcut._conv(x, bias=False)
             wide = torch.promote_types(bias.dtype, torch.float32)  # summed once, in at least float32
             bias = bias.to(wide) + self.conv_shortcut.bias.to(wide)
-        y = self.conv1.forward_normed(x, self.norm1, cache, bias=False)
-        buf = self.conv2.normed_input(y, self.norm2, cache, x_bias=self.conv1.bias)
-        del y  # read into buf: freed before conv2's output is allocated
-        return self.conv2._conv(buf, bias, h)
+        # conv1's output handed straight to conv2: freed once normalised, before conv2's output is allocated
+        return self.conv2.conv_normed([self.conv1.forward_normed(x, self.norm1, cache, bias=False)], self.norm2, cache,
+                                      x_bias=self.conv1.bias, bias=bias, residual=h)
 
 
 class AttentionBlock(nn.Module):
@@ -499,6 +532,10 @@ class WanVAE(nn.Module):
         #: True: time each convolution geometry's cuDNN engines once and run the fastest;
         #: "benchmark": PyTorch's cuDNN benchmark mode only; False: neither (see :meth:`_autotuned`)
         self.autotune = False
+        #: "cudnn": every convolution through :func:`oasis.vae_conv.conv` (cuDNN, or PyTorch's); "cuda": the
+        #: causal 3x3x3 ones that :func:`oasis.vae_conv.cuda_kernel_takes` on the CUDA kernel
+        #: (:mod:`oasis.vae_cuda`: Hopper, bf16 channels-last, no gradients), the rest as with "cudnn"
+        self.conv_kernel = "cudnn"
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.float32, device="cpu", encoder: bool | None = None) -> "WanVAE":
@@ -598,17 +635,19 @@ class WanVAE(nn.Module):
 
     @contextlib.contextmanager
     def _autotuned(self):
-        """Per :attr:`autotune`: ``True``: each new convolution geometry is timed once over every engine
+        """Per :attr:`conv_kernel` and :attr:`autotune`: ``True``: each new convolution geometry is timed once over every engine
         configuration cuDNN's heuristic lists and runs on the fastest
         (:mod:`oasis.vae_conv`, with the cuDNN frontend installed; the convolutions that path does not
         take run in cuDNN's benchmark mode); ``"benchmark"``: cuDNN's benchmark mode through PyTorch
         alone; ``False``: neither. The global flag is restored after."""
         if not (isinstance(self.autotune, bool) or self.autotune == "benchmark"):
             raise ValueError(f"autotune must be True, False or 'benchmark', got {self.autotune!r}")
+        if self.conv_kernel not in ("cudnn", "cuda"):
+            raise ValueError(f"conv_kernel must be 'cudnn' or 'cuda', got {self.conv_kernel!r}")
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = before or bool(self.autotune)
         try:
-            with vae_conv.tuning(self.autotune is True):
+            with vae_conv.tuning(self.autotune is True), vae_conv.cuda_kernel(self.conv_kernel == "cuda"):
                 yield
         finally:
             torch.backends.cudnn.benchmark = before
