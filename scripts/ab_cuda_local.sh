@@ -10,7 +10,7 @@
 # and geometry tests, belong to its own branch's CI). SANITIZE=memcheck,racecheck runs
 # compute-sanitizer over scripts/sanitize_cuda_local.py on each variant's build after its timings
 # (not on this checkout's own kernels, which ran it when they landed); SANITIZE_VARIANTS=a,b limits
-# it to those variants. Variants run in the order of their folders' names.
+# it to those variants. Variants run in the order of their folders' names; VARIANTS=a,b runs those alone.
 # Carry .variants (an ignored folder) with the call.
 #   SHAPES=B MODES=window,intra SANITIZE=memcheck,racecheck SANITIZE_VARIANTS=NAME bash scripts/ab_cuda_local.sh
 set -uo pipefail
@@ -42,6 +42,7 @@ run_variant main
 for dir in .variants/*/; do
     [ -d "$dir/csrc/local_attention" ] || continue
     name=$(basename "$dir")
+    [ -n "${VARIANTS:-}" ] && [[ ",$VARIANTS," != *",$name,"* ]] && continue
     rm -rf csrc/local_attention && cp -r "$dir/csrc/local_attention" csrc/local_attention
     cp "$keep/test_cuda_local.py" tests/test_cuda_local.py
     [ -f "$dir/tests/test_cuda_local.py" ] && cp "$dir/tests/test_cuda_local.py" tests/test_cuda_local.py
