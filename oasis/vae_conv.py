@@ -165,11 +165,19 @@ def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int) -> b
 
 def conv_k3_cached(x: torch.Tensor, prev: torch.Tensor | None, weight: torch.Tensor,
                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv3d(cat([prev or zeros, x], 2), weight, padding=(0, 1, 1)) + bias + residual`` on the CUDA kernel
-    (where :func:`cuda_kernel_takes`), the two cached frames ``prev`` read from their own tensor."""
+    """``conv3d(cat([prev or zeros, x], 2), weight, padding=(0, 1, 1)) + bias + residual`` on the CUDA kernel,
+    the two cached frames ``prev`` read from their own tensor; where the kernel declines ``prev`` or
+    ``residual`` (:func:`oasis.vae_cuda.why_not`), the frames are joined and :func:`conv` runs it."""
     from . import vae_cuda
 
-    return vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual)
+    if vae_cuda.why_not(x, weight, prev=prev, residual=residual) is None:
+        return vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual)
+    front = prev if prev is not None else torch.zeros_like(x[:, :, :1]).expand(-1, -1, 2, -1, -1)
+    buf = torch.empty((x.shape[0], x.shape[1], x.shape[2] + 2, *x.shape[3:]), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last_3d if x.stride(1) == 1 else torch.contiguous_format)
+    buf[:, :, :2].copy_(front)
+    buf[:, :, 2:].copy_(x)
+    return conv(buf, weight, bias, residual, padding=(0, 1, 1))
 
 
 @contextlib.contextmanager

@@ -148,3 +148,16 @@ def test_conv_kernel_setting_is_checked():
     vae.conv_kernel = "triton"
     with pytest.raises(ValueError, match="conv_kernel must be 'cudnn' or 'cuda', got 'triton'"):
         vae.decode(torch.zeros(1, 16, 2, 4, 4))
+
+
+def test_conv_k3_cached_falls_back_to_the_joined_frames_where_the_kernel_declines():
+    """On the CPU (the kernel declines) conv_k3_cached is the convolution of the joined frames."""
+    from oasis import vae_conv
+
+    torch.manual_seed(0)
+    x, prev = torch.randn(1, 8, 2, 5, 6), torch.randn(1, 8, 2, 5, 6)
+    w, b, r = torch.randn(4, 8, 3, 3, 3), torch.randn(4), torch.randn(1, 4, 2, 5, 6)
+    for p in (prev, None):
+        front = torch.zeros_like(prev) if p is None else p
+        want = F.conv3d(torch.cat([front, x], 2), w, b, padding=(0, 1, 1)) + r
+        torch.testing.assert_close(vae_conv.conv_k3_cached(x, p, w, b, r), want)
