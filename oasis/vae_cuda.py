@@ -93,6 +93,9 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     others = [t for t in (prev, residual) if t is not None]
     if not all(_channels_last(t) and t.dtype == torch.bfloat16 for t in (x, *others)):
         return "x, prev and residual must be channels-last bfloat16"
+    for name, t in (("x", x), ("prev", prev)):  # TMA reads them: 16-byte aligned start and strides
+        if t is not None and (t.data_ptr() % 16 or any(t.stride(d) % 8 for d in (0, 2, 3, 4) if t.shape[d] > 1)):
+            return f"{name} is not 16-byte aligned for TMA (strides {t.stride()})"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *others)):
         return "gradients are wanted (the kernel has no backward)"
     ok, why = library()

@@ -58,6 +58,9 @@ void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const
     }
     c.residual = residual.has_value() ? frames_of(*residual, x, cout, x.size(2), "residual") : Conv5d{nullptr, 0, 0, 0, 0};
     c.out = frames_of(out, x, cout, x.size(2), "out");
+    for (int d : {0, 2, 3, 4})  // an expanded output would have threads race on one element
+        TORCH_CHECK(out.size(d) == 1 || out.stride(d) != 0, "oasis_vae: out must not be expanded, got strides ",
+                    out.strides());
     c10::cuda::CUDAGuard guard(x.device());
     const cudaError_t err = oasis_vae::conv3d_k3(c, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
     TORCH_CHECK(err == cudaSuccess, "oasis_vae: conv3d_k3 failed: ", cudaGetErrorString(err),

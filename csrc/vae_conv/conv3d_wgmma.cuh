@@ -265,8 +265,9 @@ __global__ void __launch_bounds__(detail::kThreads, 1)
             for (int g = 0; g < kConsumers; ++g) {
                 const Segment& s = g == 0 ? s0 : s1;
                 const int f = s.t + dt;  // the padded frame: 0 and 1 are the cached ones
-                // a segment past the last (an odd count) loads batch B: all zeros, never stored
-                const int b = s.valid ? s.b : p.B;
+                // a segment past the last (an odd count) loads the first segment's batch: in range (a box
+                // wholly outside the tensor is not documented to complete), never stored
+                const int b = s.valid ? s.b : s0.b;
                 if (f < 2 && p.has_prev)
                     load_box5(sm.a(stage, g), &maps.prev, sm.full + stage, c0, s.x0 + dx - 1, s.y + dy - 1, f, b);
                 else  // frame f - 2 of x; before the sequence (f < 2 without prev) TMA's zeros

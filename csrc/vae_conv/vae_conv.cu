@@ -47,8 +47,12 @@ bool encode(CUtensorMap* map, int rank, const void* ptr, const cuuint64_t* dims,
 // a channels-last [B, C, frames, H, W] as the 5-D map (C, W, H, frames, B) of chunk-channel x 64-pixel boxes
 bool frames_map(CUtensorMap* map, const Conv5d& v, int B, int C, int frames, int H, int W, int chunk) {
     const cuuint64_t dims[5] = {cuuint64_t(C), cuuint64_t(W), cuuint64_t(H), cuuint64_t(frames), cuuint64_t(B)};
-    // a dimension of size 1 is never stepped along: any 16-byte multiple stands in for its stride
-    const int64_t strides[4] = {W > 1 ? v.sw : 8, H > 1 ? v.sh : 8, frames > 1 ? v.st : 8, B > 1 ? v.sb : 8};
+    // a dimension of size 1 is never stepped along: the dense stride stands in for its own (the previous
+    // dimension's stride times its size: increasing, as the driver's documentation asks)
+    const int64_t sizes[5] = {C, W, H, frames, B}, given[4] = {v.sw, v.sh, v.st, v.sb};
+    int64_t strides[4];
+    for (int i = 0; i < 4; ++i)
+        strides[i] = sizes[i + 1] > 1 ? given[i] : (i == 0 ? 1 : strides[i - 1]) * sizes[i];
     const cuuint32_t box[5] = {cuuint32_t(chunk), detail::kSeg, 1, 1, 1};
     return encode(map, 5, v.ptr, dims, strides, box, chunk);
 }
@@ -80,8 +84,9 @@ cudaError_t launch(const ConvCall& c, cudaStream_t stream) {
 
     const size_t smem = detail::Smem<NT, CHUNK>::kBytes;
     auto kernel = conv3d_k3_kernel<NT, CHUNK>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
+    static const cudaError_t attribute =  // once per process and kernel (the GPUs here are all Hopper)
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (attribute != cudaSuccess) return attribute;
     const dim3 grid(unsigned((segments + detail::kConsumers - 1) / detail::kConsumers), unsigned(c.cout / NT));
     kernel<<<grid, detail::kThreads, smem, stream>>>(maps, p);
     return cudaGetLastError();
