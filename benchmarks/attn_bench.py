@@ -716,6 +716,15 @@ def _ints(text: str, what: str, count: int | None = None) -> list[int]:
     return values
 
 
+def _triple(text: str, what: str, normalize) -> tuple[int, int, int]:
+    """A grid or window ``T,H,W`` checked by ``normalize`` (``ok.normalize_grid`` or ``ok.normalize_window``)."""
+    values = _ints(text, what, 3)
+    try:
+        return normalize(values)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{what} {text}: {exc}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -1,0 +1,156 @@
+"""benchmarks/*.py command lines: a bad setting, an --out that is a file, or a GPU-only run without
+CUDA ends before any measurement with exit code 2 and one line naming the value; the records say
+what the run used and do not overwrite each other."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import attn_bench  # noqa: E402
+import host_profile  # noqa: E402
+import local_bench  # noqa: E402
+import routing_bench  # noqa: E402
+
+
+def refused(capsys, call, argv, *says):
+    """``call(argv)`` exits 2 with one line on stderr holding each of ``says``."""
+    with pytest.raises(SystemExit) as exc:
+        call(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1, err
+    for text in says:
+        assert text in err, err
+    return err
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """A machine without CUDA, whatever this one has."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA said to be present: the arguments are parsed to the end, nothing runs on it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------
+# attn_bench
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,says", [
+    (["--backends", "sdpa", "--groups", "routed,window"], ["--backends sdpa --groups routed,window: nothing matches"]),
+    (["--backends", "sdpa", "--groups", "floor", "--mix", "0,6,6"], ["--groups floor: nothing matches"]),
+    (["--shapes", ","], ["--shapes: none given"]),
+])
+def test_attn_bench_selection_of_no_rows(argv, says, capsys):
+    refused(capsys, attn_bench.parse_args, ["--device", "cpu", *argv], *says)
+
+
+def test_attn_bench_backend_groups_are_build_rows(fake_cuda):
+    """BACKEND_GROUPS (the parse-time check) against the rows build_rows makes on the CPU."""
+    args = attn_bench.parse_args(["--device", "cpu", "--heads", "3", "--mix", "1,1,1"])
+    plan = attn_bench.make_plan((2, 4, 8), args)
+    for backend in ("ours", "sdpa"):
+        args.backends, args.groups = [backend], ["all"]
+        made = {r.group for r in attn_bench.build_rows(plan, args, torch.device("cpu"))}
+        assert made == attn_bench.BACKEND_GROUPS[backend], backend
+
+
+def test_environment_records_libraries_on_request():
+    env = attn_bench.environment(torch.device("cpu"))
+    assert "diffusers" not in env and "nccl" not in env
+    env = attn_bench.environment(torch.device("cpu"), libraries=("torch", "no-such-distribution", "nccl"))
+    assert env["torch"] == attn_bench.library_version("torch") != "not installed"
+    assert env["no-such-distribution"] == "not installed"
+    assert env["nccl"] == ("no CUDA" if not torch.cuda.is_available() else env["nccl"])
+    assert attn_bench._commit({"commit": "0123456789abcdef", "dirty": True}, 7) == "0123456 (dirty)"
+    assert attn_bench._commit({"commit": "0123456789abcdef", "dirty": "unknown"}, 7) == "0123456"
+
+
+# --------------------------------------------------------------------------------------
+# the GPU-only scripts: arguments first, then the missing CUDA
+# --------------------------------------------------------------------------------------
+
+GPU_ONLY = {"host_profile": host_profile.main, "routing_bench": routing_bench.main, "local_bench": local_bench.main}
+
+
+@pytest.mark.parametrize("script,argv,says", [
+    ("host_profile", ["--shapes", "S,C"], ["--shapes: unknown preset(s) ['C']", "choose from S, A, B"]),
+    ("host_profile", ["--mix", "1,2"], ["--mix: expected 3 comma-separated integers, got '1,2'"]),
+    ("host_profile", ["--mix", "0,0,0"], ["--mix: head counts must be >= 0 with at least one head"]),
+    ("host_profile", ["--mix=-1,2,2"], ["--mix: head counts must be >= 0", "-1"]),
+    ("host_profile", ["--calls", "0"], ["argument --calls: must be a positive integer, got '0'"]),
+    ("host_profile", ["--head-dim", "x"], ["argument --head-dim: must be a positive integer, got 'x'"]),
+    ("routing_bench", ["--grid", "9,45"], ["--grid: expected 3 comma-separated integers, got '9,45'"]),
+    ("routing_bench", ["--grid", "0,4,4"], ["--grid 0,4,4: grid sizes must be positive"]),
+    ("routing_bench", ["--window", "2,3,3"], ["--window 2,3,3: window sizes must be odd"]),
+    ("routing_bench", ["--head-dim", "0"], ["argument --head-dim: must be a positive integer, got '0'"]),
+    ("local_bench", ["--shapes", "S,Q"], ["--shapes: unknown preset(s) ['Q']"]),
+    ("local_bench", ["--heads", "0"], ["argument --heads: must be a positive integer, got '0'"]),
+    ("local_bench", ["--head-dim", "-4"], ["argument --head-dim: must be a positive integer, got '-4'"]),
+    ("local_bench", ["--window", "3,5"], ["--window: expected 3 comma-separated integers, got '3,5'"]),
+    ("local_bench", ["--backends", "triton,flash"], ["--backends: unknown backend(s) ['flash']", "triton, cuda"]),
+    ("local_bench", ["--configs", "0,99"], ["--configs: [99] not in 0..15"]),
+    ("local_bench", ["--configs", "1,x"], ["--configs: expected comma-separated integers, got '1,x'"]),
+    ("local_bench", ["--api-only", "--configs", "1"], ["--configs 1: picks sweep configs"]),
+    ("local_bench", ["--tag", "a/b"], ["--tag a/b"]),
+])
+def test_gpu_only_scripts_check_their_arguments_without_cuda(script, argv, says, capsys, no_cuda):
+    refused(capsys, GPU_ONLY[script], argv, *says)
+
+
+@pytest.mark.parametrize("script", sorted(GPU_ONLY))
+def test_gpu_only_scripts_refuse_a_file_as_out_then_say_cuda_is_missing(script, capsys, no_cuda, a_file):
+    refused(capsys, GPU_ONLY[script], ["--out", a_file], f"--out {a_file}: is a file, not a directory")
+    refused(capsys, GPU_ONLY[script], [], f"{script} times GPU", "CUDA is not available here")
+
+
+def test_a_gpu_only_script_exits_2_from_the_shell():
+    """The exit code and the one line as a shell sees them (no traceback, nothing on stdout)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing_bench.py"), "--grid", "9,x,80"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.count("\n") == 1 and "--grid: expected comma-separated integers, got '9,x,80'" in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# what the GPU-only scripts write
+# --------------------------------------------------------------------------------------
+
+def test_local_bench_file_names_the_shapes(fake_cuda):
+    names = {local_bench.output_name(local_bench.parse_args(argv)) for argv in
+             (["--shapes", "S"], ["--shapes", "B"], ["--shapes", "S,A,B", "--tag", "new"], ["--mode", "intra"])}
+    assert names == {"local_bench_S_window.json", "local_bench_B_window.json", "local_bench_S-A-B_window_new.json",
+                     "local_bench_B_intra.json"}
+
+
+def test_routing_bench_file_names_grid_and_commit():
+    env = {"gpu": "NVIDIA H200", "commit": "183c4f2aaaa"}
+    assert routing_bench.output_stem(env, (9, 45, 80)) == "routing_bench_NVIDIA_H200_9x45x80_183c4f2"
+    assert routing_bench.output_stem(env, (27, 45, 80)) != routing_bench.output_stem(env, (9, 45, 80))
+
+
+def test_host_profile_report_starts_with_the_environment(tmp_path):
+    env = attn_bench.environment(torch.device("cpu"))
+    env["dirty"] = True
+    line = host_profile.env_line(env)
+    assert f"torch {env['torch']}" in line and f"commit {env['commit'][:12]} (dirty)" in line
+    host_profile.write_report(tmp_path, [line, "## S"], {"env": env, "rows": [{"variant": "x", "wall_ms": 1.0}]})
+    assert (tmp_path / "host_profile.txt").read_text().splitlines()[0] == line
+    assert json.loads((tmp_path / "host_profile.json").read_text())["env"]["torch"] == env["torch"]
