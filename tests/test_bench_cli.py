@@ -2,6 +2,7 @@
 CUDA ends before any measurement with exit code 2 and one line naming the value; the records say
 what the run used and do not overwrite each other."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -154,3 +155,63 @@ def test_host_profile_report_starts_with_the_environment(tmp_path):
     host_profile.write_report(tmp_path, [line, "## S"], {"env": env, "rows": [{"variant": "x", "wall_ms": 1.0}]})
     assert (tmp_path / "host_profile.txt").read_text().splitlines()[0] == line
     assert json.loads((tmp_path / "host_profile.json").read_text())["env"]["torch"] == env["torch"]
+
+
+# --------------------------------------------------------------------------------------
+# conv_bench, vae_bench, model_bench (GPU only)
+# --------------------------------------------------------------------------------------
+
+import conv_bench  # noqa: E402
+import model_bench  # noqa: E402
+import vae_bench  # noqa: E402
+
+GPU_ONLY.update(conv_bench=conv_bench.main, vae_bench=vae_bench.main, model_bench=model_bench.main)
+DIRTY_ENV = {"gpu": "NVIDIA H200", "date": "2026-12-06T00:00:00+00:00", "commit": "abcdef0123456", "dirty": True,
+             "torch": "2.x", "triton": "3.x", "diffusers": "0.33.1"}
+
+
+@pytest.mark.parametrize("script,argv,says", [
+    ("conv_bench", ["--only", "up9"], ["--only 'up9': no convolution's name contains it", "up0 384->384 3x3x3"]),
+    ("conv_bench", ["--reps", "0"], ["argument --reps: must be a positive integer, got '0'"]),
+    ("conv_bench", ["--chunk-frames", "-1"], ["argument --chunk-frames: must be a positive integer, got '-1'"]),
+    ("vae_bench", ["--latent", "9", "0", "160"], ["argument --latent: must be a positive integer, got '0'"]),
+    ("vae_bench", ["--long=-1"], ["argument --long: must be an integer >= 0, got '-1'"]),
+    ("vae_bench", ["--reps", "0"], ["argument --reps: must be a positive integer, got '0'"]),
+    ("model_bench", ["--reps", "0"], ["argument --reps: must be a positive integer, got '0'"]),
+    ("model_bench", ["--grids", "C"], ["argument --grids: invalid choice: 'C'"]),
+    ("model_bench", ["--inductor-options", "[1]"], ["--inductor-options: a JSON object of Inductor options, got [1]"]),
+])
+def test_vae_and_model_scripts_check_their_arguments_without_cuda(script, argv, says, capsys, no_cuda):
+    refused(capsys, GPU_ONLY[script], argv, *says)
+
+
+@pytest.mark.parametrize("script", ["conv_bench", "vae_bench", "model_bench"])
+def test_vae_and_model_scripts_refuse_a_file_as_out_then_say_cuda_is_missing(script, capsys, no_cuda, a_file):
+    refused(capsys, GPU_ONLY[script], ["--out", a_file], f"--out {a_file}: is a file, not a directory")
+    refused(capsys, GPU_ONLY[script], [], f"{script} times", "CUDA is not available here")
+
+
+def test_diffusers_missing_is_said_before_the_run(capsys, fake_cuda, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    refused(capsys, vae_bench.parse_args, [], "diffusers is not installed")
+    refused(capsys, model_bench.parse_args, ["--vsr", "--vae", "diffusers"], "--vae diffusers: diffusers is not installed")
+    assert model_bench.parse_args(["--vsr"]).vae == "oasis"  # our decoder needs no diffusers
+
+
+def test_vae_and_model_reports_mark_a_dirty_tree_and_name_diffusers():
+    conv = conv_bench.render({"env": DIRTY_ENV, "square_gemm_TFLOP/s": 900.0, "rows": [
+        {"conv": "up0", "frames": 1, "TFLOP": 1.0, "TFLOP/s": {"ncdhw": 100.0, "gemm_same_shape": 500.0}}]}, 5)
+    assert "commit abcdef0 (dirty)" in conv.splitlines()[0]
+    timing = {"s": 1.0, "peak_GiB": 1.0, "first_s": 1.0}
+    vae = vae_bench.render({"env": DIRTY_ENV, "gemm_TFLOP/s": 900.0, "decode": {"diffusers": timing},
+                            "encode": {"diffusers": timing}, "convolutions": {}, "accuracy": {}, "weights_GiB": 0.2},
+                           argparse.Namespace(latent=[9, 90, 160], reps=3))
+    assert "commit abcdef0 (dirty)" in vae.splitlines()[0] and "diffusers 0.33.1" in vae
+    model = model_bench.render({"env": DIRTY_ENV, "ceilings": {"matmul_TFLOPs": 900.0}, "vsr": {
+        "vae": "diffusers", "stages": {}, "call_s": 1.0, "call_peak_GiB": 1.0}})
+    assert "commit abcdef0 (dirty)" in model.splitlines()[0] and "diffusers' (0.33.1) VAE decoder" in model
+    clean = dict(DIRTY_ENV, dirty=False)
+    assert "(dirty)" not in model_bench.render({"env": clean, "ceilings": {"matmul_TFLOPs": 900.0}})
