@@ -4,6 +4,7 @@ what the run used and do not overwrite each other."""
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,55 @@ def test_vae_and_model_reports_mark_a_dirty_tree_and_name_diffusers():
     assert "commit abcdef0 (dirty)" in model.splitlines()[0] and "diffusers' (0.33.1) VAE decoder" in model
     clean = dict(DIRTY_ENV, dirty=False)
     assert "(dirty)" not in model_bench.render({"env": clean, "ceilings": {"matmul_TFLOPs": 900.0}})
+
+
+# --------------------------------------------------------------------------------------
+# train_bench
+# --------------------------------------------------------------------------------------
+
+import train_bench  # noqa: E402
+
+
+@pytest.fixture
+def dirty_tree(monkeypatch):
+    """The reports' environment says the tree had uncommitted changes, whatever this checkout has."""
+    monkeypatch.delenv("OASIS_DIRTY", raising=False)
+    monkeypatch.setattr(attn_bench, "_dirty", lambda: True)
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--device", "gpu"], ["argument --device: invalid choice: 'gpu'"]),
+    (["--steps", "0"], ["argument --steps: must be a positive integer, got '0'"]),
+    (["--batches", "1", "0"], ["argument --batches: must be a positive integer, got '0'"]),
+    (["--tiny", "--checkpoint-blocks", "3", "1"], ["--checkpoint-blocks: a number of blocks in 0..2", "got 3"]),
+    (["--checkpoint-blocks=-1"], ["--checkpoint-blocks: a number of blocks in 0..2", "got -1"]),
+    (["--profile"], ["--profile: profiles GPU kernels; needs --device cuda"]),
+    (["--step-graph"], ["--step-graph needs --device cuda"]),
+    (["--no-checkpointing", "--checkpoint-blocks", "1"], ["--no-checkpointing and --checkpoint-blocks"]),
+])
+def test_train_bench_checks_its_arguments(argv, says, capsys, no_cuda):
+    refused(capsys, train_bench.main, ["--tiny", "--device", "cpu", *argv], *says)
+
+
+def test_train_bench_out_and_cuda(capsys, no_cuda, a_file):
+    refused(capsys, train_bench.main, ["--tiny", "--device", "cpu", "--out", a_file], f"--out {a_file}: is a file")
+    refused(capsys, train_bench.main, ["--tiny"], "--device cuda: CUDA is not available here")
+
+
+def test_train_bench_without_cuda_from_the_shell():
+    """Its default --device cuda on a machine without CUDA: exit 2 and one line, nothing measured."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_bench.py"), "--steps", "1"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.count("\n") == 1 and "--device cuda: CUDA is not available here" in proc.stderr
+
+
+def test_train_bench_cpu_report_claims_only_what_it_did(tmp_path, capsys, dirty_tree):
+    assert train_bench.main(["--tiny", "--device", "cpu", "--steps", "1", "--batches", "1", "--modes", "routed",
+                             "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "train_bench.md").read_text()
+    assert " (dirty)" in md.splitlines()[0]
+    assert "17 frames 64x128" in md and "no autocast" in md and "No matmul rate measured" in md
+    for claim in ("bf16 autocast", "320x640", "GEMM", "TFLOP/s."):
+        assert claim not in md, claim
