@@ -268,3 +268,47 @@ def test_train_bench_cpu_report_claims_only_what_it_did(tmp_path, capsys, dirty_
     assert "17 frames 64x128" in md and "no autocast" in md and "No matmul rate measured" in md
     for claim in ("bf16 autocast", "320x640", "GEMM", "TFLOP/s."):
         assert claim not in md, claim
+
+
+# --------------------------------------------------------------------------------------
+# degrade_bench
+# --------------------------------------------------------------------------------------
+
+import degrade_bench  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--workers=-1"], ["argument --workers: must be an integer >= 0, got '-1'"]),
+    (["--device", "cpu", "--threads", "2", "x"], ["argument --threads: must be an integer >= 0, got 'x'"]),
+    (["--clips", "0"], ["argument --clips: must be a positive integer, got '0'"]),
+    (["--make-videos=-2"], ["argument --make-videos: must be an integer >= 0, got '-2'"]),
+    (["--coders=-1"], ["argument --coders: must be an integer >= 0, got '-1'"]),
+    (["--size", "16", "320", "640"], ["--size 16 320 640: clip frames must be 4k+1"]),
+    (["--size", "17", "100", "640"], ["--size 17 100 640: clip height and width must be multiples of 32"]),
+    (["--size", "17", "0", "640"], ["argument --size: must be a positive integer, got '0'"]),
+    (["--videos", "no/such/folder"], ["--videos: no/such/folder: no such folder"]),
+    (["--make-videos", "2", "--video-size", "10", "540", "960"], ["--video-size 10 540 960: smaller than one --size crop"]),
+    (["--device", "gpu"], ["argument --device: invalid choice: 'gpu'"]),
+    (["--matmul-load"], ["--matmul-load: the matmuls beside the rows need --device cuda"]),
+    (["--in-workers"], ["--in-workers needs --device"]),
+    (["--device", "cuda"], ["--device cuda: CUDA is not available here"]),
+])
+def test_degrade_bench_checks_its_arguments(argv, says, capsys, no_cuda):
+    refused(capsys, degrade_bench.main, argv, *says)
+
+
+def test_degrade_bench_refuses_unusable_folders(tmp_path, capsys, a_file):
+    (tmp_path / "empty").mkdir()
+    refused(capsys, degrade_bench.main, ["--videos", str(tmp_path / "empty")], f"--videos: {tmp_path / 'empty'}: no videos")
+    refused(capsys, degrade_bench.main, ["--make-videos", "1", "--videos", a_file], f"--videos {a_file}: is a file")
+    refused(capsys, degrade_bench.main, ["--out", a_file], f"--out {a_file}: is a file, not a directory")
+
+
+def test_degrade_bench_records_its_codec_libraries_and_a_dirty_tree(tmp_path, capsys, dirty_tree):
+    assert degrade_bench.main(["--clips", "1", "--workers", "0", "--size", "5", "32", "64", "--jpeg", "pil",
+                               "--out", str(tmp_path)]) == 0
+    env = json.loads((tmp_path / "degrade_bench.json").read_text())["env"]
+    assert env["av"] == attn_bench.library_version("av") != "not installed"
+    assert env["Pillow"] == attn_bench.library_version("Pillow") != "not installed"
+    md = (tmp_path / "degrade_bench.md").read_text().splitlines()
+    assert " (dirty)" in md[0] and f"PyAV {env['av']}, Pillow {env['Pillow']}" in md[2]
