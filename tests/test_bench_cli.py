@@ -312,3 +312,54 @@ def test_degrade_bench_records_its_codec_libraries_and_a_dirty_tree(tmp_path, ca
     assert env["Pillow"] == attn_bench.library_version("Pillow") != "not installed"
     md = (tmp_path / "degrade_bench.md").read_text().splitlines()
     assert " (dirty)" in md[0] and f"PyAV {env['av']}, Pillow {env['Pillow']}" in md[2]
+
+
+# --------------------------------------------------------------------------------------
+# dist_bench, rank_share_bench
+# --------------------------------------------------------------------------------------
+
+import dist_bench  # noqa: E402
+import rank_share_bench  # noqa: E402
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--head-dim", "0"], ["argument --head-dim: must be a positive integer, got '0'"]),
+    (["--mix", "0,0,0"], ["--mix: head counts must be >= 0 with at least one head, got [0, 0, 0]"]),
+    (["--mix=-1,2,2"], ["--mix: head counts must be >= 0", "[-1, 2, 2]"]),
+    (["--window", "2,3,3"], ["--window 2,3,3: window sizes must be odd"]),
+    (["--grids", "4,0,6"], ["--grids 4,0,6: grid sizes must be positive"]),
+    (["--train-batch", "0"], ["argument --train-batch: must be a positive integer, got '0'"]),
+])
+def test_dist_bench_checks_its_arguments(argv, says, capsys, no_cuda):
+    refused(capsys, dist_bench.parse_args, ["--device", "cpu", *argv], *says)
+
+
+def test_dist_bench_head_dim_defaults_only_when_not_given():
+    assert dist_bench.parse_args(["--device", "cpu", "--tiny"]).head_dim == 16
+    assert dist_bench.parse_args(["--device", "cpu", "--tiny", "--head-dim", "8"]).head_dim == 8
+
+
+def test_dist_bench_says_cuda_is_missing_and_names_nccl(capsys, no_cuda):
+    refused(capsys, dist_bench.parse_args, ["--device", "cuda"], "--device cuda: CUDA is not available here")
+    args = dist_bench.parse_args(["--device", "cpu", "--gpus", "1", "--tiny"])
+    env = dict(DIRTY_ENV, nccl="2.21.5", cuda="12.8")
+    assert "NCCL 2.21.5" in dist_bench.render([], env, args)
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--warmup-ms=-1"], ["argument --warmup-ms: must be a number of milliseconds >= 0, got '-1'"]),
+    (["--rep-ms", "0"], ["argument --rep-ms: must be a finite number of milliseconds > 0, got '0'"]),
+    (["--rep-ms", "nan"], ["argument --rep-ms: must be a finite number of milliseconds > 0, got 'nan'"]),
+    (["--dit-forward-ms", "inf"], ["argument --dit-forward-ms: must be a finite number of milliseconds > 0, got 'inf'"]),
+    (["--dit-forward-ms", "0"], ["argument --dit-forward-ms: must be a finite number of milliseconds > 0, got '0'"]),
+    (["--link-GBps", "inf"], ["--link-GBps must be a finite number > 0, got inf"]),
+    (["--device", "cuda"], ["--device cuda: CUDA is not available here"]),
+])
+def test_rank_share_bench_checks_its_times(argv, says, capsys, no_cuda):
+    refused(capsys, rank_share_bench.parse_args, argv, *says)
+
+
+@pytest.mark.parametrize("script", ["rank_share_bench", "dist_bench"])
+def test_cpu_capable_scripts_refuse_a_file_as_out(script, capsys, a_file):
+    parse = {"rank_share_bench": rank_share_bench.parse_args, "dist_bench": dist_bench.parse_args}[script]
+    refused(capsys, parse, ["--device", "cpu", "--out", a_file], f"--out {a_file}: is a file, not a directory")
