@@ -147,7 +147,8 @@ def render(res: dict, reps: int) -> str:
     md = [f"# Wan VAE decoder convolutions, {env.get('gpu')}, {env['date'][:10]}, commit {_commit(env, 7)}", "",
           f"bf16, random data, median of {reps} by CUDA events; bf16 GEMM 8192^3: {res['square_gemm_TFLOP/s']:.0f} "
           "TFLOP/s. TFLOP/s per variant (ms in the JSON); `gemm` is torch.mm of the implicit-GEMM shape.", "",
-          "| conv | frames | TFLOP | " + " | ".join(VARIANTS) + " | gemm |", "|---|---|---|" + "---|" * (len(VARIANTS) + 1)]
+          "| conv | frames | TFLOP | " + " | ".join(VARIANTS) + " | gemm |",
+          "|---|---|---|" + "---|" * (len(VARIANTS) + 1)]
     for r in res["rows"]:
         cells = [f"{r['TFLOP/s'][v]:.0f}" if v in r["TFLOP/s"] else "-" for v in VARIANTS]
         md.append(f"| {r['conv']} | {r['frames']} | {r['TFLOP']:.2f} | " + " | ".join(cells)

@@ -34,8 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from attn_bench import (_check_out_dir, _ints, _non_negative_ms, _Parser, _positive_ms, _require_cuda, cpu_time_ms,  # noqa: E402
-                        environment)
+from attn_bench import (_check_out_dir, _ints, _non_negative_ms, _Parser, _positive_ms,  # noqa: E402
+                        _require_cuda, cpu_time_ms, environment)
 
 import oasis_kernels as ok  # noqa: E402
 from oasis_kernels.distributed import RankCall, _global_rows, _head_blocks, rank_calls, token_slices  # noqa: E402
