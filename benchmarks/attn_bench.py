@@ -486,7 +486,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device) -> dict:
+def environment(device, libraries=()) -> dict:
+    """Where and with what a run measured; ``libraries``: names of the libraries it compares against or
+    goes through (distributions, e.g. "diffusers", "av", "Pillow"; "nccl": PyTorch's NCCL), each
+    recorded under its name (see :func:`library_version`)."""
     try:
         import triton
         triton_version = triton.__version__
@@ -508,7 +511,33 @@ def environment(device) -> dict:
         env["local_backward"] = _local_backward()
     else:
         env.update(cpu=cpu_name(), threads=torch.get_num_threads())
+    env.update({name: library_version(name) for name in libraries})
     return env
+
+
+def library_version(name: str) -> str:
+    """The installed version of the distribution ``name``, or "not installed"; "nccl": the NCCL version
+    PyTorch runs with ("no CUDA" without CUDA)."""
+    if name == "nccl":
+        if not torch.cuda.is_available():
+            return "no CUDA"
+        try:
+            version = torch.cuda.nccl.version()
+        except Exception:  # a build without NCCL
+            return "unknown"
+        return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _commit(env: dict, digits: int = 12) -> str:
+    """The run's commit as the reports name it: ``digits`` hex digits, "(dirty)" after them when the
+    tree had uncommitted changes (the numbers may then not be the commit's)."""
+    return f"{env['commit'][:digits]}{' (dirty)' if env['dirty'] is True else ''}"
 
 
 def _local_backward() -> str:
@@ -687,6 +716,15 @@ def _ints(text: str, what: str, count: int | None = None) -> list[int]:
     return values
 
 
+def _triple(text: str, what: str, normalize) -> tuple[int, int, int]:
+    """A grid or window ``T,H,W`` checked by ``normalize`` (``ok.normalize_grid`` or ``ok.normalize_window``)."""
+    values = _ints(text, what, 3)
+    try:
+        return normalize(values)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"{what} {text}: {exc}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -694,6 +732,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -707,8 +755,46 @@ def _non_negative_ms(text: str) -> float:
     return value
 
 
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of milliseconds > 0, got {text!r}")
+    return value
+
+
+def _names(text: str, what: str, known, kind: str = "name(s)") -> list[str]:
+    """A comma list of names from ``known`` (``what`` and ``kind`` word the error)."""
+    names = [x for x in text.split(",") if x]
+    unknown = [x for x in names if x not in known]
+    if unknown or not names:
+        given = f"unknown {kind} {unknown}" if unknown else "none given"
+        raise argparse.ArgumentTypeError(f"{what}: {given}; choose from {', '.join(known)}")
+    return names
+
+
+def _check_out_dir(p: argparse.ArgumentParser, out) -> None:
+    """``--out`` is a directory written after the measurement: a file of that name is refused now,
+    not with a FileExistsError once the run's time is spent."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        p.error(f"--out {out}: is a file, not a directory")
+
+
+def _require_cuda(p: argparse.ArgumentParser, what: str = "--device cuda") -> None:
+    """Refuse a run that needs CUDA where there is none: exit 2 naming ``what`` (after the other
+    arguments were checked, so a bad flag is named on any machine)."""
+    if not torch.cuda.is_available():
+        p.error(f"{what}: CUDA is not available here")
+
+
 BACKENDS = ("all", "ours", "sdpa", "flex", "flex-routed")
 GROUPS = ("all", "routed", "floor", "global", "intra", "window")
+#: the groups each --backends name makes rows in (build_rows; "floor" only for a layer with global
+#: heads): a --backends/--groups pair that selects no row is refused before any timing
+BACKEND_GROUPS = {"ours": {"routed", "global", "intra", "window"}, "sdpa": {"floor", "global", "intra"},
+                  "flex": {"routed", "global", "intra", "window"}, "flex-routed": {"routed"}}
 
 
 def parse_args(argv=None):
@@ -757,18 +843,15 @@ def parse_args(argv=None):
         p.error(f"--window/--grid: {exc}")
     if min(args.mix_counts) < 0:
         p.error(f"--mix {args.mix}: head counts must be >= 0")
-    args.shapes = [x for x in args.shapes.split(",") if x]
-    unknown = [x for x in args.shapes if x not in SHAPES]
-    if unknown or not args.shapes:
-        p.error(f"--shapes: unknown preset(s) {unknown}; choose from {', '.join(SHAPES)} (or give --grid)")
-    args.backends = args.backends.split(",")
-    unknown = set(args.backends) - set(BACKENDS)
-    if unknown:
-        p.error(f"--backends: unknown name(s) {sorted(unknown)}; choose from {', '.join(BACKENDS[1:])}")
-    args.groups = args.groups.split(",")
-    unknown = set(args.groups) - set(GROUPS)
-    if unknown:
-        p.error(f"--groups: unknown group(s) {sorted(unknown)}; choose from routed, floor, global, intra, window")
+    try:
+        args.shapes = _names(args.shapes, "--shapes", SHAPES, "preset(s)")
+    except argparse.ArgumentTypeError as exc:
+        p.error(f"{exc} (or give --grid)")
+    try:
+        args.backends = _names(args.backends, "--backends", BACKENDS)
+        args.groups = _names(args.groups, "--groups", GROUPS, "group(s)")
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
     args.graphs = [x for x in args.graphs.split(",") if x]
     unknown = [x for x in args.graphs if x not in SHAPES and x != "custom"]
     if unknown:
@@ -779,12 +862,11 @@ def parse_args(argv=None):
         given = [flag for flag, dest in (("--heads", "heads"), ("--mix", "mix")) if getattr(args, dest) != p.get_default(dest)]
         if given:
             p.error(f"--routing {args.routing}: its layer sets the heads and modes; leave out {', '.join(given)}")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        p.error(f"--out {args.out}: is a file, not a directory")
+    _check_out_dir(p, args.out)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available here")
+    if args.device == "cuda":
+        _require_cuda(p)
     if args.device == "cpu":
         # what the CPU cannot do is refused rather than ignored
         if args.graphs:
@@ -793,9 +875,16 @@ def parse_args(argv=None):
         if flex:
             p.error(f"--backends {','.join(flex)}: the FlexAttention rows need CUDA; on the CPU: ours, sdpa")
     try:
-        make_plan(args.grid or SHAPES[args.shapes[0]], args)  # --mix/--heads, --routing/--layer agree
+        plan = make_plan(args.grid or SHAPES[args.shapes[0]], args)  # --mix/--heads, --routing/--layer agree
     except (ValueError, TypeError, OSError) as exc:
         p.error(str(exc).splitlines()[0])
+    backends = BACKEND_GROUPS if "all" in args.backends else args.backends
+    made = set().union(*(BACKEND_GROUPS[b] for b in backends if args.device == "cuda" or "flex" not in b))
+    if not plan.heads_of("global"):
+        made.discard("floor")
+    if not ("all" in args.groups or made & set(args.groups)):
+        p.error(f"--backends {','.join(args.backends)} --groups {','.join(args.groups)}: nothing matches "
+                f"(those backends make rows in: {', '.join(sorted(made)) or 'none here'})")
     return args
 
 

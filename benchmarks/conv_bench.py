@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_bench import environment  # noqa: E402
+from attn_bench import _check_out_dir, _commit, _Parser, _positive_int, _require_cuda, environment  # noqa: E402
 from model_bench import cuda_ms  # noqa: E402
 
 # (name, Cin, Cout, output frames for the whole clip, H, W, kernel): the decoder's 3D convolutions at
@@ -120,19 +120,44 @@ def _tuned_engine() -> str | None:
     return plans[-1].name if plans else vae_conv.frontend_missing()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--chunk-frames", type=int, default=4,
+VARIANTS = ["ncdhw", "ncdhw_bench", "ndhwc", "ndhwc_bench", "conv2d_sum", "ndhwc_pad16", "tuned"]
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=_positive_int, default=5)
+    p.add_argument("--chunk-frames", type=_positive_int, default=4,
                    help="also time every convolution on this many output frames (one latent frame's worth)")
-    p.add_argument("--piece-frames", type=int, default=2,
+    p.add_argument("--piece-frames", type=_positive_int, default=2,
                    help="and on this many (the decoder's pieces in its last two stages)")
     p.add_argument("--only", help="time only the convolutions whose name contains this")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("conv_bench: needs CUDA; nothing measured")
-        return 0
+    if args.only is not None and not any(args.only in name for name, *_ in SHAPES):
+        p.error(f"--only {args.only!r}: no convolution's name contains it; the names: "
+                + "; ".join(name for name, *_ in SHAPES))
+    _check_out_dir(p, args.out)
+    _require_cuda(p, "conv_bench times GPU convolutions")
+    return args
+
+
+def render(res: dict, reps: int) -> str:
+    """The markdown report of ``res`` (``main``'s record)."""
+    env = res["env"]
+    md = [f"# Wan VAE decoder convolutions, {env.get('gpu')}, {env['date'][:10]}, commit {_commit(env, 7)}", "",
+          f"bf16, random data, median of {reps} by CUDA events; bf16 GEMM 8192^3: {res['square_gemm_TFLOP/s']:.0f} "
+          "TFLOP/s. TFLOP/s per variant (ms in the JSON); `gemm` is torch.mm of the implicit-GEMM shape.", "",
+          "| conv | frames | TFLOP | " + " | ".join(VARIANTS) + " | gemm |",
+          "|---|---|---|" + "---|" * (len(VARIANTS) + 1)]
+    for r in res["rows"]:
+        cells = [f"{r['TFLOP/s'][v]:.0f}" if v in r["TFLOP/s"] else "-" for v in VARIANTS]
+        md.append(f"| {r['conv']} | {r['frames']} | {r['TFLOP']:.2f} | " + " | ".join(cells)
+                  + f" | {r['TFLOP/s']['gemm_same_shape']:.0f} |")
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     square = 2 * 8192**3 / gemm_time(8192, 8192, 8192, dev, 10) / 1e12
@@ -160,21 +185,12 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
     res = {"env": environment(dev), "square_gemm_TFLOP/s": square, "rows": rows}
-    variants = ["ncdhw", "ncdhw_bench", "ndhwc", "ndhwc_bench", "conv2d_sum", "ndhwc_pad16", "tuned"]
-    md = [f"# Wan VAE decoder convolutions, {res['env'].get('gpu')}, {res['env']['date'][:10]}, "
-          f"commit {res['env']['commit'][:7]}", "",
-          f"bf16, random data, median of {args.reps} by CUDA events; bf16 GEMM 8192^3: {square:.0f} TFLOP/s. "
-          "TFLOP/s per variant (ms in the JSON); `gemm` is torch.mm of the implicit-GEMM shape.", "",
-          "| conv | frames | TFLOP | " + " | ".join(variants) + " | gemm |", "|---|---|---|" + "---|" * (len(variants) + 1)]
-    for r in rows:
-        cells = [f"{r['TFLOP/s'][v]:.0f}" if v in r["TFLOP/s"] else "-" for v in variants]
-        md.append(f"| {r['conv']} | {r['frames']} | {r['TFLOP']:.2f} | " + " | ".join(cells)
-                  + f" | {r['TFLOP/s']['gemm_same_shape']:.0f} |")
-    print("\n".join(md))
+    md = render(res, args.reps)
+    print(md, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "conv_bench.json").write_text(json.dumps(res, indent=1, default=str))
-        (args.out / "conv_bench.md").write_text("\n".join(md) + "\n")
+        (args.out / "conv_bench.md").write_text(md)
     return 0
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_bench import cpu_name, environment  # noqa: E402
+from attn_bench import (_check_out_dir, _commit, _non_negative_int, _Parser, _positive_int,  # noqa: E402
+                        _require_cuda, cpu_name, environment)
 
 
 def gpu_ms_per_clip(data, device, clips: int = 8) -> float:
@@ -188,59 +189,92 @@ def coder_rows(threads: int, clips: int = 8) -> list[dict]:
     return rows
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The settings, checked before any clip is made: the clip size, the --videos folder (opened here
+    unless --make-videos writes it) and the device."""
+    from oasis.data import ClipSpec, VideoFolder
     from oasis.degrade import JPEG_IMPLS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=12)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--size", type=int, nargs=3, default=[17, 320, 640], metavar=("F", "H", "W"))
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=_positive_int, default=12)
+    p.add_argument("--workers", type=_non_negative_int, nargs="+", default=[0, 2],
+                   help="DataLoader workers, each its own rows (0: the main process)")
+    p.add_argument("--size", type=_positive_int, nargs=3, default=[17, 320, 640], metavar=("F", "H", "W"))
     p.add_argument("--videos", type=Path, help="a folder of HQ videos instead of synthetic clips")
-    p.add_argument("--make-videos", type=int, default=0, metavar="N",
+    p.add_argument("--make-videos", type=_non_negative_int, default=0, metavar="N",
                    help="first write N videos of --video-size synthetic frames (libx264) into --videos (or a "
                         "temporary folder) and read those")
-    p.add_argument("--video-size", type=int, nargs=3, default=[120, 540, 960], metavar=("F", "H", "W"),
+    p.add_argument("--video-size", type=_positive_int, nargs=3, default=[120, 540, 960], metavar=("F", "H", "W"),
                    help="frames and size of the --make-videos videos (a keyframe every 50 frames at most: longer "
                         "videos than 50 + the crop's span have crops that start decoding past their first one)")
-    p.add_argument("--device", help="degrade on this device in the main process (oasis-train's degrade_on = "
-                                     "\"device\"), the workers only loading HQ clips; default: in the workers")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   help="degrade on this device in the main process (oasis-train's degrade_on = "
+                        "\"device\"), the workers only loading HQ clips; default: in the workers")
     p.add_argument("--in-workers", action="store_true",
                    help="with --device: the workers degrade their clips on it (oasis-train's degrade_on = "
                         "\"workers-device\") instead of the main process's threads")
     p.add_argument("--matmul-load", action="store_true",
                    help="with --device cuda: bf16 matmuls run beside each loader row from a thread of the main "
                         "process, a stand-in for the training step; their TFLOP/s during the row against alone")
-    p.add_argument("--threads", type=int, nargs="+", default=[4],
+    p.add_argument("--threads", type=_non_negative_int, nargs="+", default=[4],
                    help="with --device: degradation threads (oasis-train's degrade_threads; 0: in the loop)")
-    p.add_argument("--coders", type=int, default=0,
+    p.add_argument("--coders", type=_non_negative_int, default=0,
                    help="also time the CPU stages alone (JPEG, libx264, mpeg4 on a 17x160x320 clip, torch "
-                        "single-threaded) in 1 and this many threads: do they run side by side?")
+                        "single-threaded) in 1 and this many threads: do they run side by side? (0: not timed)")
     p.add_argument("--jpeg", nargs="+", default=["auto"], choices=JPEG_IMPLS,
                    help="DegradeConfig.jpeg_impl for the JPEG steps, each its own rows (auto: PIL for clips on "
                         "the CPU, oasis.jpeg on a GPU)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    device = torch.device(args.device) if args.device else None
-    if args.in_workers and device is None:
+    if args.in_workers and args.device is None:
         p.error("--in-workers needs --device")
+    if args.matmul_load and args.device != "cuda":
+        p.error("--matmul-load: the matmuls beside the rows need --device cuda")
+    try:
+        args.spec = ClipSpec(*args.size)
+    except ValueError as exc:
+        p.error(f"--size {' '.join(map(str, args.size))}: {exc}")
+    args.folder = None
+    if args.make_videos:
+        if args.videos is not None and args.videos.exists() and not args.videos.is_dir():
+            p.error(f"--videos {args.videos}: is a file, not a folder")
+        if args.videos is not None and args.videos.is_dir() and any(args.videos.iterdir()):
+            p.error(f"--make-videos writes into an empty or new --videos folder; {args.videos} has files")
+        frames, height, width = args.video_size
+        if frames < args.spec.span or height < args.spec.height or width < args.spec.width:
+            p.error(f"--video-size {frames} {height} {width}: smaller than one --size crop "
+                    f"({args.spec.span} frames {args.spec.height}x{args.spec.width})")
+    elif args.videos is not None:
+        try:  # opened now: a missing folder or one without a usable video is said before any timing
+            args.folder = VideoFolder(args.videos, args.spec)
+        except ValueError as exc:
+            p.error(f"--videos: {exc}")
+    _check_out_dir(p, args.out)
+    if args.device == "cuda":
+        _require_cuda(p)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device) if args.device else None
     if args.in_workers:
         args.threads = [0]
-    from oasis.data import ClipSpec, DeviceDegrader, PairDataset, SyntheticVideos, VideoFolder
+    from oasis.data import DeviceDegrader, PairDataset, SyntheticVideos, VideoFolder
     from oasis.degrade import Degradation
 
-    spec = ClipSpec(*args.size)
+    spec = args.spec
+    source = args.folder if args.folder is not None else SyntheticVideos(spec)
     if args.make_videos:
         import tempfile
 
         if args.videos is None:
             args.videos = Path(tempfile.mkdtemp(prefix="oasis-videos-"))
-        elif args.videos.is_dir() and any(args.videos.iterdir()):
-            p.error(f"--make-videos writes into an empty or new --videos folder; {args.videos} has files")
         t = time.perf_counter()
         make_videos(args.videos, args.make_videos, args.video_size)
         print(f"wrote {args.make_videos} videos of {args.video_size} to {args.videos} in "
               f"{time.perf_counter() - t:.1f} s", flush=True)
-    source = VideoFolder(args.videos, spec) if args.videos else SyntheticVideos(spec)
+        source = VideoFolder(args.videos, spec)
     from oasis.data import _source_frames
 
     if args.videos:  # each video's packet index, built once per process, out of the timing
@@ -313,7 +347,9 @@ def main(argv=None):
             print(json.dumps({"gpu_ms_per_clip": gpu_ms}), flush=True)
     res = {"matmul_TFLOPs_alone": alone,
            "coders": coders, "gpu_ms_per_clip": gpu_ms, "source_ms_per_clip": source_ms, "source_from_start_ms_per_clip": from_start_ms,
-           "memory_rows": memory, "env": environment(device if device is not None else torch.device("cpu")), "cpu_count": os.cpu_count(), "size": args.size,
+           "memory_rows": memory, "cpu_count": os.cpu_count(), "size": args.size,
+           # the libraries the degradations go through: PyAV's codecs, Pillow's JPEG
+           "env": environment(device if device is not None else torch.device("cpu"), libraries=("av", "Pillow")),
            "source": str(args.videos) if args.videos else "synthetic", "rows": rows}
     if args.make_videos:
         res["source"] = f"{args.make_videos} libx264 videos of {args.video_size[0]} frames {args.video_size[1]}x" \
@@ -323,7 +359,8 @@ def main(argv=None):
     where = "in the workers" if not args.device else \
         f"on {args.device} in the {'workers' if args.in_workers else 'main process'}"
     md = [f"# Training-data throughput, {res['env']['cpu']} x{os.cpu_count()}{gpu}, {res['env']['date'][:10]}, "
-          f"commit {res['env']['commit'][:7]}", "",
+          f"commit {_commit(res['env'], 7)}", "",
+          f"PyAV {res['env']['av']}, Pillow {res['env']['Pillow']}, torch {res['env']['torch']}.", "",
           f"{args.size[0]} frames {args.size[1]}x{args.size[2]} -> x4 LQ, {res['source']} clips, "
           f"max({args.clips}, 4 x workers) per row, DataLoader workers (0: the main process). Steady clips/s: "
           "after the first wave (one clip per worker, with the workers' start-up).", "",

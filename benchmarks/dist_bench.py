@@ -39,11 +39,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_bench import environment  # noqa: E402
+from attn_bench import (_check_out_dir, _ints, _Parser, _positive_int, _require_cuda, _triple,  # noqa: E402
+                        environment)
 from model_bench import ROUTED, build_dit  # noqa: E402
 from rank_share_bench import PLACEMENTS, Timer, layer_plan  # noqa: E402
 from train_bench import TINY, forward_backward  # noqa: E402
 
+import oasis_kernels as ok  # noqa: E402
 import oasis_kernels.distributed as okd  # noqa: E402
 from oasis import WanConfig, WanDiT  # noqa: E402
 
@@ -260,7 +262,7 @@ def render(rows: list[dict], env: dict, args) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     md = [f"# dist_bench: {env.get('gpu', 'cpu')} x {', '.join(map(str, args.gpus))}, commit `{env['commit'][:12]}`"
           f"{' (dirty)' if env['dirty'] is True else ''}, {env['date']}", "",
-          f"torch {env['torch']}, CUDA {env.get('cuda')}, driver {env.get('driver')}; "
+          f"torch {env['torch']}, CUDA {env.get('cuda')}, NCCL {env.get('nccl', '-')}, driver {env.get('driver')}; "
           f"{'tiny config (a check of the code, not a measurement)' if args.tiny else 'Wan2.1-1.3B sizes, bf16'}; "
           f"medians of {args.reps} of the slowest rank's times, ms.", ""]
     att = [r for r in rows if r["section"] == "attention"]
@@ -293,18 +295,17 @@ def render(rows: list[dict], env: dict, args) -> str:
 
 
 def parse_args(argv=None):
-    from attn_bench import _ints
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", default="1,2,4", help="process counts P, one GPU each (default 1,2,4)")
     p.add_argument("--grids", nargs="+", default=None,
                    help="latent grids T,H,W (default 27,45,80 and 54,45,80; --tiny: 4,4,6)")
     p.add_argument("--what", default="attention,dit,train", help="sections: attention, dit, train")
     p.add_argument("--mix", default="5,4,3", help="global,intra,window heads of the attention layer (default 5,4,3)")
-    p.add_argument("--window", default="3,5,5")
-    p.add_argument("--head-dim", type=int, default=None, help="default 128 (--tiny: 16)")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--train-batch", type=int, default=1, help="clips per GPU in the training step (default 1)")
+    p.add_argument("--window", default="3,5,5", help="window heads' size Pt,Ph,Pw, odd (default 3,5,5)")
+    p.add_argument("--head-dim", type=_positive_int, default=None, help="default 128 (--tiny: 16)")
+    p.add_argument("--reps", type=_positive_int, default=5)
+    p.add_argument("--train-batch", type=_positive_int, default=1,
+                   help="clips per GPU in the training step (default 1)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if present")
     p.add_argument("--tiny", action="store_true", help="tiny DiT and grid (a check of the code)")
     p.add_argument("--out", type=Path, default=None)
@@ -312,21 +313,26 @@ def parse_args(argv=None):
     try:
         args.gpus = _ints(args.gpus, "--gpus")
         args.mix = _ints(args.mix, "--mix", 3)
-        args.window = tuple(_ints(args.window, "--window", 3))
+        # checked here, in the parent: a bad window would otherwise fail in every spawned worker
+        args.window = _triple(args.window, "--window", ok.normalize_window)
         grids = args.grids or (TINY_GRIDS if args.tiny else ["27,45,80", "54,45,80"])
-        args.grids = [tuple(_ints(g, "--grids", 3)) for g in grids]
+        args.grids = [_triple(g, "--grids", ok.normalize_grid) for g in grids]
     except argparse.ArgumentTypeError as exc:
         p.error(str(exc))
+    if min(args.mix) < 0 or sum(args.mix) == 0:
+        p.error(f"--mix: head counts must be >= 0 with at least one head, got {args.mix}")
     args.what = [w for w in args.what.split(",") if w]
     if not args.what or set(args.what) - {"attention", "dit", "train"}:
         p.error(f"--what: attention, dit and/or train, got {','.join(args.what)!r}")
+    _check_out_dir(p, args.out)
+    if args.device == "cuda":
+        _require_cuda(p)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if min(args.gpus) < 1 or (args.device == "cuda" and max(args.gpus) > torch.cuda.device_count()):
         p.error(f"--gpus {args.gpus}: each between 1 and the {torch.cuda.device_count()} GPUs here"
                 if args.device == "cuda" else f"--gpus {args.gpus}: each at least 1")
-    if args.reps < 1 or args.train_batch < 1:
-        p.error("--reps and --train-batch must be at least 1")
-    args.head_dim = args.head_dim or (16 if args.tiny else 128)
+    if args.head_dim is None:  # None, not 0: a --head-dim 0 is refused above, never replaced
+        args.head_dim = 16 if args.tiny else 128
     return args
 
 
@@ -340,7 +346,7 @@ def main(argv=None) -> int:
         mp.spawn(worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
     rows = [r for world in args.gpus for r in results[world]]
     efficiencies(rows)
-    env = environment(torch.device(args.device if args.device == "cpu" else "cuda"))
+    env = environment(torch.device(args.device), libraries=("nccl",) if args.device == "cuda" else ())
     md = render(rows, env, args)
     print(md)
     if args.out:

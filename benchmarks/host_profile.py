@@ -10,6 +10,9 @@ host-bound and its GPU work hides behind the host. ``gpu`` is the time per call 
 work replayed from a CUDA graph (no host at all, ``--graphs``), where capture works. Each variant is also
 run once under ``torch.cuda.set_sync_debug_mode("warn")`` so a call that makes the host wait
 for the GPU is named. ``--cprofile`` adds a Python profile of our fwd+bwd.
+
+With ``--out``, ``host_profile.txt`` (the environment line first, then what was printed) and
+``host_profile.json`` (the environment, the settings and the rows) are written as the run goes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import sys
 import time
@@ -29,7 +33,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from attn_bench import SHAPES, capture_graph  # noqa: E402
+from attn_bench import (SHAPES, _check_out_dir, _commit, _ints, _names, _Parser, _positive_int,  # noqa: E402
+                        _require_cuda, capture_graph, environment)
 
 import oasis_kernels as ok  # noqa: E402
 
@@ -109,31 +114,56 @@ def variants(plan, q, k, v, dout):
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="S")
-    p.add_argument("--mix", default="5,4,3")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--calls", type=int, default=50)
+def parse_args(argv=None):
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="S", help=f"comma list of presets: {', '.join(SHAPES)} (default S)")
+    p.add_argument("--mix", default="5,4,3", help="global,intra,window head counts (default 5,4,3)")
+    p.add_argument("--head-dim", type=_positive_int, default=128)
+    p.add_argument("--calls", type=_positive_int, default=50, help="calls per timing (default 50)")
     p.add_argument("--cprofile", action="store_true")
     p.add_argument("--graphs", action="store_true", help="also time each variant replayed from a CUDA graph")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="directory for host_profile.txt and host_profile.json")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("host_profile needs CUDA; nothing measured.")
-        return 0
+    try:
+        args.shapes = _names(args.shapes, "--shapes", SHAPES, "preset(s)")
+        args.mix = _ints(args.mix, "--mix", 3)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    if min(args.mix) < 0 or sum(args.mix) == 0:
+        p.error(f"--mix: head counts must be >= 0 with at least one head, got {args.mix}")
+    _check_out_dir(p, args.out)
+    _require_cuda(p, "host_profile times GPU work")
+    return args
 
-    g, i, w = (int(x) for x in args.mix.split(","))
+
+def write_report(out: Path, text: list[str], record: dict) -> None:
+    """``host_profile.txt`` (``text``) and ``host_profile.json`` (``record``) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_profile.txt").write_text("\n".join(text) + "\n")
+    (out / "host_profile.json").write_text(json.dumps(record, indent=1, default=str))
+
+
+def env_line(env: dict) -> str:
+    return (f"{env.get('gpu', 'cpu')}, torch {env['torch']}, triton {env['triton']}, cuDNN {env.get('cudnn')}, "
+            f"driver {env.get('driver')}, commit {_commit(env)}, "
+            f"{env['date']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    g, i, w = args.mix
+    env = environment(torch.device("cuda"))
     report = []
+    record = {"env": env, "args": vars(args), "rows": []}
 
     def say(line):
         print(line, flush=True)
         report.append(line)
         if args.out:  # written as it goes: a failed graph capture may end the process
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "host_profile.txt").write_text("\n".join(report))
+            write_report(Path(args.out), report, record)
 
-    for shape in args.shapes.split(","):
+    say(env_line(env))
+    for shape in args.shapes:
         plan = ok.RoutingPlan.from_counts(SHAPES[shape], g, i, w, (3, 5, 5))
         q, k, v = (torch.randn(1, plan.num_tokens, plan.heads, args.head_dim, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
@@ -146,6 +176,8 @@ def main(argv=None) -> int:
                 fn()
             enqueue, wall = host_time(fn, args.calls)
             syncs = _syncs(fn)
+            record["rows"].append({"shape": shape, "variant": name, "enqueue_ms": enqueue, "wall_ms": wall,
+                                   "syncs": syncs})
             say(f"{name:<44} {enqueue:10.3f} {wall:8.3f}  {len(syncs)} {'; '.join(syncs)}")
         if args.cprofile:
             fn = variants(plan, q, k, v, dout)["ours auto fwd+bwd"]
@@ -164,6 +196,8 @@ def main(argv=None) -> int:
             # last: a failed capture can leave the process's CUDA state unusable
             for name, fn in fns.items():
                 gpu, why = _graph_ms(fn, 5)
+                row = next(r for r in record["rows"] if (r["shape"], r["variant"]) == (shape, name))
+                row["graph_ms" if gpu is not None else "graph_error"] = gpu if gpu is not None else why
                 say(f"{name:<44} CUDA graph replay: " + (f"{gpu:.3f} ms/call" if gpu is not None else why))
     return 0
 

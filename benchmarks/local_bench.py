@@ -8,6 +8,9 @@ alone, beside the public op (autotuned) and its HBM floor, in one run.
 The public-op rows (``api fwd``, ``api fwd+bwd``) use only ``oasis_kernels``' public API, so
 running this file with another checkout first on ``PYTHONPATH`` times that version's op in the
 same process (``--api-only``), which is how docs/PERF.md compares a change with its baseline.
+
+With ``--out``, the rows go to ``local_bench_<shapes>_<mode>[_<tag>].json`` (e.g.
+``local_bench_S-A-B_window_new.json``): runs of other shapes, modes or tags into one folder are kept.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from attn_bench import SHAPES, environment, measure_ceilings  # noqa: E402
+from attn_bench import (SHAPES, _check_out_dir, _ints, _names, _Parser, _positive_int,  # noqa: E402
+                        _require_cuda, _triple, environment, measure_ceilings)
 
 import oasis_kernels as ok  # noqa: E402
 
@@ -35,34 +39,60 @@ SWEEP = [
     # narrow key blocks, deeper pipelines (intra-only launches walk unmasked full blocks)
     (2, 4, 8, 32, 4, 4, False), (2, 8, 8, 32, 8, 3, False), (2, 4, 8, 16, 4, 4, False), (2, 4, 8, 32, 8, 3, False),
 ]
+#: the public op's backends for local heads (--backends)
+LOCAL_BACKENDS = ("triton", "cuda", "auto")
+
+
+def parse_args(argv=None):
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="B", help=f"comma list of presets: {', '.join(SHAPES)} (default B)")
+    p.add_argument("--mode", choices=["window", "intra"], default="window")
+    p.add_argument("--heads", type=_positive_int, default=12)
+    p.add_argument("--head-dim", type=_positive_int, default=128)
+    p.add_argument("--window", default="3,5,5", help="window size Pt,Ph,Pw, odd (default 3,5,5)")
+    p.add_argument("--api-only", action="store_true", help="time only the public op (for a baseline checkout)")
+    p.add_argument("--backends", default="triton", help="the public op's rows with each of these local backends "
+                   f"({', '.join(LOCAL_BACKENDS)}; default triton)")
+    p.add_argument("--tag", default="", help="label of this run's rows (and its file name)")
+    p.add_argument("--configs", default="", help=f"comma list of SWEEP indices 0..{len(SWEEP) - 1} to time "
+                   "(default all)")
+    p.add_argument("--out", default=None, help="directory for the JSON")
+    args = p.parse_args(argv)
+    if args.api_only and args.configs:
+        p.error(f"--configs {args.configs}: picks sweep configs, and --api-only times none")
+    if "/" in args.tag:
+        p.error(f"--tag {args.tag}: names the file, so no '/'")
+    try:
+        args.shapes = _names(args.shapes, "--shapes", SHAPES, "preset(s)")
+        args.window = _triple(args.window, "--window", ok.normalize_window)
+        args.backends = _names(args.backends, "--backends", LOCAL_BACKENDS, "backend(s)")
+        args.configs = _ints(args.configs, "--configs") if args.configs else list(range(len(SWEEP)))
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    outside = [i for i in args.configs if not 0 <= i < len(SWEEP)]
+    if outside:
+        p.error(f"--configs: {outside} not in 0..{len(SWEEP) - 1} (the SWEEP indices)")
+    _check_out_dir(p, args.out)
+    _require_cuda(p, "local_bench times GPU kernels")
+    return args
+
+
+def output_name(args) -> str:
+    """The JSON's name: shapes, mode and tag, so that runs of other shapes into one --out are kept."""
+    return f"local_bench_{'-'.join(args.shapes)}_{args.mode}{'_' + args.tag if args.tag else ''}.json"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="B")
-    p.add_argument("--mode", choices=["window", "intra"], default="window")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", default="3,5,5")
-    p.add_argument("--api-only", action="store_true", help="time only the public op (for a baseline checkout)")
-    p.add_argument("--backends", default="triton", help="the public op's rows with each of these local backends "
-                   "(triton, cuda)")
-    p.add_argument("--tag", default="", help="label of this run's rows")
-    p.add_argument("--configs", default="", help="comma list of SWEEP indices to time (default all)")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("local_bench needs CUDA; nothing timed.")
-        return 0
+    args = parse_args(argv)
     import triton
     import triton.testing
 
-    window = tuple(int(x) for x in args.window.split(","))
+    window = args.window
     dev = torch.device("cuda")
     env = environment(dev)
     ceil = measure_ceilings(dev)
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in args.shapes:
         grid = SHAPES[shape]
         n = grid[0] * grid[1] * grid[2]
         modes = ["w" if args.mode == "window" else "i"] * args.heads
@@ -75,7 +105,7 @@ def main(argv=None) -> int:
         def bench(fn):
             return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
-        for backend in args.backends.split(","):
+        for backend in args.backends:
             def api_fwd():
                 return ok.routed_attention(q, k, v, plan, backend=backend)
 
@@ -90,7 +120,7 @@ def main(argv=None) -> int:
             # backward floor: q, k, v, o, dO read and dQ, dK, dV written once = twice the forward's
             rows.append(dict(shape=shape, kernel="api fwd+bwd", config=label, ms=t_fb, x_floor=t_fb / (3 * floor)))
         if not args.api_only:
-            picked = [SWEEP[int(i)] for i in args.configs.split(",")] if args.configs else SWEEP
+            picked = [SWEEP[i] for i in args.configs]
             rows += sweep(q.detach(), k.detach(), v.detach(), dout, plan, floor, bench, shape, picked)
         print(f"{shape} {grid} floor {floor:.3f} ms")
     tag = args.tag or env.get("commit", "")
@@ -100,8 +130,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        name = f"local_bench_{args.mode}{'_' + args.tag if args.tag else ''}.json"
-        (out / name).write_text(json.dumps({"env": env, "ceilings": ceil, "rows": rows}, indent=1))
+        record = {"env": env, "ceilings": ceil, "args": vars(args), "rows": rows}
+        (out / output_name(args)).write_text(json.dumps(record, indent=1))
     return 0
 
 

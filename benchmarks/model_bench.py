@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_bench import environment, measure_ceilings  # noqa: E402
+from attn_bench import (_check_out_dir, _commit, _Parser, _positive_int, _require_cuda, environment,  # noqa: E402
+                        measure_ceilings)
 
 import oasis_kernels as ok  # noqa: E402
 from oasis import WanConfig, WanDiT  # noqa: E402
@@ -286,7 +287,7 @@ def bench_to_file(pipe, frames: int = 99) -> dict:
 
 def render(results: dict) -> str:
     env = results["env"]
-    md = [f"# OASIS DiT and pipeline, {env.get('gpu', 'cpu')}, {env['date'][:10]}, commit {env['commit'][:7]}", "",
+    md = [f"# OASIS DiT and pipeline, {env.get('gpu', 'cpu')}, {env['date'][:10]}, commit {_commit(env, 7)}", "",
           f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}; "
           f"bf16, random weights at Wan2.1-1.3B's size (30 layers, dim 1536, 12 heads of 128); routed = 5 global / "
           f"4 intra / 3 window (3,5,5) heads per layer. Matmul ceiling {results['ceilings']['matmul_TFLOPs']:.0f} "
@@ -308,7 +309,7 @@ def render(results: dict) -> str:
                       f"{r['routed']['first_call_s']:.0f} |")
     if results.get("vsr"):
         v = results["vsr"]
-        vae = "diffusers'" if v.get("vae", "diffusers") == "diffusers" else "our"
+        vae = f"diffusers' ({env.get('diffusers')})" if v.get("vae", "diffusers") == "diffusers" else "our"
         md += ["", f"OasisVSR, 33 frames 180x320 -> 720x1280 ({vae} VAE decoder):", "",
                "| stage | s | peak GiB |", "|---|---|---|"]
         for name, s in v["stages"].items():
@@ -321,10 +322,10 @@ def render(results: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grids", nargs="+", default=["A", "B"], choices=sorted(GRIDS))
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=_positive_int, default=5)
     p.add_argument("--modes", nargs="+", default=["eager", "regions"], choices=["eager", "regions"],
                    help="eager, and/or the blocks' regions compiled (WanDiT.compile_regions)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) (the whole model)")
@@ -336,13 +337,26 @@ def main(argv=None):
     p.add_argument("--vae", choices=["oasis", "diffusers"], default="oasis", help="the decoder --vsr uses")
     p.add_argument("--out", type=Path, help="folder for model_bench.json / .md")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("model_bench: needs CUDA (the DiT at these sizes is a GPU workload); nothing measured")
-        return 0
+    if args.inductor_options is not None and not isinstance(args.inductor_options, dict):
+        p.error(f"--inductor-options: a JSON object of Inductor options, got {args.inductor_options!r}")
+    _check_out_dir(p, args.out)
+    _require_cuda(p, "model_bench times the DiT at GPU sizes")
+    if args.vsr and args.vae == "diffusers":
+        import importlib.util
+
+        if importlib.util.find_spec("diffusers") is None:
+            p.error("--vae diffusers: diffusers is not installed")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device("cuda")
     torch.manual_seed(0)
     cfg = WanConfig()
-    results = {"env": environment(device), "ceilings": measure_ceilings(device), "inductor_options": args.inductor_options}
+    compared = ("diffusers",) if args.vsr and args.vae == "diffusers" else ()
+    results = {"env": environment(device, libraries=compared), "ceilings": measure_ceilings(device),
+               "inductor_options": args.inductor_options}
 
     def save():  # after every section, so a run cut short keeps what it measured
         if args.out:

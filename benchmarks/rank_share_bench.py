@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from attn_bench import _ints, cpu_time_ms, environment  # noqa: E402
+from attn_bench import (_check_out_dir, _ints, _non_negative_ms, _Parser, _positive_ms,  # noqa: E402
+                        _require_cuda, cpu_time_ms, environment)
 
 import oasis_kernels as ok  # noqa: E402
 from oasis_kernels.distributed import RankCall, _global_rows, _head_blocks, rank_calls, token_slices  # noqa: E402
@@ -215,7 +217,7 @@ def render_markdown(results, env, args) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grids", nargs="+", default=["27,45,80", "54,45,80"],
                    help="latent grids T,H,W (default B = 27,45,80 and the 2x longer clip 54,45,80)")
     p.add_argument("--ranks", default="1,2,4", help="rank counts P (default 1,2,4)")
@@ -226,11 +228,14 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--link-GBps", type=float, default=450.0,
                    help="each GPU's link rate per direction for the traffic model (default 450: NVLink 4 on an H200)")
-    p.add_argument("--dit-forward-ms", type=float, default=None,
+    p.add_argument("--dit-forward-ms", type=_positive_ms, default=None,
                    help="a 30-layer DiT forward measured on one GPU at the first grid (ms); adds the DiT's prediction")
     p.add_argument("--layers", type=int, default=30, help="attention layers of that DiT (default 30)")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
+    # a warm-up of 0 ms still runs one call before the timing (as attn_bench's): only a negative or
+    # non-finite one is wrong
+    p.add_argument("--warmup-ms", type=_non_negative_ms, default=25.0,
+                   help="warm-up per call, ms (default 25; at least one call either way)")
+    p.add_argument("--rep-ms", type=_positive_ms, default=100.0, help="timed time per call, ms (default 100)")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda if present, else cpu")
     p.add_argument("--out", default=None, help="directory for rank_share_bench.json and .md")
     args = p.parse_args(argv)
@@ -248,12 +253,11 @@ def parse_args(argv=None):
     for name in ("head_dim", "batch", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.link_GBps > 0:
-        p.error(f"--link-GBps must be > 0, got {args.link_GBps}")
-    if args.dit_forward_ms is not None and not args.dit_forward_ms > 0:
-        p.error(f"--dit-forward-ms must be > 0, got {args.dit_forward_ms}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
+    if not (args.link_GBps > 0 and math.isfinite(args.link_GBps)):
+        p.error(f"--link-GBps must be a finite number > 0, got {args.link_GBps}")
+    _check_out_dir(p, args.out)
+    if args.device == "cuda":
+        _require_cuda(p)
     return args
 
 

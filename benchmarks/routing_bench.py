@@ -6,6 +6,9 @@
 One head, D=128, bf16: ``head_statistics`` (Triton, every query, then every 4th) against
 cuDNN's global attention forward for that head, in one run; the statistics of a subsample of
 queries are checked against the torch reference first.
+
+Writes ``routing_bench_<GPU>_<T>x<H>x<W>_<commit>.{json,md}`` under ``--out`` (default
+benchmarks/results/), so runs of other grids or commits beside it are kept.
 """
 
 from __future__ import annotations
@@ -22,26 +25,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from attn_bench import environment  # noqa: E402
+from attn_bench import (_check_out_dir, _commit, _Parser, _positive_int, _require_cuda, _triple,  # noqa: E402
+                        environment)
 import oasis_kernels as ok  # noqa: E402
 from oasis_kernels.routing import head_statistics, head_statistics_reference  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", default="9,45,80")
-    p.add_argument("--window", default="3,5,5")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--out", default=None)
+def parse_args(argv=None):
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--grid", default="9,45,80", help="latent grid T,H,W (default 9,45,80)")
+    p.add_argument("--window", default="3,5,5", help="window size Pt,Ph,Pw, odd (default 3,5,5)")
+    p.add_argument("--head-dim", type=_positive_int, default=128)
+    p.add_argument("--out", default=None, help="directory for the JSON and markdown (default benchmarks/results)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("routing_bench needs CUDA; nothing timed.")
-        return 0
+    try:
+        args.grid = _triple(args.grid, "--grid", ok.normalize_grid)
+        args.window = _triple(args.window, "--window", ok.normalize_window)
+    except argparse.ArgumentTypeError as exc:
+        p.error(str(exc))
+    _check_out_dir(p, args.out)
+    _require_cuda(p, "routing_bench times GPU kernels")
+    return args
+
+
+def output_stem(env: dict, grid) -> str:
+    """The files' name: the card, the grid and the commit, so that a run does not replace another's."""
+    return f"routing_bench_{env['gpu'].replace(' ', '_')}_{'x'.join(map(str, grid))}_{env['commit'][:7]}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    grid = tuple(int(x) for x in args.grid.split(","))
-    window = tuple(int(x) for x in args.window.split(","))
+    grid, window = tuple(args.grid), tuple(args.window)
     n = grid[0] * grid[1] * grid[2]
     q, k, v = (torch.randn(1, n, 1, args.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     # correctness on a subsample of queries
@@ -94,10 +111,10 @@ def main(argv=None) -> int:
             print(f"{key}: {val}")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"routing_bench_{env['gpu'].replace(' ', '_')}"
+    stem = output_stem(env, grid)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
     lines = [f"# routing statistics vs global attention: {env['gpu']}, N={n}, D={args.head_dim}, bf16, one head", "",
-             f"torch {env['torch']}, triton {env['triton']}, commit `{env['commit'][:12]}`, {env['date']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, commit `{_commit(env)}`, {env['date']}", "",
              "| what | ms | vs attention fwd |", "|---|---|---|",
              f"| global attention fwd, SDPA cuDNN | {t_attn:.3f} | 1.00x |"]
     for key, val in res.items():

@@ -14,6 +14,9 @@ where AdamW is timed apart, not under --step-graph).
 
     python benchmarks/train_bench.py --out benchmarks/results/<date>_<card>_<commit>
     python benchmarks/train_bench.py --tiny --device cpu --steps 1        # a smoke run of the code
+
+On the CPU (``--device cpu``) the step runs in float32 without autocast and no matmul rate is
+measured, so no MFU is given; the report says so.
 """
 
 from __future__ import annotations
@@ -28,12 +31,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_bench import environment  # noqa: E402
+from attn_bench import _check_out_dir, _commit, _Parser, _positive_int, _require_cuda, environment  # noqa: E402
 from conv_bench import gemm_time  # noqa: E402
 from model_bench import ROUTED, block_matmul_flops  # noqa: E402
 
 from oasis import WanConfig, WanDiT  # noqa: E402
-from oasis.dit import checkpointed_blocks  # noqa: E402
 from oasis.train import COMPILE_MODES, compile_dit  # noqa: E402
 
 TINY = WanConfig(dim=48, ffn_dim=96, num_heads=3, num_layers=2, text_dim=32, text_len=8, freq_dim=32)
@@ -123,11 +125,11 @@ def profile_step(model, opt, latents, t, device) -> dict:
             "kernel_ms": sum(k["ms"] for k in kinds.values()), "kinds": kinds}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--device", default="cuda")
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", type=_positive_int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--steps", type=_positive_int, default=5)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda (cpu: with --tiny)")
     p.add_argument("--tiny", action="store_true", help="the tiny demo config (for a smoke run of this script)")
     p.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpoint-blocks 0")
     p.add_argument("--checkpoint-blocks", type=int, nargs="+",
@@ -141,19 +143,33 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", choices=("routed", "all-global"), default=["routed", "all-global"],
                    help="the routings timed (each compiles anew under --compile graphs)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one routed step at the first batch: GPU time by kernel kind")
+                   help="also profile one routed step at the first batch: GPU time by kernel kind (CUDA only)")
     p.add_argument("--compile", nargs="?", const="regions", choices=COMPILE_MODES,
                    help="compile the DiT as oasis-train's compile setting does: regions (the blocks' code "
                         "around the attention; the default without a value), graphs (the whole DiT compiled "
                         "and replayed as CUDA graphs)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if args.step_graph and (device.type != "cuda" or args.compile == "graphs"):
+    if args.step_graph and (args.device != "cuda" or args.compile == "graphs"):
         p.error("--step-graph needs --device cuda and another --compile than graphs")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("train_bench: needs CUDA (or --device cpu --tiny); nothing measured")
-        return 0
+    if args.profile and args.device != "cuda":
+        p.error("--profile: profiles GPU kernels; needs --device cuda")
+    if args.no_checkpointing and args.checkpoint_blocks:
+        p.error("--no-checkpointing and --checkpoint-blocks: give one of them")
+    layers = (TINY if args.tiny else WanConfig()).num_layers  # known before the model is built
+    outside = [k for k in args.checkpoint_blocks or [] if not 0 <= k <= layers]
+    if outside:
+        p.error(f"--checkpoint-blocks: a number of blocks in 0..{layers} (the {'tiny' if args.tiny else 'Wan2.1-1.3B'} "
+                f"DiT's), got {' '.join(map(str, outside))}")
+    _check_out_dir(p, args.out)
+    if args.device == "cuda":
+        _require_cuda(p, "--device cuda")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
     cfg = TINY if args.tiny else WanConfig()
     latent = (5, 8, 16) if args.tiny else (5, 40, 80)
     grid = (latent[0], latent[1] // 2, latent[2] // 2)
@@ -165,8 +181,6 @@ def main(argv=None):
     compile_dit(model, args.compile or False, device)
     routed = [ROUTED] * cfg.num_layers if not args.tiny else [["global", "intra", "window"]] * cfg.num_layers
     checkpointing = [0] if args.no_checkpointing else args.checkpoint_blocks or [cfg.num_layers]
-    for k in checkpointing:
-        checkpointed_blocks(k, cfg.num_layers)  # a bad number fails here, before any step
     rows = []
     profile = None
     for impl in args.adamw:
@@ -225,13 +239,16 @@ def main(argv=None):
             if other:
                 res["routed_speedup_batch1"][f"{r['adamw']}, {r['checkpointed_blocks']} checkpointed"] = \
                     other[0]["step_s"] / r["step_s"]
+    frames, height, width = 4 * (latent[0] - 1) + 1, 8 * latent[1], 8 * latent[2]
+    numerics = "float32 weights, bf16 autocast" if autocast else "float32 weights and math (no autocast)"
+    rate_text = (f"bf16 GEMM 8192^3: {res['matmul_TFLOP/s']:.0f} TFLOP/s." if rate is not None else
+                 "No matmul rate measured on the CPU, so no MFU.")
     md = [f"# OASIS DiT training step, {res['env'].get('gpu', res['env'].get('cpu'))}, {res['env']['date'][:10]}, "
-          f"commit {res['env']['commit'][:7]}", "",
-          f"{res['config']}, grid {grid} per clip (17 frames 320x640), float32 weights, bf16 autocast, "
+          f"commit {_commit(res['env'], 7)}", "",
+          f"{res['config']}, grid {grid} per clip ({frames} frames {height}x{width}), {numerics}, "
           f"{f'compiled: {args.compile}' if args.compile else 'eager'}"
           f"{', each step replayed as one CUDA graph' if args.step_graph else ''}; median of {args.steps} steps after a warm-up; "
-          f"'optimizer s' is AdamW's step alone. Checkpointed blocks of {cfg.num_layers}. "
-          f"bf16 GEMM 8192^3: {res['matmul_TFLOP/s'] or 0:.0f} TFLOP/s.", "",
+          f"'optimizer s' is AdamW's step alone. Checkpointed blocks of {cfg.num_layers}. {rate_text}", "",
           "| AdamW | checkpointed | mode | batch | step s | optimizer s | tokens/s | TFLOP/s | MFU | fwd+bwd MFU | "
           "peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

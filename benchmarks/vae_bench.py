@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attn_bench import environment  # noqa: E402
+from attn_bench import (_check_out_dir, _commit, _non_negative_int, _Parser, _positive_int,  # noqa: E402
+                        _require_cuda, environment)
 from conv_bench import gemm_time  # noqa: E402
 
 
@@ -119,11 +120,12 @@ def accuracy_vs_float64(ref, ours, dev) -> dict:
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--latent", nargs=3, type=int, default=[9, 90, 160], metavar=("T", "H", "W"))
-    p.add_argument("--long", type=int, default=27, help="latent frames of the long decode (ours only; 0: skip)")
-    p.add_argument("--reps", type=int, default=3)
+def parse_args(argv=None):
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latent", nargs=3, type=_positive_int, default=[9, 90, 160], metavar=("T", "H", "W"))
+    p.add_argument("--long", type=_non_negative_int, default=27,
+                   help="latent frames of the long decode (ours only; 0: skip)")
+    p.add_argument("--reps", type=_positive_int, default=3)
     p.add_argument("--profile", choices=sorted(DECODE), default="ours, chunk 1, pieces 2",
                    help="the decode variant profiled and run on --long latent frames")
     p.add_argument("--profile-encode", choices=sorted(ENCODE), default="ours, chunk 1, pieces 2")
@@ -134,9 +136,53 @@ def main(argv=None):
                    help="the encode variants to time (default: all)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("vae_bench: needs CUDA; nothing measured")
-        return 0
+    _check_out_dir(p, args.out)
+    _require_cuda(p, "vae_bench times the VAE on a GPU")
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:  # every run compares with diffusers' VAE
+        p.error("vae_bench compares with diffusers' AutoencoderKLWan: diffusers is not installed")
+    return args
+
+
+def render(res: dict, args) -> str:
+    """The markdown report of ``res`` (``main``'s record)."""
+    env = res["env"]
+    t, h, w = args.latent
+    frames = 4 * (t - 1) + 1
+    md = [f"# Wan VAE, {env.get('gpu')}, {env['date'][:10]}, commit {_commit(env, 7)}", "",
+          f"bf16, random weights, latents {args.latent} <-> {frames} frames {8 * h}x{8 * w}; median of "
+          f"{args.reps} after a warm-up. Peak: torch.cuda.max_memory_allocated during the call (the VAE's "
+          f"{res['weights_GiB']:.2f} GiB of weights and the input included). diffusers {env.get('diffusers')}.",
+          ""]
+    for title, table in (("Decode", res["decode"]), ("Encode", res["encode"])):
+        base = table["diffusers"]["s"]
+        md += [f"{title}:", "", "| variant | s | x diffusers | peak GiB | max abs diff vs diffusers | first call s |",
+               "|---|---|---|---|---|---|"]
+        for name, r in table.items():
+            diff = r.get("max_abs_diff_vs_diffusers")
+            ratio = "-" if " frames" in name and "all frames" not in name else f"{base / r['s']:.2f}"
+            md.append(f"| {name} | {r['s']:.3f} | {ratio} | {r['peak_GiB']:.2f} | "
+                      f"{'-' if diff is None else f'{diff:.3g}'} | {r['first_s']:.2f} |")
+        md.append("")
+    prof = res["convolutions"]
+    md += [f"Convolutions (bf16 GEMM 8192^3 in this run: {res['gemm_TFLOP/s']:.0f} TFLOP/s):", "",
+           "| call | conv TFLOP | conv kernel s | conv TFLOP/s | other kernels s |", "|---|---|---|---|---|"]
+    for name, c in prof.items():
+        md.append(f"| {name} | {c['conv_TFLOP']:.1f} | {c['conv_kernel_s']:.3f} | {c['conv_TFLOP/s']:.0f} | "
+                  f"{c['other_kernel_s']:.3f} |")
+    for name, c in prof.items():
+        md += ["", f"Kernels of {name}, by GPU time:", "", "| kernel | s | calls |", "|---|---|---|"]
+        md += [f"| `{k['kernel'][:90]}` | {k['s']:.4f} | {k['calls']} |" for k in c["top_kernels"]]
+    md += ["", "Error against float64 (our VAE in float64 on the GPU; latents [3, 30, 40], the clip 9 frames "
+           "240x320): max abs error of each bf16 output.", "", "| | diffusers bf16 | ours bf16 |", "|---|---|---|"]
+    for k, v in res["accuracy"].items():
+        md.append(f"| {k} | {v['diffusers']:.3g} | {v['ours']:.3g} |")
+    return "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
     from diffusers import AutoencoderKLWan
 
     from oasis import WanVAE, WanVAEConfig
@@ -209,41 +255,15 @@ def main(argv=None):
         prof[f"{args.profile_encode} (encode)"] = conv_profile(lambda: enc(tune), lambda: enc("benchmark"))
         ours.autotune = True
         accuracy = accuracy_vs_float64(ref, ours, dev)
-    res = {"env": environment(dev), "latent": args.latent, "gemm_TFLOP/s": gemm, "decode": rows, "encode": enc_rows,
-           "convolutions": prof, "accuracy": accuracy}
-    frames = 4 * (t - 1) + 1
-    md = [f"# Wan VAE, {res['env'].get('gpu')}, {res['env']['date'][:10]}, commit {res['env']['commit'][:7]}", "",
-          f"bf16, random weights, latents {args.latent} <-> {frames} frames {8 * h}x{8 * w}; median of "
-          f"{args.reps} after a warm-up. Peak: torch.cuda.max_memory_allocated during the call (the VAE's "
-          f"{sum(p.numel() for p in ours.parameters()) * 2 / 2**30:.2f} GiB of weights and the input included).",
-          ""]
-    for title, table in (("Decode", rows), ("Encode", enc_rows)):
-        base = table["diffusers"]["s"]
-        md += [f"{title}:", "", "| variant | s | x diffusers | peak GiB | max abs diff vs diffusers | first call s |",
-               "|---|---|---|---|---|---|"]
-        for name, r in table.items():
-            diff = r.get("max_abs_diff_vs_diffusers")
-            ratio = "-" if " frames" in name and "all frames" not in name else f"{base / r['s']:.2f}"
-            md.append(f"| {name} | {r['s']:.3f} | {ratio} | {r['peak_GiB']:.2f} | "
-                      f"{'-' if diff is None else f'{diff:.3g}'} | {r['first_s']:.2f} |")
-        md.append("")
-    md += [f"Convolutions (bf16 GEMM 8192^3 in this run: {gemm:.0f} TFLOP/s):", "",
-           "| call | conv TFLOP | conv kernel s | conv TFLOP/s | other kernels s |", "|---|---|---|---|---|"]
-    for name, c in prof.items():
-        md.append(f"| {name} | {c['conv_TFLOP']:.1f} | {c['conv_kernel_s']:.3f} | {c['conv_TFLOP/s']:.0f} | "
-                  f"{c['other_kernel_s']:.3f} |")
-    for name, c in prof.items():
-        md += ["", f"Kernels of {name}, by GPU time:", "", "| kernel | s | calls |", "|---|---|---|"]
-        md += [f"| `{k['kernel'][:90]}` | {k['s']:.4f} | {k['calls']} |" for k in c["top_kernels"]]
-    md += ["", "Error against float64 (our VAE in float64 on the GPU; latents [3, 30, 40], the clip 9 frames "
-           "240x320): max abs error of each bf16 output.", "", "| | diffusers bf16 | ours bf16 |", "|---|---|---|"]
-    for k, v in accuracy.items():
-        md.append(f"| {k} | {v['diffusers']:.3g} | {v['ours']:.3g} |")
-    print("\n".join(md))
+    res = {"env": environment(dev, libraries=("diffusers",)), "latent": args.latent, "gemm_TFLOP/s": gemm,
+           "decode": rows, "encode": enc_rows, "convolutions": prof, "accuracy": accuracy,
+           "weights_GiB": sum(p.numel() for p in ours.parameters()) * 2 / 2**30}
+    md = render(res, args)
+    print(md, end="")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "vae_bench.json").write_text(json.dumps(res, indent=1, default=str))
-        (args.out / "vae_bench.md").write_text("\n".join(md) + "\n")
+        (args.out / "vae_bench.md").write_text(md)
     return 0
 
 
