@@ -42,7 +42,7 @@ DECODE = {
     "ours, chunk 1, pieces 2, CUDA convolutions": (True, 1, 2, True),
 }
 #: the variants whose causal 3x3x3 convolutions run on the CUDA kernel (WanVAE.conv_kernel = "cuda")
-CUDA_CONVS = {"ours, chunk 1, pieces 2, CUDA convolutions"}
+CUDA_CONVS = {"ours, chunk 1, pieces 2, CUDA convolutions", "ours, chunk 1, CUDA convolutions"}
 # name: as DECODE; all channels-last (the default OasisVSR sets on CUDA); 53ad54f's results have
 # channels-first and no autotune
 ENCODE = {
@@ -50,6 +50,7 @@ ENCODE = {
     "ours, chunk 1": (True, 1, None, True),
     "ours, chunk 1, pieces 2": (True, 1, 2, True),
     "ours, chunk 2, pieces 2": (True, 2, 2, True),
+    "ours, chunk 1, CUDA convolutions": (True, 1, None, True),
 }
 
 
@@ -243,8 +244,10 @@ def main(argv=None):
             if name not in args.encode:
                 continue
             ours.channels_last(cl).autotune = tune
+            ours.conv_kernel = "cuda" if name in CUDA_CONVS else "cudnn"
             got, r = timed(lambda: ours.encode(video, chunk=chunk, piece_frames=piece), args.reps)
             report(enc_rows, name, got, want_e, r)
+        ours.conv_kernel = "cudnn"
         cl, chunk, piece, tune = ENCODE[args.profile_encode]
         ours.channels_last(cl)
 
