@@ -62,9 +62,11 @@ constexpr int kConsumers = 2;                      // warpgroups of 64 pixels ea
 constexpr int kThreads = 128 * (kConsumers + 1);   // + the producer warpgroup
 constexpr int kSeg = 64;                           // pixels a segment
 
-// stages in flight, ~110-160 KB of shared memory (one program an SM): 4 of 64 input channels, 8 of 32
+// stages in flight, ~115-175 KB of shared memory (one program an SM): 4 of 64 input channels; of 32, 12 with
+// N = 96 (a stage is then ~180 cycles of MMA for both warpgroups: 12 cover ~2000 cycles of TMA latency), 8
+// with N = 192
 template <int NT, int CHUNK>
-constexpr int stages() { return CHUNK == 64 ? 4 : 8; }
+constexpr int stages() { return CHUNK == 64 ? 4 : (NT == 96 ? 12 : 8); }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return wgmma::smem_address(p); }
 
