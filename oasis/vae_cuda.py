@@ -73,7 +73,7 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
     else why not (the caller then runs cuDNN): a CUDA Hopper GPU, bf16 channels-last tensors, a 3x3x3 kernel
     with stride 1 and spatial padding 1, no time padding (the cached frames are ``prev``'s), input channels
-    a multiple of 32, output channels a multiple of 96, and no gradients wanted."""
+    a multiple of 64, output channels a multiple of 96, and no gradients wanted."""
     if not x.is_cuda:
         return f"x is on {x.device}, not a CUDA device"
     major, minor = torch.cuda.get_device_capability(x.device)
@@ -88,8 +88,10 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     cin, cout = weight.shape[1], weight.shape[0]
     if x.dim() != 5 or x.shape[1] != cin:
         return f"x must be [B, {cin}, T, H, W], got {tuple(x.shape)}"
-    if cin % 32 or not 32 <= cin <= 1024 or cout % 96:
-        return f"input channels a multiple of 32 (got {cin}) and output channels a multiple of 96 (got {cout})"
+    if cin % 64 or not 64 <= cin <= 1024 or cout % 96:
+        # 96 input channels (32-channel stages) ran at ~226 TFLOP/s on an H100, a third of the 64-channel
+        # stages' rate (docs/PERF.md entry 18j): cuDNN keeps them
+        return f"input channels a multiple of 64 (got {cin}) and output channels a multiple of 96 (got {cout})"
     others = [t for t in (prev, residual) if t is not None]
     if not all(_channels_last(t) and t.dtype == torch.bfloat16 for t in (x, *others)):
         return "x, prev and residual must be channels-last bfloat16"

@@ -34,7 +34,7 @@ def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma(ptxas_repo
     entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(.*?)(?=ptxas info\s+: Compiling|\Z)",
                          ptxas_report, flags=re.S)
     names = [n for n, _ in entries if "conv3d_k3_kernel" in n]
-    assert len(names) == 4, names  # N tiles 96 and 192, chunks of 32 and 64 channels
+    assert len(names) == 2, names  # N tiles of 96 and 192
     for name, body in entries:
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
         assert spill and spill.groups() == ("0", "0"), (name, body)
@@ -52,6 +52,14 @@ def test_pack_weight_orders_taps_then_channels():
     assert vae_cuda.pack_weight(w) is not p
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper GPU (sm_90a)")
+def test_why_not_leaves_96_input_channels_to_cudnn():
+    x = torch.zeros(1, 96, 2, 4, 64, dtype=torch.bfloat16, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    w = torch.zeros(96, 96, 3, 3, 3, dtype=torch.bfloat16, device="cuda")
+    assert "a multiple of 64" in vae_cuda.why_not(x, w)
+
+
 def test_why_not_names_the_reason_on_the_cpu():
     x = torch.zeros(1, 96, 2, 4, 4, dtype=torch.bfloat16)
     w = torch.zeros(96, 96, 3, 3, 3, dtype=torch.bfloat16)
@@ -62,7 +70,7 @@ def test_why_not_names_the_reason_on_the_cpu():
 
 def reference(x, weight, bias=None, prev=None, residual=None, dtype=torch.float64):
     """The same convolution in ``dtype`` (float64: the reference; bf16: cuDNN's, the rule's yardstick)."""
-    front = torch.zeros_like(x[:, :, :2]) if prev is None else prev
+    front = x.new_zeros((*x.shape[:2], 2, *x.shape[3:])) if prev is None else prev
     full = torch.cat([front, x], 2).to(dtype)
     y = F.conv3d(full, weight.to(dtype), None if bias is None else bias.to(dtype), padding=(0, 1, 1))
     if residual is not None:
@@ -73,15 +81,15 @@ def reference(x, weight, bias=None, prev=None, residual=None, dtype=torch.float6
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                             reason="needs a Hopper GPU (sm_90a)")
 
-# (B, Cin, Cout, T, H, W, prev, bias, residual): channel counts of the decoder (96, 192, 384) and of no
-# decoder (32, 64 + 32 = 96 in 32-chunks), widths no 64-pixel segment divides, odd segment counts, T = 1
+# (B, Cin, Cout, T, H, W, prev, bias, residual): channel counts of the decoder (192, 384) and of none (64,
+# 128), widths no 64-pixel segment divides, odd segment counts, T = 1
 CASES = [
-    (1, 96, 96, 2, 9, 70, True, True, True),
-    (2, 96, 96, 1, 5, 64, False, True, False),
+    (1, 192, 96, 2, 9, 70, True, True, True),
+    (2, 64, 96, 1, 5, 64, False, True, False),
     (1, 192, 192, 3, 4, 33, True, False, True),
     (1, 384, 384, 2, 3, 130, True, True, False),
     (1, 192, 384, 2, 6, 20, False, True, True),
-    (2, 32, 96, 3, 7, 1, True, False, False),
+    (2, 128, 96, 3, 7, 1, True, False, False),
     (1, 64, 192, 2, 1, 129, True, True, True),
 ]
 

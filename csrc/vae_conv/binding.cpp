@@ -35,7 +35,7 @@ void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const
     TORCH_CHECK(x.is_cuda() && x.dim() == 5, "oasis_vae: x must be a CUDA [B, C, T, H, W], got ", x.sizes(), " on ",
                 x.device());
     const int64_t cin = x.size(1), cout = out.size(1);
-    TORCH_CHECK(oasis_vae::conv_takes_cin(int(cin)), "oasis_vae: input channels must be a multiple of 32 in [32, 1024], got ",
+    TORCH_CHECK(oasis_vae::conv_takes_cin(int(cin)), "oasis_vae: input channels must be a multiple of 64 in [64, 1024], got ",
                 cin);
     TORCH_CHECK(oasis_vae::conv_tile_n(int(cout)) != 0, "oasis_vae: output channels must be a multiple of 96, got ", cout);
     for (int d = 0; d < 5; ++d)

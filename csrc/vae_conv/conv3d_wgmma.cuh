@@ -14,9 +14,9 @@
 // GEMM view: M = output pixels, N = output channels, K = 27 taps x input channels. A program takes two
 // segments of 64 pixels of a row (each one consumer warpgroup's 64 rows; segments run along the rows of
 // the frames of the batch, so the two may lie in different rows) and NT output channels; its K loop walks
-// the taps (dt, dy, dx) and, in each, the input channels in chunks of CHUNK: 64 where Cin is a multiple
-// of 64, else 32 (Cin = 96: three chunks). So the MMA work is exact and every stage issues the same
-// wgmma (ptxas serialises them where their count depends on a branch). A stage holds each segment's A
+// the taps (dt, dy, dx) and, in each, the input channels in chunks of CHUNK = 64 (the launcher takes Cin
+// a multiple of 64). CHUNK = 32 (64-byte rows) compiles too and ran Cin = 96 exactly, every stage the same
+// wgmma, but at a third of the 64-channel stages' rate on an H100 (docs/PERF.md entry 18j): not launched. A stage holds each segment's A
 // tile for the tap (64 pixels x CHUNK channels, one TMA box of the input at (x0 + dx - 1, y + dy - 1) in
 // the padded frame t + dt: pixels outside the frame are TMA's zeros, which is the convolution's zero
 // padding) and the B tile (NT output channels x the same CHUNK input channels, one box of the packed

@@ -99,16 +99,16 @@ int conv_tile_n(int cout) {
     return cout % 192 == 0 ? 192 : 96;
 }
 
-bool conv_takes_cin(int cin) { return cin >= 32 && cin <= 1024 && cin % 32 == 0; }
+bool conv_takes_cin(int cin) { return cin >= 64 && cin <= 1024 && cin % 64 == 0; }
 
 cudaError_t conv3d_k3(const ConvCall& call, cudaStream_t stream) {
     if (!conv_takes_cin(call.cin) || call.B < 1 || call.T < 1 || call.H < 1 || call.W < 1)
         return cudaErrorInvalidValue;
     if (call.B * int64_t(call.T) * call.H * call.W == 0) return cudaSuccess;
-    const bool wide = call.cin % 64 == 0;  // 64-channel chunks, else 32
+    // 64-channel stages only: the 32-channel ones (Cin = 96) ran at a third of their rate (PERF entry 18j)
     switch (conv_tile_n(call.cout)) {
-        case 96: return wide ? launch<96, 64>(call, stream) : launch<96, 32>(call, stream);
-        case 192: return wide ? launch<192, 64>(call, stream) : launch<192, 32>(call, stream);
+        case 96: return launch<96, 64>(call, stream);
+        case 192: return launch<192, 64>(call, stream);
         default: return cudaErrorInvalidValue;
     }
 }

@@ -31,7 +31,7 @@ struct ConvCall {
 // which output-channel tile a Cout takes (96 or 192), 0 where the kernel has none
 int conv_tile_n(int cout);
 
-// the input channels the kernel takes: multiples of 32 from 32 to 1024
+// the input channels the kernel takes: multiples of 64 from 64 to 1024
 bool conv_takes_cin(int cin);
 
 // launches on `stream`; cudaErrorInvalidValue where the kernel has no tile for the channels or a tensor
