@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_in
 
-__all__ = ["conv", "conv_k3_cached", "cuda_kernel", "cuda_kernel_takes", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
-           "set_choices_file", "tuning_stats"]
+__all__ = ["conv", "cuda_kernel", "cuda_kernel_takes", "tuning", "frontend_missing", "plan_count", "clear_plans",
+           "choices_file", "set_choices_file", "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
@@ -152,32 +152,17 @@ def cuda_kernel(enabled: bool = True):
         _CUDA_K3.reset(token)
 
 
-def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int) -> bool:
-    """Whether a causal convolution of ``weight`` over ``time_pad`` cached frames and ``x``'s new ones (or
-    its input's stand-in of the same dtype, device and layout) runs on the CUDA kernel here: inside
-    :func:`cuda_kernel`, and where :func:`oasis.vae_cuda.why_not` has no reason against it."""
+def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *, prev: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None) -> bool:
+    """Whether a causal convolution of ``weight`` over ``time_pad`` cached frames ``prev`` and ``x``'s new ones
+    (or its input's stand-in of the same dtype, device and layout), plus ``residual``, runs on the CUDA
+    kernel here (:func:`oasis.vae_cuda.conv3d_k3`): inside :func:`cuda_kernel`, and where
+    :func:`oasis.vae_cuda.why_not` has no reason against it."""
     if not _CUDA_K3.get() or time_pad != 2 or not x.is_cuda:
         return False
     from . import vae_cuda
 
-    return vae_cuda.why_not(x, weight) is None
-
-
-def conv_k3_cached(x: torch.Tensor, prev: torch.Tensor | None, weight: torch.Tensor,
-                   bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv3d(cat([prev or zeros, x], 2), weight, padding=(0, 1, 1)) + bias + residual`` on the CUDA kernel,
-    the two cached frames ``prev`` read from their own tensor; where the kernel declines ``prev`` or
-    ``residual`` (:func:`oasis.vae_cuda.why_not`), the frames are joined and :func:`conv` runs it."""
-    from . import vae_cuda
-
-    if vae_cuda.why_not(x, weight, prev=prev, residual=residual) is None:
-        return vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual)
-    front = prev if prev is not None else torch.zeros_like(x[:, :, :1]).expand(-1, -1, 2, -1, -1)
-    buf = torch.empty((x.shape[0], x.shape[1], x.shape[2] + 2, *x.shape[3:]), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last_3d if x.stride(1) == 1 else torch.contiguous_format)
-    buf[:, :, :2].copy_(front)
-    buf[:, :, 2:].copy_(x)
-    return conv(buf, weight, bias, residual, padding=(0, 1, 1))
+    return vae_cuda.why_not(x, weight, prev=prev, residual=residual) is None
 
 
 @contextlib.contextmanager

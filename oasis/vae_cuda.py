@@ -104,19 +104,30 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     return None if ok else why
 
 
-_PACKED = WeakIdKeyDictionary()  # weight -> (its version, data pointer, the packed copy), gone with the weight
+_PACKED = WeakIdKeyDictionary()  # tensor -> (its version, data pointer, the copy made of it), gone with the tensor
+
+
+def _kept(t: torch.Tensor, make) -> torch.Tensor:
+    """``make(t)``, kept per tensor until it changes (its version counter or storage)."""
+    hit = _PACKED.get(t)
+    if hit is not None and hit[0] == t._version and hit[1] == t.data_ptr():
+        return hit[2]
+    made = make(t.detach())
+    _PACKED[t] = (t._version, t.data_ptr(), made)
+    return made
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``[Cout, Cin, 3, 3, 3]`` as the kernel's ``[Cout, 27 * Cin]``: tap ``9 dt + 3 dy + dx``, then the input
     channel; bf16, contiguous. Kept per weight tensor until it changes (its version counter or storage)."""
-    hit = _PACKED.get(weight)
-    if hit is not None and hit[0] == weight._version and hit[1] == weight.data_ptr():
-        return hit[2]
-    cout, cin = weight.shape[:2]
-    packed = weight.detach().permute(0, 2, 3, 4, 1).reshape(cout, 27 * cin).to(torch.bfloat16).contiguous()
-    _PACKED[weight] = (weight._version, weight.data_ptr(), packed)
-    return packed
+    return _kept(weight, lambda w: w.permute(0, 2, 3, 4, 1).reshape(w.shape[0], -1).to(torch.bfloat16).contiguous())
+
+
+def _bias32(bias: torch.Tensor) -> torch.Tensor:
+    """The bias as the kernel reads it: float32, contiguous; a layer's 16-bit bias converted once, not per call."""
+    if bias.dtype == torch.float32 and bias.is_contiguous():
+        return bias.detach()
+    return _kept(bias, lambda b: b.to(torch.float32).contiguous())
 
 
 def conv3d_k3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -135,6 +146,5 @@ def conv3d_k3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     cout = weight.shape[0]
     if out is None:
         out = torch.empty((b, cout, t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    bias32 = None if bias is None else bias.detach().to(torch.float32).contiguous()
-    torch.ops.oasis_vae.conv3d_k3(x, prev, pack_weight(weight), bias32, residual, out)
+    torch.ops.oasis_vae.conv3d_k3(x, prev, pack_weight(weight), None if bias is None else _bias32(bias), residual, out)
     return out

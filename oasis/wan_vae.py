@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import vae_conv
+from . import vae_conv, vae_cuda
 from .vae_conv import conv
 from .vae_kernels import attention_usable, attention_wide, norm_silu, norm_silu_reference, upsample2x_nearest
 
@@ -226,21 +226,22 @@ class CausalConv3d(nn.Conv3d):
         (:func:`oasis.vae_conv.cuda_kernel_takes`) the normalised frames stay apart from the cached ones
         and the kernel reads both where they lie; else they are written behind them (:meth:`normed_input`)."""
         x = _take(handed)
-        if vae_conv.cuda_kernel_takes(x, self.weight, self.time_pad):
-            normed, prev = self._normed_frames(x, norm, cache, x_bias)
+        prev = None if cache is None else cache.get(self)
+        if vae_conv.cuda_kernel_takes(x, self.weight, self.time_pad, prev=prev, residual=residual):
+            normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
             b = self.bias if bias is True else (None if bias is False else bias)
-            return vae_conv.conv_k3_cached(normed, prev, self.weight, b, residual)
+            return vae_cuda.conv3d_k3(normed, self.weight, b, prev=prev, residual=residual)
+        del prev
         buf = self.normed_input(x, norm, cache, x_bias=x_bias)
         del x
         return self._conv(buf, bias, residual)
 
-    def _normed_frames(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None,
-                       x_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``SiLU(norm(x + x_bias))`` in a tensor of its own, and the cached frames before it (None where
-        the sequence starts: zeros). The cache entry becomes this call's last frames: written by the norm
-        pass where ``x`` covers them, into a new tensor (the convolution still reads the old one)."""
-        prev = None if cache is None else cache.get(self)
+    def _normed_frames(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, prev: torch.Tensor | None,
+                       x_bias: torch.Tensor | None) -> torch.Tensor:
+        """``SiLU(norm(x + x_bias))`` in a tensor of its own, the cached frames ``prev`` (None where the
+        sequence starts: zeros) left where they are. The cache entry becomes this call's last frames: written
+        by the norm pass where ``x`` covers them, into a new tensor (the convolution still reads ``prev``)."""
         normed = _frames_like(x, x.shape[2])
         covered = cache is not None and self.time_pad <= x.shape[2]
         tail = _frames_like(x, self.time_pad) if covered else None
@@ -250,7 +251,7 @@ class CausalConv3d(nn.Conv3d):
                 front = prev if prev is not None else _frames_like(x, self.time_pad).zero_()
                 tail = _cat_frames([front, normed])[:, :, -self.time_pad:].clone(memory_format=_format(x))
             cache[self] = tail
-        return normed, prev
+        return normed
 
 
 class RMSNorm(nn.Module):
@@ -635,7 +636,8 @@ class WanVAE(nn.Module):
 
     @contextlib.contextmanager
     def _autotuned(self):
-        """Per :attr:`conv_kernel` and :attr:`autotune`: ``True``: each new convolution geometry is timed once over every engine
+        """Per :attr:`conv_kernel` (the CUDA kernel's context, :func:`oasis.vae_conv.cuda_kernel`) and
+        :attr:`autotune`: ``True``: each new convolution geometry is timed once over every engine
         configuration cuDNN's heuristic lists and runs on the fastest
         (:mod:`oasis.vae_conv`, with the cuDNN frontend installed; the convolutions that path does not
         take run in cuDNN's benchmark mode); ``"benchmark"``: cuDNN's benchmark mode through PyTorch

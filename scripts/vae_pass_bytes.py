@@ -66,29 +66,25 @@ def count(latent, piece: int) -> tuple[Counter, Counter, Counter]:
     mode = _Copies(counts, calls)
     norm_silu, add_bias_ = wan_vae.norm_silu, vae_conv.add_bias_
 
-    def counted_norm(x, gamma, scale, *, out=None, silu=True, bias=None, tail=None):
-        n = 2 * _bytes(x) + _bytes(tail)
-        counts["norm_silu"] += n
-        calls["norm_silu"] += 1
-        by_width["norm_silu", x.shape[1]] += n
-        mode.paused += 1
-        try:
-            return norm_silu(x, gamma, scale, out=out, silu=silu, bias=bias, tail=tail)
-        finally:
-            mode.paused -= 1
+    def counted(what, fn, moved):
+        """``fn`` with the bytes ``moved(*args, **kwargs)`` says it moves counted under ``what`` (None: it
+        does no pass), its own torch ops kept out of the copies' count."""
+        def wrapper(x, *args, **kwargs):
+            n = moved(x, *args, **kwargs)
+            if n is not None:
+                counts[what] += n
+                calls[what] += 1
+                by_width[what, x.shape[1]] += n
+            mode.paused += 1
+            try:
+                return fn(x, *args, **kwargs)
+            finally:
+                mode.paused -= 1
+        return wrapper
 
-    def counted_add(x, bias, residual=None):
-        if bias is None and residual is None:
-            return x
-        n = 2 * _bytes(x) + _bytes(residual)
-        counts["add_bias"] += n
-        calls["add_bias"] += 1
-        by_width["add_bias", x.shape[1]] += n
-        mode.paused += 1
-        try:
-            return add_bias_(x, bias, residual)
-        finally:
-            mode.paused -= 1
+    counted_norm = counted("norm_silu", norm_silu, lambda x, *a, tail=None, **k: 2 * _bytes(x) + _bytes(tail))
+    counted_add = counted("add_bias", add_bias_, lambda x, bias, residual=None: (
+        None if bias is None and residual is None else 2 * _bytes(x) + _bytes(residual)))
 
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(), encoder=False).to(torch.bfloat16).channels_last()

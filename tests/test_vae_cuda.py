@@ -55,7 +55,8 @@ def test_pack_weight_orders_taps_then_channels():
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper GPU (sm_90a)")
 def test_why_not_leaves_96_input_channels_to_cudnn():
-    x = torch.zeros(1, 96, 2, 4, 64, dtype=torch.bfloat16, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    x = torch.zeros(1, 96, 2, 4, 64, dtype=torch.bfloat16, device="cuda").contiguous(
+        memory_format=torch.channels_last_3d)
     w = torch.zeros(96, 96, 3, 3, 3, dtype=torch.bfloat16, device="cuda")
     assert "a multiple of 64" in vae_cuda.why_not(x, w)
 
@@ -158,14 +159,18 @@ def test_conv_kernel_setting_is_checked():
         vae.decode(torch.zeros(1, 16, 2, 4, 4))
 
 
-def test_conv_k3_cached_falls_back_to_the_joined_frames_where_the_kernel_declines():
-    """On the CPU (the kernel declines) conv_k3_cached is the convolution of the joined frames."""
+def test_cuda_kernel_takes_nothing_outside_its_setting_or_on_the_cpu():
     from oasis import vae_conv
 
-    torch.manual_seed(0)
-    x, prev = torch.randn(1, 8, 2, 5, 6), torch.randn(1, 8, 2, 5, 6)
-    w, b, r = torch.randn(4, 8, 3, 3, 3), torch.randn(4), torch.randn(1, 4, 2, 5, 6)
-    for p in (prev, None):
-        front = torch.zeros_like(prev) if p is None else p
-        want = F.conv3d(torch.cat([front, x], 2), w, b, padding=(0, 1, 1)) + r
-        torch.testing.assert_close(vae_conv.conv_k3_cached(x, p, w, b, r), want)
+    x = torch.zeros(1, 192, 2, 4, 64, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.zeros(192, 192, 3, 3, 3, dtype=torch.bfloat16)
+    assert not vae_conv.cuda_kernel_takes(x, w, 2)
+    with vae_conv.cuda_kernel():
+        assert not vae_conv.cuda_kernel_takes(x, w, 2)  # the CPU
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        xc, wc = x.cuda(), w.cuda()
+        assert not vae_conv.cuda_kernel_takes(xc, wc, 2)
+        with vae_conv.cuda_kernel():
+            assert vae_conv.cuda_kernel_takes(xc, wc, 2)
+            assert not vae_conv.cuda_kernel_takes(xc, wc, 0)  # no cached frames: not this kernel's call
+            assert not vae_conv.cuda_kernel_takes(xc, wc, 2, residual=xc.contiguous())  # channels-first
