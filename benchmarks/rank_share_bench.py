@@ -205,7 +205,9 @@ def render_markdown(results, env, args) -> str:
                  f"{100 * row['fwd_efficiency']:.0f}%", f"{row['fwd_bwd_slowest_ms']:.3f}",
                  f"{row['fwd_bwd_layer_ms']:.3f}", f"{100 * row['fwd_bwd_efficiency']:.0f}%"]
         if args.dit_forward_ms:
-            cells += [f"{row['dit_fwd_ms']:.1f}", f"{100 * row['dit_efficiency']:.0f}%"]
+            # the DiT's time is given for the first grid only: the other grids' rows have none
+            cells += ([f"{row['dit_fwd_ms']:.1f}", f"{100 * row['dit_efficiency']:.0f}%"] if "dit_fwd_ms" in row
+                      else ["-", "-"])
         md.append("| " + " | ".join(cells) + " |")
     md.append("")
     md.append("Calls per rank (grid, modes):")

@@ -58,6 +58,17 @@ def test_small_run_on_the_cpu(tmp_path):
     assert "rank_share_bench" in (tmp_path / "rank_share_bench.md").read_text()
 
 
+def test_two_grids_with_the_dits_time_of_the_first(tmp_path):
+    """--dit-forward-ms is the first grid's: the second grid's rows have no DiT columns (a KeyError there
+    once lost a GPU run's results after timing them)."""
+    assert rsb.main(["--grids", "4,4,6", "8,4,6", "--head-dim", "16", "--device", "cpu", "--ranks", "1,2",
+                     "--warmup-ms", "0", "--rep-ms", "1", "--dit-forward-ms", "50", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "rank_share_bench.json").read_text())["rows"]
+    assert ["dit_fwd_ms" in r for r in rows if "skipped" not in r] == [True] * 5 + [False] * 5
+    lines = [ln for ln in (tmp_path / "rank_share_bench.md").read_text().splitlines() if ln.startswith("| 8x4x6 |")]
+    assert len(lines) == 5 and all(ln.endswith("| - | - |") for ln in lines)
+
+
 @pytest.mark.parametrize("argv,message", [(["--ranks", "0,2"], "--ranks"), (["--mix", "1,2"], "--mix"),
                                           (["--grids", "4,4"], "--grids"), (["--link-GBps", "0"], "--link-GBps")])
 def test_bad_settings_exit_2(argv, message, capsys):
