@@ -52,7 +52,8 @@ def ptxas_report():
 
 def test_every_kernel_compiles_for_sm90a(ptxas_report):
     # 2 dtypes x D 64, 128
-    kinds = {"forward_wgmma_kernel": 4, "dq_kernel": 4, "dkdv_kernel": 4, "delta_kernel": 4}
+    kinds = {"forward_wgmma_kernel": 4, "forward_tma_intra_kernel": 4, "dq_kernel": 4, "dkdv_kernel": 4,
+             "delta_kernel": 4}
     for kind, count in kinds.items():
         found = [n for n in ptxas_report if kind in n]
         assert len(found) == count, f"{kind}: {found}"

@@ -1,0 +1,238 @@
+// The forward of the intra-frame heads with TMA loads and warp specialisation, sm_90a (FlashAttention-3's
+// layout, without its intra-warpgroup overlap or ping-pong yet).
+//
+// Why (docs/PERF.md entry 21g): the wgmma forward (forward_wgmma.cuh) issues ~790 instructions per warp
+// and 64-key block around its 16 wgmma, most of them the cp.async addresses of 16 chunks per thread and
+// block and the walk's integer work, and runs 8 warps an SM (82 KB of shared memory, 164 registers).
+// Here one thread of a producer warpgroup issues each block's K and V as TMA copies (one instruction per
+// 64 x 64 box, the 128-byte swizzle wgmma reads done by the copy engine, rows past the tensor zero-filled),
+// and two consumer warpgroups of 64 query rows each (128 rows of one frame a program) share every block.
+// The consumers spend their instructions on the softmax alone.
+//
+// A program: 128 consecutive tokens of one frame (the last program of a frame partly past its end: those
+// rows are computed and not stored) of one (batch, intra head); it walks the frame in blocks of 64 keys,
+// the last one masked past the frame's end (its keys are the next frame's tokens, or TMA's zeros).
+// Synchronisation is by mbarriers alone: q_full (the two Q tiles landed), k_full / v_full per stage (the
+// copy's bytes arrived), empty per stage (each consumer warp's wgmma reads of it done: 8 arrivals).
+//
+// The tensor maps (built per call by the launcher, local_attention.cu) see q, k and v as 4-D tensors
+// (D, N, heads, B) of 2-byte elements with their strides; a box is 64 head-dim elements x 64 tokens.
+#pragma once
+
+#include <cuda.h>
+
+#include "forward_wgmma.cuh"
+
+namespace oasis_local {
+
+// the three tensor maps of a forward call (kernel parameters: __grid_constant__)
+struct TmaMaps {
+    CUtensorMap q, k, v;
+};
+
+namespace detail {
+namespace tma {
+
+constexpr int kConsumers = 2;                        // consumer warpgroups, 64 query rows each
+constexpr int kThreadsTma = 128 * (kConsumers + 1);  // + the producer warpgroup
+constexpr int kRowsTma = 64 * kConsumers;            // query rows a program
+constexpr int kStages = 3;                           // K/V blocks in flight
+constexpr int kBlock = 64;                           // keys a block
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// one arrival that also says how many bytes the phase's copies bring
+__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// waits until the barrier's phase of parity `parity` has completed
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+    }
+}
+
+// box (d0.., n0.., head, b) of a 4-D tensor map into shared memory, completing on `bar`
+__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int d0, int n0, int head,
+                                         int b) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, "
+        "%6}], [%2];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(d0), "r"(n0), "r"(head), "r"(b)
+        : "memory");
+}
+
+// a 64-row tile of D columns: D / 64 boxes, each a 64 x 64 panel of the wgmma layout (wgmma::swizzled)
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* tile, const CUtensorMap* map, uint64_t* bar, int n0, int head, int b) {
+#pragma unroll
+    for (int panel = 0; panel < D / 64; ++panel) load_box(tile + panel * 64 * 64, map, bar, panel * 64, n0, head, b);
+}
+
+}  // namespace tma
+
+template <typename T, int D>
+__global__ void __launch_bounds__(tma::kThreadsTma, 1)
+    forward_tma_intra_kernel(const __grid_constant__ TmaMaps maps, const ForwardParams p) {
+    using namespace tma;
+    static_assert(D % 64 == 0, "the head dim in 64-wide boxes");
+    constexpr uint32_t kTileBytes = 64 * D * sizeof(T);
+    extern __shared__ __align__(128) unsigned char smem_tma[];
+    T* s_q = reinterpret_cast<T*>(smem_tma + ((1024 - (wgmma::smem_address(smem_tma) & 1023)) & 1023));
+    T* s_k = s_q + kRowsTma * D;
+    T* s_v = s_k + kStages * kBlock * D;
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(s_v + kStages * kBlock * D);
+    uint64_t* k_full = q_full + 1;
+    uint64_t* v_full = k_full + kStages;
+    uint64_t* empty = v_full + kStages;
+
+    const Layer& L = p.layer;  // the intra heads alone (the launcher's view: n_window = 0)
+    const Program pr(L);
+    const int HW = L.H * L.W, per_frame = (HW + kRowsTma - 1) / kRowsTma;
+    if (!pr.valid || blockIdx.x >= unsigned(L.T * per_frame)) return;
+    const int frame_token = (blockIdx.x / per_frame) * HW, start = (blockIdx.x % per_frame) * kRowsTma;
+    const int n_blocks = (HW + kBlock - 1) / kBlock;
+    const int wg = threadIdx.x / 128;
+
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(k_full + s, 1);
+            mbar_init(v_full + s, 1);
+            mbar_init(empty + s, 4 * kConsumers);  // each consumer warp, once its wgmma reads are done
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();  // the last CTA-wide barrier: the warpgroups part here
+
+    if (wg == kConsumers) {  // the producer: one thread issues every copy
+        if (threadIdx.x % 128 == 0) {
+            const int head = pr.head, b = int(pr.b);
+            mbar_expect_bytes(q_full, kConsumers * kTileBytes);
+            for (int c = 0; c < kConsumers; ++c)
+                tma::load_tile<T, D>(s_q + c * 64 * D, &maps.q, q_full, frame_token + start + 64 * c, head, b);
+            for (int it = 0; it < n_blocks; ++it) {
+                const int s = it % kStages, round = it / kStages;
+                if (round > 0) mbar_wait(empty + s, (round - 1) & 1);
+                const int n0 = frame_token + it * kBlock;
+                mbar_expect_bytes(k_full + s, kTileBytes);
+                tma::load_tile<T, D>(s_k + s * kBlock * D, &maps.k, k_full + s, n0, head, b);
+                mbar_expect_bytes(v_full + s, kTileBytes);
+                tma::load_tile<T, D>(s_v + s * kBlock * D, &maps.v, v_full + s, n0, head, b);
+            }
+        }
+        return;
+    }
+
+    // a consumer warpgroup: query rows start + 64 wg .. of the frame
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    const T* q_tile = s_q + wg * 64 * D;
+    const float c = p.scale * kLog2e;
+    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
+    float o[D / 64][32];
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+        for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
+
+    mbar_wait(q_full, 0);
+    for (int it = 0; it < n_blocks; ++it) {
+        const int s = it % kStages;
+        const uint32_t parity = (it / kStages) & 1;
+        mbar_wait(k_full + s, parity);
+        float sc[32];
+        wg_scores<T, D>(sc, q_tile, s_k + s * kBlock * D);
+        // columns past the frame's end (the last block only): thread column 8 j + 2 (lane % 4) + (e & 1)
+        const int past = HW - it * kBlock;  // columns < past are the frame's
+        if (past < kBlock) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    sc[4 * j + e] = 8 * j + 2 * (lane & 3) + (e & 1) < past ? sc[4 * j + e] * c : kNegInf;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) sc[e] *= c;
+        }
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx0 = row_max4(mx0);
+        mx1 = row_max4(mx1);
+        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
+        if (__any_sync(0xffffffffu, up0 || up1)) {
+            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+            if (up0) { m0 = mx0; l0 *= a0; }
+            if (up1) { m1 = mx1; l1 *= a1; }
+#pragma unroll
+            for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
+                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
+                }
+        }
+        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            sc[4 * j] = exp2_approx(sc[4 * j] - z0); sc[4 * j + 1] = exp2_approx(sc[4 * j + 1] - z0);
+            sc[4 * j + 2] = exp2_approx(sc[4 * j + 2] - z1); sc[4 * j + 3] = exp2_approx(sc[4 * j + 3] - z1);
+            l0 += sc[4 * j] + sc[4 * j + 1];
+            l1 += sc[4 * j + 2] + sc[4 * j + 3];
+        }
+        mbar_wait(v_full + s, parity);
+        wg_accumulate<T, D>(o, sc, s_v + s * kBlock * D);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);  // this warp's reads of the stage are done (wgmma waited)
+    }
+
+    l0 = row_sum4(l0);
+    l1 = row_sum4(l1);
+    const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
+    const int r0 = start + 64 * wg + warp * 16 + (lane >> 2);
+    const int tok0 = r0 < HW ? frame_token + r0 : -1, tok1 = r0 + 8 < HW ? frame_token + r0 + 8 : -1;
+    T* out = head_base_mut<T>(p.out, pr);
+    const float i0 = 1.f / ls0, i1 = 1.f / ls1;
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int col = dp * 64 + 8 * j + 2 * (lane & 3);
+            if (tok0 >= 0)
+                *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
+                    Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
+            if (tok1 >= 0)
+                *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
+                    Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
+        }
+    if ((lane & 3) == 0) {
+        float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+        if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
+        if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
+    }
+}
+
+// shared memory of a forward_tma_intra_kernel launch (+1024: the kernel aligns its tiles to 1024 bytes)
+template <typename T, int D>
+constexpr size_t tma_intra_smem() {
+    return size_t(tma::kRowsTma + 2 * tma::kStages * tma::kBlock) * D * sizeof(T) + (1 + 3 * tma::kStages) * 8 + 1024;
+}
+
+}  // namespace detail
+}  // namespace oasis_local
