@@ -267,3 +267,26 @@ def test_bad_direct_calls_stay_in_bounds(device):
     plan = ok.RoutingPlan((1, 1, 2), ["w"] * 12, (1, 1, 1))
     big = torch.randn(5462, 2, 12, 64, dtype=torch.bfloat16, device=device)
     assert any("65535" in r for r in BACKENDS["cuda"].why_not(ok.Mode.WINDOW, big, plan))
+
+
+def test_intra_heads_run_on_the_tma_kernel(device):
+    """Intra heads of tensors TMA can address run on forward_tma_intra_kernel (the launcher falls back to the
+    wgmma kernel silently otherwise, so the parity tests alone would not say which ran); a frame's last block
+    reads zeros past its end, so NaN in the next frame's keys and values stays out of its rows."""
+    _kernels_or_skip()
+    from torch.profiler import ProfilerActivity, profile
+
+    plan = ok.RoutingPlan((3, 7, 11), ["i", "w", "i"], (3, 5, 5))
+    q, k, v = make_qkv((1, plan.num_tokens, plan.heads, 128), torch.bfloat16, device)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        clean = ok.routed_attention(q, k, v, plan, backend=LOCAL_CUDA)
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any("forward_tma_intra_kernel" in n for n in names), names
+    hw = 7 * 11
+    k2, v2 = k.clone(), v.clone()
+    k2[:, hw:2 * hw], v2[:, hw:2 * hw] = float("nan"), float("nan")
+    with torch.no_grad():
+        poisoned = ok.routed_attention(q, k2, v2, plan, backend=LOCAL_CUDA)
+    intra = [0, 2]  # the "i" heads
+    assert torch.equal(poisoned[:, :hw, intra], clean[:, :hw, intra])

@@ -10,13 +10,15 @@
 // The consumers spend their instructions on the softmax alone.
 //
 // A program: 128 consecutive tokens of one frame (the last program of a frame partly past its end: those
-// rows are computed and not stored) of one (batch, intra head); it walks the frame in blocks of 64 keys,
-// the last one masked past the frame's end (its keys are the next frame's tokens, or TMA's zeros).
+// rows are TMA's zeros, computed and not stored) of one (batch, intra head); it walks the frame in blocks
+// of 64 keys, the last one masked past the frame's end (where K and V are zeros: another frame's values,
+// NaN or not, never meet a zero probability).
 // Synchronisation is by mbarriers alone: q_full (the two Q tiles landed), k_full / v_full per stage (the
 // copy's bytes arrived), empty per stage (each consumer warp's wgmma reads of it done: 8 arrivals).
 //
-// The tensor maps (built per call by the launcher, local_attention.cu) see q, k and v as 4-D tensors
-// (D, N, heads, B) of 2-byte elements with their strides; a box is 64 head-dim elements x 64 tokens.
+// The tensor maps (built per call by the launcher, local_attention.cu) see q, k and v as 5-D tensors
+// (D, H*W, T, heads, B) of 2-byte elements with their strides, so a frame's end is a tensor edge; a box
+// is 64 head-dim elements x 64 tokens of one frame.
 #pragma once
 
 #include <cuda.h>
@@ -63,23 +65,27 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
             : "r"(smem_addr(bar)), "r"(parity)
             : "memory");
     }
+    __syncwarp();  // the lanes leave the loop together, before the warpgroup-wide wgmma after it
 }
 
-// box (d0.., n0.., head, b) of a 4-D tensor map into shared memory, completing on `bar`
-__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int d0, int n0, int head,
-                                         int b) {
+// box (d0.., i0.., t, head, b) of a 5-D tensor map into shared memory, completing on `bar`
+__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int d0, int i0, int t,
+                                         int head, int b) {
     asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, "
-        "%6}], [%2];\n" ::"r"(smem_addr(dst)),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(d0), "r"(n0), "r"(head), "r"(b)
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, "
+        "%6, %7}], [%2];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(d0), "r"(i0), "r"(t), "r"(head), "r"(b)
         : "memory");
 }
 
-// a 64-row tile of D columns: D / 64 boxes, each a 64 x 64 panel of the wgmma layout (wgmma::swizzled)
+// 64 tokens i0.. of frame t as a tile of D columns: D / 64 boxes, each a 64 x 64 panel of the wgmma layout
+// (wgmma::swizzled); tokens past the frame's end are zeros (the map's frame dimension ends there)
 template <typename T, int D>
-__device__ __forceinline__ void load_tile(T* tile, const CUtensorMap* map, uint64_t* bar, int n0, int head, int b) {
+__device__ __forceinline__ void load_tile(T* tile, const CUtensorMap* map, uint64_t* bar, int i0, int t, int head,
+                                          int b) {
 #pragma unroll
-    for (int panel = 0; panel < D / 64; ++panel) load_box(tile + panel * 64 * 64, map, bar, panel * 64, n0, head, b);
+    for (int panel = 0; panel < D / 64; ++panel)
+        load_box(tile + panel * 64 * 64, map, bar, panel * 64, i0, t, head, b);
 }
 
 }  // namespace tma
@@ -103,7 +109,7 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     const Program pr(L);
     const int HW = L.H * L.W, per_frame = (HW + kRowsTma - 1) / kRowsTma;
     if (!pr.valid || blockIdx.x >= unsigned(L.T * per_frame)) return;
-    const int frame_token = (blockIdx.x / per_frame) * HW, start = (blockIdx.x % per_frame) * kRowsTma;
+    const int frame = blockIdx.x / per_frame, frame_token = frame * HW, start = (blockIdx.x % per_frame) * kRowsTma;
     const int n_blocks = (HW + kBlock - 1) / kBlock;
     const int wg = threadIdx.x / 128;
 
@@ -123,15 +129,14 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
             const int head = pr.head, b = int(pr.b);
             mbar_expect_bytes(q_full, kConsumers * kTileBytes);
             for (int c = 0; c < kConsumers; ++c)
-                tma::load_tile<T, D>(s_q + c * 64 * D, &maps.q, q_full, frame_token + start + 64 * c, head, b);
+                tma::load_tile<T, D>(s_q + c * 64 * D, &maps.q, q_full, start + 64 * c, frame, head, b);
             for (int it = 0; it < n_blocks; ++it) {
                 const int s = it % kStages, round = it / kStages;
                 if (round > 0) mbar_wait(empty + s, (round - 1) & 1);
-                const int n0 = frame_token + it * kBlock;
                 mbar_expect_bytes(k_full + s, kTileBytes);
-                tma::load_tile<T, D>(s_k + s * kBlock * D, &maps.k, k_full + s, n0, head, b);
+                tma::load_tile<T, D>(s_k + s * kBlock * D, &maps.k, k_full + s, it * kBlock, frame, head, b);
                 mbar_expect_bytes(v_full + s, kTileBytes);
-                tma::load_tile<T, D>(s_v + s * kBlock * D, &maps.v, v_full + s, n0, head, b);
+                tma::load_tile<T, D>(s_v + s * kBlock * D, &maps.v, v_full + s, it * kBlock, frame, head, b);
             }
         }
         return;

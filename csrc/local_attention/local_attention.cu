@@ -62,30 +62,37 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
     static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
         void* fn = nullptr;
         cudaDriverEntryPointQueryResult found;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-                cudaSuccess || found != cudaDriverEntryPointSuccess)
-            fn = nullptr;
+#if CUDART_VERSION >= 12050
+        const cudaError_t err =
+            cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else
+        const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+        if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) fn = nullptr;
         return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
     }();
     return encode;
 }
 
-// a [B, N, heads, D] view as the 4-D tensor map (D, N, heads, B) of 64 x 64 boxes in wgmma's 128-byte
-// swizzle; false where TMA cannot address it (alignment, strides not multiples of 16 bytes)
+// a [B, N, heads, D] view as the 5-D tensor map (D, H*W, T, heads, B) of 64 x 64 boxes in wgmma's
+// 128-byte swizzle (a frame's end a tensor edge: zeros past it); false where TMA cannot address it
+// (alignment, strides not multiples of 16 bytes)
 template <typename T>
 bool tensor_map(CUtensorMap* map, const View& v, const Layer& L) {
     const auto encode = tensor_map_encoder();
-    const int64_t strides_el[3] = {v.sn, v.sh, v.sb};
+    const int64_t hw = int64_t(L.H) * L.W;
+    const int64_t strides_el[4] = {v.sn, v.sn * hw, v.sh, v.sb};
     if (encode == nullptr || reinterpret_cast<uintptr_t>(v.ptr) % 16 != 0) return false;
     for (int64_t st : strides_el)
         if (st <= 0 || (st * int64_t(sizeof(T))) % 16 != 0 || st * int64_t(sizeof(T)) >= (int64_t(1) << 40)) return false;
-    const cuuint64_t dims[4] = {cuuint64_t(L.D), cuuint64_t(L.T) * L.H * L.W, cuuint64_t(L.n_heads), cuuint64_t(L.B)};
-    const cuuint64_t strides[3] = {cuuint64_t(v.sn * sizeof(T)), cuuint64_t(v.sh * sizeof(T)),
-                                   cuuint64_t(v.sb * sizeof(T))};
-    const cuuint32_t box[4] = {64, 64, 1, 1}, unit[4] = {1, 1, 1, 1};
+    const cuuint64_t dims[5] = {cuuint64_t(L.D), cuuint64_t(hw), cuuint64_t(L.T), cuuint64_t(L.n_heads),
+                                cuuint64_t(L.B)};
+    cuuint64_t strides[4];
+    for (int i = 0; i < 4; ++i) strides[i] = cuuint64_t(strides_el[i] * int64_t(sizeof(T)));
+    const cuuint32_t box[5] = {64, 64, 1, 1, 1}, unit[5] = {1, 1, 1, 1, 1};
     const CUtensorMapDataType type =
         std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-    return encode(map, type, 4, const_cast<void*>(v.ptr), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+    return encode(map, type, 5, const_cast<void*>(v.ptr), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
