@@ -52,8 +52,8 @@ def ptxas_report():
 
 def test_every_kernel_compiles_for_sm90a(ptxas_report):
     # 2 dtypes x D 64, 128
-    kinds = {"forward_wgmma_kernel": 4, "forward_tma_intra_kernel": 4, "dq_kernel": 4, "dkdv_kernel": 4,
-             "delta_kernel": 4}
+    kinds = {"forward_wgmma_kernel": 4, "forward_tma_intra_kernel": 4, "forward_tma_window_kernel": 4,
+             "dq_kernel": 4, "dkdv_kernel": 4, "delta_kernel": 4}
     for kind, count in kinds.items():
         found = [n for n in ptxas_report if kind in n]
         assert len(found) == count, f"{kind}: {found}"
@@ -269,10 +269,11 @@ def test_bad_direct_calls_stay_in_bounds(device):
     assert any("65535" in r for r in BACKENDS["cuda"].why_not(ok.Mode.WINDOW, big, plan))
 
 
-def test_intra_heads_run_on_the_tma_kernel(device):
-    """Intra heads of tensors TMA can address run on forward_tma_intra_kernel (the launcher falls back to the
-    wgmma kernel silently otherwise, so the parity tests alone would not say which ran); a frame's last block
-    reads zeros past its end, so NaN in the next frame's keys and values stays out of its rows."""
+def test_local_heads_run_on_the_tma_kernels(device):
+    """Intra and (3, 5, 5) window heads of tensors TMA can address run on the TMA kernels (the launcher falls
+    back to the wgmma kernel silently otherwise, so the parity tests alone would not say which ran); a
+    frame's last block reads zeros past its end, so NaN in the next frame's keys and values stays out of its
+    rows."""
     _kernels_or_skip()
     from torch.profiler import ProfilerActivity, profile
 
@@ -283,6 +284,7 @@ def test_intra_heads_run_on_the_tma_kernel(device):
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()]
     assert any("forward_tma_intra_kernel" in n for n in names), names
+    assert any("forward_tma_window_kernel" in n for n in names), names
     hw = 7 * 11
     k2, v2 = k.clone(), v.clone()
     k2[:, hw:2 * hw], v2[:, hw:2 * hw] = float("nan"), float("nan")

@@ -88,6 +88,94 @@ __device__ __forceinline__ void load_tile(T* tile, const CUtensorMap* map, uint6
         load_box(tile + panel * 64 * 64, map, bar, panel * 64, i0, t, head, b);
 }
 
+// The online softmax of one 64-key block for a consumer warpgroup (the wgmma forward's, forward_wgmma.cuh):
+// scores of Q (64 x D) against the K stage, `visible` the thread's bits (bit 4 j + e: accumulator element),
+// all visible where `all`; the V stage accumulated into o.
+template <typename T, int D>
+struct Softmax {
+    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
+    float o[D / 64][32];
+
+    __device__ Softmax() {
+#pragma unroll
+        for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+            for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
+    }
+
+    template <typename WaitV>
+    __device__ __forceinline__ void block(const T* q, const T* k, const T* v, float c, bool all, uint32_t visible,
+                                          WaitV wait_v) {
+        float sc[32];
+        wg_scores<T, D>(sc, q, k);
+        if (all) {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) sc[e] *= c;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) sc[e] = (visible >> e) & 1u ? sc[e] * c : kNegInf;
+        }
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx0 = row_max4(mx0);
+        mx1 = row_max4(mx1);
+        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
+        if (__any_sync(0xffffffffu, up0 || up1)) {
+            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+            if (up0) { m0 = mx0; l0 *= a0; }
+            if (up1) { m1 = mx1; l1 *= a1; }
+#pragma unroll
+            for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
+                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
+                }
+        }
+        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            sc[4 * j] = exp2_approx(sc[4 * j] - z0); sc[4 * j + 1] = exp2_approx(sc[4 * j + 1] - z0);
+            sc[4 * j + 2] = exp2_approx(sc[4 * j + 2] - z1); sc[4 * j + 3] = exp2_approx(sc[4 * j + 3] - z1);
+            l0 += sc[4 * j] + sc[4 * j + 1];
+            l1 += sc[4 * j + 2] + sc[4 * j + 3];
+        }
+        wait_v();
+        wg_accumulate<T, D>(o, sc, v);
+    }
+
+    // rows tok0 / tok1 (-1: not stored) of out and lse: the warp's rows lane / 4 and + 8
+    __device__ __forceinline__ void store(const ForwardParams& p, const Program& pr, int tok0, int tok1) {
+        const int lane = threadIdx.x & 31;
+        l0 = row_sum4(l0);
+        l1 = row_sum4(l1);
+        const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
+        T* out = head_base_mut<T>(p.out, pr);
+        const float i0 = 1.f / ls0, i1 = 1.f / ls1;
+#pragma unroll
+        for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int col = dp * 64 + 8 * j + 2 * (lane & 3);
+                if (tok0 >= 0)
+                    *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
+                        Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
+                if (tok1 >= 0)
+                    *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
+                        Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
+            }
+        if ((lane & 3) == 0) {
+            float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+            if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
+            if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
+        }
+    }
+};
+
 }  // namespace tma
 
 template <typename T, int D>
@@ -146,94 +234,136 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     const T* q_tile = s_q + wg * 64 * D;
     const float c = p.scale * kLog2e;
-    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
-    float o[D / 64][32];
-#pragma unroll
-    for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-        for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
-
+    Softmax<T, D> sm;
     mbar_wait(q_full, 0);
     for (int it = 0; it < n_blocks; ++it) {
         const int s = it % kStages;
         const uint32_t parity = (it / kStages) & 1;
         mbar_wait(k_full + s, parity);
-        float sc[32];
-        wg_scores<T, D>(sc, q_tile, s_k + s * kBlock * D);
         // columns past the frame's end (the last block only): thread column 8 j + 2 (lane % 4) + (e & 1)
-        const int past = HW - it * kBlock;  // columns < past are the frame's
+        const int past = HW - it * kBlock;
+        uint32_t visible = 0;
         if (past < kBlock) {
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    sc[4 * j + e] = 8 * j + 2 * (lane & 3) + (e & 1) < past ? sc[4 * j + e] * c : kNegInf;
-        } else {
-#pragma unroll
-            for (int e = 0; e < 32; ++e) sc[e] *= c;
+            for (int e = 0; e < 32; ++e) visible |= uint32_t(8 * (e / 4) + 2 * (lane & 3) + (e & 1) < past) << e;
         }
-        float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-        }
-        mx0 = row_max4(mx0);
-        mx1 = row_max4(mx1);
-        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
-        if (__any_sync(0xffffffffu, up0 || up1)) {
-            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
-            if (up0) { m0 = mx0; l0 *= a0; }
-            if (up1) { m1 = mx1; l1 *= a1; }
-#pragma unroll
-            for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
-                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
-                }
-        }
-        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            sc[4 * j] = exp2_approx(sc[4 * j] - z0); sc[4 * j + 1] = exp2_approx(sc[4 * j + 1] - z0);
-            sc[4 * j + 2] = exp2_approx(sc[4 * j + 2] - z1); sc[4 * j + 3] = exp2_approx(sc[4 * j + 3] - z1);
-            l0 += sc[4 * j] + sc[4 * j + 1];
-            l1 += sc[4 * j + 2] + sc[4 * j + 3];
-        }
-        mbar_wait(v_full + s, parity);
-        wg_accumulate<T, D>(o, sc, s_v + s * kBlock * D);
+        sm.block(q_tile, s_k + s * kBlock * D, s_v + s * kBlock * D, c, past >= kBlock, visible,
+                 [&] { mbar_wait(v_full + s, parity); });
         __syncwarp();
         if (lane == 0) mbar_arrive(empty + s);  // this warp's reads of the stage are done (wgmma waited)
     }
-
-    l0 = row_sum4(l0);
-    l1 = row_sum4(l1);
-    const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
     const int r0 = start + 64 * wg + warp * 16 + (lane >> 2);
-    const int tok0 = r0 < HW ? frame_token + r0 : -1, tok1 = r0 + 8 < HW ? frame_token + r0 + 8 : -1;
-    T* out = head_base_mut<T>(p.out, pr);
-    const float i0 = 1.f / ls0, i1 = 1.f / ls1;
-#pragma unroll
-    for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int col = dp * 64 + 8 * j + 2 * (lane & 3);
-            if (tok0 >= 0)
-                *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
-                    Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
-            if (tok1 >= 0)
-                *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
-                    Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
+    sm.store(p, pr, r0 < HW ? frame_token + r0 : -1, r0 + 8 < HW ? frame_token + r0 + 8 : -1);
+}
+
+// The window heads: a program is two window tiles stacked in time (8 frames of bh x bw tokens, bh * bw = 16,
+// one consumer warpgroup of 4 frames each, one frame per warp, geometry.cuh's Tile) of one (batch, window
+// head). The halo is walked one frame at a time over the union of both tiles' frames (8 + 2 rt, clipped to
+// the clip), each frame's slice of (bh + 2 rh) x (bw + 2 rw) <= 64 positions one TMA box of a 5-D map
+// (D, W, H, T * B, heads): positions outside the frame are the box's zeros (negative coordinates too), the
+// slice's rows past its size stay the zeros written at the start. A warpgroup computes the frames within
+// rt of its own, with the Tile's masks; it waits for the others' copies too before releasing a stage.
+template <typename T, int D>
+__global__ void __launch_bounds__(tma::kThreadsTma, 1)
+    forward_tma_window_kernel(const __grid_constant__ TmaMaps maps, const ForwardParams p, int bh, int bw) {
+    using namespace tma;
+    extern __shared__ __align__(128) unsigned char smem_tma[];
+    T* s_q = reinterpret_cast<T*>(smem_tma + ((1024 - (wgmma::smem_address(smem_tma) & 1023)) & 1023));
+    T* s_k = s_q + kRowsTma * D;
+    T* s_v = s_k + kStages * kBlock * D;
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(s_v + kStages * kBlock * D);
+    uint64_t* k_full = q_full + 1;
+    uint64_t* v_full = k_full + kStages;
+    uint64_t* empty = v_full + kStages;
+
+    const Layer& L = p.layer;  // the window heads alone
+    const Program pr(L);
+    const int nbh = (L.H + bh - 1) / bh, nbw = (L.W + bw - 1) / bw, per_t = nbh * nbw;
+    const int group = blockIdx.x / per_t, rest = blockIdx.x % per_t, t0c = group * 2 * kTileT;
+    if (!pr.valid || t0c >= L.T) return;
+    const int h0 = (rest / nbw) * bh, w0 = (rest % nbw) * bw;
+    const int sh = bh + 2 * L.rh, sw = bw + 2 * L.rw, slice = sh * sw;
+    const int lo = t0c - L.rt > 0 ? t0c - L.rt : 0;
+    const int hi = t0c + 2 * kTileT - 1 + L.rt < L.T - 1 ? t0c + 2 * kTileT - 1 + L.rt : L.T - 1;
+    const int n_blocks = hi - lo + 1;
+    const int wg = threadIdx.x / 128;
+
+    // the K and V stages' rows past the slice: zeros, once (the copies never write them)
+    for (int i = threadIdx.x; i < 2 * kStages * (D / 64) * (64 - slice) * 8; i += kThreadsTma) {
+        const int chunk = i % 8, row = slice + (i / 8) % (64 - slice), panel = i / (8 * (64 - slice));
+        reinterpret_cast<uint4*>(s_k + panel * 64 * 64 + row * 64)[chunk] = make_uint4(0, 0, 0, 0);
+    }
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(k_full + s, 1);
+            mbar_init(v_full + s, 1);
+            mbar_init(empty + s, 4 * kConsumers);
         }
-    if ((lane & 3) == 0) {
-        float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
-        if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
-        if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    wgmma::fence_smem_for_async();  // the zeros, written by ordinary stores, read by wgmma
+    __syncthreads();
+
+    const int bt = int(pr.b) * L.T;  // the map's frame index of this batch's frame 0
+    if (wg == kConsumers) {
+        if (threadIdx.x % 128 == 0) {
+            const int head = pr.head;
+            constexpr uint32_t kQBoxBytes = 16 * 128;  // one frame's 16 query tokens, one 64-column panel
+            mbar_expect_bytes(q_full, kConsumers * kTileT * (D / 64) * kQBoxBytes);
+            for (int c = 0; c < kConsumers; ++c)
+                for (int f = 0; f < kTileT; ++f)
+#pragma unroll
+                    for (int panel = 0; panel < D / 64; ++panel)
+                        load_box(s_q + c * 64 * D + panel * 64 * 64 + f * 16 * 64, &maps.q, q_full, panel * 64, w0,
+                                 h0, bt + t0c + kTileT * c + f, head);
+            const uint32_t kv_bytes = (D / 64) * slice * 128;
+            for (int it = 0; it < n_blocks; ++it) {
+                const int s = it % kStages, round = it / kStages;
+                if (round > 0) mbar_wait(empty + s, (round - 1) & 1);
+                mbar_expect_bytes(k_full + s, kv_bytes);
+                mbar_expect_bytes(v_full + s, kv_bytes);
+#pragma unroll
+                for (int panel = 0; panel < D / 64; ++panel) {
+                    load_box(s_k + s * kBlock * D + panel * 64 * 64, &maps.k, k_full + s, panel * 64, w0 - L.rw,
+                             h0 - L.rh, bt + lo + it, head);
+                    load_box(s_v + s * kBlock * D + panel * 64 * 64, &maps.v, v_full + s, panel * 64, w0 - L.rw,
+                             h0 - L.rh, bt + lo + it, head);
+                }
+            }
+        }
+        return;
+    }
+
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    Tile tile{};
+    const bool have = tile.init<kBlock>((2 * group + wg) * per_t + rest, true, L, bh, bw);
+    const uint32_t bits = have ? tile.mask_bits<kBlock>(Block{0, 0, 0}, lane) : 0u;  // the same in every frame
+    const T* q_tile = s_q + wg * 64 * D;
+    const float c = p.scale * kLog2e;
+    Softmax<T, D> sm;
+    mbar_wait(q_full, 0);
+    for (int it = 0; it < n_blocks; ++it) {
+        const int s = it % kStages;
+        const uint32_t parity = (it / kStages) & 1;
+        mbar_wait(k_full + s, parity);
+        const Block b{it, lo + it - (tile.t0 - L.rt), 0};  // the frame among this tile's halo frames
+        if (have && b.f >= 0 && b.f <= kTileT - 1 + 2 * L.rt) {
+            sm.block(q_tile, s_k + s * kBlock * D, s_v + s * kBlock * D, c, false,
+                     tile.warp_sees(b, warp) ? bits : 0u, [&] { mbar_wait(v_full + s, parity); });
+        } else {
+            mbar_wait(v_full + s, parity);  // landed before the stage is released for its next copy
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);
+    }
+    if (have) {
+        const int r0 = warp * 16 + (lane >> 2);
+        sm.store(p, pr, tile.row_token(r0), tile.row_token(r0 + 8));
     }
 }
 
-// shared memory of a forward_tma_intra_kernel launch (+1024: the kernel aligns its tiles to 1024 bytes)
+// shared memory of a forward_tma_*_kernel launch (+1024: the kernel aligns its tiles to 1024 bytes)
 template <typename T, int D>
 constexpr size_t tma_intra_smem() {
     return size_t(tma::kRowsTma + 2 * tma::kStages * tma::kBlock) * D * sizeof(T) + (1 + 3 * tma::kStages) * 8 + 1024;
