@@ -277,14 +277,16 @@ def test_local_heads_run_on_the_tma_kernels(device):
     _kernels_or_skip()
     from torch.profiler import ProfilerActivity, profile
 
-    plan = ok.RoutingPlan((3, 7, 11), ["i", "w", "i"], (3, 5, 5))
-    q, k, v = make_qkv((1, plan.num_tokens, plan.heads, 128), torch.bfloat16, device)
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
-        clean = ok.routed_attention(q, k, v, plan, backend=LOCAL_CUDA)
-        torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages()]
-    assert any("forward_tma_intra_kernel" in n for n in names), names
-    assert any("forward_tma_window_kernel" in n for n in names), names
+    for window in ((1, 3, 3), (3, 5, 5)):  # slices of 36 positions (rows past them zeroed) and of 64
+        plan = ok.RoutingPlan((3, 7, 11), ["i", "w", "i"], window)
+        q, k, v = make_qkv((1, plan.num_tokens, plan.heads, 128), torch.bfloat16, device)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            clean = ok.routed_attention(q, k, v, plan, backend=LOCAL_CUDA)
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        assert any("forward_tma_intra_kernel" in n for n in names), names
+        assert any("forward_tma_window_kernel" in n for n in names), (window, names)
+        check_backend(q, k, v, plan, LOCAL_CUDA, what=f"window={window}")
     hw = 7 * 11
     k2, v2 = k.clone(), v.clone()
     k2[:, hw:2 * hw], v2[:, hw:2 * hw] = float("nan"), float("nan")
