@@ -78,6 +78,36 @@ __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint
         : "memory");
 }
 
+// A TMA kernel's shared memory: Q (two 64-row tiles), kStages K and V blocks (64 x D each, the wgmma
+// panels, 1024-byte aligned), then the barriers: q_full, k_full and v_full per stage (the copies' bytes),
+// empty per stage (each consumer warp once its wgmma reads are done)
+template <typename T, int D>
+struct Stages {
+    T *q, *k, *v;
+    uint64_t *q_full, *k_full, *v_full, *empty;
+
+    __device__ explicit Stages(unsigned char* smem) {
+        q = reinterpret_cast<T*>(smem + ((1024 - (wgmma::smem_address(smem) & 1023)) & 1023));
+        k = q + kRowsTma * D;
+        v = k + kStages * kBlock * D;
+        q_full = reinterpret_cast<uint64_t*>(v + kStages * kBlock * D);
+        k_full = q_full + 1;
+        v_full = k_full + kStages;
+        empty = v_full + kStages;
+    }
+
+    __device__ void init_barriers() const {  // by thread 0, before the block's barrier
+        if (threadIdx.x != 0) return;
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(k_full + s, 1);
+            mbar_init(v_full + s, 1);
+            mbar_init(empty + s, 4 * kConsumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+};
+
 // 64 tokens i0.. of frame t as a tile of D columns: D / 64 boxes, each a 64 x 64 panel of the wgmma layout
 // (wgmma::swizzled); tokens past the frame's end are zeros (the map's frame dimension ends there)
 template <typename T, int D>
@@ -88,94 +118,6 @@ __device__ __forceinline__ void load_tile(T* tile, const CUtensorMap* map, uint6
         load_box(tile + panel * 64 * 64, map, bar, panel * 64, i0, t, head, b);
 }
 
-// The online softmax of one 64-key block for a consumer warpgroup (the wgmma forward's, forward_wgmma.cuh):
-// scores of Q (64 x D) against the K stage, `visible` the thread's bits (bit 4 j + e: accumulator element),
-// all visible where `all`; the V stage accumulated into o.
-template <typename T, int D>
-struct Softmax {
-    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
-    float o[D / 64][32];
-
-    __device__ Softmax() {
-#pragma unroll
-        for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-            for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
-    }
-
-    template <typename WaitV>
-    __device__ __forceinline__ void block(const T* q, const T* k, const T* v, float c, bool all, uint32_t visible,
-                                          WaitV wait_v) {
-        float sc[32];
-        wg_scores<T, D>(sc, q, k);
-        if (all) {
-#pragma unroll
-            for (int e = 0; e < 32; ++e) sc[e] *= c;
-        } else {
-#pragma unroll
-            for (int e = 0; e < 32; ++e) sc[e] = (visible >> e) & 1u ? sc[e] * c : kNegInf;
-        }
-        float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
-        }
-        mx0 = row_max4(mx0);
-        mx1 = row_max4(mx1);
-        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
-        if (__any_sync(0xffffffffu, up0 || up1)) {
-            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
-            if (up0) { m0 = mx0; l0 *= a0; }
-            if (up1) { m1 = mx1; l1 *= a1; }
-#pragma unroll
-            for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
-                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
-                }
-        }
-        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            sc[4 * j] = exp2_approx(sc[4 * j] - z0); sc[4 * j + 1] = exp2_approx(sc[4 * j + 1] - z0);
-            sc[4 * j + 2] = exp2_approx(sc[4 * j + 2] - z1); sc[4 * j + 3] = exp2_approx(sc[4 * j + 3] - z1);
-            l0 += sc[4 * j] + sc[4 * j + 1];
-            l1 += sc[4 * j + 2] + sc[4 * j + 3];
-        }
-        wait_v();
-        wg_accumulate<T, D>(o, sc, v);
-    }
-
-    // rows tok0 / tok1 (-1: not stored) of out and lse: the warp's rows lane / 4 and + 8
-    __device__ __forceinline__ void store(const ForwardParams& p, const Program& pr, int tok0, int tok1) {
-        const int lane = threadIdx.x & 31;
-        l0 = row_sum4(l0);
-        l1 = row_sum4(l1);
-        const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
-        T* out = head_base_mut<T>(p.out, pr);
-        const float i0 = 1.f / ls0, i1 = 1.f / ls1;
-#pragma unroll
-        for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int col = dp * 64 + 8 * j + 2 * (lane & 3);
-                if (tok0 >= 0)
-                    *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
-                        Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
-                if (tok1 >= 0)
-                    *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
-                        Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
-            }
-        if ((lane & 3) == 0) {
-            float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
-            if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
-            if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
-        }
-    }
-};
-
 }  // namespace tma
 
 template <typename T, int D>
@@ -185,13 +127,9 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     static_assert(D % 64 == 0, "the head dim in 64-wide boxes");
     constexpr uint32_t kTileBytes = 64 * D * sizeof(T);
     extern __shared__ __align__(128) unsigned char smem_tma[];
-    T* s_q = reinterpret_cast<T*>(smem_tma + ((1024 - (wgmma::smem_address(smem_tma) & 1023)) & 1023));
-    T* s_k = s_q + kRowsTma * D;
-    T* s_v = s_k + kStages * kBlock * D;
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(s_v + kStages * kBlock * D);
-    uint64_t* k_full = q_full + 1;
-    uint64_t* v_full = k_full + kStages;
-    uint64_t* empty = v_full + kStages;
+    const Stages<T, D> st(smem_tma);
+    T *s_q = st.q, *s_k = st.k, *s_v = st.v;
+    uint64_t *q_full = st.q_full, *k_full = st.k_full, *v_full = st.v_full, *empty = st.empty;
 
     const Layer& L = p.layer;  // the intra heads alone (the launcher's view: n_window = 0)
     const Program pr(L);
@@ -201,15 +139,7 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     const int n_blocks = (HW + kBlock - 1) / kBlock;
     const int wg = threadIdx.x / 128;
 
-    if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(k_full + s, 1);
-            mbar_init(v_full + s, 1);
-            mbar_init(empty + s, 4 * kConsumers);  // each consumer warp, once its wgmma reads are done
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    st.init_barriers();
     __syncthreads();  // the last CTA-wide barrier: the warpgroups part here
 
     if (wg == kConsumers) {  // the producer: one thread issues every copy
@@ -234,7 +164,7 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     const T* q_tile = s_q + wg * 64 * D;
     const float c = p.scale * kLog2e;
-    Softmax<T, D> sm;
+    WgSoftmax<T, D> sm;
     mbar_wait(q_full, 0);
     for (int it = 0; it < n_blocks; ++it) {
         const int s = it % kStages;
@@ -268,13 +198,9 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     forward_tma_window_kernel(const __grid_constant__ TmaMaps maps, const ForwardParams p, int bh, int bw) {
     using namespace tma;
     extern __shared__ __align__(128) unsigned char smem_tma[];
-    T* s_q = reinterpret_cast<T*>(smem_tma + ((1024 - (wgmma::smem_address(smem_tma) & 1023)) & 1023));
-    T* s_k = s_q + kRowsTma * D;
-    T* s_v = s_k + kStages * kBlock * D;
-    uint64_t* q_full = reinterpret_cast<uint64_t*>(s_v + kStages * kBlock * D);
-    uint64_t* k_full = q_full + 1;
-    uint64_t* v_full = k_full + kStages;
-    uint64_t* empty = v_full + kStages;
+    const Stages<T, D> st(smem_tma);
+    T *s_q = st.q, *s_k = st.k, *s_v = st.v;
+    uint64_t *q_full = st.q_full, *k_full = st.k_full, *v_full = st.v_full, *empty = st.empty;
 
     const Layer& L = p.layer;  // the window heads alone
     const Program pr(L);
@@ -293,15 +219,7 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
         const int chunk = i % 8, row = slice + (i / 8) % (64 - slice), panel = i / (8 * (64 - slice));
         reinterpret_cast<uint4*>(s_k + panel * 64 * 64 + row * 64)[chunk] = make_uint4(0, 0, 0, 0);
     }
-    if (threadIdx.x == 0) {
-        mbar_init(q_full, 1);
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(k_full + s, 1);
-            mbar_init(v_full + s, 1);
-            mbar_init(empty + s, 4 * kConsumers);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    st.init_barriers();
     wgmma::fence_smem_for_async();  // the zeros, written by ordinary stores, read by wgmma
     __syncthreads();
 
@@ -341,7 +259,7 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     const uint32_t bits = have ? tile.mask_bits<kBlock>(Block{0, 0, 0}, lane) : 0u;  // the same in every frame
     const T* q_tile = s_q + wg * 64 * D;
     const float c = p.scale * kLog2e;
-    Softmax<T, D> sm;
+    WgSoftmax<T, D> sm;
     mbar_wait(q_full, 0);
     for (int it = 0; it < n_blocks; ++it) {
         const int s = it % kStages;
