@@ -12,9 +12,8 @@ Frames are uint8 RGB ``[F, H, W, 3]``, as everywhere in :mod:`oasis.video` (uint
 FFmpeg's 16-bit scale: white 65280). Reading: grey, palette and CMYK images become RGB, transparency is
 dropped (:attr:`VideoInfo.alpha` says so); 16-bit images (grey, and RGB(A) PNG and TIFF, which Pillow
 reads as 8-bit RGB: decoded by FFmpeg with ``bits=16``) give 8 bits unless read with ``bits=16``
-(interlaced 16-bit PNGs give 8: FFmpeg's decoder mis-reads them);
-EXIF orientation is not applied (frames come as stored). Writing: 8 bits, or 16 (uint16 frames) into PNG
-and TIFF. Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow (and PyAV for
+(interlaced 16-bit PNGs give 8: FFmpeg's decoder mis-reads them); frames are turned as their EXIF
+orientation says they are shown. Writing: 8 bits, or 16 (uint16 frames) into PNG and TIFF. Bad input raises :class:`oasis.video.VideoError` naming the file. Needs Pillow (and PyAV for
 16-bit RGB files).
 """
 
@@ -179,6 +178,26 @@ def _write_deep(frame: np.ndarray, path: str, suffix: str, compress_level: int) 
             f.write(bytes(packet))
 
 
+def _orientation(image) -> int:
+    """The image's EXIF orientation (1..8; 1, as stored, where it has none or a value out of range)."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still the image
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _upright(frame: np.ndarray, orientation: int) -> np.ndarray:
+    """``frame [H, W, C]`` as its EXIF ``orientation`` says it is shown (what Pillow's
+    ``ImageOps.exif_transpose`` and every viewer do): mirrored, turned, or both."""
+    if orientation == 1:
+        return frame
+    turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+              5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+              7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}[orientation](frame)
+    return np.ascontiguousarray(turned)
+
+
 def _to_rgb(image, path, bits: int = 8) -> np.ndarray:
     """``image`` as uint8 ``[H, W, 3]``: 8-bit modes converted by PIL, 16-bit ones rounded to 8 bits; or
     for ``bits=16`` as uint16 in FFmpeg's 16-bit scale (:mod:`oasis.video`: 256 x the 8-bit level, white
@@ -227,15 +246,19 @@ class ImageFrames:
             max_frames = _positive_int(max_frames, "max_frames", where="ImageFrames: ")
         rate = DEFAULT_FPS if fps is None else _as_fps(fps, p)
         files, first_number = _list_frames(p, max_frames)
-        size, alpha, modes, deep = None, False, set(), []
+        size, alpha, modes, deep, turns = None, False, set(), [], []
         for f in files:
             try:
                 with Image.open(f) as image:
+                    turns.append(_orientation(image))
+                    # the size as shown: a quarter turn swaps the sides
+                    shown = image.size[::-1] if turns[-1] >= 5 else image.size
                     if size is None:
-                        size = image.size
-                    elif image.size != size:
-                        raise VideoError(f"{f}: {image.size[0]}x{image.size[1]}, where the sequence's first image "
-                                         f"({files[0].name}) is {size[0]}x{size[1]}")
+                        size = shown
+                    elif shown != size:
+                        raise VideoError(f"{f}: {shown[0]}x{shown[1]}, where the sequence's first image "
+                                         f"({files[0].name}) is {size[0]}x{size[1]}" +
+                                         (" (as its EXIF orientation shows it)" if turns[-1] != 1 else ""))
                     if image.mode not in _EIGHT_BIT_MODES | _SIXTEEN_BIT_MODES:
                         raise VideoError(f"{f}: images of PIL mode {image.mode!r} are not read (8- or 16-bit grey, "
                                          f"RGB, palette)")
@@ -256,6 +279,7 @@ class ImageFrames:
                               color_range=None, colorspace=None, alpha=alpha,
                               bits=16 if modes & _SIXTEEN_BIT_MODES or any(deep) else 8)
         self._deep = deep
+        self._turns = turns
         self.shape = torch.Size((len(files), size[1], size[0], 3))
         self._threads = threads or min(8, os.cpu_count() or 1)
         self._kept: dict[int, np.ndarray] = {}
@@ -268,18 +292,22 @@ class ImageFrames:
         return f"ImageFrames({self.info.path!r}, {n} frames {w}x{h})"
 
     def _read(self, index: int) -> np.ndarray:
+        return _upright(self._read_stored(index), self._turns[index])
+
+    def _read_stored(self, index: int) -> np.ndarray:
         f = self.files[index]
+        stored = (self.shape[2], self.shape[1])[::-1] if self._turns[index] >= 5 else (self.shape[2], self.shape[1])
         if self._deep[index] and self._bits == 16:  # 8 bits of it: Pillow's, as before 16-bit RGB was read
             frame = _read_deep(f)
-            if frame.shape[:2] != (self.shape[1], self.shape[2]):
-                raise VideoError(f"{f}: {frame.shape[1]}x{frame.shape[0]} now, {self.shape[2]}x{self.shape[1]} "
-                                 f"when the sequence was opened")
+            if frame.shape[1::-1] != stored:
+                raise VideoError(f"{f}: {frame.shape[1]}x{frame.shape[0]} now, {stored[0]}x{stored[1]} when the "
+                                 f"sequence was opened")
             return frame
         try:
             with _pil().open(f) as image:
-                if image.size != (self.shape[2], self.shape[1]):
-                    raise VideoError(f"{f}: {image.size[0]}x{image.size[1]} now, {self.shape[2]}x{self.shape[1]} "
-                                     f"when the sequence was opened")
+                if image.size != stored:
+                    raise VideoError(f"{f}: {image.size[0]}x{image.size[1]} now, {stored[0]}x{stored[1]} when the "
+                                     f"sequence was opened")
                 return _to_rgb(image, f, self._bits)
         except (OSError, SyntaxError, ValueError) as e:
             if isinstance(e, VideoError):

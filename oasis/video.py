@@ -836,6 +836,8 @@ class VideoWriter:
                 options["b"] = "0"  # vp9 is constant-quality only with no bitrate target
             if self.codec == "libx265":
                 options["x265-params"] = "log-level=error"  # x265 prints a page per file
+            if self.codec == "libsvtav1":  # so does SVT-AV1, at its own log level (1: errors), read per encoder
+                os.environ.setdefault("SVT_LOG", "1")
         else:
             # pinning the quantiser range is what sticks: FFmpeg's mpeg4 encoder takes a fixed
             # qscale only from each frame's quality field, which PyAV does not expose

@@ -319,3 +319,34 @@ def test_sixteen_bit_png_kinds(tmp_path):
     with ImageWriter(tmp_path / "w" / "%d.png", W, H) as writer:
         writer.write(over)
     assert (Image.open(tmp_path / "w" / "1.png").convert("RGB").getpixel((0, 0))) == (255, 255, 255)
+
+
+def test_exif_orientation_turns_frames(tmp_path):
+    """Each of EXIF's eight orientations gives the frame as Pillow's exif_transpose (every viewer) shows it,
+    the sequence's size the shown one (quarter turns swap the sides), in 8 and 16 bits."""
+    from PIL import ImageOps
+
+    rgb = np.random.default_rng(7).integers(0, 256, (H, W, 3)).astype(np.uint8)
+    for orientation in range(1, 9):
+        folder = tmp_path / f"o{orientation}"
+        folder.mkdir()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(rgb).save(folder / "a.png", exif=exif.tobytes())
+        with Image.open(folder / "a.png") as image:
+            want = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        frames = ImageFrames(folder)
+        assert (frames.info.height, frames.info.width) == want.shape[:2], orientation
+        assert np.array_equal(frames[0].numpy(), want), orientation
+        assert np.array_equal(ImageFrames(folder, bits=16)[0].numpy(), want.astype(np.uint16) << 8)
+    # a turned frame among upright ones of the shown size is one sequence; of the stored size, not
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.fromarray(rgb.transpose(1, 0, 2)).save(mixed / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(mixed / "b.png", exif=exif.tobytes())
+    assert ImageFrames(mixed).shape == (2, W, H, 3)
+    Image.fromarray(rgb).save(mixed / "c.png")
+    with pytest.raises(VideoError, match="where the sequence's first image"):
+        ImageFrames(mixed)

@@ -1,5 +1,6 @@
 """Video I/O for the super-resolution CLI: round trips through real encoders, errors, test clip."""
 
+import os
 from fractions import Fraction
 
 import numpy as np
@@ -1019,3 +1020,16 @@ def test_sixteen_bit_levels_are_ffmpeg_s(tmp_path, clip):
         writer = VideoWriter(tmp_path / "a.webm", 16, 16, 24, codec="libsvtav1", pix_fmt="yuv420p10le", crf=0)
         assert writer._options["crf"] == "1"
         writer._abort()
+
+
+@pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="no SVT-AV1 in this PyAV")
+def test_svt_av1_writes_quietly(tmp_path, capfd, monkeypatch):
+    """SVT-AV1 prints a page of its settings per encoder on the process's stderr unless told its log
+    level: the writer tells it errors only (a user's own SVT_LOG is kept)."""
+    monkeypatch.delenv("SVT_LOG", raising=False)
+    with VideoWriter(tmp_path / "a.webm", 16, 16, 24, codec="libsvtav1") as out:
+        out.write(torch.zeros((2, 16, 16, 3), dtype=torch.uint8))
+    assert "Svt[info]" not in capfd.readouterr().err
+    monkeypatch.setenv("SVT_LOG", "3")
+    VideoWriter(tmp_path / "b.webm", 16, 16, 24, codec="libsvtav1")._abort()
+    assert os.environ["SVT_LOG"] == "3"
