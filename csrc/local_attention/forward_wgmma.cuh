@@ -76,6 +76,94 @@ __device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const floa
     for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
 }
 
+// The online softmax of one 64-key block for a warpgroup (every wgmma forward's: this file's and forward_tma.cuh's):
+// scores of Q (64 x D) against the K stage, `visible` the thread's bits (bit 4 j + e: accumulator element),
+// all visible where `all`; the V stage accumulated into o.
+template <typename T, int D>
+struct WgSoftmax {
+    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
+    float o[D / 64][32];
+
+    __device__ WgSoftmax() {
+#pragma unroll
+        for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+            for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
+    }
+
+    template <typename WaitV>
+    __device__ __forceinline__ void block(const T* q, const T* k, const T* v, float c, bool all, uint32_t visible,
+                                          WaitV wait_v) {
+        float sc[32];
+        wg_scores<T, D>(sc, q, k);
+        if (all) {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) sc[e] *= c;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) sc[e] = (visible >> e) & 1u ? sc[e] * c : kNegInf;
+        }
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx0 = row_max4(mx0);
+        mx1 = row_max4(mx1);
+        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
+        if (__any_sync(0xffffffffu, up0 || up1)) {
+            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+            if (up0) { m0 = mx0; l0 *= a0; }
+            if (up1) { m1 = mx1; l1 *= a1; }
+#pragma unroll
+            for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
+                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
+                }
+        }
+        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            sc[4 * j] = exp2_approx(sc[4 * j] - z0); sc[4 * j + 1] = exp2_approx(sc[4 * j + 1] - z0);
+            sc[4 * j + 2] = exp2_approx(sc[4 * j + 2] - z1); sc[4 * j + 3] = exp2_approx(sc[4 * j + 3] - z1);
+            l0 += sc[4 * j] + sc[4 * j + 1];
+            l1 += sc[4 * j + 2] + sc[4 * j + 3];
+        }
+        wait_v();
+        wg_accumulate<T, D>(o, sc, v);
+    }
+
+    // rows tok0 / tok1 (-1: not stored) of out and lse: the warp's rows lane / 4 and + 8
+    __device__ __forceinline__ void store(const ForwardParams& p, const Program& pr, int tok0, int tok1) {
+        const int lane = threadIdx.x & 31;
+        l0 = row_sum4(l0);
+        l1 = row_sum4(l1);
+        const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
+        T* out = head_base_mut<T>(p.out, pr);
+        const float i0 = 1.f / ls0, i1 = 1.f / ls1;
+#pragma unroll
+        for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int col = dp * 64 + 8 * j + 2 * (lane & 3);
+                if (tok0 >= 0)
+                    *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
+                        Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
+                if (tok1 >= 0)
+                    *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
+                        Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
+            }
+        if ((lane & 3) == 0) {
+            float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+            if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
+            if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
+        }
+    }
+};
+
 template <typename T, int D, int BLOCK_N>
 __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardParams p, int bh, int bw) {
     static_assert(BLOCK_N == 64, "one m64n64 score tile per block");
@@ -107,78 +195,12 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
     };
 
     const float c = p.scale * kLog2e;
-    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
-    float o[D / 64][32];
-#pragma unroll
-    for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-        for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
-
+    WgSoftmax<T, D> sm;
     walk<BLOCK_N, true>(tile, warp, load_block, [&](int stage, bool masked, uint32_t visible) {
-        float s[32];
-        wg_scores<T, D>(s, s_q, s_k + stage * BLOCK_N * D);
-        float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) {
-            float x = s[e] * c;
-            if (masked && !((visible >> e) & 1u)) x = kNegInf;
-            s[e] = x;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        mx0 = row_max4(mx0);
-        mx1 = row_max4(mx1);
-        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
-        if (__any_sync(0xffffffffu, up0 || up1)) {
-            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
-            if (up0) { m0 = mx0; l0 *= a0; }
-            if (up1) { m1 = mx1; l1 *= a1; }
-#pragma unroll
-            for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
-                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
-                }
-        }
-        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[4 * j] = exp2_approx(s[4 * j] - z0); s[4 * j + 1] = exp2_approx(s[4 * j + 1] - z0);
-            s[4 * j + 2] = exp2_approx(s[4 * j + 2] - z1); s[4 * j + 3] = exp2_approx(s[4 * j + 3] - z1);
-            l0 += s[4 * j] + s[4 * j + 1];
-            l1 += s[4 * j + 2] + s[4 * j + 3];
-        }
-        wg_accumulate<T, D>(o, s, s_v + stage * BLOCK_N * D);
+        sm.block(s_q, s_k + stage * BLOCK_N * D, s_v + stage * BLOCK_N * D, c, !masked, visible, [] {});
     });
-
-    l0 = row_sum4(l0);
-    l1 = row_sum4(l1);
-    const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
     const int r0 = warp * 16 + (lane >> 2);
-    const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
-    T* out = head_base_mut<T>(p.out, pr);
-    const float i0 = 1.f / ls0, i1 = 1.f / ls1;
-#pragma unroll
-    for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int col = dp * 64 + 8 * j + 2 * (lane & 3);
-            if (tok0 >= 0)
-                *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
-                    Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
-            if (tok1 >= 0)
-                *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
-                    Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
-        }
-    if ((lane & 3) == 0) {
-        float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
-        if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
-        if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
-    }
+    sm.store(p, pr, tile.row_token(r0), tile.row_token(r0 + 8));
 }
 
 }  // namespace detail
