@@ -17,7 +17,7 @@
 // whose frame is more than rt from the block's are computed and masked (the mma.sync kernels these
 // replace skipped them per warp).
 //
-// Shared memory (D = 128, bf16): dQ 97 KB (Q, dO, two stages of K and V), dK/dV 97 KB (K, V, two
+// Shared memory (D = 128, bf16): dQ 96 KB (Q, dO, two stages of K and V), dK/dV 97 KB (K, V, two
 // stages of Q and dO, and of the queries' LSE and delta), each + 1 KB to align the tiles: two programs
 // per SM, as the forward.
 #pragma once
