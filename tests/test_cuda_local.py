@@ -53,14 +53,14 @@ def ptxas_report():
 def test_every_kernel_compiles_for_sm90a(ptxas_report):
     # 2 dtypes x D 64, 128
     kinds = {"forward_wgmma_kernel": 4, "forward_tma_intra_kernel": 4, "forward_tma_window_kernel": 4,
-             "dq_kernel": 4, "dkdv_kernel": 4, "delta_kernel": 4}
+             "dq_wgmma_kernel": 4, "dkdv_wgmma_kernel": 4, "delta_kernel": 4}
     for kind, count in kinds.items():
         found = [n for n in ptxas_report if kind in n]
         assert len(found) == count, f"{kind}: {found}"
 
 
 def test_wgmma_is_not_serialised(ptxas_report):
-    """The forward's warpgroup MMAs stay asynchronous: ptxas serialises them when other instructions
+    """The kernels' warpgroup MMAs stay asynchronous: ptxas serialises them when other instructions
     write a wgmma's inputs or read its accumulators inside a stage (C7513, C7514), which costs the
     overlap the kernel is written for."""
     serialised = {n: r["wgmma_serialised"] for n, r in ptxas_report.items() if "wgmma_serialised" in r}

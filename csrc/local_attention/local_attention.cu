@@ -1,7 +1,8 @@
 // Host launchers of the local-attention kernels (the forward: forward_wgmma.cuh; the backward:
-// kernels.cuh): tile shapes, grids, shared memory.
+// backward_wgmma.cuh, its delta kernels.cuh; the TMA forwards: forward_tma.cuh): tile shapes, grids, shared memory.
 #include <cudaTypedefs.h>
 
+#include "backward_wgmma.cuh"
 #include "forward_tma.cuh"
 #include "forward_wgmma.cuh"
 #include "kernels.cuh"
@@ -15,12 +16,8 @@ using detail::kRows;
 using detail::kThreads;
 using detail::kTileT;
 
-// the forward walks 64 positions per block; the backward 32 at D=128, where its accumulators
-// (dQ: 64 floats per thread beside two score blocks; dK and dV: 2 x 64) leave no registers for
-// 64-wide score blocks (dQ spilled 68 bytes with them)
+// every kernel walks 64 positions per block: one m64n64 score tile of a warpgroup
 constexpr int kBlockN = 64;
-template <int D>
-constexpr int backward_block_n() { return D == 128 ? 32 : 64; }
 
 int cdiv(int a, int b) { return (a + b - 1) / b; }
 
@@ -203,13 +200,14 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
         cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
     }
-    constexpr int BN = backward_block_n<D>();
-    const TileShape s = window_tile(L.H, L.W, L.rh, L.rw, BN);
-    const size_t smem_q = size_t(2 * kRows + 4 * BN) * D * sizeof(T);
-    cudaError_t err = launch(detail::dq_kernel<T, D, BN>, grid_of(L, s), smem_q, stream, p, s);
+    const TileShape s = window_tile(L.H, L.W, L.rh, L.rw, kBlockN);
+    // Q, dO and two stages of K and V; K, V and two stages of Q, dO and of the queries' LSE and delta
+    // (+1024: the kernels align their tiles to 1024 bytes, wgmma's swizzle atom)
+    const size_t smem_q = size_t(2 * kRows + 4 * kBlockN) * D * sizeof(T) + 1024;
+    cudaError_t err = launch(detail::dq_wgmma_kernel<T, D, kBlockN>, grid_of(L, s), smem_q, stream, p, s);
     if (err != cudaSuccess) return err;
-    const size_t smem_k = size_t(2 * kRows + 4 * BN) * D * sizeof(T) + 4 * BN * sizeof(float);
-    return launch(detail::dkdv_kernel<T, D, BN>, grid_of(L, s), smem_k, stream, p, s);
+    const size_t smem_k = smem_q + 4 * kBlockN * sizeof(float);
+    return launch(detail::dkdv_wgmma_kernel<T, D, kBlockN>, grid_of(L, s), smem_k, stream, p, s);
 }
 
 }  // namespace
