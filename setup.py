@@ -34,7 +34,7 @@ def _cudnn_frontend_flags():
 
 
 #: the local-attention kernels (csrc/local_attention/, their own extension, loaded with
-#: torch.ops.load_library): mma.sync/ldmatrix/cp.async code compiled for Hopper only (sm_90a),
+#: torch.ops.load_library): wgmma/cp.async code compiled for Hopper only (sm_90a),
 #: the one card they are measured on; oasis_kernels.kernels.cuda_local JIT-builds the same sources
 #: where this build did not run, with the same flags (oasis_kernels/kernels/cuda_local.py)
 LOCAL_ATTENTION_SOURCES = sorted(glob.glob("csrc/local_attention/*.cu") + glob.glob("csrc/local_attention/*.cpp"))

@@ -52,14 +52,15 @@ def ptxas_report():
 
 def test_every_kernel_compiles_for_sm90a(ptxas_report):
     # 2 dtypes x D 64, 128
-    kinds = {"forward_wgmma_kernel": 4, "dq_kernel": 4, "dkdv_kernel": 4, "delta_kernel": 4}
+    kinds = {"forward_wgmma_kernel": 4, "forward_tma_intra_kernel": 4, "forward_tma_window_kernel": 4,
+             "dq_wgmma_kernel": 4, "dkdv_wgmma_kernel": 4, "delta_kernel": 4}
     for kind, count in kinds.items():
         found = [n for n in ptxas_report if kind in n]
         assert len(found) == count, f"{kind}: {found}"
 
 
 def test_wgmma_is_not_serialised(ptxas_report):
-    """The forward's warpgroup MMAs stay asynchronous: ptxas serialises them when other instructions
+    """The kernels' warpgroup MMAs stay asynchronous: ptxas serialises them when other instructions
     write a wgmma's inputs or read its accumulators inside a stage (C7513, C7514), which costs the
     overlap the kernel is written for."""
     serialised = {n: r["wgmma_serialised"] for n, r in ptxas_report.items() if "wgmma_serialised" in r}
@@ -266,3 +267,30 @@ def test_bad_direct_calls_stay_in_bounds(device):
     plan = ok.RoutingPlan((1, 1, 2), ["w"] * 12, (1, 1, 1))
     big = torch.randn(5462, 2, 12, 64, dtype=torch.bfloat16, device=device)
     assert any("65535" in r for r in BACKENDS["cuda"].why_not(ok.Mode.WINDOW, big, plan))
+
+
+def test_local_heads_run_on_the_tma_kernels(device):
+    """Intra and (3, 5, 5) window heads of tensors TMA can address run on the TMA kernels (the launcher falls
+    back to the wgmma kernel silently otherwise, so the parity tests alone would not say which ran); a
+    frame's last block reads zeros past its end, so NaN in the next frame's keys and values stays out of its
+    rows."""
+    _kernels_or_skip()
+    from torch.profiler import ProfilerActivity, profile
+
+    for window in ((1, 3, 3), (3, 5, 5)):  # slices of 36 positions (rows past them zeroed) and of 64
+        plan = ok.RoutingPlan((3, 7, 11), ["i", "w", "i"], window)
+        q, k, v = make_qkv((1, plan.num_tokens, plan.heads, 128), torch.bfloat16, device)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            clean = ok.routed_attention(q, k, v, plan, backend=LOCAL_CUDA)
+            torch.cuda.synchronize()
+        names = [e.key for e in prof.key_averages()]
+        assert any("forward_tma_intra_kernel" in n for n in names), names
+        assert any("forward_tma_window_kernel" in n for n in names), (window, names)
+        check_backend(q, k, v, plan, LOCAL_CUDA, what=f"window={window}")
+    hw = 7 * 11
+    k2, v2 = k.clone(), v.clone()
+    k2[:, hw:2 * hw], v2[:, hw:2 * hw] = float("nan"), float("nan")
+    with torch.no_grad():
+        poisoned = ok.routed_attention(q, k2, v2, plan, backend=LOCAL_CUDA)
+    intra = [0, 2]  # the "i" heads
+    assert torch.equal(poisoned[:, :hw, intra], clean[:, :hw, intra])

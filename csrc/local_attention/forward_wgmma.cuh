@@ -1,6 +1,6 @@
 // The forward of the local heads with Hopper's warpgroup MMA (wgmma.cuh), bf16 and fp16, sm_90a.
 //
-// The same work split, walk and masks as the backward (kernels.cuh, geometry.cuh): a program is
+// The same work split, walk and masks as the backward (backward_wgmma.cuh, kernels.cuh, geometry.cuh): a program is
 // 64 query rows (window: 4 frames x bh x bw, one frame per warp; intra: 64 tokens of a frame) and
 // walks its blocks of BLOCK_N = 64 keys. The four warps are one warpgroup, and each block's
 // S = Q K^T (64 x 64, the head dim as K) and O += P V (64 x D, the block's keys as K) are wgmma
@@ -35,25 +35,30 @@ struct WgmmaTile {
     }
 };
 
+// s (64 x 64, fp32) = A (64 x D) B^T (B: 64 rows x D), both K-major in shared memory: the MMAs
+// only (no fence, commit or wait), so that several products can share one commit group
+template <typename T, int D>
+__device__ __forceinline__ void issue_scores(float (&s)[32], const T* a, const T* b) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+        wgmma::mma_ss<std::is_same_v<T, __half>>(s, wgmma::k_major(a, ks, kRows), wgmma::k_major(b, ks, 64), ks > 0);
+}
+
 // S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
 template <typename T, int D>
 __device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
     wgmma::fence_operands(s);
     wgmma::fence();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks)
-        wgmma::mma_ss<std::is_same_v<T, __half>>(s, wgmma::k_major(q, ks, kRows), wgmma::k_major(k, ks, 64), ks > 0);
+    issue_scores<T, D>(s, q, k);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_operands(s);
 }
 
-// O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
-// V (64 keys x D, N-major: the head dim is N)
-template <typename T, int D>
-__device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32], const T* v) {
-    // the accumulator layout of n-tiles 2kc and 2kc+1 is the A fragment of keys 16kc..16kc+15
-    uint32_t a[4][4];
+// P (64 x 64, fp32 in the accumulator layout) as the A fragments of its four 16-column k-steps: the
+// accumulator layout of n-tiles 2kc and 2kc+1 is the A fragment of columns 16kc..16kc+15
+template <typename T>
+__device__ __forceinline__ void pack_a(uint32_t (&a)[4][4], const float (&p)[32]) {
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
         a[kc][0] = Mma<T>::pack(p[8 * kc + 0], p[8 * kc + 1]);
@@ -61,29 +66,149 @@ __device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const floa
         a[kc][2] = Mma<T>::pack(p[8 * kc + 4], p[8 * kc + 5]);
         a[kc][3] = Mma<T>::pack(p[8 * kc + 6], p[8 * kc + 7]);
     }
-#pragma unroll
-    for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
-    wgmma::fence();
+}
+
+// o (64 x D as D/64 accumulators of 64 x 64) += A (64 x 64, fragments) B (64 rows x D, N-major: the
+// head dim is N): the MMAs only
+template <typename T, int D>
+__device__ __forceinline__ void issue_accumulate(float (&o)[D / 64][32], const uint32_t (&a)[4][4], const T* b) {
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
 #pragma unroll
         for (int dp = 0; dp < D / 64; ++dp)
-            wgmma::mma_rs<std::is_same_v<T, __half>>(o[dp], a[kc], wgmma::n_major(v + dp * 64 * 64, kc, 64), true);
+            wgmma::mma_rs<std::is_same_v<T, __half>>(o[dp], a[kc], wgmma::n_major(b + dp * 64 * 64, kc, 64), true);
     }
-    wgmma::commit();
-    wgmma::wait<0>();
+}
+
+template <int D>
+__device__ __forceinline__ void fence_accumulator(float (&o)[D / 64][32]) {
 #pragma unroll
     for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
 }
+
+// O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
+// V (64 keys x D, N-major: the head dim is N)
+template <typename T, int D>
+__device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32], const T* v) {
+    uint32_t a[4][4];
+    pack_a<T>(a, p);
+    fence_accumulator<D>(o);
+    wgmma::fence();
+    issue_accumulate<T, D>(o, a, v);
+    wgmma::commit();
+    wgmma::wait<0>();
+    fence_accumulator<D>(o);
+}
+
+// rows tok0 / tok1 (-1: not stored) of a [.., D] tensor: the accumulator's rows lane / 4 and + 8 of the
+// warp's 16, times scale0 / scale1
+template <typename T, int D>
+__device__ __forceinline__ void store_accumulator(T* base, int64_t stride, int tok0, int tok1,
+                                                  const float (&acc)[D / 64][32], float scale0, float scale1) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int col = dp * 64 + 8 * j + 2 * (lane & 3);
+            if (tok0 >= 0)
+                *reinterpret_cast<uint32_t*>(base + int64_t(tok0) * stride + col) =
+                    Mma<T>::pack(acc[dp][4 * j] * scale0, acc[dp][4 * j + 1] * scale0);
+            if (tok1 >= 0)
+                *reinterpret_cast<uint32_t*>(base + int64_t(tok1) * stride + col) =
+                    Mma<T>::pack(acc[dp][4 * j + 2] * scale1, acc[dp][4 * j + 3] * scale1);
+        }
+}
+
+// wgmma's 128-byte swizzle wants 1024-byte aligned tiles: the first such address of the dynamic shared
+// memory (the launchers add 1024 bytes for this)
+template <typename T>
+__device__ __forceinline__ T* aligned_tiles(unsigned char* smem) {
+    return reinterpret_cast<T*>(smem + ((1024 - (wgmma::smem_address(smem) & 1023)) & 1023));
+}
+
+// The online softmax of one 64-key block for a warpgroup (every wgmma forward's: this file's and forward_tma.cuh's):
+// scores of Q (64 x D) against the K stage, `visible` the thread's bits (bit 4 j + e: accumulator element),
+// all visible where `all`; the V stage accumulated into o.
+template <typename T, int D>
+struct WgSoftmax {
+    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
+    float o[D / 64][32];
+
+    __device__ WgSoftmax() {
+#pragma unroll
+        for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+            for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
+    }
+
+    template <typename WaitV>
+    __device__ __forceinline__ void block(const T* q, const T* k, const T* v, float c, bool all, uint32_t visible,
+                                          WaitV wait_v) {
+        float sc[32];
+        wg_scores<T, D>(sc, q, k);
+        if (all) {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) sc[e] *= c;
+        } else {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) sc[e] = (visible >> e) & 1u ? sc[e] * c : kNegInf;
+        }
+        float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            mx0 = fmaxf(mx0, fmaxf(sc[4 * j], sc[4 * j + 1]));
+            mx1 = fmaxf(mx1, fmaxf(sc[4 * j + 2], sc[4 * j + 3]));
+        }
+        mx0 = row_max4(mx0);
+        mx1 = row_max4(mx1);
+        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
+        if (__any_sync(0xffffffffu, up0 || up1)) {
+            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+            if (up0) { m0 = mx0; l0 *= a0; }
+            if (up1) { m1 = mx1; l1 *= a1; }
+#pragma unroll
+            for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
+                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
+                }
+        }
+        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            sc[4 * j] = exp2_approx(sc[4 * j] - z0); sc[4 * j + 1] = exp2_approx(sc[4 * j + 1] - z0);
+            sc[4 * j + 2] = exp2_approx(sc[4 * j + 2] - z1); sc[4 * j + 3] = exp2_approx(sc[4 * j + 3] - z1);
+            l0 += sc[4 * j] + sc[4 * j + 1];
+            l1 += sc[4 * j + 2] + sc[4 * j + 3];
+        }
+        wait_v();
+        wg_accumulate<T, D>(o, sc, v);
+    }
+
+    // rows tok0 / tok1 (-1: not stored) of out and lse: the warp's rows lane / 4 and + 8
+    __device__ __forceinline__ void store(const ForwardParams& p, const Program& pr, int tok0, int tok1) {
+        const int lane = threadIdx.x & 31;
+        l0 = row_sum4(l0);
+        l1 = row_sum4(l1);
+        const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
+        store_accumulator<T, D>(head_base_mut<T>(p.out, pr), p.out.sn, tok0, tok1, o, 1.f / ls0, 1.f / ls1);
+        if ((lane & 3) == 0) {
+            float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
+            if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
+            if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
+        }
+    }
+};
 
 template <typename T, int D, int BLOCK_N>
 __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardParams p, int bh, int bw) {
     static_assert(BLOCK_N == 64, "one m64n64 score tile per block");
     static_assert(kThreads == 128 && kRows == 64, "the block is one warpgroup of 64 rows");
     static_assert(D % 64 == 0, "O is D / 64 accumulators of 64 columns");
-    // wgmma's 128-byte swizzle wants 1024-byte aligned tiles: the launcher adds 1024 bytes for this
     extern __shared__ __align__(128) unsigned char smem_wg[];
-    T* s_q = reinterpret_cast<T*>(smem_wg + ((1024 - (wgmma::smem_address(smem_wg) & 1023)) & 1023));
+    T* s_q = aligned_tiles<T>(smem_wg);
     T* s_k = s_q + kRows * D;         // two stages
     T* s_v = s_k + 2 * BLOCK_N * D;   // two stages
 
@@ -107,78 +232,12 @@ __global__ void __launch_bounds__(kThreads) forward_wgmma_kernel(const ForwardPa
     };
 
     const float c = p.scale * kLog2e;
-    float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
-    float o[D / 64][32];
-#pragma unroll
-    for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-        for (int e = 0; e < 32; ++e) o[dp][e] = 0.f;
-
-    walk<BLOCK_N, true>(tile, warp, load_block, [&](int stage, bool masked, uint32_t visible) {
-        float s[32];
-        wg_scores<T, D>(s, s_q, s_k + stage * BLOCK_N * D);
-        float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-        for (int e = 0; e < 32; ++e) {
-            float x = s[e] * c;
-            if (masked && !((visible >> e) & 1u)) x = kNegInf;
-            s[e] = x;
-        }
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-            mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        mx0 = row_max4(mx0);
-        mx1 = row_max4(mx1);
-        const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
-        if (__any_sync(0xffffffffu, up0 || up1)) {
-            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
-            if (up0) { m0 = mx0; l0 *= a0; }
-            if (up1) { m1 = mx1; l1 *= a1; }
-#pragma unroll
-            for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
-                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
-                }
-        }
-        const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            s[4 * j] = exp2_approx(s[4 * j] - z0); s[4 * j + 1] = exp2_approx(s[4 * j + 1] - z0);
-            s[4 * j + 2] = exp2_approx(s[4 * j + 2] - z1); s[4 * j + 3] = exp2_approx(s[4 * j + 3] - z1);
-            l0 += s[4 * j] + s[4 * j + 1];
-            l1 += s[4 * j + 2] + s[4 * j + 3];
-        }
-        wg_accumulate<T, D>(o, s, s_v + stage * BLOCK_N * D);
+    WgSoftmax<T, D> sm;
+    walk<BLOCK_N>(tile, warp, load_block, [&](int stage, bool masked, uint32_t visible) {
+        sm.block(s_q, s_k + stage * BLOCK_N * D, s_v + stage * BLOCK_N * D, c, !masked, visible, [] {});
     });
-
-    l0 = row_sum4(l0);
-    l1 = row_sum4(l1);
-    const float ls0 = l0 > 0.f ? l0 : 1.f, ls1 = l1 > 0.f ? l1 : 1.f;
     const int r0 = warp * 16 + (lane >> 2);
-    const int tok0 = tile.row_token(r0), tok1 = tile.row_token(r0 + 8);
-    T* out = head_base_mut<T>(p.out, pr);
-    const float i0 = 1.f / ls0, i1 = 1.f / ls1;
-#pragma unroll
-    for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const int col = dp * 64 + 8 * j + 2 * (lane & 3);
-            if (tok0 >= 0)
-                *reinterpret_cast<uint32_t*>(out + int64_t(tok0) * p.out.sn + col) =
-                    Mma<T>::pack(o[dp][4 * j] * i0, o[dp][4 * j + 1] * i0);
-            if (tok1 >= 0)
-                *reinterpret_cast<uint32_t*>(out + int64_t(tok1) * p.out.sn + col) =
-                    Mma<T>::pack(o[dp][4 * j + 2] * i1, o[dp][4 * j + 3] * i1);
-        }
-    if ((lane & 3) == 0) {
-        float* lse = p.lse + pr.b * p.lse_sb + int64_t(pr.head) * p.lse_sh;
-        if (tok0 >= 0) lse[tok0] = (m0 + log2f(ls0)) * kLn2;
-        if (tok1 >= 0) lse[tok1] = (m1 + log2f(ls1)) * kLn2;
-    }
+    sm.store(p, pr, tile.row_token(r0), tile.row_token(r0 + 8));
 }
 
 }  // namespace detail

@@ -1,5 +1,9 @@
 // Host launchers of the local-attention kernels (the forward: forward_wgmma.cuh; the backward:
-// kernels.cuh): tile shapes, grids, shared memory.
+// backward_wgmma.cuh, its delta kernels.cuh; the TMA forwards: forward_tma.cuh): tile shapes, grids, shared memory.
+#include <cudaTypedefs.h>
+
+#include "backward_wgmma.cuh"
+#include "forward_tma.cuh"
 #include "forward_wgmma.cuh"
 #include "kernels.cuh"
 #include "local_attention.h"
@@ -12,12 +16,8 @@ using detail::kRows;
 using detail::kThreads;
 using detail::kTileT;
 
-// the forward walks 64 positions per block; the backward 32 at D=128, where its accumulators
-// (dQ: 64 floats per thread beside two score blocks; dK and dV: 2 x 64) leave no registers for
-// 64-wide score blocks (dQ spilled 68 bytes with them)
+// every kernel walks 64 positions per block: one m64n64 score tile of a warpgroup
 constexpr int kBlockN = 64;
-template <int D>
-constexpr int backward_block_n() { return D == 128 ? 32 : 64; }
 
 int cdiv(int a, int b) { return (a + b - 1) / b; }
 
@@ -46,12 +46,149 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, c
 }
 
 template <typename T, int D>
-cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
+cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
     const Layer& L = p.layer;
     const TileShape s = window_tile(L.H, L.W, L.rh, L.rw, kBlockN);
     const size_t smem = size_t(kRows + 4 * kBlockN) * D * sizeof(T);
     // (+1024: the kernel aligns its tiles to 1024 bytes, wgmma's swizzle atom)
     return launch(detail::forward_wgmma_kernel<T, D, kBlockN>, grid_of(L, s), smem + 1024, stream, p, s);
+}
+
+// the driver's cuTensorMapEncodeTiled, found once through the runtime (no link to libcuda)
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found;
+#if CUDART_VERSION >= 12050
+        const cudaError_t err =
+            cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else
+        const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+        if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) fn = nullptr;
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    return encode;
+}
+
+// a [B, N, heads, D] view as the 5-D tensor map (D, H*W, T, heads, B) of 64 x 64 boxes in wgmma's
+// 128-byte swizzle (a frame's end a tensor edge: zeros past it); false where TMA cannot address it
+// (alignment, strides not multiples of 16 bytes)
+template <typename T>
+bool tensor_map(CUtensorMap* map, const View& v, const Layer& L) {
+    const auto encode = tensor_map_encoder();
+    const int64_t hw = int64_t(L.H) * L.W;
+    const int64_t strides_el[4] = {v.sn, v.sn * hw, v.sh, v.sb};
+    if (encode == nullptr || reinterpret_cast<uintptr_t>(v.ptr) % 16 != 0) return false;
+    for (int64_t st : strides_el)
+        if (st <= 0 || (st * int64_t(sizeof(T))) % 16 != 0 || st * int64_t(sizeof(T)) >= (int64_t(1) << 40)) return false;
+    const cuuint64_t dims[5] = {cuuint64_t(L.D), cuuint64_t(hw), cuuint64_t(L.T), cuuint64_t(L.n_heads),
+                                cuuint64_t(L.B)};
+    cuuint64_t strides[4];
+    for (int i = 0; i < 4; ++i) strides[i] = cuuint64_t(strides_el[i] * int64_t(sizeof(T)));
+    const cuuint32_t box[5] = {64, 64, 1, 1, 1}, unit[5] = {1, 1, 1, 1, 1};
+    const CUtensorMapDataType type =
+        std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return encode(map, type, 5, const_cast<void*>(v.ptr), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// a [B, N, heads, D] view whose batches follow each other in time (sb = N sn) as the 5-D tensor map
+// (D, W, H, T * B, heads) of boxes of 64 x box_w x box_h (a window tile's tokens, or its halo slice)
+template <typename T>
+bool window_tensor_map(CUtensorMap* map, const View& v, const Layer& L, int box_w, int box_h) {
+    const auto encode = tensor_map_encoder();
+    const int64_t hw = int64_t(L.H) * L.W;
+    const int64_t strides_el[4] = {v.sn, v.sn * L.W, v.sn * hw, v.sh};
+    if (encode == nullptr || reinterpret_cast<uintptr_t>(v.ptr) % 16 != 0 || (L.B > 1 && v.sb != v.sn * hw * L.T) ||
+        box_w > 256 || box_h > 256)
+        return false;
+    for (int64_t st : strides_el)
+        if (st <= 0 || (st * int64_t(sizeof(T))) % 16 != 0 || st * int64_t(sizeof(T)) >= (int64_t(1) << 40)) return false;
+    const cuuint64_t dims[5] = {cuuint64_t(L.D), cuuint64_t(L.W), cuuint64_t(L.H), cuuint64_t(L.T) * L.B,
+                                cuuint64_t(L.n_heads)};
+    cuuint64_t strides[4];
+    for (int i = 0; i < 4; ++i) strides[i] = cuuint64_t(strides_el[i] * int64_t(sizeof(T)));
+    const cuuint32_t box[5] = {64, cuuint32_t(box_w), cuuint32_t(box_h), 1, 1}, unit[5] = {1, 1, 1, 1, 1};
+    const CUtensorMapDataType type =
+        std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return encode(map, type, 5, const_cast<void*>(v.ptr), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// the window heads by TMA (forward_tma.cuh) where a halo slice is one box of at most 64 positions;
+// false (nothing launched) otherwise, for the wgmma kernel
+template <typename T, int D>
+bool forward_window_tma(const ForwardParams& p, cudaStream_t stream, cudaError_t* err) {
+    const Layer& L = p.layer;
+    if (L.n_window == 0) return false;
+    const TileShape t = window_tile(L.H, L.W, L.rh, L.rw, kBlockN);
+    const int sw = t.bw + 2 * L.rw, sh = t.bh + 2 * L.rh;
+    TmaMaps maps;
+    if (sw * sh > kBlockN || !window_tensor_map<T>(&maps.q, p.q, L, t.bw, t.bh) ||
+        !window_tensor_map<T>(&maps.k, p.k, L, sw, sh) || !window_tensor_map<T>(&maps.v, p.v, L, sw, sh))
+        return false;
+    ForwardParams window = p;
+    window.layer.n_local = L.n_window;
+    const dim3 grid(cdiv(L.T, 2 * kTileT) * cdiv(L.H, t.bh) * cdiv(L.W, t.bw), L.B * L.n_window);
+    *err = cudaSuccess;
+    if (grid.x == 0 || grid.y == 0) return true;
+    const auto kernel = detail::forward_tma_window_kernel<T, D>;
+    constexpr size_t smem = detail::tma_intra_smem<T, D>();
+    *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (*err == cudaSuccess) {
+        kernel<<<grid, detail::tma::kThreadsTma, smem, stream>>>(maps, window, t.bh, t.bw);
+        *err = cudaGetLastError();
+    }
+    return true;
+}
+
+// the intra heads by TMA and two consumer warpgroups (forward_tma.cuh); false (nothing launched) where
+// the tensors do not suit TMA, so the caller runs them on the wgmma kernel
+template <typename T, int D>
+bool forward_intra_tma(const ForwardParams& p, cudaStream_t stream, cudaError_t* err) {
+    const Layer& L = p.layer;
+    TmaMaps maps;
+    if (L.n_local <= L.n_window || !tensor_map<T>(&maps.q, p.q, L) || !tensor_map<T>(&maps.k, p.k, L) ||
+        !tensor_map<T>(&maps.v, p.v, L))
+        return false;
+    ForwardParams intra = p;
+    intra.layer.heads = L.heads + L.n_window;
+    intra.layer.n_local = L.n_local - L.n_window;
+    intra.layer.n_window = 0;
+    const dim3 grid(L.T * cdiv(L.H * L.W, detail::tma::kRowsTma), L.B * intra.layer.n_local);
+    *err = cudaSuccess;
+    if (grid.x == 0 || grid.y == 0) return true;
+    const auto kernel = detail::forward_tma_intra_kernel<T, D>;
+    constexpr size_t smem = detail::tma_intra_smem<T, D>();
+    *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (*err == cudaSuccess) {
+        kernel<<<grid, detail::tma::kThreadsTma, smem, stream>>>(maps, intra);
+        *err = cudaGetLastError();
+    }
+    return true;
+}
+
+// Each mode on its TMA kernel where the tensors and the window suit it, the rest on the wgmma kernel (one
+// launch for whatever is left: both modes, or one)
+template <typename T, int D>
+cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
+    cudaError_t err = cudaSuccess;
+    const bool window_done = forward_window_tma<T, D>(p, stream, &err);
+    if (err != cudaSuccess) return err;
+    const bool intra_done = forward_intra_tma<T, D>(p, stream, &err);
+    if (err != cudaSuccess || (window_done && (intra_done || p.layer.n_local == p.layer.n_window))) return err;
+    ForwardParams rest = p;
+    if (window_done) {  // the intra heads
+        rest.layer.heads = p.layer.heads + p.layer.n_window;
+        rest.layer.n_local = p.layer.n_local - p.layer.n_window;
+        rest.layer.n_window = 0;
+    } else if (intra_done || p.layer.n_local == p.layer.n_window) {  // the window heads
+        rest.layer.n_local = p.layer.n_window;
+    }
+    return forward_wgmma<T, D>(rest, stream);
 }
 
 template <typename T, int D>
@@ -63,13 +200,14 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
         cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
     }
-    constexpr int BN = backward_block_n<D>();
-    const TileShape s = window_tile(L.H, L.W, L.rh, L.rw, BN);
-    const size_t smem_q = size_t(2 * kRows + 4 * BN) * D * sizeof(T);
-    cudaError_t err = launch(detail::dq_kernel<T, D, BN>, grid_of(L, s), smem_q, stream, p, s);
+    const TileShape s = window_tile(L.H, L.W, L.rh, L.rw, kBlockN);
+    // Q, dO and two stages of K and V; K, V and two stages of Q, dO and of the queries' LSE and delta
+    // (+1024: the kernels align their tiles to 1024 bytes, wgmma's swizzle atom)
+    const size_t smem_q = size_t(2 * kRows + 4 * kBlockN) * D * sizeof(T) + 1024;
+    cudaError_t err = launch(detail::dq_wgmma_kernel<T, D, kBlockN>, grid_of(L, s), smem_q, stream, p, s);
     if (err != cudaSuccess) return err;
-    const size_t smem_k = size_t(2 * kRows + 4 * BN) * D * sizeof(T) + 4 * BN * sizeof(float);
-    return launch(detail::dkdv_kernel<T, D, BN>, grid_of(L, s), smem_k, stream, p, s);
+    const size_t smem_k = smem_q + 4 * kBlockN * sizeof(float);
+    return launch(detail::dkdv_wgmma_kernel<T, D, kBlockN>, grid_of(L, s), smem_k, stream, p, s);
 }
 
 }  // namespace

@@ -1,0 +1,291 @@
+// The forward of the intra-frame heads with TMA loads and warp specialisation, sm_90a (FlashAttention-3's
+// layout, without its intra-warpgroup overlap or ping-pong yet).
+//
+// Why (docs/PERF.md entry 21g): the wgmma forward (forward_wgmma.cuh) issues ~790 instructions per warp
+// and 64-key block around its 16 wgmma, most of them the cp.async addresses of 16 chunks per thread and
+// block and the walk's integer work, and runs 8 warps an SM (82 KB of shared memory, 164 registers).
+// Here one thread of a producer warpgroup issues each block's K and V as TMA copies (one instruction per
+// 64 x 64 box, the 128-byte swizzle wgmma reads done by the copy engine, rows past the tensor zero-filled),
+// and two consumer warpgroups of 64 query rows each (128 rows of one frame a program) share every block.
+// The consumers spend their instructions on the softmax alone.
+//
+// A program: 128 consecutive tokens of one frame (the last program of a frame partly past its end: those
+// rows are TMA's zeros, computed and not stored) of one (batch, intra head); it walks the frame in blocks
+// of 64 keys, the last one masked past the frame's end (where K and V are zeros: another frame's values,
+// NaN or not, never meet a zero probability).
+// Synchronisation is by mbarriers alone: q_full (the two Q tiles landed), k_full / v_full per stage (the
+// copy's bytes arrived), empty per stage (each consumer warp's wgmma reads of it done: 8 arrivals).
+//
+// The tensor maps (built per call by the launcher, local_attention.cu) see q, k and v as 5-D tensors
+// (D, H*W, T, heads, B) of 2-byte elements with their strides, so a frame's end is a tensor edge; a box
+// is 64 head-dim elements x 64 tokens of one frame.
+#pragma once
+
+#include <cuda.h>
+
+#include "forward_wgmma.cuh"
+
+namespace oasis_local {
+
+// the three tensor maps of a forward call (kernel parameters: __grid_constant__)
+struct TmaMaps {
+    CUtensorMap q, k, v;
+};
+
+namespace detail {
+namespace tma {
+
+constexpr int kConsumers = 2;                        // consumer warpgroups, 64 query rows each
+constexpr int kThreadsTma = 128 * (kConsumers + 1);  // + the producer warpgroup
+constexpr int kRowsTma = 64 * kConsumers;            // query rows a program
+constexpr int kStages = 3;                           // K/V blocks in flight
+constexpr int kBlock = 64;                           // keys a block
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+
+// one arrival that also says how many bytes the phase's copies bring
+__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// waits until the barrier's phase of parity `parity` has completed
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+    }
+    __syncwarp();  // the lanes leave the loop together, before the warpgroup-wide wgmma after it
+}
+
+// box (d0.., i0.., t, head, b) of a 5-D tensor map into shared memory, completing on `bar`
+__device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int d0, int i0, int t,
+                                         int head, int b) {
+    asm volatile(
+        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, "
+        "%6, %7}], [%2];\n" ::"r"(smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(d0), "r"(i0), "r"(t), "r"(head), "r"(b)
+        : "memory");
+}
+
+// A TMA kernel's shared memory: Q (two 64-row tiles), kStages K and V blocks (64 x D each, the wgmma
+// panels, 1024-byte aligned), then the barriers: q_full, k_full and v_full per stage (the copies' bytes),
+// empty per stage (each consumer warp once its wgmma reads are done)
+template <typename T, int D>
+struct Stages {
+    T *q, *k, *v;
+    uint64_t *q_full, *k_full, *v_full, *empty;
+
+    __device__ explicit Stages(unsigned char* smem) {
+        q = reinterpret_cast<T*>(smem + ((1024 - (wgmma::smem_address(smem) & 1023)) & 1023));
+        k = q + kRowsTma * D;
+        v = k + kStages * kBlock * D;
+        q_full = reinterpret_cast<uint64_t*>(v + kStages * kBlock * D);
+        k_full = q_full + 1;
+        v_full = k_full + kStages;
+        empty = v_full + kStages;
+    }
+
+    __device__ void init_barriers() const {  // by thread 0, before the block's barrier
+        if (threadIdx.x != 0) return;
+        mbar_init(q_full, 1);
+        for (int s = 0; s < kStages; ++s) {
+            mbar_init(k_full + s, 1);
+            mbar_init(v_full + s, 1);
+            mbar_init(empty + s, 4 * kConsumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+};
+
+// 64 tokens i0.. of frame t as a tile of D columns: D / 64 boxes, each a 64 x 64 panel of the wgmma layout
+// (wgmma::swizzled); tokens past the frame's end are zeros (the map's frame dimension ends there)
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* tile, const CUtensorMap* map, uint64_t* bar, int i0, int t, int head,
+                                          int b) {
+#pragma unroll
+    for (int panel = 0; panel < D / 64; ++panel)
+        load_box(tile + panel * 64 * 64, map, bar, panel * 64, i0, t, head, b);
+}
+
+}  // namespace tma
+
+template <typename T, int D>
+__global__ void __launch_bounds__(tma::kThreadsTma, 1)
+    forward_tma_intra_kernel(const __grid_constant__ TmaMaps maps, const ForwardParams p) {
+    using namespace tma;
+    static_assert(D % 64 == 0, "the head dim in 64-wide boxes");
+    constexpr uint32_t kTileBytes = 64 * D * sizeof(T);
+    extern __shared__ __align__(128) unsigned char smem_tma[];
+    const Stages<T, D> st(smem_tma);
+    T *s_q = st.q, *s_k = st.k, *s_v = st.v;
+    uint64_t *q_full = st.q_full, *k_full = st.k_full, *v_full = st.v_full, *empty = st.empty;
+
+    const Layer& L = p.layer;  // the intra heads alone (the launcher's view: n_window = 0)
+    const Program pr(L);
+    const int HW = L.H * L.W, per_frame = (HW + kRowsTma - 1) / kRowsTma;
+    if (!pr.valid || blockIdx.x >= unsigned(L.T * per_frame)) return;
+    const int frame = blockIdx.x / per_frame, frame_token = frame * HW, start = (blockIdx.x % per_frame) * kRowsTma;
+    const int n_blocks = (HW + kBlock - 1) / kBlock;
+    const int wg = threadIdx.x / 128;
+
+    st.init_barriers();
+    __syncthreads();  // the last CTA-wide barrier: the warpgroups part here
+
+    if (wg == kConsumers) {  // the producer: one thread issues every copy
+        if (threadIdx.x % 128 == 0) {
+            const int head = pr.head, b = int(pr.b);
+            mbar_expect_bytes(q_full, kConsumers * kTileBytes);
+            for (int c = 0; c < kConsumers; ++c)
+                tma::load_tile<T, D>(s_q + c * 64 * D, &maps.q, q_full, start + 64 * c, frame, head, b);
+            for (int it = 0; it < n_blocks; ++it) {
+                const int s = it % kStages, round = it / kStages;
+                if (round > 0) mbar_wait(empty + s, (round - 1) & 1);
+                mbar_expect_bytes(k_full + s, kTileBytes);
+                tma::load_tile<T, D>(s_k + s * kBlock * D, &maps.k, k_full + s, it * kBlock, frame, head, b);
+                mbar_expect_bytes(v_full + s, kTileBytes);
+                tma::load_tile<T, D>(s_v + s * kBlock * D, &maps.v, v_full + s, it * kBlock, frame, head, b);
+            }
+        }
+        return;
+    }
+
+    // a consumer warpgroup: query rows start + 64 wg .. of the frame
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    const T* q_tile = s_q + wg * 64 * D;
+    const float c = p.scale * kLog2e;
+    WgSoftmax<T, D> sm;
+    mbar_wait(q_full, 0);
+    for (int it = 0; it < n_blocks; ++it) {
+        const int s = it % kStages;
+        const uint32_t parity = (it / kStages) & 1;
+        mbar_wait(k_full + s, parity);
+        // columns past the frame's end (the last block only): thread column 8 j + 2 (lane % 4) + (e & 1)
+        const int past = HW - it * kBlock;
+        uint32_t visible = 0;
+        if (past < kBlock) {
+#pragma unroll
+            for (int e = 0; e < 32; ++e) visible |= uint32_t(8 * (e / 4) + 2 * (lane & 3) + (e & 1) < past) << e;
+        }
+        sm.block(q_tile, s_k + s * kBlock * D, s_v + s * kBlock * D, c, past >= kBlock, visible,
+                 [&] { mbar_wait(v_full + s, parity); });
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);  // this warp's reads of the stage are done (wgmma waited)
+    }
+    const int r0 = start + 64 * wg + warp * 16 + (lane >> 2);
+    sm.store(p, pr, r0 < HW ? frame_token + r0 : -1, r0 + 8 < HW ? frame_token + r0 + 8 : -1);
+}
+
+// The window heads: a program is two window tiles stacked in time (8 frames of bh x bw tokens, bh * bw = 16,
+// one consumer warpgroup of 4 frames each, one frame per warp, geometry.cuh's Tile) of one (batch, window
+// head). The halo is walked one frame at a time over the union of both tiles' frames (8 + 2 rt, clipped to
+// the clip), each frame's slice of (bh + 2 rh) x (bw + 2 rw) <= 64 positions one TMA box of a 5-D map
+// (D, W, H, T * B, heads): positions outside the frame are the box's zeros (negative coordinates too), the
+// slice's rows past its size stay the zeros written at the start. A warpgroup computes the frames within
+// rt of its own, with the Tile's masks; it waits for the others' copies too before releasing a stage.
+template <typename T, int D>
+__global__ void __launch_bounds__(tma::kThreadsTma, 1)
+    forward_tma_window_kernel(const __grid_constant__ TmaMaps maps, const ForwardParams p, int bh, int bw) {
+    using namespace tma;
+    extern __shared__ __align__(128) unsigned char smem_tma[];
+    const Stages<T, D> st(smem_tma);
+    T *s_q = st.q, *s_k = st.k, *s_v = st.v;
+    uint64_t *q_full = st.q_full, *k_full = st.k_full, *v_full = st.v_full, *empty = st.empty;
+
+    const Layer& L = p.layer;  // the window heads alone
+    const Program pr(L);
+    const int nbh = (L.H + bh - 1) / bh, nbw = (L.W + bw - 1) / bw, per_t = nbh * nbw;
+    const int group = blockIdx.x / per_t, rest = blockIdx.x % per_t, t0c = group * 2 * kTileT;
+    if (!pr.valid || t0c >= L.T) return;
+    const int h0 = (rest / nbw) * bh, w0 = (rest % nbw) * bw;
+    const int sh = bh + 2 * L.rh, sw = bw + 2 * L.rw, slice = sh * sw;
+    const int lo = t0c - L.rt > 0 ? t0c - L.rt : 0;
+    const int hi = t0c + 2 * kTileT - 1 + L.rt < L.T - 1 ? t0c + 2 * kTileT - 1 + L.rt : L.T - 1;
+    const int n_blocks = hi - lo + 1;
+    const int wg = threadIdx.x / 128;
+
+    // the K and V stages' rows past the slice: zeros, once (the copies never write them)
+    for (int i = threadIdx.x; i < 2 * kStages * (D / 64) * (64 - slice) * 8; i += kThreadsTma) {
+        const int chunk = i % 8, row = slice + (i / 8) % (64 - slice), panel = i / (8 * (64 - slice));
+        reinterpret_cast<uint4*>(s_k + panel * 64 * 64 + row * 64)[chunk] = make_uint4(0, 0, 0, 0);
+    }
+    st.init_barriers();
+    wgmma::fence_smem_for_async();  // the zeros, written by ordinary stores, read by wgmma
+    __syncthreads();
+
+    const int bt = int(pr.b) * L.T;  // the map's frame index of this batch's frame 0
+    if (wg == kConsumers) {
+        if (threadIdx.x % 128 == 0) {
+            const int head = pr.head;
+            constexpr uint32_t kQBoxBytes = 16 * 128;  // one frame's 16 query tokens, one 64-column panel
+            mbar_expect_bytes(q_full, kConsumers * kTileT * (D / 64) * kQBoxBytes);
+            for (int c = 0; c < kConsumers; ++c)
+                for (int f = 0; f < kTileT; ++f)
+#pragma unroll
+                    for (int panel = 0; panel < D / 64; ++panel)
+                        load_box(s_q + c * 64 * D + panel * 64 * 64 + f * 16 * 64, &maps.q, q_full, panel * 64, w0,
+                                 h0, bt + t0c + kTileT * c + f, head);
+            const uint32_t kv_bytes = (D / 64) * slice * 128;
+            for (int it = 0; it < n_blocks; ++it) {
+                const int s = it % kStages, round = it / kStages;
+                if (round > 0) mbar_wait(empty + s, (round - 1) & 1);
+                mbar_expect_bytes(k_full + s, kv_bytes);
+                mbar_expect_bytes(v_full + s, kv_bytes);
+#pragma unroll
+                for (int panel = 0; panel < D / 64; ++panel) {
+                    load_box(s_k + s * kBlock * D + panel * 64 * 64, &maps.k, k_full + s, panel * 64, w0 - L.rw,
+                             h0 - L.rh, bt + lo + it, head);
+                    load_box(s_v + s * kBlock * D + panel * 64 * 64, &maps.v, v_full + s, panel * 64, w0 - L.rw,
+                             h0 - L.rh, bt + lo + it, head);
+                }
+            }
+        }
+        return;
+    }
+
+    const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    Tile tile{};
+    const bool have = tile.init<kBlock>((2 * group + wg) * per_t + rest, true, L, bh, bw);
+    const uint32_t bits = have ? tile.mask_bits<kBlock>(Block{0, 0, 0}, lane) : 0u;  // the same in every frame
+    const T* q_tile = s_q + wg * 64 * D;
+    const float c = p.scale * kLog2e;
+    WgSoftmax<T, D> sm;
+    mbar_wait(q_full, 0);
+    for (int it = 0; it < n_blocks; ++it) {
+        const int s = it % kStages;
+        const uint32_t parity = (it / kStages) & 1;
+        mbar_wait(k_full + s, parity);
+        const Block b{it, lo + it - (tile.t0 - L.rt), 0};  // the frame among this tile's halo frames
+        if (have && b.f >= 0 && b.f <= kTileT - 1 + 2 * L.rt) {
+            sm.block(q_tile, s_k + s * kBlock * D, s_v + s * kBlock * D, c, false,
+                     tile.warp_sees(b, warp) ? bits : 0u, [&] { mbar_wait(v_full + s, parity); });
+        } else {
+            mbar_wait(v_full + s, parity);  // landed before the stage is released for its next copy
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + s);
+    }
+    if (have) {
+        const int r0 = warp * 16 + (lane >> 2);
+        sm.store(p, pr, tile.row_token(r0), tile.row_token(r0 + 8));
+    }
+}
+
+// shared memory of a forward_tma_*_kernel launch (+1024: the kernel aligns its tiles to 1024 bytes)
+template <typename T, int D>
+constexpr size_t tma_intra_smem() {
+    return size_t(tma::kRowsTma + 2 * tma::kStages * tma::kBlock) * D * sizeof(T) + (1 + 3 * tma::kStages) * 8 + 1024;
+}
+
+}  // namespace detail
+}  // namespace oasis_local
