@@ -103,9 +103,10 @@ class TrainConfig:
     # where the degradations run: "workers" (the loader's CPU processes), "device" (the training device,
     # in the main process: blur, resize, noise and JPEG on the GPU, the codec on the CPU between),
     # "workers-device" (the loader's processes, each on the training device: the same GPU work, its Python
-    # in `workers` interpreters instead of one; each worker holds a CUDA context) or "auto" (device on
-    # CUDA, workers on the CPU). On the H200's 16-core host (426bad8) the workers made 4-6 clips/s, fewer
-    # than a step consumes (7-11), the GPU 12-16
+    # in `workers` interpreters instead of one; each worker holds a CUDA context) or "auto" (on CUDA
+    # "workers-device" with loader workers, "device" without; "workers" on the CPU). On an H100's 16-core
+    # host (48e8a57, docs/OASIS.md) 16 workers degrading on the GPU made 48-53 clips/s and a matmul beside
+    # them kept 88% of its rate; "device" made 26-46 and kept 55% (the main process's interpreter is shared)
     degrade_on: str = "auto"
     degrade_threads: int = 4
     # the curriculum
@@ -503,6 +504,13 @@ class Trainer:
     def degrades_on_device(self) -> bool:
         return self._degrade_place(self.cfg.degrade_on) == "device"
 
+    def _degrades_in_workers(self, device=None) -> bool:
+        """Whether the loader's workers degrade their clips on this trainer's device (``"workers-device"``, or
+        ``"auto"`` on CUDA with loader workers), for a trainer on ``device`` (this one's)."""
+        kind = self.device.type if device is None else torch.device(device).type
+        setting = self.cfg.degrade_on
+        return setting == "workers-device" or (setting == "auto" and kind == "cuda" and self.cfg.workers > 0)
+
     def micro_batches(self, step: int):
         """``step``'s micro-batches ``(lq, hq)``, loaded here (no workers, no degradation threads)."""
         data = self.data[self.cfg.stage(step)]
@@ -524,7 +532,7 @@ class Trainer:
                 continue
             order = [numbers for step in range(stage_start, stage_end) for numbers in self.samples(step)]
             data = self.data[cfg.stage(stage_start)]
-            if cfg.degrade_on == "workers-device":
+            if self._degrades_in_workers():
                 # each worker degrades its clips on this trainer's device; CUDA needs spawned workers
                 spawn = cfg.workers > 0 and self.device.type == "cuda"
                 loader = torch.utils.data.DataLoader(data.on_device_in_workers(self.device), batch_sampler=order,

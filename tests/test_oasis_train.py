@@ -422,6 +422,11 @@ def test_degradations_on_the_device_give_the_same_batches(tmp_path):
     in_workers = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2,
                                      degrade_on="workers-device", workers=2))
     assert not in_workers.degrades_on_device and in_workers._degrade_place("workers-device", "cuda") == "device"
+    # "auto": in the workers on CUDA where there are workers, in the trainer's process without; the CPU's workers
+    assert in_workers._degrades_in_workers() and not device._degrades_in_workers()
+    auto_2 = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, workers=2))
+    assert auto_2._degrades_in_workers("cuda") and not auto_2._degrades_in_workers()
+    assert base.workers == 0 and not workers._degrades_in_workers("cuda")  # no workers: the trainer's process
     in_workers_0 = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2,
                                        degrade_on="workers-device", workers=0))
     others = [list(in_workers._loader(0, 3)), list(in_workers_0._loader(0, 3))]
