@@ -126,13 +126,90 @@ def test_conv3d_k3_matches_float64(case):
     assert err <= 2 * base + 1e-2, (err, base)
 
 
+# (B, Cin, Cout, T, H, W, prev, bias, residual, tail frames): the norm takes 96 or 192 output channels
+NORM_CASES = [
+    (1, 96, 96, 3, 5, 70, True, True, False, 2),
+    (2, 192, 192, 1, 4, 33, False, True, True, 1),
+    (1, 96, 192, 2, 3, 129, True, False, False, 2),
+    (1, 384, 96, 4, 2, 64, False, True, False, 0),
+]
+
+
+@hopper
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
+    n for n, on in zip("pbr", c[6:9]) if on) + f"-tail{c[9]}")
+def test_conv3d_k3_with_the_next_norm_matches_float64(case):
+    """The next layer's RMS norm + SiLU in the epilogue: against the float64 convolution normalised in
+    float64, the error at most 2x that of cuDNN's bf16 convolution normalised in float32 (the unfused path's
+    numbers), plus a floor; the tail is the output's last frames, and nothing is written outside either."""
+    from oasis.vae_kernels import norm_silu_reference
+
+    b, cin, cout, t, h, w, has_prev, has_bias, has_res, k = case
+    g = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
+    cl = torch.channels_last_3d
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().contiguous(memory_format=cl)
+
+    x = rnd(b, cin, t, h, w)
+    prev = rnd(b, cin, 2, h, w) if has_prev else None
+    weight = (torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g) * (27 * cin) ** -0.5).bfloat16()
+    bias = torch.randn(cout, device="cuda", generator=g) if has_bias else None
+    residual = rnd(b, cout, t, h, w) if has_res else None
+    gamma = (1 + 0.5 * torch.randn(cout, 1, 1, 1, device="cuda", generator=g)).bfloat16()
+    scale = cout ** 0.5
+
+    def framed(frames):  # NaN frames around the tensor: what the kernel writes past it is caught
+        big = torch.full((b, cout, frames + 2, h, w), float("nan"), device="cuda", dtype=torch.bfloat16)
+        return big.contiguous(memory_format=cl), slice(1, 1 + frames)
+
+    big, inner = framed(t)
+    big_tail, inner_tail = framed(max(k, 1))
+    out, tail = big[:, :, inner], (big_tail[:, :, inner_tail] if k else None)
+    vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual, norm=(gamma, scale), tail=tail, out=out)
+    torch.cuda.synchronize()
+    for whole, size in ((big, t), (big_tail, max(k, 1) if k else -1)):
+        if size > 0:
+            assert torch.isnan(whole[:, :, 0]).all() and torch.isnan(whole[:, :, size + 1]).all(), "wrote outside"
+    assert out.isfinite().all()
+    if k:
+        assert torch.equal(tail, out[:, :, t - k:]), "the tail is not the output's last frames"
+    exact = norm_silu_reference(reference(x, weight, bias, prev, residual), gamma.double(), scale)
+    cudnn = reference(x, weight, None if bias is None else bias.bfloat16(), prev, residual, torch.bfloat16)
+    unfused = norm_silu_reference(cudnn.float(), gamma.float(), scale).bfloat16()
+    err = (out.double() - exact).abs().max().item()
+    base = (unfused.double() - exact).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
+
+
+@hopper
+def test_the_norm_needs_one_programs_channels():
+    x = torch.zeros(1, 64, 2, 4, 64, dtype=torch.bfloat16, device="cuda").contiguous(
+        memory_format=torch.channels_last_3d)
+    w = torch.zeros(384, 64, 3, 3, 3, dtype=torch.bfloat16, device="cuda")
+    assert vae_cuda.why_not(x, w) is None
+    assert "needs 96 or 192 output channels, got 384" in vae_cuda.why_not(x, w, norm=True)
+    with pytest.raises(ValueError, match="needs 96 or 192 output channels"):
+        vae_cuda.conv3d_k3(x, w, norm=(torch.ones(384, device="cuda"), 1.0))
+
+
 @hopper
 @pytest.mark.parametrize("chunk,pieces", [(1, 2), (1, 1), (2, None)])
-def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces):
+def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, monkeypatch):
     """Wan2.1's decoder (its real channel counts: 96, 192, 384) on small latents: with conv_kernel="cuda"
-    its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor)."""
-    from oasis.wan_vae import WanVAE, WanVAEConfig
+    its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor); the
+    residual blocks of 96 and 192 channels take the norm in conv1's epilogue."""
+    from oasis.wan_vae import ResidualBlock, WanVAE, WanVAEConfig
 
+    fused = []
+    conv2_input = ResidualBlock._conv2_input
+
+    def spy(self, *args, **kwargs):
+        got = conv2_input(self, *args, **kwargs)
+        fused.append((self.conv1.out_channels, got is not None))
+        return got
+
+    monkeypatch.setattr(ResidualBlock, "_conv2_input", spy)
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(), encoder=False).cuda()
     z = torch.randn(1, 16, 3, 5, 7, device="cuda")
@@ -147,6 +224,7 @@ def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces):
     err = {k: (v - exact).abs().max().item() for k, v in got.items()}
     assert err["cuda"] <= 2 * err["cudnn"] + 1e-2, err
     assert not torch.equal(got["cuda"], got["cudnn"]), "the CUDA kernel did not run"
+    assert {c for c, on in fused if on} == {96, 192} and not any(on for c, on in fused if c == 384), fused
 
 
 def test_conv_kernel_setting_is_checked():
