@@ -289,8 +289,9 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, cache):
-        # conv1's bias is added in the norm pass that reads its output; conv2's and the shortcut's
-        # with the residual, in the one pass that follows conv2 (oasis.vae_conv.conv)
+        # conv1's bias is added in the norm pass that reads its output (in conv1's own kernel where that
+        # applies norm2: _conv2_input); conv2's and the shortcut's with the residual, in the one pass that
+        # follows conv2 (oasis.vae_conv.conv) or in the CUDA kernel's epilogue
         bias = self.conv2.bias
         if self.conv_shortcut is None:
             h = x

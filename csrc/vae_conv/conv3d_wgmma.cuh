@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(detail::kThreads, 1)
                 v0 += __bfloat162float(r.x);
                 v1 += __bfloat162float(r.y);
             }
-            ss += v0 * v0 + v1 * v1;
+            if (p.norm != nullptr) ss += v0 * v0 + v1 * v1;
         }
         if (p.norm != nullptr) {  // the pixel's sum of squares over its quad, then F.normalize's eps
             ss += __shfl_xor_sync(0xffffffffu, ss, 1);
@@ -349,8 +349,8 @@ __global__ void __launch_bounds__(detail::kThreads, 1)
                 float& v1 = acc[4 * j + 2 * half + 1];
                 v0 *= inv * p.norm[n];
                 v1 *= inv * p.norm[n + 1];
-                v0 = v0 / (1.f + __expf(-v0));  // SiLU
-                v1 = v1 / (1.f + __expf(-v1));
+                v0 = __fdividef(v0, 1.f + __expf(-v0));  // SiLU
+                v1 = __fdividef(v1, 1.f + __expf(-v1));
             }
         }
         if (!inside) continue;

@@ -11,6 +11,7 @@
 //   norm:     [Cout] float32 (the RMS norm's gamma * sqrt(Cout)), or absent; given, out is
 //             SiLU(y / max(||y||_C, 1e-12) * norm) of y = conv + bias + residual (Cout 96 or 192 only)
 //   tail:     [B, Cout, k, H, W] with 1 <= k <= T, or absent: also given out's last k frames
+// out and tail must not overlap x, prev or residual (the kernel reads those while others write)
 #pragma once
 
 #include <cstdint>
