@@ -95,26 +95,38 @@ CASES = [
 ]
 
 
-@hopper
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
-    n for n, on in zip("pbr", c[6:]) if on))
-def test_conv3d_k3_matches_float64(case):
-    b, cin, cout, t, h, w, has_prev, has_bias, has_res = case
+def random_call(case):
+    """A case's random inputs on the GPU, seeded by the case: x, prev, weight, bias, residual and the generator
+    (bf16 channels-last tensors; the bias float32, as a layer's may be)."""
+    b, cin, cout, t, h, w, has_prev, has_bias, has_res = case[:9]
     g = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
-    cl = torch.channels_last_3d
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().contiguous(memory_format=cl)
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).bfloat16().contiguous(memory_format=torch.channels_last_3d)
 
     x = rnd(b, cin, t, h, w)
     prev = rnd(b, cin, 2, h, w) if has_prev else None
     weight = (torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g) * (27 * cin) ** -0.5).bfloat16()
     bias = torch.randn(cout, device="cuda", generator=g) if has_bias else None
     residual = rnd(b, cout, t, h, w) if has_res else None
-    # the output inside a larger buffer: what the kernel writes past it is caught
-    big = torch.full((b, cout, t + 2, h, w), float("nan"), device="cuda", dtype=torch.bfloat16).contiguous(
-        memory_format=cl)
-    out = big[:, :, 1:1 + t]
+    return x, prev, weight, bias, residual, g
+
+
+def framed(b, c, frames, h, w):
+    """A bf16 channels-last ``[b, c, frames, h, w]`` inside a buffer of NaN frames either side (what a kernel
+    writes past it is caught): the buffer and the view."""
+    big = torch.full((b, c, frames + 2, h, w), float("nan"), device="cuda", dtype=torch.bfloat16)
+    big = big.contiguous(memory_format=torch.channels_last_3d)
+    return big, big[:, :, 1:1 + frames]
+
+
+@hopper
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
+    n for n, on in zip("pbr", c[6:]) if on))
+def test_conv3d_k3_matches_float64(case):
+    b, cin, cout, t, h, w, has_prev, has_bias, has_res = case
+    x, prev, weight, bias, residual, g = random_call(case)
+    big, out = framed(b, cout, t, h, w)
     vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual, out=out)
     torch.cuda.synchronize()
     assert torch.isnan(big[:, :, 0]).all() and torch.isnan(big[:, :, t + 1]).all(), "wrote outside its output"
@@ -145,31 +157,17 @@ def test_conv3d_k3_with_the_next_norm_matches_float64(case):
     from oasis.vae_kernels import norm_silu_reference
 
     b, cin, cout, t, h, w, has_prev, has_bias, has_res, k = case
-    g = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
-    cl = torch.channels_last_3d
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().contiguous(memory_format=cl)
-
-    x = rnd(b, cin, t, h, w)
-    prev = rnd(b, cin, 2, h, w) if has_prev else None
-    weight = (torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g) * (27 * cin) ** -0.5).bfloat16()
-    bias = torch.randn(cout, device="cuda", generator=g) if has_bias else None
-    residual = rnd(b, cout, t, h, w) if has_res else None
+    x, prev, weight, bias, residual, g = random_call(case)
     gamma = (1 + 0.5 * torch.randn(cout, 1, 1, 1, device="cuda", generator=g)).bfloat16()
     scale = cout ** 0.5
 
-    def framed(frames):  # NaN frames around the tensor: what the kernel writes past it is caught
-        big = torch.full((b, cout, frames + 2, h, w), float("nan"), device="cuda", dtype=torch.bfloat16)
-        return big.contiguous(memory_format=cl), slice(1, 1 + frames)
-
-    big, inner = framed(t)
-    big_tail, inner_tail = framed(max(k, 1))
-    out, tail = big[:, :, inner], (big_tail[:, :, inner_tail] if k else None)
+    big, out = framed(b, cout, t, h, w)
+    big_tail, tail = framed(b, cout, max(k, 1), h, w)
+    tail = tail if k else None
     vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual, norm=(gamma, scale), tail=tail, out=out)
     torch.cuda.synchronize()
-    for whole, size in ((big, t), (big_tail, max(k, 1) if k else -1)):
-        if size > 0:
+    for whole, size in ((big, t), (big_tail, k)):
+        if size:
             assert torch.isnan(whole[:, :, 0]).all() and torch.isnan(whole[:, :, size + 1]).all(), "wrote outside"
     assert out.isfinite().all()
     if k:
