@@ -321,10 +321,15 @@ class ResidualBlock(nn.Module):
         if not vae_conv.cuda_kernel_takes(out, c2.weight, c2.time_pad, prev=prev2, residual=h):
             return None
         normed = c1._normed_frames(x, self.norm1, cache, prev1, None)
-        tail = c2._new_entry(out, cache)
+        # conv2's next cache entry: with more new frames than it holds, written by conv1's epilogue too; with
+        # exactly as many, the output itself (no copy, and no tensor alive beyond what the unfused path holds:
+        # a tail allocated here would be one more at the decoder's peak, docs/PERF.md entry 18l)
+        tail = c2._new_entry(out, cache) if out.shape[2] > c2.time_pad else None
         vae_cuda.conv3d_k3(normed, c1.weight, c1.bias, prev=prev1, norm=(self.norm2.gamma, self.norm2.scale), tail=tail,
                            out=out)
-        del normed
+        del normed, prev1
+        if tail is None and out.shape[2] == c2.time_pad:
+            tail = out
         c2._keep_entry(out, tail, prev2, cache)
         return out, prev2
 

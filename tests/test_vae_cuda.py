@@ -250,3 +250,52 @@ def test_cuda_kernel_takes_nothing_outside_its_setting_or_on_the_cpu():
             assert vae_conv.cuda_kernel_takes(xc, wc, 2)
             assert not vae_conv.cuda_kernel_takes(xc, wc, 0)  # no cached frames: not this kernel's call
             assert not vae_conv.cuda_kernel_takes(xc, wc, 2, residual=xc.contiguous())  # channels-first
+
+
+def _stand_in_kernel(x, weight, bias=None, *, prev=None, residual=None, norm=None, tail=None, out=None):
+    """conv3d_k3's contract in torch (the CPU): what the fused residual block's logic is tested against."""
+    from oasis.vae_kernels import norm_silu_reference
+
+    front = prev if prev is not None else x.new_zeros((*x.shape[:2], 2, *x.shape[3:]))
+    y = F.conv3d(torch.cat([front, x], 2), weight, bias, padding=(0, 1, 1))
+    y = y if residual is None else y + residual
+    y = y if norm is None else norm_silu_reference(y, norm[0], norm[1])
+    out = torch.empty_like(y) if out is None else out
+    out.copy_(y)
+    if tail is not None:
+        tail.copy_(out[:, :, out.shape[2] - tail.shape[2]:])
+    return out
+
+
+@pytest.mark.parametrize("cin,cout", [(96, 96), (192, 96), (96, 192), (384, 192)])
+@pytest.mark.parametrize("pieces", [(1, 1, 1), (3, 1, 2), (2,), (1, 4)])
+def test_residual_block_with_the_norm_in_conv1_keeps_the_same_cache(cin, cout, pieces, monkeypatch):
+    """A residual block whose conv1 applies norm2 in its epilogue (``_conv2_input``; the kernel stood in for by
+    its contract in float64 on the CPU) gives the unfused path's output, and the same cache entries for conv1
+    and conv2 after every call: frames handed over one or several at a time, fewer than the cache holds too."""
+    from oasis import vae_conv
+    from oasis.wan_vae import ResidualBlock
+
+    torch.manual_seed(cin + cout + len(pieces))
+    block = ResidualBlock(cin, cout).double()
+    for norm in (block.norm1, block.norm2):
+        norm.gamma.data.uniform_(0.5, 1.5)
+    frames = torch.randn(1, cin, sum(pieces), 3, 5, dtype=torch.float64)
+    runs = {}
+    for fused in (False, True):
+        with monkeypatch.context() as m:
+            if fused:
+                m.setattr(vae_conv, "cuda_kernel_takes", lambda x, w, tp, *, prev=None, residual=None, norm=False:
+                          tp == 2 and (not norm or w.shape[0] in vae_cuda.NORM_CHANNELS))
+                m.setattr(vae_cuda, "conv3d_k3", _stand_in_kernel)
+            cache, outs, entries, t = {}, [], [], 0
+            for n in pieces:
+                outs.append(block(frames[:, :, t:t + n], cache))
+                entries.append([cache[block.conv1].clone(), cache[block.conv2].clone()])
+                t += n
+        runs[fused] = outs, entries
+    for a, b in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(b, a)
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(b[0], a[0])
+        torch.testing.assert_close(b[1], a[1])
