@@ -153,16 +153,17 @@ def cuda_kernel(enabled: bool = True):
 
 
 def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *, prev: torch.Tensor | None = None,
-                      residual: torch.Tensor | None = None) -> bool:
+                      residual: torch.Tensor | None = None, norm: bool = False) -> bool:
     """Whether a causal convolution of ``weight`` over ``time_pad`` cached frames ``prev`` and ``x``'s new ones
-    (or its input's stand-in of the same dtype, device and layout), plus ``residual``, runs on the CUDA
-    kernel here (:func:`oasis.vae_cuda.conv3d_k3`): inside :func:`cuda_kernel`, and where
-    :func:`oasis.vae_cuda.why_not` has no reason against it."""
+    (or its input's stand-in of the same dtype, device and layout), plus ``residual`` (and with the next
+    layer's norm applied in its epilogue: ``norm``), runs on the CUDA kernel here
+    (:func:`oasis.vae_cuda.conv3d_k3`): inside :func:`cuda_kernel`, and where :func:`oasis.vae_cuda.why_not`
+    has no reason against it."""
     if not _CUDA_K3.get() or time_pad != 2 or not x.is_cuda:
         return False
     from . import vae_cuda
 
-    return vae_cuda.why_not(x, weight, prev=prev, residual=residual) is None
+    return vae_cuda.why_not(x, weight, prev=prev, residual=residual, norm=norm) is None
 
 
 @contextlib.contextmanager

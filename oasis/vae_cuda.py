@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["library", "why_not", "pack_weight", "conv3d_k3", "SOURCES", "NVCC_FLAGS"]
+__all__ = ["library", "why_not", "pack_weight", "conv3d_k3", "SOURCES", "NVCC_FLAGS", "NORM_CHANNELS"]
 
 SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "vae_conv"
 #: Hopper only (wgmma, TMA): the card the kernel is measured on
@@ -64,16 +64,22 @@ def _registered(how: str) -> tuple[bool, str]:
     return True, how
 
 
+#: the output channels one program holds (its N tile): where the kernel can normalise a pixel's outputs
+NORM_CHANNELS = (96, 192)
+
+
 def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 5 and (t.stride(1) == 1 or t.shape[1] == 1)
 
 
 def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
-            prev: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> str | None:
+            prev: torch.Tensor | None = None, residual: torch.Tensor | None = None, norm: bool = False) -> str | None:
     """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
     else why not (the caller then runs cuDNN): a CUDA Hopper GPU, bf16 channels-last tensors, a 3x3x3 kernel
     with stride 1 and spatial padding 1, no time padding (the cached frames are ``prev``'s), input channels
-    a multiple of 64, output channels a multiple of 96, and no gradients wanted."""
+    a multiple of 64, output channels a multiple of 96, and no gradients wanted. ``norm``: with the
+    next layer's norm + SiLU applied to the result (:func:`conv3d_k3`'s ``norm``): 96 or 192 output
+    channels only (one program's tile)."""
     if not x.is_cuda:
         return f"x is on {x.device}, not a CUDA device"
     major, minor = torch.cuda.get_device_capability(x.device)
@@ -89,9 +95,11 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     if x.dim() != 5 or x.shape[1] != cin:
         return f"x must be [B, {cin}, T, H, W], got {tuple(x.shape)}"
     if cin % 64 or not 64 <= cin <= 1024 or cout % 96:
-        # 96 input channels (32-channel stages) ran at ~226 TFLOP/s on an H100, a third of the 64-channel
-        # stages' rate (docs/PERF.md entry 18j): cuDNN keeps them
+        # 96 input channels ran at ~226 TFLOP/s in 32-channel stages and at ~380 in 96-channel ones on an
+        # H100, where cuDNN's engines run them at ~650 (docs/PERF.md entries 18j, 18l): cuDNN keeps them
         return f"input channels a multiple of 64 (got {cin}) and output channels a multiple of 96 (got {cout})"
+    if norm and cout not in NORM_CHANNELS:
+        return f"a norm in the epilogue needs {' or '.join(map(str, NORM_CHANNELS))} output channels, got {cout}"
     others = [t for t in (prev, residual) if t is not None]
     if not all(_channels_last(t) and t.dtype == torch.bfloat16 for t in (x, *others)):
         return "x, prev and residual must be channels-last bfloat16"
@@ -107,13 +115,13 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
 _PACKED = WeakIdKeyDictionary()  # tensor -> (its version, data pointer, the copy made of it), gone with the tensor
 
 
-def _kept(t: torch.Tensor, make) -> torch.Tensor:
-    """``make(t)``, kept per tensor until it changes (its version counter or storage)."""
+def _kept(t: torch.Tensor, make, tag=None) -> torch.Tensor:
+    """``make(t)``, kept per tensor (and ``tag``) until it changes (its version counter or storage)."""
     hit = _PACKED.get(t)
-    if hit is not None and hit[0] == t._version and hit[1] == t.data_ptr():
-        return hit[2]
+    if hit is not None and hit[:3] == (t._version, t.data_ptr(), tag):
+        return hit[3]
     made = make(t.detach())
-    _PACKED[t] = (t._version, t.data_ptr(), made)
+    _PACKED[t] = (t._version, t.data_ptr(), tag, made)
     return made
 
 
@@ -130,21 +138,33 @@ def _bias32(bias: torch.Tensor) -> torch.Tensor:
     return _kept(bias, lambda b: b.to(torch.float32).contiguous())
 
 
+def _norm32(gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """``gamma * scale`` as the kernel reads it: float32, contiguous, kept per gamma and scale."""
+    return _kept(gamma, lambda g: (g.reshape(-1).to(torch.float32) * scale).contiguous(), tag=float(scale))
+
+
 def conv3d_k3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
               prev: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+              norm: tuple[torch.Tensor, float] | None = None, tail: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """``conv3d(cat([prev or zeros(2 frames), x], 2), weight, padding=(0, 1, 1)) + bias + residual``.
+    """``y = conv3d(cat([prev or zeros(2 frames), x], 2), weight, padding=(0, 1, 1)) + bias + residual``, or
+    with ``norm = (gamma, scale)`` the next layer's input ``SiLU(y / max(||y||_C, 1e-12) * scale * gamma)``.
 
     x: ``[B, Cin, T, H, W]``, prev: ``[B, Cin, 2, H, W]`` (the causal cache) or None (the sequence starts:
-    zeros), weight: ``[Cout, Cin, 3, 3, 3]``, bias: ``[Cout]``, residual and the result: ``[B, Cout, T, H, W]``;
-    bf16 channels-last (:func:`why_not`). The sums in float32, one rounding to bf16 at the end.
+    zeros), weight: ``[Cout, Cin, 3, 3, 3]``, bias and gamma: ``[Cout]`` (gamma in any shape of Cout values),
+    residual and the result: ``[B, Cout, T, H, W]``; bf16 channels-last (:func:`why_not`). ``tail``:
+    ``[B, Cout, k, H, W]`` with ``1 <= k <= T``, also given the result's last ``k`` frames (the next
+    convolution's causal cache). The sums in float32, one rounding to bf16 at the end.
     """
-    why = why_not(x, weight, prev=prev, residual=residual)
+    why = why_not(x, weight, prev=prev, residual=residual, norm=norm is not None)
     if why is not None:
         raise ValueError(f"conv3d_k3 does not take this call: {why}")
     b, _, t, h, w = x.shape
     cout = weight.shape[0]
+    if norm is not None and norm[0].numel() != cout:
+        raise ValueError(f"the norm's gamma must hold {cout} values, got {norm[0].numel()}")
     if out is None:
         out = torch.empty((b, cout, t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    torch.ops.oasis_vae.conv3d_k3(x, prev, pack_weight(weight), None if bias is None else _bias32(bias), residual, out)
+    torch.ops.oasis_vae.conv3d_k3(x, prev, pack_weight(weight), None if bias is None else _bias32(bias), residual,
+                                  None if norm is None else _norm32(*norm), tail, out)
     return out

@@ -243,15 +243,28 @@ class CausalConv3d(nn.Conv3d):
         sequence starts: zeros) left where they are. The cache entry becomes this call's last frames: written
         by the norm pass where ``x`` covers them, into a new tensor (the convolution still reads ``prev``)."""
         normed = _frames_like(x, x.shape[2])
-        covered = cache is not None and self.time_pad <= x.shape[2]
-        tail = _frames_like(x, self.time_pad) if covered else None
+        tail = self._new_entry(normed, cache)
         norm_silu(x, norm.gamma, norm.scale, out=normed, bias=x_bias, tail=tail)
-        if cache is not None:
-            if tail is None:  # fewer new frames than the cache holds: its newest old ones, then these
-                front = prev if prev is not None else _frames_like(x, self.time_pad).zero_()
-                tail = _cat_frames([front, normed])[:, :, -self.time_pad:].clone(memory_format=_format(x))
-            cache[self] = tail
+        self._keep_entry(normed, tail, prev, cache)
         return normed
+
+    def _new_entry(self, frames: torch.Tensor, cache: dict | None) -> torch.Tensor | None:
+        """The tensor the pass writing this layer's input ``frames`` also writes its last ``time_pad`` frames
+        into (the next call's cache entry), where there is a cache and ``frames`` covers it; else None."""
+        covered = cache is not None and self.time_pad <= frames.shape[2]
+        return _frames_like(frames, self.time_pad) if covered else None
+
+    def _keep_entry(self, frames: torch.Tensor, tail: torch.Tensor | None, prev: torch.Tensor | None,
+                    cache: dict | None) -> None:
+        """This layer's cache entry after an input of ``frames`` (the cached ``prev`` before them, None: zeros):
+        ``tail`` as written (:meth:`_new_entry`), or where ``frames`` does not cover it the newest old frames,
+        then these."""
+        if cache is None:
+            return
+        if tail is None:
+            front = prev if prev is not None else _frames_like(frames, self.time_pad).zero_()
+            tail = _cat_frames([front, frames])[:, :, -self.time_pad:].clone(memory_format=_format(frames))
+        cache[self] = tail
 
 
 class RMSNorm(nn.Module):
@@ -276,8 +289,9 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x, cache):
-        # conv1's bias is added in the norm pass that reads its output; conv2's and the shortcut's
-        # with the residual, in the one pass that follows conv2 (oasis.vae_conv.conv)
+        # conv1's bias is added in the norm pass that reads its output (in conv1's own kernel where that
+        # applies norm2: _conv2_input); conv2's and the shortcut's with the residual, in the one pass that
+        # follows conv2 (oasis.vae_conv.conv) or in the CUDA kernel's epilogue
         bias = self.conv2.bias
         if self.conv_shortcut is None:
             h = x
@@ -285,9 +299,39 @@ class ResidualBlock(nn.Module):
             h = self.conv_shortcut._conv(x, bias=False)
             wide = torch.promote_types(bias.dtype, torch.float32)  # summed once, in at least float32
             bias = bias.to(wide) + self.conv_shortcut.bias.to(wide)
+        fused = self._conv2_input(x, cache, h)
+        if fused is not None:
+            normed, prev = fused
+            return vae_cuda.conv3d_k3(normed, self.conv2.weight, bias, prev=prev, residual=h)
         # conv1's output handed straight to conv2: freed once normalised, before conv2's output is allocated
         return self.conv2.conv_normed([self.conv1.forward_normed(x, self.norm1, cache, bias=False)], self.norm2, cache,
                                       x_bias=self.conv1.bias, bias=bias, residual=h)
+
+    def _conv2_input(self, x: torch.Tensor, cache: dict | None, h: torch.Tensor):
+        """``(SiLU(norm2(conv1(SiLU(norm1(x))) + bias1)), conv2's cached frames)``, norm2 applied by conv1's own
+        CUDA kernel, where that holds a pixel's every output channel (96 or 192): no pass over conv1's
+        output. None where the CUDA kernel does not take both convolutions so (the caller's path then)."""
+        c1, c2 = self.conv1, self.conv2
+        prev1 = None if cache is None else cache.get(c1)
+        if not vae_conv.cuda_kernel_takes(x, c1.weight, c1.time_pad, prev=prev1, norm=True):
+            return None
+        prev2 = None if cache is None else cache.get(c2)
+        out = torch.empty((x.shape[0], c1.out_channels, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=_format(x))
+        if not vae_conv.cuda_kernel_takes(out, c2.weight, c2.time_pad, prev=prev2, residual=h):
+            return None
+        normed = c1._normed_frames(x, self.norm1, cache, prev1, None)
+        # conv2's next cache entry: with more new frames than it holds, written by conv1's epilogue too; with
+        # exactly as many, the output itself (no copy, and no tensor alive beyond what the unfused path holds:
+        # a tail allocated here would be one more at the decoder's peak, docs/PERF.md entry 18l)
+        tail = c2._new_entry(out, cache) if out.shape[2] > c2.time_pad else None
+        vae_cuda.conv3d_k3(normed, c1.weight, c1.bias, prev=prev1, norm=(self.norm2.gamma, self.norm2.scale), tail=tail,
+                           out=out)
+        del normed, prev1
+        if tail is None and out.shape[2] == c2.time_pad:
+            tail = out
+        c2._keep_entry(out, tail, prev2, cache)
+        return out, prev2
 
 
 class AttentionBlock(nn.Module):

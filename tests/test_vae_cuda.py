@@ -95,26 +95,38 @@ CASES = [
 ]
 
 
-@hopper
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
-    n for n, on in zip("pbr", c[6:]) if on))
-def test_conv3d_k3_matches_float64(case):
-    b, cin, cout, t, h, w, has_prev, has_bias, has_res = case
+def random_call(case):
+    """A case's random inputs on the GPU, seeded by the case: x, prev, weight, bias, residual and the generator
+    (bf16 channels-last tensors; the bias float32, as a layer's may be)."""
+    b, cin, cout, t, h, w, has_prev, has_bias, has_res = case[:9]
     g = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
-    cl = torch.channels_last_3d
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16().contiguous(memory_format=cl)
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).bfloat16().contiguous(memory_format=torch.channels_last_3d)
 
     x = rnd(b, cin, t, h, w)
     prev = rnd(b, cin, 2, h, w) if has_prev else None
     weight = (torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g) * (27 * cin) ** -0.5).bfloat16()
     bias = torch.randn(cout, device="cuda", generator=g) if has_bias else None
     residual = rnd(b, cout, t, h, w) if has_res else None
-    # the output inside a larger buffer: what the kernel writes past it is caught
-    big = torch.full((b, cout, t + 2, h, w), float("nan"), device="cuda", dtype=torch.bfloat16).contiguous(
-        memory_format=cl)
-    out = big[:, :, 1:1 + t]
+    return x, prev, weight, bias, residual, g
+
+
+def framed(b, c, frames, h, w):
+    """A bf16 channels-last ``[b, c, frames, h, w]`` inside a buffer of NaN frames either side (what a kernel
+    writes past it is caught): the buffer and the view."""
+    big = torch.full((b, c, frames + 2, h, w), float("nan"), device="cuda", dtype=torch.bfloat16)
+    big = big.contiguous(memory_format=torch.channels_last_3d)
+    return big, big[:, :, 1:1 + frames]
+
+
+@hopper
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
+    n for n, on in zip("pbr", c[6:]) if on))
+def test_conv3d_k3_matches_float64(case):
+    b, cin, cout, t, h, w, has_prev, has_bias, has_res = case
+    x, prev, weight, bias, residual, g = random_call(case)
+    big, out = framed(b, cout, t, h, w)
     vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual, out=out)
     torch.cuda.synchronize()
     assert torch.isnan(big[:, :, 0]).all() and torch.isnan(big[:, :, t + 1]).all(), "wrote outside its output"
@@ -126,13 +138,76 @@ def test_conv3d_k3_matches_float64(case):
     assert err <= 2 * base + 1e-2, (err, base)
 
 
+# (B, Cin, Cout, T, H, W, prev, bias, residual, tail frames): the norm takes 96 or 192 output channels
+NORM_CASES = [
+    (1, 192, 96, 3, 5, 70, True, True, False, 2),
+    (2, 192, 192, 1, 4, 33, False, True, True, 1),
+    (1, 64, 192, 2, 3, 129, True, False, False, 2),
+    (1, 384, 96, 4, 2, 64, False, True, False, 0),
+]
+
+
+@hopper
+@pytest.mark.parametrize("case", NORM_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
+    n for n, on in zip("pbr", c[6:9]) if on) + f"-tail{c[9]}")
+def test_conv3d_k3_with_the_next_norm_matches_float64(case):
+    """The next layer's RMS norm + SiLU in the epilogue: against the float64 convolution normalised in
+    float64, the error at most 2x that of cuDNN's bf16 convolution normalised in float32 (the unfused path's
+    numbers), plus a floor; the tail is the output's last frames, and nothing is written outside either."""
+    from oasis.vae_kernels import norm_silu_reference
+
+    b, cin, cout, t, h, w, has_prev, has_bias, has_res, k = case
+    x, prev, weight, bias, residual, g = random_call(case)
+    gamma = (1 + 0.5 * torch.randn(cout, 1, 1, 1, device="cuda", generator=g)).bfloat16()
+    scale = cout ** 0.5
+
+    big, out = framed(b, cout, t, h, w)
+    big_tail, tail = framed(b, cout, max(k, 1), h, w)
+    tail = tail if k else None
+    vae_cuda.conv3d_k3(x, weight, bias, prev=prev, residual=residual, norm=(gamma, scale), tail=tail, out=out)
+    torch.cuda.synchronize()
+    for whole, size in ((big, t), (big_tail, k)):
+        if size:
+            assert torch.isnan(whole[:, :, 0]).all() and torch.isnan(whole[:, :, size + 1]).all(), "wrote outside"
+    assert out.isfinite().all()
+    if k:
+        assert torch.equal(tail, out[:, :, t - k:]), "the tail is not the output's last frames"
+    exact = norm_silu_reference(reference(x, weight, bias, prev, residual), gamma.double(), scale)
+    cudnn = reference(x, weight, None if bias is None else bias.bfloat16(), prev, residual, torch.bfloat16)
+    unfused = norm_silu_reference(cudnn.float(), gamma.float(), scale).bfloat16()
+    err = (out.double() - exact).abs().max().item()
+    base = (unfused.double() - exact).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
+
+
+@hopper
+def test_the_norm_needs_one_programs_channels():
+    x = torch.zeros(1, 64, 2, 4, 64, dtype=torch.bfloat16, device="cuda").contiguous(
+        memory_format=torch.channels_last_3d)
+    w = torch.zeros(384, 64, 3, 3, 3, dtype=torch.bfloat16, device="cuda")
+    assert vae_cuda.why_not(x, w) is None
+    assert "needs 96 or 192 output channels, got 384" in vae_cuda.why_not(x, w, norm=True)
+    with pytest.raises(ValueError, match="needs 96 or 192 output channels"):
+        vae_cuda.conv3d_k3(x, w, norm=(torch.ones(384, device="cuda"), 1.0))
+
+
 @hopper
 @pytest.mark.parametrize("chunk,pieces", [(1, 2), (1, 1), (2, None)])
-def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces):
+def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, monkeypatch):
     """Wan2.1's decoder (its real channel counts: 96, 192, 384) on small latents: with conv_kernel="cuda"
-    its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor)."""
-    from oasis.wan_vae import WanVAE, WanVAEConfig
+    its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor); the
+    192-channel residual blocks take the norm in conv1's epilogue."""
+    from oasis.wan_vae import ResidualBlock, WanVAE, WanVAEConfig
 
+    fused = []
+    conv2_input = ResidualBlock._conv2_input
+
+    def spy(self, *args, **kwargs):
+        got = conv2_input(self, *args, **kwargs)
+        fused.append((self.conv1.out_channels, got is not None))
+        return got
+
+    monkeypatch.setattr(ResidualBlock, "_conv2_input", spy)
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(), encoder=False).cuda()
     z = torch.randn(1, 16, 3, 5, 7, device="cuda")
@@ -147,6 +222,8 @@ def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces):
     err = {k: (v - exact).abs().max().item() for k, v in got.items()}
     assert err["cuda"] <= 2 * err["cudnn"] + 1e-2, err
     assert not torch.equal(got["cuda"], got["cudnn"]), "the CUDA kernel did not run"
+    # up_blocks.2's (192 -> 192); up_blocks.3's conv1 read 96 channels, which cuDNN keeps, and 384 is two tiles
+    assert {c for c, on in fused if on} == {192}, fused
 
 
 def test_conv_kernel_setting_is_checked():
@@ -174,3 +251,52 @@ def test_cuda_kernel_takes_nothing_outside_its_setting_or_on_the_cpu():
             assert vae_conv.cuda_kernel_takes(xc, wc, 2)
             assert not vae_conv.cuda_kernel_takes(xc, wc, 0)  # no cached frames: not this kernel's call
             assert not vae_conv.cuda_kernel_takes(xc, wc, 2, residual=xc.contiguous())  # channels-first
+
+
+def _stand_in_kernel(x, weight, bias=None, *, prev=None, residual=None, norm=None, tail=None, out=None):
+    """conv3d_k3's contract in torch (the CPU): what the fused residual block's logic is tested against."""
+    from oasis.vae_kernels import norm_silu_reference
+
+    front = prev if prev is not None else x.new_zeros((*x.shape[:2], 2, *x.shape[3:]))
+    y = F.conv3d(torch.cat([front, x], 2), weight, bias, padding=(0, 1, 1))
+    y = y if residual is None else y + residual
+    y = y if norm is None else norm_silu_reference(y, norm[0], norm[1])
+    out = torch.empty_like(y) if out is None else out
+    out.copy_(y)
+    if tail is not None:
+        tail.copy_(out[:, :, out.shape[2] - tail.shape[2]:])
+    return out
+
+
+@pytest.mark.parametrize("cin,cout", [(96, 96), (192, 96), (96, 192), (384, 192)])
+@pytest.mark.parametrize("pieces", [(1, 1, 1), (3, 1, 2), (2,), (1, 4)])
+def test_residual_block_with_the_norm_in_conv1_keeps_the_same_cache(cin, cout, pieces, monkeypatch):
+    """A residual block whose conv1 applies norm2 in its epilogue (``_conv2_input``; the kernel stood in for by
+    its contract in float64 on the CPU) gives the unfused path's output, and the same cache entries for conv1
+    and conv2 after every call: frames handed over one or several at a time, fewer than the cache holds too."""
+    from oasis import vae_conv
+    from oasis.wan_vae import ResidualBlock
+
+    torch.manual_seed(cin + cout + len(pieces))
+    block = ResidualBlock(cin, cout).double()
+    for norm in (block.norm1, block.norm2):
+        norm.gamma.data.uniform_(0.5, 1.5)
+    frames = torch.randn(1, cin, sum(pieces), 3, 5, dtype=torch.float64)
+    runs = {}
+    for fused in (False, True):
+        with monkeypatch.context() as m:
+            if fused:
+                m.setattr(vae_conv, "cuda_kernel_takes", lambda x, w, tp, *, prev=None, residual=None, norm=False:
+                          tp == 2 and (not norm or w.shape[0] in vae_cuda.NORM_CHANNELS))
+                m.setattr(vae_cuda, "conv3d_k3", _stand_in_kernel)
+            cache, outs, entries, t = {}, [], [], 0
+            for n in pieces:
+                outs.append(block(frames[:, :, t:t + n], cache))
+                entries.append([cache[block.conv1].clone(), cache[block.conv2].clone()])
+                t += n
+        runs[fused] = outs, entries
+    for a, b in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(b, a)
+    for a, b in zip(runs[False][1], runs[True][1]):
+        torch.testing.assert_close(b[0], a[0])
+        torch.testing.assert_close(b[1], a[1])

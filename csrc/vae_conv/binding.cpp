@@ -29,9 +29,17 @@ Conv5d frames_of(const at::Tensor& t, const at::Tensor& x, int64_t channels, int
     return Conv5d{t.data_ptr(), t.stride(0), t.stride(2), t.stride(3), t.stride(4)};
 }
 
+// a contiguous float32 [n] on x's device
+const float* per_channel(const at::Tensor& t, const at::Tensor& x, int64_t n, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n && t.device() == x.device(),
+                "oasis_vae: ", name, " must be a contiguous float32 [", n, "] on x's device, got ", t.scalar_type(),
+                " ", t.sizes(), " on ", t.device());
+    return t.data_ptr<float>();
+}
+
 void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
-               const at::Tensor& out) {
+               const c10::optional<at::Tensor>& norm, const c10::optional<at::Tensor>& tail, const at::Tensor& out) {
     TORCH_CHECK(x.is_cuda() && x.dim() == 5, "oasis_vae: x must be a CUDA [B, C, T, H, W], got ", x.sizes(), " on ",
                 x.device());
     const int64_t cin = x.size(1), cout = out.size(1);
@@ -50,17 +58,25 @@ void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const
     c.x = frames_of(x, x, cin, x.size(2), "x");
     c.prev = prev.has_value() ? frames_of(*prev, x, cin, 2, "prev") : Conv5d{nullptr, 0, 0, 0, 0};
     c.weight = weight.data_ptr();
-    if (bias.has_value()) {
-        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == cout &&
-                        bias->device() == x.device(),
-                    "oasis_vae: bias must be a contiguous float32 [", cout, "] on x's device");
-        c.bias = bias->data_ptr<float>();
+    if (bias.has_value()) c.bias = per_channel(*bias, x, cout, "bias");
+    if (norm.has_value()) {
+        TORCH_CHECK(oasis_vae::conv_tile_n(int(cout)) == cout, "oasis_vae: a norm needs 96 or 192 output channels (one "
+                    "program's), got ", cout);
+        c.norm = per_channel(*norm, x, cout, "norm");
+    }
+    if (tail.has_value()) {
+        TORCH_CHECK(tail->dim() == 5 && tail->size(2) >= 1 && tail->size(2) <= x.size(2), "oasis_vae: tail must be [",
+                    x.size(0), ", ", cout, ", k, ", x.size(3), ", ", x.size(4), "] with 1 <= k <= ", x.size(2), ", got ",
+                    tail->sizes());
+        c.tail = frames_of(*tail, x, cout, tail->size(2), "tail");
+        c.tail_frames = int(tail->size(2));
     }
     c.residual = residual.has_value() ? frames_of(*residual, x, cout, x.size(2), "residual") : Conv5d{nullptr, 0, 0, 0, 0};
     c.out = frames_of(out, x, cout, x.size(2), "out");
-    for (int d : {0, 2, 3, 4})  // an expanded output would have threads race on one element
-        TORCH_CHECK(out.size(d) == 1 || out.stride(d) != 0, "oasis_vae: out must not be expanded, got strides ",
-                    out.strides());
+    for (const at::Tensor* t : {&out, tail.has_value() ? &*tail : &out})
+        for (int d : {0, 2, 3, 4})  // an expanded output would have threads race on one element
+            TORCH_CHECK(t->size(d) == 1 || t->stride(d) != 0, "oasis_vae: out and tail must not be expanded, got "
+                        "strides ", t->strides());
     c10::cuda::CUDAGuard guard(x.device());
     const cudaError_t err = oasis_vae::conv3d_k3(c, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
     TORCH_CHECK(err == cudaSuccess, "oasis_vae: conv3d_k3 failed: ", cudaGetErrorString(err),
@@ -70,7 +86,8 @@ void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const
 }  // namespace
 
 TORCH_LIBRARY(oasis_vae, m) {
-    m.def("conv3d_k3(Tensor x, Tensor? prev, Tensor weight, Tensor? bias, Tensor? residual, Tensor(a!) out) -> ()");
+    m.def("conv3d_k3(Tensor x, Tensor? prev, Tensor weight, Tensor? bias, Tensor? residual, Tensor? norm, "
+          "Tensor(b!)? tail, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(oasis_vae, CUDA, m) { m.impl("conv3d_k3", &conv3d_k3); }

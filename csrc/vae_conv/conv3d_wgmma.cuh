@@ -9,7 +9,10 @@
 // - N, the output channels of a program, is exactly 96 or 192 (m64n96k16 / m64n192k16);
 // - the two cached frames and the new frames are two tensors, read where they lie: TMA takes a padded
 //   frame f < 2 from `prev` (or zeros where the sequence starts) and f >= 2 from `x`;
-// - bias and residual are added to the accumulator before the one bf16 store.
+// - bias and residual are added to the accumulator before the one bf16 store;
+// - where one program holds all output channels (Cout = NT), the next layer's RMS norm and SiLU can be
+//   applied there too, so the raw output never goes through memory (a norm pass less), and the output's
+//   last frames written a second time, into the causal cache's tensor of the next convolution.
 //
 // GEMM view: M = output pixels, N = output channels, K = 27 taps x input channels. A program takes two
 // segments of 64 pixels of a row (each one consumer warpgroup's 64 rows; segments run along the rows of
@@ -54,6 +57,13 @@ struct ConvParams {
     int64_t r_sb, r_st, r_sh, r_sw;
     __nv_bfloat16* out;     // the same layout
     int64_t o_sb, o_st, o_sh, o_sw;
+    // [cout] float32 (gamma * sqrt(cout)), or null. Given (one N tile: cout == NT, so a pixel's channels
+    // are all in the program's accumulators), `out` is SiLU(y / max(||y||, 1e-12) * norm) of y = conv +
+    // bias + residual: the next convolution's normalised input, without a pass of its own over y
+    const float* norm;
+    __nv_bfloat16* tail;    // [B, cout, T - tail_start, H, W], or null: also given out's frames t >= tail_start
+    int tail_start;
+    int64_t t_sb, t_st, t_sh, t_sw;
 };
 
 namespace detail {
@@ -301,20 +311,22 @@ __global__ void __launch_bounds__(detail::kThreads, 1)
     if (!seg.valid) return;
 
     // accumulator element 4j + e of a thread: pixel row 16 warp + lane / 4 (+ 8 for e >= 2), channel
-    // 8j + 2 (lane % 4) + (e & 1)
+    // 8j + 2 (lane % 4) + (e & 1): a pixel's NT channels lie in the four threads of a quad
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
+    const bool to_tail = p.tail != nullptr && seg.t >= p.tail_start;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int x = seg.x0 + 16 * warp + lane / 4 + 8 * half;
-        if (x >= p.W) continue;
-        __nv_bfloat16* out = p.out + seg.b * p.o_sb + seg.t * p.o_st + seg.y * p.o_sh + x * p.o_sw;
-        const __nv_bfloat16* res = p.residual == nullptr
+        const bool inside = x < p.W;  // a quad's four threads agree; all of them take part in the shuffles
+        const __nv_bfloat16* res = p.residual == nullptr || !inside
                                        ? nullptr
                                        : p.residual + seg.b * p.r_sb + seg.t * p.r_st + seg.y * p.r_sh + x * p.r_sw;
+        float ss = 0.f;
 #pragma unroll
         for (int j = 0; j < NT / 8; ++j) {
             const int n = n0 + 8 * j + 2 * (lane & 3);
-            float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
+            float& v0 = acc[4 * j + 2 * half];
+            float& v1 = acc[4 * j + 2 * half + 1];
             if (p.bias != nullptr) {
                 v0 += p.bias[n];
                 v1 += p.bias[n + 1];
@@ -324,7 +336,34 @@ __global__ void __launch_bounds__(detail::kThreads, 1)
                 v0 += __bfloat162float(r.x);
                 v1 += __bfloat162float(r.y);
             }
-            *reinterpret_cast<__nv_bfloat162*>(out + n) = __floats2bfloat162_rn(v0, v1);
+            if (p.norm != nullptr) ss += v0 * v0 + v1 * v1;
+        }
+        if (p.norm != nullptr) {  // the pixel's sum of squares over its quad, then F.normalize's eps
+            ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+            ss += __shfl_xor_sync(0xffffffffu, ss, 2);
+            const float inv = 1.f / fmaxf(sqrtf(ss), 1e-12f);
+#pragma unroll
+            for (int j = 0; j < NT / 8; ++j) {
+                const int n = n0 + 8 * j + 2 * (lane & 3);
+                float& v0 = acc[4 * j + 2 * half];
+                float& v1 = acc[4 * j + 2 * half + 1];
+                v0 *= inv * p.norm[n];
+                v1 *= inv * p.norm[n + 1];
+                v0 = __fdividef(v0, 1.f + __expf(-v0));  // SiLU
+                v1 = __fdividef(v1, 1.f + __expf(-v1));
+            }
+        }
+        if (!inside) continue;
+        __nv_bfloat16* out = p.out + seg.b * p.o_sb + seg.t * p.o_st + seg.y * p.o_sh + x * p.o_sw;
+        __nv_bfloat16* tail = to_tail ? p.tail + seg.b * p.t_sb + (seg.t - p.tail_start) * p.t_st + seg.y * p.t_sh +
+                                            x * p.t_sw
+                                      : nullptr;
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j) {
+            const int n = n0 + 8 * j + 2 * (lane & 3);
+            const __nv_bfloat162 v = __floats2bfloat162_rn(acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+            *reinterpret_cast<__nv_bfloat162*>(out + n) = v;
+            if (tail != nullptr) *reinterpret_cast<__nv_bfloat162*>(tail + n) = v;
         }
     }
 }

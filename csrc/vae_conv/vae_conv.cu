@@ -81,6 +81,10 @@ cudaError_t launch(const ConvCall& c, cudaStream_t stream) {
     p.r_sb = c.residual.sb; p.r_st = c.residual.st; p.r_sh = c.residual.sh; p.r_sw = c.residual.sw;
     p.out = static_cast<__nv_bfloat16*>(const_cast<void*>(c.out.ptr));
     p.o_sb = c.out.sb; p.o_st = c.out.st; p.o_sh = c.out.sh; p.o_sw = c.out.sw;
+    p.norm = c.norm;
+    p.tail = static_cast<__nv_bfloat16*>(const_cast<void*>(c.tail.ptr));
+    p.tail_start = c.T - c.tail_frames;
+    p.t_sb = c.tail.sb; p.t_st = c.tail.st; p.t_sh = c.tail.sh; p.t_sw = c.tail.sw;
 
     const size_t smem = detail::Smem<NT, CHUNK>::kBytes;
     auto kernel = conv3d_k3_kernel<NT, CHUNK>;
@@ -104,6 +108,8 @@ bool conv_takes_cin(int cin) { return cin >= 64 && cin <= 1024 && cin % 64 == 0;
 cudaError_t conv3d_k3(const ConvCall& call, cudaStream_t stream) {
     if (!conv_takes_cin(call.cin) || call.B < 1 || call.T < 1 || call.H < 1 || call.W < 1)
         return cudaErrorInvalidValue;
+    if (call.norm != nullptr && conv_tile_n(call.cout) != call.cout) return cudaErrorInvalidValue;
+    if (call.tail.ptr != nullptr && (call.tail_frames < 1 || call.tail_frames > call.T)) return cudaErrorInvalidValue;
     if (call.B * int64_t(call.T) * call.H * call.W == 0) return cudaSuccess;
     // 64-channel stages only: the 32-channel ones (Cin = 96) ran at a third of their rate (PERF entry 18j)
     switch (conv_tile_n(call.cout)) {

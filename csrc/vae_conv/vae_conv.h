@@ -8,6 +8,10 @@
 //             channel
 //   bias:     [Cout] float32, or absent
 //   residual: [B, Cout, T, H, W], or absent; out: the same, written
+//   norm:     [Cout] float32 (the RMS norm's gamma * sqrt(Cout)), or absent; given, out is
+//             SiLU(y / max(||y||_C, 1e-12) * norm) of y = conv + bias + residual (Cout 96 or 192 only)
+//   tail:     [B, Cout, k, H, W] with 1 <= k <= T, or absent: also given out's last k frames
+// out and tail must not overlap x, prev or residual (the kernel reads those while others write)
 #pragma once
 
 #include <cstdint>
@@ -26,6 +30,9 @@ struct ConvCall {
     const void* weight;      // packed, see above
     const float* bias;       // or null
     Conv5d residual, out;    // residual.ptr null: none
+    const float* norm;       // or null
+    Conv5d tail;             // tail.ptr null: none
+    int tail_frames;
 };
 
 // which output-channel tile a Cout takes (96 or 192), 0 where the kernel has none
@@ -34,8 +41,9 @@ int conv_tile_n(int cout);
 // the input channels the kernel takes: multiples of 64 from 64 to 1024
 bool conv_takes_cin(int cin);
 
-// launches on `stream`; cudaErrorInvalidValue where the kernel has no tile for the channels or a tensor
-// map cannot address a tensor (alignment, strides), else the launch's error
+// launches on `stream`; cudaErrorInvalidValue where the kernel has no tile for the channels, a norm is
+// asked of more output channels than one tile holds, the tail's frames are out of range or a tensor map
+// cannot address a tensor (alignment, strides), else the launch's error
 cudaError_t conv3d_k3(const ConvCall& call, cudaStream_t stream);
 
 }  // namespace oasis_vae
