@@ -24,6 +24,7 @@
 #include <cuda.h>
 
 #include "forward_wgmma.cuh"
+#include "hopper_sync.cuh"
 
 namespace oasis_local {
 
@@ -41,41 +42,15 @@ constexpr int kRowsTma = 64 * kConsumers;            // query rows a program
 constexpr int kStages = 3;                           // K/V blocks in flight
 constexpr int kBlock = 64;                           // keys a block
 
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-// one arrival that also says how many bytes the phase's copies bring
-__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-}
-
-// waits until the barrier's phase of parity `parity` has completed
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    }
-    __syncwarp();  // the lanes leave the loop together, before the warpgroup-wide wgmma after it
-}
+using hopper::mbar_arrive;  // the barriers and copies of hopper_sync.cuh
+using hopper::mbar_expect_bytes;
+using hopper::mbar_init;
+using hopper::mbar_wait;
 
 // box (d0.., i0.., t, head, b) of a 5-D tensor map into shared memory, completing on `bar`
 __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint64_t* bar, int d0, int i0, int t,
                                          int head, int b) {
-    asm volatile(
-        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, "
-        "%6, %7}], [%2];\n" ::"r"(smem_addr(dst)),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(d0), "r"(i0), "r"(t), "r"(head), "r"(b)
-        : "memory");
+    hopper::load_box5(dst, map, bar, d0, i0, t, head, b);
 }
 
 // A TMA kernel's shared memory: Q (two 64-row tiles), kStages K and V blocks (64 x D each, the wgmma

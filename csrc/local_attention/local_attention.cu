@@ -54,22 +54,7 @@ cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
     return launch(detail::forward_wgmma_kernel<T, D, kBlockN>, grid_of(L, s), smem + 1024, stream, p, s);
 }
 
-// the driver's cuTensorMapEncodeTiled, found once through the runtime (no link to libcuda)
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-    static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-        void* fn = nullptr;
-        cudaDriverEntryPointQueryResult found;
-#if CUDART_VERSION >= 12050
-        const cudaError_t err =
-            cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
-#else
-        const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
-#endif
-        if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) fn = nullptr;
-        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-    }();
-    return encode;
-}
+using hopper::tensor_map_encoder;
 
 // a [B, N, heads, D] view as the 5-D tensor map (D, H*W, T, heads, B) of 64 x 64 boxes in wgmma's
 // 128-byte swizzle (a frame's end a tensor edge: zeros past it); false where TMA cannot address it

@@ -36,6 +36,7 @@
 
 #include <cstdint>
 
+#include "../local_attention/hopper_sync.cuh"
 #include "../local_attention/wgmma.cuh"
 
 namespace oasis_vae {
@@ -80,50 +81,12 @@ constexpr int stages() { return CHUNK == 64 ? 4 : (NT == 96 ? 12 : 8); }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return wgmma::smem_address(p); }
 
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_bytes(uint64_t* bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-}
-
-// waits until the barrier's phase of parity `parity` has completed; `warp_sync`: the whole warp waits (and
-// leaves the loop together, before a warpgroup-wide wgmma), else one thread alone (the producer's)
-template <bool warp_sync = true>
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-    uint32_t done = 0;
-    while (!done) {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    }
-    if constexpr (warp_sync) __syncwarp();
-}
-
-__device__ __forceinline__ void load_box5(void* dst, const CUtensorMap* map, uint64_t* bar, int c, int x, int y,
-                                          int t, int b) {
-    asm volatile(
-        "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, "
-        "%6, %7}], [%2];\n" ::"r"(smem_addr(dst)),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c), "r"(x), "r"(y), "r"(t), "r"(b)
-        : "memory");
-}
-
-__device__ __forceinline__ void load_box2(void* dst, const CUtensorMap* map, uint64_t* bar, int k, int n) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], "
-        "[%2];\n" ::"r"(smem_addr(dst)),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(k), "r"(n)
-        : "memory");
-}
+using hopper::load_box2;  // the barriers and copies of ../local_attention/hopper_sync.cuh
+using hopper::load_box5;
+using hopper::mbar_arrive;
+using hopper::mbar_expect_bytes;
+using hopper::mbar_init;
+using hopper::mbar_wait;
 
 // where segment `seg` lies: batch, frame, row and first pixel
 struct Segment {

@@ -10,22 +10,7 @@ namespace oasis_vae {
 
 namespace {
 
-// the driver's cuTensorMapEncodeTiled, found once through the runtime (no link to libcuda)
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-    static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-        void* fn = nullptr;
-        cudaDriverEntryPointQueryResult found;
-#if CUDART_VERSION >= 12050
-        const cudaError_t err =
-            cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
-#else
-        const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
-#endif
-        if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) fn = nullptr;
-        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-    }();
-    return encode;
-}
+using hopper::tensor_map_encoder;
 
 bool encode(CUtensorMap* map, int rank, const void* ptr, const cuuint64_t* dims, const int64_t* strides_el,
             const cuuint32_t* box, int chunk) {
