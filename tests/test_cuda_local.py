@@ -91,14 +91,14 @@ def test_tile_geometry_on_the_cpu(tmp_path):
 
 
 def test_wgmma_blocks_compile_and_match_a_matmul_on_hopper(tmp_path):
-    """csrc/local_attention/wgmma.cuh (descriptors of 128-byte-swizzled tiles, the SS and RS forms of
+    """csrc/hopper/wgmma.cuh (descriptors of 128-byte-swizzled tiles, the SS and RS forms of
     m64n64k16, bf16 and fp16) built for sm_90a with no spills (tests/cuda/wgmma_check.cu); on a Hopper GPU the
     program checks each form against a CPU matmul and fails on a mismatch."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("no nvcc on this machine")
     exe = tmp_path / "wgmma_check"
-    build = subprocess.run([nvcc, *cuda_local.NVCC_FLAGS, "-Xptxas", "-v", "-I", str(ROOT / "csrc" / "local_attention"),
+    build = subprocess.run([nvcc, *cuda_local.NVCC_FLAGS, "-Xptxas", "-v", "-I", str(ROOT / "csrc" / "hopper"),
                             str(ROOT / "tests" / "cuda" / "wgmma_check.cu"), "-o", str(exe)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]

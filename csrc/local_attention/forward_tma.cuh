@@ -24,7 +24,7 @@
 #include <cuda.h>
 
 #include "forward_wgmma.cuh"
-#include "hopper_sync.cuh"
+#include "../hopper/tma.cuh"
 
 namespace oasis_local {
 
@@ -42,7 +42,7 @@ constexpr int kRowsTma = 64 * kConsumers;            // query rows a program
 constexpr int kStages = 3;                           // K/V blocks in flight
 constexpr int kBlock = 64;                           // keys a block
 
-using hopper::mbar_arrive;  // the barriers and copies of hopper_sync.cuh
+using hopper::mbar_arrive;  // the barriers and copies of ../hopper/tma.cuh
 using hopper::mbar_expect_bytes;
 using hopper::mbar_init;
 using hopper::mbar_wait;

@@ -21,7 +21,7 @@
 #pragma once
 
 #include "kernels.cuh"
-#include "wgmma.cuh"
+#include "../hopper/wgmma.cuh"
 
 namespace oasis_local {
 namespace detail {

@@ -36,8 +36,8 @@
 
 #include <cstdint>
 
-#include "../local_attention/hopper_sync.cuh"
-#include "../local_attention/wgmma.cuh"
+#include "../hopper/tma.cuh"
+#include "../hopper/wgmma.cuh"
 
 namespace oasis_vae {
 
@@ -81,7 +81,7 @@ constexpr int stages() { return CHUNK == 64 ? 4 : (NT == 96 ? 12 : 8); }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return wgmma::smem_address(p); }
 
-using hopper::load_box2;  // the barriers and copies of ../local_attention/hopper_sync.cuh
+using hopper::load_box2;  // the barriers and copies of ../hopper/tma.cuh
 using hopper::load_box5;
 using hopper::mbar_arrive;
 using hopper::mbar_expect_bytes;

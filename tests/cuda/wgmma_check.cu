@@ -1,4 +1,4 @@
-// The wgmma building blocks of csrc/local_attention/wgmma.cuh against a CPU matmul, on an sm_90 GPU:
+// The wgmma building blocks of csrc/hopper/wgmma.cuh against a CPU matmul, on an sm_90 GPU:
 //   ss64:  C = A B^T, A and B 64 x 64 K-major in shared memory (S = Q K^T at D = 64)
 //   ss128: the same with K = 128 (two 64-element panels per row: D = 128)
 //   rs:    C = P V, P 64 x 64 from registers (mma.sync's A fragments), V 64 keys x 64 N-major (O += P V)

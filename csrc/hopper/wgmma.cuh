@@ -1,4 +1,4 @@
-// Hopper warpgroup MMA (wgmma) building blocks for the local-attention kernels, sm_90a only, no
+// Hopper warpgroup MMA (wgmma) building blocks for the local-attention and VAE kernels, sm_90a only, no
 // torch: shared-memory matrix descriptors for 128-byte-swizzled tiles, the m64n64k16 bf16/fp16 MMA with
 // both operands in shared memory (SS: S = Q K^T) and with A in registers and B stored N-major
 // (RS: O += P V, V as it lies, keys by head dim), and the fences that order them. The layouts follow

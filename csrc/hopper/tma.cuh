@@ -1,5 +1,5 @@
-// Hopper's asynchronous copies and their barriers, shared by the TMA kernels (forward_tma.cuh here and
-// ../vae_conv/conv3d_wgmma.cuh): mbarrier phases, TMA box loads completing on a barrier, and the driver's
+// Hopper's asynchronous copies and their barriers, shared by the TMA kernels (../local_attention/forward_tma.cuh
+// and ../vae_conv/conv3d_wgmma.cuh): mbarrier phases, TMA box loads completing on a barrier, and the driver's
 // tensor-map encoder found through the runtime. No torch here.
 #pragma once
 
