@@ -66,6 +66,12 @@ def compile_dit(dit, setting, device: torch.device) -> str | None:
     return mode
 
 
+#: GPU memory a loader worker degrading on the trainer's GPU holds outside the trainer's process, as the
+#: checkpointing budget counts it: ~0.5 GB of CUDA context and ~0.5 GB for a 17x320x640 clip's buffers (an
+#: estimate; the H100 run of 48e8a57 did not see the workers' memory)
+DEGRADE_WORKER_BYTES = 1 << 30
+
+
 def blocks_to_checkpoint(num_layers: int, peak_all: int, per_block: float, extra: int, budget: int) -> int:
     """How many of ``num_layers`` blocks to checkpoint (the fewest) so that a step's peak memory stays
     within ``budget`` bytes: ``peak_all`` is a probe step's peak with every block checkpointed,
@@ -103,7 +109,8 @@ class TrainConfig:
     # where the degradations run: "workers" (the loader's CPU processes), "device" (the training device,
     # in the main process: blur, resize, noise and JPEG on the GPU, the codec on the CPU between),
     # "workers-device" (the loader's processes, each on the training device: the same GPU work, its Python
-    # in `workers` interpreters instead of one; each worker holds a CUDA context) or "auto" (on CUDA
+    # in `workers` interpreters instead of one; each worker holds a CUDA context, and the checkpointing
+    # budget leaves DEGRADE_WORKER_BYTES of the GPU to each) or "auto" (on CUDA
     # "workers-device" with loader workers, "device" without; "workers" on the CPU). On an H100's 16-core
     # host (48e8a57, docs/OASIS.md) 16 workers degrading on the GPU made 48-53 clips/s and a matmul beside
     # them kept 88% of its rate; "device" made 26-46 and kept 55% (the main process's interpreter is shared)
@@ -478,7 +485,7 @@ class Trainer:
         per_block = (held[2] - held[1]) / free
         param_bytes = sum(p.numel() * p.element_size() for p in self.params)
         extra = (0 if self.optimizer.state else 2 * param_bytes) + (param_bytes if cfg.accumulate > 1 else 0)
-        budget = int(cfg.memory_fraction * torch.cuda.get_device_properties(self.device).total_memory)
+        budget = self._memory_budget(torch.cuda.get_device_properties(self.device).total_memory)
         k = blocks_to_checkpoint(num, peaks[1], per_block, extra, budget)
         if self.world > 1:
             most = torch.tensor([k], device=self.device)
@@ -503,6 +510,13 @@ class Trainer:
     @property
     def degrades_on_device(self) -> bool:
         return self._degrade_place(self.cfg.degrade_on) == "device"
+
+    def _memory_budget(self, total: int) -> int:
+        """The bytes a step may peak at on a GPU of ``total`` bytes: ``memory_fraction`` of it, less what loader
+        workers degrading on this GPU hold there (not in this process's counts: an estimate of
+        DEGRADE_WORKER_BYTES each, a CUDA context and a clip's degradation buffers; not yet measured)."""
+        workers = self.cfg.workers if self._degrades_in_workers() else 0
+        return int(self.cfg.memory_fraction * total) - workers * DEGRADE_WORKER_BYTES
 
     def _degrades_in_workers(self, device=None) -> bool:
         """Whether the loader's workers degrade their clips on this trainer's device (``"workers-device"``, or

@@ -10,7 +10,7 @@ pytest.importorskip("av")
 
 from oasis.data import ClipSpec, PairDataset, SyntheticVideos, VideoFolder  # noqa: E402
 from oasis.degrade import Degradation  # noqa: E402
-from oasis.train import DEMO, Trainer, TrainConfig, main  # noqa: E402
+from oasis.train import DEGRADE_WORKER_BYTES, DEMO, Trainer, TrainConfig, main  # noqa: E402
 
 
 def demo_config(tmp_path, **kw):
@@ -427,6 +427,10 @@ def test_degradations_on_the_device_give_the_same_batches(tmp_path):
     auto_2 = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2, workers=2))
     assert auto_2._degrades_in_workers("cuda") and not auto_2._degrades_in_workers()
     assert base.workers == 0 and not workers._degrades_in_workers("cuda")  # no workers: the trainer's process
+    # the checkpointing budget leaves room for workers that degrade on the GPU (there: in_workers' two)
+    gib = 1 << 30
+    assert workers._memory_budget(80 * gib) == int(0.9 * 80 * gib)
+    assert in_workers._memory_budget(80 * gib) == int(0.9 * 80 * gib) - 2 * DEGRADE_WORKER_BYTES
     in_workers_0 = Trainer(demo_config(tmp_path, stage1_steps=2, stage2_steps=1, accumulate=2,
                                        degrade_on="workers-device", workers=0))
     others = [list(in_workers._loader(0, 3)), list(in_workers_0._loader(0, 3))]
