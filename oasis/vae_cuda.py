@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["library", "why_not", "pack_weight", "conv3d_k3", "SOURCES", "NVCC_FLAGS", "NORM_CHANNELS"]
+__all__ = ["library", "why_not", "channels_why_not", "pack_weight", "conv3d_k3", "conv3d_k3_reference", "SOURCES",
+           "NVCC_FLAGS", "NORM_CHANNELS"]
 
 SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "vae_conv"
 #: Hopper only (wgmma, TMA): the card the kernel is measured on
@@ -68,6 +70,18 @@ def _registered(how: str) -> tuple[bool, str]:
 NORM_CHANNELS = (96, 192)
 
 
+def channels_why_not(cin: int, cout: int, norm: bool = False) -> str | None:
+    """The part of :func:`why_not` that depends on the channel counts alone (and ``norm``): None where the
+    kernel takes ``cin -> cout``, else why not."""
+    if cin % 64 or not 64 <= cin <= 1024 or cout % 96:
+        # 96 input channels ran at ~226 TFLOP/s in 32-channel stages and at ~380 in 96-channel ones on an
+        # H100, where cuDNN's engines run them at ~650 (docs/PERF.md entries 18j, 18l): cuDNN keeps them
+        return f"input channels a multiple of 64 (got {cin}) and output channels a multiple of 96 (got {cout})"
+    if norm and cout not in NORM_CHANNELS:
+        return f"a norm in the epilogue needs {' or '.join(map(str, NORM_CHANNELS))} output channels, got {cout}"
+    return None
+
+
 def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 5 and (t.stride(1) == 1 or t.shape[1] == 1)
 
@@ -94,12 +108,9 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     cin, cout = weight.shape[1], weight.shape[0]
     if x.dim() != 5 or x.shape[1] != cin:
         return f"x must be [B, {cin}, T, H, W], got {tuple(x.shape)}"
-    if cin % 64 or not 64 <= cin <= 1024 or cout % 96:
-        # 96 input channels ran at ~226 TFLOP/s in 32-channel stages and at ~380 in 96-channel ones on an
-        # H100, where cuDNN's engines run them at ~650 (docs/PERF.md entries 18j, 18l): cuDNN keeps them
-        return f"input channels a multiple of 64 (got {cin}) and output channels a multiple of 96 (got {cout})"
-    if norm and cout not in NORM_CHANNELS:
-        return f"a norm in the epilogue needs {' or '.join(map(str, NORM_CHANNELS))} output channels, got {cout}"
+    why = channels_why_not(cin, cout, norm)
+    if why is not None:
+        return why
     others = [t for t in (prev, residual) if t is not None]
     if not all(_channels_last(t) and t.dtype == torch.bfloat16 for t in (x, *others)):
         return "x, prev and residual must be channels-last bfloat16"
@@ -167,4 +178,24 @@ def conv3d_k3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
         out = torch.empty((b, cout, t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     torch.ops.oasis_vae.conv3d_k3(x, prev, pack_weight(weight), None if bias is None else _bias32(bias), residual,
                                   None if norm is None else _norm32(*norm), tail, out)
+    return out
+
+
+def conv3d_k3_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                        prev: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                        norm: tuple[torch.Tensor, float] | None = None, tail: torch.Tensor | None = None,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`conv3d_k3`'s contract as torch operations, in ``x``'s dtype on any device: what the callers'
+    logic is tested against on the CPU (tests/test_vae_cuda.py) and what ``scripts/vae_peak.py --kernel cuda``
+    runs in the kernel's place. Not rounded as the kernel rounds (it sums in float32 and rounds once)."""
+    from .vae_kernels import norm_silu_reference
+
+    front = prev if prev is not None else x.new_zeros((*x.shape[:2], 2, *x.shape[3:]))
+    y = F.conv3d(torch.cat([front, x], 2), weight, None if bias is None else bias.to(x.dtype), padding=(0, 1, 1))
+    y = y if residual is None else y + residual
+    y = y if norm is None else norm_silu_reference(y, norm[0], norm[1])
+    out = torch.empty_like(y, memory_format=torch.channels_last_3d) if out is None else out
+    out.copy_(y)
+    if tail is not None:
+        tail.copy_(out[:, :, out.shape[2] - tail.shape[2]:])
     return out

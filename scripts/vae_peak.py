@@ -1,6 +1,6 @@
 """Live tensor bytes over time during WanVAE.decode on the CPU, and what is live at the peak.
 
-    python scripts/vae_peak.py --piece 2 [--latent 9 12 20] [--dtype bf16] [--json out.json]
+    python scripts/vae_peak.py --piece 2 [--latent 9 12 20] [--dtype bf16] [--kernel cuda] [--json out.json]
 
 (~1 minute at the default latents on 2 cores; the figures do not depend on the latent size beyond
 the area scaling, docs/PERF.md entry 18e).
@@ -17,6 +17,9 @@ To mimic the GPU path on the CPU:
   counted; the attention block's RMSNorm (the torch expression on the GPU too) is counted.
 - bf16 (the GPU's dtype): CPU conv3d in float32 returns channels-first outputs (extra copies downstream),
   in bf16 channels-last, as cuDNN does.
+- ``--kernel cuda``: the path of ``conv_kernel="cuda"`` (the calls ``oasis.vae_cuda.channels_why_not``
+  admits), the op stood in for by its contract (``oasis.vae_cuda.conv3d_k3_reference``) with tracking
+  paused but its output, which the op's caller allocates or the stand-in allocates as the op would.
 Not modelled: cuDNN's workspace (the tuned path allocates it per call from torch's allocator: ~0.06 GiB
 at the GPU's peak per docs/PERF.md), the caching allocator's 512-byte rounding.
 
@@ -148,6 +151,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", default=None)
     p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--kernel", default="cudnn", choices=["cudnn", "cuda"],
+                   help="the convolutions' path: cuDNN's, or conv_kernel=\"cuda\"'s (its op stood in for)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -187,6 +192,8 @@ def main(argv=None):
         return y
 
     wv.norm_silu = norm_silu_gpu_like
+    if a.kernel == "cuda":
+        _stand_in_cuda_kernel(tr)
 
     # stage hooks
     stages = [("conv_in", vae.decoder.conv_in), ("mid_block", vae.decoder.mid_block)] + \
@@ -242,6 +249,30 @@ def main(argv=None):
             json.dump({"args": vars(a), "scale": scale, "base_bytes": tr.base_bytes, "peak": tr.peak,
                        "peak_info": {k: v for k, v in pi.items()}, "stage_log": tr.stage_log,
                        "timeline": tr.timeline}, f, default=str)
+
+
+def _stand_in_cuda_kernel(tr) -> None:
+    """The decoder's path with conv_kernel="cuda" on the CPU: the calls the kernel takes by its channel rule,
+    each run as its contract with tracking paused; the output (a tensor the GPU op writes) counted."""
+    from oasis import vae_conv, vae_cuda
+
+    def takes(x, weight, time_pad, *, prev=None, residual=None, norm=False):
+        return (time_pad == 2 and weight.dim() == 5 and tuple(weight.shape[2:]) == (3, 3, 3)
+                and vae_cuda.channels_why_not(weight.shape[1], weight.shape[0], norm) is None)
+
+    def conv3d_k3(x, weight, bias=None, *, out=None, **kw):
+        if out is None:
+            out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype,
+                              memory_format=torch.channels_last_3d)
+        tr.paused += 1
+        try:
+            vae_cuda.conv3d_k3_reference(x, weight, bias, out=out, **kw)
+        finally:
+            tr.paused -= 1
+        return out
+
+    vae_conv.cuda_kernel_takes = takes
+    vae_cuda.conv3d_k3 = conv3d_k3
 
 
 def describe(it):

@@ -69,6 +69,16 @@ def test_why_not_names_the_reason_on_the_cpu():
         vae_cuda.conv3d_k3(x, w)
 
 
+def test_channel_rule_on_the_cpu():
+    """Which channel counts the kernel takes, and with the next norm: 64-channel input stages, 96-wide output
+    tiles, the norm where one tile holds every output channel."""
+    assert vae_cuda.channels_why_not(192, 192) is None and vae_cuda.channels_why_not(192, 192, norm=True) is None
+    assert vae_cuda.channels_why_not(384, 384) is None
+    assert "multiple of 64 (got 96)" in vae_cuda.channels_why_not(96, 96)
+    assert "multiple of 96 (got 128)" in vae_cuda.channels_why_not(64, 128)
+    assert "needs 96 or 192 output channels, got 384" in vae_cuda.channels_why_not(192, 384, norm=True)
+
+
 def reference(x, weight, bias=None, prev=None, residual=None, dtype=torch.float64):
     """The same convolution in ``dtype`` (float64: the reference; bf16: cuDNN's, the rule's yardstick)."""
     front = x.new_zeros((*x.shape[:2], 2, *x.shape[3:])) if prev is None else prev
@@ -287,26 +297,11 @@ def test_cuda_kernel_takes_nothing_outside_its_setting_or_on_the_cpu():
             assert not vae_conv.cuda_kernel_takes(xc, wc, 2, residual=xc.contiguous())  # channels-first
 
 
-def _stand_in_kernel(x, weight, bias=None, *, prev=None, residual=None, norm=None, tail=None, out=None):
-    """conv3d_k3's contract in torch (the CPU): what the fused residual block's logic is tested against."""
-    from oasis.vae_kernels import norm_silu_reference
-
-    front = prev if prev is not None else x.new_zeros((*x.shape[:2], 2, *x.shape[3:]))
-    y = F.conv3d(torch.cat([front, x], 2), weight, bias, padding=(0, 1, 1))
-    y = y if residual is None else y + residual
-    y = y if norm is None else norm_silu_reference(y, norm[0], norm[1])
-    out = torch.empty_like(y) if out is None else out
-    out.copy_(y)
-    if tail is not None:
-        tail.copy_(out[:, :, out.shape[2] - tail.shape[2]:])
-    return out
-
-
 @pytest.mark.parametrize("cin,cout", [(96, 96), (192, 96), (96, 192), (384, 192)])
 @pytest.mark.parametrize("pieces", [(1, 1, 1), (3, 1, 2), (2,), (1, 4)])
 def test_residual_block_with_the_norm_in_conv1_keeps_the_same_cache(cin, cout, pieces, monkeypatch):
     """A residual block whose conv1 applies norm2 in its epilogue (``_conv2_input``; the kernel stood in for by
-    its contract in float64 on the CPU) gives the unfused path's output, and the same cache entries for conv1
+    its contract in float64 on the CPU, vae_cuda.conv3d_k3_reference) gives the unfused path's output, and the same cache entries for conv1
     and conv2 after every call: frames handed over one or several at a time, fewer than the cache holds too."""
     from oasis import vae_conv
     from oasis.wan_vae import ResidualBlock
@@ -322,7 +317,7 @@ def test_residual_block_with_the_norm_in_conv1_keeps_the_same_cache(cin, cout, p
             if fused:
                 m.setattr(vae_conv, "cuda_kernel_takes", lambda x, w, tp, *, prev=None, residual=None, norm=False:
                           tp == 2 and (not norm or w.shape[0] in vae_cuda.NORM_CHANNELS))
-                m.setattr(vae_cuda, "conv3d_k3", _stand_in_kernel)
+                m.setattr(vae_cuda, "conv3d_k3", vae_cuda.conv3d_k3_reference)
             cache, outs, entries, t = {}, [], [], 0
             for n in pieces:
                 outs.append(block(frames[:, :, t:t + n], cache))
