@@ -19,11 +19,7 @@ its rows of the first decode variant are read.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import subprocess
-import re
 import sys
 import time
 from collections import Counter
@@ -36,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import oasis.vae_conv as vae_conv  # noqa: E402
 import oasis.wan_vae as wan_vae  # noqa: E402
 from oasis.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from attn_bench import environment  # noqa: E402  (the runs' common record: date, commit, dirty, versions)
 
 #: the profile's kernel name for each pass
 KERNELS = {"norm_silu": "_norm_silu_kernel", "add_bias": "_add_bias_kernel", "copy": "Memcpy DtoD"}
@@ -118,16 +117,6 @@ def profile_rows(path: Path) -> dict[str, tuple[float, int]]:
     return rows
 
 
-def _commit() -> str:
-    if os.environ.get("OASIS_COMMIT"):
-        return os.environ["OASIS_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--latent", nargs=3, type=int, default=[9, 12, 20], metavar=("T", "H", "W"))
@@ -145,8 +134,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     counts, calls, by_width = count(a.latent, a.piece)
     scale = (90 * 160) / (a.latent[1] * a.latent[2])
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
-              "device": "cpu", "latent": a.latent, "piece_frames": a.piece, "scaled_to": [a.latent[0], 90, 160],
+    env = environment(torch.device("cpu"))
+    result = {"date": env["date"], "commit": env["commit"], "dirty": env["dirty"], "device": "cpu", "latent": a.latent, "piece_frames": a.piece, "scaled_to": [a.latent[0], 90, 160],
               "cpu_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,
               "profile": None if a.profile is None else str(a.profile), "passes": {}}
     lines = [f"Passes of WanVAE.decode (chunk 1, {a.piece}-frame pieces), bytes counted on the CPU at latents "

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from oasis import vae_cuda
 
@@ -80,13 +79,12 @@ def test_channel_rule_on_the_cpu():
 
 
 def reference(x, weight, bias=None, prev=None, residual=None, dtype=torch.float64):
-    """The same convolution in ``dtype`` (float64: the reference; bf16: cuDNN's, the rule's yardstick)."""
-    front = x.new_zeros((*x.shape[:2], 2, *x.shape[3:])) if prev is None else prev
-    full = torch.cat([front, x], 2).to(dtype)
-    y = F.conv3d(full, weight.to(dtype), None if bias is None else bias.to(dtype), padding=(0, 1, 1))
-    if residual is not None:
-        y = y + residual.to(dtype)
-    return y
+    """The same convolution in ``dtype`` (float64: the reference; bf16: cuDNN's, the rule's yardstick):
+    :func:`oasis.vae_cuda.conv3d_k3_reference` on the inputs cast."""
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
+    return vae_cuda.conv3d_k3_reference(cast(x), cast(weight), cast(bias), prev=cast(prev), residual=cast(residual))
 
 
 hopper = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
@@ -201,23 +199,31 @@ def test_the_norm_needs_one_programs_channels():
         vae_cuda.conv3d_k3(x, w, norm=(torch.ones(384, device="cuda"), 1.0))
 
 
-@hopper
-@pytest.mark.parametrize("chunk,pieces", [(1, 2), (1, 1), (2, None)])
-def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, monkeypatch):
-    """Wan2.1's decoder (its real channel counts: 96, 192, 384) on small latents: with conv_kernel="cuda"
-    its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor); the
-    192-channel residual blocks take the norm in conv1's epilogue."""
-    from oasis.wan_vae import ResidualBlock, WanVAE, WanVAEConfig
+@pytest.fixture
+def fused(monkeypatch):
+    """``(conv1's output channels, whether its kernel applied norm2)`` of every residual block call."""
+    from oasis.wan_vae import ResidualBlock
 
-    fused = []
+    calls = []
     conv2_input = ResidualBlock._conv2_input
 
     def spy(self, *args, **kwargs):
         got = conv2_input(self, *args, **kwargs)
-        fused.append((self.conv1.out_channels, got is not None))
+        calls.append((self.conv1.out_channels, got is not None))
         return got
 
     monkeypatch.setattr(ResidualBlock, "_conv2_input", spy)
+    return calls
+
+
+@hopper
+@pytest.mark.parametrize("chunk,pieces", [(1, 2), (1, 1), (2, None)])
+def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, fused):
+    """Wan2.1's decoder (its real channel counts: 96, 192, 384) on small latents: with conv_kernel="cuda"
+    its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor); the
+    192-channel residual blocks take the norm in conv1's epilogue."""
+    from oasis.wan_vae import WanVAE, WanVAEConfig
+
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(), encoder=False).cuda()
     z = torch.randn(1, 16, 3, 5, 7, device="cuda")
@@ -238,21 +244,12 @@ def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, monkeypatch
 
 @hopper
 @pytest.mark.parametrize("chunk", [1, None])
-def test_encoder_with_the_cuda_kernel_matches_float64(chunk, monkeypatch):
+def test_encoder_with_the_cuda_kernel_matches_float64(chunk, fused):
     """Wan2.1's encoder (96, 192, 384 channels) on a small clip: with conv_kernel="cuda" the posterior's mean
     is within 2x the cuDNN path's error against the float64 encode (plus a floor); its 192-channel residual
     blocks take the norm in conv1's epilogue."""
-    from oasis.wan_vae import ResidualBlock, WanVAE, WanVAEConfig
+    from oasis.wan_vae import WanVAE, WanVAEConfig
 
-    fused = []
-    conv2_input = ResidualBlock._conv2_input
-
-    def spy(self, *args, **kwargs):
-        got = conv2_input(self, *args, **kwargs)
-        fused.append((self.conv1.out_channels, got is not None))
-        return got
-
-    monkeypatch.setattr(ResidualBlock, "_conv2_input", spy)
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(), decoder=False).cuda()
     video = torch.rand(1, 3, 9, 40, 72, device="cuda") * 2 - 1
