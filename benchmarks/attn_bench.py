@@ -219,9 +219,11 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
                               "cudnn" if cuda else "cpu", all_heads, iplan, frame_batched=True))
     if on("ours"):
         rows.append(_ours_row(f"{n_heads} intra heads, oasis auto", "intra", iplan, all_heads, "auto"))
-        if cuda:
-            rows.append(_ours_row(f"{n_heads} intra heads, oasis triton", "intra", iplan, all_heads, "triton"))
-            rows.append(_ours_row(f"{n_heads} window heads, oasis triton", "window", wplan, all_heads, "triton"))
+        if cuda:  # the local kernels by name: Triton's, and csrc/'s (a row with an error where they cannot run)
+            for be in ("triton", "cuda"):
+                rows.append(_ours_row(f"{n_heads} intra heads, oasis {be}", "intra", iplan, all_heads, be))
+            for be in ("triton", "cuda"):
+                rows.append(_ours_row(f"{n_heads} window heads, oasis {be}", "window", wplan, all_heads, be))
         else:
             rows.append(_ours_row(f"{n_heads} window heads, oasis auto", "window", wplan, all_heads, "auto"))
     if cuda and on("flex") and group("intra"):

@@ -142,6 +142,49 @@ class MatmulLoad:
         self._thread.join()
 
 
+class CardMemory:
+    """The card's memory in use by every process (``cudaMemGetInfo``), read every ``interval`` s from a
+    thread while ``with`` runs: ``before`` at its start, ``peak`` the most seen. Less the main process's own
+    growth (``main_growth``: its caching allocator's peak reserve over its reserve at the start), what the
+    peak adds is what processes it does not see took: the loader workers' CUDA contexts and allocators."""
+
+    def __init__(self, device, interval: float = 0.02):
+        import threading
+
+        self.device, self.interval = device, interval
+        self.before = self.peak = self.main_growth = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _used(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._used())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        torch.cuda.synchronize(self.device)
+        self._reserved = torch.cuda.memory_reserved(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = self.peak = self._used()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._used())
+        self.main_growth = torch.cuda.max_memory_reserved(self.device) - self._reserved
+
+    @property
+    def others(self) -> int:
+        """Bytes the other processes added at the peak (not below 0)."""
+        return max(self.peak - self.before - self.main_growth, 0)
+
+
 def matmul_rate_alone(device, seconds: float = 3.0) -> float:
     with MatmulLoad(device) as load:
         time.sleep(seconds)
@@ -303,7 +346,9 @@ def main(argv=None):
                 batch_sampler=[[i] for i in range(clips)], num_workers=workers, pin_memory=cuda,
                 multiprocessing_context="spawn" if args.in_workers and cuda and workers else None)
             load = MatmulLoad(device) if args.matmul_load and cuda else contextlib.nullcontext()
-            with load:  # bf16 matmuls beside the row, where asked
+            # the workers' GPU memory, where they degrade on the GPU (oasis.train.DEGRADE_WORKER_BYTES' measure)
+            card = CardMemory(device) if args.in_workers and cuda and workers else contextlib.nullcontext()
+            with card, load:  # bf16 matmuls beside the row, where asked
                 start = time.perf_counter()
                 arrivals = []
                 if args.in_workers:  # (lq, hq) degraded by the workers: onto the device, as the trainer takes them
@@ -336,7 +381,8 @@ def main(argv=None):
                    # the seconds a clip would cost each of the first wave's workers (or threads) if they
                    # set the rate; the source alone and the degradation side alone say which does
                    "s_per_clip_per_worker_at_this_rate": wave / steady,
-                   "matmul_TFLOPs_beside": getattr(load, "rate", None)}
+                   "matmul_TFLOPs_beside": getattr(load, "rate", None),
+                   "workers_gpu_bytes": getattr(card, "others", None)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     coders = coder_rows(args.coders) if args.coders else []
@@ -376,6 +422,13 @@ def main(argv=None):
                "| mode | workers | threads | TFLOP/s beside | of alone |", "|---|---|---|---|---|"]
         md += [f"| {r['mode']} | {r['workers']} | {r['threads']} | {r['matmul_TFLOPs_beside']:.0f} | "
                f"{r['matmul_TFLOPs_beside'] / alone:.2f} |" for r in rows if r["matmul_TFLOPs_beside"]]
+    held = [r for r in rows if r["workers_gpu_bytes"] is not None]
+    if held:
+        md += ["", "GPU memory the workers held at the row's peak: the card's use (every process) less its use "
+               "before the row and the main process's own growth:", "",
+               "| mode | workers | GiB in all | GiB a worker |", "|---|---|---|---|"]
+        md += [f"| {r['mode']} | {r['workers']} | {r['workers_gpu_bytes'] / 2**30:.2f} | "
+               f"{r['workers_gpu_bytes'] / r['workers'] / 2**30:.2f} |" for r in held]
     md += ["", f"The source alone: {source_ms:.0f} ms per HQ clip in the main thread" +
            (f" ({from_start_ms:.0f} ms decoding each video from its start)." if from_start_ms else ".")]
     if memory:

@@ -3,7 +3,8 @@
 # an install without the setup.py build gets them; their GPU tests, compute-sanitizer memcheck
 # and racecheck on a small case, and the public op with the triton and cuda backends at S, A, B
 # (local heads only, benchmarks/local_bench.py). Logs and JSON go to $OUT.
-# RUN_NCU=1: Nsight Compute on the two forwards at B as well (ncu_forward.txt).
+# RUN_NCU=1: Nsight Compute on each mode's forward, dQ and dK/dV at B as well (ncu_window.txt, ncu_intra.txt;
+# NCU_HEADS heads, default 12).
 #   SHAPES=S,A,B RUN_SANITIZER=1 RUN_NCU=0 bash scripts/device_cuda_local.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,12 +23,16 @@ if [ "${RUN_SANITIZER:-1}" = 1 ]; then
         echo "$tool: $(tail -3 "$OUT/sanitizer_$tool.log" | tr '\n' ' ')"
     done
 fi
-if [ "${RUN_NCU:-0}" = 1 ]; then  # the two forwards at B: speed of light, pipes, instruction mix, stalls
-    timeout 300 ncu -k regex:forward_wgmma_kernel -c 2 --section SpeedOfLight --section ComputeWorkloadAnalysis \
-        --section InstructionStats --section WarpStateStats --section MemoryWorkloadAnalysis --section Occupancy \
-        --section LaunchStats python3 scripts/ncu_cuda_local.py > "$OUT/ncu_forward.txt" 2>&1
-    grep -E "forward_wgmma_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy" \
-        "$OUT/ncu_forward.txt" | head -20
+if [ "${RUN_NCU:-0}" = 1 ]; then  # each mode's forward, dQ and dK/dV at B: speed of light, pipes, instruction mix, stalls
+    for mode in window intra; do
+        timeout 300 ncu -k regex:"forward_(tma|wgmma)|dq_wgmma|dkdv_wgmma" --launch-skip 3 -c 3 \
+            --section SpeedOfLight --section ComputeWorkloadAnalysis --section InstructionStats \
+            --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
+            --section LaunchStats --print-details all python3 scripts/ncu_cuda_local.py --modes $mode --heads "${NCU_HEADS:-12}" \
+            --backward > "$OUT/ncu_$mode.txt" 2>&1
+        grep -E "_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Achieved Occupancy" \
+            "$OUT/ncu_$mode.txt" | head -20
+    done
 fi
 for mode in window intra; do
     timeout 240 python3 benchmarks/local_bench.py --shapes "${SHAPES:-S,A,B}" --mode $mode --backends triton,cuda \
