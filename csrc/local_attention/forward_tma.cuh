@@ -53,31 +53,31 @@ __device__ __forceinline__ void load_box(void* dst, const CUtensorMap* map, uint
     hopper::load_box5(dst, map, bar, d0, i0, t, head, b);
 }
 
-// A TMA kernel's shared memory: Q (two 64-row tiles), kStages K and V blocks (64 x D each, the wgmma
+// A TMA kernel's shared memory: Q (C tiles of 64 rows), S stages of K and V blocks (64 x D each, the wgmma
 // panels, 1024-byte aligned), then the barriers: q_full, k_full and v_full per stage (the copies' bytes),
-// empty per stage (each consumer warp once its wgmma reads are done)
-template <typename T, int D>
+// empty per stage (each of the C consumer warpgroups' warps once its wgmma reads are done)
+template <typename T, int D, int C = kConsumers, int S = kStages>
 struct Stages {
     T *q, *k, *v;
     uint64_t *q_full, *k_full, *v_full, *empty;
 
     __device__ explicit Stages(unsigned char* smem) {
         q = reinterpret_cast<T*>(smem + ((1024 - (wgmma::smem_address(smem) & 1023)) & 1023));
-        k = q + kRowsTma * D;
-        v = k + kStages * kBlock * D;
-        q_full = reinterpret_cast<uint64_t*>(v + kStages * kBlock * D);
+        k = q + 64 * C * D;
+        v = k + S * kBlock * D;
+        q_full = reinterpret_cast<uint64_t*>(v + S * kBlock * D);
         k_full = q_full + 1;
-        v_full = k_full + kStages;
-        empty = v_full + kStages;
+        v_full = k_full + S;
+        empty = v_full + S;
     }
 
     __device__ void init_barriers() const {  // by thread 0, before the block's barrier
         if (threadIdx.x != 0) return;
         mbar_init(q_full, 1);
-        for (int s = 0; s < kStages; ++s) {
+        for (int s = 0; s < S; ++s) {
             mbar_init(k_full + s, 1);
             mbar_init(v_full + s, 1);
-            mbar_init(empty + s, 4 * kConsumers);
+            mbar_init(empty + s, 4 * C);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
@@ -161,36 +161,39 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     sm.store(p, pr, r0 < HW ? frame_token + r0 : -1, r0 + 8 < HW ? frame_token + r0 + 8 : -1);
 }
 
-// The window heads: a program is two window tiles stacked in time (8 frames of bh x bw tokens, bh * bw = 16,
+// The window heads: a program is C window tiles stacked in time (C x 4 frames of bh x bw tokens, bh * bw = 16,
 // one consumer warpgroup of 4 frames each, one frame per warp, geometry.cuh's Tile) of one (batch, window
-// head). The halo is walked one frame at a time over the union of both tiles' frames (8 + 2 rt, clipped to
-// the clip), each frame's slice of (bh + 2 rh) x (bw + 2 rw) <= 64 positions one TMA box of a 5-D map
-// (D, W, H, T * B, heads): positions outside the frame are the box's zeros (negative coordinates too), the
-// slice's rows past its size stay the zeros written at the start. A warpgroup computes the frames within
-// rt of its own, with the Tile's masks; it waits for the others' copies too before releasing a stage.
-template <typename T, int D>
-__global__ void __launch_bounds__(tma::kThreadsTma, 1)
+// head), and a producer warp. The halo is walked one frame at a time over the union of the tiles' frames
+// (4 C + 2 rt, clipped to the clip), each frame's slice of (bh + 2 rh) x (bw + 2 rw) <= 64 positions one TMA
+// box of a 5-D map (D, W, H, T * B, heads): positions outside the frame are the box's zeros (negative
+// coordinates too), the slice's rows past its size stay the zeros written at the start. A warpgroup computes
+// the frames within rt of its own, with the Tile's masks; it waits for the others' copies too before releasing
+// a stage. With C = 1 and S = 2 stages (81 KB of shared memory, 160 threads) two programs share an SM, so one's
+// start (its Q and first blocks in flight) and end (its stores) overlap the other's MMAs.
+template <typename T, int D, int C, int S>
+__global__ void __launch_bounds__(128 * C + 32, C == 1 ? 2 : 1)
     forward_tma_window_kernel(const __grid_constant__ TmaMaps maps, const ForwardParams p, int bh, int bw) {
     using namespace tma;
+    constexpr int kThreads = 128 * C + 32;
     extern __shared__ __align__(128) unsigned char smem_tma[];
-    const Stages<T, D> st(smem_tma);
+    const Stages<T, D, C, S> st(smem_tma);
     T *s_q = st.q, *s_k = st.k, *s_v = st.v;
     uint64_t *q_full = st.q_full, *k_full = st.k_full, *v_full = st.v_full, *empty = st.empty;
 
     const Layer& L = p.layer;  // the window heads alone
     const Program pr(L);
     const int nbh = (L.H + bh - 1) / bh, nbw = (L.W + bw - 1) / bw, per_t = nbh * nbw;
-    const int group = blockIdx.x / per_t, rest = blockIdx.x % per_t, t0c = group * 2 * kTileT;
+    const int group = blockIdx.x / per_t, rest = blockIdx.x % per_t, t0c = group * C * kTileT;
     if (!pr.valid || t0c >= L.T) return;
     const int h0 = (rest / nbw) * bh, w0 = (rest % nbw) * bw;
     const int sh = bh + 2 * L.rh, sw = bw + 2 * L.rw, slice = sh * sw;
     const int lo = t0c - L.rt > 0 ? t0c - L.rt : 0;
-    const int hi = t0c + 2 * kTileT - 1 + L.rt < L.T - 1 ? t0c + 2 * kTileT - 1 + L.rt : L.T - 1;
+    const int hi = t0c + C * kTileT - 1 + L.rt < L.T - 1 ? t0c + C * kTileT - 1 + L.rt : L.T - 1;
     const int n_blocks = hi - lo + 1;
     const int wg = threadIdx.x / 128;
 
     // the K and V stages' rows past the slice: zeros, once (the copies never write them)
-    for (int i = threadIdx.x; i < 2 * kStages * (D / 64) * (64 - slice) * 8; i += kThreadsTma) {
+    for (int i = threadIdx.x; i < 2 * S * (D / 64) * (64 - slice) * 8; i += kThreads) {
         const int chunk = i % 8, row = slice + (i / 8) % (64 - slice), panel = i / (8 * (64 - slice));
         reinterpret_cast<uint4*>(s_k + panel * 64 * 64 + row * 64)[chunk] = make_uint4(0, 0, 0, 0);
     }
@@ -199,12 +202,12 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     __syncthreads();
 
     const int bt = int(pr.b) * L.T;  // the map's frame index of this batch's frame 0
-    if (wg == kConsumers) {
-        if (threadIdx.x % 128 == 0) {
+    if (wg == C) {  // the producer warp: one thread issues every copy
+        if (threadIdx.x == 128 * C) {
             const int head = pr.head;
             constexpr uint32_t kQBoxBytes = 16 * 128;  // one frame's 16 query tokens, one 64-column panel
-            mbar_expect_bytes(q_full, kConsumers * kTileT * (D / 64) * kQBoxBytes);
-            for (int c = 0; c < kConsumers; ++c)
+            mbar_expect_bytes(q_full, C * kTileT * (D / 64) * kQBoxBytes);
+            for (int c = 0; c < C; ++c)
                 for (int f = 0; f < kTileT; ++f)
 #pragma unroll
                     for (int panel = 0; panel < D / 64; ++panel)
@@ -212,8 +215,8 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
                                  h0, bt + t0c + kTileT * c + f, head);
             const uint32_t kv_bytes = (D / 64) * slice * 128;
             for (int it = 0; it < n_blocks; ++it) {
-                const int s = it % kStages, round = it / kStages;
-                if (round > 0) mbar_wait(empty + s, (round - 1) & 1);
+                const int s = it % S, round = it / S;
+                if (round > 0) mbar_wait<false>(empty + s, (round - 1) & 1);
                 mbar_expect_bytes(k_full + s, kv_bytes);
                 mbar_expect_bytes(v_full + s, kv_bytes);
 #pragma unroll
@@ -230,15 +233,15 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
 
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x & 31;
     Tile tile{};
-    const bool have = tile.init<kBlock>((2 * group + wg) * per_t + rest, true, L, bh, bw);
+    const bool have = tile.init<kBlock>((C * group + wg) * per_t + rest, true, L, bh, bw);
     const uint32_t bits = have ? tile.mask_bits<kBlock>(Block{0, 0, 0}, lane) : 0u;  // the same in every frame
     const T* q_tile = s_q + wg * 64 * D;
     const float c = p.scale * kLog2e;
     WgSoftmax<T, D> sm;
     mbar_wait(q_full, 0);
     for (int it = 0; it < n_blocks; ++it) {
-        const int s = it % kStages;
-        const uint32_t parity = (it / kStages) & 1;
+        const int s = it % S;
+        const uint32_t parity = (it / S) & 1;
         mbar_wait(k_full + s, parity);
         const Block b{it, lo + it - (tile.t0 - L.rt), 0};  // the frame among this tile's halo frames
         if (have && b.f >= 0 && b.f <= kTileT - 1 + 2 * L.rt) {
@@ -256,10 +259,11 @@ __global__ void __launch_bounds__(tma::kThreadsTma, 1)
     }
 }
 
-// shared memory of a forward_tma_*_kernel launch (+1024: the kernel aligns its tiles to 1024 bytes)
-template <typename T, int D>
-constexpr size_t tma_intra_smem() {
-    return size_t(tma::kRowsTma + 2 * tma::kStages * tma::kBlock) * D * sizeof(T) + (1 + 3 * tma::kStages) * 8 + 1024;
+// shared memory of a forward_tma_*_kernel launch with C consumer warpgroups and S stages (+1024: the kernel
+// aligns its tiles to 1024 bytes)
+template <typename T, int D, int C = tma::kConsumers, int S = tma::kStages>
+constexpr size_t tma_smem() {
+    return size_t(64 * C + 2 * S * tma::kBlock) * D * sizeof(T) + (1 + 3 * S) * 8 + 1024;
 }
 
 }  // namespace detail

@@ -103,6 +103,10 @@ bool window_tensor_map(CUtensorMap* map, const View& v, const Layer& L, int box_
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// the window heads' TMA programs: one window tile (one consumer warpgroup) and two K/V stages each, so that
+// two programs share an SM (forward_tma.cuh)
+constexpr int kWindowConsumers = 1, kWindowStages = 2;
+
 // the window heads by TMA (forward_tma.cuh) where a halo slice is one box of at most 64 positions;
 // false (nothing launched) otherwise, for the wgmma kernel
 template <typename T, int D>
@@ -117,14 +121,15 @@ bool forward_window_tma(const ForwardParams& p, cudaStream_t stream, cudaError_t
         return false;
     ForwardParams window = p;
     window.layer.n_local = L.n_window;
-    const dim3 grid(cdiv(L.T, 2 * kTileT) * cdiv(L.H, t.bh) * cdiv(L.W, t.bw), L.B * L.n_window);
+    constexpr int C = kWindowConsumers, S = kWindowStages;
+    const dim3 grid(cdiv(L.T, C * kTileT) * cdiv(L.H, t.bh) * cdiv(L.W, t.bw), L.B * L.n_window);
     *err = cudaSuccess;
     if (grid.x == 0 || grid.y == 0) return true;
-    const auto kernel = detail::forward_tma_window_kernel<T, D>;
-    constexpr size_t smem = detail::tma_intra_smem<T, D>();
+    const auto kernel = detail::forward_tma_window_kernel<T, D, C, S>;
+    constexpr size_t smem = detail::tma_smem<T, D, C, S>();
     *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (*err == cudaSuccess) {
-        kernel<<<grid, detail::tma::kThreadsTma, smem, stream>>>(maps, window, t.bh, t.bw);
+        kernel<<<grid, 128 * C + 32, smem, stream>>>(maps, window, t.bh, t.bw);
         *err = cudaGetLastError();
     }
     return true;
@@ -147,7 +152,7 @@ bool forward_intra_tma(const ForwardParams& p, cudaStream_t stream, cudaError_t*
     *err = cudaSuccess;
     if (grid.x == 0 || grid.y == 0) return true;
     const auto kernel = detail::forward_tma_intra_kernel<T, D>;
-    constexpr size_t smem = detail::tma_intra_smem<T, D>();
+    constexpr size_t smem = detail::tma_smem<T, D>();
     *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (*err == cudaSuccess) {
         kernel<<<grid, detail::tma::kThreadsTma, smem, stream>>>(maps, intra);
