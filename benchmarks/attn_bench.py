@@ -190,6 +190,9 @@ def build_rows(plan: ok.RoutingPlan, args, device) -> list[Row]:
             rows.append(_ours_row("routed, oasis auto, one stream (no overlap)", "routed", plan, all_heads, "auto",
                                   context=ok.single_stream))
             rows.append(_ours_row("routed, oasis triton (all local heads)", "routed", plan, all_heads, "triton"))
+            if plan.heads_of("window"):  # the candidate for auto's CUDA_BEFORE_TRITON rule, in the layer itself
+                rows.append(_ours_row("routed, oasis auto, window heads on cuda", "routed", plan, all_heads,
+                                      {"window": "cuda"}))
             if plan.num_tokens <= 8192:  # host-bound sizes, where CUDA graphs pay
                 rows.append(_ours_row("routed, oasis auto, torch.compile reduce-overhead", "routed", plan, all_heads,
                                       "auto", compile_mode="reduce-overhead"))
