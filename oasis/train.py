@@ -67,9 +67,10 @@ def compile_dit(dit, setting, device: torch.device) -> str | None:
 
 
 #: GPU memory a loader worker degrading on the trainer's GPU holds outside the trainer's process, as the
-#: checkpointing budget counts it: ~0.5 GB of CUDA context and ~0.5 GB for a 17x320x640 clip's buffers (an
-#: estimate; the H100 run of 48e8a57 did not see the workers' memory)
-DEGRADE_WORKER_BYTES = 1 << 30
+#: checkpointing budget counts it: its CUDA context and its allocator's cache of a 17x320x640 clip's buffers.
+#: Measured (degrade_bench's CardMemory, H100, 07f22fd): 2.21-2.28 GiB a worker at the peak of 4 workers'
+#: rows, 1.60-2.09 with 16 (their peaks coincide less); the most, rounded up
+DEGRADE_WORKER_BYTES = 5 << 29  # 2.5 GiB
 
 
 def blocks_to_checkpoint(num_layers: int, peak_all: int, per_block: float, extra: int, budget: int) -> int:
@@ -513,8 +514,8 @@ class Trainer:
 
     def _memory_budget(self, total: int) -> int:
         """The bytes a step may peak at on a GPU of ``total`` bytes: ``memory_fraction`` of it, less what loader
-        workers degrading on this GPU hold there (not in this process's counts: an estimate of
-        DEGRADE_WORKER_BYTES each, a CUDA context and a clip's degradation buffers; not yet measured)."""
+        workers degrading on this GPU hold there (not in this process's counts: DEGRADE_WORKER_BYTES each, a CUDA
+        context and its allocator's cache of a clip's degradation buffers, as measured)."""
         workers = self.cfg.workers if self._degrades_in_workers() else 0
         return int(self.cfg.memory_fraction * total) - workers * DEGRADE_WORKER_BYTES
 

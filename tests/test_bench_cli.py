@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,25 @@ def test_train_bench_cpu_report_claims_only_what_it_did(tmp_path, capsys, dirty_
 # --------------------------------------------------------------------------------------
 
 import degrade_bench  # noqa: E402
+
+
+def test_degrade_bench_card_memory_counts_what_other_processes_add(monkeypatch):
+    """CardMemory: the card's peak use through the block, less its use at the start and the main process's own
+    growth (its allocator's peak reserve over the start's), is what the processes it cannot see (the workers)
+    took; readings from a fake card: 10 GiB in use at the start, 16 at the peak, the main process +1."""
+    gib = 1 << 30
+    used = iter([10, 12, 16, 13] + [11] * 1000)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: ((80 - next(used)) * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * gib)
+    card = degrade_bench.CardMemory("cuda", interval=0.001)
+    with card:
+        while card.peak < 16 * gib:  # the poller has read the peak
+            time.sleep(0.001)
+    assert (card.before, card.peak, card.main_growth) == (10 * gib, 16 * gib, gib)
+    assert card.others == 5 * gib
 
 
 @pytest.mark.parametrize("argv,says", [
