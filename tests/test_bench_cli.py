@@ -76,6 +76,20 @@ def test_attn_bench_backend_groups_are_build_rows(fake_cuda):
         assert made == attn_bench.BACKEND_GROUPS[backend], backend
 
 
+def test_attn_bench_times_the_cuda_local_kernels_beside_triton(fake_cuda):
+    """On CUDA, each local pattern has a row per named kernel (Triton's and csrc/'s), and the routed layer a row
+    with its window heads on the CUDA kernels (the candidate for CUDA_BEFORE_TRITON); the rows are only made."""
+    args = attn_bench.parse_args(["--device", "cpu", "--heads", "3", "--mix", "1,1,1", "--backends", "ours"])
+    rows = {r.name: r for r in attn_bench.build_rows(attn_bench.make_plan((2, 4, 8), args), args, torch.device("cuda"))}
+    for name in ("3 intra heads, oasis triton", "3 intra heads, oasis cuda", "3 window heads, oasis triton",
+                 "3 window heads, oasis cuda", "routed, oasis auto, window heads on cuda"):
+        assert name in rows, name
+    assert rows["3 window heads, oasis cuda"].group == "window" and rows["3 intra heads, oasis cuda"].group == "intra"
+    no_window = attn_bench.parse_args(["--device", "cpu", "--heads", "2", "--mix", "1,1,0", "--backends", "ours"])
+    made = attn_bench.build_rows(attn_bench.make_plan((2, 4, 8), no_window), no_window, torch.device("cuda"))
+    assert not any("window heads on cuda" in r.name for r in made)
+
+
 def test_environment_records_libraries_on_request():
     env = attn_bench.environment(torch.device("cpu"))
     assert "diffusers" not in env and "nccl" not in env
