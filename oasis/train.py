@@ -86,6 +86,20 @@ def blocks_to_checkpoint(num_layers: int, peak_all: int, per_block: float, extra
     return num_layers - min(num_layers, int(room // per_block))
 
 
+def over_budget_note(peak: int, budget: int, gpu_workers: int) -> str | None:
+    """What to change when a step checkpointing every block still peaks above ``budget`` bytes (None where it
+    fits): the step may run out of memory; ``gpu_workers`` loader workers degrading on this GPU hold
+    DEGRADE_WORKER_BYTES each outside the budget."""
+    if peak <= budget:
+        return None
+    note = (f"a step checkpointing every block peaks at {peak / 2**30:.1f} GiB, above the budget of "
+            f"{budget / 2**30:.1f} GiB (memory_fraction of the GPU")
+    if gpu_workers:
+        return (note + f", less {gpu_workers} loader workers degrading on it at {DEGRADE_WORKER_BYTES / 2**30:.1f} "
+                "GiB each): fewer workers, degrade_on = \"device\", a smaller batch or shorter clips make room")
+    return note + "): a smaller batch or shorter clips make room"
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run (the defaults are the paper's where it gives one)."""
@@ -497,6 +511,9 @@ class Trainer:
             print(f"oasis-train: activation checkpointing on {k} of {num} blocks (a step's peak with all "
                   f"{peaks[1] / 2**30:.1f} GiB, {per_block / 2**30:.2f} GiB per block kept, {extra / 2**30:.1f} GiB "
                   f"still to come; budget {budget / 2**30:.1f} GiB)", flush=True)
+            short = over_budget_note(peaks[1] + extra, budget, self.cfg.workers if self._degrades_in_workers() else 0)
+            if short:
+                print(f"oasis-train: warning: {short}", file=sys.stderr, flush=True)
         return k
 
     def _degrade_place(self, setting: str, device=None) -> str:

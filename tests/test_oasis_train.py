@@ -501,6 +501,20 @@ def test_checkpointing_fit_from_probe_peaks():
     assert blocks_to_checkpoint(30, 20 * GiB, GiB + 1, 0, 30 * GiB) == 21  # rounds towards fitting
 
 
+def test_checkpointing_over_budget_says_what_makes_room():
+    """A step that does not fit even with every block checkpointed gets a warning naming what to change, and
+    the loader workers' share where they degrade on the GPU (DEGRADE_WORKER_BYTES each, outside the budget)."""
+    from oasis.train import over_budget_note
+
+    GiB = 2**30
+    assert over_budget_note(30 * GiB, 30 * GiB, 16) is None  # fits
+    note = over_budget_note(40 * GiB, 32 * GiB, 16)
+    assert note.startswith("a step checkpointing every block peaks at 40.0 GiB, above the budget of 32.0 GiB")
+    assert "16 loader workers degrading on it at 2.5 GiB each" in note and 'degrade_on = "device"' in note
+    plain = over_budget_note(40 * GiB, 32 * GiB, 0)
+    assert "workers" not in plain and plain.endswith("a smaller batch or shorter clips make room")
+
+
 def test_checkpointing_auto_settings(tmp_path):
     assert TrainConfig.__dataclass_fields__["activation_checkpointing"].default == "auto"
     t = Trainer(demo_config(tmp_path, activation_checkpointing="auto"))
