@@ -511,7 +511,7 @@ class Trainer:
             print(f"oasis-train: activation checkpointing on {k} of {num} blocks (a step's peak with all "
                   f"{peaks[1] / 2**30:.1f} GiB, {per_block / 2**30:.2f} GiB per block kept, {extra / 2**30:.1f} GiB "
                   f"still to come; budget {budget / 2**30:.1f} GiB)", flush=True)
-            short = over_budget_note(peaks[1] + extra, budget, self.cfg.workers if self._degrades_in_workers() else 0)
+            short = over_budget_note(peaks[1] + extra, budget, self._gpu_workers())
             if short:
                 print(f"oasis-train: warning: {short}", file=sys.stderr, flush=True)
         return k
@@ -533,8 +533,11 @@ class Trainer:
         """The bytes a step may peak at on a GPU of ``total`` bytes: ``memory_fraction`` of it, less what loader
         workers degrading on this GPU hold there (not in this process's counts: DEGRADE_WORKER_BYTES each, a CUDA
         context and its allocator's cache of a clip's degradation buffers, as measured)."""
-        workers = self.cfg.workers if self._degrades_in_workers() else 0
-        return int(self.cfg.memory_fraction * total) - workers * DEGRADE_WORKER_BYTES
+        return int(self.cfg.memory_fraction * total) - self._gpu_workers() * DEGRADE_WORKER_BYTES
+
+    def _gpu_workers(self) -> int:
+        """The loader workers that hold memory on this trainer's GPU (those degrading there), else 0."""
+        return self.cfg.workers if self._degrades_in_workers() else 0
 
     def _degrades_in_workers(self, device=None) -> bool:
         """Whether the loader's workers degrade their clips on this trainer's device (``"workers-device"``, or
