@@ -380,20 +380,23 @@ def test_bad_option_values_exit_2(capsys):
 @pytest.mark.slow  # three interpreters start; ~20 s on 2 cores
 def test_gpus_split_the_dit_and_write_the_same_video(tmp_path, capfd, checkpoint, clip):
     """--gpus 2 with --device cpu: two gloo processes split each DiT call's latent frames
-    (WanDiT.set_sequence_parallel); rank 0 writes the same video as one process."""
-    one, two = tmp_path / "one.mp4", tmp_path / "two.mp4"
-    # lossless encoding (crf 0): a lossy encoder can turn a last-bit difference into a large one
-    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--no-compile", "--crf", 0]
-    code, err = run(capfd, clip, "-o", one, *common)  # capfd: the processes write to the same stderr
+    (WanDiT.set_sequence_parallel); rank 0 writes the same frames as one process."""
+    from oasis.images import ImageFrames
+
+    # PNG frames, not a video: even at crf 0 libx264 stores yuv420p, whose colour conversion and shared
+    # chroma turn a one-step difference in one channel into up to 3 steps in others
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--checkpoint", checkpoint, "--device", "cpu", "--no-progress", "--no-compile"]
+    code, err = run(capfd, clip, "-o", f"{one}/", *common)  # capfd: the processes write to the same stderr
     assert code == 0, err
-    code, err = run(capfd, clip, "-o", two, *common, "--gpus", 2)
+    code, err = run(capfd, clip, "-o", f"{two}/", *common, "--gpus", 2)
     assert code == 0, err
     assert "2 processes" in err
-    a, _ = read_video(one)
-    b, _ = read_video(two)
+    a, b = ImageFrames(one)[:], ImageFrames(two)[:]
     assert a.shape == b.shape == (7, 80, 112, 3)
     diff = (a.int() - b.int()).abs()
-    assert diff.max() <= 2 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())  # float sums reordered
+    # float sums reordered: a pixel near a rounding boundary moves by one step, few pixels do
+    assert diff.max() <= 1 and diff.float().mean() < 0.001, (diff.max(), diff.float().mean())
 
 
 def test_gpus_are_checked_before_any_process_starts(tmp_path, capsys):
