@@ -283,11 +283,12 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def _few_inputs(x, weight, bias, stride, padding) -> bool:
     """A channels-last video convolution from at most 4 channels with a spatial kernel (odd, padded by
-    half), as the encoder's first (3 -> 96, 3x3x3), where the Triton passes run: the Triton kernel
-    :func:`oasis.vae_kernels.conv3d_few_in` (cuDNN's engines run it at ~22 TFLOP/s)."""
+    half, kw * C <= 16) over dense pixels, as the encoder's first (3 -> 96, 3x3x3), where the Triton passes
+    run: the Triton kernel :func:`oasis.vae_kernels.conv3d_few_in` (cuDNN's engines run it at ~22 TFLOP/s)."""
     co, ci, _, kh, kw = weight.shape if weight.dim() == 5 else (0,) * 5
     return (x.dim() == 5 and 0 < ci <= 4 and 0 < co <= 256 and kh * kw > 1 and kh % 2 == 1 and kw % 2 == 1
-            and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2) and (ci == 1 or x.stride(1) == 1)
+            and kw * ci <= 16 and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2)
+            and (ci == 1 or x.stride(1) == 1) and (x.shape[4] == 1 or x.stride(4) == ci)
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.dtype == x.dtype
             and weight.device == x.device and vae_kernels.on_triton_device(x)
             and not vae_kernels._needs_grad(x, weight, bias))

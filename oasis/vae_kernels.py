@@ -274,29 +274,34 @@ if triton is not None:
 def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A 3D convolution from at most 4 input channels, for the encoder's first one (3 -> 96, 3x3x3):
     ``F.conv3d(x, weight, bias, padding=(0, kh // 2, kw // 2))`` (no time padding: ``x`` holds the
-    causal cache's frames in front) for channels-last ``x [B, C, T, H, W]``; the output channels-last.
+    causal cache's frames in front) for channels-last ``x [B, C, T, H, W]`` whose pixels follow each other
+    (``x.stride(4) == C``; a time slice of a buffer is); the output channels-last.
 
     cuDNN runs this convolution at ~22 TFLOP/s on the H200 (2.3 ms for 4 frames at 720p, whose 96-channel
     output is 0.7 GB: ~0.2 ms to write): with 3 input channels its implicit GEMM has K = 81, which its
     tiles are not built for. Here each program takes a run of output pixels of one row and all output
-    channels, gathers the run's K = kt*kh*kw*C input values (padded to a power of two with zeros) and
-    does one ``tl.dot`` with the packed weight: the input is read ~K/C times from L1/L2 and the output
-    written once, in float32 accumulation.
+    channels. For each of the kt * kh input rows a pixel reads, the kw * C values it needs lie side by side
+    (the pixels are dense), so the program loads them as a [pixels, 16] tile of one base address plus a
+    column offset (kw * C <= 16; the rest masked) and adds one ``tl.dot`` with that row's slice of the packed
+    weight: kt * kh products with K = 16, float32 accumulation, the output written once.
     """
     b, c, t, h, w = x.shape
     co, cw, kt, kh, kw = weight.shape
-    if cw != c or c > 4 or kh % 2 == 0 or kw % 2 == 0 or t < kt:
-        raise ValueError(f"conv3d_few_in takes <= 4 input channels and odd spatial kernels over at least kt "
-                         f"frames; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if cw != c or c > 4 or kh % 2 == 0 or kw % 2 == 0 or t < kt or kw * c > 16:
+        raise ValueError(f"conv3d_few_in takes <= 4 input channels, odd spatial kernels of kw * C <= 16 values a "
+                         f"row and at least kt frames; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if c > 1 and x.stride(1) != 1:
         raise ValueError(f"conv3d_few_in takes a channels-last x, got strides {x.stride()}")
-    to, k = t - kt + 1, kt * kh * kw * c
-    cfg = conv_few_in_config(k, co, w)
-    block_k, block_n = cfg["BLOCK_K"], cfg["BLOCK_N"]
+    if w > 1 and x.stride(4) != c:
+        raise ValueError(f"conv3d_few_in takes x with its pixels side by side (stride(4) == C = {c}), got strides "
+                         f"{x.stride()}")
+    to = t - kt + 1
+    cfg = conv_few_in_config(co, w)
+    block_n = cfg["BLOCK_N"]
     out = torch.empty((b, co, to, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    # the weight as [K, N] in the gather's order (tap-major, then channel), zero beyond K and Co
-    packed = torch.zeros((block_k, block_n), dtype=x.dtype, device=x.device)
-    packed[:k, :co] = weight.permute(2, 3, 4, 1, 0).reshape(k, co)
+    # the weight as [kt * kh rows, 16, N]: row (dt, dh), column dw * C + c, zero beyond kw * C and Co
+    packed = torch.zeros((kt * kh, 16, block_n), dtype=x.dtype, device=x.device)
+    packed[:, :kw * c, :co] = weight.permute(2, 3, 4, 1, 0).reshape(kt * kh, kw * c, co)
     bias_n = torch.zeros(block_n, dtype=torch.float32, device=x.device)
     if bias is not None:
         bias_n[:co] = bias.float()
@@ -304,50 +309,49 @@ def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         # the rows (b, t, h) on the grid's first axis (up to 2^31 - 1; the second stops at 65535)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _conv_few_in_kernel[(b * to * h, triton.cdiv(w, cfg["BLOCK_W"]))](
-                x, packed, bias_n, out, c, h, w, to, co, k, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
-                out.stride(0), out.stride(2), out.stride(3), out.stride(4), KH=kh, KW=kw,
+                x, packed, bias_n, out, c, h, w, to, co, x.stride(0), x.stride(2), x.stride(3),
+                out.stride(0), out.stride(2), out.stride(3), out.stride(4), KT=kt, KH=kh, KW=kw,
                 IEEE=x.dtype == torch.float32, **cfg)
     return out
 
 
-def conv_few_in_config(k: int, co: int, width: int) -> dict:
-    """The launch of :func:`conv3d_few_in` for ``k`` gathered values per pixel, ``co`` output
-    channels and rows of ``width`` pixels (tests/test_vae_sm90_compile.py compiles it: 254 registers
-    and no spills at 3 -> 96 channels)."""
+def conv_few_in_config(co: int, width: int) -> dict:
+    """The launch of :func:`conv3d_few_in` for ``co`` output channels and rows of ``width`` pixels: 64 pixels
+    a program, one warpgroup up to 128 output channels (the accumulator's 64 x 128 floats are 64 registers a
+    thread). tests/test_vae_sm90_compile.py compiles it at 3 -> 96 channels: 166 registers, no spills, so three
+    programs share an SM (the gather of the kernel before this one took 254 registers and 8 warps: one)."""
     block_n = max(16, triton.next_power_of_2(co))
-    return dict(BLOCK_W=min(64, max(16, triton.next_power_of_2(width))), BLOCK_K=max(16, triton.next_power_of_2(k)),
-                BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8)
+    return dict(BLOCK_W=min(64, max(16, triton.next_power_of_2(width))), BLOCK_N=block_n,
+                num_warps=4 if block_n <= 128 else 8)
 
 
 if triton is not None:
     @triton.jit
-    def _conv_few_in_kernel(X, Wp, Bias, Y, C, H, W, TO, CO, K, sxb, sxt, sxh, sxw, syb, syt, syh, syw,
-                            KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _conv_few_in_kernel(X, Wp, Bias, Y, C, H, W, TO, CO, sxb, sxt, sxh, syb, syt, syh, syw,
+                            KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # (b, t, h) of the output
         h = row % H
         t = (row // H) % TO
         b = row // (H * TO)
         w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        # the gather: column kk is input channel kk % C of tap kk // C = (dt, dh, dw)
-        kk = tl.arange(0, BLOCK_K)
-        ch = kk % C
-        tap = kk // C
-        dw = tap % KW - KW // 2
-        dh = (tap // KW) % KH - KH // 2
-        dt = tap // (KW * KH)
-        hh = h + dh  # [BLOCK_K]
-        ww = w[:, None] + dw[None, :]  # [BLOCK_W, BLOCK_K]
-        ok = (kk[None, :] < K) & (hh[None, :] >= 0) & (hh[None, :] < H) & (ww >= 0) & (ww < W)
-        src = (X + b * sxb + (t + dt.to(tl.int64))[None, :] * sxt + hh.to(tl.int64)[None, :] * sxh
-               + ww.to(tl.int64) * sxw + ch[None, :])
-        a = tl.load(src, mask=ok, other=0.0)
+        # a row's tile: column j is input channel j % C of pixel w + j // C - KW // 2 (dense pixels: the
+        # columns of one output pixel are consecutive values from its first tap on)
+        j = tl.arange(0, 16)
+        ww = w[:, None] + (j // C)[None, :] - KW // 2  # [BLOCK_W, 16]
+        inside = (j[None, :] < KW * C) & (ww >= 0) & (ww < W)
+        cols = ww.to(tl.int64) * C + (j % C)[None, :]
         n = tl.arange(0, BLOCK_N)
-        wv = tl.load(Wp + kk[:, None] * BLOCK_N + n[None, :])
-        if IEEE:
-            acc = tl.dot(a, wv, input_precision="ieee")
-        else:
-            acc = tl.dot(a, wv)
+        acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        for r in tl.static_range(KT * KH):
+            hh = h + (r % KH) - KH // 2
+            base = X + b * sxb + (t + r // KH) * sxt + hh * sxh
+            a = tl.load(base + cols, mask=inside & (hh >= 0) & (hh < H), other=0.0)
+            wv = tl.load(Wp + r * 16 * BLOCK_N + j[:, None] * BLOCK_N + n[None, :])
+            if IEEE:
+                acc = tl.dot(a, wv, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wv, acc)
         acc += tl.load(Bias + n)[None, :]
         dst = Y + b * syb + t * syt + h * syh + w[:, None].to(tl.int64) * syw + n[None, :]
         tl.store(dst, acc.to(Y.dtype.element_ty), mask=(w[:, None] < W) & (n[None, :] < CO))

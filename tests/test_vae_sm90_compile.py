@@ -36,7 +36,7 @@ cases = [
     ("attention_wide D=384", vk._attention_wide_kernel, {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16",
      "scale": "fp32"}, {**vk.attention_wide_config(384), "IEEE": False}),
     ("conv3d_few_in 3->96", vk._conv_few_in_kernel, {"X": "*bf16", "Wp": "*bf16", "Bias": "*fp32", "Y": "*bf16"},
-     {**vk.conv_few_in_config(81, 96, 1280), "KH": 3, "KW": 3, "IEEE": False}),
+     {**vk.conv_few_in_config(96, 1280), "KT": 3, "KH": 3, "KW": 3, "IEEE": False}),
 ]
 for name, kernel, types, cfg in cases:
     compiled = compile_for(kernel, types, cfg)
