@@ -368,6 +368,11 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and not _needs_grad(q, k, v))
 
 
+#: frames of at least this many tokens take :func:`attention_by_products` in :func:`attention_wide` (16-bit
+#: inputs): the VAE's middle attention at 720p has 14,400 (docs/PERF.md entry 18o)
+PRODUCTS_MIN_TOKENS = 4096
+
+
 def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` for ``[N, L, D]`` (one head; rows may be strided, as the VAE's
     q, k and v are slices of one ``[N, L, 3D]`` projection) -> ``[N, L, D]`` contiguous.
@@ -376,11 +381,14 @@ def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     FlashAttention's kernels stop at D = 256, so PyTorch runs it on its memory-efficient sm80 kernel
     (~120 TFLOP/s on the H200, 2.6 ms a frame). Here a flash-attention forward keeps D in up to three
     chunks of 128: the scores sum their three products, the output three accumulators; float32
-    online softmax, one pass over K and V.
+    online softmax, one pass over K and V. That kernel runs at ~130 TFLOP/s (entry 18h): frames of
+    PRODUCTS_MIN_TOKENS tokens or more in 16 bits go to :func:`attention_by_products` instead.
     """
     n, length, d = q.shape
     if d > 384:
         raise ValueError(f"attention_wide takes D <= 384, got {d}")
+    if length >= PRODUCTS_MIN_TOKENS and q.dtype in (torch.float16, torch.bfloat16) and float32_products(q.device):
+        return attention_by_products(q, k, v)
     cfg = attention_wide_config(d)
     out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
     if out.numel():
@@ -388,6 +396,70 @@ def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
             _attention_wide_kernel[(triton.cdiv(length, cfg["BLOCK_M"]), n)](
                 q, k, v, out, length, d, d ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), out.stride(0), out.stride(1), IEEE=q.dtype == torch.float32, **cfg)
+    return out
+
+
+def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scores_bytes: int = 1 << 30) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` for ``[N, L, D]`` (as :func:`attention_wide`) by two matrix products
+    and one pass over the scores: S = q k^T in float32 (cuBLAS, float32 accumulation), P = softmax(S / sqrt(D))
+    in the input dtype (:func:`softmax_rows`, one Triton program a row: it reads the row twice and writes P
+    once), O = P v. Frames go in groups whose scores fit ``scores_bytes`` (one frame at least: 829 MB of
+    scores and 415 MB of P at 14,400 tokens).
+
+    At the VAE's 14,400 tokens and D = 384 the products are 0.16 TFLOP each, ~0.25 ms at the card's matmul
+    rate, and the pass ~0.7 ms at its memory rate: ~1.2 ms a frame, where the flash kernel takes ~2.4 ms.
+    """
+    n, length, d = q.shape
+    out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
+    group = max(1, scores_bytes // max(1, length * length * 4))
+    for i in range(0, n, group):  # a group of frames' scores at a time, not a loop over frames
+        j = min(n, i + group)
+        scores = _scores_float32(q[i:j], k[i:j])
+        probs = softmax_rows(scores, d ** -0.5, q.dtype)
+        del scores
+        torch.bmm(probs, v[i:j], out=out[i:j])
+    return out
+
+
+_FLOAT32_PRODUCTS: dict = {}  # device -> whether torch has 16-bit products with float32 output there
+
+
+def float32_products(device) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` of 16-bit operands runs on ``device`` (cuBLAS with
+    float32 output; tried once per device). Without it :func:`attention_by_products` upcasts its operands, a
+    float32 product at a fraction of the 16-bit rate, so :func:`attention_wide` keeps its flash kernel."""
+    device = torch.device(device)
+    if device not in _FLOAT32_PRODUCTS:
+        a = torch.zeros(1, 16, 16, dtype=torch.bfloat16, device=device)
+        try:
+            _FLOAT32_PRODUCTS[device] = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FLOAT32_PRODUCTS[device] = False
+    return _FLOAT32_PRODUCTS[device]
+
+
+def _scores_float32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q k^T`` in float32 for ``[N, L, D]`` operands: a 16-bit product with float32 output where torch has
+    one for the device (:func:`float32_products`), else the operands upcast."""
+    if q.dtype != torch.float32 and float32_products(q.device):
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q.float(), k.float().transpose(1, 2))
+
+
+def softmax_rows(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``softmax(scores * scale, dim=-1)`` of float32 ``[..., L]`` rows, in ``dtype``: one Triton program a row
+    on the Triton device (the row read twice, its max and sum in one online pass, then the probabilities
+    written), else torch's."""
+    if not (on_triton_device(scores) and scores.dtype == torch.float32 and scores.is_contiguous()):
+        return torch.softmax(scores * scale, dim=-1).to(dtype)
+    length = scores.shape[-1]
+    rows = scores.numel() // max(1, length)
+    out = torch.empty(scores.shape, dtype=dtype, device=scores.device)
+    if out.numel():
+        with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
+            _softmax_rows_kernel[(rows,)](scores, out, length, float(scale) * 1.4426950408889634,
+                                          BLOCK=min(4096, max(16, triton.next_power_of_2(length))), num_warps=8)
     return out
 
 
@@ -401,6 +473,27 @@ def attention_wide_config(d: int) -> dict:
 
 
 if triton is not None:
+    @triton.jit
+    def _softmax_rows_kernel(S, P, L, scale_log2, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = S + row * L
+        offs = tl.arange(0, BLOCK)
+        m = tl.full((BLOCK,), float("-inf"), tl.float32)  # per lane: the running max and sum of its columns
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, L, BLOCK):
+            x = tl.load(base + start + offs, mask=start + offs < L, other=float("-inf")) * scale_log2
+            m_new = tl.maximum(m, x)
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane without a column yet keeps acc = 0
+            acc = acc * tl.exp2(m - ref) + tl.exp2(x - ref)
+            m = m_new
+        mx = tl.max(m, axis=0)
+        total = tl.sum(acc * tl.exp2(m - mx), axis=0)  # lanes without a column: acc = 0, exp2(-inf) = 0
+        inv = 1.0 / total
+        out = P + row * L
+        for start in range(0, L, BLOCK):
+            x = tl.load(base + start + offs, mask=start + offs < L, other=float("-inf")) * scale_log2
+            tl.store(out + start + offs, (tl.exp2(x - mx) * inv).to(P.dtype.element_ty), mask=start + offs < L)
+
     @triton.jit
     def _scores_part(q, K, rows, kv_ok, cols, D, skb_row, IEEE: tl.constexpr):
         kt = tl.load(K + rows[None, :] * skb_row + cols[:, None], mask=kv_ok[None, :] & (cols[:, None] < D),
