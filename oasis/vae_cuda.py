@@ -93,14 +93,9 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 5 and (t.stride(1) == 1 or t.shape[1] == 1)
 
 
-def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
-            prev: torch.Tensor | None = None, residual: torch.Tensor | None = None, norm: bool = False) -> str | None:
-    """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
-    else why not (the caller then runs cuDNN): a CUDA Hopper GPU, bf16 channels-last tensors, a 3x3x3 kernel
-    with stride 1 and spatial padding 1, no time padding (the cached frames are ``prev``'s), input channels
-    a multiple of 64, output channels a multiple of 96, and no gradients wanted. ``norm``: with the
-    next layer's norm + SiLU applied to the result (:func:`conv3d_k3`'s ``norm``): 96 or 192 output
-    channels only (one program's tile)."""
+def _call_why_not(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> str | None:
+    """What both kernels ask of a call, None where it holds: a CUDA Hopper GPU (the extension is built for
+    sm_90a), bf16 x and weight, a 3x3x3 kernel with stride 1 and spatial padding 1, x ``[B, Cin, T, H, W]``."""
     if not x.is_cuda:
         return f"x is on {x.device}, not a CUDA device"
     major, minor = torch.cuda.get_device_capability(x.device)
@@ -112,9 +107,23 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
         return f"a 3x3x3 kernel only, got weight {tuple(weight.shape)}"
     if tuple(stride) != (1, 1, 1) or tuple(padding) != (0, 1, 1):
         return f"stride 1 and padding (0, 1, 1) only, got stride {tuple(stride)} and padding {tuple(padding)}"
+    if x.dim() != 5 or x.shape[1] != weight.shape[1]:
+        return f"x must be [B, {weight.shape[1]}, T, H, W], got {tuple(x.shape)}"
+    return None
+
+
+def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
+            prev: torch.Tensor | None = None, residual: torch.Tensor | None = None, norm: bool = False) -> str | None:
+    """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
+    else why not (the caller then runs cuDNN): a CUDA Hopper GPU, bf16 channels-last tensors, a 3x3x3 kernel
+    with stride 1 and spatial padding 1, no time padding (the cached frames are ``prev``'s), input channels
+    a multiple of 64, output channels a multiple of 96, and no gradients wanted. ``norm``: with the
+    next layer's norm + SiLU applied to the result (:func:`conv3d_k3`'s ``norm``): 96 or 192 output
+    channels only (one program's tile)."""
+    why = _call_why_not(x, weight, stride, padding)
+    if why is not None:
+        return why
     cin, cout = weight.shape[1], weight.shape[0]
-    if x.dim() != 5 or x.shape[1] != cin:
-        return f"x must be [B, {cin}, T, H, W], got {tuple(x.shape)}"
     why = channels_why_not(cin, cout, norm)
     if why is not None:
         return why
@@ -218,20 +227,10 @@ def few_out_why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), 
     not (the caller then runs cuDNN): a CUDA Hopper GPU (the extension is built for sm_90a), bf16 channels-last
     x and prev with 16-byte aligned starts and strides (cp.async), a 3x3x3 kernel with stride 1 and spatial
     padding 1, input channels a multiple of 16 (up to 4096), 1 to 5 output channels, and no gradients wanted."""
-    if not x.is_cuda:
-        return f"x is on {x.device}, not a CUDA device"
-    major, minor = torch.cuda.get_device_capability(x.device)
-    if (major, minor) != (9, 0):
-        return f"the kernel is built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        return f"bfloat16 only, got x {x.dtype} and weight {weight.dtype}"
-    if weight.dim() != 5 or tuple(weight.shape[2:]) != (3, 3, 3):
-        return f"a 3x3x3 kernel only, got weight {tuple(weight.shape)}"
-    if tuple(stride) != (1, 1, 1) or tuple(padding) != (0, 1, 1):
-        return f"stride 1 and padding (0, 1, 1) only, got stride {tuple(stride)} and padding {tuple(padding)}"
+    why = _call_why_not(x, weight, stride, padding)
+    if why is not None:
+        return why
     cin, cout = weight.shape[1], weight.shape[0]
-    if x.dim() != 5 or x.shape[1] != cin:
-        return f"x must be [B, {cin}, T, H, W], got {tuple(x.shape)}"
     if cin % 16 or not 16 <= cin <= 4096 or not 1 <= cout <= FEW_OUT_MAX_CHANNELS:
         return (f"input channels a multiple of 16 up to 4096 (got {cin}) and 1 to {FEW_OUT_MAX_CHANNELS} output "
                 f"channels (got {cout})")

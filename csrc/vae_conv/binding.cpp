@@ -39,6 +39,18 @@ const float* per_channel(const at::Tensor& t, const at::Tensor& x, int64_t n, co
     return t.data_ptr<float>();
 }
 
+// what both calls take alike: the sizes, x, the cached frames, the packed weight and the bias
+template <typename Call>
+void fill_inputs(Call& c, const at::Tensor& x, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
+                 const c10::optional<at::Tensor>& bias, int64_t cin, int64_t cout) {
+    c.B = int(x.size(0)); c.T = int(x.size(2)); c.H = int(x.size(3)); c.W = int(x.size(4));
+    c.cin = int(cin); c.cout = int(cout);
+    c.x = frames_of(x, x, cin, x.size(2), "x");
+    c.prev = prev.has_value() ? frames_of(*prev, x, cin, 2, "prev") : Conv5d{nullptr, 0, 0, 0, 0};
+    c.weight = weight.data_ptr();
+    if (bias.has_value()) c.bias = per_channel(*bias, x, cout, "bias");
+}
+
 void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                const c10::optional<at::Tensor>& norm, const c10::optional<at::Tensor>& tail, const at::Tensor& out) {
@@ -55,12 +67,7 @@ void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const
                 "oasis_vae: weight must be the packed bfloat16 [", cout, ", ", 27 * cin, "] on x's device, got ",
                 weight.scalar_type(), " ", weight.sizes());
     oasis_vae::ConvCall c{};
-    c.B = int(x.size(0)); c.T = int(x.size(2)); c.H = int(x.size(3)); c.W = int(x.size(4));
-    c.cin = int(cin); c.cout = int(cout);
-    c.x = frames_of(x, x, cin, x.size(2), "x");
-    c.prev = prev.has_value() ? frames_of(*prev, x, cin, 2, "prev") : Conv5d{nullptr, 0, 0, 0, 0};
-    c.weight = weight.data_ptr();
-    if (bias.has_value()) c.bias = per_channel(*bias, x, cout, "bias");
+    fill_inputs(c, x, prev, weight, bias, cin, cout);
     if (norm.has_value()) {
         TORCH_CHECK(oasis_vae::conv_tile_n(int(cout)) == cout, "oasis_vae: a norm needs 96 or 192 output channels (one "
                     "program's), got ", cout);
@@ -108,12 +115,7 @@ void conv3d_few_out(const at::Tensor& x, const c10::optional<at::Tensor>& prev, 
         TORCH_CHECK(out.size(d) == 1 || out.stride(d) != 0, "oasis_vae: out must not be expanded, got strides ",
                     out.strides());
     oasis_vae::FewOutCall c{};
-    c.B = int(x.size(0)); c.T = int(x.size(2)); c.H = int(x.size(3)); c.W = int(x.size(4));
-    c.cin = int(cin); c.cout = int(cout);
-    c.x = frames_of(x, x, cin, x.size(2), "x");
-    c.prev = prev.has_value() ? frames_of(*prev, x, cin, 2, "prev") : Conv5d{nullptr, 0, 0, 0, 0};
-    c.weight = weight.data_ptr();
-    if (bias.has_value()) c.bias = per_channel(*bias, x, cout, "bias");
+    fill_inputs(c, x, prev, weight, bias, cin, cout);
     c.out = out.data_ptr();
     c.o_sb = out.stride(0); c.o_sc = out.stride(1); c.o_st = out.stride(2);
     c.o_sh = out.stride(3); c.o_sw = out.stride(4);
