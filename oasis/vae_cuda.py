@@ -231,6 +231,10 @@ def few_out_why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), 
     if why is not None:
         return why
     cin, cout = weight.shape[1], weight.shape[0]
+    if weight.device != x.device:
+        return f"weight is on {weight.device}, x on {x.device}"
+    if x.numel() == 0:
+        return f"x is empty ({tuple(x.shape)})"
     if cin % 16 or not 16 <= cin <= 4096 or not 1 <= cout <= FEW_OUT_MAX_CHANNELS:
         return (f"input channels a multiple of 16 up to 4096 (got {cin}) and 1 to {FEW_OUT_MAX_CHANNELS} output "
                 f"channels (got {cout})")

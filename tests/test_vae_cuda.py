@@ -506,7 +506,10 @@ def test_few_out_why_not_on_the_gpu():
     assert vae_cuda.few_out_why_not(x, w) is None
     assert "1 to 5 output channels (got 6)" in vae_cuda.few_out_why_not(x, w.new_zeros(6, 96, 3, 3, 3))
     assert "a multiple of 16" in vae_cuda.few_out_why_not(x[:, :8], w[:, :8])
-    assert "16-byte aligned" in vae_cuda.few_out_why_not(x[..., 1:], w)  # a start 192 bytes + 2 off: no
+    # the same strides from a start 2 bytes past 16-byte alignment
+    odd = torch.zeros(x.numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].as_strided(x.shape, x.stride())
+    assert "16-byte aligned" in vae_cuda.few_out_why_not(odd, w)
+    assert "x is empty" in vae_cuda.few_out_why_not(x[:, :, :0], w)
     assert "channels-last" in vae_cuda.few_out_why_not(x.contiguous(), w)
     assert "prev must be" in vae_cuda.few_out_why_not(x, w, prev=x[:, :, :1])
 

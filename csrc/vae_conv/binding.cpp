@@ -122,7 +122,8 @@ void conv3d_few_out(const at::Tensor& x, const c10::optional<at::Tensor>& prev, 
     c10::cuda::CUDAGuard guard(x.device());
     const cudaError_t err = oasis_vae::conv3d_few_out(c, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
     TORCH_CHECK(err == cudaSuccess, "oasis_vae: conv3d_few_out failed: ", cudaGetErrorString(err),
-                err == cudaErrorInvalidValue ? " (x and prev need 16-byte aligned starts and strides)" : "");
+                err == cudaErrorInvalidValue ? " (x and prev need 16-byte aligned starts and strides, and the grid "
+                                               "fewer than 2^31 programs)" : "");
 }
 
 }  // namespace

@@ -24,7 +24,7 @@
 // zero padding, and for frames before the sequence starts), kStages in flight. In a stage a warp loads each
 // input row i's A fragment once (ldmatrix.x4) and adds it into the output rows r = i - dy it feeds (two
 // mma.sync m16n8k16 each). The B fragments come from global memory in fragment order (the packed weight,
-// 27 KB at 96 channels, read by every program: L1/L2-resident). The epilogue writes the accumulators to shared
+// 27 KB at 96 channels, read by every program: L1/L2-resident), a stage ahead. The epilogue writes the accumulators to shared
 // memory (Q) and sums the three taps of each output pixel there.
 #pragma once
 
@@ -156,14 +156,10 @@ __global__ void __launch_bounds__(few_out::kThreads, 2) conv3d_few_out_kernel(co
     // ldmatrix.x4: lanes 8j .. 8j + 7 give the rows of matrix j = (pixels 8 (j & 1) .., channel half j >> 1),
     // which lands in a[j] as the m16n8k16 A fragment wants it
     const int a_pixel = 16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1), a_half = lane >> 4;
+    // stage s's B fragments, [dy][n tile]: loaded a stage ahead, so that the MMAs do not wait on them
     const uint2* const wlane = p.weight + lane;
-    for (int s = 0; s < n_stages; ++s) {
-        cp_async_wait<kStages - 2>();
-        __syncthreads();  // stage s landed for all; all are done with stage s - 1, whose slot is refilled next
-        if (s + kStages - 1 < n_stages) issue(s + kStages - 1);
-        cp_async_commit();
+    auto load_b = [&](int s, uint32_t (&bf)[3][2][2]) {
         const int dt = s / chunks, chunk = s - dt * chunks;
-        uint32_t bf[3][2][2];
 #pragma unroll
         for (int dy = 0; dy < 3; ++dy)
 #pragma unroll
@@ -172,6 +168,15 @@ __global__ void __launch_bounds__(few_out::kThreads, 2) conv3d_few_out_kernel(co
                 bf[dy][n][0] = v.x;
                 bf[dy][n][1] = v.y;
             }
+    };
+    uint32_t bf[3][2][2], bf_next[3][2][2];
+    load_b(0, bf);
+    for (int s = 0; s < n_stages; ++s) {
+        cp_async_wait<kStages - 2>();
+        __syncthreads();  // stage s landed for all; all are done with stage s - 1, whose slot is refilled next
+        if (s + kStages - 1 < n_stages) issue(s + kStages - 1);
+        cp_async_commit();
+        if (s + 1 < n_stages) load_b(s + 1, bf_next);
         const __nv_bfloat16* tile = stages + (s % kStages) * kStageElems;
 #pragma unroll
         for (int i = 0; i < kInRows; ++i) {
@@ -185,6 +190,13 @@ __global__ void __launch_bounds__(few_out::kThreads, 2) conv3d_few_out_kernel(co
                 mma16816(acc[r][1], a, bf[dy][1]);
             }
         }
+#pragma unroll
+        for (int dy = 0; dy < 3; ++dy)
+#pragma unroll
+            for (int n = 0; n < 2; ++n) {
+                bf[dy][n][0] = bf_next[dy][n][0];
+                bf[dy][n][1] = bf_next[dy][n][1];
+            }
     }
     cp_async_wait<0>();
     __syncthreads();  // every warp's last ldmatrix is done: Q takes the stages' place

@@ -6,10 +6,12 @@ namespace oasis_vae {
 
 namespace {
 
-bool aligned16(const void* ptr, const int64_t* strides, int n) {
+// a start and strides (in elements) of 16-byte steps, as cp.async reads them; a dimension of size 1 is never
+// stepped along
+bool aligned16(const void* ptr, const int64_t* strides, const int* sizes, int n) {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
     for (int i = 0; i < n; ++i)
-        if (strides[i] % 8 != 0) return false;  // elements: 16-byte steps for cp.async
+        if (sizes[i] > 1 && strides[i] % 8 != 0) return false;
     return true;
 }
 
@@ -22,10 +24,12 @@ bool few_out_takes(int cin, int cout) {
 cudaError_t conv3d_few_out(const FewOutCall& c, cudaStream_t stream) {
     if (!few_out_takes(c.cin, c.cout) || c.B < 1 || c.T < 1 || c.H < 1 || c.W < 1) return cudaErrorInvalidValue;
     const int64_t xs[4] = {c.x.sb, c.x.st, c.x.sh, c.x.sw};
-    if (!aligned16(c.x.ptr, xs, 4)) return cudaErrorInvalidValue;
+    const int xn[4] = {c.B, c.T, c.H, c.W};
+    if (!aligned16(c.x.ptr, xs, xn, 4)) return cudaErrorInvalidValue;
     if (c.prev.ptr != nullptr) {
         const int64_t ps[4] = {c.prev.sb, c.prev.st, c.prev.sh, c.prev.sw};
-        if (!aligned16(c.prev.ptr, ps, 4)) return cudaErrorInvalidValue;
+        const int pn[4] = {c.B, 2, c.H, c.W};
+        if (!aligned16(c.prev.ptr, ps, pn, 4)) return cudaErrorInvalidValue;
     }
     FewOutParams p;
     p.x = static_cast<const __nv_bfloat16*>(c.x.ptr);
@@ -41,7 +45,8 @@ cudaError_t conv3d_few_out(const FewOutCall& c, cudaStream_t stream) {
     p.tiles_h = (c.H + few_out::kRows - 1) / few_out::kRows;
     const int64_t blocks = int64_t(c.B) * c.T * p.tiles_h * p.tiles_w;
     if (blocks >= (int64_t(1) << 31) - 1) return cudaErrorInvalidValue;
-    static const cudaError_t attribute =  // once per process (the GPUs here are all Hopper)
+    // on every launch: the attribute is the current device's, and a process may launch on several (~1 us)
+    const cudaError_t attribute =
         cudaFuncSetAttribute(conv3d_few_out_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, few_out::kSmemBytes);
     if (attribute != cudaSuccess) return attribute;
     conv3d_few_out_kernel<<<unsigned(blocks), few_out::kThreads, few_out::kSmemBytes, stream>>>(p);

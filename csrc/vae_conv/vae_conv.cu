@@ -73,8 +73,8 @@ cudaError_t launch(const ConvCall& c, cudaStream_t stream) {
 
     const size_t smem = detail::Smem<NT, CHUNK>::kBytes;
     auto kernel = conv3d_k3_kernel<NT, CHUNK>;
-    static const cudaError_t attribute =  // once per process and kernel (the GPUs here are all Hopper)
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    // on every launch: the attribute is the current device's, and a process may launch on several (~1 us)
+    const cudaError_t attribute = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (attribute != cudaSuccess) return attribute;
     const dim3 grid(unsigned((segments + detail::kConsumers - 1) / detail::kConsumers), unsigned(c.cout / NT));
     kernel<<<grid, detail::kThreads, smem, stream>>>(maps, p);
