@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_in
 
-__all__ = ["conv", "cuda_kernel", "cuda_kernel_takes", "tuning", "frontend_missing", "plan_count", "clear_plans",
-           "choices_file", "set_choices_file", "tuning_stats"]
+__all__ = ["conv", "cuda_kernel", "cuda_kernel_takes", "few_out_kernel_takes", "tuning", "frontend_missing",
+           "plan_count", "clear_plans", "choices_file", "set_choices_file", "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
@@ -164,6 +164,19 @@ def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *, p
     from . import vae_cuda
 
     return vae_cuda.why_not(x, weight, prev=prev, residual=residual, norm=norm) is None
+
+
+def few_out_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *,
+                         prev: torch.Tensor | None = None) -> bool:
+    """Whether a causal convolution of ``weight`` over ``time_pad`` cached frames ``prev`` and ``x``'s new ones
+    runs on the output convolution's CUDA kernel (:func:`oasis.vae_cuda.conv3d_few_out`: 1 to 5 output
+    channels, where cuDNN's engines pad them to 64): wherever :func:`oasis.vae_cuda.few_out_why_not` has no
+    reason against it, whatever :func:`cuda_kernel` says (docs/PERF.md entry 18p)."""
+    if time_pad != 2 or not x.is_cuda or not 1 <= weight.shape[0] <= 5:
+        return False
+    from . import vae_cuda
+
+    return vae_cuda.few_out_why_not(x, weight, prev=prev) is None
 
 
 @contextlib.contextmanager
