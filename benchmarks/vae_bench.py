@@ -99,7 +99,7 @@ def conv_profile(fn, flops_fn=None) -> dict:
     kernels = sorted((e for e in events if str(e.device_type).endswith("CUDA")), key=lambda e: -e.self_device_time_total)
     conv_us = sum(e.self_device_time_total for e in kernels if any(n in e.key.lower() for n in CONV_KERNEL))
     all_us = sum(e.self_device_time_total for e in kernels)
-    top = [{"kernel": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count} for e in kernels[:12]]
+    top = [{"kernel": e.key[:120], "s": e.self_device_time_total / 1e6, "calls": e.count} for e in kernels[:20]]
     return {"conv_TFLOP": flops / 1e12, "conv_kernel_s": conv_us / 1e6, "other_kernel_s": (all_us - conv_us) / 1e6,
             "conv_TFLOP/s": flops / max(conv_us, 1e-9) / 1e6, "top_kernels": top}
 
