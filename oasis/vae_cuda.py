@@ -5,8 +5,8 @@ output tiles exactly 96 or 192 channels wide (cuDNN's engines pad 96 and 192 to 
 causal cache's two frames read from their own tensor (no copy in front of the new frames), the bias and
 a residual added before the one bf16 store (docs/PERF.md entry 18j). It is built on first use from the
 checkout's ``csrc/vae_conv/`` with ``torch.utils.cpp_extension.load`` (ninja; cached in torch's
-extensions folder, rebuilt when a source changes, guarded by torch's file lock); :func:`library` says
-whether that worked, or why not. Nothing here runs at import.
+extensions folder, rebuilt when a source changes, guarded by torch's file lock) where setup.py did not build it
+(``oasis._vae_conv``); :func:`library` says whether that worked, or why not. Nothing here runs at import.
 
 :func:`why_not` is the one predicate that says which calls the kernel takes; :func:`conv3d_k3` runs it.
 
@@ -19,6 +19,7 @@ frames read where they lie (docs/PERF.md entry 18p). :func:`few_out_why_not` say
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -41,19 +42,28 @@ LD_FLAGS = ["-Wl,--exclude-libs,ALL"]
 
 @functools.lru_cache(maxsize=1)
 def library() -> tuple[bool, str]:
-    """``(True, how it was loaded)`` once ``torch.ops.oasis_vae.conv3d_k3`` is registered, else ``(False, why not)``."""
+    """``(True, how it was loaded)`` once ``torch.ops.oasis_vae``'s ops are registered, else ``(False, why not)``:
+    the extension setup.py built (``oasis._vae_conv``), else a JIT build of ``csrc/vae_conv/``."""
     if hasattr(torch.ops, "oasis_vae") and hasattr(torch.ops.oasis_vae, "conv3d_k3"):
         return _registered("already registered")
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is built without CUDA"
+    spec = importlib.util.find_spec(f"{__package__}._vae_conv")
+    if spec is not None and spec.origin:
+        try:
+            torch.ops.load_library(spec.origin)
+        except OSError as exc:  # built for another torch, or a library missing
+            return False, f"{spec.origin} does not load: {exc}"
+        return _registered(f"built by setup.py ({spec.origin})")
     sources = sorted(SOURCES.glob("*.cu")) + sorted(SOURCES.glob("*.cpp"))
     if not sources:
-        return False, f"the sources of the CUDA convolution are not at {SOURCES} (an install without csrc/)"
+        return False, (f"oasis._vae_conv is not built and the sources of the CUDA convolutions are not at {SOURCES} "
+                       "(an install without csrc/)")
     from torch.utils import cpp_extension
 
     if shutil.which("nvcc") is None and not cpp_extension.CUDA_HOME:
-        return False, "no CUDA toolkit (nvcc) is found to build the CUDA convolution"
-    print("oasis: building the VAE's CUDA convolution (first use; cached afterwards)", file=sys.stderr, flush=True)
+        return False, "oasis._vae_conv is not built and no CUDA toolkit (nvcc) is found to build it"
+    print("oasis: building the VAE's CUDA convolutions (first use; cached afterwards)", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name="oasis_vae_conv", sources=[str(s) for s in sources], extra_cflags=CXX_FLAGS,
                            extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS,
@@ -64,6 +74,9 @@ def library() -> tuple[bool, str]:
 
 
 def _registered(how: str) -> tuple[bool, str]:
+    if not hasattr(torch.ops.oasis_vae, "conv3d_few_out"):  # a library of older sources: the other op is not there
+        return False, (f"torch.ops.oasis_vae ({how}) has no conv3d_few_out: it was built from older sources; "
+                       "reinstall (setup.py) or start a new process")
     # the ops write into the output the caller allocated: nothing to compute under fake tensors
     for op in ("conv3d_k3", "conv3d_few_out"):
         try:

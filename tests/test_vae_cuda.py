@@ -546,3 +546,23 @@ def test_decoder_with_the_few_out_kernel_matches_float64(chunk, pieces, monkeypa
     assert got.isfinite().all()
     err, base = (got - exact).abs().max().item(), (cudnn - exact).abs().max().item()
     assert err <= 2 * base + 1e-2, (err, base)
+
+
+def test_library_takes_setup_s_build_first_and_says_why_it_does_not_load(monkeypatch):
+    """Where setup.py built ``oasis._vae_conv``, that library is loaded, not a JIT build; one that does not load
+    (built for another torch) is a reason, not an exception."""
+    import importlib.machinery
+
+    if hasattr(torch.ops, "oasis_vae") and hasattr(torch.ops.oasis_vae, "conv3d_k3"):
+        pytest.skip("the ops are registered in this process")
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    spec = importlib.machinery.ModuleSpec("oasis._vae_conv", None, origin="/nonexistent/_vae_conv.so")
+    find = vae_cuda.importlib.util.find_spec
+    monkeypatch.setattr(vae_cuda.importlib.util, "find_spec", lambda name, *a: spec if name == "oasis._vae_conv"
+                        else find(name, *a))
+    vae_cuda.library.cache_clear()
+    try:
+        loaded, why = vae_cuda.library()
+    finally:
+        vae_cuda.library.cache_clear()
+    assert not loaded and why.startswith("/nonexistent/_vae_conv.so does not load"), why
