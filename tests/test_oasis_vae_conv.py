@@ -205,8 +205,8 @@ def test_wide_attention_against_float64(case):
 @pytest.mark.parametrize("case", range(len(ATTN)))
 def test_attention_by_products_against_float64(case, monkeypatch):
     """``attention_by_products`` (float32 scores, the Triton row softmax, the products) on the VAE's layout
-    against float64 within twice SDPA's own error in the input dtype plus a floor; frames one group or one at
-    a time give the same numbers."""
+    against float64 within twice SDPA's own error in the input dtype plus a floor, frames in one group and
+    frames one at a time alike."""
     device = _triton_here()
     if device == "cpu":  # the interpreter stands in for the GPU
         monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
@@ -219,10 +219,12 @@ def test_attention_by_products_against_float64(case, monkeypatch):
         want = F.scaled_dot_product_attention(*(t.double()[:, None] for t in (q, k, v)))[:, 0]
         plain = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all() and got.is_contiguous()
-        err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
-        assert err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0), (dtype, err, err_plain)
+        # frames one at a time: cuBLAS may pick another kernel for another batch, so the same bound, not bits
         one_at_a_time = attention_by_products(q, k, v, scores_bytes=1)
-        torch.testing.assert_close(one_at_a_time, got, rtol=0, atol=0)
+        assert one_at_a_time.shape == want.shape and one_at_a_time.isfinite().all()
+        bound = 2 * ((plain.double() - want).abs().max().item()) + 1e-6 + (1e-3 if dtype != torch.float32 else 0)
+        for x in (got, one_at_a_time):
+            assert (x.double() - want).abs().max().item() <= bound, (dtype, bound)
 
 
 def test_softmax_rows_kernel_against_torch(monkeypatch):
@@ -245,7 +247,7 @@ def test_softmax_rows_kernel_against_torch(monkeypatch):
             assert got.dtype == dtype and got.shape == s.shape and got.isfinite().all()
             err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
             assert err <= 2 * err_plain + 1e-7, (length, dtype, err, err_plain)
-            assert torch.allclose(got.double().sum(-1), torch.ones(3, dtype=torch.float64), atol=2e-3)
+            assert torch.allclose(got.double().sum(-1), torch.ones(3, dtype=torch.float64, device=device), atol=2e-3)
     assert len(ran) == 6, "the Triton row pass did not run"
 
 
