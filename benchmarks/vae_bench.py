@@ -79,17 +79,30 @@ def timed(fn, reps):
 CONV_KERNEL = ("fprop", "implicit_gemm", "convolution", "convfwd", "conv2d", "conv3d", "wgrad", "dgrad")
 
 
+def _bmm_flop(a_shape, b_shape, *_, out_shape=None, **__) -> int:
+    """FLOPs of ``bmm``, either overload: torch's own formula takes ``bmm.dtype``'s third argument (the output
+    dtype) for its ``out_shape`` and raises (torch 2.11-2.13), so a decode whose attention runs
+    ``bmm(..., out_dtype=float32)`` could not be counted."""
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+def conv_flops(fn) -> float:
+    """FLOPs of the convolutions that one call of ``fn`` runs through PyTorch's convolution op."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.bmm: _bmm_flop}) as counter:
+        fn()
+    return sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
+
+
 def conv_profile(fn, flops_fn=None) -> dict:
     """FLOPs of the convolutions in one call of ``flops_fn`` (default ``fn``; it must run them through
     PyTorch's convolution op, where the flop counter sees them), and their GPU kernel time in a profiled
     call of ``fn`` after one unprofiled call: the kernels whose names say they are convolutions
     (``CONV_KERNEL``), whether PyTorch or the cuDNN frontend launched them."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        (flops_fn or fn)()
-    flops = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(k))
+    flops = conv_flops(flops_fn or fn)
     fn()  # a geometry new to the tuner times its engines in its first call: not in the profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

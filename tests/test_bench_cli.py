@@ -404,3 +404,18 @@ def test_rank_share_bench_checks_its_times(argv, says, capsys, no_cuda):
 def test_cpu_capable_scripts_refuse_a_file_as_out(script, capsys, a_file):
     parse = {"rank_share_bench": rank_share_bench.parse_args, "dist_bench": dist_bench.parse_args}[script]
     refused(capsys, parse, ["--device", "cpu", "--out", a_file], f"--out {a_file}: is a file, not a directory")
+
+
+def test_vae_bench_counts_convolutions_beside_float32_output_products():
+    """``conv_flops`` counts a convolution's FLOPs (2 x output x Cin x kernel) in a call that also runs
+    ``bmm(..., out_dtype=float32)``, the middle attention's scores, which torch's own bmm formula cannot count;
+    the products are not convolutions and are left out. Meta tensors: no device needed."""
+    x = torch.empty(1, 4, 3, 6, 5, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(8, 4, 3, 3, 3, dtype=torch.bfloat16, device="meta")
+    a = torch.empty(2, 7, 16, dtype=torch.bfloat16, device="meta")
+
+    def call():
+        torch.nn.functional.conv3d(x, w, padding=1)
+        torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32)
+
+    assert vae_bench.conv_flops(call) == 2 * (8 * 3 * 6 * 5) * (4 * 27)

@@ -378,7 +378,7 @@ def test_bad_option_values_exit_2(capsys):
 
 
 @pytest.mark.slow  # three interpreters start; ~20 s on 2 cores
-def test_gpus_split_the_dit_and_write_the_same_video(tmp_path, capfd, checkpoint, clip):
+def test_gpus_split_the_dit_and_write_the_same_frames(tmp_path, capfd, checkpoint, clip):
     """--gpus 2 with --device cpu: two gloo processes split each DiT call's latent frames
     (WanDiT.set_sequence_parallel); rank 0 writes the same frames as one process."""
     from oasis.images import ImageFrames
