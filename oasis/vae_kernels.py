@@ -403,12 +403,16 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           scores_bytes: int = 1 << 30) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` for ``[N, L, D]`` (as :func:`attention_wide`) by two matrix products
     and one pass over the scores: S = q k^T in float32 (cuBLAS, float32 accumulation), P = softmax(S / sqrt(D))
-    in the input dtype (:func:`softmax_rows`, one Triton program a row: it reads the row twice and writes P
-    once), O = P v. Frames go in groups whose scores fit ``scores_bytes`` (one frame at least: 829 MB of
-    scores and 415 MB of P at 14,400 tokens).
+    split into two 16-bit parts, P = P_hi + P_lo (:func:`softmax_rows` with ``split``, one Triton program a
+    row: it reads the row twice and writes both parts once), O = [P_hi | P_lo] [v; v], one product of twice the
+    depth. Frames go in groups whose scores fit ``scores_bytes`` (one frame at least: 829 MB of scores and as
+    much of P at 14,400 tokens).
 
-    At the VAE's 14,400 tokens and D = 384 the products are 0.16 TFLOP each, ~0.25 ms at the card's matmul
-    rate, and the pass ~0.7 ms at its memory rate: ~1.2 ms a frame, where the flash kernel takes ~2.4 ms.
+    Why the split: P rounded once to bf16 doubled the error of SDPA in bf16 against float64 at 14,400 tokens
+    (0.028-0.037 against 0.016-0.026 on an H100, 2026-12-05); P_hi + P_lo carry P to ~16 bits, and the error
+    is then SDPA's, that of the output's own rounding. At the VAE's 14,400 tokens and D = 384 the products are
+    0.16 and 0.32 TFLOP, ~0.6 ms at the card's matmul rate, and the pass ~0.75 ms at its memory rate: ~1.4 ms
+    a frame, where the flash kernel takes ~2.4 ms.
     """
     n, length, d = q.shape
     out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
@@ -416,9 +420,9 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for i in range(0, n, group):  # a group of frames' scores at a time, not a loop over frames
         j = min(n, i + group)
         scores = _scores_float32(q[i:j], k[i:j])
-        probs = softmax_rows(scores, d ** -0.5, q.dtype)
+        probs = softmax_rows(scores, d ** -0.5, q.dtype, split=True)  # [g, L, 2L]: P_hi | P_lo
         del scores
-        torch.bmm(probs, v[i:j], out=out[i:j])
+        torch.bmm(probs, torch.cat([v[i:j], v[i:j]], dim=1), out=out[i:j])
     return out
 
 
@@ -447,18 +451,23 @@ def _scores_float32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.bmm(q.float(), k.float().transpose(1, 2))
 
 
-def softmax_rows(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """``softmax(scores * scale, dim=-1)`` of float32 ``[..., L]`` rows, in ``dtype``: one Triton program a row
-    on the Triton device (the row read twice, its max and sum in one online pass, then the probabilities
-    written), else torch's."""
+def softmax_rows(scores: torch.Tensor, scale: float, dtype: torch.dtype, split: bool = False) -> torch.Tensor:
+    """``P = softmax(scores * scale, dim=-1)`` of float32 ``[..., L]`` rows, in ``dtype``: one Triton program a
+    row on the Triton device (the row read twice, its max and sum in one online pass, then the probabilities
+    written), else torch's. With ``split`` the rows are ``[..., 2L]``: P rounded to ``dtype``, then what that
+    rounding left out (P - P_hi) rounded to ``dtype``, so that a product with ``[v; v]`` sees P to ~16 bits."""
     if not (on_triton_device(scores) and scores.dtype == torch.float32 and scores.is_contiguous()):
-        return torch.softmax(scores * scale, dim=-1).to(dtype)
+        p = torch.softmax(scores * scale, dim=-1)
+        if not split:
+            return p.to(dtype)
+        hi = p.to(dtype)
+        return torch.cat([hi, (p - hi.float()).to(dtype)], dim=-1)
     length = scores.shape[-1]
     rows = scores.numel() // max(1, length)
-    out = torch.empty(scores.shape, dtype=dtype, device=scores.device)
+    out = torch.empty((*scores.shape[:-1], length * (2 if split else 1)), dtype=dtype, device=scores.device)
     if out.numel():
         with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
-            _softmax_rows_kernel[(rows,)](scores, out, length, float(scale) * 1.4426950408889634,
+            _softmax_rows_kernel[(rows,)](scores, out, length, float(scale) * 1.4426950408889634, SPLIT=split,
                                           BLOCK=min(4096, max(16, triton.next_power_of_2(length))), num_warps=8)
     return out
 
@@ -474,7 +483,7 @@ def attention_wide_config(d: int) -> dict:
 
 if triton is not None:
     @triton.jit
-    def _softmax_rows_kernel(S, P, L, scale_log2, BLOCK: tl.constexpr):
+    def _softmax_rows_kernel(S, P, L, scale_log2, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = S + row * L
         offs = tl.arange(0, BLOCK)
@@ -489,10 +498,15 @@ if triton is not None:
         mx = tl.max(m, axis=0)
         total = tl.sum(acc * tl.exp2(m - mx), axis=0)  # lanes without a column: acc = 0, exp2(-inf) = 0
         inv = 1.0 / total
-        out = P + row * L
+        out = P + row * L * (2 if SPLIT else 1)
         for start in range(0, L, BLOCK):
             x = tl.load(base + start + offs, mask=start + offs < L, other=float("-inf")) * scale_log2
-            tl.store(out + start + offs, (tl.exp2(x - mx) * inv).to(P.dtype.element_ty), mask=start + offs < L)
+            p = tl.exp2(x - mx) * inv
+            hi = p.to(P.dtype.element_ty)
+            tl.store(out + start + offs, hi, mask=start + offs < L)
+            if SPLIT:  # what rounding P to 16 bits left out, itself in 16 bits, L columns further on
+                tl.store(out + L + start + offs, (p - hi.to(tl.float32)).to(P.dtype.element_ty),
+                         mask=start + offs < L)
 
     @triton.jit
     def _scores_part(q, K, rows, kv_ok, cols, D, skb_row, IEEE: tl.constexpr):

@@ -229,7 +229,8 @@ def test_attention_by_products_against_float64(case, monkeypatch):
 
 def test_softmax_rows_kernel_against_torch(monkeypatch):
     """The row pass: rows longer than its block (several chunks, a partial last one), rows with a large
-    spread, the probabilities in the asked dtype and summing to one."""
+    spread, the probabilities in the asked dtype and summing to one; split, the two parts add up to P within
+    ~16 bits (float32's softmax error, not the dtype's rounding)."""
     device = _triton_here()
     if device == "cpu":  # the interpreter stands in for the GPU
         monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
@@ -248,7 +249,14 @@ def test_softmax_rows_kernel_against_torch(monkeypatch):
             err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
             assert err <= 2 * err_plain + 1e-7, (length, dtype, err, err_plain)
             assert torch.allclose(got.double().sum(-1), torch.ones(3, dtype=torch.float64, device=device), atol=2e-3)
-    assert len(ran) == 6, "the Triton row pass did not run"
+            parts = softmax_rows(s, 0.125, dtype, split=True)
+            assert parts.dtype == dtype and parts.shape == (3, 2 * length)
+            torch.testing.assert_close(parts[:, :length], got, rtol=0, atol=0)  # the first part is P rounded
+            joined = parts[:, :length].double() + parts[:, length:].double()
+            err_joined, err_f32 = ((x - want).abs().max().item() for x in (joined, torch.softmax(s * 0.125, -1)))
+            assert err_joined <= 2 * err_f32 + 1e-9, (length, dtype, err_joined, err_f32)
+            assert dtype == torch.float32 or err_joined < err_plain / 50, (length, dtype, err_joined, err_plain)
+    assert len(ran) == 12, "the Triton row pass did not run"
 
 
 def test_wide_attention_takes_the_products_for_long_frames(monkeypatch):
