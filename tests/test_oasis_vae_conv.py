@@ -251,7 +251,8 @@ def test_softmax_rows_kernel_against_torch(monkeypatch):
             assert torch.allclose(got.double().sum(-1), torch.ones(3, dtype=torch.float64, device=device), atol=2e-3)
             parts = softmax_rows(s, 0.125, dtype, split=True)
             assert parts.dtype == dtype and parts.shape == (3, 2 * length)
-            torch.testing.assert_close(parts[:, :length], got, rtol=0, atol=0)  # the first part is P rounded
+            err_hi = (parts[:, :length].double() - want).abs().max().item()  # the first part: P rounded
+            assert err_hi <= 2 * err_plain + 1e-7, (length, dtype, err_hi, err_plain)
             joined = parts[:, :length].double() + parts[:, length:].double()
             err_joined, err_f32 = ((x - want).abs().max().item() for x in (joined, torch.softmax(s * 0.125, -1)))
             assert err_joined <= 2 * err_f32 + 1e-9, (length, dtype, err_joined, err_f32)
