@@ -1,6 +1,6 @@
 """Build hook for the optional CUDA extensions in ``csrc/``: ``oasis_kernels._C`` (the eager
-replay and the cuDNN glue, ``csrc/*``) and ``oasis_kernels._cuda_local`` (the local-attention
-kernels, ``csrc/local_attention/``).
+replay and the cuDNN glue, ``csrc/*``), ``oasis_kernels._cuda_local`` (the local-attention
+kernels, ``csrc/local_attention/``) and ``oasis._vae_conv`` (the VAE's convolutions, ``csrc/vae_conv/``).
 
 They are built only when ``csrc/`` holds CUDA sources, torch is importable with a CUDA build
 and a CUDA toolkit (nvcc) is found; ``MAX_JOBS`` limits the parallel compiles.
@@ -41,6 +41,13 @@ LOCAL_ATTENTION_SOURCES = sorted(glob.glob("csrc/local_attention/*.cu") + glob.g
 LOCAL_ATTENTION_NVCC = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a"]
 
 
+#: the Wan VAE's CUDA convolutions (csrc/vae_conv/, oasis._vae_conv, loaded with torch.ops.load_library): the
+#: decoder's output convolution takes them by default on Hopper (docs/PERF.md entry 18p), so an install builds
+#: them rather than the first decode; oasis/vae_cuda.py JIT-builds the same sources with the same flags where
+#: this build did not run
+VAE_CONV_SOURCES = sorted(glob.glob("csrc/vae_conv/*.cu") + glob.glob("csrc/vae_conv/*.cpp"))
+
+
 def _cuda_extension():
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
     force = os.environ.get("OASIS_BUILD_CUDA")
@@ -79,6 +86,14 @@ def _cuda_extension():
                                      "-gencode=arch=compute_90,code=sm_90",
                                      "-gencode=arch=compute_90,code=compute_90"]},
     )
+    vae_conv = CUDAExtension(
+        "oasis._vae_conv",
+        VAE_CONV_SOURCES,
+        depends=sorted(glob.glob("csrc/vae_conv/*.cuh") + glob.glob("csrc/vae_conv/*.h")
+                       + glob.glob("csrc/hopper/*.cuh")),
+        extra_link_args=["-Wl,--exclude-libs,ALL"],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fvisibility=hidden"], "nvcc": LOCAL_ATTENTION_NVCC},
+    )
     local = CUDAExtension(
         "oasis_kernels._cuda_local",
         LOCAL_ATTENTION_SOURCES,
@@ -87,7 +102,7 @@ def _cuda_extension():
         extra_link_args=["-Wl,--exclude-libs,ALL"],
         extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fvisibility=hidden"], "nvcc": LOCAL_ATTENTION_NVCC},
     )
-    return [ext, local], {"build_ext": BuildExtension}
+    return [ext, local, vae_conv], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _cuda_extension()

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_in
 
-__all__ = ["conv", "cuda_kernel", "cuda_kernel_takes", "tuning", "frontend_missing", "plan_count", "clear_plans",
-           "choices_file", "set_choices_file", "tuning_stats"]
+__all__ = ["conv", "cuda_kernel", "cuda_kernel_takes", "few_out_kernel_takes", "tuning", "frontend_missing",
+           "plan_count", "clear_plans", "choices_file", "set_choices_file", "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
@@ -166,6 +166,19 @@ def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *, p
     return vae_cuda.why_not(x, weight, prev=prev, residual=residual, norm=norm) is None
 
 
+def few_out_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *,
+                         prev: torch.Tensor | None = None) -> bool:
+    """Whether a causal convolution of ``weight`` over ``time_pad`` cached frames ``prev`` and ``x``'s new ones
+    runs on the output convolution's CUDA kernel (:func:`oasis.vae_cuda.conv3d_few_out`: 1 to 5 output
+    channels, where cuDNN's engines pad them to 64): wherever :func:`oasis.vae_cuda.few_out_why_not` has no
+    reason against it, whatever :func:`cuda_kernel` says (docs/PERF.md entry 18p)."""
+    if time_pad != 2 or not x.is_cuda or not 1 <= weight.shape[0] <= 5:
+        return False
+    from . import vae_cuda
+
+    return vae_cuda.few_out_why_not(x, weight, prev=prev) is None
+
+
 @contextlib.contextmanager
 def tuning(enabled: bool = True):
     """Within this block (on this thread), :func:`conv` runs eligible convolutions on the fastest
@@ -283,11 +296,12 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 def _few_inputs(x, weight, bias, stride, padding) -> bool:
     """A channels-last video convolution from at most 4 channels with a spatial kernel (odd, padded by
-    half), as the encoder's first (3 -> 96, 3x3x3), where the Triton passes run: the Triton kernel
-    :func:`oasis.vae_kernels.conv3d_few_in` (cuDNN's engines run it at ~22 TFLOP/s)."""
+    half, kw * C <= 16) over dense pixels, as the encoder's first (3 -> 96, 3x3x3), where the Triton passes
+    run: the Triton kernel :func:`oasis.vae_kernels.conv3d_few_in` (cuDNN's engines run it at ~22 TFLOP/s)."""
     co, ci, _, kh, kw = weight.shape if weight.dim() == 5 else (0,) * 5
     return (x.dim() == 5 and 0 < ci <= 4 and 0 < co <= 256 and kh * kw > 1 and kh % 2 == 1 and kw % 2 == 1
-            and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2) and (ci == 1 or x.stride(1) == 1)
+            and kw * ci <= 16 and stride == (1, 1, 1) and padding == (0, kh // 2, kw // 2)
+            and (ci == 1 or x.stride(1) == 1) and (x.shape[4] == 1 or x.stride(4) == ci)
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32) and weight.dtype == x.dtype
             and weight.device == x.device and vae_kernels.on_triton_device(x)
             and not vae_kernels._needs_grad(x, weight, bias))

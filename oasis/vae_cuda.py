@@ -1,19 +1,25 @@
-"""The Wan VAE's 3x3x3 causal convolution in CUDA (``csrc/vae_conv/``): loading, weight packing, the call.
+"""The Wan VAE's 3x3x3 causal convolutions in CUDA (``csrc/vae_conv/``): loading, weight packing, the calls.
 
 ``torch.ops.oasis_vae.conv3d_k3`` is an implicit GEMM on Hopper's wgmma with TMA loads (sm_90a only):
 output tiles exactly 96 or 192 channels wide (cuDNN's engines pad 96 and 192 to 128-wide tiles), the
 causal cache's two frames read from their own tensor (no copy in front of the new frames), the bias and
 a residual added before the one bf16 store (docs/PERF.md entry 18j). It is built on first use from the
 checkout's ``csrc/vae_conv/`` with ``torch.utils.cpp_extension.load`` (ninja; cached in torch's
-extensions folder, rebuilt when a source changes, guarded by torch's file lock); :func:`library` says
-whether that worked, or why not. Nothing here runs at import.
+extensions folder, rebuilt when a source changes, guarded by torch's file lock) where setup.py did not build it
+(``oasis._vae_conv``); :func:`library` says whether that worked, or why not. Nothing here runs at import.
 
 :func:`why_not` is the one predicate that says which calls the kernel takes; :func:`conv3d_k3` runs it.
+
+``torch.ops.oasis_vae.conv3d_few_out`` is the decoder's output convolution (96 -> 3 channels): mma.sync with a
+row's three horizontal taps as the GEMM's columns (N = 9 padded to 16, where cuDNN pads 3 to 64), the cached
+frames read where they lie (docs/PERF.md entry 18p). :func:`few_out_why_not` says which calls it takes,
+:func:`conv3d_few_out` runs it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -23,7 +29,8 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["library", "why_not", "channels_why_not", "pack_weight", "conv3d_k3", "conv3d_k3_reference", "SOURCES",
-           "NVCC_FLAGS", "NORM_CHANNELS"]
+           "NVCC_FLAGS", "NORM_CHANNELS", "few_out_why_not", "pack_few_out_weight", "conv3d_few_out",
+           "FEW_OUT_MAX_CHANNELS"]
 
 SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "vae_conv"
 #: Hopper only (wgmma, TMA): the card the kernel is measured on
@@ -35,19 +42,28 @@ LD_FLAGS = ["-Wl,--exclude-libs,ALL"]
 
 @functools.lru_cache(maxsize=1)
 def library() -> tuple[bool, str]:
-    """``(True, how it was loaded)`` once ``torch.ops.oasis_vae.conv3d_k3`` is registered, else ``(False, why not)``."""
+    """``(True, how it was loaded)`` once ``torch.ops.oasis_vae``'s ops are registered, else ``(False, why not)``:
+    the extension setup.py built (``oasis._vae_conv``), else a JIT build of ``csrc/vae_conv/``."""
     if hasattr(torch.ops, "oasis_vae") and hasattr(torch.ops.oasis_vae, "conv3d_k3"):
         return _registered("already registered")
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is built without CUDA"
+    spec = importlib.util.find_spec(f"{__package__}._vae_conv")
+    if spec is not None and spec.origin:
+        try:
+            torch.ops.load_library(spec.origin)
+        except OSError as exc:  # built for another torch, or a library missing
+            return False, f"{spec.origin} does not load: {exc}"
+        return _registered(f"built by setup.py ({spec.origin})")
     sources = sorted(SOURCES.glob("*.cu")) + sorted(SOURCES.glob("*.cpp"))
     if not sources:
-        return False, f"the sources of the CUDA convolution are not at {SOURCES} (an install without csrc/)"
+        return False, (f"oasis._vae_conv is not built and the sources of the CUDA convolutions are not at {SOURCES} "
+                       "(an install without csrc/)")
     from torch.utils import cpp_extension
 
     if shutil.which("nvcc") is None and not cpp_extension.CUDA_HOME:
-        return False, "no CUDA toolkit (nvcc) is found to build the CUDA convolution"
-    print("oasis: building the VAE's CUDA convolution (first use; cached afterwards)", file=sys.stderr, flush=True)
+        return False, "oasis._vae_conv is not built and no CUDA toolkit (nvcc) is found to build it"
+    print("oasis: building the VAE's CUDA convolutions (first use; cached afterwards)", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name="oasis_vae_conv", sources=[str(s) for s in sources], extra_cflags=CXX_FLAGS,
                            extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=LD_FLAGS,
@@ -58,11 +74,15 @@ def library() -> tuple[bool, str]:
 
 
 def _registered(how: str) -> tuple[bool, str]:
-    # the op writes into the output the caller allocated: nothing to compute under fake tensors
-    try:
-        torch.library.register_fake("oasis_vae::conv3d_k3")(lambda *args, **kwargs: None)
-    except RuntimeError:  # registered before in this process
-        pass
+    if not hasattr(torch.ops.oasis_vae, "conv3d_few_out"):  # a library of older sources: the other op is not there
+        return False, (f"torch.ops.oasis_vae ({how}) has no conv3d_few_out: it was built from older sources; "
+                       "reinstall (setup.py) or start a new process")
+    # the ops write into the output the caller allocated: nothing to compute under fake tensors
+    for op in ("conv3d_k3", "conv3d_few_out"):
+        try:
+            torch.library.register_fake(f"oasis_vae::{op}")(lambda *args, **kwargs: None)
+        except RuntimeError:  # registered before in this process
+            pass
     return True, how
 
 
@@ -86,14 +106,9 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 5 and (t.stride(1) == 1 or t.shape[1] == 1)
 
 
-def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
-            prev: torch.Tensor | None = None, residual: torch.Tensor | None = None, norm: bool = False) -> str | None:
-    """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
-    else why not (the caller then runs cuDNN): a CUDA Hopper GPU, bf16 channels-last tensors, a 3x3x3 kernel
-    with stride 1 and spatial padding 1, no time padding (the cached frames are ``prev``'s), input channels
-    a multiple of 64, output channels a multiple of 96, and no gradients wanted. ``norm``: with the
-    next layer's norm + SiLU applied to the result (:func:`conv3d_k3`'s ``norm``): 96 or 192 output
-    channels only (one program's tile)."""
+def _call_why_not(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> str | None:
+    """What both kernels ask of a call, None where it holds: a CUDA Hopper GPU (the extension is built for
+    sm_90a), bf16 x and weight, a 3x3x3 kernel with stride 1 and spatial padding 1, x ``[B, Cin, T, H, W]``."""
     if not x.is_cuda:
         return f"x is on {x.device}, not a CUDA device"
     major, minor = torch.cuda.get_device_capability(x.device)
@@ -105,9 +120,23 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
         return f"a 3x3x3 kernel only, got weight {tuple(weight.shape)}"
     if tuple(stride) != (1, 1, 1) or tuple(padding) != (0, 1, 1):
         return f"stride 1 and padding (0, 1, 1) only, got stride {tuple(stride)} and padding {tuple(padding)}"
+    if x.dim() != 5 or x.shape[1] != weight.shape[1]:
+        return f"x must be [B, {weight.shape[1]}, T, H, W], got {tuple(x.shape)}"
+    return None
+
+
+def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
+            prev: torch.Tensor | None = None, residual: torch.Tensor | None = None, norm: bool = False) -> str | None:
+    """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
+    else why not (the caller then runs cuDNN): a CUDA Hopper GPU, bf16 channels-last tensors, a 3x3x3 kernel
+    with stride 1 and spatial padding 1, no time padding (the cached frames are ``prev``'s), input channels
+    a multiple of 64, output channels a multiple of 96, and no gradients wanted. ``norm``: with the
+    next layer's norm + SiLU applied to the result (:func:`conv3d_k3`'s ``norm``): 96 or 192 output
+    channels only (one program's tile)."""
+    why = _call_why_not(x, weight, stride, padding)
+    if why is not None:
+        return why
     cin, cout = weight.shape[1], weight.shape[0]
-    if x.dim() != 5 or x.shape[1] != cin:
-        return f"x must be [B, {cin}, T, H, W], got {tuple(x.shape)}"
     why = channels_why_not(cin, cout, norm)
     if why is not None:
         return why
@@ -198,4 +227,81 @@ def conv3d_k3_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     out.copy_(y)
     if tail is not None:
         tail.copy_(out[:, :, out.shape[2] - tail.shape[2]:])
+    return out
+
+
+#: the most output channels :func:`conv3d_few_out` takes: its GEMM's 16 columns hold 3 taps of each
+FEW_OUT_MAX_CHANNELS = 5
+
+
+def few_out_why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
+                    prev: torch.Tensor | None = None) -> str | None:
+    """None where :func:`conv3d_few_out` takes ``conv3d(cat([prev, x], 2), weight, padding=padding)``, else why
+    not (the caller then runs cuDNN): a CUDA Hopper GPU (the extension is built for sm_90a), bf16 channels-last
+    x and prev with 16-byte aligned starts and strides (cp.async), a 3x3x3 kernel with stride 1 and spatial
+    padding 1, input channels a multiple of 16 (up to 4096), 1 to 5 output channels, and no gradients wanted."""
+    why = _call_why_not(x, weight, stride, padding)
+    if why is not None:
+        return why
+    cin, cout = weight.shape[1], weight.shape[0]
+    if weight.device != x.device:
+        return f"weight is on {weight.device}, x on {x.device}"
+    if x.numel() == 0:
+        return f"x is empty ({tuple(x.shape)})"
+    if cin % 16 or not 16 <= cin <= 4096 or not 1 <= cout <= FEW_OUT_MAX_CHANNELS:
+        return (f"input channels a multiple of 16 up to 4096 (got {cin}) and 1 to {FEW_OUT_MAX_CHANNELS} output "
+                f"channels (got {cout})")
+    for name, t in (("x", x), ("prev", prev)):
+        if t is None:
+            continue
+        if not (_channels_last(t) and t.dtype == torch.bfloat16):
+            return f"{name} must be channels-last bfloat16"
+        if t.data_ptr() % 16 or any(t.stride(d) % 8 for d in (0, 2, 3, 4) if t.shape[d] > 1):
+            return f"{name} is not 16-byte aligned for cp.async (strides {t.stride()})"
+    if prev is not None and (prev.shape[:2] != x.shape[:2] or prev.shape[2] != 2 or prev.shape[3:] != x.shape[3:]
+                             or prev.device != x.device):
+        return (f"prev must be [{x.shape[0]}, {cin}, 2, {x.shape[3]}, {x.shape[4]}] on x's device, "
+                f"got {tuple(prev.shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight) + ((prev,) if prev is not None else ())):
+        return "gradients are wanted (the kernel has no backward)"
+    ok, why = library()
+    return None if ok else why
+
+
+def pack_few_out_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[Cout, Cin, 3, 3, 3]`` in :func:`conv3d_few_out`'s fragment order: ``[3 dt, 3 dy, Cin / 16, 2, 32, 4]``
+    bf16, contiguous. Column ``n = dx * Cout + o`` of the GEMM (zero for ``n >= 3 Cout``) lies in n tile
+    ``n // 8``; lane ``l`` of an m16n8k16 MMA holds column ``8 * tile + l // 4`` at rows (input channels of
+    the 16-channel chunk) ``2 (l % 4) + (0, 1, 8, 9)``: PTX's B fragment, two bf16 to a register, the lower row
+    in the lower half. Kept per weight tensor until it changes."""
+    def pack(w):
+        cout, cin = w.shape[:2]
+        cols = w.permute(2, 3, 1, 4, 0).reshape(3, 3, cin, 3 * cout)  # [dt, dy, c, dx * cout + o]
+        cols = F.pad(cols, (0, 16 - 3 * cout))
+        # c = 16 chunk + 8 h + 2 q + j, n = 8 tile + g; lane = 4 g + q holds (h, j) = (0,0) (0,1) (1,0) (1,1)
+        frag = cols.reshape(3, 3, cin // 16, 2, 4, 2, 2, 8).permute(0, 1, 2, 6, 7, 4, 3, 5)
+        return frag.reshape(3, 3, cin // 16, 2, 32, 4).to(torch.bfloat16).contiguous()
+
+    return _kept(weight, pack, tag="few_out")
+
+
+def conv3d_few_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   prev: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = conv3d(cat([prev or zeros(2 frames), x], 2), weight, padding=(0, 1, 1)) + bias`` for few output
+    channels (the decoder's last convolution).
+
+    x: ``[B, Cin, T, H, W]``, prev: ``[B, Cin, 2, H, W]`` (the causal cache) or None (the sequence starts:
+    zeros), bf16 channels-last (:func:`few_out_why_not`); weight: ``[Cout, Cin, 3, 3, 3]``, bias: ``[Cout]``;
+    the result ``[B, Cout, T, H, W]`` bf16, channels-last unless ``out`` (any strides) is given. The sums in
+    float32, one rounding to bf16 at the end.
+    """
+    why = few_out_why_not(x, weight, prev=prev)
+    if why is not None:
+        raise ValueError(f"conv3d_few_out does not take this call: {why}")
+    b, _, t, h, w = x.shape
+    cout = weight.shape[0]
+    if out is None:
+        out = torch.empty((b, cout, t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    torch.ops.oasis_vae.conv3d_few_out(x, prev, pack_few_out_weight(weight), None if bias is None else _bias32(bias),
+                                       out)
     return out

@@ -274,29 +274,34 @@ if triton is not None:
 def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A 3D convolution from at most 4 input channels, for the encoder's first one (3 -> 96, 3x3x3):
     ``F.conv3d(x, weight, bias, padding=(0, kh // 2, kw // 2))`` (no time padding: ``x`` holds the
-    causal cache's frames in front) for channels-last ``x [B, C, T, H, W]``; the output channels-last.
+    causal cache's frames in front) for channels-last ``x [B, C, T, H, W]`` whose pixels follow each other
+    (``x.stride(4) == C``; a time slice of a buffer is); the output channels-last.
 
     cuDNN runs this convolution at ~22 TFLOP/s on the H200 (2.3 ms for 4 frames at 720p, whose 96-channel
     output is 0.7 GB: ~0.2 ms to write): with 3 input channels its implicit GEMM has K = 81, which its
     tiles are not built for. Here each program takes a run of output pixels of one row and all output
-    channels, gathers the run's K = kt*kh*kw*C input values (padded to a power of two with zeros) and
-    does one ``tl.dot`` with the packed weight: the input is read ~K/C times from L1/L2 and the output
-    written once, in float32 accumulation.
+    channels. For each of the kt * kh input rows a pixel reads, the kw * C values it needs lie side by side
+    (the pixels are dense), so the program loads them as a [pixels, 16] tile of one base address plus a
+    column offset (kw * C <= 16; the rest masked) and adds one ``tl.dot`` with that row's slice of the packed
+    weight: kt * kh products with K = 16, float32 accumulation, the output written once.
     """
     b, c, t, h, w = x.shape
     co, cw, kt, kh, kw = weight.shape
-    if cw != c or c > 4 or kh % 2 == 0 or kw % 2 == 0 or t < kt:
-        raise ValueError(f"conv3d_few_in takes <= 4 input channels and odd spatial kernels over at least kt "
-                         f"frames; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if cw != c or c > 4 or kh % 2 == 0 or kw % 2 == 0 or t < kt or kw * c > 16:
+        raise ValueError(f"conv3d_few_in takes <= 4 input channels, odd spatial kernels of kw * C <= 16 values a "
+                         f"row and at least kt frames; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if c > 1 and x.stride(1) != 1:
         raise ValueError(f"conv3d_few_in takes a channels-last x, got strides {x.stride()}")
-    to, k = t - kt + 1, kt * kh * kw * c
-    cfg = conv_few_in_config(k, co, w)
-    block_k, block_n = cfg["BLOCK_K"], cfg["BLOCK_N"]
+    if w > 1 and x.stride(4) != c:
+        raise ValueError(f"conv3d_few_in takes x with its pixels side by side (stride(4) == C = {c}), got strides "
+                         f"{x.stride()}")
+    to = t - kt + 1
+    cfg = conv_few_in_config(co, w)
+    block_n = cfg["BLOCK_N"]
     out = torch.empty((b, co, to, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-    # the weight as [K, N] in the gather's order (tap-major, then channel), zero beyond K and Co
-    packed = torch.zeros((block_k, block_n), dtype=x.dtype, device=x.device)
-    packed[:k, :co] = weight.permute(2, 3, 4, 1, 0).reshape(k, co)
+    # the weight as [kt * kh rows, 16, N]: row (dt, dh), column dw * C + c, zero beyond kw * C and Co
+    packed = torch.zeros((kt * kh, 16, block_n), dtype=x.dtype, device=x.device)
+    packed[:, :kw * c, :co] = weight.permute(2, 3, 4, 1, 0).reshape(kt * kh, kw * c, co)
     bias_n = torch.zeros(block_n, dtype=torch.float32, device=x.device)
     if bias is not None:
         bias_n[:co] = bias.float()
@@ -304,50 +309,49 @@ def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         # the rows (b, t, h) on the grid's first axis (up to 2^31 - 1; the second stops at 65535)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _conv_few_in_kernel[(b * to * h, triton.cdiv(w, cfg["BLOCK_W"]))](
-                x, packed, bias_n, out, c, h, w, to, co, k, x.stride(0), x.stride(2), x.stride(3), x.stride(4),
-                out.stride(0), out.stride(2), out.stride(3), out.stride(4), KH=kh, KW=kw,
+                x, packed, bias_n, out, c, h, w, to, co, x.stride(0), x.stride(2), x.stride(3),
+                out.stride(0), out.stride(2), out.stride(3), out.stride(4), KT=kt, KH=kh, KW=kw,
                 IEEE=x.dtype == torch.float32, **cfg)
     return out
 
 
-def conv_few_in_config(k: int, co: int, width: int) -> dict:
-    """The launch of :func:`conv3d_few_in` for ``k`` gathered values per pixel, ``co`` output
-    channels and rows of ``width`` pixels (tests/test_vae_sm90_compile.py compiles it: 254 registers
-    and no spills at 3 -> 96 channels)."""
+def conv_few_in_config(co: int, width: int) -> dict:
+    """The launch of :func:`conv3d_few_in` for ``co`` output channels and rows of ``width`` pixels: 64 pixels
+    a program, one warpgroup up to 128 output channels (the accumulator's 64 x 128 floats are 64 registers a
+    thread). tests/test_vae_sm90_compile.py compiles it at 3 -> 96 channels: 166 registers, no spills, so three
+    programs share an SM (the gather of the kernel before this one took 254 registers and 8 warps: one)."""
     block_n = max(16, triton.next_power_of_2(co))
-    return dict(BLOCK_W=min(64, max(16, triton.next_power_of_2(width))), BLOCK_K=max(16, triton.next_power_of_2(k)),
-                BLOCK_N=block_n, num_warps=4 if block_n <= 64 else 8)
+    return dict(BLOCK_W=min(64, max(16, triton.next_power_of_2(width))), BLOCK_N=block_n,
+                num_warps=4 if block_n <= 128 else 8)
 
 
 if triton is not None:
     @triton.jit
-    def _conv_few_in_kernel(X, Wp, Bias, Y, C, H, W, TO, CO, K, sxb, sxt, sxh, sxw, syb, syt, syh, syw,
-                            KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
+    def _conv_few_in_kernel(X, Wp, Bias, Y, C, H, W, TO, CO, sxb, sxt, sxh, syb, syt, syh, syw,
+                            KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                             BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # (b, t, h) of the output
         h = row % H
         t = (row // H) % TO
         b = row // (H * TO)
         w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-        # the gather: column kk is input channel kk % C of tap kk // C = (dt, dh, dw)
-        kk = tl.arange(0, BLOCK_K)
-        ch = kk % C
-        tap = kk // C
-        dw = tap % KW - KW // 2
-        dh = (tap // KW) % KH - KH // 2
-        dt = tap // (KW * KH)
-        hh = h + dh  # [BLOCK_K]
-        ww = w[:, None] + dw[None, :]  # [BLOCK_W, BLOCK_K]
-        ok = (kk[None, :] < K) & (hh[None, :] >= 0) & (hh[None, :] < H) & (ww >= 0) & (ww < W)
-        src = (X + b * sxb + (t + dt.to(tl.int64))[None, :] * sxt + hh.to(tl.int64)[None, :] * sxh
-               + ww.to(tl.int64) * sxw + ch[None, :])
-        a = tl.load(src, mask=ok, other=0.0)
+        # a row's tile: column j is input channel j % C of pixel w + j // C - KW // 2 (dense pixels: the
+        # columns of one output pixel are consecutive values from its first tap on)
+        j = tl.arange(0, 16)
+        ww = w[:, None] + (j // C)[None, :] - KW // 2  # [BLOCK_W, 16]
+        inside = (j[None, :] < KW * C) & (ww >= 0) & (ww < W)
+        cols = ww.to(tl.int64) * C + (j % C)[None, :]
         n = tl.arange(0, BLOCK_N)
-        wv = tl.load(Wp + kk[:, None] * BLOCK_N + n[None, :])
-        if IEEE:
-            acc = tl.dot(a, wv, input_precision="ieee")
-        else:
-            acc = tl.dot(a, wv)
+        acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        for r in tl.static_range(KT * KH):
+            hh = h + (r % KH) - KH // 2
+            base = X + b * sxb + (t + r // KH) * sxt + hh * sxh
+            a = tl.load(base + cols, mask=inside & (hh >= 0) & (hh < H), other=0.0)
+            wv = tl.load(Wp + r * 16 * BLOCK_N + j[:, None] * BLOCK_N + n[None, :])
+            if IEEE:
+                acc = tl.dot(a, wv, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, wv, acc)
         acc += tl.load(Bias + n)[None, :]
         dst = Y + b * syb + t * syt + h * syh + w[:, None].to(tl.int64) * syw + n[None, :]
         tl.store(dst, acc.to(Y.dtype.element_ty), mask=(w[:, None] < W) & (n[None, :] < CO))
@@ -364,6 +368,11 @@ def attention_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and not _needs_grad(q, k, v))
 
 
+#: frames of at least this many tokens take :func:`attention_by_products` in :func:`attention_wide` (16-bit
+#: inputs): the VAE's middle attention at 720p has 14,400 (docs/PERF.md entry 18o)
+PRODUCTS_MIN_TOKENS = 4096
+
+
 def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` for ``[N, L, D]`` (one head; rows may be strided, as the VAE's
     q, k and v are slices of one ``[N, L, 3D]`` projection) -> ``[N, L, D]`` contiguous.
@@ -372,11 +381,14 @@ def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     FlashAttention's kernels stop at D = 256, so PyTorch runs it on its memory-efficient sm80 kernel
     (~120 TFLOP/s on the H200, 2.6 ms a frame). Here a flash-attention forward keeps D in up to three
     chunks of 128: the scores sum their three products, the output three accumulators; float32
-    online softmax, one pass over K and V.
+    online softmax, one pass over K and V. That kernel runs at ~130 TFLOP/s (entry 18h): frames of
+    PRODUCTS_MIN_TOKENS tokens or more in 16 bits go to :func:`attention_by_products` instead.
     """
     n, length, d = q.shape
     if d > 384:
         raise ValueError(f"attention_wide takes D <= 384, got {d}")
+    if length >= PRODUCTS_MIN_TOKENS and q.dtype in (torch.float16, torch.bfloat16) and float32_products(q.device):
+        return attention_by_products(q, k, v)
     cfg = attention_wide_config(d)
     out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
     if out.numel():
@@ -384,6 +396,79 @@ def attention_wide(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
             _attention_wide_kernel[(triton.cdiv(length, cfg["BLOCK_M"]), n)](
                 q, k, v, out, length, d, d ** -0.5, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                 v.stride(0), v.stride(1), out.stride(0), out.stride(1), IEEE=q.dtype == torch.float32, **cfg)
+    return out
+
+
+def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          scores_bytes: int = 1 << 30) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` for ``[N, L, D]`` (as :func:`attention_wide`) by two matrix products
+    and one pass over the scores: S = q k^T in float32 (cuBLAS, float32 accumulation), P = softmax(S / sqrt(D))
+    split into two 16-bit parts, P = P_hi + P_lo (:func:`softmax_rows` with ``split``, one Triton program a
+    row: it reads the row twice and writes both parts once), O = [P_hi | P_lo] [v; v], one product of twice the
+    depth. Frames go in groups whose scores fit ``scores_bytes`` (one frame at least: 829 MB of scores and as
+    much of P at 14,400 tokens).
+
+    Why the split: P rounded once to bf16 doubled the error of SDPA in bf16 against float64 at 14,400 tokens
+    (0.028-0.037 against 0.016-0.026 on an H100, 2026-12-05); P_hi + P_lo carry P to ~16 bits, and the error
+    is then SDPA's, that of the output's own rounding. At the VAE's 14,400 tokens and D = 384 the products are
+    0.16 and 0.32 TFLOP, ~0.6 ms at the card's matmul rate, and the pass ~0.75 ms at its memory rate: ~1.4 ms
+    a frame, where the flash kernel takes ~2.4 ms.
+    """
+    n, length, d = q.shape
+    out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
+    group = max(1, scores_bytes // max(1, length * length * 4))
+    for i in range(0, n, group):  # a group of frames' scores at a time, not a loop over frames
+        j = min(n, i + group)
+        scores = _scores_float32(q[i:j], k[i:j])
+        probs = softmax_rows(scores, d ** -0.5, q.dtype, split=True)  # [g, L, 2L]: P_hi | P_lo
+        del scores
+        torch.bmm(probs, torch.cat([v[i:j], v[i:j]], dim=1), out=out[i:j])
+    return out
+
+
+_FLOAT32_PRODUCTS: dict = {}  # device -> whether torch has 16-bit products with float32 output there
+
+
+def float32_products(device) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` of 16-bit operands runs on ``device`` (cuBLAS with
+    float32 output; tried once per device). Without it :func:`attention_by_products` upcasts its operands, a
+    float32 product at a fraction of the 16-bit rate, so :func:`attention_wide` keeps its flash kernel."""
+    device = torch.device(device)
+    if device not in _FLOAT32_PRODUCTS:
+        a = torch.zeros(1, 16, 16, dtype=torch.bfloat16, device=device)
+        try:
+            _FLOAT32_PRODUCTS[device] = torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _FLOAT32_PRODUCTS[device] = False
+    return _FLOAT32_PRODUCTS[device]
+
+
+def _scores_float32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q k^T`` in float32 for ``[N, L, D]`` operands: a 16-bit product with float32 output where torch has
+    one for the device (:func:`float32_products`), else the operands upcast."""
+    if q.dtype != torch.float32 and float32_products(q.device):
+        return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+    return torch.bmm(q.float(), k.float().transpose(1, 2))
+
+
+def softmax_rows(scores: torch.Tensor, scale: float, dtype: torch.dtype, split: bool = False) -> torch.Tensor:
+    """``P = softmax(scores * scale, dim=-1)`` of float32 ``[..., L]`` rows, in ``dtype``: one Triton program a
+    row on the Triton device (the row read twice, its max and sum in one online pass, then the probabilities
+    written), else torch's. With ``split`` the rows are ``[..., 2L]``: P rounded to ``dtype``, then what that
+    rounding left out (P - P_hi) rounded to ``dtype``, so that a product with ``[v; v]`` sees P to ~16 bits."""
+    if not (on_triton_device(scores) and scores.dtype == torch.float32 and scores.is_contiguous()):
+        p = torch.softmax(scores * scale, dim=-1)
+        if not split:
+            return p.to(dtype)
+        hi = p.to(dtype)
+        return torch.cat([hi, (p - hi.float()).to(dtype)], dim=-1)
+    length = scores.shape[-1]
+    rows = scores.numel() // max(1, length)
+    out = torch.empty((*scores.shape[:-1], length * (2 if split else 1)), dtype=dtype, device=scores.device)
+    if out.numel():
+        with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
+            _softmax_rows_kernel[(rows,)](scores, out, length, float(scale) * 1.4426950408889634, SPLIT=split,
+                                          BLOCK=min(4096, max(16, triton.next_power_of_2(length))), num_warps=8)
     return out
 
 
@@ -397,6 +482,32 @@ def attention_wide_config(d: int) -> dict:
 
 
 if triton is not None:
+    @triton.jit
+    def _softmax_rows_kernel(S, P, L, scale_log2, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = S + row * L
+        offs = tl.arange(0, BLOCK)
+        m = tl.full((BLOCK,), float("-inf"), tl.float32)  # per lane: the running max and sum of its columns
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, L, BLOCK):
+            x = tl.load(base + start + offs, mask=start + offs < L, other=float("-inf")) * scale_log2
+            m_new = tl.maximum(m, x)
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane without a column yet keeps acc = 0
+            acc = acc * tl.exp2(m - ref) + tl.exp2(x - ref)
+            m = m_new
+        mx = tl.max(m, axis=0)
+        total = tl.sum(acc * tl.exp2(m - mx), axis=0)  # lanes without a column: acc = 0, exp2(-inf) = 0
+        inv = 1.0 / total
+        out = P + row * L * (2 if SPLIT else 1)
+        for start in range(0, L, BLOCK):
+            x = tl.load(base + start + offs, mask=start + offs < L, other=float("-inf")) * scale_log2
+            p = tl.exp2(x - mx) * inv
+            hi = p.to(P.dtype.element_ty)
+            tl.store(out + start + offs, hi, mask=start + offs < L)
+            if SPLIT:  # what rounding P to 16 bits left out, itself in 16 bits, L columns further on
+                tl.store(out + L + start + offs, (p - hi.to(tl.float32)).to(P.dtype.element_ty),
+                         mask=start + offs < L)
+
     @triton.jit
     def _scores_part(q, K, rows, kv_ok, cols, D, skb_row, IEEE: tl.constexpr):
         kt = tl.load(K + rows[None, :] * skb_row + cols[:, None], mask=kv_ok[None, :] & (cols[:, None] < D),

@@ -222,11 +222,18 @@ class CausalConv3d(nn.Conv3d):
                     x_bias: torch.Tensor | None = None, bias: bool | torch.Tensor = True,
                     residual: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`forward_normed` of the ``x`` handed over as ``[x]``: freed once normalised, before the
-        convolution's output exists. Where the CUDA kernel takes the call
-        (:func:`oasis.vae_conv.cuda_kernel_takes`) the normalised frames stay apart from the cached ones
-        and the kernel reads both where they lie; else they are written behind them (:meth:`normed_input`)."""
+        convolution's output exists. Where a CUDA kernel takes the call (the output convolution's,
+        :func:`oasis.vae_conv.few_out_kernel_takes`, or :func:`oasis.vae_conv.cuda_kernel_takes`) the normalised
+        frames stay apart from the cached ones and the kernel reads both where they lie; else they are written
+        behind them (:meth:`normed_input`)."""
         x = _take(handed)
         prev = None if cache is None else cache.get(self)
+        if residual is None and vae_conv.few_out_kernel_takes(x, self.weight, self.time_pad, prev=prev):
+            # the decoder's output convolution (96 -> 3): its own kernel, under either conv_kernel
+            normed = self._normed_frames(x, norm, cache, prev, x_bias)
+            del x
+            b = self.bias if bias is True else (None if bias is False else bias)
+            return vae_cuda.conv3d_few_out(normed, self.weight, b, prev=prev)
         if vae_conv.cuda_kernel_takes(x, self.weight, self.time_pad, prev=prev, residual=residual):
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from oasis import vae_conv, vae_kernels
 from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
-from oasis.vae_kernels import attention_usable, attention_wide, conv3d_few_in
+from oasis.vae_kernels import attention_by_products, attention_usable, attention_wide, conv3d_few_in, softmax_rows
 
 
 @pytest.fixture(autouse=True)
@@ -200,6 +200,92 @@ def test_wide_attention_against_float64(case):
         assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all() and got.is_contiguous()
         err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
         assert err <= 2 * err_plain + 1e-6 + (1e-3 if dtype != torch.float32 else 0), (dtype, err, err_plain)
+
+
+@pytest.mark.parametrize("case", range(len(ATTN)))
+def test_attention_by_products_against_float64(case, monkeypatch):
+    """``attention_by_products`` (float32 scores, the Triton row softmax, the products) on the VAE's layout
+    against float64 within twice SDPA's own error in the input dtype plus a floor, frames in one group and
+    frames one at a time alike."""
+    device = _triton_here()
+    if device == "cpu":  # the interpreter stands in for the GPU
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    n, length, d = ATTN[case]
+    gen = torch.Generator().manual_seed(90 + case)
+    for dtype in ([torch.float32, torch.float16] if device == "cpu" else [torch.bfloat16, torch.float16]):
+        qkv = (torch.randn(n, length, 3 * d, generator=gen) * 2).to(device, dtype)
+        q, k, v = qkv.chunk(3, dim=-1)
+        got = attention_by_products(q, k, v)
+        want = F.scaled_dot_product_attention(*(t.double()[:, None] for t in (q, k, v)))[:, 0]
+        plain = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        assert got.shape == want.shape and got.dtype == dtype and got.isfinite().all() and got.is_contiguous()
+        # frames one at a time: cuBLAS may pick another kernel for another batch, so the same bound, not bits
+        one_at_a_time = attention_by_products(q, k, v, scores_bytes=1)
+        assert one_at_a_time.shape == want.shape and one_at_a_time.isfinite().all()
+        bound = 2 * ((plain.double() - want).abs().max().item()) + 1e-6 + (1e-3 if dtype != torch.float32 else 0)
+        for x in (got, one_at_a_time):
+            assert (x.double() - want).abs().max().item() <= bound, (dtype, bound)
+
+
+def test_softmax_rows_kernel_against_torch(monkeypatch):
+    """The row pass: rows longer than its block (several chunks, a partial last one), rows with a large
+    spread, the probabilities in the asked dtype and summing to one; split, the two parts add up to P within
+    ~16 bits (float32's softmax error, not the dtype's rounding)."""
+    device = _triton_here()
+    if device == "cpu":  # the interpreter stands in for the GPU
+        monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
+    ran = []
+    real = vae_kernels._softmax_rows_kernel
+    monkeypatch.setattr(vae_kernels, "_softmax_rows_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (ran.append(grid), real[grid])[1]})())
+    gen = torch.Generator().manual_seed(5)
+    for length in (7, 300, 9000):
+        s = (torch.randn(3, length, generator=gen) * 30).to(device)
+        for dtype in (torch.float32, torch.float16):
+            got = softmax_rows(s, 0.125, dtype)
+            want = torch.softmax(s.double() * 0.125, dim=-1)
+            plain = torch.softmax(s * 0.125, dim=-1).to(dtype)  # torch's float32 softmax, then rounded
+            assert got.dtype == dtype and got.shape == s.shape and got.isfinite().all()
+            err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
+            assert err <= 2 * err_plain + 1e-7, (length, dtype, err, err_plain)
+            assert torch.allclose(got.double().sum(-1), torch.ones(3, dtype=torch.float64, device=device), atol=2e-3)
+            parts = softmax_rows(s, 0.125, dtype, split=True)
+            assert parts.dtype == dtype and parts.shape == (3, 2 * length)
+            err_hi = (parts[:, :length].double() - want).abs().max().item()  # the first part: P rounded
+            assert err_hi <= 2 * err_plain + 1e-7, (length, dtype, err_hi, err_plain)
+            joined = parts[:, :length].double() + parts[:, length:].double()
+            err_joined, err_f32 = ((x - want).abs().max().item() for x in (joined, torch.softmax(s * 0.125, -1)))
+            assert err_joined <= 2 * err_f32 + 1e-9, (length, dtype, err_joined, err_f32)
+            assert dtype == torch.float32 or err_joined < err_plain / 50, (length, dtype, err_joined, err_plain)
+    assert len(ran) == 12, "the Triton row pass did not run"
+
+
+def test_wide_attention_takes_the_products_for_long_frames(monkeypatch):
+    """16-bit frames of PRODUCTS_MIN_TOKENS tokens or more go to attention_by_products; float32 and shorter
+    frames to the flash kernel."""
+    device = _triton_here()
+    calls = []  # the route is what is checked here (the products' numbers: the float64 test above)
+    monkeypatch.setattr(vae_kernels, "attention_by_products",
+                        lambda q, k, v: calls.append(q.shape) or torch.empty(q.shape, dtype=q.dtype, device=q.device))
+    monkeypatch.setattr(vae_kernels, "PRODUCTS_MIN_TOKENS", 40)
+    monkeypatch.setattr(vae_kernels, "float32_products", lambda device: True)
+    half = torch.randn(1, 40, 3 * 64).to(device, torch.float16).chunk(3, dim=-1)
+    out = attention_wide(*half)
+    assert calls == [(1, 40, 64)] and out.dtype == torch.float16
+    attention_wide(*torch.randn(1, 39, 3 * 64).to(device, torch.float16).chunk(3, dim=-1))
+    attention_wide(*torch.randn(1, 40, 3 * 64).to(device).chunk(3, dim=-1))
+    assert calls == [(1, 40, 64)]
+    monkeypatch.setattr(vae_kernels, "float32_products", lambda device: False)  # no fast product: the flash kernel
+    attention_wide(*torch.randn(1, 40, 3 * 64).to(device, torch.float16).chunk(3, dim=-1))
+    assert calls == [(1, 40, 64)]
+
+
+def test_float32_products_probe():
+    """The probe answers per device, once: False on the CPU (torch has no 16-bit bmm to float32 there), and on
+    a GPU whatever torch has."""
+    assert vae_kernels.float32_products("cpu") is False and torch.device("cpu") in vae_kernels._FLOAT32_PRODUCTS
+    if torch.cuda.is_available():
+        assert isinstance(vae_kernels.float32_products("cuda"), bool)
 
 
 def test_wide_attention_route(monkeypatch):

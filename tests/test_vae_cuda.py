@@ -23,10 +23,13 @@ def ptxas_report():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("no nvcc on this machine")
-    proc = subprocess.run([nvcc, *vae_cuda.NVCC_FLAGS, "-Xptxas", "-v", "-c", str(vae_cuda.SOURCES / "vae_conv.cu"),
-                           "-o", "/dev/null"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
+    report = ""
+    for source in ("vae_conv.cu", "few_out.cu"):
+        proc = subprocess.run([nvcc, *vae_cuda.NVCC_FLAGS, "-Xptxas", "-v", "-c", str(vae_cuda.SOURCES / source),
+                               "-o", "/dev/null"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report += proc.stderr
+    return report
 
 
 def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma(ptxas_report):
@@ -34,6 +37,10 @@ def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma(ptxas_repo
                          ptxas_report, flags=re.S)
     names = [n for n, _ in entries if "conv3d_k3_kernel" in n]
     assert len(names) == 2, names  # N tiles of 96 and 192
+    few = [body for n, body in entries if "conv3d_few_out_kernel" in n]
+    assert len(few) == 1, [n for n, _ in entries]
+    # two programs an SM: __launch_bounds__(256, 2) caps it at 128 registers
+    assert int(re.search(r"Used (\d+) registers", few[0]).group(1)) <= 128, few[0]
     for name, body in entries:
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
         assert spill and spill.groups() == ("0", "0"), (name, body)
@@ -326,3 +333,236 @@ def test_residual_block_with_the_norm_in_conv1_keeps_the_same_cache(cin, cout, p
     for a, b in zip(runs[False][1], runs[True][1]):
         torch.testing.assert_close(b[0], a[0])
         torch.testing.assert_close(b[1], a[1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The output convolution (conv3d_few_out): 1 to 5 output channels, a row's three horizontal taps as N
+# ---------------------------------------------------------------------------------------------------------
+
+def few_out_emulated(x, weight, bias=None, prev=None):
+    """What ``conv3d_few_out`` computes, as its programs do, in float64 on the CPU: the B fragments read back
+    from :func:`oasis.vae_cuda.pack_few_out_weight` by PTX's m16n8k16 layout (lane ``l``, register ``r``, half
+    ``e``: row ``2 (l % 4) + e + 8 r``, column ``8 tile + l // 4``), then per tile of 4 output rows and 126
+    output pixels the sums Q over the input tile (128 pixels from one left of the tile, zero outside the frame)
+    and ``y = bias + sum_dx Q[w + dx][dx Cout + o]``."""
+    cout, cin = weight.shape[:2]
+    packed = vae_cuda.pack_few_out_weight(weight).double()  # [3, 3, Cin / 16, 2, 32, 4]
+    cols = torch.zeros(3, 3, cin, 16, dtype=torch.float64)
+    for lane in range(32):
+        for r in range(2):
+            for e in range(2):
+                k = 2 * (lane % 4) + e + 8 * r
+                for tile in range(2):
+                    n = 8 * tile + lane // 4
+                    cols[:, :, k::16, n] = packed[:, :, :, tile, lane, 2 * r + e]
+    b, _, t, h, w = x.shape
+    front = prev if prev is not None else x.new_zeros(b, cin, 2, h, w)
+    frames = torch.cat([front, x], 2).double().permute(0, 2, 3, 4, 1)  # [B, T + 2, H, W, C]
+    rows, out_w, pix = 4, 126, 128
+    y = torch.zeros(b, cout, t, h, w, dtype=torch.float64)
+    for y0 in range(0, h, rows):
+        for x0 in range(0, w, out_w):
+            tile_in = torch.zeros(b, t + 2, rows + 2, pix, cin, dtype=torch.float64)
+            ys, xs = range(max(y0 - 1, 0), min(y0 - 1 + rows + 2, h)), range(max(x0 - 1, 0), min(x0 - 1 + pix, w))
+            tile_in[:, :, ys.start - (y0 - 1):ys.stop - (y0 - 1), xs.start - (x0 - 1):xs.stop - (x0 - 1)] = \
+                frames[:, :, ys.start:ys.stop, xs.start:xs.stop]
+            q = torch.zeros(b, t, rows, pix, 16, dtype=torch.float64)
+            for dt in range(3):
+                for dy in range(3):
+                    q += torch.einsum("btrpc,cn->btrpn", tile_in[:, dt:dt + t, dy:dy + rows], cols[dt, dy])
+            for dx in range(3):
+                part = q[:, :, :, dx:dx + out_w, dx * cout:(dx + 1) * cout]  # [B, T, rows, 126, Cout]
+                hh, ww = min(rows, h - y0), min(out_w, w - x0)
+                y[:, :, :, y0:y0 + hh, x0:x0 + ww] += part[:, :, :hh, :ww].permute(0, 4, 1, 2, 3)
+    if bias is not None:
+        y += bias.double().view(1, -1, 1, 1, 1)
+    return y
+
+
+@pytest.mark.parametrize("cin,cout,t,h,w,has_prev", [(96, 3, 2, 5, 130, True), (16, 5, 1, 4, 7, False),
+                                                     (32, 1, 3, 9, 253, True)])
+def test_few_out_fragment_order_and_taps_give_the_convolution(cin, cout, t, h, w, has_prev):
+    """The packed weight read back by the MMA's B layout, and the kernel's sums (taps as columns, the shift by
+    dx at the end, 126-pixel tiles with a pixel of halo either side), give the float64 convolution."""
+    g = torch.Generator().manual_seed(cin * cout + w)
+    x = torch.randn(1, cin, t, h, w, generator=g, dtype=torch.float64)
+    prev = torch.randn(1, cin, 2, h, w, generator=g, dtype=torch.float64) if has_prev else None
+    weight = torch.randn(cout, cin, 3, 3, 3, generator=g, dtype=torch.float64)
+    weight = weight.bfloat16().double()  # the packing rounds to bf16: compare on values it keeps
+    bias = torch.randn(cout, generator=g, dtype=torch.float64)
+    want = vae_cuda.conv3d_k3_reference(x, weight, bias, prev=prev)
+    got = few_out_emulated(x, weight, bias, prev)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-9)
+
+
+def test_few_out_weight_is_kept_and_zero_past_its_columns():
+    w = torch.randn(3, 32, 3, 3, 3)
+    p = vae_cuda.pack_few_out_weight(w)
+    assert p.shape == (3, 3, 2, 2, 32, 4) and p.dtype == torch.bfloat16 and p.is_contiguous()
+    assert vae_cuda.pack_few_out_weight(w) is p
+    # column n = 8 tile + lane // 4 >= 9 is padding: tile 1, lanes 4 .. 31
+    assert (p[:, :, :, 1, 4:] == 0).all() and (p[:, :, :, 1, :4] != 0).any()
+    # lane 5, register 1, half 0 of (dt 2, dy 1, chunk 1, tile 0): row 2 + 8 = 10 of the chunk (channel 26),
+    # column 1: dx 0, o 1
+    assert p[2, 1, 1, 0, 5, 2] == w[1, 26, 2, 1, 0].bfloat16()
+    w.add_(1)
+    assert vae_cuda.pack_few_out_weight(w) is not p
+
+
+def test_few_out_why_not_names_the_reason_on_the_cpu():
+    from oasis import vae_conv
+
+    x = torch.zeros(1, 96, 2, 4, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.zeros(3, 96, 3, 3, 3, dtype=torch.bfloat16)
+    assert "not a CUDA device" in vae_cuda.few_out_why_not(x, w)
+    assert not vae_conv.few_out_kernel_takes(x, w, 2)
+    with pytest.raises(ValueError, match="conv3d_few_out does not take this call: x is on cpu"):
+        vae_cuda.conv3d_few_out(x, w)
+
+
+@pytest.mark.parametrize("pieces", [(1, 1, 1), (3, 1, 2), (2, 4)])
+def test_output_convolution_on_the_few_out_path_keeps_the_same_cache(pieces, monkeypatch):
+    """The decoder's output convolution where the few-output kernel takes it (the kernel stood in for by its
+    float64 contract on the CPU): the normalised frames apart from the cached ones, the same output and
+    cache entry as the cuDNN path after every call, frames handed one or several at a time."""
+    from oasis import vae_conv
+    from oasis.wan_vae import CausalConv3d, RMSNorm
+
+    torch.manual_seed(len(pieces))
+    conv = CausalConv3d(96, 3, 3, padding=1).double()
+    norm = RMSNorm(96).double()
+    norm.gamma.data.uniform_(0.5, 1.5)
+    frames = torch.randn(1, 96, sum(pieces), 3, 5, dtype=torch.float64)
+    runs = {}
+    for few in (False, True):
+        taken = []
+        with monkeypatch.context() as m:
+            if few:
+                def takes(x, w, tp, *, prev=None):
+                    taken.append(prev is None)
+                    return tp == 2 and w.shape[0] <= 5
+
+                m.setattr(vae_conv, "few_out_kernel_takes", takes)
+                m.setattr(vae_cuda, "conv3d_few_out", lambda x, w, b=None, *, prev=None, out=None:
+                          vae_cuda.conv3d_k3_reference(x, w, b, prev=prev, out=out))
+            cache, outs, entries, t = {}, [], [], 0
+            for n in pieces:
+                outs.append(conv.forward_normed(frames[:, :, t:t + n], norm, cache))
+                entries.append(cache[conv].clone())
+                t += n
+        runs[few] = outs, entries
+        if few:
+            assert taken == [True] + [False] * (len(pieces) - 1), taken  # zeros first, then the cache
+    for a, b in zip(*(runs[k][0] for k in (False, True))):
+        torch.testing.assert_close(b, a)
+    for a, b in zip(*(runs[k][1] for k in (False, True))):
+        torch.testing.assert_close(b, a)
+
+
+# (B, Cin, Cout, T, H, W, prev, bias): the decoder's 96 -> 3, widths no 126-pixel tile divides (and one
+# smaller than a tile), heights no 4-row tile divides, T = 1, other channel counts
+FEW_OUT_CASES = [
+    (1, 96, 3, 2, 9, 130, True, True),
+    (2, 96, 3, 1, 5, 126, False, True),
+    (1, 16, 1, 3, 4, 7, True, False),
+    (1, 160, 5, 2, 3, 253, True, True),
+    (1, 96, 3, 4, 1, 1, False, False),
+    (2, 32, 4, 2, 6, 127, True, True),
+]
+
+
+@hopper
+@pytest.mark.parametrize("case", FEW_OUT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "".join(
+    n for n, on in zip("pb", c[6:]) if on))
+def test_conv3d_few_out_matches_float64(case):
+    b, cin, cout, t, h, w, has_prev, has_bias = case
+    x, prev, weight, bias, _, g = random_call((*case, False))
+    # x as a view of frames inside a larger buffer (its frame stride is not its dense one)
+    outer = torch.randn(b, cin, t + 3, h, w, device="cuda", generator=g).bfloat16().contiguous(
+        memory_format=torch.channels_last_3d)
+    outer[:, :, 1:1 + t] = x
+    x = outer[:, :, 1:1 + t]
+    big, out = framed(b, cout, t, h, w)
+    vae_cuda.conv3d_few_out(x, weight, bias, prev=prev, out=out)
+    torch.cuda.synchronize()
+    assert torch.isnan(big[:, :, 0]).all() and torch.isnan(big[:, :, t + 1]).all(), "wrote outside its output"
+    assert out.isfinite().all()
+    exact = reference(x, weight, bias, prev)
+    cudnn = reference(x, weight, None if bias is None else bias.bfloat16(), prev, None, torch.bfloat16)
+    err = (out.double() - exact).abs().max().item()
+    base = (cudnn.double() - exact).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
+    # a channels-first output gets the same values
+    first = vae_cuda.conv3d_few_out(x, weight, bias, prev=prev, out=torch.empty(b, cout, t, h, w, device="cuda",
+                                                                                dtype=torch.bfloat16))
+    assert torch.equal(first, out)
+
+
+@hopper
+def test_few_out_why_not_on_the_gpu():
+    x = torch.zeros(1, 96, 2, 4, 8, dtype=torch.bfloat16, device="cuda").contiguous(
+        memory_format=torch.channels_last_3d)
+    w = torch.zeros(3, 96, 3, 3, 3, dtype=torch.bfloat16, device="cuda")
+    assert vae_cuda.few_out_why_not(x, w) is None
+    assert "1 to 5 output channels (got 6)" in vae_cuda.few_out_why_not(x, w.new_zeros(6, 96, 3, 3, 3))
+    assert "a multiple of 16" in vae_cuda.few_out_why_not(x[:, :8], w[:, :8])
+    # the same strides from a start 2 bytes past 16-byte alignment
+    odd = torch.zeros(x.numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].as_strided(x.shape, x.stride())
+    assert "16-byte aligned" in vae_cuda.few_out_why_not(odd, w)
+    assert "x is empty" in vae_cuda.few_out_why_not(x[:, :, :0], w)
+    assert "channels-last" in vae_cuda.few_out_why_not(x.contiguous(), w)
+    assert "prev must be" in vae_cuda.few_out_why_not(x, w, prev=x[:, :, :1])
+
+
+@hopper
+@pytest.mark.parametrize("chunk,pieces", [(1, 2), (2, None)])
+def test_decoder_with_the_few_out_kernel_matches_float64(chunk, pieces, monkeypatch):
+    """Wan2.1's decoder on small latents: its output convolution on the few-output kernel (every call of it),
+    the error against the float64 decode at most 2x that of the cuDNN path's (plus a floor)."""
+    from oasis import vae_conv
+    from oasis.wan_vae import WanVAE, WanVAEConfig
+
+    torch.manual_seed(0)
+    vae = WanVAE(WanVAEConfig(), encoder=False).cuda()
+    z = torch.randn(1, 16, 3, 5, 17, device="cuda")  # 136 pixels wide: two tiles
+    calls = []
+    takes = vae_conv.few_out_kernel_takes
+
+    def spy(x, weight, *args, **kwargs):
+        got = takes(x, weight, *args, **kwargs)
+        if weight.shape[0] <= 5:  # the output convolution; the others are asked too
+            calls.append(got)
+        return got
+
+    with torch.no_grad():
+        exact = vae.double().decode(z.double(), chunk=chunk, piece_frames=pieces)
+        vae.to(torch.bfloat16).channels_last()
+        with monkeypatch.context() as m:
+            m.setattr(vae_conv, "few_out_kernel_takes", lambda *a, **k: False)
+            cudnn = vae.decode(z.bfloat16(), chunk=chunk, piece_frames=pieces).double()
+        monkeypatch.setattr(vae_conv, "few_out_kernel_takes", spy)
+        got = vae.decode(z.bfloat16(), chunk=chunk, piece_frames=pieces).double()
+    assert calls and all(calls), calls
+    assert got.isfinite().all()
+    err, base = (got - exact).abs().max().item(), (cudnn - exact).abs().max().item()
+    assert err <= 2 * base + 1e-2, (err, base)
+
+
+def test_library_takes_setup_s_build_first_and_says_why_it_does_not_load(monkeypatch):
+    """Where setup.py built ``oasis._vae_conv``, that library is loaded, not a JIT build; one that does not load
+    (built for another torch) is a reason, not an exception."""
+    import importlib.machinery
+
+    if hasattr(torch.ops, "oasis_vae") and hasattr(torch.ops.oasis_vae, "conv3d_k3"):
+        pytest.skip("the ops are registered in this process")
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "13.0")
+    spec = importlib.machinery.ModuleSpec("oasis._vae_conv", None, origin="/nonexistent/_vae_conv.so")
+    find = vae_cuda.importlib.util.find_spec
+    monkeypatch.setattr(vae_cuda.importlib.util, "find_spec", lambda name, *a: spec if name == "oasis._vae_conv"
+                        else find(name, *a))
+    vae_cuda.library.cache_clear()
+    try:
+        loaded, why = vae_cuda.library()
+    finally:
+        vae_cuda.library.cache_clear()
+    assert not loaded and why.startswith("/nonexistent/_vae_conv.so does not load"), why

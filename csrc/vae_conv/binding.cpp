@@ -1,4 +1,4 @@
-// The VAE's 3x3x3 causal convolution as a torch operator: torch.ops.oasis_vae.conv3d_k3. It writes into
+// The VAE's CUDA convolutions as torch operators: torch.ops.oasis_vae.conv3d_k3 and conv3d_few_out. Each writes into
 // the output the caller allocated and returns nothing; oasis/vae_cuda.py registers its fake
 // implementation, packs the weight and decides which calls come here (its `usable` says why not).
 // These checks keep a direct call from reading or writing out of bounds.
@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "vae_conv.h"
 
@@ -37,6 +39,18 @@ const float* per_channel(const at::Tensor& t, const at::Tensor& x, int64_t n, co
     return t.data_ptr<float>();
 }
 
+// what both calls take alike: the sizes, x, the cached frames, the packed weight and the bias
+template <typename Call>
+void fill_inputs(Call& c, const at::Tensor& x, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
+                 const c10::optional<at::Tensor>& bias, int64_t cin, int64_t cout) {
+    c.B = int(x.size(0)); c.T = int(x.size(2)); c.H = int(x.size(3)); c.W = int(x.size(4));
+    c.cin = int(cin); c.cout = int(cout);
+    c.x = frames_of(x, x, cin, x.size(2), "x");
+    c.prev = prev.has_value() ? frames_of(*prev, x, cin, 2, "prev") : Conv5d{nullptr, 0, 0, 0, 0};
+    c.weight = weight.data_ptr();
+    if (bias.has_value()) c.bias = per_channel(*bias, x, cout, "bias");
+}
+
 void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                const c10::optional<at::Tensor>& norm, const c10::optional<at::Tensor>& tail, const at::Tensor& out) {
@@ -53,12 +67,7 @@ void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const
                 "oasis_vae: weight must be the packed bfloat16 [", cout, ", ", 27 * cin, "] on x's device, got ",
                 weight.scalar_type(), " ", weight.sizes());
     oasis_vae::ConvCall c{};
-    c.B = int(x.size(0)); c.T = int(x.size(2)); c.H = int(x.size(3)); c.W = int(x.size(4));
-    c.cin = int(cin); c.cout = int(cout);
-    c.x = frames_of(x, x, cin, x.size(2), "x");
-    c.prev = prev.has_value() ? frames_of(*prev, x, cin, 2, "prev") : Conv5d{nullptr, 0, 0, 0, 0};
-    c.weight = weight.data_ptr();
-    if (bias.has_value()) c.bias = per_channel(*bias, x, cout, "bias");
+    fill_inputs(c, x, prev, weight, bias, cin, cout);
     if (norm.has_value()) {
         TORCH_CHECK(oasis_vae::conv_tile_n(int(cout)) == cout, "oasis_vae: a norm needs 96 or 192 output channels (one "
                     "program's), got ", cout);
@@ -83,11 +92,49 @@ void conv3d_k3(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const
                 err == cudaErrorInvalidValue ? " (a tensor TMA cannot address: 16-byte aligned pointers and strides)" : "");
 }
 
+void conv3d_few_out(const at::Tensor& x, const c10::optional<at::Tensor>& prev, const at::Tensor& weight,
+                    const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+    TORCH_CHECK(x.is_cuda() && x.dim() == 5, "oasis_vae: x must be a CUDA [B, C, T, H, W], got ", x.sizes(), " on ",
+                x.device());
+    const int64_t cin = x.size(1), cout = out.dim() == 5 ? out.size(1) : 0;
+    TORCH_CHECK(oasis_vae::few_out_takes(int(std::min<int64_t>(cin, 1 << 20)), int(std::min<int64_t>(cout, 1 << 20))),
+                "oasis_vae: conv3d_few_out takes input channels a multiple of 16 up to 4096 and 1 to 5 output "
+                "channels, got ", cin, " -> ", cout);
+    for (int d = 0; d < 5; ++d)
+        TORCH_CHECK(x.size(d) < (int64_t(1) << 31), "oasis_vae: x's dims must be < 2^31, got ", x.sizes());
+    const int64_t packed = 9 * (cin / 16) * 2 * 32 * 4;
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.is_contiguous() && weight.numel() == packed &&
+                    weight.device() == x.device() && reinterpret_cast<uintptr_t>(weight.data_ptr()) % 8 == 0,
+                "oasis_vae: weight must be the fragment-packed bfloat16 of ", packed, " values on x's device, got ",
+                weight.scalar_type(), " ", weight.sizes());
+    TORCH_CHECK(out.sizes() == at::IntArrayRef({x.size(0), cout, x.size(2), x.size(3), x.size(4)}) &&
+                    out.scalar_type() == at::kBFloat16 && out.device() == x.device(),
+                "oasis_vae: out must be a bfloat16 [", x.size(0), ", ", cout, ", ", x.size(2), ", ", x.size(3), ", ",
+                x.size(4), "] on x's device, got ", out.scalar_type(), " ", out.sizes());
+    for (int d = 0; d < 5; ++d)  // an expanded output would have threads race on one element
+        TORCH_CHECK(out.size(d) == 1 || out.stride(d) != 0, "oasis_vae: out must not be expanded, got strides ",
+                    out.strides());
+    oasis_vae::FewOutCall c{};
+    fill_inputs(c, x, prev, weight, bias, cin, cout);
+    c.out = out.data_ptr();
+    c.o_sb = out.stride(0); c.o_sc = out.stride(1); c.o_st = out.stride(2);
+    c.o_sh = out.stride(3); c.o_sw = out.stride(4);
+    c10::cuda::CUDAGuard guard(x.device());
+    const cudaError_t err = oasis_vae::conv3d_few_out(c, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, "oasis_vae: conv3d_few_out failed: ", cudaGetErrorString(err),
+                err == cudaErrorInvalidValue ? " (x and prev need 16-byte aligned starts and strides, and the grid "
+                                               "fewer than 2^31 programs)" : "");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(oasis_vae, m) {
     m.def("conv3d_k3(Tensor x, Tensor? prev, Tensor weight, Tensor? bias, Tensor? residual, Tensor? norm, "
           "Tensor(b!)? tail, Tensor(a!) out) -> ()");
+    m.def("conv3d_few_out(Tensor x, Tensor? prev, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(oasis_vae, CUDA, m) { m.impl("conv3d_k3", &conv3d_k3); }
+TORCH_LIBRARY_IMPL(oasis_vae, CUDA, m) {
+    m.impl("conv3d_k3", &conv3d_k3);
+    m.impl("conv3d_few_out", &conv3d_few_out);
+}

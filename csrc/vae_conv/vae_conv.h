@@ -46,4 +46,24 @@ bool conv_takes_cin(int cin);
 // cannot address a tensor (alignment, strides), else the launch's error
 cudaError_t conv3d_k3(const ConvCall& call, cudaStream_t stream);
 
+// The decoder's output convolution (few_out.cu, conv3d_few_out.cuh): y = conv3d(cat([prev or zeros, x], 2))
+// + bias for 1 to 5 output channels. x and prev as above (16-byte aligned start and strides: cp.async), the
+// weight in the MMA's fragment order (oasis/vae_cuda.py's pack_few_out_weight), out [B, Cout, T, H, W] in any
+// strides (written, one bf16 rounding).
+struct FewOutCall {
+    int B, T, H, W, cin, cout;
+    Conv5d x, prev;          // prev.ptr null: no cached frames
+    const void* weight;      // [3][3][Cin / 16][2][32] x 4 bf16
+    const float* bias;       // or null
+    void* out;
+    int64_t o_sb, o_sc, o_st, o_sh, o_sw;
+};
+
+// the channels the output convolution takes: Cin a multiple of 16 (up to 4096), Cout 1 to 5
+bool few_out_takes(int cin, int cout);
+
+// launches on `stream`; cudaErrorInvalidValue where the channels are not taken or x or prev is not 16-byte
+// aligned, else the launch's error
+cudaError_t conv3d_few_out(const FewOutCall& call, cudaStream_t stream);
+
 }  // namespace oasis_vae
