@@ -152,7 +152,7 @@ bool forward_intra_tma(const ForwardParams& p, cudaStream_t stream, cudaError_t*
     *err = cudaSuccess;
     if (grid.x == 0 || grid.y == 0) return true;
     const auto kernel = detail::forward_tma_intra_kernel<T, D>;
-    constexpr size_t smem = detail::tma_smem<T, D>();
+    constexpr size_t smem = detail::tma_smem<T, D, detail::tma::kConsumers, detail::tma::kStages, true>();
     *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (*err == cudaSuccess) {
         kernel<<<grid, detail::tma::kThreadsTma, smem, stream>>>(maps, intra);
