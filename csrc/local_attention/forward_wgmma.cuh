@@ -44,13 +44,25 @@ __device__ __forceinline__ void issue_scores(float (&s)[32], const T* a, const T
         wgmma::mma_ss<std::is_same_v<T, __half>>(s, wgmma::k_major(a, ks, kRows), wgmma::k_major(b, ks, 64), ks > 0);
 }
 
-// S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
+// FlashAttention-3's intra-warpgroup overlap issues a block's products without waiting for them, so that the
+// softmax of one block runs while the tensor cores work on another. Each *_group below is one commit group; the
+// caller waits (wgmma::wait<N>) and then fences the registers the group wrote (fence_accumulator,
+// wgmma::fence_operands) or read (fence_fragments: the A fragments of O += P V must not be reused before its
+// group completes, so they stay live until that fence). wg_scores and wg_accumulate wait at once.
+
+// s = Q K^T issued as one commit group (not waited for)
 template <typename T, int D>
-__device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
+__device__ __forceinline__ void issue_scores_group(float (&s)[32], const T* q, const T* k) {
     wgmma::fence_operands(s);
     wgmma::fence();
     issue_scores<T, D>(s, q, k);
     wgmma::commit();
+}
+
+// S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
+template <typename T, int D>
+__device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
+    issue_scores_group<T, D>(s, q, k);
     wgmma::wait<0>();
     wgmma::fence_operands(s);
 }
@@ -86,35 +98,6 @@ __device__ __forceinline__ void fence_accumulator(float (&o)[D / 64][32]) {
     for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
 }
 
-// O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
-// V (64 keys x D, N-major: the head dim is N)
-template <typename T, int D>
-__device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32], const T* v) {
-    uint32_t a[4][4];
-    pack_a<T>(a, p);
-    fence_accumulator<D>(o);
-    wgmma::fence();
-    issue_accumulate<T, D>(o, a, v);
-    wgmma::commit();
-    wgmma::wait<0>();
-    fence_accumulator<D>(o);
-}
-
-// FlashAttention-3's intra-warpgroup overlap issues a block's products without waiting for them, so that the
-// softmax of one block runs while the tensor cores work on another. Each issue below is one commit group; the
-// caller waits (wgmma::wait<N>) and then fences the registers the group wrote (fence_accumulator,
-// wgmma::fence_operands) or read (fence_fragments: the A fragments of O += P V must not be reused before its
-// group completes, so they stay live until that fence).
-
-// s = Q K^T issued as one commit group (not waited for)
-template <typename T, int D>
-__device__ __forceinline__ void issue_scores_group(float (&s)[32], const T* q, const T* k) {
-    wgmma::fence_operands(s);
-    wgmma::fence();
-    issue_scores<T, D>(s, q, k);
-    wgmma::commit();
-}
-
 // o += P V, P given as A fragments (pack_a), issued as one commit group (not waited for)
 template <typename T, int D>
 __device__ __forceinline__ void issue_accumulate_group(float (&o)[D / 64][32], const uint32_t (&a)[4][4], const T* v) {
@@ -122,6 +105,17 @@ __device__ __forceinline__ void issue_accumulate_group(float (&o)[D / 64][32], c
     wgmma::fence();
     issue_accumulate<T, D>(o, a, v);
     wgmma::commit();
+}
+
+// O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
+// V (64 keys x D, N-major: the head dim is N)
+template <typename T, int D>
+__device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32], const T* v) {
+    uint32_t a[4][4];
+    pack_a<T>(a, p);
+    issue_accumulate_group<T, D>(o, a, v);
+    wgmma::wait<0>();
+    fence_accumulator<D>(o);
 }
 
 // keeps the A fragments alive (and unmoved) up to here: after the wait for the group that reads them
