@@ -44,13 +44,25 @@ __device__ __forceinline__ void issue_scores(float (&s)[32], const T* a, const T
         wgmma::mma_ss<std::is_same_v<T, __half>>(s, wgmma::k_major(a, ks, kRows), wgmma::k_major(b, ks, 64), ks > 0);
 }
 
-// S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
+// FlashAttention-3's intra-warpgroup overlap issues a block's products without waiting for them, so that the
+// softmax of one block runs while the tensor cores work on another. Each *_group below is one commit group; the
+// caller waits (wgmma::wait<N>) and then fences the registers the group wrote (fence_accumulator,
+// wgmma::fence_operands) or read (fence_fragments: the A fragments of O += P V must not be reused before its
+// group completes, so they stay live until that fence). wg_scores and wg_accumulate wait at once.
+
+// s = Q K^T issued as one commit group (not waited for)
 template <typename T, int D>
-__device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
+__device__ __forceinline__ void issue_scores_group(float (&s)[32], const T* q, const T* k) {
     wgmma::fence_operands(s);
     wgmma::fence();
     issue_scores<T, D>(s, q, k);
     wgmma::commit();
+}
+
+// S (64 x 64, fp32 accumulator) = Q (64 x D) K^T (K: 64 keys x D), both K-major in shared memory
+template <typename T, int D>
+__device__ __forceinline__ void wg_scores(float (&s)[32], const T* q, const T* k) {
+    issue_scores_group<T, D>(s, q, k);
     wgmma::wait<0>();
     wgmma::fence_operands(s);
 }
@@ -86,18 +98,32 @@ __device__ __forceinline__ void fence_accumulator(float (&o)[D / 64][32]) {
     for (int dp = 0; dp < D / 64; ++dp) wgmma::fence_operands(o[dp]);
 }
 
+// o += P V, P given as A fragments (pack_a), issued as one commit group (not waited for)
+template <typename T, int D>
+__device__ __forceinline__ void issue_accumulate_group(float (&o)[D / 64][32], const uint32_t (&a)[4][4], const T* v) {
+    fence_accumulator<D>(o);
+    wgmma::fence();
+    issue_accumulate<T, D>(o, a, v);
+    wgmma::commit();
+}
+
 // O (64 x D as D/64 accumulators of 64 x 64) += P (64 x 64 keys, fp32 in the accumulator layout)
 // V (64 keys x D, N-major: the head dim is N)
 template <typename T, int D>
 __device__ __forceinline__ void wg_accumulate(float (&o)[D / 64][32], const float (&p)[32], const T* v) {
     uint32_t a[4][4];
     pack_a<T>(a, p);
-    fence_accumulator<D>(o);
-    wgmma::fence();
-    issue_accumulate<T, D>(o, a, v);
-    wgmma::commit();
+    issue_accumulate_group<T, D>(o, a, v);
     wgmma::wait<0>();
     fence_accumulator<D>(o);
+}
+
+// keeps the A fragments alive (and unmoved) up to here: after the wait for the group that reads them
+__device__ __forceinline__ void fence_fragments(uint32_t (&a)[4][4]) {
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[kc][i])::"memory");
 }
 
 // rows tok0 / tok1 (-1: not stored) of a [.., D] tensor: the accumulator's rows lane / 4 and + 8 of the
@@ -147,6 +173,17 @@ struct WgSoftmax {
                                           WaitV wait_v) {
         float sc[32];
         wg_scores<T, D>(sc, q, k);
+        float a0, a1;
+        if (probs(sc, c, all, visible, a0, a1)) rescale(a0, a1);
+        wait_v();
+        wg_accumulate<T, D>(o, sc, v);
+    }
+
+    // One block's scores `sc` (this warpgroup's accumulator of S = Q K^T) made its probabilities in place, the
+    // running max and sums updated: `visible` the thread's bits (bit 4 j + e: accumulator element), all visible
+    // where `all`. True where a row's max moved in the warp: then o must be scaled by (a0, a1) (rescale) before
+    // this block's P V is added to it. Touches no accumulator register, so it may run while a P V is in flight.
+    __device__ __forceinline__ bool probs(float (&sc)[32], float c, bool all, uint32_t visible, float& a0, float& a1) {
         if (all) {
 #pragma unroll
             for (int e = 0; e < 32; ++e) sc[e] *= c;
@@ -163,17 +200,14 @@ struct WgSoftmax {
         mx0 = row_max4(mx0);
         mx1 = row_max4(mx1);
         const bool up0 = mx0 > m0 + kRescaleSlack, up1 = mx1 > m1 + kRescaleSlack;
-        if (__any_sync(0xffffffffu, up0 || up1)) {
-            const float a0 = up0 ? exp2_approx(m0 - mx0) : 1.f, a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
+        const bool moved = __any_sync(0xffffffffu, up0 || up1);
+        a0 = 1.f;
+        a1 = 1.f;
+        if (moved) {
+            a0 = up0 ? exp2_approx(m0 - mx0) : 1.f;
+            a1 = up1 ? exp2_approx(m1 - mx1) : 1.f;
             if (up0) { m0 = mx0; l0 *= a0; }
             if (up1) { m1 = mx1; l1 *= a1; }
-#pragma unroll
-            for (int dp = 0; dp < D / 64; ++dp)
-#pragma unroll
-                for (int j = 0; j < 8; ++j) {
-                    o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
-                    o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
-                }
         }
         const float z0 = m0 == kNegInf ? 0.f : m0, z1 = m1 == kNegInf ? 0.f : m1;
 #pragma unroll
@@ -183,8 +217,18 @@ struct WgSoftmax {
             l0 += sc[4 * j] + sc[4 * j + 1];
             l1 += sc[4 * j + 2] + sc[4 * j + 3];
         }
-        wait_v();
-        wg_accumulate<T, D>(o, sc, v);
+        return moved;
+    }
+
+    // o's rows scaled by a0 (the thread's first row) and a1 (its second): the running max moved
+    __device__ __forceinline__ void rescale(float a0, float a1) {
+#pragma unroll
+        for (int dp = 0; dp < D / 64; ++dp)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[dp][4 * j] *= a0; o[dp][4 * j + 1] *= a0;
+                o[dp][4 * j + 2] *= a1; o[dp][4 * j + 3] *= a1;
+            }
     }
 
     // rows tok0 / tok1 (-1: not stored) of out and lse: the warp's rows lane / 4 and + 8

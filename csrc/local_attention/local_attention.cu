@@ -105,7 +105,7 @@ bool window_tensor_map(CUtensorMap* map, const View& v, const Layer& L, int box_
 
 // the window heads' TMA programs: one window tile (one consumer warpgroup) and two K/V stages each, so that
 // two programs share an SM (forward_tma.cuh)
-constexpr int kWindowConsumers = 1, kWindowStages = 2;
+constexpr int kWindowStages = 2;
 
 // the window heads by TMA (forward_tma.cuh) where a halo slice is one box of at most 64 positions;
 // false (nothing launched) otherwise, for the wgmma kernel
@@ -121,15 +121,15 @@ bool forward_window_tma(const ForwardParams& p, cudaStream_t stream, cudaError_t
         return false;
     ForwardParams window = p;
     window.layer.n_local = L.n_window;
-    constexpr int C = kWindowConsumers, S = kWindowStages;
-    const dim3 grid(cdiv(L.T, C * kTileT) * cdiv(L.H, t.bh) * cdiv(L.W, t.bw), L.B * L.n_window);
+    constexpr int S = kWindowStages;
+    const dim3 grid(cdiv(L.T, kTileT) * cdiv(L.H, t.bh) * cdiv(L.W, t.bw), L.B * L.n_window);
     *err = cudaSuccess;
     if (grid.x == 0 || grid.y == 0) return true;
-    const auto kernel = detail::forward_tma_window_kernel<T, D, C, S>;
-    constexpr size_t smem = detail::tma_smem<T, D, C, S>();
+    const auto kernel = detail::forward_tma_window_kernel<T, D, S>;
+    constexpr size_t smem = detail::tma_smem<T, D, 1, S, true>();
     *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (*err == cudaSuccess) {
-        kernel<<<grid, 128 * C + 32, smem, stream>>>(maps, window, t.bh, t.bw);
+        kernel<<<grid, 128 + 32, smem, stream>>>(maps, window, t.bh, t.bw);
         *err = cudaGetLastError();
     }
     return true;
@@ -152,7 +152,7 @@ bool forward_intra_tma(const ForwardParams& p, cudaStream_t stream, cudaError_t*
     *err = cudaSuccess;
     if (grid.x == 0 || grid.y == 0) return true;
     const auto kernel = detail::forward_tma_intra_kernel<T, D>;
-    constexpr size_t smem = detail::tma_smem<T, D>();
+    constexpr size_t smem = detail::tma_smem<T, D, detail::tma::kConsumers, detail::tma::kStages, true>();
     *err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (*err == cudaSuccess) {
         kernel<<<grid, detail::tma::kThreadsTma, smem, stream>>>(maps, intra);
