@@ -58,9 +58,10 @@ SMALL_INTRA_FLOPS = 3e10
 
 #: Where ``auto`` tries the CUDA kernels (csrc/local_attention/) just before ``triton``: mode -> the
 #: head dims at which they measured faster on the card. Empty: on an H100 at B (27,45,80), 12 heads of
-#: 128, bf16, the window heads took 1.06x Triton's time forward and 1.04x fwd+bwd, and the intra heads
-#: 1.43-1.47x cuDNN's on the frame-batched view, which ``auto`` runs them on (07f22fd, docs/PERF.md
-#: entries 21l and 21m), so ``auto`` never picks them yet.
+#: 128, bf16, the window heads took 1.02x Triton's time forward and 1.02-1.07x fwd+bwd (dfccbb8), the
+#: routed layer with its window heads on them equalled ``auto`` within the run's spread, and the intra
+#: heads take longer than cuDNN on the frame-batched view, which ``auto`` runs them on (1.43-1.47x at
+#: 07f22fd, ~7% less since; docs/PERF.md entries 21m and 21o), so ``auto`` never picks them yet.
 CUDA_BEFORE_TRITON: dict[Mode, frozenset[int]] = {}
 
 
