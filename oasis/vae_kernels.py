@@ -426,6 +426,7 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             continue
         pairs = softmax_rows(scores, d ** -0.5, q.dtype, split=True)  # [g, L, 2L] over the scores' bytes
         torch.bmm(pairs, v[i:j].repeat_interleave(2, dim=1), out=out[i:j])
+        del scores, pairs  # before the next group's scores are allocated: one group's alive, not two
     return out
 
 
