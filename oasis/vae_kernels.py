@@ -421,12 +421,12 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for i in range(0, n, group):  # a group of frames' scores at a time, not a loop over frames
         j = min(n, i + group)
         scores = _scores_float32(q[i:j], k[i:j])
-        if q.dtype == torch.float32:
-            torch.bmm(softmax_rows(scores, d ** -0.5, q.dtype), v[i:j], out=out[i:j])
-            continue
-        pairs = softmax_rows(scores, d ** -0.5, q.dtype, split=True)  # [g, L, 2L] over the scores' bytes
-        torch.bmm(pairs, v[i:j].repeat_interleave(2, dim=1), out=out[i:j])
-        del scores, pairs  # before the next group's scores are allocated: one group's alive, not two
+        if q.dtype == torch.float32:  # P in float32: nothing to split
+            probs, values = softmax_rows(scores, d ** -0.5, q.dtype), v[i:j]
+        else:  # [g, L, 2L] pairs over the scores' bytes, v's rows twice each
+            probs, values = softmax_rows(scores, d ** -0.5, q.dtype, split=True), v[i:j].repeat_interleave(2, dim=1)
+        torch.bmm(probs, values, out=out[i:j])
+        del scores, probs, values  # before the next group's scores are allocated: one group alive, not two
     return out
 
 
