@@ -404,9 +404,10 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``softmax(q k^T / sqrt(D)) v`` for ``[N, L, D]`` (as :func:`attention_wide`) by two matrix products
     and one pass over the scores: S = q k^T in float32 (cuBLAS, float32 accumulation), P = softmax(S / sqrt(D))
     split into two 16-bit parts, P = P_hi + P_lo (:func:`softmax_rows` with ``split``, one Triton program a
-    row: it reads the row twice and writes both parts once), O = [P_hi | P_lo] [v; v], one product of twice the
-    depth. Frames go in groups whose scores fit ``scores_bytes`` (one frame at least: 829 MB of scores and as
-    much of P at 14,400 tokens).
+    row: it reads the row twice and writes the parts as pairs over the scores, each pair in its score's 4
+    bytes), O = [P_hi0, P_lo0, P_hi1, ...] [v0; v0; v1; ...], one product of twice the depth. Frames go in
+    groups whose scores fit ``scores_bytes`` (one frame at least: 829 MB at 14,400 tokens, P in the same
+    bytes). Float32 inputs keep P in float32 (one product, nothing to split).
 
     Why the split: P rounded once to bf16 doubled the error of SDPA in bf16 against float64 at 14,400 tokens
     (0.028-0.037 against 0.016-0.026 on an H100, 2026-12-05); P_hi + P_lo carry P to ~16 bits, and the error
@@ -420,9 +421,12 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for i in range(0, n, group):  # a group of frames' scores at a time, not a loop over frames
         j = min(n, i + group)
         scores = _scores_float32(q[i:j], k[i:j])
-        probs = softmax_rows(scores, d ** -0.5, q.dtype, split=True)  # [g, L, 2L]: P_hi | P_lo
-        del scores
-        torch.bmm(probs, torch.cat([v[i:j], v[i:j]], dim=1), out=out[i:j])
+        if q.dtype == torch.float32:  # P in float32: nothing to split
+            probs, values = softmax_rows(scores, d ** -0.5, q.dtype), v[i:j]
+        else:  # [g, L, 2L] pairs over the scores' bytes, v's rows twice each
+            probs, values = softmax_rows(scores, d ** -0.5, q.dtype, split=True), v[i:j].repeat_interleave(2, dim=1)
+        torch.bmm(probs, values, out=out[i:j])
+        del scores, probs, values  # before the next group's scores are allocated: one group alive, not two
     return out
 
 
@@ -454,22 +458,33 @@ def _scores_float32(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def softmax_rows(scores: torch.Tensor, scale: float, dtype: torch.dtype, split: bool = False) -> torch.Tensor:
     """``P = softmax(scores * scale, dim=-1)`` of float32 ``[..., L]`` rows, in ``dtype``: one Triton program a
     row on the Triton device (the row read twice, its max and sum in one online pass, then the probabilities
-    written), else torch's. With ``split`` the rows are ``[..., 2L]``: P rounded to ``dtype``, then what that
-    rounding left out (P - P_hi) rounded to ``dtype``, so that a product with ``[v; v]`` sees P to ~16 bits."""
+    written), else torch's.
+
+    With ``split`` (``dtype`` float16 or bfloat16, ``scores`` contiguous) P is written **over** ``scores`` as
+    pairs: column j's 4 bytes hold P_hi = P rounded to ``dtype``, then P_lo = what that rounding left out,
+    rounded to ``dtype``. The result is ``scores``' memory viewed as ``[..., 2L]`` of ``dtype``; a product
+    with v's rows each taken twice sees P to ~16 bits, and P costs no memory beyond the scores."""
+    if split and (dtype not in (torch.float16, torch.bfloat16) or scores.dtype != torch.float32
+                  or not scores.is_contiguous()):
+        raise ValueError(f"softmax_rows(split=True) writes 16-bit pairs over contiguous float32 scores; got "
+                         f"dtype {dtype} over {scores.dtype} scores (contiguous: {scores.is_contiguous()})")
+    pairs = scores.view(dtype) if split else None
     if not (on_triton_device(scores) and scores.dtype == torch.float32 and scores.is_contiguous()):
         p = torch.softmax(scores * scale, dim=-1)
         if not split:
             return p.to(dtype)
         hi = p.to(dtype)
-        return torch.cat([hi, (p - hi.float()).to(dtype)], dim=-1)
+        pairs.copy_(torch.stack([hi, (p - hi.float()).to(dtype)], dim=-1).flatten(-2))
+        return pairs
     length = scores.shape[-1]
     rows = scores.numel() // max(1, length)
-    out = torch.empty((*scores.shape[:-1], length * (2 if split else 1)), dtype=dtype, device=scores.device)
+    out = scores.view(torch.int32) if split else torch.empty(scores.shape, dtype=dtype, device=scores.device)
     if out.numel():
         with torch.cuda.device(scores.device) if scores.is_cuda else contextlib.nullcontext():
             _softmax_rows_kernel[(rows,)](scores, out, length, float(scale) * 1.4426950408889634, SPLIT=split,
+                                          BF16=dtype == torch.bfloat16,
                                           BLOCK=min(4096, max(16, triton.next_power_of_2(length))), num_warps=8)
-    return out
+    return pairs if split else out
 
 
 def attention_wide_config(d: int) -> dict:
@@ -483,7 +498,7 @@ def attention_wide_config(d: int) -> dict:
 
 if triton is not None:
     @triton.jit
-    def _softmax_rows_kernel(S, P, L, scale_log2, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    def _softmax_rows_kernel(S, P, L, scale_log2, SPLIT: tl.constexpr, BF16: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = S + row * L
         offs = tl.arange(0, BLOCK)
@@ -498,15 +513,21 @@ if triton is not None:
         mx = tl.max(m, axis=0)
         total = tl.sum(acc * tl.exp2(m - mx), axis=0)  # lanes without a column: acc = 0, exp2(-inf) = 0
         inv = 1.0 / total
-        out = P + row * L * (2 if SPLIT else 1)
+        out = P + row * L
         for start in range(0, L, BLOCK):
             x = tl.load(base + start + offs, mask=start + offs < L, other=float("-inf")) * scale_log2
             p = tl.exp2(x - mx) * inv
-            hi = p.to(P.dtype.element_ty)
-            tl.store(out + start + offs, hi, mask=start + offs < L)
-            if SPLIT:  # what rounding P to 16 bits left out, itself in 16 bits, L columns further on
-                tl.store(out + L + start + offs, (p - hi.to(tl.float32)).to(P.dtype.element_ty),
-                         mask=start + offs < L)
+            if SPLIT:
+                # P is S's own memory (int32 words): word j, read above, takes P_hi in its low half (the
+                # lower address) and what rounding left out, P_lo, in its high half. Only this program
+                # touches this row, and its first pass has read the whole row before any word is written.
+                hi = p.to(tl.bfloat16) if BF16 else p.to(tl.float16)
+                lo = (p - hi.to(tl.float32)).to(hi.dtype)
+                word = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
+                word = word | (lo.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+                tl.store(out + start + offs, word.to(tl.int32, bitcast=True), mask=start + offs < L)
+            else:
+                tl.store(out + start + offs, p.to(P.dtype.element_ty), mask=start + offs < L)
 
     @triton.jit
     def _scores_part(q, K, rows, kv_ok, cols, D, skb_row, IEEE: tl.constexpr):

@@ -227,10 +227,31 @@ def test_attention_by_products_against_float64(case, monkeypatch):
             assert (x.double() - want).abs().max().item() <= bound, (dtype, bound)
 
 
+def test_softmax_rows_split_without_triton_and_its_errors():
+    """Off the Triton device the split is torch's softmax written over the scores the same way (pairs of P_hi,
+    P_lo); a split to float32, of non-float32 or non-contiguous scores, is refused before anything is
+    written."""
+    gen = torch.Generator().manual_seed(6)
+    s = torch.randn(2, 5, 33, generator=gen) * 20
+    scores = s.clone()
+    parts = softmax_rows(scores, 0.25, torch.bfloat16, split=True)
+    assert parts.shape == (2, 5, 66) and parts.data_ptr() == scores.data_ptr()
+    p = torch.softmax(s.double() * 0.25, dim=-1)
+    assert torch.equal(parts[..., 0::2], torch.softmax(s * 0.25, -1).to(torch.bfloat16))
+    assert ((parts[..., 0::2].double() + parts[..., 1::2].double() - p).abs() <= 2 ** -15 * p + 1e-7).all()
+    for args, says in [((s.clone(), 0.25, torch.float32), "dtype torch.float32"),
+                       ((s.double(), 0.25, torch.float16), "torch.float64 scores"),
+                       ((s.clone().transpose(1, 2), 0.25, torch.float16), "contiguous: False")]:
+        before = args[0].clone()
+        with pytest.raises(ValueError, match=says):
+            softmax_rows(*args, split=True)
+        assert torch.equal(args[0], before)
+
+
 def test_softmax_rows_kernel_against_torch(monkeypatch):
     """The row pass: rows longer than its block (several chunks, a partial last one), rows with a large
-    spread, the probabilities in the asked dtype and summing to one; split, the two parts add up to P within
-    ~16 bits (float32's softmax error, not the dtype's rounding)."""
+    spread, the probabilities in the asked dtype and summing to one; split, written over the scores as pairs
+    whose two parts add up to P within ~16 bits (float32's softmax error, not the dtype's rounding)."""
     device = _triton_here()
     if device == "cpu":  # the interpreter stands in for the GPU
         monkeypatch.setattr(vae_kernels, "on_triton_device", lambda t: True)
@@ -238,26 +259,34 @@ def test_softmax_rows_kernel_against_torch(monkeypatch):
     real = vae_kernels._softmax_rows_kernel
     monkeypatch.setattr(vae_kernels, "_softmax_rows_kernel", type("Spy", (), {
         "__getitem__": lambda self, grid: (ran.append(grid), real[grid])[1]})())
+    # bfloat16 on the GPU only: the interpreter converts float32 to bfloat16 by truncation, not to nearest
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if device != "cpu" else ())
     gen = torch.Generator().manual_seed(5)
     for length in (7, 300, 9000):
         s = (torch.randn(3, length, generator=gen) * 30).to(device)
-        for dtype in (torch.float32, torch.float16):
+        for dtype in dtypes:
             got = softmax_rows(s, 0.125, dtype)
             want = torch.softmax(s.double() * 0.125, dim=-1)
             plain = torch.softmax(s * 0.125, dim=-1).to(dtype)  # torch's float32 softmax, then rounded
             assert got.dtype == dtype and got.shape == s.shape and got.isfinite().all()
             err, err_plain = ((x.double() - want).abs().max().item() for x in (got, plain))
             assert err <= 2 * err_plain + 1e-7, (length, dtype, err, err_plain)
-            assert torch.allclose(got.double().sum(-1), torch.ones(3, dtype=torch.float64, device=device), atol=2e-3)
-            parts = softmax_rows(s, 0.125, dtype, split=True)
+            assert torch.allclose(got.double().sum(-1), torch.ones(3, dtype=torch.float64, device=device),
+                                  atol=1e-2 if dtype == torch.bfloat16 else 2e-3)
+            if dtype == torch.float32:
+                continue
+            scores = s.clone()
+            parts = softmax_rows(scores, 0.125, dtype, split=True)  # written over the scores
             assert parts.dtype == dtype and parts.shape == (3, 2 * length)
-            err_hi = (parts[:, :length].double() - want).abs().max().item()  # the first part: P rounded
+            assert parts.data_ptr() == scores.data_ptr(), "P was not written over the scores"
+            hi, lo = parts[:, 0::2], parts[:, 1::2]
+            err_hi = (hi.double() - want).abs().max().item()  # the first of each pair: P rounded
             assert err_hi <= 2 * err_plain + 1e-7, (length, dtype, err_hi, err_plain)
-            joined = parts[:, :length].double() + parts[:, length:].double()
-            err_joined, err_f32 = ((x - want).abs().max().item() for x in (joined, torch.softmax(s * 0.125, -1)))
-            assert err_joined <= 2 * err_f32 + 1e-9, (length, dtype, err_joined, err_f32)
-            assert dtype == torch.float32 or err_joined < err_plain / 50, (length, dtype, err_joined, err_plain)
-    assert len(ran) == 12, "the Triton row pass did not run"
+            joined = hi.double() + lo.double()  # two roundings to 8 (bf16) or 11 (fp16) bits: P to 16 or 22
+            err_f32 = (torch.softmax(s * 0.125, -1).double() - want).abs().max().item()
+            assert ((joined - want).abs() <= 2 ** -15 * want + 2 * err_f32 + 1e-12).all(), (length, dtype)
+            assert (joined - want).abs().max().item() < err_plain / 50, (length, dtype, err_plain)
+    assert len(ran) == 3 * (2 * len(dtypes) - 1), "the Triton row pass did not run"
 
 
 def test_wide_attention_takes_the_products_for_long_frames(monkeypatch):

@@ -37,8 +37,8 @@ cases = [
      "scale": "fp32"}, {**vk.attention_wide_config(384), "IEEE": False}),
     ("conv3d_few_in 3->96", vk._conv_few_in_kernel, {"X": "*bf16", "Wp": "*bf16", "Bias": "*fp32", "Y": "*bf16"},
      {**vk.conv_few_in_config(96, 1280), "KT": 3, "KH": 3, "KW": 3, "IEEE": False}),
-    ("softmax_rows 14400", vk._softmax_rows_kernel, {"S": "*fp32", "P": "*bf16", "scale_log2": "fp32"},
-     {"SPLIT": True, "BLOCK": 4096, "num_warps": 8}),
+    ("softmax_rows 14400", vk._softmax_rows_kernel, {"S": "*fp32", "P": "*i32", "scale_log2": "fp32"},
+     {"SPLIT": True, "BF16": True, "BLOCK": 4096, "num_warps": 8}),
 ]
 for name, kernel, types, cfg in cases:
     compiled = compile_for(kernel, types, cfg)
