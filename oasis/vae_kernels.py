@@ -406,8 +406,8 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     split into two 16-bit parts, P = P_hi + P_lo (:func:`softmax_rows` with ``split``, one Triton program a
     row: it reads the row twice and writes the parts as pairs over the scores, each pair in its score's 4
     bytes), O = [P_hi0, P_lo0, P_hi1, ...] [v0; v0; v1; ...], one product of twice the depth. Frames go in
-    groups whose scores fit ``scores_bytes`` (one frame at least: 829 MB at 14,400 tokens, P in the same
-    bytes). Float32 inputs keep P in float32 (one product, nothing to split).
+    groups whose scores and P fit ``scores_bytes`` (one frame at least: 829 MB at 14,400 tokens, P in the
+    scores' bytes). Float32 inputs keep P in float32, a second buffer (one product, nothing to split).
 
     Why the split: P rounded once to bf16 doubled the error of SDPA in bf16 against float64 at 14,400 tokens
     (0.028-0.037 against 0.016-0.026 on an H100, 2026-12-05); P_hi + P_lo carry P to ~16 bits, and the error
@@ -417,7 +417,7 @@ def attention_by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     n, length, d = q.shape
     out = torch.empty((n, length, d), dtype=q.dtype, device=q.device)
-    group = max(1, scores_bytes // max(1, length * length * 4))
+    group = max(1, scores_bytes // max(1, length * length * (8 if q.dtype == torch.float32 else 4)))
     for i in range(0, n, group):  # a group of frames' scores at a time, not a loop over frames
         j = min(n, i + group)
         scores = _scores_float32(q[i:j], k[i:j])
@@ -522,7 +522,7 @@ if triton is not None:
                 # lower address) and what rounding left out, P_lo, in its high half. Only this program
                 # touches this row, and its first pass has read the whole row before any word is written.
                 hi = p.to(tl.bfloat16) if BF16 else p.to(tl.float16)
-                lo = (p - hi.to(tl.float32)).to(hi.dtype)
+                lo = (p - hi.to(tl.float32)).to(hi.dtype)  # ptxas may fuse p's product into this subtraction
                 word = hi.to(tl.uint16, bitcast=True).to(tl.uint32)
                 word = word | (lo.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
                 tl.store(out + start + offs, word.to(tl.int32, bitcast=True), mask=start + offs < L)
