@@ -125,6 +125,19 @@ def _call_why_not(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> str
     return None
 
 
+def _reads_why_not(reader: str, reads: dict, inputs) -> str | None:
+    """What both kernels ask last, None where it holds: the tensors ``reads`` names (None ones skipped), read by
+    ``reader`` (TMA, cp.async), start and step 16-byte aligned; no gradient wanted of ``inputs``; the
+    extension loaded."""
+    for name, t in reads.items():
+        if t is not None and (t.data_ptr() % 16 or any(t.stride(d) % 8 for d in (0, 2, 3, 4) if t.shape[d] > 1)):
+            return f"{name} is not 16-byte aligned for {reader} (strides {t.stride()})"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return "gradients are wanted (the kernel has no backward)"
+    ok, why = library()
+    return None if ok else why
+
+
 def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=(0, 1, 1),
             prev: torch.Tensor | None = None, residual: torch.Tensor | None = None, norm: bool = False) -> str | None:
     """None where :func:`conv3d_k3` takes ``conv3d(cat([prev, x], 2), weight, padding=padding) (+ residual)``,
@@ -143,13 +156,7 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     others = [t for t in (prev, residual) if t is not None]
     if not all(_channels_last(t) and t.dtype == torch.bfloat16 for t in (x, *others)):
         return "x, prev and residual must be channels-last bfloat16"
-    for name, t in (("x", x), ("prev", prev)):  # TMA reads them: 16-byte aligned start and strides
-        if t is not None and (t.data_ptr() % 16 or any(t.stride(d) % 8 for d in (0, 2, 3, 4) if t.shape[d] > 1)):
-            return f"{name} is not 16-byte aligned for TMA (strides {t.stride()})"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, *others)):
-        return "gradients are wanted (the kernel has no backward)"
-    ok, why = library()
-    return None if ok else why
+    return _reads_why_not("TMA", {"x": x, "prev": prev}, (x, weight, *others))
 
 
 _PACKED = WeakIdKeyDictionary()  # tensor -> (its version, data pointer, the copy made of it), gone with the tensor
@@ -252,20 +259,13 @@ def few_out_why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), 
         return (f"input channels a multiple of 16 up to 4096 (got {cin}) and 1 to {FEW_OUT_MAX_CHANNELS} output "
                 f"channels (got {cout})")
     for name, t in (("x", x), ("prev", prev)):
-        if t is None:
-            continue
-        if not (_channels_last(t) and t.dtype == torch.bfloat16):
+        if t is not None and not (_channels_last(t) and t.dtype == torch.bfloat16):
             return f"{name} must be channels-last bfloat16"
-        if t.data_ptr() % 16 or any(t.stride(d) % 8 for d in (0, 2, 3, 4) if t.shape[d] > 1):
-            return f"{name} is not 16-byte aligned for cp.async (strides {t.stride()})"
     if prev is not None and (prev.shape[:2] != x.shape[:2] or prev.shape[2] != 2 or prev.shape[3:] != x.shape[3:]
                              or prev.device != x.device):
         return (f"prev must be [{x.shape[0]}, {cin}, 2, {x.shape[3]}, {x.shape[4]}] on x's device, "
                 f"got {tuple(prev.shape)}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight) + ((prev,) if prev is not None else ())):
-        return "gradients are wanted (the kernel has no backward)"
-    ok, why = library()
-    return None if ok else why
+    return _reads_why_not("cp.async", {"x": x, "prev": prev}, (x, weight, prev))
 
 
 def pack_few_out_weight(weight: torch.Tensor) -> torch.Tensor:
