@@ -38,8 +38,9 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_in
 
-__all__ = ["conv", "cuda_kernel", "cuda_kernel_takes", "few_out_kernel_takes", "tuning", "frontend_missing",
-           "plan_count", "clear_plans", "choices_file", "set_choices_file", "tuning_stats"]
+__all__ = ["conv", "upsample2x_conv3x3", "phase_weights", "cuda_kernel", "cuda_kernel_takes", "few_out_kernel_takes",
+           "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file", "set_choices_file",
+           "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
@@ -292,6 +293,40 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                     plan.proven = True
                     return add_bias_(y, bias, residual)
     return _torch_conv(x, weight, bias, residual, stride, padding, padding_after)
+
+
+#: the rows of a 3x3 kernel each phase of a 2x nearest upsampling reads, as the rows of its 2x2 kernel: output
+#: row 2i reads input rows i - 1 (tap 0) and i (taps 1 and 2), row 2i + 1 rows i (taps 0 and 1) and i + 1 (tap 2)
+_PHASE_TAPS = ((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))
+
+
+def phase_weights(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 kernel ``[Co, C, 3, 3]`` as the 2x2 kernels of the four phases of a 2x nearest upsampling,
+    ``[4 Co, C, 2, 2]`` (phase ``(a, b)``, output rows ``2i + a`` and columns ``2j + b``, at channels
+    ``(2a + b) Co``): taps summed in at least float32 and rounded once to ``weight``'s dtype, in its layout."""
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    m = torch.tensor(_PHASE_TAPS, dtype=wide, device=weight.device)  # [phase a, 2 rows, 3 taps]
+    k = torch.einsum("air,bjs,ocrs->abocij", m, m, weight.to(wide))
+    fmt = torch.channels_last if weight.stride(1) == 1 and weight.shape[1] > 1 else torch.contiguous_format
+    return k.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2).to(weight.dtype).contiguous(memory_format=fmt)
+
+
+def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv(F.interpolate(x, scale_factor=2, mode="nearest-exact"), weight, bias, padding=1)`` for images
+    ``[N, C, H, W]`` and a 3x3 ``weight`` ``[Co, C, 3, 3]``, without the upsampled image: each output pixel
+    ``(2i + a, 2j + b)`` reads 2x2 distinct input pixels, so the four phases are one 2x2 convolution of ``x``
+    padded by one on each side, to ``4 Co`` channels (:func:`phase_weights`: 4/9 of the multiply-adds), woven
+    into the output with the bias in one pass (:func:`oasis.vae_kernels.interleave_phases`). The same sums as
+    the resize and the 3x3 convolution; the summed taps are rounded once to the weight's dtype (docs/PERF.md
+    entry 18s)."""
+    if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"upsample2x_conv3x3 takes images [N, C, H, W] and a 3x3 weight [Co, C, 3, 3], got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if vae_kernels._needs_grad(weight):
+        k = phase_weights(weight)
+    else:
+        k = vae_kernels.kept_per_tensor(weight, phase_weights, tag="phases")
+    return vae_kernels.interleave_phases(conv(x, k, padding=1), bias)
 
 
 def _few_inputs(x, weight, bias, stride, padding) -> bool:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
+
+from .vae_kernels import kept_per_tensor as _kept
 
 __all__ = ["library", "why_not", "channels_why_not", "pack_weight", "conv3d_k3", "conv3d_k3_reference", "SOURCES",
            "NVCC_FLAGS", "NORM_CHANNELS", "few_out_why_not", "pack_few_out_weight", "conv3d_few_out",
@@ -157,19 +158,6 @@ def why_not(x: torch.Tensor, weight: torch.Tensor, *, stride=(1, 1, 1), padding=
     if not all(_channels_last(t) and t.dtype == torch.bfloat16 for t in (x, *others)):
         return "x, prev and residual must be channels-last bfloat16"
     return _reads_why_not("TMA", {"x": x, "prev": prev}, (x, weight, *others))
-
-
-_PACKED = WeakIdKeyDictionary()  # tensor -> (its version, data pointer, the copy made of it), gone with the tensor
-
-
-def _kept(t: torch.Tensor, make, tag=None) -> torch.Tensor:
-    """``make(t)``, kept per tensor (and ``tag``) until it changes (its version counter or storage)."""
-    hit = _PACKED.get(t)
-    if hit is not None and hit[:3] == (t._version, t.data_ptr(), tag):
-        return hit[3]
-    made = make(t.detach())
-    _PACKED[t] = (t._version, t.data_ptr(), tag, made)
-    return made
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

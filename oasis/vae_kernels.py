@@ -1,6 +1,7 @@
 """Fused elementwise passes of the Wan VAE, in Triton: ``SiLU(RMSNorm(x + bias))`` in one read and one
 write (:func:`norm_silu`), a convolution's bias plus a residual in place (:func:`add_bias_`), and the
-2x nearest resize of channels-last frames (:func:`upsample2x_nearest`); and the encoder's first
+four phases of a 2x nearest resize followed by a 3x3 convolution woven into one image
+(:func:`interleave_phases`); and the encoder's first
 convolution, from 3 channels (:func:`conv3d_few_in`), and the middle block's one-head attention of
 D = 384 (:func:`attention_wide`).
 
@@ -22,6 +23,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:
     import triton
@@ -29,10 +31,24 @@ try:
 except ImportError:  # the CPU-only install: the torch expression is used
     triton = None
 
-__all__ = ["norm_silu", "norm_silu_reference", "norm_silu_triton", "add_bias_", "upsample2x_nearest", "conv3d_few_in",
-           "attention_usable", "attention_wide"]
+__all__ = ["norm_silu", "norm_silu_reference", "norm_silu_triton", "add_bias_", "interleave_phases",
+           "conv3d_few_in", "attention_usable", "attention_wide", "kept_per_tensor"]
 
 EPS = 1e-12  # F.normalize's
+
+
+_KEPT = WeakIdKeyDictionary()  # tensor -> (its version, data pointer, tag, what was made of it), gone with the tensor
+
+
+def kept_per_tensor(t: torch.Tensor, make, tag=None) -> torch.Tensor:
+    """``make(t.detach())``, kept per tensor (and ``tag``) until it changes (its version counter or storage): a
+    layer's weight in the form a kernel reads, converted once, not per call."""
+    hit = _KEPT.get(t)
+    if hit is not None and hit[:3] == (t._version, t.data_ptr(), tag):
+        return hit[3]
+    made = make(t.detach())
+    _KEPT[t] = (t._version, t.data_ptr(), tag, made)
+    return made
 
 
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -224,51 +240,81 @@ if triton is not None:
         tl.store(ptr, x.to(X.dtype.element_ty), mask=mask)
 
 
-def upsample2x_nearest(x: torch.Tensor) -> torch.Tensor:
-    """``F.interpolate(x, scale_factor=2, mode="nearest-exact")`` for images ``[N, C, H, W]`` (at scale 2
-    nearest-exact reads pixel ``i // 2``). Channels-last on CUDA: one Triton pass that reads each pixel
-    once and writes its four copies (PyTorch's channels-last kernel ran at ~0.36 TB/s: 61 ms of a 0.85 s
-    decode at 720p); elsewhere PyTorch's."""
-    if not (_channels_last_image(x) and on_triton_device(x) and not _needs_grad(x)):
-        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
-    return upsample2x_triton(x)
-
-
 def _channels_last_image(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def upsample2x_triton(x: torch.Tensor) -> torch.Tensor:
-    """The Triton kernel of :func:`upsample2x_nearest` (channels-last ``x``; CUDA or the interpreter)."""
-    if not _channels_last_image(x):
-        raise ValueError(f"upsample2x_triton takes a channels-last image batch [N, C, H, W], got strides "
-                         f"{x.stride()} for shape {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    out = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+def interleave_phases(o: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The four phases of a 2x nearest upsampling followed by a 3x3 convolution woven into one image, plus
+    the convolution's bias: ``o [N, 4 Co, H + 1, W + 1]`` -> ``[N, Co, 2H, 2W]``.
+
+    ``o`` is the 2x2 convolution of :func:`oasis.vae_conv.upsample2x_conv3x3`: channel ``(2a + b) Co + c`` at
+    pixel ``(i + a, j + b)`` is output channel ``c`` at pixel ``(2i + a, 2j + b)``. One Triton pass on CUDA
+    (channels-last ``o``; the bias added in float32 and rounded once, as :func:`add_bias_` does); elsewhere,
+    or with gradients wanted, :func:`interleave_phases_reference`."""
+    if (o.dim() != 4 or o.shape[1] % 4 or o.shape[2] < 2 or o.shape[3] < 2
+            or (bias is not None and (bias.numel() != o.shape[1] // 4 or bias.device != o.device))):
+        raise ValueError(f"interleave_phases takes [N, 4 Co, H + 1, W + 1] with H, W >= 1 and Co biases, got "
+                         f"{tuple(o.shape)} and bias {None if bias is None else tuple(bias.shape)}")
+    if _channels_last_image(o) and on_triton_device(o) and o.dtype in (torch.float16, torch.bfloat16, torch.float32) \
+            and not _needs_grad(o, bias):
+        return interleave_phases_triton(o, bias)
+    return interleave_phases_reference(o, bias)
+
+
+def interleave_phases_reference(o: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The torch expression of :func:`interleave_phases` (differentiable), in ``o``'s layout."""
+    n, c4, h1, w1 = o.shape
+    co, h, w = c4 // 4, h1 - 1, w1 - 1
+    rows = [torch.stack([o[:, (2 * a + b) * co:(2 * a + b + 1) * co, a:a + h, b:b + w] for b in (0, 1)], dim=-1)
+            for a in (0, 1)]
+    y = torch.stack(rows, dim=3).reshape(n, co, 2 * h, 2 * w)  # [N, Co, H, a, W, b] -> rows 2i + a, columns 2j + b
+    if bias is not None:
+        y = y + _per_channel(bias, 4).to(y.dtype)
+    fmt = torch.channels_last if _channels_last_image(o) else torch.contiguous_format
+    return y.contiguous(memory_format=fmt)
+
+
+def interleave_phases_triton(o: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel of :func:`interleave_phases` (channels-last ``o``; CUDA or the interpreter)."""
+    if not _channels_last_image(o):
+        raise ValueError(f"interleave_phases_triton takes a channels-last [N, 4 Co, H + 1, W + 1], got strides "
+                         f"{o.stride()} for shape {tuple(o.shape)}")
+    n, c4, h1, w1 = o.shape
+    co, h, w = c4 // 4, h1 - 1, w1 - 1
+    out = torch.empty((n, co, 2 * h, 2 * w), dtype=o.dtype, device=o.device, memory_format=torch.channels_last)
     pixels = n * h * w
-    if pixels == 0 or c == 0:
+    if pixels == 0 or co == 0:
         return out
-    block_c = triton.next_power_of_2(c)
+    block_c = triton.next_power_of_2(co)
     block_p = max(1, min(64, 4096 // block_c))
-    _upsample2x_kernel[(triton.cdiv(pixels, block_p),)](x, out, pixels, h, w, c, BLOCK_P=block_p, BLOCK_C=block_c,
-                                                       num_warps=4)
+    _interleave_phases_kernel[(triton.cdiv(pixels, block_p),)](
+        o, o if bias is None else bias, out, pixels, h, w, co, HAS_BIAS=bias is not None, BLOCK_P=block_p,
+        BLOCK_C=block_c, num_warps=4)
     return out
 
 
 if triton is not None:
     @triton.jit
-    def _upsample2x_kernel(X, Y, P, H, W, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _interleave_phases_kernel(O, Bias, Y, P, H, W, C, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
+        # one program: BLOCK_P low-resolution positions (img, i, j), each giving its four output pixels
         p = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
         c = tl.arange(0, BLOCK_C).to(tl.int64)
         mask = (p[:, None] < P) & (c[None, :] < C)
-        v = tl.load(X + p[:, None] * C + c[None, :], mask=mask)
         img = p // (H * W)
-        yy = (p // W) % H
-        xx = p % W
+        i = (p // W) % H
+        j = p % W
+        if HAS_BIAS:
+            bias = tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)
         for a in tl.static_range(2):
             for b in tl.static_range(2):
-                q = (img * 2 * H + 2 * yy + a) * (2 * W) + 2 * xx + b
-                tl.store(Y + q[:, None] * C + c[None, :], v, mask=mask)
+                src = (img * (H + 1) + i + a) * (W + 1) + j + b
+                v = tl.load(O + src[:, None] * (4 * C) + (2 * a + b) * C + c[None, :], mask=mask)
+                if HAS_BIAS:
+                    v = (v.to(tl.float32) + bias[None, :]).to(Y.dtype.element_ty)
+                dst = (img * 2 * H + 2 * i + a) * (2 * W) + 2 * j + b
+                tl.store(Y + dst[:, None] * C + c[None, :], v, mask=mask)
 
 
 def conv3d_few_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import vae_conv, vae_cuda
-from .vae_conv import conv
-from .vae_kernels import attention_usable, attention_wide, norm_silu, norm_silu_reference, upsample2x_nearest
+from .vae_conv import conv, upsample2x_conv3x3
+from .vae_kernels import attention_usable, attention_wide, norm_silu, norm_silu_reference
 
 __all__ = ["WanVAEConfig", "WanVAE", "WanVAEDecoder", "WanEncoder3d", "WanDecoder3d"]
 
@@ -388,9 +388,10 @@ class Upsample(nn.Module):
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
     def _space(self, frames):
-        # nearest-exact copies values, so it runs in the input dtype (diffusers upcasts to float32: same values)
+        # the resize and the 3x3 convolution as the four phases' 2x2 convolutions of the frames themselves
+        # (nearest-exact copies values: diffusers upcasts the resize to float32, the same values)
         c = self.resample[1]
-        return conv(upsample2x_nearest(frames), c.weight, c.bias, padding=c.padding)
+        return upsample2x_conv3x3(frames, c.weight, c.bias)
 
     def forward(self, x, cache, starts: bool):
         """``starts``: ``x`` begins with the sequence's first frame, which is upsampled in space only."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from oasis import vae_conv, vae_kernels
-from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv
+from oasis.vae_conv import _channels_last_strides, _dense_channels_last, conv, upsample2x_conv3x3
 from oasis.vae_kernels import attention_by_products, attention_usable, attention_wide, conv3d_few_in, softmax_rows
 
 
@@ -81,6 +81,90 @@ def _triton_here():
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels run on CUDA or under TRITON_INTERPRET=1")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ((N, C, H, W), Cout): the decoder's spatial upsamplers' kind at awkward sizes (one pixel, one column, output
+# channels not a power of two)
+UPSAMPLE = [((2, 5, 3, 4), 7), ((1, 3, 1, 1), 2), ((3, 8, 5, 1), 4), ((1, 16, 6, 9), 24)]
+
+
+@pytest.mark.parametrize("case", range(len(UPSAMPLE)))
+def test_upsample_conv_by_phases_is_the_resize_then_the_conv(case):
+    """In float64 the four phases' 2x2 convolutions, woven together with the bias, are the nearest-exact resize
+    followed by the 3x3 convolution (the same sums, in another order), in either layout, gradients included."""
+    shape, cout = UPSAMPLE[case]
+    gen = torch.Generator().manual_seed(40 + case)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cout, shape[1], 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64, requires_grad=True)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest-exact"), w, b, padding=1)
+    got = upsample2x_conv3x3(x, w, b)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    g = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    for mine, theirs in zip(torch.autograd.grad(got, (x, w, b), g), torch.autograd.grad(want, (x, w, b), g)):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-10)
+    with torch.no_grad():
+        fmt = torch.channels_last
+        got = upsample2x_conv3x3(x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt), b)
+    assert _dense_channels_last(got)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_phase_weights_are_the_taps_each_phase_reads():
+    """Each phase's 2x2 kernel, written out by hand from the 3x3 one (an independent statement of the map)."""
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    k = vae_conv.phase_weights(w).view(2, 2, 2, 3, 2, 2)  # [a, b, Co, C, rows, cols]
+    rows = {0: lambda t: torch.stack([t[..., 0, :], t[..., 1, :] + t[..., 2, :]], -2),
+            1: lambda t: torch.stack([t[..., 0, :] + t[..., 1, :], t[..., 2, :]], -2)}
+    cols = {0: lambda t: torch.stack([t[..., 0], t[..., 1] + t[..., 2]], -1),
+            1: lambda t: torch.stack([t[..., 0] + t[..., 1], t[..., 2]], -1)}
+    for a in (0, 1):
+        for b in (0, 1):
+            torch.testing.assert_close(k[a, b], cols[b](rows[a](w)), rtol=0, atol=1e-14)
+    # 16-bit weights: summed wide, rounded once
+    wb = w.bfloat16()
+    assert torch.equal(vae_conv.phase_weights(wb), vae_conv.phase_weights(wb.double()).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_interleave_phases_kernel_matches_torch(dtype, with_bias):
+    """The Triton weave (CUDA, or the interpreter on the CPU) gives the torch expression's bits: several
+    programs, channels not a power of two, one-pixel images."""
+    device = _triton_here()
+    gen = torch.Generator().manual_seed(7)
+    for shape in ((3, 28, 6, 7), (2, 8, 9, 10), (1, 100, 2, 2)):
+        o = torch.randn(shape, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(shape[1] // 4, generator=gen).to(device, dtype) if with_bias else None
+        got = vae_kernels.interleave_phases_triton(o, b)
+        want = vae_kernels.interleave_phases_reference(o, b)
+        if device == "cpu" and dtype == torch.bfloat16 and with_bias:
+            # the interpreter converts float32 to bfloat16 by truncation (dropping the low 16 bits), torch to nearest
+            wide = vae_kernels.interleave_phases_reference(o.float(), b.float())
+            want = (wide.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+        assert _dense_channels_last(got) and got.shape == want.shape
+        assert torch.equal(got, want), (got.double() - want.double()).abs().max()
+
+
+def test_upsample_conv_by_phases_in_16_bits():
+    """bf16 (cuDNN's tuned path on a GPU, PyTorch's on the CPU): as close to float64 as the resize and the 3x3
+    convolution in bf16 (within 2x plus a floor), although the summed taps are rounded once more."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(11)
+    fmt = torch.channels_last
+    x = torch.randn(4, 32, 14, 18, generator=gen).to(device, torch.bfloat16).contiguous(memory_format=fmt)
+    w = (torch.randn(24, 32, 3, 3, generator=gen) / (32 * 9) ** 0.5).to(device, torch.bfloat16)
+    w = w.contiguous(memory_format=fmt)
+    b = torch.randn(24, generator=gen).to(device, torch.bfloat16)
+    want = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest-exact"), w.double(), b.double(),
+                    padding=1)
+    with torch.no_grad():
+        plain = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest-exact"), w, b, padding=1)
+        with vae_conv.tuning():
+            got = upsample2x_conv3x3(x, w, b)
+    assert got.dtype == torch.bfloat16 and _dense_channels_last(got) and got.isfinite().all()
+    err, err_plain = ((t.double() - want).abs().max().item() for t in (got, plain))
+    assert err <= 2 * err_plain + 1e-3 * want.abs().max().item(), (err, err_plain)
 
 
 # (C, Cout, frames in, H, W, kernel): the encoder's first convolution's kind at awkward sizes (one
