@@ -101,16 +101,31 @@ def usable(x: torch.Tensor, out: torch.Tensor | None = None, *others) -> bool:
 
 
 def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-              silu: bool = True, bias: torch.Tensor | None = None, tail: torch.Tensor | None = None) -> torch.Tensor:
+              silu: bool = True, bias: torch.Tensor | None = None, tail: torch.Tensor | None = None,
+              residual: torch.Tensor | None = None, sum_out: torch.Tensor | None = None) -> torch.Tensor:
     """``SiLU(y / max(||y||_C, eps) * scale * gamma)`` with ``y = x + bias`` over dim 1 of ``x [B, C, ...]``,
     into ``out`` (any strides that flatten, e.g. a time slice of a larger buffer) or a new tensor.
 
     ``tail``: ``[B, C, k, ...]``, also given the result's last ``k`` frames (the causal cache a
     convolution keeps for its next call, written in the same pass instead of copied after it).
+    ``residual``: ``y`` is then ``x + bias + residual`` as :func:`add_bias_` would store it (rounded to
+    ``x``'s dtype), the same bits as that pass followed by this one; ``sum_out`` (may be ``x`` itself) is given
+    that ``y``: a residual block's output summed and normalised for the next block in one pass.
     One Triton pass on CUDA; elsewhere the torch expression (:func:`norm_silu_reference`).
     """
-    if usable(x, out, gamma, bias) and (tail is None or _flat_stride(tail) is not None):
-        return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias, tail=tail)
+    if sum_out is not None and residual is None:
+        raise ValueError("sum_out is written only with a residual")
+    for name, t in (("residual", residual), ("sum_out", sum_out)):
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} must be x's shape {tuple(x.shape)}, dtype and device, got {tuple(t.shape)} "
+                             f"({t.dtype} on {t.device})")
+    if (usable(x, out, gamma, bias, residual, sum_out) and (tail is None or _flat_stride(tail) is not None)
+            and all(t is None or _flat_stride(t) is not None for t in (residual, sum_out))):
+        return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias, tail=tail, residual=residual,
+                                sum_out=sum_out)
+    if residual is not None:  # the sum first, as its own pass stores it
+        x = add_bias_(x.clone() if sum_out is None else sum_out.copy_(x), bias, residual)
+        bias = None
     y = norm_silu_reference(x, gamma, scale, silu, bias)
     if out is not None:
         out.copy_(y)
@@ -132,8 +147,9 @@ def _check_tail(tail: torch.Tensor, like: torch.Tensor) -> None:
 
 if triton is not None:
     @triton.jit
-    def _norm_silu_kernel(X, G, Bias, Y, T, S, C, sxb, sxc, sxs, syb, syc, sys, tail_start, stb, stc, sts,
-                          scale, eps, SILU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr,
+    def _norm_silu_kernel(X, G, Bias, Y, T, R, Z, S, C, sxb, sxc, sxs, syb, syc, sys, tail_start, stb, stc, sts,
+                          srb, src, srs, szb, szc, szs, scale, eps, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_TAIL: tl.constexpr, HAS_RES: tl.constexpr, HAS_SUM: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
         pid_s = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -143,6 +159,12 @@ if triton is not None:
         x = tl.load(X + b * sxb + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             x = tl.where(mask, x + tl.load(Bias + c, mask=c < C, other=0.0).to(tl.float32)[:, None], 0.0)
+        if HAS_RES:  # add_bias_'s sum, rounded as that pass stores it
+            x += tl.load(R + b * srb + c[:, None] * src + s[None, :] * srs, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(X.dtype.element_ty)
+            if HAS_SUM:
+                tl.store(Z + b * szb + c[:, None] * szc + s[None, :] * szs, x, mask=mask)
+            x = x.to(tl.float32)
         inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
         g = tl.load(G + c, mask=c < C, other=0.0).to(tl.float32) * scale
         y = x * inv[None, :] * g[:, None]
@@ -156,8 +178,8 @@ if triton is not None:
 
 
 def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
-                     silu: bool = True, bias: torch.Tensor | None = None,
-                     tail: torch.Tensor | None = None) -> torch.Tensor:
+                     silu: bool = True, bias: torch.Tensor | None = None, tail: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None, sum_out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel itself (CUDA, or the CPU under ``TRITON_INTERPRET=1``)."""
     if triton is None:
         raise RuntimeError("norm_silu_triton needs Triton")
@@ -169,6 +191,12 @@ def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out:
         if v is not None and (v.numel() != x.shape[1] or v.device != x.device):
             raise ValueError(f"{name} must hold one value per channel ({x.shape[1]}) on {x.device}, got "
                              f"{v.numel()} on {v.device}")
+    if sum_out is not None and residual is None:
+        raise ValueError("sum_out is written only with a residual")
+    for name, t in (("residual", residual), ("sum_out", sum_out)):
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype or _flat_stride(t) is None):
+            raise ValueError(f"{name} must be x's shape {tuple(x.shape)} and dtype, flattening after the channel "
+                             f"dim, got {tuple(t.shape)} ({t.dtype})")
     sx, so = _flat_stride(x), _flat_stride(out)
     if sx is None or so is None:
         raise ValueError("x and out must flatten after the channel dim (channels-first or channels-last)")
@@ -181,14 +209,22 @@ def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out:
     if x.numel() == 0:
         return out
     t = out if tail is None else tail
+    r = x if residual is None else residual
+    z = x if sum_out is None else sum_out
     block_c, block_s = _channel_tiles(c)
     grid = (triton.cdiv(s, block_s), b)
-    _norm_silu_kernel[grid](x, gamma.reshape(-1), x if bias is None else bias, out, t, s, c, x.stride(0), x.stride(1),
-                            sx, out.stride(0), out.stride(1), so, s - t[0, 0].numel(), t.stride(0), t.stride(1),
-                            _flat_stride(t), float(scale), EPS, SILU=silu, HAS_BIAS=bias is not None,
-                            HAS_TAIL=tail is not None, BLOCK_C=block_c, BLOCK_S=block_s,
-                            num_warps=8 if block_c >= 256 else 4)
+    _norm_silu_kernel[grid](x, gamma.reshape(-1), x if bias is None else bias, out, t, r, z, s, c, x.stride(0),
+                            x.stride(1), sx, out.stride(0), out.stride(1), so, s - t[0, 0].numel(), t.stride(0),
+                            t.stride(1), _flat_stride(t), r.stride(0), r.stride(1), _flat_stride(r), z.stride(0),
+                            z.stride(1), _flat_stride(z), float(scale), EPS, SILU=silu, HAS_BIAS=bias is not None,
+                            HAS_TAIL=tail is not None, HAS_RES=residual is not None, HAS_SUM=sum_out is not None,
+                            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_norm_warps(block_c))
     return out
+
+
+def _norm_warps(block_c: int) -> int:
+    """The norm pass's warps for a tile of ``block_c`` channels."""
+    return 8 if block_c >= 256 else 4
 
 
 def _channel_tiles(c: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import vae_conv, vae_cuda
 from .vae_conv import conv, upsample2x_conv3x3
-from .vae_kernels import attention_usable, attention_wide, norm_silu, norm_silu_reference
+from .vae_kernels import add_bias_, attention_usable, attention_wide, norm_silu, norm_silu_reference
 
 __all__ = ["WanVAEConfig", "WanVAE", "WanVAEDecoder", "WanEncoder3d", "WanDecoder3d"]
 
@@ -140,6 +140,53 @@ def _per_frame(x: torch.Tensor, fn) -> torch.Tensor:
     return y if _format(y) == torch.channels_last_3d else y.contiguous()
 
 
+class PendingSum:
+    """A residual block's output ``conv + bias + residual``, not yet summed: the pass that reads it next (the next
+    block's or the output convolution's norm pass) adds it as it reads ``conv``, instead of a pass of its own over
+    the output first (docs/PERF.md entry 18t). With ``keep`` that pass also writes the sum over ``conv`` (the next
+    block's residual); :meth:`tensor` sums it in a pass of its own, for every other reader."""
+
+    def __init__(self, conv: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor):
+        self.conv, self.bias, self.residual, self.keep = conv, bias, residual, True
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.conv.shape
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(conv, bias, residual), the residual no longer held here (freed once its one reader is done)."""
+        parts = self.conv, self.bias, self.residual
+        self.bias = self.residual = None
+        return parts
+
+    def tensor(self) -> torch.Tensor:
+        """The sum, written over ``conv``."""
+        conv, bias, residual = self.take()
+        return add_bias_(conv, bias, residual)
+
+
+def _summed(x):
+    """``x`` itself, or a :class:`PendingSum` summed."""
+    return x.tensor() if isinstance(x, PendingSum) else x
+
+
+def _norm_into(x, norm: "RMSNorm", out: torch.Tensor, x_bias: torch.Tensor | None,
+               tail: torch.Tensor | None) -> None:
+    """``SiLU(norm(x + x_bias))`` into ``out`` (and its last frames into ``tail``); ``x`` a tensor, or a
+    :class:`PendingSum` summed in the same pass (and written over its ``conv`` where it is kept)."""
+    if isinstance(x, PendingSum):
+        conv, bias, residual = x.take()
+        norm_silu(conv, norm.gamma, norm.scale, out=out, bias=bias, tail=tail, residual=residual,
+                  sum_out=conv if x.keep else None)
+    else:
+        norm_silu(x, norm.gamma, norm.scale, out=out, bias=x_bias, tail=tail)
+
+
+def _frames_of(x) -> torch.Tensor:
+    """The tensor whose shape, dtype, device and layout ``x`` has (a :class:`PendingSum`'s ``conv``)."""
+    return x.conv if isinstance(x, PendingSum) else x
+
+
 class CausalConv3d(nn.Conv3d):
     """A 3D convolution padded in front in time only, continuing a sequence across calls.
 
@@ -194,24 +241,25 @@ class CausalConv3d(nn.Conv3d):
             x = buf
         return self._conv(x)
 
-    def normed_input(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, *,
+    def normed_input(self, x, norm: "RMSNorm", cache: dict | None, *,
                      x_bias: torch.Tensor | None = None) -> torch.Tensor:
         """``SiLU(norm(x + x_bias))`` written once, straight behind the cached frames: the buffer this
         convolution reads (:meth:`_conv`); ``x_bias``: the bias of the convolution that made ``x``, left
-        out there. The caller may drop ``x`` before the convolution (its output then takes x's place)."""
-        buf, keep = self._history(x, cache)
+        out there; ``x`` may be a :class:`PendingSum`. The caller may drop ``x`` before the convolution (its
+        output then takes x's place)."""
+        buf, keep = self._history(_frames_of(x), cache)
         # the next call's cache (this call's last frames) written by the norm pass itself where the
         # new frames cover it, instead of copied out of the buffer after it
         covered = cache is not None and 0 < self.time_pad <= x.shape[2]
-        tail = (keep if keep is not None else _frames_like(x, self.time_pad)) if covered else None
-        norm_silu(x, norm.gamma, norm.scale, out=buf[:, :, self.time_pad:], bias=x_bias, tail=tail)
+        tail = (keep if keep is not None else _frames_like(_frames_of(x), self.time_pad)) if covered else None
+        _norm_into(x, norm, buf[:, :, self.time_pad:], x_bias, tail)
         if tail is None:
             self._remember(buf, keep, cache)
         else:
             cache[self] = tail
         return buf
 
-    def forward_normed(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, *,
+    def forward_normed(self, x, norm: "RMSNorm", cache: dict | None, *,
                        x_bias: torch.Tensor | None = None, bias: bool | torch.Tensor = True,
                        residual: torch.Tensor | None = None) -> torch.Tensor:
         """``conv(SiLU(norm(x + x_bias))) + bias + residual`` (:meth:`normed_input`; ``bias`` as in
@@ -220,21 +268,22 @@ class CausalConv3d(nn.Conv3d):
 
     def conv_normed(self, handed: list, norm: "RMSNorm", cache: dict | None, *,
                     x_bias: torch.Tensor | None = None, bias: bool | torch.Tensor = True,
-                    residual: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`forward_normed` of the ``x`` handed over as ``[x]``: freed once normalised, before the
-        convolution's output exists. Where a CUDA kernel takes the call (the output convolution's,
-        :func:`oasis.vae_conv.few_out_kernel_takes`, or :func:`oasis.vae_conv.cuda_kernel_takes`) the normalised
-        frames stay apart from the cached ones and the kernel reads both where they lie; else they are written
-        behind them (:meth:`normed_input`)."""
+                    residual: torch.Tensor | None = None, defer: bool = False):
+        """:meth:`forward_normed` of the ``x`` handed over as ``[x]`` (a tensor or a :class:`PendingSum`): freed
+        once normalised, before the convolution's output exists. Where a CUDA kernel takes the call (the output
+        convolution's, :func:`oasis.vae_conv.few_out_kernel_takes`, or :func:`oasis.vae_conv.cuda_kernel_takes`)
+        the normalised frames stay apart from the cached ones and the kernel reads both where they lie; else they
+        are written behind them (:meth:`normed_input`), and with ``defer`` (and a residual) the result is a
+        :class:`PendingSum`: the bias and the residual are left to the pass that reads it next."""
         x = _take(handed)
         prev = None if cache is None else cache.get(self)
-        if residual is None and vae_conv.few_out_kernel_takes(x, self.weight, self.time_pad, prev=prev):
+        if residual is None and vae_conv.few_out_kernel_takes(_frames_of(x), self.weight, self.time_pad, prev=prev):
             # the decoder's output convolution (96 -> 3): its own kernel, under either conv_kernel
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
             b = self.bias if bias is True else (None if bias is False else bias)
             return vae_cuda.conv3d_few_out(normed, self.weight, b, prev=prev)
-        if vae_conv.cuda_kernel_takes(x, self.weight, self.time_pad, prev=prev, residual=residual):
+        if vae_conv.cuda_kernel_takes(_frames_of(x), self.weight, self.time_pad, prev=prev, residual=residual):
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
             b = self.bias if bias is True else (None if bias is False else bias)
@@ -242,16 +291,19 @@ class CausalConv3d(nn.Conv3d):
         del prev
         buf = self.normed_input(x, norm, cache, x_bias=x_bias)
         del x
+        if defer and residual is not None:
+            b = self.bias if bias is True else (None if bias is False else bias)
+            return PendingSum(self._conv(buf, False), b, residual)
         return self._conv(buf, bias, residual)
 
-    def _normed_frames(self, x: torch.Tensor, norm: "RMSNorm", cache: dict | None, prev: torch.Tensor | None,
+    def _normed_frames(self, x, norm: "RMSNorm", cache: dict | None, prev: torch.Tensor | None,
                        x_bias: torch.Tensor | None) -> torch.Tensor:
         """``SiLU(norm(x + x_bias))`` in a tensor of its own, the cached frames ``prev`` (None where the
         sequence starts: zeros) left where they are. The cache entry becomes this call's last frames: written
         by the norm pass where ``x`` covers them, into a new tensor (the convolution still reads ``prev``)."""
-        normed = _frames_like(x, x.shape[2])
+        normed = _frames_like(_frames_of(x), x.shape[2])
         tail = self._new_entry(normed, cache)
-        norm_silu(x, norm.gamma, norm.scale, out=normed, bias=x_bias, tail=tail)
+        _norm_into(x, norm, normed, x_bias, tail)
         self._keep_entry(normed, tail, prev, cache)
         return normed
 
@@ -295,24 +347,29 @@ class ResidualBlock(nn.Module):
         self.conv2 = CausalConv3d(cout, cout, 3, padding=1)
         self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x, cache):
+    def forward(self, x, cache, defer: bool = False):
+        """``x``: a tensor or the previous block's :class:`PendingSum` (summed here by norm1's pass, which writes
+        the sum over its ``conv``: this block's residual). ``defer``: return a :class:`PendingSum` where conv2
+        runs on cuDNN, for a next block to sum."""
         # conv1's bias is added in the norm pass that reads its output (in conv1's own kernel where that
         # applies norm2: _conv2_input); conv2's and the shortcut's with the residual, in the one pass that
-        # follows conv2 (oasis.vae_conv.conv) or in the CUDA kernel's epilogue
+        # follows conv2 (oasis.vae_conv.conv), in the CUDA kernel's epilogue, or (defer) in the next norm pass
+        if isinstance(x, PendingSum) and (self.conv_shortcut is not None or vae_conv.cuda_kernel_enabled()):
+            x = x.tensor()  # the shortcut reads the sum; the CUDA kernel's paths take tensors
         bias = self.conv2.bias
         if self.conv_shortcut is None:
-            h = x
+            h = _frames_of(x)  # (a pending sum's conv: the sum once conv1's norm pass has written it)
         else:
             h = self.conv_shortcut._conv(x, bias=False)
             wide = torch.promote_types(bias.dtype, torch.float32)  # summed once, in at least float32
             bias = bias.to(wide) + self.conv_shortcut.bias.to(wide)
-        fused = self._conv2_input(x, cache, h)
+        fused = None if isinstance(x, PendingSum) else self._conv2_input(x, cache, h)
         if fused is not None:
             normed, prev = fused
             return vae_cuda.conv3d_k3(normed, self.conv2.weight, bias, prev=prev, residual=h)
         # conv1's output handed straight to conv2: freed once normalised, before conv2's output is allocated
         return self.conv2.conv_normed([self.conv1.forward_normed(x, self.norm1, cache, bias=False)], self.norm2, cache,
-                                      x_bias=self.conv1.bias, bias=bias, residual=h)
+                                      x_bias=self.conv1.bias, bias=bias, residual=h, defer=defer)
 
     def _conv2_input(self, x: torch.Tensor, cache: dict | None, h: torch.Tensor):
         """``(SiLU(norm2(conv1(SiLU(norm1(x))) + bias1)), conv2's cached frames)``, norm2 applied by conv1's own
@@ -372,9 +429,10 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
 
-    def forward(self, x, cache):
+    def forward(self, x, cache, defer: bool = False):
+        """``x``: a tensor or a :class:`PendingSum`; ``defer``: the second block's output may be one."""
         x = self.resnets[0](x, cache)
-        return self.resnets[1](self.attentions[0](x), cache)
+        return self.resnets[1](self.attentions[0](x), cache, defer=defer)
 
 
 class Upsample(nn.Module):
@@ -446,11 +504,14 @@ class UpBlock(nn.Module):
     def temporal(self) -> bool:
         return self.upsamplers is not None and self.upsamplers[0].time_conv is not None
 
-    def forward(self, handed: list, cache, starts):
-        """``handed``: ``[x]``, emptied here (see :func:`_take`)."""
+    def forward(self, handed: list, cache, starts, defer: bool = False):
+        """``handed``: ``[x]`` (a tensor or a :class:`PendingSum`), emptied here (see :func:`_take`); ``defer``:
+        without an upsampler, the output may be a :class:`PendingSum`. Each block's output but the last is
+        summed by the next block's first norm pass."""
         x = _take(handed)
-        for r in self.resnets:
-            x = r(x, cache)
+        for i, r in enumerate(self.resnets):
+            last = i == len(self.resnets) - 1
+            x = r(x, cache, defer=not last or (defer and self.upsamplers is None))
         return x if self.upsamplers is None else self.upsamplers[0](x, cache, starts)
 
 
@@ -481,20 +542,29 @@ class WanEncoder3d(nn.Module):
                      len(self.down_blocks))
 
         def head(xp, st):
-            y = self.conv_in(xp, cache)
-            for layer in self.down_blocks[:first]:
-                y = layer(y, cache, st) if isinstance(layer, Downsample) else layer(y, cache)
-            return y
+            return _summed(_down_layers(self.down_blocks[:first], self.conv_in(xp, cache), cache, st, False))
 
         t = x.shape[2]
         if piece_frames is not None and t > piece_frames:
             x = _cat_frames([head(x[:, :, s:s + piece_frames], starts and s == 0) for s in range(0, t, piece_frames)])
         else:
             x = head(x, starts)
-        for layer in self.down_blocks[first:]:
-            x = layer(x, cache, starts) if isinstance(layer, Downsample) else layer(x, cache)
-        x = self.mid_block(x, cache)
+        x = self.mid_block(_down_layers(self.down_blocks[first:], x, cache, starts, True), cache, defer=True)
+        if isinstance(x, PendingSum):
+            x.keep = False  # summed for the output convolution's norm pass only
         return self.conv_out.forward_normed(x, self.norm_out, cache)
+
+
+def _down_layers(layers, x, cache, starts, defer_last: bool):
+    """The encoder's ``layers`` on ``x``: each residual block followed by another (or, with ``defer_last``, the
+    last one) leaves its output a :class:`PendingSum` for the next to sum."""
+    for i, layer in enumerate(layers):
+        if isinstance(layer, Downsample):
+            x = layer(x, cache, starts)
+        else:
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            x = layer(x, cache, defer=isinstance(nxt, ResidualBlock) or (nxt is None and defer_last))
+    return x
 
 
 class WanDecoder3d(nn.Module):
@@ -520,7 +590,7 @@ class WanDecoder3d(nn.Module):
         """``piece_frames``: once no temporal upsampler is left (the two largest stages of Wan2.1's
         decoder), run the rest on pieces of at most this many frames, one after the other: the causal
         cache makes that exact, and the working set of those stages shrinks with the piece."""
-        handed = [self.mid_block(self.conv_in(z, cache), cache)]
+        handed = [self.mid_block(self.conv_in(z, cache), cache, defer=bool(len(self.up_blocks)))]
         return _cat_frames(self._stages(0, handed, cache, starts, piece_frames))
 
     def _stages(self, i, handed: list, cache, starts, piece) -> list[torch.Tensor]:
@@ -531,7 +601,7 @@ class WanDecoder3d(nn.Module):
             if piece is not None and t > piece and not any(b.temporal for b in self.up_blocks[i:]):
                 # each piece a copy of its own, so that its frames are freed once its first block has
                 # read them, not when the last piece ends
-                x = _take(handed)
+                x = _summed(_take(handed))
                 parts = [_frames_like(x, min(piece, t - s)).copy_(x[:, :, s:s + piece]) for s in range(0, t, piece)]
                 del x
                 outs = []
@@ -540,9 +610,12 @@ class WanDecoder3d(nn.Module):
                     parts[k] = None
                     outs += self._stages(i, one, cache, starts and k == 0, None)
                 return outs
-            handed.append(self.up_blocks[i](handed, cache, starts))
+            handed.append(self.up_blocks[i](handed, cache, starts, defer=i == len(self.up_blocks) - 1))
             i += 1
-        return [self.conv_out.forward_normed(_take(handed), self.norm_out, cache)]
+        x = _take(handed)
+        if isinstance(x, PendingSum):
+            x.keep = False  # summed for the output convolution's norm pass only
+        return [self.conv_out.forward_normed(x, self.norm_out, cache)]
 
 
 def _check_input(x: torch.Tensor, what: str, weight: torch.Tensor, min_side: int = 1) -> None:

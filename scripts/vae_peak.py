@@ -12,9 +12,9 @@ before every op, so views sharing a storage count once and frees between ops are
 allocation). The weights and the input are counted as a fixed base.
 
 To mimic the GPU path on the CPU:
-- ``norm_silu`` (one Triton pass on CUDA that writes straight into ``out``/``tail``) runs the torch
-  expression with tracking paused, so its float32 temporaries (which the GPU never allocates) are not
-  counted; the attention block's RMSNorm (the torch expression on the GPU too) is counted.
+- ``norm_silu`` (one Triton pass on CUDA that writes straight into ``out``/``tail``/``sum_out``) runs the
+  torch expression with tracking paused, so its float32 temporaries (which the GPU never allocates) are not
+  counted; so does the upsamplers' weave (``interleave_phases``), its output counted; the attention block's RMSNorm (the torch expression on the GPU too) is counted.
 - bf16 (the GPU's dtype): CPU conv3d in float32 returns channels-first outputs (extra copies downstream),
   in bf16 channels-last, as cuDNN does.
 - ``--kernel cuda``: the path of ``conv_kernel="cuda"`` (the calls ``oasis.vae_cuda.channels_why_not``
@@ -44,7 +44,8 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import oasis.wan_vae as wv  # noqa: E402
-from oasis.vae_kernels import norm_silu_reference  # noqa: E402
+from oasis import vae_conv, vae_kernels  # noqa: E402
+from oasis.vae_kernels import interleave_phases_reference, norm_silu_reference  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -173,16 +174,26 @@ def main(argv=None):
 
     vae.decoder.register_forward_pre_hook(grab_cache, with_kwargs=True)
 
-    base = [("weight", q) for q in vae.parameters()] + [("buffer", b) for b in vae.buffers()] + [("input z", z)]
+    # the upsamplers' 2x2 phase kernels: weights derived once per weight (oasis.vae_conv.upsample2x_conv3x3)
+    phases = [vae_kernels.kept_per_tensor(m.resample[1].weight, vae_conv.phase_weights, tag="phases")
+              for m in vae.modules() if isinstance(m, wv.Upsample)]
+    base = [("weight", q) for q in [*vae.parameters(), *phases]] + [("buffer", b) for b in vae.buffers()] + \
+        [("input z", z)]
     tr = Tracker(base, lambda: holder.get("cache"), names)
 
-    # norm_silu as the Triton pass: no temporaries, writes into out/tail
-    def norm_silu_gpu_like(x, gamma, scale_, *, out=None, silu=True, bias=None, tail=None):
+    # norm_silu as the Triton pass: no temporaries, writes into out/tail (and a residual block's sum into sum_out)
+    def norm_silu_gpu_like(x, gamma, scale_, *, out=None, silu=True, bias=None, tail=None, residual=None,
+                           sum_out=None):
         tr.paused += 1
         try:
+            if residual is not None:
+                x = x + bias.reshape(-1, *([1] * (x.dim() - 2))) + residual if bias is not None else x + residual
+                bias = None
             y = norm_silu_reference(x, gamma, scale_, silu, bias)
         finally:
             tr.paused -= 1
+        if sum_out is not None:
+            sum_out.copy_(x)
         if out is not None:
             out.copy_(y)
             y = out
@@ -191,7 +202,18 @@ def main(argv=None):
             tail.copy_(del_y[:, :, del_y.shape[2] - tail.shape[2]:])
         return y
 
+    # the upsamplers' weave as the Triton pass: its output only
+    def interleave_phases_gpu_like(o, bias=None):
+        tr.paused += 1
+        try:
+            y = interleave_phases_reference(o, bias)
+        finally:
+            tr.paused -= 1
+        out = torch.empty(y.shape, dtype=y.dtype, memory_format=torch.channels_last)
+        return out.copy_(y)
+
     wv.norm_silu = norm_silu_gpu_like
+    vae_kernels.interleave_phases = interleave_phases_gpu_like
     if a.kernel == "cuda":
         _stand_in_cuda_kernel(tr)
 

@@ -435,6 +435,58 @@ def test_norm_silu_kernel_with_the_producers_bias():
     assert (no_bias - exact).abs().max() > 0.1  # the bias matters in this comparison
 
 
+@pytest.mark.parametrize("layout", ["last", "first"])
+@pytest.mark.parametrize("keep", [False, True])
+def test_norm_silu_sums_a_residual_blocks_output(layout, keep):
+    """The norm pass with a residual (a :class:`oasis.wan_vae.PendingSum`): the same bits as the bias-and-residual
+    pass followed by the norm pass, in the Triton kernel (CUDA, or the interpreter) and in the torch fallback; the
+    sum written over the convolution's output where it is kept, and nothing written there where it is not."""
+    pytest.importorskip("triton")
+    from oasis import vae_kernels
+    from oasis.vae_kernels import add_bias_, norm_silu, norm_silu_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(9)
+    fmt = torch.channels_last_3d if layout == "last" else torch.contiguous_format
+
+    def make(*shape):
+        return torch.randn(*shape, generator=gen).to(device, torch.bfloat16).contiguous(memory_format=fmt)
+
+    conv, res = make(1, 40, 3, 5, 6), make(1, 40, 3, 5, 6)
+    gamma = (torch.randn(40, 1, 1, 1, generator=gen) + 1).to(device, torch.bfloat16)
+    bias = torch.randn(40, generator=gen).to(device, torch.bfloat16)
+    tail = torch.empty(1, 40, 2, 5, 6, device=device, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+    for kernel in (True, False):
+        if kernel:  # the Triton launch, as CUDA runs it (called directly under the interpreter on the CPU)
+            want_sum = conv.clone()
+            vae_kernels._add_bias_kernel[(1, 1)](want_sum, bias, res, 90, 40, want_sum.stride(0), want_sum.stride(1),
+                                                 vae_kernels._flat_stride(want_sum), res.stride(0), res.stride(1),
+                                                 vae_kernels._flat_stride(res), HAS_BIAS=True, HAS_RES=True,
+                                                 BLOCK_C=64, BLOCK_S=128)
+            want = norm_silu_triton(want_sum, gamma, 40 ** 0.5)
+            x = conv.clone()
+            got_tail = tail.clone()
+            got = norm_silu_triton(x, gamma, 40 ** 0.5, bias=bias, residual=res, sum_out=x if keep else None,
+                                   tail=got_tail)
+        else:  # the fallback, with gradients wanted (the torch expressions run)
+            want_sum = add_bias_(conv.clone(), bias, res)
+            want = norm_silu(want_sum, gamma, 40 ** 0.5)
+            x = conv.clone()
+            got_tail = tail.clone()
+            with torch.enable_grad():
+                g = gamma.clone().requires_grad_()
+                got = norm_silu(x, g, 40 ** 0.5, bias=bias, residual=res, sum_out=x if keep else None,
+                                tail=got_tail).detach()
+        assert torch.equal(got, want), (kernel, (got.double() - want.double()).abs().max())
+        assert torch.equal(got_tail, want[:, :, 1:]), kernel
+        assert torch.equal(x, want_sum if keep else conv), kernel
+    assert not torch.equal(want, norm_silu(conv, gamma, 40 ** 0.5, bias=bias))  # the residual matters
+    with pytest.raises(ValueError, match="only with a residual"):
+        norm_silu(conv, gamma, 40 ** 0.5, sum_out=conv)
+    with pytest.raises(ValueError, match="residual must be x's shape"):
+        norm_silu(conv, gamma, 40 ** 0.5, residual=res[:, :, :2])
+
+
 def test_the_triton_passes_inside_the_model(reference, monkeypatch):
     """The fused passes in place (under the interpreter on the CPU): the same numbers as the torch
     expressions in both layouts, chunks and pieces; and with gradients wanted the torch path runs, so

@@ -24,12 +24,12 @@ def test_each_stage_input_is_freed_before_the_next_stage(monkeypatch, piece):
     seen, starts = [], []
     real = UpBlock.forward
 
-    def spy(self, handed, cache, starts_):
+    def spy(self, handed, cache, starts_, **kwargs):
         alive = [i for i, r in enumerate(seen) if r() is not None]
         assert not alive, f"stage inputs {alive} of {len(seen)} still alive"
         seen.append(weakref.ref(handed[0]))
         starts.append(1)
-        return real(self, handed, cache, starts_)
+        return real(self, handed, cache, starts_, **kwargs)
 
     monkeypatch.setattr(UpBlock, "forward", spy)
     with torch.no_grad():
