@@ -443,7 +443,7 @@ def test_norm_silu_sums_a_residual_blocks_output(layout, keep):
     sum written over the convolution's output where it is kept, and nothing written there where it is not."""
     pytest.importorskip("triton")
     from oasis import vae_kernels
-    from oasis.vae_kernels import add_bias_, norm_silu, norm_silu_triton
+    from oasis.vae_kernels import add_bias_, norm_silu, norm_silu_reference, norm_silu_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(9)
@@ -468,9 +468,9 @@ def test_norm_silu_sums_a_residual_blocks_output(layout, keep):
             got_tail = tail.clone()
             got = norm_silu_triton(x, gamma, 40 ** 0.5, bias=bias, residual=res, sum_out=x if keep else None,
                                    tail=got_tail)
-        else:  # the fallback, with gradients wanted (the torch expressions run)
+        else:  # the fallback, with gradients wanted: the bias pass, then the norm's torch expression
             want_sum = add_bias_(conv.clone(), bias, res)
-            want = norm_silu(want_sum, gamma, 40 ** 0.5)
+            want = norm_silu_reference(want_sum, gamma, 40 ** 0.5)
             x = conv.clone()
             got_tail = tail.clone()
             with torch.enable_grad():
