@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: benchmarks/model_bench.py for this checkout's oasis/ and for each carried
 # variant, in turns within one call: main, then every .variants/NAME/oasis (an older or branch
-# copy of oasis/, made here with `mkdir -p .variants/NAME && git archive REV oasis | tar -x -C
-# .variants/NAME`), REPEAT rounds, so the machine's drift falls on all of them alike. The variants
+# copy of oasis/, made here with `mkdir -p .variants/NAME && git archive REV oasis csrc | tar -x -C
+# .variants/NAME`: the VAE's CUDA convolutions build from the csrc/ beside it), REPEAT rounds, so the machine's drift falls on all of them alike. The variants
 # import this checkout's oasis_kernels. Carry .variants (an ignored folder) with the call.
 # Results under $OUT/NAME_ROUND/ (model_bench.json / .md, commit field = NAME).
 # ARGS: more model_bench.py options for every run (e.g. --vsr, the whole OasisVSR call by stage);

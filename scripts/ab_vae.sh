@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine: benchmarks/vae_bench.py for this checkout's oasis/ and for each carried variant,
 # in turns within one call: main, then every .variants/NAME/oasis (a branch or older copy of oasis/,
-# made here with `mkdir -p .variants/NAME && git archive REV oasis | tar -x -C .variants/NAME`), REPEAT
+# made here with `mkdir -p .variants/NAME && git archive REV oasis csrc | tar -x -C .variants/NAME`: without
+# csrc/ beside it, a variant's oasis.vae_cuda cannot build its CUDA convolutions and its output convolution
+# falls back to cuDNN, ~11 ms slower on an H200, 16 on an H100: 2026-12-05_h100_4aefadf/README.md), REPEAT
 # rounds, so the machine's drift falls on all of them alike. One choices file for all (XDG_CACHE_HOME
 # a fresh folder unless set): the first run of each geometry times cuDNN's engines, later runs build
 # the recorded one, so a variant's first call shows its own new geometries only. Needs diffusers on
