@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from model_bench import cuda_ms  # noqa: E402
+
 from oasis import vae_kernels  # noqa: E402
 
 SHAPES = [(96, 720, 1280), (192, 360, 640), (384, 180, 320)]
@@ -28,17 +31,7 @@ WARPS = [2, 4, 8]
 
 
 def median_ms(fn, reps):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return statistics.median(cuda_ms(fn, reps, warmup=3))
 
 
 def main(argv=None):
