@@ -32,7 +32,8 @@ except ImportError:  # the CPU-only install: the torch expression is used
     triton = None
 
 __all__ = ["norm_silu", "norm_silu_reference", "norm_silu_triton", "add_bias_", "interleave_phases",
-           "conv3d_few_in", "attention_usable", "attention_wide", "kept_per_tensor"]
+           "conv3d_few_in", "attention_usable", "attention_wide", "kept_per_tensor",
+           "forget_kept"]
 
 EPS = 1e-12  # F.normalize's
 
@@ -42,13 +43,26 @@ _KEPT = WeakIdKeyDictionary()  # tensor -> (its version, data pointer, tag, what
 
 def kept_per_tensor(t: torch.Tensor, make, tag=None) -> torch.Tensor:
     """``make(t.detach())``, kept per tensor (and ``tag``) until it changes (its version counter or storage): a
-    layer's weight in the form a kernel reads, converted once, not per call."""
+    layer's weight in the form a kernel reads, converted once, not per call.
+
+    Changes that bypass the version counter are not seen: writes through ``t.data`` (``p.data.copy_(...)``,
+    ``p.data.mul_(...)``) leave the kept form stale; change weights in place under ``torch.no_grad()`` on the
+    parameter itself (as ``load_state_dict`` does), or call :func:`forget_kept` after such writes. A tensor made
+    under ``torch.inference_mode()`` has no version counter: its form is made anew at every call."""
+    if t.is_inference():
+        return make(t.detach())
     hit = _KEPT.get(t)
     if hit is not None and hit[:3] == (t._version, t.data_ptr(), tag):
         return hit[3]
     made = make(t.detach())
     _KEPT[t] = (t._version, t.data_ptr(), tag, made)
     return made
+
+
+def forget_kept() -> None:
+    """Drop every form :func:`kept_per_tensor` keeps (after weights were written through ``.data``, or to free
+    the GPU copies of a model moved off the GPU: ~5 MB for Wan2.1's VAE)."""
+    _KEPT.clear()
 
 
 def _per_channel(v: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -9,8 +9,11 @@ The decode runs on the CPU in bf16 channels-last at a small latent size and ever
 the area ratio to 90x160 latents (33 frames 720x1280): the passes are per pixel, so the bytes scale
 with the area exactly (the calls do not change). Counted per call, as the GPU kernels move them:
 - ``norm_silu`` (Triton ``_norm_silu_kernel``): x read, the result written, the causal cache's frames
-  written a second time where the pass writes them (``tail``);
+  written a second time where the pass writes them (``tail``); a residual block's pending sum: the residual
+  read and the sum written (``residual``, ``sum_out``, docs/PERF.md entry 18t);
 - ``add_bias_`` (Triton ``_add_bias_kernel``): x read and written, the residual read;
+- ``interleave_phases`` (Triton ``_interleave_phases_kernel``): the upsamplers' four phases read, the output
+  written (as many values; entry 18s);
 - ``Tensor.copy_`` between two tensors (the profile's ``Memcpy DtoD``): read and written.
 The profile: a ``vae_bench.md`` whose kernel table names these kernels (``benchmarks/vae_bench.py``);
 its rows of the first decode variant are read.
@@ -30,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import oasis.vae_conv as vae_conv  # noqa: E402
+import oasis.vae_kernels as vae_kernels  # noqa: E402
 import oasis.wan_vae as wan_vae  # noqa: E402
 from oasis.wan_vae import WanVAE, WanVAEConfig  # noqa: E402
 
@@ -37,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from attn_bench import environment  # noqa: E402  (the runs' common record: date, commit, dirty, versions)
 
 #: the profile's kernel name for each pass
-KERNELS = {"norm_silu": "_norm_silu_kernel", "add_bias": "_add_bias_kernel", "copy": "Memcpy DtoD"}
+KERNELS = {"norm_silu": "_norm_silu_kernel", "add_bias": "_add_bias_kernel", "interleave": "_interleave_phases_kernel",
+           "copy": "Memcpy DtoD"}
 
 
 def _bytes(t: torch.Tensor | None) -> int:
@@ -63,7 +68,7 @@ def count(latent, piece: int) -> tuple[Counter, Counter, Counter]:
     """(bytes per pass, calls per pass, bytes per (pass, channels)) of one decode at ``latent``."""
     counts, calls, by_width = Counter(), Counter(), Counter()
     mode = _Copies(counts, calls)
-    norm_silu, add_bias_ = wan_vae.norm_silu, vae_conv.add_bias_
+    norm_silu, add_bias_, interleave = wan_vae.norm_silu, vae_conv.add_bias_, vae_kernels.interleave_phases
 
     def counted(what, fn, moved):
         """``fn`` with the bytes ``moved(*args, **kwargs)`` says it moves counted under ``what`` (None: it
@@ -81,19 +86,25 @@ def count(latent, piece: int) -> tuple[Counter, Counter, Counter]:
                 mode.paused -= 1
         return wrapper
 
-    counted_norm = counted("norm_silu", norm_silu, lambda x, *a, tail=None, **k: 2 * _bytes(x) + _bytes(tail))
+    counted_norm = counted("norm_silu", norm_silu, lambda x, *a, tail=None, residual=None, sum_out=None, **k: (
+        2 * _bytes(x) + _bytes(tail) + _bytes(residual) + _bytes(sum_out)))
     counted_add = counted("add_bias", add_bias_, lambda x, bias, residual=None: (
         None if bias is None and residual is None else 2 * _bytes(x) + _bytes(residual)))
+    # the phases hold the output's values: (H + 1)(W + 1) pixels of 4 Co channels read, 4 HW Co written
+    counted_weave = counted("interleave", interleave, lambda o, bias=None: 2 * _bytes(o))
 
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(), encoder=False).to(torch.bfloat16).channels_last()
     z = torch.randn(1, 16, *latent, dtype=torch.bfloat16)
-    wan_vae.norm_silu, vae_conv.add_bias_ = counted_norm, counted_add
+    # add_bias_ is called from both modules (wan_vae: a pending sum summed in a pass of its own)
+    wan_vae.norm_silu, vae_conv.add_bias_, wan_vae.add_bias_ = counted_norm, counted_add, counted_add
+    vae_kernels.interleave_phases = counted_weave
     try:
         with torch.no_grad(), mode:
             vae.decode(z, chunk=1, piece_frames=piece)
     finally:
-        wan_vae.norm_silu, vae_conv.add_bias_ = norm_silu, add_bias_
+        wan_vae.norm_silu, vae_conv.add_bias_, wan_vae.add_bias_ = norm_silu, add_bias_, add_bias_
+        vae_kernels.interleave_phases = interleave
     return counts, calls, by_width
 
 

@@ -112,7 +112,7 @@ def test_upsample_conv_by_phases_is_the_resize_then_the_conv(case):
 
 def test_phase_weights_are_the_taps_each_phase_reads():
     """Each phase's 2x2 kernel, written out by hand from the 3x3 one (an independent statement of the map)."""
-    w = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
     k = vae_conv.phase_weights(w).view(2, 2, 2, 3, 2, 2)  # [a, b, Co, C, rows, cols]
     rows = {0: lambda t: torch.stack([t[..., 0, :], t[..., 1, :] + t[..., 2, :]], -2),
             1: lambda t: torch.stack([t[..., 0, :] + t[..., 1, :], t[..., 2, :]], -2)}
@@ -124,6 +124,37 @@ def test_phase_weights_are_the_taps_each_phase_reads():
     # 16-bit weights: summed wide, rounded once
     wb = w.bfloat16()
     assert torch.equal(vae_conv.phase_weights(wb), vae_conv.phase_weights(wb.double()).bfloat16())
+
+
+def test_kept_phase_weights_follow_their_weight():
+    """The upsampler's phase kernels are made once per weight and made again when it changes: in place on the
+    parameter, a new storage, or (through ``.data``, which the version counter does not see) after ``forget_kept``;
+    weights made under ``torch.inference_mode()`` (no version counter) are used as they are at each call."""
+    gen = torch.Generator().manual_seed(12)
+    conv2d = torch.nn.Conv2d(4, 3, 3, padding=1).double().requires_grad_(False)
+    x = torch.randn(1, 4, 3, 5, generator=gen, dtype=torch.float64)
+
+    def want():
+        return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest-exact"), conv2d.weight, conv2d.bias, padding=1)
+
+    def check():
+        torch.testing.assert_close(upsample2x_conv3x3(x, conv2d.weight, conv2d.bias), want(), rtol=0, atol=1e-12)
+
+    with torch.no_grad():
+        check()
+        conv2d.weight.mul_(-2)  # the version counter
+        check()
+        conv2d.weight.data = conv2d.weight.data * 3  # a new storage
+        check()
+        conv2d.weight.data.add_(1)  # unseen by the counter ...
+        vae_kernels.forget_kept()  # ... until the kept forms are dropped
+        check()
+    with torch.inference_mode():
+        made = torch.nn.Conv2d(4, 3, 3, padding=1).double()
+        y = upsample2x_conv3x3(x, made.weight, made.bias)
+        made.weight.mul_(2)
+        torch.testing.assert_close(upsample2x_conv3x3(x, made.weight, made.bias), 2 * (y - made.bias.view(-1, 1, 1))
+                                   + made.bias.view(-1, 1, 1), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
