@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_in
 
-__all__ = ["conv", "upsample2x_conv3x3", "phase_weights", "cuda_kernel", "cuda_kernel_enabled", "cuda_kernel_takes", "few_out_kernel_takes",
-           "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file", "set_choices_file",
-           "tuning_stats"]
+__all__ = ["conv", "upsample2x_conv3x3", "phase_weights", "cuda_kernel", "cuda_kernel_enabled", "cuda_kernel_takes",
+           "few_out_kernel_takes", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
+           "set_choices_file", "tuning_stats"]
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)

@@ -182,6 +182,14 @@ def _norm_into(x, norm: "RMSNorm", out: torch.Tensor, x_bias: torch.Tensor | Non
         norm_silu(x, norm.gamma, norm.scale, out=out, bias=x_bias, tail=tail)
 
 
+def _last_use(x):
+    """``x`` for a reader after which nothing needs its sum (the output convolution's norm pass): a
+    :class:`PendingSum` is then summed in that pass without being written back."""
+    if isinstance(x, PendingSum):
+        x.keep = False
+    return x
+
+
 def _frames_of(x) -> torch.Tensor:
     """The tensor whose shape, dtype, device and layout ``x`` has (a :class:`PendingSum`'s ``conv``)."""
     return x.conv if isinstance(x, PendingSum) else x
@@ -202,12 +210,15 @@ class CausalConv3d(nn.Conv3d):
         self.time_pad = 2 * p[0]
         assert self.time_pad in (0, self.kernel_size[0] - 1)
 
+    def _bias(self, bias: bool | torch.Tensor) -> torch.Tensor | None:
+        """The bias a call adds: its own (``True``), another (a tensor) or none (``False``: the caller folds it
+        into its next pass)."""
+        return self.bias if bias is True else (None if bias is False else bias)
+
     def _conv(self, x: torch.Tensor, bias: bool | torch.Tensor = True,
               residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The convolution plus its bias (``True``), another bias (a tensor) or none (``False``: the
-        caller folds it into its next pass), plus ``residual``: :func:`oasis.vae_conv.conv`."""
-        b = self.bias if bias is True else (None if bias is False else bias)
-        return conv(x, self.weight, b, residual, stride=self.stride, padding=(0, *self.space_pad))
+        """The convolution plus :meth:`_bias` of ``bias``, plus ``residual``: :func:`oasis.vae_conv.conv`."""
+        return conv(x, self.weight, self._bias(bias), residual, stride=self.stride, padding=(0, *self.space_pad))
 
     def _history(self, x: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A buffer ``[B, C, time_pad + T, H, W]`` holding the cached frames (or zeros) in front, and the
@@ -281,19 +292,16 @@ class CausalConv3d(nn.Conv3d):
             # the decoder's output convolution (96 -> 3): its own kernel, under either conv_kernel
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
-            b = self.bias if bias is True else (None if bias is False else bias)
-            return vae_cuda.conv3d_few_out(normed, self.weight, b, prev=prev)
+            return vae_cuda.conv3d_few_out(normed, self.weight, self._bias(bias), prev=prev)
         if vae_conv.cuda_kernel_takes(_frames_of(x), self.weight, self.time_pad, prev=prev, residual=residual):
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
-            b = self.bias if bias is True else (None if bias is False else bias)
-            return vae_cuda.conv3d_k3(normed, self.weight, b, prev=prev, residual=residual)
+            return vae_cuda.conv3d_k3(normed, self.weight, self._bias(bias), prev=prev, residual=residual)
         del prev
         buf = self.normed_input(x, norm, cache, x_bias=x_bias)
         del x
         if defer and residual is not None:
-            b = self.bias if bias is True else (None if bias is False else bias)
-            return PendingSum(self._conv(buf, False), b, residual)
+            return PendingSum(self._conv(buf, False), self._bias(bias), residual)
         return self._conv(buf, bias, residual)
 
     def _normed_frames(self, x, norm: "RMSNorm", cache: dict | None, prev: torch.Tensor | None,
@@ -550,9 +558,7 @@ class WanEncoder3d(nn.Module):
         else:
             x = head(x, starts)
         x = self.mid_block(_down_layers(self.down_blocks[first:], x, cache, starts, True), cache, defer=True)
-        if isinstance(x, PendingSum):
-            x.keep = False  # summed for the output convolution's norm pass only
-        return self.conv_out.forward_normed(x, self.norm_out, cache)
+        return self.conv_out.forward_normed(_last_use(x), self.norm_out, cache)
 
 
 def _down_layers(layers, x, cache, starts, defer_last: bool):
@@ -612,10 +618,7 @@ class WanDecoder3d(nn.Module):
                 return outs
             handed.append(self.up_blocks[i](handed, cache, starts, defer=i == len(self.up_blocks) - 1))
             i += 1
-        x = _take(handed)
-        if isinstance(x, PendingSum):
-            x.keep = False  # summed for the output convolution's norm pass only
-        return [self.conv_out.forward_normed(x, self.norm_out, cache)]
+        return [self.conv_out.forward_normed(_last_use(_take(handed)), self.norm_out, cache)]
 
 
 def _check_input(x: torch.Tensor, what: str, weight: torch.Tensor, min_side: int = 1) -> None:
