@@ -316,15 +316,14 @@ def phase_weights(weight: torch.Tensor) -> torch.Tensor:
     return k.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2).to(weight.dtype).contiguous(memory_format=fmt)
 
 
-def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(F.interpolate(x, scale_factor=2, mode="nearest-exact"), weight, bias, padding=1)`` for images
     ``[N, C, H, W]`` and a 3x3 ``weight`` ``[Co, C, 3, 3]``, without the upsampled image: each output pixel
     ``(2i + a, 2j + b)`` reads 2x2 distinct input pixels, so the four phases are one 2x2 convolution of ``x``
     padded by one on each side, to ``4 Co`` channels (:func:`phase_weights`: 4/9 of the multiply-adds), woven
     into the output with the bias in one pass (:func:`oasis.vae_kernels.interleave_phases`). The same sums as
     the resize and the 3x3 convolution; the summed taps are rounded once to the weight's dtype (docs/PERF.md
-    entry 18s). ``out``: ``[N, Co, 2H, 2W]`` to write the result into (channels-last for the Triton pass)."""
+    entry 18s)."""
     if x.dim() != 4 or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"upsample2x_conv3x3 takes images [N, C, H, W] and a 3x3 weight [Co, C, 3, 3], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
@@ -332,7 +331,7 @@ def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         k = phase_weights(weight)
     else:
         k = vae_kernels.kept_per_tensor(weight, phase_weights, tag="phases")
-    return vae_kernels.interleave_phases(conv(x, k, padding=1), bias, out=out)
+    return vae_kernels.interleave_phases(conv(x, k, padding=1), bias)
 
 
 def _few_inputs(x, weight, bias, stride, padding) -> bool:

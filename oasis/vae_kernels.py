@@ -294,10 +294,9 @@ def _channels_last_image(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def interleave_phases(o: torch.Tensor, bias: torch.Tensor | None = None, *,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def interleave_phases(o: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The four phases of a 2x nearest upsampling followed by a 3x3 convolution woven into one image, plus
-    the convolution's bias: ``o [N, 4 Co, H + 1, W + 1]`` -> ``[N, Co, 2H, 2W]`` (into ``out`` where given).
+    the convolution's bias: ``o [N, 4 Co, H + 1, W + 1]`` -> ``[N, Co, 2H, 2W]``.
 
     ``o`` is the 2x2 convolution of :func:`oasis.vae_conv.upsample2x_conv3x3`: channel ``(2a + b) Co + c`` at
     pixel ``(i + a, j + b)`` is output channel ``c`` at pixel ``(2i + a, 2j + b)``. One Triton pass on CUDA
@@ -307,16 +306,10 @@ def interleave_phases(o: torch.Tensor, bias: torch.Tensor | None = None, *,
             or (bias is not None and (bias.numel() != o.shape[1] // 4 or bias.device != o.device))):
         raise ValueError(f"interleave_phases takes [N, 4 Co, H + 1, W + 1] with H, W >= 1 and Co biases, got "
                          f"{tuple(o.shape)} and bias {None if bias is None else tuple(bias.shape)}")
-    n, c4, h1, w1 = o.shape
-    if out is not None and (tuple(out.shape) != (n, c4 // 4, 2 * (h1 - 1), 2 * (w1 - 1)) or out.dtype != o.dtype
-                            or out.device != o.device):
-        raise ValueError(f"interleave_phases: out must be {(n, c4 // 4, 2 * (h1 - 1), 2 * (w1 - 1))} {o.dtype} on "
-                         f"{o.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
     if _channels_last_image(o) and on_triton_device(o) and o.dtype in (torch.float16, torch.bfloat16, torch.float32) \
-            and not _needs_grad(o, bias) and (out is None or _channels_last_image(out)):
-        return interleave_phases_triton(o, bias, out=out)
-    y = interleave_phases_reference(o, bias)
-    return y if out is None else out.copy_(y)
+            and not _needs_grad(o, bias):
+        return interleave_phases_triton(o, bias)
+    return interleave_phases_reference(o, bias)
 
 
 def interleave_phases_reference(o: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,19 +325,14 @@ def interleave_phases_reference(o: torch.Tensor, bias: torch.Tensor | None = Non
     return y.contiguous(memory_format=fmt)
 
 
-def interleave_phases_triton(o: torch.Tensor, bias: torch.Tensor | None = None, *,
-                             out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernel of :func:`interleave_phases` (channels-last ``o`` and ``out``; CUDA or the interpreter)."""
+def interleave_phases_triton(o: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel of :func:`interleave_phases` (channels-last ``o``; CUDA or the interpreter)."""
     if not _channels_last_image(o):
         raise ValueError(f"interleave_phases_triton takes a channels-last [N, 4 Co, H + 1, W + 1], got strides "
                          f"{o.stride()} for shape {tuple(o.shape)}")
     n, c4, h1, w1 = o.shape
     co, h, w = c4 // 4, h1 - 1, w1 - 1
-    if out is None:
-        out = torch.empty((n, co, 2 * h, 2 * w), dtype=o.dtype, device=o.device, memory_format=torch.channels_last)
-    elif not _channels_last_image(out) or tuple(out.shape) != (n, co, 2 * h, 2 * w):
-        raise ValueError(f"interleave_phases_triton: out must be a channels-last {(n, co, 2 * h, 2 * w)}, got "
-                         f"{tuple(out.shape)} with strides {out.stride()}")
+    out = torch.empty((n, co, 2 * h, 2 * w), dtype=o.dtype, device=o.device, memory_format=torch.channels_last)
     pixels = n * h * w
     if pixels == 0 or co == 0:
         return out

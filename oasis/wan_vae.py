@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import vae_conv, vae_cuda
-from .vae_cache import CacheArena, ConvGroup
 from .vae_conv import conv, upsample2x_conv3x3
 from .vae_kernels import add_bias_, attention_usable, attention_wide, norm_silu, norm_silu_reference
 
@@ -191,18 +190,6 @@ def _last_use(x):
     return x
 
 
-def _group(blocks, channels: int) -> ConvGroup | None:
-    """One :class:`ConvGroup` over the residual ``blocks``' 3x3x3 convolutions that read ``channels`` channels (a
-    stage's convolutions at one geometry; a block that changes the width reads the stage's input in its first)."""
-    convs = [c for b in blocks for c in (b.conv1, b.conv2) if c.in_channels == channels]
-    if not convs:
-        return None
-    group = ConvGroup(len(convs))
-    for c in convs:
-        c.group = group
-    return group
-
-
 def _frames_of(x) -> torch.Tensor:
     """The tensor whose shape, dtype, device and layout ``x`` has (a :class:`PendingSum`'s ``conv``)."""
     return x.conv if isinstance(x, PendingSum) else x
@@ -222,8 +209,6 @@ class CausalConv3d(nn.Conv3d):
         self.space_pad = (p[1], p[2])
         self.time_pad = 2 * p[0]
         assert self.time_pad in (0, self.kernel_size[0] - 1)
-        #: the stage whose cache entries this convolution's share one tensor (:mod:`oasis.vae_cache`), or None
-        self.group: ConvGroup | None = None
 
     def _bias(self, bias: bool | torch.Tensor) -> torch.Tensor | None:
         """The bias a call adds: its own (``True``), another (a tensor) or none (``False``: the caller folds it
@@ -252,14 +237,11 @@ class CausalConv3d(nn.Conv3d):
                     and prev.dtype == last.dtype and prev.device == last.device)
         return buf, prev if reusable else None
 
-    def _remember(self, buf: torch.Tensor, keep: torch.Tensor | None, cache: dict | None,
-                  arena: CacheArena | None = None) -> None:
-        """The buffer's last frames as this layer's cache entry: into ``keep``, else into a slot of ``arena``,
-        else a copy (a view would keep the whole buffer alive)."""
+    def _remember(self, buf: torch.Tensor, keep: torch.Tensor | None, cache: dict | None) -> None:
+        """The buffer's last frames as this layer's cache entry: into ``keep``, else a copy (a view
+        would keep the whole buffer alive)."""
         if cache is not None:
             last = buf[:, :, -self.time_pad:]
-            if keep is None:
-                keep = None if arena is None else arena.entry(self, cache)
             cache[self] = last.clone() if keep is None else keep.copy_(last)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
@@ -275,26 +257,15 @@ class CausalConv3d(nn.Conv3d):
         """``SiLU(norm(x + x_bias))`` written once, straight behind the cached frames: the buffer this
         convolution reads (:meth:`_conv`); ``x_bias``: the bias of the convolution that made ``x``, left
         out there; ``x`` may be a :class:`PendingSum`. The caller may drop ``x`` before the convolution (its
-        output then takes x's place). Where the stage's entries share a :class:`~oasis.vae_cache.CacheArena`
-        the buffer is a window of it, the entry already in front and the next one its last frames."""
-        frames = _frames_of(x)
-        arena = CacheArena.get(self.group, frames, self.time_pad, cache, self.weight, norm.gamma, x_bias)
-        window = None if arena is None else arena.window(self, frames.shape[2], cache)
-        if window is not None:
-            _norm_into(x, norm, window[:, :, self.time_pad:], x_bias, None)
-            return window
-        buf, keep = self._history(frames, cache)
+        output then takes x's place)."""
+        buf, keep = self._history(_frames_of(x), cache)
         # the next call's cache (this call's last frames) written by the norm pass itself where the
         # new frames cover it, instead of copied out of the buffer after it
         covered = cache is not None and 0 < self.time_pad <= x.shape[2]
-        if covered and keep is None:
-            keep = None if arena is None else arena.entry(self, cache)
-            tail = _frames_like(frames, self.time_pad) if keep is None else keep
-        else:
-            tail = keep if covered else None
+        tail = (keep if keep is not None else _frames_like(_frames_of(x), self.time_pad)) if covered else None
         _norm_into(x, norm, buf[:, :, self.time_pad:], x_bias, tail)
         if tail is None:
-            self._remember(buf, keep, cache, arena)
+            self._remember(buf, keep, cache)
         else:
             cache[self] = tail
         return buf
@@ -318,16 +289,7 @@ class CausalConv3d(nn.Conv3d):
         x = _take(handed)
         prev = None if cache is None else cache.get(self)
         if residual is None and vae_conv.few_out_kernel_takes(_frames_of(x), self.weight, self.time_pad, prev=prev):
-            # the decoder's output convolution (96 -> 3): its own kernel, under either conv_kernel; the cached
-            # and new frames a window of the stage's arena where it has one (the kernel reads them in place)
-            frames = _frames_of(x)
-            arena = CacheArena.get(self.group, frames, self.time_pad, cache, self.weight, norm.gamma, x_bias)
-            window = None if arena is None else arena.window(self, frames.shape[2], cache)
-            if window is not None:
-                tp = self.time_pad
-                _norm_into(x, norm, window[:, :, tp:], x_bias, None)
-                del x, prev
-                return vae_cuda.conv3d_few_out(window[:, :, tp:], self.weight, self._bias(bias), prev=window[:, :, :tp])
+            # the decoder's output convolution (96 -> 3): its own kernel, under either conv_kernel
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
             return vae_cuda.conv3d_few_out(normed, self.weight, self._bias(bias), prev=prev)
@@ -369,9 +331,6 @@ class CausalConv3d(nn.Conv3d):
         if tail is None:
             front = prev if prev is not None else _frames_like(frames, self.time_pad).zero_()
             tail = _cat_frames([front, frames])[:, :, -self.time_pad:].clone(memory_format=_format(frames))
-        arena = cache.get(self.group) if self.group is not None else None
-        if isinstance(arena, CacheArena):  # the entry lives apart now: its slot is free for the stage's windows
-            arena.release(self)
         cache[self] = tail
 
 
@@ -477,7 +436,6 @@ class MidBlock(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList([ResidualBlock(dim, dim), ResidualBlock(dim, dim)])
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
-        self.group = _group(self.resnets, dim)
 
     def forward(self, x, cache, defer: bool = False):
         """``x``: a tensor or a :class:`PendingSum`; ``defer``: the second block's output may be one."""
@@ -497,23 +455,12 @@ class Upsample(nn.Module):
 
     def _space(self, frames):
         # the resize and the 3x3 convolution as the four phases' 2x2 convolutions of the frames themselves
-        # (nearest-exact copies values: diffusers upcasts the resize to float32, the same values); one frame at a
-        # time into the output, so that the phases (4/3 of the output's bytes) of one frame only are ever alive
-        # (the decoder's peak, docs/PERF.md entry 18u)
+        # (nearest-exact copies values: diffusers upcasts the resize to float32, the same values)
         c = self.resample[1]
-        n, _, h, w = frames.shape
-        if n == 1 or (torch.is_grad_enabled() and (frames.requires_grad or c.weight.requires_grad)):
-            return upsample2x_conv3x3(frames, c.weight, c.bias)
-        fmt = torch.channels_last if frames.shape[1] > 1 and frames.stride(1) == 1 else torch.contiguous_format
-        out = torch.empty((n, c.out_channels, 2 * h, 2 * w), dtype=frames.dtype, device=frames.device, memory_format=fmt)
-        for i in range(n):
-            upsample2x_conv3x3(frames[i:i + 1], c.weight, c.bias, out=out[i:i + 1])
-        return out
+        return upsample2x_conv3x3(frames, c.weight, c.bias)
 
-    def forward(self, handed: list, cache, starts: bool):
-        """``handed``: ``[x]``, emptied here (:func:`_take`); ``starts``: ``x`` begins with the sequence's first
-        frame, which is upsampled in space only."""
-        x = _take(handed)
+    def forward(self, x, cache, starts: bool):
+        """``starts``: ``x`` begins with the sequence's first frame, which is upsampled in space only."""
         if self.time_conv is not None:
             first = 1 if starts else 0
             b, c, t, h, w = x.shape
@@ -524,10 +471,7 @@ class Upsample(nn.Module):
                 z = self.time_conv(x[:, :, first:], cache)  # [B, 2C, t - first, H, W]: two frames per input frame
                 y[:, :, first::2].copy_(z[:, :c])
                 y[:, :, first + 1::2].copy_(z[:, c:])
-                del z
-            # x and the time convolution's output freed before the spatial phases exist (docs/PERF.md entry 18u)
             x = y
-            del y
         return _per_frame(x, self._space)
 
 
@@ -563,7 +507,6 @@ class UpBlock(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList(ResidualBlock(cin if i == 0 else cout, cout) for i in range(num_res_blocks + 1))
         self.upsamplers = None if upsample is None else nn.ModuleList([Upsample(cout, upsample == "3d")])
-        self.group = _group(self.resnets, cout)
 
     @property
     def temporal(self) -> bool:
@@ -577,11 +520,7 @@ class UpBlock(nn.Module):
         for i, r in enumerate(self.resnets):
             last = i == len(self.resnets) - 1
             x = r(x, cache, defer=not last or (defer and self.upsamplers is None))
-        if self.upsamplers is None:
-            return x
-        handed.append(x)
-        del x
-        return self.upsamplers[0](handed, cache, starts)
+        return x if self.upsamplers is None else self.upsamplers[0](x, cache, starts)
 
 
 class WanEncoder3d(nn.Module):
@@ -599,16 +538,6 @@ class WanEncoder3d(nn.Module):
             if i != len(cfg.dim_mult) - 1:
                 layers.append(Downsample(cout, bool(cfg.temperal_downsample[i])))
         self.down_blocks = nn.ModuleList(layers)
-        # each run of residual blocks between two downsamplers: one stage; (its group, the downsampler after it)
-        self.stages: list[tuple[ConvGroup | None, Downsample | None]] = []
-        run = []
-        for m in layers + [None]:
-            if isinstance(m, ResidualBlock):
-                run.append(m)
-                continue
-            if run:
-                self.stages.append((_group(run, run[-1].conv2.out_channels), m))
-            run = []
         self.mid_block = MidBlock(dims[-1])
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1)
@@ -630,19 +559,6 @@ class WanEncoder3d(nn.Module):
             x = head(x, starts)
         x = self.mid_block(_down_layers(self.down_blocks[first:], x, cache, starts, True), cache, defer=True)
         return self.conv_out.forward_normed(_last_use(x), self.norm_out, cache)
-
-    def plan_cache(self, cache: dict, frames: int, piece_frames: int | None) -> None:
-        """Arenas in ``cache`` (:mod:`oasis.vae_cache`) for calls of ``frames`` input frames each after the
-        first (``piece_frames`` as in :meth:`forward`), every stage sized for its frames per call."""
-        t, pieced = frames, piece_frames is not None
-        for group, down in self.stages:
-            if group is not None:
-                group.plan(cache, min(t, piece_frames) if pieced else t)
-            if down is not None and down.time_conv is not None:
-                # each chunk after the first: its frames and the one cached, stride 2
-                t, pieced = t // 2, False
-        if self.mid_block.group is not None:
-            self.mid_block.group.plan(cache, t)
 
 
 def _down_layers(layers, x, cache, starts, defer_last: bool):
@@ -675,10 +591,6 @@ class WanDecoder3d(nn.Module):
         self.up_blocks = nn.ModuleList(blocks)
         self.norm_out = RMSNorm(dims[-1])
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
-        last = self.up_blocks[-1].group if len(self.up_blocks) else None
-        if last is not None:  # it reads the last stage's frames: its entry joins that stage's
-            last.size += 1
-            self.conv_out.group = last
 
     def forward(self, z, cache: dict, starts: bool, piece_frames: int | None = None):
         """``piece_frames``: once no temporal upsampler is left (the two largest stages of Wan2.1's
@@ -686,20 +598,6 @@ class WanDecoder3d(nn.Module):
         cache makes that exact, and the working set of those stages shrinks with the piece."""
         handed = [self.mid_block(self.conv_in(z, cache), cache, defer=bool(len(self.up_blocks)))]
         return _cat_frames(self._stages(0, handed, cache, starts, piece_frames))
-
-    def plan_cache(self, cache: dict, latent_frames: int, piece_frames: int | None) -> None:
-        """Arenas in ``cache`` (:mod:`oasis.vae_cache`) for calls of ``latent_frames`` each after the first
-        (``piece_frames`` as in :meth:`forward`), every stage sized for its frames per call."""
-        t = latent_frames
-        if self.mid_block.group is not None:
-            self.mid_block.group.plan(cache, t)
-        for i, b in enumerate(self.up_blocks):
-            if piece_frames is not None and not any(u.temporal for u in self.up_blocks[i:]):
-                t = min(t, piece_frames)  # as _stages cuts them
-            if b.group is not None:
-                b.group.plan(cache, t)
-            if b.temporal:
-                t *= 2
 
     def _stages(self, i, handed: list, cache, starts, piece) -> list[torch.Tensor]:
         """Stages ``i`` on of ``handed`` (``[x]``, emptied: each stage's input is freed as soon as the
@@ -838,8 +736,6 @@ class WanVAE(nn.Module):
         out = torch.empty((b, self.config.out_channels, 1 + tf * (t - 1), sf * h, sf * w), dtype=x.dtype,
                           device=x.device)
         cache: dict = {}
-        if step < t:  # the stages' cache entries in arenas sized for the chunks after the first
-            self.decoder.plan_cache(cache, step, piece_frames)
         for s in range(0, t, step):
             y = self.decoder(x[:, :, s:s + step], cache, starts=s == 0, piece_frames=piece_frames)
             f0 = 0 if s == 0 else 1 + tf * (s - 1)
@@ -910,8 +806,6 @@ class WanVAE(nn.Module):
         step = latents if chunk is None else chunk
         x = video.contiguous(memory_format=self.memory_format)
         cache: dict = {}
-        if step < latents:  # as in decode: arenas for the chunks after the first (tf frames a latent frame)
-            self.encoder.plan_cache(cache, tf * step, piece_frames)
         parts = []
         with self._autotuned():
             for s in range(0, latents, step):  # latent frames s .. s+step come from these input frames

@@ -91,7 +91,7 @@ def count(latent, piece: int) -> tuple[Counter, Counter, Counter]:
     counted_add = counted("add_bias", add_bias_, lambda x, bias, residual=None: (
         None if bias is None and residual is None else 2 * _bytes(x) + _bytes(residual)))
     # the phases hold the output's values: (H + 1)(W + 1) pixels of 4 Co channels read, 4 HW Co written
-    counted_weave = counted("interleave", interleave, lambda o, bias=None, out=None: 2 * _bytes(o))
+    counted_weave = counted("interleave", interleave, lambda o, bias=None: 2 * _bytes(o))
 
     torch.manual_seed(0)
     vae = WanVAE(WanVAEConfig(), encoder=False).to(torch.bfloat16).channels_last()

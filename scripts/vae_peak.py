@@ -45,7 +45,6 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import oasis.wan_vae as wv  # noqa: E402
 from oasis import vae_conv, vae_kernels  # noqa: E402
-from oasis.vae_cache import CacheArena  # noqa: E402
 from oasis.vae_kernels import interleave_phases_reference, norm_silu_reference  # noqa: E402
 
 GIB = 2 ** 30
@@ -127,11 +126,7 @@ class Tracker(TorchDispatchMode):
         cache = self.cache_getter() or {}
         cache_ptr = {}
         for m, v in cache.items():
-            if isinstance(v, torch.Tensor):
-                cache_ptr[v.untyped_storage().data_ptr()] = self.names.get(m, type(m).__name__)
-        for m, v in cache.items():  # a stage's arena (oasis.vae_cache): its entries are views of one storage
-            if isinstance(v, CacheArena):
-                cache_ptr[v.mem.untyped_storage().data_ptr()] = f"{self.names.get(m, 'a stage')} (arena)"
+            cache_ptr[v.untyped_storage().data_ptr()] = self.names.get(m, type(m).__name__)
         items = []
         for p, r in self.live.items():
             if r.ref.expired():
@@ -172,8 +167,6 @@ def main(argv=None):
     to_bf16 = 0.5 if dt == torch.float32 else 1.0
 
     names = {m: n for n, m in vae.named_modules()}
-    names.update({m.group: n for n, m in vae.named_modules()  # each stage's arena under the stage's name
-                  if isinstance(m, (wv.MidBlock, wv.UpBlock)) and m.group is not None})
     holder = {}
 
     def grab_cache(mod, args, kwargs):
@@ -210,14 +203,13 @@ def main(argv=None):
         return y
 
     # the upsamplers' weave as the Triton pass: its output only
-    def interleave_phases_gpu_like(o, bias=None, out=None):
+    def interleave_phases_gpu_like(o, bias=None):
         tr.paused += 1
         try:
             y = interleave_phases_reference(o, bias)
         finally:
             tr.paused -= 1
-        if out is None:
-            out = torch.empty(y.shape, dtype=y.dtype, memory_format=torch.channels_last)
+        out = torch.empty(y.shape, dtype=y.dtype, memory_format=torch.channels_last)
         return out.copy_(y)
 
     wv.norm_silu = norm_silu_gpu_like

@@ -175,16 +175,6 @@ def test_interleave_phases_kernel_matches_torch(dtype, with_bias):
             want = (wide.view(torch.int32) & -65536).view(torch.float32).bfloat16()
         assert _dense_channels_last(got) and got.shape == want.shape
         assert torch.equal(got, want), (got.double() - want.double()).abs().max()
-        # into a given output, one image of a larger batch (the decoder's upsamplers, a frame at a time)
-        into = torch.full((shape[0] + 1, *want.shape[1:]), float("nan"), dtype=dtype, device=device)
-        into = into.contiguous(memory_format=torch.channels_last)
-        assert vae_kernels.interleave_phases_triton(o, b, out=into[1:]).data_ptr() == into[1:].data_ptr()
-        assert torch.equal(into[1:], got) and into[0].isnan().all()
-        assert torch.equal(vae_kernels.interleave_phases(o.float(), b if b is None else b.float(),
-                                                         out=torch.empty(want.shape)), vae_kernels.interleave_phases(
-                                                             o.float(), b if b is None else b.float()))
-    with pytest.raises(ValueError, match="out must be"):
-        vae_kernels.interleave_phases(o, out=torch.empty(1, 1, 1, 1, dtype=dtype, device=device))
 
 
 def test_upsample_conv_by_phases_in_16_bits():
