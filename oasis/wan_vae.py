@@ -516,10 +516,20 @@ class UpBlock(nn.Module):
         """``handed``: ``[x]`` (a tensor or a :class:`PendingSum`), emptied here (see :func:`_take`); ``defer``:
         without an upsampler, the output may be a :class:`PendingSum`. Each block's output but the last is
         summed by the next block's first norm pass."""
+        handed.append(self.blocks(handed, cache, defer))
+        return self.upsample(handed, cache, starts)
+
+    def blocks(self, handed: list, cache, defer: bool = False):
+        """The residual blocks alone (:meth:`forward` without the upsampler)."""
         x = _take(handed)
         for i, r in enumerate(self.resnets):
             last = i == len(self.resnets) - 1
             x = r(x, cache, defer=not last or (defer and self.upsamplers is None))
+        return x
+
+    def upsample(self, handed: list, cache, starts):
+        """The upsampler alone on ``[x]`` (emptied), or ``x`` itself where there is none."""
+        x = _take(handed)
         return x if self.upsamplers is None else self.upsamplers[0](x, cache, starts)
 
 
@@ -546,18 +556,33 @@ class WanEncoder3d(nn.Module):
         """``piece_frames``: run the layers before the first temporal downsampler (those at the full
         frame rate, the two largest) on pieces of at most this many frames, one after the other (the
         same arithmetic as in one call, as in the decoder)."""
-        first = next((i for i, m in enumerate(self.down_blocks) if isinstance(m, Downsample) and m.time_conv is not None),
-                     len(self.down_blocks))
+        return self.tail(self.head(x, cache, starts, piece_frames), cache)
 
-        def head(xp, st):
+    def _temporal_downsamplers(self) -> list[int]:
+        return [i for i, m in enumerate(self.down_blocks) if isinstance(m, Downsample) and m.time_conv is not None]
+
+    def head(self, x, cache: dict, starts: bool, piece_frames: int | None = None) -> torch.Tensor:
+        """The layers up to the last temporal downsampler (:meth:`forward`'s first part): its output."""
+        down = self._temporal_downsamplers()
+        first = down[0] if down else len(self.down_blocks)
+        last = down[-1] + 1 if down else len(self.down_blocks)
+
+        def front(xp, st):
             return _summed(_down_layers(self.down_blocks[:first], self.conv_in(xp, cache), cache, st, False))
 
         t = x.shape[2]
         if piece_frames is not None and t > piece_frames:
-            x = _cat_frames([head(x[:, :, s:s + piece_frames], starts and s == 0) for s in range(0, t, piece_frames)])
+            x = _cat_frames([front(x[:, :, s:s + piece_frames], starts and s == 0) for s in range(0, t, piece_frames)])
         else:
-            x = head(x, starts)
-        x = self.mid_block(_down_layers(self.down_blocks[first:], x, cache, starts, True), cache, defer=True)
+            x = front(x, starts)
+        return _summed(_down_layers(self.down_blocks[first:last], x, cache, starts, False))
+
+    def tail(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """The layers after the last temporal downsampler, the middle block and the output convolution on
+        :meth:`head`'s output (any number of its frames at once: no layer here treats the first frame apart)."""
+        down = self._temporal_downsamplers()
+        layers = self.down_blocks[down[-1] + 1:] if down else []
+        x = self.mid_block(_down_layers(layers, x, cache, False, True), cache, defer=True)
         return self.conv_out.forward_normed(_last_use(x), self.norm_out, cache)
 
 
@@ -596,8 +621,24 @@ class WanDecoder3d(nn.Module):
         """``piece_frames``: once no temporal upsampler is left (the two largest stages of Wan2.1's
         decoder), run the rest on pieces of at most this many frames, one after the other: the causal
         cache makes that exact, and the working set of those stages shrinks with the piece."""
+        return self.tail([self.head(z, cache)], cache, starts, piece_frames)
+
+    def head(self, z, cache: dict):
+        """The layers at the latents' own size: ``conv_in``, the middle block and ``up_blocks.0``'s residual
+        blocks, on latents ``z``; their output (a :class:`PendingSum` where that block is the last, without an
+        upsampler). No layer here treats the sequence's first frame apart."""
         handed = [self.mid_block(self.conv_in(z, cache), cache, defer=bool(len(self.up_blocks)))]
-        return _cat_frames(self._stages(0, handed, cache, starts, piece_frames))
+        if not self.up_blocks:
+            return _take(handed)
+        return self.up_blocks[0].blocks(handed, cache, defer=len(self.up_blocks) == 1)
+
+    def tail(self, handed: list, cache: dict, starts: bool, piece_frames: int | None) -> torch.Tensor:
+        """The rest, on :meth:`head`'s output handed over as ``[x]`` (emptied, :func:`_take`): ``up_blocks.0``'s
+        upsampler, the other up blocks and the output convolution (``starts``, ``piece_frames`` as in
+        :meth:`forward`)."""
+        if self.up_blocks:
+            handed.append(self.up_blocks[0].upsample(handed, cache, starts))
+        return _cat_frames(self._stages(1 if self.up_blocks else 0, handed, cache, starts, piece_frames))
 
     def _stages(self, i, handed: list, cache, starts, piece) -> list[torch.Tensor]:
         """Stages ``i`` on of ``handed`` (``[x]``, emptied: each stage's input is freed as soon as the
@@ -619,6 +660,15 @@ class WanDecoder3d(nn.Module):
             handed.append(self.up_blocks[i](handed, cache, starts, defer=i == len(self.up_blocks) - 1))
             i += 1
         return [self.conv_out.forward_normed(_last_use(_take(handed)), self.norm_out, cache)]
+
+
+#: the latent frames (at least: whole chunks) that the layers at the latents' own size take per call when a clip
+#: runs in chunks: the decoder's head (``conv_in``, the middle block, ``up_blocks.0``'s residual blocks), the
+#: encoder's tail (the layers after its last temporal downsampler, its middle block and output convolution). One
+#: 90x160 frame a call leaves the card idle (its 384-channel convolutions at ~330 TFLOP/s, docs/PERF.md entry
+#: 18m); the same arithmetic on more frames, the causal cache carried as ever. The decoder holds its head's output
+#: for the chunks not yet decoded (one frame of 384 channels at 90x160 per latent frame: 11 MB at 720p).
+LATENT_STAGE_FRAMES = 3
 
 
 def _check_input(x: torch.Tensor, what: str, weight: torch.Tensor, min_side: int = 1) -> None:
@@ -736,8 +786,20 @@ class WanVAE(nn.Module):
         out = torch.empty((b, self.config.out_channels, 1 + tf * (t - 1), sf * h, sf * w), dtype=x.dtype,
                           device=x.device)
         cache: dict = {}
+        dec = self.decoder
+        group = step * -(-LATENT_STAGE_FRAMES // step)  # latent frames the decoder's head takes per call
+        ahead: list = []  # the head's output for the chunks of the group not yet decoded, one tensor each
         for s in range(0, t, step):
-            y = self.decoder(x[:, :, s:s + step], cache, starts=s == 0, piece_frames=piece_frames)
+            if not ahead:
+                y = dec.head(x[:, :, s:s + group], cache)
+                if y.shape[2] > step:  # a copy per chunk: each one's frames freed once decoded, not with the group's
+                    y = _summed(y)
+                    ahead = [_frames_like(y, min(step, y.shape[2] - f)).copy_(y[:, :, f:f + step])
+                             for f in range(0, y.shape[2], step)]
+                else:
+                    ahead = [y]
+                del y
+            y = dec.tail([ahead.pop(0)], cache, starts=s == 0, piece_frames=piece_frames)
             f0 = 0 if s == 0 else 1 + tf * (s - 1)
             out[:, :, f0:f0 + y.shape[2]].copy_(y.clamp_(-1.0, 1.0) if clamp else y)
             del y  # not held through the next chunk
@@ -806,12 +868,16 @@ class WanVAE(nn.Module):
         step = latents if chunk is None else chunk
         x = video.contiguous(memory_format=self.memory_format)
         cache: dict = {}
-        parts = []
+        parts, low = [], []  # the encoder's outputs; its head's outputs not yet through its tail
+        group = step * -(-LATENT_STAGE_FRAMES // step)  # latent frames the tail takes per call: whole chunks
         with self._autotuned():
             for s in range(0, latents, step):  # latent frames s .. s+step come from these input frames
                 f0 = 0 if s == 0 else 1 + tf * (s - 1)
                 f1 = 1 + tf * (min(s + step, latents) - 1)
-                parts.append(self.encoder(x[:, :, f0:f1], cache, starts=s == 0, piece_frames=piece_frames))
+                low.append(self.encoder.head(x[:, :, f0:f1], cache, starts=s == 0, piece_frames=piece_frames))
+                if s + step >= latents or (s + step) % group == 0:
+                    parts.append(self.encoder.tail(_cat_frames(low), cache))
+                    low = []
         h = self.quant_conv(_cat_frames(parts))
         mean, logvar = h[:, :cfg.z_dim], h[:, cfg.z_dim:]
         # clamped as diffusers' DiagonalGaussianDistribution does

@@ -169,11 +169,6 @@ def main(argv=None):
     names = {m: n for n, m in vae.named_modules()}
     holder = {}
 
-    def grab_cache(mod, args, kwargs):
-        holder["cache"] = args[1]
-
-    vae.decoder.register_forward_pre_hook(grab_cache, with_kwargs=True)
-
     # the upsamplers' 2x2 phase kernels: weights derived once per weight (oasis.vae_conv.upsample2x_conv3x3)
     phases = [vae_kernels.kept_per_tensor(m.resample[1].weight, vae_conv.phase_weights, tag="phases")
               for m in vae.modules() if isinstance(m, wv.Upsample)]
@@ -235,28 +230,42 @@ def main(argv=None):
     for name, m in stages:
         m.register_forward_pre_hook(pre(name))
         m.register_forward_hook(post(name))
+    def marked(name, fn):
+        """``fn`` as a stage of its own (a method the decode calls without the module's forward)."""
+        def wrapped(*args, **kw):
+            tr.stage.append(name)
+            tr.mark("start", name)
+            try:
+                return fn(*args, **kw)
+            finally:
+                tr.mark("end", name)
+                tr.stage.pop()
+        return wrapped
+
     co = vae.decoder.conv_out
-    orig_fn = co.forward_normed
-
-    def conv_out_wrapped(*args, **kw):
-        tr.stage.append("conv_out")
-        tr.mark("start", "conv_out")
-        try:
-            return orig_fn(*args, **kw)
-        finally:
-            tr.mark("end", "conv_out")
-            tr.stage.pop()
-
-    co.forward_normed = conv_out_wrapped
-    # chunk index: from the decoder's `starts`/calls
+    co.forward_normed = marked("conv_out", co.forward_normed)
+    # the decoder's head runs up_blocks.0's residual blocks, its tail that block's upsampler
+    first = vae.decoder.up_blocks[0]
+    first.blocks, first.upsample = marked("up_blocks.0", first.blocks), marked("up_blocks.0", first.upsample)
+    # the cache from the decoder's calls (WanVAE.decode runs its head on groups of latent frames, then each chunk
+    # through its tail); the chunk index: the tail's calls
     calls = {"n": -1}
+    real_head, real_tail = vae.decoder.head, vae.decoder.tail
 
-    def chunk_pre(mod, args, kwargs):
+    def head(z, cache, *args, **kwargs):
+        holder["cache"] = cache
+        tr.ctx["chunk"] = calls["n"] + 1  # (the group's first chunk)
+        tr.ctx["piece"] = -1
+        return real_head(z, cache, *args, **kwargs)
+
+    def tail(handed, cache, *args, **kwargs):
+        holder["cache"] = cache
         calls["n"] += 1
         tr.ctx["chunk"] = calls["n"]
         tr.ctx["piece"] = -1
+        return real_tail(handed, cache, *args, **kwargs)
 
-    vae.decoder.register_forward_pre_hook(chunk_pre, with_kwargs=True)
+    vae.decoder.head, vae.decoder.tail = head, tail
 
     t0 = time.time()
     with torch.no_grad(), tr:

@@ -358,6 +358,28 @@ def test_norm_silu_writes_the_cache_tail(frames, last):
                                                                              dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("group", [1, 2, 3, 5])
+def test_latent_size_layers_in_groups_exact(reference64, monkeypatch, group):
+    """The layers at the latents' own size run on groups of latent frames (the decoder's head ahead of its
+    chunks, the encoder's tail behind them): the diffusers reference in float64 for every group size and chunking,
+    a last group shorter than the others included (7 latent frames)."""
+    from oasis import wan_vae
+
+    monkeypatch.setattr(wan_vae, "LATENT_STAGE_FRAMES", group)
+    ref = reference64
+    ours = full_from(ref)
+    gen = torch.Generator().manual_seed(group)
+    z = torch.randn(1, 16, 7, 4, 5, dtype=torch.float64, generator=gen)
+    x = torch.rand(1, 3, 25, 16, 24, dtype=torch.float64, generator=gen) * 2 - 1
+    with torch.no_grad():
+        want_video, want_mean = ref.decode(z).sample, ref.encode(x).latent_dist.mean
+        for chunk, piece in ((None, None), (1, 2), (2, None), (3, 1)):
+            torch.testing.assert_close(ours.decode(z, chunk=chunk, piece_frames=piece), want_video,
+                                       rtol=0, atol=1e-12, msg=lambda m: f"decode chunk {chunk}: {m}")
+            torch.testing.assert_close(ours.encode(x, chunk=chunk, piece_frames=piece), want_mean, rtol=0, atol=1e-12,
+                                       msg=lambda m: f"encode chunk {chunk}: {m}")
+
+
 def test_decode_pieces_exact_and_tiles_close(reference):
     ours = ours_from(reference).double()
     z = torch.randn(1, 16, 3, 6, 10, dtype=torch.float64)
