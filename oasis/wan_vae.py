@@ -620,7 +620,8 @@ class WanDecoder3d(nn.Module):
     def forward(self, z, cache: dict, starts: bool, piece_frames: int | None = None):
         """``piece_frames``: once no temporal upsampler is left (the two largest stages of Wan2.1's
         decoder), run the rest on pieces of at most this many frames, one after the other: the causal
-        cache makes that exact, and the working set of those stages shrinks with the piece."""
+        cache makes that exact, and the working set of those stages shrinks with the piece. From
+        ``up_blocks.1`` on: :meth:`head` runs ``up_blocks.0``'s blocks on the whole chunk (or group)."""
         return self.tail([self.head(z, cache)], cache, starts, piece_frames)
 
     def head(self, z, cache: dict):
@@ -664,10 +665,12 @@ class WanDecoder3d(nn.Module):
 
 #: the latent frames (at least: whole chunks) that the layers at the latents' own size take per call when a clip
 #: runs in chunks: the decoder's head (``conv_in``, the middle block, ``up_blocks.0``'s residual blocks), the
-#: encoder's tail (the layers after its last temporal downsampler, its middle block and output convolution). One
-#: 90x160 frame a call leaves the card idle (its 384-channel convolutions at ~330 TFLOP/s, docs/PERF.md entry
-#: 18m); the same arithmetic on more frames, the causal cache carried as ever. The decoder holds its head's output
-#: for the chunks not yet decoded (one frame of 384 channels at 90x160 per latent frame: 11 MB at 720p).
+#: encoder's tail (the layers after its last temporal downsampler, its middle block and output convolution: in
+#: Wan2.1 all at the latents' size). One 90x160 frame a call leaves the card idle (its 384-channel convolutions at
+#: ~330 TFLOP/s, docs/PERF.md entry 18m); the same arithmetic on more frames, the causal cache carried as ever.
+#: Each holds one 384-channel frame of 90x160 per latent frame for the group's other chunks (11 MB at 720p): the
+#: decoder its head's output for the chunks not yet decoded, the encoder its head's for those not yet through
+#: its tail.
 LATENT_STAGE_FRAMES = 3
 
 
@@ -876,8 +879,10 @@ class WanVAE(nn.Module):
                 f1 = 1 + tf * (min(s + step, latents) - 1)
                 low.append(self.encoder.head(x[:, :, f0:f1], cache, starts=s == 0, piece_frames=piece_frames))
                 if s + step >= latents or (s + step) % group == 0:
-                    parts.append(self.encoder.tail(_cat_frames(low), cache))
-                    low = []
+                    tail_input = _cat_frames(low)
+                    low.clear()  # (the parts not held beside their concatenation through the tail)
+                    parts.append(self.encoder.tail(tail_input, cache))
+                    del tail_input
         h = self.quant_conv(_cat_frames(parts))
         mean, logvar = h[:, :cfg.z_dim], h[:, cfg.z_dim:]
         # clamped as diffusers' DiagonalGaussianDistribution does

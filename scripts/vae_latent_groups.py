@@ -3,10 +3,11 @@ decode and encode of 33 frames 720x1280 for each group size, in turns within one
 
     python scripts/vae_latent_groups.py --out DIR [--groups 1 3 5 9] [--rounds 2] [--reps 3]
 
-Group 1 is the decode and encode before the grouping (each chunk's latent frame through those layers alone).
+Group 1 is the decode and encode before the grouping (each chunk's latent frame through those layers alone); the
+first group of ``--groups`` (1 by default) is the reference of the difference column.
 bf16, random weights, channels-last, each geometry on its tuned cuDNN engine (``WanVAE.autotune = True``), chunk 1
 and 2-frame pieces (the defaults of ``oasis.vae.WanDecoder``), encode chunk 1. Per group size: the median wall
-seconds over all rounds, the peak memory above the inputs, and the largest difference from group 1's output.
+seconds over all rounds, the peak memory above the inputs, and the largest difference from the first group's output.
 Writes ``vae_latent_groups.json`` and ``.md`` under ``--out``.
 """
 

@@ -380,6 +380,39 @@ def test_latent_size_layers_in_groups_exact(reference64, monkeypatch, group):
                                        msg=lambda m: f"encode chunk {chunk}: {m}")
 
 
+@pytest.mark.parametrize("config", [
+    dict(dim_mult=[1], temperal_downsample=[]),  # one up block: the head's output a pending sum, split per chunk
+    dict(dim_mult=[1, 2], temperal_downsample=[True]),
+    dict(dim_mult=[1, 2, 2], temperal_downsample=[True, False]),  # the encoder's tail with a spatial downsampler
+])
+def test_latent_groups_on_other_configs(monkeypatch, config):
+    """Configurations beside Wan2.1's: every group size gives group 1's numbers (the per-chunk path), decode and
+    encode with its log-variance, float64."""
+    from oasis import WanVAE, wan_vae
+
+    torch.manual_seed(3)
+    vae = WanVAE(WanVAEConfig.from_dict(dict(TINY, **config))).double().eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    f = vae.config.spatial_factor
+    z = torch.randn(1, 16, 5, 3, 4, dtype=torch.float64)
+    x = torch.rand(1, 3, 1 + vae.config.temporal_factor * 4, 2 * f, 3 * f, dtype=torch.float64) * 2 - 1
+
+    def run():
+        with torch.no_grad():
+            return [vae.decode(z, chunk=1, piece_frames=2), vae.decode(z, chunk=2),
+                    *vae.encode(x, chunk=1, moments=True)]
+
+    monkeypatch.setattr(wan_vae, "LATENT_STAGE_FRAMES", 1)
+    want = run()
+    for group in (2, 3, 5):
+        monkeypatch.setattr(wan_vae, "LATENT_STAGE_FRAMES", group)
+        for g, w in zip(run(), want):
+            assert g.shape == w.shape and g.isfinite().all()
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
 def test_decode_pieces_exact_and_tiles_close(reference):
     ours = ours_from(reference).double()
     z = torch.randn(1, 16, 3, 6, 10, dtype=torch.float64)

@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from oasis import wan_vae
 from oasis.wan_vae import CausalConv3d, PendingSum, ResidualBlock, UpBlock, WanVAE, WanVAEConfig
@@ -19,28 +20,41 @@ def tiny():
 
 @pytest.mark.parametrize("piece", [None, 2, 1])
 def test_each_stage_input_is_freed_before_the_next_stage(monkeypatch, piece):
-    """When a stage starts, every earlier stage's input is gone: none is held by the stages' caller
-    until the chunk ends (a recursion did that, ~0.33 GB a stage at 720p)."""
+    """When a stage starts (its residual blocks, or up_blocks.0's upsampler on the head's output for one chunk),
+    every earlier stage's input is gone, storage and all: none is held by the stages' caller until the chunk ends
+    (a recursion did that, ~0.33 GB a stage at 720p), nor a chunk's head output through its own stages, nor a group's
+    head output by views of it once its chunks are decoded."""
     vae = tiny()
     seen, starts = [], []
-    real = UpBlock.blocks
+    real_blocks, real_upsample = UpBlock.blocks, UpBlock.upsample
 
-    def spy(self, handed, cache, *args, **kwargs):
-        alive = [i for i, r in enumerate(seen) if r() is not None]
+    def watch(handed):
+        alive = [i for i, r in enumerate(seen) if not r.expired()]
         assert not alive, f"stage inputs {alive} of {len(seen)} still alive"
         x = handed[0]
-        seen.append(weakref.ref(x))
-        if isinstance(x, PendingSum):  # the tensors it holds, not only the wrapper
-            seen.extend(weakref.ref(t) for t in (x.conv, x.residual) if t is not None)
+        # the tensors a pending sum holds, not only the wrapper
+        for t in (x.conv, x.residual) if isinstance(x, PendingSum) else (x,):
+            if t is not None:
+                seen.append(StorageWeakRef(t.untyped_storage()))
         del x
         starts.append(1)
-        return real(self, handed, cache, *args, **kwargs)
 
-    monkeypatch.setattr(UpBlock, "blocks", spy)
+    def blocks(self, handed, cache, *args, **kwargs):
+        watch(handed)
+        return real_blocks(self, handed, cache, *args, **kwargs)
+
+    def upsample(self, handed, cache, *args, **kwargs):
+        if self is vae.decoder.up_blocks[0]:  # the head's output for this chunk
+            watch(handed)
+        return real_upsample(self, handed, cache, *args, **kwargs)
+
+    monkeypatch.setattr(UpBlock, "blocks", blocks)
+    monkeypatch.setattr(UpBlock, "upsample", upsample)
     with torch.no_grad():
-        vae.decode(torch.randn(1, 16, 3, 3, 4), chunk=1, piece_frames=piece)
-    # every chunk through every stage (pieces: more calls), up_blocks.0 once a group of LATENT_STAGE_FRAMES latents
-    assert len(starts) >= 3 * 3 + -(-3 // wan_vae.LATENT_STAGE_FRAMES)
+        vae.decode(torch.randn(1, 16, 5, 3, 4), chunk=1, piece_frames=piece)
+    # every chunk through up_blocks.0's upsampler and the three later stages (pieces: more calls), up_blocks.0's
+    # blocks once a group of LATENT_STAGE_FRAMES latent frames
+    assert len(starts) >= 5 * 4 + -(-5 // wan_vae.LATENT_STAGE_FRAMES)
 
 
 def test_conv1_output_is_freed_before_conv2_runs(monkeypatch):
