@@ -124,6 +124,13 @@ def _cat_frames(parts: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def _split_frames(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``x``'s frames in runs of ``n`` (the last may be shorter), each a copy of its own: a run's frames are freed
+    once its reader is done with it, not when the last run is (views would hold all of ``x``)."""
+    t = x.shape[2]
+    return [_frames_like(x, min(n, t - s)).copy_(x[:, :, s:s + n]) for s in range(0, t, n)]
+
+
 def _take(handed: list) -> torch.Tensor:
     """The tensor a caller handed over as ``[x]``, the list emptied. A plain argument stays referenced
     until the call returns (the caller's variable, ``nn.Module.__call__``'s arguments); handed over
@@ -647,11 +654,8 @@ class WanDecoder3d(nn.Module):
         while i < len(self.up_blocks):
             t = handed[0].shape[2]
             if piece is not None and t > piece and not any(b.temporal for b in self.up_blocks[i:]):
-                # each piece a copy of its own, so that its frames are freed once its first block has
-                # read them, not when the last piece ends
-                x = _summed(_take(handed))
-                parts = [_frames_like(x, min(piece, t - s)).copy_(x[:, :, s:s + piece]) for s in range(0, t, piece)]
-                del x
+                # each piece's frames freed once its first block has read them
+                parts = _split_frames(_summed(_take(handed)), piece)
                 outs = []
                 for k in range(len(parts)):
                     one = [parts[k]]
@@ -795,12 +799,8 @@ class WanVAE(nn.Module):
         for s in range(0, t, step):
             if not ahead:
                 y = dec.head(x[:, :, s:s + group], cache)
-                if y.shape[2] > step:  # a copy per chunk: each one's frames freed once decoded, not with the group's
-                    y = _summed(y)
-                    ahead = [_frames_like(y, min(step, y.shape[2] - f)).copy_(y[:, :, f:f + step])
-                             for f in range(0, y.shape[2], step)]
-                else:
-                    ahead = [y]
+                # a copy per chunk: each one's frames freed once decoded, not with the group's last
+                ahead = _split_frames(_summed(y), step) if y.shape[2] > step else [y]
                 del y
             y = dec.tail([ahead.pop(0)], cache, starts=s == 0, piece_frames=piece_frames)
             f0 = 0 if s == 0 else 1 + tf * (s - 1)
