@@ -29,8 +29,8 @@ from model_bench import cuda_ms  # noqa: E402
 from oasis import vae_kernels  # noqa: E402
 
 SHAPES = [(96, 720, 1280), (192, 360, 640), (384, 180, 320)]
-BLOCK_S = [16, 32, 64, 128]
-WARPS = [2, 4, 8]
+BLOCK_S = [16, 32, 64]
+WARPS = [4, 8]
 
 
 def median_ms(fn, reps):
