@@ -20,7 +20,6 @@ both layouts the VAE uses (channels-first ``NCDHW``, stride 1, and channels-last
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,9 +161,14 @@ def _check_tail(tail: torch.Tensor, like: torch.Tensor) -> None:
 
 if triton is not None:
     @triton.jit
-    def _norm_load(X, Bias, R, Z, b, c, s, C, S, sxb, sxc, sxs, srb, src, srs, szb, szc, szs,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SUM: tl.constexpr):
-        """One channel slice ``c`` of the tile, as float32 (with the bias, and the residual sum as stored)."""
+    def _norm_silu_kernel(X, G, Bias, Y, T, R, Z, S, C, sxb, sxc, sxs, syb, syc, sys, tail_start, stb, stc, sts,
+                          srb, src, srs, szb, szc, szs, scale, eps, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_TAIL: tl.constexpr, HAS_RES: tl.constexpr, HAS_SUM: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid_s = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+        c = tl.arange(0, BLOCK_C).to(tl.int64)
         mask = (c[:, None] < C) & (s[None, :] < S)
         x = tl.load(X + b * sxb + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
@@ -175,13 +179,7 @@ if triton is not None:
             if HAS_SUM:
                 tl.store(Z + b * szb + c[:, None] * szc + s[None, :] * szs, x, mask=mask)
             x = x.to(tl.float32)
-        return x
-
-    @triton.jit
-    def _norm_store(x, inv, G, Y, T, b, c, s, C, S, scale, syb, syc, sys, tail_start, stb, stc, sts,
-                    SILU: tl.constexpr, HAS_TAIL: tl.constexpr):
-        """One channel slice ``c`` normalised (``inv``: one over each position's norm) into ``Y`` (and ``T``)."""
-        mask = (c[:, None] < C) & (s[None, :] < S)
+        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), eps)
         g = tl.load(G + c, mask=c < C, other=0.0).to(tl.float32) * scale
         y = x * inv[None, :] * g[:, None]
         if SILU:
@@ -191,38 +189,6 @@ if triton is not None:
             st = s - tail_start
             tl.store(T + b * stb + c[:, None] * stc + st[None, :] * sts, y.to(T.dtype.element_ty),
                      mask=mask & (st[None, :] >= 0))
-
-    @triton.jit
-    def _norm_silu_kernel(X, G, Bias, Y, T, R, Z, S, C, sxb, sxc, sxs, syb, syc, sys, tail_start, stb, stc, sts,
-                          srb, src, srs, szb, szc, szs, scale, eps, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_TAIL: tl.constexpr, HAS_RES: tl.constexpr, HAS_SUM: tl.constexpr,
-                          PARTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INDEX64: tl.constexpr):
-        # PARTS = 3 takes C = 3 * BLOCK_C (96, 192, 384) as three exact slices: no lane of the tile is padding,
-        # where one power-of-2 tile would mask a quarter of them. INDEX64: offsets past 2**31 elements.
-        pid_s = tl.program_id(0)
-        b = tl.program_id(1)
-        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-        c = tl.arange(0, BLOCK_C)
-        if INDEX64:
-            b = b.to(tl.int64)
-            s = s.to(tl.int64)
-            c = c.to(tl.int64)
-        x0 = _norm_load(X, Bias, R, Z, b, c, s, C, S, sxb, sxc, sxs, srb, src, srs, szb, szc, szs,
-                        HAS_BIAS, HAS_RES, HAS_SUM)
-        sq = tl.sum(x0 * x0, axis=0)
-        if PARTS == 3:
-            x1 = _norm_load(X, Bias, R, Z, b, c + BLOCK_C, s, C, S, sxb, sxc, sxs, srb, src, srs, szb, szc, szs,
-                            HAS_BIAS, HAS_RES, HAS_SUM)
-            x2 = _norm_load(X, Bias, R, Z, b, c + 2 * BLOCK_C, s, C, S, sxb, sxc, sxs, srb, src, srs, szb, szc, szs,
-                            HAS_BIAS, HAS_RES, HAS_SUM)
-            sq += tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)
-        inv = 1.0 / tl.maximum(tl.sqrt(sq), eps)
-        _norm_store(x0, inv, G, Y, T, b, c, s, C, S, scale, syb, syc, sys, tail_start, stb, stc, sts, SILU, HAS_TAIL)
-        if PARTS == 3:
-            _norm_store(x1, inv, G, Y, T, b, c + BLOCK_C, s, C, S, scale, syb, syc, sys, tail_start, stb, stc, sts,
-                        SILU, HAS_TAIL)
-            _norm_store(x2, inv, G, Y, T, b, c + 2 * BLOCK_C, s, C, S, scale, syb, syc, sys, tail_start, stb, stc,
-                        sts, SILU, HAS_TAIL)
 
 
 def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor | None = None,
@@ -259,45 +225,20 @@ def norm_silu_triton(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out:
     t = out if tail is None else tail
     r = x if residual is None else residual
     z = x if sum_out is None else sum_out
-    tiles = norm_tiles(c)
-    index64 = any(_max_offset(v, s + tiles.block_s) >= 2**31 for v in (x, out, t, r, z))
-    grid = (triton.cdiv(s, tiles.block_s), b)
+    block_c, block_s = _channel_tiles(c)
+    grid = (triton.cdiv(s, block_s), b)
     _norm_silu_kernel[grid](x, gamma.reshape(-1), x if bias is None else bias, out, t, r, z, s, c, x.stride(0),
                             x.stride(1), sx, out.stride(0), out.stride(1), so, s - t[0, 0].numel(), t.stride(0),
                             t.stride(1), _flat_stride(t), r.stride(0), r.stride(1), _flat_stride(r), z.stride(0),
                             z.stride(1), _flat_stride(z), float(scale), EPS, SILU=silu, HAS_BIAS=bias is not None,
                             HAS_TAIL=tail is not None, HAS_RES=residual is not None, HAS_SUM=sum_out is not None,
-                            PARTS=tiles.parts, BLOCK_C=tiles.block_c, BLOCK_S=tiles.block_s, INDEX64=index64,
-                            num_warps=tiles.warps)
+                            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_norm_warps(block_c))
     return out
 
 
-class NormTiles(NamedTuple):
-    """One norm program's tile: ``parts`` slices of ``block_c`` channels by ``block_s`` positions, on ``warps``."""
-    parts: int
-    block_c: int
-    block_s: int
-    warps: int
-
-
-def norm_tiles(c: int) -> NormTiles:
-    """The norm pass's tile for ``c`` channels. All channels are in one program (the norm reduces over them).
-    ``c = 3 * 2**k`` (the VAE's 96, 192 and 384) runs as three exact slices, so no lane holds padding and each
-    position's sum stays within a warp; other counts as one power-of-2 slice, masked. ~6-8k values a program:
-    wide enough along positions to coalesce channels-first loads, few enough registers."""
-    third = c // 3
-    if c % 3 == 0 and third >= 4 and third & (third - 1) == 0:
-        return NormTiles(3, third, max(16, min(256, 8192 // triton.next_power_of_2(c))), 4)
-    block_c = triton.next_power_of_2(c)
-    return NormTiles(1, block_c, max(16, min(256, 8192 // block_c)), 8 if block_c >= 256 else 4)
-
-
-def _max_offset(t: torch.Tensor, positions: int) -> int:
-    """A bound on the element offsets a norm program forms for ``t`` seen as ``[B, C, S]``, over ``positions``
-    (``x``'s S and the last tile's masked ones; the tail's offsets run from ``-S``): past 2**31 the kernel
-    indexes in 64 bits."""
-    return (t.shape[0] * abs(t.stride(0)) + t.shape[1] * abs(t.stride(1))
-            + positions * abs(_flat_stride(t) or 1))
+def _norm_warps(block_c: int) -> int:
+    """The norm pass's warps for a tile of ``block_c`` channels."""
+    return 8 if block_c >= 256 else 4
 
 
 def _channel_tiles(c: int) -> tuple[int, int]:

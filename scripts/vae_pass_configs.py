@@ -1,7 +1,5 @@
 """The VAE's norm pass (``oasis.vae_kernels.norm_silu``) and bias pass (``add_bias_``) at the decoder's shapes, in
-every tile and warp count tried, on a GPU: which configuration moves the bytes fastest (docs/PERF.md entries 18t,
-18w). The norm pass runs its channels as one masked power-of-2 slice (``parts`` 1, the tile before entry 18w: its
-default only) and as three exact slices (``parts`` 3) in every positions-by-warps tile.
+every tile and warp count tried, on a GPU: which configuration moves the bytes fastest (docs/PERF.md entry 18t).
 
 Shapes: 2 frames channels-last bf16 at 96 channels 720x1280, 192 at 360x640 and 384 at 180x320 (a piece of the
 decode's last three stages). The norm pass reads ``x`` and writes the normalised frames and a 2-frame cache tail;
@@ -20,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -29,8 +26,8 @@ from model_bench import cuda_ms  # noqa: E402
 from oasis import vae_kernels  # noqa: E402
 
 SHAPES = [(96, 720, 1280), (192, 360, 640), (384, 180, 320)]
-BLOCK_S = [16, 32, 64]
-WARPS = [4, 8]
+BLOCK_S = [8, 16, 32, 64, 128]
+WARPS = [2, 4, 8]
 
 
 def median_ms(fn, reps):
@@ -45,7 +42,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     rows = []
-    real_tiles = vae_kernels.norm_tiles
+    real_tiles, real_warps = vae_kernels._channel_tiles, vae_kernels._norm_warps
     for c, h, w in SHAPES:
         fmt = torch.channels_last_3d
         x = torch.randn(1, c, 2, h, w, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=fmt)
@@ -55,34 +52,33 @@ def main(argv=None):
         gamma = torch.ones(c, device="cuda", dtype=torch.bfloat16)
         bias = torch.zeros(c, device="cuda", dtype=torch.bfloat16)
         one = x.numel() * 2
-        default = real_tiles(c)
-        one_slice = triton.next_power_of_2(c)
-        tiles = [vae_kernels.NormTiles(1, one_slice, max(16, min(256, 8192 // one_slice)), 8 if one_slice >= 256 else 4)]
-        if c % 3 == 0:
-            tiles += [vae_kernels.NormTiles(3, c // 3, bs, nw) for bs in BLOCK_S for nw in WARPS]
+        default = real_tiles(c)[1], real_warps(real_tiles(c)[0])
         for residual in (False, True):
-            for tile in tiles:
-                vae_kernels.norm_tiles = lambda cc, tile=tile: tile
-                try:
-                    if residual:
-                        def fn():
-                            vae_kernels.norm_silu_triton(x, gamma, c ** 0.5, out=out, bias=bias, tail=tail,
-                                                         residual=r, sum_out=x)
-                        moved = 5 * one  # x, r read; sum, out, tail written
-                    else:
-                        def fn():
-                            vae_kernels.norm_silu_triton(x, gamma, c ** 0.5, out=out, bias=bias, tail=tail)
-                        moved = 3 * one
-                    ms = median_ms(fn, a.reps)
-                except Exception as e:  # a configuration that does not compile (registers)
-                    rows.append(dict(pass_="norm", channels=c, residual=residual, **tile._asdict(), error=str(e)[:200]))
-                    continue
-                finally:
-                    vae_kernels.norm_tiles = real_tiles
-                rows.append(dict(pass_="norm", channels=c, residual=residual, **tile._asdict(), ms=ms,
-                                 GBps=moved / ms / 1e6, default=tile == default))
-                print(f"norm c={c} res={residual:d} parts={tile.parts} BLOCK_S={tile.block_s:3d} warps={tile.warps}: "
-                      f"{ms:.4f} ms {moved / ms / 1e6:7.0f} GB/s{'  (default)' if tile == default else ''}", flush=True)
+            for bs in BLOCK_S:
+                for nw in WARPS:
+                    vae_kernels._channel_tiles = lambda cc, bs=bs: (real_tiles(cc)[0], bs)
+                    vae_kernels._norm_warps = lambda bc, nw=nw: nw
+                    try:
+                        if residual:
+                            def fn():
+                                vae_kernels.norm_silu_triton(x, gamma, c ** 0.5, out=out, bias=bias, tail=tail,
+                                                             residual=r, sum_out=x)
+                            moved = 5 * one  # x, r read; sum, out, tail written
+                        else:
+                            def fn():
+                                vae_kernels.norm_silu_triton(x, gamma, c ** 0.5, out=out, bias=bias, tail=tail)
+                            moved = 3 * one
+                        ms = median_ms(fn, a.reps)
+                    except Exception as e:  # a configuration that does not compile (registers)
+                        rows.append(dict(pass_="norm", channels=c, residual=residual, block_s=bs, warps=nw,
+                                         error=str(e)[:200]))
+                        continue
+                    finally:
+                        vae_kernels._channel_tiles, vae_kernels._norm_warps = real_tiles, real_warps
+                    rows.append(dict(pass_="norm", channels=c, residual=residual, block_s=bs, warps=nw, ms=ms,
+                                     GBps=moved / ms / 1e6, default=(bs, nw) == default))
+                    print(f"norm c={c} res={residual:d} BLOCK_S={bs:3d} warps={nw}: {ms:.4f} ms "
+                          f"{moved / ms / 1e6:7.0f} GB/s{'  (default)' if (bs, nw) == default else ''}", flush=True)
         ms = median_ms(lambda: vae_kernels.add_bias_(x, bias, r), a.reps)
         rows.append(dict(pass_="add_bias", channels=c, ms=ms, GBps=3 * one / ms / 1e6))
         print(f"add_bias c={c}: {ms:.4f} ms {3 * one / ms / 1e6:7.0f} GB/s", flush=True)
