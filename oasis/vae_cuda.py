@@ -31,7 +31,7 @@ from .vae_kernels import kept_per_tensor as _kept
 
 __all__ = ["library", "why_not", "channels_why_not", "pack_weight", "conv3d_k3", "conv3d_k3_reference", "SOURCES",
            "NVCC_FLAGS", "NORM_CHANNELS", "few_out_why_not", "pack_few_out_weight", "conv3d_few_out",
-           "FEW_OUT_MAX_CHANNELS"]
+           "FEW_OUT_MAX_CHANNELS", "norm_why_not", "norm_silu"]
 
 SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "vae_conv"
 #: Hopper only (wgmma, TMA): the card the kernel is measured on
@@ -75,11 +75,12 @@ def library() -> tuple[bool, str]:
 
 
 def _registered(how: str) -> tuple[bool, str]:
-    if not hasattr(torch.ops.oasis_vae, "conv3d_few_out"):  # a library of older sources: the other op is not there
-        return False, (f"torch.ops.oasis_vae ({how}) has no conv3d_few_out: it was built from older sources; "
-                       "reinstall (setup.py) or start a new process")
+    for op in ("conv3d_few_out", "norm_silu"):  # a library of older sources: the newer ops are not there
+        if not hasattr(torch.ops.oasis_vae, op):
+            return False, (f"torch.ops.oasis_vae ({how}) has no {op}: it was built from older sources; "
+                           "reinstall (setup.py) or start a new process")
     # the ops write into the output the caller allocated: nothing to compute under fake tensors
-    for op in ("conv3d_k3", "conv3d_few_out"):
+    for op in ("conv3d_k3", "conv3d_few_out", "norm_silu"):
         try:
             torch.library.register_fake(f"oasis_vae::{op}")(lambda *args, **kwargs: None)
         except RuntimeError:  # registered before in this process
@@ -292,4 +293,70 @@ def conv3d_few_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         out = torch.empty((b, cout, t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     torch.ops.oasis_vae.conv3d_few_out(x, prev, pack_few_out_weight(weight), None if bias is None else _bias32(bias),
                                        out)
+    return out
+
+
+def norm_channels_why_not(channels: int) -> str | None:
+    """None where :func:`norm_silu` takes ``channels``: ``24 * 2**k`` up to 768 (a position's 16-byte vectors split
+    evenly over a power of 2 of a warp's lanes: the VAE's 96, 192 and 384), else why not."""
+    group, rest = divmod(channels, 24)
+    if rest or not 1 <= group <= 32 or group & (group - 1):
+        return f"channels must be 24 * 2**k up to 768, got {channels}"
+    return None
+
+
+def _positions_dense(t: torch.Tensor) -> bool:
+    """Channels innermost and every position's channels ``C`` apart (channels-last, a time slice of it included)."""
+    expected = t.shape[1]
+    for d in range(t.dim() - 1, 1, -1):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return t.shape[1] == 1 or t.stride(1) == 1
+
+
+def norm_why_not(x: torch.Tensor, *, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 sum_out: torch.Tensor | None = None, tail: torch.Tensor | None = None,
+                 inputs=()) -> str | None:
+    """None where :func:`norm_silu` takes the call, else why not (the caller then runs the Triton pass): a Hopper GPU,
+    ``x [B, C, T, ...]`` in bf16 or fp16 with ``out``, ``residual``, ``sum_out`` and ``tail`` alike, every one
+    channels-last with its positions dense (a time slice of a larger buffer included), 16-byte aligned starts and
+    batch steps, :func:`norm_channels_why_not`'s channels, and no gradient wanted of ``inputs``."""
+    if not x.is_cuda:
+        return f"x is on {x.device}, not a CUDA device"
+    major, minor = torch.cuda.get_device_capability(x.device)
+    if (major, minor) != (9, 0):
+        return f"the extension is built for sm_90a (Hopper); this GPU is sm_{major}{minor}"
+    if x.dtype not in (torch.bfloat16, torch.float16) or x.dim() < 3:
+        return f"x must be a bfloat16 or float16 [B, C, T, ...], got {x.dtype} {tuple(x.shape)}"
+    why = norm_channels_why_not(x.shape[1])
+    if why is not None:
+        return why
+    for name, t in (("x", x), ("out", out), ("residual", residual), ("sum_out", sum_out), ("tail", tail)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype or t.device != x.device or not _positions_dense(t):
+            return f"{name} must be channels-last {x.dtype} on {x.device} with dense positions (strides {t.stride()})"
+        if t.data_ptr() % 16 or (t.shape[0] > 1 and t.stride(0) % 8):
+            return f"{name} is not 16-byte aligned (start or batch stride {t.stride(0)})"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *inputs)):
+        return "gradients are wanted (the pass has no backward)"
+    ok, why = library()
+    return None if ok else why
+
+
+def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.Tensor, silu: bool = True,
+              bias: torch.Tensor | None = None, tail: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+              sum_out: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """:func:`oasis.vae_kernels.norm_silu`'s pass in CUDA (``csrc/vae_conv/norm_silu.cu``), for the calls
+    :func:`norm_why_not` allows: ``SiLU(y / max(||y||_C, eps) * scale * gamma)`` over dim 1, ``y = x + bias`` in
+    float32, or with ``residual`` ``x + bias + residual`` rounded to x's dtype (and written to ``sum_out``);
+    ``tail`` ``[B, C, k, ...]`` also given the result's last ``k`` frames. Into ``out``; returns it."""
+    why = norm_why_not(x, out=out, residual=residual, sum_out=sum_out, tail=tail, inputs=(gamma, bias))
+    if why is not None:
+        raise ValueError(f"norm_silu does not take this call: {why}")
+    if sum_out is not None and residual is None:
+        raise ValueError("sum_out is written only with a residual")
+    torch.ops.oasis_vae.norm_silu(x, _norm32(gamma, scale), None if bias is None else _bias32(bias), residual, sum_out,
+                                  tail, silu, eps, out)
     return out

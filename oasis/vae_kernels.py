@@ -125,7 +125,8 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.
     ``residual``: ``y`` is then ``x + bias + residual`` as :func:`add_bias_` would store it (rounded to
     ``x``'s dtype), the same bits as that pass followed by this one; ``sum_out`` (may be ``x`` itself) is given
     that ``y``: a residual block's output summed and normalised for the next block in one pass.
-    One Triton pass on CUDA; elsewhere the torch expression (:func:`norm_silu_reference`).
+    One pass on CUDA: the CUDA kernel where :func:`oasis.vae_cuda.norm_why_not` allows (Hopper, channels-last 16-bit,
+    docs/PERF.md entry 18y), else the Triton kernel; elsewhere the torch expression (:func:`norm_silu_reference`).
     """
     if sum_out is not None and residual is None:
         raise ValueError("sum_out is written only with a residual")
@@ -133,6 +134,16 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.
         if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name} must be x's shape {tuple(x.shape)}, dtype and device, got {tuple(t.shape)} "
                              f"({t.dtype} on {t.device})")
+    if x.is_cuda:  # the CUDA pass where it takes the call (Hopper, channels-last 16-bit), else Triton's
+        from . import vae_cuda  # (here: vae_cuda imports this module)
+
+        dest = torch.empty_like(x) if out is None else out
+        if vae_cuda.norm_why_not(x, out=dest, residual=residual, sum_out=sum_out, tail=tail,
+                                 inputs=(gamma, bias)) is None:
+            if tail is not None:
+                _check_tail(tail, dest)
+            return vae_cuda.norm_silu(x, gamma, scale, out=dest, silu=silu, bias=bias, tail=tail, residual=residual,
+                                      sum_out=sum_out, eps=EPS)
     if (usable(x, out, gamma, bias, residual, sum_out) and (tail is None or _flat_stride(tail) is not None)
             and all(t is None or _flat_stride(t) is not None for t in (residual, sum_out))):
         return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias, tail=tail, residual=residual,

@@ -223,9 +223,22 @@ class CausalConv3d(nn.Conv3d):
         return self.bias if bias is True else (None if bias is False else bias)
 
     def _conv(self, x: torch.Tensor, bias: bool | torch.Tensor = True,
-              residual: torch.Tensor | None = None) -> torch.Tensor:
-        """The convolution plus :meth:`_bias` of ``bias``, plus ``residual``: :func:`oasis.vae_conv.conv`."""
-        return conv(x, self.weight, self._bias(bias), residual, stride=self.stride, padding=(0, *self.space_pad))
+              residual: torch.Tensor | None = None, *, zero_front: bool = False) -> torch.Tensor:
+        """The convolution plus :meth:`_bias` of ``bias``, plus ``residual``: :func:`oasis.vae_conv.conv`.
+        ``zero_front``: ``x``'s first ``time_pad`` frames are the zeros a sequence starts with."""
+        weight = self.weight
+        if zero_front and self.time_pad and x.shape[2] == self.time_pad + 1 and self.stride[0] == 1:
+            # the sequence's first frame alone (each chunked clip's first call): the taps on the zeros in front
+            # add nothing, so only the last one runs, on that frame (a third of the multiply-adds)
+            x, weight = x[:, :, -1:], self._last_tap()
+        return conv(x, weight, self._bias(bias), residual, stride=self.stride, padding=(0, *self.space_pad))
+
+    def _last_tap(self) -> torch.Tensor:
+        """The weight's last temporal tap ``[Co, Ci, 1, kh, kw]``, dense in the weight's layout: made per call (a
+        third of one layer's weight, once per clip), not kept beside the weights."""
+        w = self.weight
+        fmt = torch.channels_last_3d if w.stride(1) == 1 and w.shape[1] > 1 else torch.contiguous_format
+        return w[:, :, -1:].contiguous(memory_format=fmt)
 
     def _history(self, x: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A buffer ``[B, C, time_pad + T, H, W]`` holding the cached frames (or zeros) in front, and the
@@ -252,12 +265,13 @@ class CausalConv3d(nn.Conv3d):
             cache[self] = last.clone() if keep is None else keep.copy_(last)
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        fresh = cache is None or cache.get(self) is None
         if self.time_pad:
             buf, keep = self._history(x, cache)
             buf[:, :, self.time_pad:].copy_(x)
             self._remember(buf, keep, cache)
             x = buf
-        return self._conv(x)
+        return self._conv(x, zero_front=fresh)
 
     def normed_input(self, x, norm: "RMSNorm", cache: dict | None, *,
                      x_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,12 +318,13 @@ class CausalConv3d(nn.Conv3d):
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
             return vae_cuda.conv3d_k3(normed, self.weight, self._bias(bias), prev=prev, residual=residual)
+        fresh = prev is None
         del prev
         buf = self.normed_input(x, norm, cache, x_bias=x_bias)
         del x
         if defer and residual is not None:
-            return PendingSum(self._conv(buf, False), self._bias(bias), residual)
-        return self._conv(buf, bias, residual)
+            return PendingSum(self._conv(buf, False, zero_front=fresh), self._bias(bias), residual)
+        return self._conv(buf, bias, residual, zero_front=fresh)
 
     def _normed_frames(self, x, norm: "RMSNorm", cache: dict | None, prev: torch.Tensor | None,
                        x_bias: torch.Tensor | None) -> torch.Tensor:

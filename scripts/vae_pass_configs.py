@@ -4,7 +4,9 @@ every tile and warp count tried, on a GPU: which configuration moves the bytes f
 Shapes: 2 frames channels-last bf16 at 96 channels 720x1280, 192 at 360x640 and 384 at 180x320 (a piece of the
 decode's last three stages). The norm pass reads ``x`` and writes the normalised frames and a 2-frame cache tail;
 with ``--residual`` it also reads a residual and writes the sum (a residual block's output summed on the way).
-GB/s counts the bytes the pass must move; each row is the median of ``--reps`` event-timed launches.
+GB/s counts the bytes the pass must move; each row is the median of ``--reps`` event-timed launches. On a Hopper GPU
+the CUDA pass (``oasis.vae_cuda.norm_silu``, docs/PERF.md entry 18y) is timed beside Triton's tiles, on the same
+tensors; ``--default-tile`` times Triton's default tile only.
 
     python scripts/vae_pass_configs.py --out $OUT/vae_pass_configs.json
 """
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from model_bench import cuda_ms  # noqa: E402
 
-from oasis import vae_kernels  # noqa: E402
+from oasis import vae_cuda, vae_kernels  # noqa: E402
 
 SHAPES = [(96, 720, 1280), (192, 360, 640), (384, 180, 320)]
 BLOCK_S = [8, 16, 32, 64, 128]
@@ -38,6 +40,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", type=Path)
+    p.add_argument("--default-tile", action="store_true", help="Triton's default tile only (no sweep)")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -54,8 +57,20 @@ def main(argv=None):
         one = x.numel() * 2
         default = real_tiles(c)[1], real_warps(real_tiles(c)[0])
         for residual in (False, True):
+            extra = dict(residual=r, sum_out=x) if residual else {}
+            moved = (5 if residual else 3) * one  # x (and r) read; out, tail (and the sum) written
+            why = vae_cuda.norm_why_not(x, out=out, tail=tail, **extra)
+            if why is None:
+                ms = median_ms(lambda: vae_cuda.norm_silu(x, gamma, c ** 0.5, out=out, bias=bias, tail=tail, **extra),
+                               a.reps)
+                rows.append(dict(pass_="norm_cuda", channels=c, residual=residual, ms=ms, GBps=moved / ms / 1e6))
+                print(f"norm c={c} res={residual:d} CUDA pass: {ms:.4f} ms {moved / ms / 1e6:7.0f} GB/s", flush=True)
+            else:
+                print(f"norm c={c} res={residual:d} CUDA pass not run: {why}", flush=True)
             for bs in BLOCK_S:
                 for nw in WARPS:
+                    if a.default_tile and (bs, nw) != default:
+                        continue
                     vae_kernels._channel_tiles = lambda cc, bs=bs: (real_tiles(cc)[0], bs)
                     vae_kernels._norm_warps = lambda bc, nw=nw: nw
                     try:

@@ -380,6 +380,40 @@ def test_latent_size_layers_in_groups_exact(reference64, monkeypatch, group):
                                        msg=lambda m: f"encode chunk {chunk}: {m}")
 
 
+def test_first_frame_convolved_by_the_last_tap_alone(reference64, monkeypatch):
+    """A chunked clip's first call gives each causal 3x3x3 convolution one frame behind two zero frames: only the
+    last temporal tap runs, on that frame. Those calls happen (decode and encode, chunk 1), they are the only ones
+    with a 1-tap kernel, and the results stay diffusers' in float64."""
+    from oasis import wan_vae
+
+    calls = []
+    real = wan_vae.conv
+
+    def spy(x, weight, *args, **kwargs):
+        if weight.dim() == 5 and weight.shape[3] == 3:
+            calls.append((x.shape[2], weight.shape[2]))
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(wan_vae, "conv", spy)
+    ref = reference64
+    ours = full_from(ref)
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(1, 16, 3, 4, 5, dtype=torch.float64, generator=gen)
+    x = torch.rand(1, 3, 9, 16, 24, dtype=torch.float64, generator=gen) * 2 - 1
+    with torch.no_grad():
+        want_video, want_mean = ref.decode(z).sample, ref.encode(x).latent_dist.mean
+        for what, run, want in (("decode", lambda: ours.decode(z, chunk=1, piece_frames=2), want_video),
+                                ("encode", lambda: ours.encode(x, chunk=1), want_mean)):
+            calls.clear()
+            torch.testing.assert_close(run(), want, rtol=0, atol=1e-12, msg=lambda m: f"{what}: {m}")
+            one_tap = [c for c in calls if c[1] == 1]
+            assert one_tap and all(c == (1, 1) for c in one_tap), (what, calls)
+            assert any(c[1] == 3 for c in calls), what  # the later calls: all taps, two cached frames in front
+        calls.clear()
+        ours.decode(z)  # the whole clip at once: its first frame shares the calls of the others
+        assert calls and all(c[1] == 3 for c in calls)
+
+
 @pytest.mark.parametrize("config", [
     dict(dim_mult=[1], temperal_downsample=[]),  # one up block: the head's output a pending sum, split per chunk
     dict(dim_mult=[1, 2], temperal_downsample=[True]),

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 
 #include "vae_conv.h"
 
@@ -126,15 +127,77 @@ void conv3d_few_out(const at::Tensor& x, const c10::optional<at::Tensor>& prev, 
                                                "fewer than 2^31 programs)" : "");
 }
 
+// a channels-last activation with x's shape on x's device and dtype, every position's channels contiguous: its
+// batch stride (the dense position stride C is what the kernel assumes)
+int64_t positions_of(const at::Tensor& t, const at::Tensor& x, const char* name) {
+    TORCH_CHECK(t.sizes() == x.sizes() || (std::string(name) == "tail" && t.dim() == x.dim() && t.size(0) == x.size(0) &&
+                                            t.size(1) == x.size(1)),
+                "oasis_vae: ", name, " must be x's shape ", x.sizes(), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), "oasis_vae: ", name,
+                " must be x's dtype and device (", x.scalar_type(), " on ", x.device(), "), got ", t.scalar_type(),
+                " on ", t.device());
+    // positions (the dims after the channels) flattening with stride C, channels innermost
+    int64_t expected = t.size(1);
+    for (int d = t.dim() - 1; d >= 2; --d) {
+        TORCH_CHECK(t.size(d) == 1 || t.stride(d) == expected, "oasis_vae: ", name,
+                    " must be channels-last with its positions dense, got strides ", t.strides());
+        expected *= t.size(d);
+    }
+    TORCH_CHECK(t.size(1) == 1 || t.stride(1) == 1, "oasis_vae: ", name, " must be channels-last, got strides ",
+                t.strides());
+    return t.size(0) == 1 ? expected : t.stride(0);
+}
+
+void norm_silu(const at::Tensor& x, const at::Tensor& gamma, const c10::optional<at::Tensor>& bias,
+               const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& sum,
+               const c10::optional<at::Tensor>& tail, bool silu, double eps, const at::Tensor& out) {
+    TORCH_CHECK(x.is_cuda() && x.dim() >= 3, "oasis_vae: x must be a CUDA [B, C, ...], got ", x.sizes(), " on ",
+                x.device());
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                "oasis_vae: norm_silu takes bfloat16 or float16, got ", x.scalar_type());
+    TORCH_CHECK(oasis_vae::norm_takes_channels(int(std::min<int64_t>(x.size(1), 1 << 20))),
+                "oasis_vae: norm_silu takes 24 * 2^k channels up to 768, got ", x.size(1));
+    TORCH_CHECK(!sum.has_value() || residual.has_value(), "oasis_vae: sum is written only with a residual");
+    oasis_vae::NormCall c{};
+    c.B = int(x.size(0));
+    c.C = int(x.size(1));
+    c.positions = x.numel() / std::max<int64_t>(1, x.size(0) * x.size(1));
+    c.half = x.scalar_type() == at::kHalf;
+    c.silu = silu;
+    c.x = x.data_ptr(); c.x_sb = positions_of(x, x, "x");
+    c.out = out.data_ptr(); c.o_sb = positions_of(out, x, "out");
+    if (residual.has_value()) { c.residual = residual->data_ptr(); c.r_sb = positions_of(*residual, x, "residual"); }
+    if (sum.has_value()) { c.sum = sum->data_ptr(); c.z_sb = positions_of(*sum, x, "sum"); }
+    if (tail.has_value()) {
+        TORCH_CHECK(tail->dim() == x.dim() && tail->size(2) >= 1 && tail->size(2) <= x.size(2), "oasis_vae: tail must "
+                    "hold 1 to ", x.size(2), " of x's last frames, got ", tail->sizes());
+        for (int d = 3; d < x.dim(); ++d)
+            TORCH_CHECK(tail->size(d) == x.size(d), "oasis_vae: tail must be x's frames, got ", tail->sizes());
+        c.tail = tail->data_ptr(); c.t_sb = positions_of(*tail, x, "tail");
+        c.tail_start = c.positions - tail->numel() / std::max<int64_t>(1, tail->size(0) * tail->size(1));
+    }
+    c.gamma = per_channel(gamma, x, x.size(1), "gamma");
+    if (bias.has_value()) c.bias = per_channel(*bias, x, x.size(1), "bias");
+    c.eps = float(eps);
+    if (x.numel() == 0) return;
+    c10::cuda::CUDAGuard guard(x.device());
+    const cudaError_t err = oasis_vae::norm_silu(c, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+    TORCH_CHECK(err == cudaSuccess, "oasis_vae: norm_silu failed: ", cudaGetErrorString(err),
+                err == cudaErrorInvalidValue ? " (16-byte aligned starts and batch strides needed)" : "");
+}
+
 }  // namespace
 
 TORCH_LIBRARY(oasis_vae, m) {
     m.def("conv3d_k3(Tensor x, Tensor? prev, Tensor weight, Tensor? bias, Tensor? residual, Tensor? norm, "
           "Tensor(b!)? tail, Tensor(a!) out) -> ()");
     m.def("conv3d_few_out(Tensor x, Tensor? prev, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
+    m.def("norm_silu(Tensor x, Tensor gamma, Tensor? bias, Tensor? residual, Tensor(b!)? sum, Tensor(c!)? tail, "
+          "bool silu, float eps, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(oasis_vae, CUDA, m) {
     m.impl("conv3d_k3", &conv3d_k3);
     m.impl("conv3d_few_out", &conv3d_few_out);
+    m.impl("norm_silu", &norm_silu);
 }

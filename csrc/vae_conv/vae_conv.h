@@ -66,4 +66,31 @@ bool few_out_takes(int cin, int cout);
 // aligned, else the launch's error
 cudaError_t conv3d_few_out(const FewOutCall& call, cudaStream_t stream);
 
+// The norm pass (norm_silu.cu): out = SiLU(y / max(||y||_C, eps) * gamma) (SiLU optional) over each position's C
+// channels, y = x + bias in float32, or with a residual x + bias + residual rounded to the dtype (and stored into
+// sum where given). Every tensor channels-last: position s of batch b at ptr + b * sb + s * C (elements), start and
+// batch stride 16-byte aligned; all bf16 (or all fp16). tail: positions from tail_start on are written there too
+// (position s at tail + b * t_sb + (s - tail_start) * C). out may be x, sum may be x; nothing else overlaps.
+struct NormCall {
+    int B, C;
+    int64_t positions;       // per batch
+    bool half, silu;         // fp16 (else bf16); SiLU after the norm
+    const void* x; int64_t x_sb;
+    void* out; int64_t o_sb;
+    const void* residual; int64_t r_sb;   // or null
+    void* sum; int64_t z_sb;              // or null (only with a residual)
+    void* tail; int64_t t_sb;             // or null
+    int64_t tail_start;
+    const float* gamma;      // [C] float32: gamma * scale
+    const float* bias;       // [C] float32 or null
+    float eps;
+};
+
+// the channel counts the pass takes: 24 * 2^k up to 768 (each position's vectors split evenly over 1 to 32 lanes)
+bool norm_takes_channels(int channels);
+
+// launches on `stream`; cudaErrorInvalidValue where the channels are not taken, a pointer or batch stride is not
+// 16-byte aligned or tail_start is out of range, else the launch's error
+cudaError_t norm_silu(const NormCall& call, cudaStream_t stream);
+
 }  // namespace oasis_vae
