@@ -1,4 +1,4 @@
-"""The Wan VAE's 3x3x3 causal convolutions in CUDA (``csrc/vae_conv/``): loading, weight packing, the calls.
+"""The Wan VAE's CUDA kernels (``csrc/vae_conv/``), its convolutions and norm pass: loading, weight packing, calls.
 
 ``torch.ops.oasis_vae.conv3d_k3`` is an implicit GEMM on Hopper's wgmma with TMA loads (sm_90a only):
 output tiles exactly 96 or 192 channels wide (cuDNN's engines pad 96 and 192 to 128-wide tiles), the
@@ -14,6 +14,11 @@ extensions folder, rebuilt when a source changes, guarded by torch's file lock) 
 row's three horizontal taps as the GEMM's columns (N = 9 padded to 16, where cuDNN pads 3 to 64), the cached
 frames read where they lie (docs/PERF.md entry 18p). :func:`few_out_why_not` says which calls it takes,
 :func:`conv3d_few_out` runs it.
+
+``torch.ops.oasis_vae.norm_silu`` is the norm pass (``SiLU(RMSNorm)`` over channels, with the producer's bias, a
+residual sum and the cache tail) for channels-last 16-bit activations: warps streaming 1536-byte units, each position's
+sum reduced inside the warp (docs/PERF.md entry 18y). :func:`norm_why_not` says which calls it takes;
+:func:`oasis.vae_kernels.norm_silu` runs it there and Triton's pass elsewhere.
 """
 
 from __future__ import annotations
