@@ -24,7 +24,7 @@ def ptxas_report():
     if nvcc is None:
         pytest.skip("no nvcc on this machine")
     report = ""
-    for source in ("vae_conv.cu", "few_out.cu", "norm_silu.cu"):
+    for source in ("vae_conv.cu", "few_out.cu"):
         proc = subprocess.run([nvcc, *vae_cuda.NVCC_FLAGS, "-Xptxas", "-v", "-c", str(vae_cuda.SOURCES / source),
                                "-o", "/dev/null"], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,10 +39,6 @@ def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma(ptxas_repo
     assert len(names) == 2, names  # N tiles of 96 and 192
     few = [body for n, body in entries if "conv3d_few_out_kernel" in n]
     assert len(few) == 1, [n for n, _ in entries]
-    norms = [body for n, body in entries if "norm_silu_kernel" in n]
-    assert len(norms) == 48, len(norms)  # bf16 and fp16, each option on or off (the sum only with a residual)
-    for body in norms:  # two blocks of 8 warps an SM: __launch_bounds__(256, 2) caps it at 128 registers
-        assert int(re.search(r"Used (\d+) registers", body).group(1)) <= 128, body
     # two programs an SM: __launch_bounds__(256, 2) caps it at 128 registers
     assert int(re.search(r"Used (\d+) registers", few[0]).group(1)) <= 128, few[0]
     for name, body in entries:

@@ -6,6 +6,10 @@ runs (oasis.vae_kernels.norm_silu) taking it."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -29,6 +33,25 @@ def test_norm_why_not_names_the_reason_on_the_cpu():
     assert "not a CUDA device" in vae_cuda.norm_why_not(x)
     with pytest.raises(ValueError, match="does not take this call"):
         vae_cuda.norm_silu(x, torch.ones(96), 1.0, out=torch.empty_like(x))
+
+
+@pytest.mark.slow  # ~13 s of nvcc on 2 cores
+def test_the_pass_compiles_for_sm90a_without_spills():
+    """Every instance (bf16 and fp16, each option on or off, the sum only with a residual) within two blocks of 8 warps
+    an SM (``__launch_bounds__(256, 2)``: at most 128 registers), without spills."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    proc = subprocess.run([nvcc, *vae_cuda.NVCC_FLAGS, "-Xptxas", "-v", "-c", str(vae_cuda.SOURCES / "norm_silu.cu"),
+                           "-o", "/dev/null"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(.*?)(?=ptxas info\s+: Compiling|\Z)",
+                         proc.stderr, flags=re.S)
+    assert len(entries) == 48 and all("norm_silu_kernel" in n for n, _ in entries), [n for n, _ in entries]
+    for name, body in entries:
+        assert int(re.search(r"Used (\d+) registers", body).group(1)) <= 128, (name, body)
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
+        assert spill and spill.groups() == ("0", "0"), (name, body)
 
 
 def _reference(x, gamma, scale, bias, residual, silu, dtype):
