@@ -50,6 +50,7 @@ def ptxas_report():
     return report
 
 
+@pytest.mark.slow  # the fixture: ~18 s of nvcc on 2 cores
 def test_every_kernel_compiles_for_sm90a(ptxas_report):
     # 2 dtypes x D 64, 128
     kinds = {"forward_wgmma_kernel": 4, "forward_tma_intra_kernel": 4, "forward_tma_window_kernel": 4,
@@ -59,6 +60,7 @@ def test_every_kernel_compiles_for_sm90a(ptxas_report):
         assert len(found) == count, f"{kind}: {found}"
 
 
+@pytest.mark.slow  # the fixture: ~18 s of nvcc on 2 cores
 def test_wgmma_is_not_serialised(ptxas_report):
     """The kernels' warpgroup MMAs stay asynchronous: ptxas serialises them when other instructions
     write a wgmma's inputs or read its accumulators inside a stage (C7513, C7514), which costs the
@@ -67,6 +69,7 @@ def test_wgmma_is_not_serialised(ptxas_report):
     assert not serialised, serialised
 
 
+@pytest.mark.slow  # the fixture: ~18 s of nvcc on 2 cores
 def test_no_register_spills(ptxas_report):
     spilling = {n: r for n, r in ptxas_report.items() if r.get("spill_stores") or r.get("spill_loads")}
     assert not spilling, f"kernels spill registers: {spilling}"

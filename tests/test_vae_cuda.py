@@ -32,6 +32,7 @@ def ptxas_report():
     return report
 
 
+@pytest.mark.slow  # ~10 s of nvcc on 2 cores
 def test_kernels_compile_for_sm90a_without_spills_or_serialised_wgmma(ptxas_report):
     entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n(.*?)(?=ptxas info\s+: Compiling|\Z)",
                          ptxas_report, flags=re.S)
