@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .vae_kernels import _flat_stride
 from .vae_kernels import kept_per_tensor as _kept
 
 __all__ = ["library", "why_not", "channels_why_not", "pack_weight", "conv3d_k3", "conv3d_k3_reference", "SOURCES",
@@ -312,12 +314,7 @@ def norm_channels_why_not(channels: int) -> str | None:
 
 def _positions_dense(t: torch.Tensor) -> bool:
     """Channels innermost and every position's channels ``C`` apart (channels-last, a time slice of it included)."""
-    expected = t.shape[1]
-    for d in range(t.dim() - 1, 1, -1):
-        if t.shape[d] != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return t.shape[1] == 1 or t.stride(1) == 1
+    return t.stride(1) == 1 and (_flat_stride(t) == t.shape[1] or math.prod(t.shape[2:]) <= 1)
 
 
 def norm_why_not(x: torch.Tensor, *, out: torch.Tensor | None = None, residual: torch.Tensor | None = None,
@@ -362,6 +359,12 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.
         raise ValueError(f"norm_silu does not take this call: {why}")
     if sum_out is not None and residual is None:
         raise ValueError("sum_out is written only with a residual")
+    return _norm_silu_checked(x, gamma, scale, out, silu, bias, tail, residual, sum_out, eps)
+
+
+def _norm_silu_checked(x, gamma, scale, out, silu, bias, tail, residual, sum_out, eps) -> torch.Tensor:
+    """:func:`norm_silu` once :func:`norm_why_not` has allowed the call (``oasis.vae_kernels.norm_silu`` asks it
+    itself: the checks run once a call)."""
     torch.ops.oasis_vae.norm_silu(x, _norm32(gamma, scale), None if bias is None else _bias32(bias), residual, sum_out,
                                   tail, silu, eps, out)
     return out

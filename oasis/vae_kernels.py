@@ -142,8 +142,7 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float, *, out: torch.
                                  inputs=(gamma, bias)) is None:
             if tail is not None:
                 _check_tail(tail, dest)
-            return vae_cuda.norm_silu(x, gamma, scale, out=dest, silu=silu, bias=bias, tail=tail, residual=residual,
-                                      sum_out=sum_out, eps=EPS)
+            return vae_cuda._norm_silu_checked(x, gamma, scale, dest, silu, bias, tail, residual, sum_out, EPS)
     if (usable(x, out, gamma, bias, residual, sum_out) and (tail is None or _flat_stride(tail) is not None)
             and all(t is None or _flat_stride(t) is not None for t in (residual, sum_out))):
         return norm_silu_triton(x, gamma, scale, out=out, silu=silu, bias=bias, tail=tail, residual=residual,

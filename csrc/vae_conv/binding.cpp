@@ -8,7 +8,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
 
 #include "vae_conv.h"
 
@@ -127,11 +126,12 @@ void conv3d_few_out(const at::Tensor& x, const c10::optional<at::Tensor>& prev, 
                                                "fewer than 2^31 programs)" : "");
 }
 
-// a channels-last activation with x's shape on x's device and dtype, every position's channels contiguous: its
-// batch stride (the dense position stride C is what the kernel assumes)
-int64_t positions_of(const at::Tensor& t, const at::Tensor& x, const char* name) {
-    TORCH_CHECK(t.sizes() == x.sizes() || (std::string(name) == "tail" && t.dim() == x.dim() && t.size(0) == x.size(0) &&
-                                            t.size(1) == x.size(1)),
+// a channels-last activation on x's device and dtype, every position's channels contiguous, with x's shape (or, not
+// `whole`, x's batch and channels: the tail, whose frames the caller checks): its batch stride (the dense position
+// stride C is what the kernel assumes)
+int64_t positions_of(const at::Tensor& t, const at::Tensor& x, const char* name, bool whole = true) {
+    TORCH_CHECK(whole ? t.sizes() == x.sizes()
+                      : t.dim() == x.dim() && t.size(0) == x.size(0) && t.size(1) == x.size(1),
                 "oasis_vae: ", name, " must be x's shape ", x.sizes(), ", got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), "oasis_vae: ", name,
                 " must be x's dtype and device (", x.scalar_type(), " on ", x.device(), "), got ", t.scalar_type(),
@@ -173,7 +173,7 @@ void norm_silu(const at::Tensor& x, const at::Tensor& gamma, const c10::optional
                     "hold 1 to ", x.size(2), " of x's last frames, got ", tail->sizes());
         for (int d = 3; d < x.dim(); ++d)
             TORCH_CHECK(tail->size(d) == x.size(d), "oasis_vae: tail must be x's frames, got ", tail->sizes());
-        c.tail = tail->data_ptr(); c.t_sb = positions_of(*tail, x, "tail");
+        c.tail = tail->data_ptr(); c.t_sb = positions_of(*tail, x, "tail", false);
         c.tail_start = c.positions - tail->numel() / std::max<int64_t>(1, tail->size(0) * tail->size(1));
     }
     c.gamma = per_channel(gamma, x, x.size(1), "gamma");
