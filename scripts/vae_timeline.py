@@ -6,12 +6,14 @@ kernels, split by cause, and what the same call costs replayed from a CUDA graph
 For each of decode and encode (bf16, random weights, channels-last, each geometry on its tuned cuDNN
 engine as ``WanVAE.autotune = True`` does):
 - ``wall``: median seconds of a synchronised call; ``enqueue``: the host's time until the call returns
-  (the GPU still working when it is much smaller than wall);
+  (the GPU still working when it is much smaller than wall); ``GPU span``: CUDA events recorded as the
+  call starts and returns (wall less the host's time around the GPU's); the card's SM and memory clocks,
+  power and temperature sampled by ``nvidia-smi`` during those calls and during the profiled one;
 - from one call under ``torch.profiler``: ``busy``, the union of the GPU's kernel, copy and set
   intervals, and the idle time between them, each gap put down to the host (the next kernel's launch
   began after the previous kernel ended: the host was late by that much) or to the device (the launch
-  was queued in time: the GPU's own latency between kernels); the host-late time per chunk and per
-  aten op around the late launches;
+  was queued in time: the GPU's own latency between kernels); the host-late time per part (the decoder's
+  and encoder's ``head`` and ``tail`` calls, once a chunk or group) and per aten op around the late launches;
 - ``graph``: the whole call captured as one CUDA graph and replayed (median of 5), and the memory the
   capture took: the floor a graphed decode could reach, not a path of the package.
 Writes ``vae_timeline.json`` and ``vae_timeline.md`` under ``--out``.
@@ -24,6 +26,7 @@ import bisect
 import collections
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,30 +44,70 @@ LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
 
 
 def timed(fn, reps):
-    """(median wall s, median enqueue s) of ``reps`` synchronised calls."""
-    walls, enq = [], []
+    """(median wall s, median enqueue s, median GPU span s) of ``reps`` synchronised calls; the span runs from
+    an event recorded as the call starts to one recorded as it returns (idle GPU time before the call's first
+    kernel included)."""
+    walls, enq, spans = [], [], []
     for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
+        a.record()
         fn()
+        b.record()
         enq.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
-    return statistics.median(walls), statistics.median(enq)
+        spans.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(walls), statistics.median(enq), statistics.median(spans)
+
+
+SMI_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu")
+
+
+def sampled(fn):
+    """``fn()`` with ``nvidia-smi`` sampling the card's SM and memory clocks (MHz), power (W) and temperature every
+    20 ms: (fn's result, {field: [min, median, max]}), or an error string where nvidia-smi is missing."""
+    cmd = ["nvidia-smi", f"--id={torch.cuda.current_device()}", "--query-gpu=" + ",".join(SMI_FIELDS),
+           "--format=csv,noheader,nounits", "-lms", "20"]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError as e:
+        return fn(), f"nvidia-smi: {e}"
+    try:
+        result = fn()
+    finally:
+        proc.terminate()
+        text, _ = proc.communicate(timeout=10)
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append([float(v) for v in line.split(",")])
+        except ValueError:  # a field the card does not report
+            continue
+    if not rows:
+        return result, "nvidia-smi gave no samples"
+    cols = list(zip(*rows))
+    return result, {f: [min(c), statistics.median(c), max(c)] for f, c in zip(SMI_FIELDS, cols)} | {"samples": len(rows)}
 
 
 def _label_chunks(module):
-    """Each call of ``module.forward`` under a profiler label ``chunk i`` (restored by the returned undo)."""
-    orig = module.forward
-    count = [0]
+    """Each call of ``module.head`` and ``module.tail`` (the decoder's and encoder's two halves: a clip in chunks
+    calls each once a chunk or group) under a profiler label ``head i`` / ``tail i``; restored by the returned
+    undo."""
+    undo = []
+    for part in ("head", "tail"):
+        orig = getattr(module, part)
+        count = [0]
 
-    def forward(*a, **k):
-        with torch.profiler.record_function(f"chunk {count[0]}"):
-            count[0] += 1
-            return orig(*a, **k)
+        def labelled(*a, _orig=orig, _part=part, _count=count, **k):
+            with torch.profiler.record_function(f"{_part} {_count[0]}"):
+                _count[0] += 1
+                return _orig(*a, **k)
 
-    module.forward = forward
-    return lambda: setattr(module, "forward", orig)
+        setattr(module, part, labelled)
+        undo.append(lambda _part=part: delattr(module, _part))  # the instance attribute gone, the method back
+    return lambda: [u() for u in undo]
 
 
 def gaps(trace: dict) -> dict:
@@ -74,7 +117,7 @@ def gaps(trace: dict) -> dict:
     launch = {e["args"]["correlation"]: e for e in ev
               if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
     ops = sorted((e for e in ev if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
-    chunks = sorted((e for e in ev if e.get("cat") == "user_annotation" and e["name"].startswith("chunk ")),
+    chunks = sorted((e for e in ev if e.get("cat") == "user_annotation" and e["name"].split(" ")[0] in ("head", "tail")),
                     key=lambda e: e["ts"])
     starts = [e["ts"] for e in ops]
 
@@ -90,7 +133,7 @@ def gaps(trace: dict) -> dict:
         for e in reversed(chunks):
             if e["ts"] <= ts:
                 return e["name"] if ts <= e["ts"] + e["dur"] else f"after {e['name']}"
-        return "before chunk 0"
+        return "before the first part"
 
     busy, host, device = 0.0, 0.0, 0.0
     by_chunk = collections.defaultdict(lambda: [0.0, 0.0, 0.0])  # host-late, device, busy (us)
@@ -201,8 +244,9 @@ def main(argv=None):
         for name, (fn, module) in calls.items():
             fn()
             fn()  # the tuned engines chosen and built, the kernels loaded
-            wall, enq = timed(fn, args.reps)
-            r = {"wall_s": wall, "enqueue_s": enq, "profile": profiled(fn, module)}
+            (wall, enq, span), card = sampled(lambda: timed(fn, args.reps))
+            r = {"wall_s": wall, "enqueue_s": enq, "gpu_span_s": span, "card": card}
+            r["profile"], r["card_profiled"] = sampled(lambda: profiled(fn, module))
             if not args.no_graph:
                 try:
                     r["graph"] = graphed(fn)
@@ -213,17 +257,21 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vae_timeline.json").write_text(json.dumps(res, indent=1, default=str))
     lines = [f"# WanVAE timeline, {res['env'].get('gpu', '')}, {res['env'].get('commit', '')}", "",
-             "| call | wall s | enqueue s | GPU busy ms | idle: host late ms | idle: device ms | graph replay s |",
-             "|---|---|---|---|---|---|---|"]
+             "| call | wall s | enqueue s | GPU span s | GPU busy ms (profiled) | profiled span ms | idle: host late ms "
+             "| idle: device ms | graph replay s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in calls:
         r = res[name]
         pr, g = r["profile"], r.get("graph", {})
-        lines.append(f"| {name} | {r['wall_s']:.3f} | {r['enqueue_s']:.3f} | {pr['busy_ms']:.1f} | "
+        lines.append(f"| {name} | {r['wall_s']:.3f} | {r['enqueue_s']:.3f} | {r['gpu_span_s']:.3f} | {pr['busy_ms']:.1f} | "
+                     f"{pr['span_ms']:.1f} | "
                      f"{pr['idle_host_late_ms']:.1f} | {pr['idle_device_ms']:.1f} | "
                      f"{g.get('replay_s', float('nan')):.3f} |")
     for name in calls:
         pr = res[name]["profile"]
-        lines += ["", f"{name}, per chunk (host late, device, busy ms): " +
+        lines += ["", f"{name}, the card during the timed calls [min, median, max]: " + json.dumps(res[name]["card"]),
+                  f"{name}, the card during the profiled call: " + json.dumps(res[name]["card_profiled"]),
+                  f"{name}, per part (host late, device, busy ms): " +
                   "; ".join(f"{k} {v}" for k, v in pr["by_chunk_ms"].items()),
                   f"{name}, host late by op: " + "; ".join(f"{k} {v}" for k, v in pr["host_late_by_op_ms"].items()),
                   f"{name}, idle by gap size: " + json.dumps(pr["idle_by_gap_size_ms"]),
