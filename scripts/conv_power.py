@@ -1,0 +1,221 @@
+"""The VAE's heaviest cuDNN convolutions under the card's power cap: each engine configuration's time in a short
+burst (what ``WanVAE.autotune`` times) against its time and energy when run back to back, and the decode with
+each geometry on its best sustained configuration against the tuner's choice.
+
+    python scripts/conv_power.py --out DIR [--seconds 0.8] [--keep 8] [--rounds 2]
+
+A 720p decode draws the card's whole power limit (700 W on the H100 and H200) and runs with the SM clock held
+~20% under its maximum (docs/PERF.md entry 18z), while the tuner times each configuration for a few
+milliseconds, at full clock. Under the cap a configuration's time follows its energy per call, so the fastest
+in a burst need not be the fastest in the decode. For each geometry (shapes of a 2-frame piece with its 2
+cached frames, channels-last bf16, random data):
+- every configuration cuDNN lists (heuristics A and B) timed in a burst (median of 3 after one untimed run);
+- the ``--keep`` fastest of them, each after 0.4 s idle, run back to back for ``--seconds``: the median time of
+  a call over the second half, the energy per call there (NVML's energy counter) and the mean SM clock;
+- the decode (latents [9, 90, 160], chunk 1, 2-frame pieces, median of 5) with the tuner's choices and with
+  these geometries on their best sustained configuration, in turns (``--rounds``), the SM clock and power
+  sampled meanwhile.
+Writes ``conv_power.json`` and ``conv_power.md`` under ``--out``. Needs a CUDA device and the cuDNN frontend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from attn_bench import environment  # noqa: E402
+
+#: (name, input [C, T, H, W] with the 2 cached frames, output channels): the decode's 3x3x3 convolutions with
+#: the most time (docs/PERF.md 18m's count: 96 calls at 96 channels, 720p; 96 at 192, 360p; 40 at 384, 180p; 90
+#: at 384 on groups of 3 latent frames)
+GEOMETRIES = [
+    ("96 -> 96, 720p", (96, 4, 720, 1280), 96),
+    ("192 -> 192, 360p", (192, 4, 360, 640), 192),
+    ("384 -> 384, 180p", (384, 4, 180, 320), 384),
+    ("384 -> 384, 90p, group of 3", (384, 5, 90, 160), 384),
+]
+STRIDE, PADDING = (1, 1, 1), (0, 1, 1)
+
+
+class Nvml:
+    """The card's energy counter (mJ), SM clock (MHz) and power (W) through libnvidia-ml, without pynvml."""
+
+    def __init__(self, device: torch.device):
+        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
+        if self.lib.nvmlInit_v2() != 0:
+            raise RuntimeError("nvmlInit failed")
+        self.handle = ctypes.c_void_p()
+        index = torch.cuda._get_nvml_device_index(device)
+        if self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.handle)) != 0:
+            raise RuntimeError(f"no NVML handle for device {index}")
+
+    def energy_mj(self) -> int:
+        e = ctypes.c_ulonglong()
+        self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(e))
+        return e.value
+
+    def sm_mhz(self) -> int:
+        c = ctypes.c_uint()
+        self.lib.nvmlDeviceGetClockInfo(self.handle, 1, ctypes.byref(c))  # NVML_CLOCK_SM
+        return c.value
+
+    def watts(self) -> float:
+        p = ctypes.c_uint()
+        self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(p))
+        return p.value / 1e3
+
+
+def burst_ms(plan, index, feeds, ws) -> float:
+    plan._execute(index, feeds, ws)
+    return statistics.median(plan._timed(index, feeds, ws) for _ in range(3))
+
+
+def sustained(plan, index, feeds, ws, seconds, nvml) -> dict:
+    """The configuration run back to back for ``seconds`` after 0.4 s idle: its second half's median ms per call,
+    mJ per call and mean SM clock."""
+    torch.cuda.synchronize()
+    time.sleep(0.4)
+    times, clocks, start = [], [], time.perf_counter()
+    e_half = n_half = None
+    while time.perf_counter() - start < seconds:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        plan._execute(index, feeds, ws)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        if e_half is None and time.perf_counter() - start >= seconds / 2:
+            e_half, n_half = nvml.energy_mj(), len(times)
+        elif e_half is not None:
+            clocks.append(nvml.sm_mhz())
+    calls = len(times) - n_half
+    return {"ms": statistics.median(times[n_half:]), "mJ_per_call": (nvml.energy_mj() - e_half) / max(calls, 1),
+            "sm_MHz": statistics.fmean(clocks) if clocks else None, "calls": calls,
+            "first_ms": statistics.median(times[:3])}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=0.8)
+    p.add_argument("--keep", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("conv_power.py: needs a CUDA device")
+    from oasis import WanVAE, vae_conv
+
+    if vae_conv.frontend_missing():
+        sys.exit(f"conv_power.py: {vae_conv.frontend_missing()}")
+    dev = torch.device("cuda")
+    nvml = Nvml(dev)
+    torch.manual_seed(0)
+    vae = WanVAE().to(dev, torch.bfloat16).eval().requires_grad_(False).channels_last()
+    vae.autotune = True
+    z = torch.randn(1, 16, 9, 90, 160, device=dev, dtype=torch.bfloat16)
+    res = {"env": environment(dev), "seconds": args.seconds, "geometries": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def decode():
+        return vae.decode(z, 1, piece_frames=2)
+
+    cl = torch.channels_last_3d
+    with torch.no_grad():
+        decode()
+        decode()  # every geometry tuned (or its recorded choice built)
+        overrides = {}
+        for name, (ci, t, h, w), co in GEOMETRIES:
+            x = torch.randn(1, ci, t, h, w, device=dev).bfloat16().contiguous(memory_format=cl)
+            wt = (torch.randn(co, ci, 3, 3, 3, device=dev) * (27 * ci) ** -0.5).bfloat16().contiguous(memory_format=cl)
+            with vae_conv.tuning():
+                plan = vae_conv._plan(x, wt, STRIDE, PADDING, PADDING)
+            if plan is None or plan.best is None:
+                res["geometries"][name] = {"error": "no tuned plan for this geometry in the decode"}
+                continue
+            out = torch.empty(plan.out_shape, dtype=x.dtype, device=dev, memory_format=cl)
+            feeds = plan._feeds(x, wt, out)
+            rows = {}
+            for i in plan.candidates:
+                try:
+                    plan.graph.build_plan_at_index(i)
+                    size = plan.graph.get_workspace_size_plan_at_index(i)
+                    if size > vae_conv.WORKSPACE_LIMIT:
+                        continue
+                    ws = torch.empty(max(size, 1), dtype=torch.uint8, device=dev)
+                    rows[i] = {"name": plan.graph.get_plan_name_at_index(i), "burst_ms": burst_ms(plan, i, feeds, ws),
+                               "workspace": size}
+                except Exception as e:  # a configuration that does not build or run here
+                    rows[i] = {"error": str(e).splitlines()[0][:120]}
+            ran = sorted((i for i in rows if "burst_ms" in rows[i]), key=lambda i: rows[i]["burst_ms"])
+            for i in ran[:args.keep]:
+                ws = torch.empty(max(rows[i]["workspace"], 1), dtype=torch.uint8, device=dev)
+                rows[i]["sustained"] = sustained(plan, i, feeds, ws, args.seconds, nvml)
+            kept = [i for i in ran[:args.keep]]
+            best = min(kept, key=lambda i: rows[i]["sustained"]["ms"])
+            res["geometries"][name] = {"tuned": plan.best, "sustained_best": best,
+                                       "rows": {str(i): r for i, r in rows.items()}}
+            if best != plan.best:
+                overrides[plan.key] = (plan, best, plan.graph.get_workspace_size_plan_at_index(best))
+            print(name, json.dumps(res["geometries"][name]["rows"].get(str(plan.best))),
+                  json.dumps(res["geometries"][name]["rows"][str(best)]), flush=True)
+            del x, wt, out, feeds
+
+        tuned = {key: (plan.best, plan.workspace_size) for key, (plan, _, _) in overrides.items()}
+
+        def use(choice):
+            for key, (plan, best, size) in overrides.items():
+                plan.best, plan.workspace_size = (best, size) if choice == "sustained" else tuned[key]
+                plan.graph.build_plan_at_index(plan.best)
+
+        walls = {"tuned": [], "sustained": []}
+        cards = {"tuned": [], "sustained": []}
+        for _ in range(args.rounds):
+            for choice in ("tuned", "sustained"):
+                use(choice)
+                decode()
+                torch.cuda.synchronize()
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    decode()
+                    cards[choice].append((nvml.sm_mhz(), nvml.watts()))
+                    torch.cuda.synchronize()
+                    walls[choice].append(time.perf_counter() - t0)
+        use("tuned")
+        res["decode"] = {c: {"s": statistics.median(v), "all_s": v,
+                             "sm_MHz": statistics.fmean(m for m, _ in cards[c]),
+                             "W": statistics.fmean(w for _, w in cards[c])} for c, v in walls.items()}
+        res["overridden"] = len(overrides)
+    (args.out / "conv_power.json").write_text(json.dumps(res, indent=1, default=str))
+    md = [f"# The VAE's convolutions under the power cap, {res['env'].get('gpu')}, {res['env'].get('commit')}", "",
+          "| geometry | configuration | burst ms | sustained ms | mJ a call | SM MHz | |", "|---|---|---|---|---|---|---|"]
+    for name, g in res["geometries"].items():
+        if "rows" not in g:
+            md.append(f"| {name} | {g['error']} | | | | | |")
+            continue
+        for i, r in g["rows"].items():
+            s = r.get("sustained")
+            if s is None:
+                continue
+            mark = ", ".join(m for m, hit in (("tuned", int(i) == g["tuned"]), ("best sustained", int(i) == g["sustained_best"])) if hit)
+            md.append(f"| {name} | {i} `{r['name'][:60]}` | {r['burst_ms']:.3f} | {s['ms']:.3f} | {s['mJ_per_call']:.0f} | "
+                      f"{s['sm_MHz'] or 0:.0f} | {mark} |")
+    md += ["", f"Decode (latents [9, 90, 160], chunk 1, 2-frame pieces), {res['overridden']} geometries overridden:", "",
+           "| choice | s (median) | SM MHz | W |", "|---|---|---|---|"]
+    for c, d in res["decode"].items():
+        md.append(f"| {c} | {d['s']:.4f} | {d['sm_MHz']:.0f} | {d['W']:.0f} |")
+    (args.out / "conv_power.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
