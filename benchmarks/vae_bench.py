@@ -2,7 +2,8 @@
 
 Decode: latents ``[1, 16, 9, 90, 160]`` -> 33 frames 720x1280 (and ``--long`` latent frames, 105
 frames by default, ours only). Encode: the same clip back. For each variant: median seconds (wall
-clock, synchronised), peak GPU memory of the call, and the largest difference from diffusers' output.
+clock, synchronised), peak GPU memory of the call, the largest difference from diffusers' output, and what
+the card did meanwhile (joules a call, mean power against the limit, SM clock: benchmarks/card_power.py).
 The convolutions' FLOPs are counted once (torch.utils.flop_counter) and their kernel time summed from
 one profiled decode, so the table gives the convolutions' achieved TFLOP/s against the bf16 GEMM rate
 measured in the same run.
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attn_bench import (_check_out_dir, _commit, _non_negative_int, _Parser, _positive_int,  # noqa: E402
                         _require_cuda, environment)
+from card_power import CardMeter, describe  # noqa: E402
 from conv_bench import gemm_time  # noqa: E402
 
 
@@ -65,17 +67,19 @@ def timed(fn, reps):
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        del out
+    with CardMeter() as meter:  # what the card did during the timed calls (its power cap: docs/PERF.md 18z)
+        for _ in range(reps):
+            start = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            del out
     out = fn()
     torch.cuda.synchronize()
-    return out, {"s": statistics.median(times), "min_s": min(times), "first_s": first,
+    return out, {"s": statistics.median(times), "min_s": min(times), "all_s": times, "first_s": first,
                  "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
-                 "peak_above_inputs_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30}
+                 "peak_above_inputs_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30,
+                 "card": meter.summary(calls=reps)}
 
 
 CONV_KERNEL = ("fprop", "implicit_gemm", "convolution", "convfwd", "conv2d", "conv3d", "wgrad", "dgrad")
@@ -180,6 +184,8 @@ def render(res: dict, args) -> str:
             ratio = "-" if " frames" in name and "all frames" not in name else f"{base / r['s']:.2f}"
             md.append(f"| {name} | {r['s']:.3f} | {ratio} | {r['peak_GiB']:.2f} | "
                       f"{'-' if diff is None else f'{diff:.3g}'} | {r['first_s']:.2f} |")
+        md += ["", "The card during the timed calls:", ""]
+        md += [f"- {name}: {describe(r['card'])}" for name, r in table.items() if "card" in r]
         md.append("")
     prof = res["convolutions"]
     md += [f"Convolutions (bf16 GEMM 8192^3 in this run: {res['gemm_TFLOP/s']:.0f} TFLOP/s):", "",

@@ -21,7 +21,6 @@ Writes ``conv_power.json`` and ``conv_power.md`` under ``--out``. Needs a CUDA d
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from attn_bench import environment  # noqa: E402
+from card_power import CardMeter, Nvml, describe  # noqa: E402
 
 #: (name, input [C, T, H, W] with the 2 cached frames, output channels): the decode's 3x3x3 convolutions with
 #: the most time (docs/PERF.md 18m's count: 96 calls at 96 channels, 720p; 96 at 192, 360p; 40 at 384, 180p; 90
@@ -45,34 +45,6 @@ GEOMETRIES = [
     ("384 -> 384, 90p, group of 3", (384, 5, 90, 160), 384),
 ]
 STRIDE, PADDING = (1, 1, 1), (0, 1, 1)
-
-
-class Nvml:
-    """The card's energy counter (mJ), SM clock (MHz) and power (W) through libnvidia-ml, without pynvml."""
-
-    def __init__(self, device: torch.device):
-        self.lib = ctypes.CDLL("libnvidia-ml.so.1")
-        if self.lib.nvmlInit_v2() != 0:
-            raise RuntimeError("nvmlInit failed")
-        self.handle = ctypes.c_void_p()
-        index = torch.cuda._get_nvml_device_index(device)
-        if self.lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(self.handle)) != 0:
-            raise RuntimeError(f"no NVML handle for device {index}")
-
-    def energy_mj(self) -> int:
-        e = ctypes.c_ulonglong()
-        self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(e))
-        return e.value
-
-    def sm_mhz(self) -> int:
-        c = ctypes.c_uint()
-        self.lib.nvmlDeviceGetClockInfo(self.handle, 1, ctypes.byref(c))  # NVML_CLOCK_SM
-        return c.value
-
-    def watts(self) -> float:
-        p = ctypes.c_uint()
-        self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(p))
-        return p.value / 1e3
 
 
 def burst_ms(plan, index, feeds, ws) -> float:
@@ -184,16 +156,15 @@ def main(argv=None):
                 use(choice)
                 decode()
                 torch.cuda.synchronize()
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    decode()
-                    cards[choice].append((nvml.sm_mhz(), nvml.watts()))
-                    torch.cuda.synchronize()
-                    walls[choice].append(time.perf_counter() - t0)
+                with CardMeter(dev) as meter:
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        decode()
+                        torch.cuda.synchronize()
+                        walls[choice].append(time.perf_counter() - t0)
+                cards[choice].append(meter.summary(calls=5))
         use("tuned")
-        res["decode"] = {c: {"s": statistics.median(v), "all_s": v,
-                             "sm_MHz": statistics.fmean(m for m, _ in cards[c]),
-                             "W": statistics.fmean(w for _, w in cards[c])} for c, v in walls.items()}
+        res["decode"] = {c: {"s": statistics.median(v), "all_s": v, "card": cards[c]} for c, v in walls.items()}
         res["overridden"] = len(overrides)
     (args.out / "conv_power.json").write_text(json.dumps(res, indent=1, default=str))
     md = [f"# The VAE's convolutions under the power cap, {res['env'].get('gpu')}, {res['env'].get('commit')}", "",
@@ -210,9 +181,9 @@ def main(argv=None):
             md.append(f"| {name} | {i} `{r['name'][:60]}` | {r['burst_ms']:.3f} | {s['ms']:.3f} | {s['mJ_per_call']:.0f} | "
                       f"{s['sm_MHz'] or 0:.0f} | {mark} |")
     md += ["", f"Decode (latents [9, 90, 160], chunk 1, 2-frame pieces), {res['overridden']} geometries overridden:", "",
-           "| choice | s (median) | SM MHz | W |", "|---|---|---|---|"]
+           "| choice | s (median) | the card in each round |", "|---|---|---|"]
     for c, d in res["decode"].items():
-        md.append(f"| {c} | {d['s']:.4f} | {d['sm_MHz']:.0f} | {d['W']:.0f} |")
+        md.append(f"| {c} | {d['s']:.4f} | {'; '.join(describe(x) for x in d['card'])} |")
     (args.out / "conv_power.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -7,8 +7,8 @@ For each of decode and encode (bf16, random weights, channels-last, each geometr
 engine as ``WanVAE.autotune = True`` does):
 - ``wall``: median seconds of a synchronised call; ``enqueue``: the host's time until the call returns
   (the GPU still working when it is much smaller than wall); ``GPU span``: CUDA events recorded as the
-  call starts and returns (wall less the host's time around the GPU's); the card's SM and memory clocks,
-  power and temperature sampled by ``nvidia-smi`` during those calls and during the profiled one;
+  call starts and returns (wall less the host's time around the GPU's); the card's energy a call, power
+  and SM clock during those calls and during the profiled one (``benchmarks/card_power.py``);
 - from one call under ``torch.profiler``: ``busy``, the union of the GPU's kernel, copy and set
   intervals, and the idle time between them, each gap put down to the host (the next kernel's launch
   began after the previous kernel ended: the host was late by that much) or to the device (the launch
@@ -26,7 +26,6 @@ import bisect
 import collections
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from attn_bench import environment  # noqa: E402
+from card_power import CardMeter, describe  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
@@ -62,33 +62,12 @@ def timed(fn, reps):
     return statistics.median(walls), statistics.median(enq), statistics.median(spans)
 
 
-SMI_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu")
-
-
-def sampled(fn):
-    """``fn()`` with ``nvidia-smi`` sampling the card's SM and memory clocks (MHz), power (W) and temperature every
-    20 ms: (fn's result, {field: [min, median, max]}), or an error string where nvidia-smi is missing."""
-    cmd = ["nvidia-smi", f"--id={torch.cuda.current_device()}", "--query-gpu=" + ",".join(SMI_FIELDS),
-           "--format=csv,noheader,nounits", "-lms", "20"]
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    except OSError as e:
-        return fn(), f"nvidia-smi: {e}"
-    try:
+def metered(fn, calls=1):
+    """``fn()`` under :class:`card_power.CardMeter`: (its result, the card's summary per call)."""
+    with CardMeter() as meter:
         result = fn()
-    finally:
-        proc.terminate()
-        text, _ = proc.communicate(timeout=10)
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append([float(v) for v in line.split(",")])
-        except ValueError:  # a field the card does not report
-            continue
-    if not rows:
-        return result, "nvidia-smi gave no samples"
-    cols = list(zip(*rows))
-    return result, {f: [min(c), statistics.median(c), max(c)] for f, c in zip(SMI_FIELDS, cols)} | {"samples": len(rows)}
+        torch.cuda.synchronize()
+    return result, meter.summary(calls)
 
 
 def _label_chunks(module):
@@ -244,9 +223,9 @@ def main(argv=None):
         for name, (fn, module) in calls.items():
             fn()
             fn()  # the tuned engines chosen and built, the kernels loaded
-            (wall, enq, span), card = sampled(lambda: timed(fn, args.reps))
+            (wall, enq, span), card = metered(lambda: timed(fn, args.reps), args.reps)
             r = {"wall_s": wall, "enqueue_s": enq, "gpu_span_s": span, "card": card}
-            r["profile"], r["card_profiled"] = sampled(lambda: profiled(fn, module))
+            r["profile"], r["card_profiled"] = metered(lambda: profiled(fn, module))
             if not args.no_graph:
                 try:
                     r["graph"] = graphed(fn)
@@ -269,8 +248,9 @@ def main(argv=None):
                      f"{g.get('replay_s', float('nan')):.3f} |")
     for name in calls:
         pr = res[name]["profile"]
-        lines += ["", f"{name}, the card during the timed calls [min, median, max]: " + json.dumps(res[name]["card"]),
-                  f"{name}, the card during the profiled call: " + json.dumps(res[name]["card_profiled"]),
+        lines += ["", f"{name}, the card during the timed calls: " + describe(res[name]["card"]),
+                  f"{name}, the card during the profiled call (the profiler's start and end included): "
+                  + describe(res[name]["card_profiled"]),
                   f"{name}, per part (host late, device, busy ms): " +
                   "; ".join(f"{k} {v}" for k, v in pr["by_chunk_ms"].items()),
                   f"{name}, host late by op: " + "; ".join(f"{k} {v}" for k, v in pr["host_late_by_op_ms"].items()),

@@ -419,3 +419,62 @@ def test_vae_bench_counts_convolutions_beside_float32_output_products():
         torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32)
 
     assert vae_bench.conv_flops(call) == 2 * (8 * 3 * 6 * 5) * (4 * 27)
+
+
+# --------------------------------------------------------------------------------------
+# card_power: what the card did during a benchmark's timed calls
+# --------------------------------------------------------------------------------------
+
+import card_power  # noqa: E402
+
+
+class _FakeNvml:
+    """An NVML whose energy counter advances 350 mJ a read (two reads: 0.35 J over the context)."""
+
+    def __init__(self, *_):
+        self.mj = 1000
+
+    def energy_mj(self):
+        self.mj += 350
+        return self.mj
+
+    def sm_mhz(self):
+        return 1600
+
+    def watts(self):
+        return 690.0
+
+    def celsius(self):
+        return 61
+
+    def limit_watts(self):
+        return 700.0
+
+
+def test_card_meter_reports_joules_a_call_and_the_sampled_clock(monkeypatch):
+    monkeypatch.setattr(card_power, "Nvml", _FakeNvml)
+    with card_power.CardMeter(period=0.001) as meter:
+        time.sleep(0.02)
+    s = meter.summary(calls=5)
+    assert s["J_per_call"] == pytest.approx(0.35 / 5) and s["limit_W"] == 700.0
+    assert s["samples"] > 0 and s["sm_MHz"] == [1600, 1600, 1600] and s["C"] == [61, 61, 61]
+    assert s["W"] == pytest.approx(0.35 / meter.seconds)
+    line = card_power.describe(s)
+    assert line.startswith("0.1 J a call") and "(limit 700)" in line and "SM 1600-1600 MHz (median 1600)" in line
+
+
+def test_card_meter_without_nvml_says_why_and_measures_nothing(monkeypatch):
+    def missing(*_):
+        raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(card_power, "Nvml", missing)
+    with card_power.CardMeter() as meter:
+        pass
+    s = meter.summary(calls=3)
+    assert s == {"error": "NVML unavailable: libnvidia-ml.so.1: cannot open shared object file"}
+    assert card_power.describe(s) == s["error"]
+    timing = {"s": 1.0, "peak_GiB": 1.0, "first_s": 1.0, "card": s}
+    vae = vae_bench.render({"env": DIRTY_ENV, "gemm_TFLOP/s": 900.0, "decode": {"diffusers": timing},
+                            "encode": {"diffusers": timing}, "convolutions": {}, "accuracy": {}, "weights_GiB": 0.2},
+                           argparse.Namespace(latent=[9, 90, 160], reps=3))
+    assert "- diffusers: NVML unavailable" in vae
