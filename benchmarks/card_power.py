@@ -4,13 +4,16 @@ A 720p VAE decode draws the card's whole power limit and runs with its SM clock 
 (docs/PERF.md entry 18z): its time then follows its energy, and a call timed after the card sat idle runs
 faster than the same call in a loop. Benchmarks report what the card did during their timed calls:
 
+    torch.cuda.synchronize()  # nothing queued from before counted in the window
     with CardMeter(device) as meter:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
     meter.summary(calls=reps)  # {"J_per_call", "W", "sm_MHz": [min, median, max], "limit_W", ...}
 
-Where NVML is missing (no NVIDIA driver library) the meter records nothing and ``summary`` says why.
+The energy is NVML's counter read as the context opens and closes: drain the GPU before opening it, and keep
+the window long (seconds) against the counter's update interval. Where NVML is missing (no NVIDIA driver
+library) the meter records nothing and ``summary`` says why.
 """
 
 from __future__ import annotations

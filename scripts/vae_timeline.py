@@ -63,7 +63,9 @@ def timed(fn, reps):
 
 
 def metered(fn, calls=1):
-    """``fn()`` under :class:`card_power.CardMeter`: (its result, the card's summary per call)."""
+    """``fn()`` under :class:`card_power.CardMeter`: (its result, the card's summary per call). The GPU is drained
+    first: work still queued from before (the warm-up calls) would count in the window."""
+    torch.cuda.synchronize()
     with CardMeter() as meter:
         result = fn()
         torch.cuda.synchronize()
