@@ -75,6 +75,7 @@ def test_no_register_spills(ptxas_report):
     assert not spilling, f"kernels spill registers: {spilling}"
 
 
+@pytest.mark.slow  # ~11 s of nvcc and the check on 2 cores
 def test_tile_geometry_on_the_cpu(tmp_path):
     """csrc/local_attention/geometry.cuh (host and device code) built for the CPU by nvcc and run:
     for random grids, windows, tile shapes and block widths, the programs' rows, the tokens each

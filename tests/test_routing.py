@@ -56,6 +56,7 @@ def test_statistics_match_dense_definition(grid, window, stride, backend, device
     _compare(stats, dense_statistics(q, k, grid, window, 1e-6, stride), 2e-5)
 
 
+@pytest.mark.slow  # ~11 s under the Triton interpreter on 2 cores
 def test_statistics_bf16_inputs(device):
     grid, window = (3, 7, 11), (3, 5, 5)
     q, k = (torch.randn(1, 231, 2, 128, device=device, dtype=torch.bfloat16) for _ in range(2))
