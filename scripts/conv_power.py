@@ -11,10 +11,10 @@ in a burst need not be the fastest in the decode. For each geometry (shapes of a
 cached frames, channels-last bf16, random data):
 - every configuration cuDNN lists (heuristics A and B) timed in a burst (median of 3 after one untimed run);
 - the ``--keep`` fastest of them, each after 0.4 s idle, run back to back for ``--seconds``: the median time of
-  a call over the second half, the energy per call there (NVML's energy counter) and the mean SM clock;
+  a call over the second half, the energy per call there (NVML's energy counter) and the median SM clock;
 - the decode (latents [9, 90, 160], chunk 1, 2-frame pieces, median of 5) with the tuner's choices and with
-  these geometries on their best sustained configuration, in turns (``--rounds``), the SM clock and power
-  sampled meanwhile.
+  these geometries on their best sustained configuration, in turns (``--rounds``), the card's energy, power
+  and SM clock measured meanwhile (``benchmarks/card_power.py``).
 Writes ``conv_power.json`` and ``conv_power.md`` under ``--out``. Needs a CUDA device and the cuDNN frontend.
 """
 
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from attn_bench import environment  # noqa: E402
-from card_power import CardMeter, Nvml, describe  # noqa: E402
+from card_power import CardMeter, describe  # noqa: E402
 
 #: (name, input [C, T, H, W] with the 2 cached frames, output channels): the decode's 3x3x3 convolutions with
 #: the most time (docs/PERF.md 18m's count: 96 calls at 96 channels, 720p; 96 at 192, 360p; 40 at 384, 180p; 90
@@ -52,28 +52,29 @@ def burst_ms(plan, index, feeds, ws) -> float:
     return statistics.median(plan._timed(index, feeds, ws) for _ in range(3))
 
 
-def sustained(plan, index, feeds, ws, seconds, nvml) -> dict:
-    """The configuration run back to back for ``seconds`` after 0.4 s idle: its second half's median ms per call,
-    mJ per call and mean SM clock."""
+def sustained(plan, index, feeds, ws, seconds) -> dict:
+    """The configuration run back to back for ``seconds`` after 0.4 s idle: over its second half (the card at its
+    cap by then) the median ms a call, the mJ a call and the median SM clock (:class:`card_power.CardMeter`)."""
     torch.cuda.synchronize()
     time.sleep(0.4)
-    times, clocks, start = [], [], time.perf_counter()
-    e_half = n_half = None
-    while time.perf_counter() - start < seconds:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        plan._execute(index, feeds, ws)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-        if e_half is None and time.perf_counter() - start >= seconds / 2:
-            e_half, n_half = nvml.energy_mj(), len(times)
-        elif e_half is not None:
-            clocks.append(nvml.sm_mhz())
-    calls = len(times) - n_half
-    return {"ms": statistics.median(times[n_half:]), "mJ_per_call": (nvml.energy_mj() - e_half) / max(calls, 1),
-            "sm_MHz": statistics.fmean(clocks) if clocks else None, "calls": calls,
-            "first_ms": statistics.median(times[:3])}
+
+    def run(span):
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < span:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            plan._execute(index, feeds, ws)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        return times
+
+    first = run(seconds / 2)
+    with CardMeter() as meter:
+        second = run(seconds / 2)
+    card = meter.summary(calls=len(second))
+    return {"ms": statistics.median(second), "mJ_per_call": card["J_per_call"] * 1e3, "sm_MHz": card["sm_MHz"][1],
+            "calls": len(second), "first_ms": statistics.median(first[:3])}
 
 
 def main(argv=None):
@@ -90,7 +91,8 @@ def main(argv=None):
     if vae_conv.frontend_missing():
         sys.exit(f"conv_power.py: {vae_conv.frontend_missing()}")
     dev = torch.device("cuda")
-    nvml = Nvml(dev)
+    if (missing := CardMeter(dev).error) is not None:  # the energy and clocks are what this script measures
+        sys.exit(f"conv_power.py: {missing}")
     torch.manual_seed(0)
     vae = WanVAE().to(dev, torch.bfloat16).eval().requires_grad_(False).channels_last()
     vae.autotune = True
@@ -131,9 +133,8 @@ def main(argv=None):
             ran = sorted((i for i in rows if "burst_ms" in rows[i]), key=lambda i: rows[i]["burst_ms"])
             for i in ran[:args.keep]:
                 ws = torch.empty(max(rows[i]["workspace"], 1), dtype=torch.uint8, device=dev)
-                rows[i]["sustained"] = sustained(plan, i, feeds, ws, args.seconds, nvml)
-            kept = [i for i in ran[:args.keep]]
-            best = min(kept, key=lambda i: rows[i]["sustained"]["ms"])
+                rows[i]["sustained"] = sustained(plan, i, feeds, ws, args.seconds)
+            best = min(ran[:args.keep], key=lambda i: rows[i]["sustained"]["ms"])
             res["geometries"][name] = {"tuned": plan.best, "sustained_best": best,
                                        "rows": {str(i): r for i, r in rows.items()}}
             if best != plan.best:

@@ -72,7 +72,7 @@ def metered(fn, calls=1):
     return result, meter.summary(calls)
 
 
-def _label_chunks(module):
+def _label_parts(module):
     """Each call of ``module.head`` and ``module.tail`` (the decoder's and encoder's two halves: a clip in chunks
     calls each once a chunk or group) under a profiler label ``head i`` / ``tail i``; restored by the returned
     undo."""
@@ -110,7 +110,7 @@ def gaps(trace: dict) -> dict:
                 best = e
         return best["name"] if best else "(none)"
 
-    def chunk_of(ts):
+    def part_of(ts):
         for e in reversed(chunks):
             if e["ts"] <= ts:
                 return e["name"] if ts <= e["ts"] + e["dur"] else f"after {e['name']}"
@@ -129,7 +129,7 @@ def gaps(trace: dict) -> dict:
             late = 0.0 if la is None else min(gap, max(0.0, la["ts"] - end))
             host += late
             device += gap - late
-            key = chunk_of(la["ts"] if la is not None else t0)
+            key = part_of(la["ts"] if la is not None else t0)
             by_chunk[key][0] += late
             by_chunk[key][1] += gap - late
             if late > 0:
@@ -139,7 +139,7 @@ def gaps(trace: dict) -> dict:
         if t1 > lo:
             busy += t1 - lo
             la = launch.get(e.get("args", {}).get("correlation"))
-            by_chunk[chunk_of(la["ts"] if la is not None else t0)][2] += t1 - lo
+            by_chunk[part_of(la["ts"] if la is not None else t0)][2] += t1 - lo
         end = t1 if end is None else max(end, t1)
     span = (end - gpu[0]["ts"]) if gpu else 0.0
     return {"events": len(gpu), "span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_host_late_ms": host / 1e3,
@@ -150,7 +150,7 @@ def gaps(trace: dict) -> dict:
 
 
 def profiled(fn, module) -> dict:
-    undo = _label_chunks(module)
+    undo = _label_parts(module)
     try:
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
