@@ -12,6 +12,8 @@ cached frames, channels-last bf16, random data):
 - every configuration cuDNN lists (heuristics A and B) timed in a burst (median of 3 after one untimed run);
 - the ``--keep`` fastest of them, each after 0.4 s idle, run back to back for ``--seconds``: the median time of
   a call over the second half, the energy per call there (NVML's energy counter) and the median SM clock;
+- where :func:`oasis.vae_cuda.why_not` takes the geometry, our CUDA kernel (``conv_kernel="cuda"``: exact 96- or
+  192-wide output tiles, the 2 cached frames read from their own tensor) the same two ways, as row ``cuda``;
 - the decode (latents [9, 90, 160], chunk 1, 2-frame pieces, median of 5) with the tuner's choices and with
   these geometries on their best sustained configuration, in turns (``--rounds``), the card's energy, power
   and SM clock measured meanwhile (``benchmarks/card_power.py``).
@@ -47,26 +49,32 @@ GEOMETRIES = [
 STRIDE, PADDING = (1, 1, 1), (0, 1, 1)
 
 
-def burst_ms(plan, index, feeds, ws) -> float:
-    plan._execute(index, feeds, ws)
-    return statistics.median(plan._timed(index, feeds, ws) for _ in range(3))
+def timed_ms(call) -> float:
+    """One call's GPU time by CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    call()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
 
 
-def sustained(plan, index, feeds, ws, seconds) -> dict:
-    """The configuration run back to back for ``seconds`` after 0.4 s idle: over its second half (the card at its
-    cap by then) the median ms a call, the mJ a call and the median SM clock (:class:`card_power.CardMeter`)."""
+def burst_ms(call) -> float:
+    """As the tuner times a configuration: one untimed call, then the median of 3."""
+    call()
+    return statistics.median(timed_ms(call) for _ in range(3))
+
+
+def sustained(call, seconds) -> dict:
+    """``call`` run back to back for ``seconds`` after 0.4 s idle: over its second half (the card at its cap by
+    then) the median ms a call, the mJ a call and the median SM clock (:class:`card_power.CardMeter`)."""
     torch.cuda.synchronize()
     time.sleep(0.4)
 
     def run(span):
         times, start = [], time.perf_counter()
         while time.perf_counter() - start < span:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            plan._execute(index, feeds, ws)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
+            times.append(timed_ms(call))
         return times
 
     first = run(seconds / 2)
@@ -75,6 +83,26 @@ def sustained(plan, index, feeds, ws, seconds) -> dict:
     card = meter.summary(calls=len(second))
     return {"ms": statistics.median(second), "mJ_per_call": card["J_per_call"] * 1e3, "sm_MHz": card["sm_MHz"][1],
             "calls": len(second), "first_ms": statistics.median(first[:3])}
+
+
+def cuda_row(vae_cuda, x, wt, seconds) -> dict:
+    """Our CUDA kernel on the geometry ``x`` (its first 2 frames the cache, read from their own tensor) and ``wt``,
+    a bias added as in the decode: burst and sustained as a cuDNN configuration's, or why it does not take it."""
+    prev, new = x[:, :, :2].contiguous(memory_format=torch.channels_last_3d), x[:, :, 2:].contiguous(
+        memory_format=torch.channels_last_3d)
+    why = vae_cuda.why_not(new, wt, prev=prev)
+    if why is None and not vae_cuda.library()[0]:
+        why = vae_cuda.library()[1]
+    if why is not None:
+        return {"error": why}
+    bias = torch.zeros(wt.shape[0], device=x.device, dtype=torch.float32)
+    out = torch.empty((x.shape[0], wt.shape[0], *new.shape[2:]), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last_3d)
+
+    def call():
+        vae_cuda.conv3d_k3(new, wt, bias, prev=prev, out=out)
+
+    return {"name": "cuda (oasis_vae.conv3d_k3)", "burst_ms": burst_ms(call), "sustained": sustained(call, seconds)}
 
 
 def main(argv=None):
@@ -86,7 +114,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("conv_power.py: needs a CUDA device")
-    from oasis import WanVAE, vae_conv
+    from oasis import WanVAE, vae_conv, vae_cuda
 
     if vae_conv.frontend_missing():
         sys.exit(f"conv_power.py: {vae_conv.frontend_missing()}")
@@ -126,17 +154,18 @@ def main(argv=None):
                     if size > vae_conv.WORKSPACE_LIMIT:
                         continue
                     ws = torch.empty(max(size, 1), dtype=torch.uint8, device=dev)
-                    rows[i] = {"name": plan.graph.get_plan_name_at_index(i), "burst_ms": burst_ms(plan, i, feeds, ws),
-                               "workspace": size}
+                    rows[i] = {"name": plan.graph.get_plan_name_at_index(i),
+                               "burst_ms": burst_ms(lambda: plan._execute(i, feeds, ws)), "workspace": size}
                 except Exception as e:  # a configuration that does not build or run here
                     rows[i] = {"error": str(e).splitlines()[0][:120]}
             ran = sorted((i for i in rows if "burst_ms" in rows[i]), key=lambda i: rows[i]["burst_ms"])
             for i in ran[:args.keep]:
                 ws = torch.empty(max(rows[i]["workspace"], 1), dtype=torch.uint8, device=dev)
-                rows[i]["sustained"] = sustained(plan, i, feeds, ws, args.seconds)
+                rows[i]["sustained"] = sustained(lambda: plan._execute(i, feeds, ws), args.seconds)
             best = min(ran[:args.keep], key=lambda i: rows[i]["sustained"]["ms"])
             res["geometries"][name] = {"tuned": plan.best, "sustained_best": best,
                                        "rows": {str(i): r for i, r in rows.items()}}
+            res["geometries"][name]["cuda"] = cuda_row(vae_cuda, x, wt, args.seconds)
             if best != plan.best:
                 overrides[plan.key] = (plan, best, plan.graph.get_workspace_size_plan_at_index(best))
             print(name, json.dumps(res["geometries"][name]["rows"].get(str(plan.best))),
@@ -181,6 +210,13 @@ def main(argv=None):
             mark = ", ".join(m for m, hit in (("tuned", int(i) == g["tuned"]), ("best sustained", int(i) == g["sustained_best"])) if hit)
             md.append(f"| {name} | {i} `{r['name'][:60]}` | {r['burst_ms']:.3f} | {s['ms']:.3f} | {s['mJ_per_call']:.0f} | "
                       f"{s['sm_MHz'] or 0:.0f} | {mark} |")
+        c = g["cuda"]
+        if "error" in c:
+            md.append(f"| {name} | our CUDA kernel: {c['error'][:80]} | | | | | |")
+        else:
+            s = c["sustained"]
+            md.append(f"| {name} | our CUDA kernel | {c['burst_ms']:.3f} | {s['ms']:.3f} | {s['mJ_per_call']:.0f} | "
+                      f"{s['sm_MHz'] or 0:.0f} | |")
     md += ["", f"Decode (latents [9, 90, 160], chunk 1, 2-frame pieces), {res['overridden']} geometries overridden:", "",
            "| choice | s (median) | the card in each round |", "|---|---|---|"]
     for c, d in res["decode"].items():
