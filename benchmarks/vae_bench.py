@@ -29,32 +29,34 @@ from card_power import CardMeter, describe  # noqa: E402
 from conv_bench import gemm_time  # noqa: E402
 
 
-# name: (channels-last, chunk, piece_frames, WanVAE.autotune): True = each geometry on the fastest of
-# cuDNN's engines through its frontend (when installed); "benchmark" = PyTorch's
-# cuDNN benchmark mode alone (the choice before the frontend path: the baseline in the same run)
+# name: (channels-last, chunk, piece_frames, WanVAE.autotune, WanVAE.conv_kernel): autotune True = each geometry
+# on the fastest of cuDNN's engines through its frontend (when installed); "benchmark" = PyTorch's cuDNN benchmark
+# mode alone (the choice before the frontend path: the baseline in the same run). conv_kernel "auto" is the
+# default since 2026-12-06 (the CUDA kernel on the 192-wide layers); results before that name "cudnn"'s path
+# without a suffix
 DECODE = {
-    "ours, chunk 1, pieces 2, PyTorch's engines": (True, 1, 2, "benchmark"),
-    "ours, chunk 1, pieces 2": (True, 1, 2, True),
-    "ours, chunk 1, pieces 1": (True, 1, 1, True),
+    "ours, chunk 1, pieces 2, PyTorch's engines": (True, 1, 2, "benchmark", "cudnn"),
+    "ours, chunk 1, pieces 2": (True, 1, 2, True, "auto"),
+    "ours, chunk 1, pieces 2, cuDNN convolutions": (True, 1, 2, True, "cudnn"),
+    "ours, chunk 1, pieces 1": (True, 1, 1, True, "auto"),
     # whole 4-frame runs at 720p: half the cache copies and norm-pass tail writes of 2-frame pieces per
-    # frame; measured slower with PyTorch's engine choice (53ad54f), not yet with the tuned one
-    "ours, chunk 1, pieces 4": (True, 1, 4, True),
-    "ours, chunk 3, pieces 2": (True, 3, 2, True),
-    "ours, all frames": (True, None, None, True),
-    "ours, chunk 1, pieces 2, CUDA convolutions": (True, 1, 2, True),
+    # frame, 0.8 GiB more at the peak (docs/PERF.md 18s, 18t)
+    "ours, chunk 1, pieces 4": (True, 1, 4, True, "auto"),
+    "ours, chunk 3, pieces 2": (True, 3, 2, True, "auto"),
+    "ours, all frames": (True, None, None, True, "auto"),
+    "ours, chunk 1, pieces 2, CUDA convolutions": (True, 1, 2, True, "cuda"),
 }
-#: the variants whose causal 3x3x3 convolutions run on the CUDA kernel (WanVAE.conv_kernel = "cuda")
-CUDA_CONVS = {"ours, chunk 1, pieces 2, CUDA convolutions", "ours, chunk 1, CUDA convolutions"}
 # name: as DECODE; all channels-last (the default OasisVSR sets on CUDA); 53ad54f's results have
 # channels-first and no autotune
 ENCODE = {
-    "ours, chunk 1, PyTorch's engines": (True, 1, None, "benchmark"),
-    "ours, chunk 1": (True, 1, None, True),
-    "ours, chunk 1, pieces 2": (True, 1, 2, True),
-    "ours, chunk 2, pieces 2": (True, 2, 2, True),
+    "ours, chunk 1, PyTorch's engines": (True, 1, None, "benchmark", "cudnn"),
+    "ours, chunk 1": (True, 1, None, True, "auto"),
+    "ours, chunk 1, cuDNN convolutions": (True, 1, None, True, "cudnn"),
+    "ours, chunk 1, pieces 2": (True, 1, 2, True, "auto"),
+    "ours, chunk 2, pieces 2": (True, 2, 2, True, "auto"),
     # 8 frames a call at the full frame rate: half the cache copies of chunk 1 per frame, more memory
-    "ours, chunk 2": (True, 2, None, True),
-    "ours, chunk 1, CUDA convolutions": (True, 1, None, True),
+    "ours, chunk 2": (True, 2, None, True, "auto"),
+    "ours, chunk 1, CUDA convolutions": (True, 1, None, True, "cuda"),
 }
 
 
@@ -232,28 +234,29 @@ def main(argv=None):
         if args.profile_diffusers:
             prof["diffusers decode"] = conv_profile(lambda: ref.decode(z).sample)
         video = want.clamp(-1, 1)
-        for name, (cl, chunk, piece, tune) in DECODE.items():
+        for name, (cl, chunk, piece, tune, kernel) in DECODE.items():
             if name not in args.decode:
                 continue
             ours.channels_last(cl).autotune = tune
-            ours.conv_kernel = "cuda" if name in CUDA_CONVS else "cudnn"
+            ours.conv_kernel = kernel
             got, r = timed(lambda: ours.decode(z, chunk=chunk, piece_frames=piece), args.reps)
             report(rows, name, got, want, r)
             del got
-        ours.conv_kernel = "cudnn"
 
-        def dec(mode, chunk, piece):
+        def dec(mode, chunk, piece, kernel):
             ours.autotune = mode
-            ours.conv_kernel = "cuda" if args.profile in CUDA_CONVS and mode is True else "cudnn"
+            ours.conv_kernel = kernel if mode is True else "cudnn"  # the flops are counted through PyTorch's convs
             return ours.decode(z, chunk=chunk, piece_frames=piece)
 
         # the profiled variant and its baseline with PyTorch's engines (the flops counted through PyTorch)
         for name in dict.fromkeys((args.profile, "ours, chunk 1, pieces 2, PyTorch's engines")):
-            cl, chunk, piece, tune = DECODE[name]
+            cl, chunk, piece, tune, kernel = DECODE[name]
             ours.channels_last(cl)
-            prof[f"{name} (decode)"] = conv_profile(lambda: dec(tune, chunk, piece), lambda: dec("benchmark", chunk, piece))
-        cl, chunk, piece, tune = DECODE[args.profile]
+            prof[f"{name} (decode)"] = conv_profile(lambda: dec(tune, chunk, piece, kernel),
+                                                    lambda: dec("benchmark", chunk, piece, kernel))
+        cl, chunk, piece, tune, kernel = DECODE[args.profile]
         ours.channels_last(cl).autotune = tune
+        ours.conv_kernel = kernel
         if args.long:
             zl = torch.randn(1, 16, args.long, h, w, device=dev, dtype=dt)
             got, r = timed(lambda: ours.decode(zl, chunk=chunk, piece_frames=piece), max(1, args.reps - 1))
@@ -261,23 +264,23 @@ def main(argv=None):
             del got, zl
         want_e, r = timed(lambda: ref.encode(video).latent_dist.mean, args.reps)
         report(enc_rows, "diffusers", want_e, None, r)
-        for name, (cl, chunk, piece, tune) in ENCODE.items():
+        for name, (cl, chunk, piece, tune, kernel) in ENCODE.items():
             if name not in args.encode:
                 continue
             ours.channels_last(cl).autotune = tune
-            ours.conv_kernel = "cuda" if name in CUDA_CONVS else "cudnn"
+            ours.conv_kernel = kernel
             got, r = timed(lambda: ours.encode(video, chunk=chunk, piece_frames=piece), args.reps)
             report(enc_rows, name, got, want_e, r)
-        ours.conv_kernel = "cudnn"
-        cl, chunk, piece, tune = ENCODE[args.profile_encode]
+        cl, chunk, piece, tune, kernel = ENCODE[args.profile_encode]
         ours.channels_last(cl)
 
         def enc(mode):
             ours.autotune = mode
+            ours.conv_kernel = kernel if mode is True else "cudnn"
             return ours.encode(video, chunk=chunk, piece_frames=piece)
 
         prof[f"{args.profile_encode} (encode)"] = conv_profile(lambda: enc(tune), lambda: enc("benchmark"))
-        ours.autotune = True
+        ours.autotune, ours.conv_kernel = True, "auto"  # the defaults
         accuracy = accuracy_vs_float64(ref, ours, dev)
     res = {"env": environment(dev, libraries=("diffusers",)), "latent": args.latent, "gemm_TFLOP/s": gemm,
            "decode": rows, "encode": enc_rows, "convolutions": prof, "accuracy": accuracy,

@@ -44,7 +44,13 @@ __all__ = ["conv", "upsample2x_conv3x3", "phase_weights", "cuda_kernel", "cuda_k
 
 _LOG = logging.getLogger(__name__)
 _TUNING = contextvars.ContextVar("oasis_vae_conv_tuning", default=False)
-_CUDA_K3 = contextvars.ContextVar("oasis_vae_conv_cuda_k3", default=False)
+_CUDA_K3 = contextvars.ContextVar("oasis_vae_conv_cuda_k3", default=False)  # False, True (any width) or widths
+#: the output widths whose causal 3x3x3 convolutions ``WanVAE.conv_kernel = "auto"`` (the default) runs on the CUDA
+#: kernel: 192, where cuDNN's 128-wide tiles pad to 256 and ours is exact, reads the cached frames where they lie
+#: and takes norm2 in conv1's epilogue. Per call under the power cap it is slower than cuDNN's (1.61 against 1.57
+#: ms, 1.21 against 1.14 J at 360p, H100), but the decode takes 14 J and 7 ms less (docs/PERF.md 18za); at 384
+#: it loses outright (1.50 against 1.37 ms at 180p, 0.70 against 0.55 at 90p) and 96 input channels it leaves.
+AUTO_CUDA_WIDTHS = frozenset({192})
 #: part of each recorded choice's key: raised when the way configurations are timed or listed changes,
 #: so that choices made the old way are timed again (2: an untimed first run before the timed ones;
 #: 3: heuristic B's configurations as well)
@@ -143,10 +149,15 @@ def _write_choices(drop: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def cuda_kernel(enabled: bool = True):
+def cuda_kernel(enabled: bool = True, widths=None):
     """Within this block (on this thread), the causal 3x3x3 convolutions that :func:`cuda_kernel_takes`
-    run on the CUDA kernel (:mod:`oasis.vae_cuda`), their cached frames read where they lie."""
-    token = _CUDA_K3.set(bool(enabled))
+    run on the CUDA kernel (:mod:`oasis.vae_cuda`), their cached frames read where they lie; ``widths``: only
+    those with these output channel counts (None: every one the kernel takes)."""
+    if widths is not None:
+        widths = frozenset(widths)
+        if not widths or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in widths):
+            raise ValueError(f"widths must be positive channel counts or None, got {sorted(widths, key=str)}")
+    token = _CUDA_K3.set(bool(enabled) and (True if widths is None else widths))
     try:
         yield
     finally:
@@ -154,8 +165,8 @@ def cuda_kernel(enabled: bool = True):
 
 
 def cuda_kernel_enabled() -> bool:
-    """Whether this thread is inside :func:`cuda_kernel` (enabled)."""
-    return _CUDA_K3.get()
+    """Whether this thread is inside :func:`cuda_kernel` (enabled, for any width)."""
+    return bool(_CUDA_K3.get())
 
 
 def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *, prev: torch.Tensor | None = None,
@@ -163,9 +174,10 @@ def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *, p
     """Whether a causal convolution of ``weight`` over ``time_pad`` cached frames ``prev`` and ``x``'s new ones
     (or its input's stand-in of the same dtype, device and layout), plus ``residual`` (and with the next
     layer's norm applied in its epilogue: ``norm``), runs on the CUDA kernel here
-    (:func:`oasis.vae_cuda.conv3d_k3`): inside :func:`cuda_kernel`, and where :func:`oasis.vae_cuda.why_not`
-    has no reason against it."""
-    if not _CUDA_K3.get() or time_pad != 2 or not x.is_cuda:
+    (:func:`oasis.vae_cuda.conv3d_k3`): inside :func:`cuda_kernel`, for one of its widths, and where
+    :func:`oasis.vae_cuda.why_not` has no reason against it."""
+    widths = _CUDA_K3.get()
+    if not widths or time_pad != 2 or not x.is_cuda or (widths is not True and weight.shape[0] not in widths):
         return False
     from . import vae_cuda
 

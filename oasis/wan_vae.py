@@ -384,8 +384,10 @@ class ResidualBlock(nn.Module):
         # conv1's bias is added in the norm pass that reads its output (in conv1's own kernel where that
         # applies norm2: _conv2_input); conv2's and the shortcut's with the residual, in the one pass that
         # follows conv2 (oasis.vae_conv.conv), in the CUDA kernel's epilogue, or (defer) in the next norm pass
-        if isinstance(x, PendingSum) and (self.conv_shortcut is not None or vae_conv.cuda_kernel_enabled()):
-            x = x.tensor()  # the shortcut reads the sum; the CUDA kernel's paths take tensors
+        if isinstance(x, PendingSum) and (self.conv_shortcut is not None or self._cuda_kernel_may_take(x, cache)):
+            # the shortcut reads the sum; the CUDA kernel's paths take tensors (where this block stays on cuDNN,
+            # the sum is left to norm1's pass: no pass of its own)
+            x = x.tensor()
         bias = self.conv2.bias
         if self.conv_shortcut is None:
             h = _frames_of(x)  # (a pending sum's conv: the sum once conv1's norm pass has written it)
@@ -400,6 +402,13 @@ class ResidualBlock(nn.Module):
         # conv1's output handed straight to conv2: freed once normalised, before conv2's output is allocated
         return self.conv2.conv_normed([self.conv1.forward_normed(x, self.norm1, cache, bias=False)], self.norm2, cache,
                                       x_bias=self.conv1.bias, bias=bias, residual=h, defer=defer)
+
+    def _cuda_kernel_may_take(self, x, cache: dict | None) -> bool:
+        """Whether the CUDA kernel takes conv1 on input ``x`` (a tensor or a :class:`PendingSum`) by the setting,
+        the device, the layout and the channel counts (:func:`oasis.vae_conv.cuda_kernel_takes`)."""
+        c1 = self.conv1
+        return vae_conv.cuda_kernel_takes(_frames_of(x), c1.weight, c1.time_pad,
+                                          prev=None if cache is None else cache.get(c1))
 
     def _conv2_input(self, x: torch.Tensor, cache: dict | None, h: torch.Tensor):
         """``(SiLU(norm2(conv1(SiLU(norm1(x))) + bias1)), conv2's cached frames)``, norm2 applied by conv1's own
@@ -693,6 +702,10 @@ class WanDecoder3d(nn.Module):
 LATENT_STAGE_FRAMES = 3
 
 
+#: the values of :attr:`WanVAE.conv_kernel`
+CONV_KERNELS = ("auto", "cudnn", "cuda")
+
+
 def _check_input(x: torch.Tensor, what: str, weight: torch.Tensor, min_side: int = 1) -> None:
     """Frames, height and width present, and the VAE's own dtype and device (a clear error, not a conv's)."""
     if min(x.shape[2:]) < 1 or min(x.shape[3:]) < min_side:
@@ -735,8 +748,10 @@ class WanVAE(nn.Module):
         self.autotune = False
         #: "cudnn": every convolution through :func:`oasis.vae_conv.conv` (cuDNN, or PyTorch's); "cuda": the
         #: causal 3x3x3 ones that :func:`oasis.vae_conv.cuda_kernel_takes` on the CUDA kernel
-        #: (:mod:`oasis.vae_cuda`: Hopper, bf16 channels-last, no gradients), the rest as with "cudnn"
-        self.conv_kernel = "cudnn"
+        #: (:mod:`oasis.vae_cuda`: Hopper, bf16 channels-last, no gradients), the rest as with "cudnn";
+        #: "auto": the CUDA kernel on those of :data:`oasis.vae_conv.AUTO_CUDA_WIDTHS` output channels only,
+        #: where it was measured to win (192), the rest as with "cudnn"
+        self.conv_kernel = "auto"
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=torch.float32, device="cpu", encoder: bool | None = None) -> "WanVAE":
@@ -852,12 +867,13 @@ class WanVAE(nn.Module):
         alone; ``False``: neither. The global flag is restored after."""
         if not (isinstance(self.autotune, bool) or self.autotune == "benchmark"):
             raise ValueError(f"autotune must be True, False or 'benchmark', got {self.autotune!r}")
-        if self.conv_kernel not in ("cudnn", "cuda"):
-            raise ValueError(f"conv_kernel must be 'cudnn' or 'cuda', got {self.conv_kernel!r}")
+        if self.conv_kernel not in CONV_KERNELS:
+            raise ValueError(f"conv_kernel must be one of {', '.join(map(repr, CONV_KERNELS))}, got {self.conv_kernel!r}")
         before = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = before or bool(self.autotune)
         try:
-            with vae_conv.tuning(self.autotune is True), vae_conv.cuda_kernel(self.conv_kernel == "cuda"):
+            with vae_conv.tuning(self.autotune is True), vae_conv.cuda_kernel(
+                    self.conv_kernel != "cudnn", vae_conv.AUTO_CUDA_WIDTHS if self.conv_kernel == "auto" else None):
                 yield
         finally:
             torch.backends.cudnn.benchmark = before

@@ -18,7 +18,7 @@ To mimic the GPU path on the CPU:
 - bf16 (the GPU's dtype): CPU conv3d in float32 returns channels-first outputs (extra copies downstream),
   in bf16 channels-last, as cuDNN does.
 - ``--kernel cuda``: the path of ``conv_kernel="cuda"`` (the calls ``oasis.vae_cuda.channels_why_not``
-  admits), the op stood in for by its contract (``oasis.vae_cuda.conv3d_k3_reference``) with tracking
+  admits; ``--kernel auto``: those of ``oasis.vae_conv.AUTO_CUDA_WIDTHS`` output channels), the op stood in for by its contract (``oasis.vae_cuda.conv3d_k3_reference``) with tracking
   paused but its output, which the op's caller allocates or the stand-in allocates as the op would.
 Not modelled: cuDNN's workspace (the tuned path allocates it per call from torch's allocator: ~0.06 GiB
 at the GPU's peak per docs/PERF.md), the caching allocator's 512-byte rounding.
@@ -152,8 +152,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", default=None)
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--kernel", default="cudnn", choices=["cudnn", "cuda"],
-                   help="the convolutions' path: cuDNN's, or conv_kernel=\"cuda\"'s (its op stood in for)")
+    p.add_argument("--kernel", default="cudnn", choices=["cudnn", "cuda", "auto"],
+                   help="the convolutions' path: cuDNN's, or that of conv_kernel=\"cuda\" or \"auto\" (the CUDA op "
+                        "stood in for)")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -209,8 +210,8 @@ def main(argv=None):
 
     wv.norm_silu = norm_silu_gpu_like
     vae_kernels.interleave_phases = interleave_phases_gpu_like
-    if a.kernel == "cuda":
-        _stand_in_cuda_kernel(tr)
+    if a.kernel != "cudnn":
+        _stand_in_cuda_kernel(tr, vae_conv.AUTO_CUDA_WIDTHS if a.kernel == "auto" else None)
 
     # stage hooks
     stages = [("conv_in", vae.decoder.conv_in), ("mid_block", vae.decoder.mid_block)] + \
@@ -282,14 +283,17 @@ def main(argv=None):
                        "timeline": tr.timeline}, f, default=str)
 
 
-def _stand_in_cuda_kernel(tr) -> None:
-    """The decoder's path with conv_kernel="cuda" on the CPU: the calls the kernel takes by its channel rule,
-    each run as its contract with tracking paused; the output (a tensor the GPU op writes) counted."""
+def _stand_in_cuda_kernel(tr, widths=None) -> None:
+    """The decoder's path with conv_kernel="cuda" on the CPU (``widths``: "auto"'s output widths only): the calls
+    the kernel takes by its channel rule, each run as its contract with tracking paused; the output (a tensor the
+    GPU op writes) counted."""
     from oasis import vae_conv, vae_cuda
 
     def takes(x, weight, time_pad, *, prev=None, residual=None, norm=False):
         return (time_pad == 2 and weight.dim() == 5 and tuple(weight.shape[2:]) == (3, 3, 3)
+                and (widths is None or weight.shape[0] in widths)
                 and vae_cuda.channels_why_not(weight.shape[1], weight.shape[0], norm) is None)
+
 
     def conv3d_k3(x, weight, bias=None, *, out=None, **kw):
         if out is None:

@@ -239,15 +239,18 @@ def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, fused):
         exact = vae.double().decode(z.double(), chunk=chunk, piece_frames=pieces)
         vae.to(torch.bfloat16).channels_last()
         got = {}
-        for kernel in ("cudnn", "cuda"):
+        for kernel in ("cudnn", "cuda", "auto"):
             vae.conv_kernel = kernel
+            fused.clear()
             got[kernel] = vae.decode(z.bfloat16(), chunk=chunk, piece_frames=pieces).double()
-    assert got["cuda"].isfinite().all()
+            # up_blocks.2's (192 -> 192); up_blocks.3's conv1 read 96 channels, which cuDNN keeps, and 384 is two
+            # tiles; "auto" runs the 192-wide ones only
+            assert {c for c, on in fused if on} == (set() if kernel == "cudnn" else {192}), (kernel, fused)
     err = {k: (v - exact).abs().max().item() for k, v in got.items()}
-    assert err["cuda"] <= 2 * err["cudnn"] + 1e-2, err
-    assert not torch.equal(got["cuda"], got["cudnn"]), "the CUDA kernel did not run"
-    # up_blocks.2's (192 -> 192); up_blocks.3's conv1 read 96 channels, which cuDNN keeps, and 384 is two tiles
-    assert {c for c, on in fused if on} == {192}, fused
+    for kernel in ("cuda", "auto"):
+        assert got[kernel].isfinite().all()
+        assert err[kernel] <= 2 * err["cudnn"] + 1e-2, err
+        assert not torch.equal(got[kernel], got["cudnn"]), f"the CUDA kernel did not run under {kernel!r}"
 
 
 @hopper
@@ -265,14 +268,16 @@ def test_encoder_with_the_cuda_kernel_matches_float64(chunk, fused):
         exact = vae.double().encode(video.double(), chunk=chunk)
         vae.to(torch.bfloat16).channels_last()
         got = {}
-        for kernel in ("cudnn", "cuda"):
+        for kernel in ("cudnn", "cuda", "auto"):
             vae.conv_kernel = kernel
+            fused.clear()
             got[kernel] = vae.encode(video.bfloat16(), chunk=chunk).double()
-    assert got["cuda"].isfinite().all()
+            assert {c for c, on in fused if on} == (set() if kernel == "cudnn" else {192}), (kernel, fused)
     err = {k: (v - exact).abs().max().item() for k, v in got.items()}
-    assert err["cuda"] <= 2 * err["cudnn"] + 1e-2, err
-    assert not torch.equal(got["cuda"], got["cudnn"]), "the CUDA kernel did not run"
-    assert {c for c, on in fused if on} == {192}, fused
+    for kernel in ("cuda", "auto"):
+        assert got[kernel].isfinite().all()
+        assert err[kernel] <= 2 * err["cudnn"] + 1e-2, err
+        assert not torch.equal(got[kernel], got["cudnn"]), f"the CUDA kernel did not run under {kernel!r}"
 
 
 def test_conv_kernel_setting_is_checked():
@@ -281,7 +286,7 @@ def test_conv_kernel_setting_is_checked():
     vae = WanVAE(WanVAEConfig(base_dim=8, dim_mult=(1, 2), num_res_blocks=1, temperal_downsample=(True,)),
                  encoder=False)
     vae.conv_kernel = "triton"
-    with pytest.raises(ValueError, match="conv_kernel must be 'cudnn' or 'cuda', got 'triton'"):
+    with pytest.raises(ValueError, match="conv_kernel must be one of 'auto', 'cudnn', 'cuda', got 'triton'"):
         vae.decode(torch.zeros(1, 16, 2, 4, 4))
 
 
@@ -296,10 +301,36 @@ def test_cuda_kernel_takes_nothing_outside_its_setting_or_on_the_cpu():
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         xc, wc = x.cuda(), w.cuda()
         assert not vae_conv.cuda_kernel_takes(xc, wc, 2)
+        with vae_conv.cuda_kernel(widths=(96,)):
+            assert not vae_conv.cuda_kernel_takes(xc, wc, 2)  # 192 output channels: not one of its widths
+        with vae_conv.cuda_kernel(widths=vae_conv.AUTO_CUDA_WIDTHS):
+            assert vae_conv.cuda_kernel_takes(xc, wc, 2)
         with vae_conv.cuda_kernel():
             assert vae_conv.cuda_kernel_takes(xc, wc, 2)
             assert not vae_conv.cuda_kernel_takes(xc, wc, 0)  # no cached frames: not this kernel's call
             assert not vae_conv.cuda_kernel_takes(xc, wc, 2, residual=xc.contiguous())  # channels-first
+
+
+def test_cuda_kernel_widths_select_by_output_channels(monkeypatch):
+    """``cuda_kernel(widths=...)`` hands the kernel only the calls of those output widths (the rest of its rule
+    stood in for, as the CPU cannot run it), and bad widths are a clear error."""
+    from oasis import vae_conv
+
+    monkeypatch.setattr(vae_cuda, "why_not", lambda *a, **k: None)
+    x = torch.zeros(1, 192, 2, 4, 8, dtype=torch.bfloat16, device="meta")
+    w = {c: torch.zeros(c, 192, 3, 3, 3, dtype=torch.bfloat16, device="meta") for c in (96, 192, 384)}
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    with vae_conv.cuda_kernel():
+        assert all(vae_conv.cuda_kernel_takes(x, w[c], 2) for c in w)
+    with vae_conv.cuda_kernel(widths=vae_conv.AUTO_CUDA_WIDTHS):
+        assert vae_conv.cuda_kernel_enabled()
+        assert {c for c in w if vae_conv.cuda_kernel_takes(x, w[c], 2)} == set(vae_conv.AUTO_CUDA_WIDTHS) == {192}
+    with vae_conv.cuda_kernel(False, widths=(192,)):
+        assert not vae_conv.cuda_kernel_enabled() and not vae_conv.cuda_kernel_takes(x, w[192], 2)
+    for bad in ((), (0,), (True,), ("192",)):
+        with pytest.raises(ValueError, match="widths must be positive channel counts or None"):
+            with vae_conv.cuda_kernel(widths=bad):
+                pass
 
 
 @pytest.mark.parametrize("cin,cout", [(96, 96), (192, 96), (96, 192), (384, 192)])
