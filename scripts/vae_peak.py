@@ -1,6 +1,6 @@
 """Live tensor bytes over time during WanVAE.decode on the CPU, and what is live at the peak.
 
-    python scripts/vae_peak.py --piece 2 [--latent 9 12 20] [--dtype bf16] [--kernel cuda] [--json out.json]
+    python scripts/vae_peak.py --piece 2 [--latent 9 12 20] [--dtype bf16] [--kernel auto|cudnn|cuda] [--json out.json]
 
 (~1 minute at the default latents on 2 cores; the figures do not depend on the latent size beyond
 the area scaling, docs/PERF.md entry 18e).
@@ -17,9 +17,10 @@ To mimic the GPU path on the CPU:
   counted; so does the upsamplers' weave (``interleave_phases``), its output counted; the attention block's RMSNorm (the torch expression on the GPU too) is counted.
 - bf16 (the GPU's dtype): CPU conv3d in float32 returns channels-first outputs (extra copies downstream),
   in bf16 channels-last, as cuDNN does.
-- ``--kernel cuda``: the path of ``conv_kernel="cuda"`` (the calls ``oasis.vae_cuda.channels_why_not``
-  admits; ``--kernel auto``: those of ``oasis.vae_conv.AUTO_CUDA_WIDTHS`` output channels), the op stood in for by its contract (``oasis.vae_cuda.conv3d_k3_reference``) with tracking
-  paused but its output, which the op's caller allocates or the stand-in allocates as the op would.
+- ``--kernel``: the path of that ``conv_kernel``: ``auto`` (the default) the calls of
+  ``oasis.vae_conv.AUTO_CUDA_WIDTHS`` output channels that ``oasis.vae_cuda.channels_why_not`` admits, ``cuda``
+  all it admits, ``cudnn`` none. The CUDA op is stood in for by its contract (``oasis.vae_cuda.conv3d_k3_reference``)
+  with tracking paused but its output, which the op's caller allocates or the stand-in allocates as the op would.
 Not modelled: cuDNN's workspace (the tuned path allocates it per call from torch's allocator: ~0.06 GiB
 at the GPU's peak per docs/PERF.md), the caching allocator's 512-byte rounding.
 
@@ -152,7 +153,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--json", default=None)
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--kernel", default="cudnn", choices=["cudnn", "cuda", "auto"],
+    p.add_argument("--kernel", default="auto", choices=["auto", "cudnn", "cuda"],
                    help="the convolutions' path: cuDNN's, or that of conv_kernel=\"cuda\" or \"auto\" (the CUDA op "
                         "stood in for)")
     a = p.parse_args(argv)
