@@ -183,9 +183,10 @@ def test_host_profile_report_starts_with_the_environment(tmp_path):
 
 import conv_bench  # noqa: E402
 import model_bench  # noqa: E402
+import vae_ab  # noqa: E402
 import vae_bench  # noqa: E402
 
-GPU_ONLY.update(conv_bench=conv_bench.main, vae_bench=vae_bench.main, model_bench=model_bench.main)
+GPU_ONLY.update(conv_bench=conv_bench.main, vae_bench=vae_bench.main, model_bench=model_bench.main, vae_ab=vae_ab.main)
 DIRTY_ENV = {"gpu": "NVIDIA H200", "date": "2026-12-06T00:00:00+00:00", "commit": "abcdef0123456", "dirty": True,
              "torch": "2.x", "triton": "3.x", "diffusers": "0.33.1"}
 
@@ -198,6 +199,11 @@ DIRTY_ENV = {"gpu": "NVIDIA H200", "date": "2026-12-06T00:00:00+00:00", "commit"
     ("vae_bench", ["--long=-1"], ["argument --long: must be an integer >= 0, got '-1'"]),
     ("vae_bench", ["--reps", "0"], ["argument --reps: must be a positive integer, got '0'"]),
     ("model_bench", ["--reps", "0"], ["argument --reps: must be a positive integer, got '0'"]),
+    ("vae_ab", ["--kernels", "triton"], ["argument --kernels: invalid choice: 'triton'"]),
+    ("vae_ab", ["--kernels", "auto", "cudnn", "auto"], ["--kernels: each setting once, got auto cudnn auto"]),
+    ("vae_ab", ["--rounds", "0"], ["argument --rounds: must be a positive integer, got '0'"]),
+    ("vae_ab", ["--what", "train"], ["argument --what: invalid choice: 'train'"]),
+    ("vae_ab", ["--latent", "9", "90"], ["argument --latent: expected 3 arguments"]),
     ("model_bench", ["--grids", "C"], ["argument --grids: invalid choice: 'C'"]),
     ("model_bench", ["--inductor-options", "[1]"], ["--inductor-options: a JSON object of Inductor options, got [1]"]),
 ])
@@ -205,7 +211,7 @@ def test_vae_and_model_scripts_check_their_arguments_without_cuda(script, argv, 
     refused(capsys, GPU_ONLY[script], argv, *says)
 
 
-@pytest.mark.parametrize("script", ["conv_bench", "vae_bench", "model_bench"])
+@pytest.mark.parametrize("script", ["conv_bench", "vae_bench", "model_bench", "vae_ab"])
 def test_vae_and_model_scripts_refuse_a_file_as_out_then_say_cuda_is_missing(script, capsys, no_cuda, a_file):
     refused(capsys, GPU_ONLY[script], ["--out", a_file], f"--out {a_file}: is a file, not a directory")
     refused(capsys, GPU_ONLY[script], [], f"{script} times", "CUDA is not available here")
@@ -236,6 +242,20 @@ def test_vae_and_model_reports_mark_a_dirty_tree_and_name_diffusers():
     assert "commit abcdef0 (dirty)" in model.splitlines()[0] and "diffusers' (0.33.1) VAE decoder" in model
     clean = dict(DIRTY_ENV, dirty=False)
     assert "(dirty)" not in model_bench.render({"env": clean, "ceilings": {"matmul_TFLOPs": 900.0}})
+
+
+def test_vae_ab_report_has_a_row_per_call_and_setting():
+    card = {"J_per_call": 388.4, "W": 690.0, "limit_W": 700.0}
+    run = {"s": [0.57, 0.56], "card": [card, {"error": "NVML is not available"}], "median_s": 0.565, "min_s": 0.56,
+           "max_abs_diff_vs_first": 0.0195, "finite": True}
+    md = vae_ab.render({"env": DIRTY_ENV, "latent": [9, 90, 160], "rounds": 2, "calls": 1, "runs": {
+        "decode": {"cudnn": dict(run, max_abs_diff_vs_first=0.0), "auto": run},
+        "encode": {"auto": dict(run, finite=False)}}})
+    lines = md.splitlines()
+    assert "commit abcdef0 (dirty)" in lines[0] and "33 frames 720x1280" in md
+    assert "| decode | auto | 0.5650 | 0.5600 | 388, - | 0.0195 |" in lines
+    assert "| encode | auto | 0.5650 | 0.5600 | 388, - | 0.0195 (not finite) |" in lines
+    assert sum(line.startswith("| decode |") for line in lines) == 2
 
 
 # --------------------------------------------------------------------------------------
