@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import numbers
 import os
 import statistics
 import tempfile
@@ -48,8 +49,9 @@ _CUDA_K3 = contextvars.ContextVar("oasis_vae_conv_cuda_k3", default=False)  # Fa
 #: the output widths whose causal 3x3x3 convolutions ``WanVAE.conv_kernel = "auto"`` (the default) runs on the CUDA
 #: kernel: 192, where cuDNN's 128-wide tiles pad to 256 and ours is exact, reads the cached frames where they lie
 #: and takes norm2 in conv1's epilogue. Per call under the power cap it is slower than cuDNN's (1.61 against 1.57
-#: ms, 1.21 against 1.14 J at 360p, H100), but the decode takes 14 J and 7 ms less (docs/PERF.md 18za); at 384
-#: it loses outright (1.50 against 1.37 ms at 180p, 0.70 against 0.55 at 90p) and 96 input channels it leaves.
+#: ms, 1.21 against 1.14 J at 360p, H100), but the decode takes 12-17 ms and 11-20 J less than with cuDNN everywhere
+#: (docs/PERF.md 18za); at 384 it loses outright (1.50 against 1.37 ms at 180p, 0.70 against 0.55 at 90p), and 96
+#: input channels it does not take.
 AUTO_CUDA_WIDTHS = frozenset({192})
 #: part of each recorded choice's key: raised when the way configurations are timed or listed changes,
 #: so that choices made the old way are timed again (2: an untimed first run before the timed ones;
@@ -152,20 +154,31 @@ def _write_choices(drop: str | None = None) -> None:
 def cuda_kernel(enabled: bool = True, widths=None):
     """Within this block (on this thread), the causal 3x3x3 convolutions that :func:`cuda_kernel_takes`
     run on the CUDA kernel (:mod:`oasis.vae_cuda`), their cached frames read where they lie; ``widths``: only
-    those with these output channel counts (None: every one the kernel takes)."""
+    those with these output channel counts (an iterable of positive ints; None: every one the kernel takes)."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True or False, got {enabled!r}")
     if widths is not None:
-        widths = frozenset(widths)
-        if not widths or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in widths):
-            raise ValueError(f"widths must be positive channel counts or None, got {sorted(widths, key=str)}")
-    token = _CUDA_K3.set(bool(enabled) and (True if widths is None else widths))
+        widths = _widths(widths)
+    token = _CUDA_K3.set(enabled and (True if widths is None else widths))
     try:
         yield
     finally:
         _CUDA_K3.reset(token)
 
 
+def _widths(widths) -> frozenset:
+    """``widths`` as a frozenset of positive ints, else a ValueError naming it."""
+    try:
+        items = list(widths)
+    except TypeError:
+        items = None
+    if not items or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c <= 0 for c in items):
+        raise ValueError(f"widths must be positive channel counts or None, got {widths!r}")
+    return frozenset(int(c) for c in items)
+
+
 def cuda_kernel_enabled() -> bool:
-    """Whether this thread is inside :func:`cuda_kernel` (enabled, for any width)."""
+    """Whether this thread is inside :func:`cuda_kernel` (enabled, for some widths or all)."""
     return bool(_CUDA_K3.get())
 
 

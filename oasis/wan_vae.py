@@ -310,7 +310,7 @@ class CausalConv3d(nn.Conv3d):
         x = _take(handed)
         prev = None if cache is None else cache.get(self)
         if residual is None and vae_conv.few_out_kernel_takes(_frames_of(x), self.weight, self.time_pad, prev=prev):
-            # the decoder's output convolution (96 -> 3): its own kernel, under either conv_kernel
+            # the decoder's output convolution (96 -> 3): its own kernel, under any conv_kernel
             normed = self._normed_frames(x, norm, cache, prev, x_bias)
             del x
             return vae_cuda.conv3d_few_out(normed, self.weight, self._bias(bias), prev=prev)
@@ -749,8 +749,8 @@ class WanVAE(nn.Module):
         #: "cudnn": every convolution through :func:`oasis.vae_conv.conv` (cuDNN, or PyTorch's); "cuda": the
         #: causal 3x3x3 ones that :func:`oasis.vae_conv.cuda_kernel_takes` on the CUDA kernel
         #: (:mod:`oasis.vae_cuda`: Hopper, bf16 channels-last, no gradients), the rest as with "cudnn";
-        #: "auto": the CUDA kernel on those of :data:`oasis.vae_conv.AUTO_CUDA_WIDTHS` output channels only,
-        #: where it was measured to win (192), the rest as with "cudnn"
+        #: "auto" (the default): the CUDA kernel on those of :data:`oasis.vae_conv.AUTO_CUDA_WIDTHS` output channels
+        #: only, where it was measured to win (192), the rest as with "cudnn"
         self.conv_kernel = "auto"
 
     @classmethod

@@ -14,7 +14,8 @@ cached frames, channels-last bf16, random data):
   a call over the second half, the energy per call there (NVML's energy counter) and the median SM clock;
 - where :func:`oasis.vae_cuda.why_not` takes the geometry, our CUDA kernel (``conv_kernel="cuda"``: exact 96- or
   192-wide output tiles, the 2 cached frames read from their own tensor) the same two ways, as row ``cuda``;
-- the decode (latents [9, 90, 160], chunk 1, 2-frame pieces, median of 5) with the tuner's choices and with
+- the decode (latents [9, 90, 160], chunk 1, 2-frame pieces, median of 5; ``conv_kernel="cudnn"``, every
+  convolution on cuDNN) with the tuner's choices and with
   these geometries on their best sustained configuration, in turns (``--rounds``), the card's energy, power
   and SM clock measured meanwhile (``benchmarks/card_power.py``).
 Writes ``conv_power.json`` and ``conv_power.md`` under ``--out``. Needs a CUDA device and the cuDNN frontend.
@@ -123,7 +124,9 @@ def main(argv=None):
         sys.exit(f"conv_power.py: {missing}")
     torch.manual_seed(0)
     vae = WanVAE().to(dev, torch.bfloat16).eval().requires_grad_(False).channels_last()
-    vae.autotune = True
+    # every 3x3x3 geometry on cuDNN, so that each is tuned and its configurations can be listed ("auto", the
+    # default, runs the 192-wide ones on our kernel: their rows here are its row against cuDNN's)
+    vae.autotune, vae.conv_kernel = True, "cudnn"
     z = torch.randn(1, 16, 9, 90, 160, device=dev, dtype=torch.bfloat16)
     res = {"env": environment(dev), "seconds": args.seconds, "geometries": {}}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -295,7 +295,6 @@ def _stand_in_cuda_kernel(tr, widths=None) -> None:
                 and (widths is None or weight.shape[0] in widths)
                 and vae_cuda.channels_why_not(weight.shape[1], weight.shape[0], norm) is None)
 
-
     def conv3d_k3(x, weight, bias=None, *, out=None, **kw):
         if out is None:
             out = torch.empty((x.shape[0], weight.shape[0], *x.shape[2:]), dtype=x.dtype,

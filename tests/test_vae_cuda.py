@@ -224,12 +224,27 @@ def fused(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def ran(monkeypatch):
+    """The output widths of every call of the CUDA convolution."""
+    widths = []
+    real = vae_cuda.conv3d_k3
+
+    def spy(x, weight, *args, **kwargs):
+        widths.append(weight.shape[0])
+        return real(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(vae_cuda, "conv3d_k3", spy)
+    return widths
+
+
 @hopper
 @pytest.mark.parametrize("chunk,pieces", [(1, 2), (1, 1), (2, None)])
-def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, fused):
-    """Wan2.1's decoder (its real channel counts: 96, 192, 384) on small latents: with conv_kernel="cuda"
-    its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor); the
-    192-channel residual blocks take the norm in conv1's epilogue."""
+def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, fused, ran):
+    """Wan2.1's decoder (its real channel counts: 96, 192, 384) on small latents: with conv_kernel="cuda" and
+    "auto" its error against the float64 decode is at most 2x that of the cuDNN path (plus a floor); the
+    192-channel residual blocks take the norm in conv1's epilogue; "auto" runs the kernel on 192 output
+    channels only, "cuda" on more widths."""
     from oasis.wan_vae import WanVAE, WanVAEConfig
 
     torch.manual_seed(0)
@@ -238,14 +253,17 @@ def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, fused):
     with torch.no_grad():
         exact = vae.double().decode(z.double(), chunk=chunk, piece_frames=pieces)
         vae.to(torch.bfloat16).channels_last()
-        got = {}
+        got, widths = {}, {}
         for kernel in ("cudnn", "cuda", "auto"):
             vae.conv_kernel = kernel
             fused.clear()
+            ran.clear()
             got[kernel] = vae.decode(z.bfloat16(), chunk=chunk, piece_frames=pieces).double()
             # up_blocks.2's (192 -> 192); up_blocks.3's conv1 read 96 channels, which cuDNN keeps, and 384 is two
             # tiles; "auto" runs the 192-wide ones only
             assert {c for c, on in fused if on} == (set() if kernel == "cudnn" else {192}), (kernel, fused)
+            widths[kernel] = set(ran)
+    assert widths["cudnn"] == set() and widths["auto"] == {192} and widths["cuda"] > {192}, widths
     err = {k: (v - exact).abs().max().item() for k, v in got.items()}
     for kernel in ("cuda", "auto"):
         assert got[kernel].isfinite().all()
@@ -255,10 +273,11 @@ def test_decoder_with_the_cuda_kernel_matches_float64(chunk, pieces, fused):
 
 @hopper
 @pytest.mark.parametrize("chunk", [1, None])
-def test_encoder_with_the_cuda_kernel_matches_float64(chunk, fused):
-    """Wan2.1's encoder (96, 192, 384 channels) on a small clip: with conv_kernel="cuda" the posterior's mean
-    is within 2x the cuDNN path's error against the float64 encode (plus a floor); its 192-channel residual
-    blocks take the norm in conv1's epilogue."""
+def test_encoder_with_the_cuda_kernel_matches_float64(chunk, fused, ran):
+    """Wan2.1's encoder (96, 192, 384 channels) on a small clip: with conv_kernel="cuda" and "auto" the
+    posterior's mean is within 2x the cuDNN path's error against the float64 encode (plus a floor); its
+    192-channel residual blocks take the norm in conv1's epilogue; "auto" runs the kernel on 192 output
+    channels only."""
     from oasis.wan_vae import WanVAE, WanVAEConfig
 
     torch.manual_seed(0)
@@ -267,12 +286,15 @@ def test_encoder_with_the_cuda_kernel_matches_float64(chunk, fused):
     with torch.no_grad():
         exact = vae.double().encode(video.double(), chunk=chunk)
         vae.to(torch.bfloat16).channels_last()
-        got = {}
+        got, widths = {}, {}
         for kernel in ("cudnn", "cuda", "auto"):
             vae.conv_kernel = kernel
             fused.clear()
+            ran.clear()
             got[kernel] = vae.encode(video.bfloat16(), chunk=chunk).double()
             assert {c for c, on in fused if on} == (set() if kernel == "cudnn" else {192}), (kernel, fused)
+            widths[kernel] = set(ran)
+    assert widths["cudnn"] == set() and widths["auto"] == {192} and widths["cuda"] > {192}, widths
     err = {k: (v - exact).abs().max().item() for k, v in got.items()}
     for kernel in ("cuda", "auto"):
         assert got[kernel].isfinite().all()
@@ -327,10 +349,45 @@ def test_cuda_kernel_widths_select_by_output_channels(monkeypatch):
         assert {c for c in w if vae_conv.cuda_kernel_takes(x, w[c], 2)} == set(vae_conv.AUTO_CUDA_WIDTHS) == {192}
     with vae_conv.cuda_kernel(False, widths=(192,)):
         assert not vae_conv.cuda_kernel_enabled() and not vae_conv.cuda_kernel_takes(x, w[192], 2)
-    for bad in ((), (0,), (True,), ("192",)):
-        with pytest.raises(ValueError, match="widths must be positive channel counts or None"):
+    import numpy as np
+
+    with vae_conv.cuda_kernel(widths=[np.int64(192)]):
+        assert vae_conv.cuda_kernel_takes(x, w[192], 2) and not vae_conv.cuda_kernel_takes(x, w[384], 2)
+    for bad in ((), (0,), (True,), ("192",), 192, "192", (192.0,)):
+        with pytest.raises(ValueError, match="widths must be positive channel counts or None, got"):
             with vae_conv.cuda_kernel(widths=bad):
                 pass
+    with pytest.raises(ValueError, match="enabled must be True or False, got 'cudnn'"):
+        with vae_conv.cuda_kernel("cudnn"):
+            pass
+
+
+@pytest.mark.parametrize("width,sums_first", [(16, True), (32, False)])
+def test_a_block_left_on_cudnn_keeps_the_pending_sum(width, sums_first, monkeypatch):
+    """A residual block handed a :class:`PendingSum` sums it in a pass of its own only where the CUDA kernel takes
+    its conv1 (here, as in "auto", by its width: 16 of 16 and 32); a block left on cuDNN leaves the sum to norm1's
+    pass. Either way the output is the summed input's (the kernel stood in for by its contract on the CPU)."""
+    from oasis import vae_conv
+    from oasis.wan_vae import PendingSum, ResidualBlock
+
+    def takes(x, weight, time_pad, *, prev=None, residual=None, norm=False):  # the CPU stand-in of the real rule
+        on = vae_conv._CUDA_K3.get()
+        return bool(on) and time_pad == 2 and (on is True or weight.shape[0] in on) and not norm
+
+    monkeypatch.setattr(vae_conv, "cuda_kernel_takes", takes)
+    monkeypatch.setattr(vae_cuda, "conv3d_k3", vae_cuda.conv3d_k3_reference)
+    summed = []
+    real = PendingSum.tensor
+    monkeypatch.setattr(PendingSum, "tensor", lambda self: summed.append(self.conv.shape[1]) or real(self))
+    torch.manual_seed(width)
+    block = ResidualBlock(width, width).double()
+    conv, res = torch.randn(2, 1, width, 3, 4, 5, dtype=torch.float64)
+    bias = torch.randn(width, dtype=torch.float64)
+    want = block(conv + bias.view(-1, 1, 1, 1) + res, {})
+    with vae_conv.cuda_kernel(widths=(16,)):
+        got = block(PendingSum(conv.clone(), bias, res), {})
+    assert summed == ([width] if sums_first else [])
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("cin,cout", [(96, 96), (192, 96), (96, 192), (384, 192)])
