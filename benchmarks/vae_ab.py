@@ -2,9 +2,9 @@
 
 A decode in a loop runs at the card's power limit (docs/PERF.md entry 18z), so its time drifts with the card's
 temperature and clock over a run; settings timed one after the other (as vae_bench's variants are) see different
-cards. Here each round times every setting in turn: one untimed call, then ``--calls`` timed ones back to back, the
-card's energy, power and SM clock measured meanwhile (benchmarks/card_power.py). Each setting's output is compared
-with the first setting's (max abs difference).
+cards. Here each round times every setting in turn (vae_bench's ``timed``): one untimed call, ``--calls`` timed ones
+back to back, the card's energy, power and SM clock measured meanwhile (benchmarks/card_power.py), then one for its
+output. Each setting's output in the first round is compared with the first setting's (max abs difference).
 
     python benchmarks/vae_ab.py --out benchmarks/results/<date>_<card>_<commit>/ab [--kernels cudnn auto cuda]
         [--rounds 3] [--calls 5] [--what decode encode] [--latent 9 90 160]
@@ -21,14 +21,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attn_bench import _check_out_dir, _commit, _Parser, _positive_int, _require_cuda, environment  # noqa: E402
-from card_power import CardMeter, describe  # noqa: E402
+from card_power import describe  # noqa: E402
+from vae_bench import timed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from oasis.wan_vae import CONV_KERNELS  # noqa: E402
@@ -67,32 +67,22 @@ def run(args) -> dict:
     res = {"env": environment(dev), "latent": args.latent, "rounds": args.rounds, "calls": args.calls, "runs": {}}
     with torch.no_grad():
         for what in args.what:
-            call, runs = calls[what], {k: {"s": [], "card": []} for k in args.kernels}
-            first = None
-            for k in args.kernels:  # each setting's first call (its geometries tuned), and its output
-                vae.conv_kernel = k
-                y = call()
-                torch.cuda.synchronize()
-                if first is None:
-                    first = y
-                runs[k]["max_abs_diff_vs_first"] = (y.float() - first.float()).abs().max().item()
-                runs[k]["finite"] = bool(y.isfinite().all())
-                del y
-            del first
+            call, runs, first = calls[what], {k: {"s": [], "card": []} for k in args.kernels}, None
             for r in range(args.rounds):
                 for k in args.kernels:
                     vae.conv_kernel = k
-                    call()
-                    torch.cuda.synchronize()
-                    with CardMeter(dev) as meter:
-                        for _ in range(args.calls):
-                            start = time.perf_counter()
-                            call()
-                            torch.cuda.synchronize()
-                            runs[k]["s"].append(time.perf_counter() - start)
-                    runs[k]["card"].append(meter.summary(calls=args.calls))
-                    print(what, r, k, [round(s, 4) for s in runs[k]["s"][-args.calls:]], describe(runs[k]["card"][-1]),
-                          flush=True)
+                    # one untimed call (the first also tunes the setting's geometries), then the timed ones, the
+                    # card metered; the output of a call after them
+                    out, t = timed(call, args.calls)
+                    runs[k]["s"] += t["all_s"]
+                    runs[k]["card"].append(t["card"])
+                    if r == 0:
+                        first = out if first is None else first
+                        runs[k]["max_abs_diff_vs_first"] = (out.float() - first.float()).abs().max().item()
+                        runs[k]["finite"] = bool(out.isfinite().all())
+                    del out
+                    print(what, r, k, [round(s, 4) for s in t["all_s"]], describe(t["card"]), flush=True)
+            del first
             for v in runs.values():
                 v["median_s"], v["min_s"] = statistics.median(v["s"]), min(v["s"])
             res["runs"][what] = runs
@@ -105,7 +95,7 @@ def render(res: dict) -> str:
     md = [f"# Wan VAE by conv_kernel, interleaved rounds, {env.get('gpu')}, {env['date'][:10]}, commit {_commit(env, 7)}",
           "", f"bf16, random weights, latents [{t}, {h}, {w}] <-> {4 * (t - 1) + 1} frames {8 * h}x{8 * w}; decode chunk 1, "
           f"2-frame pieces; encode chunk 1. {res['rounds']} rounds, each setting in turn: one untimed call, then "
-          f"{res['calls']} timed back to back.", "",
+          f"{res['calls']} timed back to back, then one for its output.", "",
           "| call | conv_kernel | s (median of all) | fastest | J a call, by round | max abs diff vs the first |",
           "|---|---|---|---|---|---|"]
     for what, runs in res["runs"].items():

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from . import vae_kernels
 from .vae_kernels import add_bias_, conv3d_few_in
 
-__all__ = ["conv", "upsample2x_conv3x3", "phase_weights", "cuda_kernel", "cuda_kernel_enabled", "cuda_kernel_takes",
+__all__ = ["conv", "upsample2x_conv3x3", "phase_weights", "cuda_kernel", "cuda_kernel_takes",
            "few_out_kernel_takes", "tuning", "frontend_missing", "plan_count", "clear_plans", "choices_file",
            "set_choices_file", "tuning_stats"]
 
@@ -175,11 +175,6 @@ def _widths(widths) -> frozenset:
     if not items or any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c <= 0 for c in items):
         raise ValueError(f"widths must be positive channel counts or None, got {widths!r}")
     return frozenset(int(c) for c in items)
-
-
-def cuda_kernel_enabled() -> bool:
-    """Whether this thread is inside :func:`cuda_kernel` (enabled, for some widths or all)."""
-    return bool(_CUDA_K3.get())
 
 
 def cuda_kernel_takes(x: torch.Tensor, weight: torch.Tensor, time_pad: int, *, prev: torch.Tensor | None = None,
