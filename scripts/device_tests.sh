@@ -2,7 +2,8 @@
 # On the GPU machine: the whole test suite, its tests dealt round-robin to SHARDS parallel pytest
 # processes (Triton compiles are CPU-bound and the slow tests sit together in a few files, so
 # whole files per process left one process running long after the others), then
-# compute-sanitizer memcheck on a small case and a host-vs-GPU profile of a routed step.
+# compute-sanitizer on a small routed case and on the VAE's CUDA kernels, and a host-vs-GPU profile of a
+# routed step.
 # Logs go to $OUT. Where the checkout carries the cuDNN frontend wheel in .whl/, the extension
 # is built with the direct cuDNN path.
 # The whole suite no longer fits one 10-minute call (0e02262 on the H200: 461 of 588 tests in 440 s
@@ -74,6 +75,12 @@ done
 rm -f "$OUT"/shard_*.txt
 if [ "${RUN_SANITIZER:-1}" = 1 ]; then
     timeout 150 compute-sanitizer --tool memcheck python3 scripts/sanitize_case.py 2>&1 | tee "$OUT/sanitizer.log" | tail -8
+    # the VAE's CUDA kernels: memcheck without the caching allocator (a read past a tensor's end is reported, not
+    # absorbed by its pooled neighbour), racecheck on the kernels' own calls (scripts/sanitize_vae.py; ~80 s on an H100)
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 compute-sanitizer --tool memcheck python3 scripts/sanitize_vae.py 2>&1 \
+        | tee "$OUT/sanitizer_vae.log" | tail -3
+    timeout 240 compute-sanitizer --tool racecheck python3 scripts/sanitize_vae.py --kernels-only 2>&1 \
+        | tee "$OUT/racecheck_vae.log" | tail -2
 fi
 if [ "${RUN_PROFILE:-1}" = 1 ]; then
     OASIS_TRITON_AUTOTUNE=1 python3 benchmarks/host_profile.py --shapes S --out "$OUT" 2>&1 | head -40
