@@ -61,13 +61,20 @@ def _worker(rank, world, port, grid, modes, seed, results, strategy="auto", glob
         dist.destroy_process_group()
 
 
+def _more(*case):
+    """A case the default run leaves to --runslow (each spawns its ranks: 3-5 s on 2 cores); the default run keeps
+    one of each strategy and split: Ulysses, a token split with an odd count, the hybrid over 2 and 3 ranks, global
+    heads by uneven all-to-all and by all-gather."""
+    return pytest.param(*case, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("world,grid,modes,strategy,global_heads", [
-    (2, (3, 4, 5), MODES, "ulysses", "auto"), (3, (3, 4, 5), MODES, "ulysses", "auto"),
-    (3, (2, 3, 5), MODES, "auto", "auto"), (2, (1, 3, 7), MODES, "auto", "auto"),
+    (2, (3, 4, 5), MODES, "ulysses", "auto"), _more(3, (3, 4, 5), MODES, "ulysses", "auto"),
+    _more(3, (2, 3, 5), MODES, "auto", "auto"), (2, (1, 3, 7), MODES, "auto", "auto"),
     (2, (3, 4, 5), MODES, "hybrid", "auto"), (3, (3, 4, 5), MODES3, "hybrid", "auto"),
-    (3, (5, 4, 5), MODES3, "auto", "auto"), (3, (3, 4, 5), MODES, "hybrid", "auto"),
-    (2, (4, 4, 5), MODES3, "hybrid", "auto"), (2, (4, 4, 5), MODES3, "hybrid", "all_to_all"),
-    (2, (3, 4, 5), MODES, "hybrid", "all_gather"), (3, (5, 4, 5), MODES3, "hybrid", "all_gather")])
+    _more(3, (5, 4, 5), MODES3, "auto", "auto"), _more(3, (3, 4, 5), MODES, "hybrid", "auto"),
+    _more(2, (4, 4, 5), MODES3, "hybrid", "auto"), (2, (4, 4, 5), MODES3, "hybrid", "all_to_all"),
+    _more(2, (3, 4, 5), MODES, "hybrid", "all_gather"), (3, (5, 4, 5), MODES3, "hybrid", "all_gather")])
 def test_sequence_parallel_equals_one_process(world, grid, modes, strategy, global_heads):
     """Ulysses: uneven frame splits, fewer frames than ranks (token split), an odd token count. The
     hybrid: halos across uneven frame splits (5 frames over 3 ranks), interleaved plans; global heads by
