@@ -4,12 +4,14 @@
     compute-sanitizer --tool racecheck python scripts/sanitize_vae.py --kernels-only
 
 Without the caching allocator each tensor is an allocation of its own, so a read or write past a tensor's end is
-an error memcheck reports rather than a touch of its neighbour in a pooled block. Covers ``conv3d_k3`` (each
-channel geometry the decoder and encoder give it; with and without the cached frames, bias, residual, the next
-layer's norm and the cache tail; widths no 64-pixel segment divides, one and three frames), ``conv3d_few_out``,
-``norm_silu`` (each option), then a decode and an encode of Wan2.1's VAE at its own channel widths on a small
-clip under ``conv_kernel="cuda"`` and ``"auto"`` (chunks of one latent frame, 2-frame pieces), random weights.
-Needs a Hopper GPU and the extension (built on first use).
+an error memcheck reports rather than a touch of its neighbour in a pooled block. Covers ``conv3d_k3`` (the VAE's
+geometries, 192 -> 192, 192 -> 384 and 384 -> 384, and others it takes: 384 -> 192, 192 -> 96, 64 -> 96; with and
+without the cached frames, bias and residual; the next layer's norm with the cache tail at 96 and 192 output
+channels; widths no 64-pixel segment divides, one to three frames), ``conv3d_few_out``, ``norm_silu`` (each option,
+a time slice of a larger buffer), then Wan2.1's VAE at its own channel widths, random weights, decoding latents
+``[3, 5, 7]`` (chunks of one latent frame, 2-frame pieces) and encoding a 9-frame 40x56 clip (chunks of one) under
+``conv_kernel="cuda"`` and ``"auto"``, each kernel's calls there counted (none: an error, the sanitizer would have
+checked nothing). Needs a Hopper GPU and the extension (built on first use).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ def _rnd(g, *shape):
 def conv_calls(g) -> int:
     n = 0
     # (Cin, Cout, T, H, W): the decoder's and encoder's geometries at odd sizes
-    for cin, cout, t, h, w in ((192, 192, 2, 5, 13), (384, 192, 1, 3, 70), (192, 96, 3, 4, 9), (384, 384, 2, 2, 65),
-                               (64, 96, 1, 1, 129)):
+    for cin, cout, t, h, w in ((192, 192, 2, 5, 13), (192, 384, 3, 3, 33), (384, 384, 2, 2, 65), (384, 192, 1, 3, 70),
+                               (192, 96, 3, 4, 9), (64, 96, 1, 1, 129)):
         weight = (torch.randn(cout, cin, 3, 3, 3, device="cuda", generator=g) * (27 * cin) ** -0.5).bfloat16()
         for has_prev, has_bias, has_res in itertools.product((False, True), repeat=3):
             x = _rnd(g, 1, cin, t, h, w)
@@ -86,14 +88,37 @@ def vae_calls(g) -> int:
     vae = WanVAE(WanVAEConfig()).to("cuda").eval().requires_grad_(False).to(torch.bfloat16).channels_last(True)
     z = torch.randn(1, 16, 3, 5, 7, device="cuda", generator=g).bfloat16()
     clip = torch.rand(1, 3, 9, 40, 56, device="cuda", generator=g).bfloat16() * 2 - 1
+    counts = {}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            key = f"{name} with the norm" if kwargs.get("norm") is not None else name
+            counts[key] = counts.get(key, 0) + 1
+            return fn(*args, **kwargs)
+        return call
+
+    # the VAE reaches the kernels through these module functions (oasis.wan_vae, oasis.vae_kernels)
+    real = {name: getattr(vae_cuda, name) for name in ("conv3d_k3", "conv3d_few_out", "_norm_silu_checked")}
     n = 0
-    with torch.no_grad():
-        for kernel in ("cuda", "auto"):
-            vae.conv_kernel = kernel
-            video = vae.decode(z, chunk=1, piece_frames=2)
-            latents = vae.encode(clip, chunk=1)
-            assert video.isfinite().all() and latents.isfinite().all()
-            n += 2
+    try:
+        for name, fn in real.items():
+            setattr(vae_cuda, name, counted(name, fn))
+        with torch.no_grad():
+            for kernel in ("cuda", "auto"):
+                vae.conv_kernel = kernel
+                counts.clear()
+                video = vae.decode(z, chunk=1, piece_frames=2)
+                latents = vae.encode(clip, chunk=1)
+                assert video.isfinite().all() and latents.isfinite().all()
+                print(f"  conv_kernel={kernel!r}: {dict(sorted(counts.items()))}", flush=True)
+                missing = [k for k in ("conv3d_k3", "conv3d_k3 with the norm", "conv3d_few_out", "_norm_silu_checked")
+                           if not counts.get(k)]
+                if missing:
+                    raise SystemExit(f"conv_kernel={kernel!r}: the VAE called none of {missing}")
+                n += 2
+    finally:
+        for name, fn in real.items():
+            setattr(vae_cuda, name, fn)
     return n
 
 
